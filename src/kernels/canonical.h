@@ -26,3 +26,23 @@ inline float tree8(const float* c) { return ((c[0] + c[1]) + (c[2] + c[3])) + ((
 inline bool is_power_of_two(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
 
 }  // namespace lockstep
+
+namespace lockstep {
+
+// A (running max, sum of exp(x - max)) pair: the partial of a log-sum-exp. Combining two
+// partials is the fixed expression below; the vocabulary tree of the canonical log-softmax
+// and its vocab-parallel form both use it, so they give the same bits.
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+MaxSum combine_maxsum(MaxSum a, MaxSum b);
+
+inline MaxSum pairwise_tree_maxsum(const MaxSum* partials, int count) {
+  if (count == 1) return partials[0];
+  int half = count / 2;
+  return combine_maxsum(pairwise_tree_maxsum(partials, half), pairwise_tree_maxsum(partials + half, half));
+}
+
+}  // namespace lockstep

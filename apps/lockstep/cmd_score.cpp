@@ -1,0 +1,52 @@
+// lockstep score: per-token log-probs of whole sequences (the trainer's forward).
+#include <memory>
+
+#include "command_registry.h"
+#include "core/device_memory.h"
+#include "core/error.h"
+#include "core/jsonl.h"
+#include "model/qwen3_moe.h"
+
+namespace lockstep::cli {
+namespace {
+
+struct ScoreOptions {
+  std::string model, input = "-", output = "-", dtype = "float32", device = "cpu";
+  int64_t max_batch_tokens = 8192;
+};
+
+int run_score(const ScoreOptions& o) {
+  Precision precision = precision_from_name(o.dtype);
+  LS_CHECK(device_from_name(o.device) == Device::cpu || cuda_available(),
+           "--device cuda: no CUDA device is available in this build");
+  auto records = read_jsonl(o.input);  // read and check all input before any compute
+  Qwen3Moe model(ModelWeights::load(o.model, precision), precision);
+  std::vector<std::vector<int32_t>> seqs;
+  for (const auto& r : records) {
+    seqs.push_back(read_token_ids(r, o.input, "input_ids", model.config().vocab_size));
+    LS_CHECK(!seqs.back().empty(), o.input, ":", r.line, ": input_ids is empty");
+    LS_CHECK(int64_t(seqs.back().size()) <= model.config().max_position_embeddings, o.input, ":", r.line,
+             ": sequence of ", seqs.back().size(), " tokens exceeds max_position_embeddings (",
+             model.config().max_position_embeddings, ")");
+  }
+  auto logprobs = score_sequences(model, seqs, o.max_batch_tokens);
+  JsonlWriter out(o.output);
+  for (const auto& lp : logprobs) out.write_line("{\"logprobs\":" + format_floats(lp.data(), lp.size()) + "}");
+  return 0;
+}
+
+const bool registered = register_command({"score", "Per-token log-probs of sequences (JSONL in, JSONL out)",
+                                           [](CLI::App& sub) {
+                                             auto o = std::make_shared<ScoreOptions>();
+                                             sub.add_option("--model", o->model, "model directory")->required();
+                                             sub.add_option("--input", o->input, "input JSONL ('-' = stdin)");
+                                             sub.add_option("--output", o->output, "output JSONL ('-' = stdout)");
+                                             sub.add_option("--dtype", o->dtype, "float32 | bfloat16");
+                                             sub.add_option("--device", o->device, "cpu | cuda");
+                                             sub.add_option("--max-batch-tokens", o->max_batch_tokens,
+                                                            "tokens per forward");
+                                             return std::function<int()>([o] { return run_score(*o); });
+                                           }});
+
+}  // namespace
+}  // namespace lockstep::cli

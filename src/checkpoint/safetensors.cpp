@@ -1,0 +1,230 @@
+#include "checkpoint/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace lockstep {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Mapping {
+  void* data = nullptr;
+  size_t size = 0;
+  ~Mapping() {
+    if (data && size) munmap(data, size);
+  }
+};
+
+std::shared_ptr<void> map_file(const std::string& path, size_t& size) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  LS_CHECK(fd >= 0, path, ": cannot open (", std::strerror(errno), ")");
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    ::close(fd);
+    fail(path, ": cannot stat");
+  }
+  size = size_t(st.st_size);
+  auto m = std::make_shared<Mapping>();
+  if (size > 0) {
+    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    ::close(fd);
+    LS_CHECK(p != MAP_FAILED, path, ": mmap failed");
+    m->data = p;
+    m->size = size;
+  } else {
+    ::close(fd);
+  }
+  return std::shared_ptr<void>(m, m->data);
+}
+
+}  // namespace
+
+SafetensorsReader SafetensorsReader::from_bytes(std::shared_ptr<void> bytes, size_t size, const std::string& where) {
+  SafetensorsReader r;
+  r.add_file(std::move(bytes), size, where);
+  return r;
+}
+
+void SafetensorsReader::add_file(std::shared_ptr<void> bytes, size_t size, const std::string& where) {
+  const auto* base = static_cast<const uint8_t*>(bytes.get());
+  LS_CHECK(size >= 8, where, ": truncated safetensors file (", size, " bytes; expected at least the 8-byte header length)");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, base, 8);
+  LS_CHECK(header_len <= size - 8, where, ": header length ", header_len, " runs past the end of the file (",
+           size, " bytes)");
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(reinterpret_cast<const char*>(base + 8),
+                                   reinterpret_cast<const char*>(base + 8 + header_len));
+  } catch (const nlohmann::json::exception& e) {
+    fail(where, ": safetensors header is not valid JSON (", e.what(), ")");
+  }
+  LS_CHECK(header.is_object(), where, ": safetensors header must be a JSON object");
+  const size_t data_start = 8 + header_len;
+  const size_t data_size = size - data_start;
+  struct Span {
+    uint64_t begin, end;
+    std::string name;
+  };
+  std::vector<Span> spans;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    if (name == "__metadata__") {
+      if (it->is_object())
+        for (auto m = it->begin(); m != it->end(); ++m)
+          if (m->is_string()) metadata_[m.key()] = m->get<std::string>();
+      continue;
+    }
+    const auto& info = *it;
+    std::string at = where + ": tensor '" + name + "'";
+    LS_CHECK(info.is_object(), at, ": entry must be an object");
+    LS_CHECK(info.contains("dtype") && info["dtype"].is_string(), at, ": missing string field 'dtype'");
+    LS_CHECK(info.contains("shape") && info["shape"].is_array(), at, ": missing list field 'shape'");
+    LS_CHECK(info.contains("data_offsets") && info["data_offsets"].is_array() && info["data_offsets"].size() == 2,
+             at, ": 'data_offsets' must be a list of two integers");
+    DType dtype = dtype_from_name(info["dtype"].get<std::string>(), at);
+    Shape shape;
+    uint64_t numel = 1;
+    for (const auto& d : info["shape"]) {
+      LS_CHECK(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0), at,
+               ": shape entries must be non-negative integers, got ", d.dump());
+      uint64_t v = d.get<uint64_t>();
+      LS_CHECK(v < (uint64_t(1) << 40) && (v == 0 || numel <= (uint64_t(1) << 48) / v), at, ": shape ",
+               info["shape"].dump(), " is too large");
+      numel *= v;
+      shape.push_back(int64_t(v));
+    }
+    const auto& off = info["data_offsets"];
+    LS_CHECK(off[0].is_number_unsigned() && off[1].is_number_unsigned(), at,
+             ": data_offsets must be non-negative integers, got ", off.dump());
+    uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
+    LS_CHECK(begin <= end, at, ": data_offsets ", off.dump(), " are reversed");
+    LS_CHECK(end <= data_size, at, ": data_offsets ", off.dump(), " run past the end of the data (", data_size,
+             " bytes)");
+    uint64_t expected = numel * dtype_size(dtype);
+    LS_CHECK(end - begin == expected, at, ": data_offsets span ", end - begin, " bytes but dtype ",
+             dtype_name(dtype), " and shape ", shape_str(shape), " need ", expected);
+    LS_CHECK(tensors_.count(name) == 0, at, ": appears in more than one file (also in ", files_[name], ")");
+    spans.push_back({begin, end, name});
+    tensors_[name] = Tensor::view(shape, dtype, const_cast<uint8_t*>(base + data_start + begin), bytes);
+    files_[name] = where;
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < spans.size(); ++i)
+    LS_CHECK(spans[i].begin >= spans[i - 1].end || spans[i].begin == spans[i].end, where, ": tensors '",
+             spans[i - 1].name, "' and '", spans[i].name, "' have overlapping data_offsets");
+}
+
+SafetensorsReader SafetensorsReader::open(const std::string& path_in) {
+  fs::path path(path_in);
+  if (fs::is_directory(path)) {
+    if (fs::exists(path / "model.safetensors.index.json")) {
+      path = path / "model.safetensors.index.json";
+    } else {
+      LS_CHECK(fs::exists(path / "model.safetensors"), path_in,
+               ": no model.safetensors or model.safetensors.index.json in this directory");
+      path = path / "model.safetensors";
+    }
+  }
+  SafetensorsReader r;
+  if (path.filename().string().ends_with(".index.json")) {
+    std::ifstream in(path);
+    LS_CHECK(in, path.string(), ": cannot open");
+    nlohmann::json index;
+    try {
+      index = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      fail(path.string(), ": not valid JSON (", e.what(), ")");
+    }
+    LS_CHECK(index.contains("weight_map") && index["weight_map"].is_object(), path.string(),
+             ": missing object field 'weight_map'");
+    std::map<std::string, std::vector<std::string>> by_file;
+    for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
+      LS_CHECK(it->is_string(), path.string(), ": weight_map['", it.key(), "'] must be a file name");
+      by_file[it->get<std::string>()].push_back(it.key());
+    }
+    for (const auto& [file, names] : by_file) {
+      fs::path shard = path.parent_path() / file;
+      size_t size = 0;
+      auto bytes = map_file(shard.string(), size);
+      r.add_file(bytes, size, shard.string());
+      for (const auto& n : names)
+        LS_CHECK(r.tensors_.count(n), path.string(), ": weight_map says '", n, "' is in ", file,
+                 " but that file does not hold it");
+    }
+  } else {
+    size_t size = 0;
+    auto bytes = map_file(path.string(), size);
+    r.add_file(bytes, size, path.string());
+  }
+  return r;
+}
+
+const Tensor& SafetensorsReader::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    std::string where = files_.empty() ? std::string("checkpoint") : files_.begin()->second;
+    fail(where, ": missing tensor '", name, "'");
+  }
+  return it->second;
+}
+
+Tensor SafetensorsReader::get_f32(const std::string& name, const Shape& expected_shape) const {
+  const Tensor& t = get(name);
+  LS_CHECK(t.shape() == expected_shape, files_.at(name), ": tensor '", name, "' has shape ", shape_str(t.shape()),
+           ", expected ", shape_str(expected_shape));
+  LS_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16 || t.dtype() == DType::f16 || t.dtype() == DType::f64,
+           files_.at(name), ": tensor '", name, "' has dtype ", dtype_name(t.dtype()),
+           ", expected a floating type (F32, BF16, F16)");
+  return t.to_f32();
+}
+
+std::vector<std::string> SafetensorsReader::names() const {
+  std::vector<std::string> out;
+  for (const auto& [n, t] : tensors_) out.push_back(n);
+  return out;
+}
+
+const std::string& SafetensorsReader::file_of(const std::string& name) const { return files_.at(name); }
+
+void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    LS_CHECK(t.device() == Device::cpu, path, ": tensor '", name, "' must be on the cpu to be written");
+    header[name] = {{"dtype", dtype_name(t.dtype())},
+                    {"shape", t.shape()},
+                    {"data_offsets", {offset, offset + t.nbytes()}}};
+    offset += t.nbytes();
+  }
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    LS_CHECK(out, tmp, ": cannot open for writing");
+    uint64_t len = h.size();
+    out.write(reinterpret_cast<const char*>(&len), 8);
+    out.write(h.data(), std::streamsize(h.size()));
+    for (const auto& [name, t] : tensors) out.write(static_cast<const char*>(t.raw()), std::streamsize(t.nbytes()));
+    LS_CHECK(out.good(), tmp, ": write failed");
+  }
+  // Rename last so a crash never leaves a half-written file under the final name.
+  fs::rename(tmp, path);
+}
+
+}  // namespace lockstep

@@ -1,0 +1,42 @@
+// safetensors files: a memory-mapped reader (single file or sharded with
+// model.safetensors.index.json) and a writer.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace lockstep {
+
+// Tensors of one or more safetensors files, by name. Views share the file mappings.
+class SafetensorsReader {
+ public:
+  // `path` is a .safetensors file, a model.safetensors.index.json, or a directory holding
+  // either model.safetensors or model.safetensors.index.json.
+  static SafetensorsReader open(const std::string& path);
+  // Parses one file from memory (used by the fuzz tests); `where` names it in errors.
+  static SafetensorsReader from_bytes(std::shared_ptr<void> bytes, size_t size, const std::string& where);
+
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  // The tensor as stored; errors name the tensor and the file.
+  const Tensor& get(const std::string& name) const;
+  // The tensor converted to f32, checked against the expected shape.
+  Tensor get_f32(const std::string& name, const Shape& expected_shape) const;
+  std::vector<std::string> names() const;
+  const std::string& file_of(const std::string& name) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+ private:
+  void add_file(std::shared_ptr<void> bytes, size_t size, const std::string& where);
+  std::map<std::string, Tensor> tensors_;
+  std::map<std::string, std::string> files_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// Writes tensors (any dtype, cpu) to one safetensors file, names in sorted order.
+void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace lockstep

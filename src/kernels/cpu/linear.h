@@ -1,0 +1,22 @@
+// Linear layers on the CPU. Weights are [N, K] row-major (the Hugging Face layout).
+#pragma once
+#include <cstdint>
+
+namespace lockstep::cpu {
+
+// Column form: y[t, n] = dot(x[t, :], w[n, :]) over the full K. A tensor-parallel split of
+// N (column-parallel) computes each output on one rank, so it changes no bit.
+void linear(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K);
+
+// Canonical row form (DESIGN.md section 1, rule 1). The K columns held here are a run of
+// `num_chunks` canonical chunks of `chunk_len` columns (the last may be short or empty,
+// the zero padding); y[t, n] = pairwise_tree over the chunks of dot(chunk of x, chunk of w).
+// One rank holding all 8 chunks computes the full tree; a rank holding a power-of-two run
+// computes its subtree and the communicator completes it.
+void linear_row_canonical(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K,
+                          int64_t chunk_len, int num_chunks);
+
+// The single-rank canonical row form: 8 chunks of canonical_chunk(K).
+void linear_row(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K);
+
+}  // namespace lockstep::cpu
