@@ -146,7 +146,9 @@ TEST(MpiWorker, Primitives) {
   for (int k = 0; k < sub->size(); ++k) EXPECT_EQ(members[k], (t - 2 + r % 2) - 2 * k);
   auto opt = c.split(r == 0 ? -1 : 0, r);
   EXPECT_EQ(opt == nullptr, r == 0);
-  if (opt) EXPECT_EQ(opt->size(), t - 1);
+  if (opt) {
+    EXPECT_EQ(opt->size(), t - 1);
+  }
   c.barrier();
 }
 

@@ -210,12 +210,12 @@ TEST(Topology, GroupsPartitionTheWorld) {
         RankCoords a = t.coords(r);
         for (int q : t.group_ranks(k, r)) {
           RankCoords b = t.coords(q);
-          if (k != GroupKind::PP && k != GroupKind::MP) EXPECT_EQ(a.pp, b.pp);
-          if (k == GroupKind::TP) EXPECT_EQ(a.dp, b.dp);
-          if (k == GroupKind::DP) EXPECT_EQ(a.tp, b.tp);
-          if (k == GroupKind::EP) EXPECT_TRUE(a.etp == b.etp && a.edp == b.edp);
-          if (k == GroupKind::ETP) EXPECT_TRUE(a.ep == b.ep && a.edp == b.edp);
-          if (k == GroupKind::EDP) EXPECT_TRUE(a.ep == b.ep && a.etp == b.etp);
+          if (k != GroupKind::PP && k != GroupKind::MP) { EXPECT_EQ(a.pp, b.pp); }
+          if (k == GroupKind::TP) { EXPECT_EQ(a.dp, b.dp); }
+          if (k == GroupKind::DP) { EXPECT_EQ(a.tp, b.tp); }
+          if (k == GroupKind::EP) { EXPECT_TRUE(a.etp == b.etp && a.edp == b.edp); }
+          if (k == GroupKind::ETP) { EXPECT_TRUE(a.ep == b.ep && a.edp == b.edp); }
+          if (k == GroupKind::EDP) { EXPECT_TRUE(a.ep == b.ep && a.etp == b.etp); }
         }
       }
     }
