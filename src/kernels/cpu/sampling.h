@@ -1,0 +1,19 @@
+// Token sampling from one row of fp32 logits (DESIGN.md D5).
+#pragma once
+#include <cstdint>
+
+namespace lockstep::cpu {
+
+struct SampleChoice {
+  int32_t token;
+  float logprob;
+};
+
+// Greedy when temperature == 0 (argmax, ties to the lower id; logprob under T = 1).
+// Otherwise z = logits / T; candidates sorted by (z desc, id asc), cut to top_k (> 0) and
+// to the shortest prefix whose probability mass reaches top_p; the token is the first
+// candidate whose cumulative mass exceeds u * kept_mass. logprob = log softmax(z)[token],
+// before truncation, by the canonical log-softmax. `u` in [0, 1) comes from Philox.
+SampleChoice sample_row(const float* logits, int64_t V, float temperature, int32_t top_k, float top_p, float u);
+
+}  // namespace lockstep::cpu

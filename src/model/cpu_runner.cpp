@@ -1,0 +1,81 @@
+#include <cmath>
+#include <limits>
+
+#include "core/error.h"
+#include "core/philox.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/log_softmax.h"
+#include "kernels/cpu/sampling.h"
+#include "model/runner.h"
+
+namespace lockstep {
+
+namespace {
+
+class CpuRunner final : public ModelRunner {
+ public:
+  CpuRunner(ModelWeights weights, Precision precision) : model_(std::move(weights), precision) {}
+
+  const ModelConfig& config() const override { return model_.config(); }
+  Device device() const override { return Device::cpu; }
+  Precision precision() const override { return model_.precision(); }
+
+  void allocate_kv(int64_t num_pages, int64_t page_size) override {
+    cache_ = KvCache(model_.config(), num_pages, page_size);
+  }
+
+  std::vector<SampleResult> forward_sample(const ForwardBatch& batch,
+                                           const std::vector<SampleRequest>& requests) override {
+    std::vector<float> hidden = model_.forward(batch, cache_);
+    const int64_t H = config().hidden_size, V = config().vocab_size;
+    // Only the sampled rows need logits.
+    std::vector<float> rows(requests.size() * H);
+    for (size_t i = 0; i < requests.size(); ++i)
+      std::copy(hidden.begin() + requests[i].row * H, hidden.begin() + (requests[i].row + 1) * H, rows.begin() + i * H);
+    std::vector<float> logits = model_.logits(rows.data(), int64_t(requests.size()));
+    std::vector<SampleResult> out(requests.size());
+    for (size_t i = 0; i < requests.size(); ++i) {
+      const auto& r = requests[i];
+      float u = philox_uniform(r.seed, r.stream, r.position);
+      auto c = cpu::sample_row(logits.data() + i * V, V, r.temperature, r.top_k, r.top_p, u);
+      out[i] = {c.token, c.logprob};
+    }
+    return out;
+  }
+
+  std::vector<float> forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) override {
+    LS_CHECK(targets.size() == batch.tokens.size(), "forward_logprobs: one target per token expected");
+    std::vector<float> hidden = model_.forward(batch, cache_);
+    std::vector<float> logits = model_.logits(hidden.data(), batch.size());
+    const int64_t V = config().vocab_size;
+    std::vector<float> out(targets.size(), std::numeric_limits<float>::quiet_NaN());
+    for (size_t t = 0; t < targets.size(); ++t)
+      if (targets[t] >= 0) cpu::log_softmax_gather(logits.data() + t * V, &targets[t], &out[t], 1, V);
+    return out;
+  }
+
+  void load_weights(const ModelWeights& weights) override {
+    model_.weights() = weights.clone();
+    if (model_.precision() == Precision::bfloat16)
+      for (auto& [name, t] : model_.weights().named()) cpu::round_to_bf16(t->data<float>(), t->numel());
+  }
+
+ private:
+  Qwen3Moe model_;
+  KvCache cache_;
+};
+
+}  // namespace
+
+std::unique_ptr<ModelRunner> make_cpu_runner(ModelWeights weights, Precision precision) {
+  return std::make_unique<CpuRunner>(std::move(weights), precision);
+}
+
+#ifndef LOCKSTEP_CUDA
+std::unique_ptr<ModelRunner> make_runner(Device device, ModelWeights weights, Precision precision) {
+  LS_CHECK(device == Device::cpu, "--device cuda: this build has no CUDA backend (configure with -DLOCKSTEP_CUDA=ON)");
+  return make_cpu_runner(std::move(weights), precision);
+}
+#endif
+
+}  // namespace lockstep
