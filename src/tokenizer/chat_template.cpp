@@ -50,6 +50,8 @@ std::string Tokenizer::render_chat(const std::vector<ChatMessage>& messages, con
            "render_chat: the chat_template in tokenizer_config.json is not the Qwen3 template this renderer "
            "implements (expected <|im_start|>, </think> and last_query_index in it)");
 
+  // The template indexes messages[0], which fails in Jinja for an empty list.
+  LS_CHECK(!messages.empty(), "render_chat: messages is empty (the chat template needs at least one message)");
   const size_t n = messages.size();
   std::string out;
   const bool first_is_system = n > 0 && messages[0].role == "system";
