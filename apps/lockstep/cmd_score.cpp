@@ -6,6 +6,9 @@
 #include "core/error.h"
 #include "core/jsonl.h"
 #include "model/qwen3_moe.h"
+#ifdef LOCKSTEP_CUDA
+#include "model/cuda/cuda_runner.h"
+#endif
 
 namespace lockstep::cli {
 namespace {
@@ -19,17 +22,27 @@ int run_score(const ScoreOptions& o) {
   Precision precision = precision_from_name(o.dtype);
   LS_CHECK(device_from_name(o.device) == Device::cpu || cuda_available(),
            "--device cuda: no CUDA device is available in this build");
+  const Device device = device_from_name(o.device);
   auto records = read_jsonl(o.input);  // read and check all input before any compute
-  Qwen3Moe model(ModelWeights::load(o.model, precision), precision);
+  ModelConfig config = ModelConfig::load(o.model + "/config.json");
   std::vector<std::vector<int32_t>> seqs;
   for (const auto& r : records) {
-    seqs.push_back(read_token_ids(r, o.input, "input_ids", model.config().vocab_size));
+    seqs.push_back(read_token_ids(r, o.input, "input_ids", config.vocab_size));
     LS_CHECK(!seqs.back().empty(), o.input, ":", r.line, ": input_ids is empty");
-    LS_CHECK(int64_t(seqs.back().size()) <= model.config().max_position_embeddings, o.input, ":", r.line,
+    LS_CHECK(int64_t(seqs.back().size()) <= config.max_position_embeddings, o.input, ":", r.line,
              ": sequence of ", seqs.back().size(), " tokens exceeds max_position_embeddings (",
-             model.config().max_position_embeddings, ")");
+             config.max_position_embeddings, ")");
   }
-  auto logprobs = score_sequences(model, seqs, o.max_batch_tokens);
+  std::vector<std::vector<float>> logprobs;
+  if (device == Device::cuda) {
+#ifdef LOCKSTEP_CUDA
+    auto runner = make_runner(Device::cuda, ModelWeights::load(o.model, precision), precision);
+    logprobs = runner_score_sequences(*runner, seqs, o.max_batch_tokens);
+#endif
+  } else {
+    Qwen3Moe model(ModelWeights::load(o.model, precision), precision);
+    logprobs = score_sequences(model, seqs, o.max_batch_tokens);
+  }
   JsonlWriter out(o.output);
   for (const auto& lp : logprobs) out.write_line("{\"logprobs\":" + format_floats(lp.data(), lp.size()) + "}");
   return 0;

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds the CUDA backend for the H200 (sm_90a), runs the GPU tests and the benchmarks
+# (ours, then the HF transformers peer in its own process), and prints a short table last.
+#
+#   scripts/h200.sh [--quick] [--layers N]
+#
+# LOCKSTEP_PREBUILT=DIR uses binaries built elsewhere (lockstep_tests_cuda, cuda_bench,
+# lockstep, bench_tokenizer in DIR), for GPU machines that lack the project's build
+# dependencies; LOCKSTEP_BUILT_SOURCE is then the source path they were built from.
+# Logs go to $OUT when set (else ./h200-out).
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$ROOT/h200-out}"
+mkdir -p "$OUT"
+QUICK=""
+LAYERS=48
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK="--quick" ;;
+    --layers) LAYERS="$2"; shift ;;
+    *) echo "h200.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -n "${LOCKSTEP_PREBUILT:-}" ]; then
+  BIN="$(cd "$LOCKSTEP_PREBUILT" && pwd)"
+  export LD_LIBRARY_PATH="$BIN/lib:${LD_LIBRARY_PATH:-}"
+  built="${LOCKSTEP_BUILT_SOURCE:-}"
+  # The tests find their fixtures by the source path they were compiled with.
+  if [ -n "$built" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -s "$ROOT" "$built"; fi
+  TESTS="$BIN/lockstep_tests_cuda"; BENCH="$BIN/cuda_bench"; CLI="$BIN/lockstep"; TOKB="$BIN/bench_tokenizer"
+else
+  BUILD="$ROOT/build-h200"
+  cmake -S "$ROOT" -B "$BUILD" -G Ninja -DLOCKSTEP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
+    -DCMAKE_CUDA20_STANDARD_COMPILE_OPTION=-std=c++20 -DCMAKE_CUDA20_EXTENSION_COMPILE_OPTION=-std=c++20 \
+    >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
+  cmake --build "$BUILD" -j"$(nproc)" --target lockstep_tests_cuda cuda_bench lockstep bench_tokenizer \
+    >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  TESTS="$BUILD/tests/lockstep_tests_cuda"; BENCH="$BUILD/bench/cuda_bench"; CLI="$BUILD/lockstep"
+  TOKB="$BUILD/bench/bench_tokenizer"
+fi
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+
+echo "== GPU tests"
+"$TESTS" --gtest_color=no 2>&1 | tee "$OUT/tests.log" | grep -E '^\[( +OK|  FAILED|  PASSED|  SKIPPED) |^\[cuda|^\[30B|Failure|error' | head -60
+TESTS_RC=${PIPESTATUS[0]}
+
+echo "== lockstep score --device cuda"
+printf '{"input_ids":[1,2,3,4,5,6,7,8]}\n{"input_ids":[9,8,7]}\n' >"$OUT/score_in.jsonl"
+"$CLI" score --model "$ROOT/tests/fixtures/hf-tiny-qwen3-moe" --dtype bfloat16 --device cuda \
+  --input "$OUT/score_in.jsonl" --output "$OUT/score_out.jsonl" && head -c 300 "$OUT/score_out.jsonl"; echo
+
+echo "== cuda_bench"
+"$BENCH" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$LAYERS" $QUICK 2>&1 | tee "$OUT/bench.log"
+echo "== HF transformers peer"
+PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/hf_peer.py" "$ROOT/models/qwen3-30b-a3b/config.json" \
+  --layers "$LAYERS" $QUICK 2>&1 | grep -v Warning | tee "$OUT/hf.log"
+
+if [ -x "$TOKB" ] && [ -f "$ROOT/bench/hf_tokenizer_peer.py" ]; then
+  echo "== tokenizer"
+  export LOCKSTEP_TOKENIZER_DIR="$ROOT/tests/fixtures/qwen3-tokenizer"
+  "$TOKB" --dump-text /tmp/tok.txt --dump-ids /tmp/tok_ids.json >/dev/null 2>&1
+  "$TOKB" --benchmark_min_time=1 2>&1 | tail -6 | tee "$OUT/tokenizer.log"
+  timeout 120 python3 "$ROOT/bench/hf_tokenizer_peer.py" --tokenizer "$LOCKSTEP_TOKENIZER_DIR" --text /tmp/tok.txt \
+    --ids /tmp/tok_ids.json 2>&1 | tail -4 | tee -a "$OUT/tokenizer.log"
+fi
+
+python3 - "$OUT/bench.log" "$OUT/hf.log" "$TESTS_RC" <<'PY'
+import json, sys
+ours, peer = {}, {}
+for path, into in ((sys.argv[1], ours), (sys.argv[2], peer)):
+    try:
+        for line in open(path):
+            if line.startswith("{"):
+                d = json.loads(line)
+                ev = d["event"].replace("hf_", "")
+                if ev in ("prefill", "decode"):
+                    into[(ev, d["batch"])] = d
+    except OSError:
+        pass
+print("\n%-16s %11s %11s %8s %11s %8s" % ("benchmark", "tok/s", "bound", "of bound", "HF tok/s", "vs HF"))
+for key in sorted(ours, key=lambda k: (k[0] != "prefill", k[1])):
+    d = ours[key]
+    bound = d.get("bound_tok_s")
+    if key[0] == "prefill":
+        bound = d["tok_s"] * 771.0 / d["tflops"]
+    p = peer.get(key, {}).get("tok_s")
+    print("%-16s %11.1f %11.1f %7.1f%% %11s %8s" % (
+        "%s b%d" % key, d["tok_s"], bound, 100 * d["tok_s"] / bound,
+        "%.1f" % p if p else "-", "%.2fx" % (d["tok_s"] / p) if p else "-"))
+print("GPU tests exit code:", sys.argv[3])
+PY

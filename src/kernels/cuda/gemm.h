@@ -1,0 +1,57 @@
+// Batch-invariant bf16 GEMM on tensor cores: out[r, n] = sum_k A[r, k] * W[n, k] (fp32
+// accumulation), DESIGN.md section 1 rules 1 and 2 on the GPU.
+//
+// Every output element is accumulated by the same sequence of mma.sync m16n8k16 steps in
+// ascending k (K tiles of 64, zero-padded), whatever the tile shape, the number of rows or
+// the group the row belongs to: a row's result never depends on the batch. There is no
+// split-K. The row form (chunks = 8) cuts K into 8 canonical chunks of ceil(K / 8), sums
+// each chunk separately and combines the partials by the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7))
+// inside the kernel, so it is the same function as a TP-split row-parallel linear.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lockstep::cuda {
+
+enum class GemmOut {
+  f32,           // out_f32[o, n] = acc
+  bf16,          // out_bf16[o, n] = bf16(acc)
+  bf16_residual  // out_bf16[o, n] = bf16(resid[o, n] + bf16(acc)); resid may alias out
+};
+
+struct GemmArgs {
+  // A: logical rows r = 0..M-1, each K bf16 values at A + row(r) * lda, where row(r) =
+  // a_gather ? a_gather[r] : r.
+  const __nv_bfloat16* A = nullptr;
+  int64_t lda = 0;
+  const int32_t* a_gather = nullptr;
+  // W: per group [N, K] row-major with row stride ldw; group g at W + g * w_group_stride.
+  const __nv_bfloat16* W = nullptr;
+  int64_t ldw = 0;
+  int64_t w_group_stride = 0;
+  int64_t M = 0, N = 0, K = 0;
+  int chunks = 1;  // 1: column form; 8: canonical row form
+  // Groups (MoE experts): rows [group_rows[g], group_rows[g + 1]) use W group g; device
+  // memory, groups + 1 entries, group_rows[groups] == M. nullptr: one group of M rows.
+  const int32_t* group_rows = nullptr;
+  int groups = 1;
+  // Output row of logical row r: out_scatter ? out_scatter[r] : r; row stride ldo.
+  GemmOut out_kind = GemmOut::bf16;
+  float* out_f32 = nullptr;
+  __nv_bfloat16* out_bf16 = nullptr;
+  const __nv_bfloat16* resid = nullptr;
+  int64_t ldo = 0;
+  const int32_t* out_scatter = nullptr;
+  // Host-side hint of the typical rows per group (picks the tile shape only; never the numbers).
+  int64_t rows_hint = -1;
+};
+
+void gemm(const GemmArgs& args, cudaStream_t stream);
+
+// Which tile configurations exist (tests run each on the same problem and compare bits).
+constexpr int kGemmConfigs = 5;
+void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
+
+}  // namespace lockstep::cuda

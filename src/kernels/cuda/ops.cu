@@ -1,0 +1,540 @@
+#include "kernels/cuda/ops.h"
+
+#include "kernels/cuda/common.cuh"
+
+namespace lockstep::cuda {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+// Fixed reductions: a warp butterfly in xor order 16, 8, 4, 2, 1 (every lane ends with the
+// same bits), then warps in index order. The shape depends only on blockDim, which each op
+// fixes independently of the batch.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+template <int WARPS>
+__device__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < WARPS; ++w) total += scratch[w];
+    scratch[WARPS] = total;
+  }
+  __syncthreads();
+  total = scratch[WARPS];
+  __syncthreads();
+  return total;
+}
+
+struct MaxSumD {
+  float max, sum;
+};
+// The same expression as lockstep::combine_maxsum (commutative bit for bit).
+__device__ __forceinline__ MaxSumD combine(MaxSumD a, MaxSumD b) {
+  if (b.sum == 0.0f) return a;
+  if (a.sum == 0.0f) return b;
+  float m = a.max > b.max ? a.max : b.max;
+  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+
+// log sum exp of row[v] * mul (mul = 1 / temperature or 1) over V: 8 canonical chunks, one
+// per warp of a 256-thread block; within a chunk each lane keeps an online (max, sum) over
+// its strided elements, the lanes combine by butterfly; chunks combine by the pairwise tree.
+__device__ float log_normalizer_block(const float* row, int64_t V, float inv_temp, bool scale, MaxSumD* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t clen = (V + 7) / 8;
+  const int64_t begin = warp * clen, end = min(V, begin + clen);
+  MaxSumD ms{-INFINITY, 0.0f};
+  for (int64_t i = begin + lane; i < end; i += 32) {
+    float x = scale ? row[i] / inv_temp : row[i];
+    if (ms.sum == 0.0f) {
+      ms = {x, 1.0f};
+    } else if (x > ms.max) {
+      ms.sum = ms.sum * expf(ms.max - x) + 1.0f;
+      ms.max = x;
+    } else {
+      ms.sum += expf(x - ms.max);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    MaxSumD other{__shfl_xor_sync(kFull, ms.max, o), __shfl_xor_sync(kFull, ms.sum, o)};
+    ms = combine(ms, other);
+  }
+  if (lane == 0) scratch[warp] = ms;
+  __syncthreads();
+  MaxSumD a = combine(combine(scratch[0], scratch[1]), combine(scratch[2], scratch[3]));
+  MaxSumD b = combine(combine(scratch[4], scratch[5]), combine(scratch[6], scratch[7]));
+  MaxSumD r = combine(a, b);
+  __syncthreads();
+  return r.max + logf(r.sum);
+}
+
+__global__ void embedding_kernel(const int32_t* ids, const bf16* table, bf16* x, int64_t H) {
+  const int64_t t = blockIdx.x;
+  const bf16* src = table + int64_t(ids[t]) * H;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[t * H + i] = src[i];
+}
+
+constexpr int kNormThreads = 256;
+__global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, const float* w, bf16* out, int64_t n,
+                                                               float eps) {
+  __shared__ float scratch[kNormThreads / 32 + 1];
+  const bf16* xr = x + int64_t(blockIdx.x) * n;
+  bf16* o = out + int64_t(blockIdx.x) * n;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += kNormThreads) {
+    float v = to_f32(xr[i]);
+    ss += v * v;
+  }
+  ss = block_sum<kNormThreads / 32>(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / float(n) + eps);
+  for (int64_t i = threadIdx.x; i < n; i += kNormThreads) o[i] = to_bf16(w[i] * round_bf16(to_f32(xr[i]) * inv));
+}
+
+__device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int64_t pos, int64_t page_size) {
+  const int32_t* table = s.page_tables + int64_t(s.seq_of_token[t]) * *s.table_stride;
+  return int64_t(table[pos / page_size]) * page_size + pos % page_size;
+}
+
+// One warp per head: q heads, then k heads, then v heads (copied).
+__global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
+                                    const float* rope_sin, bf16* q_out, DeviceKvLayer kv, DeviceSlots slots,
+                                    int64_t nq, int64_t nkv, int64_t D, float eps) {
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int64_t head = int64_t(blockIdx.y) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (head >= nq + 2 * nkv) return;
+  const int64_t ld = (nq + 2 * nkv) * D;
+  const bf16* src = qkv + t * ld + head * D;
+  const int64_t pos = slots.positions[t];
+  const int64_t slot = slot_of(slots, t, pos, kv.page_size);
+  if (head >= nq + nkv) {  // v: straight into the cache
+    bf16* dst = kv.v + (slot * kv.kv_heads + (head - nq - nkv)) * D;
+    for (int64_t d = lane; d < D; d += 32) dst[d] = src[d];
+    return;
+  }
+  const bool is_q = head < nq;
+  const float* w = is_q ? q_norm : k_norm;
+  bf16* dst = is_q ? q_out + (t * nq + head) * D : kv.k + (slot * kv.kv_heads + (head - nq)) * D;
+  float ss = 0.0f;
+  for (int64_t d = lane; d < D; d += 32) {
+    float v = to_f32(src[d]);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / float(D) + eps);
+  const int64_t half = D / 2;
+  const float* c = rope_cos + pos * half;
+  const float* s = rope_sin + pos * half;
+  for (int64_t i = lane; i < half; i += 32) {
+    float x1 = round_bf16(w[i] * round_bf16(to_f32(src[i]) * inv));
+    float x2 = round_bf16(w[i + half] * round_bf16(to_f32(src[i + half]) * inv));
+    dst[i] = to_bf16(x1 * c[i] - x2 * s[i]);
+    dst[i + half] = to_bf16(x2 * c[i] + x1 * s[i]);
+  }
+}
+
+constexpr int kBlock = 64;      // absolute KV block of the contract
+constexpr int kMaxHeadDim = 128;
+
+// Block per (token, kv head), one warp per query head of the group. Each query walks the
+// KV blocks 0, 64, ... up to its own position; only its own keys enter its sums.
+__global__ void attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, DeviceSlots slots, int64_t nq,
+                                 float scale) {
+  const int64_t D = kv.head_dim, G = nq / kv.kv_heads;
+  const int64_t t = blockIdx.x, kvh = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t h = kvh * G + warp;
+  const int64_t ks_stride = D + 2;  // odd word stride: lanes reading different keys hit different banks
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem);
+  bf16* Vs = Ks + kBlock * ks_stride + 8;
+  Vs = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(Vs) + 15) & ~uintptr_t(15));
+  float* qs = reinterpret_cast<float*>(Vs + kBlock * D);
+  float* qw = qs + warp * D;
+
+  for (int64_t d = lane; d < D; d += 32) qw[d] = to_f32(q[(t * nq + h) * D + d]);
+  const int64_t pos = slots.positions[t];
+  const int32_t* table = slots.page_tables + int64_t(slots.seq_of_token[t]) * *slots.table_stride;
+
+  float m = -INFINITY, l = 0.0f;
+  float acc[kMaxHeadDim / 32];
+#pragma unroll
+  for (int i = 0; i < kMaxHeadDim / 32; ++i) acc[i] = 0.0f;
+
+  for (int64_t b0 = 0; b0 <= pos; b0 += kBlock) {
+    const int n_valid = int(min(int64_t(kBlock), pos + 1 - b0));
+    __syncthreads();  // previous block's readers are done
+    const int pieces = int(D / 8);
+    for (int idx = threadIdx.x; idx < kBlock * pieces; idx += blockDim.x) {
+      const int j = idx / pieces, piece = idx % pieces;
+      uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
+      if (j < n_valid) {
+        const int64_t p = b0 + j;
+        const int64_t slot = int64_t(table[p / kv.page_size]) * kv.page_size + p % kv.page_size;
+        const int64_t off = (slot * kv.kv_heads + kvh) * D + piece * 8;
+        kval = *reinterpret_cast<const uint4*>(kv.k + off);
+        vval = *reinterpret_cast<const uint4*>(kv.v + off);
+      }
+      uint32_t* kd = reinterpret_cast<uint32_t*>(Ks + j * ks_stride + piece * 8);
+      kd[0] = kval.x;
+      kd[1] = kval.y;
+      kd[2] = kval.z;
+      kd[3] = kval.w;
+      *reinterpret_cast<uint4*>(Vs + j * D + piece * 8) = vval;
+    }
+    __syncthreads();
+    float s[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int j = lane + 32 * r;
+      s[r] = -INFINITY;
+      if (j < n_valid) {
+        const bf16* kr = Ks + j * ks_stride;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += qw[d] * to_f32(kr[d]);
+        s[r] = dot * scale;
+      }
+    }
+    const float m_new = fmaxf(m, warp_max(fmaxf(s[0], s[1])));
+    const float corr = expf(m - m_new);
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < kMaxHeadDim / 32; ++i) acc[i] *= corr;
+    float p[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) p[r] = (lane + 32 * r < n_valid) ? expf(s[r] - m_new) : 0.0f;
+    l += warp_sum(p[0] + p[1]);
+    for (int j = 0; j < n_valid; ++j) {
+      const float pj = __shfl_sync(kFull, j < 32 ? p[0] : p[1], j & 31);
+      const bf16* vr = Vs + j * D;
+#pragma unroll
+      for (int i = 0; i < kMaxHeadDim / 32; ++i) {
+        const int64_t d = lane + 32 * i;
+        if (d < D) acc[i] += pj * to_f32(vr[d]);
+      }
+    }
+    m = m_new;
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxHeadDim / 32; ++i) {
+    const int64_t d = lane + 32 * i;
+    if (d < D) out[(t * nq + h) * D + d] = to_bf16(acc[i] / l);
+  }
+}
+
+constexpr int kRouteWarps = 4;
+__global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
+                                  bool normalize) {
+  extern __shared__ float probs_all[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = int64_t(blockIdx.x) * kRouteWarps + warp;
+  if (t >= T) return;
+  float* probs = probs_all + warp * E;
+  const float* z = logits + t * E;
+  float m = -INFINITY;
+  for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, z[e]);
+  m = warp_max(m);
+  float s = 0.0f;
+  for (int64_t e = lane; e < E; e += 32) {
+    float p = expf(z[e] - m);
+    probs[e] = p;
+    s += p;
+  }
+  s = warp_sum(s);
+  for (int64_t e = lane; e < E; e += 32) probs[e] = probs[e] / s;
+  __syncwarp();
+  float total = 0.0f;
+  float chosen_p[8];
+  int chosen_e[8];
+  for (int64_t i = 0; i < k; ++i) {
+    float best = -1.0f;
+    int best_e = int(E);
+    for (int64_t e = lane; e < E; e += 32)
+      if (probs[e] > best) {  // ascending e: ties keep the lower id
+        best = probs[e];
+        best_e = int(e);
+      }
+    for (int o = 16; o > 0; o >>= 1) {
+      float ob = __shfl_xor_sync(kFull, best, o);
+      int oe = __shfl_xor_sync(kFull, best_e, o);
+      if (ob > best || (ob == best && oe < best_e)) {
+        best = ob;
+        best_e = oe;
+      }
+    }
+    __syncwarp();
+    if (lane == 0) probs[best_e] = -2.0f;
+    __syncwarp();
+    chosen_p[i] = best;
+    chosen_e[i] = best_e;
+    total += best;
+  }
+  if (lane == 0)
+    for (int64_t i = 0; i < k; ++i) {
+      ids[t * k + i] = chosen_e[i];
+      weights[t * k + i] = normalize ? chosen_p[i] / total : chosen_p[i];
+    }
+}
+
+__global__ void count_experts_kernel(const int32_t* ids, int64_t n, int32_t* counts) {
+  int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) atomicAdd(&counts[ids[i]], 1);
+}
+__global__ void scan_experts_kernel(int32_t* counts, int32_t* group_rows, int64_t E) {
+  if (threadIdx.x != 0) return;
+  int32_t run = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    group_rows[e] = run;
+    run += counts[e];
+    counts[e] = group_rows[e];  // becomes the fill cursor
+  }
+  group_rows[E] = run;
+}
+// The order of rows inside an expert's group is not fixed, and need not be: each row's
+// result is independent of the other rows (the GEMM is batch invariant).
+__global__ void fill_experts_kernel(const int32_t* ids, int64_t n, int64_t k, int32_t* cursor, int32_t* gather,
+                                    int32_t* scatter) {
+  int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  int32_t r = atomicAdd(&cursor[ids[i]], 1);
+  gather[r] = int32_t(i / k);
+  scatter[r] = int32_t(i);
+}
+
+__global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
+  int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= R * I) return;
+  int64_t r = idx / I, i = idx % I;
+  float g = to_f32(gu[r * 2 * I + i]), u = to_f32(gu[r * 2 * I + I + i]);
+  act[idx] = to_bf16(g / (1.0f + expf(-g)) * u);
+}
+
+__global__ void combine_kernel(const int32_t* ids, const float* weights, const bf16* y, bf16* x, int64_t H, int64_t k) {
+  const int64_t t = blockIdx.x;
+  int order[8];
+  for (int i = 0; i < k; ++i) order[i] = i;
+  for (int i = 1; i < k; ++i)  // insertion sort of the slots by expert id
+    for (int j = i; j > 0 && ids[t * k + order[j]] < ids[t * k + order[j - 1]]; --j) {
+      int tmp = order[j];
+      order[j] = order[j - 1];
+      order[j - 1] = tmp;
+    }
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    float o = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      const int slot = order[i];
+      o += weights[t * k + slot] * to_f32(y[(t * k + slot) * H + h]);
+    }
+    x[t * H + h] = to_bf16(to_f32(x[t * H + h]) + round_bf16(o));
+  }
+}
+
+__global__ void __launch_bounds__(256) log_softmax_gather_kernel(const float* logits, const int32_t* targets,
+                                                                 float* out, int64_t V) {
+  __shared__ MaxSumD scratch[8];
+  const int64_t r = blockIdx.x;
+  const float* row = logits + r * V;
+  const float z = log_normalizer_block(row, V, 1.0f, false, scratch);
+  if (threadIdx.x == 0) out[r] = targets[r] >= 0 ? row[targets[r]] - z : NAN;
+}
+
+constexpr int kSampleThreads = 256;
+__global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* logits, const DeviceSampleParams* params,
+                                                                int32_t* tokens, float* logprobs, int64_t V) {
+  __shared__ MaxSumD scratch[8];
+  __shared__ float seg_mass[kSampleThreads];
+  __shared__ float best_v[kSampleThreads];
+  __shared__ int best_i[kSampleThreads];
+  const int64_t r = blockIdx.x;
+  const float* row = logits + r * V;
+  const DeviceSampleParams prm = params[r];
+  const int tid = threadIdx.x;
+  if (prm.temperature == 0.0f) {
+    float bv = -INFINITY;
+    int bi = int(V);
+    for (int64_t v = tid; v < V; v += kSampleThreads)
+      if (row[v] > bv || bi == int(V)) {
+        bv = row[v];
+        bi = int(v);
+      }
+    best_v[tid] = bv;
+    best_i[tid] = bi;
+    __syncthreads();
+    const float z = log_normalizer_block(row, V, 1.0f, false, scratch);
+    if (tid == 0) {
+      for (int i = 1; i < kSampleThreads; ++i)
+        if (best_v[i] > bv || (best_v[i] == bv && best_i[i] < bi)) {
+          bv = best_v[i];
+          bi = best_i[i];
+        }
+      tokens[r] = bi;
+      logprobs[r] = row[bi] - z;
+    }
+    return;
+  }
+  const float temp = prm.temperature;
+  const float log_z = log_normalizer_block(row, V, temp, true, scratch);
+  const int64_t seg = (V + kSampleThreads - 1) / kSampleThreads;
+  const int64_t begin = tid * seg, end = min(V, begin + seg);
+  float mass = 0.0f;
+  for (int64_t v = begin; v < end; ++v) mass += expf(row[v] / temp - log_z);
+  seg_mass[tid] = mass;
+  __syncthreads();
+  if (tid == 0) {
+    float total = 0.0f;
+    for (int i = 0; i < kSampleThreads; ++i) total += seg_mass[i];
+    const float target = prm.u * total;
+    float cum = 0.0f;
+    int64_t pick = V - 1;
+    bool found = false;
+    for (int i = 0; i < kSampleThreads && !found; ++i) {
+      if (cum + seg_mass[i] > target) {
+        const int64_t b = i * seg, e = min(V, b + seg);
+        pick = e - 1;
+        for (int64_t v = b; v < e; ++v) {
+          cum += expf(row[v] / temp - log_z);
+          if (cum > target) {
+            pick = v;
+            break;
+          }
+        }
+        found = true;
+      } else {
+        cum += seg_mass[i];
+      }
+    }
+    tokens[r] = int32_t(pick);
+    logprobs[r] = row[pick] / temp - log_z;
+  }
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+__global__ void fill_bf16_kernel(bf16* p, int64_t n, uint64_t seed, float scale, float offset) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float u = float(mix64(seed * 0x9E3779B97F4A7C15ull + uint64_t(i)) >> 40) * (1.0f / 16777216.0f);
+    p[i] = to_bf16((2.0f * u - 1.0f) * scale + offset);
+  }
+}
+__global__ void fill_f32_kernel(float* p, int64_t n, uint64_t seed, float scale, float offset) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float u = float(mix64(seed * 0x9E3779B97F4A7C15ull + uint64_t(i)) >> 40) * (1.0f / 16777216.0f);
+    p[i] = round_bf16((2.0f * u - 1.0f) * scale + offset);
+  }
+}
+
+unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+
+}  // namespace
+
+void embedding(const int32_t* ids, const bf16_t* table, bf16_t* x, int64_t T, int64_t H, cudaStream_t s) {
+  if (T == 0) return;
+  embedding_kernel<<<unsigned(T), 256, 0, s>>>(ids, table, x, H);
+  LS_CUDA_LAUNCHED();
+}
+
+void rmsnorm(const bf16_t* x, const float* w, bf16_t* out, int64_t rows, int64_t n, float eps, cudaStream_t s) {
+  if (rows == 0) return;
+  rmsnorm_kernel<<<unsigned(rows), kNormThreads, 0, s>>>(x, w, out, n, eps);
+  LS_CUDA_LAUNCHED();
+}
+
+void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
+                        const float* rope_sin, bf16_t* q_out, const DeviceKvLayer& kv, const DeviceSlots& slots,
+                        int64_t T, int64_t nq, int64_t nkv, int64_t D, float eps, cudaStream_t s) {
+  if (T == 0) return;
+  const int64_t heads = nq + 2 * nkv;
+  const int warps = 8;
+  dim3 grid(unsigned(T), unsigned((heads + warps - 1) / warps));
+  qk_norm_rope_kernel<<<grid, warps * 32, 0, s>>>(qkv, q_norm, k_norm, rope_cos, rope_sin, q_out, kv, slots, nq, nkv,
+                                                  D, eps);
+  LS_CUDA_LAUNCHED();
+}
+
+void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t T,
+                     int64_t nq, float scale, cudaStream_t s) {
+  if (T == 0) return;
+  const int64_t D = kv.head_dim, G = nq / kv.kv_heads;
+  LS_CHECK(D % 8 == 0 && D <= kMaxHeadDim, "cuda attention: head_dim must be a multiple of 8 and <= ",
+           kMaxHeadDim, ", got ", D);
+  LS_CHECK(G >= 1 && G <= 32 && G * kv.kv_heads == nq, "cuda attention: bad GQA grouping ", nq, "/", kv.kv_heads);
+  const size_t smem = size_t(kBlock) * (D + 2) * 2 + 32 + size_t(kBlock) * D * 2 + size_t(G) * D * 4;
+  static const bool configured = [] {
+    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+    return true;
+  }();
+  (void)configured;
+  dim3 grid(unsigned(T), unsigned(kv.kv_heads));
+  attention_kernel<<<grid, unsigned(G * 32), smem, s>>>(q, out, kv, slots, nq, scale);
+  LS_CUDA_LAUNCHED();
+}
+
+void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k, bool normalize,
+                cudaStream_t s) {
+  if (T == 0) return;
+  LS_CHECK(k >= 1 && k <= 8 && k <= E, "cuda route_topk: num_experts_per_tok must be in 1..8, got ", k);
+  route_topk_kernel<<<unsigned((T + kRouteWarps - 1) / kRouteWarps), kRouteWarps * 32,
+                      size_t(kRouteWarps) * E * sizeof(float), s>>>(logits, ids, weights, T, E, k, normalize);
+  LS_CUDA_LAUNCHED();
+}
+
+void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
+                    int32_t* gather, int32_t* scatter, cudaStream_t s) {
+  const int64_t n = T * k;
+  LS_CUDA_CHECK(cudaMemsetAsync(counts, 0, size_t(E) * sizeof(int32_t), s));
+  if (n > 0) count_experts_kernel<<<blocks_for(n, 256), 256, 0, s>>>(ids, n, counts);
+  scan_experts_kernel<<<1, 32, 0, s>>>(counts, group_rows, E);
+  if (n > 0) fill_experts_kernel<<<blocks_for(n, 256), 256, 0, s>>>(ids, n, k, counts, gather, scatter);
+  LS_CUDA_LAUNCHED();
+}
+
+void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s) {
+  if (R * I == 0) return;
+  swiglu_kernel<<<blocks_for(R * I, 256), 256, 0, s>>>(gu, act, R, I);
+  LS_CUDA_LAUNCHED();
+}
+
+void combine_experts_residual(const int32_t* ids, const float* weights, const bf16_t* y, bf16_t* x, int64_t T,
+                              int64_t H, int64_t k, cudaStream_t s) {
+  if (T == 0) return;
+  combine_kernel<<<unsigned(T), 256, 0, s>>>(ids, weights, y, x, H, k);
+  LS_CUDA_LAUNCHED();
+}
+
+void log_softmax_gather(const float* logits, const int32_t* targets, float* out, int64_t R, int64_t V,
+                        cudaStream_t s) {
+  if (R == 0) return;
+  log_softmax_gather_kernel<<<unsigned(R), 256, 0, s>>>(logits, targets, out, V);
+  LS_CUDA_LAUNCHED();
+}
+
+void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t* tokens, float* logprobs, int64_t R,
+                 int64_t V, cudaStream_t s) {
+  if (R == 0) return;
+  sample_kernel<<<unsigned(R), kSampleThreads, 0, s>>>(logits, params, tokens, logprobs, V);
+  LS_CUDA_LAUNCHED();
+}
+
+void fill_random_bf16(bf16_t* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s) {
+  fill_bf16_kernel<<<1024, 256, 0, s>>>(p, n, seed, scale, offset);
+  LS_CUDA_LAUNCHED();
+}
+void fill_random_f32(float* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s) {
+  fill_f32_kernel<<<1024, 256, 0, s>>>(p, n, seed, scale, offset);
+  LS_CUDA_LAUNCHED();
+}
+
+}  // namespace lockstep::cuda

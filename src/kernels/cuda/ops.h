@@ -1,0 +1,87 @@
+// The non-GEMM forward ops of the bfloat16 recipe on the GPU. Each op computes a row (a
+// token, a head) by one fixed procedure that never looks at other rows, so results are
+// batch invariant by construction (DESIGN.md section 1). The GPU procedures need not equal
+// the CPU ones bit for bit; they are fixed within this backend.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lockstep::cuda {
+
+using bf16_t = __nv_bfloat16;
+
+// Where each token of a step lives: position, sequence, and the sequences' page tables
+// ([num_seqs, *table_stride] page ids). All device pointers, so a captured CUDA graph can be
+// replayed with new contents.
+struct DeviceSlots {
+  const int32_t* positions = nullptr;
+  const int32_t* seq_of_token = nullptr;
+  const int32_t* page_tables = nullptr;
+  const int32_t* table_stride = nullptr;
+};
+
+// One layer's bf16 KV cache: [num_pages, page_size, kv_heads, head_dim].
+struct DeviceKvLayer {
+  bf16_t* k = nullptr;
+  bf16_t* v = nullptr;
+  int64_t page_size = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+};
+
+// x[t] = table[ids[t]].
+void embedding(const int32_t* ids, const bf16_t* table, bf16_t* x, int64_t T, int64_t H, cudaStream_t s);
+
+// out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) per row of n.
+void rmsnorm(const bf16_t* x, const float* w, bf16_t* out, int64_t rows, int64_t n, float eps, cudaStream_t s);
+
+// From qkv [T, (nq + 2 nkv) * D]: per head RMSNorm (q_norm / k_norm), rotary embedding, bf16
+// casts as in the recipe; q to q_out [T, nq, D]; k and v written to the cache slot of the token.
+void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
+                        const float* rope_sin, bf16_t* q_out, const DeviceKvLayer& kv, const DeviceSlots& slots,
+                        int64_t T, int64_t nq, int64_t nkv, int64_t D, float eps, cudaStream_t s);
+
+// out[t, h] = bf16(softmax(q . K[0..pos] * scale) V) over blocks of 64 absolute positions in
+// ascending order with an fp32 online softmax; the same walk for prefill and decode.
+void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t T,
+                     int64_t nq, float scale, cudaStream_t s);
+
+// MoE routing: fp32 softmax of the router logits, top k by value (ties to the lower id),
+// renormalised when asked. ids/weights are [T, k] in selection order.
+void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k, bool normalize,
+                cudaStream_t s);
+
+// Groups the T*k (token, slot) pairs by expert: group_rows [E + 1], and per row the token
+// to read (gather) and the output row token * k + slot (scatter). `counts` is scratch [E].
+void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
+                    int32_t* gather, int32_t* scatter, cudaStream_t s);
+
+// act[r, i] = bf16(silu(g) * u) with gu [R, 2I] = [gate | up] of each row.
+void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s);
+
+// x[t] = bf16(x[t] + bf16(sum over the token's experts in ascending id of w * y[t * k + slot])).
+void combine_experts_residual(const int32_t* ids, const float* weights, const bf16_t* y, bf16_t* x, int64_t T,
+                              int64_t H, int64_t k, cudaStream_t s);
+
+// out[r] = logits[r, target[r]] - log_normalizer(logits[r]) (canonical 8-chunk log-sum-exp);
+// NaN where target < 0.
+void log_softmax_gather(const float* logits, const int32_t* targets, float* out, int64_t R, int64_t V,
+                        cudaStream_t s);
+
+// Per row: temperature 0 = argmax (ties to the lower id); otherwise z = logits / T and the
+// token is the first, in ascending id order, whose cumulative probability exceeds u * mass.
+// logprob = z[token] - log_normalizer(z) (T = 1 when greedy). top-k / top-p are not done here.
+struct DeviceSampleParams {
+  float temperature;
+  float u;
+};
+void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t* tokens, float* logprobs, int64_t R,
+                 int64_t V, cudaStream_t s);
+
+// Fills a bf16 buffer with uniform values in [-scale, scale) + offset, deterministic in seed.
+void fill_random_bf16(bf16_t* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s);
+void fill_random_f32(float* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s);
+
+}  // namespace lockstep::cuda

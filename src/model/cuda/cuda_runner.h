@@ -1,0 +1,31 @@
+// The CUDA ModelRunner: bf16 weights and KV cache in device memory, the forward of the
+// bfloat16 recipe on the GPU (src/kernels/cuda), sampling on the device.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "model/runner.h"
+
+namespace lockstep {
+
+// Uploads `weights` (bf16 values in fp32 containers) to the current CUDA device. Only the
+// bfloat16 recipe runs on the GPU.
+std::unique_ptr<ModelRunner> make_cuda_runner(const ModelWeights& weights, Precision precision);
+// Random bf16 weights generated on the device (benchmarks: the full model never touches the
+// host). Deterministic in `seed`.
+std::unique_ptr<ModelRunner> make_cuda_runner_random(const ModelConfig& config, uint64_t seed);
+
+}  // namespace lockstep
+
+#include <vector>
+
+namespace lockstep {
+
+// Per-token log-probs of whole sequences through any runner (the trainer's path, as
+// score_sequences does on the CPU model): sequences are packed into forwards of at most
+// max_batch_tokens tokens (a sequence is never split), each given contiguous 64-position pages.
+std::vector<std::vector<float>> runner_score_sequences(ModelRunner& runner,
+                                                       const std::vector<std::vector<int32_t>>& seqs,
+                                                       int64_t max_batch_tokens = 8192);
+
+}  // namespace lockstep
