@@ -1,14 +1,14 @@
 #include "kernels/canonical.h"
 
-#include <cmath>
+#include "dist/maxsum.h"
 
 namespace lockstep {
 
+// The one pair combine, shared with the vocab-parallel cross-rank step (dist/maxsum.h).
 MaxSum combine_maxsum(MaxSum a, MaxSum b) {
-  if (b.sum == 0.0f) return a;  // an empty (padded) chunk
-  if (a.sum == 0.0f) return b;
-  float m = a.max > b.max ? a.max : b.max;
-  return {m, a.sum * std::exp(a.max - m) + b.sum * std::exp(b.max - m)};
+  MaxSum out;
+  combine_maxsum(a.max, a.sum, b.max, b.sum, out.max, out.sum);
+  return out;
 }
 
 }  // namespace lockstep
