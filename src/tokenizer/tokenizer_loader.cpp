@@ -2,6 +2,7 @@
 // a byte-level BPE like Qwen3's uses are accepted; anything else is a clear error
 // rather than a silently different tokenisation.
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 
 #include <nlohmann/json.hpp>
@@ -75,10 +76,121 @@ json parse_json(std::string_view text, const std::string& file) {
   }
 }
 
+// The vocab and merges are 99% of tokenizer.json. Building them as a DOM costs most of
+// the load time, so a SAX pass collects them into flat vectors and the DOM parse
+// skips them. Anything unexpected in those two fields makes the SAX pass give up, and
+// the caller falls back to the DOM for everything, which reports the precise error.
+struct FlatModel {
+  std::vector<std::pair<std::string, int64_t>> vocab;
+  std::vector<std::pair<std::string, std::string>> merges;
+  bool has_vocab = false, has_merges = false;
+};
+
+class FlatModelReader : public nlohmann::json_sax<json> {
+ public:
+  explicit FlatModelReader(FlatModel& out) : out_(out) {}
+
+  bool start_object(std::size_t) override {
+    ++depth_;
+    if (depth_ == 3 && in_model() && key_ == "vocab") mode_ = Mode::kVocab, out_.has_vocab = true;
+    else if (mode_ != Mode::kNone) return false;
+    return true;
+  }
+  bool end_object() override {
+    if (mode_ == Mode::kVocab && depth_ == 3) mode_ = Mode::kNone;
+    if (--depth_ == 1) top_key_.clear();
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    ++depth_;
+    if (depth_ == 3 && in_model() && key_ == "merges") {
+      mode_ = Mode::kMerges;
+      out_.has_merges = true;
+    } else if (mode_ == Mode::kMerges && depth_ == 4) {
+      pair_.clear();
+    } else if (mode_ != Mode::kNone) {
+      return false;
+    }
+    return true;
+  }
+  bool end_array() override {
+    if (mode_ == Mode::kMerges && depth_ == 4) {
+      if (pair_.size() != 2) return false;
+      out_.merges.emplace_back(std::move(pair_[0]), std::move(pair_[1]));
+    } else if (mode_ == Mode::kMerges && depth_ == 3) {
+      mode_ = Mode::kNone;
+    }
+    --depth_;
+    return true;
+  }
+  bool key(string_t& k) override {
+    if (depth_ == 1) top_key_ = k;
+    if (mode_ == Mode::kVocab) vocab_key_ = std::move(k);
+    else key_ = k;
+    return true;
+  }
+  bool number_integer(number_integer_t v) override { return number(v); }
+  bool number_unsigned(number_unsigned_t v) override {
+    return number(v > static_cast<number_unsigned_t>(INT64_MAX) ? -1 : static_cast<int64_t>(v));
+  }
+  bool string(string_t& v) override {
+    if (mode_ == Mode::kMerges && depth_ == 3) {
+      const size_t space = v.find(' ');
+      if (space == std::string::npos || space == 0 || space + 1 == v.size() || v.find(' ', space + 1) != v.npos)
+        return false;
+      out_.merges.emplace_back(v.substr(0, space), v.substr(space + 1));
+      return true;
+    }
+    if (mode_ == Mode::kMerges && depth_ == 4) {
+      pair_.push_back(std::move(v));
+      return pair_.size() <= 2;
+    }
+    return mode_ == Mode::kNone;
+  }
+  bool null() override { return mode_ == Mode::kNone; }
+  bool boolean(bool) override { return mode_ == Mode::kNone; }
+  bool number_float(number_float_t, const string_t&) override { return mode_ == Mode::kNone; }
+  bool binary(binary_t&) override { return false; }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
+
+ private:
+  enum class Mode { kNone, kVocab, kMerges };
+  bool in_model() const { return top_key_ == "model"; }
+  bool number(int64_t v) {
+    if (mode_ == Mode::kVocab && depth_ == 3) {
+      out_.vocab.emplace_back(std::move(vocab_key_), v);
+      return true;
+    }
+    return mode_ == Mode::kNone;
+  }
+  FlatModel& out_;
+  int depth_ = 0;
+  Mode mode_ = Mode::kNone;
+  std::string top_key_, key_, vocab_key_;
+  std::vector<std::string> pair_;
+};
+
+// Parses tokenizer.json; when the fast path works, `flat` gets model.vocab and
+// model.merges and the returned DOM lacks them.
+json parse_tokenizer_json(std::string_view text, const std::string& file, std::optional<FlatModel>& flat) {
+  flat.emplace();
+  FlatModelReader reader(*flat);
+  if (json::sax_parse(text.begin(), text.end(), &reader) && flat->has_vocab && flat->has_merges) {
+    std::string top_key;
+    return json::parse(text.begin(), text.end(), [&](int depth, json::parse_event_t event, json& parsed) {
+      if (event != json::parse_event_t::key) return true;
+      if (depth == 1) top_key = parsed.get<std::string>();
+      return !(depth == 2 && top_key == "model" && (parsed == "vocab" || parsed == "merges"));
+    });
+  }
+  flat.reset();
+  return parse_json(text, file);
+}
+
 const char* const kGpt2Pattern =
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
-void load_model(const Ctx& c, const json& root, Tokenizer::Impl& impl) {
+void load_model(const Ctx& c, const json& root, const FlatModel* flat, Tokenizer::Impl& impl) {
   const json& model = c.member(root, "model", "");
   LS_CHECK(model.is_object(), c.file, ": model: expected an object, found ", c.describe(model));
   if (const json* type = c.optional_member(model, "type")) {
@@ -90,14 +202,26 @@ void load_model(const Ctx& c, const json& root, Tokenizer::Impl& impl) {
   c.require_unset(model, "end_of_word_suffix", "model");
   c.require_unset(model, "byte_fallback", "model");
 
-  const json& vocab = c.member(model, "vocab", "model");
-  LS_CHECK(vocab.is_object(), c.file, ": model.vocab: expected an object {token: id}, found ", c.describe(vocab));
-  impl.vocab.reserve(vocab.size() * 2);
   int32_t max_id = -1;
-  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    const int32_t id = c.id(it.value(), "model.vocab[\"" + it.key() + "\"]");
-    impl.vocab.emplace(it.key(), id);
-    max_id = std::max(max_id, id);
+  if (flat) {
+    impl.vocab.reserve(flat->vocab.size() * 2);
+    for (auto& [token, value] : flat->vocab) {
+      LS_CHECK(value >= 0 && value < (int64_t{1} << 30), c.file, ": model.vocab[\"", token, "\"]: token id ", value,
+               " is out of range");
+      const auto id = static_cast<int32_t>(value);
+      impl.vocab.emplace(std::move(token), id);
+      max_id = std::max(max_id, id);
+    }
+  } else {
+    const json& vocab = c.member(model, "vocab", "model");
+    LS_CHECK(vocab.is_object(), c.file, ": model.vocab: expected an object {token: id}, found ",
+             c.describe(vocab));
+    impl.vocab.reserve(vocab.size() * 2);
+    for (auto it = vocab.begin(); it != vocab.end(); ++it) {
+      const int32_t id = c.id(it.value(), "model.vocab[\"" + it.key() + "\"]");
+      impl.vocab.emplace(it.key(), id);
+      max_id = std::max(max_id, id);
+    }
   }
   impl.id_bytes.resize(static_cast<size_t>(max_id + 1));
   impl.id_kind.assign(static_cast<size_t>(max_id + 1), Tokenizer::Impl::Kind::kNone);
@@ -117,15 +241,28 @@ void load_model(const Ctx& c, const json& root, Tokenizer::Impl& impl) {
     impl.model.byte_id[b] = it->second;
   }
 
+  auto lookup = [&](std::string_view token, size_t rank, const char* what) {
+    auto it = impl.vocab.find(token);
+    LS_CHECK(it != impl.vocab.end(), c.file, ": model.merges[", rank, "]", what, ": token \"", token,
+             "\" is not in model.vocab");
+    return it->second;
+  };
+  std::string joined;
+  auto add_merge = [&](const std::string& left, const std::string& right, size_t rank) {
+    joined.assign(left).append(right);
+    const int32_t l = lookup(left, rank, ""), r = lookup(right, rank, ""), merged = lookup(joined, rank, " (merged)");
+    impl.model.merges.insert(l, r, {static_cast<int32_t>(rank), merged});
+  };
+  if (flat) {
+    impl.model.merges.reserve(flat->merges.size());
+    for (size_t rank = 0; rank < flat->merges.size(); ++rank)
+      add_merge(flat->merges[rank].first, flat->merges[rank].second, rank);
+    return;
+  }
   const json& merges = c.member(model, "merges", "model");
   LS_CHECK(merges.is_array(), c.file, ": model.merges: expected an array, found ", c.describe(merges));
   impl.model.merges.reserve(merges.size());
   std::string left, right;
-  auto lookup = [&](const std::string& token, const std::string& path) {
-    auto it = impl.vocab.find(token);
-    LS_CHECK(it != impl.vocab.end(), c.file, ": ", path, ": token \"", token, "\" is not in model.vocab");
-    return it->second;
-  };
   for (size_t rank = 0; rank < merges.size(); ++rank) {
     const json& m = merges[rank];
     const std::string path = "model.merges[" + std::to_string(rank) + "]";
@@ -143,9 +280,7 @@ void load_model(const Ctx& c, const json& root, Tokenizer::Impl& impl) {
     } else {
       fail(c.file, ": ", path, ": expected \"left right\" or [\"left\", \"right\"], found ", m.dump());
     }
-    const int32_t l = lookup(left, path), r = lookup(right, path);
-    const int32_t merged = lookup(left + right, path + " (merged)");
-    impl.model.merges.insert(l, r, {static_cast<int32_t>(rank), merged});
+    add_merge(left, right, rank);
   }
 }
 
@@ -269,10 +404,12 @@ std::shared_ptr<Tokenizer::Impl> parse_tokenizer(std::string_view tokenizer_json
   auto impl = std::make_shared<Tokenizer::Impl>();
   impl->origin = origin;
   {
-    const json root = parse_json(tokenizer_json, origin);
+    std::optional<FlatModel> flat;
+    const json root = parse_tokenizer_json(tokenizer_json, origin, flat);
     const Ctx c{origin};
     LS_CHECK(root.is_object(), origin, ": expected an object at the top level, found ", c.describe(root));
-    load_model(c, root, *impl);
+    load_model(c, root, flat ? &*flat : nullptr, *impl);
+    flat.reset();
     load_added_tokens(c, root, *impl);
     load_normalizer(c, root, *impl);
     load_pre_tokenizer(c, root, *impl);
