@@ -1,0 +1,215 @@
+// AdamW, schedules, the canonical gradient norm and optimizer-state checkpoints.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <unistd.h>
+
+#include "core/error.h"
+#include "core/philox.h"
+#include "train/optimizer.h"
+
+namespace lockstep {
+namespace {
+using GradMap = std::map<std::string, Tensor>;
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.vocab_size = 16;
+  c.hidden_size = 8;
+  c.intermediate_size = 8;
+  c.moe_intermediate_size = 4;
+  c.num_hidden_layers = 1;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.head_dim = 4;
+  c.num_experts = 2;
+  c.num_experts_per_tok = 1;
+  c.max_position_embeddings = 32;
+  return c;
+}
+
+GradMap random_grads(const ModelWeights& w, uint64_t seed, float scale) {
+  GradMap g;
+  uint64_t stream = 0;
+  for (const auto& [name, t] : w.named()) {
+    Tensor x = Tensor::zeros(t->shape(), DType::f32);
+    for (int64_t i = 0; i < x.numel(); ++i)
+      x.data<float>()[i] = scale * (philox_uniform(seed, stream, uint64_t(i)) * 2.0f - 1.0f);
+    g[name] = x;
+    ++stream;
+  }
+  return g;
+}
+
+
+
+TEST(OptimSumSquares, MatchesTheCanonicalChunkTree) {
+  std::vector<float> x(37);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = philox_uniform(1, 2, i) - 0.5f;
+  // 37 -> chunks of 5 (the last one short, then empty chunks).
+  float partial[8];
+  for (int c = 0; c < 8; ++c) {
+    float acc = 0;
+    for (int i = c * 5; i < std::min(37, (c + 1) * 5); ++i) acc += x[i] * x[i];
+    partial[c] = acc;
+  }
+  float expected = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+  float got = canonical_sum_squares(x.data(), 37);
+  EXPECT_EQ(std::memcmp(&got, &expected, 4), 0);
+  double ref = 0;
+  for (float v : x) ref += double(v) * v;
+  EXPECT_NEAR(got, ref, 1e-6);
+}
+
+TEST(OptimGradNorm, SumsTensorsInNameOrder) {
+  GradMap g;
+  g["b"] = Tensor::zeros({3}, DType::f32);
+  g["a"] = Tensor::zeros({2}, DType::f32);
+  g["b"].data<float>()[0] = 3;
+  g["a"].data<float>()[1] = 4;
+  EXPECT_EQ(global_grad_norm(g), 5.0f);
+}
+
+TEST(OptimSchedule, WarmupLinearCosine) {
+  OptimizerConfig c;
+  c.lr = 1.0;
+  c.min_lr = 0.1;
+  c.warmup_steps = 4;
+  c.decay_steps = 10;
+  EXPECT_DOUBLE_EQ(learning_rate_at(c, 0), 0.25);
+  EXPECT_DOUBLE_EQ(learning_rate_at(c, 3), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate_at(c, 100), 1.0);  // constant
+  c.schedule = LrSchedule::linear;
+  EXPECT_DOUBLE_EQ(learning_rate_at(c, 4), 1.0);
+  EXPECT_NEAR(learning_rate_at(c, 9), 0.1 + 0.9 * 0.5, 1e-12);
+  EXPECT_DOUBLE_EQ(learning_rate_at(c, 14), 0.1);
+  EXPECT_DOUBLE_EQ(learning_rate_at(c, 50), 0.1);
+  c.schedule = LrSchedule::cosine;
+  EXPECT_NEAR(learning_rate_at(c, 9), 0.1 + 0.9 * 0.5, 1e-12);
+  EXPECT_NEAR(learning_rate_at(c, 14), 0.1, 1e-12);
+  EXPECT_THROW(lr_schedule_from_name("exp"), Error);
+}
+
+TEST(OptimAdamW, OneStepMatchesTheFormula) {
+  ModelWeights w = ModelWeights::random(tiny_config(), 7, Precision::float32);
+  OptimizerConfig c;
+  c.lr = 0.01;
+  c.weight_decay = 0.1;
+  c.clip_grad = 0;
+  AdamW opt(c, w);
+  GradMap g = random_grads(w, 3, 0.5f);
+  ModelWeights before = w.clone();
+  opt.step(g, w, Precision::float32);
+  for (const auto& [name, t] : w.named()) {
+    const float* p0 = before.named().at(name)->data<float>();
+    const float* gi = g.at(name).data<float>();
+    for (int64_t i = 0; i < t->numel(); ++i) {
+      // Step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps).
+      double decayed = t->ndim() >= 2 ? p0[i] * (1 - 0.01 * 0.1) : p0[i];
+      double expected = decayed - 0.01 * gi[i] / (std::fabs(gi[i]) + 1e-8);
+      ASSERT_NEAR(t->data<float>()[i], expected, 1e-6) << name << "[" << i << "]";
+    }
+  }
+  EXPECT_EQ(opt.steps_taken(), 1);
+}
+
+TEST(OptimAdamW, ClipsByGlobalNormAndReportsTheUnclippedNorm) {
+  ModelWeights w = ModelWeights::random(tiny_config(), 7, Precision::float32);
+  OptimizerConfig c;
+  c.clip_grad = 0.5;
+  AdamW a(c, w), b(c, w);
+  ModelWeights wa = w.clone(), wb = w.clone();
+  GradMap g = random_grads(w, 3, 1.0f);
+  float norm = global_grad_norm(g);
+  ASSERT_GT(norm, 0.5f);
+  GradMap scaled;
+  float coef = 0.5f / (norm + 1e-6f);
+  for (auto& [n, t] : g) {
+    scaled[n] = t.clone();
+    for (int64_t i = 0; i < t.numel(); ++i) scaled[n].data<float>()[i] *= coef;
+  }
+  auto ra = a.step(g, wa, Precision::float32);
+  EXPECT_TRUE(ra.clipped);
+  EXPECT_EQ(ra.grad_norm, norm);
+  c.clip_grad = 0;
+  AdamW plain(c, w);
+  plain.step(scaled, wb, Precision::float32);
+  for (const auto& [name, t] : wa.named())
+    EXPECT_EQ(std::memcmp(t->raw(), wb.named().at(name)->raw(), t->nbytes()), 0) << name;
+}
+
+TEST(OptimAdamW, Bfloat16RecipeKeepsFp32MastersAndRoundsTheModel) {
+  ModelWeights w = ModelWeights::random(tiny_config(), 7, Precision::bfloat16);
+  OptimizerConfig c;
+  c.lr = 1e-4;  // small enough that many updates vanish after rounding
+  AdamW opt(c, w);
+  GradMap g = random_grads(w, 5, 1.0f);
+  opt.step(g, w, Precision::bfloat16);
+  bool master_differs = false;
+  for (const auto& [name, t] : w.named()) {
+    const Tensor& m = opt.master().at(name);
+    for (int64_t i = 0; i < t->numel(); ++i) {
+      float v = t->data<float>()[i];
+      ASSERT_EQ(v, round_bf16(m.data<float>()[i]));
+      master_differs |= v != m.data<float>()[i];
+    }
+  }
+  EXPECT_TRUE(master_differs);
+}
+
+TEST(OptimAdamW, NonFiniteGradientFailsNamingTheTensorAndChangesNothing) {
+  ModelWeights w = ModelWeights::random(tiny_config(), 7, Precision::float32);
+  AdamW opt(OptimizerConfig{}, w);
+  GradMap g = random_grads(w, 3, 1.0f);
+  g.at("model.norm.weight").data<float>()[2] = std::nanf("");
+  ModelWeights before = w.clone();
+  try {
+    opt.step(g, w, Precision::float32);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.norm.weight"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(opt.steps_taken(), 0);
+  for (const auto& [name, t] : w.named())
+    EXPECT_EQ(std::memcmp(t->raw(), before.named().at(name)->raw(), t->nbytes()), 0);
+}
+
+TEST(OptimAdamW, SavedStateResumesBitForBit) {
+  namespace fs = std::filesystem;
+  ModelWeights w = ModelWeights::random(tiny_config(), 7, Precision::bfloat16);
+  OptimizerConfig c;
+  c.weight_decay = 0.01;
+  c.schedule = LrSchedule::cosine;
+  c.decay_steps = 5;
+  AdamW full(c, w);
+  ModelWeights wf = w.clone();
+  for (int s = 0; s < 2; ++s) {
+    GradMap g = random_grads(w, 10 + s, 1.0f);
+    full.step(g, wf, Precision::bfloat16);
+  }
+  std::string path = (fs::temp_directory_path() / ("ls_optim_" + std::to_string(::getpid()) + ".safetensors")).string();
+  full.save(path);
+  for (int s = 2; s < 4; ++s) {
+    GradMap g = random_grads(w, 10 + s, 1.0f);
+    full.step(g, wf, Precision::bfloat16);
+  }
+  AdamW resumed(c, w);
+  resumed.load(path);
+  EXPECT_EQ(resumed.steps_taken(), 2);
+  ModelWeights wr = w.clone();
+  resumed.copy_to_model(wr, Precision::bfloat16);
+  for (int s = 2; s < 4; ++s) {
+    GradMap g = random_grads(w, 10 + s, 1.0f);
+    resumed.step(g, wr, Precision::bfloat16);
+  }
+  for (const auto& [name, t] : wf.named()) {
+    EXPECT_EQ(std::memcmp(t->raw(), wr.named().at(name)->raw(), t->nbytes()), 0) << name;
+    EXPECT_EQ(std::memcmp(full.master().at(name).raw(), resumed.master().at(name).raw(), t->nbytes()), 0) << name;
+  }
+  fs::remove(path);
+}
+
+}  // namespace
+}  // namespace lockstep
