@@ -35,7 +35,7 @@ void Qwen3Moe::validate(const ForwardBatch& batch) const {
 }
 
 void Qwen3Moe::layer_forward(int64_t l, float* x, const ForwardBatch& batch, KvCache& cache,
-                             std::vector<float>* router_logits) const {
+                             std::vector<float>* router_logits, LayerActivations* acts) const {
   const auto& c = weights_.config;
   const auto& L = weights_.layers[l];
   const int64_t T = batch.size(), H = c.hidden_size, D = c.head_dim;
@@ -52,6 +52,11 @@ void Qwen3Moe::layer_forward(int64_t l, float* x, const ForwardBatch& batch, KvC
   cast(q.data(), q.size());
   cast(k.data(), k.size());
   cast(v.data(), v.size());
+  if (acts) {
+    acts->attn_norm_out = h;
+    acts->q_proj = q;
+    acts->k_proj = k;
+  }
   cpu::rmsnorm(q.data(), L.q_norm.data<float>(), q.data(), T * nq, D, eps, bf16());
   cpu::rmsnorm(k.data(), L.k_norm.data<float>(), k.data(), T * nkv, D, eps, bf16());
   cast(q.data(), q.size());
@@ -61,19 +66,29 @@ void Qwen3Moe::layer_forward(int64_t l, float* x, const ForwardBatch& batch, KvC
   cast(q.data(), q.size());
   cast(k.data(), k.size());
 
+  if (acts) {
+    acts->q = q;
+    acts->k = k;
+    acts->v = v;
+  }
   PagedKvLayer kv = cache.layer(l);
   TokenSlots slots{batch.positions.data(), batch.page_tables.data()};
   cpu::kv_write(kv, slots, k.data(), v.data(), T);
   cpu::paged_attention(q.data(), attn.data(), kv, slots, T, nq, 1.0f / std::sqrt(float(D)));
   cast(attn.data(), attn.size());
+  if (acts) acts->attn = attn;
   cpu::linear_row(attn.data(), L.o_proj.data<float>(), o.data(), T, H, nq * D);
   cast(o.data(), o.size());
   cpu::add_inplace(x, o.data(), T * H);
   cast(x, T * H);
 
   // MLP block.
+  if (acts) acts->mid.assign(x, x + T * H);
   cpu::rmsnorm(x, L.post_attention_norm.data<float>(), h.data(), T, H, eps, bf16());
   cast(h.data(), T * H);
+  if (acts) acts->mlp_norm_out = h;
+  std::vector<float> local_router;
+  if (acts && L.is_moe && !router_logits) router_logits = &local_router;
   if (L.is_moe) {
     std::vector<const float*> gate(c.num_experts), up(c.num_experts), down(c.num_experts);
     for (int64_t e = 0; e < c.num_experts; ++e) {
@@ -89,6 +104,7 @@ void Qwen3Moe::layer_forward(int64_t l, float* x, const ForwardBatch& batch, KvC
     cpu::swiglu_mlp(h.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
                     o.data(), T, H, c.intermediate_size, bf16());
   }
+  if (acts && L.is_moe) acts->router_logits = *router_logits;
   cast(o.data(), o.size());
   cpu::add_inplace(x, o.data(), T * H);
   cast(x, T * H);
@@ -106,6 +122,7 @@ std::vector<float> Qwen3Moe::forward(const ForwardBatch& batch, KvCache& cache, 
     layer_forward(l, x.data(), batch, cache, trace && weights_.layers[l].is_moe ? &router : nullptr);
     if (trace && weights_.layers[l].is_moe) trace->router_logits.push_back(std::move(router));
   }
+  if (trace) trace->final_norm_input = x;
   std::vector<float> out(T * H);
   cpu::rmsnorm(x.data(), weights_.final_norm.data<float>(), out.data(), T, H, float(c.rms_norm_eps), bf16());
   cast(out.data(), T * H);

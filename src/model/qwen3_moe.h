@@ -24,6 +24,19 @@ struct ForwardTrace {
   std::vector<std::vector<float>> layer_inputs;   // residual stream entering each layer [T, H]
   std::vector<std::vector<float>> router_logits;  // per MoE layer [T, E]
   std::vector<float> final_hidden;                // after the final norm [T, H]
+  std::vector<float> final_norm_input;            // residual stream entering the final norm [T, H]
+};
+
+// One decoder layer's intermediates, as the forward computed them (after each cast), for
+// the backward's activation recomputation (src/train/layer_backward.h).
+struct LayerActivations {
+  std::vector<float> attn_norm_out;  // input_layernorm output [T, H]
+  std::vector<float> q_proj, k_proj; // q/k projections before q_norm/k_norm [T, nq*D], [T, nkv*D]
+  std::vector<float> q, k, v;        // attention inputs: q/k after norm and rope, v [T, heads*D]
+  std::vector<float> attn;           // attention output [T, nq*D]
+  std::vector<float> mid;            // residual stream after the attention block [T, H]
+  std::vector<float> mlp_norm_out;   // post_attention_layernorm output [T, H]
+  std::vector<float> router_logits;  // MoE layers: [T, E]
 };
 
 class Qwen3Moe {
@@ -41,8 +54,10 @@ class Qwen3Moe {
   std::vector<float> logits(const float* hidden, int64_t T) const;
 
   // One decoder layer in place on the residual stream x [T, H].
+  // With `acts`, the layer's intermediates are copied out too (same kernels, same bits).
   void layer_forward(int64_t layer, float* x, const ForwardBatch& batch, KvCache& cache,
-                     std::vector<float>* router_logits) const;
+                     std::vector<float>* router_logits, LayerActivations* acts = nullptr) const;
+  const cpu::RopeTable& rope_table() const { return rope_; }
   // Checks token ids and positions before any work.
   void validate(const ForwardBatch& batch) const;
 
