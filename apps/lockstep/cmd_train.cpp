@@ -1,0 +1,55 @@
+// lockstep train: the single-process RL loop (rollout engine + trainer) on a built-in task.
+// With no arguments it runs the embedded default (configs/default.toml mirrors it).
+#include <cstdio>
+#include <map>
+#include <memory>
+
+#include "command_registry.h"
+#include "core/error.h"
+#include "rl/train_config.h"
+#include "rl/trainer.h"
+
+namespace lockstep::cli {
+namespace {
+
+struct TrainArgs {
+  std::string config;
+  std::map<std::string, std::string> values;  // option name -> text, when given
+  std::map<std::string, CLI::Option*> options;
+};
+
+int run_train(const TrainArgs& a) {
+  rl::TrainConfig c;
+  if (!a.config.empty()) rl::apply_toml_file(c, a.config);
+  for (const auto& o : rl::train_options()) {
+    CLI::Option* opt = a.options.at(o.name);
+    if (opt->count() > 0) rl::apply_flag(c, o.name, a.values.at(o.name));
+  }
+  rl::TrainSummary s = rl::run_training(c);
+  std::fprintf(stderr, "lockstep train: %lld steps in %.1f s, reward %.3f -> %.3f, max abs_diff %g\n",
+               static_cast<long long>(s.steps_run), s.seconds, s.first_reward, s.last_reward, s.max_abs_diff);
+  return 0;
+}
+
+const bool registered = register_command(
+    {"train", "RL post-training on a built-in verifiable task (rollout engine + trainer in one process)",
+     [](CLI::App& sub) {
+       auto a = std::make_shared<TrainArgs>();
+       sub.add_option("--config", a->config, "TOML config file (any key is also a flag; flags win)");
+       for (const auto& o : rl::train_options()) {
+         std::string& slot = a->values[o.name];
+         CLI::Option* opt;
+         if (std::holds_alternative<bool rl::TrainConfig::*>(o.field)) {
+           // `--flag` sets true; `--flag=false` sets false.
+           opt = sub.add_flag("--" + o.name + "{true}", slot, o.help);
+         } else {
+           opt = sub.add_option("--" + o.name, slot, o.help);
+         }
+         if (o.help.empty()) opt->group("");  // hidden test hooks
+         a->options[o.name] = opt;
+       }
+       return std::function<int()>([a] { return run_train(*a); });
+     }});
+
+}  // namespace
+}  // namespace lockstep::cli

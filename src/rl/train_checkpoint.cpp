@@ -1,0 +1,106 @@
+#include "rl/train_checkpoint.h"
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/safetensors.h"
+#include "core/error.h"
+
+namespace lockstep::rl {
+
+namespace fs = std::filesystem;
+
+std::string checkpoint_dir(const std::string& save_dir, int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "iter_%07lld", static_cast<long long>(step));
+  return (fs::path(save_dir) / name).string();
+}
+
+namespace {
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  LS_CHECK(f, path.string(), ": cannot open for writing");
+  f << text;
+  LS_CHECK(f.good(), path.string(), ": write failed");
+}
+
+std::map<std::string, Tensor> weight_tensors(const ModelWeights& w, Precision precision) {
+  std::map<std::string, Tensor> out;
+  // The bfloat16 recipe's values are bf16 numbers: store them as BF16 (exact).
+  for (const auto& [name, t] : w.named()) out[name] = precision == Precision::bfloat16 ? t->to_dtype(DType::bf16) : *t;
+  return out;
+}
+
+}  // namespace
+
+void save_train_checkpoint(const std::string& save_dir, const TrainerState& state, const ModelWeights& model,
+                           Precision precision, const AdamW& optimizer, const ModelWeights* ref,
+                           const std::string& config_toml) {
+  const fs::path final_dir = checkpoint_dir(save_dir, state.step);
+  const fs::path tmp = final_dir.string() + ".tmp";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  write_safetensors((tmp / "model.safetensors").string(), weight_tensors(model, precision), {{"format", "pt"}});
+  write_text(tmp / "config.json", model.config.to_json().dump(2) + "\n");
+  optimizer.save((tmp / "optimizer.safetensors").string());
+  if (ref) write_safetensors((tmp / "ref_model.safetensors").string(), weight_tensors(*ref, precision), {{"format", "pt"}});
+  nlohmann::json s = {{"step", state.step},
+                      {"sft_steps_done", state.sft_steps_done},
+                      {"data_position", state.data_position},
+                      {"weight_version", state.weight_version},
+                      {"seed", state.seed},
+                      {"precision", precision_name(precision)}};
+  write_text(tmp / "trainer_state.json", s.dump(2) + "\n");
+  write_text(tmp / "train_config.toml", config_toml);
+  fs::remove_all(final_dir);
+  fs::rename(tmp, final_dir);
+  const fs::path latest = fs::path(save_dir) / "latest_checkpointed_iteration.txt";
+  write_text(latest.string() + ".tmp", std::to_string(state.step) + "\n");
+  fs::rename(latest.string() + ".tmp", latest);
+}
+
+std::string latest_train_checkpoint(const std::string& save_dir) {
+  const fs::path latest = fs::path(save_dir) / "latest_checkpointed_iteration.txt";
+  if (!fs::exists(latest)) return "";
+  std::ifstream f(latest);
+  long long step = -1;
+  f >> step;
+  LS_CHECK(f && step >= 0, latest.string(), ": expected a step number");
+  std::string dir = checkpoint_dir(save_dir, step);
+  LS_CHECK(fs::is_directory(dir), latest.string(), " names step ", step, " but ", dir, " does not exist");
+  return dir;
+}
+
+TrainerState load_trainer_state(const std::string& checkpoint) {
+  const fs::path p = fs::path(checkpoint) / "trainer_state.json";
+  std::ifstream f(p);
+  LS_CHECK(f, p.string(), ": not found");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+    TrainerState s;
+    s.step = j.at("step").get<int64_t>();
+    s.sft_steps_done = j.at("sft_steps_done").get<int64_t>();
+    s.data_position = j.at("data_position").get<int64_t>();
+    s.weight_version = j.at("weight_version").get<int64_t>();
+    s.seed = j.at("seed").get<uint64_t>();
+    return s;
+  } catch (const nlohmann::json::exception& e) {
+    fail(p.string(), ": bad trainer state: ", e.what());
+  }
+}
+
+void load_checkpoint_weights(const std::string& file, ModelWeights& weights, Precision precision) {
+  SafetensorsReader r = SafetensorsReader::open(file);
+  for (auto& [name, t] : weights.named()) {
+    Tensor loaded = r.get_f32(name, t->shape());
+    std::memcpy(t->raw(), loaded.raw(), t->nbytes());
+  }
+}
+
+}  // namespace lockstep::rl

@@ -1,0 +1,91 @@
+// The configuration of `lockstep train`: one struct, one table of options. Every option is a
+// TOML key (`n-samples-per-prompt = 8`, underscores accepted) and a flag
+// (`--n-samples-per-prompt 8`); flags override the file. Unknown keys, wrong types and
+// inconsistent values are errors before any work starts.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace lockstep::rl {
+
+struct TrainConfig {
+  // Run.
+  int64_t seed = 1234;
+  std::string dtype = "float32";
+  int64_t num_threads = 0;  // 0: LOCKSTEP_NUM_THREADS or every core
+  // Model: --load (a Hugging Face model directory) or the embedded tiny Qwen3-MoE.
+  std::string load;
+  std::string ref_load;  // the KL reference; default: the policy at the start of RL
+  int64_t model_seed = 7;
+  // Task and data.
+  std::string task = "reverse";
+  int64_t task_digits = 3;
+  // Rollout.
+  int64_t num_rollout = 60;  // RL steps (one rollout each)
+  int64_t rollout_batch_size = 16;
+  int64_t n_samples_per_prompt = 8;
+  int64_t rollout_max_response_len = 8;
+  double rollout_temperature = 1.0;
+  int64_t rollout_top_k = 0;
+  double rollout_top_p = 1.0;
+  // Training.
+  int64_t global_batch_size = 128;
+  int64_t num_microbatches = 4;
+  std::string loss_type = "policy_loss";
+  std::string advantage_estimator = "grpo";
+  std::string loss_agg = "token_mean";
+  double eps_clip = 0.2;
+  double eps_clip_high = 0.28;
+  double eps_clip_c = 0.0;
+  double kl_loss_coef = 0.0;
+  std::string kl_loss_type = "low_var_kl";
+  double entropy_coef = 0.0;
+  bool use_rollout_logprobs = false;
+  bool check_true_on_policy = true;
+  int64_t sft_warmup_steps = 20;
+  // Optimizer.
+  double lr = 3e-3;
+  double min_lr = 0.0;
+  std::string lr_decay_style = "constant";
+  int64_t lr_warmup_iters = 0;
+  int64_t lr_decay_iters = 0;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.98;
+  double adam_eps = 1e-8;
+  double weight_decay = 0.0;
+  double clip_grad = 1.0;
+  // Output.
+  std::string output_dir = "lockstep_train_out";  // metrics.jsonl and train.png
+  std::string save;                               // checkpoint directory ("" = none)
+  int64_t save_interval = 0;                      // 0: only at the end (when --save is set)
+  bool resume = false;                            // continue from the latest checkpoint in --save
+  bool progress = true;
+  // Testing hooks (hidden from the help).
+  int64_t debug_inject_nan_step = -1;
+  int64_t debug_stop_after = -1;  // stop (as if killed) after this many RL steps of this process
+};
+
+using OptionField = std::variant<int64_t TrainConfig::*, double TrainConfig::*, bool TrainConfig::*,
+                                 std::string TrainConfig::*>;
+
+struct TrainOption {
+  std::string name;  // the flag without "--", e.g. "n-samples-per-prompt"
+  OptionField field;
+  std::string help;  // empty for hidden options
+};
+
+const std::vector<TrainOption>& train_options();
+const char* option_kind(const OptionField& f);  // "an integer", "a number", ...
+
+// Applies every key of a TOML file; errors name the file, the key, expected and found.
+void apply_toml_file(TrainConfig& c, const std::string& path);
+// Applies one flag value given as text (from the command line).
+void apply_flag(TrainConfig& c, const std::string& name, const std::string& value);
+// Cross-field checks (batch divisibility, ranges, the reference model); throws Error.
+void validate(const TrainConfig& c);
+// The config as TOML text (checkpoints store it; --config accepts it).
+std::string to_toml(const TrainConfig& c);
+
+}  // namespace lockstep::rl

@@ -1,0 +1,517 @@
+#include "rl/trainer.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/philox.h"
+#include "core/thread_pool.h"
+#include "core/timer.h"
+#include "model/qwen3_moe.h"
+#include "model/runner.h"
+#include "rl/plot.h"
+#include "rl/tasks.h"
+#include "rl/tiny_model.h"
+#include "rl/train_checkpoint.h"
+#include "rollout/engine.h"
+#include "train/advantages.h"
+#include "train/grad_accumulate.h"
+#include "train/losses.h"
+#include "train/model_grad.h"
+#include "train/optimizer.h"
+
+namespace lockstep::rl {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// Key offsets that separate the random streams of the run's uses of the seed.
+constexpr uint64_t kRolloutDataKey = 0x726f6c6c, kSftDataKey = 0x73667464, kSamplingKey = 0x73616d70;
+
+// One trajectory: prompt, sampled response and what the rollout reported about it.
+struct Sample {
+  TaskExample example;
+  std::vector<int32_t> response;
+  std::vector<float> rollout_logp;
+  std::vector<int64_t> versions;
+  bool truncated = false;
+  float reward = 0;
+  std::vector<float> old_logp, ref_logp, advantages;
+  std::vector<int32_t> sequence() const {
+    std::vector<int32_t> s = example.prompt;
+    s.insert(s.end(), response.begin(), response.end());
+    return s;
+  }
+};
+
+// The response part of a sequence's per-token log-probs (which has n - 1 values).
+std::vector<float> response_part(const std::vector<float>& per_token, size_t prompt_len, size_t response_len) {
+  const size_t begin = prompt_len - 1;
+  return std::vector<float>(per_token.begin() + begin, per_token.begin() + begin + response_len);
+}
+
+// What one optimizer step over a batch of samples produced.
+struct BatchResult {
+  LossMetrics metrics;
+  OptimizerStepResult opt;
+  std::vector<std::vector<float>> train_logp;  // per sample, response part, before the update
+};
+
+struct TrainerParts {
+  const TrainConfig& cfg;
+  Precision precision;
+  Qwen3Moe& model;
+  AdamW& optimizer;
+};
+
+void fail_step(const std::string& phase, int64_t step, const std::string& what) {
+  fail(phase, " step ", step, ": ", what, " (no checkpoint was written for this step)");
+}
+
+// Forward, loss and backward of every canonical micro-batch, the pairwise gradient tree, the
+// finiteness checks and one AdamW step. `inject_nan` poisons one gradient (test hook).
+BatchResult train_batch(TrainerParts& p, const LossConfig& loss, std::vector<Sample*> batch, const std::string& phase,
+                        int64_t step, bool inject_nan) {
+  BatchResult out;
+  LossNormalizer norm;
+  norm.num_samples = int64_t(batch.size());
+  for (Sample* s : batch) norm.num_tokens += int64_t(s->response.size());
+  const bool want_entropy = true;  // entropy_loss is always reported
+  auto ranges = canonical_microbatches(int64_t(batch.size()), p.cfg.num_microbatches);
+  PairwiseGradAccumulator acc(int64_t(ranges.size()));
+  for (auto [begin, end] : ranges) {
+    std::vector<std::vector<int32_t>> seqs;
+    for (int64_t i = begin; i < end; ++i) seqs.push_back(batch[i]->sequence());
+    TrainForward fwd = train_forward(p.model, seqs, want_entropy);
+    std::vector<SequenceGradInput> upstream(seqs.size());
+    for (int64_t i = begin; i < end; ++i) {
+      Sample& s = *batch[i];
+      const size_t j = size_t(i - begin), P = s.example.prompt.size(), R = s.response.size();
+      std::vector<float> logp = response_part(fwd.logprobs[j], P, R);
+      std::vector<float> entropy = response_part(fwd.entropy[j], P, R);
+      SampleLossInput in;
+      in.logp = &logp;
+      in.old_logp = &s.old_logp;
+      in.ref_logp = s.ref_logp.empty() ? nullptr : &s.ref_logp;
+      in.entropy = &entropy;
+      in.advantages = &s.advantages;
+      SampleLossResult r = sample_loss(loss, norm, in);
+      out.metrics.add(r.metrics);
+      upstream[j].dlogp.assign(fwd.logprobs[j].size(), 0.0f);
+      std::copy(r.dlogp.begin(), r.dlogp.end(), upstream[j].dlogp.begin() + (P - 1));
+      if (!r.dentropy.empty()) {
+        upstream[j].dentropy.assign(fwd.logprobs[j].size(), 0.0f);
+        std::copy(r.dentropy.begin(), r.dentropy.end(), upstream[j].dentropy.begin() + (P - 1));
+      }
+      out.train_logp.push_back(std::move(logp));
+    }
+    GradMap grads;
+    backward(p.model, fwd, upstream, grads);
+    acc.push(std::move(grads));
+  }
+  if (!std::isfinite(out.metrics.loss)) fail_step(phase, step, "the loss is not finite (" + std::to_string(out.metrics.loss) + ")");
+  GradMap grads = acc.finish();
+  if (inject_nan) grads.begin()->second.data<float>()[0] = std::nanf("");
+  try {
+    out.opt = p.optimizer.step(grads, p.model.weights(), p.precision);
+  } catch (const Error& e) {
+    fail_step(phase, step, e.what());
+  }
+  return out;
+}
+
+struct OnPolicyCheck {
+  double abs_diff = 0, kl = 0;
+  int64_t tokens = 0;
+};
+
+// Compares trainer and rollout log-probs of the sampled tokens; with `strict`, any bit
+// difference is an error naming the first differing sample and token.
+OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::vector<std::vector<float>>& train_logp,
+                               bool strict, int64_t step, int64_t first_index) {
+  OnPolicyCheck c;
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const auto& roll = samples[i]->rollout_logp;
+    const auto& tr = train_logp[i];
+    for (size_t t = 0; t < roll.size(); ++t) {
+      if (strict && std::memcmp(&roll[t], &tr[t], sizeof(float)) != 0) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "trainer log-prob %.9g vs rollout %.9g", double(tr[t]), double(roll[t]));
+        fail("step ", step, ": --check-true-on-policy: sample ", first_index + int64_t(i), " (prompt '",
+             vocab::text(samples[i]->example.prompt), "', response '", vocab::text(samples[i]->response),
+             "') differs at response token ", t, ": ", buf);
+      }
+      c.abs_diff += std::fabs(double(tr[t]) - double(roll[t]));
+      c.kl += double(roll[t]) - double(tr[t]);
+      ++c.tokens;
+    }
+  }
+  return c;
+}
+
+// The run-defining options (where output goes, threads, and test hooks excluded), so that an
+// interrupted-and-resumed run writes the same checkpoint files as an uninterrupted one.
+std::string run_defining_toml(TrainConfig c) {
+  c.output_dir = c.save = "";
+  c.num_threads = 0;
+  c.resume = false;
+  c.progress = true;
+  c.debug_inject_nan_step = c.debug_stop_after = -1;
+  return to_toml(c);
+}
+
+class MetricsLog {
+ public:
+  MetricsLog(const std::string& path, int64_t keep_through_step) : path_(path) {
+    // On resume keep the records up to the checkpoint's step (a crash may have logged more).
+    std::vector<std::string> kept;
+    if (keep_through_step >= 0 && fs::exists(path)) {
+      std::ifstream in(path);
+      std::string line;
+      while (std::getline(in, line)) {
+        if (line.empty()) continue;
+        json j = json::parse(line);
+        if (j.contains("step") && j["step"].get<int64_t>() > keep_through_step) continue;
+        kept.push_back(line);
+        remember(j);
+      }
+    }
+    std::ofstream out(path, std::ios::trunc);
+    LS_CHECK(out, path, ": cannot open the metrics file for writing");
+    for (const auto& l : kept) out << l << "\n";
+  }
+  void write(const json& j) {
+    std::ofstream out(path_, std::ios::app);
+    out << j.dump() << "\n";
+    LS_CHECK(out.good(), path_, ": write failed");
+    remember(j);
+  }
+  std::vector<PlotSeries> plot_series() const { return {reward_, abs_diff_, grad_norm_}; }
+
+ private:
+  void remember(const json& j) {
+    if (!j.contains("step")) return;
+    double x = j["step"].get<double>();
+    auto add = [&](PlotSeries& s, const char* key) {
+      if (j.contains(key) && j[key].is_number()) s.x.push_back(x), s.y.push_back(j[key].get<double>());
+    };
+    add(reward_, "rollout/rewards");
+    add(abs_diff_, "train/train_rollout_logprob_abs_diff");
+    add(grad_norm_, "train/grad_norm");
+  }
+  std::string path_;
+  PlotSeries reward_{"rollout/rewards vs step", {}, {}};
+  PlotSeries abs_diff_{"train/train_rollout_logprob_abs_diff vs step", {}, {}};
+  PlotSeries grad_norm_{"train/grad_norm vs step", {}, {}};
+};
+
+ModelWeights initial_weights(const TrainConfig& c, Precision precision) {
+  if (!c.load.empty()) return ModelWeights::load(c.load, precision);
+  return ModelWeights::random(tiny_task_model_config(), uint64_t(c.model_seed), precision);
+}
+
+void check_model_fits_task(const ModelConfig& m, const Task& task, const TrainConfig& c, const std::string& where) {
+  LS_CHECK(m.vocab_size >= vocab::kTaskVocabSize, where, ": vocab_size ", m.vocab_size,
+           " is too small for the task vocabulary (", vocab::kTaskVocabSize, " ids)");
+  const int64_t longest = int64_t(task.example(0, 0).prompt.size()) + c.rollout_max_response_len;
+  LS_CHECK(longest <= m.max_position_embeddings, where, ": prompt + --rollout-max-response-len = ", longest,
+           " tokens exceeds max_position_embeddings ", m.max_position_embeddings);
+}
+
+}  // namespace
+
+TrainSummary run_training(const TrainConfig& cfg) {
+  // ---- Everything that can be wrong with the input is checked before any work. ----
+  validate(cfg);
+  Timer total;
+  if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
+  const Precision precision = precision_from_name(cfg.dtype);
+  auto task = make_task(cfg.task, cfg.task_digits);
+  LS_CHECK(cfg.rollout_max_response_len >= task->max_answer_len(), "--rollout-max-response-len ",
+           cfg.rollout_max_response_len, " is shorter than the task's answers (", task->max_answer_len(),
+           " tokens with <eos>)");
+  const LossType loss_type = loss_type_from_name(cfg.loss_type);
+  const AdvantageEstimator estimator = advantage_estimator_from_name(cfg.advantage_estimator);
+  std::string resume_from;
+  if (cfg.resume) {
+    resume_from = latest_train_checkpoint(cfg.save);
+    LS_CHECK(!resume_from.empty(), "--resume: no checkpoint in ", cfg.save,
+             " (expected latest_checkpointed_iteration.txt)");
+  }
+  ModelWeights weights = initial_weights(cfg, precision);
+  check_model_fits_task(weights.config, *task, cfg, cfg.load.empty() ? "the embedded tiny model" : cfg.load);
+  const bool use_kl = cfg.kl_loss_coef != 0.0 && loss_type == LossType::policy_loss;
+  std::unique_ptr<Qwen3Moe> ref;
+  if (use_kl && !cfg.ref_load.empty()) {
+    ModelWeights r = ModelWeights::load(cfg.ref_load, precision);
+    LS_CHECK(r.config.to_json() == weights.config.to_json(), "--ref-load ", cfg.ref_load,
+             ": the reference model's config differs from the policy's");
+    ref = std::make_unique<Qwen3Moe>(std::move(r), precision);
+  }
+  const bool ref_in_checkpoint = use_kl && cfg.ref_load.empty();
+
+  TrainerState state;
+  state.seed = uint64_t(cfg.seed);
+  OptimizerConfig oc;
+  oc.lr = cfg.lr;
+  oc.min_lr = cfg.min_lr;
+  oc.schedule = lr_schedule_from_name(cfg.lr_decay_style);
+  oc.warmup_steps = cfg.lr_warmup_iters;
+  oc.decay_steps = cfg.lr_decay_iters;
+  oc.beta1 = cfg.adam_beta1;
+  oc.beta2 = cfg.adam_beta2;
+  oc.eps = cfg.adam_eps;
+  oc.weight_decay = cfg.weight_decay;
+  oc.clip_grad = cfg.clip_grad;
+  AdamW optimizer(oc, weights);
+  if (!resume_from.empty()) {
+    state = load_trainer_state(resume_from);
+    LS_CHECK(state.seed == uint64_t(cfg.seed), resume_from, ": the checkpoint's seed ", state.seed,
+             " differs from --seed ", cfg.seed);
+    optimizer.load((fs::path(resume_from) / "optimizer.safetensors").string());
+    load_checkpoint_weights((fs::path(resume_from) / "model.safetensors").string(), weights, precision);
+    if (ref_in_checkpoint && state.sft_steps_done >= cfg.sft_warmup_steps) {
+      ModelWeights r = weights.clone();
+      load_checkpoint_weights((fs::path(resume_from) / "ref_model.safetensors").string(), r, precision);
+      ref = std::make_unique<Qwen3Moe>(std::move(r), precision);
+    }
+  }
+  fs::create_directories(cfg.output_dir);
+  if (!cfg.save.empty()) fs::create_directories(cfg.save);
+  const std::string config_toml = run_defining_toml(cfg);
+  MetricsLog metrics((fs::path(cfg.output_dir) / "metrics.jsonl").string(), resume_from.empty() ? -1 : state.step);
+  const std::string plot_path = (fs::path(cfg.output_dir) / "train.png").string();
+
+  Qwen3Moe model(std::move(weights), precision);
+  rollout::EngineOptions eo;
+  const int64_t samples_per_step = cfg.rollout_batch_size * cfg.n_samples_per_prompt;
+  const int64_t max_len = int64_t(task->example(0, 0).prompt.size()) + cfg.rollout_max_response_len;
+  eo.page_size = 16;
+  eo.kv_pages = samples_per_step * ((max_len + eo.page_size - 1) / eo.page_size) + 16;
+  eo.max_batch_tokens = std::max<int64_t>(2048, samples_per_step * max_len);
+  eo.prefill_chunk = eo.max_batch_tokens;
+  eo.initial_weight_version = state.weight_version;
+  rollout::Engine engine(make_cpu_runner(model.weights().clone(), precision), eo);
+  TrainerParts parts{cfg, precision, model, optimizer};
+  const bool tty = isatty(2);
+  TrainSummary summary;
+
+  // ---- SFT warm start: optimizer steps on task demonstrations. ----
+  if (state.sft_steps_done < cfg.sft_warmup_steps) {
+    LossConfig sft;
+    sft.type = LossType::sft_loss;
+    sft.agg = loss_agg_from_name(cfg.loss_agg);
+    for (int64_t s = state.sft_steps_done; s < cfg.sft_warmup_steps; ++s) {
+      Timer t;
+      std::vector<Sample> demos(size_t(cfg.global_batch_size));
+      std::vector<Sample*> batch;
+      for (int64_t i = 0; i < cfg.global_batch_size; ++i) {
+        demos[i].example = task->example(state.seed ^ kSftDataKey, uint64_t(s * cfg.global_batch_size + i));
+        demos[i].response = demos[i].example.answer;
+        batch.push_back(&demos[i]);
+      }
+      BatchResult r = train_batch(parts, sft, batch, "SFT warmup", s + 1, false);
+      state.sft_steps_done = s + 1;
+      metrics.write({{"sft_step", s + 1},
+                     {"train/sft_loss", r.metrics.loss},
+                     {"train/grad_norm", r.opt.grad_norm},
+                     {"train/lr", r.opt.lr},
+                     {"perf/step_time", t.seconds()}});
+      if (cfg.progress)
+        std::fprintf(stderr, "%ssft %lld/%lld | loss %.4f | grad_norm %.3f%s", tty ? "\r" : "",
+                     static_cast<long long>(s + 1), static_cast<long long>(cfg.sft_warmup_steps), r.metrics.loss,
+                     double(r.opt.grad_norm), tty ? "   " : "\n");
+    }
+    if (cfg.progress && tty) std::fprintf(stderr, "\n");
+    engine.update_weights(model.weights(), rollout::UpdatePolicy::finish);
+    state.weight_version = engine.weight_version();
+  }
+  if (use_kl && !ref) ref = std::make_unique<Qwen3Moe>(model.weights().clone(), precision);
+
+  LossConfig loss;
+  loss.type = loss_type;
+  loss.agg = loss_agg_from_name(cfg.loss_agg);
+  loss.eps_clip = cfg.eps_clip;
+  loss.eps_clip_high = cfg.eps_clip_high;
+  loss.eps_clip_c = cfg.eps_clip_c;
+  loss.sequence_ratio = estimator == AdvantageEstimator::gspo;
+  loss.kl_coef = use_kl ? cfg.kl_loss_coef : 0.0;
+  loss.kl_type = kl_type_from_name(cfg.kl_loss_type);
+  loss.entropy_coef = cfg.entropy_coef;
+
+  // ---- RL steps. ----
+  int64_t steps_this_run = 0;
+  while (state.step < cfg.num_rollout) {
+    if (cfg.debug_stop_after >= 0 && steps_this_run >= cfg.debug_stop_after) break;
+    const int64_t step = state.step + 1;
+    Timer step_timer;
+
+    // Rollout.
+    Timer t;
+    std::vector<Sample> samples(static_cast<size_t>(samples_per_step));
+    std::vector<rollout::RequestId> ids;
+    for (int64_t p = 0; p < cfg.rollout_batch_size; ++p) {
+      TaskExample ex = task->example(state.seed ^ kRolloutDataKey, uint64_t(state.data_position + p));
+      for (int64_t k = 0; k < cfg.n_samples_per_prompt; ++k) {
+        const int64_t i = p * cfg.n_samples_per_prompt + k;
+        samples[i].example = ex;
+        rollout::GenerationRequest req;
+        req.prompt = ex.prompt;
+        req.max_new_tokens = cfg.rollout_max_response_len;
+        req.stop_token_ids = {vocab::kEos};
+        req.sampling.temperature = float(cfg.rollout_temperature);
+        req.sampling.top_k = int32_t(cfg.rollout_top_k);
+        req.sampling.top_p = float(cfg.rollout_top_p);
+        req.sampling.seed = mix_seed(mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), uint64_t(i));
+        ids.push_back(engine.add_request(req));
+      }
+    }
+    engine.run_to_completion();
+    int64_t truncated = 0, mixed = 0, response_tokens = 0, total_tokens = 0;
+    double reward_sum = 0;
+    std::vector<float> rewards;
+    std::vector<int64_t> lengths;
+    for (size_t i = 0; i < samples.size(); ++i) {
+      rollout::RequestResult r = engine.take_result(ids[i]);
+      Sample& s = samples[i];
+      s.response = r.output_ids;
+      s.rollout_logp = r.logprobs;
+      s.versions = r.weight_versions;
+      s.truncated = r.finish_reason == rollout::FinishReason::length;
+      s.reward = task->reward(s.example, s.response);
+      truncated += s.truncated;
+      if (!s.versions.empty() &&
+          std::any_of(s.versions.begin(), s.versions.end(), [&](int64_t v) { return v != s.versions[0]; }))
+        ++mixed;
+      reward_sum += s.reward;
+      rewards.push_back(s.reward);
+      lengths.push_back(int64_t(s.response.size()));
+      response_tokens += int64_t(s.response.size());
+      total_tokens += int64_t(s.example.prompt.size() + s.response.size());
+    }
+    state.data_position += cfg.rollout_batch_size;
+    const double rollout_time = t.seconds();
+
+    // Advantages.
+    auto adv = compute_advantages(estimator, rewards, lengths, cfg.n_samples_per_prompt);
+    for (size_t i = 0; i < samples.size(); ++i) samples[i].advantages = std::move(adv[i]);
+
+    // Log-probs: old (recomputed by the trainer unless --use-rollout-logprobs) and reference.
+    t.reset();
+    OnPolicyCheck check;
+    std::vector<Sample*> all;
+    for (auto& s : samples) all.push_back(&s);
+    if (!cfg.use_rollout_logprobs) {
+      for (int64_t g = 0; g < samples_per_step; g += cfg.global_batch_size)
+        for (auto [b, e] : canonical_microbatches(cfg.global_batch_size, cfg.num_microbatches)) {
+          std::vector<std::vector<int32_t>> seqs;
+          std::vector<Sample*> part;
+          for (int64_t i = g + b; i < g + e; ++i) seqs.push_back(samples[i].sequence()), part.push_back(&samples[i]);
+          TrainForward fwd = train_forward(model, seqs, false);
+          std::vector<std::vector<float>> lp;
+          for (size_t j = 0; j < part.size(); ++j) {
+            part[j]->old_logp = response_part(fwd.logprobs[j], part[j]->example.prompt.size(), part[j]->response.size());
+            lp.push_back(part[j]->old_logp);
+          }
+          OnPolicyCheck c = compare_logprobs(part, lp, cfg.check_true_on_policy, step, g + b);
+          check.abs_diff += c.abs_diff, check.kl += c.kl, check.tokens += c.tokens;
+        }
+    } else {
+      for (auto& s : samples) s.old_logp = s.rollout_logp;
+    }
+    if (use_kl) {
+      std::vector<std::vector<int32_t>> seqs;
+      for (auto& s : samples) seqs.push_back(s.sequence());
+      auto ref_lp = score_sequences(*ref, seqs);
+      for (size_t i = 0; i < samples.size(); ++i)
+        samples[i].ref_logp = response_part(ref_lp[i], samples[i].example.prompt.size(), samples[i].response.size());
+    }
+    const double log_probs_time = t.seconds();
+
+    // Train: samples_per_step / global_batch_size optimizer steps.
+    t.reset();
+    LossMetrics lm;
+    double grad_norm = 0, lr = 0;
+    const int64_t opt_steps = samples_per_step / cfg.global_batch_size;
+    for (int64_t g = 0; g < opt_steps; ++g) {
+      std::vector<Sample*> batch(all.begin() + g * cfg.global_batch_size, all.begin() + (g + 1) * cfg.global_batch_size);
+      BatchResult r = train_batch(parts, loss, batch, "RL", step, g == 0 && step == cfg.debug_inject_nan_step);
+      if (cfg.use_rollout_logprobs && g == 0) {
+        // The first optimizer step's forward runs on the rollout's weights: check it.
+        check = compare_logprobs(batch, r.train_logp, cfg.check_true_on_policy, step, 0);
+      }
+      lm.add(r.metrics);
+      grad_norm += r.opt.grad_norm;
+      lr = r.opt.lr;
+    }
+    const double inv = 1.0 / double(opt_steps);
+    const double train_time = t.seconds();
+
+    // Weight sync.
+    t.reset();
+    engine.update_weights(model.weights(), rollout::UpdatePolicy::finish);
+    state.weight_version = engine.weight_version();
+    const double update_time = t.seconds();
+    state.step = step;
+    ++steps_this_run;
+
+    if (!cfg.save.empty() &&
+        ((cfg.save_interval > 0 && step % cfg.save_interval == 0) || step == cfg.num_rollout ||
+         (cfg.debug_stop_after >= 0 && steps_this_run == cfg.debug_stop_after)))
+      save_train_checkpoint(cfg.save, state, model.weights(), precision, optimizer, ref_in_checkpoint ? &ref->weights() : nullptr,
+                            config_toml);
+
+    const double step_time = step_timer.seconds();
+    const double mean_reward = reward_sum / double(samples.size());
+    const double tokens = double(std::max<int64_t>(check.tokens, 1));
+    json m = {{"step", step},
+              {"train/loss", lm.loss * inv},
+              {"train/pg_loss", lm.pg_loss * inv},
+              {"train/pg_clipfrac", lm.pg_clipfrac * inv},
+              {"train/ppo_kl", lm.ppo_kl * inv},
+              {"train/entropy_loss", lm.entropy_loss * inv},
+              {"train/kl_loss", lm.kl_loss * inv},
+              {"train/grad_norm", grad_norm * inv},
+              {"train/lr", lr},
+              {"train/train_rollout_logprob_abs_diff", check.abs_diff / tokens},
+              {"train/train_rollout_kl", check.kl / tokens},
+              {"rollout/rewards", mean_reward},
+              {"rollout/response_lengths", double(response_tokens) / double(samples.size())},
+              {"rollout/truncated", double(truncated) / double(samples.size())},
+              {"rollout/weight_version", state.weight_version},
+              {"rollout/weight_version/mixed_version_ratio", double(mixed) / double(samples.size())},
+              {"perf/rollout_time", rollout_time},
+              {"perf/log_probs_time", log_probs_time},
+              {"perf/actor_train_time", train_time},
+              {"perf/update_weights_time", update_time},
+              {"perf/step_time", step_time},
+              {"perf/tokens_per_gpu_per_sec", double(total_tokens) / std::max(step_time, 1e-9)}};
+    metrics.write(m);
+    write_plot_png(plot_path, metrics.plot_series());
+    if (steps_this_run == 1) summary.first_reward = mean_reward;
+    summary.last_reward = mean_reward;
+    summary.max_abs_diff = std::max(summary.max_abs_diff, check.abs_diff / tokens);
+    if (cfg.progress)
+      std::fprintf(stderr, "%sstep %lld/%lld | reward %.3f | abs_diff %g | grad_norm %.3f | len %.2f | %.2fs/step%s",
+                   tty ? "\r" : "", static_cast<long long>(step), static_cast<long long>(cfg.num_rollout), mean_reward,
+                   check.abs_diff / tokens, grad_norm * inv, double(response_tokens) / double(samples.size()),
+                   step_time, tty ? "   " : "\n");
+  }
+  if (cfg.progress && tty) std::fprintf(stderr, "\n");
+  summary.steps_run = steps_this_run;
+  summary.seconds = total.seconds();
+  return summary;
+}
+
+}  // namespace lockstep::rl

@@ -1,0 +1,24 @@
+// The single-process RL loop of `lockstep train`: one rollout engine and one trainer
+// sharing the model's kernels. Per RL step: sample n answers for each prompt, score them,
+// compute advantages, check the trainer's log-probs equal the engine's bit for bit, train
+// (canonical micro-batches, pairwise gradient tree, AdamW), and load the new weights into
+// the engine (bumping its version). Metrics go to OUTPUT_DIR/metrics.jsonl and train.png.
+#pragma once
+#include <cstdint>
+
+#include "rl/train_config.h"
+
+namespace lockstep::rl {
+
+struct TrainSummary {
+  int64_t steps_run = 0;            // RL steps executed by this call
+  double first_reward = 0, last_reward = 0;
+  double max_abs_diff = 0;          // largest train/train_rollout_logprob_abs_diff seen
+  double seconds = 0;
+};
+
+// Runs the whole job; throws lockstep::Error on bad input (before any work) or on a failed
+// step (non-finite loss or gradient, a true-on-policy mismatch), naming the step.
+TrainSummary run_training(const TrainConfig& config);
+
+}  // namespace lockstep::rl
