@@ -23,7 +23,7 @@ struct TrainConfig {
   std::string task = "reverse";
   int64_t task_digits = 3;
   // Rollout.
-  int64_t num_rollout = 60;  // RL steps (one rollout each)
+  int64_t num_rollout = 200;  // RL steps (one rollout each)
   int64_t rollout_batch_size = 16;
   int64_t n_samples_per_prompt = 8;
   int64_t rollout_max_response_len = 8;

@@ -1,0 +1,120 @@
+// lockstep train configuration: TOML keys, flags, and clear errors before any work.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "core/error.h"
+#include "rl/train_config.h"
+#include "rl/trainer.h"
+#include "rl_test_util.h"
+
+namespace lockstep::rl {
+namespace {
+
+using testing::TempDir;
+
+std::string write_file(const TempDir& dir, const std::string& name, const std::string& text) {
+  std::string p = dir.sub(name);
+  std::ofstream(p) << text;
+  return p;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(RlConfig, TomlKeysAndFlags) {
+  TempDir dir("config");
+  std::string p = write_file(dir, "a.toml",
+                             "n-samples-per-prompt = 4\nrollout_batch_size = 8\nlr = 1\neps-clip = 0.1\n"
+                             "task = \"sort\"\nuse-rollout-logprobs = true\n");
+  TrainConfig c;
+  apply_toml_file(c, p);
+  EXPECT_EQ(c.n_samples_per_prompt, 4);
+  EXPECT_EQ(c.rollout_batch_size, 8);
+  EXPECT_EQ(c.lr, 1.0);  // an integer is accepted for a number
+  EXPECT_EQ(c.eps_clip, 0.1);
+  EXPECT_EQ(c.task, "sort");
+  EXPECT_TRUE(c.use_rollout_logprobs);
+  apply_flag(c, "eps-clip-high", "0.3");
+  apply_flag(c, "use-rollout-logprobs", "false");
+  EXPECT_EQ(c.eps_clip_high, 0.3);
+  EXPECT_FALSE(c.use_rollout_logprobs);
+}
+
+TEST(RlConfig, UnknownKeysAndWrongTypesNameTheKey) {
+  TempDir dir("config");
+  TrainConfig c;
+  std::string e = error_of([&] { apply_toml_file(c, write_file(dir, "u.toml", "n-samples = 4\n")); });
+  EXPECT_NE(e.find("unknown key 'n-samples'"), std::string::npos) << e;
+  e = error_of([&] { apply_toml_file(c, write_file(dir, "t.toml", "global-batch-size = \"big\"\n")); });
+  EXPECT_NE(e.find("global-batch-size"), std::string::npos) << e;
+  EXPECT_NE(e.find("expected an integer, found a string"), std::string::npos) << e;
+  e = error_of([&] { apply_toml_file(c, write_file(dir, "f.toml", "global-batch-size = 2.5\n")); });
+  EXPECT_NE(e.find("expected an integer"), std::string::npos) << e;
+  e = error_of([&] { apply_toml_file(c, write_file(dir, "s.toml", "lr = = 1\n")); });
+  EXPECT_NE(e.find("TOML syntax error"), std::string::npos) << e;
+  e = error_of([&] { apply_flag(c, "num-rollout", "ten"); });
+  EXPECT_NE(e.find("--num-rollout: expected an integer, got 'ten'"), std::string::npos) << e;
+  EXPECT_THROW(apply_flag(c, "check-true-on-policy", "yes"), Error);
+  EXPECT_THROW(apply_toml_file(c, dir.sub("missing.toml")), Error);
+}
+
+TEST(RlConfig, InconsistentValuesFailBeforeAnyWork) {
+  TempDir dir("config");
+  TrainConfig c = testing::tiny_run(dir, "bad");
+  c.global_batch_size = 5;  // 16 samples per rollout
+  std::string e = error_of([&] { run_training(c); });
+  EXPECT_NE(e.find("batch does not divide"), std::string::npos) << e;
+  EXPECT_FALSE(std::filesystem::exists(c.output_dir)) << "work started before the check";
+  c = testing::tiny_run(dir, "bad");
+  c.num_microbatches = 3;
+  EXPECT_NE(error_of([&] { run_training(c); }).find("power of two"), std::string::npos);
+  c = testing::tiny_run(dir, "bad");
+  c.kl_loss_coef = 0.1;
+  c.ref_load = dir.sub("no_such_model");
+  e = error_of([&] { run_training(c); });
+  EXPECT_NE(e.find("--ref-load"), std::string::npos) << e;
+  EXPECT_NE(e.find("reference model not found"), std::string::npos) << e;
+  c = testing::tiny_run(dir, "bad");
+  c.rollout_temperature = 0.7;  // rollout log-probs would be of softmax(logits / T)
+  EXPECT_NE(error_of([&] { run_training(c); }).find("--check-true-on-policy"), std::string::npos);
+  c = testing::tiny_run(dir, "bad");
+  c.advantage_estimator = "ppo";
+  EXPECT_NE(error_of([&] { run_training(c); }).find("--advantage-estimator"), std::string::npos);
+  c = testing::tiny_run(dir, "bad");
+  c.resume = true;
+  c.save = dir.sub("empty_save");
+  EXPECT_NE(error_of([&] { run_training(c); }).find("no checkpoint"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(c.output_dir));
+}
+
+TEST(RlConfig, ConfigRoundTripsThroughToml) {
+  TempDir dir("config");
+  TrainConfig c;
+  c.task = "add";
+  c.lr = 0.125;
+  c.check_true_on_policy = false;
+  std::string p = write_file(dir, "rt.toml", to_toml(c));
+  TrainConfig d;
+  apply_toml_file(d, p);
+  EXPECT_EQ(to_toml(d), to_toml(c));
+}
+
+TEST(RlConfig, CommandLineReportsBadConfigAndExitsNonZero) {
+  TempDir dir("config");
+  std::string p = write_file(dir, "bad.toml", "not-a-key = 1\n");
+  std::string cmd = std::string(LOCKSTEP_BINARY) + " train --config " + p + " 2>" + dir.sub("err.txt");
+  int rc = std::system(cmd.c_str());
+  EXPECT_NE(rc, 0);
+  std::string err = testing::read_bytes(dir.sub("err.txt"));
+  EXPECT_NE(err.find("unknown key 'not-a-key'"), std::string::npos) << err;
+}
+
+}  // namespace
+}  // namespace lockstep::rl
