@@ -1,0 +1,175 @@
+// lockstep generate: sample continuations of token-id prompts with the rollout engine
+// (DESIGN.md section 6).
+//
+// Input: JSONL, one request per line: {"input_ids":[...]} with optional per-request "seed",
+// "max_new_tokens", "temperature", "top_p", "top_k" and "stop_token_ids" (the command-line
+// values are the defaults). Without "seed", a request's seed is derived from --seed and its
+// line number, so a request gives the same output whatever else is in the file.
+// Output: one line per request, in input order:
+//   {"output_ids":[...],"logprobs":[...],"weight_version":V,"finish_reason":"stop|length|abort"}
+// with log-probs of the sampled tokens under softmax(logits / T) (T = 1 when greedy), printed
+// with %.9g so they round-trip exactly.
+// A bad request (prompt longer than the context, empty prompt, ids out of range, top_p outside
+// (0, 1], negative temperature, negative top_k, a field of the wrong type) gets the line
+//   {"error":"<input>:<line>: <field and message>"}
+// in its place; the other requests are served normally (bit for bit as if alone), each error
+// is also printed to stderr, and the exit status is 1 when any request failed (0 otherwise).
+// Errors in the command itself (flags, model, unreadable input) exit non-zero before any output.
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "command_registry.h"
+#include "core/device_memory.h"
+#include "core/error.h"
+#include "core/jsonl.h"
+#include "core/philox.h"
+#include "kernels/cpu/attention.h"
+#include "rollout/engine.h"
+
+namespace lockstep::cli {
+namespace {
+
+struct GenerateOptions {
+  std::string model, input = "-", output = "-", dtype = "float32", device = "cpu";
+  int64_t max_new_tokens = 0;
+  float temperature = 1.0f, top_p = 1.0f;
+  int32_t top_k = 0;
+  uint64_t seed = 0;
+  int64_t max_batch_tokens = 2048, kv_pages = 0, page_size = 16, prefill_chunk = 512;
+};
+
+template <typename T>
+T field_or(const JsonlRecord& r, const char* key, T fallback, bool (nlohmann::json::*is_type)() const noexcept,
+           const char* expected) {
+  if (!r.value.contains(key)) return fallback;
+  const auto& v = r.value[key];
+  LS_CHECK((v.*is_type)(), "field '", key, "' must be ", expected, ", got ", v.dump());
+  return v.get<T>();
+}
+
+rollout::GenerationRequest parse_request(const JsonlRecord& r, const GenerateOptions& o, const ModelConfig& config) {
+  LS_CHECK(!r.value.contains("prompt") || r.value.contains("input_ids"),
+           "field 'prompt' (text) needs a tokenizer, which generate does not load yet; give 'input_ids'");
+  rollout::GenerationRequest q;
+  LS_CHECK(r.value.contains("input_ids"), "missing field 'input_ids'");
+  const auto& ids = r.value["input_ids"];
+  LS_CHECK(ids.is_array(), "field 'input_ids' must be a list of token ids, got ", ids.dump());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    LS_CHECK(ids[i].is_number_integer(), "input_ids[", i, "] must be an integer, got ", ids[i].dump());
+    const int64_t id = ids[i].get<int64_t>();
+    LS_CHECK(id >= 0 && id < config.vocab_size, "input_ids[", i, "] = ", id, " is out of range [0, ",
+             config.vocab_size, ")");
+    q.prompt.push_back(int32_t(id));
+  }
+  q.max_new_tokens = field_or<int64_t>(r, "max_new_tokens", o.max_new_tokens, &nlohmann::json::is_number_integer,
+                                       "an integer");
+  q.sampling.temperature =
+      field_or<float>(r, "temperature", o.temperature, &nlohmann::json::is_number, "a number");
+  q.sampling.top_p = field_or<float>(r, "top_p", o.top_p, &nlohmann::json::is_number, "a number");
+  q.sampling.top_k = field_or<int32_t>(r, "top_k", o.top_k, &nlohmann::json::is_number_integer, "an integer");
+  q.sampling.seed = r.value.contains("seed")
+                        ? field_or<uint64_t>(r, "seed", 0, &nlohmann::json::is_number_unsigned, "a non-negative integer")
+                        : mix_seed(o.seed, uint64_t(r.line));
+  if (r.value.contains("stop_token_ids")) {
+    const auto& v = r.value["stop_token_ids"];
+    LS_CHECK(v.is_array(), "field 'stop_token_ids' must be a list of token ids, got ", v.dump());
+    for (const auto& e : v) {
+      LS_CHECK(e.is_number_integer(), "stop_token_ids: ", e.dump(), " is not an integer");
+      q.stop_token_ids.push_back(e.get<int32_t>());
+    }
+  }
+  rollout::validate_request(q, config);
+  return q;
+}
+
+std::string error_line(const std::string& message) { return nlohmann::json{{"error", message}}.dump(); }
+
+int run_generate(const GenerateOptions& o) {
+  const Precision precision = precision_from_name(o.dtype);
+  const Device device = device_from_name(o.device);
+  LS_CHECK(device == Device::cpu || cuda_available(), "--device cuda: no CUDA device is available in this build");
+  LS_CHECK(o.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", o.max_new_tokens);
+  LS_CHECK(o.page_size > 0 && o.max_batch_tokens > 0 && o.prefill_chunk > 0 && o.kv_pages >= 0,
+           "--page-size, --max-batch-tokens and --prefill-chunk must be positive, --kv-pages >= 0 (0 = enough for all)");
+  auto records = read_jsonl(o.input);  // read and check all input before any compute
+  ModelWeights weights = ModelWeights::load(o.model, precision);
+  const ModelConfig config = weights.config;
+
+  // Parse every request; a bad one gets its error line and the others go on.
+  std::vector<std::string> errors(records.size());
+  std::vector<rollout::GenerationRequest> requests(records.size());
+  int64_t pages_for_all = 1;
+  for (size_t i = 0; i < records.size(); ++i) {
+    try {
+      requests[i] = parse_request(records[i], o, config);
+      int64_t positions = std::min<int64_t>(int64_t(requests[i].prompt.size()) + requests[i].max_new_tokens,
+                                            config.max_position_embeddings);
+      pages_for_all += (positions + o.page_size - 1) / o.page_size;
+    } catch (const Error& e) {
+      errors[i] = o.input + ":" + std::to_string(records[i].line) + ": " + e.what();
+    }
+  }
+
+  rollout::EngineOptions options;
+  options.kv_pages = o.kv_pages > 0 ? o.kv_pages : pages_for_all;
+  options.page_size = o.page_size;
+  options.max_batch_tokens = o.max_batch_tokens;
+  options.prefill_chunk = o.prefill_chunk;
+  rollout::Engine engine(make_runner(device, std::move(weights), precision), options);
+  std::vector<rollout::RequestId> ids(records.size());
+  for (size_t i = 0; i < records.size(); ++i) {
+    if (!errors[i].empty()) continue;
+    try {
+      ids[i] = engine.add_request(requests[i]);
+    } catch (const Error& e) {
+      errors[i] = o.input + ":" + std::to_string(records[i].line) + ": " + e.what();
+    }
+  }
+  engine.run_to_completion();
+
+  JsonlWriter out(o.output);
+  int64_t failed = 0;
+  for (size_t i = 0; i < records.size(); ++i) {
+    if (!errors[i].empty()) {
+      ++failed;
+      std::fprintf(stderr, "lockstep generate: error: %s\n", errors[i].c_str());
+      out.write_line(error_line(errors[i]));
+      continue;
+    }
+    const auto r = engine.take_result(ids[i]);
+    const int64_t version = r.weight_versions.empty() ? engine.weight_version() : r.weight_versions.front();
+    out.write_line("{\"output_ids\":" + format_ints(r.output_ids) +
+                   ",\"logprobs\":" + format_floats(r.logprobs.data(), r.logprobs.size()) +
+                   ",\"weight_version\":" + std::to_string(version) + ",\"finish_reason\":\"" +
+                   rollout::finish_reason_name(r.finish_reason) + "\"}");
+  }
+  if (failed > 0) {
+    std::fprintf(stderr, "lockstep generate: %lld of %zu requests failed\n", (long long)failed, records.size());
+    return 1;
+  }
+  return 0;
+}
+
+const bool registered = register_command(
+    {"generate", "Sample continuations of token-id prompts (JSONL in, JSONL out)", [](CLI::App& sub) {
+       auto o = std::make_shared<GenerateOptions>();
+       sub.add_option("--model", o->model, "model directory")->required();
+       sub.add_option("--input", o->input, "input JSONL ('-' = stdin)");
+       sub.add_option("--output", o->output, "output JSONL ('-' = stdout)");
+       sub.add_option("--max-new-tokens", o->max_new_tokens, "most new tokens per request")->required();
+       sub.add_option("--temperature", o->temperature, "sampling temperature (0 = greedy)");
+       sub.add_option("--top-p", o->top_p, "nucleus mass in (0, 1] (1 = off)");
+       sub.add_option("--top-k", o->top_k, "keep the k most likely tokens (0 = off)");
+       sub.add_option("--seed", o->seed, "base seed; a request without \"seed\" uses (seed, line number)");
+       sub.add_option("--dtype", o->dtype, "float32 | bfloat16");
+       sub.add_option("--device", o->device, "cpu | cuda");
+       sub.add_option("--max-batch-tokens", o->max_batch_tokens, "tokens per engine step");
+       sub.add_option("--kv-pages", o->kv_pages, "KV cache pages (0 = enough for every request at once)");
+       sub.add_option("--page-size", o->page_size, "positions per KV page");
+       sub.add_option("--prefill-chunk", o->prefill_chunk, "most prompt tokens of one request per step");
+       return std::function<int()>([o] { return run_generate(*o); });
+     }});
+
+}  // namespace
+}  // namespace lockstep::cli
