@@ -44,6 +44,10 @@ const bool registered = register_command(
            opt = sub.add_flag("--" + o.name + "{true}", slot, o.help);
          } else {
            opt = sub.add_option("--" + o.name, slot, o.help);
+           const char* kind = std::holds_alternative<int64_t rl::TrainConfig::*>(o.field)  ? "INT"
+                              : std::holds_alternative<double rl::TrainConfig::*>(o.field) ? "FLOAT"
+                                                                                          : "TEXT";
+           opt->type_name(kind);
          }
          if (o.help.empty()) opt->group("");  // hidden test hooks
          a->options[o.name] = opt;
