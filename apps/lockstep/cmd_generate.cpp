@@ -24,7 +24,7 @@
 #include "core/error.h"
 #include "core/jsonl.h"
 #include "core/philox.h"
-#include "kernels/cpu/attention.h"
+#include "model/kv_cache.h"
 #include "rollout/engine.h"
 
 namespace lockstep::cli {
@@ -99,20 +99,26 @@ int run_generate(const GenerateOptions& o) {
   // Parse every request; a bad one gets its error line and the others go on.
   std::vector<std::string> errors(records.size());
   std::vector<rollout::GenerationRequest> requests(records.size());
-  int64_t pages_for_all = 1;
+  int64_t pages_for_all = 1, pages_for_largest = 1;
   for (size_t i = 0; i < records.size(); ++i) {
     try {
       requests[i] = parse_request(records[i], o, config);
       int64_t positions = std::min<int64_t>(int64_t(requests[i].prompt.size()) + requests[i].max_new_tokens,
                                             config.max_position_embeddings);
-      pages_for_all += (positions + o.page_size - 1) / o.page_size;
+      int64_t pages = (positions + o.page_size - 1) / o.page_size;
+      pages_for_all += pages;
+      pages_for_largest = std::max(pages_for_largest, pages);
     } catch (const Error& e) {
       errors[i] = o.input + ":" + std::to_string(records[i].line) + ": " + e.what();
     }
   }
 
   rollout::EngineOptions options;
-  options.kv_pages = o.kv_pages > 0 ? o.kv_pages : pages_for_all;
+  // Automatic pool: every request at once, but no more than 4 GiB of K/V unless the largest
+  // single request needs it (the engine preempts and recomputes when pages run short).
+  const int64_t pages_in_4gib = (int64_t(4) << 30) / KvCache::page_bytes(config, o.page_size);
+  options.kv_pages =
+      o.kv_pages > 0 ? o.kv_pages : std::max(pages_for_largest, std::min(pages_for_all, pages_in_4gib));
   options.page_size = o.page_size;
   options.max_batch_tokens = o.max_batch_tokens;
   options.prefill_chunk = o.prefill_chunk;

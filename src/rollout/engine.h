@@ -14,6 +14,7 @@
 //   RequestId id = engine.add_request(request);      // throws lockstep::Error on bad input
 //   while (engine.has_unfinished()) for (auto& out : engine.step()) stream(out);
 //   RequestResult r = engine.take_result(id);
+// One thread drives an engine (the runner parallelises each step inside).
 #pragma once
 #include <cstdint>
 #include <deque>
