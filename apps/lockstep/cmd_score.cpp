@@ -5,7 +5,9 @@
 #include "core/device_memory.h"
 #include "core/error.h"
 #include "core/jsonl.h"
+#include "dist/mpi_communicator.h"
 #include "model/qwen3_moe.h"
+#include "topology_flags.h"
 #ifdef LOCKSTEP_CUDA
 #include "model/cuda/cuda_runner.h"
 #endif
@@ -16,6 +18,7 @@ namespace {
 struct ScoreOptions {
   std::string model, input = "-", output = "-", dtype = "float32", device = "cpu";
   int64_t max_batch_tokens = 8192;
+  TopologyRequest topology;  // parallel forms (mpirun)
 };
 
 int run_score(const ScoreOptions& o) {
@@ -23,6 +26,12 @@ int run_score(const ScoreOptions& o) {
   LS_CHECK(device_from_name(o.device) == Device::cpu || cuda_available(),
            "--device cuda: no CUDA device is available in this build");
   const Device device = device_from_name(o.device);
+  auto world = dist::world_communicator();
+  const bool parallel = o.topology.parallel() || world->size() > 1 || is_sharded_checkpoint(o.model);
+  LS_CHECK(!parallel || device == Device::cpu,
+           "the parallel forms of score run on --device cpu (the GPU forms are not built yet)");
+  // The topology is checked against the model before any input or weight is read.
+  if (parallel) resolve_topology(o.topology, ModelConfig::load(o.model + "/config.json"), world->size());
   auto records = read_jsonl(o.input);  // read and check all input before any compute
   ModelConfig config = ModelConfig::load(o.model + "/config.json");
   std::vector<std::vector<int32_t>> seqs;
@@ -39,6 +48,9 @@ int run_score(const ScoreOptions& o) {
     auto runner = make_runner(Device::cuda, ModelWeights::load(o.model, precision), precision);
     logprobs = runner_score_sequences(*runner, seqs, o.max_batch_tokens);
 #endif
+  } else if (parallel) {
+    logprobs = parallel_score(*world, o.model, config, o.topology, precision, seqs, o.max_batch_tokens);
+    if (world->rank() != 0) return 0;  // rank 0 writes the output
   } else {
     Qwen3Moe model(ModelWeights::load(o.model, precision), precision);
     logprobs = score_sequences(model, seqs, o.max_batch_tokens);
@@ -58,6 +70,7 @@ const bool registered = register_command({"score", "Per-token log-probs of seque
                                              sub.add_option("--device", o->device, "cpu | cuda");
                                              sub.add_option("--max-batch-tokens", o->max_batch_tokens,
                                                             "tokens per forward");
+                                             add_topology_flags(sub, o->topology);
                                              return std::function<int()>([o] { return run_score(*o); });
                                            }});
 

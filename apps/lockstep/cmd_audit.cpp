@@ -1,0 +1,72 @@
+// lockstep audit: fingerprints of a checkpoint (HF or sharded) and the first difference
+// between two. Exit code 0: audited / no difference; 1: the checkpoints differ.
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/audit.h"
+#include "command_registry.h"
+#include "core/error.h"
+
+namespace lockstep::cli {
+namespace {
+
+struct AuditOptions {
+  std::string model, compare, output = "-";
+  bool json = false;
+};
+
+void emit(const std::string& text, const std::string& path) {
+  if (path == "-") {
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    return;
+  }
+  std::ofstream out(path);
+  LS_CHECK(out, path, ": cannot write");
+  out << text;
+}
+
+int run_audit(const AuditOptions& o) {
+  const CheckpointAudit a = audit_checkpoint(*open_checkpoint(o.model));
+  if (o.compare.empty()) {
+    emit(o.json ? audit_json(a).dump(1) + "\n" : audit_text(a), o.output);
+    return 0;
+  }
+  const CheckpointAudit b = audit_checkpoint(*open_checkpoint(o.compare));
+  const auto diff = first_difference(a, b);
+  const auto groups = differing_groups(a, b);
+  if (o.json) {
+    nlohmann::json j = {{"a", audit_json(a)},
+                        {"b", audit_json(b)},
+                        {"identical", !diff.has_value()},
+                        {"first_difference", diff ? nlohmann::json(*diff) : nlohmann::json(nullptr)},
+                        {"differing_groups", groups}};
+    emit(j.dump(1) + "\n", o.output);
+  } else {
+    std::string text = "a: " + a.source + "\nb: " + b.source + "\n";
+    text += "tensors: " + std::to_string(a.tensors.size()) + " vs " + std::to_string(b.tensors.size()) + "\n";
+    if (!diff) {
+      text += "no difference\n";
+    } else {
+      text += "first difference: " + *diff + "\ndiffering summaries:";
+      for (const auto& g : groups) text += " [" + g + "]";
+      text += "\n";
+    }
+    emit(text, o.output);
+  }
+  return diff ? 1 : 0;
+}
+
+const bool registered = register_command(
+    {"audit", "Per-tensor hashes, norms and layer summaries; compare two checkpoints", [](CLI::App& sub) {
+       auto o = std::make_shared<AuditOptions>();
+       sub.add_option("--model", o->model, "checkpoint directory (HF or sharded)")->required();
+       sub.add_option("--compare", o->compare, "a second checkpoint: report the first difference");
+       sub.add_flag("--json", o->json, "JSON output");
+       sub.add_option("--output", o->output, "report file ('-' = stdout)");
+       return std::function<int()>([o] { return run_audit(*o); });
+     }});
+
+}  // namespace
+}  // namespace lockstep::cli
