@@ -55,7 +55,8 @@ TEST_F(ParallelCli, MpirunScoreMatchesSingleRankBytes) {
     int np;
     std::string flags;
   };
-  for (const Launch& l : {Launch{4, kTopoA}, Launch{4, "--expert-model-parallel-size 2 --expert-tensor-parallel-size 2 "
+  // 8 ranks: TP2 + SP + PP2 + EP2 with two data-parallel replicas.
+  for (const Launch& l : {Launch{8, kTopoA}, Launch{4, "--expert-model-parallel-size 2 --expert-tensor-parallel-size 2 "
                                                        "--dtype bfloat16"}}) {
     const std::string out = path("mpi_" + std::to_string(l.np) + ".jsonl");
     auto r = shell(ptest::mpirun(l.np) + " score --model " + model() + " --input " + input() + " --output " + out +
