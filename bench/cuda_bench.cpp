@@ -21,7 +21,7 @@ using Clock = std::chrono::steady_clock;
 constexpr double kCopyBandwidth = 4.2e12;  // bytes/s, measured device-to-device copy (DESIGN.md section 7)
 constexpr double kMatmulPeak = 771e12;     // bf16 FLOP/s, measured 8192^3 matmul
 
-struct Shape {
+struct ModelShape {
   double H, qd, kvd, E, k, I, V, L, D, nq;
   double attn_params() const { return (qd + 2 * kvd) * H + H * qd; }
   double expert_params() const { return 3 * I * H; }
@@ -37,7 +37,7 @@ struct Batch {
 
 // B sequences, each with `pages` pages of 64 positions, numbered consecutively.
 std::vector<std::vector<int32_t>> page_tables(int64_t B, int64_t pages) {
-  std::vector<std::vector<int32_t>> t(size_t(B));
+  std::vector<std::vector<int32_t>> t(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < pages; ++p) t[size_t(b)].push_back(int32_t(b * pages + p));
   return t;
@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--quick")) quick = true;
     }
-    const Shape s{double(config.hidden_size), double(config.q_dim()), double(config.kv_dim()),
+    const ModelShape s{double(config.hidden_size), double(config.q_dim()), double(config.kv_dim()),
                   double(config.num_experts), double(config.num_experts_per_tok), double(config.moe_intermediate_size),
                   double(config.vocab_size), double(config.num_hidden_layers), double(config.head_dim),
                   double(config.num_attention_heads)};

@@ -27,7 +27,7 @@ struct DeviceVec {
     device_copy(Device::cuda, mem.get(), Device::cpu, host.data(), host.size() * sizeof(T));
   }
   std::vector<T> take() const {
-    std::vector<T> out(size_t(n));
+    std::vector<T> out(static_cast<size_t>(n));
     cudaDeviceSynchronize();
     device_copy(Device::cpu, out.data(), Device::cuda, mem.get(), out.size() * sizeof(T));
     return out;
@@ -39,7 +39,7 @@ struct DeviceVec {
 inline std::vector<uint16_t> random_bf16(int64_t n, uint64_t seed, float scale = 1.0f) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> d(-scale, scale);
-  std::vector<uint16_t> out(size_t(n));
+  std::vector<uint16_t> out(static_cast<size_t>(n));
   for (auto& v : out) v = f32_to_bf16(d(rng));
   return out;
 }

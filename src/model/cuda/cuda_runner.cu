@@ -69,7 +69,7 @@ class PinnedInts {
 };
 
 std::vector<uint16_t> to_bf16_bits(const float* x, int64_t n) {
-  std::vector<uint16_t> out(size_t(n));
+  std::vector<uint16_t> out(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) out[size_t(i)] = f32_to_bf16(x[i]);
   return out;
 }
@@ -130,8 +130,8 @@ class CudaRunner final : public ModelRunner {
       LS_CHECK(r.row >= 0 && r.row < batch.size(), "forward_sample: request row ", r.row, " is outside the batch of ",
                batch.size(), " tokens");
     forward(batch, R);
-    std::vector<int32_t> rows(size_t(R));
-    std::vector<cuda::DeviceSampleParams> params(size_t(R));
+    std::vector<int32_t> rows(static_cast<size_t>(R));
+    std::vector<cuda::DeviceSampleParams> params(static_cast<size_t>(R));
     for (int64_t i = 0; i < R; ++i) {
       const auto& r = requests[size_t(i)];
       rows[size_t(i)] = int32_t(r.row);
@@ -141,11 +141,11 @@ class CudaRunner final : public ModelRunner {
     upload_async(ws_.sample_params, params.data(), params.size() * sizeof(cuda::DeviceSampleParams));
     compute_logits(ws_.rows, R);
     cuda::sample_rows(ws_.logits, ws_.sample_params, ws_.sampled_tokens, ws_.sampled_logprobs, R, V, stream_);
-    std::vector<int32_t> tokens(size_t(R));
-    std::vector<float> logprobs(size_t(R));
+    std::vector<int32_t> tokens(static_cast<size_t>(R));
+    std::vector<float> logprobs(static_cast<size_t>(R));
     download(tokens.data(), ws_.sampled_tokens, tokens.size() * 4);
     download(logprobs.data(), ws_.sampled_logprobs, logprobs.size() * 4);
-    std::vector<SampleResult> out(size_t(R));
+    std::vector<SampleResult> out(static_cast<size_t>(R));
     std::vector<float> row;
     for (int64_t i = 0; i < R; ++i) {
       const auto& r = requests[size_t(i)];
