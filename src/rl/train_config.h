@@ -44,9 +44,9 @@ struct TrainConfig {
   double entropy_coef = 0.0;
   bool use_rollout_logprobs = false;
   bool check_true_on_policy = true;
-  int64_t sft_warmup_steps = 20;
+  int64_t sft_warmup_steps = 40;
   // Optimizer.
-  double lr = 3e-3;
+  double lr = 2e-3;
   double min_lr = 0.0;
   std::string lr_decay_style = "constant";
   int64_t lr_warmup_iters = 0;
