@@ -3,7 +3,11 @@
 //
 // Input: JSONL, one request per line: {"input_ids":[...]} with optional per-request "seed",
 // "max_new_tokens", "temperature", "top_p", "top_k" and "stop_token_ids" (the command-line
-// values are the defaults). Without "seed", a request's seed is derived from --seed and its
+// values are the defaults). When the model directory has a tokenizer.json, a request may give
+// text instead of ids: {"prompt":"..."} (encoded as is) or {"messages":[...]} (rendered by the
+// Qwen3 chat template with "add_generation_prompt" (default true) and "enable_thinking"
+// (default true)), and "stop":["..."] stop strings; the output then carries "text" (the
+// decoded output, special tokens skipped) and the tokenizer's EOS ids stop generation. Without "seed", a request's seed is derived from --seed and its
 // line number, so a request gives the same output whatever else is in the file.
 // Output: one line per request, in input order:
 //   {"output_ids":[...],"logprobs":[...],"weight_version":V,"finish_reason":"stop|length|abort"}
@@ -16,6 +20,7 @@
 // is also printed to stderr, and the exit status is 1 when any request failed (0 otherwise).
 // Errors in the command itself (flags, model, unreadable input) exit non-zero before any output.
 #include <memory>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -26,6 +31,8 @@
 #include "core/philox.h"
 #include "model/kv_cache.h"
 #include "rollout/engine.h"
+#include "tokenizer/chat_json.h"
+#include "tokenizer/tokenizer.h"
 
 namespace lockstep::cli {
 namespace {
@@ -48,10 +55,47 @@ T field_or(const JsonlRecord& r, const char* key, T fallback, bool (nlohmann::js
   return v.get<T>();
 }
 
-rollout::GenerationRequest parse_request(const JsonlRecord& r, const GenerateOptions& o, const ModelConfig& config) {
-  LS_CHECK(!r.value.contains("prompt") || r.value.contains("input_ids"),
-           "field 'prompt' (text) needs a tokenizer, which generate does not load yet; give 'input_ids'");
+rollout::GenerationRequest finish_request(const JsonlRecord& r, const GenerateOptions& o, const ModelConfig& config,
+                                          rollout::GenerationRequest q);
+
+// Token ids of a text request: "prompt" as is, or "messages" through the chat template.
+std::vector<int32_t> encode_text_request(const JsonlRecord& r, const Tokenizer* tokenizer) {
+  LS_CHECK(tokenizer, "fields 'prompt' and 'messages' need a tokenizer.json in the model directory; give 'input_ids'");
+  if (r.value.contains("prompt")) {
+    LS_CHECK(r.value["prompt"].is_string(), "field 'prompt' must be a string, got ", r.value["prompt"].dump());
+    return tokenizer->encode(r.value["prompt"].get<std::string>());
+  }
+  ChatOptions chat;
+  chat.add_generation_prompt =
+      field_or<bool>(r, "add_generation_prompt", true, &nlohmann::json::is_boolean, "true or false");
+  chat.enable_thinking = field_or<bool>(r, "enable_thinking", true, &nlohmann::json::is_boolean, "true or false");
+  auto messages = chat_messages_from_json(nlohmann::ordered_json(r.value["messages"]), "messages");
+  return tokenizer->encode(tokenizer->render_chat(messages, chat));
+}
+
+rollout::GenerationRequest parse_request(const JsonlRecord& r, const GenerateOptions& o, const ModelConfig& config,
+                                         const Tokenizer* tokenizer) {
   rollout::GenerationRequest q;
+  if (!r.value.contains("input_ids") && (r.value.contains("prompt") || r.value.contains("messages"))) {
+    for (int32_t id : encode_text_request(r, tokenizer)) q.prompt.push_back(id);
+    LS_CHECK(!q.prompt.empty(), "the prompt encodes to no tokens");
+    for (int32_t id : q.prompt)
+      LS_CHECK(id < config.vocab_size, "the prompt encodes to token id ", id,
+               ", out of the model's vocab_size ", config.vocab_size);
+  }
+  if (tokenizer)
+    for (int32_t id : tokenizer->eos_token_ids())
+      if (id < config.vocab_size) q.stop_token_ids.push_back(id);
+  if (r.value.contains("stop")) {
+    LS_CHECK(tokenizer, "field 'stop' (stop strings) needs a tokenizer.json in the model directory");
+    const auto& v = r.value["stop"];
+    LS_CHECK(v.is_array(), "field 'stop' must be a list of strings, got ", v.dump());
+    for (const auto& e : v) {
+      LS_CHECK(e.is_string() && !e.get<std::string>().empty(), "stop: ", e.dump(), " is not a non-empty string");
+      q.stop_strings.push_back(e.get<std::string>());
+    }
+  }
+  if (!q.prompt.empty()) return finish_request(r, o, config, std::move(q));
   LS_CHECK(r.value.contains("input_ids"), "missing field 'input_ids'");
   const auto& ids = r.value["input_ids"];
   LS_CHECK(ids.is_array(), "field 'input_ids' must be a list of token ids, got ", ids.dump());
@@ -62,6 +106,12 @@ rollout::GenerationRequest parse_request(const JsonlRecord& r, const GenerateOpt
              config.vocab_size, ")");
     q.prompt.push_back(int32_t(id));
   }
+  return finish_request(r, o, config, std::move(q));
+}
+
+// Sampling fields, seed and stop ids, common to id and text requests.
+rollout::GenerationRequest finish_request(const JsonlRecord& r, const GenerateOptions& o, const ModelConfig& config,
+                                          rollout::GenerationRequest q) {
   q.max_new_tokens = field_or<int64_t>(r, "max_new_tokens", o.max_new_tokens, &nlohmann::json::is_number_integer,
                                        "an integer");
   q.sampling.temperature =
@@ -94,6 +144,8 @@ int run_generate(const GenerateOptions& o) {
            "--page-size, --max-batch-tokens and --prefill-chunk must be positive, --kv-pages >= 0 (0 = enough for all)");
   auto records = read_jsonl(o.input);  // read and check all input before any compute
   ModelWeights weights = ModelWeights::load(o.model, precision);
+  std::optional<Tokenizer> tokenizer;
+  if (Tokenizer::available(o.model)) tokenizer = Tokenizer::load(o.model);
   const ModelConfig config = weights.config;
 
   // Parse every request; a bad one gets its error line and the others go on.
@@ -102,7 +154,7 @@ int run_generate(const GenerateOptions& o) {
   int64_t pages_for_all = 1, pages_for_largest = 1;
   for (size_t i = 0; i < records.size(); ++i) {
     try {
-      requests[i] = parse_request(records[i], o, config);
+      requests[i] = parse_request(records[i], o, config, tokenizer ? &*tokenizer : nullptr);
       int64_t positions = std::min<int64_t>(int64_t(requests[i].prompt.size()) + requests[i].max_new_tokens,
                                             config.max_position_embeddings);
       int64_t pages = (positions + o.page_size - 1) / o.page_size;
@@ -122,6 +174,7 @@ int run_generate(const GenerateOptions& o) {
   options.page_size = o.page_size;
   options.max_batch_tokens = o.max_batch_tokens;
   options.prefill_chunk = o.prefill_chunk;
+  if (tokenizer) options.detokenize = [tok = *tokenizer](const std::vector<int32_t>& ids) { return tok.decode(ids); };
   rollout::Engine engine(make_runner(device, std::move(weights), precision), options);
   std::vector<rollout::RequestId> ids(records.size());
   for (size_t i = 0; i < records.size(); ++i) {
@@ -148,7 +201,8 @@ int run_generate(const GenerateOptions& o) {
     out.write_line("{\"output_ids\":" + format_ints(r.output_ids) +
                    ",\"logprobs\":" + format_floats(r.logprobs.data(), r.logprobs.size()) +
                    ",\"weight_version\":" + std::to_string(version) + ",\"finish_reason\":\"" +
-                   rollout::finish_reason_name(r.finish_reason) + "\"}");
+                   rollout::finish_reason_name(r.finish_reason) + "\"" +
+                   (tokenizer ? ",\"text\":" + nlohmann::json(tokenizer->decode(r.output_ids, true)).dump() : "") + "}");
   }
   if (failed > 0) {
     std::fprintf(stderr, "lockstep generate: %lld of %zu requests failed\n", (long long)failed, records.size());
