@@ -2,6 +2,7 @@
 #pragma once
 #include <cstring>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -32,13 +33,13 @@ inline std::vector<std::vector<int32_t>> golden_sequences() {
 struct TopoSpec {
   int world = 1, tp = 1, pp = 1, ep = 1, etp = 1;
   bool sp = false;
-  std::optional<std::vector<int64_t>> split;
+  std::optional<std::vector<int64_t>> split = std::nullopt;
   std::string name() const {
-    std::string n = "w" + std::to_string(world) + "_tp" + std::to_string(tp) + (sp ? "_sp" : "") + "_pp" +
-                    std::to_string(pp) + "_ep" + std::to_string(ep) + "_etp" + std::to_string(etp);
+    std::ostringstream os;
+    os << "w" << world << "_tp" << tp << (sp ? "_sp" : "") << "_pp" << pp << "_ep" << ep << "_etp" << etp;
     if (split)
-      for (auto s : *split) n += "_" + std::to_string(s);
-    return n;
+      for (auto s : *split) os << "_" << s;
+    return os.str();
   }
 };
 
