@@ -1,7 +1,9 @@
 // Qwen3-30B-A3B on one GPU with random bf16 weights made on the device: prefill and decode
 // throughput of the CUDA runner, each beside its roofline bound (HBM bytes touched or bf16
 // FLOPs) measured against the card's ceilings. Prints one JSON object per line, then a table.
-//   cuda_bench CONFIG.json [--layers N] [--quick]
+//   cuda_bench CONFIG.json [--layers N] [--quick] [--gemm]
+// --gemm times the prefill GEMMs in every tile configuration instead.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -11,6 +13,9 @@
 #ifdef LOCKSTEP_CUDA
 #include <chrono>
 
+#include "core/error.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/ops.h"
 #include "model/cuda/cuda_runner.h"
 
 namespace {
@@ -51,6 +56,78 @@ struct Result {
   std::string unit, bound_kind;
 };
 
+// The prefill GEMMs alone (16384 tokens of Qwen3-30B-A3B), each tile configuration timed
+// with events (median of 5 after a warm-up): which shape to pick for large row counts.
+void gemm_configs(const ModelConfig& c) {
+  const int64_t T = 16384, H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
+  const int64_t per = T * c.num_experts_per_tok / E;
+  struct Shape {
+    const char* name;
+    int64_t M, N, K;
+    int chunks, groups;
+  };
+  const Shape shapes[] = {{"qkv", T, c.q_dim() + 2 * c.kv_dim(), H, 1, 1},
+                          {"o_proj", T, H, c.q_dim(), 8, 1},
+                          {"gate_up", per * E, 2 * I, H, 1, int(E)},
+                          {"down", per * E, H, I, 8, int(E)}};
+  for (const auto& sh : shapes) {
+    auto bf = [](int64_t n) {
+      __nv_bfloat16* p = nullptr;
+      LS_CHECK(cudaMalloc(&p, size_t(n) * 2) == cudaSuccess, "cudaMalloc");
+      cuda::fill_random_bf16(p, n, uint64_t(n), 0.05f, 0.0f, nullptr);
+      return p;
+    };
+    __nv_bfloat16 *A = bf(sh.M * sh.K), *W = bf(sh.groups * sh.N * sh.K), *O = bf(sh.M * sh.N);
+    int32_t* rows = nullptr;
+    std::vector<int32_t> hr;
+    for (int g = 0; g <= sh.groups; ++g) hr.push_back(int32_t(g * (sh.M / sh.groups)));
+    LS_CHECK(cudaMalloc(&rows, hr.size() * 4) == cudaSuccess, "cudaMalloc");
+    cudaMemcpy(rows, hr.data(), hr.size() * 4, cudaMemcpyHostToDevice);
+    cuda::GemmArgs g;
+    g.A = A;
+    g.lda = sh.K;
+    g.W = W;
+    g.ldw = sh.K;
+    g.w_group_stride = sh.N * sh.K;
+    g.M = sh.M;
+    g.N = sh.N;
+    g.K = sh.K;
+    g.chunks = sh.chunks;
+    if (sh.groups > 1) {
+      g.group_rows = rows;
+      g.groups = sh.groups;
+    }
+    g.out_bf16 = O;
+    g.ldo = sh.N;
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    for (int config = 2; config < cuda::kGemmConfigs; ++config) {
+      std::vector<float> ms;
+      cuda::gemm_with_config(g, config, nullptr);
+      for (int r = 0; r < 5; ++r) {
+        cudaEventRecord(e0);
+        cuda::gemm_with_config(g, config, nullptr);
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float t = 0;
+        cudaEventElapsedTime(&t, e0, e1);
+        ms.push_back(t);
+      }
+      std::sort(ms.begin(), ms.end());
+      const double flops = 2.0 * double(sh.M) * double(sh.N) * double(sh.K);
+      std::printf("{\"event\":\"gemm\",\"shape\":\"%s\",\"config\":%d,\"ms\":%.4f,\"tflops\":%.1f}\n", sh.name,
+                  config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
+    }
+    LS_CHECK(cudaDeviceSynchronize() == cudaSuccess, "gemm bench failed");
+    cudaFree(A);
+    cudaFree(W);
+    cudaFree(O);
+    cudaFree(rows);
+  }
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -60,10 +137,15 @@ int main(int argc, char** argv) {
   }
   try {
     ModelConfig config = ModelConfig::load(argv[1]);
-    bool quick = false;
+    bool quick = false, gemm_only = false;
     for (int i = 2; i < argc; ++i) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--quick")) quick = true;
+      else if (!std::strcmp(argv[i], "--gemm")) gemm_only = true;
+    }
+    if (gemm_only) {
+      gemm_configs(config);
+      return 0;
     }
     const ModelShape s{double(config.hidden_size), double(config.q_dim()), double(config.kv_dim()),
                   double(config.num_experts), double(config.num_experts_per_tok), double(config.moe_intermediate_size),

@@ -2,7 +2,11 @@
 # Builds the CUDA backend for the H200 (sm_90a), runs the GPU tests and the benchmarks
 # (ours, then the HF transformers peer in its own process), and prints a short table last.
 #
-#   scripts/h200.sh [--quick] [--layers N]
+#   scripts/h200.sh [--quick] [--layers N] [--no-peer] [--no-tests] [--gemm] [--ncu]
+#
+# --gemm times every GEMM tile configuration on the prefill shapes; --ncu records each
+# kernel's time (Nsight Compute, clocks left alone) over a 2-layer quick run into $OUT/ncu.csv;
+# --no-peer skips the HF transformers peer, --no-tests the GPU tests.
 #
 # LOCKSTEP_PREBUILT=DIR uses binaries built elsewhere (lockstep_tests_cuda, cuda_bench,
 # lockstep, bench_tokenizer in DIR), for GPU machines that lack the project's build
@@ -14,10 +18,15 @@ OUT="${OUT:-$ROOT/h200-out}"
 mkdir -p "$OUT"
 QUICK=""
 LAYERS=48
+PEER=1; RUN_TESTS=1; GEMM=0; NCU=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK="--quick" ;;
     --layers) LAYERS="$2"; shift ;;
+    --no-peer) PEER=0 ;;
+    --no-tests) RUN_TESTS=0 ;;
+    --gemm) GEMM=1 ;;
+    --ncu) NCU=1 ;;
     *) echo "h200.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -43,22 +52,38 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 
-echo "== GPU tests"
-"$TESTS" --gtest_color=no 2>&1 | tee "$OUT/tests.log" | grep -E '^\[( +OK|  FAILED|  PASSED|  SKIPPED) |^\[cuda|^\[30B|Failure|error' | head -60
-TESTS_RC=${PIPESTATUS[0]}
+TESTS_RC=skipped
+if [ "$RUN_TESTS" = 1 ]; then
+  echo "== GPU tests"
+  "$TESTS" --gtest_color=no 2>&1 | tee "$OUT/tests.log" | grep -E '^\[( +OK|  FAILED|  PASSED|  SKIPPED) |^\[cuda|^\[30B|Failure|error' | head -60
+  TESTS_RC=${PIPESTATUS[0]}
 
-echo "== lockstep score --device cuda"
-printf '{"input_ids":[1,2,3,4,5,6,7,8]}\n{"input_ids":[9,8,7]}\n' >"$OUT/score_in.jsonl"
-[ -x "$CLI" ] && "$CLI" score --model "$ROOT/tests/fixtures/hf-tiny-qwen3-moe" --dtype bfloat16 --device cuda \
-  --input "$OUT/score_in.jsonl" --output "$OUT/score_out.jsonl" && head -c 300 "$OUT/score_out.jsonl"; echo
+  echo "== lockstep score --device cuda"
+  printf '{"input_ids":[1,2,3,4,5,6,7,8]}\n{"input_ids":[9,8,7]}\n' >"$OUT/score_in.jsonl"
+  [ -x "$CLI" ] && "$CLI" score --model "$ROOT/tests/fixtures/hf-tiny-qwen3-moe" --dtype bfloat16 --device cuda \
+    --input "$OUT/score_in.jsonl" --output "$OUT/score_out.jsonl" && head -c 300 "$OUT/score_out.jsonl"; echo
+fi
+
+if [ "$GEMM" = 1 ]; then
+  echo "== GEMM tile configurations (prefill shapes)"
+  "$BENCH" "$ROOT/models/qwen3-30b-a3b/config.json" --gemm 2>&1 | tee "$OUT/gemm.log"
+fi
+if [ "$NCU" = 1 ]; then
+  echo "== ncu kernel times (2 layers, quick)"
+  timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw --print-units base \
+    --launch-count 900 "$BENCH" "$ROOT/models/qwen3-30b-a3b/config.json" --layers 2 --quick >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+  echo "ncu rc $? ($(wc -l <"$OUT/ncu.csv") lines)"; tail -3 "$OUT/ncu.err"
+fi
 
 echo "== cuda_bench"
 "$BENCH" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$LAYERS" $QUICK 2>&1 | tee "$OUT/bench.log"
-echo "== HF transformers peer"
-PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/hf_peer.py" "$ROOT/models/qwen3-30b-a3b/config.json" \
-  --layers "$LAYERS" $QUICK 2>&1 | grep -v Warning | tee "$OUT/hf.log"
+if [ "$PEER" = 1 ]; then
+  echo "== HF transformers peer"
+  PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/hf_peer.py" "$ROOT/models/qwen3-30b-a3b/config.json" \
+    --layers "$LAYERS" $QUICK 2>&1 | grep -v Warning | tee "$OUT/hf.log"
+fi
 
-if [ -x "$TOKB" ] && [ -f "$ROOT/bench/hf_tokenizer_peer.py" ]; then
+if [ "$PEER" = 1 ] && [ -x "$TOKB" ] && [ -f "$ROOT/bench/hf_tokenizer_peer.py" ]; then
   echo "== tokenizer"
   export LOCKSTEP_TOKENIZER_DIR="$ROOT/tests/fixtures/qwen3-tokenizer"
   "$TOKB" --dump-text /tmp/tok.txt --dump-ids /tmp/tok_ids.json >/dev/null 2>&1

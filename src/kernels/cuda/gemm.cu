@@ -66,26 +66,33 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
       __syncwarp();
       int carry = 0;
       const int bx = int(blockIdx.x);
-      for (int base = 0; base < p.groups; base += 32) {
-        const int g = base + lane;
-        int begin = 0, end = 0, tiles = 0;
-        if (g < p.groups) {
-          begin = p.group_rows[g];
-          end = p.group_rows[g + 1];
-          tiles = (end - begin + BM - 1) / BM;
+      // 128 groups per round, all their bounds loaded before the first use: one memory
+      // latency per round instead of one per 32 groups (decode steps are latency-bound).
+      for (int base = 0; base < p.groups; base += 128) {
+        int begin[4], end[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int g = base + 32 * i + lane;
+          begin[i] = g < p.groups ? p.group_rows[g] : 0;
+          end[i] = g < p.groups ? p.group_rows[g + 1] : 0;
         }
-        int incl = tiles;
-        for (int o = 1; o < 32; o <<= 1) {
-          int v = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += v;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int g = base + 32 * i + lane;
+          const int tiles = (end[i] - begin[i] + BM - 1) / BM;
+          int incl = tiles;
+          for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += v;
+          }
+          const int first = carry + incl - tiles;
+          if (g < p.groups && bx >= first && bx < first + tiles) {
+            s_group = g;
+            s_row0 = begin[i] + (bx - first) * BM;
+            s_row_end = end[i];
+          }
+          carry += __shfl_sync(0xffffffffu, incl, 31);
         }
-        const int first = carry + incl - tiles;
-        if (g < p.groups && bx >= first && bx < first + tiles) {
-          s_group = g;
-          s_row0 = begin + (bx - first) * BM;
-          s_row_end = end;
-        }
-        carry += __shfl_sync(0xffffffffu, incl, 31);
         if (carry > bx) break;
       }
     }
@@ -179,8 +186,12 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
     }
     const bf16* a_s = sA + (kt % STAGES) * BM * kBK;
     const bf16* b_s = sB + (kt % STAGES) * BN * kBK;
+    // k16 steps that hold only the zero padding of a chunk are skipped (the same rule for
+    // every tile shape, so every element still sees one fixed sequence of mma steps).
+    const int k_live = min(kBK, chunk_len - (kt % tiles_per_chunk) * kBK);
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
+      if (kk * 16 >= k_live) break;
       uint32_t af[MI][4], bfr[NI][2];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
@@ -286,9 +297,12 @@ void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
     case 1: return launch<1, 4, 1, 2, 6, CHUNKED>(p, stream);  // 16 x 64
     case 2: return launch<2, 2, 2, 4, 4, CHUNKED>(p, stream);  // 64 x 64
     case 3: return launch<2, 4, 2, 4, 4, CHUNKED>(p, stream);  // 64 x 128
-    default:
+    case 4:
       if constexpr (CHUNKED) return launch<2, 4, 2, 4, 4, CHUNKED>(p, stream);  // the tree needs 4 accumulators
       else return launch<2, 4, 4, 4, 4, CHUNKED>(p, stream);                    // 128 x 128
+    default:
+      if constexpr (CHUNKED) return launch<2, 4, 2, 4, 4, CHUNKED>(p, stream);
+      else return launch<2, 4, 4, 8, 3, CHUNKED>(p, stream);  // 128 x 256, warp tile 64 x 64
   }
 }
 

@@ -51,7 +51,7 @@ struct GemmArgs {
 void gemm(const GemmArgs& args, cudaStream_t stream);
 
 // Which tile configurations exist (tests run each on the same problem and compare bits).
-constexpr int kGemmConfigs = 5;
+constexpr int kGemmConfigs = 6;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 
 }  // namespace lockstep::cuda

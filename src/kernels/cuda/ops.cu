@@ -1,5 +1,6 @@
 #include "kernels/cuda/ops.h"
 
+#include "kernels/cuda/attention.h"
 #include "kernels/cuda/common.cuh"
 
 namespace lockstep::cuda {
@@ -286,29 +287,43 @@ __global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weig
     }
 }
 
-__global__ void count_experts_kernel(const int32_t* ids, int64_t n, int32_t* counts) {
-  int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) atomicAdd(&counts[ids[i]], 1);
-}
-__global__ void scan_experts_kernel(int32_t* counts, int32_t* group_rows, int64_t E) {
-  if (threadIdx.x != 0) return;
-  int32_t run = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    group_rows[e] = run;
-    run += counts[e];
-    counts[e] = group_rows[e];  // becomes the fill cursor
+// One block: count per expert in shared memory, an exclusive scan by one warp (each lane a
+// contiguous run of experts), then each pair takes the next row of its expert's group. One
+// launch and no serial pass over the experts: decode steps are latency-bound.
+constexpr int kAssignThreads = 1024;
+__global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const int32_t* ids, int64_t n, int64_t k,
+                                                                       int64_t E, int32_t* group_rows,
+                                                                       int32_t* gather, int32_t* scatter) {
+  extern __shared__ int32_t s_cursor[];  // [E]: counts, then each group's next free row
+  const int tid = threadIdx.x, lane = tid & 31;
+  for (int64_t e = tid; e < E; e += kAssignThreads) s_cursor[e] = 0;
+  __syncthreads();
+  for (int64_t i = tid; i < n; i += kAssignThreads) atomicAdd(&s_cursor[ids[i]], 1);
+  __syncthreads();
+  if (tid < 32) {
+    const int64_t per = (E + 31) / 32, begin = min(E, lane * per), end = min(E, begin + per);
+    int32_t local = 0;
+    for (int64_t e = begin; e < end; ++e) local += s_cursor[e];
+    int32_t incl = local;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t v = __shfl_up_sync(kFull, incl, o);
+      if (lane >= o) incl += v;
+    }
+    int32_t run = incl - local;
+    for (int64_t e = begin; e < end; ++e) {
+      const int32_t c = s_cursor[e];
+      group_rows[e] = run;
+      s_cursor[e] = run;
+      run += c;
+    }
+    if (lane == 31) group_rows[E] = incl;
   }
-  group_rows[E] = run;
-}
-// The order of rows inside an expert's group is not fixed, and need not be: each row's
-// result is independent of the other rows (the GEMM is batch invariant).
-__global__ void fill_experts_kernel(const int32_t* ids, int64_t n, int64_t k, int32_t* cursor, int32_t* gather,
-                                    int32_t* scatter) {
-  int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  int32_t r = atomicAdd(&cursor[ids[i]], 1);
-  gather[r] = int32_t(i / k);
-  scatter[r] = int32_t(i);
+  __syncthreads();
+  for (int64_t i = tid; i < n; i += kAssignThreads) {
+    const int32_t r = atomicAdd(&s_cursor[ids[i]], 1);
+    gather[r] = int32_t(i / k);
+    scatter[r] = int32_t(i);
+  }
 }
 
 __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
@@ -384,6 +399,13 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* log
   }
   const float temp = prm.temperature;
   const float log_z = log_normalizer_block(row, V, temp, true, scratch);
+  if (prm.forced >= 0) {
+    if (tid == 0) {
+      tokens[r] = prm.forced;
+      logprobs[r] = row[prm.forced] / temp - log_z;
+    }
+    return;
+  }
   const int64_t seg = (V + kSampleThreads - 1) / kSampleThreads;
   const int64_t begin = tid * seg, end = min(V, begin + seg);
   float mass = 0.0f;
@@ -468,6 +490,8 @@ void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, cons
                      int64_t nq, float scale, cudaStream_t s) {
   if (T == 0) return;
   const int64_t D = kv.head_dim, G = nq / kv.kv_heads;
+  if (G * kv.kv_heads == nq && tensor_core_attention_supported(D, G))
+    return flash_attention(q, out, kv, slots, nq, scale, s);
   LS_CHECK(D % 8 == 0 && D <= kMaxHeadDim, "cuda attention: head_dim must be a multiple of 8 and <= ",
            kMaxHeadDim, ", got ", D);
   LS_CHECK(G >= 1 && G <= 32 && G * kv.kv_heads == nq, "cuda attention: bad GQA grouping ", nq, "/", kv.kv_heads);
@@ -493,11 +517,10 @@ void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, in
 
 void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
                     int32_t* gather, int32_t* scatter, cudaStream_t s) {
-  const int64_t n = T * k;
-  LS_CUDA_CHECK(cudaMemsetAsync(counts, 0, size_t(E) * sizeof(int32_t), s));
-  if (n > 0) count_experts_kernel<<<blocks_for(n, 256), 256, 0, s>>>(ids, n, counts);
-  scan_experts_kernel<<<1, 32, 0, s>>>(counts, group_rows, E);
-  if (n > 0) fill_experts_kernel<<<blocks_for(n, 256), 256, 0, s>>>(ids, n, k, counts, gather, scatter);
+  (void)counts;  // the counts live in shared memory
+  LS_CHECK(E <= 16384, "cuda assign_experts: at most 16384 experts, got ", E);
+  assign_experts_kernel<<<1, kAssignThreads, size_t(E) * sizeof(int32_t), s>>>(ids, T * k, k, E, group_rows, gather,
+                                                                               scatter);
   LS_CUDA_LAUNCHED();
 }
 

@@ -20,6 +20,12 @@ struct DeviceSlots {
   const int32_t* seq_of_token = nullptr;
   const int32_t* page_tables = nullptr;
   const int32_t* table_stride = nullptr;
+  // Attention tiles: num_tiles (device) entries of (first token, tokens), each a run of
+  // consecutive tokens of one sequence; max_tiles (host) bounds num_tiles and sizes the
+  // grid (a function of the step size only, so a captured graph stays valid).
+  const int32_t* tiles = nullptr;
+  const int32_t* num_tiles = nullptr;
+  int64_t max_tiles = 0;
 };
 
 // One layer's bf16 KV cache: [num_pages, page_size, kv_heads, head_dim].
@@ -44,7 +50,8 @@ void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_n
                         int64_t T, int64_t nq, int64_t nkv, int64_t D, float eps, cudaStream_t s);
 
 // out[t, h] = bf16(softmax(q . K[0..pos] * scale) V) over blocks of 64 absolute positions in
-// ascending order with an fp32 online softmax; the same walk for prefill and decode.
+// ascending order with an fp32 online softmax; the same walk for prefill and decode. Tensor
+// cores (attention.h) where the head_dim has a kernel, else CUDA cores; chosen by shape only.
 void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t T,
                      int64_t nq, float scale, cudaStream_t s);
 
@@ -55,6 +62,7 @@ void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, in
 
 // Groups the T*k (token, slot) pairs by expert: group_rows [E + 1], and per row the token
 // to read (gather) and the output row token * k + slot (scatter). `counts` is scratch [E].
+// The order of rows inside a group is not fixed (the GEMM is batch invariant per row).
 void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
                     int32_t* gather, int32_t* scatter, cudaStream_t s);
 
@@ -72,10 +80,13 @@ void log_softmax_gather(const float* logits, const int32_t* targets, float* out,
 
 // Per row: temperature 0 = argmax (ties to the lower id); otherwise z = logits / T and the
 // token is the first, in ascending id order, whose cumulative probability exceeds u * mass.
-// logprob = z[token] - log_normalizer(z) (T = 1 when greedy). top-k / top-p are not done here.
+// logprob = z[token] - log_normalizer(z) (T = 1 when greedy). top-k / top-p are not done here:
+// the caller picks such a token elsewhere and passes it as `forced` (>= 0; temperature > 0),
+// which skips the draw and gives that token's log-prob by the same arithmetic.
 struct DeviceSampleParams {
   float temperature;
   float u;
+  int32_t forced = -1;
 };
 void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t* tokens, float* logprobs, int64_t R,
                  int64_t V, cudaStream_t s);

@@ -12,6 +12,7 @@
 #include "core/philox.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/cpu/sampling.h"
+#include "kernels/cuda/attention.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
@@ -135,7 +136,7 @@ class CudaRunner final : public ModelRunner {
     for (int64_t i = 0; i < R; ++i) {
       const auto& r = requests[size_t(i)];
       rows[size_t(i)] = int32_t(r.row);
-      params[size_t(i)] = {r.temperature, philox_uniform(r.seed, r.stream, r.position)};
+      params[size_t(i)] = {r.temperature, philox_uniform(r.seed, r.stream, r.position), -1};
     }
     upload_async(ws_.rows, rows.data(), rows.size() * 4);
     upload_async(ws_.sample_params, params.data(), params.size() * sizeof(cuda::DeviceSampleParams));
@@ -147,17 +148,27 @@ class CudaRunner final : public ModelRunner {
     download(logprobs.data(), ws_.sampled_logprobs, logprobs.size() * 4);
     std::vector<SampleResult> out(static_cast<size_t>(R));
     std::vector<float> row;
+    bool forced = false;
     for (int64_t i = 0; i < R; ++i) {
       const auto& r = requests[size_t(i)];
+      out[size_t(i)] = {tokens[size_t(i)], logprobs[size_t(i)]};
       if (r.temperature != 0.0f && ((r.top_k > 0 && r.top_k < V) || r.top_p < 1.0f)) {
-        // Truncated sampling needs a sort of the row: done on the host from the device logits.
+        // Truncated sampling needs a sort of the row: the token is drawn on the host from the
+        // device logits; its log-prob comes from the device's canonical log-softmax below,
+        // so it has the same bits as the trainer's score of that token.
         row.resize(size_t(V));
         download(row.data(), ws_.logits + i * V, size_t(V) * 4);
-        auto c = cpu::sample_row(row.data(), V, r.temperature, r.top_k, r.top_p, params[size_t(i)].u);
-        out[size_t(i)] = {c.token, c.logprob};
-      } else {
-        out[size_t(i)] = {tokens[size_t(i)], logprobs[size_t(i)]};
+        params[size_t(i)].forced = cpu::sample_row(row.data(), V, r.temperature, r.top_k, r.top_p, params[size_t(i)].u).token;
+        forced = true;
       }
+    }
+    if (forced) {
+      upload_async(ws_.sample_params, params.data(), params.size() * sizeof(cuda::DeviceSampleParams));
+      cuda::sample_rows(ws_.logits, ws_.sample_params, ws_.sampled_tokens, ws_.sampled_logprobs, R, V, stream_);
+      download(tokens.data(), ws_.sampled_tokens, tokens.size() * 4);
+      download(logprobs.data(), ws_.sampled_logprobs, logprobs.size() * 4);
+      for (int64_t i = 0; i < R; ++i)
+        if (params[size_t(i)].forced >= 0) out[size_t(i)] = {tokens[size_t(i)], logprobs[size_t(i)]};
     }
     return out;
   }
@@ -379,13 +390,31 @@ class CudaRunner final : public ModelRunner {
     const int64_t S = int64_t(tables.size());
     int64_t stride = 1;
     for (int64_t p : pages_used) stride = std::max(stride, p);
-    const int64_t total = 3 * T + 1 + S * stride;
+    // Layout: tokens | positions | seq_of_token | table stride | tile count | tiles (room for
+    // T) | page tables. Every offset a kernel sees depends on T only (graph replay).
+    const int64_t tiles_at = 3 * T + 2, tables_at = tiles_at + 2 * T;
+    const int64_t total = tables_at + S * stride;
     int32_t* host = pinned_.reserve(size_t(total));
     std::copy(batch.tokens.begin(), batch.tokens.end(), host);
     std::copy(batch.positions.begin(), batch.positions.end(), host + T);
     std::copy(seq_of.begin(), seq_of.end(), host + 2 * T);
     host[3 * T] = int32_t(stride);
-    int32_t* flat = host + 3 * T + 1;
+    // Attention tiles: runs of consecutive tokens of one sequence, cut every `per_tile` tokens.
+    const int64_t per_tile = cuda::attention_tile_tokens(config_.num_attention_heads / config_.num_key_value_heads);
+    int32_t n_tiles = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const bool extend = t > 0 && seq_of[size_t(t)] == seq_of[size_t(t - 1)] &&
+                          host[tiles_at + 2 * (n_tiles - 1) + 1] < per_tile;
+      if (extend) {
+        ++host[tiles_at + 2 * (n_tiles - 1) + 1];
+      } else {
+        host[tiles_at + 2 * n_tiles] = int32_t(t);
+        host[tiles_at + 2 * n_tiles + 1] = 1;
+        ++n_tiles;
+      }
+    }
+    host[3 * T + 1] = n_tiles;
+    int32_t* flat = host + tables_at;
     for (int64_t s = 0; s < S; ++s)
       for (int64_t p = 0; p < stride; ++p) {
         int32_t page = p < pages_used[size_t(s)] ? tables[size_t(s)][p] : 0;
@@ -405,7 +434,11 @@ class CudaRunner final : public ModelRunner {
     slots.positions = ws_.meta + T;
     slots.seq_of_token = ws_.meta + 2 * T;
     slots.table_stride = ws_.meta + 3 * T;
-    slots.page_tables = ws_.meta + 3 * T + 1;
+    slots.page_tables = ws_.meta + tables_at;
+    slots.num_tiles = ws_.meta + 3 * T + 1;
+    slots.tiles = ws_.meta + tiles_at;
+    // Graph-sized steps launch T tile slots (an upper bound); larger ones the exact count.
+    slots.max_tiles = T <= kGraphMaxTokens ? T : n_tiles;
     return slots;
   }
 

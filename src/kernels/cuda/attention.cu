@@ -1,0 +1,268 @@
+// Paged attention on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), one kernel
+// for prefill and decode, so the engine's decode and the trainer's whole-sequence forward
+// give the same bits (DESIGN.md section 1, D2).
+//
+// A CTA takes one tile (up to kTileRows query rows = tokens x query heads of one kv head, all
+// tokens of one sequence) and walks the KV blocks 0, 64, 128, ... of absolute positions in
+// ascending order up to the tile's last position, K/V read through the page table into
+// shared memory. Per query row, the arithmetic is fixed: S = q K^T over head_dim in ascending
+// k16 steps (mma rows never mix, so a row's scores do not depend on the other rows of the
+// tile), keys after the row's own position masked to -inf, an fp32 online softmax with the
+// row max and the row sum taken in a fixed lane order, P rounded to bf16, O += P V in
+// ascending key steps. A block that lies wholly after a row's position leaves that row's
+// state unchanged (max, sum and accumulator are multiplied by exp(0) = 1 and receive exact
+// zeros), so a row gets the same bits whether its tile holds 1 token (decode) or many.
+#include "kernels/cuda/attention.h"
+
+#include <algorithm>
+
+#include "kernels/cuda/common.cuh"
+
+namespace lockstep::cuda {
+namespace {
+
+constexpr int kKvBlock = 64;  // the contract's absolute KV block
+constexpr int kWarps = kTileRows / 16;
+constexpr int kThreads = kWarps * 32;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower column
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t load_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv,
+                                                                   DeviceSlots slots, int nq, int G, float scale) {
+  constexpr int LD = D + 8;  // padded shared row: 8 consecutive rows hit 8 different bank groups
+  constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8, NT_O = D / 8, PIECES = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [2][64][LD]
+  bf16* sV = sK + 2 * kKvBlock * LD;             // [2][64][LD]
+
+  const int tile = int(blockIdx.x);
+  if (tile >= *slots.num_tiles) return;
+  const int t0 = slots.tiles[2 * tile], ntok = slots.tiles[2 * tile + 1];
+  const int kvh = int(blockIdx.y), kv_heads = int(kv.kv_heads), page = int(kv.page_size);
+  const int32_t* table = slots.page_tables + int64_t(slots.seq_of_token[t0]) * *slots.table_stride;
+  int max_pos = 0;
+  for (int i = 0; i < ntok; ++i) max_pos = max(max_pos, slots.positions[t0 + i]);
+  const int rows = ntok * G;
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const bool active = warp * 16 < rows;
+  // This lane's two rows (mma accumulator rows lane / 4 and lane / 4 + 8 of the warp's 16).
+  const int ra = warp * 16 + (lane >> 2), rb = ra + 8;
+  const int pos_a = ra < rows ? slots.positions[t0 + ra / G] : -1;
+  const int pos_b = rb < rows ? slots.positions[t0 + rb / G] : -1;
+  const bf16* qa = q + (int64_t(t0 + ra / G) * nq + kvh * G + ra % G) * D;
+  const bf16* qb = q + (int64_t(t0 + rb / G) * nq + kvh * G + rb % G) * D;
+
+  uint32_t qf[KSTEPS][4];
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+    const int c = ks * 16 + 2 * (lane & 3);
+    qf[ks][0] = pos_a >= 0 ? load_u32(qa + c) : 0u;
+    qf[ks][1] = pos_b >= 0 ? load_u32(qb + c) : 0u;
+    qf[ks][2] = pos_a >= 0 ? load_u32(qa + c + 8) : 0u;
+    qf[ks][3] = pos_b >= 0 ? load_u32(qb + c + 8) : 0u;
+  }
+
+  auto load_block = [&](int stage, int b0) {
+    bf16* k_s = sK + stage * kKvBlock * LD;
+    bf16* v_s = sV + stage * kKvBlock * LD;
+    for (int idx = tid; idx < kKvBlock * PIECES; idx += kThreads) {
+      const int j = idx / PIECES, piece = idx % PIECES, p = b0 + j;
+      const bool valid = p <= max_pos;  // later positions are zero-filled and masked
+      int64_t off = 0;
+      if (valid) off = ((int64_t(table[p / page]) * page + p % page) * kv_heads + kvh) * D + piece * 8;
+      cp_async16(smem_u32(k_s + j * LD + piece * 8), kv.k + off, valid);
+      cp_async16(smem_u32(v_s + j * LD + piece * 8), kv.v + off, valid);
+    }
+  };
+
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+  float o[NT_O][4];
+#pragma unroll
+  for (int i = 0; i < NT_O; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+  const int nblocks = max_pos / kKvBlock + 1;
+  load_block(0, 0);
+  cp_async_commit();
+  for (int b = 0; b < nblocks; ++b) {
+    if (b + 1 < nblocks) load_block((b + 1) & 1, (b + 1) * kKvBlock);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (active) {
+      const bf16* k_s = sK + (b & 1) * kKvBlock * LD;
+      const bf16* v_s = sV + (b & 1) * kKvBlock * LD;
+      float s[NT_S][4];
+#pragma unroll
+      for (int i = 0; i < NT_S; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks)
+#pragma unroll
+        for (int nj = 0; nj < NT_S / 2; ++nj) {
+          uint32_t r[4];
+          const int key = nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+          ldsm_x4(r, smem_u32(k_s + key * LD + ks * 16 + ((lane >> 3) & 1) * 8));
+          mma16816(s[2 * nj], qf[ks], r[0], r[1]);
+          mma16816(s[2 * nj + 1], qf[ks], r[2], r[3]);
+        }
+      // Scale, mask, block row max (max is exact in any order).
+      const int kbase = b * kKvBlock + 2 * (lane & 3);
+      float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int kp = kbase + nt * 8 + e;
+          s[nt][e] = kp <= pos_a ? s[nt][e] * scale : -INFINITY;
+          s[nt][2 + e] = kp <= pos_b ? s[nt][2 + e] * scale : -INFINITY;
+          mx_a = fmaxf(mx_a, s[nt][e]);
+          mx_b = fmaxf(mx_b, s[nt][2 + e]);
+        }
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+      const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+      // A row with no key yet (an absent row) keeps max -inf: guard exp(-inf - -inf).
+      const float corr_a = mn_a == -INFINITY ? 1.0f : expf(m_a - mn_a);
+      const float corr_b = mn_b == -INFINITY ? 1.0f : expf(m_b - mn_b);
+      // P = bf16(exp(s - max)); the row sum adds the rounded values in a fixed order:
+      // per lane ascending key, then the quad butterfly (xor 1, then xor 2).
+      float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pa = s[nt][e] == -INFINITY ? 0.0f : round_bf16(expf(s[nt][e] - mn_a));
+          const float pb = s[nt][2 + e] == -INFINITY ? 0.0f : round_bf16(expf(s[nt][2 + e] - mn_b));
+          s[nt][e] = pa;
+          s[nt][2 + e] = pb;
+          sum_a += pa;
+          sum_b += pb;
+        }
+      sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 1);
+      sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 2);
+      sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 1);
+      sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 2);
+      l_a = l_a * corr_a + sum_a;
+      l_b = l_b * corr_b + sum_b;
+      m_a = mn_a;
+      m_b = mn_b;
+#pragma unroll
+      for (int i = 0; i < NT_O; ++i) {
+        o[i][0] *= corr_a;
+        o[i][1] *= corr_a;
+        o[i][2] *= corr_b;
+        o[i][3] *= corr_b;
+      }
+      // O += P V: P from the score accumulators (the C layout of two n-tiles is the A
+      // layout of one k16 step), V^T fragments by transposing loads.
+#pragma unroll
+      for (int kk = 0; kk < kKvBlock / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dn = 0; dn < NT_O / 2; ++dn) {
+          uint32_t r[4];
+          const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          ldsm_x4_trans(r, smem_u32(v_s + key * LD + dn * 16 + (lane >> 4) * 8));
+          mma16816(o[2 * dn], a, r[0], r[1]);
+          mma16816(o[2 * dn + 1], a, r[2], r[3]);
+        }
+      }
+    }
+    __syncthreads();  // this stage is refilled two iterations on
+  }
+  cp_async_wait<0>();
+
+  if (!active) return;
+  const int col = 2 * (lane & 3);
+  if (pos_a >= 0) {
+    bf16* oa = out + (int64_t(t0 + ra / G) * nq + kvh * G + ra % G) * D;
+#pragma unroll
+    for (int i = 0; i < NT_O; ++i)
+      *reinterpret_cast<__nv_bfloat162*>(oa + i * 8 + col) = __floats2bfloat162_rn(o[i][0] / l_a, o[i][1] / l_a);
+  }
+  if (pos_b >= 0) {
+    bf16* ob = out + (int64_t(t0 + rb / G) * nq + kvh * G + rb % G) * D;
+#pragma unroll
+    for (int i = 0; i < NT_O; ++i)
+      *reinterpret_cast<__nv_bfloat162*>(ob + i * 8 + col) = __floats2bfloat162_rn(o[i][2] / l_b, o[i][3] / l_b);
+  }
+}
+
+template <int D>
+void launch(const bf16* q, bf16* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t nq, float scale,
+            cudaStream_t s) {
+  constexpr size_t smem = size_t(4) * kKvBlock * (D + 8) * sizeof(bf16);
+  static const bool configured = [] {
+    LS_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(smem)));
+    return true;
+  }();
+  (void)configured;
+  dim3 grid(unsigned(slots.max_tiles), unsigned(kv.kv_heads));
+  flash_attention_kernel<D><<<grid, kThreads, smem, s>>>(q, out, kv, slots, int(nq), int(nq / kv.kv_heads), scale);
+  LS_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+bool tensor_core_attention_supported(int64_t head_dim, int64_t group) {
+  return (head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128) && group >= 1 &&
+         group <= kTileRows;
+}
+
+int64_t attention_tile_tokens(int64_t group) { return std::max<int64_t>(1, kTileRows / std::max<int64_t>(group, 1)); }
+
+void flash_attention(const bf16* q, bf16* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t nq,
+                     float scale, cudaStream_t s) {
+  LS_CHECK(slots.tiles != nullptr && slots.num_tiles != nullptr && slots.max_tiles > 0,
+           "cuda attention: the step's query tiles are missing");
+  LS_CHECK(slots.max_tiles <= 0x7fffffff && kv.kv_heads <= 65535, "cuda attention: too many tiles");
+  switch (kv.head_dim) {
+    case 16: return launch<16>(q, out, kv, slots, nq, scale, s);
+    case 32: return launch<32>(q, out, kv, slots, nq, scale, s);
+    case 64: return launch<64>(q, out, kv, slots, nq, scale, s);
+    case 128: return launch<128>(q, out, kv, slots, nq, scale, s);
+    default: fail("cuda attention: head_dim ", kv.head_dim, " has no tensor-core kernel");
+  }
+}
+
+}  // namespace lockstep::cuda
