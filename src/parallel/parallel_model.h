@@ -31,6 +31,11 @@ class ParallelQwen3Moe {
 
   const ParallelContext& context() const { return ctx_; }
   const ModelConfig& config() const { return local_.config; }
+  // This rank's shards (for the backward and the optimizer, parallel_backward.h).
+  const ModelWeights& local_weights() const { return local_; }
+  ModelWeights& local_weights() { return local_; }
+  Precision precision() const { return precision_; }
+  const cpu::RopeTable& rope_table() const { return rope_; }
 
   // Per-token log-probs of each sequence (as score_sequences): collective over the world;
   // the full result on world rank 0, an empty vector elsewhere.

@@ -1,0 +1,77 @@
+// The backward under a parallel topology (DESIGN.md level D4, rules 8-11): gradients of
+// every parameter, each rank holding its shard's gradient by global name, bitwise equal to
+// the single-rank train/model_grad.h backward summed over micro-batches by
+// train/grad_accumulate.h.
+//
+// How each dimension keeps the single-rank trees (docs/parallel.md, "Backward"):
+//   TP  column-parallel dx (q/k/v, gate/up, lm_head) is canonical over N: each rank's
+//       chunk-run subtree, completed by canonical_all_reduce; weight gradients of a shard
+//       are per-row/per-column reductions over tokens, unchanged by the split. Norm and
+//       q/k-norm weights are replicated: computed once in the canonical order (q/k-norm
+//       on all heads, gathered).
+//   SP  each rank's rows are whole canonical token chunks, so token-tree weight gradients
+//       (norms, router) are subtrees, completed over the TP group per micro-batch.
+//   EP  an expert's gradient is the token-chunk tree of each source micro-batch: the owner
+//       receives (token position, micro-batch) with every row and sorts them.
+//   ETP expert dx is canonical over the intermediate dim (subtree + all-reduce).
+//   PP  stages run forward in order and backward in reverse, sending activation
+//       gradients back (no overlap: the schedule changes no number).
+//   DP  the micro-batch pairwise tree completed across replicas (tree_all_reduce).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "parallel/parallel_model.h"
+#include "train/model_grad.h"
+
+namespace lockstep {
+
+// What the last stage's loss needs from one micro-batch's forward, and what it returns:
+// `logprobs`/`entropy` per sequence (entropy empty unless asked for); the result is the
+// upstream gradient per sequence. Called on every last-stage rank with the same values.
+using UpstreamFn = std::function<std::vector<SequenceGradInput>(
+    int64_t micro_batch, const std::vector<std::vector<float>>& logprobs,
+    const std::vector<std::vector<float>>& entropy)>;
+
+class ParallelGrad {
+ public:
+  // Collective over the model's world (splits the expert-data-parallel group).
+  explicit ParallelGrad(ParallelQwen3Moe& model);
+
+  // Gradients of one optimizer step: micro_batches[j] are this DP replica's micro-batches
+  // (global micro-batch dp_rank * J + j; J equal on every replica and a power of two when
+  // dp > 1). Returns this rank's shard gradients by global name (the shapes of its local
+  // tensors), complete (every tree finished). Collective over the world.
+  std::map<std::string, Tensor> step_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                                           bool want_entropy, const UpstreamFn& upstream);
+
+ private:
+  struct MicroState;
+  struct Partial;
+  void forward(MicroState& m, bool want_entropy, int64_t index, const UpstreamFn& upstream) const;
+  void backward(MicroState& m, Partial& g) const;
+  void layer_backward(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const;
+
+  ParallelQwen3Moe& model_;
+  std::unique_ptr<dist::Communicator> edp_;
+};
+
+// (global name, local tensor) of every piece this rank holds, in rank_pieces order.
+std::vector<std::pair<std::string, Tensor*>> local_named(ModelWeights& local, const ShardLayout& layout);
+
+// Gathers shard tensors by global name to world rank 0: `local` maps global names to this
+// rank's pieces (rank_pieces boxes). Rank 0 gets every full tensor; others an empty map.
+std::map<std::string, Tensor> gather_full(dist::Communicator& world, const ModelConfig& cfg, const ShardLayout& layout,
+                                          const std::map<std::string, Tensor>& local);
+
+// The canonical global gradient norm (optimizer.h) of sharded gradients: per tensor on its
+// full value, summed in global-name order. Every rank gets the same float. Collective.
+float parallel_grad_norm(dist::Communicator& world, const ModelConfig& cfg, const ShardLayout& layout,
+                         const std::map<std::string, Tensor>& local);
+
+}  // namespace lockstep

@@ -1,0 +1,117 @@
+// D4: gradients under every topology the backward supports are the bytes of one rank
+// (train_forward + backward per micro-batch, summed by the pairwise micro-batch tree).
+#include <gtest/gtest.h>
+
+#include "parallel/parallel_backward.h"
+#include "parallel_test_util.h"
+#include "train/grad_accumulate.h"
+
+namespace lockstep {
+namespace {
+
+using ptest::TopoSpec;
+
+// Upstream of the `grad` loss: d(sum of per-sequence mean NLL) / d logp = -1 / (n - 1).
+std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<float>>& lp) {
+  std::vector<SequenceGradInput> up(lp.size());
+  for (size_t i = 0; i < lp.size(); ++i) up[i].dlogp.assign(lp[i].size(), -1.0f / float(lp[i].size()));
+  return up;
+}
+
+// The golden sequences of length >= 2, cut into `m` micro-batches of whole sequences.
+std::vector<std::vector<std::vector<int32_t>>> micro_batches(int m) {
+  std::vector<std::vector<int32_t>> seqs;
+  for (auto& s : ptest::golden_sequences())
+    if (s.size() >= 2) seqs.push_back(s);
+  std::vector<std::vector<std::vector<int32_t>>> out(m);
+  for (size_t i = 0; i < seqs.size(); ++i) out[i * m / seqs.size()].push_back(seqs[i]);
+  return out;
+}
+
+GradMap single_rank(const ModelWeights& w, Precision precision,
+                    const std::vector<std::vector<std::vector<int32_t>>>& mbs) {
+  set_num_threads(1);
+  Qwen3Moe model(w.clone(), precision);
+  PairwiseGradAccumulator acc(int64_t(mbs.size()));
+  for (const auto& seqs : mbs) {
+    TrainForward f = train_forward(model, seqs, false);
+    GradMap g;
+    backward(model, f, mean_nll_upstream(f.logprobs), g);
+    acc.push(std::move(g));
+  }
+  return acc.finish();
+}
+
+GradMap parallel(const ModelWeights& full, Precision precision, const TopoSpec& spec,
+                 const std::vector<std::vector<std::vector<int32_t>>>& mbs) {
+  set_num_threads(1);
+  GradMap result;
+  dist::run_threads(spec.world, [&](dist::Communicator& comm) {
+    Topology topo = Topology::from_world(spec.world, spec.tp, spec.sp, spec.pp, spec.ep, spec.etp);
+    topo.validate(full.config, spec.world);
+    auto split = pipeline_layer_split(full.config.num_hidden_layers, spec.pp, spec.split);
+    ShardLayout layout = ShardLayout::make(full.config, topo, split, comm.rank());
+    ParallelQwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
+    ParallelGrad pg(model);
+    const int64_t per = int64_t(mbs.size()) / topo.dp, d = layout.coords.dp;
+    std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);
+    auto local = pg.step_grads(mine, false, [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); });
+    auto g = gather_full(comm, full.config, layout, local);
+    if (comm.rank() == 0) result = std::move(g);
+  });
+  return result;
+}
+
+void expect_same(const GradMap& a, const GradMap& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (const auto& [name, t] : a) {
+    auto it = b.find(name);
+    ASSERT_TRUE(it != b.end()) << what << ": no " << name;
+    ASSERT_EQ(t.numel(), it->second.numel()) << what << ": " << name;
+    int64_t first = -1;
+    for (int64_t i = 0; i < t.numel() && first < 0; ++i)
+      if (std::memcmp(t.data<float>() + i, it->second.data<float>() + i, 4) != 0) first = i;
+    EXPECT_EQ(first, -1) << what << ": " << name << " differs first at " << first << ": "
+                         << t.data<float>()[std::max<int64_t>(first, 0)] << " vs "
+                         << it->second.data<float>()[std::max<int64_t>(first, 0)];
+  }
+}
+
+struct Case {
+  TopoSpec spec;
+  int microbatches = 1;
+};
+
+class ParallelGradFixture : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ParallelGradFixture, BitwiseEqualToOneRank) {
+  const Case c = GetParam();
+  ModelWeights w = ModelWeights::load(ptest::fixture_dir(), Precision::float32);
+  const auto mbs = micro_batches(c.microbatches);
+  const GradMap ref = single_rank(w, Precision::float32, mbs);
+  expect_same(ref, parallel(w, Precision::float32, c.spec, mbs), c.spec.name());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Topologies, ParallelGradFixture,
+    ::testing::Values(Case{{1}}, Case{{2, 2}}, Case{{4, 4}}, Case{{2, 2, 1, 1, 1, true}}, Case{{2, 1, 2}},
+                      Case{{2, 2, 1, 2}}, Case{{2, 1, 1, 2}, 2}, Case{{4, 4, 1, 4}}, Case{{4, 1, 1, 4}, 4},
+                      Case{{2, 2, 1, 2, 1, true}}, Case{{8, 2, 2, 2, 1, true}, 2}, Case{{4, 4, 1, 2, 2}},
+                      Case{{4, 2, 1, 2, 2}, 2}, Case{{2, 1, 1, 1}, 2}, Case{{4, 2, 1, 1, 2, true}, 2}),
+    [](const auto& info) { return info.param.spec.name() + "_mb" + std::to_string(info.param.microbatches); });
+
+TEST(ParallelGrad, UnevenPipelineOnFourLayersInBf16) {
+  ModelConfig cfg = ModelWeights::load(ptest::fixture_dir(), Precision::float32).config;
+  cfg.num_hidden_layers = 4;
+  ModelWeights w = ModelWeights::random(cfg, 7, Precision::bfloat16);
+  const auto mbs = micro_batches(2);
+  const GradMap ref = single_rank(w, Precision::bfloat16, mbs);
+  TopoSpec spec{2, 1, 2};
+  spec.split = std::vector<int64_t>{1, 3};
+  expect_same(ref, parallel(w, Precision::bfloat16, spec, mbs), spec.name());
+  TopoSpec mixed{8, 2, 2, 2, 1, true};
+  expect_same(ref, parallel(w, Precision::bfloat16, mixed, mbs), mixed.name());
+}
+
+}  // namespace
+}  // namespace lockstep
