@@ -68,7 +68,37 @@ void check_finite(const std::string& name, const Tensor& g) {
 
 }  // namespace
 
+AdamW::AdamW(const OptimizerConfig& config, const std::vector<std::pair<std::string, Tensor*>>& params)
+    : config_(config) {
+  for (const auto& [name, t] : params) {
+    master_[name] = t->to_f32();
+    exp_avg_[name] = Tensor::zeros(t->shape(), DType::f32);
+    exp_avg_sq_[name] = Tensor::zeros(t->shape(), DType::f32);
+  }
+}
+
 OptimizerStepResult AdamW::step(std::map<std::string, Tensor>& grads, ModelWeights& weights, Precision precision) {
+  check_grads(grads);
+  OptimizerStepResult r = update(grads, global_grad_norm(grads));
+  copy_to_model(weights, precision);
+  return r;
+}
+
+OptimizerStepResult AdamW::step_sharded(std::map<std::string, Tensor>& grads, float grad_norm,
+                                        const std::vector<std::pair<std::string, Tensor*>>& params,
+                                        Precision precision) {
+  check_grads(grads);
+  OptimizerStepResult r = update(grads, grad_norm);
+  for (const auto& [name, t] : params) {
+    const Tensor& src = master_.at(name);
+    const float* s = src.data<float>();
+    float* d = t->data<float>();
+    for (int64_t i = 0; i < src.numel(); ++i) d[i] = precision == Precision::bfloat16 ? round_bf16(s[i]) : s[i];
+  }
+  return r;
+}
+
+void AdamW::check_grads(const std::map<std::string, Tensor>& grads) const {
   // Check everything before any state changes, so a bad step leaves the optimizer intact.
   LS_CHECK(grads.size() == master_.size(), "optimizer: expected gradients for ", master_.size(), " tensors, got ",
            grads.size());
@@ -79,8 +109,11 @@ OptimizerStepResult AdamW::step(std::map<std::string, Tensor>& grads, ModelWeigh
              " has shape ", shape_str(it->second.shape()), ", expected fp32 ", shape_str(m.shape()));
     check_finite(name, it->second);
   }
+}
+
+OptimizerStepResult AdamW::update(const std::map<std::string, Tensor>& grads, float grad_norm) {
   OptimizerStepResult r;
-  r.grad_norm = global_grad_norm(grads);
+  r.grad_norm = grad_norm;
   LS_CHECK(std::isfinite(r.grad_norm), "optimizer: the global gradient norm is not finite (", r.grad_norm, ")");
   r.lr = learning_rate_at(config_, step_);
   float clip_coef = 1.0f;
@@ -111,7 +144,6 @@ OptimizerStepResult AdamW::step(std::map<std::string, Tensor>& grads, ModelWeigh
       p[i] = w - lr * (m_hat / (std::sqrt(v_hat) + eps));
     }
   }
-  copy_to_model(weights, precision);
   return r;
 }
 

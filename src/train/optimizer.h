@@ -51,6 +51,15 @@ class AdamW {
   // The model's weights become the master weights, rounded to bf16 in that recipe.
   OptimizerStepResult step(std::map<std::string, Tensor>& grads, ModelWeights& weights, Precision precision);
 
+  // Sharded form (parallel/parallel_backward.h): masters of the given tensors (a rank's
+  // shards, by global name). AdamW is elementwise, so a shard's update is the slice of the
+  // full update once every rank uses the same global norm.
+  AdamW(const OptimizerConfig& config, const std::vector<std::pair<std::string, Tensor*>>& params);
+  // One step given the canonical global gradient norm of all shards (parallel_grad_norm);
+  // the same checks and arithmetic as step(). Writes the masters into `params`.
+  OptimizerStepResult step_sharded(std::map<std::string, Tensor>& grads, float grad_norm,
+                                   const std::vector<std::pair<std::string, Tensor*>>& params, Precision precision);
+
   int64_t steps_taken() const { return step_; }
   const std::map<std::string, Tensor>& master() const { return master_; }
 
@@ -62,6 +71,9 @@ class AdamW {
   void copy_to_model(ModelWeights& weights, Precision precision) const;
 
  private:
+  void check_grads(const std::map<std::string, Tensor>& grads) const;
+  OptimizerStepResult update(const std::map<std::string, Tensor>& grads, float grad_norm);
+
   OptimizerConfig config_;
   int64_t step_ = 0;
   std::map<std::string, Tensor> master_, exp_avg_, exp_avg_sq_;
