@@ -20,8 +20,9 @@ struct Problem {
 };
 
 std::vector<float> run(const Problem& p, const DeviceVec<uint16_t>& A, const DeviceVec<uint16_t>& W, int64_t M,
-                       int config) {
-  DeviceVec<float> out(M * p.N);
+                       int config, bool split = false) {
+  DeviceVec<float> out(M * p.N), workspace(8 * M * p.N);
+  workspace.poison();
   out.poison();
   cuda::GemmArgs g;
   g.A = reinterpret_cast<const __nv_bfloat16*>(A.get());
@@ -35,6 +36,10 @@ std::vector<float> run(const Problem& p, const DeviceVec<uint16_t>& A, const Dev
   g.out_kind = cuda::GemmOut::f32;
   g.out_f32 = out.get();
   g.ldo = p.N;
+  if (split) {  // the row form's chunks in separate CTAs, combined by a second kernel
+    g.split_workspace = workspace.get();
+    g.split_workspace_floats = workspace.n;
+  }
   if (config < 0) cuda::gemm(g, nullptr);
   else cuda::gemm_with_config(g, config, nullptr);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -64,15 +69,18 @@ void check(const Problem& p) {
       ASSERT_NEAR(full[r * p.N + n], ref, 1e-4 * std::sqrt(double(p.K)) + 1e-5 * std::abs(ref))
           << "row " << r << " col " << n;
     }
-  for (int config = 0; config < cuda::kGemmConfigs; ++config) {
-    EXPECT_TRUE(same_bits_f(run(p, A, W, p.M, config), full)) << "config " << config << " differs";
-    for (int64_t m : {int64_t(1), int64_t(3), int64_t(17), int64_t(70)}) {
-      if (m > p.M) continue;
-      auto part = run(p, A, W, m, config);
-      std::vector<float> head(full.begin(), full.begin() + m * p.N);
-      EXPECT_TRUE(same_bits_f(part, head)) << "config " << config << ", first " << m << " rows differ";
+  for (int config = 0; config < cuda::kGemmConfigs; ++config)
+    for (bool split : {false, true}) {
+      if (split && p.chunks != 8) continue;
+      EXPECT_TRUE(same_bits_f(run(p, A, W, p.M, config, split), full)) << "config " << config << " split " << split;
+      for (int64_t m : {int64_t(1), int64_t(3), int64_t(17), int64_t(70)}) {
+        if (m > p.M) continue;
+        auto part = run(p, A, W, m, config, split);
+        std::vector<float> head(full.begin(), full.begin() + m * p.N);
+        EXPECT_TRUE(same_bits_f(part, head)) << "config " << config << " split " << split << ", first " << m
+                                             << " rows differ";
+      }
     }
-  }
 }
 
 TEST(CudaGemm, ColumnFormIsBatchInvariant) { check({300, 200, 2048, 1}); }
@@ -98,10 +106,14 @@ TEST(CudaGemm, GroupedGatherScatterEqualsPlain) {
     rows_of.push_back(int32_t(gather.size()));
   }
   DeviceVec<int32_t> Rows(rows_of), Gather(gather), Scatter(scatter);
-  for (int chunks : {1, 8})
+  DeviceVec<float> workspace(8 * T * N);
+  for (int variant : {1, 8, -8})  // -8: the row form with its chunks split across CTAs
     for (int config = 0; config < cuda::kGemmConfigs; ++config) {
+      const bool split = variant < 0;
+      const int chunks = split ? 8 : variant;
       DeviceVec<float> out(T * N);
       out.poison();
+      workspace.poison();
       cuda::GemmArgs g;
       g.A = reinterpret_cast<const __nv_bfloat16*>(X.get());
       g.lda = K;
@@ -119,6 +131,10 @@ TEST(CudaGemm, GroupedGatherScatterEqualsPlain) {
       g.out_f32 = out.get();
       g.ldo = N;
       g.out_scatter = Scatter.get();
+      if (split) {
+        g.split_workspace = workspace.get();
+        g.split_workspace_floats = workspace.n;
+      }
       cuda::gemm_with_config(g, config, nullptr);
       auto grouped = out.take();
       for (int64_t grp = 0; grp < G; ++grp) {
@@ -127,7 +143,7 @@ TEST(CudaGemm, GroupedGatherScatterEqualsPlain) {
         auto plain = run(p, X, Wg, T, config);
         for (int64_t t = grp; t < T; t += G)
           EXPECT_EQ(std::memcmp(&grouped[t * N], &plain[t * N], N * 4), 0)
-              << "token " << t << " chunks " << chunks << " config " << config;
+              << "token " << t << " chunks " << chunks << " config " << config << " split " << split;
       }
     }
 }

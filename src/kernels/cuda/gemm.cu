@@ -43,8 +43,13 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 // that the 8 rows an ldmatrix reads fall in 8 different bank groups.
 __device__ __forceinline__ int swz(int row, int piece) { return row * kBK + ((piece ^ (row & 7)) << 3); }
 
-template <int WM, int WN, int MI, int NI, int STAGES, bool CHUNKED>
+// MODE 0: column form. MODE 1: canonical row form, the 8 chunk sums folded by the tree in
+// registers. MODE 2: the same chunk sums, one chunk per blockIdx.z, each written in fp32 to
+// the split workspace; combine_chunks_kernel then applies the same tree and epilogue, so
+// MODE 1 and MODE 2 give the same bits (MODE 2 has 8x the CTAs, for latency-bound steps).
+template <int WM, int WN, int MI, int NI, int STAGES, int MODE>
 __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec) {
+  constexpr bool CHUNKED = MODE == 1, SPLIT = MODE == 2;
   constexpr int BM = WM * MI * 16, BN = WN * NI * 8, THREADS = WM * WN * 32;
   constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS, B_ITERS = (BN * 8 + THREADS - 1) / THREADS;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -103,9 +108,10 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
   const int n0 = int(blockIdx.y) * BN;
   const int K = int(p.K), N = int(p.N);
   const bf16* W = p.W + int64_t(group) * p.w_group_stride;
-  const int chunk_len = CHUNKED ? (K + 7) / 8 : K;
+  const int chunk_len = (CHUNKED || SPLIT) ? (K + 7) / 8 : K;
   const int tiles_per_chunk = (chunk_len + kBK - 1) / kBK;
   const int total_tiles = (CHUNKED ? 8 : 1) * tiles_per_chunk;
+  const int kt0 = SPLIT ? int(blockIdx.z) * tiles_per_chunk : 0;  // first K tile of this CTA
 
   // The rows each thread loads are the same for every K tile: resolve them once.
   const bf16* a_row[A_ITERS];
@@ -171,7 +177,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < total_tiles) load_tile(s, s);
+    if (s < total_tiles) load_tile(s, kt0 + s);
     cp_async_commit();
   }
 
@@ -181,14 +187,14 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
     __syncthreads();
     {
       int nt = kt + STAGES - 1;
-      if (nt < total_tiles) load_tile(nt % STAGES, nt);
+      if (nt < total_tiles) load_tile(nt % STAGES, kt0 + nt);
       cp_async_commit();
     }
     const bf16* a_s = sA + (kt % STAGES) * BM * kBK;
     const bf16* b_s = sB + (kt % STAGES) * BN * kBK;
     // k16 steps that hold only the zero padding of a chunk are skipped (the same rule for
     // every tile shape, so every element still sees one fixed sequence of mma steps).
-    const int k_live = min(kBK, chunk_len - (kt % tiles_per_chunk) * kBK);
+    const int k_live = min(kBK, chunk_len - ((kt0 + kt) % tiles_per_chunk) * kBK);
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       if (kk * 16 >= k_live) break;
@@ -247,9 +253,15 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
         const int row = row0 + warp_m * MI * 16 + mi * 16 + (lane >> 2) + h * 8;
         const int n = n0 + warp_n * NI * 8 + ni * 8 + (lane & 3) * 2;
         if (row >= row_end || n >= N) continue;
-        const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
         const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
         const bool pair = n + 1 < N;
+        if constexpr (SPLIT) {
+          float* w = p.split_workspace + (int64_t(blockIdx.z) * p.M + row) * N + n;
+          w[0] = v0;
+          if (pair) w[1] = v1;
+          continue;
+        }
+        const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
         if (p.out_kind == GemmOut::f32) {
           if (pair) *reinterpret_cast<float2*>(p.out_f32 + o) = make_float2(v0, v1);
           else p.out_f32[o] = v0;
@@ -268,11 +280,27 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
       }
 }
 
-template <int WM, int WN, int MI, int NI, int STAGES, bool CHUNKED>
+// The tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) over the 8 chunk partials of MODE 2, then
+// the epilogue of the output kind: the same operations as MODE 1's fold and epilogue.
+__global__ void combine_chunks_kernel(GemmArgs p) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.M * p.N) return;
+  const int64_t row = i / p.N, n = i % p.N, plane = p.M * p.N;
+  const float* w = p.split_workspace + i;
+  const float left = (w[0] + w[plane]) + (w[2 * plane] + w[3 * plane]);
+  const float v = left + ((w[4 * plane] + w[5 * plane]) + (w[6 * plane] + w[7 * plane]));
+  const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
+  if (p.out_kind == GemmOut::f32) p.out_f32[o] = v;
+  else if (p.out_kind == GemmOut::bf16) p.out_bf16[o] = to_bf16(v);
+  else p.out_bf16[o] = to_bf16(to_f32(p.resid[o]) + round_bf16(v));
+}
+
+template <int WM, int WN, int MI, int NI, int STAGES, int MODE>
 void launch(const GemmArgs& p, cudaStream_t stream) {
+  constexpr bool CHUNKED = MODE != 0;
   constexpr int BM = WM * MI * 16, BN = WN * NI * 8, THREADS = WM * WN * 32;
   constexpr size_t smem = size_t(STAGES) * (BM + BN) * kBK * sizeof(bf16);
-  auto kernel = gemm_kernel<WM, WN, MI, NI, STAGES, CHUNKED>;
+  auto kernel = gemm_kernel<WM, WN, MI, NI, STAGES, MODE>;
   static const bool configured = [&] {
     LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -284,25 +312,37 @@ void launch(const GemmArgs& p, cudaStream_t stream) {
                    p.w_group_stride % 8 == 0 && aligned(p.A) && aligned(p.W);
   int64_t tiles_m = ceil_div(p.M, BM);
   if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
-  dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, BN)));
+  dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, BN)), MODE == 2 ? 8u : 1u);
   LS_CHECK(grid.y <= 65535, "gemm: N = ", p.N, " is too large for one launch");
   kernel<<<grid, THREADS, smem, stream>>>(p, vec);
   LS_CUDA_LAUNCHED();
+  if constexpr (MODE == 2) {
+    combine_chunks_kernel<<<unsigned(ceil_div(p.M * p.N, 256)), 256, 0, stream>>>(p);
+    LS_CUDA_LAUNCHED();
+  }
 }
 
-template <bool CHUNKED>
+template <int MODE>
 void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
   switch (config) {
-    case 0: return launch<1, 2, 1, 2, 8, CHUNKED>(p, stream);  // 16 x 32
-    case 1: return launch<1, 4, 1, 2, 6, CHUNKED>(p, stream);  // 16 x 64
-    case 2: return launch<2, 2, 2, 4, 4, CHUNKED>(p, stream);  // 64 x 64
-    case 3: return launch<2, 4, 2, 4, 4, CHUNKED>(p, stream);  // 64 x 128
-    case 4:
-      if constexpr (CHUNKED) return launch<2, 4, 2, 4, 4, CHUNKED>(p, stream);  // the tree needs 4 accumulators
-      else return launch<2, 4, 4, 4, 4, CHUNKED>(p, stream);                    // 128 x 128
+    case 0: return launch<1, 2, 1, 2, 8, MODE>(p, stream);  // 16 x 32
+    case 1: return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // 16 x 64
+    case 6: return launch<1, 1, 1, 2, 8, MODE>(p, stream);  // 16 x 16, one warp: most CTAs
     default:
-      if constexpr (CHUNKED) return launch<2, 4, 2, 4, 4, CHUNKED>(p, stream);
-      else return launch<2, 4, 4, 8, 3, CHUNKED>(p, stream);  // 128 x 256, warp tile 64 x 64
+      if constexpr (MODE == 2) {
+        return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // split: small tiles only
+      } else {
+        switch (config) {
+        case 2: return launch<2, 2, 2, 4, 4, MODE>(p, stream);  // 64 x 64
+        case 3: return launch<2, 4, 2, 4, 4, MODE>(p, stream);  // 64 x 128
+        case 4:
+          if constexpr (MODE == 1) return launch<2, 4, 2, 4, 4, MODE>(p, stream);  // the tree needs 4 accumulators
+          else return launch<2, 4, 4, 4, 4, MODE>(p, stream);                     // 128 x 128
+        default:
+          if constexpr (MODE == 1) return launch<2, 4, 2, 4, 4, MODE>(p, stream);
+          else return launch<2, 4, 4, 8, 3, MODE>(p, stream);  // 128 x 256, warp tile 64 x 64
+        }
+      }
   }
 }
 
@@ -312,18 +352,38 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
   LS_CHECK(p.chunks == 1 || p.chunks == 8, "gemm: chunks must be 1 or 8, got ", p.chunks);
   LS_CHECK(p.M >= 0 && p.N > 0 && p.K > 0, "gemm: bad shape M=", p.M, " N=", p.N, " K=", p.K);
   LS_CHECK(p.M < (int64_t(1) << 31) && p.K < (int64_t(1) << 31), "gemm: shape too large");
+  LS_CHECK(config >= 0 && config < kGemmConfigs, "gemm: no tile configuration ", config);
   if (p.M == 0) return;
-  if (p.chunks == 8) launch_config<true>(p, config, stream);
-  else launch_config<false>(p, config, stream);
+  if (p.chunks == 8 && p.split_workspace != nullptr) {
+    LS_CHECK(8 * p.M * p.N <= p.split_workspace_floats, "gemm: the split workspace holds ", p.split_workspace_floats,
+             " floats, ", 8 * p.M * p.N, " needed");
+    launch_config<2>(p, config, stream);
+  } else if (p.chunks == 8) {
+    launch_config<1>(p, config, stream);
+  } else {
+    launch_config<0>(p, config, stream);
+  }
 }
 
-void gemm(const GemmArgs& p, cudaStream_t stream) {
+void gemm(const GemmArgs& args, cudaStream_t stream) {
+  GemmArgs p = args;
   const int64_t groups = p.group_rows ? std::max<int64_t>(1, std::min<int64_t>(p.groups, p.M)) : 1;
   const int64_t rows = p.rows_hint >= 0 ? p.rows_hint : p.M / groups;
+  // Only speed depends on the choice: every configuration gives the same bits.
   int config;
-  if (rows <= 16) config = ceil_div(p.N, 64) * groups < 264 ? 0 : 1;
-  else if (rows <= 64) config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
-  else config = 4;
+  if (rows <= 16) {
+    const int64_t narrow_ctas = ceil_div(p.N, 16) * groups * ceil_div(rows, 16);
+    config = narrow_ctas < 4 * 132 ? 6 : ceil_div(p.N, 64) * groups < 264 ? 0 : 1;
+  } else if (rows <= 64) {
+    config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
+  } else {
+    config = rows >= 128 && p.chunks == 1 ? 5 : 4;
+  }
+  // The row form at few CTAs: one chunk per CTA (8x the CTAs) when the workspace allows.
+  const int64_t bn = config == 6 ? 16 : config == 0 ? 32 : 64;
+  const bool split = p.chunks == 8 && rows <= 16 && p.split_workspace != nullptr &&
+                     8 * p.M * p.N <= p.split_workspace_floats && ceil_div(p.N, bn) * groups * ceil_div(rows, 16) < 600;
+  if (!split) p.split_workspace = nullptr;
   gemm_with_config(p, config, stream);
 }
 

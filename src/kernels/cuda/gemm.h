@@ -2,11 +2,13 @@
 // accumulation), DESIGN.md section 1 rules 1 and 2 on the GPU.
 //
 // Every output element is accumulated by the same sequence of mma.sync m16n8k16 steps in
-// ascending k (K tiles of 64, zero-padded), whatever the tile shape, the number of rows or
-// the group the row belongs to: a row's result never depends on the batch. There is no
-// split-K. The row form (chunks = 8) cuts K into 8 canonical chunks of ceil(K / 8), sums
-// each chunk separately and combines the partials by the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7))
-// inside the kernel, so it is the same function as a TP-split row-parallel linear.
+// ascending k (K tiles of 64; k16 steps wholly inside a chunk's zero padding are skipped),
+// whatever the tile shape, the number of rows or the group the row belongs to: a row's
+// result never depends on the batch. There is no split-K. The row form (chunks = 8) cuts K
+// into 8 canonical chunks of ceil(K / 8), sums each chunk separately and combines the
+// partials by the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) (in the kernel, or in a second
+// kernel from per-chunk CTAs: the same operations), so it is the same function as a
+// TP-split row-parallel linear.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -46,12 +48,18 @@ struct GemmArgs {
   const int32_t* out_scatter = nullptr;
   // Host-side hint of the typical rows per group (picks the tile shape only; never the numbers).
   int64_t rows_hint = -1;
+  // Row form only: scratch of split_workspace_floats floats (device). gemm() may then compute
+  // the 8 chunk sums in separate CTAs (fp32 partials here) and combine them by the same tree
+  // in a second kernel: the same bits, 8x the CTAs for latency-bound small steps. With
+  // gemm_with_config, a non-null workspace forces that path (it must hold 8 * M * N).
+  float* split_workspace = nullptr;
+  int64_t split_workspace_floats = 0;
 };
 
 void gemm(const GemmArgs& args, cudaStream_t stream);
 
 // Which tile configurations exist (tests run each on the same problem and compare bits).
-constexpr int kGemmConfigs = 6;
+constexpr int kGemmConfigs = 7;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 
 }  // namespace lockstep::cuda

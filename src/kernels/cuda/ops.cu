@@ -334,24 +334,41 @@ __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
   act[idx] = to_bf16(g / (1.0f + expf(-g)) * u);
 }
 
-__global__ void combine_kernel(const int32_t* ids, const float* weights, const bf16* y, bf16* x, int64_t H, int64_t k) {
+// Block per (token, 512 hidden columns): the token's slots sorted by expert id once into
+// shared memory, then each thread sums two columns over the experts in that order.
+constexpr int kCombineThreads = 256;
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const int32_t* ids, const float* weights,
+                                                                  const bf16* y, bf16* x, int64_t H, int64_t k) {
+  __shared__ int s_order[8];
   const int64_t t = blockIdx.x;
-  int order[8];
-  for (int i = 0; i < k; ++i) order[i] = i;
-  for (int i = 1; i < k; ++i)  // insertion sort of the slots by expert id
-    for (int j = i; j > 0 && ids[t * k + order[j]] < ids[t * k + order[j - 1]]; --j) {
-      int tmp = order[j];
-      order[j] = order[j - 1];
-      order[j - 1] = tmp;
-    }
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-    float o = 0.0f;
+  if (threadIdx.x == 0) {
+    int order[8], id[8];
     for (int i = 0; i < k; ++i) {
-      const int slot = order[i];
-      o += weights[t * k + slot] * to_f32(y[(t * k + slot) * H + h]);
+      order[i] = i;
+      id[i] = ids[t * k + i];
     }
-    x[t * H + h] = to_bf16(to_f32(x[t * H + h]) + round_bf16(o));
+    for (int i = 1; i < k; ++i)  // insertion sort of the slots by expert id
+      for (int j = i; j > 0 && id[order[j]] < id[order[j - 1]]; --j) {
+        int tmp = order[j];
+        order[j] = order[j - 1];
+        order[j - 1] = tmp;
+      }
+    for (int i = 0; i < k; ++i) s_order[i] = order[i];
   }
+  __syncthreads();
+  const int64_t h0 = (int64_t(blockIdx.y) * kCombineThreads + threadIdx.x) * 2;
+  if (h0 >= H) return;
+  const bool pair = h0 + 1 < H;
+  float o0 = 0.0f, o1 = 0.0f;
+  for (int i = 0; i < k; ++i) {
+    const int slot = s_order[i];
+    const float w = weights[t * k + slot];
+    const bf16* yr = y + (t * k + slot) * H + h0;
+    o0 += w * to_f32(yr[0]);
+    if (pair) o1 += w * to_f32(yr[1]);
+  }
+  x[t * H + h0] = to_bf16(to_f32(x[t * H + h0]) + round_bf16(o0));
+  if (pair) x[t * H + h0 + 1] = to_bf16(to_f32(x[t * H + h0 + 1]) + round_bf16(o1));
 }
 
 __global__ void __launch_bounds__(256) log_softmax_gather_kernel(const float* logits, const int32_t* targets,
@@ -533,7 +550,9 @@ void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s)
 void combine_experts_residual(const int32_t* ids, const float* weights, const bf16_t* y, bf16_t* x, int64_t T,
                               int64_t H, int64_t k, cudaStream_t s) {
   if (T == 0) return;
-  combine_kernel<<<unsigned(T), 256, 0, s>>>(ids, weights, y, x, H, k);
+  LS_CHECK(k >= 1 && k <= 8, "cuda combine_experts: num_experts_per_tok must be in 1..8, got ", k);
+  dim3 grid(unsigned(T), unsigned((H + 2 * kCombineThreads - 1) / (2 * kCombineThreads)));
+  combine_kernel<<<grid, kCombineThreads, 0, s>>>(ids, weights, y, x, H, k);
   LS_CUDA_LAUNCHED();
 }
 

@@ -273,6 +273,8 @@ class CudaRunner final : public ModelRunner {
     bf16_t *x = nullptr, *h = nullptr, *qkv = nullptr, *q = nullptr, *attn = nullptr, *gu = nullptr,
            *act = nullptr, *y = nullptr;
     float* router_logits = nullptr;
+    float* split = nullptr;  // per-chunk partials of small row-form GEMMs (gemm.h)
+    int64_t split_floats = 0;
     int32_t *ids = nullptr, *counts = nullptr, *group_rows = nullptr, *gather = nullptr, *scatter = nullptr;
     float* expert_weights = nullptr;
     int32_t* meta = nullptr;  // tokens | positions | seq_of_token | page tables
@@ -348,6 +350,8 @@ class CudaRunner final : public ModelRunner {
       ws_.gu = act_arena_.alloc<bf16_t>(rows * 2 * I);
       ws_.act = act_arena_.alloc<bf16_t>(rows * I);
       ws_.y = act_arena_.alloc<bf16_t>(rows * H);
+      ws_.split_floats = 8 * std::min<int64_t>(rows, 1024) * H;
+      ws_.split = act_arena_.alloc<float>(ws_.split_floats);
       ws_.tokens = T;
     }
     if (logit_rows > ws_.logit_rows) {
@@ -531,6 +535,8 @@ class CudaRunner final : public ModelRunner {
     g.N = N;
     g.K = K;
     g.chunks = 8;
+    g.split_workspace = ws_.split;
+    g.split_workspace_floats = ws_.split_floats;
     g.out_kind = GemmOut::bf16_residual;
     g.out_bf16 = x;
     g.resid = x;
@@ -584,6 +590,8 @@ class CudaRunner final : public ModelRunner {
     dn.N = H;
     dn.K = I;
     dn.chunks = 8;
+    dn.split_workspace = ws_.split;
+    dn.split_workspace_floats = ws_.split_floats;
     dn.group_rows = ws_.group_rows;
     dn.groups = int(E);
     dn.out_kind = GemmOut::bf16;
