@@ -371,18 +371,15 @@ void gemm(const GemmArgs& args, cudaStream_t stream) {
   const int64_t rows = p.rows_hint >= 0 ? p.rows_hint : p.M / groups;
   // Only speed depends on the choice: every configuration gives the same bits.
   int config;
-  if (rows <= 16) {
-    const int64_t narrow_ctas = ceil_div(p.N, 16) * groups * ceil_div(rows, 16);
-    config = narrow_ctas < 4 * 132 ? 6 : ceil_div(p.N, 64) * groups < 264 ? 0 : 1;
-  } else if (rows <= 64) {
-    config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
-  } else {
-    config = rows >= 128 && p.chunks == 1 ? 5 : 4;
-  }
-  // The row form at few CTAs: one chunk per CTA (8x the CTAs) when the workspace allows.
-  const int64_t bn = config == 6 ? 16 : config == 0 ? 32 : 64;
+  if (rows <= 16) config = ceil_div(p.N, 64) * groups < 264 ? 0 : 1;
+  else if (rows <= 64) config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
+  else config = rows >= 128 && p.chunks == 1 ? 5 : 4;
+  // The row form with fewer CTAs than SMs (o_proj at one token): one chunk per CTA, in
+  // one-warp 16x16 tiles (2 x 8 = 16x the CTAs), when the workspace allows. Measured (H200,
+  // ncu): o_proj at b1 52 -> 27 us; splitting what already has 512 CTAs (down) lost time.
   const bool split = p.chunks == 8 && rows <= 16 && p.split_workspace != nullptr &&
-                     8 * p.M * p.N <= p.split_workspace_floats && ceil_div(p.N, bn) * groups * ceil_div(rows, 16) < 600;
+                     8 * p.M * p.N <= p.split_workspace_floats && ceil_div(p.N, 32) * groups * ceil_div(rows, 16) < 132;
+  if (split) config = 6;
   if (!split) p.split_workspace = nullptr;
   gemm_with_config(p, config, stream);
 }
