@@ -66,4 +66,67 @@ inline void dot_tile(const float* const* a, const float* const* b, int64_t n, fl
     for (int c = 0; c < C; ++c) out[r][c] = reduce_lanes(acc[r][c]);
 }
 
+// Register-blocked form of the same procedure for kernels that block over K: the R x C lane
+// accumulators live in `acc` (row-major, acc[r * C + c]) between calls, so a caller may run
+// the 8-steps of [k0, k1) in any number of consecutive blocks and the lanes still see
+// acc_j += a[k] * b[k] for k = j (mod 8) in ascending k, exactly as in dot(). k1 - k0 must be a
+// multiple of 8; the zero-padded tail step is dot_tile_tail. With kInit the accumulators
+// start at zero (the first block) instead of being read from acc.
+template <int R, int C, bool kInit = false>
+inline void dot_tile_steps(const float* const* a, const float* const* b, int64_t k0, int64_t k1, v8f* acc) {
+  v8f s[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) s[r][c] = kInit ? v8f{0, 0, 0, 0, 0, 0, 0, 0} : acc[r * C + c];
+  for (int64_t k = k0; k < k1; k += 8) {
+    v8f bv[C];
+    for (int c = 0; c < C; ++c) {
+      bv[c] = load8(b[c] + k);
+      // Keep the loaded vector in a register: otherwise the compiler folds a fresh load into
+      // every multiply and the tile shares nothing.
+      asm("" : "+v"(bv[c]));
+    }
+    for (int r = 0; r < R; ++r) {
+      v8f av = load8(a[r] + k);
+      asm("" : "+v"(av));
+      for (int c = 0; c < C; ++c) s[r][c] += av * bv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r * C + c] = s[r][c];
+}
+
+// dot_tile_steps with the C b rows packed: step i's 8 columns of b row c are at
+// bp[(i * C + c) * 8], so the tile reads b as one sequential stream (rows of a large matrix
+// that are a power of two apart would otherwise fight over the same L1 sets). a rows are
+// read at columns [k0, k0 + 8 * steps).
+template <int R, int C, bool kInit = false>
+inline void dot_tile_steps_packed(const float* const* a, int64_t k0, const float* bp, int64_t steps, v8f* acc) {
+  v8f s[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) s[r][c] = kInit ? v8f{0, 0, 0, 0, 0, 0, 0, 0} : acc[r * C + c];
+  for (int64_t i = 0; i < steps; ++i) {
+    v8f bv[C];
+    for (int c = 0; c < C; ++c) {
+      bv[c] = load8(bp + (i * C + c) * 8);
+      asm("" : "+v"(bv[c]));
+    }
+    for (int r = 0; r < R; ++r) {
+      v8f av = load8(a[r] + k0 + i * 8);
+      asm("" : "+v"(av));
+      for (int c = 0; c < C; ++c) s[r][c] += av * bv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r * C + c] = s[r][c];
+}
+
+// The last, zero-padded step of dot() for columns [k, k + rem), 0 < rem < 8.
+template <int R, int C>
+inline void dot_tile_tail(const float* const* a, const float* const* b, int64_t k, int64_t rem, v8f* acc) {
+  for (int r = 0; r < R; ++r) {
+    v8f av = load_partial(a[r] + k, rem);
+    for (int c = 0; c < C; ++c) acc[r * C + c] += av * load_partial(b[c] + k, rem);
+  }
+}
+
 }  // namespace lockstep::cpu

@@ -19,4 +19,9 @@ void linear_row_canonical(const float* x, const float* w, float* y, int64_t T, i
 // The single-rank canonical row form: 8 chunks of canonical_chunk(K).
 void linear_row(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K);
 
+// The same functions (the same bits) run entirely in the calling thread, for callers that
+// already split their work over the thread pool (its parallel_for is not reentrant).
+void linear_in_caller(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K);
+void linear_row_in_caller(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K);
+
 }  // namespace lockstep::cpu

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <vector>
 
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
@@ -50,19 +51,33 @@ ExpertAssignment assign_tokens(const int32_t* expert_ids, int64_t T, int64_t k, 
   return a;
 }
 
+namespace {
+
+// swiglu_mlp with caller-owned scratch, so a layer's experts share one allocation.
+void swiglu_mlp_with(const float* x, const float* gate_w, const float* up_w, const float* down_w, float* out,
+                     int64_t T, int64_t H, int64_t I, bool round_bf16, std::vector<float>& scratch) {
+  scratch.resize(size_t(3 * T * I));
+  float* gate = scratch.data();
+  float* up = gate + T * I;
+  float* act = up + T * I;
+  linear(x, gate_w, gate, T, I, H);
+  linear(x, up_w, up, T, I, H);
+  if (round_bf16) {
+    cpu::round_to_bf16(gate, T * I);
+    cpu::round_to_bf16(up, T * I);
+  }
+  swiglu(gate, up, act, T * I);
+  if (round_bf16) cpu::round_to_bf16(act, T * I);
+  linear_row(act, down_w, out, T, H, I);
+  if (round_bf16) cpu::round_to_bf16(out, T * H);
+}
+
+}  // namespace
+
 void swiglu_mlp(const float* x, const float* gate_w, const float* up_w, const float* down_w, float* out, int64_t T,
                 int64_t H, int64_t I, bool round_bf16) {
-  std::vector<float> gate(T * I), up(T * I), act(T * I);
-  linear(x, gate_w, gate.data(), T, I, H);
-  linear(x, up_w, up.data(), T, I, H);
-  if (round_bf16) {
-    cpu::round_to_bf16(gate.data(), T * I);
-    cpu::round_to_bf16(up.data(), T * I);
-  }
-  swiglu(gate.data(), up.data(), act.data(), T * I);
-  if (round_bf16) cpu::round_to_bf16(act.data(), T * I);
-  linear_row(act.data(), down_w, out, T, H, I);
-  if (round_bf16) cpu::round_to_bf16(out, T * H);
+  std::vector<float> scratch;
+  swiglu_mlp_with(x, gate_w, up_w, down_w, out, T, H, I, round_bf16, scratch);
 }
 
 void combine_experts(const int32_t* expert_ids, const float* weights, const float* expert_out, float* out, int64_t T,
@@ -95,7 +110,7 @@ void moe_forward(const float* x, const float* router_w, const float* const* gate
 
   // expert_out[t * k + slot] holds the expert output row for that (token, slot).
   std::vector<float> expert_out(T * k * H);
-  std::vector<float> rows, result;
+  std::vector<float> rows, result, scratch;  // reused by every expert
   for (int64_t e = 0; e < E; ++e) {
     const auto& toks = assign.tokens[e];
     if (toks.empty()) continue;
@@ -103,7 +118,7 @@ void moe_forward(const float* x, const float* router_w, const float* const* gate
     rows.resize(n * H);
     result.resize(n * H);
     for (int64_t i = 0; i < n; ++i) std::copy(x + toks[i] * H, x + (toks[i] + 1) * H, rows.begin() + i * H);
-    swiglu_mlp(rows.data(), gate_w[e], up_w[e], down_w[e], result.data(), n, H, I, round_bf16);
+    swiglu_mlp_with(rows.data(), gate_w[e], up_w[e], down_w[e], result.data(), n, H, I, round_bf16, scratch);
     for (int64_t i = 0; i < n; ++i)
       std::copy(result.begin() + i * H, result.begin() + (i + 1) * H,
                 expert_out.begin() + (toks[i] * k + assign.slots[e][i]) * H);
