@@ -1,11 +1,14 @@
 // lockstep train: the single-process RL loop (rollout engine + trainer) on a built-in task.
-// With no arguments it runs the embedded default (configs/default.toml mirrors it).
+// With no arguments it runs the embedded default (configs/default.toml mirrors it). Under
+// `mpirun -np N` with the topology flags (--tensor-model-parallel-size, ...) the trainer runs
+// at that topology and writes the single-rank metrics and checkpoints (DESIGN.md D4).
 #include <cstdio>
 #include <map>
 #include <memory>
 
 #include "command_registry.h"
 #include "core/error.h"
+#include "dist/mpi_communicator.h"
 #include "rl/train_config.h"
 #include "rl/trainer.h"
 
@@ -25,7 +28,9 @@ int run_train(const TrainArgs& a) {
     CLI::Option* opt = a.options.at(o.name);
     if (opt->count() > 0) rl::apply_flag(c, o.name, a.values.at(o.name));
   }
-  rl::TrainSummary s = rl::run_training(c);
+  auto world = dist::world_communicator();
+  rl::TrainSummary s = rl::run_training(c, world.get());
+  if (world->rank() != 0) return 0;
   std::fprintf(stderr, "lockstep train: %lld steps in %.1f s, reward %.3f -> %.3f, max abs_diff %g\n",
                static_cast<long long>(s.steps_run), s.seconds, s.first_reward, s.last_reward, s.max_abs_diff);
   return 0;

@@ -63,6 +63,14 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("save-interval", save_interval, "save every N RL steps (0 = only at the end)"),
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
       LS_OPT("progress", progress, "one-line progress display on stderr"),
+      LS_OPT("tensor-model-parallel-size", tensor_model_parallel_size, "trainer tensor parallel size (1, 2, 4, 8)"),
+      LS_OPT("sequence-parallel", sequence_parallel, "trainer sequence parallel (split tokens across TP ranks)"),
+      LS_OPT("pipeline-model-parallel-size", pipeline_model_parallel_size, "trainer pipeline stages"),
+      LS_OPT("pipeline-layer-split", pipeline_layer_split, "layers per pipeline stage, e.g. 1,3 (default: even)"),
+      LS_OPT("expert-model-parallel-size", expert_model_parallel_size, "trainer expert parallel size"),
+      LS_OPT("expert-tensor-parallel-size", expert_tensor_parallel_size, "trainer expert tensor parallel size"),
+      LS_OPT("audit-weight-sync", audit_weight_sync,
+             "after every weight sync, compare trainer and engine weights by global name (error on a difference)"),
       LS_OPT("debug-inject-nan-step", debug_inject_nan_step, ""),
       LS_OPT("debug-stop-after", debug_stop_after, ""),
   };
@@ -214,6 +222,11 @@ void validate(const TrainConfig& c) {
   LS_CHECK(c.adam_beta1 >= 0 && c.adam_beta1 < 1, "--adam-beta1: expected [0, 1), got ", c.adam_beta1);
   LS_CHECK(c.adam_beta2 >= 0 && c.adam_beta2 < 1, "--adam-beta2: expected [0, 1), got ", c.adam_beta2);
   LS_CHECK(c.adam_eps > 0, "--adam-eps: expected > 0, got ", c.adam_eps);
+  for (auto [flag, v] : {std::pair{"--tensor-model-parallel-size", c.tensor_model_parallel_size},
+                         {"--pipeline-model-parallel-size", c.pipeline_model_parallel_size},
+                         {"--expert-model-parallel-size", c.expert_model_parallel_size},
+                         {"--expert-tensor-parallel-size", c.expert_tensor_parallel_size}})
+    LS_CHECK(v >= 1, flag, ": expected >= 1, got ", v);
   LS_CHECK(c.save_interval >= 0, "--save-interval: expected >= 0, got ", c.save_interval);
   LS_CHECK(!c.resume || !c.save.empty(), "--resume needs --save DIR (the checkpoints to continue from)");
   LS_CHECK(c.ref_load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.ref_load) / "config.json"),

@@ -62,6 +62,15 @@ struct TrainConfig {
   int64_t save_interval = 0;                      // 0: only at the end (when --save is set)
   bool resume = false;                            // continue from the latest checkpoint in --save
   bool progress = true;
+  // Trainer topology under `mpirun -np N lockstep train` (DESIGN.md D4: no number depends on
+  // it; the rollout engine runs single-rank on every rank). Not run-defining.
+  int64_t tensor_model_parallel_size = 1;
+  bool sequence_parallel = false;
+  int64_t pipeline_model_parallel_size = 1;
+  std::string pipeline_layer_split;  // e.g. "1,3"; empty = even
+  int64_t expert_model_parallel_size = 1;
+  int64_t expert_tensor_parallel_size = 1;
+  bool audit_weight_sync = false;  // compare trainer and engine weights after every sync
   // Testing hooks (hidden from the help).
   int64_t debug_inject_nan_step = -1;
   int64_t debug_stop_after = -1;  // stop (as if killed) after this many RL steps of this process

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -18,6 +19,7 @@
 #include "core/timer.h"
 #include "model/qwen3_moe.h"
 #include "model/runner.h"
+#include "rl/parallel_policy.h"
 #include "rl/plot.h"
 #include "rl/tasks.h"
 #include "rl/tiny_model.h"
@@ -131,6 +133,60 @@ BatchResult train_batch(TrainerParts& p, const LossConfig& loss, std::vector<Sam
   return out;
 }
 
+// train_batch at a topology: the same per-sample losses, computed on the last stage and
+// sent to every rank, summed in batch order as on one rank.
+BatchResult train_batch_parallel(ParallelPolicy& par, const TrainConfig& cfg, const LossConfig& loss,
+                                 std::vector<Sample*> batch, const std::string& phase, int64_t step, bool inject_nan) {
+  constexpr size_t kMetrics = 6;
+  BatchResult out;
+  LossNormalizer norm;
+  norm.num_samples = int64_t(batch.size());
+  for (Sample* s : batch) norm.num_tokens += int64_t(s->response.size());
+  std::vector<std::vector<int32_t>> seqs;
+  for (Sample* s : batch) seqs.push_back(s->sequence());
+  auto record_size = [&](int64_t i) { return kMetrics + batch[size_t(i)]->response.size(); };
+  auto sample_upstream = [&](int64_t i, const std::vector<float>& lp_full, const std::vector<float>& ent_full,
+                             std::vector<double>& rec) {
+    Sample& s = *batch[size_t(i)];
+    const size_t P = s.example.prompt.size(), R = s.response.size();
+    std::vector<float> logp = response_part(lp_full, P, R);
+    std::vector<float> entropy = response_part(ent_full, P, R);
+    SampleLossInput in;
+    in.logp = &logp;
+    in.old_logp = &s.old_logp;
+    in.ref_logp = s.ref_logp.empty() ? nullptr : &s.ref_logp;
+    in.entropy = &entropy;
+    in.advantages = &s.advantages;
+    SampleLossResult r = sample_loss(loss, norm, in);
+    SequenceGradInput up;
+    up.dlogp.assign(lp_full.size(), 0.0f);
+    std::copy(r.dlogp.begin(), r.dlogp.end(), up.dlogp.begin() + (P - 1));
+    if (!r.dentropy.empty()) {
+      up.dentropy.assign(lp_full.size(), 0.0f);
+      std::copy(r.dentropy.begin(), r.dentropy.end(), up.dentropy.begin() + (P - 1));
+    }
+    const LossMetrics& m = r.metrics;
+    rec = {m.loss, m.pg_loss, m.pg_clipfrac, m.ppo_kl, m.kl_loss, m.entropy_loss};
+    rec.insert(rec.end(), logp.begin(), logp.end());  // floats are exact in double
+    return up;
+  };
+  auto records = par.compute_grads(seqs, cfg.num_microbatches, sample_upstream, record_size);
+  for (const auto& rec : records) {
+    LossMetrics m;
+    m.loss = rec[0], m.pg_loss = rec[1], m.pg_clipfrac = rec[2], m.ppo_kl = rec[3], m.kl_loss = rec[4],
+    m.entropy_loss = rec[5];
+    out.metrics.add(m);
+    out.train_logp.emplace_back(rec.begin() + kMetrics, rec.end());  // double -> float: exact
+  }
+  if (!std::isfinite(out.metrics.loss)) fail_step(phase, step, "the loss is not finite (" + std::to_string(out.metrics.loss) + ")");
+  try {
+    out.opt = par.apply(inject_nan);
+  } catch (const Error& e) {
+    fail_step(phase, step, e.what());
+  }
+  return out;
+}
+
 struct OnPolicyCheck {
   double abs_diff = 0, kl = 0;
   int64_t tokens = 0;
@@ -168,6 +224,15 @@ std::string run_defining_toml(TrainConfig c) {
   c.resume = false;
   c.progress = true;
   c.debug_inject_nan_step = c.debug_stop_after = -1;
+  // The topology changes no number (D4): a checkpoint is the same whatever wrote it.
+  const TrainConfig defaults;
+  c.tensor_model_parallel_size = defaults.tensor_model_parallel_size;
+  c.sequence_parallel = defaults.sequence_parallel;
+  c.pipeline_model_parallel_size = defaults.pipeline_model_parallel_size;
+  c.pipeline_layer_split = defaults.pipeline_layer_split;
+  c.expert_model_parallel_size = defaults.expert_model_parallel_size;
+  c.expert_tensor_parallel_size = defaults.expert_tensor_parallel_size;
+  c.audit_weight_sync = defaults.audit_weight_sync;
   return to_toml(c);
 }
 
@@ -231,9 +296,26 @@ void check_model_fits_task(const ModelConfig& m, const Task& task, const TrainCo
 
 }  // namespace
 
-TrainSummary run_training(const TrainConfig& cfg) {
+TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   // ---- Everything that can be wrong with the input is checked before any work. ----
   validate(cfg);
+  TopologyRequest request;
+  request.tp = int(cfg.tensor_model_parallel_size);
+  request.sp = cfg.sequence_parallel;
+  request.pp = int(cfg.pipeline_model_parallel_size);
+  request.ep = int(cfg.expert_model_parallel_size);
+  request.etp = int(cfg.expert_tensor_parallel_size);
+  request.layer_split = cfg.pipeline_layer_split;
+  LS_CHECK(world || !request.parallel(), "lockstep train: the topology flags need ranks (run under mpirun)");
+  const bool parallel = world && (world->size() > 1 || request.parallel());
+  ResolvedTopology topology;
+  if (parallel) {
+    const ModelConfig mc = cfg.load.empty() ? tiny_task_model_config() : ModelConfig::load(cfg.load + "/config.json");
+    topology = resolve_topology(request, mc, world->size());
+    LS_CHECK(cfg.num_microbatches % topology.topo.dp == 0, "--num-microbatches ", cfg.num_microbatches,
+             " must be a multiple of the data-parallel size ", topology.topo.dp,
+             " (world ", world->size(), " / (tp ", topology.topo.tp, " x pp ", topology.topo.pp, "))");
+  }
   Timer total;
   if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
   const Precision precision = precision_from_name(cfg.dtype);
@@ -287,10 +369,19 @@ TrainSummary run_training(const TrainConfig& cfg) {
       ref = std::make_unique<Qwen3Moe>(std::move(r), precision);
     }
   }
-  fs::create_directories(cfg.output_dir);
-  if (!cfg.save.empty()) fs::create_directories(cfg.save);
+  std::unique_ptr<ParallelPolicy> par;
+  if (parallel) {
+    par = std::make_unique<ParallelPolicy>(*world, topology, weights, precision, oc);
+    if (!resume_from.empty()) par->load_state(weights, optimizer);
+  }
+  const bool root = !par || par->root();  // writes metrics, plot and checkpoints
+  if (root) {
+    fs::create_directories(cfg.output_dir);
+    if (!cfg.save.empty()) fs::create_directories(cfg.save);
+  }
   const std::string config_toml = run_defining_toml(cfg);
-  MetricsLog metrics((fs::path(cfg.output_dir) / "metrics.jsonl").string(), resume_from.empty() ? -1 : state.step);
+  std::optional<MetricsLog> metrics;
+  if (root) metrics.emplace((fs::path(cfg.output_dir) / "metrics.jsonl").string(), resume_from.empty() ? -1 : state.step);
   const std::string plot_path = (fs::path(cfg.output_dir) / "train.png").string();
 
   Qwen3Moe model(std::move(weights), precision);
@@ -305,6 +396,10 @@ TrainSummary run_training(const TrainConfig& cfg) {
   rollout::Engine engine(make_cpu_runner(model.weights().clone(), precision), eo);
   TrainerParts parts{cfg, precision, model, optimizer};
   const bool tty = isatty(2);
+  const bool progress = cfg.progress && root;
+  // The trainer's current full weights (gathered by global name at a topology).
+  auto synced_weights = [&]() -> const ModelWeights& { return par ? par->sync_full() : model.weights(); };
+  auto current_weights = [&]() -> const ModelWeights& { return par ? par->full() : model.weights(); };
   TrainSummary summary;
 
   // ---- SFT warm start: optimizer steps on task demonstrations. ----
@@ -321,23 +416,25 @@ TrainSummary run_training(const TrainConfig& cfg) {
         demos[i].response = demos[i].example.answer;
         batch.push_back(&demos[i]);
       }
-      BatchResult r = train_batch(parts, sft, batch, "SFT warmup", s + 1, false);
+      BatchResult r = par ? train_batch_parallel(*par, cfg, sft, batch, "SFT warmup", s + 1, false)
+                          : train_batch(parts, sft, batch, "SFT warmup", s + 1, false);
       state.sft_steps_done = s + 1;
-      metrics.write({{"sft_step", s + 1},
+      if (root)
+      metrics->write({{"sft_step", s + 1},
                      {"train/sft_loss", r.metrics.loss},
                      {"train/grad_norm", r.opt.grad_norm},
                      {"train/lr", r.opt.lr},
                      {"perf/step_time", t.seconds()}});
-      if (cfg.progress)
+      if (progress)
         std::fprintf(stderr, "%ssft %lld/%lld | loss %.4f | grad_norm %.3f%s", tty ? "\r" : "",
                      static_cast<long long>(s + 1), static_cast<long long>(cfg.sft_warmup_steps), r.metrics.loss,
                      double(r.opt.grad_norm), tty ? "   " : "\n");
     }
-    if (cfg.progress && tty) std::fprintf(stderr, "\n");
-    engine.update_weights(model.weights(), rollout::UpdatePolicy::finish);
+    if (progress && tty) std::fprintf(stderr, "\n");
+    engine.update_weights(synced_weights(), rollout::UpdatePolicy::finish);
     state.weight_version = engine.weight_version();
   }
-  if (use_kl && !ref) ref = std::make_unique<Qwen3Moe>(model.weights().clone(), precision);
+  if (use_kl && !ref) ref = std::make_unique<Qwen3Moe>(current_weights().clone(), precision);
 
   LossConfig loss;
   loss.type = loss_type;
@@ -413,12 +510,22 @@ TrainSummary run_training(const TrainConfig& cfg) {
     std::vector<Sample*> all;
     for (auto& s : samples) all.push_back(&s);
     if (!cfg.use_rollout_logprobs) {
+      std::vector<std::vector<float>> scored;  // at a topology: every sample by the parallel forward
+      if (par) {
+        std::vector<std::vector<int32_t>> seqs;
+        for (auto& s : samples) seqs.push_back(s.sequence());
+        scored = par->score_all(seqs);
+      }
       for (int64_t g = 0; g < samples_per_step; g += cfg.global_batch_size)
         for (auto [b, e] : canonical_microbatches(cfg.global_batch_size, cfg.num_microbatches)) {
           std::vector<std::vector<int32_t>> seqs;
           std::vector<Sample*> part;
           for (int64_t i = g + b; i < g + e; ++i) seqs.push_back(samples[i].sequence()), part.push_back(&samples[i]);
-          TrainForward fwd = train_forward(model, seqs, false);
+          TrainForward fwd;
+          if (par)
+            fwd.logprobs.assign(scored.begin() + (g + b), scored.begin() + (g + e));
+          else
+            fwd = train_forward(model, seqs, false);
           std::vector<std::vector<float>> lp;
           for (size_t j = 0; j < part.size(); ++j) {
             part[j]->old_logp = response_part(fwd.logprobs[j], part[j]->example.prompt.size(), part[j]->response.size());
@@ -446,7 +553,9 @@ TrainSummary run_training(const TrainConfig& cfg) {
     const int64_t opt_steps = samples_per_step / cfg.global_batch_size;
     for (int64_t g = 0; g < opt_steps; ++g) {
       std::vector<Sample*> batch(all.begin() + g * cfg.global_batch_size, all.begin() + (g + 1) * cfg.global_batch_size);
-      BatchResult r = train_batch(parts, loss, batch, "RL", step, g == 0 && step == cfg.debug_inject_nan_step);
+      const bool inject = g == 0 && step == cfg.debug_inject_nan_step;
+      BatchResult r = par ? train_batch_parallel(*par, cfg, loss, batch, "RL", step, inject)
+                          : train_batch(parts, loss, batch, "RL", step, inject);
       if (cfg.use_rollout_logprobs && g == 0) {
         // The first optimizer step's forward runs on the rollout's weights: check it.
         check = compare_logprobs(batch, r.train_logp, cfg.check_true_on_policy, step, 0);
@@ -460,7 +569,7 @@ TrainSummary run_training(const TrainConfig& cfg) {
 
     // Weight sync.
     t.reset();
-    engine.update_weights(model.weights(), rollout::UpdatePolicy::finish);
+    engine.update_weights(synced_weights(), rollout::UpdatePolicy::finish);
     state.weight_version = engine.weight_version();
     const double update_time = t.seconds();
     state.step = step;
@@ -468,9 +577,18 @@ TrainSummary run_training(const TrainConfig& cfg) {
 
     if (!cfg.save.empty() &&
         ((cfg.save_interval > 0 && step % cfg.save_interval == 0) || step == cfg.num_rollout ||
-         (cfg.debug_stop_after >= 0 && steps_this_run == cfg.debug_stop_after)))
-      save_train_checkpoint(cfg.save, state, model.weights(), precision, optimizer, ref_in_checkpoint ? &ref->weights() : nullptr,
-                            config_toml);
+         (cfg.debug_stop_after >= 0 && steps_this_run == cfg.debug_stop_after))) {
+      if (par) {
+        // Checkpoints speak global names: any topology can resume them.
+        const AdamW full_optimizer = par->gather_optimizer();
+        if (root)
+          save_train_checkpoint(cfg.save, state, par->full(), precision, full_optimizer,
+                                ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
+      } else {
+        save_train_checkpoint(cfg.save, state, model.weights(), precision, optimizer,
+                              ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
+      }
+    }
 
     const double step_time = step_timer.seconds();
     const double mean_reward = reward_sum / double(samples.size());
@@ -497,18 +615,20 @@ TrainSummary run_training(const TrainConfig& cfg) {
               {"perf/update_weights_time", update_time},
               {"perf/step_time", step_time},
               {"perf/tokens_per_gpu_per_sec", double(total_tokens) / std::max(step_time, 1e-9)}};
-    metrics.write(m);
-    write_plot_png(plot_path, metrics.plot_series());
+    if (root) {
+      metrics->write(m);
+      write_plot_png(plot_path, metrics->plot_series());
+    }
     if (steps_this_run == 1) summary.first_reward = mean_reward;
     summary.last_reward = mean_reward;
     summary.max_abs_diff = std::max(summary.max_abs_diff, check.abs_diff / tokens);
-    if (cfg.progress)
+    if (progress)
       std::fprintf(stderr, "%sstep %lld/%lld | reward %.3f | abs_diff %g | grad_norm %.3f | len %.2f | %.2fs/step%s",
                    tty ? "\r" : "", static_cast<long long>(step), static_cast<long long>(cfg.num_rollout), mean_reward,
                    check.abs_diff / tokens, grad_norm * inv, double(response_tokens) / double(samples.size()),
                    step_time, tty ? "   " : "\n");
   }
-  if (cfg.progress && tty) std::fprintf(stderr, "\n");
+  if (progress && tty) std::fprintf(stderr, "\n");
   summary.steps_run = steps_this_run;
   summary.seconds = total.seconds();
   return summary;

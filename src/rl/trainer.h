@@ -8,6 +8,10 @@
 
 #include "rl/train_config.h"
 
+namespace lockstep::dist {
+class Communicator;
+}
+
 namespace lockstep::rl {
 
 struct TrainSummary {
@@ -19,6 +23,9 @@ struct TrainSummary {
 
 // Runs the whole job; throws lockstep::Error on bad input (before any work) or on a failed
 // step (non-finite loss or gradient, a true-on-policy mismatch), naming the step.
-TrainSummary run_training(const TrainConfig& config);
+// With `world` (mpirun ranks, or threads in tests) and more than one rank or a topology flag,
+// the trainer runs at that topology (rl/parallel_policy.h) and every number of the run
+// (metrics, checkpoints) equals the single-rank run's; world rank 0 writes the outputs.
+TrainSummary run_training(const TrainConfig& config, dist::Communicator* world = nullptr);
 
 }  // namespace lockstep::rl

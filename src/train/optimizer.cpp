@@ -183,4 +183,27 @@ void AdamW::load(const std::string& path) {
   }
 }
 
+void AdamW::load_state(int64_t step, const std::map<std::string, Tensor>& master,
+                       const std::map<std::string, Tensor>& exp_avg, const std::map<std::string, Tensor>& exp_avg_sq) {
+  const std::pair<const char*, const std::map<std::string, Tensor>*> parts[] = {
+      {"master", &master}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
+  for (auto [what, m] : parts) {
+    LS_CHECK(m->size() == master_.size(), "optimizer state: ", what, " has ", m->size(), " tensors, expected ",
+             master_.size());
+    for (const auto& [name, t] : master_) {
+      auto it = m->find(name);
+      LS_CHECK(it != m->end(), "optimizer state: ", what, " has no tensor ", name);
+      LS_CHECK(it->second.dtype() == DType::f32 && it->second.shape() == t.shape(), "optimizer state: ", what, ".",
+               name, " has shape ", shape_str(it->second.shape()), ", expected fp32 ", shape_str(t.shape()));
+    }
+  }
+  LS_CHECK(step >= 0, "optimizer state: step ", step, " is negative");
+  step_ = step;
+  for (auto& [name, t] : master_) {
+    t = master.at(name).clone();
+    exp_avg_.at(name) = exp_avg.at(name).clone();
+    exp_avg_sq_.at(name) = exp_avg_sq.at(name).clone();
+  }
+}
+
 }  // namespace lockstep

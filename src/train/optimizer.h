@@ -62,6 +62,12 @@ class AdamW {
 
   int64_t steps_taken() const { return step_; }
   const std::map<std::string, Tensor>& master() const { return master_; }
+  const std::map<std::string, Tensor>& exp_avg() const { return exp_avg_; }
+  const std::map<std::string, Tensor>& exp_avg_sq() const { return exp_avg_sq_; }
+  // Replaces the state (e.g. full tensors gathered from shards, or a shard's slices of a
+  // checkpoint's full state); every map must hold exactly this optimizer's names and shapes.
+  void load_state(int64_t step, const std::map<std::string, Tensor>& master, const std::map<std::string, Tensor>& exp_avg,
+                  const std::map<std::string, Tensor>& exp_avg_sq);
 
   // State as tensors ("master.<name>", "exp_avg.<name>", "exp_avg_sq.<name>") plus the step.
   void save(const std::string& path) const;

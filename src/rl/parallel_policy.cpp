@@ -1,0 +1,162 @@
+#include "rl/parallel_policy.h"
+
+#include <cmath>
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "parallel/shard_plan.h"
+#include "train/grad_accumulate.h"
+
+namespace lockstep::rl {
+
+namespace {
+
+std::map<std::string, Tensor> as_map(const std::vector<std::pair<std::string, Tensor*>>& named) {
+  std::map<std::string, Tensor> m;
+  for (const auto& [name, t] : named) m.emplace(name, *t);
+  return m;
+}
+
+// This rank's slices of full tensors given by global name (shapes of the full model).
+std::map<std::string, Tensor> slices_of(const ModelWeights& shape_model, const std::map<std::string, Tensor>& full,
+                                        const ShardLayout& layout) {
+  ModelWeights w = shape_model.clone();
+  for (auto& [name, t] : w.named()) *t = full.at(name).clone();
+  ModelWeights local = slice_local_weights(w, layout);
+  std::map<std::string, Tensor> out;
+  for (const auto& [name, t] : local_named(local, layout)) out.emplace(name, t->clone());
+  return out;
+}
+
+}  // namespace
+
+ParallelPolicy::ParallelPolicy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full,
+                               Precision precision, const OptimizerConfig& oc)
+    : world_(world),
+      layout_(ShardLayout::make(full.config, topo.topo, topo.layer_split, world.rank())),
+      precision_(precision),
+      oc_(oc),
+      full_(full.clone()) {
+  model_ = std::make_unique<ParallelQwen3Moe>(world_, layout_, slice_local_weights(full_, layout_), precision_);
+  grad_ = std::make_unique<ParallelGrad>(*model_);
+  params_ = local_named(model_->local_weights(), layout_);
+  optimizer_ = AdamW(oc_, params_);
+}
+
+ParallelPolicy::~ParallelPolicy() = default;
+
+std::vector<std::vector<float>> ParallelPolicy::score_all(const std::vector<std::vector<int32_t>>& seqs) {
+  std::vector<std::vector<float>> lp = model_->score(seqs);
+  size_t n = 0;
+  for (const auto& s : seqs) n += s.size() - 1;
+  std::vector<float> flat;
+  if (root())
+    for (const auto& v : lp) flat.insert(flat.end(), v.begin(), v.end());
+  flat.resize(n);
+  world_.broadcast_n(flat.data(), n, 0);
+  lp.assign(seqs.size(), {});
+  size_t at = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    lp[i].assign(flat.begin() + at, flat.begin() + at + (seqs[i].size() - 1));
+    at += seqs[i].size() - 1;
+  }
+  return lp;
+}
+
+std::vector<std::vector<double>> ParallelPolicy::compute_grads(const std::vector<std::vector<int32_t>>& seqs,
+                                                               int64_t num_microbatches, const SampleLoss& loss,
+                                                               const std::function<size_t(int64_t)>& record_size) {
+  const Topology& t = layout_.topo;
+  LS_CHECK(num_microbatches % t.dp == 0, "--num-microbatches ", num_microbatches,
+           " must be a multiple of the data-parallel size ", t.dp, " (each replica takes whole micro-batches)");
+  const auto ranges = canonical_microbatches(int64_t(seqs.size()), num_microbatches);
+  const int64_t per = num_microbatches / t.dp, d = layout_.coords.dp;
+  std::vector<std::vector<std::vector<int32_t>>> mine;
+  for (int64_t j = d * per; j < (d + 1) * per; ++j)
+    mine.emplace_back(seqs.begin() + ranges[j].first, seqs.begin() + ranges[j].second);
+  std::vector<std::vector<double>> records(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) records[i].assign(record_size(int64_t(i)), 0.0);
+  grads_ = grad_->step_grads(mine, true, [&](int64_t j, const auto& lp, const auto& ent) {
+    const int64_t first = ranges[d * per + j].first;
+    std::vector<SequenceGradInput> up(lp.size());
+    for (size_t k = 0; k < lp.size(); ++k) {
+      const int64_t i = first + int64_t(k);
+      up[k] = loss(i, lp[k], ent[k], records[i]);
+      LS_CHECK(records[i].size() == record_size(i), "parallel train: the loss record of sample ", i, " has ",
+               records[i].size(), " values, expected ", record_size(i));
+    }
+    return up;
+  });
+  // Each replica's records come from its (tp 0, last stage) rank, to every rank.
+  for (int r = 0; r < t.dp; ++r) {
+    const int holder = t.rank_of(0, r, t.pp - 1);
+    const int64_t begin = ranges[r * per].first, end = ranges[(r + 1) * per - 1].second;
+    std::vector<double> flat;
+    for (int64_t i = begin; i < end; ++i) flat.insert(flat.end(), records[i].begin(), records[i].end());
+    world_.broadcast_n(flat.data(), flat.size(), holder);
+    size_t at = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      std::copy(flat.begin() + at, flat.begin() + at + records[i].size(), records[i].begin());
+      at += records[i].size();
+    }
+  }
+  return records;
+}
+
+OptimizerStepResult ParallelPolicy::apply(bool inject_nan) {
+  if (inject_nan && !grads_.empty()) grads_.begin()->second.data<float>()[0] = std::nanf("");
+  const float norm = parallel_grad_norm(world_, full_.config, layout_, grads_);
+  if (!std::isfinite(norm)) {
+    // Every rank stops: where the bad tensor is held the check names it.
+    optimizer_.step_sharded(grads_, norm, params_, precision_);
+    fail("optimizer: the global gradient norm is not finite (", norm, ")");
+  }
+  OptimizerStepResult r = optimizer_.step_sharded(grads_, norm, params_, precision_);
+  grads_.clear();
+  return r;
+}
+
+const ModelWeights& ParallelPolicy::sync_full() {
+  std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, as_map(params_));
+  for (auto& [name, t] : full_.named()) {
+    if (root()) *t = gathered.at(name).clone();
+    world_.broadcast_n(t->data<float>(), size_t(t->numel()), 0);
+  }
+  return full_;
+}
+
+AdamW ParallelPolicy::gather_optimizer() {
+  const ModelConfig& cfg = full_.config;
+  auto shard_map = [&](const std::map<std::string, Tensor>& state) {
+    std::map<std::string, Tensor> m;
+    for (const auto& [name, t] : params_) m.emplace(name, state.at(name));
+    return m;
+  };
+  auto master = gather_full(world_, cfg, layout_, shard_map(optimizer_.master()));
+  auto exp_avg = gather_full(world_, cfg, layout_, shard_map(optimizer_.exp_avg()));
+  auto exp_avg_sq = gather_full(world_, cfg, layout_, shard_map(optimizer_.exp_avg_sq()));
+  AdamW full(oc_, full_);
+  if (root()) full.load_state(optimizer_.steps_taken(), master, exp_avg, exp_avg_sq);
+  return full;
+}
+
+void ParallelPolicy::load_state(const ModelWeights& full_weights, const AdamW& full_optimizer) {
+  LS_CHECK(full_weights.config.to_json() == full_.config.to_json(),
+           "parallel train: the checkpoint's model config differs from the run's");
+  full_ = full_weights.clone();
+  std::map<std::string, Tensor> w;
+  for (const auto& [name, t] : full_.named()) w.emplace(name, *t);
+  const auto local = slices_of(full_, w, layout_);
+  for (auto& [name, t] : params_) {
+    const Tensor& src = local.at(name);
+    LS_CHECK(src.shape() == t->shape(), "parallel train: slice of ", name, " has the wrong shape");
+    std::memcpy(t->data<float>(), src.data<float>(), size_t(src.numel()) * sizeof(float));
+  }
+  optimizer_.load_state(full_optimizer.steps_taken(), slices_of(full_, full_optimizer.master(), layout_),
+                        slices_of(full_, full_optimizer.exp_avg(), layout_),
+                        slices_of(full_, full_optimizer.exp_avg_sq(), layout_));
+}
+
+}  // namespace lockstep::rl

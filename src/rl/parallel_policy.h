@@ -1,0 +1,72 @@
+// The trainer side of `lockstep train` under a parallel topology (DESIGN.md D4): this
+// rank's shards in a ParallelQwen3Moe, the backward by ParallelGrad, a sharded AdamW, and
+// the full weights (gathered by global name, on every rank) that the rollout engine loads.
+// Every rank runs the same rollout engine on the same seeds, so every rank knows every
+// sample; what only the last stage computes (per-sample loss records, log-probs) is
+// broadcast, so every rank takes the same decisions and the numbers equal one rank's.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/communicator.h"
+#include "parallel/parallel_backward.h"
+#include "parallel/parallel_score.h"
+#include "train/optimizer.h"
+
+namespace lockstep::rl {
+
+class ParallelPolicy {
+ public:
+  // Collective over world. `full` is the initial model (identical on every rank).
+  ParallelPolicy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full,
+                 Precision precision, const OptimizerConfig& oc);
+  ~ParallelPolicy();
+
+  bool root() const { return world_.rank() == 0; }
+  const Topology& topology() const { return layout_.topo; }
+
+  // Per-token log-probs (n - 1 each) of every sequence by the parallel forward, on every rank.
+  std::vector<std::vector<float>> score_all(const std::vector<std::vector<int32_t>>& seqs);
+
+  // The loss of sample i (its index in the step's batch) at the last stage, from its full
+  // per-token log-probs and entropy: returns the upstream gradient and fills `record` with
+  // record_size(i) values that every rank receives afterwards.
+  using SampleLoss = std::function<SequenceGradInput(int64_t i, const std::vector<float>& logp,
+                                                     const std::vector<float>& entropy, std::vector<double>& record)>;
+  // Gradients of one optimizer step over `seqs` cut into `num_microbatches` canonical
+  // micro-batches (replica d takes its contiguous run). Returns every sample's record on
+  // every rank; the gradients wait for apply(). Collective.
+  std::vector<std::vector<double>> compute_grads(const std::vector<std::vector<int32_t>>& seqs,
+                                                 int64_t num_microbatches, const SampleLoss& loss,
+                                                 const std::function<size_t(int64_t)>& record_size);
+  // The canonical global norm and the sharded AdamW step of the last compute_grads. A
+  // non-finite gradient fails on every rank (naming the tensor where it is held).
+  OptimizerStepResult apply(bool inject_nan);
+
+  // The current weights, full, on every rank (gathered by global name, broadcast). Collective.
+  const ModelWeights& sync_full();
+  const ModelWeights& full() const { return full_; }
+  // The optimizer state gathered by global name: complete on world rank 0 (a full AdamW over
+  // full()), the initial state elsewhere. Collective; call after sync_full().
+  AdamW gather_optimizer();
+  // Continues from a checkpoint's full state (read on every rank): keeps this rank's slices.
+  void load_state(const ModelWeights& full_weights, const AdamW& full_optimizer);
+
+ private:
+  dist::Communicator& world_;
+  ShardLayout layout_;
+  Precision precision_;
+  OptimizerConfig oc_;
+  std::unique_ptr<ParallelQwen3Moe> model_;
+  std::unique_ptr<ParallelGrad> grad_;
+  std::vector<std::pair<std::string, Tensor*>> params_;
+  AdamW optimizer_;
+  ModelWeights full_;
+  std::map<std::string, Tensor> grads_;
+};
+
+}  // namespace lockstep::rl
