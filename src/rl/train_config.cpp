@@ -69,8 +69,6 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("pipeline-layer-split", pipeline_layer_split, "layers per pipeline stage, e.g. 1,3 (default: even)"),
       LS_OPT("expert-model-parallel-size", expert_model_parallel_size, "trainer expert parallel size"),
       LS_OPT("expert-tensor-parallel-size", expert_tensor_parallel_size, "trainer expert tensor parallel size"),
-      LS_OPT("audit-weight-sync", audit_weight_sync,
-             "after every weight sync, compare trainer and engine weights by global name (error on a difference)"),
       LS_OPT("debug-inject-nan-step", debug_inject_nan_step, ""),
       LS_OPT("debug-stop-after", debug_stop_after, ""),
   };

@@ -70,7 +70,6 @@ struct TrainConfig {
   std::string pipeline_layer_split;  // e.g. "1,3"; empty = even
   int64_t expert_model_parallel_size = 1;
   int64_t expert_tensor_parallel_size = 1;
-  bool audit_weight_sync = false;  // compare trainer and engine weights after every sync
   // Testing hooks (hidden from the help).
   int64_t debug_inject_nan_step = -1;
   int64_t debug_stop_after = -1;  // stop (as if killed) after this many RL steps of this process

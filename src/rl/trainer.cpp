@@ -232,7 +232,6 @@ std::string run_defining_toml(TrainConfig c) {
   c.pipeline_layer_split = defaults.pipeline_layer_split;
   c.expert_model_parallel_size = defaults.expert_model_parallel_size;
   c.expert_tensor_parallel_size = defaults.expert_tensor_parallel_size;
-  c.audit_weight_sync = defaults.audit_weight_sync;
   return to_toml(c);
 }
 
