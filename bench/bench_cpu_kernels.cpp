@@ -1,8 +1,10 @@
-// CPU kernel benchmarks: linear (matmul), paged attention and the MoE layer, in GFLOP/s and
-// as a fraction of this machine's measured fp32 peak (a register-resident multiply-add loop
-// on all threads of the pool, measured first in the same run).
+// CPU kernel benchmarks: linear (matmul) forward and backward, paged attention and the MoE
+// layer, in GFLOP/s and as a fraction of this machine's measured fp32 peak (a
+// throughput-bound, register-resident multiply-then-add loop on all threads of the pool,
+// measured first in the same run); the linear also against its memory-bandwidth bound.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -13,6 +15,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/dot.h"
 #include "kernels/cpu/linear.h"
+#include "kernels/cpu/linear_backward.h"
 #include "kernels/cpu/moe.h"
 
 namespace lockstep {
@@ -24,34 +27,72 @@ std::vector<float> random_vector(int64_t n, uint64_t seed) {
   return v;
 }
 
-// Peak fp32 rate of separate multiply and add (the kernels build with -ffp-contract=off).
+// Twelve independent accumulators, acc += u * x, as in the inner step of dot(): throughput
+// bound (a multiply and an add per lane per accumulator), not latency bound. The barriers keep
+// x and u opaque so the products are computed every iteration.
+__attribute__((noinline)) float peak_loop(int64_t iters, cpu::v8f x) {
+  cpu::v8f a0 = x, a1 = x, a2 = x, a3 = x, a4 = x, a5 = x, a6 = x, a7 = x, a8 = x, a9 = x, a10 = x, a11 = x;
+  cpu::v8f u0 = x + 1.0f, u1 = x + 2.0f, u2 = x + 3.0f, u3 = x + 4.0f;
+  for (int64_t it = 0; it < iters; ++it) {
+    asm volatile("" : "+v"(x));
+    a0 += u0 * x, a1 += u1 * x, a2 += u2 * x, a3 += u3 * x, a4 += u0 * u1, a5 += u1 * u2;
+    a6 += u2 * u3, a7 += u3 * u0, a8 += x * x, a9 += u0 * u2, a10 += u1 * u3, a11 += x * u0;
+    asm volatile("" : "+v"(u0), "+v"(u1), "+v"(u2), "+v"(u3));
+  }
+  return cpu::reduce_lanes(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + ((a8 + a9) + (a10 + a11)));
+}
+
+// Peak fp32 rate of separate multiply and add on 8-lane vectors (the kernels build with
+// -ffp-contract=off and use 8-lane vectors), on all threads of the pool; best of 3.
 double measure_peak_gflops() {
   static double peak = [] {
     const int64_t iters = 20'000'000;
-    std::vector<double> per_thread(cpu_pool().size());
-    Timer timer;
-    cpu_pool().parallel_for(cpu_pool().size(), 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        cpu::v8f acc[8], x = {1.0001f, 1.0001f, 1.0001f, 1.0001f, 1.0001f, 1.0001f, 1.0001f, 1.0001f};
-        for (int i = 0; i < 8; ++i) acc[i] = x * float(i);
-        for (int64_t it = 0; it < iters / 8; ++it)
-          for (int i = 0; i < 8; ++i) acc[i] = acc[i] * x + x;
-        float s = 0;
-        for (int i = 0; i < 8; ++i) s += cpu::reduce_lanes(acc[i]);
-        per_thread[t] = s;
-      }
-    });
-    double seconds = timer.seconds();
-    benchmark::DoNotOptimize(per_thread.data());
-    return double(cpu_pool().size()) * double(iters) * 8 * 8 * 2 / seconds / 1e9;
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      std::vector<float> per_thread(cpu_pool().size());
+      Timer timer;
+      cpu_pool().parallel_for(cpu_pool().size(), 1, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) per_thread[t] = peak_loop(iters, cpu::v8f{1e-20f, 1e-20f, 1e-20f, 1e-20f,
+                                                                                   1e-20f, 1e-20f, 1e-20f, 1e-20f});
+      });
+      double seconds = timer.seconds();
+      benchmark::DoNotOptimize(per_thread.data());
+      best = std::max(best, double(cpu_pool().size()) * double(iters) * 12 * 8 * 2 / seconds / 1e9);
+    }
+    return best;
   }();
   return peak;
 }
 
-void report(benchmark::State& state, double flops_per_iter) {
-  double peak = measure_peak_gflops();
-  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["peak_GFLOP/s"] = peak;
+// Read bandwidth (bytes/s) of all threads of the pool summing a buffer far larger than the
+// caches: the bound of a decode-sized linear, which reads every weight once. Best of 3.
+double measure_read_bandwidth() {
+  static double bw = [] {
+    const int64_t n = int64_t(64) << 20;  // floats: 256 MiB
+    std::vector<float> a(n, 1.0f);
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      std::vector<float> sums(cpu_pool().size());
+      Timer timer;
+      cpu_pool().parallel_for(n / 8, 1 << 16, [&](int64_t b, int64_t e) {
+        cpu::v8f acc0 = {0, 0, 0, 0, 0, 0, 0, 0}, acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        int64_t i = b;
+        for (; i + 4 <= e; i += 4) {
+          acc0 += cpu::load8(a.data() + i * 8);
+          acc1 += cpu::load8(a.data() + i * 8 + 8);
+          acc2 += cpu::load8(a.data() + i * 8 + 16);
+          acc3 += cpu::load8(a.data() + i * 8 + 24);
+        }
+        for (; i < e; ++i) acc0 += cpu::load8(a.data() + i * 8);
+        sums[b * int64_t(sums.size()) / (n / 8)] = cpu::reduce_lanes((acc0 + acc1) + (acc2 + acc3));
+      });
+      double seconds = timer.seconds();
+      benchmark::DoNotOptimize(sums.data());
+      best = std::max(best, double(n) * 4 / seconds);
+    }
+    return best;
+  }();
+  return bw;
 }
 
 void finish(benchmark::State& state, double flops_per_iter, double seconds, int64_t iters) {
@@ -62,11 +103,14 @@ void finish(benchmark::State& state, double flops_per_iter, double seconds, int6
 }
 
 // Linear: tokens x hidden -> outputs (Qwen3-30B-A3B attention projection widths, scaled).
+// bound_GFLOP/s = min(peak, flops / (weight bytes / read bandwidth)): at T = 1 the weights
+// are read once for 2 flops per weight, so memory bandwidth is the bound.
 void BM_Linear(benchmark::State& state) {
   const int64_t T = state.range(0), N = state.range(1), K = state.range(2);
   auto x = random_vector(T * K, 1), w = random_vector(N * K, 2);
   std::vector<float> y(T * N);
   measure_peak_gflops();
+  const double bw = measure_read_bandwidth();
   Timer timer;
   int64_t iters = 0;
   for (auto _ : state) {
@@ -74,9 +118,14 @@ void BM_Linear(benchmark::State& state) {
     benchmark::DoNotOptimize(y.data());
     ++iters;
   }
-  finish(state, 2.0 * T * N * K, timer.seconds(), iters);
+  const double flops = 2.0 * T * N * K;
+  finish(state, flops, timer.seconds(), iters);
+  const double bound = std::min(measure_peak_gflops(), flops / (4.0 * N * K / bw) / 1e9);
+  state.counters["bound_GFLOP/s"] = bound;
+  state.counters["of_bound"] = state.counters["GFLOP/s"] / bound;
+  state.counters["read_GB/s"] = bw / 1e9;
 }
-BENCHMARK(BM_Linear)->Args({1, 2048, 2048})->Args({16, 2048, 2048})->Args({128, 1024, 2048})->UseRealTime();
+BENCHMARK(BM_Linear)->Args({1, 2048, 2048})->Args({16, 2048, 2048})->Args({128, 2048, 2048})->UseRealTime();
 
 void BM_LinearRowCanonical(benchmark::State& state) {
   const int64_t T = state.range(0), N = state.range(1), K = state.range(2);
@@ -93,6 +142,40 @@ void BM_LinearRowCanonical(benchmark::State& state) {
   finish(state, 2.0 * T * N * K, timer.seconds(), iters);
 }
 BENCHMARK(BM_LinearRowCanonical)->Args({16, 2048, 4096})->Args({128, 2048, 768})->UseRealTime();
+
+// Backward linear: dW (canonical token-chunk tree) and dx (canonical over N).
+void BM_LinearWeightGrad(benchmark::State& state) {
+  const int64_t T = state.range(0), N = state.range(1), K = state.range(2);
+  auto dy = random_vector(T * N, 1), x = random_vector(T * K, 2);
+  std::vector<float> dW(N * K);
+  const cpu::TokenChunks chunks = cpu::token_chunks(T);
+  measure_peak_gflops();
+  Timer timer;
+  int64_t iters = 0;
+  for (auto _ : state) {
+    cpu::linear_weight_grad(dy.data(), x.data(), dW.data(), N, K, chunks);
+    benchmark::DoNotOptimize(dW.data());
+    ++iters;
+  }
+  finish(state, 2.0 * T * N * K, timer.seconds(), iters);
+}
+BENCHMARK(BM_LinearWeightGrad)->Args({128, 2048, 2048})->Args({512, 1024, 1024})->UseRealTime();
+
+void BM_LinearInputGrad(benchmark::State& state) {
+  const int64_t T = state.range(0), N = state.range(1), K = state.range(2);
+  auto dy = random_vector(T * N, 1), w = random_vector(N * K, 2);
+  std::vector<float> dx(T * K);
+  measure_peak_gflops();
+  Timer timer;
+  int64_t iters = 0;
+  for (auto _ : state) {
+    cpu::linear_input_grad(dy.data(), w.data(), dx.data(), T, N, K);
+    benchmark::DoNotOptimize(dx.data());
+    ++iters;
+  }
+  finish(state, 2.0 * T * N * K, timer.seconds(), iters);
+}
+BENCHMARK(BM_LinearInputGrad)->Args({128, 2048, 2048})->Args({512, 1024, 1024})->UseRealTime();
 
 // Causal prefill attention over a paged cache: seq tokens, 32 heads of 128 over 4 KV heads.
 void BM_PagedAttentionPrefill(benchmark::State& state) {

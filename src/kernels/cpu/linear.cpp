@@ -71,11 +71,16 @@ void dot_panel(const float* x, const float* w, int64_t ldk, int64_t t0, int64_t 
       }
     }
   };
-  if (t1 - t0 <= kTileT) {
-    // One token tile: nothing to reuse, so stream each W row once over all of K.
-    if (full > 0)
+  // Packing pays only when several token tiles reuse a W block of some length; one token
+  // tile streams each W row once over all of K, short dots run straight from the rows.
+  const bool pack = t1 - t0 > 2 * kTileT && full >= 128;
+  if (!pack) {
+    const int64_t block_k = t1 - t0 <= kTileT ? full : kBlockK;
+    for (int64_t kb = 0; kb < full; kb += block_k) {
+      const int64_t ke = std::min(full, kb + block_k);
       for_tiles([&](int64_t, int64_t, int64_t, int rows, int cols, const float* const* a, const float* const* b,
-                    v8f* tile_acc) { kSteps[1][rows - 1][cols - 1](a, b, 0, full, tile_acc); });
+                    v8f* tile_acc) { kSteps[kb == 0][rows - 1][cols - 1](a, b, kb, ke, tile_acc); });
+    }
   } else {
     // Block K; pack the panel's W block so that every token tile reuses it from L1.
     alignas(64) float packed[kPanelN * kBlockK];
