@@ -54,6 +54,8 @@ class CpuRunner final : public ModelRunner {
     return out;
   }
 
+  ModelWeights export_weights() const override { return model_.weights().clone(); }
+
   void load_weights(const ModelWeights& weights) override {
     model_.weights() = weights.clone();
     if (model_.precision() == Precision::bfloat16)
@@ -66,6 +68,10 @@ class CpuRunner final : public ModelRunner {
 };
 
 }  // namespace
+
+ModelWeights ModelRunner::export_weights() const {
+  fail("this model runner (", device_name(device()), ") cannot export its weights for an audit");
+}
 
 std::unique_ptr<ModelRunner> make_cpu_runner(ModelWeights weights, Precision precision) {
   return std::make_unique<CpuRunner>(std::move(weights), precision);

@@ -44,6 +44,8 @@ class ModelRunner {
   virtual std::vector<float> forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) = 0;
   // Replaces the weights (same config); used by weight sync.
   virtual void load_weights(const ModelWeights& weights) = 0;
+  // A host copy of the weights the runner computes with (for auditing a weight sync).
+  virtual ModelWeights export_weights() const;
 };
 
 std::unique_ptr<ModelRunner> make_cpu_runner(ModelWeights weights, Precision precision);

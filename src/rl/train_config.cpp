@@ -63,6 +63,8 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("save-interval", save_interval, "save every N RL steps (0 = only at the end)"),
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
       LS_OPT("progress", progress, "one-line progress display on stderr"),
+      LS_OPT("audit-weight-sync", audit_weight_sync,
+             "after every weight sync, audit trainer vs engine weights by global name; stop at a difference"),
       LS_OPT("tensor-model-parallel-size", tensor_model_parallel_size, "trainer tensor parallel size (1, 2, 4, 8)"),
       LS_OPT("sequence-parallel", sequence_parallel, "trainer sequence parallel (split tokens across TP ranks)"),
       LS_OPT("pipeline-model-parallel-size", pipeline_model_parallel_size, "trainer pipeline stages"),

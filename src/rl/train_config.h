@@ -62,6 +62,7 @@ struct TrainConfig {
   int64_t save_interval = 0;                      // 0: only at the end (when --save is set)
   bool resume = false;                            // continue from the latest checkpoint in --save
   bool progress = true;
+  bool audit_weight_sync = false;  // after every sync, audit trainer vs engine weights by global name
   // Trainer topology under `mpirun -np N lockstep train` (DESIGN.md D4: no number depends on
   // it; the rollout engine runs single-rank on every rank). Not run-defining.
   int64_t tensor_model_parallel_size = 1;

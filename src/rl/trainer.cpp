@@ -13,12 +13,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/audit.h"
 #include "core/error.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
 #include "core/timer.h"
 #include "model/qwen3_moe.h"
 #include "model/runner.h"
+#include "model/weights_source.h"
 #include "rl/parallel_policy.h"
 #include "rl/plot.h"
 #include "rl/tasks.h"
@@ -223,6 +225,7 @@ std::string run_defining_toml(TrainConfig c) {
   c.num_threads = 0;
   c.resume = false;
   c.progress = true;
+  c.audit_weight_sync = false;
   c.debug_inject_nan_step = c.debug_stop_after = -1;
   // The topology changes no number (D4): a checkpoint is the same whatever wrote it.
   const TrainConfig defaults;
@@ -398,6 +401,18 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   const bool progress = cfg.progress && root;
   // The trainer's current full weights (gathered by global name at a topology).
   auto synced_weights = [&]() -> const ModelWeights& { return par ? par->sync_full() : model.weights(); };
+  // Loads the trainer's weights into the engine; with --audit-weight-sync, then fingerprints both
+  // sides by global name (lockstep audit) and stops at the first difference.
+  auto sync_engine = [&](const char* when) {
+    const ModelWeights& trainer_weights = synced_weights();
+    engine.update_weights(trainer_weights, rollout::UpdatePolicy::finish);
+    if (!cfg.audit_weight_sync) return;
+    const ModelWeights engine_weights = engine.weights();
+    const auto diff = first_difference(audit_checkpoint(WeightsSource(trainer_weights, "trainer weights")),
+                                       audit_checkpoint(WeightsSource(engine_weights, "engine weights")));
+    LS_CHECK(!diff, "--audit-weight-sync: ", when, " (engine weight version ", engine.weight_version(),
+             "): the engine's weights differ from the trainer's: ", *diff);
+  };
   auto current_weights = [&]() -> const ModelWeights& { return par ? par->full() : model.weights(); };
   TrainSummary summary;
 
@@ -430,7 +445,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
                      double(r.opt.grad_norm), tty ? "   " : "\n");
     }
     if (progress && tty) std::fprintf(stderr, "\n");
-    engine.update_weights(synced_weights(), rollout::UpdatePolicy::finish);
+    sync_engine("after the SFT warm start");
     state.weight_version = engine.weight_version();
   }
   if (use_kl && !ref) ref = std::make_unique<Qwen3Moe>(current_weights().clone(), precision);
@@ -568,7 +583,8 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
 
     // Weight sync.
     t.reset();
-    engine.update_weights(synced_weights(), rollout::UpdatePolicy::finish);
+    const std::string when = "after RL step " + std::to_string(step);
+    sync_engine(when.c_str());
     state.weight_version = engine.weight_version();
     const double update_time = t.seconds();
     state.step = step;

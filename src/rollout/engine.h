@@ -77,6 +77,8 @@ class Engine {
   const EngineStats& stats() const { return stats_; }
   const KvPagePool& pages() const { return pool_; }
   ModelRunner& runner() { return *runner_; }
+  // A host copy of the weights the engine samples with (for `--audit-weight-sync`).
+  ModelWeights weights() const { return runner_->export_weights(); }
 
  private:
   struct Sequence {
