@@ -7,6 +7,7 @@
 // Environment: LOCKSTEP_TOKENIZER_DIR (default: tests/fixtures/qwen3-tokenizer, then
 // models/qwen3-tokenizer), LOCKSTEP_BENCH_TEXT (a file to encode instead of the
 // generated text), LOCKSTEP_BENCH_MB (size of the generated text, default 4).
+#include <algorithm>
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -128,6 +129,41 @@ void BM_Encode(benchmark::State& state) {
   state.counters["tokens"] = static_cast<double>(ids);
 }
 BENCHMARK(BM_Encode)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+
+// The same text as many short documents (cut at the first newline after every 1000 bytes;
+// bench/hf_tokenizer_peer.py cuts it the same way), encoded one call each: the shape of a
+// real data set, where the per-call cost counts.
+const std::vector<std::string>& bench_documents() {
+  static const std::vector<std::string> docs = [] {
+    std::vector<std::string> out;
+    const std::string& text = bench_text();
+    size_t start = 0;
+    while (start < text.size()) {
+      size_t cut = text.find('\n', std::min(text.size(), start + 1000));
+      size_t end = cut == std::string::npos ? text.size() : cut + 1;
+      out.push_back(text.substr(start, end - start));
+      start = end;
+    }
+    return out;
+  }();
+  return docs;
+}
+
+void BM_EncodeDocuments(benchmark::State& state) {
+  const auto& tok = tokenizer();
+  const auto& docs = bench_documents();
+  for (const auto& d : docs) tok.encode(d);  // warm the word cache
+  size_t bytes = 0;
+  for (const auto& d : docs) bytes += d.size();
+  for (auto _ : state)
+    for (const auto& d : docs) {
+      auto out = tok.encode(d);
+      benchmark::DoNotOptimize(out.data());
+    }
+  set_rate(state, bytes);
+  state.counters["documents"] = static_cast<double>(docs.size());
+}
+BENCHMARK(BM_EncodeDocuments)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 
 void BM_Decode(benchmark::State& state) {
   const auto& tok = tokenizer();
