@@ -19,6 +19,10 @@
 // in its place; the other requests are served normally (bit for bit as if alone), each error
 // is also printed to stderr, and the exit status is 1 when any request failed (0 otherwise).
 // Errors in the command itself (flags, model, unreadable input) exit non-zero before any output.
+// Under mpirun or with topology flags (topology_flags.h) every rank runs the same engine on a
+// ParallelRunner (parallel/parallel_runner.h): the output is the single-rank bytes, written
+// by rank 0; the topology is checked against the model before any input or weight is read.
+#include <algorithm>
 #include <memory>
 #include <optional>
 
@@ -29,10 +33,13 @@
 #include "core/error.h"
 #include "core/jsonl.h"
 #include "core/philox.h"
+#include "dist/mpi_communicator.h"
 #include "model/kv_cache.h"
+#include "parallel/parallel_runner.h"
 #include "rollout/engine.h"
 #include "tokenizer/chat_json.h"
 #include "tokenizer/tokenizer.h"
+#include "topology_flags.h"
 
 namespace lockstep::cli {
 namespace {
@@ -44,6 +51,7 @@ struct GenerateOptions {
   int32_t top_k = 0;
   uint64_t seed = 0;
   int64_t max_batch_tokens = 2048, kv_pages = 0, page_size = 16, prefill_chunk = 512;
+  TopologyRequest topology;  // parallel forms (mpirun)
 };
 
 template <typename T>
@@ -142,11 +150,22 @@ int run_generate(const GenerateOptions& o) {
   LS_CHECK(o.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", o.max_new_tokens);
   LS_CHECK(o.page_size > 0 && o.max_batch_tokens > 0 && o.prefill_chunk > 0 && o.kv_pages >= 0,
            "--page-size, --max-batch-tokens and --prefill-chunk must be positive, --kv-pages >= 0 (0 = enough for all)");
+  auto world = dist::world_communicator();
+  const bool parallel = o.topology.parallel() || world->size() > 1;
+  LS_CHECK(!parallel || device == Device::cpu,
+           "the parallel forms of generate run on --device cpu (the GPU forms are not built yet)");
+  std::optional<ResolvedTopology> topology;  // checked before any input or weight is read
+  if (parallel) topology = resolve_topology(o.topology, ModelConfig::load(o.model + "/config.json"), world->size());
+  const bool writer = world->rank() == 0;
   auto records = read_jsonl(o.input);  // read and check all input before any compute
-  ModelWeights weights = ModelWeights::load(o.model, precision);
+  std::unique_ptr<ModelRunner> runner;
+  if (parallel)
+    runner = load_parallel_runner(*world, o.model, ModelConfig::load(o.model + "/config.json"), *topology, precision);
+  else
+    runner = make_runner(device, ModelWeights::load(o.model, precision), precision);
   std::optional<Tokenizer> tokenizer;
   if (Tokenizer::available(o.model)) tokenizer = Tokenizer::load(o.model);
-  const ModelConfig config = weights.config;
+  const ModelConfig config = runner->config();
 
   // Parse every request; a bad one gets its error line and the others go on.
   std::vector<std::string> errors(records.size());
@@ -175,7 +194,7 @@ int run_generate(const GenerateOptions& o) {
   options.max_batch_tokens = o.max_batch_tokens;
   options.prefill_chunk = o.prefill_chunk;
   if (tokenizer) options.detokenize = [tok = *tokenizer](const std::vector<int32_t>& ids) { return tok.decode(ids); };
-  rollout::Engine engine(make_runner(device, std::move(weights), precision), options);
+  rollout::Engine engine(std::move(runner), options);
   std::vector<rollout::RequestId> ids(records.size());
   for (size_t i = 0; i < records.size(); ++i) {
     if (!errors[i].empty()) continue;
@@ -186,6 +205,10 @@ int run_generate(const GenerateOptions& o) {
     }
   }
   engine.run_to_completion();
+  if (!writer) {  // every rank ran the same engine; rank 0 writes the output
+    const bool any_failed = std::any_of(errors.begin(), errors.end(), [](const auto& e) { return !e.empty(); });
+    return any_failed ? 1 : 0;
+  }
 
   JsonlWriter out(o.output);
   int64_t failed = 0;
@@ -228,6 +251,7 @@ const bool registered = register_command(
        sub.add_option("--kv-pages", o->kv_pages, "KV cache pages (0 = enough for every request at once)");
        sub.add_option("--page-size", o->page_size, "positions per KV page");
        sub.add_option("--prefill-chunk", o->prefill_chunk, "most prompt tokens of one request per step");
+       add_topology_flags(sub, o->topology);
        return std::function<int()>([o] { return run_generate(*o); });
      }});
 

@@ -1,0 +1,194 @@
+#include "parallel/parallel_runner.h"
+
+#include <algorithm>
+#include <limits>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/philox.h"
+#include "kernels/canonical.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/log_softmax.h"
+#include "kernels/cpu/sampling.h"
+#include "parallel/parallel_backward.h"
+#include "parallel/shard_plan.h"
+
+namespace lockstep {
+
+namespace {
+constexpr int kStageTag = (1 << 20) + 17;  // the residual stream, stage to stage
+
+void round_if_bf16(ModelWeights& local, const ShardLayout& layout, Precision precision) {
+  if (precision != Precision::bfloat16) return;
+  for (auto& [name, t] : local_named(local, layout)) cpu::round_to_bf16(t->data<float>(), t->numel());
+}
+}  // namespace
+
+ParallelRunner::ParallelRunner(dist::Communicator& world, const ShardLayout& layout, ModelWeights local,
+                               Precision precision)
+    : model_(world, layout, std::move(local), precision) {}
+
+int ParallelRunner::result_rank() const {
+  const Topology& topo = layout().topo;
+  return topo.rank_of(0, 0, topo.pp - 1);
+}
+
+void ParallelRunner::allocate_kv(int64_t num_pages, int64_t page_size) {
+  cache_ = KvCache(layout().local_cache_config(config()), num_pages, page_size);
+}
+
+void ParallelRunner::check_batch(const ForwardBatch& batch) const {
+  const auto& c = config();
+  LS_CHECK(batch.positions.size() == batch.tokens.size() && batch.page_tables.size() == batch.tokens.size(),
+           "forward batch: tokens, positions and page tables must have the same length");
+  for (size_t t = 0; t < batch.tokens.size(); ++t) {
+    LS_CHECK(batch.tokens[t] >= 0 && batch.tokens[t] < c.vocab_size, "token id ", batch.tokens[t],
+             " is out of range: the model's vocab_size is ", c.vocab_size);
+    LS_CHECK(batch.positions[t] >= 0 && batch.positions[t] < model_.rope_table().max_positions, "position ",
+             batch.positions[t], " is beyond max_position_embeddings (", model_.rope_table().max_positions, ")");
+  }
+}
+
+std::vector<float> ParallelRunner::forward_hidden(const ForwardBatch& batch) {
+  check_batch(batch);
+  const ParallelContext& ctx = model_.context();
+  const ShardLayout& s = ctx.layout;
+  const ModelWeights& w = model_.local_weights();
+  const int64_t T = batch.size(), H = config().hidden_size;
+  const dist::RowRange rows = ctx.local_rows(T);
+  std::vector<float> x(rows.size() * H);
+  if (s.first_stage)
+    cpu::embedding(batch.tokens.data() + rows.begin, w.embed.data<float>(), x.data(), rows.size(), H);
+  else
+    ctx.pp->recv_n(x.data(), x.size(), s.coords.pp - 1, kStageTag);
+  for (int64_t l = 0; l < s.num_layers; ++l) model_.layer_forward(l, x, batch, cache_);
+  if (!s.last_stage) {
+    ctx.pp->send_n(x.data(), x.size(), s.coords.pp + 1, kStageTag);
+    return {};
+  }
+  std::vector<float> normed(x.size());
+  cpu::rmsnorm(x.data(), w.final_norm.data<float>(), normed.data(), rows.size(), H, float(config().rms_norm_eps),
+               precision() == Precision::bfloat16);
+  if (precision() == Precision::bfloat16) cpu::round_to_bf16(normed.data(), int64_t(normed.size()));
+  return ctx.gather_rows(normed, T, H);
+}
+
+std::vector<float> ParallelRunner::full_logits(const std::vector<float>& hidden,
+                                               const std::vector<int64_t>& rows) const {
+  const ParallelContext& ctx = model_.context();
+  const int64_t H = config().hidden_size, V = config().vocab_size, M = int64_t(rows.size());
+  std::vector<float> picked(M * H);
+  for (int64_t i = 0; i < M; ++i)
+    std::copy_n(hidden.data() + rows[i] * H, H, picked.data() + i * H);
+  const int tp = layout().topo.tp;
+  const int64_t VL = layout().vocab.size();
+  std::vector<float> local(M * VL);
+  // The column form computes each logit by the one dot procedure, whatever the slice.
+  cpu::linear(picked.data(), model_.local_weights().lm_head.data<float>(), local.data(), M, VL, H);
+  if (tp == 1) return local;
+  // Every TP rank's slice padded to the widest (chunk_range) width, all-gathered.
+  const int64_t width = canonical_chunk(V) * (kTMax / tp);
+  std::vector<float> padded(M * width, 0.0f), all(size_t(tp) * M * width);
+  for (int64_t i = 0; i < M; ++i) std::copy_n(local.data() + i * VL, VL, padded.data() + i * width);
+  ctx.tp->all_gather_n(padded.data(), all.data(), size_t(M * width));
+  std::vector<float> full(M * V);
+  for (int r = 0; r < tp; ++r) {
+    const dist::RowRange cols = chunk_range(V, tp, r);
+    for (int64_t i = 0; i < M; ++i)
+      std::copy_n(all.data() + (int64_t(r) * M + i) * width, cols.size(), full.data() + i * V + cols.begin);
+  }
+  return full;
+}
+
+std::vector<SampleResult> ParallelRunner::forward_sample(const ForwardBatch& batch,
+                                                         const std::vector<SampleRequest>& requests) {
+  for (const auto& r : requests)
+    LS_CHECK(r.row >= 0 && r.row < batch.size(), "forward_sample: row ", r.row, " is outside the batch of ",
+             batch.size(), " tokens");
+  std::vector<float> hidden = forward_hidden(batch);
+  std::vector<SampleResult> out(requests.size());
+  if (requests.empty()) return out;
+  dist::Communicator& world = *model_.context().world;
+  if (layout().last_stage) {
+    std::vector<int64_t> rows;
+    for (const auto& r : requests) rows.push_back(r.row);
+    const std::vector<float> logits = full_logits(hidden, rows);
+    if (world.rank() == result_rank()) {
+      const int64_t V = config().vocab_size;
+      for (size_t i = 0; i < requests.size(); ++i) {
+        const auto& r = requests[i];
+        const float u = philox_uniform(r.seed, r.stream, r.position);
+        const auto c = cpu::sample_row(logits.data() + i * V, V, r.temperature, r.top_k, r.top_p, u);
+        out[i] = {c.token, c.logprob};
+      }
+    }
+  }
+  world.broadcast(out.data(), out.size() * sizeof(SampleResult), result_rank());
+  return out;
+}
+
+std::vector<float> ParallelRunner::forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) {
+  LS_CHECK(targets.size() == batch.tokens.size(), "forward_logprobs: one target per token expected");
+  for (int32_t t : targets)
+    LS_CHECK(t < config().vocab_size, "forward_logprobs: target ", t, " is out of range: the model's vocab_size is ",
+             config().vocab_size);
+  std::vector<float> hidden = forward_hidden(batch);
+  std::vector<float> out(targets.size(), std::numeric_limits<float>::quiet_NaN());
+  std::vector<int64_t> rows;
+  for (size_t t = 0; t < targets.size(); ++t)
+    if (targets[t] >= 0) rows.push_back(int64_t(t));
+  if (rows.empty()) return out;
+  dist::Communicator& world = *model_.context().world;
+  if (layout().last_stage) {
+    const std::vector<float> logits = full_logits(hidden, rows);
+    const int64_t V = config().vocab_size;
+    for (size_t i = 0; i < rows.size(); ++i)
+      cpu::log_softmax_gather(logits.data() + int64_t(i) * V, &targets[rows[i]], &out[rows[i]], 1, V);
+  }
+  world.broadcast_n(out.data(), out.size(), result_rank());
+  return out;
+}
+
+void ParallelRunner::load_weights(const ModelWeights& weights) {
+  LS_CHECK(weights.config.to_json() == config().to_json(),
+           "parallel runner: load_weights needs weights of the same config as the running model");
+  ModelWeights local = slice_local_weights(weights, layout());
+  round_if_bf16(local, layout(), precision());
+  model_.local_weights() = std::move(local);
+}
+
+ModelWeights ParallelRunner::export_weights() const {
+  dist::Communicator& world = *model_.context().world;
+  // local_named only reads through its pointers here.
+  auto& local = const_cast<ModelWeights&>(model_.local_weights());
+  std::map<std::string, Tensor> pieces;
+  for (const auto& [name, t] : local_named(local, layout())) pieces.emplace(name, *t);
+  std::map<std::string, Tensor> gathered = gather_full(world, config(), layout(), pieces);
+  ModelWeights full = ModelWeights::random(config(), 0, precision());  // shapes; overwritten below
+  for (auto& [name, t] : full.named()) {
+    if (world.rank() == 0) *t = gathered.at(name).clone();
+    world.broadcast_n(t->data<float>(), size_t(t->numel()), 0);
+  }
+  return full;
+}
+
+std::unique_ptr<ParallelRunner> make_parallel_runner(dist::Communicator& world, const ResolvedTopology& topo,
+                                                     const ModelWeights& full, Precision precision) {
+  const ShardLayout layout = ShardLayout::make(full.config, topo.topo, topo.layer_split, world.rank());
+  ModelWeights local = slice_local_weights(full, layout);
+  round_if_bf16(local, layout, precision);
+  return std::make_unique<ParallelRunner>(world, layout, std::move(local), precision);
+}
+
+std::unique_ptr<ParallelRunner> load_parallel_runner(dist::Communicator& world, const std::string& model_dir,
+                                                     const ModelConfig& cfg, const ResolvedTopology& topo,
+                                                     Precision precision) {
+  auto src = open_checkpoint_for(model_dir, cfg, topo.topo);
+  const ShardLayout layout = ShardLayout::make(cfg, topo.topo, topo.layer_split, world.rank());
+  return std::make_unique<ParallelRunner>(world, layout, load_local_weights(*src, cfg, layout, precision), precision);
+}
+
+}  // namespace lockstep

@@ -1,0 +1,69 @@
+// The rollout engine's ModelRunner under a parallel topology (DESIGN.md D3 + D5): every
+// rank runs the same Engine on the same requests (its scheduling is deterministic), so
+// page tables and batches agree across ranks; each rank computes its shards of the
+// forward (parallel_model.h), the last stage gathers the sampled rows' fp32 logits to full
+// rows (column form, exact) and samples them with the single-rank cpu::sample_row, and
+// the results are broadcast so every rank's engine stays in lockstep. Tokens and
+// log-probs are therefore the bits of the single-rank CPU runner.
+//
+// Data parallel: every DP replica runs the whole batch (the replicas duplicate the work;
+// they exist so that expert parallelism may span them, e.g. EP2 on 2 ranks).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/runner.h"
+#include "parallel/parallel_model.h"
+#include "parallel/parallel_score.h"
+
+namespace lockstep {
+
+class ParallelRunner final : public ModelRunner {
+ public:
+  // Collective over world (splits it into groups). `local` holds this rank's shards
+  // (shard_plan.h). `world` must outlive the runner. Every call below is collective.
+  ParallelRunner(dist::Communicator& world, const ShardLayout& layout, ModelWeights local, Precision precision);
+
+  const ModelConfig& config() const override { return model_.config(); }
+  Device device() const override { return Device::cpu; }
+  Precision precision() const override { return model_.precision(); }
+  const ShardLayout& layout() const { return model_.context().layout; }
+
+  // This rank's pages: its stage's layers and its KV heads.
+  void allocate_kv(int64_t num_pages, int64_t page_size) override;
+  // The same SampleResults on every rank.
+  std::vector<SampleResult> forward_sample(const ForwardBatch& batch,
+                                           const std::vector<SampleRequest>& requests) override;
+  // The same log-probs on every rank.
+  std::vector<float> forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) override;
+  // Full weights (identical on every rank) -> this rank's shards.
+  void load_weights(const ModelWeights& weights) override;
+  // The full weights gathered by global name, on every rank.
+  ModelWeights export_weights() const override;
+
+ private:
+  // The final-norm hidden states [T, H] of every token on the last stage's ranks (empty
+  // elsewhere): the forward through this rank's layers, stage to stage.
+  std::vector<float> forward_hidden(const ForwardBatch& batch);
+  // Last stage: fp32 logits [rows, V] of the given rows of `hidden`, full rows on every TP
+  // rank (each rank's vocab slice by the column form, then all-gathered). Collective over TP.
+  std::vector<float> full_logits(const std::vector<float>& hidden, const std::vector<int64_t>& rows) const;
+  // The world rank whose results every rank takes: TP rank 0 of DP replica 0, last stage.
+  int result_rank() const;
+  void check_batch(const ForwardBatch& batch) const;
+
+  ParallelQwen3Moe model_;
+  KvCache cache_;
+};
+
+// This rank's runner from full weights (identical on every rank). Collective.
+std::unique_ptr<ParallelRunner> make_parallel_runner(dist::Communicator& world, const ResolvedTopology& topo,
+                                                     const ModelWeights& full, Precision precision);
+// This rank's runner reading only its pieces of a checkpoint (Hugging Face or sharded,
+// open_checkpoint_for). Collective.
+std::unique_ptr<ParallelRunner> load_parallel_runner(dist::Communicator& world, const std::string& model_dir,
+                                                     const ModelConfig& cfg, const ResolvedTopology& topo,
+                                                     Precision precision);
+
+}  // namespace lockstep
