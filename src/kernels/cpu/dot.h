@@ -13,6 +13,15 @@ namespace lockstep::cpu {
 
 typedef float v8f __attribute__((vector_size(32)));
 
+// Tells the compiler a loaded vector stays in a register (an empty asm, no instruction), so it
+// does not reload it from memory for every multiply. Arithmetic is unchanged. Only where the
+// vector fits one register (AVX); without AVX (e.g. the sanitizer build) it is a no-op.
+#if defined(__AVX__)
+#define LS_KEEP_IN_REGISTER(x) asm("" : "+v"(x))
+#else
+#define LS_KEEP_IN_REGISTER(x) ((void)0)
+#endif
+
 inline v8f load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, 32);
@@ -83,11 +92,11 @@ inline void dot_tile_steps(const float* const* a, const float* const* b, int64_t
       bv[c] = load8(b[c] + k);
       // Keep the loaded vector in a register: otherwise the compiler folds a fresh load into
       // every multiply and the tile shares nothing.
-      asm("" : "+v"(bv[c]));
+      LS_KEEP_IN_REGISTER(bv[c]);
     }
     for (int r = 0; r < R; ++r) {
       v8f av = load8(a[r] + k);
-      asm("" : "+v"(av));
+      LS_KEEP_IN_REGISTER(av);
       for (int c = 0; c < C; ++c) s[r][c] += av * bv[c];
     }
   }
@@ -108,11 +117,11 @@ inline void dot_tile_steps_packed(const float* const* a, int64_t k0, const float
     v8f bv[C];
     for (int c = 0; c < C; ++c) {
       bv[c] = load8(bp + (i * C + c) * 8);
-      asm("" : "+v"(bv[c]));
+      LS_KEEP_IN_REGISTER(bv[c]);
     }
     for (int r = 0; r < R; ++r) {
       v8f av = load8(a[r] + k0 + i * 8);
-      asm("" : "+v"(av));
+      LS_KEEP_IN_REGISTER(av);
       for (int c = 0; c < C; ++c) s[r][c] += av * bv[c];
     }
   }

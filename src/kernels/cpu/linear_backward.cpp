@@ -46,7 +46,7 @@ void chunk_sums(const float* g, int64_t g_row, int64_t g_col, const float* m, in
         v8f mv[kVecs];
         for (int v = 0; v < kVecs; ++v) {
           mv[v] = load8(ms + v * 8);
-          asm("" : "+v"(mv[v]));
+          LS_KEEP_IN_REGISTER(mv[v]);
         }
         for (int r = 0; r < R; ++r) {
           const float gv = g[r * g_row + s * g_col];
