@@ -121,7 +121,9 @@ TEST_P(GenerateTopology, OutputsEqualSingleRank) {
     const auto want = run_engine(make_cpu_runner(full.clone(), c.precision), options, reqs);
     const auto got = generate_on_threads(full, c.precision, c.spec, options, reqs);
     for (const auto& r : want) ASSERT_FALSE(r.output_ids.empty());
-    if (c.precision == Precision::float32) EXPECT_EQ(want[0].finish_reason, rollout::FinishReason::stop);
+    if (c.precision == Precision::float32) {
+      EXPECT_EQ(want[0].finish_reason, rollout::FinishReason::stop);
+    }
     std::string why;
     EXPECT_TRUE(same_results(got, want, &why)) << c.spec.name() << " prefill_chunk " << options.prefill_chunk << ": "
                                                 << why;

@@ -87,7 +87,9 @@ TEST(RlRun, LossVariantsStayOnPolicy) {
     for (const auto& m : rl_steps(read_metrics(c))) {
       EXPECT_EQ(m["train/train_rollout_logprob_abs_diff"].get<double>(), 0.0) << v.estimator;
       EXPECT_TRUE(std::isfinite(m["train/loss"].get<double>())) << v.estimator;
-      if (v.kl_coef != 0 && m["step"] == 1) EXPECT_EQ(m["train/kl_loss"].get<double>(), 0.0);  // policy == reference
+      if (v.kl_coef != 0 && m["step"] == 1) {
+        EXPECT_EQ(m["train/kl_loss"].get<double>(), 0.0);  // policy == reference
+      }
     }
   }
 }
