@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "kernels/canonical.h"
+#include "parallel/row_exchange.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/moe.h"
@@ -28,38 +29,8 @@ void swiglu_partial(const float* x, const float* gate_w, const float* up_w, cons
 
 namespace {
 
-// all_to_all_v with counts in elements of T.
-template <typename T>
-std::vector<T> exchange(dist::Communicator& comm, const std::vector<T>& send, const std::vector<int64_t>& send_n,
-                        const std::vector<int64_t>& recv_n, int64_t width) {
-  const size_t P = send_n.size();
-  std::vector<size_t> sc(P), rc(P);
-  for (size_t i = 0; i < P; ++i) {
-    sc[i] = size_t(send_n[i] * width) * sizeof(T);
-    rc[i] = size_t(recv_n[i] * width) * sizeof(T);
-  }
-  const auto sd = dist::displacements(sc), rd = dist::displacements(rc);
-  int64_t total = 0;
-  for (int64_t n : recv_n) total += n;
-  std::vector<T> recv(size_t(total * width));
-  comm.all_to_all_v(send.data(), sc, sd, recv.data(), rc, rd);
-  return recv;
-}
-
-// Every member's rows, concatenated in member order (an all-gather of unequal blocks).
-template <typename T>
-std::vector<T> gather_v(dist::Communicator& comm, const std::vector<T>& mine, const std::vector<int64_t>& counts,
-                        int64_t width) {
-  const size_t P = counts.size();
-  std::vector<size_t> sc(P, mine.size() * sizeof(T)), sd(P, 0), rc(P);
-  for (size_t i = 0; i < P; ++i) rc[i] = size_t(counts[i] * width) * sizeof(T);
-  const auto rd = dist::displacements(rc);
-  int64_t total = 0;
-  for (int64_t n : counts) total += n;
-  std::vector<T> all(size_t(total * width));
-  comm.all_to_all_v(mine.data(), sc, sd, all.data(), rc, rd);
-  return all;
-}
+using parallel_rows::exchange;
+using parallel_rows::gather_v;
 
 }  // namespace
 
