@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -56,6 +57,15 @@ class CpuRunner final : public ModelRunner {
 
   ModelWeights export_weights() const override { return model_.weights().clone(); }
 
+  void load_weight_bucket(const std::vector<WeightPiece>& pieces) override {
+    const auto named = model_.weights().named();
+    for (const std::string& name : apply_weight_pieces(model_.weights(), pieces))
+      if (model_.precision() == Precision::bfloat16) {
+        Tensor& t = *named.at(name);
+        cpu::round_to_bf16(t.data<float>(), t.numel());
+      }
+  }
+
   void load_weights(const ModelWeights& weights) override {
     model_.weights() = weights.clone();
     if (model_.precision() == Precision::bfloat16)
@@ -71,6 +81,36 @@ class CpuRunner final : public ModelRunner {
 
 ModelWeights ModelRunner::export_weights() const {
   fail("this model runner (", device_name(device()), ") cannot export its weights for an audit");
+}
+
+std::vector<std::string> apply_weight_pieces(ModelWeights& weights, const std::vector<WeightPiece>& pieces) {
+  const auto named = weights.named();
+  std::vector<std::string> touched;
+  for (const WeightPiece& p : pieces) {
+    auto it = named.find(p.name);
+    LS_CHECK(it != named.end(), "weight bucket: '", p.name, "' is not a tensor of this model");
+    Tensor& t = *it->second;
+    const Box whole = full_box(t.shape());
+    bool inside = p.box.size() == whole.size();
+    for (size_t d = 0; inside && d < whole.size(); ++d)
+      inside = p.box[d].begin >= 0 && p.box[d].begin <= p.box[d].end && p.box[d].end <= whole[d].end;
+    LS_CHECK(inside, "weight bucket: box ", box_str(p.box), " of '", p.name, "' is outside its shape ",
+             shape_str(t.shape()));
+    LS_CHECK(p.value.dtype() == DType::f32 && p.value.shape() == box_shape(p.box), "weight bucket: '", p.name,
+             "' box ", box_str(p.box), " needs f32 values of shape ", shape_str(box_shape(p.box)), ", got ",
+             dtype_name(p.value.dtype()), shape_str(p.value.shape()));
+    copy_intersection(p.value, p.box, t, whole);
+    if (touched.empty() || touched.back() != p.name) touched.push_back(p.name);
+  }
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  return touched;
+}
+
+void ModelRunner::load_weight_bucket(const std::vector<WeightPiece>& pieces) {
+  ModelWeights w = export_weights();
+  apply_weight_pieces(w, pieces);
+  load_weights(w);
 }
 
 std::unique_ptr<ModelRunner> make_cpu_runner(ModelWeights weights, Precision precision) {

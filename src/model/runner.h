@@ -4,8 +4,10 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "checkpoint/sharded.h"
 #include "model/qwen3_moe.h"
 
 namespace lockstep {
@@ -20,6 +22,14 @@ struct SampleRequest {
   uint64_t seed = 0;
   uint64_t stream = 0;    // the request's id
   uint64_t position = 0;  // the position of the token being drawn
+};
+
+// A box of one global tensor (DESIGN.md section 3) and its values: f32, shape
+// box_shape(box). What a bucketed weight sync hands a runner (parallel/weight_sync.h).
+struct WeightPiece {
+  std::string name;
+  Box box;
+  Tensor value;
 };
 
 struct SampleResult {
@@ -44,9 +54,19 @@ class ModelRunner {
   virtual std::vector<float> forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) = 0;
   // Replaces the weights (same config); used by weight sync.
   virtual void load_weights(const ModelWeights& weights) = 0;
+  // Replaces only the given boxes of the given tensors (global names), leaving every other
+  // value as it is; used by the bucketed weight sync, one bucket at a time. A runner that
+  // holds shards copies the intersection of each piece with what it holds. In the bfloat16
+  // recipe the values are rounded to bf16 like load_weights does. The default works for any
+  // runner that can export its weights: export, replace, load_weights.
+  virtual void load_weight_bucket(const std::vector<WeightPiece>& pieces);
   // A host copy of the weights the runner computes with (for auditing a weight sync).
   virtual ModelWeights export_weights() const;
 };
+
+// Copies each piece into the full tensor of its name in `weights`; refuses an unknown name
+// or a box outside the tensor's shape (naming both). Returns the names touched.
+std::vector<std::string> apply_weight_pieces(ModelWeights& weights, const std::vector<WeightPiece>& pieces);
 
 std::unique_ptr<ModelRunner> make_cpu_runner(ModelWeights weights, Precision precision);
 // The CUDA runner when this build has one; throws a clear error otherwise.

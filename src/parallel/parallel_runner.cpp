@@ -160,6 +160,34 @@ void ParallelRunner::load_weights(const ModelWeights& weights) {
   model_.local_weights() = std::move(local);
 }
 
+void ParallelRunner::load_weight_bucket(const std::vector<WeightPiece>& pieces) {
+  const auto shapes = ModelWeights::expected_shapes(config());
+  const std::vector<ShardPiece> held = rank_pieces(config(), layout());
+  const auto local = local_named(model_.local_weights(), layout());
+  std::multimap<std::string, size_t> by_name;  // global name -> index into held/local
+  for (size_t i = 0; i < held.size(); ++i) by_name.emplace(held[i].name, i);
+  std::vector<bool> touched(held.size(), false);
+  for (const WeightPiece& p : pieces) {
+    auto shape = shapes.find(p.name);
+    LS_CHECK(shape != shapes.end(), "weight bucket: '", p.name, "' is not a tensor of this model");
+    LS_CHECK(p.value.dtype() == DType::f32 && p.value.shape() == box_shape(p.box) &&
+                 p.box.size() == shape->second.size(),
+             "weight bucket: '", p.name, "' box ", box_str(p.box), " needs f32 values of shape ",
+             shape_str(box_shape(p.box)), " inside ", shape_str(shape->second));
+    for (size_t d = 0; d < p.box.size(); ++d)
+      LS_CHECK(p.box[d].begin >= 0 && p.box[d].begin <= p.box[d].end && p.box[d].end <= shape->second[d],
+               "weight bucket: box ", box_str(p.box), " of '", p.name, "' is outside its shape ",
+               shape_str(shape->second));
+    auto [first, last] = by_name.equal_range(p.name);
+    for (auto it = first; it != last; ++it)
+      if (copy_intersection(p.value, p.box, *local[it->second].second, held[it->second].box) > 0)
+        touched[it->second] = true;
+  }
+  if (precision() == Precision::bfloat16)
+    for (size_t i = 0; i < held.size(); ++i)
+      if (touched[i]) cpu::round_to_bf16(local[i].second->data<float>(), local[i].second->numel());
+}
+
 ModelWeights ParallelRunner::export_weights() const {
   dist::Communicator& world = *model_.context().world;
   // local_named only reads through its pointers here.

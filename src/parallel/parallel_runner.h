@@ -39,6 +39,10 @@ class ParallelRunner final : public ModelRunner {
   std::vector<float> forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) override;
   // Full weights (identical on every rank) -> this rank's shards.
   void load_weights(const ModelWeights& weights) override;
+  // Pieces of global tensors -> the parts of them this rank holds (each piece's intersection
+  // with each of its shards); pieces of tensors it does not hold are ignored. Local: ranks
+  // may be given different pieces (the weight sync gives each only what its shards need).
+  void load_weight_bucket(const std::vector<WeightPiece>& pieces) override;
   // The full weights gathered by global name, on every rank.
   ModelWeights export_weights() const override;
 

@@ -127,6 +127,20 @@ const ModelWeights& ParallelPolicy::sync_full() {
   return full_;
 }
 
+WeightSyncStats ParallelPolicy::stream_weights(const ShardLayout& engine_layout,
+                                               const std::function<void(std::vector<WeightPiece>&&)>& load_bucket,
+                                               const WeightSyncOptions& options) {
+  return lockstep::stream_weights(world_, full_.config, layout_, params_, engine_layout, load_bucket, options);
+}
+
+const ModelWeights& ParallelPolicy::gather_to_root() {
+  std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, as_map(params_));
+  if (root())  // in place: a tied lm_head keeps sharing the embedding's storage
+    for (auto& [name, t] : full_.named())
+      std::memcpy(t->data<float>(), gathered.at(name).data<float>(), t->nbytes());
+  return full_;
+}
+
 AdamW ParallelPolicy::gather_optimizer() {
   const ModelConfig& cfg = full_.config;
   auto shard_map = [&](const std::map<std::string, Tensor>& state) {

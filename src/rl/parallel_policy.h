@@ -1,9 +1,11 @@
 // The trainer side of `lockstep train` under a parallel topology (DESIGN.md D4): this
 // rank's shards in a ParallelQwen3Moe, the backward by ParallelGrad, a sharded AdamW, and
-// the full weights (gathered by global name, on every rank) that the rollout engine loads.
-// Every rank runs the same rollout engine on the same seeds, so every rank knows every
-// sample; what only the last stage computes (per-sample loss records, log-probs) is
-// broadcast, so every rank takes the same decisions and the numbers equal one rank's.
+// the bucketed weight sync of its shards to the rollout engine's own topology
+// (parallel/weight_sync.h; the engine is a single-rank engine on every rank or a
+// ParallelRunner over the same ranks). Every rank drives the same rollout engine on the
+// same seeds, so every rank knows every sample; what only the last stage computes
+// (per-sample loss records, log-probs) is broadcast, so every rank takes the same
+// decisions and the numbers equal one rank's.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -15,6 +17,7 @@
 #include "dist/communicator.h"
 #include "parallel/parallel_backward.h"
 #include "parallel/parallel_score.h"
+#include "parallel/weight_sync.h"
 #include "train/optimizer.h"
 
 namespace lockstep::rl {
@@ -47,11 +50,20 @@ class ParallelPolicy {
   // non-finite gradient fails on every rank (naming the tensor where it is held).
   OptimizerStepResult apply(bool inject_nan);
 
-  // The current weights, full, on every rank (gathered by global name, broadcast). Collective.
+  // Streams the current shards to the engine's layout (this rank's), bucket by bucket, into
+  // load_bucket (parallel/weight_sync.h). Collective.
+  WeightSyncStats stream_weights(const ShardLayout& engine_layout,
+                                 const std::function<void(std::vector<WeightPiece>&&)>& load_bucket,
+                                 const WeightSyncOptions& options);
+  // The current weights, full, on every rank (gathered by global name, broadcast): only for
+  // what needs a whole model on every rank (the KL reference). Collective.
   const ModelWeights& sync_full();
+  // The current weights, full, on world rank 0 only (checkpoints); other ranks get the
+  // weights of the last sync_full or the initial ones. Collective.
+  const ModelWeights& gather_to_root();
   const ModelWeights& full() const { return full_; }
   // The optimizer state gathered by global name: complete on world rank 0 (a full AdamW over
-  // full()), the initial state elsewhere. Collective; call after sync_full().
+  // full()), the initial state elsewhere. Collective.
   AdamW gather_optimizer();
   // Continues from a checkpoint's full state (read on every rank): keeps this rank's slices.
   void load_state(const ModelWeights& full_weights, const AdamW& full_optimizer);

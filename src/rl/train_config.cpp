@@ -71,6 +71,17 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("pipeline-layer-split", pipeline_layer_split, "layers per pipeline stage, e.g. 1,3 (default: even)"),
       LS_OPT("expert-model-parallel-size", expert_model_parallel_size, "trainer expert parallel size"),
       LS_OPT("expert-tensor-parallel-size", expert_tensor_parallel_size, "trainer expert tensor parallel size"),
+      LS_OPT("rollout-tensor-model-parallel-size", rollout_tensor_model_parallel_size,
+             "rollout engine tensor parallel size (1, 2, 4, 8); the engine's topology may differ from the trainer's"),
+      LS_OPT("rollout-sequence-parallel", rollout_sequence_parallel, "rollout engine sequence parallel"),
+      LS_OPT("rollout-pipeline-model-parallel-size", rollout_pipeline_model_parallel_size,
+             "rollout engine pipeline stages"),
+      LS_OPT("rollout-expert-model-parallel-size", rollout_expert_model_parallel_size,
+             "rollout engine expert parallel size"),
+      LS_OPT("rollout-expert-tensor-parallel-size", rollout_expert_tensor_parallel_size,
+             "rollout engine expert tensor parallel size"),
+      LS_OPT("weight-sync-bucket-mb", weight_sync_bucket_mb,
+             "MiB of fp32 weights per bucket of the trainer -> engine weight sync"),
       LS_OPT("debug-inject-nan-step", debug_inject_nan_step, ""),
       LS_OPT("debug-stop-after", debug_stop_after, ""),
   };
@@ -225,8 +236,15 @@ void validate(const TrainConfig& c) {
   for (auto [flag, v] : {std::pair{"--tensor-model-parallel-size", c.tensor_model_parallel_size},
                          {"--pipeline-model-parallel-size", c.pipeline_model_parallel_size},
                          {"--expert-model-parallel-size", c.expert_model_parallel_size},
-                         {"--expert-tensor-parallel-size", c.expert_tensor_parallel_size}})
+                         {"--expert-tensor-parallel-size", c.expert_tensor_parallel_size},
+                         {"--rollout-tensor-model-parallel-size", c.rollout_tensor_model_parallel_size},
+                         {"--rollout-pipeline-model-parallel-size", c.rollout_pipeline_model_parallel_size},
+                         {"--rollout-expert-model-parallel-size", c.rollout_expert_model_parallel_size},
+                         {"--rollout-expert-tensor-parallel-size", c.rollout_expert_tensor_parallel_size}})
     LS_CHECK(v >= 1, flag, ": expected >= 1, got ", v);
+  LS_CHECK(c.weight_sync_bucket_mb > 0 && std::isfinite(c.weight_sync_bucket_mb) &&
+               c.weight_sync_bucket_mb * 1048576.0 >= 1.0 && c.weight_sync_bucket_mb <= 1048576.0,
+           "--weight-sync-bucket-mb: expected a size in MiB in (0, 1048576], got ", c.weight_sync_bucket_mb);
   LS_CHECK(c.save_interval >= 0, "--save-interval: expected >= 0, got ", c.save_interval);
   LS_CHECK(!c.resume || !c.save.empty(), "--resume needs --save DIR (the checkpoints to continue from)");
   LS_CHECK(c.ref_load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.ref_load) / "config.json"),

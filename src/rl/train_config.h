@@ -64,13 +64,21 @@ struct TrainConfig {
   bool progress = true;
   bool audit_weight_sync = false;  // after every sync, audit trainer vs engine weights by global name
   // Trainer topology under `mpirun -np N lockstep train` (DESIGN.md D4: no number depends on
-  // it; the rollout engine runs single-rank on every rank). Not run-defining.
+  // it). Not run-defining.
   int64_t tensor_model_parallel_size = 1;
   bool sequence_parallel = false;
   int64_t pipeline_model_parallel_size = 1;
   std::string pipeline_layer_split;  // e.g. "1,3"; empty = even
   int64_t expert_model_parallel_size = 1;
   int64_t expert_tensor_parallel_size = 1;
+  // The rollout engine's own topology over the same ranks (all 1: a single-rank engine on
+  // every rank), and the weight sync's bucket size (parallel/weight_sync.h). Not run-defining.
+  int64_t rollout_tensor_model_parallel_size = 1;
+  bool rollout_sequence_parallel = false;
+  int64_t rollout_pipeline_model_parallel_size = 1;
+  int64_t rollout_expert_model_parallel_size = 1;
+  int64_t rollout_expert_tensor_parallel_size = 1;
+  double weight_sync_bucket_mb = 64;  // MiB of fp32 weights per bucket
   // Testing hooks (hidden from the help).
   int64_t debug_inject_nan_step = -1;
   int64_t debug_stop_after = -1;  // stop (as if killed) after this many RL steps of this process

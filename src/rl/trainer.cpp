@@ -21,6 +21,8 @@
 #include "model/qwen3_moe.h"
 #include "model/runner.h"
 #include "model/weights_source.h"
+#include "parallel/parallel_runner.h"
+#include "parallel/weight_sync.h"
 #include "rl/parallel_policy.h"
 #include "rl/plot.h"
 #include "rl/tasks.h"
@@ -235,6 +237,12 @@ std::string run_defining_toml(TrainConfig c) {
   c.pipeline_layer_split = defaults.pipeline_layer_split;
   c.expert_model_parallel_size = defaults.expert_model_parallel_size;
   c.expert_tensor_parallel_size = defaults.expert_tensor_parallel_size;
+  c.rollout_tensor_model_parallel_size = defaults.rollout_tensor_model_parallel_size;
+  c.rollout_sequence_parallel = defaults.rollout_sequence_parallel;
+  c.rollout_pipeline_model_parallel_size = defaults.rollout_pipeline_model_parallel_size;
+  c.rollout_expert_model_parallel_size = defaults.rollout_expert_model_parallel_size;
+  c.rollout_expert_tensor_parallel_size = defaults.rollout_expert_tensor_parallel_size;
+  c.weight_sync_bucket_mb = defaults.weight_sync_bucket_mb;
   return to_toml(c);
 }
 
@@ -288,6 +296,30 @@ ModelWeights initial_weights(const TrainConfig& c, Precision precision) {
   return ModelWeights::random(tiny_task_model_config(), uint64_t(c.model_seed), precision);
 }
 
+TopologyRequest rollout_topology_request(const TrainConfig& c) {
+  TopologyRequest r;
+  r.tp = int(c.rollout_tensor_model_parallel_size);
+  r.sp = c.rollout_sequence_parallel;
+  r.pp = int(c.rollout_pipeline_model_parallel_size);
+  r.ep = int(c.rollout_expert_model_parallel_size);
+  r.etp = int(c.rollout_expert_tensor_parallel_size);
+  return r;
+}
+
+// The rollout engine's topology, validated like the trainer's; errors name the rollout keys.
+ResolvedTopology resolve_rollout_topology(const TrainConfig& c, const ModelConfig& mc, int world_size) {
+  try {
+    return resolve_topology(rollout_topology_request(c), mc, world_size);
+  } catch (const Error& e) {
+    fail("the rollout engine's topology (--rollout-tensor-model-parallel-size ", c.rollout_tensor_model_parallel_size,
+         (c.rollout_sequence_parallel ? " --rollout-sequence-parallel" : ""),
+         " --rollout-pipeline-model-parallel-size ", c.rollout_pipeline_model_parallel_size,
+         " --rollout-expert-model-parallel-size ", c.rollout_expert_model_parallel_size,
+         " --rollout-expert-tensor-parallel-size ", c.rollout_expert_tensor_parallel_size, " on ", world_size,
+         " ranks) cannot run: ", e.what(), " (the same rules apply to the rollout-* keys)");
+  }
+}
+
 void check_model_fits_task(const ModelConfig& m, const Task& task, const TrainConfig& c, const std::string& where) {
   LS_CHECK(m.vocab_size >= vocab::kTaskVocabSize, where, ": vocab_size ", m.vocab_size,
            " is too small for the task vocabulary (", vocab::kTaskVocabSize, " ids)");
@@ -309,10 +341,14 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   request.etp = int(cfg.expert_tensor_parallel_size);
   request.layer_split = cfg.pipeline_layer_split;
   LS_CHECK(world || !request.parallel(), "lockstep train: the topology flags need ranks (run under mpirun)");
-  const bool parallel = world && (world->size() > 1 || request.parallel());
-  ResolvedTopology topology;
+  const bool rollout_parallel = rollout_topology_request(cfg).parallel();
+  LS_CHECK(world || !rollout_parallel,
+           "lockstep train: the --rollout-* topology flags need ranks (run under mpirun)");
+  const bool parallel = world && (world->size() > 1 || request.parallel() || rollout_parallel);
+  ResolvedTopology topology, rollout_topology;
   if (parallel) {
     const ModelConfig mc = cfg.load.empty() ? tiny_task_model_config() : ModelConfig::load(cfg.load + "/config.json");
+    if (rollout_parallel) rollout_topology = resolve_rollout_topology(cfg, mc, world->size());
     topology = resolve_topology(request, mc, world->size());
     LS_CHECK(cfg.num_microbatches % topology.topo.dp == 0, "--num-microbatches ", cfg.num_microbatches,
              " must be a multiple of the data-parallel size ", topology.topo.dp,
@@ -395,25 +431,63 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   eo.max_batch_tokens = std::max<int64_t>(2048, samples_per_step * max_len);
   eo.prefill_chunk = eo.max_batch_tokens;
   eo.initial_weight_version = state.weight_version;
-  rollout::Engine engine(make_cpu_runner(model.weights().clone(), precision), eo);
+  // The engine: at its own topology over the same ranks (a ParallelRunner), else a
+  // single-rank engine run identically on every rank. At a trainer topology the sync streams
+  // the trainer's shards into the engine's layout (parallel/weight_sync.h).
+  std::unique_ptr<ModelRunner> runner;
+  ShardLayout engine_layout;
+  if (rollout_parallel) {
+    auto pr = make_parallel_runner(*world, rollout_topology, model.weights(), precision);
+    engine_layout = pr->layout();
+    runner = std::move(pr);
+  } else {
+    runner = make_cpu_runner(model.weights().clone(), precision);
+    if (par) engine_layout = whole_model_layout(model.config(), world->size(), world->rank());
+  }
+  rollout::Engine engine(std::move(runner), eo);
   TrainerParts parts{cfg, precision, model, optimizer};
   const bool tty = isatty(2);
   const bool progress = cfg.progress && root;
-  // The trainer's current full weights (gathered by global name at a topology).
-  auto synced_weights = [&]() -> const ModelWeights& { return par ? par->sync_full() : model.weights(); };
+  WeightSyncOptions sync_options;
+  sync_options.bucket_bytes = std::max<int64_t>(1, int64_t(cfg.weight_sync_bucket_mb * 1048576.0));
+  sync_options.audit = cfg.audit_weight_sync;
   // Loads the trainer's weights into the engine; with --audit-weight-sync, then fingerprints both
   // sides by global name (lockstep audit) and stops at the first difference.
   auto sync_engine = [&](const char* when) {
-    const ModelWeights& trainer_weights = synced_weights();
-    engine.update_weights(trainer_weights, rollout::UpdatePolicy::finish);
-    if (!cfg.audit_weight_sync) return;
-    const ModelWeights engine_weights = engine.weights();
-    const auto diff = first_difference(audit_checkpoint(WeightsSource(trainer_weights, "trainer weights")),
-                                       audit_checkpoint(WeightsSource(engine_weights, "engine weights")));
+    std::optional<std::string> diff;
+    if (!par) {
+      engine.update_weights(model.weights(), rollout::UpdatePolicy::finish);
+      if (!cfg.audit_weight_sync) return;
+      diff = first_difference(audit_checkpoint(WeightsSource(model.weights(), "trainer weights")),
+                              audit_checkpoint(WeightsSource(engine.weights(), "engine weights")));
+    } else {
+      engine.begin_weight_update(rollout::UpdatePolicy::finish);
+      WeightSyncStats stats = par->stream_weights(
+          engine_layout, [&](std::vector<WeightPiece>&& bucket) { engine.load_weight_bucket(bucket); }, sync_options);
+      engine.end_weight_update();
+      if (!cfg.audit_weight_sync) return;
+      // The trainer side was fingerprinted on rank 0 as its buckets passed; the engine's
+      // weights are exported by global name (gathered when the engine is sharded).
+      const ModelWeights engine_weights = engine.weights();
+      std::string message;
+      if (root) {
+        CheckpointAudit trainer_audit;
+        trainer_audit.source = "trainer weights (streamed)";
+        trainer_audit.tensors = std::move(stats.audit);
+        if (auto d = first_difference(trainer_audit, audit_checkpoint(WeightsSource(engine_weights, "engine weights"))))
+          message = *d;
+      }
+      uint64_t size = message.size();
+      world->broadcast_n(&size, 1, 0);
+      message.resize(size);
+      world->broadcast(message.data(), size, 0);
+      if (!message.empty()) diff = message;
+    }
     LS_CHECK(!diff, "--audit-weight-sync: ", when, " (engine weight version ", engine.weight_version(),
              "): the engine's weights differ from the trainer's: ", *diff);
   };
-  auto current_weights = [&]() -> const ModelWeights& { return par ? par->full() : model.weights(); };
+  // The whole current model on every rank (the KL reference).
+  auto current_weights = [&]() -> const ModelWeights& { return par ? par->sync_full() : model.weights(); };
   TrainSummary summary;
 
   // ---- SFT warm start: optimizer steps on task demonstrations. ----
@@ -595,9 +669,10 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
          (cfg.debug_stop_after >= 0 && steps_this_run == cfg.debug_stop_after))) {
       if (par) {
         // Checkpoints speak global names: any topology can resume them.
+        const ModelWeights& full_weights = par->gather_to_root();
         const AdamW full_optimizer = par->gather_optimizer();
         if (root)
-          save_train_checkpoint(cfg.save, state, par->full(), precision, full_optimizer,
+          save_train_checkpoint(cfg.save, state, full_weights, precision, full_optimizer,
                                 ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
       } else {
         save_train_checkpoint(cfg.save, state, model.weights(), precision, optimizer,

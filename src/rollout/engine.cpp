@@ -260,7 +260,9 @@ RequestResult Engine::take_result(RequestId id) {
   return r;
 }
 
-std::vector<StepOutput> Engine::update_weights(const ModelWeights& weights, UpdatePolicy policy) {
+std::vector<StepOutput> Engine::begin_weight_update(UpdatePolicy policy) {
+  LS_CHECK(!updating_, "rollout engine: begin_weight_update while a weight update is already in progress (call "
+                       "end_weight_update first)");
   paused_ = true;
   std::vector<StepOutput> outputs;
   if (policy == UpdatePolicy::abort) {
@@ -280,9 +282,26 @@ std::vector<StepOutput> Engine::update_weights(const ModelWeights& weights, Upda
     for (auto& out : step()) outputs.push_back(std::move(out));
   // No page is referenced now: the cache holds only old-weight K/V; forget all of it.
   pool_.flush();
-  runner_->load_weights(weights);
+  updating_ = true;
+  return outputs;
+}
+
+void Engine::load_weight_bucket(const std::vector<WeightPiece>& pieces) {
+  LS_CHECK(updating_, "rollout engine: load_weight_bucket outside a weight update (call begin_weight_update first)");
+  runner_->load_weight_bucket(pieces);
+}
+
+void Engine::end_weight_update() {
+  LS_CHECK(updating_, "rollout engine: end_weight_update without begin_weight_update");
+  updating_ = false;
   ++weight_version_;
   paused_ = false;
+}
+
+std::vector<StepOutput> Engine::update_weights(const ModelWeights& weights, UpdatePolicy policy) {
+  std::vector<StepOutput> outputs = begin_weight_update(policy);
+  runner_->load_weights(weights);
+  end_weight_update();
   return outputs;
 }
 

@@ -70,7 +70,19 @@ class Engine {
   // Pauses admission, lets started requests finish (or aborts them), flushes the prefix
   // cache, loads the weights, bumps the version and resumes. Requests not yet started run
   // under the new weights. Returns the step outputs produced while draining.
+  // = begin_weight_update + the runner's load_weights + end_weight_update.
   std::vector<StepOutput> update_weights(const ModelWeights& weights, UpdatePolicy policy);
+
+  // The same update in buckets (DESIGN.md section 4, parallel/weight_sync.h):
+  // begin_weight_update pauses admission, drains or aborts started requests (as
+  // update_weights) and flushes the prefix cache; each load_weight_bucket replaces some
+  // tensors' boxes (global names) in the runner; end_weight_update bumps the version once
+  // and resumes. No request runs between begin and end (nothing is admitted). Misuse (a
+  // bucket or an end outside an update, a begin inside one) throws lockstep::Error.
+  std::vector<StepOutput> begin_weight_update(UpdatePolicy policy);
+  void load_weight_bucket(const std::vector<WeightPiece>& pieces);
+  void end_weight_update();
+  bool updating_weights() const { return updating_; }
   int64_t weight_version() const { return weight_version_; }
 
   const EngineOptions& options() const { return options_; }
@@ -112,6 +124,7 @@ class Engine {
   std::vector<int32_t> stop_ids_;  // EOS ids from the config
   int64_t weight_version_;
   bool paused_ = false;
+  bool updating_ = false;  // between begin_weight_update and end_weight_update
   RequestId next_id_ = 0;
   std::map<RequestId, Sequence> sequences_;  // unfinished and untaken results
   std::vector<Sequence*> running_;           // admitted, ordered by id (oldest first)
