@@ -65,6 +65,12 @@ void SelfCommunicator::recv(void* buf, size_t bytes, int peer, int tag) {
   fail("recv: no pending self-send with tag ", tag, " (a 1-rank recv would block forever)");
 }
 
+void Communicator::send_recv(const void* send_buf, size_t send_bytes, int send_tag, void* recv_buf,
+                             size_t recv_bytes, int recv_tag, int peer) {
+  send(send_buf, send_bytes, peer, send_tag);
+  recv(recv_buf, recv_bytes, peer, recv_tag);
+}
+
 std::unique_ptr<Communicator> SelfCommunicator::split(int color, int) {
   if (color < 0) return nullptr;
   return std::make_unique<SelfCommunicator>();

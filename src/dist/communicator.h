@@ -44,6 +44,12 @@ class Communicator {
   // messages between one pair with one tag arrive in order. Blocking.
   virtual void send(const void* buf, size_t bytes, int peer, int tag) = 0;
   virtual void recv(void* buf, size_t bytes, int peer, int tag) = 0;
+  // Sends `send_buf` to `peer` and receives `recv_buf` from the same peer at once (not
+  // collective): what a pipeline stage does when it passes activations on and takes
+  // gradients back; a blocking send then a blocking recv on both sides could deadlock.
+  // The default is send then recv, valid where send is buffered (self, thread).
+  virtual void send_recv(const void* send_buf, size_t send_bytes, int send_tag, void* recv_buf, size_t recv_bytes,
+                         int recv_tag, int peer);
   // Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
   // (key, old rank). Collective over this communicator. color < 0 means "no group": the
   // caller gets nullptr.

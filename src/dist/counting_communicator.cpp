@@ -35,6 +35,12 @@ void CountingCommunicator::send(const void* buf, size_t bytes, int peer, int tag
   inner_->send(buf, bytes, peer, tag);
 }
 
+void CountingCommunicator::send_recv(const void* send_buf, size_t send_bytes, int send_tag, void* recv_buf,
+                                     size_t recv_bytes, int recv_tag, int peer) {
+  if (peer != rank()) volume_.send += send_bytes;
+  inner_->send_recv(send_buf, send_bytes, send_tag, recv_buf, recv_bytes, recv_tag, peer);
+}
+
 void CountingCommunicator::recv(void* buf, size_t bytes, int peer, int tag) {
   ++volume_.calls;
   inner_->recv(buf, bytes, peer, tag);

@@ -43,6 +43,8 @@ class CountingCommunicator final : public Communicator {
                     std::span<const size_t> recv_displs) override;
   void send(const void* buf, size_t bytes, int peer, int tag) override;
   void recv(void* buf, size_t bytes, int peer, int tag) override;
+  void send_recv(const void* send_buf, size_t send_bytes, int send_tag, void* recv_buf, size_t recv_bytes,
+                 int recv_tag, int peer) override;
   // The child is counted separately (wrap it again to count it).
   std::unique_ptr<Communicator> split(int color, int key) override { return inner_->split(color, key); }
 

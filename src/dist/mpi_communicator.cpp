@@ -177,6 +177,39 @@ void MpiCommunicator::send(const void* buf, size_t bytes, int peer, int tag) {
   } while (off < bytes);
 }
 
+void MpiCommunicator::send_recv(const void* send_buf, size_t send_bytes, int send_tag, void* recv_buf,
+                                size_t recv_bytes, int recv_tag, int peer) {
+  LS_CHECK(peer >= 0 && peer < size_, "send_recv: peer ", peer, " out of range [0, ", size_, ")");
+  // Every piece posted at once, then one wait: neither side's send waits for the other's recv.
+  std::vector<MPI_Request> requests;
+  std::vector<int> recv_pieces;
+  const auto* s = static_cast<const uint8_t*>(send_buf);
+  auto* r = static_cast<uint8_t*>(recv_buf);
+  size_t off = 0;
+  do {
+    const int n = static_cast<int>(std::min(kPiece, recv_bytes - off));
+    requests.emplace_back();
+    mpi_check(MPI_Irecv(r + off, n, MPI_BYTE, peer, recv_tag, comm_->comm, &requests.back()), "MPI_Irecv");
+    recv_pieces.push_back(n);
+    off += static_cast<size_t>(n);
+  } while (off < recv_bytes);
+  off = 0;
+  do {
+    const int n = static_cast<int>(std::min(kPiece, send_bytes - off));
+    requests.emplace_back();
+    mpi_check(MPI_Isend(s + off, n, MPI_BYTE, peer, send_tag, comm_->comm, &requests.back()), "MPI_Isend");
+    off += static_cast<size_t>(n);
+  } while (off < send_bytes);
+  std::vector<MPI_Status> statuses(requests.size());
+  mpi_check(MPI_Waitall(int(requests.size()), requests.data(), statuses.data()), "MPI_Waitall");
+  for (size_t i = 0; i < recv_pieces.size(); ++i) {
+    int got = 0;
+    MPI_Get_count(&statuses[i], MPI_BYTE, &got);
+    LS_CHECK(got == recv_pieces[i], "send_recv from rank ", peer, " tag ", recv_tag, ": expected ", recv_pieces[i],
+             " bytes, got ", got);
+  }
+}
+
 void MpiCommunicator::recv(void* buf, size_t bytes, int peer, int tag) {
   LS_CHECK(peer >= 0 && peer < size_, "recv: peer ", peer, " out of range [0, ", size_, ")");
   auto* p = static_cast<uint8_t*>(buf);

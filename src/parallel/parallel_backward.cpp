@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 
 #include "core/error.h"
 #include "kernels/canonical.h"
@@ -128,13 +129,9 @@ ParallelGrad::ParallelGrad(ParallelQwen3Moe& model) : model_(model) {
   edp_ = make_group(*ctx.world, ctx.layout.topo, GroupKind::EDP);
 }
 
-void ParallelGrad::forward(MicroState& m, bool want_entropy, int64_t index, const UpstreamFn& upstream) const {
+void ParallelGrad::prepare(MicroState& m, int64_t index) const {
   const ParallelContext& ctx = model_.context();
-  const ShardLayout& s = ctx.layout;
   const auto& c = model_.config();
-  const ModelWeights& W = model_.local_weights();
-  const bool bf16 = model_.precision() == Precision::bfloat16;
-  const int64_t H = c.hidden_size, V = c.vocab_size;
   m.index = index;
   m.tables.resize(m.seqs.size());
   int32_t next_page = 0;
@@ -153,24 +150,32 @@ void ParallelGrad::forward(MicroState& m, bool want_entropy, int64_t index, cons
     }
   m.T = m.batch.size();
   m.rows = ctx.local_rows(m.T);
+}
+
+std::vector<float> ParallelGrad::forward(MicroState& m, std::vector<float> x, bool want_entropy,
+                                         const UpstreamFn& upstream) const {
+  const ParallelContext& ctx = model_.context();
+  const ShardLayout& s = ctx.layout;
+  const auto& c = model_.config();
+  const ModelWeights& W = model_.local_weights();
+  const bool bf16 = model_.precision() == Precision::bfloat16;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
   const int64_t T = m.T, R = m.rows.size();
   m.cache = std::make_unique<KvCache>(s.local_cache_config(c), m.num_pages, kAttnBlock);
-  std::vector<float> x(R * H);
   if (s.first_stage) {
     std::vector<float> full(T * H);
     cpu::embedding(m.batch.tokens.data(), W.embed.data<float>(), full.data(), T, H);
     x = slice_rows(full, m.rows, H);
-  } else {
-    ctx.pp->recv_n(x.data(), x.size(), s.coords.pp - 1, int(2 * index));
   }
+  LS_CHECK(int64_t(x.size()) == R * H, "parallel backward: stage input of micro-batch ", m.index, " has ", x.size(),
+           " values, expected ", R * H);
   for (int64_t l = 0; l < s.num_layers; ++l) {
     m.layer_inputs.push_back(x);
     model_.layer_forward(l, x, m.batch, *m.cache);
   }
-  if (!s.last_stage) {
-    ctx.pp->send_n(x.data(), x.size(), s.coords.pp + 1, int(2 * index));
-    return;
-  }
+  // No K/V is kept past the forward: the backward recomputes it in a fresh cache.
+  m.cache.reset();
+  if (!s.last_stage) return x;
   // Head: the full logits on every TP rank (gathered by vocab slice), so log-softmax,
   // entropy and their backward are the single-rank kernels on the same bits.
   m.final_in = x;
@@ -208,12 +213,13 @@ void ParallelGrad::forward(MicroState& m, bool want_entropy, int64_t index, cons
     }
     offset += n;
   }
-  m.upstream = upstream(index, lp, ent);
+  m.upstream = upstream(m.index, lp, ent);
   LS_CHECK(m.upstream.size() == m.seqs.size(), "parallel backward: ", m.upstream.size(),
            " upstream gradients for ", m.seqs.size(), " sequences");
+  return {};
 }
 
-void ParallelGrad::backward(MicroState& m, Partial& g) const {
+std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, Partial& g) const {
   const ParallelContext& ctx = model_.context();
   const ShardLayout& s = ctx.layout;
   const auto& c = model_.config();
@@ -260,7 +266,9 @@ void ParallelGrad::backward(MicroState& m, Partial& g) const {
                           float(c.rms_norm_eps), bf16, local_chunks(T, m.rows));
     if (s.topo.sp) dist::canonical_all_reduce(*ctx.tp, dw, H);
   } else {
-    ctx.pp->recv_n(dx.data(), dx.size(), s.coords.pp + 1, int(2 * m.index + 1));
+    LS_CHECK(dy.size() == dx.size(), "parallel backward: stage output gradient of micro-batch ", m.index, " has ",
+             dy.size(), " values, expected ", dx.size());
+    dx = std::move(dy);
   }
   // The backward re-writes each layer's K/V as it recomputes: a fresh cache.
   m.cache = std::make_unique<KvCache>(s.local_cache_config(c), m.num_pages, kAttnBlock);
@@ -269,9 +277,9 @@ void ParallelGrad::backward(MicroState& m, Partial& g) const {
     const std::vector<float> dfull = ctx.gather_rows(dx, T, H);
     cpu::embedding_backward(m.batch.tokens.data(), dfull.data(), slot(g.dense, "model.embed_tokens.weight", W.embed),
                             T, V, H);
-  } else {
-    ctx.pp->send_n(dx.data(), dx.size(), s.coords.pp - 1, int(2 * m.index + 1));
+    return {};
   }
+  return dx;
 }
 
 void ParallelGrad::layer_backward(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const {
@@ -463,6 +471,65 @@ void ParallelGrad::layer_backward(int64_t l, MicroState& m, std::vector<float>& 
   cpu::add_inplace(dx.data(), dnorm.data(), R * H);
 }
 
+void ParallelGrad::run_one_f_one_b(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                                   const std::function<std::vector<float>(int64_t, std::vector<float>)>& run_forward,
+                                   const std::function<std::vector<float>(std::vector<float>)>& run_backward) const {
+  const ParallelContext& ctx = model_.context();
+  const ShardLayout& s = ctx.layout;
+  const int64_t J = int64_t(micro_batches.size()), H = model_.config().hidden_size;
+  const int stages = s.topo.pp, stage = s.coords.pp, prev = stage - 1, next = stage + 1;
+  // A stage boundary tensor of micro-batch j: this rank's rows of its tokens (the peer
+  // stage's rank with the same TP and DP coordinates holds the same rows).
+  auto boundary_size = [&](int64_t j) {
+    int64_t T = 0;
+    for (const auto& seq : micro_batches[j]) T += int64_t(seq.size());
+    return size_t(ctx.local_rows(T).size() * H);
+  };
+  auto fwd_tag = [](int64_t j) { return int(2 * j); };
+  auto bwd_tag = [](int64_t j) { return int(2 * j + 1); };
+  auto recv_from = [&](int peer, int64_t j, int tag) {
+    std::vector<float> buf(boundary_size(j));
+    ctx.pp->recv_n(buf.data(), buf.size(), peer, tag);
+    return buf;
+  };
+  // Warm-up: stage s runs stages - s - 1 forwards ahead of its first backward, so every
+  // stage has a micro-batch in flight when the last stage starts backward.
+  const int64_t warm = std::min<int64_t>(stages - stage - 1, J), steady = J - warm;
+  for (int64_t j = 0; j < warm; ++j) {
+    std::vector<float> y = run_forward(j, s.first_stage ? std::vector<float>{} : recv_from(prev, j, fwd_tag(j)));
+    ctx.pp->send_n(y.data(), y.size(), next, fwd_tag(j));
+  }
+  std::vector<float> x;
+  if (steady > 0 && !s.first_stage) x = recv_from(prev, warm, fwd_tag(warm));
+  // Steady state, one forward then one backward: the output of forward j goes down while
+  // the gradient of the oldest micro-batch i comes back (one exchange with the next
+  // stage), then the gradient of i goes up while the input of forward j + 1 arrives.
+  for (int64_t i = 0; i < steady; ++i) {
+    const int64_t j = warm + i;
+    std::vector<float> y = run_forward(j, std::move(x)), dy;
+    if (!s.last_stage) {
+      dy.resize(boundary_size(i));
+      ctx.pp->send_recv(y.data(), y.size() * sizeof(float), fwd_tag(j), dy.data(), dy.size() * sizeof(float),
+                        bwd_tag(i), next);
+    }
+    std::vector<float> dx = run_backward(std::move(dy));
+    x.clear();
+    if (s.first_stage) continue;
+    if (i + 1 == steady) {
+      ctx.pp->send_n(dx.data(), dx.size(), prev, bwd_tag(i));
+    } else {
+      x.resize(boundary_size(j + 1));
+      ctx.pp->send_recv(dx.data(), dx.size() * sizeof(float), bwd_tag(i), x.data(), x.size() * sizeof(float),
+                        fwd_tag(j + 1), prev);
+    }
+  }
+  // Cool-down: the backwards of the warm-up micro-batches.
+  for (int64_t i = steady; i < J; ++i) {
+    std::vector<float> dx = run_backward(s.last_stage ? std::vector<float>{} : recv_from(next, i, bwd_tag(i)));
+    if (!s.first_stage) ctx.pp->send_n(dx.data(), dx.size(), prev, bwd_tag(i));
+  }
+}
+
 std::map<std::string, Tensor> ParallelGrad::step_grads(
     const std::vector<std::vector<std::vector<int32_t>>>& micro_batches, bool want_entropy,
     const UpstreamFn& upstream) {
@@ -485,13 +552,22 @@ std::map<std::string, Tensor> ParallelGrad::step_grads(
   PairwiseGradAccumulator dense_acc(J);
   std::vector<PairwiseGradAccumulator> expert_acc;
   for (int d = 0; d < span.count; ++d) expert_acc.emplace_back(J);
-  for (int64_t j = 0; j < J; ++j) {
-    MicroState m;
+  // The backward always takes the oldest micro-batch in flight: gradients join the trees
+  // in micro-batch order, the order of the single-rank sum, whatever the schedule.
+  std::deque<MicroState> in_flight;
+  peak_in_flight_ = 0;
+  auto run_forward = [&](int64_t j, std::vector<float> x) {
+    MicroState& m = in_flight.emplace_back();
     m.seqs = micro_batches[j];
-    forward(m, want_entropy, j, upstream);
+    prepare(m, j);
+    peak_in_flight_ = std::max<int64_t>(peak_in_flight_, int64_t(in_flight.size()));
+    return forward(m, std::move(x), want_entropy, upstream);
+  };
+  auto run_backward = [&](std::vector<float> dy) {
     Partial g;
     g.expert.resize(span.count);
-    backward(m, g);
+    std::vector<float> dx = backward(in_flight.front(), std::move(dy), g);
+    in_flight.pop_front();
     for (auto& e : g.expert) {
       // Experts' token trees of one replica's micro-batch split over EDP members (SP
       // chunks, or TP copies that count as zero): complete them before the micro-batch sum.
@@ -501,7 +577,9 @@ std::map<std::string, Tensor> ParallelGrad::step_grads(
     }
     dense_acc.push(std::move(g.dense));
     for (int d = 0; d < span.count; ++d) expert_acc[d].push(std::move(g.expert[d]));
-  }
+    return dx;
+  };
+  run_one_f_one_b(micro_batches, run_forward, run_backward);
   std::map<std::string, Tensor> dense = dense_acc.finish();
   if (topo.dp > 1) {
     std::vector<float> flat = flatten(dense);

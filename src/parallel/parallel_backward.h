@@ -14,8 +14,10 @@
 //   EP  an expert's gradient is the token-chunk tree of each source micro-batch: the owner
 //       receives (token position, micro-batch) with every row and sorts them.
 //   ETP expert dx is canonical over the intermediate dim (subtree + all-reduce).
-//   PP  stages run forward in order and backward in reverse, sending activation
-//       gradients back (no overlap: the schedule changes no number).
+//   PP  the 1F1B schedule: stage s runs pp - s - 1 warm-up forwards, then alternates one
+//       forward and one backward, then drains; at most pp - s micro-batches are in flight
+//       on stage s. Backwards run in micro-batch order, so the gradient trees (and every
+//       number) are those of any other schedule.
 //   DP  the micro-batch pairwise tree completed across replicas (tree_all_reduce).
 #pragma once
 #include <cstdint>
@@ -49,16 +51,30 @@ class ParallelGrad {
   // tensors), complete (every tree finished). Collective over the world.
   std::map<std::string, Tensor> step_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
                                            bool want_entropy, const UpstreamFn& upstream);
+  // The most micro-batches whose activations this rank held at once in the last
+  // step_grads: min(J, pp - stage) under 1F1B.
+  int64_t peak_in_flight() const { return peak_in_flight_; }
 
  private:
   struct MicroState;
   struct Partial;
-  void forward(MicroState& m, bool want_entropy, int64_t index, const UpstreamFn& upstream) const;
-  void backward(MicroState& m, Partial& g) const;
+  void prepare(MicroState& m, int64_t index) const;
+  // This stage's forward of m from its input rows (empty on the first stage); returns its
+  // output rows (empty on the last stage, which runs the head and the loss instead).
+  std::vector<float> forward(MicroState& m, std::vector<float> x, bool want_entropy, const UpstreamFn& upstream) const;
+  // The backward of m from the gradient of its output rows (empty on the last stage);
+  // returns the gradient of its input rows (empty on the first stage).
+  std::vector<float> backward(MicroState& m, std::vector<float> dy, Partial& g) const;
   void layer_backward(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const;
+  // Runs forwards and backwards of every micro-batch in the 1F1B order, passing stage
+  // boundary tensors between neighbouring stages.
+  void run_one_f_one_b(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                       const std::function<std::vector<float>(int64_t, std::vector<float>)>& run_forward,
+                       const std::function<std::vector<float>(std::vector<float>)>& run_backward) const;
 
   ParallelQwen3Moe& model_;
   std::unique_ptr<dist::Communicator> edp_;
+  int64_t peak_in_flight_ = 0;
 };
 
 // (global name, local tensor) of every piece this rank holds, in rank_pieces order.

@@ -76,6 +76,18 @@ inline void check_primitives(Communicator& c) {
   EXPECT_EQ(in_a, std::vector<double>(9, prev + 0.5));
   EXPECT_EQ(in_b, std::vector<double>(3, -prev));
 
+  // send_recv: partners (0,1), (2,3), ... exchange messages of unequal sizes at once, large
+  // enough (4 MiB) that two blocking sends would wait on each other under MPI.
+  if (t % 2 == 0) {
+    const int partner = r ^ 1;
+    const size_t mine = (size_t{1} << 20) + size_t(r), theirs = (size_t{1} << 20) + size_t(partner);
+    std::vector<float> out(mine), in(theirs, -1.0f);
+    for (size_t i = 0; i < mine; ++i) out[i] = float(r) + float(i % 1000) * 1e-3f;
+    c.send_recv(out.data(), mine * sizeof(float), 21, in.data(), theirs * sizeof(float), 21, partner);
+    for (size_t i = 0; i < theirs; i += 997) EXPECT_EQ(in[i], float(partner) + float(i % 1000) * 1e-3f);
+    EXPECT_EQ(in.back(), float(partner) + float((theirs - 1) % 1000) * 1e-3f);
+  }
+
   // split: two colors, ordered by descending world rank; rank 0 opts out of a second split.
   auto sub = c.split(r % 2, -r);
   LS_CHECK(sub != nullptr, "split returned no group");

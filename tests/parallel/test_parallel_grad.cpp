@@ -2,6 +2,8 @@
 // (train_forward + backward per micro-batch, summed by the pairwise micro-batch tree).
 #include <gtest/gtest.h>
 
+#include <mutex>
+
 #include "parallel/parallel_backward.h"
 #include "parallel_test_util.h"
 #include "train/grad_accumulate.h"
@@ -43,9 +45,11 @@ GradMap single_rank(const ModelWeights& w, Precision precision,
 }
 
 GradMap parallel(const ModelWeights& full, Precision precision, const TopoSpec& spec,
-                 const std::vector<std::vector<std::vector<int32_t>>>& mbs) {
+                 const std::vector<std::vector<std::vector<int32_t>>>& mbs,
+                 std::vector<std::pair<int, int64_t>>* stage_peaks = nullptr) {
   set_num_threads(1);
   GradMap result;
+  std::mutex peaks_mutex;
   dist::run_threads(spec.world, [&](dist::Communicator& comm) {
     Topology topo = Topology::from_world(spec.world, spec.tp, spec.sp, spec.pp, spec.ep, spec.etp);
     topo.validate(full.config, spec.world);
@@ -56,6 +60,10 @@ GradMap parallel(const ModelWeights& full, Precision precision, const TopoSpec& 
     const int64_t per = int64_t(mbs.size()) / topo.dp, d = layout.coords.dp;
     std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);
     auto local = pg.step_grads(mine, false, [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); });
+    if (stage_peaks) {
+      std::lock_guard<std::mutex> lock(peaks_mutex);
+      stage_peaks->push_back({layout.coords.pp, pg.peak_in_flight()});
+    }
     auto g = gather_full(comm, full.config, layout, local);
     if (comm.rank() == 0) result = std::move(g);
   });
@@ -111,6 +119,32 @@ TEST(ParallelGrad, UnevenPipelineOnFourLayersInBf16) {
   expect_same(ref, parallel(w, Precision::bfloat16, spec, mbs), spec.name());
   TopoSpec mixed{8, 2, 2, 2, 1, true};
   expect_same(ref, parallel(w, Precision::bfloat16, mixed, mbs), mixed.name());
+}
+
+// The 1F1B pipeline schedule: gradients equal one rank's whether J is below, at or above
+// a stage's warm-up depth, and stage s holds at most min(J, pp - s) micro-batches'
+// activations (forward-all-then-backward-all would hold J; one at a time, 1).
+TEST(ParallelGrad, OneFOneBScheduleOnFourStages) {
+  ModelConfig cfg = ModelWeights::load(ptest::fixture_dir(), Precision::float32).config;
+  cfg.num_hidden_layers = 4;
+  ModelWeights w = ModelWeights::random(cfg, 11, Precision::float32);
+  struct PipelineCase {
+    TopoSpec spec;
+    int microbatches;
+  };
+  TopoSpec uneven{2, 1, 2};
+  uneven.split = std::vector<int64_t>{3, 1};
+  const std::vector<PipelineCase> cases = {
+      {{4, 1, 4}, 1}, {{4, 1, 4}, 2}, {{4, 1, 4}, 4}, {uneven, 4}, {{4, 2, 2, 1, 1, true}, 4}};
+  for (const auto& c : cases) {
+    const auto mbs = micro_batches(c.microbatches);
+    const std::string what = c.spec.name() + "_mb" + std::to_string(c.microbatches);
+    std::vector<std::pair<int, int64_t>> peaks;
+    expect_same(single_rank(w, Precision::float32, mbs), parallel(w, Precision::float32, c.spec, mbs, &peaks), what);
+    ASSERT_EQ(int(peaks.size()), c.spec.world) << what;
+    for (const auto& [stage, peak] : peaks)
+      EXPECT_EQ(peak, std::min<int64_t>(c.microbatches, c.spec.pp - stage)) << what << " stage " << stage;
+  }
 }
 
 }  // namespace

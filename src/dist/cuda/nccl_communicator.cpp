@@ -103,6 +103,17 @@ void NcclCommunicator::recv(void* buf, size_t bytes, int peer, int) {
   nccl_check(ncclRecv(buf, bytes, ncclInt8, peer, comm_, stream_), "ncclRecv");
 }
 
+void NcclCommunicator::send_recv(const void* send_buf, size_t send_bytes, int, void* recv_buf, size_t recv_bytes,
+                                 int, int peer) {
+  LS_CHECK(peer >= 0 && peer < size_, "send_recv: peer ", peer, " out of range [0, ", size_, ")");
+  // One group: NCCL runs both directions together (an ungrouped pair of blocking calls on
+  // both peers would deadlock).
+  nccl_check(ncclGroupStart(), "ncclGroupStart");
+  nccl_check(ncclSend(send_buf, send_bytes, ncclInt8, peer, comm_, stream_), "ncclSend");
+  nccl_check(ncclRecv(recv_buf, recv_bytes, ncclInt8, peer, comm_, stream_), "ncclRecv");
+  nccl_check(ncclGroupEnd(), "ncclGroupEnd");
+}
+
 std::unique_ptr<Communicator> NcclCommunicator::split(int color, int key) {
   ncclComm* child = nullptr;
   nccl_check(ncclCommSplit(comm_, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, nullptr),

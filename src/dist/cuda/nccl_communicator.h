@@ -40,6 +40,8 @@ class NcclCommunicator final : public Communicator {
                     std::span<const size_t> recv_displs) override;
   void send(const void* buf, size_t bytes, int peer, int tag) override;
   void recv(void* buf, size_t bytes, int peer, int tag) override;
+  void send_recv(const void* send_buf, size_t send_bytes, int send_tag, void* recv_buf, size_t recv_bytes,
+                 int recv_tag, int peer) override;
   // ncclCommSplit; the child shares this communicator's stream.
   std::unique_ptr<Communicator> split(int color, int key) override;
 
