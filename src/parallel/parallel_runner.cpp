@@ -15,6 +15,7 @@
 #include "kernels/cpu/sampling.h"
 #include "parallel/parallel_backward.h"
 #include "parallel/shard_plan.h"
+#include "parallel/weight_sync.h"
 
 namespace lockstep {
 
@@ -61,7 +62,7 @@ std::vector<float> ParallelRunner::forward_hidden(const ForwardBatch& batch) {
   const dist::RowRange rows = ctx.local_rows(T);
   std::vector<float> x(rows.size() * H);
   if (s.first_stage)
-    cpu::embedding(batch.tokens.data() + rows.begin, w.embed.data<float>(), x.data(), rows.size(), H);
+    x = ctx.embed_rows(batch.tokens.data(), T, w.embed.data<float>(), config().vocab_size, H);
   else
     ctx.pp->recv_n(x.data(), x.size(), s.coords.pp - 1, kStageTag);
   for (int64_t l = 0; l < s.num_layers; ++l) model_.layer_forward(l, x, batch, cache_);
@@ -190,16 +191,13 @@ void ParallelRunner::load_weight_bucket(const std::vector<WeightPiece>& pieces) 
 
 ModelWeights ParallelRunner::export_weights() const {
   dist::Communicator& world = *model_.context().world;
-  // local_named only reads through its pointers here.
+  // The weight sync into a whole model on every rank: pieces by (name, box), so a tied
+  // lm_head slice (the embedding's name) needs no special case. Only reads the shards.
   auto& local = const_cast<ModelWeights&>(model_.local_weights());
-  std::map<std::string, Tensor> pieces;
-  for (const auto& [name, t] : local_named(local, layout())) pieces.emplace(name, *t);
-  std::map<std::string, Tensor> gathered = gather_full(world, config(), layout(), pieces);
-  ModelWeights full = ModelWeights::random(config(), 0, precision());  // shapes; overwritten below
-  for (auto& [name, t] : full.named()) {
-    if (world.rank() == 0) *t = gathered.at(name).clone();
-    world.broadcast_n(t->data<float>(), size_t(t->numel()), 0);
-  }
+  ModelWeights full = ModelWeights::random(config(), 0, Precision::float32);  // shapes; overwritten below
+  stream_weights(world, config(), layout(), local_named(local, layout()),
+                 whole_model_layout(config(), world.size(), world.rank()),
+                 [&](std::vector<WeightPiece>&& bucket) { apply_weight_pieces(full, bucket); }, {});
   return full;
 }
 
