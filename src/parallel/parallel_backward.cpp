@@ -162,11 +162,7 @@ std::vector<float> ParallelGrad::forward(MicroState& m, std::vector<float> x, bo
   const int64_t H = c.hidden_size, V = c.vocab_size;
   const int64_t T = m.T, R = m.rows.size();
   m.cache = std::make_unique<KvCache>(s.local_cache_config(c), m.num_pages, kAttnBlock);
-  if (s.first_stage) {
-    std::vector<float> full(T * H);
-    cpu::embedding(m.batch.tokens.data(), W.embed.data<float>(), full.data(), T, H);
-    x = slice_rows(full, m.rows, H);
-  }
+  if (s.first_stage) x = ctx.embed_rows(m.batch.tokens.data(), T, W.embed.data<float>(), V, H);
   LS_CHECK(int64_t(x.size()) == R * H, "parallel backward: stage input of micro-batch ", m.index, " has ", x.size(),
            " values, expected ", R * H);
   for (int64_t l = 0; l < s.num_layers; ++l) {
@@ -275,8 +271,9 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) layer_backward(l, m, dx, g);
   if (s.first_stage) {
     const std::vector<float> dfull = ctx.gather_rows(dx, T, H);
-    cpu::embedding_backward(m.batch.tokens.data(), dfull.data(), slot(g.dense, "model.embed_tokens.weight", W.embed),
-                            T, V, H);
+    cpu::embedding_backward_rows(m.batch.tokens.data(), dfull.data(),
+                                 slot(g.dense, "model.embed_tokens.weight", W.embed), T, V, s.vocab.begin,
+                                 s.vocab.size(), H);
     return {};
   }
   return dx;

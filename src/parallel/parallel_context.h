@@ -31,6 +31,12 @@ struct ParallelContext {
   // tree sums of its local rows (SP reduce-scatter, else all-reduce). Bits equal to the
   // single-rank canonical row form.
   std::vector<float> reduce_rows(std::vector<float> partials, int64_t T, int64_t width) const;
+  // The vocab-parallel embedding of this rank's rows (local_rows(T)) of `tokens` [T]: the
+  // TP rank whose vocab slice (layout.vocab of [vocab_size, H]) holds a token's row sends
+  // it (one all-to-all of exact copies, so the bits are the single-rank lookup's).
+  // `local_table` is this rank's slice. Collective over TP.
+  std::vector<float> embed_rows(const int32_t* tokens, int64_t T, const float* local_table, int64_t vocab_size,
+                                int64_t H) const;
 };
 
 }  // namespace lockstep

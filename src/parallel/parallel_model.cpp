@@ -229,9 +229,7 @@ std::vector<std::vector<float>> ParallelQwen3Moe::score(const std::vector<std::v
     const dist::RowRange rows = ctx_.local_rows(T);
     std::vector<float> x(rows.size() * H);
     if (s.first_stage) {
-      std::vector<float> full(T * H);
-      cpu::embedding(batch.tokens.data(), local_.embed.data<float>(), full.data(), T, H);
-      std::copy(full.begin() + rows.begin * H, full.begin() + rows.end * H, x.begin());
+      x = ctx_.embed_rows(batch.tokens.data(), T, local_.embed.data<float>(), c.vocab_size, H);
     } else {
       ctx_.pp->recv_n(x.data(), x.size(), s.coords.pp - 1, int(step));
     }

@@ -7,7 +7,8 @@
 // What each dimension does:
 //   TP  q/k/v column-parallel by heads (KV heads replicated when tp > kv heads), o_proj and
 //       dense down_proj row-parallel (subtree + canonical_all_reduce), lm_head
-//       vocab-parallel with the canonical max/sum combine; embedding replicated.
+//       vocab-parallel with the canonical max/sum combine; the embedding vocab-parallel
+//       (each row copied from the rank that holds it).
 //   SP  the residual stream is split at the canonical token chunks (sp_row_range):
 //       all-gather entering attention/MLP, canonical reduce-scatter leaving them.
 //   EP  tokens go to their experts' ranks by all-to-all and come back (expert_parallel.h).

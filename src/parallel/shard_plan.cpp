@@ -62,7 +62,7 @@ void for_each_piece(const ModelConfig& c, const ShardLayout& s, ModelWeights& w,
   const int64_t H = c.hidden_size, D = c.head_dim;
   auto rows = [&](int64_t b, int64_t e, int64_t cols) { return Box{{b, e}, {0, cols}}; };
   auto cols = [&](int64_t n_rows, int64_t b, int64_t e) { return Box{{0, n_rows}, {b, e}}; };
-  if (s.first_stage) f("model.embed_tokens.weight", full_box({c.vocab_size, H}), w.embed);
+  if (s.first_stage) f("model.embed_tokens.weight", rows(s.vocab.begin, s.vocab.end, H), w.embed);
   if (s.last_stage) {
     f("model.norm.weight", full_box({H}), w.final_norm);
     f(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", rows(s.vocab.begin, s.vocab.end, H),

@@ -27,7 +27,7 @@ struct ShardLayout {
   int64_t q_head_begin = 0, q_heads = 0;    // attention heads (column-parallel q, row-parallel o)
   int64_t kv_head_begin = 0, kv_heads = 0;  // KV heads (replicated when tp > kv heads)
   int64_t expert_begin = 0, experts = 0;    // EP: this rank's experts
-  dist::RowRange vocab;                     // lm_head rows (vocab-parallel)
+  dist::RowRange vocab;                     // embedding and lm_head rows (vocab-parallel)
   dist::RowRange dense_cols;                // TP slice of intermediate_size (dense layers)
   dist::RowRange expert_cols;               // ETP slice of moe_intermediate_size
 
@@ -38,8 +38,9 @@ struct ShardLayout {
   ModelConfig local_cache_config(const ModelConfig& cfg) const;
 };
 
-// Every piece the rank holds, by global name (the embedding is replicated on the first
-// stage; a tied lm_head is a vocab slice of model.embed_tokens.weight).
+// Every piece the rank holds, by global name (the embedding is vocab-parallel on the
+// first stage, the same slice as lm_head; a tied lm_head is that slice of
+// model.embed_tokens.weight).
 std::vector<ShardPiece> rank_pieces(const ModelConfig& cfg, const ShardLayout& layout);
 
 // The rank's local weights: config is the global config; layers[i] is global layer

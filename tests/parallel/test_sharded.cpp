@@ -99,6 +99,30 @@ TEST(Sharded, AnyTopologyLoadsWhatAnotherWrote) {
   }
 }
 
+// The embedding is vocab-parallel: under TP each first-stage rank holds the rows of its
+// lm_head vocab slice, the slices tile the vocabulary, and later stages hold none.
+TEST(Sharded, EmbeddingIsVocabParallel) {
+  const ModelConfig cfg = ModelConfig::load(ptest::fixture_dir() + "/config.json");
+  Topology t = Topology::from_world(4, 2, false, 2, 1, 1);
+  t.validate(cfg, 4);
+  const auto split = pipeline_layer_split(cfg.num_hidden_layers, 2);
+  int64_t covered = 0;
+  for (int r = 0; r < 4; ++r) {
+    const ShardLayout layout = ShardLayout::make(cfg, t, split, r);
+    int embed_pieces = 0;
+    for (const auto& p : rank_pieces(cfg, layout)) {
+      if (p.name != "model.embed_tokens.weight") continue;
+      ++embed_pieces;
+      EXPECT_EQ(p.box[0].begin, layout.vocab.begin) << "rank " << r;
+      EXPECT_EQ(p.box[0].end, layout.vocab.end) << "rank " << r;
+      EXPECT_LT(p.box[0].end - p.box[0].begin, cfg.vocab_size) << "rank " << r;
+      covered += p.box[0].end - p.box[0].begin;
+    }
+    EXPECT_EQ(embed_pieces, layout.first_stage ? 1 : 0) << "rank " << r;
+  }
+  EXPECT_EQ(covered, cfg.vocab_size);
+}
+
 TEST(Audit, HashOrderAndGroups) {
   EXPECT_EQ(fnv1a64("a", 1), 0xaf63dc4c8601ec8cull);  // the published FNV-1a 64 test vector
   EXPECT_TRUE(global_name_less("model.layers.2.mlp.gate.weight", "model.layers.10.mlp.gate.weight"));

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "backward_reference.h"
@@ -120,6 +121,25 @@ TEST(BackwardOps, Embedding) {
     return s;
   };
   EXPECT_LT(finite_difference_error(table, ref_grad, loss), kFdTol);
+}
+
+// A vocab-parallel slice of the embedding gradient: the same bits as the full table's rows
+// for every split (token ids spread over the slices, repeated ids, T over several chunks).
+TEST(BackwardOps, EmbeddingBackwardRowsEqualsFullTableRows) {
+  const int64_t T = 300, V = 50, H = 24;
+  std::vector<int32_t> ids(T);
+  for (int64_t t = 0; t < T; ++t) ids[t] = int32_t((t * 7 + t / 13) % V);
+  const auto dy = random_vector(T * H, 21);
+  std::vector<float> full(V * H);
+  cpu::embedding_backward(ids.data(), dy.data(), full.data(), T, V, H);
+  for (auto [begin, rows] : std::vector<std::pair<int64_t, int64_t>>{{0, 50}, {0, 7}, {7, 13}, {20, 30}, {49, 1}}) {
+    std::vector<float> slice(rows * H, 5.0f);
+    cpu::embedding_backward_rows(ids.data(), dy.data(), slice.data(), T, V, begin, rows, H);
+    EXPECT_EQ(std::memcmp(slice.data(), full.data() + begin * H, slice.size() * sizeof(float)), 0)
+        << "rows [" << begin << ", " << begin + rows << ")";
+  }
+  std::vector<float> out(H);
+  EXPECT_THROW(cpu::embedding_backward_rows(ids.data(), dy.data(), out.data(), T, V, 45, 10, H), Error);
 }
 
 TEST(BackwardOps, LogSoftmaxGatherWithEntropy) {

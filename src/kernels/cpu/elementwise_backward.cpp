@@ -46,19 +46,29 @@ void swiglu_backward(const float* gate, const float* up, const float* dout, floa
 }
 
 void embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t T, int64_t V, int64_t H) {
-  std::memset(dtable, 0, size_t(V * H) * sizeof(float));
-  // Tokens of each id in ascending token order (counting sort), then one tree per used id.
-  std::vector<int64_t> start(V + 1, 0);
+  embedding_backward_rows(ids, dout, dtable, T, V, 0, V, H);
+}
+
+void embedding_backward_rows(const int32_t* ids, const float* dout, float* dtable, int64_t T, int64_t V,
+                             int64_t row_begin, int64_t rows, int64_t H) {
+  LS_CHECK(row_begin >= 0 && rows >= 0 && row_begin + rows <= V, "embedding_backward: rows [", row_begin, ", ",
+           row_begin + rows, ") outside [0, ", V, ")");
+  std::memset(dtable, 0, size_t(rows * H) * sizeof(float));
+  // Tokens of each id in ascending token order (counting sort), then one tree per used id;
+  // a token's chunk is set by its position in all T tokens, so a slice changes no row.
+  std::vector<int64_t> start(rows + 1, 0);
+  auto in_slice = [&](int32_t id) { return id >= row_begin && id < row_begin + rows; };
   for (int64_t t = 0; t < T; ++t) {
     LS_CHECK(ids[t] >= 0 && ids[t] < V, "embedding_backward: token id ", ids[t], " outside [0, ", V, ")");
-    ++start[ids[t] + 1];
+    if (in_slice(ids[t])) ++start[ids[t] - row_begin + 1];
   }
-  for (int64_t v = 0; v < V; ++v) start[v + 1] += start[v];
-  std::vector<int32_t> tokens(T);
+  for (int64_t v = 0; v < rows; ++v) start[v + 1] += start[v];
+  std::vector<int32_t> tokens(start[rows]);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t t = 0; t < T; ++t) tokens[fill[ids[t]]++] = int32_t(t);
+  for (int64_t t = 0; t < T; ++t)
+    if (in_slice(ids[t])) tokens[fill[ids[t] - row_begin]++] = int32_t(t);
   std::vector<int32_t> used;
-  for (int64_t v = 0; v < V; ++v)
+  for (int64_t v = 0; v < rows; ++v)
     if (start[v + 1] > start[v]) used.push_back(int32_t(v));
   cpu_pool().parallel_for(int64_t(used.size()), 1, [&](int64_t b, int64_t e) {
     std::vector<float> partial(size_t(kTMax) * H);

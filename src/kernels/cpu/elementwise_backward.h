@@ -23,5 +23,10 @@ void swiglu_backward(const float* gate, const float* up, const float* dout, floa
 // the tokens with that id (chunks of canonical_chunk(T) positions, ascending tokens in a
 // chunk); rows no token uses are zero. No scatter-add in thread order.
 void embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t T, int64_t V, int64_t H);
+// The rows [row_begin, row_begin + rows) of the same dtable (a vocab-parallel slice), each
+// with the bits embedding_backward gives it; ids outside the slice are skipped (ids must
+// still be in [0, V)).
+void embedding_backward_rows(const int32_t* ids, const float* dout, float* dtable_rows, int64_t T, int64_t V,
+                             int64_t row_begin, int64_t rows, int64_t H);
 
 }  // namespace lockstep::cpu
