@@ -74,6 +74,70 @@ TEST(ParallelTrain, Tp2SpPp2Ep2On8RanksEqualsOneRank) {
   expect_exact_on_policy(eight, 3);
 }
 
+// The rollout engine at its own topology (DESIGN.md section 4): trainer TP2+PP2+EP2, engine
+// EP4 on the same 8 ranks, weights streamed in small buckets and resharded; the metrics equal
+// one rank's and the trainer's log-probs equal the engine's at every step.
+TEST(ParallelTrain, Tp2Pp2Ep2TrainerWithEp4EngineOn8RanksEqualsOneRank) {
+  ScratchDir dir("train8_ep4_engine");
+  const std::string one = (dir.path / "one").string(), eight = (dir.path / "eight").string();
+  auto r = shell(ptest::lockstep_bin() + train_args(3) + " --num-threads 1 --output-dir " + one);
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = shell(mpirun(8) + train_args(3) +
+            " --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --expert-model-parallel-size 2"
+            " --rollout-expert-model-parallel-size 4 --weight-sync-bucket-mb 0.05 --output-dir " +
+            eight);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto a = metrics_without_perf(one), b = metrics_without_perf(eight);
+  ASSERT_EQ(a.size(), 5u);
+  EXPECT_EQ(a, b);
+  expect_exact_on_policy(eight, 3);
+}
+
+// --audit-weight-sync with the engine at another topology than the trainer (ranks as
+// threads): trainer EP2, engine TP2 (every sync's streamed trainer fingerprints against the
+// engine's gathered weights), and trainer TP2 with a single-rank engine on every rank.
+TEST(ParallelTrain, AuditWeightSyncAtAnEngineTopologyOtherThanTheTrainers) {
+  ScratchDir dir("train_audit_engine");
+  set_num_threads(1);
+  rl::TrainConfig c;
+  for (auto [k, v] : {std::pair{"num-rollout", "2"}, {"sft-warmup-steps", "2"}, {"rollout-batch-size", "4"},
+                      {"n-samples-per-prompt", "4"}, {"global-batch-size", "16"}, {"num-microbatches", "4"},
+                      {"entropy-coef", "0.01"}, {"progress", "false"}, {"audit-weight-sync", "true"},
+                      {"weight-sync-bucket-mb", "0.01"}})
+    rl::apply_flag(c, k, v);
+  c.output_dir = (dir.path / "one").string();
+  rl::run_training(c);
+  rl::TrainConfig p = c;
+  p.output_dir = (dir.path / "ep2_tp2").string();
+  p.expert_model_parallel_size = 2;
+  p.rollout_tensor_model_parallel_size = 2;
+  dist::run_threads(2, [&](dist::Communicator& comm) { rl::run_training(p, &comm); });
+  EXPECT_EQ(metrics_without_perf(c.output_dir), metrics_without_perf(p.output_dir));
+  expect_exact_on_policy(p.output_dir, 2);
+  rl::TrainConfig q = c;
+  q.output_dir = (dir.path / "tp2_single").string();
+  q.tensor_model_parallel_size = 2;
+  dist::run_threads(2, [&](dist::Communicator& comm) { rl::run_training(q, &comm); });
+  EXPECT_EQ(metrics_without_perf(c.output_dir), metrics_without_perf(q.output_dir));
+}
+
+TEST(ParallelTrain, RefusesABadRolloutTopologyBeforeAnyWorkNamingTheRolloutKey) {
+  ScratchDir dir("train_bad_rollout");
+  const std::string out = (dir.path / "o").string();
+  auto r = shell(mpirun(2) + train_args(1) + " --rollout-expert-model-parallel-size 3 --output-dir " + out);
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("rollout-expert-model-parallel-size"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(out + "/metrics.jsonl"));
+  rl::TrainConfig c;
+  c.rollout_tensor_model_parallel_size = 2;
+  try {
+    rl::run_training(c);  // no ranks
+    ADD_FAILURE() << "a rollout topology without ranks was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--rollout-"), std::string::npos) << e.what();
+  }
+}
+
 // A checkpoint written by one topology continues under another: the final checkpoint and
 // the metrics equal an uninterrupted single-rank run's.
 TEST(ParallelTrain, ResumeAtAnotherTopologyContinuesBitForBit) {
