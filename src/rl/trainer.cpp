@@ -311,12 +311,18 @@ ResolvedTopology resolve_rollout_topology(const TrainConfig& c, const ModelConfi
   try {
     return resolve_topology(rollout_topology_request(c), mc, world_size);
   } catch (const Error& e) {
+    // The validator speaks of the trainer's flags; here they are the rollout-* keys.
+    std::string why = e.what();
+    for (const std::string flag : {"tensor-model-parallel-size", "sequence-parallel", "pipeline-model-parallel-size",
+                                   "expert-model-parallel-size", "expert-tensor-parallel-size"})
+      for (size_t at = why.find("--" + flag); at != std::string::npos; at = why.find("--" + flag, at + flag.size() + 10))
+        why.replace(at, flag.size() + 2, "--rollout-" + flag);
     fail("the rollout engine's topology (--rollout-tensor-model-parallel-size ", c.rollout_tensor_model_parallel_size,
          (c.rollout_sequence_parallel ? " --rollout-sequence-parallel" : ""),
          " --rollout-pipeline-model-parallel-size ", c.rollout_pipeline_model_parallel_size,
          " --rollout-expert-model-parallel-size ", c.rollout_expert_model_parallel_size,
          " --rollout-expert-tensor-parallel-size ", c.rollout_expert_tensor_parallel_size, " on ", world_size,
-         " ranks) cannot run: ", e.what(), " (the same rules apply to the rollout-* keys)");
+         " ranks) cannot run: ", why);
   }
 }
 
