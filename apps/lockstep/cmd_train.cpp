@@ -1,7 +1,8 @@
-// lockstep train: the single-process RL loop (rollout engine + trainer) on a built-in task.
-// With no arguments it runs the embedded default (configs/default.toml mirrors it). Under
+// lockstep train: the RL loop (rollout engine + trainer) on a built-in task. With no
+// arguments it runs the embedded default (configs/default.toml mirrors it). Under
 // `mpirun -np N` with the topology flags (--tensor-model-parallel-size, ...) the trainer runs
-// at that topology and writes the single-rank metrics and checkpoints (DESIGN.md D4).
+// at that topology, the engine at its own (--rollout-* flags; default a single-rank engine on
+// every rank), and the run writes the single-rank metrics and checkpoints (DESIGN.md D4).
 #include <cstdio>
 #include <map>
 #include <memory>
