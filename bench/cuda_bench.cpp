@@ -1,11 +1,15 @@
 // Qwen3-30B-A3B on one GPU with random bf16 weights made on the device: prefill and decode
 // throughput of the CUDA runner, each beside its roofline bound (HBM bytes touched or bf16
 // FLOPs) measured against the card's ceilings. Prints one JSON object per line, then a table.
-//   cuda_bench CONFIG.json [--layers N] [--quick] [--gemm]
-// --gemm times the prefill GEMMs in every tile configuration instead.
+//   cuda_bench CONFIG.json [--layers N] [--quick] [--gemm] [--decode-kernels] [--no-prefill]
+//              [--batches 1,8,...]
+// --gemm times the prefill GEMMs in every tile configuration instead; --decode-kernels each
+// decode-step kernel (every GEMM tile configuration, the small ops) in graphs at 1, 8, 64 tokens
+// (--only SHAPE: that GEMM shape at one token alone, for ncu).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -128,6 +132,182 @@ void gemm_configs(const ModelConfig& c) {
   std::fflush(stdout);
 }
 
+// Times `body(rep)` as replays of a CUDA graph of `reps` calls (microseconds per call, median of
+// 5 replays after a warm-up): in-graph time, launch gaps included, as in a decode step.
+template <typename Body>
+double graph_us(int reps, Body body) {
+  cudaStream_t s;
+  LS_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess, "stream");
+  body(0, s);  // eager warm-up (attributes, module load)
+  LS_CHECK(cudaStreamSynchronize(s) == cudaSuccess, "warm-up failed");
+  cudaGraph_t g;
+  cudaGraphExec_t exec;
+  LS_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) == cudaSuccess, "capture");
+  for (int r = 0; r < reps; ++r) body(r, s);
+  LS_CHECK(cudaStreamEndCapture(s, &g) == cudaSuccess, "capture end");
+  LS_CHECK(cudaGraphInstantiate(&exec, g, 0) == cudaSuccess, "instantiate");
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::vector<float> ms;
+  cudaGraphLaunch(exec, s);
+  for (int i = 0; i < 5; ++i) {
+    cudaEventRecord(e0, s);
+    cudaGraphLaunch(exec, s);
+    cudaEventRecord(e1, s);
+    cudaEventSynchronize(e1);
+    float t = 0;
+    cudaEventElapsedTime(&t, e0, e1);
+    ms.push_back(t);
+  }
+  LS_CHECK(cudaStreamSynchronize(s) == cudaSuccess, "graph replay failed");
+  std::sort(ms.begin(), ms.end());
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(g);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaStreamDestroy(s);
+  return ms[2] * 1e3 / reps;
+}
+
+// The decode-step kernels of one layer at T tokens (1, 8, 64), each alone in a graph of 40 calls with the
+// weights rotating through a 4 GB pool (no L2 reuse, as across the 48 layers): every GEMM tile
+// configuration on every decode GEMM shape, and the small ops.
+void decode_kernels(const ModelConfig& c, const std::string& only) {
+  const int64_t H = c.hidden_size, E = c.num_experts, kx = c.num_experts_per_tok, I = c.moe_intermediate_size;
+  const int64_t V = c.vocab_size, pool_n = int64_t(2) << 30;  // 2 Gi bf16 values
+  __nv_bfloat16* pool = nullptr;
+  LS_CHECK(cudaMalloc(&pool, size_t(pool_n) * 2) == cudaSuccess, "cudaMalloc pool");
+  cuda::fill_random_bf16(pool, pool_n, 5, 0.05f, 0.0f, nullptr);
+  auto bf = [](int64_t n) {
+    __nv_bfloat16* p = nullptr;
+    LS_CHECK(cudaMalloc(&p, size_t(n) * 2) == cudaSuccess, "cudaMalloc");
+    cuda::fill_random_bf16(p, n, uint64_t(n) + 11, 0.5f, 0.0f, nullptr);
+    return p;
+  };
+  auto f32 = [](int64_t n) {
+    float* p = nullptr;
+    LS_CHECK(cudaMalloc(&p, size_t(n) * 4) == cudaSuccess, "cudaMalloc");
+    cuda::fill_random_f32(p, n, uint64_t(n) + 13, 1.0f, 0.0f, nullptr);
+    return p;
+  };
+  auto i32 = [](const std::vector<int32_t>& h) {
+    int32_t* p = nullptr;
+    LS_CHECK(cudaMalloc(&p, std::max<size_t>(h.size(), 1) * 4) == cudaSuccess, "cudaMalloc");
+    cudaMemcpy(p, h.data(), h.size() * 4, cudaMemcpyHostToDevice);
+    return p;
+  };
+  const int reps = 40;
+  for (int64_t T : {int64_t(1), int64_t(8), int64_t(64)}) {
+    if (!only.empty() && T != 1) break;
+    __nv_bfloat16 *act = bf(T * 4096), *out = bf(T * kx * 4096);
+    float* out32 = f32(T * std::max<int64_t>(V, E));
+    float* split = f32(8 * T * kx * H);
+    // T*k (token, slot) rows spread over the experts round robin (8 experts of one row at one
+    // token, 64 of one row at eight, all 128 with four rows at 64).
+    std::vector<int32_t> rows{0}, gather;
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t r = e; r < T * kx; r += E) gather.push_back(int32_t(r / kx));
+      rows.push_back(int32_t(gather.size()));
+    }
+    int32_t *d_rows = i32(rows), *d_gather = i32(gather);
+    struct Shape {
+      const char* name;
+      int64_t N, K;
+      int chunks;
+      bool grouped, f32out;
+    };
+    const Shape shapes[] = {{"qkv", c.q_dim() + 2 * c.kv_dim(), H, 1, false, false},
+                            {"o_proj", H, c.q_dim(), 8, false, false},
+                            {"router", E, H, 1, false, true},
+                            {"gate_up", 2 * I, H, 1, true, false},
+                            {"down", H, I, 8, true, false},
+                            {"lm_head", V, H, 1, false, true}};
+    for (const auto& sh : shapes) {
+      if (!only.empty() && only != sh.name) continue;
+      const int64_t wn = sh.N * sh.K * (sh.grouped ? E : 1);
+      const int64_t slots = std::max<int64_t>(1, (pool_n - wn) / ((wn + 4095) / 4096 * 4096));
+      const double bytes = 2.0 * double(sh.N * sh.K) * double(sh.grouped ? T * kx : 1);
+      auto args = [&](int r) {
+        cuda::GemmArgs g;
+        g.A = act;
+        g.lda = sh.K;
+        g.W = pool + (int64_t(r) % slots) * ((wn + 4095) / 4096 * 4096);
+        g.ldw = sh.K;
+        g.M = sh.grouped ? T * kx : T;
+        g.N = sh.N;
+        g.K = sh.K;
+        g.chunks = sh.chunks;
+        if (sh.grouped) {
+          g.group_rows = d_rows;
+          g.groups = int(E);
+          g.a_gather = d_gather;
+          g.w_group_stride = sh.N * sh.K;
+          g.rows_hint = std::max<int64_t>(1, T * kx / E);
+        }
+        if (sh.f32out) g.out_f32 = out32, g.out_kind = cuda::GemmOut::f32;
+        else g.out_bf16 = out, g.out_kind = cuda::GemmOut::bf16;
+        g.ldo = sh.N;
+        return g;
+      };
+      auto report = [&](const char* variant, double us) {
+        std::printf("{\"event\":\"decode_gemm\",\"T\":%lld,\"shape\":\"%s\",\"variant\":\"%s\",\"us\":%.2f,\"TBps\":%.3f}\n",
+                    (long long)T, sh.name, variant, us, bytes / (us * 1e-6) / 1e12);
+      };
+      report("default", graph_us(reps, [&](int r, cudaStream_t s) {
+               auto g = args(r);
+               if (sh.chunks == 8) g.split_workspace = split, g.split_workspace_floats = 8 * T * kx * H;
+               cuda::gemm(g, s);
+             }));
+      for (int config = 0; config < cuda::kGemmConfigs; ++config)
+        for (bool sp : {false, true}) {
+          if (sp && sh.chunks != 8) continue;
+          if (sh.name == std::string("lm_head") && config == 6) continue;
+          const double us = graph_us(reps, [&](int r, cudaStream_t s) {
+            auto g = args(r);
+            if (sp) g.split_workspace = split, g.split_workspace_floats = 8 * T * kx * H;
+            cuda::gemm_with_config(g, config, s);
+          });
+          report((std::string(sp ? "split" : "cfg") + std::to_string(config)).c_str(), us);
+        }
+    }
+    if (!only.empty()) break;
+    // The small ops at T tokens.
+    float *w = f32(4096), *logits = f32(T * E), *ew = f32(T * kx);
+    int32_t *ids = i32(std::vector<int32_t>(size_t(T * kx), 0)), *counts = i32(std::vector<int32_t>(size_t(E), 0));
+    int32_t *grows = i32(std::vector<int32_t>(size_t(E + 1), 0)), *gat = i32(std::vector<int32_t>(size_t(T * kx), 0));
+    int32_t* sca = i32(std::vector<int32_t>(size_t(T * kx), 0));
+    __nv_bfloat16 *x = bf(T * H), *h = bf(T * H), *gu = bf(T * kx * 2 * I), *y = bf(T * kx * H);
+    auto op = [&](const char* name, double us) {
+      std::printf("{\"event\":\"decode_op\",\"T\":%lld,\"op\":\"%s\",\"us\":%.2f}\n", (long long)T, name, us);
+    };
+    op("rmsnorm", graph_us(reps, [&](int, cudaStream_t s) { cuda::rmsnorm(x, w, h, T, H, 1e-6f, s); }));
+    op("route_topk", graph_us(reps, [&](int, cudaStream_t s) {
+         cuda::route_topk(logits, ids, ew, T, E, kx, c.norm_topk_prob, s);
+       }));
+    op("assign_experts", graph_us(reps, [&](int, cudaStream_t s) {
+         cuda::assign_experts(ids, T, kx, E, counts, grows, gat, sca, s);
+       }));
+    op("swiglu", graph_us(reps, [&](int, cudaStream_t s) { cuda::swiglu(gu, out, T * kx, I, s); }));
+    op("combine", graph_us(reps, [&](int, cudaStream_t s) {
+         cuda::combine_experts_residual(ids, ew, y, x, T, H, kx, s);
+       }));
+    std::vector<cuda::DeviceSampleParams> prm(size_t(T), cuda::DeviceSampleParams{1.0f, 0.37f, -1});
+    cuda::DeviceSampleParams* d_prm = nullptr;
+    cudaMalloc(&d_prm, prm.size() * sizeof(prm[0]));
+    cudaMemcpy(d_prm, prm.data(), prm.size() * sizeof(prm[0]), cudaMemcpyHostToDevice);
+    int32_t* tok = i32(std::vector<int32_t>(size_t(T), 0));
+    float* lp = f32(T);
+    float* sws = f32(cuda::sample_workspace_floats(T));
+    op("sample_rows_V", graph_us(10, [&](int, cudaStream_t s) { cuda::sample_rows(out32, d_prm, tok, lp, T, V, sws, s); }));
+    op("log_softmax_gather_V", graph_us(10, [&](int, cudaStream_t s) {
+         cuda::log_softmax_gather(out32, tok, lp, T, V, s);
+       }));
+    LS_CHECK(cudaDeviceSynchronize() == cudaSuccess, "decode kernel bench failed");
+  }
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -137,14 +317,29 @@ int main(int argc, char** argv) {
   }
   try {
     ModelConfig config = ModelConfig::load(argv[1]);
-    bool quick = false, gemm_only = false;
+    bool quick = false, gemm_only = false, decode_only = false, no_prefill = false;
+    std::vector<int64_t> batch_list;
+    std::string only;  // --decode-kernels: one GEMM shape at one token (for ncu)
     for (int i = 2; i < argc; ++i) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--quick")) quick = true;
       else if (!std::strcmp(argv[i], "--gemm")) gemm_only = true;
+      else if (!std::strcmp(argv[i], "--decode-kernels")) decode_only = true;
+      else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+      else if (!std::strcmp(argv[i], "--no-prefill")) no_prefill = true;
+      else if (!std::strcmp(argv[i], "--batches") && i + 1 < argc)
+        for (const char* q = argv[++i]; *q;) {
+          batch_list.push_back(std::strtoll(q, nullptr, 10));
+          while (*q && *q != ',') ++q;
+          if (*q == ',') ++q;
+        }
     }
     if (gemm_only) {
       gemm_configs(config);
+      return 0;
+    }
+    if (decode_only) {
+      decode_kernels(config, only);
       return 0;
     }
     const ModelShape s{double(config.hidden_size), double(config.q_dim()), double(config.kv_dim()),
@@ -158,7 +353,7 @@ int main(int argc, char** argv) {
     std::vector<Result> results;
 
     // Prefill: 8 sequences of 2048 tokens in one step; the last token of each is sampled.
-    {
+    if (!no_prefill) {
       const int64_t B = quick ? 2 : 8, P = quick ? 512 : 2048, pages = P / 64;
       runner->allocate_kv(B * pages, 64);
       auto tables = page_tables(B, pages);
@@ -194,6 +389,7 @@ int main(int argc, char** argv) {
 
     // Decode: B sequences, prompt 128, then 128 steps of one token each at temperature 1.
     std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 64, 256};
+    if (!batch_list.empty()) batches = batch_list;
     for (int64_t B : batches) {
       const int64_t P = 128, N = quick ? 32 : 128, pages = (P + N + 63) / 64;
       runner->allocate_kv(B * pages, 64);

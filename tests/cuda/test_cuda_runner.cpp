@@ -242,6 +242,43 @@ TEST(CudaRunner, SamplingIsKeyedBySeedStreamPositionOnly) {
   EXPECT_EQ(std::memcmp(&scored[0].back(), &greedy[0].logprob, 4), 0);
 }
 
+// export_weights gives back what load_weights took, as the runner holds it: every matrix
+// rounded to bf16, the fp32 norms unchanged; every global name present.
+TEST(CudaRunner, ExportWeightsReturnsTheLoadedValues) {
+  LS_SKIP_WITHOUT_GPU();
+  ModelWeights w = ModelWeights::load(fixture_model_dir(), Precision::float32);
+  // Values that bf16 cannot hold, so the rounding shows.
+  for (auto& [name, t] : w.named()) {
+    float* p = t->data<float>();
+    for (int64_t i = 0; i < t->numel(); ++i) p[i] += 1e-4f * float((i * 7919 + int64_t(name.size())) % 13);
+  }
+  auto runner = make_cuda_runner(w, Precision::bfloat16);
+  ModelWeights out = runner->export_weights();
+  const auto want = w.named();
+  const auto got = out.named();
+  ASSERT_EQ(got.size(), want.size());
+  int64_t rounded = 0;
+  for (const auto& [name, t] : want) {
+    ASSERT_TRUE(got.count(name)) << name;
+    const Tensor& g = *got.at(name);
+    ASSERT_EQ(g.shape(), t->shape()) << name;
+    const bool norm = name.find("norm") != std::string::npos;
+    const float* a = t->data<float>();
+    const float* b = g.data<float>();
+    for (int64_t i = 0; i < t->numel(); ++i) {
+      const float expect = norm ? a[i] : round_bf16(a[i]);
+      ASSERT_EQ(std::memcmp(&expect, &b[i], 4), 0) << name << " element " << i;
+      rounded += expect != a[i];
+    }
+  }
+  EXPECT_GT(rounded, 0);  // the check above saw rounded values
+  // Loading the export again changes nothing.
+  runner->load_weights(out);
+  ModelWeights again = runner->export_weights();
+  for (const auto& [name, t] : out.named())
+    EXPECT_EQ(std::memcmp(t->data<float>(), again.named().at(name)->data<float>(), size_t(t->numel()) * 4), 0) << name;
+}
+
 TEST(CudaRunner, RejectsBadInputWithClearErrors) {
   LS_SKIP_WITHOUT_GPU();
   auto runner = fixture_runner();

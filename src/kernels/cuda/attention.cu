@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [2][64][LD]
   bf16* sV = sK + 2 * kKvBlock * LD;             // [2][64][LD]
+  allow_next_kernel_launch();  // the o_proj GEMM may start streaming its weights
 
   const int tile = int(blockIdx.x);
   if (tile >= *slots.num_tiles) return;

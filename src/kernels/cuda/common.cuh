@@ -27,4 +27,8 @@ __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(_
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Lets a kernel launched after this one with programmatic dependent launch (the GEMMs) start
+// now: it prefetches weights and waits (griddepcontrol.wait) for this kernel's results.
+__device__ __forceinline__ void allow_next_kernel_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+
 }  // namespace lockstep::cuda

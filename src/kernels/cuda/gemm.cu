@@ -7,8 +7,10 @@
 namespace lockstep::cuda {
 namespace {
 
-// K tile: fixed for every configuration, so the zero padding of a chunk (and therefore the
-// sequence of mma steps each element sees) is the same whatever tile shape runs.
+// K tile. Every element sees the same sequence of mma k16 steps in ascending k whatever the
+// configuration (a K tile never crosses a chunk end; k16 steps wholly past a chunk's end are
+// skipped), so every configuration gives the same bits. gemm_kernel can also stage wider K
+// tiles (BK 128 / 256 give the same k16 sequence); measured slower at one token (notes).
 constexpr int kBK = 64;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -25,6 +27,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Programmatic dependent launch (gemm() launches with it): the kernel may start while the
+// previous kernel in the stream still runs; this waits for that kernel's completion and
+// memory. Everything before it must read only what no earlier kernel of the step writes
+// (the weights). Without a programmatic launch it returns at once.
+__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -39,26 +47,16 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Offset (elements) of 16-byte piece `piece` of row `row` in a [rows][kBK] tile, swizzled so
+// Offset (elements) of 16-byte piece `piece` of row `row` in a [rows][BK] tile, swizzled so
 // that the 8 rows an ldmatrix reads fall in 8 different bank groups.
-__device__ __forceinline__ int swz(int row, int piece) { return row * kBK + ((piece ^ (row & 7)) << 3); }
+template <int BK>
+__device__ __forceinline__ int swz(int row, int piece) { return row * BK + ((piece ^ (row & 7)) << 3); }
 
-// MODE 0: column form. MODE 1: canonical row form, the 8 chunk sums folded by the tree in
-// registers. MODE 2: the same chunk sums, one chunk per blockIdx.z, each written in fp32 to
-// the split workspace; combine_chunks_kernel then applies the same tree and epilogue, so
-// MODE 1 and MODE 2 give the same bits (MODE 2 has 8x the CTAs, for latency-bound steps).
-template <int WM, int WN, int MI, int NI, int STAGES, int MODE>
-__global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec) {
-  constexpr bool CHUNKED = MODE == 1, SPLIT = MODE == 2;
-  constexpr int BM = WM * MI * 16, BN = WN * NI * 8, THREADS = WM * WN * 32;
-  constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS, B_ITERS = (BN * 8 + THREADS - 1) / THREADS;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  bf16* sA = reinterpret_cast<bf16*>(smem_raw);
-  bf16* sB = sA + STAGES * BM * kBK;
-  __shared__ int s_group, s_row0, s_row_end;
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // Which group and which rows this CTA covers (groups laid out one after another).
+// Which group and which rows of it the CTA blockIdx.x covers (row tiles of BM, the groups'
+// tiles laid out one after another); warp 0 writes the shared results, group -1 if none.
+template <int BM>
+__device__ __forceinline__ void find_row_tile(const GemmArgs& p, int& s_group, int& s_row0, int& s_row_end) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (warp == 0) {
     if (p.group_rows == nullptr) {
       if (lane == 0) {
@@ -102,6 +100,69 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
       }
     }
   }
+}
+
+// Folds the finished chunk c's sum `a` into the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)),
+// with partials s0, s1, s2; after chunk 7, `a` holds the total.
+__device__ __forceinline__ void fold_chunk(int c, float& a, float& s0, float& s1, float& s2) {
+  switch (c) {
+    case 0: case 2: case 4: case 6: s0 = a; a = 0.0f; break;
+    case 1: s1 = s0 + a; a = 0.0f; break;
+    case 3: s1 = s1 + (s0 + a); a = 0.0f; break;
+    case 5: s2 = s0 + a; a = 0.0f; break;
+    default: a = s1 + (s2 + (s0 + a)); break;
+  }
+}
+
+// Writes the results of columns n, n + 1 (when n + 1 < N) of logical row `row`: to the split
+// workspace (chunk `z`), or in the output kind.
+template <bool SPLIT>
+__device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int n, float v0, float v1, int z) {
+  const int N = int(p.N);
+  const bool pair = n + 1 < N;
+  if constexpr (SPLIT) {
+    float* w = p.split_workspace + (int64_t(z) * p.M + row) * N + n;
+    w[0] = v0;
+    if (pair) w[1] = v1;
+    return;
+  }
+  const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
+  if (p.out_kind == GemmOut::f32) {
+    if (pair) *reinterpret_cast<float2*>(p.out_f32 + o) = make_float2(v0, v1);
+    else p.out_f32[o] = v0;
+  } else if (p.out_kind == GemmOut::bf16) {
+    if (pair) *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(v0, v1);
+    else p.out_bf16[o] = to_bf16(v0);
+  } else {
+    float r0 = to_f32(p.resid[o]) + round_bf16(v0);
+    if (pair) {
+      float r1 = to_f32(p.resid[o + 1]) + round_bf16(v1);
+      *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(r0, r1);
+    } else {
+      p.out_bf16[o] = to_bf16(r0);
+    }
+  }
+}
+
+// MODE 0: column form. MODE 1: canonical row form, the 8 chunk sums folded by the tree in
+// registers. MODE 2: the same chunk sums, one chunk per blockIdx.z, each written in fp32 to
+// the split workspace; combine_chunks_kernel then applies the same tree and epilogue, so
+// MODE 1 and MODE 2 give the same bits (MODE 2 has 8x the CTAs, for latency-bound steps).
+template <int WM, int WN, int MI, int NI, int STAGES, int MODE, int BK>
+__global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec) {
+  constexpr bool CHUNKED = MODE == 1, SPLIT = MODE == 2;
+  constexpr int BM = WM * MI * 16, BN = WN * NI * 8, THREADS = WM * WN * 32;
+  constexpr int PIECES = BK / 8;  // 16-byte pieces per row of a K tile
+  constexpr int A_ITERS = (BM * PIECES + THREADS - 1) / THREADS, B_ITERS = (BN * PIECES + THREADS - 1) / THREADS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* sA = reinterpret_cast<bf16*>(smem_raw);
+  bf16* sB = sA + STAGES * BM * BK;
+  __shared__ int s_group, s_row0, s_row_end;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // Grouped rows come from the previous kernels (expert assignment): wait before reading.
+  if (p.group_rows != nullptr) wait_for_previous_kernel();
+  find_row_tile<BM>(p, s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
   if (group < 0 || row0 >= row_end) return;
@@ -109,38 +170,41 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
   const int K = int(p.K), N = int(p.N);
   const bf16* W = p.W + int64_t(group) * p.w_group_stride;
   const int chunk_len = (CHUNKED || SPLIT) ? (K + 7) / 8 : K;
-  const int tiles_per_chunk = (chunk_len + kBK - 1) / kBK;
+  const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
   const int total_tiles = (CHUNKED ? 8 : 1) * tiles_per_chunk;
   const int kt0 = SPLIT ? int(blockIdx.z) * tiles_per_chunk : 0;  // first K tile of this CTA
 
-  // The rows each thread loads are the same for every K tile: resolve them once.
+  // The rows each thread loads are the same for every K tile: resolve them once (A rows
+  // after the wait below: a gather list may come from the previous kernel).
   const bf16* a_row[A_ITERS];
   const bf16* b_row[B_ITERS];
+  auto resolve_a_rows = [&] {
 #pragma unroll
-  for (int i = 0; i < A_ITERS; ++i) {
-    int idx = tid + i * THREADS, r = row0 + idx / 8;
-    a_row[i] = nullptr;
-    if (idx < BM * 8 && r < row_end) a_row[i] = p.A + int64_t(p.a_gather ? p.a_gather[r] : r) * p.lda;
-  }
+    for (int i = 0; i < A_ITERS; ++i) {
+      int idx = tid + i * THREADS, r = row0 + idx / PIECES;
+      a_row[i] = nullptr;
+      if (idx < BM * PIECES && r < row_end) a_row[i] = p.A + int64_t(p.a_gather ? p.a_gather[r] : r) * p.lda;
+    }
+  };
 #pragma unroll
   for (int i = 0; i < B_ITERS; ++i) {
-    int idx = tid + i * THREADS, n = n0 + idx / 8;
+    int idx = tid + i * THREADS, n = n0 + idx / PIECES;
     b_row[i] = nullptr;
-    if (idx < BN * 8 && n < N) b_row[i] = W + int64_t(n) * p.ldw;
+    if (idx < BN * PIECES && n < N) b_row[i] = W + int64_t(n) * p.ldw;
   }
 
-  auto load_tile = [&](int stage, int kt) {
+  auto load_tile = [&](int stage, int kt, bool load_a = true, bool load_b = true) {
     const int c = kt / tiles_per_chunk, j = kt % tiles_per_chunk;
-    const int k_begin = c * chunk_len + j * kBK;
+    const int k_begin = c * chunk_len + j * BK;
     const int k_end = min(c * chunk_len + chunk_len, K);
-    bf16* a_s = sA + stage * BM * kBK;
-    bf16* b_s = sB + stage * BN * kBK;
+    bf16* a_s = sA + stage * BM * BK;
+    bf16* b_s = sB + stage * BN * BK;
 #pragma unroll
     for (int i = 0; i < A_ITERS; ++i) {
       int idx = tid + i * THREADS;
-      if (idx >= BM * 8) break;
-      int r = idx / 8, piece = idx % 8, k = k_begin + piece * 8;
-      bf16* dst = a_s + swz(r, piece);
+      if (!load_a || idx >= BM * PIECES) break;
+      int r = idx / PIECES, piece = idx % PIECES, k = k_begin + piece * 8;
+      bf16* dst = a_s + swz<BK>(r, piece);
       if (vec) {
         bool valid = a_row[i] && k < k_end;
         cp_async16(smem_addr(dst), valid ? a_row[i] + k : p.A, valid);
@@ -152,9 +216,9 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
 #pragma unroll
     for (int i = 0; i < B_ITERS; ++i) {
       int idx = tid + i * THREADS;
-      if (idx >= BN * 8) break;
-      int r = idx / 8, piece = idx % 8, k = k_begin + piece * 8;
-      bf16* dst = b_s + swz(r, piece);
+      if (!load_b || idx >= BN * PIECES) break;
+      int r = idx / PIECES, piece = idx % PIECES, k = k_begin + piece * 8;
+      bf16* dst = b_s + swz<BK>(r, piece);
       if (vec) {
         bool valid = b_row[i] && k < k_end;
         cp_async16(smem_addr(dst), valid ? b_row[i] + k : p.W, valid);
@@ -175,10 +239,27 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 
+  if (p.group_rows == nullptr) {
+    // The first weight tiles stream while the previous kernel finishes (one extra, older
+    // cp.async group: every later wait_group covers it).
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < total_tiles) load_tile(s, kt0 + s);
+    for (int s = 0; s < STAGES - 1; ++s)
+      if (s < total_tiles) load_tile(s, kt0 + s, false, true);
     cp_async_commit();
+    wait_for_previous_kernel();
+    resolve_a_rows();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < total_tiles) load_tile(s, kt0 + s, true, false);
+      cp_async_commit();
+    }
+  } else {
+    resolve_a_rows();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < total_tiles) load_tile(s, kt0 + s);
+      cp_async_commit();
+    }
   }
 
   const int warp_m = warp / WN, warp_n = warp % WN;
@@ -190,25 +271,25 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
       if (nt < total_tiles) load_tile(nt % STAGES, kt0 + nt);
       cp_async_commit();
     }
-    const bf16* a_s = sA + (kt % STAGES) * BM * kBK;
-    const bf16* b_s = sB + (kt % STAGES) * BN * kBK;
+    const bf16* a_s = sA + (kt % STAGES) * BM * BK;
+    const bf16* b_s = sB + (kt % STAGES) * BN * BK;
     // k16 steps that hold only the zero padding of a chunk are skipped (the same rule for
     // every tile shape, so every element still sees one fixed sequence of mma steps).
-    const int k_live = min(kBK, chunk_len - ((kt0 + kt) % tiles_per_chunk) * kBK);
+    const int k_live = min(BK, chunk_len - ((kt0 + kt) % tiles_per_chunk) * BK);
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
+    for (int kk = 0; kk < BK / 16; ++kk) {
       if (kk * 16 >= k_live) break;
       uint32_t af[MI][4], bfr[NI][2];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
         int r = warp_m * MI * 16 + mi * 16 + (lane & 15);
-        ldmatrix_x4(af[mi], smem_addr(a_s + swz(r, kk * 2 + (lane >> 4))));
+        ldmatrix_x4(af[mi], smem_addr(a_s + swz<BK>(r, kk * 2 + (lane >> 4))));
       }
 #pragma unroll
       for (int nj = 0; nj < NI / 2; ++nj) {
         int n = warp_n * NI * 8 + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
         uint32_t r4[4];
-        ldmatrix_x4(r4, smem_addr(b_s + swz(n, kk * 2 + ((lane >> 3) & 1))));
+        ldmatrix_x4(r4, smem_addr(b_s + swz<BK>(n, kk * 2 + ((lane >> 3) & 1))));
         bfr[2 * nj][0] = r4[0];
         bfr[2 * nj][1] = r4[1];
         bfr[2 * nj + 1][0] = r4[2];
@@ -228,16 +309,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
 #pragma unroll
           for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float& a = acc[mi][ni][e];
-              switch (c) {
-                case 0: case 2: case 4: case 6: s0[mi][ni][e] = a; a = 0.0f; break;
-                case 1: s1[mi][ni][e] = s0[mi][ni][e] + a; a = 0.0f; break;
-                case 3: s1[mi][ni][e] = s1[mi][ni][e] + (s0[mi][ni][e] + a); a = 0.0f; break;
-                case 5: s2[mi][ni][e] = s0[mi][ni][e] + a; a = 0.0f; break;
-                default: a = s1[mi][ni][e] + (s2[mi][ni][e] + (s0[mi][ni][e] + a)); break;
-              }
-            }
+            for (int e = 0; e < 4; ++e) fold_chunk(c, acc[mi][ni][e], s0[mi][ni][e], s1[mi][ni][e], s2[mi][ni][e]);
       }
     }
   }
@@ -253,31 +325,176 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
         const int row = row0 + warp_m * MI * 16 + mi * 16 + (lane >> 2) + h * 8;
         const int n = n0 + warp_n * NI * 8 + ni * 8 + (lane & 3) * 2;
         if (row >= row_end || n >= N) continue;
-        const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-        const bool pair = n + 1 < N;
-        if constexpr (SPLIT) {
-          float* w = p.split_workspace + (int64_t(blockIdx.z) * p.M + row) * N + n;
-          w[0] = v0;
-          if (pair) w[1] = v1;
-          continue;
-        }
-        const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
-        if (p.out_kind == GemmOut::f32) {
-          if (pair) *reinterpret_cast<float2*>(p.out_f32 + o) = make_float2(v0, v1);
-          else p.out_f32[o] = v0;
-        } else if (p.out_kind == GemmOut::bf16) {
-          if (pair) *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(v0, v1);
-          else p.out_bf16[o] = to_bf16(v0);
-        } else {
-          float r0 = to_f32(p.resid[o]) + round_bf16(v0);
-          if (pair) {
-            float r1 = to_f32(p.resid[o + 1]) + round_bf16(v1);
-            *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(r0, r1);
-          } else {
-            p.out_bf16[o] = to_bf16(r0);
-          }
+        store_pair<SPLIT>(p, row, n, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], int(blockIdx.z));
+      }
+}
+
+// Small steps (decode): row tiles of 8 and one weight stream per warp. At one token the
+// kernel above is bound by instruction latency (one warp per scheduler, a CTA barrier, the
+// chunk arithmetic and the A tile per K tile: ~8 cycles per instruction, ~1 us per K tile,
+// measured with ncu on the H200), not by memory. Here the CTA's A rows (at most 8, laid out
+// exactly as the K tiles of the kernel above, zero padding included) are loaded into shared
+// memory once; then each warp streams its own 8 * NI weight rows through its own cp.async
+// ring with no CTA barrier. Every element still sees the same mma k16 steps in the same order
+// (the A fragment rows 8..15 are zero registers: mma rows never mix), so the bits equal the
+// kernel above. MODE as above.
+template <int NI, int WARPS, int STAGES, int MODE, int BK>
+__global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool vec) {
+  constexpr bool CHUNKED = MODE == 1, SPLIT = MODE == 2;
+  constexpr int BM = 8, WCOLS = NI * 8, BN = WARPS * WCOLS, THREADS = WARPS * 32;
+  constexpr int PIECES = BK / 8;              // 16-byte pieces per row of a K tile
+  constexpr int W_STAGE = WCOLS * BK;         // elements of one warp's K tile
+  constexpr int W_ITERS = WCOLS * PIECES / 32;  // 16-byte pieces per lane per K tile
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ int s_group, s_row0, s_row_end;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (p.group_rows != nullptr) wait_for_previous_kernel();
+  find_row_tile<BM>(p, s_group, s_row0, s_row_end);
+  __syncthreads();
+  const int group = s_group, row0 = s_row0, row_end = s_row_end;
+  if (group < 0 || row0 >= row_end) return;
+  const int K = int(p.K), N = int(p.N);
+  const bf16* W = p.W + int64_t(group) * p.w_group_stride;
+  const int chunk_len = (CHUNKED || SPLIT) ? (K + 7) / 8 : K;
+  const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
+  const int total_tiles = (CHUNKED ? 8 : 1) * tiles_per_chunk;
+  const int kt0 = SPLIT ? int(blockIdx.z) * tiles_per_chunk : 0;
+  // A in shared memory: [8][a_ld], the CTA's K tiles side by side (row pitch + 16 bytes so
+  // the 8 rows of an ldmatrix fall in 8 bank groups).
+  const int a_ld = total_tiles * BK + 8;
+  bf16* sW = reinterpret_cast<bf16*>(smem_raw) + warp * STAGES * W_STAGE;
+  bf16* sA = reinterpret_cast<bf16*>(smem_raw) + WARPS * STAGES * W_STAGE;
+
+  // This warp's weight rows: piece i of a K tile is row (lane + 32 i) / PIECES.
+  const int wn0 = int(blockIdx.y) * BN + warp * WCOLS;
+  const bf16* w_row[W_ITERS];
+#pragma unroll
+  for (int i = 0; i < W_ITERS; ++i) {
+    const int n = wn0 + (lane + 32 * i) / PIECES;
+    w_row[i] = n < N ? W + int64_t(n) * p.ldw : nullptr;
+  }
+  // K tile kt of the CTA covers k in [k_begin, k_begin + BK), live below k_end.
+  auto tile_bounds = [&](int kt, int& k_begin, int& k_end) {
+    const int c = kt / tiles_per_chunk, j = kt - c * tiles_per_chunk;
+    k_begin = c * chunk_len + j * BK;
+    k_end = min(c * chunk_len + chunk_len, K);
+  };
+  auto load_w = [&](int stage, int kt) {
+    int k_begin, k_end;
+    tile_bounds(kt0 + kt, k_begin, k_end);
+    bf16* dst0 = sW + stage * W_STAGE;
+#pragma unroll
+    for (int i = 0; i < W_ITERS; ++i) {
+      const int r = (lane + 32 * i) / PIECES, piece = (lane + 32 * i) % PIECES, k = k_begin + piece * 8;
+      bf16* dst = dst0 + swz<BK>(r, piece);
+      if (vec) {
+        const bool valid = w_row[i] && k < k_end;
+        cp_async16(smem_addr(dst), valid ? w_row[i] + k : p.W, valid);
+      } else {
+        for (int e = 0; e < 8; ++e)
+          dst[e] = (w_row[i] && k + e < k_end) ? w_row[i][k + e] : __float2bfloat16_rn(0.0f);
+      }
+    }
+  };
+
+  // Weights first: they do not depend on the previous kernel (programmatic launch).
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < total_tiles) load_w(s, s);
+    cp_async_commit();
+  }
+  wait_for_previous_kernel();
+  // The A rows of this tile, every K tile of the CTA, zero where the tile is padding.
+  for (int idx = tid; idx < BM * total_tiles * PIECES; idx += THREADS) {
+    const int r = idx / (total_tiles * PIECES), rest = idx % (total_tiles * PIECES), kt = rest / PIECES,
+              piece = rest % PIECES;
+    int k_begin, k_end;
+    tile_bounds(kt0 + kt, k_begin, k_end);
+    const int k = k_begin + piece * 8, row = row0 + r;
+    const bf16* src = row < row_end ? p.A + int64_t(p.a_gather ? p.a_gather[row] : row) * p.lda : nullptr;
+    bf16* dst = sA + r * a_ld + kt * BK + piece * 8;
+    if (vec) {
+      const bool valid = src && k < k_end;
+      cp_async16(smem_addr(dst), valid ? src + k : p.A, valid);
+    } else {
+      for (int e = 0; e < 8; ++e) dst[e] = (src && k + e < k_end) ? src[k + e] : __float2bfloat16_rn(0.0f);
+    }
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float acc[NI][4];
+  float s0[CHUNKED ? NI : 1][4], s1[CHUNKED ? NI : 1][4], s2[CHUNKED ? NI : 1][4];
+#pragma unroll
+  for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[ni][e] = 0.0f;
+  int j = kt0 % tiles_per_chunk;  // K tile within its chunk (the next one computed)
+  for (int kt = 0; kt < total_tiles; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncwarp();
+    if (kt + STAGES - 1 < total_tiles) load_w((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+    cp_async_commit();
+    const bf16* w_s = sW + (kt % STAGES) * W_STAGE;
+    const bf16* a_s = sA + (lane & 7) * a_ld + kt * BK + ((lane >> 3) & 1) * 8;
+    const int k_live = min(BK, chunk_len - j * BK);
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      if (kk * 16 >= k_live) break;
+      uint32_t a[4], bfr[NI][2];
+      {
+        uint32_t r2[2];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(r2[0]), "=r"(r2[1])
+                     : "r"(smem_addr(a_s + kk * 16)));
+        a[0] = r2[0];
+        a[1] = 0u;  // rows 8..15 of the mma tile: zeros (their results are never stored)
+        a[2] = r2[1];
+        a[3] = 0u;
+      }
+      if constexpr (NI == 1) {
+        uint32_t r2[2];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(r2[0]), "=r"(r2[1])
+                     : "r"(smem_addr(w_s + swz<BK>(lane & 7, kk * 2 + ((lane >> 3) & 1)))));
+        bfr[0][0] = r2[0];
+        bfr[0][1] = r2[1];
+      } else {
+#pragma unroll
+        for (int nj = 0; nj < NI / 2; ++nj) {
+          const int n = nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+          uint32_t r4[4];
+          ldmatrix_x4(r4, smem_addr(w_s + swz<BK>(n, kk * 2 + ((lane >> 3) & 1))));
+          bfr[2 * nj][0] = r4[0];
+          bfr[2 * nj][1] = r4[1];
+          bfr[2 * nj + 1][0] = r4[2];
+          bfr[2 * nj + 1][1] = r4[3];
         }
       }
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) mma_bf16(acc[ni], a, bfr[ni][0], bfr[ni][1]);
+    }
+    if (++j == tiles_per_chunk) {
+      j = 0;
+      if constexpr (CHUNKED) {
+        const int c = kt / tiles_per_chunk;
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) fold_chunk(c, acc[ni][e], s0[ni][e], s1[ni][e], s2[ni][e]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  // Lane holds row lane / 4 (elements 0, 1; rows 8..15 are padding), columns 2 (lane % 4) + {0, 1}.
+  const int row = row0 + (lane >> 2);
+  if (row >= row_end) return;
+#pragma unroll
+  for (int ni = 0; ni < NI; ++ni) {
+    const int n = wn0 + ni * 8 + (lane & 3) * 2;
+    if (n < N) store_pair<SPLIT>(p, row, n, acc[ni][0], acc[ni][1], int(blockIdx.z));
+  }
 }
 
 // The tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) over the 8 chunk partials of MODE 2, then
@@ -295,31 +512,83 @@ __global__ void combine_chunks_kernel(GemmArgs p) {
   else p.out_bf16[o] = to_bf16(to_f32(p.resid[o]) + round_bf16(v));
 }
 
-template <int WM, int WN, int MI, int NI, int STAGES, int MODE>
+// Whether 16-byte cp.async can load every piece (alignment of rows, chunks and pointers).
+bool vector_loads(const GemmArgs& p) {
+  const int64_t chunk_len = p.chunks == 8 ? (p.K + 7) / 8 : p.K;
+  auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
+  return chunk_len % 8 == 0 && p.K % 8 == 0 && p.lda % 8 == 0 && p.ldw % 8 == 0 && p.w_group_stride % 8 == 0 &&
+         aligned(p.A) && aligned(p.W);
+}
+
+// Launches a GEMM kernel with programmatic dependent launch: its CTAs may start (and prefetch
+// weights) while the previous kernel runs; the kernel waits for it before touching its
+// outputs. Then, for MODE 2, the tree over the chunk partials.
+template <int MODE, typename Kernel>
+void launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, const GemmArgs& p, cudaStream_t stream) {
+  LS_CHECK(grid.y <= 65535, "gemm: N = ", p.N, " is too large for one launch");
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  LS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, vector_loads(p)));
+  if constexpr (MODE == 2) {
+    combine_chunks_kernel<<<unsigned(ceil_div(p.M * p.N, 256)), 256, 0, stream>>>(p);
+    LS_CUDA_LAUNCHED();
+  }
+}
+
+template <int WM, int WN, int MI, int NI, int STAGES, int MODE, int BK = kBK>
 void launch(const GemmArgs& p, cudaStream_t stream) {
-  constexpr bool CHUNKED = MODE != 0;
   constexpr int BM = WM * MI * 16, BN = WN * NI * 8, THREADS = WM * WN * 32;
-  constexpr size_t smem = size_t(STAGES) * (BM + BN) * kBK * sizeof(bf16);
-  auto kernel = gemm_kernel<WM, WN, MI, NI, STAGES, MODE>;
+  constexpr size_t smem = size_t(STAGES) * (BM + BN) * BK * sizeof(bf16);
+  auto kernel = gemm_kernel<WM, WN, MI, NI, STAGES, MODE, BK>;
   static const bool configured = [&] {
     LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
   }();
   (void)configured;
-  const int64_t chunk_len = CHUNKED ? (p.K + 7) / 8 : p.K;
-  auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
-  const bool vec = chunk_len % 8 == 0 && p.K % 8 == 0 && p.lda % 8 == 0 && p.ldw % 8 == 0 &&
-                   p.w_group_stride % 8 == 0 && aligned(p.A) && aligned(p.W);
   int64_t tiles_m = ceil_div(p.M, BM);
   if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
   dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, BN)), MODE == 2 ? 8u : 1u);
-  LS_CHECK(grid.y <= 65535, "gemm: N = ", p.N, " is too large for one launch");
-  kernel<<<grid, THREADS, smem, stream>>>(p, vec);
-  LS_CUDA_LAUNCHED();
-  if constexpr (MODE == 2) {
-    combine_chunks_kernel<<<unsigned(ceil_div(p.M * p.N, 256)), 256, 0, stream>>>(p);
-    LS_CUDA_LAUNCHED();
-  }
+  launch_kernel<MODE>(kernel, grid, THREADS, smem, p, stream);
+}
+
+// Shared memory of gemm_small_kernel: the warps' weight rings and the A rows of its K tiles.
+template <int NI, int WARPS, int STAGES, int MODE, int BK>
+size_t small_smem(const GemmArgs& p) {
+  const int64_t chunk_len = MODE != 0 ? (p.K + 7) / 8 : p.K;
+  const int64_t tiles = (MODE == 1 ? 8 : 1) * ceil_div(chunk_len, BK);
+  return size_t(WARPS * STAGES * NI * 8 * BK + 8 * (tiles * BK + 8)) * sizeof(bf16);
+}
+
+int max_dynamic_smem() {
+  int device = 0, bytes = 0;
+  LS_CUDA_CHECK(cudaGetDevice(&device));
+  LS_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes - 1024;  // the static shared memory of the kernel
+}
+
+template <int NI, int WARPS, int STAGES, int MODE, int BK = kBK>
+void launch_small(const GemmArgs& p, cudaStream_t stream) {
+  auto kernel = gemm_small_kernel<NI, WARPS, STAGES, MODE, BK>;
+  static const int limit = [&] {
+    const int bytes = max_dynamic_smem();
+    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    return bytes;
+  }();
+  const size_t smem = small_smem<NI, WARPS, STAGES, MODE, BK>(p);
+  // A K too long for the A rows in shared memory: the tiled kernel (the same bits).
+  if (smem > size_t(limit)) return launch<1, 4, 1, 2, 6, MODE>(p, stream);
+  int64_t tiles_m = ceil_div(p.M, 8);
+  if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
+  dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, NI * 8 * WARPS)), MODE == 2 ? 8u : 1u);
+  launch_kernel<MODE>(kernel, grid, WARPS * 32, smem, p, stream);
 }
 
 template <int MODE>
@@ -328,6 +597,11 @@ void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
     case 0: return launch<1, 2, 1, 2, 8, MODE>(p, stream);  // 16 x 32
     case 1: return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // 16 x 64
     case 6: return launch<1, 1, 1, 2, 8, MODE>(p, stream);  // 16 x 16, one warp: most CTAs
+    // Small steps: row tiles of 8, one weight stream per warp (gemm_small_kernel).
+    case 7: return launch_small<1, 4, 8, MODE, 128>(p, stream);  // 8 x 32: 4 warps of 8 columns, K tile 128
+    case 8: return launch_small<1, 4, 4, MODE, 256>(p, stream);  // 8 x 32: 4 warps of 8 columns, K tile 256
+    case 9: return launch_small<2, 8, 6, MODE>(p, stream);  // 8 x 128: 8 warps of 16 columns
+    case 10: return launch_small<1, 8, 8, MODE>(p, stream);  // 8 x 64: 8 warps of 8 columns
     default:
       if constexpr (MODE == 2) {
         return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // split: small tiles only
@@ -369,17 +643,27 @@ void gemm(const GemmArgs& args, cudaStream_t stream) {
   GemmArgs p = args;
   const int64_t groups = p.group_rows ? std::max<int64_t>(1, std::min<int64_t>(p.groups, p.M)) : 1;
   const int64_t rows = p.rows_hint >= 0 ? p.rows_hint : p.M / groups;
-  // Only speed depends on the choice: every configuration gives the same bits.
+  // Only speed depends on the choice: every configuration gives the same bits. Measured on
+  // the H200 (cuda_bench --decode-kernels; notes/cuda-perf.md, v4): with few CTAs a step is
+  // latency-bound and one weight stream per warp wins; with many, the 16x64 tiles (column
+  // form) or 8x128 small tiles (row form) keep more bytes in flight per SM.
+  // Small configurations: 8 (K tiles of 256, 8 x 32 CTAs, 2 per SM) while its CTAs fit one
+  // wave, else 10 (8 x 64 CTAs of 8 warps).
+  const int64_t row_tiles = groups * ceil_div(rows, 8), small_ctas = ceil_div(p.N, 64) * row_tiles;
+  const bool l2_resident = p.N * p.K * 2 * (p.group_rows ? p.groups : 1) <= (int64_t(32) << 20);
   int config;
-  if (rows <= 16) config = ceil_div(p.N, 64) * groups < 264 ? 0 : 1;
+  if (rows <= 64 && small_ctas < 528) config = ceil_div(p.N, 32) * row_tiles <= 264 ? 8 : 10;
+  else if (rows <= 8) config = p.chunks == 8 ? 9 : 1;
+  else if (rows <= 16 || (rows <= 64 && l2_resident)) config = 1;  // 16-row tiles re-read W from L2
   else if (rows <= 64) config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
   else config = rows >= 128 && p.chunks == 1 ? 5 : 4;
-  // The row form with fewer CTAs than SMs (o_proj at one token): one chunk per CTA, in
-  // one-warp 16x16 tiles (2 x 8 = 16x the CTAs), when the workspace allows. Measured (H200,
-  // ncu): o_proj at b1 52 -> 27 us; splitting what already has 512 CTAs (down) lost time.
-  const bool split = p.chunks == 8 && rows <= 16 && p.split_workspace != nullptr &&
-                     8 * p.M * p.N <= p.split_workspace_floats && ceil_div(p.N, 32) * groups * ceil_div(rows, 16) < 132;
-  if (split) config = 6;
+  // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the
+  // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.
+  // Measured: o_proj at 1 token 20.8 -> 9.7 us, at 64 tokens 72.8 -> 30 us; splitting what
+  // already has many CTAs (down) loses.
+  const bool split = p.chunks == 8 && rows <= 64 && p.split_workspace != nullptr &&
+                     8 * p.M * p.N <= p.split_workspace_floats && ceil_div(p.N, 64) * groups * ceil_div(rows, 16) < 132;
+  if (split) config = rows <= 8 ? 9 : 1;
   if (!split) p.split_workspace = nullptr;
   gemm_with_config(p, config, stream);
 }

@@ -58,8 +58,10 @@ struct GemmArgs {
 
 void gemm(const GemmArgs& args, cudaStream_t stream);
 
-// Which tile configurations exist (tests run each on the same problem and compare bits).
-constexpr int kGemmConfigs = 7;
+// Which tile configurations exist (tests run each on the same problem and compare bits):
+// 0-6 the tiled kernel (16x32 ... 128x256), 7-10 the small-step kernel (row tiles of 8, one
+// weight stream per warp).
+constexpr int kGemmConfigs = 11;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 
 }  // namespace lockstep::cuda

@@ -47,29 +47,49 @@ __device__ __forceinline__ MaxSumD combine(MaxSumD a, MaxSumD b) {
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
 
-// log sum exp of row[v] * mul (mul = 1 / temperature or 1) over V: 8 canonical chunks, one
-// per warp of a 256-thread block; within a chunk each lane keeps an online (max, sum) over
-// its strided elements, the lanes combine by butterfly; chunks combine by the pairwise tree.
-__device__ float log_normalizer_block(const float* row, int64_t V, float inv_temp, bool scale, MaxSumD* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t clen = (V + 7) / 8;
-  const int64_t begin = warp * clen, end = min(V, begin + clen);
-  MaxSumD ms{-INFINITY, 0.0f};
-  for (int64_t i = begin + lane; i < end; i += 32) {
-    float x = scale ? row[i] / inv_temp : row[i];
-    if (ms.sum == 0.0f) {
-      ms = {x, 1.0f};
-    } else if (x > ms.max) {
-      ms.sum = ms.sum * expf(ms.max - x) + 1.0f;
-      ms.max = x;
-    } else {
-      ms.sum += expf(x - ms.max);
-    }
+// One element into a lane's online (max, sum).
+__device__ __forceinline__ void online_step(MaxSumD& ms, float x) {
+  if (ms.sum == 0.0f) {
+    ms = {x, 1.0f};
+  } else if (x > ms.max) {
+    ms.sum = ms.sum * expf(ms.max - x) + 1.0f;
+    ms.max = x;
+  } else {
+    ms.sum += expf(x - ms.max);
   }
+}
+
+// The canonical per-chunk procedure: lane l folds elements begin + l, begin + l + 32, ... in
+// ascending order into an online (max, sum) (x = row[i] / temp when scaled), then the lanes
+// combine by butterfly. The loads run 8 elements ahead of the (serial) fold: the same
+// operations on the same values, without a memory latency per element.
+__device__ __forceinline__ MaxSumD chunk_maxsum_warp(const float* row, int64_t begin, int64_t end, float temp,
+                                                     bool scale) {
+  const int lane = threadIdx.x & 31;
+  MaxSumD ms{-INFINITY, 0.0f};
+  int64_t i = begin + lane;
+  for (; i + 32 * 7 < end; i += 32 * 8) {
+    float x[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) x[u] = row[i + 32 * u];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) online_step(ms, scale ? x[u] / temp : x[u]);
+  }
+  for (; i < end; i += 32) online_step(ms, scale ? row[i] / temp : row[i]);
   for (int o = 16; o > 0; o >>= 1) {
     MaxSumD other{__shfl_xor_sync(kFull, ms.max, o), __shfl_xor_sync(kFull, ms.sum, o)};
     ms = combine(ms, other);
   }
+  return ms;
+}
+
+// log sum exp of row[v] * mul (mul = 1 / temperature or 1) over V: 8 canonical chunks, one
+// per warp of a 256-thread block (chunk_maxsum_warp); chunks combine by the pairwise tree.
+__device__ float log_normalizer_block(const float* row, int64_t V, float inv_temp, bool scale, MaxSumD* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t clen = (V + 7) / 8;
+  const int64_t begin = warp * clen, end = min(V, begin + clen);
+  MaxSumD ms = chunk_maxsum_warp(row, begin, end, inv_temp, scale);
   if (lane == 0) scratch[warp] = ms;
   __syncthreads();
   MaxSumD a = combine(combine(scratch[0], scratch[1]), combine(scratch[2], scratch[3]));
@@ -88,6 +108,7 @@ __global__ void embedding_kernel(const int32_t* ids, const bf16* table, bf16* x,
 constexpr int kNormThreads = 256;
 __global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, const float* w, bf16* out, int64_t n,
                                                                float eps) {
+  allow_next_kernel_launch();
   __shared__ float scratch[kNormThreads / 32 + 1];
   const bf16* xr = x + int64_t(blockIdx.x) * n;
   bf16* o = out + int64_t(blockIdx.x) * n;
@@ -151,6 +172,7 @@ constexpr int kMaxHeadDim = 128;
 // KV blocks 0, 64, ... up to its own position; only its own keys enter its sums.
 __global__ void attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, DeviceSlots slots, int64_t nq,
                                  float scale) {
+  allow_next_kernel_launch();
   const int64_t D = kv.head_dim, G = nq / kv.kv_heads;
   const int64_t t = blockIdx.x, kvh = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -294,6 +316,7 @@ constexpr int kAssignThreads = 1024;
 __global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const int32_t* ids, int64_t n, int64_t k,
                                                                        int64_t E, int32_t* group_rows,
                                                                        int32_t* gather, int32_t* scatter) {
+  allow_next_kernel_launch();
   extern __shared__ int32_t s_cursor[];  // [E]: counts, then each group's next free row
   const int tid = threadIdx.x, lane = tid & 31;
   for (int64_t e = tid; e < E; e += kAssignThreads) s_cursor[e] = 0;
@@ -327,6 +350,7 @@ __global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const in
 }
 
 __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
+  allow_next_kernel_launch();
   int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= R * I) return;
   int64_t r = idx / I, i = idx % I;
@@ -380,81 +404,163 @@ __global__ void __launch_bounds__(256) log_softmax_gather_kernel(const float* lo
   if (threadIdx.x == 0) out[r] = targets[r] >= 0 ? row[targets[r]] - z : NAN;
 }
 
-constexpr int kSampleThreads = 256;
-__global__ void __launch_bounds__(kSampleThreads) sample_kernel(const float* logits, const DeviceSampleParams* params,
-                                                                int32_t* tokens, float* logprobs, int64_t V) {
-  __shared__ MaxSumD scratch[8];
-  __shared__ float seg_mass[kSampleThreads];
-  __shared__ float best_v[kSampleThreads];
-  __shared__ int best_i[kSampleThreads];
+// Sampling over several blocks per row (a decode step samples few rows, and one block per
+// row was latency-bound over 152k logits):
+//   1. grid (R, 8): block c runs the canonical chunk c of the log-normalizer with the same
+//      per-lane procedure as log_normalizer_block (one warp), its (max, sum) to the workspace;
+//   2. grid (R, kSampleBlocks): the 8 chunk results folded by the same tree (so log_z has the
+//      bits of the score path), then per thread one segment of kSampleSegLen.. logits: its
+//      probability mass (sampled rows) or its arg max (greedy rows);
+//   3. grid R: the segments in ascending order: the total mass, the draw (the first token whose
+//      cumulative probability exceeds u * mass), or the arg max; the log-prob.
+// Every step is a fixed function of the row alone.
+constexpr int kSampleThreads = 256, kSampleBlocks = 32, kSampleSegs = kSampleThreads * kSampleBlocks;
+constexpr int kSampleGroup = kSampleSegs / kSampleThreads;  // segments per thread in step 3
+
+// Chunk c of the log-normalizer (the score path's per-chunk procedure), for one warp.
+__device__ MaxSumD chunk_maxsum(const float* row, int64_t V, int c, float temp, bool scale) {
+  const int64_t clen = (V + 7) / 8;
+  const int64_t begin = c * clen, end = min(V, begin + clen);
+  return chunk_maxsum_warp(row, begin, end, temp, scale);
+}
+
+// The tree of log_normalizer_block over the 8 chunk results.
+__device__ __forceinline__ float fold_chunks(const MaxSumD* c) {
+  MaxSumD a = combine(combine(c[0], c[1]), combine(c[2], c[3]));
+  MaxSumD b = combine(combine(c[4], c[5]), combine(c[6], c[7]));
+  MaxSumD r = combine(a, b);
+  return r.max + logf(r.sum);
+}
+
+struct SampleWs {  // per row: 8 chunk results, then per segment a mass or an arg max
+  MaxSumD chunks[8];
+  float seg_value[kSampleSegs];
+  int32_t seg_index[kSampleSegs];
+};
+
+__global__ void __launch_bounds__(32) sample_chunks_kernel(const float* logits, const DeviceSampleParams* params,
+                                                           SampleWs* ws, int64_t V) {
+  const int64_t r = blockIdx.x;
+  const int c = int(blockIdx.y);
+  const float temp = params[r].temperature;
+  const MaxSumD ms = chunk_maxsum(logits + r * V, V, c, temp, temp != 0.0f);
+  if (threadIdx.x == 0) ws[r].chunks[c] = ms;
+}
+
+__global__ void __launch_bounds__(kSampleThreads) sample_segments_kernel(const float* logits,
+                                                                         const DeviceSampleParams* params,
+                                                                         SampleWs* ws, int64_t V) {
+  const int64_t r = blockIdx.x;
+  const DeviceSampleParams prm = params[r];
+  if (prm.temperature != 0.0f && prm.forced >= 0) return;
+  const float* row = logits + r * V;
+  const int seg = int(blockIdx.y) * kSampleThreads + int(threadIdx.x);
+  const int64_t len = (V + kSampleSegs - 1) / kSampleSegs;
+  const int64_t begin = min(V, seg * len), end = min(V, begin + len);
+  SampleWs& w = ws[r];
+  if (prm.temperature == 0.0f) {
+    float bv = -INFINITY;
+    int64_t bi = V;
+    for (int64_t v = begin; v < end; ++v)
+      if (row[v] > bv || bi == V) {
+        bv = row[v];
+        bi = v;
+      }
+    w.seg_value[seg] = bv;
+    w.seg_index[seg] = int32_t(bi);
+    return;
+  }
+  const float log_z = fold_chunks(w.chunks);
+  float mass = 0.0f;
+  for (int64_t v = begin; v < end; ++v) mass += expf(row[v] / prm.temperature - log_z);
+  w.seg_value[seg] = mass;
+}
+
+__global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(const float* logits,
+                                                                     const DeviceSampleParams* params,
+                                                                     const SampleWs* ws, int32_t* tokens,
+                                                                     float* logprobs, int64_t V) {
+  __shared__ float g_value[kSampleThreads];
+  __shared__ int32_t g_index[kSampleThreads];
   const int64_t r = blockIdx.x;
   const float* row = logits + r * V;
   const DeviceSampleParams prm = params[r];
+  const SampleWs& w = ws[r];
   const int tid = threadIdx.x;
-  if (prm.temperature == 0.0f) {
-    float bv = -INFINITY;
-    int bi = int(V);
-    for (int64_t v = tid; v < V; v += kSampleThreads)
-      if (row[v] > bv || bi == int(V)) {
-        bv = row[v];
-        bi = int(v);
-      }
-    best_v[tid] = bv;
-    best_i[tid] = bi;
-    __syncthreads();
-    const float z = log_normalizer_block(row, V, 1.0f, false, scratch);
-    if (tid == 0) {
-      for (int i = 1; i < kSampleThreads; ++i)
-        if (best_v[i] > bv || (best_v[i] == bv && best_i[i] < bi)) {
-          bv = best_v[i];
-          bi = best_i[i];
-        }
-      tokens[r] = bi;
-      logprobs[r] = row[bi] - z;
-    }
-    return;
-  }
-  const float temp = prm.temperature;
-  const float log_z = log_normalizer_block(row, V, temp, true, scratch);
-  if (prm.forced >= 0) {
+  const float log_z = fold_chunks(w.chunks);
+  if (prm.temperature != 0.0f && prm.forced >= 0) {
     if (tid == 0) {
       tokens[r] = prm.forced;
-      logprobs[r] = row[prm.forced] / temp - log_z;
+      logprobs[r] = row[prm.forced] / prm.temperature - log_z;
     }
     return;
   }
-  const int64_t seg = (V + kSampleThreads - 1) / kSampleThreads;
-  const int64_t begin = tid * seg, end = min(V, begin + seg);
-  float mass = 0.0f;
-  for (int64_t v = begin; v < end; ++v) mass += expf(row[v] / temp - log_z);
-  seg_mass[tid] = mass;
-  __syncthreads();
-  if (tid == 0) {
-    float total = 0.0f;
-    for (int i = 0; i < kSampleThreads; ++i) total += seg_mass[i];
-    const float target = prm.u * total;
-    float cum = 0.0f;
-    int64_t pick = V - 1;
-    bool found = false;
-    for (int i = 0; i < kSampleThreads && !found; ++i) {
-      if (cum + seg_mass[i] > target) {
-        const int64_t b = i * seg, e = min(V, b + seg);
-        pick = e - 1;
-        for (int64_t v = b; v < e; ++v) {
-          cum += expf(row[v] / temp - log_z);
-          if (cum > target) {
-            pick = v;
-            break;
-          }
-        }
-        found = true;
-      } else {
-        cum += seg_mass[i];
+  const int s0 = tid * kSampleGroup;
+  if (prm.temperature == 0.0f) {
+    float bv = w.seg_value[s0];
+    int32_t bi = w.seg_index[s0];
+    for (int i = 1; i < kSampleGroup; ++i) {
+      const int32_t oi = w.seg_index[s0 + i];
+      if (oi < V && (w.seg_value[s0 + i] > bv || bi == V)) {  // ascending ids: ties keep the lower
+        bv = w.seg_value[s0 + i];
+        bi = oi;
       }
     }
-    tokens[r] = int32_t(pick);
-    logprobs[r] = row[pick] / temp - log_z;
+    g_value[tid] = bv;
+    g_index[tid] = bi;
+    __syncthreads();
+    if (tid == 0) {
+      for (int i = 1; i < kSampleThreads; ++i)
+        if (g_index[i] < V && (g_value[i] > bv || bi == V)) {
+          bv = g_value[i];
+          bi = g_index[i];
+        }
+      tokens[r] = bi;
+      logprobs[r] = row[bi] - log_z;
+    }
+    return;
   }
+  float mass = 0.0f;
+  for (int i = 0; i < kSampleGroup; ++i) mass += w.seg_value[s0 + i];
+  g_value[tid] = mass;
+  __syncthreads();
+  if (tid != 0) return;
+  float total = 0.0f;
+  for (int i = 0; i < kSampleThreads; ++i) total += g_value[i];
+  const float target = prm.u * total;
+  const int64_t len = (V + kSampleSegs - 1) / kSampleSegs;
+  float cum = 0.0f;
+  int64_t pick = V - 1;
+  for (int g = 0; g < kSampleThreads; ++g) {
+    if (!(cum + g_value[g] > target)) {
+      cum += g_value[g];
+      continue;
+    }
+    // The first group past the target; then its first segment past it; then the token.
+    const int gs = g * kSampleGroup;
+    pick = min(V, (gs + kSampleGroup) * len) - 1;
+    for (int i = 0; i < kSampleGroup; ++i) {
+      const float m = w.seg_value[gs + i];
+      if (!(cum + m > target)) {
+        cum += m;
+        continue;
+      }
+      const int64_t b = min(V, (gs + i) * len), e = min(V, b + len);
+      pick = e - 1;
+      for (int64_t v = b; v < e; ++v) {
+        cum += expf(row[v] / prm.temperature - log_z);
+        if (cum > target) {
+          pick = v;
+          break;
+        }
+      }
+      break;
+    }
+    break;
+  }
+  pick = max(int64_t(0), pick);
+  tokens[r] = int32_t(pick);
+  logprobs[r] = row[pick] / prm.temperature - log_z;
 }
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
@@ -563,10 +669,20 @@ void log_softmax_gather(const float* logits, const int32_t* targets, float* out,
   LS_CUDA_LAUNCHED();
 }
 
+int64_t sample_workspace_floats(int64_t R) {
+  return R * int64_t((sizeof(SampleWs) + sizeof(float) - 1) / sizeof(float));
+}
+
 void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t* tokens, float* logprobs, int64_t R,
-                 int64_t V, cudaStream_t s) {
+                 int64_t V, float* workspace, cudaStream_t s) {
   if (R == 0) return;
-  sample_kernel<<<unsigned(R), kSampleThreads, 0, s>>>(logits, params, tokens, logprobs, V);
+  LS_CHECK(V > 0 && V < (int64_t(1) << 31), "sample_rows: vocabulary of ", V, " entries");
+  auto* ws = reinterpret_cast<SampleWs*>(workspace);
+  sample_chunks_kernel<<<dim3(unsigned(R), 8), 32, 0, s>>>(logits, params, ws, V);
+  LS_CUDA_LAUNCHED();
+  sample_segments_kernel<<<dim3(unsigned(R), kSampleBlocks), kSampleThreads, 0, s>>>(logits, params, ws, V);
+  LS_CUDA_LAUNCHED();
+  sample_pick_kernel<<<unsigned(R), kSampleThreads, 0, s>>>(logits, params, ws, tokens, logprobs, V);
   LS_CUDA_LAUNCHED();
 }
 

@@ -88,8 +88,10 @@ struct DeviceSampleParams {
   float u;
   int32_t forced = -1;
 };
+// `workspace`: sample_workspace_floats(R) floats of device scratch (several blocks per row).
+int64_t sample_workspace_floats(int64_t R);
 void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t* tokens, float* logprobs, int64_t R,
-                 int64_t V, cudaStream_t s);
+                 int64_t V, float* workspace, cudaStream_t s);
 
 // Fills a bf16 buffer with uniform values in [-scale, scale) + offset, deterministic in seed.
 void fill_random_bf16(bf16_t* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s);

@@ -141,7 +141,8 @@ class CudaRunner final : public ModelRunner {
     upload_async(ws_.rows, rows.data(), rows.size() * 4);
     upload_async(ws_.sample_params, params.data(), params.size() * sizeof(cuda::DeviceSampleParams));
     compute_logits(ws_.rows, R);
-    cuda::sample_rows(ws_.logits, ws_.sample_params, ws_.sampled_tokens, ws_.sampled_logprobs, R, V, stream_);
+    cuda::sample_rows(ws_.logits, ws_.sample_params, ws_.sampled_tokens, ws_.sampled_logprobs, R, V, ws_.sample_ws,
+                      stream_);
     std::vector<int32_t> tokens(static_cast<size_t>(R));
     std::vector<float> logprobs(static_cast<size_t>(R));
     download(tokens.data(), ws_.sampled_tokens, tokens.size() * 4);
@@ -164,7 +165,8 @@ class CudaRunner final : public ModelRunner {
     }
     if (forced) {
       upload_async(ws_.sample_params, params.data(), params.size() * sizeof(cuda::DeviceSampleParams));
-      cuda::sample_rows(ws_.logits, ws_.sample_params, ws_.sampled_tokens, ws_.sampled_logprobs, R, V, stream_);
+      cuda::sample_rows(ws_.logits, ws_.sample_params, ws_.sampled_tokens, ws_.sampled_logprobs, R, V, ws_.sample_ws,
+                      stream_);
       download(tokens.data(), ws_.sampled_tokens, tokens.size() * 4);
       download(logprobs.data(), ws_.sampled_logprobs, logprobs.size() * 4);
       for (int64_t i = 0; i < R; ++i)
@@ -241,6 +243,53 @@ class CudaRunner final : public ModelRunner {
     LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
+  // The weights as the runner holds them: bf16 matrices widened to f32, fp32 norms as they are.
+  ModelWeights export_weights() const override {
+    const auto& c = config_;
+    ModelWeights w;
+    w.config = c;
+    w.layers.resize(size_t(c.num_hidden_layers));
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      w.layers[size_t(l)].is_moe = layers_[size_t(l)].moe;
+      if (layers_[size_t(l)].moe) w.layers[size_t(l)].experts.resize(size_t(c.num_experts));
+    }
+    const auto shapes = ModelWeights::expected_shapes(c);
+    for (auto& [name, t] : w.named()) *t = Tensor::zeros(shapes.at(name), DType::f32);
+    const int64_t H = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
+    download_bf16(w.embed, embed_, 0);
+    if (c.tie_word_embeddings) w.lm_head = w.embed;
+    else download_bf16(w.lm_head, lm_head_, 0);
+    download_f32(w.final_norm, final_norm_);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      auto& L = w.layers[size_t(l)];
+      const auto& D = layers_[size_t(l)];
+      download_bf16(L.q_proj, D.qkv, 0);
+      download_bf16(L.k_proj, D.qkv, qd * H);
+      download_bf16(L.v_proj, D.qkv, (qd + kvd) * H);
+      download_bf16(L.o_proj, D.o, 0);
+      download_f32(L.input_norm, D.input_norm);
+      download_f32(L.post_attention_norm, D.post_norm);
+      download_f32(L.q_norm, D.q_norm);
+      download_f32(L.k_norm, D.k_norm);
+      if (D.moe) {
+        const int64_t I = c.moe_intermediate_size;
+        download_bf16(L.router, D.router, 0);
+        for (int64_t e = 0; e < c.num_experts; ++e) {
+          auto& X = L.experts[size_t(e)];
+          download_bf16(X.gate, D.gate_up, e * 2 * I * H);
+          download_bf16(X.up, D.gate_up, e * 2 * I * H + I * H);
+          download_bf16(X.down, D.down, e * H * I);
+        }
+      } else {
+        const int64_t I = c.intermediate_size;
+        download_bf16(L.dense.gate, D.gate_up, 0);
+        download_bf16(L.dense.up, D.gate_up, I * H);
+        download_bf16(L.dense.down, D.down, 0);
+      }
+    }
+    return w;
+  }
+
   void randomize(uint64_t seed) {
     const auto& c = config_;
     const int64_t H = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
@@ -281,6 +330,7 @@ class CudaRunner final : public ModelRunner {
     int64_t meta_cap = 0;
     int32_t *rows = nullptr, *targets = nullptr, *sampled_tokens = nullptr;
     float *logits = nullptr, *row_logprobs = nullptr, *sampled_logprobs = nullptr;
+    float* sample_ws = nullptr;  // cuda::sample_rows scratch
     cuda::DeviceSampleParams* sample_params = nullptr;
   };
 
@@ -294,6 +344,18 @@ class CudaRunner final : public ModelRunner {
   }
   void download(void* dst, const void* src, size_t bytes) {
     LS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  // dst (an f32 tensor) = the bf16 values at src + offset, widened exactly.
+  void download_bf16(Tensor& dst, const bf16_t* src, int64_t offset) const {
+    std::vector<uint16_t> bits(static_cast<size_t>(dst.numel()));
+    LS_CUDA_CHECK(cudaMemcpyAsync(bits.data(), src + offset, bits.size() * 2, cudaMemcpyDeviceToHost, stream_));
+    LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    float* out = dst.data<float>();
+    for (size_t i = 0; i < bits.size(); ++i) out[i] = bf16_to_f32(bits[i]);
+  }
+  void download_f32(Tensor& dst, const float* src) const {
+    LS_CUDA_CHECK(cudaMemcpyAsync(dst.data<float>(), src, size_t(dst.numel()) * 4, cudaMemcpyDeviceToHost, stream_));
     LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   void upload_bf16(bf16_t* dst, const float* src, int64_t n) {
@@ -363,6 +425,7 @@ class CudaRunner final : public ModelRunner {
       ws_.row_logprobs = logit_arena_.alloc<float>(logit_rows);
       ws_.sampled_logprobs = logit_arena_.alloc<float>(logit_rows);
       ws_.sample_params = logit_arena_.alloc<cuda::DeviceSampleParams>(logit_rows);
+      ws_.sample_ws = logit_arena_.alloc<float>(cuda::sample_workspace_floats(logit_rows));
       ws_.logit_rows = logit_rows;
     }
   }
