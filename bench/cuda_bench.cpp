@@ -292,6 +292,9 @@ void decode_kernels(const ModelConfig& c, const std::string& only) {
     op("combine", graph_us(reps, [&](int, cudaStream_t s) {
          cuda::combine_experts_residual(ids, ew, y, x, T, H, kx, s);
        }));
+    op("route_and_assign", graph_us(reps, [&](int, cudaStream_t s) {
+         cuda::route_and_assign(logits, ids, ew, T, E, kx, c.norm_topk_prob, counts, grows, gat, sca, s);
+       }));
     std::vector<cuda::DeviceSampleParams> prm(size_t(T), cuda::DeviceSampleParams{1.0f, 0.37f, -1});
     cuda::DeviceSampleParams* d_prm = nullptr;
     cudaMalloc(&d_prm, prm.size() * sizeof(prm[0]));

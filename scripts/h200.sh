@@ -2,9 +2,10 @@
 # Builds the CUDA backend for the H200 (sm_90a), runs the GPU tests and the benchmarks
 # (ours, then the HF transformers peer in its own process), and prints a short table last.
 #
-#   scripts/h200.sh [--quick] [--layers N] [--no-peer] [--no-tests] [--gemm] [--ncu]
+#   scripts/h200.sh [--quick] [--layers N] [--no-peer] [--no-tests] [--gemm] [--kernels] [--ncu]
 #
-# --gemm times every GEMM tile configuration on the prefill shapes; --ncu records each
+# --gemm times every GEMM tile configuration on the prefill shapes; --kernels every decode-step
+# kernel alone in CUDA graphs at 1, 8 and 64 tokens (every GEMM configuration); --ncu records each
 # kernel's time (Nsight Compute, clocks left alone) over a 2-layer quick run into $OUT/ncu.csv;
 # --no-peer skips the HF transformers peer, --no-tests the GPU tests.
 #
@@ -18,7 +19,7 @@ OUT="${OUT:-$ROOT/h200-out}"
 mkdir -p "$OUT"
 QUICK=""
 LAYERS=48
-PEER=1; RUN_TESTS=1; GEMM=0; NCU=0
+PEER=1; RUN_TESTS=1; GEMM=0; NCU=0; KERNELS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK="--quick" ;;
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
     --no-peer) PEER=0 ;;
     --no-tests) RUN_TESTS=0 ;;
     --gemm) GEMM=1 ;;
+    --kernels) KERNELS=1 ;;
     --ncu) NCU=1 ;;
     *) echo "h200.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -67,6 +69,10 @@ fi
 if [ "$GEMM" = 1 ]; then
   echo "== GEMM tile configurations (prefill shapes)"
   "$BENCH" "$ROOT/models/qwen3-30b-a3b/config.json" --gemm 2>&1 | tee "$OUT/gemm.log"
+fi
+if [ "$KERNELS" = 1 ]; then
+  echo "== decode-step kernels (us per call in CUDA graphs)"
+  "$BENCH" "$ROOT/models/qwen3-30b-a3b/config.json" --decode-kernels 2>&1 | tee "$OUT/decode_kernels.log" | tail -40
 fi
 if [ "$NCU" = 1 ]; then
   echo "== ncu kernel times (2 layers, quick)"

@@ -106,12 +106,10 @@ __global__ void embedding_kernel(const int32_t* ids, const bf16* table, bf16* x,
 }
 
 constexpr int kNormThreads = 256;
-__global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, const float* w, bf16* out, int64_t n,
-                                                               float eps) {
-  allow_next_kernel_launch();
-  __shared__ float scratch[kNormThreads / 32 + 1];
-  const bf16* xr = x + int64_t(blockIdx.x) * n;
-  bf16* o = out + int64_t(blockIdx.x) * n;
+// The RMSNorm of one row by a block of kNormThreads (the one procedure of every norm of the
+// hidden state: a row's bits do not depend on which kernel runs it).
+__device__ __forceinline__ void rmsnorm_row(const bf16* xr, const float* w, bf16* o, int64_t n, float eps,
+                                            float* scratch) {
   float ss = 0.0f;
   for (int64_t i = threadIdx.x; i < n; i += kNormThreads) {
     float v = to_f32(xr[i]);
@@ -120,6 +118,13 @@ __global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, co
   ss = block_sum<kNormThreads / 32>(ss, scratch);
   const float inv = 1.0f / sqrtf(ss / float(n) + eps);
   for (int64_t i = threadIdx.x; i < n; i += kNormThreads) o[i] = to_bf16(w[i] * round_bf16(to_f32(xr[i]) * inv));
+}
+
+__global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, const float* w, bf16* out, int64_t n,
+                                                               float eps) {
+  allow_next_kernel_launch();
+  __shared__ float scratch[kNormThreads / 32 + 1];
+  rmsnorm_row(x + int64_t(blockIdx.x) * n, w, out + int64_t(blockIdx.x) * n, n, eps, scratch);
 }
 
 __device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int64_t pos, int64_t page_size) {
@@ -256,13 +261,10 @@ __global__ void attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, Dev
 }
 
 constexpr int kRouteWarps = 4;
-__global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
-                                  bool normalize) {
-  extern __shared__ float probs_all[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t t = int64_t(blockIdx.x) * kRouteWarps + warp;
-  if (t >= T) return;
-  float* probs = probs_all + warp * E;
+// Routing of token t by one warp (probs: E floats of shared scratch for this warp).
+__device__ __forceinline__ void route_token(const float* logits, int32_t* ids, float* weights, int64_t t, int64_t E,
+                                            int64_t k, bool normalize, float* probs) {
+  const int lane = threadIdx.x & 31;
   const float* z = logits + t * E;
   float m = -INFINITY;
   for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, z[e]);
@@ -309,15 +311,21 @@ __global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weig
     }
 }
 
+__global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
+                                  bool normalize) {
+  extern __shared__ float probs_all[];
+  const int warp = threadIdx.x >> 5;
+  const int64_t t = int64_t(blockIdx.x) * kRouteWarps + warp;
+  if (t >= T) return;
+  route_token(logits, ids, weights, t, E, k, normalize, probs_all + warp * E);
+}
+
 // One block: count per expert in shared memory, an exclusive scan by one warp (each lane a
 // contiguous run of experts), then each pair takes the next row of its expert's group. One
 // launch and no serial pass over the experts: decode steps are latency-bound.
 constexpr int kAssignThreads = 1024;
-__global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const int32_t* ids, int64_t n, int64_t k,
-                                                                       int64_t E, int32_t* group_rows,
-                                                                       int32_t* gather, int32_t* scatter) {
-  allow_next_kernel_launch();
-  extern __shared__ int32_t s_cursor[];  // [E]: counts, then each group's next free row
+__device__ __forceinline__ void assign_block(const int32_t* ids, int64_t n, int64_t k, int64_t E, int32_t* group_rows,
+                                             int32_t* gather, int32_t* scatter, int32_t* s_cursor) {
   const int tid = threadIdx.x, lane = tid & 31;
   for (int64_t e = tid; e < E; e += kAssignThreads) s_cursor[e] = 0;
   __syncthreads();
@@ -349,6 +357,29 @@ __global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const in
   }
 }
 
+__global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const int32_t* ids, int64_t n, int64_t k,
+                                                                       int64_t E, int32_t* group_rows,
+                                                                       int32_t* gather, int32_t* scatter) {
+  allow_next_kernel_launch();
+  extern __shared__ int32_t s_cursor[];  // [E]: counts, then each group's next free row
+  assign_block(ids, n, k, E, group_rows, gather, scatter, s_cursor);
+}
+
+// Small steps: the routing of every token (warp t routes token t, as route_topk_kernel) and
+// the expert assignment (as assign_experts_kernel) in one launch.
+constexpr int kRouteAssignMaxTokens = kAssignThreads / 32;
+__global__ void __launch_bounds__(kAssignThreads) route_assign_kernel(const float* logits, int32_t* ids,
+                                                                     float* weights, int64_t T, int64_t E, int64_t k,
+                                                                     bool normalize, int32_t* group_rows,
+                                                                     int32_t* gather, int32_t* scatter) {
+  allow_next_kernel_launch();
+  extern __shared__ float smem_f[];  // [T][E] routing scratch, then [E] assignment cursors
+  const int warp = threadIdx.x >> 5;
+  if (warp < T) route_token(logits, ids, weights, warp, E, k, normalize, smem_f + warp * E);
+  __syncthreads();  // the block's writes of ids are visible to the whole block
+  assign_block(ids, T * k, k, E, group_rows, gather, scatter, reinterpret_cast<int32_t*>(smem_f + T * E));
+}
+
 __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
   allow_next_kernel_launch();
   int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -358,6 +389,22 @@ __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
   act[idx] = to_bf16(g / (1.0f + expf(-g)) * u);
 }
 
+// The token's k slots in ascending expert id (insertion sort; k <= 8), into order[].
+__device__ __forceinline__ void sort_slots(const int32_t* ids, int k, int* order_out) {
+  int order[8], id[8];
+  for (int i = 0; i < k; ++i) {
+    order[i] = i;
+    id[i] = ids[i];
+  }
+  for (int i = 1; i < k; ++i)
+    for (int j = i; j > 0 && id[order[j]] < id[order[j - 1]]; --j) {
+      int tmp = order[j];
+      order[j] = order[j - 1];
+      order[j - 1] = tmp;
+    }
+  for (int i = 0; i < k; ++i) order_out[i] = order[i];
+}
+
 // Block per (token, 512 hidden columns): the token's slots sorted by expert id once into
 // shared memory, then each thread sums two columns over the experts in that order.
 constexpr int kCombineThreads = 256;
@@ -365,20 +412,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const int32_t*
                                                                   const bf16* y, bf16* x, int64_t H, int64_t k) {
   __shared__ int s_order[8];
   const int64_t t = blockIdx.x;
-  if (threadIdx.x == 0) {
-    int order[8], id[8];
-    for (int i = 0; i < k; ++i) {
-      order[i] = i;
-      id[i] = ids[t * k + i];
-    }
-    for (int i = 1; i < k; ++i)  // insertion sort of the slots by expert id
-      for (int j = i; j > 0 && id[order[j]] < id[order[j - 1]]; --j) {
-        int tmp = order[j];
-        order[j] = order[j - 1];
-        order[j - 1] = tmp;
-      }
-    for (int i = 0; i < k; ++i) s_order[i] = order[i];
-  }
+  if (threadIdx.x == 0) sort_slots(ids + t * k, int(k), s_order);
   __syncthreads();
   const int64_t h0 = (int64_t(blockIdx.y) * kCombineThreads + threadIdx.x) * 2;
   if (h0 >= H) return;
@@ -635,6 +669,21 @@ void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, in
   LS_CHECK(k >= 1 && k <= 8 && k <= E, "cuda route_topk: num_experts_per_tok must be in 1..8, got ", k);
   route_topk_kernel<<<unsigned((T + kRouteWarps - 1) / kRouteWarps), kRouteWarps * 32,
                       size_t(kRouteWarps) * E * sizeof(float), s>>>(logits, ids, weights, T, E, k, normalize);
+  LS_CUDA_LAUNCHED();
+}
+
+void route_and_assign(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
+                      bool normalize, int32_t* counts, int32_t* group_rows, int32_t* gather, int32_t* scatter,
+                      cudaStream_t s) {
+  const size_t smem = size_t(T * E + E) * sizeof(float);
+  if (T == 0 || T > kRouteAssignMaxTokens || smem > 48 * 1024) {
+    route_topk(logits, ids, weights, T, E, k, normalize, s);
+    assign_experts(ids, T, k, E, counts, group_rows, gather, scatter, s);
+    return;
+  }
+  LS_CHECK(k >= 1 && k <= 8 && k <= E, "cuda route_topk: num_experts_per_tok must be in 1..8, got ", k);
+  route_assign_kernel<<<1, kAssignThreads, smem, s>>>(logits, ids, weights, T, E, k, normalize, group_rows, gather,
+                                                       scatter);
   LS_CUDA_LAUNCHED();
 }
 

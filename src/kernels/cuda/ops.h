@@ -66,6 +66,12 @@ void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, in
 void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
                     int32_t* gather, int32_t* scatter, cudaStream_t s);
 
+// route_topk then assign_experts; small steps in one launch (the same per-token and
+// assignment procedures).
+void route_and_assign(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
+                      bool normalize, int32_t* counts, int32_t* group_rows, int32_t* gather, int32_t* scatter,
+                      cudaStream_t s);
+
 // act[r, i] = bf16(silu(g) * u) with gu [R, 2I] = [gate | up] of each row.
 void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s);
 

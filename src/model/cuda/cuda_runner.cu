@@ -511,7 +511,6 @@ class CudaRunner final : public ModelRunner {
 
   // The forward up to the final norm; hidden states land in ws_.h.
   void forward(const ForwardBatch& batch, int64_t logit_rows) {
-    const auto& c = config_;
     const int64_t T = batch.size();
     reserve(std::max<int64_t>(T, 1), std::max<int64_t>(logit_rows, 1));
     cuda::DeviceSlots slots = upload_batch(batch);
@@ -622,8 +621,8 @@ class CudaRunner final : public ModelRunner {
     r.out_f32 = ws_.router_logits;
     r.ldo = E;
     cuda::gemm(r, stream_);
-    cuda::route_topk(ws_.router_logits, ws_.ids, ws_.expert_weights, T, E, k, c.norm_topk_prob, stream_);
-    cuda::assign_experts(ws_.ids, T, k, E, ws_.counts, ws_.group_rows, ws_.gather, ws_.scatter, stream_);
+    cuda::route_and_assign(ws_.router_logits, ws_.ids, ws_.expert_weights, T, E, k, c.norm_topk_prob, ws_.counts,
+                           ws_.group_rows, ws_.gather, ws_.scatter, stream_);
     const int64_t rows = T * k, hint = std::max<int64_t>(1, rows / E);
     GemmArgs gu;  // [gate | up] of each (token, expert) row, grouped by expert
     gu.A = ws_.h;
