@@ -251,8 +251,9 @@ void decode_kernels(const ModelConfig& c, const std::string& only) {
         return g;
       };
       auto report = [&](const char* variant, double us) {
-        std::printf("{\"event\":\"decode_gemm\",\"T\":%lld,\"shape\":\"%s\",\"variant\":\"%s\",\"us\":%.2f,\"TBps\":%.3f}\n",
-                    (long long)T, sh.name, variant, us, bytes / (us * 1e-6) / 1e12);
+        std::printf(
+            "{\"event\":\"decode_gemm\",\"T\":%lld,\"shape\":\"%s\",\"variant\":\"%s\",\"us\":%.2f,\"TBps\":%.3f}\n",
+            (long long)T, sh.name, variant, us, bytes / (us * 1e-6) / 1e12);
       };
       report("default", graph_us(reps, [&](int r, cudaStream_t s) {
                auto g = args(r);
@@ -302,7 +303,9 @@ void decode_kernels(const ModelConfig& c, const std::string& only) {
     int32_t* tok = i32(std::vector<int32_t>(size_t(T), 0));
     float* lp = f32(T);
     float* sws = f32(cuda::sample_workspace_floats(T));
-    op("sample_rows_V", graph_us(10, [&](int, cudaStream_t s) { cuda::sample_rows(out32, d_prm, tok, lp, T, V, sws, s); }));
+    op("sample_rows_V", graph_us(10, [&](int, cudaStream_t s) {
+         cuda::sample_rows(out32, d_prm, tok, lp, T, V, sws, s);
+       }));
     op("log_softmax_gather_V", graph_us(10, [&](int, cudaStream_t s) {
          cuda::log_softmax_gather(out32, tok, lp, T, V, s);
        }));

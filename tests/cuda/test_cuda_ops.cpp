@@ -45,7 +45,8 @@ void check_route_assign(int64_t T, int64_t E, int64_t k) {
     auto g = gather.take(), sc = scatter.take();
     for (int64_t e = 0; e < E; ++e) {
       std::vector<std::pair<int32_t, int32_t>> members;
-      for (int32_t r = o.rows[size_t(e)]; r < o.rows[size_t(e + 1)]; ++r) members.push_back({g[size_t(r)], sc[size_t(r)]});
+      for (int32_t r = o.rows[size_t(e)]; r < o.rows[size_t(e + 1)]; ++r)
+        members.push_back({g[size_t(r)], sc[size_t(r)]});
       std::sort(members.begin(), members.end());
       o.groups.push_back(members);
     }

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [2][64][LD]
   bf16* sV = sK + 2 * kKvBlock * LD;             // [2][64][LD]
-  allow_next_kernel_launch();  // the o_proj GEMM may start streaming its weights
+  start_after_previous();
 
   const int tile = int(blockIdx.x);
   if (tile >= *slots.num_tiles) return;
@@ -239,8 +239,8 @@ void launch(const bf16* q, bf16* out, const DeviceKvLayer& kv, const DeviceSlots
   }();
   (void)configured;
   dim3 grid(unsigned(slots.max_tiles), unsigned(kv.kv_heads));
-  flash_attention_kernel<D><<<grid, kThreads, smem, s>>>(q, out, kv, slots, int(nq), int(nq / kv.kv_heads), scale);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(flash_attention_kernel<D>, grid, kThreads, smem, s, q, out, kv, slots, int(nq),
+                        int(nq / kv.kv_heads), scale);
 }
 
 }  // namespace

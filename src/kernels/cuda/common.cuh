@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "core/error.h"
 
@@ -27,8 +28,34 @@ __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(_
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Lets a kernel launched after this one with programmatic dependent launch (the GEMMs) start
-// now: it prefetches weights and waits (griddepcontrol.wait) for this kernel's results.
+// Programmatic dependent launch: every kernel of the forward is launched with
+// launch_after_previous(), so its launch and setup overlap the previous kernel in the stream.
+// Before touching memory a kernel waits for the previous kernel (its completion and its
+// memory: wait_for_previous_kernel); allow_next_kernel_launch lets the next kernel start.
+// The GEMMs prefetch weights (read-only) between the two. Without a programmatic launch the
+// wait returns at once.
+__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void allow_next_kernel_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+// The prologue of a kernel that reads nothing before the previous kernel is done.
+__device__ __forceinline__ void start_after_previous() {
+  wait_for_previous_kernel();
+  allow_next_kernel_launch();
+}
+
+template <typename... KernelArgs, typename... Args>
+void launch_after_previous(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  LS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
 
 }  // namespace lockstep::cuda

@@ -27,12 +27,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Programmatic dependent launch (gemm() launches with it): the kernel may start while the
-// previous kernel in the stream still runs; this waits for that kernel's completion and
-// memory. Everything before it must read only what no earlier kernel of the step writes
-// (the weights). Without a programmatic launch it returns at once.
-__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -161,7 +155,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Grouped rows come from the previous kernels (expert assignment): wait before reading.
-  if (p.group_rows != nullptr) wait_for_previous_kernel();
+  if (p.group_rows != nullptr) start_after_previous();
   find_row_tile<BM>(p, s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
@@ -246,7 +240,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
     for (int s = 0; s < STAGES - 1; ++s)
       if (s < total_tiles) load_tile(s, kt0 + s, false, true);
     cp_async_commit();
-    wait_for_previous_kernel();
+    start_after_previous();
     resolve_a_rows();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -348,7 +342,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int s_group, s_row0, s_row_end;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (p.group_rows != nullptr) wait_for_previous_kernel();
+  if (p.group_rows != nullptr) start_after_previous();
   find_row_tile<BM>(p, s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
@@ -403,7 +397,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
     if (s < total_tiles) load_w(s, s);
     cp_async_commit();
   }
-  wait_for_previous_kernel();
+  if (p.group_rows == nullptr) start_after_previous();
   // The A rows of this tile, every K tile of the CTA, zero where the tile is padding.
   for (int idx = tid; idx < BM * total_tiles * PIECES; idx += THREADS) {
     const int r = idx / (total_tiles * PIECES), rest = idx % (total_tiles * PIECES), kt = rest / PIECES,
@@ -500,6 +494,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
 // The tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) over the 8 chunk partials of MODE 2, then
 // the epilogue of the output kind: the same operations as MODE 1's fold and epilogue.
 __global__ void combine_chunks_kernel(GemmArgs p) {
+  start_after_previous();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.M * p.N) return;
   const int64_t row = i / p.N, n = i % p.N, plane = p.M * p.N;
@@ -526,21 +521,9 @@ bool vector_loads(const GemmArgs& p) {
 template <int MODE, typename Kernel>
 void launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, const GemmArgs& p, cudaStream_t stream) {
   LS_CHECK(grid.y <= 65535, "gemm: N = ", p.N, " is too large for one launch");
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  LS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, vector_loads(p)));
-  if constexpr (MODE == 2) {
-    combine_chunks_kernel<<<unsigned(ceil_div(p.M * p.N, 256)), 256, 0, stream>>>(p);
-    LS_CUDA_LAUNCHED();
-  }
+  launch_after_previous(kernel, grid, dim3(unsigned(threads)), smem, stream, p, vector_loads(p));
+  if constexpr (MODE == 2)
+    launch_after_previous(combine_chunks_kernel, unsigned(ceil_div(p.M * p.N, 256)), 256, 0, stream, p);
 }
 
 template <int WM, int WN, int MI, int NI, int STAGES, int MODE, int BK = kBK>

@@ -100,6 +100,7 @@ __device__ float log_normalizer_block(const float* row, int64_t V, float inv_tem
 }
 
 __global__ void embedding_kernel(const int32_t* ids, const bf16* table, bf16* x, int64_t H) {
+  start_after_previous();
   const int64_t t = blockIdx.x;
   const bf16* src = table + int64_t(ids[t]) * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[t * H + i] = src[i];
@@ -122,7 +123,7 @@ __device__ __forceinline__ void rmsnorm_row(const bf16* xr, const float* w, bf16
 
 __global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, const float* w, bf16* out, int64_t n,
                                                                float eps) {
-  allow_next_kernel_launch();
+  start_after_previous();
   __shared__ float scratch[kNormThreads / 32 + 1];
   rmsnorm_row(x + int64_t(blockIdx.x) * n, w, out + int64_t(blockIdx.x) * n, n, eps, scratch);
 }
@@ -136,6 +137,7 @@ __device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int6
 __global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
                                     const float* rope_sin, bf16* q_out, DeviceKvLayer kv, DeviceSlots slots,
                                     int64_t nq, int64_t nkv, int64_t D, float eps) {
+  start_after_previous();
   const int64_t t = blockIdx.x;
   const int lane = threadIdx.x & 31;
   const int64_t head = int64_t(blockIdx.y) * (blockDim.x / 32) + (threadIdx.x >> 5);
@@ -177,7 +179,7 @@ constexpr int kMaxHeadDim = 128;
 // KV blocks 0, 64, ... up to its own position; only its own keys enter its sums.
 __global__ void attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, DeviceSlots slots, int64_t nq,
                                  float scale) {
-  allow_next_kernel_launch();
+  start_after_previous();
   const int64_t D = kv.head_dim, G = nq / kv.kv_heads;
   const int64_t t = blockIdx.x, kvh = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -313,6 +315,7 @@ __device__ __forceinline__ void route_token(const float* logits, int32_t* ids, f
 
 __global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
                                   bool normalize) {
+  start_after_previous();
   extern __shared__ float probs_all[];
   const int warp = threadIdx.x >> 5;
   const int64_t t = int64_t(blockIdx.x) * kRouteWarps + warp;
@@ -360,7 +363,7 @@ __device__ __forceinline__ void assign_block(const int32_t* ids, int64_t n, int6
 __global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const int32_t* ids, int64_t n, int64_t k,
                                                                        int64_t E, int32_t* group_rows,
                                                                        int32_t* gather, int32_t* scatter) {
-  allow_next_kernel_launch();
+  start_after_previous();
   extern __shared__ int32_t s_cursor[];  // [E]: counts, then each group's next free row
   assign_block(ids, n, k, E, group_rows, gather, scatter, s_cursor);
 }
@@ -372,7 +375,7 @@ __global__ void __launch_bounds__(kAssignThreads) route_assign_kernel(const floa
                                                                      float* weights, int64_t T, int64_t E, int64_t k,
                                                                      bool normalize, int32_t* group_rows,
                                                                      int32_t* gather, int32_t* scatter) {
-  allow_next_kernel_launch();
+  start_after_previous();
   extern __shared__ float smem_f[];  // [T][E] routing scratch, then [E] assignment cursors
   const int warp = threadIdx.x >> 5;
   if (warp < T) route_token(logits, ids, weights, warp, E, k, normalize, smem_f + warp * E);
@@ -381,7 +384,7 @@ __global__ void __launch_bounds__(kAssignThreads) route_assign_kernel(const floa
 }
 
 __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
-  allow_next_kernel_launch();
+  start_after_previous();
   int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= R * I) return;
   int64_t r = idx / I, i = idx % I;
@@ -410,6 +413,7 @@ __device__ __forceinline__ void sort_slots(const int32_t* ids, int k, int* order
 constexpr int kCombineThreads = 256;
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const int32_t* ids, const float* weights,
                                                                   const bf16* y, bf16* x, int64_t H, int64_t k) {
+  start_after_previous();
   __shared__ int s_order[8];
   const int64_t t = blockIdx.x;
   if (threadIdx.x == 0) sort_slots(ids + t * k, int(k), s_order);
@@ -431,6 +435,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const int32_t*
 
 __global__ void __launch_bounds__(256) log_softmax_gather_kernel(const float* logits, const int32_t* targets,
                                                                  float* out, int64_t V) {
+  start_after_previous();
   __shared__ MaxSumD scratch[8];
   const int64_t r = blockIdx.x;
   const float* row = logits + r * V;
@@ -474,6 +479,7 @@ struct SampleWs {  // per row: 8 chunk results, then per segment a mass or an ar
 
 __global__ void __launch_bounds__(32) sample_chunks_kernel(const float* logits, const DeviceSampleParams* params,
                                                            SampleWs* ws, int64_t V) {
+  start_after_previous();
   const int64_t r = blockIdx.x;
   const int c = int(blockIdx.y);
   const float temp = params[r].temperature;
@@ -484,6 +490,7 @@ __global__ void __launch_bounds__(32) sample_chunks_kernel(const float* logits, 
 __global__ void __launch_bounds__(kSampleThreads) sample_segments_kernel(const float* logits,
                                                                          const DeviceSampleParams* params,
                                                                          SampleWs* ws, int64_t V) {
+  start_after_previous();
   const int64_t r = blockIdx.x;
   const DeviceSampleParams prm = params[r];
   if (prm.temperature != 0.0f && prm.forced >= 0) return;
@@ -514,6 +521,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(const float
                                                                      const DeviceSampleParams* params,
                                                                      const SampleWs* ws, int32_t* tokens,
                                                                      float* logprobs, int64_t V) {
+  start_after_previous();
   __shared__ float g_value[kSampleThreads];
   __shared__ int32_t g_index[kSampleThreads];
   const int64_t r = blockIdx.x;
@@ -621,14 +629,12 @@ unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) 
 
 void embedding(const int32_t* ids, const bf16_t* table, bf16_t* x, int64_t T, int64_t H, cudaStream_t s) {
   if (T == 0) return;
-  embedding_kernel<<<unsigned(T), 256, 0, s>>>(ids, table, x, H);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(embedding_kernel, unsigned(T), 256, 0, s, ids, table, x, H);
 }
 
 void rmsnorm(const bf16_t* x, const float* w, bf16_t* out, int64_t rows, int64_t n, float eps, cudaStream_t s) {
   if (rows == 0) return;
-  rmsnorm_kernel<<<unsigned(rows), kNormThreads, 0, s>>>(x, w, out, n, eps);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(rmsnorm_kernel, unsigned(rows), kNormThreads, 0, s, x, w, out, n, eps);
 }
 
 void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
@@ -638,9 +644,8 @@ void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_n
   const int64_t heads = nq + 2 * nkv;
   const int warps = 8;
   dim3 grid(unsigned(T), unsigned((heads + warps - 1) / warps));
-  qk_norm_rope_kernel<<<grid, warps * 32, 0, s>>>(qkv, q_norm, k_norm, rope_cos, rope_sin, q_out, kv, slots, nq, nkv,
-                                                  D, eps);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(qk_norm_rope_kernel, grid, warps * 32, 0, s, qkv, q_norm, k_norm, rope_cos, rope_sin, q_out,
+                        kv, slots, nq, nkv, D, eps);
 }
 
 void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t T,
@@ -659,17 +664,15 @@ void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, cons
   }();
   (void)configured;
   dim3 grid(unsigned(T), unsigned(kv.kv_heads));
-  attention_kernel<<<grid, unsigned(G * 32), smem, s>>>(q, out, kv, slots, nq, scale);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(attention_kernel, grid, unsigned(G * 32), smem, s, q, out, kv, slots, nq, scale);
 }
 
 void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k, bool normalize,
                 cudaStream_t s) {
   if (T == 0) return;
   LS_CHECK(k >= 1 && k <= 8 && k <= E, "cuda route_topk: num_experts_per_tok must be in 1..8, got ", k);
-  route_topk_kernel<<<unsigned((T + kRouteWarps - 1) / kRouteWarps), kRouteWarps * 32,
-                      size_t(kRouteWarps) * E * sizeof(float), s>>>(logits, ids, weights, T, E, k, normalize);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(route_topk_kernel, unsigned((T + kRouteWarps - 1) / kRouteWarps), kRouteWarps * 32,
+                        size_t(kRouteWarps) * E * sizeof(float), s, logits, ids, weights, T, E, k, normalize);
 }
 
 void route_and_assign(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
@@ -682,24 +685,21 @@ void route_and_assign(const float* logits, int32_t* ids, float* weights, int64_t
     return;
   }
   LS_CHECK(k >= 1 && k <= 8 && k <= E, "cuda route_topk: num_experts_per_tok must be in 1..8, got ", k);
-  route_assign_kernel<<<1, kAssignThreads, smem, s>>>(logits, ids, weights, T, E, k, normalize, group_rows, gather,
-                                                       scatter);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(route_assign_kernel, 1, kAssignThreads, smem, s, logits, ids, weights, T, E, k, normalize,
+                        group_rows, gather, scatter);
 }
 
 void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
                     int32_t* gather, int32_t* scatter, cudaStream_t s) {
   (void)counts;  // the counts live in shared memory
   LS_CHECK(E <= 16384, "cuda assign_experts: at most 16384 experts, got ", E);
-  assign_experts_kernel<<<1, kAssignThreads, size_t(E) * sizeof(int32_t), s>>>(ids, T * k, k, E, group_rows, gather,
-                                                                               scatter);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(assign_experts_kernel, 1, kAssignThreads, size_t(E) * sizeof(int32_t), s, ids, T * k, k, E,
+                        group_rows, gather, scatter);
 }
 
 void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s) {
   if (R * I == 0) return;
-  swiglu_kernel<<<blocks_for(R * I, 256), 256, 0, s>>>(gu, act, R, I);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(swiglu_kernel, blocks_for(R * I, 256), 256, 0, s, gu, act, R, I);
 }
 
 void combine_experts_residual(const int32_t* ids, const float* weights, const bf16_t* y, bf16_t* x, int64_t T,
@@ -707,15 +707,13 @@ void combine_experts_residual(const int32_t* ids, const float* weights, const bf
   if (T == 0) return;
   LS_CHECK(k >= 1 && k <= 8, "cuda combine_experts: num_experts_per_tok must be in 1..8, got ", k);
   dim3 grid(unsigned(T), unsigned((H + 2 * kCombineThreads - 1) / (2 * kCombineThreads)));
-  combine_kernel<<<grid, kCombineThreads, 0, s>>>(ids, weights, y, x, H, k);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(combine_kernel, grid, kCombineThreads, 0, s, ids, weights, y, x, H, k);
 }
 
 void log_softmax_gather(const float* logits, const int32_t* targets, float* out, int64_t R, int64_t V,
                         cudaStream_t s) {
   if (R == 0) return;
-  log_softmax_gather_kernel<<<unsigned(R), 256, 0, s>>>(logits, targets, out, V);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(log_softmax_gather_kernel, unsigned(R), 256, 0, s, logits, targets, out, V);
 }
 
 int64_t sample_workspace_floats(int64_t R) {
@@ -727,12 +725,11 @@ void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t*
   if (R == 0) return;
   LS_CHECK(V > 0 && V < (int64_t(1) << 31), "sample_rows: vocabulary of ", V, " entries");
   auto* ws = reinterpret_cast<SampleWs*>(workspace);
-  sample_chunks_kernel<<<dim3(unsigned(R), 8), 32, 0, s>>>(logits, params, ws, V);
-  LS_CUDA_LAUNCHED();
-  sample_segments_kernel<<<dim3(unsigned(R), kSampleBlocks), kSampleThreads, 0, s>>>(logits, params, ws, V);
-  LS_CUDA_LAUNCHED();
-  sample_pick_kernel<<<unsigned(R), kSampleThreads, 0, s>>>(logits, params, ws, tokens, logprobs, V);
-  LS_CUDA_LAUNCHED();
+  launch_after_previous(sample_chunks_kernel, dim3(unsigned(R), 8), 32, 0, s, logits, params, ws, V);
+  launch_after_previous(sample_segments_kernel, dim3(unsigned(R), kSampleBlocks), kSampleThreads, 0, s, logits, params,
+                        ws, V);
+  launch_after_previous(sample_pick_kernel, unsigned(R), kSampleThreads, 0, s, logits, params, ws, tokens, logprobs,
+                        V);
 }
 
 void fill_random_bf16(bf16_t* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s) {
