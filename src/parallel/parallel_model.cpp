@@ -190,7 +190,16 @@ std::vector<std::vector<float>> ParallelQwen3Moe::score(const std::vector<std::v
   const size_t n = seqs.size();
   auto replica_begin = [&](int d) { return n * size_t(d) / size_t(topo.dp); };
   const size_t begin = replica_begin(s.coords.dp), end = replica_begin(s.coords.dp + 1);
-  // Steps: whole sequences up to the token budget (as score_sequences).
+  // Steps: whole sequences up to the token budget (as score_sequences). Under PP the budget
+  // is cut so the replica's tokens take about 4 steps per stage: stage s works on step k
+  // while stage s + 1 works on step k - 1 (a pipelined forward; the bubble is about
+  // (pp - 1) / (5 pp - 1) of the time). The steps change no bit (D1).
+  if (topo.pp > 1) {
+    int64_t replica_tokens = 0;
+    for (size_t i = begin; i < end; ++i) replica_tokens += int64_t(seqs[i].size());
+    const int64_t target_steps = 4 * int64_t(topo.pp);
+    max_batch_tokens = std::min(max_batch_tokens, std::max<int64_t>(1, (replica_tokens + target_steps - 1) / target_steps));
+  }
   std::vector<std::pair<size_t, size_t>> steps;
   for (size_t next = begin; next < end;) {
     size_t stop = next;
@@ -206,6 +215,7 @@ std::vector<std::vector<float>> ParallelQwen3Moe::score(const std::vector<std::v
   std::vector<int64_t> all_steps(ctx_.world->size());
   ctx_.world->all_gather_n(&my_steps, all_steps.data(), 1);
   const int64_t num_steps = *std::max_element(all_steps.begin(), all_steps.end());
+  last_score_steps_ = num_steps;
 
   std::vector<std::vector<float>> replica;  // this replica's results (last stage)
   const ModelConfig cache_cfg = s.local_cache_config(c);

@@ -13,7 +13,8 @@
 //       all-gather entering attention/MLP, canonical reduce-scatter leaving them.
 //   EP  tokens go to their experts' ranks by all-to-all and come back (expert_parallel.h).
 //   ETP each expert's intermediate dim split (gate/up columns, down canonical rows).
-//   PP  stages hold contiguous layers; the residual stream goes stage to stage.
+//   PP  stages hold contiguous layers; the residual stream goes stage to stage (scoring
+//       cuts a batch into several steps so that stages overlap).
 //   DP  whole sequences split across replicas; results gathered in input order.
 #pragma once
 #include <cstdint>
@@ -40,8 +41,11 @@ class ParallelQwen3Moe {
 
   // Per-token log-probs of each sequence (as score_sequences): collective over the world;
   // the full result on world rank 0, an empty vector elsewhere.
+  // Under PP the sequences go through the stages in several steps (a pipelined forward).
   std::vector<std::vector<float>> score(const std::vector<std::vector<int32_t>>& seqs,
                                         int64_t max_batch_tokens = 8192);
+  // The forward steps of the last score() call.
+  int64_t last_score_steps() const { return last_score_steps_; }
 
   // One local layer in place on this rank's rows x [R, H] of a T-token batch.
   void layer_forward(int64_t local_layer, std::vector<float>& x, const ForwardBatch& batch, KvCache& cache) const;
@@ -60,6 +64,7 @@ class ParallelQwen3Moe {
   ModelWeights local_;
   Precision precision_;
   cpu::RopeTable rope_;
+  int64_t last_score_steps_ = 0;
 };
 
 }  // namespace lockstep

@@ -104,5 +104,30 @@ TEST(RandomModelTopology, ManyStepsAndUnevenReplicas) {
   EXPECT_TRUE(ptest::same_bits(got, want));
 }
 
+// Under PP the forward is pipelined: the golden sequences (one step's worth of tokens)
+// go through the stages in several steps, and the bits stay those of one rank.
+TEST(RandomModelTopology, PipelinedScoringCutsStepsWithSameBits) {
+  ModelWeights full = ModelWeights::load(ptest::fixture_dir(), Precision::float32);
+  const auto seqs = ptest::golden_sequences();
+  set_num_threads(1);
+  Qwen3Moe single(full.clone(), Precision::float32);
+  const auto want = score_sequences(single, seqs);
+  std::vector<std::vector<float>> got;
+  std::vector<int64_t> steps(2, 0);
+  dist::run_threads(2, [&](dist::Communicator& comm) {
+    Topology topo = Topology::from_world(2, 1, false, 2, 1, 1);
+    topo.validate(full.config, 2);
+    const ShardLayout layout =
+        ShardLayout::make(full.config, topo, pipeline_layer_split(full.config.num_hidden_layers, 2), comm.rank());
+    ParallelQwen3Moe model(comm, layout, slice_local_weights(full, layout), Precision::float32);
+    auto r = model.score(seqs);
+    steps[comm.rank()] = model.last_score_steps();
+    if (comm.rank() == 0) got = std::move(r);
+  });
+  EXPECT_TRUE(ptest::same_bits(got, want));
+  EXPECT_GE(steps[0], 4);  // 5 sequences, 237 tokens: one step without PP
+  EXPECT_EQ(steps[0], steps[1]);
+}
+
 }  // namespace
 }  // namespace lockstep
