@@ -11,7 +11,6 @@
 #include "checkpoint/audit.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
-#include "core/timer.h"
 #include "dist/thread_communicator.h"
 #include "model/runner.h"
 #include "model/weights_source.h"
@@ -133,7 +132,6 @@ TEST(WeightSync, ReshardsEveryPairAtEveryBucketSizeBitForBit) {
           if (bucket == 1 && !(plain && c.world == 2)) continue;
           if (bucket == 3000 && !(plain || both)) continue;
           if (bucket == 32 * 64 * 4 && !plain) continue;
-          Timer timer;
           WeightSyncOptions o;
           o.bucket_bytes = bucket;
           o.audit = true;
@@ -157,7 +155,6 @@ TEST(WeightSync, ReshardsEveryPairAtEveryBucketSizeBitForBit) {
                 << what << ": " << x.name << " vs " << y.name;
           }
           EXPECT_EQ(r.stats.buckets, int64_t(plan_weight_buckets(cfg, bucket).size())) << what;
-          if (getenv("SYNC_TIMES")) std::printf("%s %.3f\n", what.c_str(), timer.seconds());
         }
       }
     }
