@@ -53,7 +53,9 @@ PiecesByName distinct_pieces(const ModelConfig& cfg, const Topology& topo, const
   }
   PiecesByName kept;
   for (auto& [name, list] : all) {
-    auto earlier = [](const Holder& q, const Holder& p) { return q.rank < p.rank || (q.rank == p.rank && q.index < p.index); };
+    auto earlier = [](const Holder& q, const Holder& p) {
+      return q.rank < p.rank || (q.rank == p.rank && q.index < p.index);
+    };
     for (const Holder& p : list) {
       bool redundant = false;
       for (const Holder& q : list) {
@@ -86,8 +88,8 @@ struct StreamingAudit {
       current = TensorAudit{band.name, shape, DType::f32, 0xcbf29ce484222325ull, 0.0};
       sum_sq = 0;
     }
-    LS_CHECK(current.name == band.name, "weight sync audit: band of '", band.name, "' arrived inside '",
-             current.name, "'");
+    LS_CHECK(current.name == band.name, "weight sync audit: band of '", band.name, "' arrived inside '", current.name,
+             "'");
     current.hash = fnv1a64(values.raw(), values.nbytes(), current.hash);
     const float* v = values.data<float>();
     for (int64_t i = 0; i < values.numel(); ++i) sum_sq += double(v[i]) * double(v[i]);
@@ -104,7 +106,8 @@ std::vector<std::vector<SyncBand>> plan_weight_buckets(const ModelConfig& cfg, i
   LS_CHECK(bucket_bytes >= 1, "weight sync: the bucket size must be at least one byte, got ", bucket_bytes);
   std::vector<std::pair<std::string, Shape>> tensors;
   for (auto& [name, shape] : ModelWeights::expected_shapes(cfg)) tensors.emplace_back(name, shape);
-  std::sort(tensors.begin(), tensors.end(), [](const auto& a, const auto& b) { return global_name_less(a.first, b.first); });
+  std::sort(tensors.begin(), tensors.end(),
+            [](const auto& a, const auto& b) { return global_name_less(a.first, b.first); });
   std::vector<std::vector<SyncBand>> buckets;
   std::vector<SyncBand> current;
   int64_t used = 0;
@@ -207,7 +210,8 @@ WeightSyncStats stream_weights(dist::Communicator& world, const ModelConfig& cfg
     std::vector<float> send((send_displs.back() + send_counts.back()) / sizeof(float));
     std::vector<float> recv((recv_displs.back() + recv_counts.back()) / sizeof(float));
     std::vector<size_t> send_at(W), recv_at(W);
-    for (int r = 0; r < W; ++r) send_at[r] = send_displs[r] / sizeof(float), recv_at[r] = recv_displs[r] / sizeof(float);
+    for (int r = 0; r < W; ++r)
+      send_at[r] = send_displs[r] / sizeof(float), recv_at[r] = recv_displs[r] / sizeof(float);
     for (const Segment& s : segments) {
       if (s.src != me) continue;
       Tensor window = Tensor::view(box_shape(s.box), DType::f32, send.data() + send_at[s.dst], nullptr);

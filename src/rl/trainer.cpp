@@ -315,7 +315,8 @@ ResolvedTopology resolve_rollout_topology(const TrainConfig& c, const ModelConfi
     std::string why = e.what();
     for (const std::string flag : {"tensor-model-parallel-size", "sequence-parallel", "pipeline-model-parallel-size",
                                    "expert-model-parallel-size", "expert-tensor-parallel-size"})
-      for (size_t at = why.find("--" + flag); at != std::string::npos; at = why.find("--" + flag, at + flag.size() + 10))
+      for (size_t at = why.find("--" + flag); at != std::string::npos;
+           at = why.find("--" + flag, at + flag.size() + 10))  // past the "--rollout-" + flag just written
         why.replace(at, flag.size() + 2, "--rollout-" + flag);
     fail("the rollout engine's topology (--rollout-tensor-model-parallel-size ", c.rollout_tensor_model_parallel_size,
          (c.rollout_sequence_parallel ? " --rollout-sequence-parallel" : ""),

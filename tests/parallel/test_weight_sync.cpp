@@ -52,8 +52,8 @@ ShardLayout layout_of(const ModelConfig& cfg, const Side& s, int world, int rank
 }
 
 struct SyncResult {
-  ModelWeights exported;      // the engine's weights after the sync (world rank 0)
-  WeightSyncStats stats;      // world rank 0's
+  ModelWeights exported;       // the engine's weights after the sync (world rank 0)
+  WeightSyncStats stats;       // world rank 0's
   int64_t max_peak_bytes = 0;  // over ranks
 };
 
@@ -111,8 +111,8 @@ std::vector<SyncCase> cases() {
   Side single{.whole = true}, tp2{.tp = 2}, tp4{.tp = 4}, ep2{.ep = 2}, ep4{.ep = 4};
   Side tp2pp2ep2{.tp = 2, .pp = 2, .ep = 2}, tp2sp{.tp = 2, .sp = true}, ep2etp2{.ep = 2, .etp = 2};
   return {
-      {2, tp2, single},     {8, tp2pp2ep2, ep4}, {2, ep2, tp2},    {4, single, tp4},
-      {4, tp2sp, ep2etp2},  {4, ep4, Side{.pp = 2, .ep = 2}},
+      {2, tp2, single}, {8, tp2pp2ep2, ep4}, {2, ep2, tp2},
+      {4, single, tp4}, {4, tp2sp, ep2etp2}, {4, ep4, Side{.pp = 2, .ep = 2}},
   };
 }
 
@@ -239,7 +239,8 @@ TEST(WeightSync, MeasuresTimeAndPeakBytesPerBucketSize) {
   for (int64_t bucket : {int64_t(4096), int64_t(65536), int64_t(1) << 20, int64_t(64) << 20}) {
     WeightSyncOptions o;
     o.bucket_bytes = bucket;
-    const SyncResult r = run_sync(source, start, Precision::float32, {8, Side{.tp = 2, .pp = 2, .ep = 2}, Side{.ep = 4}}, o);
+    const SyncResult r =
+        run_sync(source, start, Precision::float32, {8, Side{.tp = 2, .pp = 2, .ep = 2}, Side{.ep = 4}}, o);
     EXPECT_EQ(first_differing_tensor(source, r.exported), "");
     // Per bucket a rank sends at most its contributions to each of the 8 ranks, and receives
     // and assembles (and, on rank 0, audits) at most one bucket each.
