@@ -5,7 +5,8 @@
 //              [--batches 1,8,...]
 // --gemm times the prefill GEMMs in every tile configuration instead; --decode-kernels each
 // decode-step kernel (every GEMM tile configuration, the small ops) in graphs at 1, 8, 64 tokens
-// (--only SHAPE: that GEMM shape at one token alone, for ncu).
+// (--only SHAPE: that GEMM shape at one token alone, for ncu); with --gemm, --only SHAPE and
+// --gemm-config C (100 + C: the split form) time one shape and one configuration.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -62,7 +63,8 @@ struct Result {
 
 // The prefill GEMMs alone (16384 tokens of Qwen3-30B-A3B), each tile configuration timed
 // with events (median of 5 after a warm-up): which shape to pick for large row counts.
-void gemm_configs(const ModelConfig& c) {
+// only / only_config: one shape and one configuration (for ncu), when set.
+void gemm_configs(const ModelConfig& c, const std::string& only, int only_config) {
   const int64_t T = 16384, H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
   const int64_t per = T * c.num_experts_per_tok / E;
   struct Shape {
@@ -75,6 +77,7 @@ void gemm_configs(const ModelConfig& c) {
                           {"gate_up", per * E, 2 * I, H, 1, int(E)},
                           {"down", per * E, H, I, 8, int(E)}};
   for (const auto& sh : shapes) {
+    if (!only.empty() && only != sh.name) continue;
     auto bf = [](int64_t n) {
       __nv_bfloat16* p = nullptr;
       LS_CHECK(cudaMalloc(&p, size_t(n) * 2) == cudaSuccess, "cudaMalloc");
@@ -106,12 +109,26 @@ void gemm_configs(const ModelConfig& c) {
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
-    for (int config = 2; config < cuda::kGemmConfigs; ++config) {
+    // The row form also split (chunk partials in a workspace, the tree in a second kernel) at
+    // the large tiles 4 and 5 (config 100 + c), where the 8 fp32 planes fit in memory.
+    float* split = nullptr;
+    const int64_t split_floats = sh.chunks == 8 ? 8 * sh.M * sh.N : 0;
+    if (split_floats > 0 && cudaMalloc(&split, size_t(split_floats) * 4) != cudaSuccess) {
+      cudaGetLastError();
+      split = nullptr;
+    }
+    for (int variant = 2; variant < cuda::kGemmConfigs + 2; ++variant) {
+      const bool sp = variant >= cuda::kGemmConfigs;
+      const int config = sp ? 4 + (variant - cuda::kGemmConfigs) : variant;
+      if (sp && split == nullptr) continue;
+      if (only_config >= 0 && (sp ? 100 + config : config) != only_config) continue;
+      cuda::GemmArgs gv = g;
+      if (sp) gv.split_workspace = split, gv.split_workspace_floats = split_floats;
       std::vector<float> ms;
-      cuda::gemm_with_config(g, config, nullptr);
+      cuda::gemm_with_config(gv, config, nullptr);
       for (int r = 0; r < 5; ++r) {
         cudaEventRecord(e0);
-        cuda::gemm_with_config(g, config, nullptr);
+        cuda::gemm_with_config(gv, config, nullptr);
         cudaEventRecord(e1);
         cudaEventSynchronize(e1);
         float t = 0;
@@ -121,8 +138,9 @@ void gemm_configs(const ModelConfig& c) {
       std::sort(ms.begin(), ms.end());
       const double flops = 2.0 * double(sh.M) * double(sh.N) * double(sh.K);
       std::printf("{\"event\":\"gemm\",\"shape\":\"%s\",\"config\":%d,\"ms\":%.4f,\"tflops\":%.1f}\n", sh.name,
-                  config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
+                  sp ? 100 + config : config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
     }
+    if (split) cudaFree(split);
     LS_CHECK(cudaDeviceSynchronize() == cudaSuccess, "gemm bench failed");
     cudaFree(A);
     cudaFree(W);
@@ -325,7 +343,8 @@ int main(int argc, char** argv) {
     ModelConfig config = ModelConfig::load(argv[1]);
     bool quick = false, gemm_only = false, decode_only = false, no_prefill = false;
     std::vector<int64_t> batch_list;
-    std::string only;  // --decode-kernels: one GEMM shape at one token (for ncu)
+    std::string only;  // --decode-kernels: one GEMM shape at one token; --gemm: one shape (for ncu)
+    int only_config = -1;  // --gemm: one configuration (100 + c: split)
     for (int i = 2; i < argc; ++i) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--quick")) quick = true;
@@ -333,6 +352,7 @@ int main(int argc, char** argv) {
       else if (!std::strcmp(argv[i], "--decode-kernels")) decode_only = true;
       else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
       else if (!std::strcmp(argv[i], "--no-prefill")) no_prefill = true;
+      else if (!std::strcmp(argv[i], "--gemm-config") && i + 1 < argc) only_config = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--batches") && i + 1 < argc)
         for (const char* q = argv[++i]; *q;) {
           batch_list.push_back(std::strtoll(q, nullptr, 10));
@@ -341,7 +361,7 @@ int main(int argc, char** argv) {
         }
     }
     if (gemm_only) {
-      gemm_configs(config);
+      gemm_configs(config, only, only_config);
       return 0;
     }
     if (decode_only) {

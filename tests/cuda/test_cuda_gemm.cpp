@@ -73,7 +73,7 @@ void check(const Problem& p) {
     for (bool split : {false, true}) {
       if (split && p.chunks != 8) continue;
       EXPECT_TRUE(same_bits_f(run(p, A, W, p.M, config, split), full)) << "config " << config << " split " << split;
-      for (int64_t m : {int64_t(1), int64_t(3), int64_t(17), int64_t(70)}) {
+      for (int64_t m : {int64_t(1), int64_t(3), int64_t(17), int64_t(70), int64_t(129), int64_t(255)}) {
         if (m > p.M) continue;
         auto part = run(p, A, W, m, config, split);
         std::vector<float> head(full.begin(), full.begin() + m * p.N);
@@ -85,6 +85,9 @@ void check(const Problem& p) {
 
 TEST(CudaGemm, ColumnFormIsBatchInvariant) { check({300, 200, 2048, 1}); }
 TEST(CudaGemm, RowFormIsBatchInvariant) { check({150, 136, 768, 8}); }
+// Row counts past one 128-row tile, chunks of three K tiles, a partial column tile: the
+// 128x128 row form (partials in shared memory) and the split large tiles equal every other.
+TEST(CudaGemm, RowFormLargeTilesAreBatchInvariant) { check({300, 264, 1536, 8}); }
 TEST(CudaGemm, UnalignedChunksArePaddedWithZeros) { check({40, 24, 36, 8}); }
 TEST(CudaGemm, UnalignedColumnForm) { check({33, 70, 100, 1}); }
 

@@ -142,9 +142,12 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int n, fl
 // registers. MODE 2: the same chunk sums, one chunk per blockIdx.z, each written in fp32 to
 // the split workspace; combine_chunks_kernel then applies the same tree and epilogue, so
 // MODE 1 and MODE 2 give the same bits (MODE 2 has 8x the CTAs, for latency-bound steps).
+// MODE 3: MODE 1's tree with only the long-lived partial (c0+c1)+(c2+c3) in registers and
+// the two short-lived ones in shared memory (each thread its own words), so a 128x128 tile
+// fits the register file: the same additions in the same order, so the same bits.
 template <int WM, int WN, int MI, int NI, int STAGES, int MODE, int BK>
 __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec) {
-  constexpr bool CHUNKED = MODE == 1, SPLIT = MODE == 2;
+  constexpr bool CHUNKED = MODE == 1, SPLIT = MODE == 2, TREE_SMEM = MODE == 3, TREE = CHUNKED || TREE_SMEM;
   constexpr int BM = WM * MI * 16, BN = WN * NI * 8, THREADS = WM * WN * 32;
   constexpr int PIECES = BK / 8;  // 16-byte pieces per row of a K tile
   constexpr int A_ITERS = (BM * PIECES + THREADS - 1) / THREADS, B_ITERS = (BN * PIECES + THREADS - 1) / THREADS;
@@ -163,9 +166,9 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
   const int n0 = int(blockIdx.y) * BN;
   const int K = int(p.K), N = int(p.N);
   const bf16* W = p.W + int64_t(group) * p.w_group_stride;
-  const int chunk_len = (CHUNKED || SPLIT) ? (K + 7) / 8 : K;
+  const int chunk_len = (TREE || SPLIT) ? (K + 7) / 8 : K;
   const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
-  const int total_tiles = (CHUNKED ? 8 : 1) * tiles_per_chunk;
+  const int total_tiles = (TREE ? 8 : 1) * tiles_per_chunk;
   const int kt0 = SPLIT ? int(blockIdx.z) * tiles_per_chunk : 0;  // first K tile of this CTA
 
   // The rows each thread loads are the same for every K tile: resolve them once (A rows
@@ -224,8 +227,12 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
   };
 
   float acc[MI][NI][4];
-  float s0[CHUNKED ? MI : 1][CHUNKED ? NI : 1][4], s1[CHUNKED ? MI : 1][CHUNKED ? NI : 1][4],
+  float s0[CHUNKED ? MI : 1][CHUNKED ? NI : 1][4], s1[TREE ? MI : 1][TREE ? NI : 1][4],
       s2[CHUNKED ? MI : 1][CHUNKED ? NI : 1][4];
+  // MODE 3: partials s0 and s2 of element e of this thread at sP[e * THREADS + tid] and
+  // sP[(ACC + e) * THREADS + tid] (consecutive threads, consecutive banks).
+  constexpr int ACC = MI * NI * 4;
+  float* sP = reinterpret_cast<float*>(sB + STAGES * BN * BK) + tid;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -304,6 +311,30 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
           for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int e = 0; e < 4; ++e) fold_chunk(c, acc[mi][ni][e], s0[mi][ni][e], s1[mi][ni][e], s2[mi][ni][e]);
+      }
+    }
+    if constexpr (TREE_SMEM) {
+      if (kt % tiles_per_chunk == tiles_per_chunk - 1) {
+        // fold_chunk's additions, with s0 and s2 in shared memory.
+        const int c = kt / tiles_per_chunk;
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = (mi * NI + ni) * 4 + e;
+              float& a = acc[mi][ni][e];
+              float* p0 = sP + i * THREADS;
+              float* p2 = sP + (ACC + i) * THREADS;
+              switch (c) {
+                case 0: case 2: case 4: case 6: *p0 = a; a = 0.0f; break;
+                case 1: s1[mi][ni][e] = *p0 + a; a = 0.0f; break;
+                case 3: s1[mi][ni][e] = s1[mi][ni][e] + (*p0 + a); a = 0.0f; break;
+                case 5: *p2 = *p0 + a; a = 0.0f; break;
+                default: a = s1[mi][ni][e] + (*p2 + (*p0 + a)); break;
+              }
+            }
       }
     }
   }
@@ -529,7 +560,8 @@ void launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, const Gem
 template <int WM, int WN, int MI, int NI, int STAGES, int MODE, int BK = kBK>
 void launch(const GemmArgs& p, cudaStream_t stream) {
   constexpr int BM = WM * MI * 16, BN = WN * NI * 8, THREADS = WM * WN * 32;
-  constexpr size_t smem = size_t(STAGES) * (BM + BN) * BK * sizeof(bf16);
+  constexpr size_t smem =
+      size_t(STAGES) * (BM + BN) * BK * sizeof(bf16) + (MODE == 3 ? size_t(2) * BM * BN * sizeof(float) : 0);
   auto kernel = gemm_kernel<WM, WN, MI, NI, STAGES, MODE, BK>;
   static const bool configured = [&] {
     LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -585,9 +617,21 @@ void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
     case 8: return launch_small<1, 4, 4, MODE, 256>(p, stream);  // 8 x 32: 4 warps of 8 columns, K tile 256
     case 9: return launch_small<2, 8, 6, MODE>(p, stream);  // 8 x 128: 8 warps of 16 columns
     case 10: return launch_small<1, 8, 8, MODE>(p, stream);  // 8 x 64: 8 warps of 8 columns
+    case 11:
+      // Row form, large steps: 128 x 128 with the tree's short-lived partials in shared memory
+      // (MODE 3); the column form and the split form take their own 128 x 128 tiles.
+      if constexpr (MODE == 1) return launch<2, 4, 4, 4, 3, 3>(p, stream);
+      else return launch<2, 4, 4, 4, 4, MODE>(p, stream);
+    case 12:
+      // Row form: 128 x 64, 4 warps, 2 stages (112 KB of shared memory: 2 CTAs per SM, so one
+      // CTA's prologue overlaps the other's work); the other forms as 11.
+      if constexpr (MODE == 1) return launch<2, 2, 4, 4, 2, 3>(p, stream);
+      else return launch<2, 4, 4, 4, 4, MODE>(p, stream);
     default:
       if constexpr (MODE == 2) {
-        return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // split: small tiles only
+        if (config == 4) return launch<2, 4, 4, 4, 4, MODE>(p, stream);  // split, 128 x 128
+        if (config == 5) return launch<2, 4, 4, 8, 3, MODE>(p, stream);  // split, 128 x 256
+        return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // split: small tiles
       } else {
         switch (config) {
         case 2: return launch<2, 2, 2, 4, 4, MODE>(p, stream);  // 64 x 64
@@ -639,7 +683,10 @@ void gemm(const GemmArgs& args, cudaStream_t stream) {
   else if (rows <= 8) config = p.chunks == 8 ? 9 : 1;
   else if (rows <= 16 || (rows <= 64 && l2_resident)) config = 1;  // 16-row tiles re-read W from L2
   else if (rows <= 64) config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
-  else config = rows >= 128 && p.chunks == 1 ? 5 : 4;
+  // The row form at 128x128 (partials in shared memory) where chunks are long: o_proj 2.40 ->
+  // 1.87 ms at 16384 tokens; the down projection (K = 768) measured slower (7.30 -> 7.62).
+  else if (p.chunks == 8) config = rows >= 128 && p.K >= 2048 ? 11 : 4;
+  else config = rows >= 128 ? 5 : 4;
   // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the
   // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.
   // Measured: o_proj at 1 token 20.8 -> 9.7 us, at 64 tokens 72.8 -> 30 us; splitting what

@@ -60,8 +60,9 @@ void gemm(const GemmArgs& args, cudaStream_t stream);
 
 // Which tile configurations exist (tests run each on the same problem and compare bits):
 // 0-6 the tiled kernel (16x32 ... 128x256), 7-10 the small-step kernel (row tiles of 8, one
-// weight stream per warp).
-constexpr int kGemmConfigs = 11;
+// weight stream per warp), 11 and 12 the tiled kernel at 128x128 and 128x64 for the row form
+// too (the tree's short-lived partials in shared memory).
+constexpr int kGemmConfigs = 13;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 
 }  // namespace lockstep::cuda
