@@ -19,9 +19,10 @@
 // in its place; the other requests are served normally (bit for bit as if alone), each error
 // is also printed to stderr, and the exit status is 1 when any request failed (0 otherwise).
 // Errors in the command itself (flags, model, unreadable input) exit non-zero before any output.
-// Under mpirun or with topology flags (topology_flags.h) every rank runs the same engine on a
-// ParallelRunner (parallel/parallel_runner.h): the output is the single-rank bytes, written
-// by rank 0; the topology is checked against the model before any input or weight is read.
+// Under mpirun or with topology flags (topology_flags.h) the engine runs on a ParallelRunner
+// (parallel/parallel_runner.h); independent DP replicas each run their share of the requests
+// (rollout/replica_split.h). The output is the single-rank bytes, written by rank 0; the
+// topology is checked against the model before any input or weight is read.
 #include <algorithm>
 #include <memory>
 #include <optional>
@@ -36,6 +37,7 @@
 #include "dist/mpi_communicator.h"
 #include "model/kv_cache.h"
 #include "parallel/parallel_runner.h"
+#include "rollout/replica_split.h"
 #include "rollout/engine.h"
 #include "tokenizer/chat_json.h"
 #include "tokenizer/tokenizer.h"
@@ -159,9 +161,15 @@ int run_generate(const GenerateOptions& o) {
   const bool writer = world->rank() == 0;
   auto records = read_jsonl(o.input);  // read and check all input before any compute
   std::unique_ptr<ModelRunner> runner;
-  if (parallel)
-    runner = load_parallel_runner(*world, o.model, ModelConfig::load(o.model + "/config.json"), *topology, precision);
-  else
+  int replicas = 1, replica = 0;  // independent DP replicas of the engine split the requests
+  rollout::ReplicaGather gather;
+  if (parallel) {
+    auto pr = load_parallel_runner(*world, o.model, ModelConfig::load(o.model + "/config.json"), *topology, precision);
+    replicas = pr->replicas();
+    replica = pr->replica();
+    gather = [p = pr.get()](const std::string& blob) { return p->gather_from_replicas(blob); };
+    runner = std::move(pr);
+  } else
     runner = make_runner(device, ModelWeights::load(o.model, precision), precision);
   std::optional<Tokenizer> tokenizer;
   if (Tokenizer::available(o.model)) tokenizer = Tokenizer::load(o.model);
@@ -195,17 +203,14 @@ int run_generate(const GenerateOptions& o) {
   options.prefill_chunk = o.prefill_chunk;
   if (tokenizer) options.detokenize = [tok = *tokenizer](const std::vector<int32_t>& ids) { return tok.decode(ids); };
   rollout::Engine engine(std::move(runner), options);
-  std::vector<rollout::RequestId> ids(records.size());
-  for (size_t i = 0; i < records.size(); ++i) {
-    if (!errors[i].empty()) continue;
-    try {
-      ids[i] = engine.add_request(requests[i]);
-    } catch (const Error& e) {
-      errors[i] = o.input + ":" + std::to_string(records[i].line) + ": " + e.what();
-    }
-  }
-  engine.run_to_completion();
-  if (!writer) {  // every rank ran the same engine; rank 0 writes the output
+  std::vector<std::optional<rollout::GenerationRequest>> to_run(records.size());
+  for (size_t i = 0; i < records.size(); ++i)
+    if (errors[i].empty()) to_run[i] = requests[i];
+  const auto outcomes = rollout::run_on_replicas(engine, to_run, replicas, replica, gather);
+  for (size_t i = 0; i < records.size(); ++i)
+    if (errors[i].empty() && !outcomes[i].error.empty())
+      errors[i] = o.input + ":" + std::to_string(records[i].line) + ": " + outcomes[i].error;
+  if (!writer) {  // every rank knows every outcome; rank 0 writes the output
     const bool any_failed = std::any_of(errors.begin(), errors.end(), [](const auto& e) { return !e.empty(); });
     return any_failed ? 1 : 0;
   }
@@ -219,7 +224,7 @@ int run_generate(const GenerateOptions& o) {
       out.write_line(error_line(errors[i]));
       continue;
     }
-    const auto r = engine.take_result(ids[i]);
+    const rollout::RequestResult& r = outcomes[i].result;
     const int64_t version = r.weight_versions.empty() ? engine.weight_version() : r.weight_versions.front();
     out.write_line("{\"output_ids\":" + format_ints(r.output_ids) +
                    ",\"logprobs\":" + format_floats(r.logprobs.data(), r.logprobs.size()) +

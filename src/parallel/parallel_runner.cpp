@@ -30,11 +30,40 @@ void round_if_bf16(ModelWeights& local, const ShardLayout& layout, Precision pre
 
 ParallelRunner::ParallelRunner(dist::Communicator& world, const ShardLayout& layout, ModelWeights local,
                                Precision precision)
-    : model_(world, layout, std::move(local), precision) {}
+    : model_(world, layout, std::move(local), precision) {
+  const Topology& topo = layout.topo;
+  if (topo.dp > 1 && topo.tp % (topo.ep * topo.etp) == 0) {
+    replicas_ = topo.dp;
+    replica_comm_ = make_group(world, topo, GroupKind::MP);
+    result_comm_ = replica_comm_.get();
+    const std::vector<int> members = topo.group_ranks(GroupKind::MP, world.rank());
+    const int root = topo.rank_of(0, layout.coords.dp, topo.pp - 1);
+    result_root_ = int(std::find(members.begin(), members.end(), root) - members.begin());
+    LS_CHECK(result_root_ < int(members.size()), "parallel runner: rank ", root, " is not in its replica's group");
+  } else {
+    result_comm_ = &world;
+    result_root_ = topo.rank_of(0, 0, topo.pp - 1);
+  }
+}
 
-int ParallelRunner::result_rank() const {
+std::vector<std::string> ParallelRunner::gather_from_replicas(const std::string& blob) const {
+  dist::Communicator& world = *model_.context().world;
   const Topology& topo = layout().topo;
-  return topo.rank_of(0, 0, topo.pp - 1);
+  const uint64_t mine = blob.size();
+  std::vector<uint64_t> sizes(world.size());
+  world.all_gather_n(&mine, sizes.data(), 1);
+  const uint64_t width = *std::max_element(sizes.begin(), sizes.end());
+  std::string padded = blob;
+  padded.resize(width);
+  std::string all(width * world.size(), '\0');
+  world.all_gather(padded.data(), all.data(), width);
+  // Every rank of a replica holds the same blob: take each replica's first rank's.
+  std::vector<std::string> out;
+  for (int r = 0; r < replicas_; ++r) {
+    const int from = replicas_ > 1 ? topo.rank_of(0, r, 0) : 0;
+    out.push_back(all.substr(size_t(from) * width, sizes[from]));
+  }
+  return out;
 }
 
 void ParallelRunner::allocate_kv(int64_t num_pages, int64_t page_size) {
@@ -112,12 +141,11 @@ std::vector<SampleResult> ParallelRunner::forward_sample(const ForwardBatch& bat
   std::vector<float> hidden = forward_hidden(batch);
   std::vector<SampleResult> out(requests.size());
   if (requests.empty()) return out;
-  dist::Communicator& world = *model_.context().world;
   if (layout().last_stage) {
     std::vector<int64_t> rows;
     for (const auto& r : requests) rows.push_back(r.row);
     const std::vector<float> logits = full_logits(hidden, rows);
-    if (world.rank() == result_rank()) {
+    if (result_comm_->rank() == result_root_) {
       const int64_t V = config().vocab_size;
       for (size_t i = 0; i < requests.size(); ++i) {
         const auto& r = requests[i];
@@ -127,7 +155,7 @@ std::vector<SampleResult> ParallelRunner::forward_sample(const ForwardBatch& bat
       }
     }
   }
-  world.broadcast(out.data(), out.size() * sizeof(SampleResult), result_rank());
+  result_comm_->broadcast(out.data(), out.size() * sizeof(SampleResult), result_root_);
   return out;
 }
 
@@ -142,14 +170,13 @@ std::vector<float> ParallelRunner::forward_logprobs(const ForwardBatch& batch, c
   for (size_t t = 0; t < targets.size(); ++t)
     if (targets[t] >= 0) rows.push_back(int64_t(t));
   if (rows.empty()) return out;
-  dist::Communicator& world = *model_.context().world;
   if (layout().last_stage) {
     const std::vector<float> logits = full_logits(hidden, rows);
     const int64_t V = config().vocab_size;
     for (size_t i = 0; i < rows.size(); ++i)
       cpu::log_softmax_gather(logits.data() + int64_t(i) * V, &targets[rows[i]], &out[rows[i]], 1, V);
   }
-  world.broadcast_n(out.data(), out.size(), result_rank());
+  result_comm_->broadcast_n(out.data(), out.size(), result_root_);
   return out;
 }
 

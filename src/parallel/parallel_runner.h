@@ -6,8 +6,11 @@
 // the results are broadcast so every rank's engine stays in lockstep. Tokens and
 // log-probs are therefore the bits of the single-rank CPU runner.
 //
-// Data parallel: every DP replica runs the whole batch (the replicas duplicate the work;
-// they exist so that expert parallelism may span them, e.g. EP2 on 2 ranks).
+// Data parallel: when no forward collective spans DP replicas (expert groups inside one
+// replica: ep * etp divides tp), the replicas are independent engines: results stay inside
+// each replica, so each may run its own requests (rollout/replica_split.h gives replica r
+// its share and gathers the outcomes). When expert parallelism spans replicas (e.g. EP2 on
+// 2 ranks of TP1) every replica runs the whole batch in lockstep (replicas() == 1).
 #pragma once
 #include <memory>
 #include <string>
@@ -46,6 +49,13 @@ class ParallelRunner final : public ModelRunner {
   // The full weights gathered by global name, on every rank.
   ModelWeights export_weights() const override;
 
+  // Independent replicas (1 when the DP replicas run in lockstep) and this rank's.
+  int replicas() const { return replicas_; }
+  int replica() const { return replicas_ > 1 ? layout().coords.dp : 0; }
+  // Every replica's `blob` (the same on the ranks of one replica) on every rank, in replica
+  // order. Collective over the world.
+  std::vector<std::string> gather_from_replicas(const std::string& blob) const;
+
  private:
   // The final-norm hidden states [T, H] of every token on the last stage's ranks (empty
   // elsewhere): the forward through this rank's layers, stage to stage.
@@ -53,12 +63,16 @@ class ParallelRunner final : public ModelRunner {
   // Last stage: fp32 logits [rows, V] of the given rows of `hidden`, full rows on every TP
   // rank (each rank's vocab slice by the column form, then all-gathered). Collective over TP.
   std::vector<float> full_logits(const std::vector<float>& hidden, const std::vector<int64_t>& rows) const;
-  // The world rank whose results every rank takes: TP rank 0 of DP replica 0, last stage.
-  int result_rank() const;
   void check_batch(const ForwardBatch& batch) const;
 
   ParallelQwen3Moe model_;
   KvCache cache_;
+  int replicas_ = 1;
+  // Results go from TP rank 0 of the last stage (of this replica when replicas are
+  // independent, else of replica 0) to every rank of result_comm_.
+  std::unique_ptr<dist::Communicator> replica_comm_;
+  dist::Communicator* result_comm_ = nullptr;
+  int result_root_ = 0;  // in result_comm_
 };
 
 // This rank's runner from full weights (identical on every rank). Collective.

@@ -29,6 +29,7 @@
 #include "rl/tiny_model.h"
 #include "rl/train_checkpoint.h"
 #include "rollout/engine.h"
+#include "rollout/replica_split.h"
 #include "train/advantages.h"
 #include "train/grad_accumulate.h"
 #include "train/losses.h"
@@ -443,9 +444,14 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   // the trainer's shards into the engine's layout (parallel/weight_sync.h).
   std::unique_ptr<ModelRunner> runner;
   ShardLayout engine_layout;
+  int engine_replicas = 1, engine_replica = 0;  // independent DP replicas split the rollouts
+  rollout::ReplicaGather gather_replicas;
   if (rollout_parallel) {
     auto pr = make_parallel_runner(*world, rollout_topology, model.weights(), precision);
     engine_layout = pr->layout();
+    engine_replicas = pr->replicas();
+    engine_replica = pr->replica();
+    gather_replicas = [p = pr.get()](const std::string& blob) { return p->gather_from_replicas(blob); };
     runner = std::move(pr);
   } else {
     runner = make_cpu_runner(model.weights().clone(), precision);
@@ -552,7 +558,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     // Rollout.
     Timer t;
     std::vector<Sample> samples(static_cast<size_t>(samples_per_step));
-    std::vector<rollout::RequestId> ids;
+    std::vector<std::optional<rollout::GenerationRequest>> requests;
     for (int64_t p = 0; p < cfg.rollout_batch_size; ++p) {
       TaskExample ex = task->example(state.seed ^ kRolloutDataKey, uint64_t(state.data_position + p));
       for (int64_t k = 0; k < cfg.n_samples_per_prompt; ++k) {
@@ -566,16 +572,18 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
         req.sampling.top_k = int32_t(cfg.rollout_top_k);
         req.sampling.top_p = float(cfg.rollout_top_p);
         req.sampling.seed = mix_seed(mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), uint64_t(i));
-        ids.push_back(engine.add_request(req));
+        requests.push_back(std::move(req));
       }
     }
-    engine.run_to_completion();
+    // Every rank gets every sample; independent engine replicas each run their share.
+    auto outcomes = rollout::run_on_replicas(engine, requests, engine_replicas, engine_replica, gather_replicas);
     int64_t truncated = 0, mixed = 0, response_tokens = 0, total_tokens = 0;
     double reward_sum = 0;
     std::vector<float> rewards;
     std::vector<int64_t> lengths;
     for (size_t i = 0; i < samples.size(); ++i) {
-      rollout::RequestResult r = engine.take_result(ids[i]);
+      LS_CHECK(outcomes[i].error.empty(), "rollout step ", step, ": sample ", i, " was refused: ", outcomes[i].error);
+      rollout::RequestResult r = std::move(outcomes[i].result);
       Sample& s = samples[i];
       s.response = r.output_ids;
       s.rollout_logp = r.logprobs;

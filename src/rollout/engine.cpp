@@ -52,6 +52,7 @@ RequestId Engine::add_request(const GenerationRequest& request) {
            options_.page_size, ") but the engine's pool has ", pool_.num_pages());
 
   const RequestId id = next_id_++;
+  ++stats_.requests;
   Sequence& seq = sequences_[id];
   seq.id = id;
   seq.request = request;

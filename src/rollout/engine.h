@@ -43,6 +43,7 @@ struct EngineOptions {
 enum class UpdatePolicy { finish, abort };
 
 struct EngineStats {
+  int64_t requests = 0;  // accepted by add_request
   int64_t steps = 0, forward_tokens = 0, prefix_hit_tokens = 0, preemptions = 0;
 };
 

@@ -7,11 +7,13 @@
 #include <cmath>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "parallel/parallel_runner.h"
 #include "parallel_test_util.h"
 #include "rollout/engine.h"
+#include "rollout/replica_split.h"
 #include "shell.h"
 
 namespace lockstep {
@@ -196,6 +198,55 @@ TEST(ParallelRunner, LogprobsAndWeightsRoundTrip) {
   }
 }
 
+// Independent DP replicas: each runs only its share of the requests (i % replicas), the
+// outcomes are gathered to every rank, and they are the single-rank bits. Where expert
+// parallelism spans the replicas they run in lockstep instead (one replica).
+TEST(ParallelRunner, IndependentReplicasSplitTheRequests) {
+  const Precision p = Precision::float32;
+  const ModelWeights full = ModelWeights::load(ptest::fixture_dir(), p);
+  const auto reqs = mixed_requests();
+  set_num_threads(1);
+  const auto want = run_engine(make_cpu_runner(full.clone(), p), {}, reqs);
+  std::vector<std::optional<rollout::GenerationRequest>> to_run(reqs.begin(), reqs.end());
+  to_run[2].reset();  // a skipped entry has no outcome
+  struct SplitCase {
+    TopoSpec spec;
+    int replicas;
+  };
+  for (const auto& c : {SplitCase{{.world = 4, .tp = 2}, 2}, SplitCase{{.world = 8, .tp = 2, .pp = 2, .ep = 2, .sp = true}, 2},
+                        SplitCase{{.world = 4, .tp = 1}, 4}, SplitCase{{.world = 2, .ep = 2}, 1}}) {
+    const ResolvedTopology topo = resolved(c.spec, full.config);
+    std::vector<std::vector<rollout::RequestOutcome>> per_rank(c.spec.world);
+    std::vector<int> replicas(c.spec.world), ran(c.spec.world);
+    dist::run_threads(c.spec.world, [&](dist::Communicator& comm) {
+      auto runner = make_parallel_runner(comm, topo, full, p);
+      ParallelRunner* pr = runner.get();
+      replicas[comm.rank()] = pr->replicas();
+      rollout::Engine engine(std::move(runner), {});
+      per_rank[comm.rank()] = rollout::run_on_replicas(
+          engine, to_run, pr->replicas(), pr->replica(),
+          [pr](const std::string& blob) { return pr->gather_from_replicas(blob); });
+      ran[comm.rank()] = int(engine.stats().requests);
+    });
+    for (int r = 0; r < c.spec.world; ++r) {
+      EXPECT_EQ(replicas[r], c.replicas) << c.spec.name();
+      // Replica d adds the requests i with i % replicas == d (request 2 is skipped).
+      int share = 0;
+      for (size_t i = 0; i < to_run.size(); ++i)
+        share += to_run[i] && int(i) % c.replicas == (c.replicas > 1 ? topo.topo.coords(r).dp : 0);
+      EXPECT_EQ(ran[r], share) << c.spec.name() << " rank " << r;
+      ASSERT_EQ(per_rank[r].size(), reqs.size());
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        if (!to_run[i]) continue;
+        EXPECT_TRUE(per_rank[r][i].error.empty());
+        std::string why;
+        EXPECT_TRUE(same_results({per_rank[r][i].result}, {want[i]}, &why))
+            << c.spec.name() << " rank " << r << " request " << i << ": " << why;
+      }
+    }
+  }
+}
+
 // The command line: mpirun generate at TP2+SP+PP2+EP2 prints the single-rank bytes, and a
 // topology that does not fit the model is refused before any work.
 TEST(ParallelGenerateCli, MpirunMatchesSingleRankBytes) {
@@ -217,6 +268,13 @@ TEST(ParallelGenerateCli, MpirunMatchesSingleRankBytes) {
   const std::string want = ptest::read_file(dir / "ref.jsonl");
   EXPECT_FALSE(want.empty());
   EXPECT_EQ(ptest::read_file(dir / "par.jsonl"), want);
+
+  // Independent DP replicas (TP2 x DP2: the expert groups stay inside a replica) split the
+  // requests between them and still print the single-rank bytes.
+  auto split = ptest::shell(ptest::mpirun(4) + args + " --output " + (dir / "split.jsonl") +
+                            " --tensor-model-parallel-size 2");
+  ASSERT_EQ(split.status, 0) << split.output;
+  EXPECT_EQ(ptest::read_file(dir / "split.jsonl"), want);
 
   // TP 3 is not a canonical split: refused before any work, and no output written.
   auto bad = ptest::shell(ptest::lockstep_bin() + args + " --output " + (dir / "bad.jsonl") +

@@ -93,6 +93,24 @@ TEST(ParallelTrain, Tp2Pp2Ep2TrainerWithEp4EngineOn8RanksEqualsOneRank) {
   expect_exact_on_policy(eight, 3);
 }
 
+// An engine whose DP replicas are independent (TP2 x DP2 on 4 ranks) splits each step's
+// rollouts between its replicas; the trainer (PP2 x TP2) still sees the single-rank samples.
+TEST(ParallelTrain, EngineReplicasSplitTheRolloutsAndEqualOneRank) {
+  ScratchDir dir("train4_engine_replicas");
+  const std::string one = (dir.path / "one").string(), four = (dir.path / "four").string();
+  auto r = shell(ptest::lockstep_bin() + train_args(3) + " --num-threads 1 --output-dir " + one);
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = shell(mpirun(4) + train_args(3) +
+            " --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --rollout-tensor-model-parallel-size 2"
+            " --output-dir " +
+            four);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto a = metrics_without_perf(one), b = metrics_without_perf(four);
+  ASSERT_EQ(a.size(), 5u);
+  EXPECT_EQ(a, b);
+  expect_exact_on_policy(four, 3);
+}
+
 // --audit-weight-sync with the engine at another topology than the trainer (ranks as
 // threads): trainer EP2, engine TP2 (every sync's streamed trainer fingerprints against the
 // engine's gathered weights), and trainer TP2 with a single-rank engine on every rank.

@@ -189,8 +189,12 @@ TEST(WeightSync, BucketsCoverEveryTensorOnceInGlobalNameOrderWithinTheLimit) {
     ASSERT_EQ(order.size(), shapes.size());
     for (size_t i = 1; i < order.size(); ++i) EXPECT_TRUE(global_name_less(order[i - 1], order[i]));
     for (const auto& [n, s] : shapes) EXPECT_EQ(next_row[n], s[0]) << n;
-    if (bucket >= (int64_t(1) << 30)) EXPECT_EQ(buckets.size(), 1u);
-    if (bucket == 1) EXPECT_GT(buckets.size(), shapes.size());  // tensors split into rows
+    if (bucket >= (int64_t(1) << 30)) {
+      EXPECT_EQ(buckets.size(), 1u);
+    }
+    if (bucket == 1) {
+      EXPECT_GT(buckets.size(), shapes.size());  // tensors split into rows
+    }
   }
 }
 
@@ -245,7 +249,9 @@ TEST(WeightSync, MeasuresTimeAndPeakBytesPerBucketSize) {
     // Per bucket a rank sends at most its contributions to each of the 8 ranks, and receives
     // and assembles (and, on rank 0, audits) at most one bucket each.
     EXPECT_LE(r.max_peak_bytes, (8 + 4) * bucket);
-    if (bucket * 12 < model_bytes) EXPECT_LT(r.max_peak_bytes, model_bytes);
+    if (bucket * 12 < model_bytes) {
+      EXPECT_LT(r.max_peak_bytes, model_bytes);
+    }
     std::printf("[ weight sync ] model %lld B, bucket %lld B: %lld buckets, %.4f s (rank 0), peak %lld B/rank\n",
                 static_cast<long long>(model_bytes), static_cast<long long>(bucket),
                 static_cast<long long>(r.stats.buckets), r.stats.seconds, static_cast<long long>(r.max_peak_bytes));
