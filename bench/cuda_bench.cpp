@@ -6,7 +6,7 @@
 // --gemm times the prefill GEMMs in every tile configuration instead; --decode-kernels each
 // decode-step kernel (every GEMM tile configuration, the small ops) in graphs at 1, 8, 64 tokens
 // (--only SHAPE: that GEMM shape at one token alone, for ncu); with --gemm, --only SHAPE and
-// --gemm-config C (100 + C: the split form) time one shape and one configuration.
+// --gemm-config C time one shape and one configuration.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -109,21 +109,9 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
-    // The row form also split (chunk partials in a workspace, the tree in a second kernel) at
-    // the large tiles 4 and 5 (config 100 + c), where the 8 fp32 planes fit in memory.
-    float* split = nullptr;
-    const int64_t split_floats = sh.chunks == 8 ? 8 * sh.M * sh.N : 0;
-    if (split_floats > 0 && cudaMalloc(&split, size_t(split_floats) * 4) != cudaSuccess) {
-      cudaGetLastError();
-      split = nullptr;
-    }
-    for (int variant = 2; variant < cuda::kGemmConfigs + 2; ++variant) {
-      const bool sp = variant >= cuda::kGemmConfigs;
-      const int config = sp ? 4 + (variant - cuda::kGemmConfigs) : variant;
-      if (sp && split == nullptr) continue;
-      if (only_config >= 0 && (sp ? 100 + config : config) != only_config) continue;
-      cuda::GemmArgs gv = g;
-      if (sp) gv.split_workspace = split, gv.split_workspace_floats = split_floats;
+    for (int config = 2; config < cuda::kGemmConfigs; ++config) {
+      if (only_config >= 0 && config != only_config) continue;
+      const cuda::GemmArgs& gv = g;
       std::vector<float> ms;
       cuda::gemm_with_config(gv, config, nullptr);
       for (int r = 0; r < 5; ++r) {
@@ -138,9 +126,8 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
       std::sort(ms.begin(), ms.end());
       const double flops = 2.0 * double(sh.M) * double(sh.N) * double(sh.K);
       std::printf("{\"event\":\"gemm\",\"shape\":\"%s\",\"config\":%d,\"ms\":%.4f,\"tflops\":%.1f}\n", sh.name,
-                  sp ? 100 + config : config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
+                  config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
     }
-    if (split) cudaFree(split);
     LS_CHECK(cudaDeviceSynchronize() == cudaSuccess, "gemm bench failed");
     cudaFree(A);
     cudaFree(W);
@@ -344,7 +331,7 @@ int main(int argc, char** argv) {
     bool quick = false, gemm_only = false, decode_only = false, no_prefill = false;
     std::vector<int64_t> batch_list;
     std::string only;  // --decode-kernels: one GEMM shape at one token; --gemm: one shape (for ncu)
-    int only_config = -1;  // --gemm: one configuration (100 + c: split)
+    int only_config = -1;  // --gemm: one configuration
     for (int i = 2; i < argc; ++i) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--quick")) quick = true;

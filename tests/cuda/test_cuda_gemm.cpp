@@ -85,8 +85,8 @@ void check(const Problem& p) {
 
 TEST(CudaGemm, ColumnFormIsBatchInvariant) { check({300, 200, 2048, 1}); }
 TEST(CudaGemm, RowFormIsBatchInvariant) { check({150, 136, 768, 8}); }
-// Row counts past one 128-row tile, chunks of three K tiles, a partial column tile: the
-// 128x128 row form (partials in shared memory) and the split large tiles equal every other.
+// Row counts past one 128-row tile, chunks of three K tiles, a partial column tile: the row
+// form with the tree's partials in shared memory (64x128, 128x128) equals every other.
 TEST(CudaGemm, RowFormLargeTilesAreBatchInvariant) { check({300, 264, 1536, 8}); }
 TEST(CudaGemm, UnalignedChunksArePaddedWithZeros) { check({40, 24, 36, 8}); }
 TEST(CudaGemm, UnalignedColumnForm) { check({33, 70, 100, 1}); }

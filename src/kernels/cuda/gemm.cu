@@ -143,8 +143,8 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int n, fl
 // the split workspace; combine_chunks_kernel then applies the same tree and epilogue, so
 // MODE 1 and MODE 2 give the same bits (MODE 2 has 8x the CTAs, for latency-bound steps).
 // MODE 3: MODE 1's tree with only the long-lived partial (c0+c1)+(c2+c3) in registers and
-// the two short-lived ones in shared memory (each thread its own words), so a 128x128 tile
-// fits the register file: the same additions in the same order, so the same bits.
+// the two short-lived ones in shared memory (each thread its own words), so twice the warps
+// fit an SM: the same additions in the same order, so the same bits.
 template <int WM, int WN, int MI, int NI, int STAGES, int MODE, int BK>
 __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec) {
   constexpr bool CHUNKED = MODE == 1, SPLIT = MODE == 2, TREE_SMEM = MODE == 3, TREE = CHUNKED || TREE_SMEM;
@@ -169,7 +169,16 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
   const int chunk_len = (TREE || SPLIT) ? (K + 7) / 8 : K;
   const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
   const int total_tiles = (TREE ? 8 : 1) * tiles_per_chunk;
-  const int kt0 = SPLIT ? int(blockIdx.z) * tiles_per_chunk : 0;  // first K tile of this CTA
+  // A K tile's place: chunk c, tile j within it; advanced without divisions (the per-tile
+  // instructions bound these kernels at short K, notes v5).
+  struct TilePos {
+    int c, j;
+  };
+  auto next_pos = [&](TilePos t) {
+    if (++t.j == tiles_per_chunk) t.j = 0, ++t.c;
+    return t;
+  };
+  const TilePos first{SPLIT ? int(blockIdx.z) : 0, 0};  // first K tile of this CTA
 
   // The rows each thread loads are the same for every K tile: resolve them once (A rows
   // after the wait below: a gather list may come from the previous kernel).
@@ -190,10 +199,9 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
     if (idx < BN * PIECES && n < N) b_row[i] = W + int64_t(n) * p.ldw;
   }
 
-  auto load_tile = [&](int stage, int kt, bool load_a = true, bool load_b = true) {
-    const int c = kt / tiles_per_chunk, j = kt % tiles_per_chunk;
-    const int k_begin = c * chunk_len + j * BK;
-    const int k_end = min(c * chunk_len + chunk_len, K);
+  auto load_tile = [&](int stage, TilePos t, bool load_a = true, bool load_b = true) {
+    const int k_begin = t.c * chunk_len + t.j * BK;
+    const int k_end = min(t.c * chunk_len + chunk_len, K);
     bf16* a_s = sA + stage * BM * BK;
     bf16* b_s = sB + stage * BN * BK;
 #pragma unroll
@@ -240,43 +248,51 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 
+  TilePos load_pos = first;  // the next K tile to load
   if (p.group_rows == nullptr) {
     // The first weight tiles stream while the previous kernel finishes (one extra, older
     // cp.async group: every later wait_group covers it).
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s)
-      if (s < total_tiles) load_tile(s, kt0 + s, false, true);
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < total_tiles) load_tile(s, load_pos, false, true);
+      load_pos = next_pos(load_pos);
+    }
     cp_async_commit();
     start_after_previous();
     resolve_a_rows();
+    load_pos = first;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < total_tiles) load_tile(s, kt0 + s, true, false);
+      if (s < total_tiles) load_tile(s, load_pos, true, false);
+      load_pos = next_pos(load_pos);
       cp_async_commit();
     }
   } else {
     resolve_a_rows();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < total_tiles) load_tile(s, kt0 + s);
+      if (s < total_tiles) load_tile(s, load_pos);
+      load_pos = next_pos(load_pos);
       cp_async_commit();
     }
   }
 
   const int warp_m = warp / WN, warp_n = warp % WN;
-  for (int kt = 0; kt < total_tiles; ++kt) {
+  TilePos cur = first;  // the K tile computed
+  for (int kt = 0; kt < total_tiles; ++kt, cur = next_pos(cur)) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     {
       int nt = kt + STAGES - 1;
-      if (nt < total_tiles) load_tile(nt % STAGES, kt0 + nt);
+      if (nt < total_tiles) load_tile(nt % STAGES, load_pos);
+      load_pos = next_pos(load_pos);
       cp_async_commit();
     }
     const bf16* a_s = sA + (kt % STAGES) * BM * BK;
     const bf16* b_s = sB + (kt % STAGES) * BN * BK;
     // k16 steps that hold only the zero padding of a chunk are skipped (the same rule for
     // every tile shape, so every element still sees one fixed sequence of mma steps).
-    const int k_live = min(BK, chunk_len - ((kt0 + kt) % tiles_per_chunk) * BK);
+    const int k_live = min(BK, chunk_len - cur.j * BK);
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       if (kk * 16 >= k_live) break;
@@ -302,9 +318,9 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
         for (int ni = 0; ni < NI; ++ni) mma_bf16(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
     }
     if constexpr (CHUNKED) {
-      if (kt % tiles_per_chunk == tiles_per_chunk - 1) {
+      if (cur.j == tiles_per_chunk - 1) {
         // Fold the finished chunk into the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)).
-        const int c = kt / tiles_per_chunk;
+        const int c = cur.c;
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -314,9 +330,9 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
       }
     }
     if constexpr (TREE_SMEM) {
-      if (kt % tiles_per_chunk == tiles_per_chunk - 1) {
+      if (cur.j == tiles_per_chunk - 1) {
         // fold_chunk's additions, with s0 and s2 in shared memory.
-        const int c = kt / tiles_per_chunk;
+        const int c = cur.c;
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -617,21 +633,20 @@ void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
     case 8: return launch_small<1, 4, 4, MODE, 256>(p, stream);  // 8 x 32: 4 warps of 8 columns, K tile 256
     case 9: return launch_small<2, 8, 6, MODE>(p, stream);  // 8 x 128: 8 warps of 16 columns
     case 10: return launch_small<1, 8, 8, MODE>(p, stream);  // 8 x 64: 8 warps of 8 columns
-    case 11:
-      // Row form, large steps: 128 x 128 with the tree's short-lived partials in shared memory
-      // (MODE 3); the column form and the split form take their own 128 x 128 tiles.
-      if constexpr (MODE == 1) return launch<2, 4, 4, 4, 3, 3>(p, stream);
+    // Row form, large steps: the tree's short-lived partials in shared memory (MODE 3) so
+    // more warps fit an SM (notes v5); the column form takes 128 x 128, the split form its
+    // small tiles.
+    case 11:  // 64 x 128, 2 stages: 112 KB and 126 registers, 2 CTAs per SM
+      if constexpr (MODE == 1) return launch<2, 4, 2, 4, 2, 3>(p, stream);
+      else if constexpr (MODE == 2) return launch<1, 4, 1, 2, 6, MODE>(p, stream);
       else return launch<2, 4, 4, 4, 4, MODE>(p, stream);
-    case 12:
-      // Row form: 128 x 64, 4 warps, 2 stages (112 KB of shared memory: 2 CTAs per SM, so one
-      // CTA's prologue overlaps the other's work); the other forms as 11.
-      if constexpr (MODE == 1) return launch<2, 2, 4, 4, 2, 3>(p, stream);
+    case 12:  // 128 x 128, 16 warps of 32 x 32, 3 stages: 224 KB, 16 warps per SM
+      if constexpr (MODE == 1) return launch<4, 4, 2, 4, 3, 3>(p, stream);
+      else if constexpr (MODE == 2) return launch<1, 4, 1, 2, 6, MODE>(p, stream);
       else return launch<2, 4, 4, 4, 4, MODE>(p, stream);
     default:
       if constexpr (MODE == 2) {
-        if (config == 4) return launch<2, 4, 4, 4, 4, MODE>(p, stream);  // split, 128 x 128
-        if (config == 5) return launch<2, 4, 4, 8, 3, MODE>(p, stream);  // split, 128 x 256
-        return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // split: small tiles
+        return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // split: small tiles only (larger measured slower, v5)
       } else {
         switch (config) {
         case 2: return launch<2, 2, 2, 4, 4, MODE>(p, stream);  // 64 x 64
@@ -683,9 +698,9 @@ void gemm(const GemmArgs& args, cudaStream_t stream) {
   else if (rows <= 8) config = p.chunks == 8 ? 9 : 1;
   else if (rows <= 16 || (rows <= 64 && l2_resident)) config = 1;  // 16-row tiles re-read W from L2
   else if (rows <= 64) config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
-  // The row form at 128x128 (partials in shared memory) where chunks are long: o_proj 2.40 ->
-  // 1.87 ms at 16384 tokens; the down projection (K = 768) measured slower (7.30 -> 7.62).
-  else if (p.chunks == 8) config = rows >= 128 && p.K >= 2048 ? 11 : 4;
+  // The row form with the tree's short-lived partials in shared memory, 16 warps per SM (notes
+  // v5: at 16384 tokens o_proj 2.10 -> 1.43 ms, down 6.68 -> 4.64 ms).
+  else if (p.chunks == 8) config = rows >= 128 ? 12 : 11;
   else config = rows >= 128 ? 5 : 4;
   // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the
   // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.

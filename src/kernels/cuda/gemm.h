@@ -60,8 +60,8 @@ void gemm(const GemmArgs& args, cudaStream_t stream);
 
 // Which tile configurations exist (tests run each on the same problem and compare bits):
 // 0-6 the tiled kernel (16x32 ... 128x256), 7-10 the small-step kernel (row tiles of 8, one
-// weight stream per warp), 11 and 12 the tiled kernel at 128x128 and 128x64 for the row form
-// too (the tree's short-lived partials in shared memory).
+// weight stream per warp), 11-12 the tiled kernel's row form for large steps with the tree's
+// short-lived partials in shared memory (64x128 at 2 CTAs per SM, 128x128 of 16 warps).
 constexpr int kGemmConfigs = 13;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 
