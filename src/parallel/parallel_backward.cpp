@@ -112,7 +112,9 @@ struct ParallelGrad::MicroState {
   int64_t T = 0, index = 0;
   dist::RowRange rows;
   std::vector<std::vector<float>> layer_inputs;  // this rank's rows
-  std::vector<float> final_in, hidden, logits;   // last stage
+  std::vector<float> final_in, hidden;           // last stage
+  std::vector<float> logits;                     // last stage: [T, this rank's vocab slice]
+  std::vector<float> lse, entropy;               // last stage: per token (entropy when asked)
   std::vector<SequenceGradInput> upstream;       // last stage
   std::unique_ptr<KvCache> cache;
 };
@@ -172,47 +174,96 @@ std::vector<float> ParallelGrad::forward(MicroState& m, std::vector<float> x, bo
   // No K/V is kept past the forward: the backward recomputes it in a fresh cache.
   m.cache.reset();
   if (!s.last_stage) return x;
-  // Head: the full logits on every TP rank (gathered by vocab slice), so log-softmax,
-  // entropy and their backward are the single-rank kernels on the same bits.
+  // Head, vocab-parallel: each TP rank keeps the logits of its vocab slice (whole canonical
+  // chunks); the log-normaliser, the target logit and the entropy's chunk leaves are
+  // completed across TP by the single-rank trees, so every number is the single-rank one.
   m.final_in = x;
   std::vector<float> normed(R * H);
   cpu::rmsnorm(x.data(), W.final_norm.data<float>(), normed.data(), R, H, float(c.rms_norm_eps), bf16);
   if (bf16) cpu::round_to_bf16(normed.data(), R * H);
   m.hidden = ctx.gather_rows(normed, T, H);
-  const int tp = s.topo.tp;
   const int64_t VL = s.vocab.size();
-  std::vector<float> local(T * VL);
-  cpu::linear(m.hidden.data(), W.lm_head.data<float>(), local.data(), T, VL, H);
-  if (tp == 1) {
-    m.logits = std::move(local);
-  } else {
-    const int64_t per = canonical_chunk(V) * (kTMax / tp);
-    std::vector<float> padded(T * per, 0.0f), all(T * per * tp);
-    for (int64_t t = 0; t < T; ++t) std::copy_n(local.data() + t * VL, VL, padded.data() + t * per);
-    ctx.tp->all_gather_n(padded.data(), all.data(), padded.size());
-    m.logits.assign(T * V, 0.0f);
-    for (int r = 0; r < tp; ++r) {
-      const dist::RowRange vr = chunk_range(V, tp, r);
-      for (int64_t t = 0; t < T; ++t)
-        std::copy_n(all.data() + (r * T + t) * per, vr.size(), m.logits.data() + t * V + vr.begin);
-    }
+  m.logits.assign(T * VL, 0.0f);
+  cpu::linear(m.hidden.data(), W.lm_head.data<float>(), m.logits.data(), T, VL, H);
+  head_normalizers(m);
+  if (want_entropy) head_entropy(m);
+  // Per-token log-probs: the target's logit (from the rank whose slice holds it) minus the
+  // row's log-normaliser, as log_softmax_gather.
+  std::vector<float> target_logit(T, 0.0f);
+  std::vector<int32_t> targets(T, -1);
+  int64_t offset = 0;
+  for (const auto& seq : m.seqs) {
+    for (size_t t = 0; t + 1 < seq.size(); ++t) targets[offset + int64_t(t)] = seq[t + 1];
+    offset += int64_t(seq.size());
+  }
+  for (int64_t t = 0; t < T; ++t)
+    if (targets[t] >= s.vocab.begin && targets[t] < s.vocab.end)
+      target_logit[t] = m.logits[t * VL + (targets[t] - s.vocab.begin)];
+  if (s.topo.tp > 1) {
+    std::vector<float> all(size_t(T) * s.topo.tp);
+    ctx.tp->all_gather_n(target_logit.data(), all.data(), size_t(T));
+    for (int64_t t = 0; t < T; ++t)
+      if (targets[t] >= 0) {
+        int owner = 0;
+        while (!(targets[t] < chunk_range(V, s.topo.tp, owner).end)) ++owner;
+        target_logit[t] = all[size_t(owner) * T + t];
+      }
   }
   std::vector<std::vector<float>> lp(m.seqs.size()), ent(want_entropy ? m.seqs.size() : 0);
-  int64_t offset = 0;
+  offset = 0;
   for (size_t i = 0; i < m.seqs.size(); ++i) {
     const int64_t n = int64_t(m.seqs[i].size());
     lp[i].resize(n - 1);
-    if (n > 1) cpu::log_softmax_gather(m.logits.data() + offset * V, m.seqs[i].data() + 1, lp[i].data(), n - 1, V);
-    if (want_entropy) {
-      ent[i].resize(n - 1);
-      if (n > 1) cpu::softmax_entropy(m.logits.data() + offset * V, ent[i].data(), n - 1, V);
-    }
+    for (int64_t t = 0; t + 1 < n; ++t) lp[i][t] = target_logit[offset + t] - m.lse[offset + t];
+    if (want_entropy) ent[i].assign(m.entropy.begin() + offset, m.entropy.begin() + offset + (n - 1));
     offset += n;
   }
   m.upstream = upstream(m.index, lp, ent);
   LS_CHECK(m.upstream.size() == m.seqs.size(), "parallel backward: ", m.upstream.size(),
            " upstream gradients for ", m.seqs.size(), " sequences");
   return {};
+}
+
+void ParallelGrad::head_normalizers(MicroState& m) const {
+  const ParallelContext& ctx = model_.context();
+  const ShardLayout& s = ctx.layout;
+  const int64_t T = m.T, V = model_.config().vocab_size, VL = s.vocab.size();
+  const int tp = s.topo.tp;
+  m.lse.assign(T, 0.0f);
+  if (tp == 1) {
+    for (int64_t t = 0; t < T; ++t) m.lse[t] = cpu::log_normalizer(m.logits.data() + t * VL, V);
+    return;
+  }
+  // This rank's subtree of (max, sum) over its chunks, completed over TP (as the score path).
+  std::vector<float> mx(T), sm(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const MaxSum ms = cpu::vocab_subtree(m.logits.data() + t * VL, VL, canonical_chunk(V), kTMax / tp);
+    mx[t] = ms.max;
+    sm[t] = ms.sum;
+  }
+  dist::canonical_all_reduce_maxsum(*ctx.tp, mx.data(), sm.data(), T);
+  for (int64_t t = 0; t < T; ++t) m.lse[t] = mx[t] + std::log(sm[t]);
+}
+
+void ParallelGrad::head_entropy(MicroState& m) const {
+  const ParallelContext& ctx = model_.context();
+  const ShardLayout& s = ctx.layout;
+  const int64_t T = m.T, V = model_.config().vocab_size, VL = s.vocab.size();
+  const int tp = s.topo.tp, per = kTMax / tp;
+  // The 8 chunk leaves of softmax_entropy's tree: this rank's, then all-gathered over TP.
+  std::vector<float> mine(T * per), all(size_t(T) * kTMax);
+  cpu::softmax_entropy_parts(m.logits.data(), m.lse.data(), mine.data(), T, V, VL, s.coords.tp * per, per);
+  if (tp > 1)
+    ctx.tp->all_gather_n(mine.data(), all.data(), mine.size());
+  else
+    all = mine;
+  m.entropy.assign(T, 0.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    float parts[kTMax];
+    for (int r = 0; r < tp; ++r)
+      for (int i = 0; i < per; ++i) parts[r * per + i] = all[(size_t(r) * T + t) * per + i];
+    m.entropy[t] = -tree8(parts);
+  }
 }
 
 std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, Partial& g) const {
@@ -244,13 +295,14 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
       }
       offset += int64_t(seq.size());
     }
-    if (any_entropy) cpu::softmax_entropy(m.logits.data(), entropy.data(), T, V);
-    std::vector<float> dlogits(T * V);
-    cpu::log_softmax_gather_backward(m.logits.data(), targets.data(), dlogp.data(), any_entropy ? dent.data() : nullptr,
-                                     any_entropy ? entropy.data() : nullptr, dlogits.data(), T, V);
+    if (any_entropy && m.entropy.empty()) head_entropy(m);
+    if (any_entropy) entropy = m.entropy;
     const int64_t VL = s.vocab.size();
-    std::vector<float> dl = head_block(dlogits, T, V, s.vocab.begin, VL);
-    dlogits = {};
+    std::vector<float> dl(T * VL);
+    cpu::log_softmax_gather_backward_slice(m.logits.data(), m.lse.data(), targets.data(), dlogp.data(),
+                                           any_entropy ? dent.data() : nullptr, any_entropy ? entropy.data() : nullptr,
+                                           dl.data(), T, s.vocab.begin, VL);
+    m.logits = {};
     cpu::linear_weight_grad(dl.data(), m.hidden.data(), slot(g.dense, "lm_head.weight", W.lm_head), VL, H, chunks);
     std::vector<float> dhidden(T * H);
     cpu::linear_input_grad_canonical(dl.data(), W.lm_head.data<float>(), dhidden.data(), T, VL, H,

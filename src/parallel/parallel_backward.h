@@ -66,6 +66,10 @@ class ParallelGrad {
   // returns the gradient of its input rows (empty on the first stage).
   std::vector<float> backward(MicroState& m, std::vector<float> dy, Partial& g) const;
   void layer_backward(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const;
+  // Last stage: each token's log-normaliser, and its entropy, from the vocab-slice logits
+  // (collective over TP).
+  void head_normalizers(MicroState& m) const;
+  void head_entropy(MicroState& m) const;
   // Runs forwards and backwards of every micro-batch in the 1F1B order, passing stage
   // boundary tensors between neighbouring stages.
   void run_one_f_one_b(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,

@@ -2,6 +2,7 @@
 // the fp32 kernel is compared with the reference on random inputs ("double-checked").
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -11,7 +12,9 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/attention_backward.h"
 #include "kernels/cpu/elementwise_backward.h"
+#include "kernels/canonical.h"
 #include "kernels/cpu/linear_backward.h"
+#include "kernels/cpu/log_softmax.h"
 #include "kernels/cpu/log_softmax_backward.h"
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/moe_backward.h"
@@ -140,6 +143,41 @@ TEST(BackwardOps, EmbeddingBackwardRowsEqualsFullTableRows) {
   }
   std::vector<float> out(H);
   EXPECT_THROW(cpu::embedding_backward_rows(ids.data(), dy.data(), out.data(), T, V, 45, 10, H), Error);
+}
+
+// The vocab-parallel forms: for every split into 1, 2, 4 or 8 slices of whole canonical
+// chunks, the entropy leaves give softmax_entropy's bits through tree8, and each slice's
+// gradient is the full-row gradient's columns, bit for bit (targets in and out of a slice).
+TEST(BackwardOps, LogSoftmaxSlicesEqualFullRows) {
+  const int64_t T = 6, V = 203;  // chunks of 26: the last chunk short
+  const auto z = random_vector(T * V, 31, 4.0f), a = random_vector(T, 32), b = random_vector(T, 33);
+  const std::vector<int32_t> target = {0, 202, 25, 26, 130, 77};
+  std::vector<float> entropy(T), full(T * V), lse(T);
+  cpu::softmax_entropy(z.data(), entropy.data(), T, V);
+  cpu::log_softmax_gather_backward(z.data(), target.data(), a.data(), b.data(), entropy.data(), full.data(), T, V);
+  for (int64_t t = 0; t < T; ++t) lse[t] = cpu::log_normalizer(z.data() + t * V, V);
+  const int64_t len = canonical_chunk(V);
+  for (int parts : {1, 2, 4, 8}) {
+    const int per = kTMax / parts;
+    std::vector<float> leaves(T * kTMax);
+    for (int r = 0; r < parts; ++r) {
+      const int64_t begin = std::min(V, r * per * len), end = std::min(V, (r + 1) * per * len), VL = end - begin;
+      std::vector<float> slice(T * VL), mine(T * per), dz(T * VL, 7.0f);
+      for (int64_t t = 0; t < T; ++t) std::copy_n(z.data() + t * V + begin, VL, slice.data() + t * VL);
+      cpu::softmax_entropy_parts(slice.data(), lse.data(), mine.data(), T, V, VL, r * per, per);
+      for (int64_t t = 0; t < T; ++t)
+        for (int i = 0; i < per; ++i) leaves[t * kTMax + r * per + i] = mine[t * per + i];
+      cpu::log_softmax_gather_backward_slice(slice.data(), lse.data(), target.data(), a.data(), b.data(),
+                                             entropy.data(), dz.data(), T, begin, VL);
+      for (int64_t t = 0; t < T; ++t)
+        EXPECT_EQ(std::memcmp(dz.data() + t * VL, full.data() + t * V + begin, size_t(VL) * sizeof(float)), 0)
+            << parts << " slices, slice " << r << ", row " << t;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const float h = -tree8(leaves.data() + t * kTMax);
+      EXPECT_EQ(std::memcmp(&h, &entropy[t], sizeof(float)), 0) << parts << " slices, row " << t;
+    }
+  }
 }
 
 TEST(BackwardOps, LogSoftmaxGatherWithEntropy) {
