@@ -1,4 +1,5 @@
-// The fused small-step routing + expert assignment equals the separate kernels bit for bit.
+// The fused small-step routing + expert assignment equals the separate kernels bit for bit;
+// the large-step SwiGLU and expert combine (8 columns per thread) equal the small-step kernels.
 #include <algorithm>
 #include <utility>
 
@@ -9,6 +10,7 @@ namespace lockstep {
 namespace {
 
 using testing::DeviceVec;
+using testing::random_bf16;
 
 std::vector<float> random_f32(int64_t n, uint64_t seed, float lo, float hi) {
   std::mt19937_64 rng(seed);
@@ -65,6 +67,41 @@ TEST(CudaOps, RouteAndAssignEqualsSeparate) {
     check_route_assign(T, 128, 8);
     check_route_assign(T, 16, 4);
   }
+}
+
+cuda::bf16_t* bf(const DeviceVec<uint16_t>& v) { return reinterpret_cast<cuda::bf16_t*>(v.get()); }
+
+// A large step (the vector kernel) equals the same rows run as small steps (the scalar kernel).
+TEST(CudaOps, LargeStepSwigluEqualsSmallSteps) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t R = 1400, I = 768, piece = 100;  // R * I >= 2^20; a piece is below
+  DeviceVec<uint16_t> gu(random_bf16(R * 2 * I, 11, 6.0f)), whole(R * I), pieces(R * I);
+  whole.poison();
+  pieces.poison();
+  cuda::swiglu(bf(gu), bf(whole), R, I, nullptr);
+  for (int64_t r0 = 0; r0 < R; r0 += piece)
+    cuda::swiglu(bf(gu) + r0 * 2 * I, bf(pieces) + r0 * I, std::min(piece, R - r0), I, nullptr);
+  EXPECT_EQ(whole.take(), pieces.take());
+}
+
+TEST(CudaOps, LargeStepCombineEqualsSmallSteps) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t T = 300, H = 2048, k = 8, E = 128, piece = 50;  // T >= 256; a piece is below
+  std::vector<int32_t> ids_h(size_t(T * k));
+  for (int64_t t = 0; t < T; ++t)  // k distinct experts per token, not in ascending order
+    for (int64_t j = 0; j < k; ++j) ids_h[size_t(t * k + j)] = int32_t((t * 7 + j * 37) % E);
+  DeviceVec<int32_t> ids(ids_h);
+  DeviceVec<float> weights(random_f32(T * k, 5, 0.0f, 1.0f));
+  DeviceVec<uint16_t> y(random_bf16(T * k * H, 12));
+  const auto x0 = random_bf16(T * H, 13);
+  DeviceVec<uint16_t> whole(x0), pieces(x0);
+  cuda::combine_experts_residual(ids.get(), weights.get(), bf(y), bf(whole), T, H, k, nullptr);
+  for (int64_t t0 = 0; t0 < T; t0 += piece)
+    cuda::combine_experts_residual(ids.get() + t0 * k, weights.get() + t0 * k, bf(y) + t0 * k * H,
+                                   bf(pieces) + t0 * H, std::min(piece, T - t0), H, k, nullptr);
+  const auto a = whole.take();
+  EXPECT_EQ(a, pieces.take());
+  EXPECT_NE(a, x0);  // the residual did change
 }
 
 }  // namespace

@@ -392,6 +392,28 @@ __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
   act[idx] = to_bf16(g / (1.0f + expf(-g)) * u);
 }
 
+// The same per-element operations, 8 consecutive columns per thread with 16-byte loads and
+// stores (I % 8 == 0, aligned rows): the scalar kernel was bound by its per-element 64-bit
+// index division (prefill, notes v5).
+__global__ void swiglu8_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
+  start_after_previous();
+  const int64_t idx = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (idx >= R * I) return;
+  const int64_t r = idx / I, i = idx - r * I;
+  const uint4 gv = *reinterpret_cast<const uint4*>(gu + r * 2 * I + i);
+  const uint4 uv = *reinterpret_cast<const uint4*>(gu + r * 2 * I + I + i);
+  const bf16* g8 = reinterpret_cast<const bf16*>(&gv);
+  const bf16* u8 = reinterpret_cast<const bf16*>(&uv);
+  uint4 ov;
+  bf16* o8 = reinterpret_cast<bf16*>(&ov);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const float g = to_f32(g8[e]), u = to_f32(u8[e]);
+    o8[e] = to_bf16(g / (1.0f + expf(-g)) * u);
+  }
+  *reinterpret_cast<uint4*>(act + idx) = ov;
+}
+
 // The token's k slots in ascending expert id (insertion sort; k <= 8), into order[].
 __device__ __forceinline__ void sort_slots(const int32_t* ids, int k, int* order_out) {
   int order[8], id[8];
@@ -431,6 +453,35 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const int32_t*
   }
   x[t * H + h0] = to_bf16(to_f32(x[t * H + h0]) + round_bf16(o0));
   if (pair) x[t * H + h0 + 1] = to_bf16(to_f32(x[t * H + h0 + 1]) + round_bf16(o1));
+}
+
+// combine_kernel's per-column sums, 8 consecutive columns per thread with 16-byte loads and
+// stores (H % 8 == 0, aligned rows): the same operations in the same order per column.
+__global__ void __launch_bounds__(kCombineThreads) combine8_kernel(const int32_t* ids, const float* weights,
+                                                                   const bf16* y, bf16* x, int64_t H, int64_t k) {
+  start_after_previous();
+  __shared__ int s_order[8];
+  const int64_t t = blockIdx.x;
+  if (threadIdx.x == 0) sort_slots(ids + t * k, int(k), s_order);
+  __syncthreads();
+  const int64_t h0 = (int64_t(blockIdx.y) * kCombineThreads + threadIdx.x) * 8;
+  if (h0 >= H) return;
+  float o[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o[e] = 0.0f;
+  for (int i = 0; i < k; ++i) {
+    const int slot = s_order[i];
+    const float w = weights[t * k + slot];
+    const uint4 yv = *reinterpret_cast<const uint4*>(y + (t * k + slot) * H + h0);
+    const bf16* y8 = reinterpret_cast<const bf16*>(&yv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] += w * to_f32(y8[e]);
+  }
+  uint4 xv = *reinterpret_cast<const uint4*>(x + t * H + h0);
+  bf16* x8 = reinterpret_cast<bf16*>(&xv);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x8[e] = to_bf16(to_f32(x8[e]) + round_bf16(o[e]));
+  *reinterpret_cast<uint4*>(x + t * H + h0) = xv;
 }
 
 __global__ void __launch_bounds__(256) log_softmax_gather_kernel(const float* logits, const int32_t* targets,
@@ -699,6 +750,10 @@ void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t
 
 void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s) {
   if (R * I == 0) return;
+  // Large steps only (decode keeps more, lighter threads); the same bits either way.
+  if (R * I >= (int64_t(1) << 20) && I % 8 == 0 &&
+      ((reinterpret_cast<uintptr_t>(gu) | reinterpret_cast<uintptr_t>(act)) & 15) == 0)
+    return launch_after_previous(swiglu8_kernel, blocks_for(R * I / 8, 256), 256, 0, s, gu, act, R, I);
   launch_after_previous(swiglu_kernel, blocks_for(R * I, 256), 256, 0, s, gu, act, R, I);
 }
 
@@ -706,6 +761,11 @@ void combine_experts_residual(const int32_t* ids, const float* weights, const bf
                               int64_t H, int64_t k, cudaStream_t s) {
   if (T == 0) return;
   LS_CHECK(k >= 1 && k <= 8, "cuda combine_experts: num_experts_per_tok must be in 1..8, got ", k);
+  // Large steps only (decode keeps 4 blocks per token); the same bits either way.
+  if (T >= 256 && H % 8 == 0 && ((reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(x)) & 15) == 0) {
+    dim3 grid8(unsigned(T), unsigned((H + 8 * kCombineThreads - 1) / (8 * kCombineThreads)));
+    return launch_after_previous(combine8_kernel, grid8, kCombineThreads, 0, s, ids, weights, y, x, H, k);
+  }
   dim3 grid(unsigned(T), unsigned((H + 2 * kCombineThreads - 1) / (2 * kCombineThreads)));
   launch_after_previous(combine_kernel, grid, kCombineThreads, 0, s, ids, weights, y, x, H, k);
 }
