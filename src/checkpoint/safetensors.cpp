@@ -118,7 +118,11 @@ void SafetensorsReader::add_file(std::shared_ptr<void> bytes, size_t size, const
              dtype_name(dtype), " and shape ", shape_str(shape), " need ", expected);
     LS_CHECK(tensors_.count(name) == 0, at, ": appears in more than one file (also in ", files_[name], ")");
     spans.push_back({begin, end, name});
-    tensors_[name] = Tensor::view(shape, dtype, const_cast<uint8_t*>(base + data_start + begin), bytes);
+    const uint8_t* at_data = base + data_start + begin;
+    tensors_[name] = Tensor::view(shape, dtype, const_cast<uint8_t*>(at_data), bytes);
+    // A file whose data does not start at a multiple of the element size (allowed by the
+    // format) is read through an aligned copy: typed access to it would be undefined.
+    if (reinterpret_cast<uintptr_t>(at_data) % dtype_size(dtype) != 0) tensors_[name] = tensors_[name].clone();
     files_[name] = where;
   }
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
@@ -203,8 +207,16 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
                        const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
+  // Data in order of element size (largest first), then name: with the header padded to 8
+  // bytes every tensor starts at a multiple of its element size (as Hugging Face writes).
+  std::vector<const std::pair<const std::string, Tensor>*> order;
+  for (const auto& entry : tensors) order.push_back(&entry);
+  std::stable_sort(order.begin(), order.end(), [](const auto* a, const auto* b) {
+    return dtype_size(a->second.dtype()) > dtype_size(b->second.dtype());
+  });
   uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
+  for (const auto* entry : order) {
+    const auto& [name, t] = *entry;
     LS_CHECK(t.device() == Device::cpu, path, ": tensor '", name, "' must be on the cpu to be written");
     header[name] = {{"dtype", dtype_name(t.dtype())},
                     {"shape", t.shape()},
@@ -220,7 +232,8 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
     uint64_t len = h.size();
     out.write(reinterpret_cast<const char*>(&len), 8);
     out.write(h.data(), std::streamsize(h.size()));
-    for (const auto& [name, t] : tensors) out.write(static_cast<const char*>(t.raw()), std::streamsize(t.nbytes()));
+    for (const auto* entry : order)
+      out.write(static_cast<const char*>(entry->second.raw()), std::streamsize(entry->second.nbytes()));
     LS_CHECK(out.good(), tmp, ": write failed");
   }
   // Rename last so a crash never leaves a half-written file under the final name.
