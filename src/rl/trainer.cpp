@@ -297,6 +297,17 @@ ModelWeights initial_weights(const TrainConfig& c, Precision precision) {
   return ModelWeights::random(tiny_task_model_config(), uint64_t(c.model_seed), precision);
 }
 
+TopologyRequest trainer_topology_request(const TrainConfig& c) {
+  TopologyRequest r;
+  r.tp = int(c.tensor_model_parallel_size);
+  r.sp = c.sequence_parallel;
+  r.pp = int(c.pipeline_model_parallel_size);
+  r.ep = int(c.expert_model_parallel_size);
+  r.etp = int(c.expert_tensor_parallel_size);
+  r.layer_split = c.pipeline_layer_split;
+  return r;
+}
+
 TopologyRequest rollout_topology_request(const TrainConfig& c) {
   TopologyRequest r;
   r.tp = int(c.rollout_tensor_model_parallel_size);
@@ -341,13 +352,7 @@ void check_model_fits_task(const ModelConfig& m, const Task& task, const TrainCo
 TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   // ---- Everything that can be wrong with the input is checked before any work. ----
   validate(cfg);
-  TopologyRequest request;
-  request.tp = int(cfg.tensor_model_parallel_size);
-  request.sp = cfg.sequence_parallel;
-  request.pp = int(cfg.pipeline_model_parallel_size);
-  request.ep = int(cfg.expert_model_parallel_size);
-  request.etp = int(cfg.expert_tensor_parallel_size);
-  request.layer_split = cfg.pipeline_layer_split;
+  const TopologyRequest request = trainer_topology_request(cfg);
   LS_CHECK(world || !request.parallel(), "lockstep train: the topology flags need ranks (run under mpirun)");
   const bool rollout_parallel = rollout_topology_request(cfg).parallel();
   LS_CHECK(world || !rollout_parallel,
