@@ -670,6 +670,7 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
   LS_CHECK(p.M < (int64_t(1) << 31) && p.K < (int64_t(1) << 31), "gemm: shape too large");
   LS_CHECK(config >= 0 && config < kGemmConfigs, "gemm: no tile configuration ", config);
   if (p.M == 0) return;
+  if (config >= kGemmMmaConfigs) return gemm_wgmma_with_config(p, config - kGemmMmaConfigs, stream);
   if (p.chunks == 8 && p.split_workspace != nullptr) {
     LS_CHECK(8 * p.M * p.N <= p.split_workspace_floats, "gemm: the split workspace holds ", p.split_workspace_floats,
              " floats, ", 8 * p.M * p.N, " needed");

@@ -61,8 +61,14 @@ void gemm(const GemmArgs& args, cudaStream_t stream);
 // Which tile configurations exist (tests run each on the same problem and compare bits):
 // 0-6 the tiled kernel (16x32 ... 128x256), 7-10 the small-step kernel (row tiles of 8, one
 // weight stream per warp), 11-12 the tiled kernel's row form for large steps with the tree's
-// short-lived partials in shared memory (64x128 at 2 CTAs per SM, 128x128 of 16 warps).
-constexpr int kGemmConfigs = 13;
+// short-lived partials in shared memory (64x128 at 2 CTAs per SM, 128x128 of 16 warps);
+// from kGemmMmaConfigs on, the wgmma kernels of gemm_wgmma.cu (Hopper warpgroup MMA, config
+// kGemmMmaConfigs + i is their configuration i).
+constexpr int kGemmMmaConfigs = 13;
+constexpr int kGemmWgmmaConfigs = 0;
+constexpr int kGemmConfigs = kGemmMmaConfigs + kGemmWgmmaConfigs;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
+// Configuration i of the wgmma kernels (0 <= i < kGemmWgmmaConfigs).
+void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 
 }  // namespace lockstep::cuda
