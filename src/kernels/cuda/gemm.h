@@ -65,7 +65,7 @@ void gemm(const GemmArgs& args, cudaStream_t stream);
 // from kGemmMmaConfigs on, the wgmma kernels of gemm_wgmma.cu (Hopper warpgroup MMA, config
 // kGemmMmaConfigs + i is their configuration i).
 constexpr int kGemmMmaConfigs = 13;
-constexpr int kGemmWgmmaConfigs = 0;
+constexpr int kGemmWgmmaConfigs = 2;
 constexpr int kGemmConfigs = kGemmMmaConfigs + kGemmWgmmaConfigs;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 // Configuration i of the wgmma kernels (0 <= i < kGemmWgmmaConfigs).

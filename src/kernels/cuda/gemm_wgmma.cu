@@ -1,11 +1,453 @@
-// Hopper warpgroup-MMA (wgmma) kernels of the batch-invariant GEMM (gemm.h): none yet.
+// Hopper warpgroup-MMA (wgmma, sm_90a) kernels of the batch-invariant GEMM (gemm.h), and the
+// probe that shows one wgmma k16 step rounds like one mma.sync m16n8k16 step.
+//
+// Operands live in shared memory as K tiles of 64 bf16 per row (128 bytes), the 16-byte
+// pieces of row r at piece ^ (r % 8) in 1024-byte aligned tiles: gemm.cu's swizzled layout,
+// which is also wgmma's 128-byte-swizzle K-major layout. A k16 step reads 32 bytes of every
+// row, so its descriptor is the tile's plus 32 bytes per step.
+#include "kernels/cuda/gemm_wgmma.h"
+
+#include <algorithm>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm.h"
 
 namespace lockstep::cuda {
+namespace {
 
-void gemm_wgmma_with_config(const GemmArgs&, int config, cudaStream_t) {
-  LS_CHECK(false, "gemm: no wgmma configuration ", config);
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+// Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle: 8-row groups
+// 1024 bytes apart (stride byte offset), the leading byte offset unused (a k16 step stays
+// inside one 128-byte row), base offset 0 (tiles 1024-byte aligned).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Plain stores and cp.async writes become visible to the tensor cores (async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accumulator reads or writes across a wgmma wait.
+template <int R>
+__device__ __forceinline__ void pin_registers(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (+)= A[64 x 16] * B[128 x 16]^T (both K-major in shared memory, 128-byte swizzle); scale_d 0
+// ignores d (the step starts from zero), 1 accumulates.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// d (+)= A[64 x 16] * B[256 x 16]^T (both K-major in shared memory, 128-byte swizzle); scale_d 0
+// ignores d (the step starts from zero), 1 accumulates.
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+      "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// gemm.cu's fold_chunk: the finished chunk c's sum `a` into the tree
+// ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) with partials s0, s1, s2; after chunk 7, `a` is the total.
+__device__ __forceinline__ void fold_chunk(int c, float& a, float& s0, float& s1, float& s2) {
+  switch (c) {
+    case 0: case 2: case 4: case 6: s0 = a; a = 0.0f; break;
+    case 1: s1 = s0 + a; a = 0.0f; break;
+    case 3: s1 = s1 + (s0 + a); a = 0.0f; break;
+    case 5: s2 = s0 + a; a = 0.0f; break;
+    default: a = s1 + (s2 + (s0 + a)); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The probe: one warpgroup, 64 rows x 128 columns, K tiles of 64 staged by plain loads.
+__global__ void __launch_bounds__(128) wgmma_probe_kernel(const bf16* A, const bf16* W, int N, int K, int chunks,
+                                                          bool scale_d_zero, float* out) {
+  __shared__ __align__(1024) bf16 sA[64 * 64];
+  __shared__ __align__(1024) bf16 sB[128 * 64];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n0 = int(blockIdx.y) * 128;
+  const int chunk_len = chunks == 8 ? (K + 7) / 8 : K, tiles_per_chunk = (chunk_len + 63) / 64;
+  const float start_value = scale_d_zero ? __int_as_float(0x7fffffff) : 0.0f;  // NaN must never show
+  float acc[64], s0[64], s1[64], s2[64];
+  for (int i = 0; i < 64; ++i) acc[i] = start_value;
+  for (int c = 0; c < chunks; ++c) {
+    for (int j = 0; j < tiles_per_chunk; ++j) {
+      const int k_begin = c * chunk_len + j * 64, k_end = min(c * chunk_len + chunk_len, K);
+      for (int idx = tid; idx < (64 + 128) * 64; idx += 128) {
+        const int r = idx / 64, k = idx % 64, piece = k / 8;
+        const bool is_a = r < 64;
+        const int row = is_a ? r : r - 64;
+        const bf16 v = k_begin + k < k_end
+                           ? (is_a ? A[int64_t(row) * K + k_begin + k] : W[int64_t(n0 + row) * K + k_begin + k])
+                           : __float2bfloat16_rn(0.0f);
+        (is_a ? sA : sB)[row * 64 + ((piece ^ (row & 7)) << 3) + k % 8] = v;
+      }
+      fence_proxy_async();
+      __syncthreads();
+      const int k_live = min(64, chunk_len - j * 64);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk * 16 >= k_live) break;
+        const int scale_d = (scale_d_zero && j == 0 && kk == 0) ? 0 : 1;
+        wgmma_m64n128k16(acc, smem_desc(smem_addr(sA) + kk * 32), smem_desc(smem_addr(sB) + kk * 32), scale_d);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin_registers(acc);
+      __syncthreads();
+    }
+    if (chunks == 8) {
+      for (int i = 0; i < 64; ++i) {
+        fold_chunk(c, acc[i], s0[i], s1[i], s2[i]);
+        if (c < 7) acc[i] = start_value;
+      }
+    }
+  }
+  // Accumulator layout: warp w holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}.
+  for (int j = 0; j < 16; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * warp + (lane >> 2) + 8 * h, n = n0 + 8 * j + 2 * (lane & 3);
+      out[int64_t(row) * N + n] = acc[4 * j + 2 * h];
+      out[int64_t(row) * N + n + 1] = acc[4 * j + 2 * h + 1];
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------
+// The GEMM: CTAs of 128 rows x BN columns, two warpgroups of 64 rows each, K tiles of 64
+// staged by cp.async (every thread) in a ring of STAGES, loaded STAGES - 2 tiles ahead; each
+// K tile is up to 4 wgmma m64nBNk16 steps per warpgroup, the warpgroup keeps one tile's
+// wgmma in flight while the next is issued. Per element: zeroed accumulator, then the k16
+// steps of its K (or of each chunk) in ascending k with scale-d = 1, k16 steps wholly in a
+// chunk's zero padding skipped: the sequence of the mma.sync kernels (the probe shows one
+// wgmma k16 step rounds like one mma.sync step), so the same bits.
+// TREE: the row form; each finished chunk is folded by fold_chunk's additions, with the
+// partial s1 (and s0 unless S0_SMEM) in registers, s2 (and s0 if S0_SMEM) in shared memory
+// (each thread its own words: no bank conflicts, no barrier).
+
+constexpr int kWgBM = 128, kWgBK = 64, kWgThreads = 256;
+
+template <int BN, int STAGES, bool TREE, bool S0_SMEM>
+constexpr size_t wgmma_smem_bytes() {
+  return 1024 + size_t(STAGES) * (kWgBM + BN) * kWgBK * 2 +
+         (TREE ? size_t(S0_SMEM ? 2 : 1) * (BN / 2) * kWgThreads * sizeof(float) : 0);
+}
+
+// Which group and rows the CTA blockIdx.x covers (row tiles of kWgBM, the groups' tiles one
+// after another); warp 0 writes the results, group -1 if none.
+__device__ __forceinline__ void wgmma_row_tile(const GemmArgs& p, int& s_group, int& s_row0, int& s_row_end) {
+  const int lane = threadIdx.x & 31, bx = int(blockIdx.x);
+  if (p.group_rows == nullptr) {
+    if (lane == 0) {
+      s_group = 0;
+      s_row0 = bx * kWgBM;
+      s_row_end = int(p.M);
+    }
+    return;
+  }
+  if (lane == 0) s_group = -1;
+  __syncwarp();
+  int carry = 0;  // row tiles of the groups before this round
+  for (int base = 0; base < p.groups; base += 32) {
+    const int g = base + lane;
+    const int begin = g < p.groups ? p.group_rows[g] : 0, end = g < p.groups ? p.group_rows[g + 1] : 0;
+    const int tiles = (end - begin + kWgBM - 1) / kWgBM;
+    int incl = tiles;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    const int first = carry + incl - tiles;
+    if (g < p.groups && bx >= first && bx < first + tiles) {
+      s_group = g;
+      s_row0 = begin + (bx - first) * kWgBM;
+      s_row_end = end;
+    }
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+    if (carry > bx) break;
+  }
+}
+
+// gemm.cu's store_pair (not split): columns n, n + 1 (when n + 1 < N) of logical row `row`.
+__device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int n, float v0, float v1) {
+  const bool pair = n + 1 < int(p.N);
+  const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
+  if (p.out_kind == GemmOut::f32) {
+    if (pair) *reinterpret_cast<float2*>(p.out_f32 + o) = make_float2(v0, v1);
+    else p.out_f32[o] = v0;
+  } else if (p.out_kind == GemmOut::bf16) {
+    if (pair) *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(v0, v1);
+    else p.out_bf16[o] = to_bf16(v0);
+  } else {
+    const float r0 = to_f32(p.resid[o]) + round_bf16(v0);
+    if (pair) {
+      const float r1 = to_f32(p.resid[o + 1]) + round_bf16(v1);
+      *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(r0, r1);
+    } else {
+      p.out_bf16[o] = to_bf16(r0);
+    }
+  }
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;  // 0 bytes read: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <int BN>
+__device__ __forceinline__ void wgmma_step(float (&acc)[BN / 2], uint64_t da, uint64_t db) {
+  if constexpr (BN == 256) wgmma_m64n256k16(acc, da, db, 1);
+  else wgmma_m64n128k16(acc, da, db, 1);
+}
+
+template <int BN, int STAGES, bool TREE, bool S0_SMEM>
+__global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
+  static_assert(BN == 128 || BN == 256, "wgmma tiles are 128 or 256 columns");
+  static_assert(STAGES >= 3, "the ring keeps one K tile in the tensor cores and loads ahead");
+  constexpr int BM = kWgBM, BK = kWgBK, THREADS = kWgThreads, R = BN / 2;  // R accumulators per thread
+  constexpr int AHEAD = STAGES - 2;                                         // K tiles loaded ahead
+  constexpr int A_ITERS = BM * 8 / THREADS, B_ITERS = BN * 8 / THREADS;   // 16-byte pieces per thread
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ int s_group, s_row0, s_row_end;
+  // 1024-byte aligned tiles (the 128-byte swizzle repeats every 8 rows of 128 bytes).
+  const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  const uint32_t sA = base, sB = base + STAGES * BM * BK * 2;
+  float* sP = reinterpret_cast<float*>(smem + size_t(STAGES) * (BM + BN) * BK * 2) + threadIdx.x;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  start_after_previous();  // rows, gather lists and A come from the previous kernels
+  if (warp == 0) wgmma_row_tile(p, s_group, s_row0, s_row_end);
+  __syncthreads();
+  const int group = s_group, row0 = s_row0, row_end = s_row_end;
+  if (group < 0 || row0 >= row_end) return;
+  const int n0 = int(blockIdx.y) * BN, K = int(p.K), N = int(p.N);
+  const bf16* W = p.W + int64_t(group) * p.w_group_stride;
+  const int chunk_len = TREE ? (K + 7) / 8 : K;
+  const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
+  const int total_tiles = (TREE ? 8 : 1) * tiles_per_chunk;
+
+  // Piece i of a K tile for this thread: row (tid + i THREADS) / 8, 16-byte piece tid % 8.
+  const int piece = tid & 7;
+  const bf16* a_row[A_ITERS];
+  const bf16* b_row[B_ITERS];
+#pragma unroll
+  for (int i = 0; i < A_ITERS; ++i) {
+    const int r = row0 + (tid + i * THREADS) / 8;
+    a_row[i] = r < row_end ? p.A + int64_t(p.a_gather ? p.a_gather[r] : r) * p.lda : nullptr;
+  }
+#pragma unroll
+  for (int i = 0; i < B_ITERS; ++i) {
+    const int n = n0 + (tid + i * THREADS) / 8;
+    b_row[i] = n < N ? W + int64_t(n) * p.ldw : nullptr;
+  }
+  struct TilePos {
+    int c, j;  // chunk, K tile within the chunk
+  };
+  auto next_pos = [&](TilePos t) {
+    if (++t.j == tiles_per_chunk) t.j = 0, ++t.c;
+    return t;
+  };
+  auto load_tile = [&](int stage, TilePos t) {
+    const int k = t.c * chunk_len + t.j * BK + piece * 8, k_end = min(t.c * chunk_len + chunk_len, K);
+    const bool k_ok = k < k_end;
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      const int r = (tid + i * THREADS) / 8;
+      const bool valid = a_row[i] && k_ok;
+      cp_async16(sA + stage * BM * BK * 2 + r * 128 + ((piece ^ (r & 7)) << 4), valid ? a_row[i] + k : p.A, valid);
+    }
+#pragma unroll
+    for (int i = 0; i < B_ITERS; ++i) {
+      const int r = (tid + i * THREADS) / 8;
+      const bool valid = b_row[i] && k_ok;
+      cp_async16(sB + stage * BN * BK * 2 + r * 128 + ((piece ^ (r & 7)) << 4), valid ? b_row[i] + k : p.W, valid);
+    }
+  };
+
+  float acc[R];
+  float s0[TREE && !S0_SMEM ? R : 1], s1[TREE ? R : 1];
+#pragma unroll
+  for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+
+  TilePos load_pos{0, 0};
+#pragma unroll
+  for (int s = 0; s < AHEAD; ++s) {
+    if (s < total_tiles) load_tile(s, load_pos);
+    load_pos = next_pos(load_pos);
+    cp_async_commit();
+  }
+  const uint64_t desc_a = smem_desc(sA + wg * 64 * BK * 2), desc_b = smem_desc(sB);
+  TilePos cur{0, 0};
+  for (int kt = 0; kt < total_tiles; ++kt, cur = next_pos(cur)) {
+    cp_async_wait<AHEAD - 1>();  // this thread's pieces of tile kt have landed
+    fence_proxy_async();         // ... and are visible to the tensor cores
+    __syncthreads();             // everyone's pieces; every warpgroup is done with tile kt - 2
+    if (kt + AHEAD < total_tiles) load_tile((kt + AHEAD) % STAGES, load_pos);
+    load_pos = next_pos(load_pos);
+    cp_async_commit();
+    const int stage = kt % STAGES;
+    const uint64_t da = desc_a + uint64_t((stage * BM * BK * 2) >> 4), db = desc_b + uint64_t((stage * BN * BK * 2) >> 4);
+    const int k_live = min(BK, chunk_len - cur.j * BK);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+      if (kk * 16 < k_live) wgmma_step<BN>(acc, da + 2 * kk, db + 2 * kk);  // + 32 bytes per k16 step
+    wgmma_commit();
+    if constexpr (TREE) {
+      if (cur.j == tiles_per_chunk - 1) {
+        wgmma_wait<0>();
+        pin_registers(acc);
+        const int c = cur.c;
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          float& a = acc[i];
+          float* p0 = S0_SMEM ? sP + i * THREADS : nullptr;
+          float* p2 = sP + ((S0_SMEM ? R : 0) + i) * THREADS;
+          float& r0 = S0_SMEM ? *p0 : s0[S0_SMEM ? 0 : i];
+          switch (c) {
+            case 0: case 2: case 4: case 6: r0 = a; a = 0.0f; break;
+            case 1: s1[i] = r0 + a; a = 0.0f; break;
+            case 3: s1[i] = s1[i] + (r0 + a); a = 0.0f; break;
+            case 5: *p2 = r0 + a; a = 0.0f; break;
+            default: a = s1[i] + (*p2 + (r0 + a)); break;
+          }
+        }
+        pin_registers(acc);
+        continue;
+      }
+    }
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  pin_registers(acc);
+  cp_async_wait<0>();
+
+  // Warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}.
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + 8 * h;
+      const int n = n0 + 8 * j + 2 * (lane & 3);
+      if (row < row_end && n < N) store_pair(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    }
+}
+
+// Whether 16-byte cp.async can load every piece (gemm.cu's vector_loads).
+bool wgmma_loads_ok(const GemmArgs& p) {
+  const int64_t chunk_len = p.chunks == 8 ? (p.K + 7) / 8 : p.K;
+  auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
+  return chunk_len % 8 == 0 && p.K % 8 == 0 && p.lda % 8 == 0 && p.ldw % 8 == 0 && p.w_group_stride % 8 == 0 &&
+         aligned(p.A) && aligned(p.W);
+}
+
+template <int BN, int STAGES, bool TREE, bool S0_SMEM>
+void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
+  constexpr size_t smem = wgmma_smem_bytes<BN, STAGES, TREE, S0_SMEM>();
+  auto kernel = wgmma_gemm_kernel<BN, STAGES, TREE, S0_SMEM>;
+  static const bool configured = [&] {
+    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)configured;
+  int64_t tiles_m = ceil_div(p.M, kWgBM);
+  if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
+  const int64_t tiles_n = ceil_div(p.N, BN);
+  LS_CHECK(tiles_n <= 65535 && tiles_m < (int64_t(1) << 31), "gemm: shape too large for one wgmma launch: M = ",
+           p.M, ", N = ", p.N);
+  launch_after_previous(kernel, dim3(unsigned(tiles_m), unsigned(tiles_n)), dim3(kWgThreads), smem, stream, p);
+}
+
+}  // namespace
+
+// Configurations (each gives the same bits as every mma.sync configuration):
+// 0: column form 128 x 256 (4 stages, 193 KB); row form 128 x 128 with s0, s1 in registers
+//    (4 stages + s2 in shared memory, 193 KB).
+// 1: column form 128 x 128 (6 stages, 193 KB); row form 128 x 128 with s1 in registers
+//    (3 stages + s0, s2 in shared memory, 225 KB).
+// Problems cp.async cannot load in 16-byte pieces go to the mma.sync 128 x 128 kernels.
+void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream) {
+  LS_CHECK(config >= 0 && config < kGemmWgmmaConfigs, "gemm: no wgmma configuration ", config);
+  if (args.M == 0) return;
+  if (!wgmma_loads_ok(args)) return gemm_with_config(args, args.chunks == 8 ? 12 : 4, stream);
+  GemmArgs p = args;
+  p.split_workspace = nullptr;  // the tree is computed in the kernel (the same operations)
+  if (p.chunks == 8) {
+    if (config == 0) return launch_wgmma<128, 4, true, false>(p, stream);
+    return launch_wgmma<128, 3, true, true>(p, stream);
+  }
+  if (config == 0) return launch_wgmma<256, 4, false, false>(p, stream);
+  return launch_wgmma<128, 6, false, false>(p, stream);
+}
+
+void wgmma_probe(const bf16* A, const bf16* W, int N, int K, int chunks, WgmmaStart start, float* out) {
+  LS_CHECK(N > 0 && N % 128 == 0, "wgmma_probe: N must be a positive multiple of 128, got ", N);
+  LS_CHECK(K > 0 && K % 8 == 0, "wgmma_probe: K must be a positive multiple of 8, got ", K);
+  LS_CHECK(chunks == 1 || chunks == 8, "wgmma_probe: chunks must be 1 or 8, got ", chunks);
+  wgmma_probe_kernel<<<dim3(1, unsigned(N / 128)), 128>>>(A, W, N, K, chunks, start == WgmmaStart::scale_d_zero,
+                                                          out);
+  LS_CUDA_LAUNCHED();
+  LS_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 
 }  // namespace lockstep::cuda
