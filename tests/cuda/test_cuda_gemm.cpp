@@ -4,8 +4,10 @@
 #include <cmath>
 
 #include "cuda_test_util.h"
+#include "core/error.h"
 #include "kernels/canonical.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/ops.h"
 
 namespace lockstep {
 namespace {
@@ -149,6 +151,84 @@ TEST(CudaGemm, GroupedGatherScatterEqualsPlain) {
               << "token " << t << " chunks " << chunks << " config " << config << " split " << split;
       }
     }
+}
+
+// SwiGLU applied as the small-step kernel loads its A rows ([gate | up] rows, the MoE down
+// projection at decode) equals the SwiGLU kernel followed by the GEMM, bit for bit: plain rows
+// and rows grouped by expert and scattered (with the group list read before the kernel's wait),
+// column form, row form, and the row form split across CTAs.
+TEST(CudaGemm, SwigluOnLoadEqualsSwigluKernelThenGemm) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t T = 20, I = 200, N = 72, G = 3;
+  auto gu = random_bf16(T * 2 * I, 11, 4.0f), w = random_bf16(G * N * I, 12);
+  DeviceVec<uint16_t> GU(gu), W(w), Act(T * I);
+  cuda::swiglu(reinterpret_cast<const cuda::bf16_t*>(GU.get()), reinterpret_cast<cuda::bf16_t*>(Act.get()), T, I,
+               nullptr);
+  std::vector<int32_t> rows_of{0}, scatter;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t t = g; t < T; t += G) scatter.push_back(int32_t(T - 1 - t));
+    rows_of.push_back(int32_t(scatter.size()));
+  }
+  DeviceVec<int32_t> Rows(rows_of), Scatter(scatter);
+  DeviceVec<float> workspace(8 * T * N);
+  for (bool grouped : {false, true})
+    for (int variant : {1, 8, -8})
+      for (int config : {7, 8, 9, 10}) {
+        auto product = [&](bool fused) {
+          DeviceVec<float> out(T * N);
+          out.poison();
+          workspace.poison();
+          cuda::GemmArgs g;
+          g.A = reinterpret_cast<const __nv_bfloat16*>(fused ? GU.get() : Act.get());
+          g.lda = fused ? 2 * I : I;
+          g.a_swiglu_up = fused ? I : 0;
+          g.W = reinterpret_cast<const __nv_bfloat16*>(W.get());
+          g.ldw = I;
+          g.M = T;
+          g.N = N;
+          g.K = I;
+          g.chunks = variant < 0 ? 8 : variant;
+          if (grouped) {
+            g.group_rows = Rows.get();
+            g.group_rows_settled = true;
+            g.groups = int(G);
+            g.w_group_stride = N * I;
+            g.out_scatter = Scatter.get();
+          }
+          g.out_kind = cuda::GemmOut::f32;
+          g.out_f32 = out.get();
+          g.ldo = N;
+          if (variant < 0) {
+            g.split_workspace = workspace.get();
+            g.split_workspace_floats = workspace.n;
+          }
+          cuda::gemm_with_config(g, config, nullptr);
+          return out.take();
+        };
+        EXPECT_TRUE(same_bits_f(product(true), product(false)))
+            << "grouped " << grouped << " chunks " << variant << " config " << config;
+      }
+}
+
+// A configuration that cannot apply SwiGLU on load refuses it instead of ignoring it.
+TEST(CudaGemm, SwigluOnLoadNeedsASmallStepConfiguration) {
+  LS_SKIP_WITHOUT_GPU();
+  DeviceVec<uint16_t> A(8 * 64), W(16 * 32);
+  DeviceVec<float> out(8 * 16);
+  cuda::GemmArgs g;
+  g.A = reinterpret_cast<const __nv_bfloat16*>(A.get());
+  g.lda = 64;
+  g.a_swiglu_up = 32;
+  g.W = reinterpret_cast<const __nv_bfloat16*>(W.get());
+  g.ldw = 32;
+  g.M = 8;
+  g.N = 16;
+  g.K = 32;
+  g.out_kind = cuda::GemmOut::f32;
+  g.out_f32 = out.get();
+  g.ldo = 16;
+  EXPECT_THROW(cuda::gemm_with_config(g, 3, nullptr), Error);
+  EXPECT_NO_THROW(cuda::gemm_with_config(g, 8, nullptr));
 }
 
 }  // namespace

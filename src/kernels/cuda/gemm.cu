@@ -70,8 +70,9 @@ __device__ __forceinline__ void find_row_tile(const GemmArgs& p, int& s_group, i
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int g = base + 32 * i + lane;
-          begin[i] = g < p.groups ? p.group_rows[g] : 0;
-          end[i] = g < p.groups ? p.group_rows[g + 1] : 0;
+          // L2 loads: a settled list may be read before the kernel's wait (GemmArgs).
+          begin[i] = g < p.groups ? __ldcg(p.group_rows + g) : 0;
+          end[i] = g < p.groups ? __ldcg(p.group_rows + g + 1) : 0;
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -389,11 +390,13 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int s_group, s_row0, s_row_end;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (p.group_rows != nullptr) start_after_previous();
+  // Weights are loaded before the wait unless the group list comes from the previous kernel.
+  const bool early_weights = p.group_rows == nullptr || p.group_rows_settled;
+  if (!early_weights) start_after_previous();
   find_row_tile<BM>(p, s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
-  if (group < 0 || row0 >= row_end) return;
+  if (group < 0 || row0 >= row_end) return;  // an exit counts as the next kernel's trigger
   const int K = int(p.K), N = int(p.N);
   const bf16* W = p.W + int64_t(group) * p.w_group_stride;
   const int chunk_len = (CHUNKED || SPLIT) ? (K + 7) / 8 : K;
@@ -444,7 +447,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
     if (s < total_tiles) load_w(s, s);
     cp_async_commit();
   }
-  if (p.group_rows == nullptr) start_after_previous();
+  if (early_weights) start_after_previous();
   // The A rows of this tile, every K tile of the CTA, zero where the tile is padding.
   for (int idx = tid; idx < BM * total_tiles * PIECES; idx += THREADS) {
     const int r = idx / (total_tiles * PIECES), rest = idx % (total_tiles * PIECES), kt = rest / PIECES,
@@ -454,7 +457,25 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
     const int k = k_begin + piece * 8, row = row0 + r;
     const bf16* src = row < row_end ? p.A + int64_t(p.a_gather ? p.a_gather[row] : row) * p.lda : nullptr;
     bf16* dst = sA + r * a_ld + kt * BK + piece * 8;
-    if (vec) {
+    if (p.a_swiglu_up > 0) {  // SwiGLU of the [gate | up] row, element by element
+      if (vec && p.a_swiglu_up % 8 == 0) {  // a piece is wholly live or wholly padding
+        uint4 out = make_uint4(0, 0, 0, 0);
+        if (src && k < k_end) {
+          const uint4 gv = *reinterpret_cast<const uint4*>(src + k);
+          const uint4 uv = *reinterpret_cast<const uint4*>(src + k + p.a_swiglu_up);
+          const bf16* g8 = reinterpret_cast<const bf16*>(&gv);
+          const bf16* u8 = reinterpret_cast<const bf16*>(&uv);
+          bf16* o8 = reinterpret_cast<bf16*>(&out);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o8[e] = to_bf16(swiglu_value(to_f32(g8[e]), to_f32(u8[e])));
+        }
+        *reinterpret_cast<uint4*>(dst) = out;
+      } else {
+        for (int e = 0; e < 8; ++e)
+          dst[e] = (src && k + e < k_end) ? to_bf16(swiglu_value(to_f32(src[k + e]), to_f32(src[k + e + p.a_swiglu_up])))
+                                          : __float2bfloat16_rn(0.0f);
+      }
+    } else if (vec) {
       const bool valid = src && k < k_end;
       cp_async16(smem_addr(dst), valid ? src + k : p.A, valid);
     } else {
@@ -615,7 +636,10 @@ void launch_small(const GemmArgs& p, cudaStream_t stream) {
   }();
   const size_t smem = small_smem<NI, WARPS, STAGES, MODE, BK>(p);
   // A K too long for the A rows in shared memory: the tiled kernel (the same bits).
-  if (smem > size_t(limit)) return launch<1, 4, 1, 2, 6, MODE>(p, stream);
+  if (smem > size_t(limit)) {
+    LS_CHECK(p.a_swiglu_up == 0, "gemm: SwiGLU on load needs the A rows in shared memory; K = ", p.K, " is too long");
+    return launch<1, 4, 1, 2, 6, MODE>(p, stream);
+  }
   int64_t tiles_m = ceil_div(p.M, 8);
   if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
   dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, NI * 8 * WARPS)), MODE == 2 ? 8u : 1u);
@@ -662,6 +686,8 @@ void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
   }
 }
 
+bool is_small_config(int config) { return config >= 7 && config <= 10; }
+
 }  // namespace
 
 void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
@@ -670,6 +696,8 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
   LS_CHECK(p.M < (int64_t(1) << 31) && p.K < (int64_t(1) << 31), "gemm: shape too large");
   LS_CHECK(config >= 0 && config < kGemmConfigs, "gemm: no tile configuration ", config);
   if (p.M == 0) return;
+  LS_CHECK(p.a_swiglu_up == 0 || is_small_config(config), "gemm: SwiGLU on load needs a small-step configuration, got ",
+           config);
   if (config >= kGemmMmaConfigs) return gemm_wgmma_with_config(p, config - kGemmMmaConfigs, stream);
   if (p.chunks == 8 && p.split_workspace != nullptr) {
     LS_CHECK(8 * p.M * p.N <= p.split_workspace_floats, "gemm: the split workspace holds ", p.split_workspace_floats,
@@ -682,8 +710,10 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
   }
 }
 
-void gemm(const GemmArgs& args, cudaStream_t stream) {
-  GemmArgs p = args;
+namespace {
+
+// The configuration gemm() takes for p, and whether the row form runs split (one chunk per CTA).
+void choose_config(const GemmArgs& p, int& config, bool& split) {
   const int64_t groups = p.group_rows ? std::max<int64_t>(1, std::min<int64_t>(p.groups, p.M)) : 1;
   const int64_t rows = p.rows_hint >= 0 ? p.rows_hint : p.M / groups;
   // Only speed depends on the choice: every configuration gives the same bits. Measured on
@@ -694,7 +724,6 @@ void gemm(const GemmArgs& args, cudaStream_t stream) {
   // wave, else 10 (8 x 64 CTAs of 8 warps).
   const int64_t row_tiles = groups * ceil_div(rows, 8), small_ctas = ceil_div(p.N, 64) * row_tiles;
   const bool l2_resident = p.N * p.K * 2 * (p.group_rows ? p.groups : 1) <= (int64_t(32) << 20);
-  int config;
   if (rows <= 64 && small_ctas < 528) config = ceil_div(p.N, 32) * row_tiles <= 264 ? 8 : 10;
   else if (rows <= 8) config = p.chunks == 8 ? 9 : 1;
   else if (rows <= 16 || (rows <= 64 && l2_resident)) config = 1;  // 16-row tiles re-read W from L2
@@ -707,9 +736,29 @@ void gemm(const GemmArgs& args, cudaStream_t stream) {
   // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.
   // Measured: o_proj at 1 token 20.8 -> 9.7 us, at 64 tokens 72.8 -> 30 us; splitting what
   // already has many CTAs (down) loses.
-  const bool split = p.chunks == 8 && rows <= 64 && p.split_workspace != nullptr &&
-                     8 * p.M * p.N <= p.split_workspace_floats && ceil_div(p.N, 64) * groups * ceil_div(rows, 16) < 132;
+  split = p.chunks == 8 && rows <= 64 && p.split_workspace != nullptr &&
+          8 * p.M * p.N <= p.split_workspace_floats && ceil_div(p.N, 64) * groups * ceil_div(rows, 16) < 132;
   if (split) config = rows <= 8 ? 9 : 1;
+}
+
+}  // namespace
+
+bool gemm_small_step(const GemmArgs& p) {
+  int config;
+  bool split;
+  choose_config(p, config, split);
+  if (!is_small_config(config)) return false;
+  // launch_small falls back to the tiled kernel where the A rows do not fit shared memory.
+  const int64_t chunk_len = p.chunks == 8 ? ceil_div(p.K, 8) : p.K;
+  const int64_t a_bytes = 8 * ((p.chunks == 8 && !split ? 8 : 1) * ceil_div(chunk_len, 256) * 256 + 8) * 2;
+  return a_bytes + 160 * 1024 <= max_dynamic_smem();
+}
+
+void gemm(const GemmArgs& args, cudaStream_t stream) {
+  GemmArgs p = args;
+  int config;
+  bool split;
+  choose_config(p, config, split);
   if (!split) p.split_workspace = nullptr;
   gemm_with_config(p, config, stream);
 }

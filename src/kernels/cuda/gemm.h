@@ -29,6 +29,10 @@ struct GemmArgs {
   const __nv_bfloat16* A = nullptr;
   int64_t lda = 0;
   const int32_t* a_gather = nullptr;
+  // > 0: element k of an A row is bf16(SwiGLU(row[k], row[k + a_swiglu_up])) (the MoE down
+  // projection at small steps reads the [gate | up] rows: no separate SwiGLU kernel). Only the
+  // small-step configurations take it (gemm_small_step() says whether gemm() picks one).
+  int64_t a_swiglu_up = 0;
   // W: per group [N, K] row-major with row stride ldw; group g at W + g * w_group_stride.
   const __nv_bfloat16* W = nullptr;
   int64_t ldw = 0;
@@ -39,6 +43,9 @@ struct GemmArgs {
   // memory, groups + 1 entries, group_rows[groups] == M. nullptr: one group of M rows.
   const int32_t* group_rows = nullptr;
   int groups = 1;
+  // group_rows was written by a kernel before the previous one in the stream (which waited for
+  // it), so a small-step kernel may read it, and start its weight loads, before it waits.
+  bool group_rows_settled = false;
   // Output row of logical row r: out_scatter ? out_scatter[r] : r; row stride ldo.
   GemmOut out_kind = GemmOut::bf16;
   float* out_f32 = nullptr;
@@ -57,6 +64,8 @@ struct GemmArgs {
 };
 
 void gemm(const GemmArgs& args, cudaStream_t stream);
+// Whether gemm() runs these arguments in a small-step configuration (which takes a_swiglu_up).
+bool gemm_small_step(const GemmArgs& args);
 
 // Which tile configurations exist (tests run each on the same problem and compare bits):
 // 0-6 the tiled kernel (16x32 ... 128x256), 7-10 the small-step kernel (row tiles of 8, one

@@ -389,7 +389,7 @@ __global__ void swiglu_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) {
   if (idx >= R * I) return;
   int64_t r = idx / I, i = idx % I;
   float g = to_f32(gu[r * 2 * I + i]), u = to_f32(gu[r * 2 * I + I + i]);
-  act[idx] = to_bf16(g / (1.0f + expf(-g)) * u);
+  act[idx] = to_bf16(swiglu_value(g, u));
 }
 
 // The same per-element operations, 8 consecutive columns per thread with 16-byte loads and
@@ -409,7 +409,7 @@ __global__ void swiglu8_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) 
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     const float g = to_f32(g8[e]), u = to_f32(u8[e]);
-    o8[e] = to_bf16(g / (1.0f + expf(-g)) * u);
+    o8[e] = to_bf16(swiglu_value(g, u));
   }
   *reinterpret_cast<uint4*>(act + idx) = ov;
 }

@@ -641,10 +641,10 @@ class CudaRunner final : public ModelRunner {
     gu.ldo = 2 * I;
     gu.rows_hint = hint;
     cuda::gemm(gu, stream_);
-    cuda::swiglu(ws_.gu, ws_.act, rows, I, stream_);
     GemmArgs dn;  // down projection, canonical row form over I, scattered to token * k + slot
-    dn.A = ws_.act;
-    dn.lda = I;
+    dn.A = ws_.gu;  // small steps: SwiGLU of the [gate | up] rows as the kernel loads them
+    dn.lda = 2 * I;
+    dn.a_swiglu_up = I;
     dn.W = L.down;
     dn.ldw = I;
     dn.w_group_stride = H * I;
@@ -655,12 +655,19 @@ class CudaRunner final : public ModelRunner {
     dn.split_workspace = ws_.split;
     dn.split_workspace_floats = ws_.split_floats;
     dn.group_rows = ws_.group_rows;
+    dn.group_rows_settled = true;  // written by route_and_assign, which gate_up waited for
     dn.groups = int(E);
     dn.out_kind = GemmOut::bf16;
     dn.out_bf16 = ws_.y;
     dn.ldo = H;
     dn.out_scatter = ws_.scatter;
     dn.rows_hint = hint;
+    if (!cuda::gemm_small_step(dn)) {
+      cuda::swiglu(ws_.gu, ws_.act, rows, I, stream_);
+      dn.A = ws_.act;
+      dn.lda = I;
+      dn.a_swiglu_up = 0;
+    }
     cuda::gemm(dn, stream_);
     cuda::combine_experts_residual(ws_.ids, ws_.expert_weights, ws_.y, ws_.x, T, H, k, stream_);
   }
