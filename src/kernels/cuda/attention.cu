@@ -7,8 +7,9 @@
 // ascending order up to the tile's last position, K/V read through the page table into
 // shared memory. Per query row, the arithmetic is fixed: S = q K^T over head_dim in ascending
 // k16 steps (mma rows never mix, so a row's scores do not depend on the other rows of the
-// tile), keys after the row's own position masked to -inf, an fp32 online softmax with the
-// row max and the row sum taken in a fixed lane order, P rounded to bf16, O += P V in
+// tile), keys after the row's own position masked to -inf, an fp32 online softmax (exp on the
+// special function unit, exp_sfu) with the row max and the row sum taken in a fixed lane
+// order, P rounded to bf16, O += P V in
 // ascending key steps. A block that lies wholly after a row's position leaves that row's
 // state unchanged (max, sum and accumulator are multiplied by exp(0) = 1 and receive exact
 // zeros), so a row gets the same bits whether its tile holds 1 token (decode) or many.
@@ -158,8 +159,8 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
       mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
       const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
       // A row with no key yet (an absent row) keeps max -inf: guard exp(-inf - -inf).
-      const float corr_a = mn_a == -INFINITY ? 1.0f : expf(m_a - mn_a);
-      const float corr_b = mn_b == -INFINITY ? 1.0f : expf(m_b - mn_b);
+      const float corr_a = mn_a == -INFINITY ? 1.0f : exp_sfu(m_a - mn_a);
+      const float corr_b = mn_b == -INFINITY ? 1.0f : exp_sfu(m_b - mn_b);
       // P = bf16(exp(s - max)); the row sum adds the rounded values in a fixed order:
       // per lane ascending key, then the quad butterfly (xor 1, then xor 2).
       float sum_a = 0.0f, sum_b = 0.0f;
@@ -167,8 +168,8 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
       for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pa = s[nt][e] == -INFINITY ? 0.0f : round_bf16(expf(s[nt][e] - mn_a));
-          const float pb = s[nt][2 + e] == -INFINITY ? 0.0f : round_bf16(expf(s[nt][2 + e] - mn_b));
+          const float pa = s[nt][e] == -INFINITY ? 0.0f : round_bf16(exp_sfu(s[nt][e] - mn_a));
+          const float pb = s[nt][2 + e] == -INFINITY ? 0.0f : round_bf16(exp_sfu(s[nt][2 + e] - mn_b));
           s[nt][e] = pa;
           s[nt][2 + e] = pb;
           sum_a += pa;
