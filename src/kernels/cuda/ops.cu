@@ -39,12 +39,14 @@ __device__ float block_sum(float v, float* scratch) {
 struct MaxSumD {
   float max, sum;
 };
-// The same expression as lockstep::combine_maxsum (commutative bit for bit).
+// The expression of lockstep::combine_maxsum (commutative bit for bit), with exp on the special
+// function unit (exp_sfu) as everywhere in the GPU's log-softmax and sampling: the score path
+// and the engine's sampling share these functions, so their log-probs stay equal bit for bit.
 __device__ __forceinline__ MaxSumD combine(MaxSumD a, MaxSumD b) {
   if (b.sum == 0.0f) return a;
   if (a.sum == 0.0f) return b;
   float m = a.max > b.max ? a.max : b.max;
-  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+  return {m, a.sum * exp_sfu(a.max - m) + b.sum * exp_sfu(b.max - m)};
 }
 
 // One element into a lane's online (max, sum).
@@ -52,10 +54,10 @@ __device__ __forceinline__ void online_step(MaxSumD& ms, float x) {
   if (ms.sum == 0.0f) {
     ms = {x, 1.0f};
   } else if (x > ms.max) {
-    ms.sum = ms.sum * expf(ms.max - x) + 1.0f;
+    ms.sum = ms.sum * exp_sfu(ms.max - x) + 1.0f;
     ms.max = x;
   } else {
-    ms.sum += expf(x - ms.max);
+    ms.sum += exp_sfu(x - ms.max);
   }
 }
 
@@ -564,7 +566,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_segments_kernel(const f
   }
   const float log_z = fold_chunks(w.chunks);
   float mass = 0.0f;
-  for (int64_t v = begin; v < end; ++v) mass += expf(row[v] / prm.temperature - log_z);
+  for (int64_t v = begin; v < end; ++v) mass += exp_sfu(row[v] / prm.temperature - log_z);
   w.seg_value[seg] = mass;
 }
 
@@ -641,7 +643,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(const float
       const int64_t b = min(V, (gs + i) * len), e = min(V, b + len);
       pick = e - 1;
       for (int64_t v = b; v < e; ++v) {
-        cum += expf(row[v] / prm.temperature - log_z);
+        cum += exp_sfu(row[v] / prm.temperature - log_z);
         if (cum > target) {
           pick = v;
           break;
