@@ -41,6 +41,23 @@ __device__ __forceinline__ void pin_registers(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// d (+)= A[64 x 16] * B[64 x 16]^T (both K-major in shared memory, 128-byte swizzle); scale_d 0
+// ignores d (the step starts from zero), 1 accumulates.
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 // d (+)= A[64 x 16] * B[128 x 16]^T (both K-major in shared memory, 128-byte swizzle); scale_d 0
 // ignores d (the step starts from zero), 1 accumulates.
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
@@ -175,21 +192,21 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const bf16* A, const b
 // chunk's zero padding skipped: the sequence of the mma.sync kernels (the probe shows one
 // wgmma k16 step rounds like one mma.sync step), so the same bits.
 // TREE: the row form; each finished chunk is folded by fold_chunk's additions, with the
-// partial s1 (and s0 unless S0_SMEM) in registers, s2 (and s0 if S0_SMEM) in shared memory
-// (each thread its own words: no bank conflicts, no barrier).
+// partial s1 in registers, and SMEM_PARTIALS of s2, s0 (in that order) in shared memory
+// rather than registers (each thread its own words: no bank conflicts, no barrier).
 
 constexpr int kWgBM = 128, kWgBK = 64, kWgThreads = 256;
 
-template <int BN, int STAGES, bool TREE, bool S0_SMEM>
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
 constexpr size_t wgmma_smem_bytes() {
   return 1024 + size_t(STAGES) * (kWgBM + BN) * kWgBK * 2 +
-         (TREE ? size_t(S0_SMEM ? 2 : 1) * (BN / 2) * kWgThreads * sizeof(float) : 0);
+         (TREE ? size_t(SMEM_PARTIALS) * (BN / 2) * kWgThreads * sizeof(float) : 0);
 }
 
-// Which group and rows the CTA blockIdx.x covers (row tiles of kWgBM, the groups' tiles one
-// after another); warp 0 writes the results, group -1 if none.
-__device__ __forceinline__ void wgmma_row_tile(const GemmArgs& p, int& s_group, int& s_row0, int& s_row_end) {
-  const int lane = threadIdx.x & 31, bx = int(blockIdx.x);
+// Which group and rows row tile bx covers (row tiles of kWgBM, the groups' tiles one after
+// another); warp 0 writes the results, group -1 if none.
+__device__ __forceinline__ void wgmma_row_tile(const GemmArgs& p, int bx, int& s_group, int& s_row0, int& s_row_end) {
+  const int lane = threadIdx.x & 31;
   if (p.group_rows == nullptr) {
     if (lane == 0) {
       s_group = 0;
@@ -255,12 +272,14 @@ __device__ __forceinline__ void cp_async_wait() {
 template <int BN>
 __device__ __forceinline__ void wgmma_step(float (&acc)[BN / 2], uint64_t da, uint64_t db) {
   if constexpr (BN == 256) wgmma_m64n256k16(acc, da, db, 1);
-  else wgmma_m64n128k16(acc, da, db, 1);
+  else if constexpr (BN == 128) wgmma_m64n128k16(acc, da, db, 1);
+  else wgmma_m64n64k16(acc, da, db, 1);
 }
 
-template <int BN, int STAGES, bool TREE, bool S0_SMEM>
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
-  static_assert(BN == 128 || BN == 256, "wgmma tiles are 128 or 256 columns");
+  static_assert(BN == 64 || BN == 128 || BN == 256, "wgmma tiles are 64, 128 or 256 columns");
+  static_assert(SMEM_PARTIALS >= 0 && SMEM_PARTIALS <= 2, "s2, then s0, may live in shared memory");
   static_assert(STAGES >= 3, "the ring keeps one K tile in the tensor cores and loads ahead");
   constexpr int BM = kWgBM, BK = kWgBK, THREADS = kWgThreads, R = BN / 2;  // R accumulators per thread
   constexpr int AHEAD = STAGES - 2;                                         // K tiles loaded ahead
@@ -275,11 +294,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
   start_after_previous();  // rows, gather lists and A come from the previous kernels
-  if (warp == 0) wgmma_row_tile(p, s_group, s_row0, s_row_end);
+  // The column tiles of a row tile are consecutive CTAs: CTAs running together share A rows
+  // (and a group's weights) in L2 instead of re-reading A from memory for every column tile.
+  const int tiles_n = (int(p.N) + BN - 1) / BN, tile_m = int(blockIdx.x) / tiles_n;
+  const int tile_n = int(blockIdx.x) - tile_m * tiles_n;
+  if (warp == 0) wgmma_row_tile(p, tile_m, s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
   if (group < 0 || row0 >= row_end) return;
-  const int n0 = int(blockIdx.y) * BN, K = int(p.K), N = int(p.N);
+  const int n0 = tile_n * BN, K = int(p.K), N = int(p.N);
   const bf16* W = p.W + int64_t(group) * p.w_group_stride;
   const int chunk_len = TREE ? (K + 7) / 8 : K;
   const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
@@ -324,7 +347,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
   };
 
   float acc[R];
-  float s0[TREE && !S0_SMEM ? R : 1], s1[TREE ? R : 1];
+  constexpr bool S2_SMEM = SMEM_PARTIALS >= 1, S0_SMEM = SMEM_PARTIALS == 2;
+  float s0[TREE && !S0_SMEM ? R : 1], s1[TREE ? R : 1], s2[TREE && !S2_SMEM ? R : 1];
 #pragma unroll
   for (int i = 0; i < R; ++i) acc[i] = 0.0f;
 
@@ -360,15 +384,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
 #pragma unroll
         for (int i = 0; i < R; ++i) {
           float& a = acc[i];
-          float* p0 = S0_SMEM ? sP + i * THREADS : nullptr;
-          float* p2 = sP + ((S0_SMEM ? R : 0) + i) * THREADS;
-          float& r0 = S0_SMEM ? *p0 : s0[S0_SMEM ? 0 : i];
+          float& r2 = S2_SMEM ? sP[i * THREADS] : s2[S2_SMEM ? 0 : i];
+          float& r0 = S0_SMEM ? sP[(R + i) * THREADS] : s0[S0_SMEM ? 0 : i];
           switch (c) {
             case 0: case 2: case 4: case 6: r0 = a; a = 0.0f; break;
             case 1: s1[i] = r0 + a; a = 0.0f; break;
             case 3: s1[i] = s1[i] + (r0 + a); a = 0.0f; break;
-            case 5: *p2 = r0 + a; a = 0.0f; break;
-            default: a = s1[i] + (*p2 + (r0 + a)); break;
+            case 5: r2 = r0 + a; a = 0.0f; break;
+            default: a = s1[i] + (r2 + (r0 + a)); break;
           }
         }
         pin_registers(acc);
@@ -400,10 +423,10 @@ bool wgmma_loads_ok(const GemmArgs& p) {
          aligned(p.A) && aligned(p.W);
 }
 
-template <int BN, int STAGES, bool TREE, bool S0_SMEM>
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
 void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
-  constexpr size_t smem = wgmma_smem_bytes<BN, STAGES, TREE, S0_SMEM>();
-  auto kernel = wgmma_gemm_kernel<BN, STAGES, TREE, S0_SMEM>;
+  constexpr size_t smem = wgmma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();
+  auto kernel = wgmma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS>;
   static const bool configured = [&] {
     LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -412,31 +435,40 @@ void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
   int64_t tiles_m = ceil_div(p.M, kWgBM);
   if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
   const int64_t tiles_n = ceil_div(p.N, BN);
-  LS_CHECK(tiles_n <= 65535 && tiles_m < (int64_t(1) << 31), "gemm: shape too large for one wgmma launch: M = ",
-           p.M, ", N = ", p.N);
-  launch_after_previous(kernel, dim3(unsigned(tiles_m), unsigned(tiles_n)), dim3(kWgThreads), smem, stream, p);
+  LS_CHECK(tiles_m * tiles_n < (int64_t(1) << 31), "gemm: shape too large for one wgmma launch: M = ", p.M,
+           ", N = ", p.N);
+  launch_after_previous(kernel, dim3(unsigned(tiles_m * tiles_n)), dim3(kWgThreads), smem, stream, p);
 }
 
 }  // namespace
 
 // Configurations (each gives the same bits as every mma.sync configuration):
-// 0: column form 128 x 256 (4 stages, 193 KB); row form 128 x 128 with s0, s1 in registers
-//    (4 stages + s2 in shared memory, 193 KB).
-// 1: column form 128 x 128 (6 stages, 193 KB); row form 128 x 128 with s1 in registers
+// 0: column form 128 x 256 (4 stages, 193 KB); row form 128 x 64 with the tree's partials in
+//    registers (8 stages, 193 KB).
+// 1: column form 128 x 128 (7 stages, 225 KB); row form 128 x 128 with s1 in registers
 //    (3 stages + s0, s2 in shared memory, 225 KB).
+// 2: column form 128 x 64 (8 stages, 193 KB); row form 128 x 128 with s0, s1 in registers
+//    (4 stages + s2 in shared memory, 193 KB).
+// H200, 16384 tokens (cuda_bench --gemm, ms): qkv 0.75 / 0.85 / 1.15 and gate_up 1.78 / 2.11 /
+// 2.86 (the mma.sync 128 x 256: 1.24, 2.86); o_proj 1.39 (1) / 1.35 (2), down 6.5 (1) / 6.2 (2)
+// (mma.sync 16 warps: 1.41, 4.61); config 0's row form not measured yet.
 // Problems cp.async cannot load in 16-byte pieces go to the mma.sync 128 x 128 kernels.
 void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream) {
   LS_CHECK(config >= 0 && config < kGemmWgmmaConfigs, "gemm: no wgmma configuration ", config);
+  LS_CHECK(args.a_swiglu_up == 0, "gemm: SwiGLU on load needs a small-step configuration, got wgmma configuration ",
+           config);
   if (args.M == 0) return;
   if (!wgmma_loads_ok(args)) return gemm_with_config(args, args.chunks == 8 ? 12 : 4, stream);
   GemmArgs p = args;
   p.split_workspace = nullptr;  // the tree is computed in the kernel (the same operations)
   if (p.chunks == 8) {
-    if (config == 0) return launch_wgmma<128, 4, true, false>(p, stream);
-    return launch_wgmma<128, 3, true, true>(p, stream);
+    if (config == 0) return launch_wgmma<64, 8, true, 0>(p, stream);
+    if (config == 1) return launch_wgmma<128, 3, true, 2>(p, stream);
+    return launch_wgmma<128, 4, true, 1>(p, stream);
   }
-  if (config == 0) return launch_wgmma<256, 4, false, false>(p, stream);
-  return launch_wgmma<128, 6, false, false>(p, stream);
+  if (config == 0) return launch_wgmma<256, 4, false, 0>(p, stream);
+  if (config == 1) return launch_wgmma<128, 7, false, 0>(p, stream);
+  return launch_wgmma<64, 8, false, 0>(p, stream);
 }
 
 void wgmma_probe(const bf16* A, const bf16* W, int N, int K, int chunks, WgmmaStart start, float* out) {
