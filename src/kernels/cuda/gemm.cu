@@ -730,8 +730,11 @@ void choose_config(const GemmArgs& p, int& config, bool& split) {
   else if (rows <= 64) config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
   // The row form with the tree's short-lived partials in shared memory, 16 warps per SM (notes
   // v5: at 16384 tokens o_proj 2.10 -> 1.43 ms, down 6.68 -> 4.64 ms).
-  else if (p.chunks == 8) config = rows >= 128 ? 12 : 11;
-  else config = rows >= 128 ? 5 : 4;
+  // From 128 rows per group on, the wgmma kernels (configurations kGemmMmaConfigs + i) where
+  // they win (notes v6, --gemm at 16384 tokens): the column form at 128 x 256 (qkv 1.24 ->
+  // 0.75 ms, gate_up 2.86 -> 1.78), o_proj at 128 x 128 (1.41 -> 1.35); down keeps config 12.
+  else if (p.chunks == 8) config = rows < 128 ? 11 : p.group_rows ? 12 : kGemmMmaConfigs + 2;
+  else config = rows >= 128 ? kGemmMmaConfigs : 4;
   // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the
   // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.
   // Measured: o_proj at 1 token 20.8 -> 9.7 us, at 64 tokens 72.8 -> 30 us; splitting what
