@@ -7,15 +7,16 @@
 // ascending order up to the tile's last position, K/V read through the page table into
 // shared memory. Per query row, the arithmetic is fixed: S = q K^T over head_dim in ascending
 // k16 steps (mma rows never mix, so a row's scores do not depend on the other rows of the
-// tile), keys after the row's own position masked to -inf, an fp32 online softmax (exp on the
-// special function unit, exp_sfu) with the row max and the row sum taken in a fixed lane
-// order, P rounded to bf16, O += P V in
+// tile), keys after the row's own position masked to -inf, an fp32 online softmax of the
+// unscaled scores s (P = 2^(s c - m c), c = scale log2 e, on the special function unit) with
+// the row max and the row sum taken in a fixed lane order, P rounded to bf16, O += P V in
 // ascending key steps. A block that lies wholly after a row's position leaves that row's
 // state unchanged (max, sum and accumulator are multiplied by exp(0) = 1 and receive exact
 // zeros), so a row gets the same bits whether its tile holds 1 token (decode) or many.
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
+#include <climits>
 
 #include "kernels/cuda/common.cuh"
 
@@ -59,6 +60,15 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 __device__ __forceinline__ uint32_t load_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// The two bf16 halves of a packed pair as floats (exact).
+__device__ __forceinline__ float low_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float high_f32(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+// 2^x on the special function unit.
+__device__ __forceinline__ float exp2_sfu(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv,
@@ -85,6 +95,13 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
   const int ra = warp * 16 + (lane >> 2), rb = ra + 8;
   const int pos_a = ra < rows ? slots.positions[t0 + ra / G] : -1;
   const int pos_b = rb < rows ? slots.positions[t0 + rb / G] : -1;
+  // Blocks that end at or before every present row's position of this warp need no mask (the
+  // mask would change nothing there); a warp-uniform test.
+  int min_pos = min(pos_a >= 0 ? pos_a : INT_MAX, pos_b >= 0 ? pos_b : INT_MAX);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) min_pos = min(min_pos, __shfl_xor_sync(0xffffffffu, min_pos, o));
+  // Scores stay unscaled; exp(scale (s - m)) = 2^(s c - m c) with c = scale log2(e).
+  const float c = scale * 1.44269504088896341f;
   const bf16* qa = q + (int64_t(t0 + ra / G) * nq + kvh * G + ra % G) * D;
   const bf16* qb = q + (int64_t(t0 + rb / G) * nq + kvh * G + rb % G) * D;
 
@@ -140,16 +157,24 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
           mma16816(s[2 * nj], qf[ks], r[0], r[1]);
           mma16816(s[2 * nj + 1], qf[ks], r[2], r[3]);
         }
-      // Scale, mask, block row max (max is exact in any order).
+      // Mask (keys after the row's position to -inf, diagonal blocks only), block row max of
+      // the unscaled scores (exact in any order; scale > 0 keeps the arg max).
       const int kbase = b * kKvBlock + 2 * (lane & 3);
       float mx_a = -INFINITY, mx_b = -INFINITY;
+      if (b * kKvBlock + kKvBlock - 1 > min_pos) {
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kp = kbase + nt * 8 + e;
+            if (kp > pos_a) s[nt][e] = -INFINITY;
+            if (kp > pos_b) s[nt][2 + e] = -INFINITY;
+          }
+      }
 #pragma unroll
       for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int kp = kbase + nt * 8 + e;
-          s[nt][e] = kp <= pos_a ? s[nt][e] * scale : -INFINITY;
-          s[nt][2 + e] = kp <= pos_b ? s[nt][2 + e] * scale : -INFINITY;
           mx_a = fmaxf(mx_a, s[nt][e]);
           mx_b = fmaxf(mx_b, s[nt][2 + e]);
         }
@@ -158,23 +183,26 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
       mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
       mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
       const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-      // A row with no key yet (an absent row) keeps max -inf: guard exp(-inf - -inf).
-      const float corr_a = mn_a == -INFINITY ? 1.0f : exp_sfu(m_a - mn_a);
-      const float corr_b = mn_b == -INFINITY ? 1.0f : exp_sfu(m_b - mn_b);
-      // P = bf16(exp(s - max)); the row sum adds the rounded values in a fixed order:
-      // per lane ascending key, then the quad butterfly (xor 1, then xor 2).
+      // A row with no key yet keeps max -inf (its scores are all -inf: mc 0 gives p = 0).
+      const float mc_a = mn_a == -INFINITY ? 0.0f : mn_a * c, mc_b = mn_b == -INFINITY ? 0.0f : mn_b * c;
+      // m c - mn c is exactly 0 when the max did not move (a block after the row's position
+      // leaves its state unchanged), so the correction is exactly 1 there.
+      const float corr_a = mn_a == -INFINITY ? 1.0f : exp2_sfu(m_a * c - mc_a);
+      const float corr_b = mn_b == -INFINITY ? 1.0f : exp2_sfu(m_b * c - mc_b);
+      // P = bf16(2^(s c - m c)) as packed pairs (the A fragments of P V); the row sum adds the
+      // rounded values in a fixed order: per lane ascending key, then the quad butterfly (xor
+      // 1, then xor 2). A masked score gives 2^-inf = 0.
+      uint32_t pa[NT_S], pb[NT_S];
       float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
-      for (int nt = 0; nt < NT_S; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pa = s[nt][e] == -INFINITY ? 0.0f : round_bf16(exp_sfu(s[nt][e] - mn_a));
-          const float pb = s[nt][2 + e] == -INFINITY ? 0.0f : round_bf16(exp_sfu(s[nt][2 + e] - mn_b));
-          s[nt][e] = pa;
-          s[nt][2 + e] = pb;
-          sum_a += pa;
-          sum_b += pb;
-        }
+      for (int nt = 0; nt < NT_S; ++nt) {
+        pa[nt] = pack_bf16(exp2_sfu(__fmaf_rn(s[nt][0], c, -mc_a)), exp2_sfu(__fmaf_rn(s[nt][1], c, -mc_a)));
+        pb[nt] = pack_bf16(exp2_sfu(__fmaf_rn(s[nt][2], c, -mc_b)), exp2_sfu(__fmaf_rn(s[nt][3], c, -mc_b)));
+        sum_a += low_f32(pa[nt]);
+        sum_a += high_f32(pa[nt]);
+        sum_b += low_f32(pb[nt]);
+        sum_b += high_f32(pb[nt]);
+      }
       sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 1);
       sum_a += __shfl_xor_sync(0xffffffffu, sum_a, 2);
       sum_b += __shfl_xor_sync(0xffffffffu, sum_b, 1);
@@ -194,11 +222,7 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
       // layout of one k16 step), V^T fragments by transposing loads.
 #pragma unroll
       for (int kk = 0; kk < kKvBlock / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-        a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-        a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        const uint32_t a[4] = {pa[2 * kk], pb[2 * kk], pa[2 * kk + 1], pb[2 * kk + 1]};
 #pragma unroll
         for (int dn = 0; dn < NT_O / 2; ++dn) {
           uint32_t r[4];
