@@ -11,6 +11,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemm_epilogue.cuh"
 
 namespace lockstep::cuda {
 namespace {
@@ -114,18 +115,6 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-// gemm.cu's fold_chunk: the finished chunk c's sum `a` into the tree
-// ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)) with partials s0, s1, s2; after chunk 7, `a` is the total.
-__device__ __forceinline__ void fold_chunk(int c, float& a, float& s0, float& s1, float& s2) {
-  switch (c) {
-    case 0: case 2: case 4: case 6: s0 = a; a = 0.0f; break;
-    case 1: s1 = s0 + a; a = 0.0f; break;
-    case 3: s1 = s1 + (s0 + a); a = 0.0f; break;
-    case 5: s2 = s0 + a; a = 0.0f; break;
-    default: a = s1 + (s2 + (s0 + a)); break;
-  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -235,27 +224,6 @@ __device__ __forceinline__ void wgmma_row_tile(const GemmArgs& p, int bx, int& s
     }
     carry += __shfl_sync(0xffffffffu, incl, 31);
     if (carry > bx) break;
-  }
-}
-
-// gemm.cu's store_pair (not split): columns n, n + 1 (when n + 1 < N) of logical row `row`.
-__device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int n, float v0, float v1) {
-  const bool pair = n + 1 < int(p.N);
-  const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
-  if (p.out_kind == GemmOut::f32) {
-    if (pair) *reinterpret_cast<float2*>(p.out_f32 + o) = make_float2(v0, v1);
-    else p.out_f32[o] = v0;
-  } else if (p.out_kind == GemmOut::bf16) {
-    if (pair) *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(v0, v1);
-    else p.out_bf16[o] = to_bf16(v0);
-  } else {
-    const float r0 = to_f32(p.resid[o]) + round_bf16(v0);
-    if (pair) {
-      const float r1 = to_f32(p.resid[o + 1]) + round_bf16(v1);
-      *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(r0, r1);
-    } else {
-      p.out_bf16[o] = to_bf16(r0);
-    }
   }
 }
 
@@ -411,7 +379,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + 8 * h;
       const int n = n0 + 8 * j + 2 * (lane & 3);
-      if (row < row_end && n < N) store_pair(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+      if (row < row_end && n < N) store_pair<false>(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], 0);
     }
 }
 
