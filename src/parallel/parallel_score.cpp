@@ -14,8 +14,8 @@ namespace fs = std::filesystem;
 
 ResolvedTopology resolve_topology(const TopologyRequest& req, const ModelConfig& cfg, int world_size) {
   ResolvedTopology r;
-  r.topo = Topology::from_world(world_size, req.tp, req.sp, req.pp, req.ep, req.etp);
-  r.topo.validate(cfg, world_size);
+  r.topo = Topology::from_world(world_size, req.tp, req.sp, req.pp, req.ep, req.etp, req.flag_prefix);
+  r.topo.validate(cfg, world_size, req.flag_prefix);
   std::optional<std::vector<int64_t>> split;
   if (!req.layer_split.empty()) split = parse_layer_split(req.layer_split);
   r.layer_split = pipeline_layer_split(cfg.num_hidden_layers, req.pp, split);

@@ -18,6 +18,7 @@ struct TopologyRequest {
   int tp = 1, pp = 1, ep = 1, etp = 1;
   bool sp = false;
   std::string layer_split;  // "--pipeline-layer-split 1,3"; empty = even
+  std::string flag_prefix;  // how errors name the flags: --<flag_prefix>tensor-model-parallel-size ...
   // Whether any flag asks for parallelism.
   bool parallel() const { return tp > 1 || pp > 1 || ep > 1 || etp > 1 || sp || !layer_split.empty(); }
 };

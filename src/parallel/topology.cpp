@@ -73,13 +73,14 @@ Topology Topology::parse(const std::string& text) {
   return topo;
 }
 
-Topology Topology::from_world(int world_size, int tp, bool sp, int pp, int ep, int etp) {
+Topology Topology::from_world(int world_size, int tp, bool sp, int pp, int ep, int etp, std::string_view flag_prefix) {
+  const auto flag = [&](const char* key) { return "--" + std::string(flag_prefix) + key; };
   LS_CHECK(world_size >= 1 && tp >= 1 && pp >= 1, "topology: sizes must be >= 1 (world ",
            world_size, ", tp ", tp, ", pp ", pp, ")");
   LS_CHECK(world_size % (tp * pp) == 0, "topology: world size ", world_size,
            " is not divisible by tp*pp = ", tp * pp, " (tp=", tp, ", pp=", pp,
-           "): launch a multiple of ", tp * pp,
-           " ranks or change --tensor-model-parallel-size / --pipeline-model-parallel-size");
+           "): launch a multiple of ", tp * pp, " ranks or change ", flag("tensor-model-parallel-size"), " / ",
+           flag("pipeline-model-parallel-size"));
   Topology t;
   t.tp = tp;
   t.sp = sp;
@@ -90,54 +91,56 @@ Topology Topology::from_world(int world_size, int tp, bool sp, int pp, int ep, i
   return t;
 }
 
-void Topology::validate_sizes(int world_size) const {
+void Topology::validate_sizes(int world_size, std::string_view flag_prefix) const {
   const std::string n = name();
+  const auto flag = [&](const char* key) { return "--" + std::string(flag_prefix) + key; };
   LS_CHECK(tp >= 1 && pp >= 1 && ep >= 1 && etp >= 1 && dp >= 1, "topology ", n,
            ": every size must be >= 1");
   LS_CHECK(divides_tmax(tp), "topology ", n, ": tp=", tp,
-           " is not supported: canonical reductions split only at the 8 chunk boundaries, so "
-           "--tensor-model-parallel-size must be 1, 2, 4 or 8");
+           " is not supported: canonical reductions split only at the 8 chunk boundaries, so ",
+           flag("tensor-model-parallel-size"), " must be 1, 2, 4 or 8");
   LS_CHECK(divides_tmax(etp), "topology ", n, ": etp=", etp,
            " is not supported: expert down_proj reductions split only at the 8 chunk "
-           "boundaries, so --expert-tensor-parallel-size must be 1, 2, 4 or 8");
+           "boundaries, so ", flag("expert-tensor-parallel-size"), " must be 1, 2, 4 or 8");
   LS_CHECK(!sp || tp > 1, "topology ", n,
-           ": sequence parallel needs tp > 1: drop --sequence-parallel or raise "
-           "--tensor-model-parallel-size");
+           ": sequence parallel needs tp > 1: drop ", flag("sequence-parallel"), " or raise ",
+           flag("tensor-model-parallel-size"));
   LS_CHECK(world_size % (tp * pp) == 0, "topology ", n, ": world size ", world_size,
            " is not divisible by tp*pp = ", tp * pp, ": launch a multiple of ", tp * pp,
-           " ranks or change --tensor-model-parallel-size / --pipeline-model-parallel-size");
+           " ranks or change ", flag("tensor-model-parallel-size"), " / ", flag("pipeline-model-parallel-size"));
   LS_CHECK(tp * pp * dp == world_size, "topology ", n, ": tp*pp*dp = ", tp * pp * dp,
            " but the world has ", world_size, " ranks (dp should be ", world_size / (tp * pp), ")");
   LS_CHECK((tp * dp) % (ep * etp) == 0, "topology ", n, ": ep*etp = ", ep * etp,
            " must divide tp*dp = ", tp * dp,
-           " (expert ranks fold into the tp x dp ranks of each pipeline stage): choose "
-           "--expert-model-parallel-size x --expert-tensor-parallel-size dividing ", tp * dp,
+           " (expert ranks fold into the tp x dp ranks of each pipeline stage): choose ",
+           flag("expert-model-parallel-size"), " x ", flag("expert-tensor-parallel-size"), " dividing ", tp * dp,
            ", or launch more data-parallel ranks");
 }
 
-void Topology::validate(const ModelConfig& cfg, int world_size) const {
-  validate_sizes(world_size);
+void Topology::validate(const ModelConfig& cfg, int world_size, std::string_view flag_prefix) const {
+  validate_sizes(world_size, flag_prefix);
   const std::string n = name();
+  const auto flag = [&](const char* key) { return "--" + std::string(flag_prefix) + key; };
   if (cfg.num_experts == 0) {
     LS_CHECK(ep == 1 && etp == 1, "topology ", n,
-             ": the model has no experts; use --expert-model-parallel-size 1 "
-             "--expert-tensor-parallel-size 1");
+             ": the model has no experts; use ", flag("expert-model-parallel-size"), " 1 ",
+             flag("expert-tensor-parallel-size"), " 1");
   } else {
     LS_CHECK(cfg.num_experts % ep == 0, "topology ", n, ": ep=", ep, " does not divide num_experts=",
-             cfg.num_experts, ": choose --expert-model-parallel-size dividing ", cfg.num_experts);
+             cfg.num_experts, ": choose ", flag("expert-model-parallel-size"), " dividing ", cfg.num_experts);
   }
   LS_CHECK(cfg.num_attention_heads % tp == 0, "topology ", n, ": tp=", tp,
            " does not divide num_attention_heads=", cfg.num_attention_heads,
-           ": choose --tensor-model-parallel-size dividing ", cfg.num_attention_heads);
+           ": choose ", flag("tensor-model-parallel-size"), " dividing ", cfg.num_attention_heads);
   const int64_t kv = cfg.num_key_value_heads;
   if (tp <= kv) {
     LS_CHECK(kv % tp == 0, "topology ", n, ": tp=", tp, " does not divide num_key_value_heads=", kv,
-             ": choose --tensor-model-parallel-size dividing ", kv, " or a multiple of it");
+             ": choose ", flag("tensor-model-parallel-size"), " dividing ", kv, " or a multiple of it");
   } else {
     LS_CHECK(tp % kv == 0, "topology ", n, ": tp=", tp, " > num_key_value_heads=", kv,
              " needs tp to be a multiple of ", kv,
-             " (each KV head is replicated on tp/kv ranks): choose another "
-             "--tensor-model-parallel-size");
+             " (each KV head is replicated on tp/kv ranks): choose another ",
+             flag("tensor-model-parallel-size"));
   }
   LS_CHECK(pp <= cfg.num_hidden_layers, "topology ", n, ": pp=", pp, " exceeds num_hidden_layers=",
            cfg.num_hidden_layers, ": every pipeline stage needs at least one layer");
@@ -152,7 +155,7 @@ void Topology::validate(const ModelConfig& cfg, int world_size) const {
              " input columns (", cfg.num_attention_heads, " heads x ", cfg.head_dim,
              ") into ", q / tp, " per rank, which is not a whole number of canonical chunks (",
              kTMax / tp, " chunks of ", canonical_chunk(q), " = ", per_rank_chunks,
-             "): q_dim must be a multiple of 8 for tp > 1; use --tensor-model-parallel-size 1");
+             "): q_dim must be a multiple of 8 for tp > 1; use ", flag("tensor-model-parallel-size"), " 1");
   }
 }
 

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "dist/communicator.h"
@@ -50,13 +51,15 @@ struct Topology {
   // Inverse of name(); throws lockstep::Error on anything else.
   static Topology parse(const std::string& name);
   // dp = world_size / (tp * pp); throws when that does not divide.
-  static Topology from_world(int world_size, int tp, bool sp, int pp, int ep, int etp);
+  static Topology from_world(int world_size, int tp, bool sp, int pp, int ep, int etp,
+                             std::string_view flag_prefix = "");
 
   // Refuses (throws lockstep::Error saying what to change) a topology that cannot run
-  // this model bitwise-canonically on world_size ranks. Call before any work.
-  void validate(const ModelConfig& cfg, int world_size) const;
+  // this model bitwise-canonically on world_size ranks. Call before any work. Messages name
+  // the command-line flags as --<flag_prefix><flag> (the rollout engine's are "rollout-").
+  void validate(const ModelConfig& cfg, int world_size, std::string_view flag_prefix = "") const;
   // The model-independent part of validate (sizes and their products).
-  void validate_sizes(int world_size) const;
+  void validate_sizes(int world_size, std::string_view flag_prefix = "") const;
 
   RankCoords coords(int rank) const;
   // Global rank of the dense coordinates (tp, dp, pp).

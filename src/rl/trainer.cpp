@@ -315,6 +315,7 @@ TopologyRequest rollout_topology_request(const TrainConfig& c) {
   r.pp = int(c.rollout_pipeline_model_parallel_size);
   r.ep = int(c.rollout_expert_model_parallel_size);
   r.etp = int(c.rollout_expert_tensor_parallel_size);
+  r.flag_prefix = "rollout-";
   return r;
 }
 
@@ -323,13 +324,7 @@ ResolvedTopology resolve_rollout_topology(const TrainConfig& c, const ModelConfi
   try {
     return resolve_topology(rollout_topology_request(c), mc, world_size);
   } catch (const Error& e) {
-    // The validator speaks of the trainer's flags; here they are the rollout-* keys.
-    std::string why = e.what();
-    for (const std::string flag : {"tensor-model-parallel-size", "sequence-parallel", "pipeline-model-parallel-size",
-                                   "expert-model-parallel-size", "expert-tensor-parallel-size"})
-      for (size_t at = why.find("--" + flag); at != std::string::npos;
-           at = why.find("--" + flag, at + flag.size() + 10))  // past the "--rollout-" + flag just written
-        why.replace(at, flag.size() + 2, "--rollout-" + flag);
+    const std::string why = e.what();
     fail("the rollout engine's topology (--rollout-tensor-model-parallel-size ", c.rollout_tensor_model_parallel_size,
          (c.rollout_sequence_parallel ? " --rollout-sequence-parallel" : ""),
          " --rollout-pipeline-model-parallel-size ", c.rollout_pipeline_model_parallel_size,

@@ -2,11 +2,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <set>
 
 #include "core/error.h"
 #include "model/config.h"
 #include "parallel/naming.h"
+#include "parallel/parallel_score.h"
 #include "parallel/topology.h"
 
 namespace lockstep {
@@ -136,6 +138,38 @@ TEST(Topology, ValidationTable) {
       EXPECT_NE(std::string(e.what()).find(r.t.name()), std::string::npos) << e.what();
     }
   }
+}
+
+// Refusals name the command-line flags to change; under a prefix (the rollout engine's
+// "rollout-") they name the prefixed flags only.
+TEST(Topology, RefusalsNameTheFlagsUnderTheirPrefix) {
+  const ModelConfig big = qwen3_30b_a3b();
+  const std::vector<std::pair<std::function<void(std::string_view)>, std::string>> cases = {
+      {[](std::string_view pre) { Topology::from_world(6, 4, false, 1, 1, 1, pre); }, "tensor-model-parallel-size"},
+      {[&](std::string_view pre) { topo(3, false, 1, 1, 1, 1).validate(big, 3, pre); }, "tensor-model-parallel-size"},
+      {[&](std::string_view pre) { topo(2, false, 1, 3, 1, 1).validate(big, 2, pre); }, "expert-model-parallel-size"},
+      {[&](std::string_view pre) { topo(1, false, 1, 1, 3, 3).validate(big, 3, pre); }, "expert-tensor-parallel-size"},
+      {[&](std::string_view pre) { topo(1, true, 1, 1, 1, 1).validate(big, 1, pre); }, "sequence-parallel"},
+      {[&](std::string_view pre) {  // the request's prefix reaches the validator
+         TopologyRequest r;
+         r.tp = 2;
+         r.ep = 3;
+         r.flag_prefix = std::string(pre);
+         resolve_topology(r, big, 2);
+       },
+       "expert-model-parallel-size"},
+  };
+  for (const auto& [run, flag] : cases)
+    for (const std::string prefix : {"", "rollout-"}) {
+      try {
+        run(prefix);
+        ADD_FAILURE() << "accepted, expected a refusal naming " << flag;
+      } catch (const Error& e) {
+        const std::string why = e.what();
+        EXPECT_NE(why.find("--" + prefix + flag), std::string::npos) << why;
+        if (!prefix.empty()) EXPECT_EQ(why.find("--" + flag), std::string::npos) << why;
+      }
+    }
 }
 
 TEST(Topology, CoordsRoundTrip) {
