@@ -430,9 +430,11 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
         }
         *reinterpret_cast<uint4*>(dst) = out;
       } else {
-        for (int e = 0; e < 8; ++e)
-          dst[e] = (src && k + e < k_end) ? to_bf16(swiglu_value(to_f32(src[k + e]), to_f32(src[k + e + p.a_swiglu_up])))
-                                          : __float2bfloat16_rn(0.0f);
+        for (int e = 0; e < 8; ++e) {
+          const bool live = src && k + e < k_end;
+          dst[e] = live ? to_bf16(swiglu_value(to_f32(src[k + e]), to_f32(src[k + e + p.a_swiglu_up])))
+                        : __float2bfloat16_rn(0.0f);
+        }
       }
     } else if (vec) {
       const bool valid = src && k < k_end;

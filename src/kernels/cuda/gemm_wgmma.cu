@@ -337,7 +337,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
     load_pos = next_pos(load_pos);
     cp_async_commit();
     const int stage = kt % STAGES;
-    const uint64_t da = desc_a + uint64_t((stage * BM * BK * 2) >> 4), db = desc_b + uint64_t((stage * BN * BK * 2) >> 4);
+    const uint64_t da = desc_a + uint64_t((stage * BM * BK * 2) >> 4);
+    const uint64_t db = desc_b + uint64_t((stage * BN * BK * 2) >> 4);
     const int k_live = min(BK, chunk_len - cur.j * BK);
     wgmma_fence();
 #pragma unroll
