@@ -63,12 +63,6 @@ __device__ __forceinline__ uint32_t load_u32(const bf16* p) { return *reinterpre
 // The two bf16 halves of a packed pair as floats (exact).
 __device__ __forceinline__ float low_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float high_f32(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
-// 2^x on the special function unit.
-__device__ __forceinline__ float exp2_sfu(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv,

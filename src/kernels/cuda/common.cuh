@@ -26,15 +26,16 @@ __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
 __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
-// e^x as 2^(x * log2 e) on the special function unit (ex2.approx: relative error about
+// 2^x, and e^x as 2^(x * log2 e), on the special function unit (ex2.approx: relative error about
 // 2^-22, subnormal results flushed to zero; exp(-inf) = 0). One instruction after the multiply
 // where expf takes about a dozen; a kernel that uses it does so in every path (prefill and
 // decode alike), so its bits stay one fixed function of the inputs.
-__device__ __forceinline__ float exp_sfu(float x) {
+__device__ __forceinline__ float exp2_sfu(float x) {
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+__device__ __forceinline__ float exp_sfu(float x) { return exp2_sfu(x * 1.44269504088896341f); }
 
 // SwiGLU of one element, bf16 inputs widened: the one procedure of every kernel that applies it.
 __device__ __forceinline__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }

@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
-#include "kernels/cuda/gemm_epilogue.cuh"
+#include "kernels/cuda/gemm_common.cuh"
 
 namespace lockstep::cuda {
 namespace {
@@ -47,53 +47,28 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 template <int BK>
 __device__ __forceinline__ int swz(int row, int piece) { return row * BK + ((piece ^ (row & 7)) << 3); }
 
-// Which group and which rows of it the CTA blockIdx.x covers (row tiles of BM, the groups'
-// tiles laid out one after another); warp 0 writes the shared results, group -1 if none.
-template <int BM>
-__device__ __forceinline__ void find_row_tile(const GemmArgs& p, int& s_group, int& s_row0, int& s_row_end) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (warp == 0) {
-    if (p.group_rows == nullptr) {
-      if (lane == 0) {
-        s_group = 0;
-        s_row0 = int(blockIdx.x) * BM;
-        s_row_end = int(p.M);
-      }
-    } else {
-      if (lane == 0) s_group = -1;
-      __syncwarp();
-      int carry = 0;
-      const int bx = int(blockIdx.x);
-      // 128 groups per round, all their bounds loaded before the first use: one memory
-      // latency per round instead of one per 32 groups (decode steps are latency-bound).
-      for (int base = 0; base < p.groups; base += 128) {
-        int begin[4], end[4];
+// The mma B fragments of k16 step kk for NI n8 tiles: weight rows n_base .. n_base + 8 NI - 1
+// of a swizzled [rows][BK] tile in shared memory.
+template <int NI, int BK>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&bfr)[NI][2], const bf16* tile, int n_base, int kk,
+                                                 int lane) {
+  if constexpr (NI == 1) {
+    uint32_t r2[2];
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r2[0]), "=r"(r2[1])
+                 : "r"(smem_addr(tile + swz<BK>(n_base + (lane & 7), kk * 2 + ((lane >> 3) & 1)))));
+    bfr[0][0] = r2[0];
+    bfr[0][1] = r2[1];
+  } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int g = base + 32 * i + lane;
-          // L2 loads: a settled list may be read before the kernel's wait (GemmArgs).
-          begin[i] = g < p.groups ? __ldcg(p.group_rows + g) : 0;
-          end[i] = g < p.groups ? __ldcg(p.group_rows + g + 1) : 0;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int g = base + 32 * i + lane;
-          const int tiles = (end[i] - begin[i] + BM - 1) / BM;
-          int incl = tiles;
-          for (int o = 1; o < 32; o <<= 1) {
-            int v = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += v;
-          }
-          const int first = carry + incl - tiles;
-          if (g < p.groups && bx >= first && bx < first + tiles) {
-            s_group = g;
-            s_row0 = begin[i] + (bx - first) * BM;
-            s_row_end = end[i];
-          }
-          carry += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        if (carry > bx) break;
-      }
+    for (int nj = 0; nj < NI / 2; ++nj) {
+      const int n = n_base + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+      uint32_t r4[4];
+      ldmatrix_x4(r4, smem_addr(tile + swz<BK>(n, kk * 2 + ((lane >> 3) & 1))));
+      bfr[2 * nj][0] = r4[0];
+      bfr[2 * nj][1] = r4[1];
+      bfr[2 * nj + 1][0] = r4[2];
+      bfr[2 * nj + 1][1] = r4[3];
     }
   }
 }
@@ -119,7 +94,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Grouped rows come from the previous kernels (expert assignment): wait before reading.
   if (p.group_rows != nullptr) start_after_previous();
-  find_row_tile<BM>(p, s_group, s_row0, s_row_end);
+  find_row_tile<BM>(p, int(blockIdx.x), s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
   if (group < 0 || row0 >= row_end) return;
@@ -262,16 +237,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
         int r = warp_m * MI * 16 + mi * 16 + (lane & 15);
         ldmatrix_x4(af[mi], smem_addr(a_s + swz<BK>(r, kk * 2 + (lane >> 4))));
       }
-#pragma unroll
-      for (int nj = 0; nj < NI / 2; ++nj) {
-        int n = warp_n * NI * 8 + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
-        uint32_t r4[4];
-        ldmatrix_x4(r4, smem_addr(b_s + swz<BK>(n, kk * 2 + ((lane >> 3) & 1))));
-        bfr[2 * nj][0] = r4[0];
-        bfr[2 * nj][1] = r4[1];
-        bfr[2 * nj + 1][0] = r4[2];
-        bfr[2 * nj + 1][1] = r4[3];
-      }
+      load_b_fragments<NI, BK>(bfr, b_s, warp_n * NI * 8, kk, lane);
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -352,7 +318,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
   // Weights are loaded before the wait unless the group list comes from the previous kernel.
   const bool early_weights = p.group_rows == nullptr || p.group_rows_settled;
   if (!early_weights) start_after_previous();
-  find_row_tile<BM>(p, s_group, s_row0, s_row_end);
+  find_row_tile<BM>(p, int(blockIdx.x), s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
   if (group < 0 || row0 >= row_end) return;  // an exit counts as the next kernel's trigger
@@ -476,25 +442,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
         a[2] = r2[1];
         a[3] = 0u;
       }
-      if constexpr (NI == 1) {
-        uint32_t r2[2];
-        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                     : "=r"(r2[0]), "=r"(r2[1])
-                     : "r"(smem_addr(w_s + swz<BK>(lane & 7, kk * 2 + ((lane >> 3) & 1)))));
-        bfr[0][0] = r2[0];
-        bfr[0][1] = r2[1];
-      } else {
-#pragma unroll
-        for (int nj = 0; nj < NI / 2; ++nj) {
-          const int n = nj * 16 + (lane & 7) + ((lane >> 4) << 3);
-          uint32_t r4[4];
-          ldmatrix_x4(r4, smem_addr(w_s + swz<BK>(n, kk * 2 + ((lane >> 3) & 1))));
-          bfr[2 * nj][0] = r4[0];
-          bfr[2 * nj][1] = r4[1];
-          bfr[2 * nj + 1][0] = r4[2];
-          bfr[2 * nj + 1][1] = r4[3];
-        }
-      }
+      load_b_fragments<NI, BK>(bfr, w_s, 0, kk, lane);
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni) mma_bf16(acc[ni], a, bfr[ni][0], bfr[ni][1]);
     }
@@ -572,39 +520,57 @@ void launch(const GemmArgs& p, cudaStream_t stream) {
   launch_kernel<MODE>(kernel, grid, THREADS, smem, p, stream);
 }
 
-// Shared memory of gemm_small_kernel: the warps' weight rings and the A rows of its K tiles.
-template <int NI, int WARPS, int STAGES, int MODE, int BK>
-size_t small_smem(const GemmArgs& p) {
-  const int64_t chunk_len = MODE != 0 ? (p.K + 7) / 8 : p.K;
-  const int64_t tiles = (MODE == 1 ? 8 : 1) * ceil_div(chunk_len, BK);
-  return size_t(WARPS * STAGES * NI * 8 * BK + 8 * (tiles * BK + 8)) * sizeof(bf16);
+// The small-step configurations 7-10: weight columns per warp / 8, warps, ring stages, K tile.
+struct SmallTile {
+  int ni, warps, stages, bk;
+};
+constexpr int kFirstSmallConfig = 7;
+constexpr SmallTile kSmallTiles[] = {
+    {1, 4, 8, 128},  // 7: 8 x 32, 4 warps of 8 columns, K tile 128
+    {1, 4, 4, 256},  // 8: 8 x 32, 4 warps of 8 columns, K tile 256
+    {2, 8, 6, kBK},  // 9: 8 x 128, 8 warps of 16 columns
+    {1, 8, 8, kBK},  // 10: 8 x 64, 8 warps of 8 columns
+};
+constexpr int kSmallConfigs = int(sizeof(kSmallTiles) / sizeof(kSmallTiles[0]));
+bool is_small_config(int config) { return config >= kFirstSmallConfig && config < kFirstSmallConfig + kSmallConfigs; }
+
+// Shared memory of gemm_small_kernel in tile t and MODE: the warps' weight rings and the A rows
+// of its K tiles.
+size_t small_smem(const GemmArgs& p, const SmallTile& t, int mode) {
+  const int64_t chunk_len = mode != 0 ? (p.K + 7) / 8 : p.K;
+  const int64_t tiles = (mode == 1 ? 8 : 1) * ceil_div(chunk_len, t.bk);
+  return size_t(t.warps * t.stages * t.ni * 8 * t.bk + 8 * (tiles * t.bk + 8)) * sizeof(bf16);
 }
 
 int max_dynamic_smem() {
-  int device = 0, bytes = 0;
-  LS_CUDA_CHECK(cudaGetDevice(&device));
-  LS_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes - 1024;  // the static shared memory of the kernel
+  static const int bytes = [] {
+    int device = 0, optin = 0;
+    LS_CUDA_CHECK(cudaGetDevice(&device));
+    LS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return optin - 1024;  // the static shared memory of the kernel
+  }();
+  return bytes;
 }
 
-template <int NI, int WARPS, int STAGES, int MODE, int BK = kBK>
+template <int CONFIG, int MODE>
 void launch_small(const GemmArgs& p, cudaStream_t stream) {
-  auto kernel = gemm_small_kernel<NI, WARPS, STAGES, MODE, BK>;
-  static const int limit = [&] {
-    const int bytes = max_dynamic_smem();
-    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    return bytes;
+  constexpr SmallTile t = kSmallTiles[CONFIG - kFirstSmallConfig];
+  auto kernel = gemm_small_kernel<t.ni, t.warps, t.stages, MODE, t.bk>;
+  static const bool configured = [&] {
+    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem()));
+    return true;
   }();
-  const size_t smem = small_smem<NI, WARPS, STAGES, MODE, BK>(p);
+  (void)configured;
+  const size_t smem = small_smem(p, t, MODE);
   // A K too long for the A rows in shared memory: the tiled kernel (the same bits).
-  if (smem > size_t(limit)) {
+  if (smem > size_t(max_dynamic_smem())) {
     LS_CHECK(p.a_swiglu_up == 0, "gemm: SwiGLU on load needs the A rows in shared memory; K = ", p.K, " is too long");
     return launch<1, 4, 1, 2, 6, MODE>(p, stream);
   }
   int64_t tiles_m = ceil_div(p.M, 8);
   if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
-  dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, NI * 8 * WARPS)), MODE == 2 ? 8u : 1u);
-  launch_kernel<MODE>(kernel, grid, WARPS * 32, smem, p, stream);
+  dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, t.ni * 8 * t.warps)), MODE == 2 ? 8u : 1u);
+  launch_kernel<MODE>(kernel, grid, t.warps * 32, smem, p, stream);
 }
 
 template <int MODE>
@@ -613,11 +579,11 @@ void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
     case 0: return launch<1, 2, 1, 2, 8, MODE>(p, stream);  // 16 x 32
     case 1: return launch<1, 4, 1, 2, 6, MODE>(p, stream);  // 16 x 64
     case 6: return launch<1, 1, 1, 2, 8, MODE>(p, stream);  // 16 x 16, one warp: most CTAs
-    // Small steps: row tiles of 8, one weight stream per warp (gemm_small_kernel).
-    case 7: return launch_small<1, 4, 8, MODE, 128>(p, stream);  // 8 x 32: 4 warps of 8 columns, K tile 128
-    case 8: return launch_small<1, 4, 4, MODE, 256>(p, stream);  // 8 x 32: 4 warps of 8 columns, K tile 256
-    case 9: return launch_small<2, 8, 6, MODE>(p, stream);  // 8 x 128: 8 warps of 16 columns
-    case 10: return launch_small<1, 8, 8, MODE>(p, stream);  // 8 x 64: 8 warps of 8 columns
+    // Small steps: row tiles of 8, one weight stream per warp (gemm_small_kernel, kSmallTiles).
+    case 7: return launch_small<7, MODE>(p, stream);
+    case 8: return launch_small<8, MODE>(p, stream);
+    case 9: return launch_small<9, MODE>(p, stream);
+    case 10: return launch_small<10, MODE>(p, stream);
     // Row form, large steps: the tree's short-lived partials in shared memory (MODE 3) so
     // more warps fit an SM (notes v5); the column form takes 128 x 128, the split form its
     // small tiles.
@@ -647,8 +613,6 @@ void launch_config(const GemmArgs& p, int config, cudaStream_t stream) {
   }
 }
 
-bool is_small_config(int config) { return config >= 7 && config <= 10; }
-
 }  // namespace
 
 void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
@@ -673,6 +637,9 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
 
 namespace {
 
+// The wgmma configurations gemm() takes (gemm_wgmma.cu's configurations 0 and 2).
+constexpr int kWgmmaColumn128x256 = kGemmMmaConfigs, kWgmmaRow128x128 = kGemmMmaConfigs + 2;
+
 // The configuration gemm() takes for p, and whether the row form runs split (one chunk per CTA).
 void choose_config(const GemmArgs& p, int& config, bool& split) {
   const int64_t groups = p.group_rows ? std::max<int64_t>(1, std::min<int64_t>(p.groups, p.M)) : 1;
@@ -694,8 +661,8 @@ void choose_config(const GemmArgs& p, int& config, bool& split) {
   // From 128 rows per group on, the wgmma kernels (configurations kGemmMmaConfigs + i) where
   // they win (notes v6, --gemm at 16384 tokens): the column form at 128 x 256 (qkv 1.24 ->
   // 0.75 ms, gate_up 2.86 -> 1.78), o_proj at 128 x 128 (1.41 -> 1.35); down keeps config 12.
-  else if (p.chunks == 8) config = rows < 128 ? 11 : p.group_rows ? 12 : kGemmMmaConfigs + 2;
-  else config = rows >= 128 ? kGemmMmaConfigs : 4;
+  else if (p.chunks == 8) config = rows < 128 ? 11 : p.group_rows ? 12 : kWgmmaRow128x128;
+  else config = rows >= 128 ? kWgmmaColumn128x256 : 4;
   // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the
   // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.
   // Measured: o_proj at 1 token 20.8 -> 9.7 us, at 64 tokens 72.8 -> 30 us; splitting what
@@ -713,9 +680,8 @@ bool gemm_small_step(const GemmArgs& p) {
   choose_config(p, config, split);
   if (!is_small_config(config)) return false;
   // launch_small falls back to the tiled kernel where the A rows do not fit shared memory.
-  const int64_t chunk_len = p.chunks == 8 ? ceil_div(p.K, 8) : p.K;
-  const int64_t a_bytes = 8 * ((p.chunks == 8 && !split ? 8 : 1) * ceil_div(chunk_len, 256) * 256 + 8) * 2;
-  return a_bytes + 160 * 1024 <= max_dynamic_smem();
+  const int mode = p.chunks == 1 ? 0 : split ? 2 : 1;
+  return small_smem(p, kSmallTiles[config - kFirstSmallConfig], mode) <= size_t(max_dynamic_smem());
 }
 
 void gemm(const GemmArgs& args, cudaStream_t stream) {

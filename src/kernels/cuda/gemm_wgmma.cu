@@ -11,7 +11,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm.h"
-#include "kernels/cuda/gemm_epilogue.cuh"
+#include "kernels/cuda/gemm_common.cuh"
 
 namespace lockstep::cuda {
 namespace {
@@ -192,41 +192,6 @@ constexpr size_t wgmma_smem_bytes() {
          (TREE ? size_t(SMEM_PARTIALS) * (BN / 2) * kWgThreads * sizeof(float) : 0);
 }
 
-// Which group and rows row tile bx covers (row tiles of kWgBM, the groups' tiles one after
-// another); warp 0 writes the results, group -1 if none.
-__device__ __forceinline__ void wgmma_row_tile(const GemmArgs& p, int bx, int& s_group, int& s_row0, int& s_row_end) {
-  const int lane = threadIdx.x & 31;
-  if (p.group_rows == nullptr) {
-    if (lane == 0) {
-      s_group = 0;
-      s_row0 = bx * kWgBM;
-      s_row_end = int(p.M);
-    }
-    return;
-  }
-  if (lane == 0) s_group = -1;
-  __syncwarp();
-  int carry = 0;  // row tiles of the groups before this round
-  for (int base = 0; base < p.groups; base += 32) {
-    const int g = base + lane;
-    const int begin = g < p.groups ? p.group_rows[g] : 0, end = g < p.groups ? p.group_rows[g + 1] : 0;
-    const int tiles = (end - begin + kWgBM - 1) / kWgBM;
-    int incl = tiles;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += v;
-    }
-    const int first = carry + incl - tiles;
-    if (g < p.groups && bx >= first && bx < first + tiles) {
-      s_group = g;
-      s_row0 = begin + (bx - first) * kWgBM;
-      s_row_end = end;
-    }
-    carry += __shfl_sync(0xffffffffu, incl, 31);
-    if (carry > bx) break;
-  }
-}
-
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   const int bytes = valid ? 16 : 0;  // 0 bytes read: the 16 destination bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
@@ -266,7 +231,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
   // (and a group's weights) in L2 instead of re-reading A from memory for every column tile.
   const int tiles_n = (int(p.N) + BN - 1) / BN, tile_m = int(blockIdx.x) / tiles_n;
   const int tile_n = int(blockIdx.x) - tile_m * tiles_n;
-  if (warp == 0) wgmma_row_tile(p, tile_m, s_group, s_row0, s_row_end);
+  find_row_tile<kWgBM>(p, tile_m, s_group, s_row0, s_row_end);
   __syncthreads();
   const int group = s_group, row0 = s_row0, row_end = s_row_end;
   if (group < 0 || row0 >= row_end) return;

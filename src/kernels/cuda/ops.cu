@@ -432,6 +432,12 @@ __device__ __forceinline__ void sort_slots(const int32_t* ids, int k, int* order
   for (int i = 0; i < k; ++i) order_out[i] = order[i];
 }
 
+// The token's k slots in ascending expert id, sorted once by thread 0 into s_order (shared).
+__device__ __forceinline__ void slot_order_to_shared(const int32_t* ids, int k, int* s_order) {
+  if (threadIdx.x == 0) sort_slots(ids, k, s_order);
+  __syncthreads();
+}
+
 // Block per (token, 512 hidden columns): the token's slots sorted by expert id once into
 // shared memory, then each thread sums two columns over the experts in that order.
 constexpr int kCombineThreads = 256;
@@ -440,8 +446,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const int32_t*
   start_after_previous();
   __shared__ int s_order[8];
   const int64_t t = blockIdx.x;
-  if (threadIdx.x == 0) sort_slots(ids + t * k, int(k), s_order);
-  __syncthreads();
+  slot_order_to_shared(ids + t * k, int(k), s_order);
   const int64_t h0 = (int64_t(blockIdx.y) * kCombineThreads + threadIdx.x) * 2;
   if (h0 >= H) return;
   const bool pair = h0 + 1 < H;
@@ -464,8 +469,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine8_kernel(const int32_t
   start_after_previous();
   __shared__ int s_order[8];
   const int64_t t = blockIdx.x;
-  if (threadIdx.x == 0) sort_slots(ids + t * k, int(k), s_order);
-  __syncthreads();
+  slot_order_to_shared(ids + t * k, int(k), s_order);
   const int64_t h0 = (int64_t(blockIdx.y) * kCombineThreads + threadIdx.x) * 8;
   if (h0 >= H) return;
   float o[8];

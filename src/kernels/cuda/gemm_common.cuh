@@ -1,0 +1,103 @@
+// The parts of the GEMM every kernel family shares (mma.sync in gemm.cu, wgmma in
+// gemm_wgmma.cu): where a row tile's rows are, the row form's tree over the 8 chunk sums, and
+// the epilogue of the output kinds (one procedure, so one set of bits).
+#pragma once
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/gemm.h"
+
+namespace lockstep::cuda {
+
+// Which group and which rows of it row tile bx covers (row tiles of BM, the groups'
+// tiles laid out one after another); warp 0 writes the shared results, group -1 if none.
+template <int BM>
+__device__ __forceinline__ void find_row_tile(const GemmArgs& p, int bx, int& s_group, int& s_row0,
+                                              int& s_row_end) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (warp == 0) {
+    if (p.group_rows == nullptr) {
+      if (lane == 0) {
+        s_group = 0;
+        s_row0 = bx * BM;
+        s_row_end = int(p.M);
+      }
+    } else {
+      if (lane == 0) s_group = -1;
+      __syncwarp();
+      int carry = 0;
+      // 128 groups per round, all their bounds loaded before the first use: one memory
+      // latency per round instead of one per 32 groups (decode steps are latency-bound).
+      for (int base = 0; base < p.groups; base += 128) {
+        int begin[4], end[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int g = base + 32 * i + lane;
+          // L2 loads: a settled list may be read before the kernel's wait (GemmArgs).
+          begin[i] = g < p.groups ? __ldcg(p.group_rows + g) : 0;
+          end[i] = g < p.groups ? __ldcg(p.group_rows + g + 1) : 0;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int g = base + 32 * i + lane;
+          const int tiles = (end[i] - begin[i] + BM - 1) / BM;
+          int incl = tiles;
+          for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += v;
+          }
+          const int first = carry + incl - tiles;
+          if (g < p.groups && bx >= first && bx < first + tiles) {
+            s_group = g;
+            s_row0 = begin[i] + (bx - first) * BM;
+            s_row_end = end[i];
+          }
+          carry += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (carry > bx) break;
+      }
+    }
+  }
+}
+
+// Folds the finished chunk c's sum `a` into the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)),
+// with partials s0, s1, s2; after chunk 7, `a` holds the total.
+__device__ __forceinline__ void fold_chunk(int c, float& a, float& s0, float& s1, float& s2) {
+  switch (c) {
+    case 0: case 2: case 4: case 6: s0 = a; a = 0.0f; break;
+    case 1: s1 = s0 + a; a = 0.0f; break;
+    case 3: s1 = s1 + (s0 + a); a = 0.0f; break;
+    case 5: s2 = s0 + a; a = 0.0f; break;
+    default: a = s1 + (s2 + (s0 + a)); break;
+  }
+}
+
+// Writes the results of columns n, n + 1 (when n + 1 < N) of logical row `row`: to the split
+// workspace (chunk `z`), or in the output kind.
+template <bool SPLIT>
+__device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int n, float v0, float v1, int z) {
+  const int N = int(p.N);
+  const bool pair = n + 1 < N;
+  if constexpr (SPLIT) {
+    float* w = p.split_workspace + (int64_t(z) * p.M + row) * N + n;
+    w[0] = v0;
+    if (pair) w[1] = v1;
+    return;
+  }
+  const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + n;
+  if (p.out_kind == GemmOut::f32) {
+    if (pair) *reinterpret_cast<float2*>(p.out_f32 + o) = make_float2(v0, v1);
+    else p.out_f32[o] = v0;
+  } else if (p.out_kind == GemmOut::bf16) {
+    if (pair) *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(v0, v1);
+    else p.out_bf16[o] = to_bf16(v0);
+  } else {
+    float r0 = to_f32(p.resid[o]) + round_bf16(v0);
+    if (pair) {
+      float r1 = to_f32(p.resid[o + 1]) + round_bf16(v1);
+      *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(r0, r1);
+    } else {
+      p.out_bf16[o] = to_bf16(r0);
+    }
+  }
+}
+
+}  // namespace lockstep::cuda
