@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
     }
     if constexpr (TREE_SMEM) {
       if (cur.j == tiles_per_chunk - 1) {
-        // fold_chunk's additions, with s0 and s2 in shared memory.
+        // fold_chunk with s0 and s2 in shared memory.
         const int c = cur.c;
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
@@ -266,16 +266,7 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int i = (mi * NI + ni) * 4 + e;
-              float& a = acc[mi][ni][e];
-              float* p0 = sP + i * THREADS;
-              float* p2 = sP + (ACC + i) * THREADS;
-              switch (c) {
-                case 0: case 2: case 4: case 6: *p0 = a; a = 0.0f; break;
-                case 1: s1[mi][ni][e] = *p0 + a; a = 0.0f; break;
-                case 3: s1[mi][ni][e] = s1[mi][ni][e] + (*p0 + a); a = 0.0f; break;
-                case 5: *p2 = *p0 + a; a = 0.0f; break;
-                default: a = s1[mi][ni][e] + (*p2 + (*p0 + a)); break;
-              }
+              fold_chunk(c, acc[mi][ni][e], sP[i * THREADS], s1[mi][ni][e], sP[(ACC + i) * THREADS]);
             }
       }
     }

@@ -317,16 +317,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
         const int c = cur.c;
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          float& a = acc[i];
           float& r2 = S2_SMEM ? sP[i * THREADS] : s2[S2_SMEM ? 0 : i];
           float& r0 = S0_SMEM ? sP[(R + i) * THREADS] : s0[S0_SMEM ? 0 : i];
-          switch (c) {
-            case 0: case 2: case 4: case 6: r0 = a; a = 0.0f; break;
-            case 1: s1[i] = r0 + a; a = 0.0f; break;
-            case 3: s1[i] = s1[i] + (r0 + a); a = 0.0f; break;
-            case 5: r2 = r0 + a; a = 0.0f; break;
-            default: a = s1[i] + (r2 + (r0 + a)); break;
-          }
+          fold_chunk(c, acc[i], r0, s1[i], r2);
         }
         pin_registers(acc);
         continue;
