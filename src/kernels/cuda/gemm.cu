@@ -246,28 +246,19 @@ __global__ void __launch_bounds__(WM* WN * 32) gemm_kernel(GemmArgs p, bool vec)
     if constexpr (CHUNKED) {
       if (cur.j == tiles_per_chunk - 1) {
         // Fold the finished chunk into the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)).
-        const int c = cur.c;
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) fold_chunk(c, acc[mi][ni][e], s0[mi][ni][e], s1[mi][ni][e], s2[mi][ni][e]);
+        auto at = [](auto& v, int i) -> float& { return v[i / (NI * 4)][i / 4 % NI][i % 4]; };
+        fold_chunk<MI * NI * 4>(
+            cur.c, [&](int i) -> float& { return at(acc, i); }, [&](int i) -> float& { return at(s0, i); },
+            [&](int i) -> float& { return at(s1, i); }, [&](int i) -> float& { return at(s2, i); });
       }
     }
     if constexpr (TREE_SMEM) {
       if (cur.j == tiles_per_chunk - 1) {
         // fold_chunk with s0 and s2 in shared memory.
-        const int c = cur.c;
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = (mi * NI + ni) * 4 + e;
-              fold_chunk(c, acc[mi][ni][e], sP[i * THREADS], s1[mi][ni][e], sP[(ACC + i) * THREADS]);
-            }
+        auto at = [](auto& v, int i) -> float& { return v[i / (NI * 4)][i / 4 % NI][i % 4]; };
+        fold_chunk<ACC>(
+            cur.c, [&](int i) -> float& { return at(acc, i); }, [&](int i) -> float& { return sP[i * THREADS]; },
+            [&](int i) -> float& { return at(s1, i); }, [&](int i) -> float& { return sP[(ACC + i) * THREADS]; });
       }
     }
   }
@@ -440,11 +431,11 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_small_kernel(GemmArgs p, bool
     if (++j == tiles_per_chunk) {
       j = 0;
       if constexpr (CHUNKED) {
-        const int c = kt / tiles_per_chunk;
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) fold_chunk(c, acc[ni][e], s0[ni][e], s1[ni][e], s2[ni][e]);
+        auto at = [](auto& v, int i) -> float& { return v[i / 4][i % 4]; };
+        fold_chunk<NI * 4>(
+            kt / tiles_per_chunk, [&](int i) -> float& { return at(acc, i); },
+            [&](int i) -> float& { return at(s0, i); }, [&](int i) -> float& { return at(s1, i); },
+            [&](int i) -> float& { return at(s2, i); });
       }
     }
   }

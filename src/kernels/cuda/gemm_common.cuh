@@ -58,15 +58,34 @@ __device__ __forceinline__ void find_row_tile(const GemmArgs& p, int bx, int& s_
   }
 }
 
-// Folds the finished chunk c's sum `a` into the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)),
-// with partials s0, s1, s2; after chunk 7, `a` holds the total.
-__device__ __forceinline__ void fold_chunk(int c, float& a, float& s0, float& s1, float& s2) {
+// Folds the finished chunk c's sums into the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)): for
+// each i < COUNT the chunk sum a(i) with the partials s0(i), s1(i), s2(i) (each accessor
+// returns a reference); after chunk 7, a(i) holds the total. The case is chosen once for all
+// COUNT sums: a switch per sum compiles to an indirect branch per sum, which was half the
+// instructions of the row form at prefill (ncu, notes v7).
+template <int COUNT, typename Sum, typename P0, typename P1, typename P2>
+__device__ __forceinline__ void fold_chunk(int c, Sum&& a, P0&& s0, P1&& s1, P2&& s2) {
   switch (c) {
-    case 0: case 2: case 4: case 6: s0 = a; a = 0.0f; break;
-    case 1: s1 = s0 + a; a = 0.0f; break;
-    case 3: s1 = s1 + (s0 + a); a = 0.0f; break;
-    case 5: s2 = s0 + a; a = 0.0f; break;
-    default: a = s1 + (s2 + (s0 + a)); break;
+    case 0: case 2: case 4: case 6:
+#pragma unroll
+      for (int i = 0; i < COUNT; ++i) s0(i) = a(i), a(i) = 0.0f;
+      break;
+    case 1:
+#pragma unroll
+      for (int i = 0; i < COUNT; ++i) s1(i) = s0(i) + a(i), a(i) = 0.0f;
+      break;
+    case 3:
+#pragma unroll
+      for (int i = 0; i < COUNT; ++i) s1(i) = s1(i) + (s0(i) + a(i)), a(i) = 0.0f;
+      break;
+    case 5:
+#pragma unroll
+      for (int i = 0; i < COUNT; ++i) s2(i) = s0(i) + a(i), a(i) = 0.0f;
+      break;
+    default:
+#pragma unroll
+      for (int i = 0; i < COUNT; ++i) a(i) = s1(i) + (s2(i) + (s0(i) + a(i)));
+      break;
   }
 }
 

@@ -156,10 +156,11 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(const bf16* A, const b
       __syncthreads();
     }
     if (chunks == 8) {
-      for (int i = 0; i < 64; ++i) {
-        fold_chunk(c, acc[i], s0[i], s1[i], s2[i]);
-        if (c < 7) acc[i] = start_value;
-      }
+      fold_chunk<64>(
+          c, [&](int i) -> float& { return acc[i]; }, [&](int i) -> float& { return s0[i]; },
+          [&](int i) -> float& { return s1[i]; }, [&](int i) -> float& { return s2[i]; });
+      if (c < 7)
+        for (int i = 0; i < 64; ++i) acc[i] = start_value;
     }
   }
   // Accumulator layout: warp w holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}.
@@ -314,13 +315,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
       if (cur.j == tiles_per_chunk - 1) {
         wgmma_wait<0>();
         pin_registers(acc);
-        const int c = cur.c;
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          float& r2 = S2_SMEM ? sP[i * THREADS] : s2[S2_SMEM ? 0 : i];
-          float& r0 = S0_SMEM ? sP[(R + i) * THREADS] : s0[S0_SMEM ? 0 : i];
-          fold_chunk(c, acc[i], r0, s1[i], r2);
-        }
+        fold_chunk<R>(
+            cur.c, [&](int i) -> float& { return acc[i]; },
+            [&](int i) -> float& { return S0_SMEM ? sP[(R + i) * THREADS] : s0[S0_SMEM ? 0 : i]; },
+            [&](int i) -> float& { return s1[i]; },
+            [&](int i) -> float& { return S2_SMEM ? sP[i * THREADS] : s2[S2_SMEM ? 0 : i]; });
         pin_registers(acc);
         continue;
       }
