@@ -375,9 +375,9 @@ void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
 //    (3 stages + s0, s2 in shared memory, 225 KB).
 // 2: column form 128 x 64 (8 stages, 193 KB); row form 128 x 128 with s0, s1 in registers
 //    (4 stages + s2 in shared memory, 193 KB).
-// H200, 16384 tokens (cuda_bench --gemm, ms): qkv 0.75 / 0.85 / 1.15 and gate_up 1.78 / 2.11 /
-// 2.86 (the mma.sync 128 x 256: 1.24, 2.86); o_proj 1.39 (1) / 1.35 (2), down 6.5 (1) / 6.2 (2)
-// (mma.sync 16 warps: 1.41, 4.61); config 0's row form not measured yet.
+// H200, 16384 tokens (cuda_bench --gemm, ms): qkv 0.73 / 0.84 / 1.14 and gate_up 1.74 / 2.06 /
+// 2.82 (the mma.sync 128 x 256: 1.24, 3.28); o_proj 0.97 / 0.85 / 0.90 and down 2.98 / 2.28 /
+// 2.56 (the mma.sync 128 x 128 of 16 warps: 1.15, 2.69).
 // Problems cp.async cannot load in 16-byte pieces go to the mma.sync 128 x 128 kernels.
 void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream) {
   LS_CHECK(config >= 0 && config < kGemmWgmmaConfigs, "gemm: no wgmma configuration ", config);
