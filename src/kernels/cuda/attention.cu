@@ -109,16 +109,29 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
     qf[ks][3] = pos_b >= 0 ? load_u32(qb + c + 8) : 0u;
   }
 
+  // A thread loads piece `piece` of rows tid / PIECES + i * kRowsPerPass of each KV block. The
+  // address arithmetic runs per row, with shifts where the page size is a power of two (ncu:
+  // the divisions by the page size were the kernel's largest instruction class at prefill).
+  static_assert(kThreads % PIECES == 0, "a thread's piece must be the same in every row");
+  constexpr int kRowsPerPass = kThreads / PIECES;
+  const int piece = tid % PIECES, row0 = tid / PIECES;
+  const bool page_pow2 = (page & (page - 1)) == 0;
+  const int page_shift = __ffs(page) - 1;
+  const int64_t slot_stride = int64_t(kv_heads) * D, head_offset = int64_t(kvh) * D + piece * 8;
   auto load_block = [&](int stage, int b0) {
-    bf16* k_s = sK + stage * kKvBlock * LD;
-    bf16* v_s = sV + stage * kKvBlock * LD;
-    for (int idx = tid; idx < kKvBlock * PIECES; idx += kThreads) {
-      const int j = idx / PIECES, piece = idx % PIECES, p = b0 + j;
+    bf16* k_s = sK + stage * kKvBlock * LD + piece * 8;
+    bf16* v_s = sV + stage * kKvBlock * LD + piece * 8;
+#pragma unroll
+    for (int j = row0; j < kKvBlock; j += kRowsPerPass) {
+      const int p = b0 + j;
       const bool valid = p <= max_pos;  // later positions are zero-filled and masked
       int64_t off = 0;
-      if (valid) off = ((int64_t(table[p / page]) * page + p % page) * kv_heads + kvh) * D + piece * 8;
-      cp_async16(smem_u32(k_s + j * LD + piece * 8), kv.k + off, valid);
-      cp_async16(smem_u32(v_s + j * LD + piece * 8), kv.v + off, valid);
+      if (valid) {
+        const int pg = page_pow2 ? p >> page_shift : p / page, in_page = p - pg * page;
+        off = (int64_t(table[pg]) * page + in_page) * slot_stride + head_offset;
+      }
+      cp_async16(smem_u32(k_s + j * LD), kv.k + off, valid);
+      cp_async16(smem_u32(v_s + j * LD), kv.v + off, valid);
     }
   };
 
