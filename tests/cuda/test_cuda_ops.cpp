@@ -1,4 +1,5 @@
-// The fused small-step routing + expert assignment equals the separate kernels bit for bit;
+// The fused small-step routing + expert assignment equals the separate kernels bit for bit, and
+// both group the pairs as the selected ids say (one block, or many at large steps);
 // the large-step SwiGLU and expert combine (8 columns per thread) equal the small-step kernels.
 #include <algorithm>
 #include <utility>
@@ -31,7 +32,8 @@ void check_route_assign(int64_t T, int64_t E, int64_t k) {
     std::vector<std::vector<std::pair<int32_t, int32_t>>> groups;  // sorted (gather, scatter) per group
   };
   auto run = [&](bool fused) {
-    DeviceVec<int32_t> ids(T * k), counts(E), rows(E + 1), gather(T * k), scatter(T * k);
+    DeviceVec<int32_t> ids(T * k), counts(cuda::assign_workspace_ints(T * k, E)), rows(E + 1), gather(T * k),
+        scatter(T * k);
     DeviceVec<float> weights(T * k);
     ids.poison();
     rows.poison();
@@ -55,6 +57,17 @@ void check_route_assign(int64_t T, int64_t E, int64_t k) {
     return o;
   };
   Out a = run(false), b = run(true);
+  // The grouping itself, from the selected ids: each expert's (token, pair) rows, in order of
+  // expert id.
+  std::vector<int32_t> want_rows{0};
+  for (int64_t e = 0; e < E; ++e) {
+    std::vector<std::pair<int32_t, int32_t>> members;
+    for (int64_t i = 0; i < T * k; ++i)
+      if (a.ids[size_t(i)] == e) members.push_back({int32_t(i / k), int32_t(i)});
+    EXPECT_EQ(a.groups[size_t(e)], members) << "expert " << e;
+    want_rows.push_back(want_rows.back() + int32_t(members.size()));
+  }
+  EXPECT_EQ(a.rows, want_rows);
   EXPECT_EQ(a.ids, b.ids);
   EXPECT_EQ(std::memcmp(a.weights.data(), b.weights.data(), a.weights.size() * 4), 0);
   EXPECT_EQ(a.rows, b.rows);
@@ -63,7 +76,8 @@ void check_route_assign(int64_t T, int64_t E, int64_t k) {
 }
 
 TEST(CudaOps, RouteAndAssignEqualsSeparate) {
-  for (int64_t T : {1, 5, 32, 33}) {  // 33: past the one-launch limit (the separate kernels)
+  // 33: past the one-launch limit (the separate kernels); 1100 and 3000: the many-block grouping
+  for (int64_t T : {1, 5, 32, 33, 1100, 3000}) {
     check_route_assign(T, 128, 8);
     check_route_assign(T, 16, 4);
   }

@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, co
 
 __device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int64_t pos, int64_t page_size) {
   const int32_t* table = s.page_tables + int64_t(s.seq_of_token[t]) * *s.table_stride;
-  return int64_t(table[pos / page_size]) * page_size + pos % page_size;
+  // Positions and page sizes fit 32 bits: a 32-bit division (a 64-bit one is a long call).
+  const int p = int(pos), page = int(page_size), pg = p / page;
+  return int64_t(table[pg]) * page_size + (p - pg * page);
 }
 
 // One warp per head: q heads, then k heads, then v heads (copied).
@@ -147,26 +149,29 @@ __global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const 
   const int64_t ld = (nq + 2 * nkv) * D;
   const bf16* src = qkv + t * ld + head * D;
   const int64_t pos = slots.positions[t];
-  const int64_t slot = slot_of(slots, t, pos, kv.page_size);
+  // Only k and v heads go to the cache: the page-table lookup (a 64-bit division) for them
+  // alone (ncu: done for every head, it was most of the kernel's instructions).
   if (head >= nq + nkv) {  // v: straight into the cache
+    const int64_t slot = slot_of(slots, t, pos, kv.page_size);
     bf16* dst = kv.v + (slot * kv.kv_heads + (head - nq - nkv)) * D;
-    for (int64_t d = lane; d < D; d += 32) dst[d] = src[d];
+    for (int d = lane; d < int(D); d += 32) dst[d] = src[d];
     return;
   }
   const bool is_q = head < nq;
   const float* w = is_q ? q_norm : k_norm;
-  bf16* dst = is_q ? q_out + (t * nq + head) * D : kv.k + (slot * kv.kv_heads + (head - nq)) * D;
+  bf16* dst = is_q ? q_out + (t * nq + head) * D
+                   : kv.k + (slot_of(slots, t, pos, kv.page_size) * kv.kv_heads + (head - nq)) * D;
   float ss = 0.0f;
-  for (int64_t d = lane; d < D; d += 32) {
+  for (int d = lane; d < int(D); d += 32) {
     float v = to_f32(src[d]);
     ss += v * v;
   }
   ss = warp_sum(ss);
   const float inv = 1.0f / sqrtf(ss / float(D) + eps);
-  const int64_t half = D / 2;
+  const int half = int(D / 2);
   const float* c = rope_cos + pos * half;
   const float* s = rope_sin + pos * half;
-  for (int64_t i = lane; i < half; i += 32) {
+  for (int i = lane; i < half; i += 32) {
     float x1 = round_bf16(w[i] * round_bf16(to_f32(src[i]) * inv));
     float x2 = round_bf16(w[i + half] * round_bf16(to_f32(src[i + half]) * inv));
     dst[i] = to_bf16(x1 * c[i] - x2 * s[i]);
@@ -368,6 +373,81 @@ __global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const in
   start_after_previous();
   extern __shared__ int32_t s_cursor[];  // [E]: counts, then each group's next free row
   assign_block(ids, n, k, E, group_rows, gather, scatter, s_cursor);
+}
+
+// Large steps: the same grouping over many blocks (one block's shared-memory atomics on E
+// counters took ~0.22 ms per layer at 16384 tokens). Block b takes the pairs
+// [b * kAssignBlockPairs, (b + 1) * kAssignBlockPairs): it counts them per expert, one block
+// turns the counts into each block's first row in each group, then every block places its
+// pairs from there. Only the order of rows inside a group differs from assign_block.
+constexpr int kAssignBlockPairs = 2048, kAssignBlockThreads = 256;
+constexpr int64_t kParallelAssignPairs = 8192;
+
+__global__ void __launch_bounds__(kAssignBlockThreads) expert_histogram_kernel(const int32_t* ids, int64_t n,
+                                                                               int64_t E, int32_t* hist) {
+  start_after_previous();
+  extern __shared__ int32_t s_count[];  // [E]
+  for (int64_t e = threadIdx.x; e < E; e += kAssignBlockThreads) s_count[e] = 0;
+  __syncthreads();
+  const int64_t begin = int64_t(blockIdx.x) * kAssignBlockPairs, end = min(n, begin + kAssignBlockPairs);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kAssignBlockThreads) atomicAdd(&s_count[ids[i]], 1);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += kAssignBlockThreads) hist[blockIdx.x * E + e] = s_count[e];
+}
+
+// One block: hist[b][e] (block b's count of expert e) becomes block b's first row in group e,
+// and group_rows the groups' first rows (each lane of warp 0 a contiguous run of experts).
+__global__ void __launch_bounds__(kAssignThreads) expert_offsets_kernel(int32_t* hist, int64_t blocks, int64_t E,
+                                                                       int32_t* group_rows) {
+  start_after_previous();
+  extern __shared__ int32_t s_total[];  // [E]
+  for (int64_t e = threadIdx.x; e < E; e += kAssignThreads) {
+    int32_t run = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int32_t c = hist[b * E + e];
+      hist[b * E + e] = run;
+      run += c;
+    }
+    s_total[e] = run;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = int(threadIdx.x);
+    const int64_t per = (E + 31) / 32, begin = min(E, lane * per), end = min(E, begin + per);
+    int32_t local = 0;
+    for (int64_t e = begin; e < end; ++e) local += s_total[e];
+    int32_t incl = local;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t v = __shfl_up_sync(kFull, incl, o);
+      if (lane >= o) incl += v;
+    }
+    int32_t run = incl - local;
+    for (int64_t e = begin; e < end; ++e) {
+      const int32_t c = s_total[e];
+      s_total[e] = run;
+      group_rows[e] = run;
+      run += c;
+    }
+    if (lane == 31) group_rows[E] = incl;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += kAssignThreads)
+    for (int64_t b = 0; b < blocks; ++b) hist[b * E + e] += s_total[e];
+}
+
+__global__ void __launch_bounds__(kAssignBlockThreads) expert_place_kernel(const int32_t* ids, int64_t n, int64_t k,
+                                                                           int64_t E, const int32_t* first_row,
+                                                                           int32_t* gather, int32_t* scatter) {
+  start_after_previous();
+  extern __shared__ int32_t s_cursor[];  // [E]: this block's next row in each group
+  for (int64_t e = threadIdx.x; e < E; e += kAssignBlockThreads) s_cursor[e] = first_row[blockIdx.x * E + e];
+  __syncthreads();
+  const int64_t begin = int64_t(blockIdx.x) * kAssignBlockPairs, end = min(n, begin + kAssignBlockPairs);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kAssignBlockThreads) {
+    const int32_t r = atomicAdd(&s_cursor[ids[i]], 1);
+    gather[r] = int32_t(i / k);
+    scatter[r] = int32_t(i);
+  }
 }
 
 // Small steps: the routing of every token (warp t routes token t, as route_topk_kernel) and
@@ -746,12 +826,24 @@ void route_and_assign(const float* logits, int32_t* ids, float* weights, int64_t
                         group_rows, gather, scatter);
 }
 
+int64_t assign_workspace_ints(int64_t pairs, int64_t E) {
+  return pairs < kParallelAssignPairs ? E : ceil_div(pairs, kAssignBlockPairs) * E;
+}
+
 void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
                     int32_t* gather, int32_t* scatter, cudaStream_t s) {
-  (void)counts;  // the counts live in shared memory
-  LS_CHECK(E <= 16384, "cuda assign_experts: at most 16384 experts, got ", E);
-  launch_after_previous(assign_experts_kernel, 1, kAssignThreads, size_t(E) * sizeof(int32_t), s, ids, T * k, k, E,
-                        group_rows, gather, scatter);
+  LS_CHECK(E <= 12288, "cuda assign_experts: at most 12288 experts (48 KB of shared counters), got ", E);
+  const int64_t n = T * k, smem = E * int64_t(sizeof(int32_t));
+  if (n < kParallelAssignPairs)  // one launch: decode steps are latency-bound
+    return launch_after_previous(assign_experts_kernel, 1, kAssignThreads, size_t(smem), s, ids, n, k, E, group_rows,
+                                 gather, scatter);
+  const int64_t blocks = ceil_div(n, kAssignBlockPairs);
+  LS_CHECK(blocks <= 0x7fffffff, "cuda assign_experts: too many pairs, ", n);
+  launch_after_previous(expert_histogram_kernel, unsigned(blocks), kAssignBlockThreads, size_t(smem), s, ids, n, E,
+                        counts);
+  launch_after_previous(expert_offsets_kernel, 1, kAssignThreads, size_t(smem), s, counts, blocks, E, group_rows);
+  launch_after_previous(expert_place_kernel, unsigned(blocks), kAssignBlockThreads, size_t(smem), s, ids, n, k, E,
+                        static_cast<const int32_t*>(counts), gather, scatter);
 }
 
 void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s) {

@@ -61,13 +61,15 @@ void route_topk(const float* logits, int32_t* ids, float* weights, int64_t T, in
                 cudaStream_t s);
 
 // Groups the T*k (token, slot) pairs by expert: group_rows [E + 1], and per row the token
-// to read (gather) and the output row token * k + slot (scatter). `counts` is scratch [E].
-// The order of rows inside a group is not fixed (the GEMM is batch invariant per row).
+// to read (gather) and the output row token * k + slot (scatter). `counts` is scratch of
+// assign_workspace_ints(T * k, E) ints. The order of rows inside a group is not fixed (the
+// GEMM is batch invariant per row).
+int64_t assign_workspace_ints(int64_t pairs, int64_t E);
 void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
                     int32_t* gather, int32_t* scatter, cudaStream_t s);
 
 // route_topk then assign_experts; small steps in one launch (the same per-token and
-// assignment procedures).
+// assignment procedures). `counts` as for assign_experts.
 void route_and_assign(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
                       bool normalize, int32_t* counts, int32_t* group_rows, int32_t* gather, int32_t* scatter,
                       cudaStream_t s);

@@ -405,7 +405,7 @@ class CudaRunner final : public ModelRunner {
       ws_.router_logits = act_arena_.alloc<float>(T * E);
       ws_.ids = act_arena_.alloc<int32_t>(T * k);
       ws_.expert_weights = act_arena_.alloc<float>(T * k);
-      ws_.counts = act_arena_.alloc<int32_t>(E);
+      ws_.counts = act_arena_.alloc<int32_t>(cuda::assign_workspace_ints(rows, E));
       ws_.group_rows = act_arena_.alloc<int32_t>(E + 1);
       ws_.gather = act_arena_.alloc<int32_t>(rows);
       ws_.scatter = act_arena_.alloc<int32_t>(rows);
