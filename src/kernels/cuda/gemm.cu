@@ -619,8 +619,8 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
 
 namespace {
 
-// The wgmma configurations gemm() takes (gemm_wgmma.cu's configurations 0 and 1).
-constexpr int kWgmmaColumn128x256 = kGemmMmaConfigs, kWgmmaRow128x128 = kGemmMmaConfigs + 1;
+// The wgmma configurations gemm() takes (gemm_wgmma.cu's configurations 0 and 3).
+constexpr int kWgmmaColumn128x256 = kGemmMmaConfigs, kWgmmaRow128x128 = kGemmMmaConfigs + 3;
 
 // The configuration gemm() takes for p, and whether the row form runs split (one chunk per CTA).
 void choose_config(const GemmArgs& p, int& config, bool& split) {
@@ -642,8 +642,8 @@ void choose_config(const GemmArgs& p, int& config, bool& split) {
   // v5: at 16384 tokens o_proj 2.10 -> 1.43 ms, down 6.68 -> 4.64 ms).
   // From 128 rows per group on, the wgmma kernels (configurations kGemmMmaConfigs + i), measured
   // with --gemm at 16384 tokens (notes v6, v7): the column form at 128 x 256 (qkv 1.24 -> 0.73
-  // ms, gate_up 2.86 -> 1.74), the row form at 128 x 128 with s0 and s2 in shared memory
-  // (o_proj 0.85 ms, down 2.28; the mma.sync config 12: 1.15, 2.69).
+  // ms, gate_up 2.86 -> 1.74), the row form at 128 x 128 with s0 and s2 in shared memory, each
+  // K tile drained (o_proj 0.74 ms, down 2.15; the mma.sync config 12: 1.16, 2.70).
   else if (p.chunks == 8) config = rows < 128 ? 11 : kWgmmaRow128x128;
   else config = rows >= 128 ? kWgmmaColumn128x256 : 4;
   // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the

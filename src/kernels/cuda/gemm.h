@@ -74,7 +74,7 @@ bool gemm_small_step(const GemmArgs& args);
 // from kGemmMmaConfigs on, the wgmma kernels of gemm_wgmma.cu (Hopper warpgroup MMA, config
 // kGemmMmaConfigs + i is their configuration i).
 constexpr int kGemmMmaConfigs = 13;
-constexpr int kGemmWgmmaConfigs = 3;
+constexpr int kGemmWgmmaConfigs = 4;
 constexpr int kGemmConfigs = kGemmMmaConfigs + kGemmWgmmaConfigs;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 // Configuration i of the wgmma kernels (0 <= i < kGemmWgmmaConfigs).

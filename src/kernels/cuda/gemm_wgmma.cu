@@ -210,13 +210,15 @@ __device__ __forceinline__ void wgmma_step(float (&acc)[BN / 2], uint64_t da, ui
   else wgmma_m64n64k16(acc, da, db, 1);
 }
 
-template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
   static_assert(BN == 64 || BN == 128 || BN == 256, "wgmma tiles are 64, 128 or 256 columns");
   static_assert(SMEM_PARTIALS >= 0 && SMEM_PARTIALS <= 2, "s2, then s0, may live in shared memory");
   static_assert(STAGES >= 3, "the ring keeps one K tile in the tensor cores and loads ahead");
   constexpr int BM = kWgBM, BK = kWgBK, THREADS = kWgThreads, R = BN / 2;  // R accumulators per thread
-  constexpr int AHEAD = STAGES - 2;                                         // K tiles loaded ahead
+  // K tiles loaded ahead: with DRAIN each tile's wgmma finish before the next tile, so one more
+  // stage is free for loads.
+  constexpr int AHEAD = DRAIN ? STAGES - 1 : STAGES - 2;
   constexpr int A_ITERS = BM * 8 / THREADS, B_ITERS = BN * 8 / THREADS;   // 16-byte pieces per thread
   extern __shared__ unsigned char smem_raw[];
   __shared__ int s_group, s_row0, s_row_end;
@@ -324,7 +326,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
         continue;
       }
     }
-    wgmma_wait<1>();
+    if constexpr (DRAIN) {
+      wgmma_wait<0>();
+      pin_registers(acc);
+    } else {
+      wgmma_wait<1>();
+    }
   }
   wgmma_wait<0>();
   pin_registers(acc);
@@ -349,10 +356,10 @@ bool wgmma_loads_ok(const GemmArgs& p) {
          aligned(p.A) && aligned(p.W);
 }
 
-template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN = false>
 void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
   constexpr size_t smem = wgmma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();
-  auto kernel = wgmma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS>;
+  auto kernel = wgmma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN>;
   static const bool configured = [&] {
     LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
@@ -375,10 +382,11 @@ void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
 //    (3 stages + s0, s2 in shared memory, 225 KB).
 // 2: column form 128 x 64 (8 stages, 193 KB); row form 128 x 128 with s0, s1 in registers
 //    (4 stages + s2 in shared memory, 193 KB).
-// H200, 16384 tokens (cuda_bench --gemm, ms): qkv 0.73 / 0.84 / 1.14 and gate_up 1.74 / 2.06 /
-// 2.82 (the mma.sync 128 x 256: 1.24, 3.28); o_proj 0.97 / 0.85 / 0.90 and down 2.98 / 2.28 /
-// 2.56 (the mma.sync 128 x 128 of 16 warps: 1.15, 2.69).
-// Problems cp.async cannot load in 16-byte pieces go to the mma.sync 128 x 128 kernels.
+// 3: configuration 0's column form and configuration 1's row form, each K tile's wgmma
+//    finished before the next tile (DRAIN): one more K tile in flight.
+// H200, 16384 tokens (cuda_bench --gemm, ms): qkv 0.73 / 0.84 / 1.14 / 0.75 and gate_up 1.74 /
+// 2.06 / 2.82 / 1.77 (the mma.sync 128 x 256: 1.24, 3.28); o_proj 0.97 / 0.84 / 0.90 / 0.74 and
+// down 2.98 / 2.28 / 2.56 / 2.15 (the mma.sync 128 x 128 of 16 warps: 1.16, 2.70).
 void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream) {
   LS_CHECK(config >= 0 && config < kGemmWgmmaConfigs, "gemm: no wgmma configuration ", config);
   LS_CHECK(args.a_swiglu_up == 0, "gemm: SwiGLU on load needs a small-step configuration, got wgmma configuration ",
@@ -390,11 +398,13 @@ void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t strea
   if (p.chunks == 8) {
     if (config == 0) return launch_wgmma<64, 8, true, 0>(p, stream);
     if (config == 1) return launch_wgmma<128, 3, true, 2>(p, stream);
-    return launch_wgmma<128, 4, true, 1>(p, stream);
+    if (config == 2) return launch_wgmma<128, 4, true, 1>(p, stream);
+    return launch_wgmma<128, 3, true, 2, true>(p, stream);
   }
   if (config == 0) return launch_wgmma<256, 4, false, 0>(p, stream);
   if (config == 1) return launch_wgmma<128, 7, false, 0>(p, stream);
-  return launch_wgmma<64, 8, false, 0>(p, stream);
+  if (config == 2) return launch_wgmma<64, 8, false, 0>(p, stream);
+  return launch_wgmma<256, 4, false, 0, true>(p, stream);
 }
 
 void wgmma_probe(const bf16* A, const bf16* W, int N, int K, int chunks, WgmmaStart start, float* out) {
