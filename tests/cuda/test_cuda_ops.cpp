@@ -1,9 +1,12 @@
 // The fused small-step routing + expert assignment equals the separate kernels bit for bit, and
 // both group the pairs as the selected ids say (one block, or many at large steps);
-// the large-step SwiGLU and expert combine (8 columns per thread) equal the small-step kernels.
+// the large-step SwiGLU and expert combine (8 columns per thread) equal the small-step kernels;
+// the per-head RMSNorm and rotary embedding follow their lane-order procedure bit for bit.
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
+#include "core/dtype.h"
 #include "cuda_test_util.h"
 #include "kernels/cuda/ops.h"
 
@@ -84,6 +87,79 @@ TEST(CudaOps, RouteAndAssignEqualsSeparate) {
 }
 
 cuda::bf16_t* bf(const DeviceVec<uint16_t>& v) { return reinterpret_cast<cuda::bf16_t*>(v.get()); }
+
+// The per-head RMSNorm + rotary embedding of qk_norm_rope_store, emulated on the CPU with the
+// kernel's order of operations (lane l sums elements l, l + 32, ..., then the xor butterfly
+// 16, 8, 4, 2, 1), for head sizes of the register path (64, 128) and of the general loop (16).
+void check_qk_norm_rope(int64_t D) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t T = 3, nq = 4, nkv = 2, heads = nq + 2 * nkv, page = 16, half = D / 2, max_pos = 64;
+  const std::vector<int32_t> pos{17, 18, 40}, seq{0, 0, 0}, table{3, 0, 1, 2};  // page 1 -> 0, 2 -> 1
+  auto qkv_h = random_bf16(T * heads * D, 40 + D, 3.0f);
+  auto qn = random_f32(D, 50 + D, 0.5f, 1.5f), kn = random_f32(D, 60 + D, 0.5f, 1.5f);
+  auto cos_h = random_f32(max_pos * half, 70, -1.0f, 1.0f), sin_h = random_f32(max_pos * half, 71, -1.0f, 1.0f);
+  const float eps = 1e-6f;
+  DeviceVec<uint16_t> qkv(qkv_h), q_out(T * nq * D), kc(4 * page * nkv * D), vc(4 * page * nkv * D);
+  q_out.poison();
+  kc.poison();
+  vc.poison();
+  DeviceVec<float> QN(qn), KN(kn), C(cos_h), S(sin_h);
+  DeviceVec<int32_t> Pos(pos), Seq(seq), Table(table), Stride(std::vector<int32_t>{4});
+  cuda::DeviceKvLayer kv;
+  kv.k = bf(kc);
+  kv.v = bf(vc);
+  kv.page_size = page;
+  kv.kv_heads = nkv;
+  kv.head_dim = D;
+  cuda::DeviceSlots slots;
+  slots.positions = Pos.get();
+  slots.seq_of_token = Seq.get();
+  slots.page_tables = Table.get();
+  slots.table_stride = Stride.get();
+  cuda::qk_norm_rope_store(bf(qkv), QN.get(), KN.get(), C.get(), S.get(), bf(q_out), kv, slots, T, nq, nkv, D, eps,
+                           nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto q_got = q_out.take(), k_got = kc.take(), v_got = vc.take();
+  auto expect = [&](int64_t t, int64_t head, const float* w) {
+    const uint16_t* x = qkv_h.data() + (t * heads + head) * D;
+    float lane_sum[32] = {};
+    for (int64_t d = 0; d < D; ++d) lane_sum[d % 32] += bf16_to_f32(x[d]) * bf16_to_f32(x[d]);
+    for (int o = 16; o > 0; o >>= 1) {
+      float next[32];
+      for (int l = 0; l < 32; ++l) next[l] = lane_sum[l] + lane_sum[l ^ o];
+      std::copy(next, next + 32, lane_sum);
+    }
+    const float inv = 1.0f / std::sqrt(lane_sum[0] / float(D) + eps);
+    const float* c = cos_h.data() + pos[size_t(t)] * half;
+    const float* s = sin_h.data() + pos[size_t(t)] * half;
+    std::vector<uint16_t> out(static_cast<size_t>(D));
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = round_bf16(w[i] * round_bf16(bf16_to_f32(x[i]) * inv));
+      const float x2 = round_bf16(w[i + half] * round_bf16(bf16_to_f32(x[i + half]) * inv));
+      out[size_t(i)] = f32_to_bf16(x1 * c[i] - x2 * s[i]);
+      out[size_t(i + half)] = f32_to_bf16(x2 * c[i] + x1 * s[i]);
+    }
+    return out;
+  };
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t slot = int64_t(table[size_t(pos[size_t(t)] / page)]) * page + pos[size_t(t)] % page;
+    for (int64_t h = 0; h < nq; ++h) {
+      const auto want = expect(t, h, qn.data());
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), q_got.begin() + (t * nq + h) * D)) << "q token " << t;
+    }
+    for (int64_t h = 0; h < nkv; ++h) {
+      const auto want = expect(t, nq + h, kn.data());
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), k_got.begin() + (slot * nkv + h) * D)) << "k token " << t;
+      const uint16_t* v = qkv_h.data() + (t * heads + nq + nkv + h) * D;
+      EXPECT_TRUE(std::equal(v, v + D, v_got.begin() + (slot * nkv + h) * D)) << "v token " << t;
+    }
+  }
+}
+
+TEST(CudaOps, QkNormRopeFollowsItsLaneOrder) {
+  for (int64_t D : {16, 64, 128}) check_qk_norm_rope(D);
+}
+
 
 // A large step (the vector kernel) equals the same rows run as small steps (the scalar kernel).
 TEST(CudaOps, LargeStepSwigluEqualsSmallSteps) {

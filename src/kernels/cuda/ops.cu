@@ -137,6 +137,33 @@ __device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int6
   return int64_t(table[pg]) * page_size + (p - pg * page);
 }
 
+// One head's RMSNorm and rotary embedding by one warp, D = 32 PER: lane l holds elements l,
+// l + 32, ... (the sum in that order, then the butterfly), as the general loop of
+// qk_norm_rope_kernel, with every load issued before the sum (one round trip, not three).
+template <int PER>
+__device__ __forceinline__ void norm_rope_head(const bf16* src, const float* w, const float* c, const float* s,
+                                               bf16* dst, int lane, float eps) {
+  constexpr int D = 32 * PER, HALF = D / 2;
+  float v[PER], wv[PER], cv[PER / 2], sv[PER / 2];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) v[j] = to_f32(src[lane + 32 * j]), wv[j] = w[lane + 32 * j];
+#pragma unroll
+  for (int j = 0; j < PER / 2; ++j) cv[j] = c[lane + 32 * j], sv[j] = s[lane + 32 * j];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
+  ss = warp_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / float(D) + eps);
+#pragma unroll
+  for (int j = 0; j < PER / 2; ++j) {
+    const int i = lane + 32 * j;
+    const float x1 = round_bf16(wv[j] * round_bf16(v[j] * inv));
+    const float x2 = round_bf16(wv[j + PER / 2] * round_bf16(v[j + PER / 2] * inv));
+    dst[i] = to_bf16(x1 * cv[j] - x2 * sv[j]);
+    dst[i + HALF] = to_bf16(x2 * cv[j] + x1 * sv[j]);
+  }
+}
+
 // One warp per head: q heads, then k heads, then v heads (copied).
 __global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
                                     const float* rope_sin, bf16* q_out, DeviceKvLayer kv, DeviceSlots slots,
@@ -161,6 +188,15 @@ __global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const 
   const float* w = is_q ? q_norm : k_norm;
   bf16* dst = is_q ? q_out + (t * nq + head) * D
                    : kv.k + (slot_of(slots, t, pos, kv.page_size) * kv.kv_heads + (head - nq)) * D;
+  const int half = int(D / 2);
+  const float* c = rope_cos + pos * half;
+  const float* s = rope_sin + pos * half;
+  switch (D) {  // head sizes whose rotary halves are whole rows of lanes
+    case 64: return norm_rope_head<2>(src, w, c, s, dst, lane, eps);
+    case 128: return norm_rope_head<4>(src, w, c, s, dst, lane, eps);
+    case 256: return norm_rope_head<8>(src, w, c, s, dst, lane, eps);
+    default: break;
+  }
   float ss = 0.0f;
   for (int d = lane; d < int(D); d += 32) {
     float v = to_f32(src[d]);
@@ -168,9 +204,6 @@ __global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const 
   }
   ss = warp_sum(ss);
   const float inv = 1.0f / sqrtf(ss / float(D) + eps);
-  const int half = int(D / 2);
-  const float* c = rope_cos + pos * half;
-  const float* s = rope_sin + pos * half;
   for (int i = lane; i < half; i += 32) {
     float x1 = round_bf16(w[i] * round_bf16(to_f32(src[i]) * inv));
     float x2 = round_bf16(w[i + half] * round_bf16(to_f32(src[i + half]) * inv));
