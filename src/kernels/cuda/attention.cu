@@ -109,27 +109,25 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(const bf16* q
     qf[ks][3] = pos_b >= 0 ? load_u32(qb + c + 8) : 0u;
   }
 
-  // A thread loads piece `piece` of rows tid / PIECES + i * kRowsPerPass of each KV block. The
-  // address arithmetic runs per row, with shifts where the page size is a power of two (ncu:
-  // the divisions by the page size were the kernel's largest instruction class at prefill).
+  // A thread loads piece `piece` of rows row0 + i kRowsPerPass of each KV block. The address
+  // arithmetic is 32-bit per row (slots < 2^31), shifts where the page size is a power of two,
+  // and branch-free: a row past max_pos takes max_pos's address and reads nothing (ncu: the
+  // per-row divisions and 64-bit products were the kernel's largest instruction class).
   static_assert(kThreads % PIECES == 0, "a thread's piece must be the same in every row");
   constexpr int kRowsPerPass = kThreads / PIECES;
   const int piece = tid % PIECES, row0 = tid / PIECES;
   const bool page_pow2 = (page & (page - 1)) == 0;
-  const int page_shift = __ffs(page) - 1;
-  const int64_t slot_stride = int64_t(kv_heads) * D, head_offset = int64_t(kvh) * D + piece * 8;
+  const int page_shift = __ffs(page) - 1, slot_stride = kv_heads * D, head_offset = kvh * D + piece * 8;
   auto load_block = [&](int stage, int b0) {
     bf16* k_s = sK + stage * kKvBlock * LD + piece * 8;
     bf16* v_s = sV + stage * kKvBlock * LD + piece * 8;
 #pragma unroll
-    for (int j = row0; j < kKvBlock; j += kRowsPerPass) {
-      const int p = b0 + j;
+    for (int i = 0; i < kKvBlock / kRowsPerPass; ++i) {
+      const int j = row0 + i * kRowsPerPass, p = b0 + j;
       const bool valid = p <= max_pos;  // later positions are zero-filled and masked
-      int64_t off = 0;
-      if (valid) {
-        const int pg = page_pow2 ? p >> page_shift : p / page, in_page = p - pg * page;
-        off = (int64_t(table[pg]) * page + in_page) * slot_stride + head_offset;
-      }
+      const int at = valid ? p : max_pos;
+      const int pg = page_pow2 ? at >> page_shift : at / page;
+      const int64_t off = int64_t(table[pg] * page + (at - pg * page)) * slot_stride + head_offset;
       cp_async16(smem_u32(k_s + j * LD), kv.k + off, valid);
       cp_async16(smem_u32(v_s + j * LD), kv.v + off, valid);
     }

@@ -104,6 +104,9 @@ class CudaRunner final : public ModelRunner {
   void allocate_kv(int64_t num_pages, int64_t page_size) override {
     LS_CHECK(num_pages > 0 && page_size > 0, "allocate_kv: num_pages and page_size must be positive, got ",
              num_pages, " and ", page_size);
+    // The kernels index cache slots (page * page_size + offset) in 32 bits.
+    LS_CHECK(num_pages * page_size < (int64_t(1) << 31), "allocate_kv: ", num_pages, " pages of ", page_size,
+             " positions exceed 2^31 cache slots");
     LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
     drop_graphs();
     kv_arena_.clear();
