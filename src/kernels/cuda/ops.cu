@@ -363,35 +363,40 @@ __global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weig
   route_token(logits, ids, weights, t, E, k, normalize, probs_all + warp * E);
 }
 
+// Warp 0 of a block: the per-expert counts in shared memory become each group's first row (an
+// exclusive scan, each lane a contiguous run of experts), also written to group_rows [E + 1].
+__device__ __forceinline__ void counts_to_group_starts(int32_t* counts, int64_t E, int32_t* group_rows) {
+  const int lane = int(threadIdx.x) & 31;
+  const int64_t per = (E + 31) / 32, begin = min(E, lane * per), end = min(E, begin + per);
+  int32_t local = 0;
+  for (int64_t e = begin; e < end; ++e) local += counts[e];
+  int32_t incl = local;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t v = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += v;
+  }
+  int32_t run = incl - local;
+  for (int64_t e = begin; e < end; ++e) {
+    const int32_t c = counts[e];
+    group_rows[e] = run;
+    counts[e] = run;
+    run += c;
+  }
+  if (lane == 31) group_rows[E] = incl;
+}
+
 // One block: count per expert in shared memory, an exclusive scan by one warp (each lane a
 // contiguous run of experts), then each pair takes the next row of its expert's group. One
 // launch and no serial pass over the experts: decode steps are latency-bound.
 constexpr int kAssignThreads = 1024;
 __device__ __forceinline__ void assign_block(const int32_t* ids, int64_t n, int64_t k, int64_t E, int32_t* group_rows,
                                              int32_t* gather, int32_t* scatter, int32_t* s_cursor) {
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   for (int64_t e = tid; e < E; e += kAssignThreads) s_cursor[e] = 0;
   __syncthreads();
   for (int64_t i = tid; i < n; i += kAssignThreads) atomicAdd(&s_cursor[ids[i]], 1);
   __syncthreads();
-  if (tid < 32) {
-    const int64_t per = (E + 31) / 32, begin = min(E, lane * per), end = min(E, begin + per);
-    int32_t local = 0;
-    for (int64_t e = begin; e < end; ++e) local += s_cursor[e];
-    int32_t incl = local;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t v = __shfl_up_sync(kFull, incl, o);
-      if (lane >= o) incl += v;
-    }
-    int32_t run = incl - local;
-    for (int64_t e = begin; e < end; ++e) {
-      const int32_t c = s_cursor[e];
-      group_rows[e] = run;
-      s_cursor[e] = run;
-      run += c;
-    }
-    if (lane == 31) group_rows[E] = incl;
-  }
+  if (tid < 32) counts_to_group_starts(s_cursor, E, group_rows);
   __syncthreads();
   for (int64_t i = tid; i < n; i += kAssignThreads) {
     const int32_t r = atomicAdd(&s_cursor[ids[i]], 1);
@@ -444,25 +449,7 @@ __global__ void __launch_bounds__(kAssignThreads) expert_offsets_kernel(int32_t*
     s_total[e] = run;
   }
   __syncthreads();
-  if (threadIdx.x < 32) {
-    const int lane = int(threadIdx.x);
-    const int64_t per = (E + 31) / 32, begin = min(E, lane * per), end = min(E, begin + per);
-    int32_t local = 0;
-    for (int64_t e = begin; e < end; ++e) local += s_total[e];
-    int32_t incl = local;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t v = __shfl_up_sync(kFull, incl, o);
-      if (lane >= o) incl += v;
-    }
-    int32_t run = incl - local;
-    for (int64_t e = begin; e < end; ++e) {
-      const int32_t c = s_total[e];
-      s_total[e] = run;
-      group_rows[e] = run;
-      run += c;
-    }
-    if (lane == 31) group_rows[E] = incl;
-  }
+  if (threadIdx.x < 32) counts_to_group_starts(s_total, E, group_rows);
   __syncthreads();
   for (int64_t e = threadIdx.x; e < E; e += kAssignThreads)
     for (int64_t b = 0; b < blocks; ++b) hist[b * E + e] += s_total[e];
