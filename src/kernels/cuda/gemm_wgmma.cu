@@ -387,6 +387,7 @@ void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
 // H200, 16384 tokens (cuda_bench --gemm, ms): qkv 0.73 / 0.84 / 1.14 / 0.75 and gate_up 1.74 /
 // 2.06 / 2.82 / 1.77 (the mma.sync 128 x 256: 1.24, 3.28); o_proj 0.97 / 0.84 / 0.90 / 0.74 and
 // down 2.98 / 2.28 / 2.56 / 2.15 (the mma.sync 128 x 128 of 16 warps: 1.16, 2.70).
+// Problems cp.async cannot load in 16-byte pieces go to the mma.sync 128 x 128 kernels.
 void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream) {
   LS_CHECK(config >= 0 && config < kGemmWgmmaConfigs, "gemm: no wgmma configuration ", config);
   LS_CHECK(args.a_swiglu_up == 0, "gemm: SwiGLU on load needs a small-step configuration, got wgmma configuration ",
