@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "cuda_test_util.h"
+#include "gemm_test_util.h"
 #include "core/error.h"
 #include "kernels/canonical.h"
 #include "kernels/cuda/gemm.h"
@@ -26,18 +27,7 @@ std::vector<float> run(const Problem& p, const DeviceVec<uint16_t>& A, const Dev
   DeviceVec<float> out(M * p.N), workspace(8 * M * p.N);
   workspace.poison();
   out.poison();
-  cuda::GemmArgs g;
-  g.A = reinterpret_cast<const __nv_bfloat16*>(A.get());
-  g.lda = p.K;
-  g.W = reinterpret_cast<const __nv_bfloat16*>(W.get());
-  g.ldw = p.K;
-  g.M = M;
-  g.N = p.N;
-  g.K = p.K;
-  g.chunks = p.chunks;
-  g.out_kind = cuda::GemmOut::f32;
-  g.out_f32 = out.get();
-  g.ldo = p.N;
+  auto g = testing::gemm_args(A.get(), p.K, W.get(), p.K, M, p.N, p.K, p.chunks, out.get());
   if (split) {  // the row form's chunks in separate CTAs, combined by a second kernel
     g.split_workspace = workspace.get();
     g.split_workspace_floats = workspace.n;
@@ -119,22 +109,11 @@ TEST(CudaGemm, GroupedGatherScatterEqualsPlain) {
       DeviceVec<float> out(T * N);
       out.poison();
       workspace.poison();
-      cuda::GemmArgs g;
-      g.A = reinterpret_cast<const __nv_bfloat16*>(X.get());
-      g.lda = K;
+      auto g = testing::gemm_args(X.get(), K, W.get(), K, T, N, K, chunks, out.get());
       g.a_gather = Gather.get();
-      g.W = reinterpret_cast<const __nv_bfloat16*>(W.get());
-      g.ldw = K;
       g.w_group_stride = N * K;
-      g.M = T;
-      g.N = N;
-      g.K = K;
-      g.chunks = chunks;
       g.group_rows = Rows.get();
       g.groups = int(G);
-      g.out_kind = cuda::GemmOut::f32;
-      g.out_f32 = out.get();
-      g.ldo = N;
       g.out_scatter = Scatter.get();
       if (split) {
         g.split_workspace = workspace.get();
@@ -178,16 +157,9 @@ TEST(CudaGemm, SwigluOnLoadEqualsSwigluKernelThenGemm) {
           DeviceVec<float> out(T * N);
           out.poison();
           workspace.poison();
-          cuda::GemmArgs g;
-          g.A = reinterpret_cast<const __nv_bfloat16*>(fused ? GU.get() : Act.get());
-          g.lda = fused ? 2 * I : I;
+          auto g = testing::gemm_args(fused ? GU.get() : Act.get(), fused ? 2 * I : I, W.get(), I, T, N, I,
+                                      variant < 0 ? 8 : variant, out.get());
           g.a_swiglu_up = fused ? I : 0;
-          g.W = reinterpret_cast<const __nv_bfloat16*>(W.get());
-          g.ldw = I;
-          g.M = T;
-          g.N = N;
-          g.K = I;
-          g.chunks = variant < 0 ? 8 : variant;
           if (grouped) {
             g.group_rows = Rows.get();
             g.group_rows_settled = true;
@@ -195,9 +167,6 @@ TEST(CudaGemm, SwigluOnLoadEqualsSwigluKernelThenGemm) {
             g.w_group_stride = N * I;
             g.out_scatter = Scatter.get();
           }
-          g.out_kind = cuda::GemmOut::f32;
-          g.out_f32 = out.get();
-          g.ldo = N;
           if (variant < 0) {
             g.split_workspace = workspace.get();
             g.split_workspace_floats = workspace.n;
@@ -215,18 +184,8 @@ TEST(CudaGemm, SwigluOnLoadNeedsASmallStepConfiguration) {
   LS_SKIP_WITHOUT_GPU();
   DeviceVec<uint16_t> A(8 * 64), W(16 * 32);
   DeviceVec<float> out(8 * 16);
-  cuda::GemmArgs g;
-  g.A = reinterpret_cast<const __nv_bfloat16*>(A.get());
-  g.lda = 64;
+  auto g = testing::gemm_args(A.get(), 64, W.get(), 32, 8, 16, 32, 1, out.get());
   g.a_swiglu_up = 32;
-  g.W = reinterpret_cast<const __nv_bfloat16*>(W.get());
-  g.ldw = 32;
-  g.M = 8;
-  g.N = 16;
-  g.K = 32;
-  g.out_kind = cuda::GemmOut::f32;
-  g.out_f32 = out.get();
-  g.ldo = 16;
   EXPECT_THROW(cuda::gemm_with_config(g, 3, nullptr), Error);
   EXPECT_NO_THROW(cuda::gemm_with_config(g, 8, nullptr));
 }

@@ -6,6 +6,7 @@
 #include <random>
 
 #include "cuda_test_util.h"
+#include "gemm_test_util.h"
 #include "kernels/cuda/gemm.h"
 
 namespace lockstep {
@@ -13,20 +14,6 @@ namespace {
 
 using testing::DeviceVec;
 using testing::random_bf16;
-
-cuda::GemmArgs plain_args(const DeviceVec<uint16_t>& A, const uint16_t* W, int64_t M, int64_t N, int64_t K, int chunks) {
-  cuda::GemmArgs g;
-  g.A = reinterpret_cast<const __nv_bfloat16*>(A.get());
-  g.lda = K;
-  g.W = reinterpret_cast<const __nv_bfloat16*>(W);
-  g.ldw = K;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.chunks = chunks;
-  g.ldo = N;
-  return g;
-}
 
 // 600 tokens in 8 experts of 130, 0, 1, 257, 64, 3, 128 and 17 rows, gathered from a shuffled
 // token order and scattered back to the token's row.
@@ -48,23 +35,19 @@ void check_grouped(int64_t N, int64_t K, int chunks) {
   for (int64_t g = 0; g < G; ++g) {
     DeviceVec<float> out(T * N);
     out.poison();
-    auto a = plain_args(X, W.get() + g * N * K, T, N, K, chunks);
-    a.out_kind = cuda::GemmOut::f32;
-    a.out_f32 = out.get();
+    auto a = testing::gemm_args(X.get(), K, W.get() + g * N * K, K, T, N, K, chunks, out.get());
     cuda::gemm_with_config(a, 4, nullptr);
     plain.push_back(out.take());
   }
   for (int config = 0; config < cuda::kGemmConfigs; ++config) {
     DeviceVec<float> out(T * N);
     out.poison();
-    auto a = plain_args(X, W.get(), T, N, K, chunks);
+    auto a = testing::gemm_args(X.get(), K, W.get(), K, T, N, K, chunks, out.get());
     a.a_gather = Perm.get();
     a.w_group_stride = N * K;
     a.group_rows = Rows.get();
     a.groups = int(G);
     a.out_scatter = Perm.get();
-    a.out_kind = cuda::GemmOut::f32;
-    a.out_f32 = out.get();
     cuda::gemm_with_config(a, config, nullptr);
     const auto grouped = out.take();
     int bad_rows = 0;
@@ -92,7 +75,7 @@ TEST(CudaGemmLarge, OutputKindsAgreeAcrossConfigurations) {
       std::vector<uint16_t> first;
       for (int config = 0; config < cuda::kGemmConfigs; ++config) {
         DeviceVec<uint16_t> out(r);  // the residual, overwritten in place
-        auto g = plain_args(A, W.get(), M, N, K, chunks);
+        auto g = testing::gemm_args(A.get(), K, W.get(), K, M, N, K, chunks, nullptr);
         g.out_kind = kind;
         g.out_bf16 = reinterpret_cast<__nv_bfloat16*>(out.get());
         g.resid = reinterpret_cast<const __nv_bfloat16*>(out.get());

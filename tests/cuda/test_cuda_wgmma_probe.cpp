@@ -9,6 +9,7 @@
 #include <random>
 
 #include "cuda_test_util.h"
+#include "gemm_test_util.h"
 #include "kernels/canonical.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/gemm_wgmma.h"
@@ -43,18 +44,7 @@ std::vector<float> mma_sync_gemm(const DeviceVec<uint16_t>& A, const DeviceVec<u
                                  int64_t K, int chunks, int config) {
   DeviceVec<float> out(M * N);
   out.poison();
-  cuda::GemmArgs g;
-  g.A = reinterpret_cast<const __nv_bfloat16*>(A.get());
-  g.lda = K;
-  g.W = reinterpret_cast<const __nv_bfloat16*>(W.get());
-  g.ldw = K;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.chunks = chunks;
-  g.out_kind = cuda::GemmOut::f32;
-  g.out_f32 = out.get();
-  g.ldo = N;
+  auto g = testing::gemm_args(A.get(), K, W.get(), K, M, N, K, chunks, out.get());
   cuda::gemm_with_config(g, config, nullptr);
   return out.take();
 }
