@@ -137,6 +137,17 @@ __device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int6
   return int64_t(table[pg]) * page_size + (p - pg * page);
 }
 
+// The per-head procedure after the sum of squares ss: 1 / rms, then per rotary pair (v1, v2)
+// of raw values with norm weights (w1, w2): normalized, weighted, rotated, cast.
+__device__ __forceinline__ float inverse_rms(float ss, int D, float eps) { return 1.0f / sqrtf(ss / float(D) + eps); }
+__device__ __forceinline__ void norm_rope_pair(float v1, float v2, float w1, float w2, float inv, float c, float s,
+                                               bf16* lo, bf16* hi) {
+  const float x1 = round_bf16(w1 * round_bf16(v1 * inv));
+  const float x2 = round_bf16(w2 * round_bf16(v2 * inv));
+  *lo = to_bf16(x1 * c - x2 * s);
+  *hi = to_bf16(x2 * c + x1 * s);
+}
+
 // One head's RMSNorm and rotary embedding by one warp, D = 32 PER: lane l holds elements l,
 // l + 32, ... (the sum in that order, then the butterfly), as the general loop of
 // qk_norm_rope_kernel, with every load issued before the sum (one round trip, not three).
@@ -152,15 +163,11 @@ __device__ __forceinline__ void norm_rope_head(const bf16* src, const float* w, 
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
-  ss = warp_sum(ss);
-  const float inv = 1.0f / sqrtf(ss / float(D) + eps);
+  const float inv = inverse_rms(warp_sum(ss), D, eps);
 #pragma unroll
   for (int j = 0; j < PER / 2; ++j) {
     const int i = lane + 32 * j;
-    const float x1 = round_bf16(wv[j] * round_bf16(v[j] * inv));
-    const float x2 = round_bf16(wv[j + PER / 2] * round_bf16(v[j + PER / 2] * inv));
-    dst[i] = to_bf16(x1 * cv[j] - x2 * sv[j]);
-    dst[i + HALF] = to_bf16(x2 * cv[j] + x1 * sv[j]);
+    norm_rope_pair(v[j], v[j + PER / 2], wv[j], wv[j + PER / 2], inv, cv[j], sv[j], dst + i, dst + i + HALF);
   }
 }
 
@@ -176,7 +183,7 @@ __global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const 
   const int64_t ld = (nq + 2 * nkv) * D;
   const bf16* src = qkv + t * ld + head * D;
   const int64_t pos = slots.positions[t];
-  // Only k and v heads go to the cache: the page-table lookup (a 64-bit division) for them
+  // Only k and v heads go to the cache: the page-table lookup (a division) for them
   // alone (ncu: done for every head, it was most of the kernel's instructions).
   if (head >= nq + nkv) {  // v: straight into the cache
     const int64_t slot = slot_of(slots, t, pos, kv.page_size);
@@ -202,14 +209,10 @@ __global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const 
     float v = to_f32(src[d]);
     ss += v * v;
   }
-  ss = warp_sum(ss);
-  const float inv = 1.0f / sqrtf(ss / float(D) + eps);
-  for (int i = lane; i < half; i += 32) {
-    float x1 = round_bf16(w[i] * round_bf16(to_f32(src[i]) * inv));
-    float x2 = round_bf16(w[i + half] * round_bf16(to_f32(src[i + half]) * inv));
-    dst[i] = to_bf16(x1 * c[i] - x2 * s[i]);
-    dst[i + half] = to_bf16(x2 * c[i] + x1 * s[i]);
-  }
+  const float inv = inverse_rms(warp_sum(ss), int(D), eps);
+  for (int i = lane; i < half; i += 32)
+    norm_rope_pair(to_f32(src[i]), to_f32(src[i + half]), w[i], w[i + half], inv, c[i], s[i], dst + i,
+                   dst + i + half);
 }
 
 constexpr int kBlock = 64;      // absolute KV block of the contract
