@@ -71,11 +71,14 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     const char* name;
     int64_t M, N, K;
     int chunks, groups;
+    bool gathered;  // A rows gathered from T token rows (as the model's gate_up)
   };
-  const Shape shapes[] = {{"qkv", T, c.q_dim() + 2 * c.kv_dim(), H, 1, 1},
-                          {"o_proj", T, H, c.q_dim(), 8, 1},
-                          {"gate_up", per * E, 2 * I, H, 1, int(E)},
-                          {"down", per * E, H, I, 8, int(E)}};
+  const Shape shapes[] = {{"qkv", T, c.q_dim() + 2 * c.kv_dim(), H, 1, 1, false},
+                          {"o_proj", T, H, c.q_dim(), 8, 1, false},
+                          {"gate_up", per * E, 2 * I, H, 1, int(E), true},
+                          {"down", per * E, H, I, 8, int(E), false},
+                          // down without the tree (not a model GEMM): what the row form's folds cost
+                          {"down_column", per * E, H, I, 1, int(E), false}};
   for (const auto& sh : shapes) {
     if (!only.empty() && only != sh.name) continue;
     auto bf = [](int64_t n) {
@@ -84,8 +87,14 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
       cuda::fill_random_bf16(p, n, uint64_t(n), 0.05f, 0.0f, nullptr);
       return p;
     };
-    __nv_bfloat16 *A = bf(sh.M * sh.K), *W = bf(sh.groups * sh.N * sh.K), *O = bf(sh.M * sh.N);
-    int32_t* rows = nullptr;
+    __nv_bfloat16 *A = bf((sh.gathered ? T : sh.M) * sh.K), *W = bf(sh.groups * sh.N * sh.K), *O = bf(sh.M * sh.N);
+    int32_t *rows = nullptr, *gather = nullptr;
+    if (sh.gathered) {  // row r reads token r * 7919 mod T: scattered, as routing makes it
+      std::vector<int32_t> hg(size_t(sh.M));
+      for (int64_t r = 0; r < sh.M; ++r) hg[size_t(r)] = int32_t(r * 7919 % T);
+      LS_CHECK(cudaMalloc(&gather, hg.size() * 4) == cudaSuccess, "cudaMalloc");
+      cudaMemcpy(gather, hg.data(), hg.size() * 4, cudaMemcpyHostToDevice);
+    }
     std::vector<int32_t> hr;
     for (int g = 0; g <= sh.groups; ++g) hr.push_back(int32_t(g * (sh.M / sh.groups)));
     LS_CHECK(cudaMalloc(&rows, hr.size() * 4) == cudaSuccess, "cudaMalloc");
@@ -93,6 +102,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     cuda::GemmArgs g;
     g.A = A;
     g.lda = sh.K;
+    g.a_gather = gather;
     g.W = W;
     g.ldw = sh.K;
     g.w_group_stride = sh.N * sh.K;
@@ -133,6 +143,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     cudaFree(W);
     cudaFree(O);
     cudaFree(rows);
+    cudaFree(gather);
   }
   std::fflush(stdout);
 }

@@ -132,6 +132,52 @@ TEST(CudaGemm, GroupedGatherScatterEqualsPlain) {
     }
 }
 
+// Rows already in group order (the MoE down projection's input), groups of uneven sizes
+// (empty ones, ones past a 128-row tile), scattered back: each group's rows equal the plain
+// product with that group's weights. More tiles than SMs, so the persistent (TMA)
+// configurations take several tiles per CTA and their stage ring wraps across tiles.
+TEST(CudaGemm, GroupedRowsInOrderEqualPlain) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t N = 1300, K = 768;
+  const std::vector<int64_t> sizes{0, 700, 3, 1300, 0, 497};
+  const int64_t G = int64_t(sizes.size());
+  std::vector<int32_t> rows_of{0};
+  for (int64_t n : sizes) rows_of.push_back(rows_of.back() + int32_t(n));
+  const int64_t M = rows_of.back();
+  auto x = random_bf16(M * K, 17), w = random_bf16(G * N * K, 18);
+  DeviceVec<uint16_t> X(x), W(w);
+  std::vector<int32_t> scatter;
+  for (int64_t r = 0; r < M; ++r) scatter.push_back(int32_t(M - 1 - r));
+  DeviceVec<int32_t> Rows(rows_of), Scatter(scatter);
+  for (int chunks : {1, 8}) {
+    std::vector<std::vector<float>> plain(static_cast<size_t>(G));
+    for (int64_t grp = 0; grp < G; ++grp) {
+      if (sizes[size_t(grp)] == 0) continue;
+      const int64_t r0 = rows_of[size_t(grp)], rows = sizes[size_t(grp)];
+      DeviceVec<uint16_t> Xg(std::vector<uint16_t>(x.begin() + r0 * K, x.begin() + (r0 + rows) * K));
+      DeviceVec<uint16_t> Wg(std::vector<uint16_t>(w.begin() + grp * N * K, w.begin() + (grp + 1) * N * K));
+      plain[size_t(grp)] = run({rows, N, K, chunks}, Xg, Wg, rows, -1);
+    }
+    for (int config = 0; config < cuda::kGemmConfigs; ++config) {
+      DeviceVec<float> out(M * N);
+      out.poison();
+      auto g = testing::gemm_args(X.get(), K, W.get(), K, M, N, K, chunks, out.get());
+      g.w_group_stride = N * K;
+      g.group_rows = Rows.get();
+      g.groups = int(G);
+      g.out_scatter = Scatter.get();
+      cuda::gemm_with_config(g, config, nullptr);
+      auto grouped = out.take();
+      for (int64_t grp = 0; grp < G; ++grp)
+        for (int64_t i = 0; i < sizes[size_t(grp)]; ++i) {
+          const int64_t r = rows_of[size_t(grp)] + i;
+          ASSERT_EQ(std::memcmp(&grouped[(M - 1 - r) * N], &plain[size_t(grp)][i * N], N * 4), 0)
+              << "group " << grp << " row " << i << " chunks " << chunks << " config " << config;
+        }
+    }
+  }
+}
+
 // SwiGLU applied as the small-step kernel loads its A rows ([gate | up] rows, the MoE down
 // projection at decode) equals the SwiGLU kernel followed by the GEMM, bit for bit: plain rows
 // and rows grouped by expert and scattered (with the group list read before the kernel's wait),

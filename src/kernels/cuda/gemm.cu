@@ -4,6 +4,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm_common.cuh"
+#include "kernels/cuda/gemm_tma.h"
 
 namespace lockstep::cuda {
 namespace {
@@ -619,8 +620,10 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
 
 namespace {
 
-// The wgmma configurations gemm() takes (gemm_wgmma.cu's configurations 0 and 3).
-constexpr int kWgmmaColumn128x256 = kGemmMmaConfigs, kWgmmaRow128x128 = kGemmMmaConfigs + 3;
+// The wgmma configurations gemm() takes for large steps: gemm_wgmma.cu's configurations 6
+// (column form: the warp-specialized TMA kernel at 128 x 256, each K tile drained) and 5 (row
+// form: TMA, 128 x 128, chunks in pairs); where TMA does not apply, its configurations 0 and 3.
+constexpr int kWgmmaColumnLarge = kGemmMmaConfigs + 6, kWgmmaRowLarge = kGemmMmaConfigs + 5;
 
 // The configuration gemm() takes for p, and whether the row form runs split (one chunk per CTA).
 void choose_config(const GemmArgs& p, int& config, bool& split) {
@@ -640,12 +643,14 @@ void choose_config(const GemmArgs& p, int& config, bool& split) {
   else if (rows <= 64) config = ceil_div(p.N, 128) * groups * ceil_div(rows, 64) < 132 ? 2 : 3;
   // The row form with the tree's short-lived partials in shared memory, 16 warps per SM (notes
   // v5: at 16384 tokens o_proj 2.10 -> 1.43 ms, down 6.68 -> 4.64 ms).
-  // From 128 rows per group on, the wgmma kernels (configurations kGemmMmaConfigs + i), measured
-  // with --gemm at 16384 tokens (notes v6, v7): the column form at 128 x 256 (qkv 1.24 -> 0.73
-  // ms, gate_up 2.86 -> 1.74), the row form at 128 x 128 with s0 and s2 in shared memory, each
-  // K tile drained (o_proj 0.74 ms, down 2.15; the mma.sync config 12: 1.16, 2.70).
-  else if (p.chunks == 8) config = rows < 128 ? 11 : kWgmmaRow128x128;
-  else config = rows >= 128 ? kWgmmaColumn128x256 : 4;
+  // From 128 rows per group on, the wgmma kernels, measured with --gemm at 16384 tokens (notes
+  // v6-v8): the TMA column form at 128 x 256 (qkv 1.24 -> 0.73 -> 0.62 ms, gate_up 2.86 ->
+  // 1.74 -> 1.50), the TMA row form at 128 x 128 with s0 and s2 in shared memory (o_proj 0.74
+  // -> 0.68 ms, down 2.15 -> 1.92; the mma.sync config 12: 1.16, 2.70).
+  else if (p.chunks == 8)
+    config = rows < 128 ? 11 : kWgmmaRowLarge;
+  else
+    config = rows >= 128 ? kWgmmaColumnLarge : 4;
   // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the
   // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.
   // Measured: o_proj at 1 token 20.8 -> 9.7 us, at 64 tokens 72.8 -> 30 us; splitting what

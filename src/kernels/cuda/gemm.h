@@ -72,9 +72,9 @@ bool gemm_small_step(const GemmArgs& args);
 // weight stream per warp), 11-12 the tiled kernel's row form for large steps with the tree's
 // short-lived partials in shared memory (64x128 at 2 CTAs per SM, 128x128 of 16 warps);
 // from kGemmMmaConfigs on, the wgmma kernels of gemm_wgmma.cu (Hopper warpgroup MMA, config
-// kGemmMmaConfigs + i is their configuration i).
+// kGemmMmaConfigs + i is their configuration i; 4-6 the warp-specialized TMA kernels).
 constexpr int kGemmMmaConfigs = 13;
-constexpr int kGemmWgmmaConfigs = 4;
+constexpr int kGemmWgmmaConfigs = 7;
 constexpr int kGemmConfigs = kGemmMmaConfigs + kGemmWgmmaConfigs;
 void gemm_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 // Configuration i of the wgmma kernels (0 <= i < kGemmWgmmaConfigs).

@@ -7,54 +7,68 @@
 
 namespace lockstep::cuda {
 
-// Which group and which rows of it row tile bx covers (row tiles of BM, the groups'
-// tiles laid out one after another); warp 0 writes the shared results, group -1 if none.
+// Which group and which rows of it row tile bx covers (row tiles of BM, the groups' tiles
+// laid out one after another), in every lane of the calling warp; false when bx is past the
+// last row tile.
 template <int BM>
-__device__ __forceinline__ void find_row_tile(const GemmArgs& p, int bx, int& s_group, int& s_row0,
-                                              int& s_row_end) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (warp == 0) {
-    if (p.group_rows == nullptr) {
-      if (lane == 0) {
-        s_group = 0;
-        s_row0 = bx * BM;
-        s_row_end = int(p.M);
-      }
-    } else {
-      if (lane == 0) s_group = -1;
-      __syncwarp();
-      int carry = 0;
-      // 128 groups per round, all their bounds loaded before the first use: one memory
-      // latency per round instead of one per 32 groups (decode steps are latency-bound).
-      for (int base = 0; base < p.groups; base += 128) {
-        int begin[4], end[4];
+__device__ __forceinline__ bool locate_row_tile(const GemmArgs& p, int bx, int& group, int& row0, int& row_end) {
+  if (p.group_rows == nullptr) {
+    group = 0;
+    row0 = bx * BM;
+    row_end = int(p.M);
+    return row0 < row_end;
+  }
+  const int lane = threadIdx.x & 31;
+  int found_group = -1, found_row0 = 0, found_end = 0, carry = 0;
+  // 128 groups per round, all their bounds loaded before the first use: one memory latency
+  // per round instead of one per 32 groups (decode steps are latency-bound).
+  for (int base = 0; base < p.groups; base += 128) {
+    int begin[4], end[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int g = base + 32 * i + lane;
-          // L2 loads: a settled list may be read before the kernel's wait (GemmArgs).
-          begin[i] = g < p.groups ? __ldcg(p.group_rows + g) : 0;
-          end[i] = g < p.groups ? __ldcg(p.group_rows + g + 1) : 0;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int g = base + 32 * i + lane;
-          const int tiles = (end[i] - begin[i] + BM - 1) / BM;
-          int incl = tiles;
-          for (int o = 1; o < 32; o <<= 1) {
-            int v = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += v;
-          }
-          const int first = carry + incl - tiles;
-          if (g < p.groups && bx >= first && bx < first + tiles) {
-            s_group = g;
-            s_row0 = begin[i] + (bx - first) * BM;
-            s_row_end = end[i];
-          }
-          carry += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        if (carry > bx) break;
-      }
+    for (int i = 0; i < 4; ++i) {
+      const int g = base + 32 * i + lane;
+      // L2 loads: a settled list may be read before the kernel's wait (GemmArgs).
+      begin[i] = g < p.groups ? __ldcg(p.group_rows + g) : 0;
+      end[i] = g < p.groups ? __ldcg(p.group_rows + g + 1) : 0;
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int g = base + 32 * i + lane;
+      const int tiles = (end[i] - begin[i] + BM - 1) / BM;
+      int incl = tiles;
+      for (int o = 1; o < 32; o <<= 1) {
+        int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const int first = carry + incl - tiles;
+      if (g < p.groups && bx >= first && bx < first + tiles) {
+        found_group = g;
+        found_row0 = begin[i] + (bx - first) * BM;
+        found_end = end[i];
+      }
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (carry > bx) break;
+  }
+  const unsigned hit = __ballot_sync(0xffffffffu, found_group >= 0);
+  if (hit == 0) return false;
+  const int src = __ffs(int(hit)) - 1;
+  group = __shfl_sync(0xffffffffu, found_group, src);
+  row0 = __shfl_sync(0xffffffffu, found_row0, src);
+  row_end = __shfl_sync(0xffffffffu, found_end, src);
+  return true;
+}
+
+// locate_row_tile by warp 0, into shared memory; group -1 if none.
+template <int BM>
+__device__ __forceinline__ void find_row_tile(const GemmArgs& p, int bx, int& s_group, int& s_row0, int& s_row_end) {
+  if ((threadIdx.x >> 5) != 0) return;
+  int group, row0, row_end;
+  const bool found = locate_row_tile<BM>(p, bx, group, row0, row_end);
+  if ((threadIdx.x & 31) == 0) {
+    s_group = found ? group : -1;
+    s_row0 = found ? row0 : 0;
+    s_row_end = found ? row_end : 0;
   }
 }
 

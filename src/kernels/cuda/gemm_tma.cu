@@ -1,0 +1,307 @@
+// The warp-specialized Hopper GEMM. One producer thread streams the A and W tiles of every K
+// tile into a ring of shared-memory stages with TMA (the 128-byte swizzle of wgmma.cuh), and
+// two consumer warpgroups (64 rows each) run wgmma on them. mbarriers pass the stages back
+// and forth (full: the TMA bytes landed; empty: both warpgroups are done with the stage), so
+// there is no CTA barrier per K tile and the loads run STAGES tiles ahead of the tensor
+// cores. CTAs are persistent: one per SM walks the tiles, and the producer starts the next
+// tile's loads while the consumers fold a chunk or store a tile.
+//
+// Per element the sequence is the one of every other configuration (gemm.h): a zeroed sum,
+// then the k16 steps of its K (or of each chunk) in ascending k; k16 steps wholly past a
+// chunk's end are skipped; the row form adds the chunk sums as fold_chunk does. So the bits
+// are the same (the GEMM tests compare every configuration).
+#include "kernels/cuda/gemm_tma.h"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/gemm_common.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace lockstep::cuda {
+namespace {
+
+constexpr int kTmaBM = 128, kTmaBK = 64, kTmaConsumerThreads = 256, kTmaThreads = kTmaConsumerThreads + 128;
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// One arrival, and `bytes` more transaction bytes expected in the current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "retry:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra retry;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// The box of `map` at (k, row) into shared memory at dst; completes bytes on bar.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, uint32_t bar, int k, int row) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(bar), "r"(k), "r"(row)
+      : "memory");
+}
+
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
+constexpr size_t tma_smem_bytes() {
+  return 1008 + size_t(STAGES) * (kTmaBM + BN) * kTmaBK * 2 +
+         (TREE ? size_t(SMEM_PARTIALS) * (BN / 2) * kTmaConsumerThreads * sizeof(float) : 0) + 16 * STAGES;
+}
+
+// Row form: chunks 2m and 2m + 1 accumulate into two register sets x and y, so chunk 2m + 1's
+// wgmma start while chunk 2m's finish, and every second chunk end folds the pair by
+// fold_chunk's additions (s1 = x + y; s1 = s1 + (x + y); s2 = x + y; s1 + (s2 + (x + y))).
+// SMEM_PARTIALS of s2, s1 (in that order) live in shared memory (each thread its own words).
+// DRAIN: each K tile's wgmma finish before the stage is handed back; otherwise one tile's
+// wgmma stay in flight while the next tile's are issued.
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
+__global__ void __launch_bounds__(kTmaThreads, 1)
+    tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, GemmArgs p,
+                    int tiles_n, int tiles_total) {
+  constexpr int BM = kTmaBM, BK = kTmaBK, R = BN / 2;
+  constexpr uint32_t A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+  constexpr size_t PARTIAL_BYTES = TREE ? size_t(SMEM_PARTIALS) * R * kTmaConsumerThreads * sizeof(float) : 0;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  // Stage s: A (128 rows) then W (BN rows), each 1024-byte aligned; then the partials, then
+  // the barriers: full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s).
+  const uint32_t bars = base + STAGES * STAGE_BYTES + uint32_t(PARTIAL_BYTES);
+  auto full = [&](uint32_t s) { return bars + 8 * s; };
+  auto empty = [&](uint32_t s) { return bars + 8 * (STAGES + s); };
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) {
+    for (uint32_t s = 0; s < STAGES; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), kTmaConsumerThreads / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  start_after_previous();  // rows and A come from the previous kernels
+
+  const int K = int(p.K), N = int(p.N);
+  const int chunk_len = TREE ? (K + 7) / 8 : K;
+  const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
+
+  // Three 128-column register sets need more than the 168 registers a thread of a 384-thread
+  // CTA gets: then the producer warpgroup gives most of its share to the consumers.
+  constexpr bool MOVE_REGISTERS = TREE && BN == 128 && SMEM_PARTIALS < 2;
+  if (warp >= kTmaConsumerThreads / 32) {
+    if constexpr (MOVE_REGISTERS) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    if (warp != kTmaConsumerThreads / 32) return;  // lane 0 of one warp issues the loads
+    uint32_t it = 0;
+    for (int tile = int(blockIdx.x); tile < tiles_total; tile += int(gridDim.x)) {
+      const int tile_m = tile / tiles_n, tile_n = tile - tile_m * tiles_n;
+      int group, row0, row_end;
+      if (!locate_row_tile<BM>(p, tile_m, group, row0, row_end)) break;
+      const int w_row = group * N + tile_n * BN;
+      for (int c = 0; c < (TREE ? 8 : 1); ++c)
+        for (int j = 0; j < tiles_per_chunk; ++j, ++it) {
+          const uint32_t s = it % STAGES, round = it / STAGES;
+          if (lane != 0) continue;
+          if (round > 0) mbar_wait(empty(s), (round - 1) & 1);
+          const int k = c * chunk_len + j * BK;
+          mbar_arrive_expect_tx(full(s), STAGE_BYTES);
+          tma_load(base + s * STAGE_BYTES, map_a, full(s), k, row0);
+          tma_load(base + s * STAGE_BYTES + A_BYTES, map_w, full(s), k, w_row);
+        }
+    }
+    return;
+  }
+
+  // The consumers: warpgroup wg computes rows 64 wg .. 64 wg + 63 of the tile.
+  if constexpr (MOVE_REGISTERS) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+  const int wg = warp >> 2;
+  float* sP = reinterpret_cast<float*>(smem + size_t(STAGES) * STAGE_BYTES) + tid;
+  constexpr bool S2_SMEM = SMEM_PARTIALS >= 1, S1_SMEM = SMEM_PARTIALS == 2;
+  auto release = [&](uint32_t s) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(s));
+  };
+  uint32_t it = 0;
+  int pending = -1;  // the stage whose wgmma may still be running
+  // The K tiles of chunk c into acc; with `drain`, every wgmma has finished at the end.
+  auto run_chunk = [&](float(&acc)[R], int c, bool drain) {
+    (void)c;
+    for (int j = 0; j < tiles_per_chunk; ++j, ++it) {
+      const uint32_t s = it % STAGES;
+      mbar_wait(full(s), (it / STAGES) & 1);
+      const uint64_t da = smem_desc(base + s * STAGE_BYTES + wg * 64 * BK * 2);
+      const uint64_t db = smem_desc(base + s * STAGE_BYTES + A_BYTES);
+      const int k_live = min(BK, chunk_len - j * BK);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)
+        if (kk * 16 < k_live) wgmma_step<BN>(acc, da + 2 * kk, db + 2 * kk);  // + 32 bytes per k16 step
+      wgmma_commit();
+      if (DRAIN || (drain && j == tiles_per_chunk - 1)) {
+        wgmma_wait<0>();
+        if (pending >= 0) release(uint32_t(pending));
+        release(s);
+        pending = -1;
+      } else {
+        wgmma_wait<1>();
+        if (pending >= 0) release(uint32_t(pending));
+        pending = int(s);
+      }
+    }
+  };
+  for (int tile = int(blockIdx.x); tile < tiles_total; tile += int(gridDim.x)) {
+    const int tile_m = tile / tiles_n, tile_n = tile - tile_m * tiles_n;
+    int group, row0, row_end;
+    if (!locate_row_tile<BM>(p, tile_m, group, row0, row_end)) break;
+    (void)group;
+    float x[R], y[TREE ? R : 1];
+    float s1[TREE && !S1_SMEM ? R : 1], s2[TREE && !S2_SMEM ? R : 1];
+    auto S1 = [&](int i) -> float& { return S1_SMEM ? sP[(R + i) * kTmaConsumerThreads] : s1[S1_SMEM ? 0 : i]; };
+    auto S2 = [&](int i) -> float& { return S2_SMEM ? sP[i * kTmaConsumerThreads] : s2[S2_SMEM ? 0 : i]; };
+#pragma unroll
+    for (int i = 0; i < R; ++i) x[i] = 0.0f;
+    if constexpr (!TREE) {
+      run_chunk(x, 0, true);
+    } else {
+      for (int m = 0; m < 4; ++m) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) y[i] = 0.0f;
+        run_chunk(x, 2 * m, false);
+        run_chunk(y, 2 * m + 1, true);
+        pin_registers(x);
+        pin_registers(y);
+        if (m == 0) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) S1(i) = x[i] + y[i], x[i] = 0.0f;
+        } else if (m == 1) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) S1(i) = S1(i) + (x[i] + y[i]), x[i] = 0.0f;
+        } else if (m == 2) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) S2(i) = x[i] + y[i], x[i] = 0.0f;
+        } else {
+#pragma unroll
+          for (int i = 0; i < R; ++i) x[i] = S1(i) + (S2(i) + (x[i] + y[i]));
+        }
+        pin_registers(x);
+      }
+    }
+    float(&acc)[R] = x;
+
+    // Warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}.
+    const int n0 = tile_n * BN;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + 8 * h;
+        const int n = n0 + 8 * j + 2 * (lane & 3);
+        if (row < row_end && n < N) store_pair<false>(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], 0);
+      }
+  }
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    LS_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    LS_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+             "gemm: the driver has no cuTensorMapEncodeTiled (TMA needs CUDA 12 or later)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A [rows, cols] bf16 matrix with row stride ld (elements) read in boxes of 64 columns x
+// box_rows rows, 128-byte swizzle; reads outside the matrix give zeros.
+CUtensorMap tensor_map(const bf16* data, int64_t rows, int64_t cols, int64_t ld, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
+  const cuuint32_t box[2] = {cuuint32_t(kTmaBK), cuuint32_t(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r =
+      tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(data), dims, strides, box,
+                           element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  LS_CHECK(r == CUDA_SUCCESS, "gemm: cuTensorMapEncodeTiled failed (", int(r), ") for a ", rows, " x ", cols,
+           " matrix with row stride ", ld);
+  return map;
+}
+
+int sm_count() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    LS_CUDA_CHECK(cudaGetDevice(&device));
+    LS_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  return count;
+}
+
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
+void launch_tma(const GemmArgs& p, cudaStream_t stream) {
+  constexpr size_t smem = tma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();
+  auto kernel = tma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN>;
+  static const bool configured = [&] {
+    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)configured;
+  const int64_t groups = p.group_rows ? p.groups : 1;
+  const CUtensorMap map_a = tensor_map(p.A, p.M, p.K, p.lda, kTmaBM);
+  const CUtensorMap map_w = tensor_map(p.W, groups * p.N, p.K, p.ldw, BN);
+  int64_t tiles_m = ceil_div(p.M, kTmaBM);
+  if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
+  const int64_t tiles_n = ceil_div(p.N, BN), tiles = tiles_m * tiles_n;
+  LS_CHECK(tiles < (int64_t(1) << 31), "gemm: shape too large for one TMA launch: M = ", p.M, ", N = ", p.N);
+  const int grid = int(std::min<int64_t>(tiles, sm_count()));
+  launch_after_previous(kernel, dim3(unsigned(grid)), dim3(kTmaThreads), smem, stream, map_a, map_w, p, int(tiles_n),
+                        int(tiles));
+}
+
+}  // namespace
+
+bool gemm_tma_applies(const GemmArgs& p) {
+  auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
+  const int64_t chunk_len = p.chunks == 8 ? (p.K + 7) / 8 : p.K;
+  const int64_t groups = p.group_rows ? p.groups : 1;
+  return p.a_gather == nullptr && p.a_swiglu_up == 0 && aligned(p.A) && aligned(p.W) && p.lda % 8 == 0 &&
+         p.ldw % 8 == 0 && p.lda >= p.K && p.ldw >= p.K && (p.chunks == 1 || chunk_len % 16 == 0) &&
+         (groups == 1 || p.w_group_stride == p.N * p.ldw) && groups * p.N < (int64_t(1) << 31);
+}
+
+// Configurations (each gives the same bits as every other configuration):
+// 0: column form 128 x 256, 4 stages (193 KB); row form 128 x 128, s0 and s2 in shared
+//    memory, 3 stages (225 KB).
+// 1: column form 128 x 128, 6 stages (193 KB); row form 128 x 64, the partials in
+//    registers, 8 stages (193 KB). (Three 128-column partials in registers spill: the
+//    compiler holds 288-thread CTAs to 168 registers.)
+// 2: configuration 0 with each K tile drained before its stage is handed back.
+void gemm_tma_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
+  LS_CHECK(config >= 0 && config < kGemmTmaConfigs, "gemm: no TMA configuration ", config);
+  LS_CHECK(gemm_tma_applies(p), "gemm: the TMA kernels do not take these arguments");
+  if (p.M == 0) return;
+  if (p.chunks == 8) {
+    if (config == 0) return launch_tma<128, 3, true, 2, false>(p, stream);
+    if (config == 1) return launch_tma<128, 5, true, 1, false>(p, stream);
+    return launch_tma<64, 8, true, 0, false>(p, stream);
+  }
+  if (config == 0) return launch_tma<256, 4, false, 0, false>(p, stream);
+  if (config == 1) return launch_tma<128, 6, false, 0, false>(p, stream);
+  return launch_tma<256, 4, false, 0, true>(p, stream);
+}
+
+}  // namespace lockstep::cuda
