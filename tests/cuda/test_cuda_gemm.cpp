@@ -80,6 +80,8 @@ TEST(CudaGemm, RowFormIsBatchInvariant) { check({150, 136, 768, 8}); }
 // Row counts past one 128-row tile, chunks of three K tiles, a partial column tile: the row
 // form with the tree's partials in shared memory (64x128, 128x128) equals every other.
 TEST(CudaGemm, RowFormLargeTilesAreBatchInvariant) { check({300, 264, 1536, 8}); }
+// Chunks of 5 k16 steps (a K tile and one step of the next, partly empty).
+TEST(CudaGemm, RowFormChunksOfOddSteps) { check({200, 136, 640, 8}); }
 TEST(CudaGemm, UnalignedChunksArePaddedWithZeros) { check({40, 24, 36, 8}); }
 TEST(CudaGemm, UnalignedColumnForm) { check({33, 70, 100, 1}); }
 
