@@ -134,6 +134,15 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   };
   uint32_t it = 0;
   int pending = -1;  // the stage whose wgmma may still be running
+  // Row form: warpgroup 1 starts one K tile after warpgroup 0 (a named barrier, once), so
+  // the two fold their chunk pairs at different times and the tensor cores keep working for
+  // the other; the stage ring absorbs the offset.
+  bool offset_pending = TREE;
+  auto start_offset = [&] {
+    if (offset_pending && wg == 0) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
+    offset_pending = false;
+  };
+  if (TREE && wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");
   // The K tiles of chunk c into acc; with `drain`, every wgmma has finished at the end.
   auto run_chunk = [&](float(&acc)[R], int c, bool drain) {
     (void)c;
@@ -148,6 +157,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       for (int kk = 0; kk < BK / 16; ++kk)
         if (kk * 16 < k_live) wgmma_step<BN>(acc, da + 2 * kk, db + 2 * kk);  // + 32 bytes per k16 step
       wgmma_commit();
+      start_offset();
       if (DRAIN || (drain && j == tiles_per_chunk - 1)) {
         wgmma_wait<0>();
         if (pending >= 0) release(uint32_t(pending));
@@ -210,6 +220,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
         if (row < row_end && n < N) store_pair<false>(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], 0);
       }
   }
+  start_offset();  // a CTA without tiles still lets warpgroup 1 go
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
