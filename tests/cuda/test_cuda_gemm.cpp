@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "kernels/canonical.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemm_wgmma.h"
 #include "kernels/cuda/ops.h"
 
 namespace lockstep {
@@ -177,6 +178,51 @@ TEST(CudaGemm, GroupedRowsInOrderEqualPlain) {
               << "group " << grp << " row " << i << " chunks " << chunks << " config " << config;
         }
     }
+  }
+}
+
+// The SwiGLU output of the MoE gate_up (rows gathered and grouped, W rows [gate | up]) equals
+// the [gate | up] product followed by the swiglu kernel, bit for bit; I = 320 leaves a
+// partial 128-column tile. Configurations without it refuse it.
+TEST(CudaGemm, SwigluOutputEqualsGemmThenSwiglu) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t T = 600, k = 2, G = 4, I = 320, N = 2 * I, K = 256, M = T * k;
+  auto x = random_bf16(T * K, 31), w = random_bf16(G * N * K, 32, 0.5f);
+  DeviceVec<uint16_t> X(x), W(w), GU(M * N), Want(M * I), Got(M * I);
+  std::vector<int32_t> rows_of{0}, gather;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t r = 0; r < M; ++r)
+      if ((r * 7) % G == g) gather.push_back(int32_t(r % T));
+    rows_of.push_back(int32_t(gather.size()));
+  }
+  DeviceVec<int32_t> Rows(rows_of), Gather(gather);
+  auto g = testing::gemm_args(X.get(), K, W.get(), K, M, N, K, 1, nullptr);
+  g.a_gather = Gather.get();
+  g.w_group_stride = N * K;
+  g.group_rows = Rows.get();
+  g.groups = int(G);
+  g.out_kind = cuda::GemmOut::bf16;
+  g.out_bf16 = reinterpret_cast<__nv_bfloat16*>(GU.get());
+  cuda::gemm(g, nullptr);
+  cuda::swiglu(reinterpret_cast<const cuda::bf16_t*>(GU.get()), reinterpret_cast<cuda::bf16_t*>(Want.get()), M, I,
+               nullptr);
+  const auto want = Want.take();
+  ASSERT_TRUE(cuda::gemm_takes_swiglu(g));  // 300 rows per group: the large-step kernel
+  g.out_kind = cuda::GemmOut::bf16_swiglu;
+  g.out_bf16 = reinterpret_cast<__nv_bfloat16*>(Got.get());
+  g.ldo = I;
+  Got.poison();
+  cuda::gemm(g, nullptr);
+  EXPECT_EQ(Got.take(), want) << "gemm()";
+  for (int config = 0; config < cuda::kGemmConfigs; ++config) {
+    Got.poison();
+    const bool takes = config >= cuda::kGemmMmaConfigs && cuda::gemm_wgmma_takes_swiglu(g, config - cuda::kGemmMmaConfigs);
+    if (!takes) {
+      EXPECT_THROW(cuda::gemm_with_config(g, config, nullptr), Error) << "config " << config;
+      continue;
+    }
+    cuda::gemm_with_config(g, config, nullptr);
+    EXPECT_EQ(Got.take(), want) << "config " << config;
   }
 }
 

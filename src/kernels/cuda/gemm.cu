@@ -5,6 +5,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm_common.cuh"
 #include "kernels/cuda/gemm_tma.h"
+#include "kernels/cuda/gemm_wgmma.h"
 
 namespace lockstep::cuda {
 namespace {
@@ -607,6 +608,7 @@ void gemm_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
   LS_CHECK(p.a_swiglu_up == 0 || is_small_config(config), "gemm: SwiGLU on load needs a small-step configuration, got ",
            config);
   if (config >= kGemmMmaConfigs) return gemm_wgmma_with_config(p, config - kGemmMmaConfigs, stream);
+  LS_CHECK(p.out_kind != GemmOut::bf16_swiglu, "gemm: the SwiGLU output needs a wgmma configuration, got ", config);
   if (p.chunks == 8 && p.split_workspace != nullptr) {
     LS_CHECK(8 * p.M * p.N <= p.split_workspace_floats, "gemm: the split workspace holds ", p.split_workspace_floats,
              " floats, ", 8 * p.M * p.N, " needed");
@@ -670,6 +672,15 @@ bool gemm_small_step(const GemmArgs& p) {
   // launch_small falls back to the tiled kernel where the A rows do not fit shared memory.
   const int mode = p.chunks == 1 ? 0 : split ? 2 : 1;
   return small_smem(p, kSmallTiles[config - kFirstSmallConfig], mode) <= size_t(max_dynamic_smem());
+}
+
+bool gemm_takes_swiglu(const GemmArgs& args) {
+  GemmArgs p = args;
+  p.out_kind = GemmOut::bf16_swiglu;
+  int config;
+  bool split;
+  choose_config(p, config, split);
+  return p.chunks == 1 && p.N % 2 == 0 && config == kWgmmaColumnLarge && gemm_wgmma_takes_swiglu(p, config - kGemmMmaConfigs);
 }
 
 void gemm(const GemmArgs& args, cudaStream_t stream) {

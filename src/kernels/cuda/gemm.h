@@ -18,9 +18,14 @@
 namespace lockstep::cuda {
 
 enum class GemmOut {
-  f32,           // out_f32[o, n] = acc
-  bf16,          // out_bf16[o, n] = bf16(acc)
-  bf16_residual  // out_bf16[o, n] = bf16(resid[o, n] + bf16(acc)); resid may alias out
+  f32,            // out_f32[o, n] = acc
+  bf16,           // out_bf16[o, n] = bf16(acc)
+  bf16_residual,  // out_bf16[o, n] = bf16(resid[o, n] + bf16(acc)); resid may alias out
+  // W's rows are [gate | up] (N = 2I): out_bf16[o, c] = bf16(SwiGLU(bf16(acc[c]),
+  // bf16(acc[I + c]))) for c < I, the swiglu kernel's operations on the bf16 [gate | up] row.
+  // Only the wgmma column form at 128 x 256 computes it (gemm_takes_swiglu says when gemm()
+  // does).
+  bf16_swiglu
 };
 
 struct GemmArgs {
@@ -64,6 +69,9 @@ struct GemmArgs {
 };
 
 void gemm(const GemmArgs& args, cudaStream_t stream);
+// Whether gemm() takes these arguments with out_kind = bf16_swiglu (the MoE gate_up at large
+// steps: the SwiGLU in the epilogue, no [gate | up] round trip through memory).
+bool gemm_takes_swiglu(const GemmArgs& args);
 // Whether gemm() runs these arguments in a small-step configuration (which takes a_swiglu_up).
 bool gemm_small_step(const GemmArgs& args);
 

@@ -133,4 +133,18 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int n, fl
   }
 }
 
+// The bf16_swiglu output of columns c, c + 1 (when c + 1 < N / 2) of logical row `row` from
+// their gate and up sums: each rounded to bf16 first, as the swiglu kernel reads them.
+__device__ __forceinline__ void store_swiglu_pair(const GemmArgs& p, int row, int c, float g0, float g1, float u0,
+                                                  float u1) {
+  const int64_t o = int64_t(p.out_scatter ? p.out_scatter[row] : row) * p.ldo + c;
+  const float a0 = swiglu_value(round_bf16(g0), round_bf16(u0));
+  if (c + 1 < int(p.N / 2)) {
+    const float a1 = swiglu_value(round_bf16(g1), round_bf16(u1));
+    *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + o) = __floats2bfloat162_rn(a0, a1);
+  } else {
+    p.out_bf16[o] = to_bf16(a0);
+  }
+}
+
 }  // namespace lockstep::cuda

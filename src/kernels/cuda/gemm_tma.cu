@@ -289,7 +289,7 @@ bool gemm_tma_applies(const GemmArgs& p) {
   auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
   const int64_t chunk_len = p.chunks == 8 ? (p.K + 7) / 8 : p.K;
   const int64_t groups = p.group_rows ? p.groups : 1;
-  return p.a_gather == nullptr && p.a_swiglu_up == 0 && aligned(p.A) && aligned(p.W) && p.lda % 8 == 0 &&
+  return p.a_gather == nullptr && p.a_swiglu_up == 0 && p.out_kind != GemmOut::bf16_swiglu && aligned(p.A) && aligned(p.W) && p.lda % 8 == 0 &&
          p.ldw % 8 == 0 && p.lda >= p.K && p.ldw >= p.K && (p.chunks == 1 || chunk_len % 16 == 0) &&
          (groups == 1 || p.w_group_stride == p.N * p.ldw) && groups * p.N < (int64_t(1) << 31);
 }

@@ -143,10 +143,20 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
     const int r = row0 + (tid + i * THREADS) / 8;
     a_row[i] = r < row_end ? p.A + int64_t(p.a_gather ? p.a_gather[r] : r) * p.lda : nullptr;
   }
+  // The SwiGLU output (BN = 256): the tile's rows are gate rows c0 .. c0 + 127 and the up rows
+  // I + c0 .. of its 128 output columns c0 = n0 / 2, so a thread holds a column's gate and up.
+  const bool swiglu = BN == 256 && !TREE && p.out_kind == GemmOut::bf16_swiglu;
+  const int half = N / 2;
 #pragma unroll
   for (int i = 0; i < B_ITERS; ++i) {
-    const int n = n0 + (tid + i * THREADS) / 8;
-    b_row[i] = n < N ? W + int64_t(n) * p.ldw : nullptr;
+    const int r = (tid + i * THREADS) / 8;
+    if (swiglu) {
+      const int c = n0 / 2 + (r & 127);
+      b_row[i] = c < half ? W + int64_t(r < 128 ? c : half + c) * p.ldw : nullptr;
+    } else {
+      const int n = n0 + r;
+      b_row[i] = n < N ? W + int64_t(n) * p.ldw : nullptr;
+    }
   }
   struct TilePos {
     int c, j;  // chunk, K tile within the chunk
@@ -228,6 +238,20 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
   cp_async_wait<0>();
 
   // Warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}.
+  if (swiglu) {
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + 8 * h;
+        const int c = n0 / 2 + 8 * j + 2 * (lane & 3);
+        constexpr int UP = BN / 16;  // the up column's j
+        if (row < row_end && c < half)
+          store_swiglu_pair(p, row, c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], acc[4 * (j + UP) + 2 * h],
+                            acc[4 * (j + UP) + 2 * h + 1]);
+      }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -280,8 +304,17 @@ void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
 // 2.06 / 2.82 / 1.77 (the mma.sync 128 x 256: 1.24, 3.28); o_proj 0.97 / 0.84 / 0.90 / 0.74 and
 // down 2.98 / 2.28 / 2.56 / 2.15 (the mma.sync 128 x 128 of 16 warps: 1.16, 2.70).
 // Problems cp.async cannot load in 16-byte pieces go to the mma.sync 128 x 128 kernels.
+bool gemm_wgmma_takes_swiglu(const GemmArgs& p, int config) {
+  if (p.chunks != 1 || p.N % 2 != 0 || !wgmma_loads_ok(p)) return false;
+  if (config >= 4 && !gemm_tma_applies(p)) config = 0;  // the TMA configurations' fallback
+  return config == 0 || config == 3;
+}
+
 void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream) {
   LS_CHECK(config >= 0 && config < kGemmWgmmaConfigs, "gemm: no wgmma configuration ", config);
+  LS_CHECK(args.out_kind != GemmOut::bf16_swiglu || gemm_wgmma_takes_swiglu(args, config),
+           "gemm: the SwiGLU output needs the column form at 128 x 256 (wgmma configuration 0 or 3) with an even N, "
+           "got configuration ", config, ", N = ", args.N);
   LS_CHECK(args.a_swiglu_up == 0, "gemm: SwiGLU on load needs a small-step configuration, got wgmma configuration ",
            config);
   if (args.M == 0) return;

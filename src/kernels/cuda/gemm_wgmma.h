@@ -1,5 +1,6 @@
-// Test-only entry points of the Hopper wgmma GEMM (gemm_wgmma.cu); the kernels themselves are
-// reached through gemm_with_config (configurations from kGemmMmaConfigs on, gemm.h).
+// Entry points of the Hopper wgmma GEMM (gemm_wgmma.cu) beside gemm_with_config
+// (configurations from kGemmMmaConfigs on, gemm.h): which configuration takes the SwiGLU
+// output, and the test-only probe.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -7,6 +8,11 @@
 #include <cstdint>
 
 namespace lockstep::cuda {
+
+struct GemmArgs;
+// Whether wgmma configuration i runs these arguments with out_kind = bf16_swiglu (the column
+// form at 128 x 256; the TMA configurations hand a gathered A to it).
+bool gemm_wgmma_takes_swiglu(const GemmArgs& args, int config);
 
 // How the probe starts each accumulation (the whole K, or each chunk of the row form).
 enum class WgmmaStart {

@@ -643,6 +643,13 @@ class CudaRunner final : public ModelRunner {
     gu.out_bf16 = ws_.gu;
     gu.ldo = 2 * I;
     gu.rows_hint = hint;
+    // Large steps: SwiGLU in the GEMM's epilogue, the activations straight out (notes v8).
+    const bool fused_swiglu = cuda::gemm_takes_swiglu(gu);
+    if (fused_swiglu) {
+      gu.out_kind = GemmOut::bf16_swiglu;
+      gu.out_bf16 = ws_.act;
+      gu.ldo = I;
+    }
     cuda::gemm(gu, stream_);
     GemmArgs dn;  // down projection, canonical row form over I, scattered to token * k + slot
     dn.A = ws_.gu;  // small steps: SwiGLU of the [gate | up] rows as the kernel loads them
@@ -665,8 +672,8 @@ class CudaRunner final : public ModelRunner {
     dn.ldo = H;
     dn.out_scatter = ws_.scatter;
     dn.rows_hint = hint;
-    if (!cuda::gemm_small_step(dn)) {
-      cuda::swiglu(ws_.gu, ws_.act, rows, I, stream_);
+    if (fused_swiglu || !cuda::gemm_small_step(dn)) {
+      if (!fused_swiglu) cuda::swiglu(ws_.gu, ws_.act, rows, I, stream_);
       dn.A = ws_.act;
       dn.lda = I;
       dn.a_swiglu_up = 0;
