@@ -646,9 +646,9 @@ void choose_config(const GemmArgs& p, int& config, bool& split) {
   // The row form with the tree's short-lived partials in shared memory, 16 warps per SM (notes
   // v5: at 16384 tokens o_proj 2.10 -> 1.43 ms, down 6.68 -> 4.64 ms).
   // From 128 rows per group on, the wgmma kernels, measured with --gemm at 16384 tokens (notes
-  // v6-v8): the TMA column form at 128 x 256 (qkv 1.24 -> 0.73 -> 0.62 ms, gate_up 2.86 ->
-  // 1.74 -> 1.50), the TMA row form at 128 x 128 with s0 and s2 in shared memory (o_proj 0.74
-  // -> 0.68 ms, down 2.15 -> 1.92; the mma.sync config 12: 1.16, 2.70).
+  // v6-v8): the TMA column form at 128 x 256 (qkv 1.24 -> 0.73 -> 0.64 ms; gate_up, whose A is
+  // gathered, on the cp.async 128 x 256: 2.86 -> 1.83), the TMA row form at 128 x 128 (o_proj
+  // 0.74 -> 0.50 ms, down 2.15 -> 1.47; the mma.sync config 12: 1.16, 2.70).
   else if (p.chunks == 8)
     config = rows < 128 ? 11 : kWgmmaRowLarge;
   else
