@@ -216,7 +216,8 @@ TEST(CudaGemm, SwigluOutputEqualsGemmThenSwiglu) {
   EXPECT_EQ(Got.take(), want) << "gemm()";
   for (int config = 0; config < cuda::kGemmConfigs; ++config) {
     Got.poison();
-    const bool takes = config >= cuda::kGemmMmaConfigs && cuda::gemm_wgmma_takes_swiglu(g, config - cuda::kGemmMmaConfigs);
+    const bool takes =
+        config >= cuda::kGemmMmaConfigs && cuda::gemm_wgmma_takes_swiglu(g, config - cuda::kGemmMmaConfigs);
     if (!takes) {
       EXPECT_THROW(cuda::gemm_with_config(g, config, nullptr), Error) << "config " << config;
       continue;

@@ -493,13 +493,9 @@ void launch(const GemmArgs& p, cudaStream_t stream) {
   constexpr size_t smem =
       size_t(STAGES) * (BM + BN) * BK * sizeof(bf16) + (MODE == 3 ? size_t(2) * BM * BN * sizeof(float) : 0);
   auto kernel = gemm_kernel<WM, WN, MI, NI, STAGES, MODE, BK>;
-  static const bool configured = [&] {
-    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
+  static const bool configured = allow_dynamic_smem(kernel, smem);
   (void)configured;
-  int64_t tiles_m = ceil_div(p.M, BM);
-  if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
+  const int64_t tiles_m = row_tiles_bound(p, BM);
   dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, BN)), MODE == 2 ? 8u : 1u);
   launch_kernel<MODE>(kernel, grid, THREADS, smem, p, stream);
 }
@@ -540,10 +536,7 @@ template <int CONFIG, int MODE>
 void launch_small(const GemmArgs& p, cudaStream_t stream) {
   constexpr SmallTile t = kSmallTiles[CONFIG - kFirstSmallConfig];
   auto kernel = gemm_small_kernel<t.ni, t.warps, t.stages, MODE, t.bk>;
-  static const bool configured = [&] {
-    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem()));
-    return true;
-  }();
+  static const bool configured = allow_dynamic_smem(kernel, size_t(max_dynamic_smem()));
   (void)configured;
   const size_t smem = small_smem(p, t, MODE);
   // A K too long for the A rows in shared memory: the tiled kernel (the same bits).
@@ -551,9 +544,7 @@ void launch_small(const GemmArgs& p, cudaStream_t stream) {
     LS_CHECK(p.a_swiglu_up == 0, "gemm: SwiGLU on load needs the A rows in shared memory; K = ", p.K, " is too long");
     return launch<1, 4, 1, 2, 6, MODE>(p, stream);
   }
-  int64_t tiles_m = ceil_div(p.M, 8);
-  if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
-  dim3 grid(unsigned(tiles_m), unsigned(ceil_div(p.N, t.ni * 8 * t.warps)), MODE == 2 ? 8u : 1u);
+  dim3 grid(unsigned(row_tiles_bound(p, 8)), unsigned(ceil_div(p.N, t.ni * 8 * t.warps)), MODE == 2 ? 8u : 1u);
   launch_kernel<MODE>(kernel, grid, t.warps * 32, smem, p, stream);
 }
 
@@ -680,7 +671,8 @@ bool gemm_takes_swiglu(const GemmArgs& args) {
   int config;
   bool split;
   choose_config(p, config, split);
-  return p.chunks == 1 && p.N % 2 == 0 && config == kWgmmaColumnLarge && gemm_wgmma_takes_swiglu(p, config - kGemmMmaConfigs);
+  return p.chunks == 1 && p.N % 2 == 0 && config == kWgmmaColumnLarge &&
+         gemm_wgmma_takes_swiglu(p, config - kGemmMmaConfigs);
 }
 
 void gemm(const GemmArgs& args, cudaStream_t stream) {

@@ -2,6 +2,8 @@
 // gemm_wgmma.cu): where a row tile's rows are, the row form's tree over the 8 chunk sums, and
 // the epilogue of the output kinds (one procedure, so one set of bits).
 #pragma once
+#include <algorithm>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm.h"
 
@@ -70,6 +72,19 @@ __device__ __forceinline__ void find_row_tile(const GemmArgs& p, int bx, int& s_
     s_row0 = found ? row0 : 0;
     s_row_end = found ? row_end : 0;
   }
+}
+
+// An upper bound of the row tiles of BM rows (with groups, each group's last tile may be partial).
+inline int64_t row_tiles_bound(const GemmArgs& p, int64_t bm) {
+  return ceil_div(p.M, bm) + (p.group_rows ? std::min<int64_t>(p.groups, p.M) : 0);
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory; true, for a launcher's function-local
+// `static const bool` (so once per kernel instantiation, thread-safe).
+template <typename Kernel>
+bool allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  return true;
 }
 
 // Folds the finished chunk c's sums into the tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)): for
@@ -145,6 +160,38 @@ __device__ __forceinline__ void store_swiglu_pair(const GemmArgs& p, int row, in
   } else {
     p.out_bf16[o] = to_bf16(a0);
   }
+}
+
+// Stores warpgroup wg's 64 x BN wgmma sums of the tile at (row0, n0): warp w of the
+// warpgroup holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}. With the
+// SwiGLU output (BN = 256) the tile's columns are the gate sums of output columns n0 / 2 ..
+// n0 / 2 + 127 and then their up sums: j < BN / 16 is a gate, j + BN / 16 its up.
+template <int BN>
+__device__ __forceinline__ void store_wgmma_tile(const GemmArgs& p, const float (&acc)[BN / 2], int row0, int row_end,
+                                                 int n0, int wg) {
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, N = int(p.N);
+  if (BN == 256 && p.out_kind == GemmOut::bf16_swiglu) {
+    constexpr int UP = BN / 16;
+#pragma unroll
+    for (int j = 0; j < UP; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * h;
+        const int c = n0 / 2 + 8 * j + 2 * (lane & 3);
+        if (row < row_end && c < N / 2)
+          store_swiglu_pair(p, row, c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], acc[4 * (j + UP) + 2 * h],
+                            acc[4 * (j + UP) + 2 * h + 1]);
+      }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * h;
+      const int n = n0 + 8 * j + 2 * (lane & 3);
+      if (row < row_end && n < N) store_pair<false>(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], 0);
+    }
 }
 
 }  // namespace lockstep::cuda

@@ -206,18 +206,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
         pin_registers(x);
       }
     }
-    float(&acc)[R] = x;
-
-    // Warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}.
-    const int n0 = tile_n * BN;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = row0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + 8 * h;
-        const int n = n0 + 8 * j + 2 * (lane & 3);
-        if (row < row_end && n < N) store_pair<false>(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], 0);
-      }
+    store_wgmma_tile<BN>(p, x, row0, row_end, tile_n * BN, wg);
   }
   start_offset();  // a CTA without tiles still lets warpgroup 1 go
 }
@@ -265,17 +254,12 @@ template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
 void launch_tma(const GemmArgs& p, cudaStream_t stream) {
   constexpr size_t smem = tma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();
   auto kernel = tma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN>;
-  static const bool configured = [&] {
-    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
+  static const bool configured = allow_dynamic_smem(kernel, smem);
   (void)configured;
   const int64_t groups = p.group_rows ? p.groups : 1;
   const CUtensorMap map_a = tensor_map(p.A, p.M, p.K, p.lda, kTmaBM);
   const CUtensorMap map_w = tensor_map(p.W, groups * p.N, p.K, p.ldw, BN);
-  int64_t tiles_m = ceil_div(p.M, kTmaBM);
-  if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
-  const int64_t tiles_n = ceil_div(p.N, BN), tiles = tiles_m * tiles_n;
+  const int64_t tiles_m = row_tiles_bound(p, kTmaBM), tiles_n = ceil_div(p.N, BN), tiles = tiles_m * tiles_n;
   LS_CHECK(tiles < (int64_t(1) << 31), "gemm: shape too large for one TMA launch: M = ", p.M, ", N = ", p.N);
   const int grid = int(std::min<int64_t>(tiles, sm_count()));
   launch_after_previous(kernel, dim3(unsigned(grid)), dim3(kTmaThreads), smem, stream, map_a, map_w, p, int(tiles_n),
@@ -288,9 +272,10 @@ bool gemm_tma_applies(const GemmArgs& p) {
   auto aligned = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15) == 0; };
   const int64_t chunk_len = p.chunks == 8 ? (p.K + 7) / 8 : p.K;
   const int64_t groups = p.group_rows ? p.groups : 1;
-  return p.a_gather == nullptr && p.a_swiglu_up == 0 && p.out_kind != GemmOut::bf16_swiglu && aligned(p.A) && aligned(p.W) && p.lda % 8 == 0 &&
-         p.ldw % 8 == 0 && p.lda >= p.K && p.ldw >= p.K && (p.chunks == 1 || chunk_len % 16 == 0) &&
-         (groups == 1 || p.w_group_stride == p.N * p.ldw) && groups * p.N < (int64_t(1) << 31);
+  return p.a_gather == nullptr && p.a_swiglu_up == 0 && p.out_kind != GemmOut::bf16_swiglu && aligned(p.A) &&
+         aligned(p.W) && p.lda % 8 == 0 && p.ldw % 8 == 0 && p.lda >= p.K && p.ldw >= p.K &&
+         (p.chunks == 1 || chunk_len % 16 == 0) && (groups == 1 || p.w_group_stride == p.N * p.ldw) &&
+         groups * p.N < (int64_t(1) << 31);
 }
 
 // Configurations (each gives the same bits as every other configuration):

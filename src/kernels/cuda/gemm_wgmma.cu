@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
   const uint32_t sA = base, sB = base + STAGES * BM * BK * 2;
   float* sP = reinterpret_cast<float*>(smem + size_t(STAGES) * (BM + BN) * BK * 2) + threadIdx.x;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int tid = threadIdx.x, warp = tid >> 5, wg = warp >> 2;
   start_after_previous();  // rows, gather lists and A come from the previous kernels
   // The column tiles of a row tile are consecutive CTAs: CTAs running together share A rows
   // (and a group's weights) in L2 instead of re-reading A from memory for every column tile.
@@ -237,29 +237,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_gemm_kernel(GemmArgs p) {
   pin_registers(acc);
   cp_async_wait<0>();
 
-  // Warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) + {0, 1}.
-  if (swiglu) {
-#pragma unroll
-    for (int j = 0; j < BN / 16; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = row0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + 8 * h;
-        const int c = n0 / 2 + 8 * j + 2 * (lane & 3);
-        constexpr int UP = BN / 16;  // the up column's j
-        if (row < row_end && c < half)
-          store_swiglu_pair(p, row, c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], acc[4 * (j + UP) + 2 * h],
-                            acc[4 * (j + UP) + 2 * h + 1]);
-      }
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + 8 * h;
-      const int n = n0 + 8 * j + 2 * (lane & 3);
-      if (row < row_end && n < N) store_pair<false>(p, row, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], 0);
-    }
+  store_wgmma_tile<BN>(p, acc, row0, row_end, n0, wg);
 }
 
 // Whether 16-byte cp.async can load every piece (gemm.cu's vector_loads).
@@ -274,13 +252,9 @@ template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN = false>
 void launch_wgmma(const GemmArgs& p, cudaStream_t stream) {
   constexpr size_t smem = wgmma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();
   auto kernel = wgmma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN>;
-  static const bool configured = [&] {
-    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
+  static const bool configured = allow_dynamic_smem(kernel, smem);
   (void)configured;
-  int64_t tiles_m = ceil_div(p.M, kWgBM);
-  if (p.group_rows) tiles_m += std::min<int64_t>(p.groups, p.M);
+  const int64_t tiles_m = row_tiles_bound(p, kWgBM);
   const int64_t tiles_n = ceil_div(p.N, BN);
   LS_CHECK(tiles_m * tiles_n < (int64_t(1) << 31), "gemm: shape too large for one wgmma launch: M = ", p.M,
            ", N = ", p.N);
@@ -313,8 +287,8 @@ bool gemm_wgmma_takes_swiglu(const GemmArgs& p, int config) {
 void gemm_wgmma_with_config(const GemmArgs& args, int config, cudaStream_t stream) {
   LS_CHECK(config >= 0 && config < kGemmWgmmaConfigs, "gemm: no wgmma configuration ", config);
   LS_CHECK(args.out_kind != GemmOut::bf16_swiglu || gemm_wgmma_takes_swiglu(args, config),
-           "gemm: the SwiGLU output needs the column form at 128 x 256 (wgmma configuration 0 or 3) with an even N, "
-           "got configuration ", config, ", N = ", args.N);
+           "gemm: the SwiGLU output needs the 128 x 256 column form (wgmma configuration 0 or 3) and an even N; got "
+           "configuration ", config, ", N = ", args.N);
   LS_CHECK(args.a_swiglu_up == 0, "gemm: SwiGLU on load needs a small-step configuration, got wgmma configuration ",
            config);
   if (args.M == 0) return;
