@@ -84,6 +84,12 @@ TEST(CudaGemm, RowFormLargeTilesAreBatchInvariant) { check({300, 264, 1536, 8});
 // Chunks of 5 k16 steps (a K tile and one step of the next, partly empty).
 TEST(CudaGemm, RowFormChunksOfOddSteps) { check({200, 136, 640, 8}); }
 TEST(CudaGemm, UnalignedChunksArePaddedWithZeros) { check({40, 24, 36, 8}); }
+// K shorter than one K tile of 64 (a small model's hidden size) at a large step: the TMA
+// configurations' tiles reach past the matrix and read zeros there.
+TEST(CudaGemm, ShortKAtLargeSteps) {
+  check({300, 72, 40, 1});
+  check({300, 72, 128, 8});  // chunks of 16: one k16 step each
+}
 TEST(CudaGemm, UnalignedColumnForm) { check({33, 70, 100, 1}); }
 
 // Rows grouped by expert, gathered from a token list and scattered back, equal the plain
