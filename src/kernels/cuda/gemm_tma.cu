@@ -62,8 +62,8 @@ constexpr size_t tma_smem_bytes() {
 }
 
 // Row form: chunks 2m and 2m + 1 accumulate into two register sets x and y, so chunk 2m + 1's
-// wgmma start while chunk 2m's finish, and every second chunk end folds the pair by
-// fold_chunk's additions (s1 = x + y; s1 = s1 + (x + y); s2 = x + y; s1 + (s2 + (x + y))).
+// wgmma start while chunk 2m's finish, and every second chunk end folds the pair with
+// fold_chunk (x in the place of its s0, which the even chunk's case would have copied).
 // SMEM_PARTIALS of s2, s1 (in that order) live in shared memory (each thread its own words).
 // DRAIN: each K tile's wgmma finish before the stage is handed back; otherwise one tile's
 // wgmma stay in flight while the next tile's are issued.
@@ -182,31 +182,27 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     for (int i = 0; i < R; ++i) x[i] = 0.0f;
     if constexpr (!TREE) {
       run_chunk(x, true);
+      store_wgmma_tile<BN>(p, x, row0, row_end, tile_n * BN, wg);
     } else {
-      for (int m = 0; m < 4; ++m) {
 #pragma unroll
-        for (int i = 0; i < R; ++i) y[i] = 0.0f;
+      for (int i = 0; i < R; ++i) y[i] = 0.0f;
+      for (int m = 0; m < 4; ++m) {
         run_chunk(x, false);  // chunk 2m
         run_chunk(y, true);   // chunk 2m + 1
         pin_registers(x);
         pin_registers(y);
-        if (m == 0) {
+        // Chunk 2m is the tree's s0, chunk 2m + 1 the sum being folded: fold_chunk's odd case
+        // adds the pair (and zeroes y); after chunk 7, y holds the total.
+        fold_chunk<R>(
+            2 * m + 1, [&](int i) -> float& { return y[i]; }, [&](int i) -> float& { return x[i]; }, S1, S2);
+        if (m < 3) {
 #pragma unroll
-          for (int i = 0; i < R; ++i) S1(i) = x[i] + y[i], x[i] = 0.0f;
-        } else if (m == 1) {
-#pragma unroll
-          for (int i = 0; i < R; ++i) S1(i) = S1(i) + (x[i] + y[i]), x[i] = 0.0f;
-        } else if (m == 2) {
-#pragma unroll
-          for (int i = 0; i < R; ++i) S2(i) = x[i] + y[i], x[i] = 0.0f;
-        } else {
-#pragma unroll
-          for (int i = 0; i < R; ++i) x[i] = S1(i) + (S2(i) + (x[i] + y[i]));
+          for (int i = 0; i < R; ++i) x[i] = 0.0f;
         }
-        pin_registers(x);
+        pin_registers(y);
       }
+      store_wgmma_tile<BN>(p, y, row0, row_end, tile_n * BN, wg);
     }
-    store_wgmma_tile<BN>(p, x, row0, row_end, tile_n * BN, wg);
   }
   start_offset();  // a CTA without tiles still lets warpgroup 1 go
 }

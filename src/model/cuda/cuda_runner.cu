@@ -672,8 +672,11 @@ class CudaRunner final : public ModelRunner {
     dn.ldo = H;
     dn.out_scatter = ws_.scatter;
     dn.rows_hint = hint;
-    if (fused_swiglu || !cuda::gemm_small_step(dn)) {
-      if (!fused_swiglu) cuda::swiglu(ws_.gu, ws_.act, rows, I, stream_);
+    // Unless gate_up wrote the activations or the down kernel applies SwiGLU as it loads A,
+    // the SwiGLU kernel makes them.
+    const bool swiglu_on_load = !fused_swiglu && cuda::gemm_small_step(dn);
+    if (!fused_swiglu && !swiglu_on_load) cuda::swiglu(ws_.gu, ws_.act, rows, I, stream_);
+    if (!swiglu_on_load) {
       dn.A = ws_.act;
       dn.lda = I;
       dn.a_swiglu_up = 0;
