@@ -1,7 +1,8 @@
 // The fused small-step routing + expert assignment equals the separate kernels bit for bit, and
 // both group the pairs as the selected ids say (one block, or many at large steps);
 // the large-step SwiGLU and expert combine (8 columns per thread) equal the small-step kernels;
-// the per-head RMSNorm and rotary embedding follow their lane-order procedure bit for bit.
+// the per-head RMSNorm and rotary embedding and the row RMSNorm follow their thread-order
+// procedures bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -157,9 +158,50 @@ void check_qk_norm_rope(int64_t D) {
 }
 
 TEST(CudaOps, QkNormRopeFollowsItsLaneOrder) {
-  for (int64_t D : {16, 64, 128}) check_qk_norm_rope(D);
+  for (int64_t D : {16, 64, 128, 256}) check_qk_norm_rope(D);
 }
 
+
+// The RMSNorm procedure on the CPU: thread t of 256 sums elements t, t + 256, ... in order;
+// the warps' butterflies (xor 16 .. 1), then the 8 warp sums in order.
+std::vector<uint16_t> rmsnorm_emulated(const uint16_t* x, const float* w, int64_t n, float eps) {
+  float thread_sum[256] = {};
+  for (int64_t i = 0; i < n; ++i) thread_sum[i % 256] += bf16_to_f32(x[i]) * bf16_to_f32(x[i]);
+  float total = 0.0f;
+  for (int warp = 0; warp < 8; ++warp) {
+    float* lane = thread_sum + 32 * warp;
+    for (int o = 16; o > 0; o >>= 1) {
+      float next[32];
+      for (int l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ o];
+      std::copy(next, next + 32, lane);
+    }
+    total += lane[0];
+  }
+  const float inv = 1.0f / std::sqrt(total / float(n) + eps);
+  std::vector<uint16_t> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[size_t(i)] = f32_to_bf16(w[i] * round_bf16(bf16_to_f32(x[i]) * inv));
+  return out;
+}
+
+// The unrolled rows (2048, 4096 columns) and the general loop follow the same procedure.
+TEST(CudaOps, RmsNormFollowsItsThreadOrder) {
+  LS_SKIP_WITHOUT_GPU();
+  const float eps = 1e-6f;
+  for (int64_t n : {2048, 4096, 1000}) {
+    const int64_t rows = 5;
+    const auto x_h = random_bf16(rows * n, 80 + n, 4.0f);
+    const auto w_h = random_f32(n, 81 + n, 0.5f, 1.5f);
+    DeviceVec<uint16_t> x(x_h), out(rows * n);
+    DeviceVec<float> w(w_h);
+    out.poison();
+    cuda::rmsnorm(bf(x), w.get(), bf(out), rows, n, eps, nullptr);
+    const auto got = out.take();
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto want = rmsnorm_emulated(x_h.data() + r * n, w_h.data(), n, eps);
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin() + r * n)) << "n " << n << " row " << r;
+    }
+  }
+}
 
 // A large step (the vector kernel) equals the same rows run as small steps (the scalar kernel).
 TEST(CudaOps, LargeStepSwigluEqualsSmallSteps) {

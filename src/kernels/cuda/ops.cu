@@ -110,9 +110,34 @@ __global__ void embedding_kernel(const int32_t* ids, const bf16* table, bf16* x,
 
 constexpr int kNormThreads = 256;
 // The RMSNorm of one row by a block of kNormThreads (the one procedure of every norm of the
-// hidden state: a row's bits do not depend on which kernel runs it).
+// hidden state: a row's bits do not depend on which kernel runs it). Thread t takes elements
+// t, t + kNormThreads, ... in that order; PER > 0 is n / kNormThreads known at compile time
+// (the loops unrolled, each element loaded once), PER = 0 any n: the same operations.
+template <int PER>
+__device__ __forceinline__ void rmsnorm_row_fixed(const bf16* xr, const float* w, bf16* o, int n, float eps,
+                                                  float* scratch) {
+  const int t = threadIdx.x;
+  float v[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) v[j] = to_f32(xr[t + kNormThreads * j]);
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
+  ss = block_sum<kNormThreads / 32>(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / float(n) + eps);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int i = t + kNormThreads * j;
+    o[i] = to_bf16(w[i] * round_bf16(v[j] * inv));
+  }
+}
 __device__ __forceinline__ void rmsnorm_row(const bf16* xr, const float* w, bf16* o, int64_t n, float eps,
                                             float* scratch) {
+  switch (n) {  // the hidden sizes of the Qwen3-MoE shapes
+    case 2048: return rmsnorm_row_fixed<2048 / kNormThreads>(xr, w, o, int(n), eps, scratch);
+    case 4096: return rmsnorm_row_fixed<4096 / kNormThreads>(xr, w, o, int(n), eps, scratch);
+    default: break;
+  }
   float ss = 0.0f;
   for (int64_t i = threadIdx.x; i < n; i += kNormThreads) {
     float v = to_f32(xr[i]);
@@ -171,48 +196,52 @@ __device__ __forceinline__ void norm_rope_head(const bf16* src, const float* w, 
   }
 }
 
-// One warp per head: q heads, then k heads, then v heads (copied).
-__global__ void qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
-                                    const float* rope_sin, bf16* q_out, DeviceKvLayer kv, DeviceSlots slots,
-                                    int64_t nq, int64_t nkv, int64_t D, float eps) {
+// One warp per head: q heads, then k heads, then v heads (copied). PER = D / 32 for the head
+// sizes whose rotary halves are whole rows of lanes (norm_rope_head), 0 for any other D (the
+// general loop, the same lane order). Sizes and offsets in 32 bits (T * heads * D < 2^31 is
+// checked at launch). D = 64 and 128 run 8 blocks of 256 threads per SM (32 registers, no
+// spills): the kernel is bound by the latency of its few dependent loads, so more warps in
+// flight hide more of it.
+template <int PER>
+__global__ void __launch_bounds__(256, PER == 2 || PER == 4 ? 8 : 4)
+    qk_norm_rope_kernel(const bf16* qkv, const float* q_norm, const float* k_norm, const float* rope_cos,
+                        const float* rope_sin, bf16* q_out, DeviceKvLayer kv, DeviceSlots slots, int nq, int nkv,
+                        int D_any, float eps) {
   start_after_previous();
-  const int64_t t = blockIdx.x;
-  const int lane = threadIdx.x & 31;
-  const int64_t head = int64_t(blockIdx.y) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const int D = PER > 0 ? 32 * PER : D_any;
+  const int t = int(blockIdx.x), lane = threadIdx.x & 31;
+  const int head = int(blockIdx.y) * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (head >= nq + 2 * nkv) return;
-  const int64_t ld = (nq + 2 * nkv) * D;
-  const bf16* src = qkv + t * ld + head * D;
-  const int64_t pos = slots.positions[t];
+  const bf16* src = qkv + (t * (nq + 2 * nkv) + head) * D;
+  const int pos = slots.positions[t];
   // Only k and v heads go to the cache: the page-table lookup (a division) for them
   // alone (ncu: done for every head, it was most of the kernel's instructions).
   if (head >= nq + nkv) {  // v: straight into the cache
     const int64_t slot = slot_of(slots, t, pos, kv.page_size);
     bf16* dst = kv.v + (slot * kv.kv_heads + (head - nq - nkv)) * D;
-    for (int d = lane; d < int(D); d += 32) dst[d] = src[d];
+    for (int d = lane; d < D; d += 32) dst[d] = src[d];
     return;
   }
   const bool is_q = head < nq;
   const float* w = is_q ? q_norm : k_norm;
   bf16* dst = is_q ? q_out + (t * nq + head) * D
                    : kv.k + (slot_of(slots, t, pos, kv.page_size) * kv.kv_heads + (head - nq)) * D;
-  const int half = int(D / 2);
+  const int half = D / 2;
   const float* c = rope_cos + pos * half;
   const float* s = rope_sin + pos * half;
-  switch (D) {  // head sizes whose rotary halves are whole rows of lanes
-    case 64: return norm_rope_head<2>(src, w, c, s, dst, lane, eps);
-    case 128: return norm_rope_head<4>(src, w, c, s, dst, lane, eps);
-    case 256: return norm_rope_head<8>(src, w, c, s, dst, lane, eps);
-    default: break;
+  if constexpr (PER > 0) {
+    norm_rope_head<PER>(src, w, c, s, dst, lane, eps);
+  } else {
+    float ss = 0.0f;
+    for (int d = lane; d < D; d += 32) {
+      float v = to_f32(src[d]);
+      ss += v * v;
+    }
+    const float inv = inverse_rms(warp_sum(ss), D, eps);
+    for (int i = lane; i < half; i += 32)
+      norm_rope_pair(to_f32(src[i]), to_f32(src[i + half]), w[i], w[i + half], inv, c[i], s[i], dst + i,
+                     dst + i + half);
   }
-  float ss = 0.0f;
-  for (int d = lane; d < int(D); d += 32) {
-    float v = to_f32(src[d]);
-    ss += v * v;
-  }
-  const float inv = inverse_rms(warp_sum(ss), int(D), eps);
-  for (int i = lane; i < half; i += 32)
-    norm_rope_pair(to_f32(src[i]), to_f32(src[i + half]), w[i], w[i + half], inv, c[i], s[i], dst + i,
-                   dst + i + half);
 }
 
 constexpr int kBlock = 64;      // absolute KV block of the contract
@@ -802,10 +831,14 @@ void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_n
                         int64_t T, int64_t nq, int64_t nkv, int64_t D, float eps, cudaStream_t s) {
   if (T == 0) return;
   const int64_t heads = nq + 2 * nkv;
+  LS_CHECK(T * heads * D < (int64_t(1) << 31),
+           "cuda qk_norm_rope: ", T, " tokens of ", heads, " heads of ", D, " need 64-bit offsets");
   const int warps = 8;
   dim3 grid(unsigned(T), unsigned((heads + warps - 1) / warps));
-  launch_after_previous(qk_norm_rope_kernel, grid, warps * 32, 0, s, qkv, q_norm, k_norm, rope_cos, rope_sin, q_out,
-                        kv, slots, nq, nkv, D, eps);
+  auto kernel = D == 64 ? qk_norm_rope_kernel<2> : D == 128 ? qk_norm_rope_kernel<4> : D == 256 ? qk_norm_rope_kernel<8>
+                                                                                              : qk_norm_rope_kernel<0>;
+  launch_after_previous(kernel, grid, warps * 32, 0, s, qkv, q_norm, k_norm, rope_cos, rope_sin, q_out, kv, slots,
+                        int(nq), int(nkv), int(D), eps);
 }
 
 void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t T,
