@@ -1,7 +1,8 @@
 // The tensor-core paged attention: a query row's bits do not depend on how the step's tokens
 // are cut into tiles (one token per tile as in decode, many as in prefill), on which other
 // sequences share the step, or on the page size and page placement of the KV cache; and the
-// values match a float64 reference of softmax(q K^T * scale) V.
+// values match a float64 reference of softmax(q K^T * scale) V; the warpgroup-MMA and mma.sync
+// kernels give the same bits.
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -33,7 +34,8 @@ struct Step {
 // Runs one attention launch with the sequences' K/V laid out in pages of `page_size`, the
 // pages of all sequences shuffled by `seed`.
 std::vector<uint16_t> run(const Shape& sh, const std::vector<SeqKv>& seqs, const std::vector<int64_t>& lens,
-                          const std::vector<uint16_t>& q_all, const Step& step, int64_t page_size, uint64_t seed) {
+                          const std::vector<uint16_t>& q_all, const Step& step, int64_t page_size, uint64_t seed,
+                          cuda::AttentionKernel kernel = cuda::AttentionKernel::automatic) {
   const int64_t T = int64_t(step.seq.size()), S = int64_t(seqs.size());
   int64_t stride = 1, pages = 0;
   for (int64_t len : lens) stride = std::max(stride, (len + page_size - 1) / page_size);
@@ -70,8 +72,11 @@ std::vector<uint16_t> run(const Shape& sh, const std::vector<SeqKv>& seqs, const
   slots.tiles = Tiles.get();
   slots.num_tiles = NTiles.get();
   slots.max_tiles = T;  // more slots than tiles: the extra CTAs must do nothing
-  cuda::paged_attention(reinterpret_cast<const cuda::bf16_t*>(Q.get()), reinterpret_cast<cuda::bf16_t*>(O.get()),
-                        kv, slots, T, sh.nq, 1.0f / std::sqrt(float(sh.D)), nullptr);
+  const auto* q = reinterpret_cast<const cuda::bf16_t*>(Q.get());
+  auto* o = reinterpret_cast<cuda::bf16_t*>(O.get());
+  const float scale = 1.0f / std::sqrt(float(sh.D));
+  if (kernel == cuda::AttentionKernel::automatic) cuda::paged_attention(q, o, kv, slots, T, sh.nq, scale, nullptr);
+  else cuda::flash_attention(q, o, kv, slots, sh.nq, scale, nullptr, kernel);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return O.take();
 }
@@ -176,6 +181,38 @@ void check_shape(const Shape& sh) {
     EXPECT_EQ(row_of(got, 0), row_of(want, lens[0] + p1)) << "decode neighbour position " << p1;
   }
 }
+
+// The warpgroup-MMA kernel (what head_dim 64 and 128 run) and the mma.sync kernel give the
+// same bits, prefill-like and decode-like tiles alike, with masked keys and rows.
+void check_kernels_agree(const Shape& sh) {
+  LS_SKIP_WITHOUT_GPU();
+  ASSERT_TRUE(cuda::attention_takes_wgmma(sh.D));
+  const int64_t per_tile = cuda::attention_tile_tokens(sh.nq / sh.nkv);
+  const std::vector<int64_t> lens{203, 70};
+  std::vector<SeqKv> seqs;
+  for (size_t s = 0; s < lens.size(); ++s)
+    seqs.push_back({random_bf16(lens[s] * sh.nkv * sh.D, 30 + s, 3.0f), random_bf16(lens[s] * sh.nkv * sh.D, 40 + s)});
+  Step step;
+  std::vector<uint16_t> q;
+  for (int64_t s = 0; s < int64_t(lens.size()); ++s)
+    for (int64_t p = 0; p < lens[size_t(s)]; ++p) {
+      step.seq.push_back(int32_t(s));
+      step.pos.push_back(int32_t(p));
+      auto qq = random_bf16(sh.nq * sh.D, 5000 * (s + 1) + p, 3.0f);
+      q.insert(q.end(), qq.begin(), qq.end());
+    }
+  for (uint64_t cuts : {uint64_t(0), uint64_t(4)}) {  // full tiles, then short ones (decode-like)
+    Step st = step;
+    st.tiles = make_tiles(st.seq, cuts ? 1 + int64_t(cuts) % per_tile : per_tile, cuts);
+    const auto mma = run(sh, seqs, lens, q, st, 16, 3, cuda::AttentionKernel::mma_sync);
+    const auto wg = run(sh, seqs, lens, q, st, 16, 3, cuda::AttentionKernel::wgmma);
+    for (size_t i = 0; i < mma.size(); ++i) ASSERT_NE(mma[i], 0xffff) << "output " << i << " not written";
+    EXPECT_EQ(wg, mma) << "cuts " << cuts;
+  }
+}
+
+TEST(CudaAttention, WgmmaEqualsMmaSyncHeadDim128) { check_kernels_agree({128, 32, 4}); }
+TEST(CudaAttention, WgmmaEqualsMmaSyncHeadDim64) { check_kernels_agree({64, 15, 3}); }
 
 TEST(CudaAttention, HeadDim128Group8) { check_shape({128, 16, 2}); }
 TEST(CudaAttention, HeadDim16Group2) { check_shape({16, 4, 2}); }

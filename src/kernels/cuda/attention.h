@@ -1,5 +1,6 @@
 // Paged attention on tensor cores for head_dim 16, 32, 64 or 128: the same kernel for
-// prefill and decode (see attention.cu for why the bits do not depend on the tile).
+// prefill and decode (see attention.cu for why the bits do not depend on the tile), on
+// warpgroup MMA for head_dim 64 and 128.
 #pragma once
 #include <cstdint>
 
@@ -16,7 +17,12 @@ bool tensor_core_attention_supported(int64_t head_dim, int64_t group);
 // consecutive tokens of one sequence, at most this many tokens each.
 int64_t attention_tile_tokens(int64_t group);
 
+// Which kernel: warpgroup MMA (head_dim 64 and 128, what automatic takes there) or mma.sync
+// (every head_dim). Both give the same bits; the choice is for tests and measurements.
+enum class AttentionKernel { automatic, mma_sync, wgmma };
+bool attention_takes_wgmma(int64_t head_dim);
+
 void flash_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t nq,
-                     float scale, cudaStream_t s);
+                     float scale, cudaStream_t s, AttentionKernel kernel = AttentionKernel::automatic);
 
 }  // namespace lockstep::cuda
