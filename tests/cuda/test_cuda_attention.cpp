@@ -208,6 +208,9 @@ void check_kernels_agree(const Shape& sh) {
     const auto wg = run(sh, seqs, lens, q, st, 16, 3, cuda::AttentionKernel::wgmma);
     for (size_t i = 0; i < mma.size(); ++i) ASSERT_NE(mma[i], 0xffff) << "output " << i << " not written";
     EXPECT_EQ(wg, mma) << "cuts " << cuts;
+    // Pages of 64 and 128 positions (one page-table read per KV block): the same bits.
+    EXPECT_EQ(run(sh, seqs, lens, q, st, 64, 4, cuda::AttentionKernel::wgmma), mma) << "cuts " << cuts;
+    EXPECT_EQ(run(sh, seqs, lens, q, st, 128, 5, cuda::AttentionKernel::mma_sync), mma) << "cuts " << cuts;
   }
 }
 

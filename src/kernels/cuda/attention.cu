@@ -213,15 +213,29 @@ __global__ void __launch_bounds__(kThreads, 3)
   const uint32_t piece_at = WGMMA ? (piece / 8) * (kKvBlock * 128) + (((piece % 8) ^ (row0 % 8)) << 4)
                                   : uint32_t(piece) * 16;
   const uint32_t row_bytes = WGMMA ? 128 : LD * 2;
+  // Pages of a multiple of 64 positions hold each KV block whole: one page-table read per
+  // block, the rows' slots consecutive.
+  const bool block_in_page = page % kKvBlock == 0;
   auto load_block = [&](int stage, int b0) {
     const uint32_t k_s = kv_smem + 2 * stage * BLOCK_BYTES + piece_at, v_s = k_s + BLOCK_BYTES;
+    int first_slot = 0;
+    if (block_in_page) {
+      const int pg = page_pow2 ? b0 >> page_shift : b0 / page;
+      first_slot = table[pg] * page + (b0 - pg * page);
+    }
 #pragma unroll
     for (int i = 0; i < kKvBlock / kRowsPerPass; ++i) {
       const int j = row0 + i * kRowsPerPass, p = b0 + j;
       const bool valid = p <= max_pos;  // later positions are zero-filled and masked
       const int at = valid ? p : max_pos;
-      const int pg = page_pow2 ? at >> page_shift : at / page;
-      const int64_t off = int64_t(table[pg] * page + (at - pg * page)) * slot_stride + head_offset;
+      int slot;
+      if (block_in_page) {
+        slot = first_slot + (at - b0);
+      } else {
+        const int pg = page_pow2 ? at >> page_shift : at / page;
+        slot = table[pg] * page + (at - pg * page);
+      }
+      const int64_t off = int64_t(slot) * slot_stride + head_offset;
       cp_async16(k_s + j * row_bytes, kv.k + off, valid);
       cp_async16(v_s + j * row_bytes, kv.v + off, valid);
     }
