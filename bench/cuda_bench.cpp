@@ -1,9 +1,10 @@
 // Qwen3-30B-A3B on one GPU with random bf16 weights made on the device: prefill and decode
 // throughput of the CUDA runner, each beside its roofline bound (HBM bytes touched or bf16
 // FLOPs) measured against the card's ceilings. Prints one JSON object per line, then a table.
-//   cuda_bench CONFIG.json [--layers N] [--quick] [--gemm] [--decode-kernels] [--no-prefill]
-//              [--batches 1,8,...]
-// --gemm times the prefill GEMMs in every tile configuration instead; --decode-kernels each
+//   cuda_bench CONFIG.json [--layers N] [--quick] [--gemm [--gemm-tokens T]] [--decode-kernels]
+//              [--no-prefill] [--batches 1,8,...]
+// --gemm times the prefill GEMMs (or those of a step of T tokens) in every tile configuration
+// instead; --decode-kernels each
 // decode-step kernel (every GEMM tile configuration, the small ops) in graphs at 1, 8, 64 tokens
 // (--only SHAPE: that GEMM shape at one token alone, for ncu); with --gemm, --only SHAPE and
 // --gemm-config C time one shape and one configuration.
@@ -61,11 +62,12 @@ struct Result {
   std::string unit, bound_kind;
 };
 
-// The prefill GEMMs alone (16384 tokens of Qwen3-30B-A3B), each tile configuration timed
-// with events (median of 5 after a warm-up): which shape to pick for large row counts.
-// only / only_config: one shape and one configuration (for ncu), when set.
-void gemm_configs(const ModelConfig& c, const std::string& only, int only_config) {
-  const int64_t T = 16384, H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
+// The GEMMs of one forward step alone (T tokens of Qwen3-30B-A3B: 16384, the prefill step, by
+// default), each tile configuration timed with events (median of 5 after a warm-up): which
+// shape to pick for a row count. only / only_config: one shape and one configuration (for
+// ncu), when set.
+void gemm_configs(const ModelConfig& c, const std::string& only, int only_config, int64_t T) {
+  const int64_t H = c.hidden_size, E = c.num_experts, I = c.moe_intermediate_size;
   const int64_t per = T * c.num_experts_per_tok / E;
   struct Shape {
     const char* name;
@@ -75,6 +77,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
   };
   const Shape shapes[] = {{"qkv", T, c.q_dim() + 2 * c.kv_dim(), H, 1, 1, false},
                           {"o_proj", T, H, c.q_dim(), 8, 1, false},
+                          {"router", T, E, H, 1, 1, false},
                           {"gate_up", per * E, 2 * I, H, 1, int(E), true},
                           {"down", per * E, H, I, 8, int(E), false},
                           // down without the tree (not a model GEMM): what the row form's folds cost
@@ -119,7 +122,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
-    for (int config = 2; config < cuda::kGemmConfigs; ++config) {
+    for (int config = T >= 4096 ? 2 : 0; config < cuda::kGemmConfigs; ++config) {  // 16-row tiles: small T
       if (only_config >= 0 && config != only_config) continue;
       const cuda::GemmArgs& gv = g;
       std::vector<float> ms;
@@ -135,8 +138,8 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
       }
       std::sort(ms.begin(), ms.end());
       const double flops = 2.0 * double(sh.M) * double(sh.N) * double(sh.K);
-      std::printf("{\"event\":\"gemm\",\"shape\":\"%s\",\"config\":%d,\"ms\":%.4f,\"tflops\":%.1f}\n", sh.name,
-                  config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
+      std::printf("{\"event\":\"gemm\",\"shape\":\"%s\",\"tokens\":%lld,\"config\":%d,\"ms\":%.4f,\"tflops\":%.1f}\n",
+                  sh.name, (long long)T, config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
     }
     LS_CHECK(cudaDeviceSynchronize() == cudaSuccess, "gemm bench failed");
     cudaFree(A);
@@ -343,6 +346,7 @@ int main(int argc, char** argv) {
     std::vector<int64_t> batch_list;
     std::string only;  // --decode-kernels: one GEMM shape at one token; --gemm: one shape (for ncu)
     int only_config = -1;  // --gemm: one configuration
+    int64_t gemm_tokens = 16384;  // --gemm: the step's tokens
     for (int i = 2; i < argc; ++i) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--quick")) quick = true;
@@ -351,6 +355,7 @@ int main(int argc, char** argv) {
       else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
       else if (!std::strcmp(argv[i], "--no-prefill")) no_prefill = true;
       else if (!std::strcmp(argv[i], "--gemm-config") && i + 1 < argc) only_config = std::atoi(argv[++i]);
+      else if (!std::strcmp(argv[i], "--gemm-tokens") && i + 1 < argc) gemm_tokens = std::atoll(argv[++i]);
       else if (!std::strcmp(argv[i], "--batches") && i + 1 < argc)
         for (const char* q = argv[++i]; *q;) {
           batch_list.push_back(std::strtoll(q, nullptr, 10));
@@ -359,7 +364,9 @@ int main(int argc, char** argv) {
         }
     }
     if (gemm_only) {
-      gemm_configs(config, only, only_config);
+      LS_CHECK(gemm_tokens >= 1 && gemm_tokens % 16 == 0, "--gemm-tokens: a positive multiple of 16, got ",
+               gemm_tokens);
+      gemm_configs(config, only, only_config, gemm_tokens);
       return 0;
     }
     if (decode_only) {

@@ -192,7 +192,7 @@ TEST(CudaGemm, GroupedRowsInOrderEqualPlain) {
 // partial 128-column tile. Configurations without it refuse it.
 TEST(CudaGemm, SwigluOutputEqualsGemmThenSwiglu) {
   LS_SKIP_WITHOUT_GPU();
-  const int64_t T = 600, k = 2, G = 4, I = 320, N = 2 * I, K = 256, M = T * k;
+  const int64_t T = 2600, k = 2, G = 4, I = 320, N = 2 * I, K = 256, M = T * k;
   auto x = random_bf16(T * K, 31), w = random_bf16(G * N * K, 32, 0.5f);
   DeviceVec<uint16_t> X(x), W(w), GU(M * N), Want(M * I), Got(M * I);
   std::vector<int32_t> rows_of{0}, gather;
@@ -213,7 +213,8 @@ TEST(CudaGemm, SwigluOutputEqualsGemmThenSwiglu) {
   cuda::swiglu(reinterpret_cast<const cuda::bf16_t*>(GU.get()), reinterpret_cast<cuda::bf16_t*>(Want.get()), M, I,
                nullptr);
   const auto want = Want.take();
-  ASSERT_TRUE(cuda::gemm_takes_swiglu(g));  // 300 rows per group: the large-step kernel
+  // 1300 rows per group, 132 tiles of 128 x 256: the large-step kernel
+  ASSERT_TRUE(cuda::gemm_takes_swiglu(g));
   g.out_kind = cuda::GemmOut::bf16_swiglu;
   g.out_bf16 = reinterpret_cast<__nv_bfloat16*>(Got.get());
   g.ldo = I;

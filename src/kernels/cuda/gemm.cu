@@ -617,6 +617,9 @@ namespace {
 // (column form: the warp-specialized TMA kernel at 128 x 256, each K tile drained) and 5 (row
 // form: TMA, 128 x 128, chunks in pairs); where TMA does not apply, its configurations 0 and 3.
 constexpr int kWgmmaColumnLarge = kGemmMmaConfigs + 6, kWgmmaRowLarge = kGemmMmaConfigs + 5;
+// The TMA column form at 128 x 128, for steps whose 128 x 256 tiles would leave SMs idle
+// (fewer than kWideTilesMin: the H200's SM count).
+constexpr int kWgmmaColumnNarrow = kGemmMmaConfigs + 5, kWideTilesMin = 132;
 
 // The configuration gemm() takes for p, and whether the row form runs split (one chunk per CTA).
 void choose_config(const GemmArgs& p, int& config, bool& split) {
@@ -642,8 +645,16 @@ void choose_config(const GemmArgs& p, int& config, bool& split) {
   // 0.74 -> 0.50 ms, down 2.15 -> 1.47; the mma.sync config 12: 1.16, 2.70).
   else if (p.chunks == 8)
     config = rows < 128 ? 11 : kWgmmaRowLarge;
+  else if (rows < 128)
+    config = 4;
+  // Decode steps of 128-512 sequences (notes v9, cuda_bench --gemm --gemm-tokens 256): qkv 37
+  // -> 28 us at 128 x 128; the router (N = 128: 2 tiles of 128 rows) 34 -> 20 us on 8-row CTAs.
+  else if (groups * ceil_div(rows, 128) * ceil_div(p.N, 256) >= kWideTilesMin)
+    config = kWgmmaColumnLarge;
+  else if (groups == 1 && p.M <= 512 && p.N <= 256)
+    config = 8;
   else
-    config = rows >= 128 ? kWgmmaColumnLarge : 4;
+    config = kWgmmaColumnNarrow;
   // The row form with fewer CTAs than SMs (o_proj up to 64 tokens): one chunk per CTA (8x the
   // CTAs, fp32 partials, the same tree in a second kernel), when the workspace allows.
   // Measured: o_proj at 1 token 20.8 -> 9.7 us, at 64 tokens 72.8 -> 30 us; splitting what
