@@ -355,7 +355,8 @@ int main(int argc, char** argv) {
       else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
       else if (!std::strcmp(argv[i], "--no-prefill")) no_prefill = true;
       else if (!std::strcmp(argv[i], "--gemm-config") && i + 1 < argc) only_config = std::atoi(argv[++i]);
-      else if (!std::strcmp(argv[i], "--gemm-tokens") && i + 1 < argc) gemm_tokens = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--gemm-tokens") && i + 1 < argc)
+        gemm_tokens = std::atoll(argv[++i]);
       else if (!std::strcmp(argv[i], "--batches") && i + 1 < argc)
         for (const char* q = argv[++i]; *q;) {
           batch_list.push_back(std::strtoll(q, nullptr, 10));

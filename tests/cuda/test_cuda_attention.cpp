@@ -75,8 +75,10 @@ std::vector<uint16_t> run(const Shape& sh, const std::vector<SeqKv>& seqs, const
   const auto* q = reinterpret_cast<const cuda::bf16_t*>(Q.get());
   auto* o = reinterpret_cast<cuda::bf16_t*>(O.get());
   const float scale = 1.0f / std::sqrt(float(sh.D));
-  if (kernel == cuda::AttentionKernel::automatic) cuda::paged_attention(q, o, kv, slots, T, sh.nq, scale, nullptr);
-  else cuda::flash_attention(q, o, kv, slots, sh.nq, scale, nullptr, kernel);
+  if (kernel == cuda::AttentionKernel::automatic)
+    cuda::paged_attention(q, o, kv, slots, T, sh.nq, scale, nullptr);
+  else
+    cuda::flash_attention(q, o, kv, slots, sh.nq, scale, nullptr, kernel);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return O.take();
 }

@@ -161,7 +161,6 @@ TEST(CudaOps, QkNormRopeFollowsItsLaneOrder) {
   for (int64_t D : {16, 64, 128, 256}) check_qk_norm_rope(D);
 }
 
-
 // The RMSNorm procedure on the CPU: thread t of 256 sums elements t, t + 256, ... in order;
 // the warps' butterflies (xor 16 .. 1), then the 8 warp sums in order.
 std::vector<uint16_t> rmsnorm_emulated(const uint16_t* x, const float* w, int64_t n, float eps) {

@@ -1,6 +1,7 @@
-// Paged attention on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), one kernel
-// for prefill and decode, so the engine's decode and the trainer's whole-sequence forward
-// give the same bits (DESIGN.md section 1, D2).
+// Paged attention on tensor cores (bf16 in, fp32 accumulate; warpgroup MMA for head_dim 64
+// and 128, mma.sync m16n8k16 otherwise, the same bits), one kernel for prefill and decode, so
+// the engine's decode and the trainer's whole-sequence forward give the same bits (DESIGN.md
+// section 1, D2).
 //
 // A CTA takes one tile (up to kTileRows query rows = tokens x query heads of one kv head, all
 // tokens of one sequence) and walks the KV blocks 0, 64, 128, ... of absolute positions in
@@ -73,8 +74,8 @@ __device__ __forceinline__ float high_f32(uint32_t pair) { return __uint_as_floa
 // P V), the row sums of the rounded values in a fixed order (per lane ascending key, then the
 // quad butterfly, xor 1 then xor 2) and the corrections of the old sums and outputs.
 template <int NT_S>
-__device__ __forceinline__ void softmax_block(float (&s)[NT_S * 4], int b, int lane, int pos_a, int pos_b,
-                                              int min_pos, float c, float& m_a, float& m_b, float& l_a, float& l_b,
+__device__ __forceinline__ void softmax_block(float (&s)[NT_S * 4], int b, int lane, int pos_a, int pos_b, int min_pos,
+                                              float c, float& m_a, float& m_b, float& l_a, float& l_b,
                                               uint32_t (&pa)[NT_S], uint32_t (&pb)[NT_S], float& corr_a,
                                               float& corr_b) {
   const int kbase = b * kKvBlock + 2 * (lane & 3);
@@ -136,8 +137,7 @@ __device__ __forceinline__ void store_rows(const float (&o)[NT_O * 4], bf16* oa,
   if (oa)
 #pragma unroll
     for (int i = 0; i < NT_O; ++i)
-      *reinterpret_cast<__nv_bfloat162*>(oa + i * 8 + col) =
-          __floats2bfloat162_rn(o[4 * i] / l_a, o[4 * i + 1] / l_a);
+      *reinterpret_cast<__nv_bfloat162*>(oa + i * 8 + col) = __floats2bfloat162_rn(o[4 * i] / l_a, o[4 * i + 1] / l_a);
   if (ob)
 #pragma unroll
     for (int i = 0; i < NT_O; ++i)
@@ -152,8 +152,7 @@ __device__ __forceinline__ void store_rows(const float (&o)[NT_O * 4], bf16* oa,
 // order per element, so the two give the same bits (tests: CudaAttention.WgmmaEqualsMmaSync*).
 template <int D, bool WGMMA>
 __global__ void __launch_bounds__(kThreads, 3)
-    flash_attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, DeviceSlots slots, int nq, int G,
-                           float scale) {
+    flash_attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, DeviceSlots slots, int nq, int G, float scale) {
   constexpr int LD = D + 8;  // padded shared row: 8 consecutive rows hit 8 different bank groups
   constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8, NT_O = D / 8, PIECES = D / 8;
   constexpr uint32_t BLOCK_BYTES = WGMMA ? kKvBlock * D * 2 : kKvBlock * LD * 2;  // one K or V block
@@ -210,8 +209,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   // This thread's piece of row j: padded rows, or the swizzle (piece ^ (j % 8) in its atom;
   // j % 8 is row0 % 8 in every pass).
   static_assert(kRowsPerPass % 8 == 0, "a thread's swizzle must be the same in every row");
-  const uint32_t piece_at = WGMMA ? (piece / 8) * (kKvBlock * 128) + (((piece % 8) ^ (row0 % 8)) << 4)
-                                  : uint32_t(piece) * 16;
+  const uint32_t piece_at =
+      WGMMA ? (piece / 8) * (kKvBlock * 128) + (((piece % 8) ^ (row0 % 8)) << 4) : uint32_t(piece) * 16;
   const uint32_t row_bytes = WGMMA ? 128 : LD * 2;
   // Pages of a multiple of 64 positions hold each KV block whole: one page-table read per
   // block, the rows' slots consecutive.
@@ -299,8 +298,10 @@ __global__ void __launch_bounds__(kThreads, 3)
         for (int kk = 0; kk < kKvBlock / 16; ++kk) {
           const uint32_t a[4] = {pa[2 * kk], pb[2 * kk], pa[2 * kk + 1], pb[2 * kk + 1]};
           const uint64_t dv = smem_desc_mn(v_s + kk * 2048, kKvBlock * 128);
-          if constexpr (D == 128) wgmma_m64n128k16_rs<1>(o, a, dv);
-          else wgmma_m64n64k16_rs<1>(o, a, dv);
+          if constexpr (D == 128)
+            wgmma_m64n128k16_rs<1>(o, a, dv);
+          else
+            wgmma_m64n64k16_rs<1>(o, a, dv);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -335,8 +336,8 @@ void launch(const bf16* q, bf16* out, const DeviceKvLayer& kv, const DeviceSlots
   constexpr size_t smem = WGMMA ? size_t(4) * kKvBlock * D * sizeof(bf16) + 1024  // + the alignment
                                 : size_t(4) * kKvBlock * (D + 8) * sizeof(bf16);
   static const bool configured = [] {
-    LS_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<D, WGMMA>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(smem)));
+    LS_CUDA_CHECK(
+        cudaFuncSetAttribute(flash_attention_kernel<D, WGMMA>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
   }();
   (void)configured;
@@ -361,12 +362,13 @@ void flash_attention(const bf16* q, bf16* out, const DeviceKvLayer& kv, const De
   LS_CHECK(slots.tiles != nullptr && slots.num_tiles != nullptr && slots.max_tiles > 0,
            "cuda attention: the step's query tiles are missing");
   LS_CHECK(slots.max_tiles <= 0x7fffffff && kv.kv_heads <= 65535, "cuda attention: too many tiles");
-  const bool wgmma = kernel == AttentionKernel::wgmma ||
-                     (kernel == AttentionKernel::automatic && attention_takes_wgmma(kv.head_dim));
-  LS_CHECK(!wgmma || attention_takes_wgmma(kv.head_dim), "cuda attention: the wgmma kernel takes head_dim 64 or 128, got ",
-           kv.head_dim);
-  if (wgmma) return kv.head_dim == 64 ? launch<64, true>(q, out, kv, slots, nq, scale, s)
-                                      : launch<128, true>(q, out, kv, slots, nq, scale, s);
+  const bool wgmma =
+      kernel == AttentionKernel::wgmma || (kernel == AttentionKernel::automatic && attention_takes_wgmma(kv.head_dim));
+  LS_CHECK(!wgmma || attention_takes_wgmma(kv.head_dim),
+           "cuda attention: the wgmma kernel takes head_dim 64 or 128, got ", kv.head_dim);
+  if (wgmma)
+    return kv.head_dim == 64 ? launch<64, true>(q, out, kv, slots, nq, scale, s)
+                             : launch<128, true>(q, out, kv, slots, nq, scale, s);
   switch (kv.head_dim) {
     case 16: return launch<16, false>(q, out, kv, slots, nq, scale, s);
     case 32: return launch<32, false>(q, out, kv, slots, nq, scale, s);

@@ -109,6 +109,8 @@ __global__ void embedding_kernel(const int32_t* ids, const bf16* table, bf16* x,
 }
 
 constexpr int kNormThreads = 256;
+// 1 / rms of n values whose squares sum to ss (every RMSNorm: rows and heads).
+__device__ __forceinline__ float inverse_rms(float ss, int n, float eps) { return 1.0f / sqrtf(ss / float(n) + eps); }
 // The RMSNorm of one row by a block of kNormThreads (the one procedure of every norm of the
 // hidden state: a row's bits do not depend on which kernel runs it). Thread t takes elements
 // t, t + kNormThreads, ... in that order; PER > 0 is n / kNormThreads known at compile time
@@ -123,8 +125,7 @@ __device__ __forceinline__ void rmsnorm_row_fixed(const bf16* xr, const float* w
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
-  ss = block_sum<kNormThreads / 32>(ss, scratch);
-  const float inv = 1.0f / sqrtf(ss / float(n) + eps);
+  const float inv = inverse_rms(block_sum<kNormThreads / 32>(ss, scratch), n, eps);
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const int i = t + kNormThreads * j;
@@ -143,8 +144,7 @@ __device__ __forceinline__ void rmsnorm_row(const bf16* xr, const float* w, bf16
     float v = to_f32(xr[i]);
     ss += v * v;
   }
-  ss = block_sum<kNormThreads / 32>(ss, scratch);
-  const float inv = 1.0f / sqrtf(ss / float(n) + eps);
+  const float inv = inverse_rms(block_sum<kNormThreads / 32>(ss, scratch), int(n), eps);
   for (int64_t i = threadIdx.x; i < n; i += kNormThreads) o[i] = to_bf16(w[i] * round_bf16(to_f32(xr[i]) * inv));
 }
 
@@ -162,9 +162,8 @@ __device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int6
   return int64_t(table[pg]) * page_size + (p - pg * page);
 }
 
-// The per-head procedure after the sum of squares ss: 1 / rms, then per rotary pair (v1, v2)
-// of raw values with norm weights (w1, w2): normalized, weighted, rotated, cast.
-__device__ __forceinline__ float inverse_rms(float ss, int D, float eps) { return 1.0f / sqrtf(ss / float(D) + eps); }
+// The per-head procedure after the sum of squares ss: 1 / rms (inverse_rms), then per rotary
+// pair (v1, v2) of raw values with norm weights (w1, w2): normalized, weighted, rotated, cast.
 __device__ __forceinline__ void norm_rope_pair(float v1, float v2, float w1, float w2, float inv, float c, float s,
                                                bf16* lo, bf16* hi) {
   const float x1 = round_bf16(w1 * round_bf16(v1 * inv));
@@ -831,12 +830,14 @@ void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_n
                         int64_t T, int64_t nq, int64_t nkv, int64_t D, float eps, cudaStream_t s) {
   if (T == 0) return;
   const int64_t heads = nq + 2 * nkv;
-  LS_CHECK(T * heads * D < (int64_t(1) << 31),
-           "cuda qk_norm_rope: ", T, " tokens of ", heads, " heads of ", D, " need 64-bit offsets");
+  LS_CHECK(T * heads * D < (int64_t(1) << 31), "cuda qk_norm_rope: ", T, " tokens of ", heads, " heads of ", D,
+           " need 64-bit offsets");
   const int warps = 8;
   dim3 grid(unsigned(T), unsigned((heads + warps - 1) / warps));
-  auto kernel = D == 64 ? qk_norm_rope_kernel<2> : D == 128 ? qk_norm_rope_kernel<4> : D == 256 ? qk_norm_rope_kernel<8>
-                                                                                              : qk_norm_rope_kernel<0>;
+  auto kernel = D == 64    ? qk_norm_rope_kernel<2>
+                : D == 128 ? qk_norm_rope_kernel<4>
+                : D == 256 ? qk_norm_rope_kernel<8>
+                           : qk_norm_rope_kernel<0>;
   launch_after_previous(kernel, grid, warps * 32, 0, s, qkv, q_norm, k_norm, rope_cos, rope_sin, q_out, kv, slots,
                         int(nq), int(nkv), int(D), eps);
 }
