@@ -99,27 +99,44 @@ std::vector<int32_t> make_tiles(const std::vector<int32_t>& seq, int64_t max_tok
   return tiles;
 }
 
+// The query row of (sequence s, position p), the same in every step that holds it.
+std::vector<uint16_t> query(const Shape& sh, int64_t s, int64_t p, uint64_t q_seed, float scale) {
+  return random_bf16(sh.nq * sh.D, q_seed * uint64_t(s + 1) + uint64_t(p), scale);
+}
+// Random K/V of sequences of `lens` (K scaled by `scale`) and one step holding every position
+// of every sequence, sequence after sequence, with their queries.
+struct WholeSequences {
+  std::vector<SeqKv> seqs;
+  Step step;
+  std::vector<uint16_t> q;
+};
+WholeSequences whole_sequences(const Shape& sh, const std::vector<int64_t>& lens, uint64_t kv_seed, uint64_t q_seed,
+                               float scale) {
+  WholeSequences w;
+  for (size_t s = 0; s < lens.size(); ++s)
+    w.seqs.push_back({random_bf16(lens[s] * sh.nkv * sh.D, kv_seed + s, scale),
+                      random_bf16(lens[s] * sh.nkv * sh.D, kv_seed + 10 + s)});
+  for (int64_t s = 0; s < int64_t(lens.size()); ++s)
+    for (int64_t p = 0; p < lens[size_t(s)]; ++p) {
+      w.step.seq.push_back(int32_t(s));
+      w.step.pos.push_back(int32_t(p));
+      const auto q = query(sh, s, p, q_seed, scale);
+      w.q.insert(w.q.end(), q.begin(), q.end());
+    }
+  return w;
+}
+
 void check_shape(const Shape& sh) {
   LS_SKIP_WITHOUT_GPU();
   const int64_t G = sh.nq / sh.nkv, per_tile = cuda::attention_tile_tokens(G);
   const std::vector<int64_t> lens{150, 67, 1};
-  std::vector<SeqKv> seqs;
-  for (size_t s = 0; s < lens.size(); ++s)
-    seqs.push_back({random_bf16(lens[s] * sh.nkv * sh.D, 10 + s, 2.0f), random_bf16(lens[s] * sh.nkv * sh.D, 20 + s)});
-  // Queries: every position of every sequence, keyed by (sequence, position).
-  auto query_of = [&](int64_t s, int64_t p) { return random_bf16(sh.nq * sh.D, 1000 * (s + 1) + p, 2.0f); };
+  // Prefill: all tokens of the three sequences in one step.
+  auto whole = whole_sequences(sh, lens, 10, 1000, 2.0f);
+  const auto& seqs = whole.seqs;
+  const auto& q_prefill = whole.q;
+  auto query_of = [&](int64_t s, int64_t p) { return query(sh, s, p, 1000, 2.0f); };
   const int64_t qrow = sh.nq * sh.D;
-
-  // Prefill: all tokens of the three sequences in one step, sequence after sequence.
-  Step prefill;
-  std::vector<uint16_t> q_prefill;
-  for (int64_t s = 0; s < int64_t(lens.size()); ++s)
-    for (int64_t p = 0; p < lens[size_t(s)]; ++p) {
-      prefill.seq.push_back(int32_t(s));
-      prefill.pos.push_back(int32_t(p));
-      auto q = query_of(s, p);
-      q_prefill.insert(q_prefill.end(), q.begin(), q.end());
-    }
+  Step prefill = whole.step;
   prefill.tiles = make_tiles(prefill.seq, per_tile, 0);
   const auto want = run(sh, seqs, lens, q_prefill, prefill, 16, 1);
   auto row_of = [&](const std::vector<uint16_t>& out, int64_t t) {
@@ -191,18 +208,10 @@ void check_kernels_agree(const Shape& sh) {
   ASSERT_TRUE(cuda::attention_takes_wgmma(sh.D));
   const int64_t per_tile = cuda::attention_tile_tokens(sh.nq / sh.nkv);
   const std::vector<int64_t> lens{203, 70};
-  std::vector<SeqKv> seqs;
-  for (size_t s = 0; s < lens.size(); ++s)
-    seqs.push_back({random_bf16(lens[s] * sh.nkv * sh.D, 30 + s, 3.0f), random_bf16(lens[s] * sh.nkv * sh.D, 40 + s)});
-  Step step;
-  std::vector<uint16_t> q;
-  for (int64_t s = 0; s < int64_t(lens.size()); ++s)
-    for (int64_t p = 0; p < lens[size_t(s)]; ++p) {
-      step.seq.push_back(int32_t(s));
-      step.pos.push_back(int32_t(p));
-      auto qq = random_bf16(sh.nq * sh.D, 5000 * (s + 1) + p, 3.0f);
-      q.insert(q.end(), qq.begin(), qq.end());
-    }
+  const auto whole = whole_sequences(sh, lens, 30, 5000, 3.0f);
+  const auto& seqs = whole.seqs;
+  const auto& q = whole.q;
+  const Step& step = whole.step;
   for (uint64_t cuts : {uint64_t(0), uint64_t(4)}) {  // full tiles, then short ones (decode-like)
     Step st = step;
     st.tiles = make_tiles(st.seq, cuts ? 1 + int64_t(cuts) % per_tile : per_tile, cuts);
