@@ -77,7 +77,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
   };
   const Shape shapes[] = {{"qkv", T, c.q_dim() + 2 * c.kv_dim(), H, 1, 1, false},
                           {"o_proj", T, H, c.q_dim(), 8, 1, false},
-                          {"router", T, E, H, 1, 1, false},
+                          {"router", T, E, H, 1, 1, false},  // bf16 out here, fp32 in the model
                           {"gate_up", per * E, 2 * I, H, 1, int(E), true},
                           {"down", per * E, H, I, 8, int(E), false},
                           // down without the tree (not a model GEMM): what the row form's folds cost

@@ -29,9 +29,6 @@ constexpr int kKvBlock = 64;  // the contract's absolute KV block
 constexpr int kWarps = kTileRows / 16;
 constexpr int kThreads = kWarps * 32;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
@@ -159,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   static_assert(!WGMMA || D == 64 || D == 128, "the wgmma attention takes head_dim 64 or 128");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Stage st: K at kv_smem + 2 st BLOCK_BYTES, V after it (1024-byte aligned for the swizzle).
-  const uint32_t kv_smem = WGMMA ? (smem_u32(smem_raw) + 1023) & ~1023u : smem_u32(smem_raw);
+  const uint32_t kv_smem = WGMMA ? (smem_addr(smem_raw) + 1023) & ~1023u : smem_addr(smem_raw);
   start_after_previous();
 
   const int tile = int(blockIdx.x);
