@@ -2,39 +2,10 @@
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/row_ops.cuh"
 
 namespace lockstep::cuda {
 namespace {
-
-constexpr unsigned kFull = 0xffffffffu;
-
-// Fixed reductions: a warp butterfly in xor order 16, 8, 4, 2, 1 (every lane ends with the
-// same bits), then warps in index order. The shape depends only on blockDim, which each op
-// fixes independently of the batch.
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-template <int WARPS>
-__device__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < WARPS; ++w) total += scratch[w];
-    scratch[WARPS] = total;
-  }
-  __syncthreads();
-  total = scratch[WARPS];
-  __syncthreads();
-  return total;
-}
 
 struct MaxSumD {
   float max, sum;
@@ -108,91 +79,11 @@ __global__ void embedding_kernel(const int32_t* ids, const bf16* table, bf16* x,
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[t * H + i] = src[i];
 }
 
-constexpr int kNormThreads = 256;
-// 1 / rms of n values whose squares sum to ss (every RMSNorm: rows and heads).
-__device__ __forceinline__ float inverse_rms(float ss, int n, float eps) { return 1.0f / sqrtf(ss / float(n) + eps); }
-// The RMSNorm of one row by a block of kNormThreads (the one procedure of every norm of the
-// hidden state: a row's bits do not depend on which kernel runs it). Thread t takes elements
-// t, t + kNormThreads, ... in that order; PER > 0 is n / kNormThreads known at compile time
-// (the loops unrolled, each element loaded once), PER = 0 any n: the same operations.
-template <int PER>
-__device__ __forceinline__ void rmsnorm_row_fixed(const bf16* xr, const float* w, bf16* o, int n, float eps,
-                                                  float* scratch) {
-  const int t = threadIdx.x;
-  float v[PER];
-#pragma unroll
-  for (int j = 0; j < PER; ++j) v[j] = to_f32(xr[t + kNormThreads * j]);
-  float ss = 0.0f;
-#pragma unroll
-  for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
-  const float inv = inverse_rms(block_sum<kNormThreads / 32>(ss, scratch), n, eps);
-#pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const int i = t + kNormThreads * j;
-    o[i] = to_bf16(w[i] * round_bf16(v[j] * inv));
-  }
-}
-__device__ __forceinline__ void rmsnorm_row(const bf16* xr, const float* w, bf16* o, int64_t n, float eps,
-                                            float* scratch) {
-  switch (n) {  // the hidden sizes of the Qwen3-MoE shapes
-    case 2048: return rmsnorm_row_fixed<2048 / kNormThreads>(xr, w, o, int(n), eps, scratch);
-    case 4096: return rmsnorm_row_fixed<4096 / kNormThreads>(xr, w, o, int(n), eps, scratch);
-    default: break;
-  }
-  float ss = 0.0f;
-  for (int64_t i = threadIdx.x; i < n; i += kNormThreads) {
-    float v = to_f32(xr[i]);
-    ss += v * v;
-  }
-  const float inv = inverse_rms(block_sum<kNormThreads / 32>(ss, scratch), int(n), eps);
-  for (int64_t i = threadIdx.x; i < n; i += kNormThreads) o[i] = to_bf16(w[i] * round_bf16(to_f32(xr[i]) * inv));
-}
-
 __global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const bf16* x, const float* w, bf16* out, int64_t n,
                                                                float eps) {
   start_after_previous();
   __shared__ float scratch[kNormThreads / 32 + 1];
   rmsnorm_row(x + int64_t(blockIdx.x) * n, w, out + int64_t(blockIdx.x) * n, n, eps, scratch);
-}
-
-__device__ __forceinline__ int64_t slot_of(const DeviceSlots& s, int64_t t, int64_t pos, int64_t page_size) {
-  const int32_t* table = s.page_tables + int64_t(s.seq_of_token[t]) * *s.table_stride;
-  // Positions and page sizes fit 32 bits: a 32-bit division (a 64-bit one is a long call).
-  const int p = int(pos), page = int(page_size), pg = p / page;
-  return int64_t(table[pg]) * page_size + (p - pg * page);
-}
-
-// The per-head procedure after the sum of squares ss: 1 / rms (inverse_rms), then per rotary
-// pair (v1, v2) of raw values with norm weights (w1, w2): normalized, weighted, rotated, cast.
-__device__ __forceinline__ void norm_rope_pair(float v1, float v2, float w1, float w2, float inv, float c, float s,
-                                               bf16* lo, bf16* hi) {
-  const float x1 = round_bf16(w1 * round_bf16(v1 * inv));
-  const float x2 = round_bf16(w2 * round_bf16(v2 * inv));
-  *lo = to_bf16(x1 * c - x2 * s);
-  *hi = to_bf16(x2 * c + x1 * s);
-}
-
-// One head's RMSNorm and rotary embedding by one warp, D = 32 PER: lane l holds elements l,
-// l + 32, ... (the sum in that order, then the butterfly), as the general loop of
-// qk_norm_rope_kernel, with every load issued before the sum (one round trip, not three).
-template <int PER>
-__device__ __forceinline__ void norm_rope_head(const bf16* src, const float* w, const float* c, const float* s,
-                                               bf16* dst, int lane, float eps) {
-  constexpr int D = 32 * PER, HALF = D / 2;
-  float v[PER], wv[PER], cv[PER / 2], sv[PER / 2];
-#pragma unroll
-  for (int j = 0; j < PER; ++j) v[j] = to_f32(src[lane + 32 * j]), wv[j] = w[lane + 32 * j];
-#pragma unroll
-  for (int j = 0; j < PER / 2; ++j) cv[j] = c[lane + 32 * j], sv[j] = s[lane + 32 * j];
-  float ss = 0.0f;
-#pragma unroll
-  for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
-  const float inv = inverse_rms(warp_sum(ss), D, eps);
-#pragma unroll
-  for (int j = 0; j < PER / 2; ++j) {
-    const int i = lane + 32 * j;
-    norm_rope_pair(v[j], v[j + PER / 2], wv[j], wv[j + PER / 2], inv, cv[j], sv[j], dst + i, dst + i + HALF);
-  }
 }
 
 // One warp per head: q heads, then k heads, then v heads (copied). PER = D / 32 for the head
@@ -334,56 +225,6 @@ __global__ void attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, Dev
 }
 
 constexpr int kRouteWarps = 4;
-// Routing of token t by one warp (probs: E floats of shared scratch for this warp).
-__device__ __forceinline__ void route_token(const float* logits, int32_t* ids, float* weights, int64_t t, int64_t E,
-                                            int64_t k, bool normalize, float* probs) {
-  const int lane = threadIdx.x & 31;
-  const float* z = logits + t * E;
-  float m = -INFINITY;
-  for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, z[e]);
-  m = warp_max(m);
-  float s = 0.0f;
-  for (int64_t e = lane; e < E; e += 32) {
-    float p = expf(z[e] - m);
-    probs[e] = p;
-    s += p;
-  }
-  s = warp_sum(s);
-  for (int64_t e = lane; e < E; e += 32) probs[e] = probs[e] / s;
-  __syncwarp();
-  float total = 0.0f;
-  float chosen_p[8];
-  int chosen_e[8];
-  for (int64_t i = 0; i < k; ++i) {
-    float best = -1.0f;
-    int best_e = int(E);
-    for (int64_t e = lane; e < E; e += 32)
-      if (probs[e] > best) {  // ascending e: ties keep the lower id
-        best = probs[e];
-        best_e = int(e);
-      }
-    for (int o = 16; o > 0; o >>= 1) {
-      float ob = __shfl_xor_sync(kFull, best, o);
-      int oe = __shfl_xor_sync(kFull, best_e, o);
-      if (ob > best || (ob == best && oe < best_e)) {
-        best = ob;
-        best_e = oe;
-      }
-    }
-    __syncwarp();
-    if (lane == 0) probs[best_e] = -2.0f;
-    __syncwarp();
-    chosen_p[i] = best;
-    chosen_e[i] = best_e;
-    total += best;
-  }
-  if (lane == 0)
-    for (int64_t i = 0; i < k; ++i) {
-      ids[t * k + i] = chosen_e[i];
-      weights[t * k + i] = normalize ? chosen_p[i] / total : chosen_p[i];
-    }
-}
-
 __global__ void route_topk_kernel(const float* logits, int32_t* ids, float* weights, int64_t T, int64_t E, int64_t k,
                                   bool normalize) {
   start_after_previous();
@@ -545,22 +386,6 @@ __global__ void swiglu8_kernel(const bf16* gu, bf16* act, int64_t R, int64_t I) 
     o8[e] = to_bf16(swiglu_value(g, u));
   }
   *reinterpret_cast<uint4*>(act + idx) = ov;
-}
-
-// The token's k slots in ascending expert id (insertion sort; k <= 8), into order[].
-__device__ __forceinline__ void sort_slots(const int32_t* ids, int k, int* order_out) {
-  int order[8], id[8];
-  for (int i = 0; i < k; ++i) {
-    order[i] = i;
-    id[i] = ids[i];
-  }
-  for (int i = 1; i < k; ++i)
-    for (int j = i; j > 0 && id[order[j]] < id[order[j - 1]]; --j) {
-      int tmp = order[j];
-      order[j] = order[j - 1];
-      order[j - 1] = tmp;
-    }
-  for (int i = 0; i < k; ++i) order_out[i] = order[i];
 }
 
 // The token's k slots in ascending expert id, sorted once by thread 0 into s_order (shared).

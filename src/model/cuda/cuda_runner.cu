@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <set>
@@ -14,6 +16,7 @@
 #include "kernels/cpu/sampling.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/decode_layers.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
 
@@ -90,6 +93,11 @@ class CudaRunner final : public ModelRunner {
     upload(rope_cos_, rope.cos.data(), rope.cos.size() * 4);
     upload(rope_sin_, rope.sin.data(), rope.sin.size() * 4);
     allocate_weights();
+    one_launch_decode_ = one_launch_decode_applies();
+    if (one_launch_decode_) {
+      decode_x_mid_ = const_.alloc<bf16_t>(c.hidden_size);
+      decode_barrier_ = const_.alloc<uint32_t>(1);
+    }
   }
   ~CudaRunner() override {
     cudaStreamSynchronize(stream_);
@@ -125,6 +133,7 @@ class CudaRunner final : public ModelRunner {
       layer.head_dim = config_.head_dim;
       kv_.push_back(layer);
     }
+    if (one_launch_decode_) upload_decode_layers();
   }
 
   std::vector<SampleResult> forward_sample(const ForwardBatch& batch,
@@ -552,12 +561,72 @@ class CudaRunner final : public ModelRunner {
     seen_sizes_.clear();
   }
 
+  cuda::DecodeShape decode_shape() const {
+    const auto& c = config_;
+    cuda::DecodeShape s;
+    s.hidden = c.hidden_size;
+    s.heads = c.num_attention_heads;
+    s.kv_heads = c.num_key_value_heads;
+    s.head_dim = c.head_dim;
+    s.experts = c.num_experts;
+    s.experts_per_token = c.num_experts_per_tok;
+    s.intermediate = c.moe_intermediate_size;
+    return s;
+  }
+  // With LOCKSTEP_ONE_LAUNCH_DECODE=1, steps of one token run every layer in one launch
+  // (decode_layers.h) when the shape allows it and every layer is MoE (the tests and the
+  // benchmark compare the two paths).
+  bool one_launch_decode_applies() const {
+    const char* env = std::getenv("LOCKSTEP_ONE_LAUNCH_DECODE");
+    if (!env || std::strcmp(env, "1") != 0) return false;
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l)
+      if (!config_.is_moe_layer(l)) return false;
+    return cuda::decode_layers_supported(decode_shape());
+  }
+  void upload_decode_layers() {
+    std::vector<cuda::DecodeLayerWeights> host(layers_.size());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DeviceLayer& L = layers_[l];
+      host[l] = {L.qkv, L.o, L.router, L.gate_up, L.down, L.input_norm, L.post_norm, L.q_norm, L.k_norm, kv_[l]};
+    }
+    decode_arena_.clear();
+    decode_layers_ = decode_arena_.alloc<cuda::DecodeLayerWeights>(int64_t(host.size()));
+    upload(decode_layers_, host.data(), host.size() * sizeof(host[0]));
+  }
+  void run_decode_layers(const cuda::DeviceSlots& slots) {
+    cuda::DecodeLayersArgs a;
+    a.layers = decode_layers_;
+    a.num_layers = int(layers_.size());
+    a.shape = decode_shape();
+    a.normalize_topk = config_.norm_topk_prob;
+    a.eps = float(config_.rms_norm_eps);
+    a.scale = 1.0f / std::sqrt(float(config_.head_dim));
+    a.rope_cos = rope_cos_;
+    a.rope_sin = rope_sin_;
+    a.slots = slots;
+    a.x = ws_.x;
+    a.x_mid = decode_x_mid_;
+    a.qkv = ws_.qkv;
+    a.q = ws_.q;
+    a.attn = ws_.attn;
+    a.gu = ws_.gu;
+    a.y = ws_.y;
+    a.router_logits = ws_.router_logits;
+    a.barrier = decode_barrier_;
+    cuda::decode_layers(a, stream_);
+  }
+
   void run_forward(int64_t T, const cuda::DeviceSlots& slots) {
     const auto& c = config_;
     const int64_t H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads, nkv = c.num_key_value_heads;
     const int64_t qkv_n = (nq + 2 * nkv) * D;
     const float eps = float(c.rms_norm_eps);
     cuda::embedding(ws_.meta, embed_, ws_.x, T, H, stream_);
+    if (T == 1 && one_launch_decode_) {
+      run_decode_layers(slots);
+      cuda::rmsnorm(ws_.x, final_norm_, ws_.h, T, H, eps, stream_);
+      return;
+    }
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const auto& L = layers_[size_t(l)];
       cuda::rmsnorm(ws_.x, L.input_norm, ws_.h, T, H, eps, stream_);
@@ -723,6 +792,11 @@ class CudaRunner final : public ModelRunner {
   PinnedInts pinned_;
   std::map<int64_t, cudaGraphExec_t> graphs_;
   std::set<int64_t> seen_sizes_;
+  bool one_launch_decode_ = false;
+  DeviceArena decode_arena_;
+  cuda::DecodeLayerWeights* decode_layers_ = nullptr;
+  bf16_t* decode_x_mid_ = nullptr;
+  uint32_t* decode_barrier_ = nullptr;
 };
 
 }  // namespace

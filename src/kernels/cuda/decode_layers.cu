@@ -1,0 +1,550 @@
+// The one-launch decode kernel (decode_layers.h): phases per layer, each consumer warp's GEMM
+// work in n8 column tiles ("items") of one weight matrix, fed by the producer warp's ring.
+//
+//   QKV     rmsnorm(x) -> qkv (column form), every CTA normalizing the row itself
+//   ATTN    CTAs 0 .. nkv-1: q/k norm + RoPE of their kv head, the KV write, the attention
+//   O       x_mid = x + o_proj(attn) (row form, 8 chunks and the tree)
+//   ROUTER  rmsnorm(x_mid) -> router logits (fp32)
+//   GATE_UP every CTA routes the token itself, then [gate | up] of the k experts
+//   DOWN    SwiGLU as the A row is loaded, down projection (row form) per expert slot
+// with a grid barrier after each; the combine of the experts into x happens as the next layer
+// (or the end) loads the row.
+#include "kernels/cuda/decode_layers.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "kernels/cuda/attention_tile.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/gemm_common.cuh"
+#include "kernels/cuda/mbarrier.cuh"
+#include "kernels/cuda/row_ops.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace lockstep::cuda {
+namespace {
+
+constexpr int kConsumerWarps = 8, kConsumerThreads = kConsumerWarps * 32, kThreads = kConsumerThreads + 32;
+static_assert(kConsumerThreads == kNormThreads, "the consumers run the row RMSNorm");
+constexpr int kStageK = 1024;                    // K elements of a weight row per stage
+constexpr int kRowPitch = kStageK * 2 + 16;      // bytes: 8 rows' ldmatrix reads hit 8 bank groups
+constexpr int kStageBytes = 8 * kRowPitch;       // one n8 tile's rows
+constexpr int kMaxStages = 12;
+constexpr int kMaxSlots = 8;                     // experts per token
+
+enum Phase { kQkv, kO, kRouter, kGateUp, kDown, kPhases };
+
+// Named barriers of a thread subset. Not the .aligned form (bar.sync): a block procedure may
+// reach it from code where one lane was on its own (block_sum's thread 0), and the aligned
+// form counts a warp as arrived when any of its lanes is.
+struct ConsumerSync {
+  __device__ __forceinline__ void operator()() const { asm volatile("barrier.sync 1, 256;\n" ::: "memory"); }
+};
+struct AttentionSync {  // warps 0-3 (one warpgroup)
+  __device__ __forceinline__ void operator()() const { asm volatile("barrier.sync 2, 128;\n" ::: "memory"); }
+};
+
+// Byte offsets of the dynamic shared memory (host-computed).
+struct Layout {
+  uint32_t ring = 0, a = 0, x = 0, heads = 0, logits = 0, probs = 0, routing = 0, scratch = 0, bars = 0, total = 0;
+  int stages = 0;
+};
+
+struct Params {
+  DecodeLayersArgs a;
+  Layout L;
+  int H, nq, nkv, G, E, k, I, qkv_n;
+};
+
+// The matrix of a GEMM phase: `slots` weight blocks (one per expert slot, else 1) of [N, K].
+struct Matrix {
+  const bf16* W;
+  int64_t expert_stride;
+  int N, K, slots;
+};
+__device__ __forceinline__ Matrix matrix_of(const Params& p, const DecodeLayerWeights& w, int phase) {
+  switch (phase) {
+    case kQkv: return {w.qkv, 0, p.qkv_n, p.H, 1};
+    case kO: return {w.o, 0, p.H, p.nq * int(p.a.shape.head_dim), 1};
+    case kRouter: return {w.router, 0, p.E, p.H, 1};
+    case kGateUp: return {w.gate_up, int64_t(2) * p.I * p.H, 2 * p.I, p.H, p.k};
+    default: return {w.down, int64_t(p.H) * p.I, p.H, p.I, p.k};
+  }
+}
+__device__ __forceinline__ int stages_per_item(int K) { return (K + kStageK - 1) / kStageK; }
+// This CTA's items [begin, end) of a phase: contiguous shares of slots * N / 8 tiles.
+__device__ __forceinline__ void item_range(const Matrix& m, int& begin, int& end) {
+  const int items = m.slots * (m.N / 8);
+  begin = int(int64_t(items) * blockIdx.x / gridDim.x);
+  end = int(int64_t(items) * (blockIdx.x + 1) / gridDim.x);
+}
+
+__device__ __forceinline__ uint32_t load_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void mma_k16(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  // Rows 1..15 of the A tile are zero (one token): the small-step GEMM's operands exactly.
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// A wait that never ends is a bug (a schedule mismatch between the producer and the
+// consumers, a CTA not resident): after kWatchdogNs the kernel reports where and traps, so
+// the launch fails instead of hanging the process.
+constexpr uint64_t kWatchdogNs = 2000000000ull;
+extern __shared__ __align__(128) unsigned char smem[];
+// Debug: per consumer warp and the producer (index 8) the last stage event.
+__device__ __forceinline__ volatile uint32_t* progress() { return reinterpret_cast<volatile uint32_t*>(smem); }
+// The number of stages the producer has issued (written by the producer only).
+__device__ __forceinline__ volatile uint32_t* issued_count() { return reinterpret_cast<volatile uint32_t*>(smem) + 12; }
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+__device__ __noinline__ void stuck(const char* what, uint32_t index) {
+  volatile uint32_t* pr = progress();
+  printf("decode_layers: CTA %d thread %d waited %llu ns for %s %u; progress %x %x %x %x %x %x %x %x | %x\n",
+         int(blockIdx.x), int(threadIdx.x), static_cast<unsigned long long>(kWatchdogNs), what, index, pr[0], pr[1],
+         pr[2], pr[3], pr[4], pr[5], pr[6], pr[7], pr[8]);
+  const uint64_t t0 = now_ns();
+  while (now_ns() - t0 < kWatchdogNs / 2) {
+  }
+  __trap();
+}
+__device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity, const char* what, uint32_t index) {
+  if (mbar_try_wait(bar, parity)) return;
+  const uint64_t t0 = now_ns();
+  while (!mbar_try_wait(bar, parity))
+    if (now_ns() - t0 > kWatchdogNs) stuck(what, index);
+}
+
+// The ring: stage i of the CTA's sequence sits in slot i % stages; full[s] completes when its
+// bytes landed, empty[s] when its warp is done with it.
+struct Ring {
+  uint32_t base, full, empty;
+  int stages;
+  // Warps take their stages out of order, so a warp may ask for stage i more than a ring's
+  // length ahead of the producer, where full[s]'s parity would alias an earlier use: it first
+  // waits until the producer has issued stage i (issued_count() > i), after which full[s]
+  // cannot complete another use before this warp releases it.
+  __device__ __forceinline__ uint32_t acquire(uint32_t i) const {
+    const uint32_t s = i % uint32_t(stages);
+    if (*issued_count() <= i) {
+      const uint64_t t0 = now_ns();
+      while (*issued_count() <= i)
+        if (now_ns() - t0 > kWatchdogNs) stuck("the producer to issue stage", i);
+    }
+    if ((threadIdx.x & 31) == 0) progress()[threadIdx.x >> 5] = (i << 4) | 1;
+    wait_phase(full + 8 * s, (i / uint32_t(stages)) & 1, "full stage", i);
+    return base + s * kStageBytes;
+  }
+  __device__ __forceinline__ void release(uint32_t i, int lane) const {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + 8 * (i % uint32_t(stages)));
+    if (lane == 0) progress()[threadIdx.x >> 5] = (i << 4) | 2;
+  }
+};
+
+// Two k16 steps at stage-relative k of an item's rows (ldmatrix: lane l addresses row l % 8 at
+// k + 8 (l / 8): b0, b1 of the first step, then of the second) against the A row a (k absolute
+// within the row; only lanes 0-3 hold row 0 of the mma tile).
+__device__ __forceinline__ void mma_k32(float (&c)[4], uint32_t lane_row, int k_stage, const bf16* a, int lane) {
+  uint32_t r[4];
+  ldsm_x4(r, lane_row + k_stage * 2);
+  uint32_t a0 = 0, a2 = 0, a0n = 0, a2n = 0;
+  if (lane < 4) {
+    a0 = load_pair(a + 2 * lane);
+    a2 = load_pair(a + 8 + 2 * lane);
+    a0n = load_pair(a + 16 + 2 * lane);
+    a2n = load_pair(a + 24 + 2 * lane);
+  }
+  mma_k16(c, a0, a2, r[0], r[1]);
+  mma_k16(c, a0n, a2n, r[2], r[3]);
+}
+
+// Column form: one chain of k16 steps over the whole K into c (row 0: c[0], c[1]).
+__device__ __forceinline__ void column_item(float (&c)[4], const bf16* a, int K, const Ring& ring, uint32_t first,
+                                            int lane) {
+  const int spi = stages_per_item(K);
+  for (int t = 0; t < spi; ++t) {
+    const uint32_t stage = ring.acquire(first + t);
+    const uint32_t lane_row = stage + (lane & 7) * kRowPitch + (lane >> 3) * 16;
+    const int kn = min(kStageK, K - t * kStageK);
+    const bf16* at = a + t * kStageK;
+#pragma unroll 4
+    for (int kk = 0; kk < kn; kk += 32) mma_k32(c, lane_row, kk, at + kk, lane);
+    ring.release(first + t, lane);
+  }
+}
+
+// Row form: 8 chunks of K / 8, CPS of them per stage; a stage's chunks are independent chains
+// (interleaved for the tensor pipe), folded in chunk order by the GEMM's tree (fold_chunk).
+template <int CPS>
+__device__ __forceinline__ void row_item(float (&c)[4], const bf16* a, int K, const Ring& ring, uint32_t first,
+                                         int lane) {
+  const int chunk = K / 8, spi = 8 / CPS;
+  float acc[CPS][4], s0[4], s1[4], s2[4];
+#pragma unroll
+  for (int cc = 0; cc < CPS; ++cc)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[cc][e] = 0.0f;
+  for (int t = 0; t < spi; ++t) {
+    const uint32_t stage = ring.acquire(first + t);
+    const uint32_t lane_row = stage + (lane & 7) * kRowPitch + (lane >> 3) * 16;
+    const bf16* at = a + t * CPS * chunk;
+    for (int kk = 0; kk < chunk; kk += 32)
+#pragma unroll
+      for (int cc = 0; cc < CPS; ++cc) mma_k32(acc[cc], lane_row, cc * chunk + kk, at + cc * chunk + kk, lane);
+    ring.release(first + t, lane);
+#pragma unroll
+    for (int cc = 0; cc < CPS; ++cc)
+      fold_chunk<4>(
+          t * CPS + cc, [&](int i) -> float& { return acc[cc][i]; }, [&](int i) -> float& { return s0[i]; },
+          [&](int i) -> float& { return s1[i]; }, [&](int i) -> float& { return s2[i]; });
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) c[e] = acc[CPS - 1][e];
+}
+
+__device__ __forceinline__ void gemm_item(float (&c)[4], bool row_form, const bf16* a, int K, const Ring& ring,
+                                          uint32_t first, int lane) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) c[e] = 0.0f;
+  if (!row_form) return column_item(c, a, K, ring, first, lane);
+  switch (8 * kStageK / max(K, kStageK)) {  // chunks per stage
+    case 8: return row_item<8>(c, a, K, ring, first, lane);
+    case 4: return row_item<4>(c, a, K, ring, first, lane);
+    case 2: return row_item<2>(c, a, K, ring, first, lane);
+    default: return row_item<1>(c, a, K, ring, first, lane);
+  }
+}
+
+// The producer: every stage of every phase of every layer, in the consumers' order.
+__device__ void produce(const Params& p, const Ring& ring, uint32_t routed, const int32_t* s_ids) {
+  uint32_t i = 0;
+  for (int l = 0; l < p.a.num_layers; ++l) {
+    const DecodeLayerWeights& w = p.a.layers[l];
+    for (int phase = 0; phase < kPhases; ++phase) {
+      if (phase == kGateUp) progress()[8] = 0xE0000000u | uint32_t(l);
+      if (phase == kGateUp) wait_phase(routed, uint32_t(l) & 1, "routing of layer", uint32_t(l));
+      const Matrix m = matrix_of(p, w, phase);
+      int begin, end;
+      item_range(m, begin, end);
+      const int tiles = m.N / 8, spi = stages_per_item(m.K);
+      for (int j = begin; j < end; ++j) {
+        const int slot = j / tiles, tile = j - slot * tiles;
+        const bf16* rows = m.W + (m.slots > 1 ? int64_t(s_ids[slot]) * m.expert_stride : 0) + int64_t(tile) * 8 * m.K;
+        for (int t = 0; t < spi; ++t, ++i) {
+          const uint32_t s = i % uint32_t(ring.stages);
+          progress()[8] = (i << 4) | 3;
+          if (i >= uint32_t(ring.stages))
+            wait_phase(ring.empty + 8 * s, (i / uint32_t(ring.stages) - 1) & 1, "empty stage", i);
+          const int kn = min(kStageK, m.K - t * kStageK);
+          const uint32_t bar = ring.full + 8 * s, dst = ring.base + s * kStageBytes;
+          mbar_arrive_expect_tx(bar, uint32_t(8 * kn * 2));
+#pragma unroll
+          for (int r = 0; r < 8; ++r)
+            bulk_copy_to_shared(dst + r * kRowPitch, rows + int64_t(r) * m.K + t * kStageK, uint32_t(kn * 2), bar);
+          *issued_count() = i + 1;
+        }
+      }
+    }
+  }
+}
+
+// All consumers of all CTAs: each CTA's writes before it are visible to every CTA after it.
+struct GridBarrier {
+  uint32_t* counter;
+  uint32_t target = 0;
+  __device__ __forceinline__ void operator()() {
+    if ((threadIdx.x & 31) == 0) progress()[threadIdx.x >> 5] = 0xB0000000u | target;
+    ConsumerSync{}();
+    target += gridDim.x;
+    if (threadIdx.x < 32) {  // warp 0 waits, all lanes together
+      if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(counter, 1u);
+      }
+      const uint64_t t0 = now_ns();
+      for (;;) {
+        uint32_t seen = 0;
+        if (threadIdx.x == 0)
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+        if (__shfl_sync(0xffffffffu, seen, 0) >= target) break;
+        if (now_ns() - t0 > kWatchdogNs) stuck("the grid barrier at count", target);
+      }
+      __threadfence();
+    }
+    ConsumerSync{}();
+  }
+};
+
+// x = x_mid + the experts' outputs in ascending expert id (combine_kernel's operations), for
+// columns [c0, H) in steps of `step`, into dst (shared or global). Reads go to L2: other SMs
+// wrote them (their lines may be stale in this SM's L1).
+__device__ __forceinline__ void combine_into(const Params& p, bf16* dst, int c0, int step, const int* s_order,
+                                             const float* s_weights) {
+  for (int c = c0; c < p.H; c += step) {
+    float o = 0.0f;
+    for (int i = 0; i < p.k; ++i) {
+      const int slot = s_order[i];
+      o += s_weights[slot] * to_f32(__ldcg(p.a.y + int64_t(slot) * p.H + c));
+    }
+    dst[c] = to_bf16(to_f32(__ldcg(p.a.x_mid + c)) + round_bf16(o));
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const Layout& L = p.L;
+  const uint32_t base = smem_addr(smem);
+  const Ring ring{base + L.ring, base + L.bars, base + L.bars + 8 * uint32_t(L.stages), L.stages};
+  const uint32_t routed = base + L.bars + 16 * uint32_t(L.stages);
+  bf16* s_a = reinterpret_cast<bf16*>(smem + L.a);  // the GEMM's A row (aliases the attention's K/V)
+  bf16* s_x = reinterpret_cast<bf16*>(smem + L.x);
+  bf16* s_heads = reinterpret_cast<bf16*>(smem + L.heads);
+  float* s_logits = reinterpret_cast<float*>(smem + L.logits);
+  float* s_probs = reinterpret_cast<float*>(smem + L.probs);
+  int32_t* s_ids = reinterpret_cast<int32_t*>(smem + L.routing);
+  float* s_weights = reinterpret_cast<float*>(smem + L.routing + 4 * kMaxSlots);
+  int* s_order = reinterpret_cast<int*>(smem + L.routing + 8 * kMaxSlots);
+  float* s_scratch = reinterpret_cast<float*>(smem + L.scratch);
+  if (tid == 0) {
+    for (int s = 0; s < L.stages; ++s) {
+      mbar_init(ring.full + 8 * s, 1);
+      mbar_init(ring.empty + 8 * s, 1);
+    }
+    mbar_init(routed, 1);
+    *issued_count() = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == kConsumerWarps) {
+    if (lane == 0) produce(p, ring, routed, s_ids);
+    return;
+  }
+
+  const DecodeLayersArgs& a = p.a;
+  const int H = p.H, G = p.G;
+  GridBarrier grid_barrier{a.barrier};
+  uint32_t ring_at = 0;  // the CTA's next stage
+  // One GEMM phase: warp w takes items begin + w, begin + w + 8, ...; store(slot, column, c).
+  auto gemm_phase = [&](const Matrix& m, bool row_form, auto a_of_slot, auto store) {
+    int begin, end;
+    item_range(m, begin, end);
+    const int tiles = m.N / 8, spi = stages_per_item(m.K);
+    for (int j = begin + warp; j < end; j += kConsumerWarps) {
+      const int slot = j / tiles, tile = j - slot * tiles;
+      float c[4];
+      gemm_item(c, row_form, a_of_slot(slot), m.K, ring, ring_at + uint32_t((j - begin) * spi), lane);
+      if (lane < 4) store(slot, tile * 8 + 2 * lane, c[0], c[1]);
+    }
+    ring_at += uint32_t((end - begin) * spi);
+  };
+  const int slot_pos = a.slots.positions[0];
+
+  for (int l = 0; l < a.num_layers; ++l) {
+    const DecodeLayerWeights& w = a.layers[l];
+    // QKV: the layer's input row (the embedding, or the previous layer's x_mid + experts).
+    if (l == 0)
+      for (int c = tid; c < H; c += kConsumerThreads) s_x[c] = __ldcg(a.x + c);
+    else
+      combine_into(p, s_x, tid, kConsumerThreads, s_order, s_weights);
+    ConsumerSync{}();
+    rmsnorm_row(s_x, w.input_norm, s_a, H, a.eps, s_scratch, ConsumerSync{});
+    ConsumerSync{}();
+    gemm_phase(matrix_of(p, w, kQkv), false, [&](int) { return s_a; },
+               [&](int, int n, float v0, float v1) {
+                 *reinterpret_cast<__nv_bfloat162*>(a.qkv + n) = __floats2bfloat162_rn(v0, v1);
+               });
+    grid_barrier();
+
+    // ATTN: kv head b's q heads, k and v (qk_norm_rope_kernel's procedure), then its attention.
+    if (int(blockIdx.x) < p.nkv) {
+      const int kvh = int(blockIdx.x), nq = p.nq;
+      for (int idx = tid; idx < (G + 2) * (D / 8); idx += kConsumerThreads) {
+        const int h = idx / (D / 8), piece = idx - h * (D / 8);
+        const int head = h < G ? kvh * G + h : nq + (h - G) * p.nkv + kvh;  // q heads, k, v
+        reinterpret_cast<uint4*>(s_heads)[idx] = __ldcg(reinterpret_cast<const uint4*>(a.qkv + head * D) + piece);
+      }
+      ConsumerSync{}();
+      const DeviceKvLayer& kv = w.kv;
+      const int64_t cache_row = (slot_of(a.slots, 0, slot_pos, kv.page_size) * kv.kv_heads + kvh) * D;
+      for (int h = warp; h < G + 2; h += kConsumerWarps) {
+        const bf16* src = s_heads + h * D;
+        if (h == G + 1) {
+          for (int d = lane; d < D; d += 32) kv.v[cache_row + d] = src[d];
+        } else {
+          const bool is_q = h < G;
+          bf16* dst = is_q ? a.q + (kvh * G + h) * D : kv.k + cache_row;
+          norm_rope_head<D / 32>(src, is_q ? w.q_norm : w.k_norm, a.rope_cos + slot_pos * (D / 2),
+                                 a.rope_sin + slot_pos * (D / 2), dst, lane, a.eps);
+        }
+      }
+      ConsumerSync{}();
+      if (warp < 4)
+        attention_detail::attention_tile<D, true>(a.q, a.attn, kv, a.slots, nq, G, a.scale, 0, kvh,
+                                                  reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
+    }
+    grid_barrier();
+
+    // O: x_mid = x + o_proj(attn).
+    const int q_dim = p.nq * D;
+    for (int c = tid; c < q_dim / 8; c += kConsumerThreads)
+      reinterpret_cast<uint4*>(s_a)[c] = __ldcg(reinterpret_cast<const uint4*>(a.attn) + c);
+    ConsumerSync{}();
+    gemm_phase(matrix_of(p, w, kO), true, [&](int) { return s_a; },
+               [&](int, int n, float v0, float v1) {
+                 const float r0 = to_f32(s_x[n]) + round_bf16(v0), r1 = to_f32(s_x[n + 1]) + round_bf16(v1);
+                 *reinterpret_cast<__nv_bfloat162*>(a.x_mid + n) = __floats2bfloat162_rn(r0, r1);
+               });
+    grid_barrier();
+
+    // ROUTER: rmsnorm(x_mid) (kept in s_a for GATE_UP), fp32 logits.
+    for (int c = tid; c < H; c += kConsumerThreads) s_x[c] = __ldcg(a.x_mid + c);
+    ConsumerSync{}();
+    rmsnorm_row(s_x, w.post_norm, s_a, H, a.eps, s_scratch, ConsumerSync{});
+    ConsumerSync{}();
+    gemm_phase(matrix_of(p, w, kRouter), false, [&](int) { return s_a; },
+               [&](int, int n, float v0, float v1) {
+                 *reinterpret_cast<float2*>(a.router_logits + n) = make_float2(v0, v1);
+               });
+    grid_barrier();
+
+    // GATE_UP: the routing (route_token's procedure, every CTA alike), handed to the producer.
+    if (warp == 0) {
+      for (int e = lane; e < p.E; e += 32) s_logits[e] = __ldcg(a.router_logits + e);
+      __syncwarp();
+      route_token(s_logits, s_ids, s_weights, 0, p.E, p.k, a.normalize_topk, s_probs);
+      __syncwarp();
+      if (lane == 0) sort_slots(s_ids, p.k, s_order);
+    }
+    ConsumerSync{}();
+    if (tid == 0) mbar_arrive(routed);
+    gemm_phase(matrix_of(p, w, kGateUp), false, [&](int) { return s_a; },
+               [&](int slot, int n, float v0, float v1) {
+                 *reinterpret_cast<__nv_bfloat162*>(a.gu + int64_t(slot) * 2 * p.I + n) =
+                     __floats2bfloat162_rn(v0, v1);
+               });
+    grid_barrier();
+
+    // DOWN: the A rows are SwiGLU of the [gate | up] rows, element by element.
+    for (int idx = tid; idx < p.k * p.I; idx += kConsumerThreads) {
+      const int slot = idx / p.I, i = idx - slot * p.I;
+      const bf16* row = a.gu + int64_t(slot) * 2 * p.I;
+      s_a[idx] = to_bf16(swiglu_value(to_f32(__ldcg(row + i)), to_f32(__ldcg(row + p.I + i))));
+    }
+    ConsumerSync{}();
+    gemm_phase(matrix_of(p, w, kDown), true, [&](int slot) { return s_a + slot * p.I; },
+               [&](int slot, int n, float v0, float v1) {
+                 *reinterpret_cast<__nv_bfloat162*>(a.y + int64_t(slot) * H + n) = __floats2bfloat162_rn(v0, v1);
+               });
+    grid_barrier();
+  }
+  // The last layer's output row.
+  combine_into(p, a.x, int(blockIdx.x) * kConsumerThreads + tid, int(gridDim.x) * kConsumerThreads, s_order,
+               s_weights);
+}
+
+Layout layout_for(const Params& p, int D, int max_smem) {
+  auto up = [](uint32_t v, uint32_t a) { return (v + a - 1) / a * a; };
+  Layout L;
+  const uint32_t a_bytes = uint32_t(std::max({p.H, p.nq * D, p.k * p.I})) * 2;
+  const uint32_t attn_bytes = uint32_t(D == 64 ? attention_detail::attention_smem_bytes<64, true>()
+                                               : attention_detail::attention_smem_bytes<128, true>());
+  uint32_t at = 128;  // 0: debug progress words
+  L.a = at;
+  at = up(at + std::max(a_bytes, attn_bytes), 128);
+  L.x = at;
+  at = up(at + uint32_t(p.H) * 2, 128);
+  L.heads = at;
+  at = up(at + uint32_t(p.G + 2) * D * 2, 128);
+  L.logits = at;
+  at = up(at + uint32_t(p.E) * 4, 16);
+  L.probs = at;
+  at = up(at + uint32_t(p.E) * 4, 16);
+  L.routing = at;
+  at = up(at + 12 * kMaxSlots, 16);
+  L.scratch = at;
+  at = up(at + (kNormThreads / 32 + 1) * 4, 16);
+  L.bars = at;
+  at = up(at + 8 * (2 * kMaxStages + 1), 128);
+  L.ring = at;
+  L.stages = std::min(kMaxStages, (max_smem - int(at)) / kStageBytes);
+  L.total = at + uint32_t(std::max(L.stages, 0)) * kStageBytes;
+  return L;
+}
+
+}  // namespace
+
+bool decode_layers_supported(const DecodeShape& s, std::string* why) {
+  auto no = [&](const char* reason) {
+    if (why) *why = reason;
+    return false;
+  };
+  const int64_t H = s.hidden, D = s.head_dim, I = s.intermediate, q_dim = s.heads * D;
+  if (D != 64 && D != 128) return no("head_dim must be 64 or 128");
+  if (s.kv_heads < 1 || s.heads % s.kv_heads != 0 || s.heads / s.kv_heads + 2 > 64)
+    return no("the query heads must be a multiple of the kv heads, at most 62 per kv head");
+  if (s.experts < 8 || s.experts % 8 != 0 || s.experts > 1024) return no("experts must be a multiple of 8, <= 1024");
+  if (s.experts_per_token < 1 || s.experts_per_token > kMaxSlots) return no("experts per token must be 1..8");
+  // Column-form K (hidden): whole stages or one; row-form K (q_dim, I): 8 chunks of whole k32 steps per stage.
+  auto stages_fit = [](int64_t K) { return K <= kStageK ? K % 32 == 0 : K % kStageK == 0; };
+  if (H % 256 != 0 || !stages_fit(H) || H > 8192) return no("hidden must be a multiple of 256 (and of 1024 above it)");
+  // Row form: a stage holds whole chunks of whole k32 steps (8 chunks in one stage, or 4, 2, 1).
+  auto row_fits = [](int64_t K) { return K <= kStageK ? K % 256 == 0 : K == 2048 || K == 4096 || K == 8192; };
+  if (!row_fits(q_dim) || !row_fits(I) || I * s.experts_per_token > 16384)
+    return no("heads x head_dim and the expert intermediate size must be multiples of 256 up to 1024, or 2048, "
+              "4096 or 8192");
+  return true;
+}
+
+void decode_layers(const DecodeLayersArgs& args, cudaStream_t stream) {
+  std::string why;
+  LS_CHECK(decode_layers_supported(args.shape, &why), "cuda decode_layers: ", why);
+  LS_CHECK(args.slots.max_tiles == 1, "cuda decode_layers: a step of one token only");
+  Params p;
+  p.a = args;
+  p.H = int(args.shape.hidden);
+  p.nq = int(args.shape.heads);
+  p.nkv = int(args.shape.kv_heads);
+  p.G = p.nq / p.nkv;
+  p.E = int(args.shape.experts);
+  p.k = int(args.shape.experts_per_token);
+  p.I = int(args.shape.intermediate);
+  const int D = int(args.shape.head_dim);
+  p.qkv_n = (p.nq + 2 * p.nkv) * D;
+  int device = 0, sms = 0, max_smem = 0;
+  LS_CUDA_CHECK(cudaGetDevice(&device));
+  LS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  LS_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  p.L = layout_for(p, D, max_smem);
+  LS_CHECK(p.L.stages >= 4, "cuda decode_layers: ", max_smem, " bytes of shared memory leave ", p.L.stages,
+           " weight stages (4 needed)");
+  LS_CHECK(sms >= p.nkv, "cuda decode_layers: fewer SMs than kv heads");
+  auto kernel = D == 64 ? decode_layers_kernel<64> : decode_layers_kernel<128>;
+  static const bool configured = [&] {
+    for (auto k : {decode_layers_kernel<64>, decode_layers_kernel<128>})
+      LS_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    return true;
+  }();
+  (void)configured;
+  int per_sm = 0;
+  LS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, p.L.total));
+  LS_CHECK(per_sm >= 1, "cuda decode_layers: the kernel does not fit on an SM");
+  // One CTA per SM, all resident together (the grid barrier needs every CTA running): the
+  // stream's previous kernel has finished (no programmatic launch here).
+  LS_CUDA_CHECK(cudaMemsetAsync(args.barrier, 0, sizeof(uint32_t), stream));
+  kernel<<<sms, kThreads, p.L.total, stream>>>(p);
+  LS_CUDA_LAUNCHED();
+}
+
+}  // namespace lockstep::cuda
