@@ -95,12 +95,21 @@ __device__ __forceinline__ void mma_k16(float (&c)[4], uint32_t a0, uint32_t a2,
 }
 
 // A wait that never ends is a bug (a schedule mismatch between the producer and the
-// consumers, a CTA not resident): after kWatchdogNs the kernel reports where and traps, so
-// the launch fails instead of hanging the process.
+// consumers, a CTA not resident): after kWatchdogNs the kernel traps, so the launch fails
+// instead of hanging the process. Built with LOCKSTEP_DECODE_LAYERS_DEBUG, the waiting thread
+// first prints where it waits and each warp's last ring event (progress words).
 constexpr uint64_t kWatchdogNs = 2000000000ull;
+#ifdef LOCKSTEP_DECODE_LAYERS_DEBUG
+constexpr bool kProgress = true;
+#else
+constexpr bool kProgress = false;
+#endif
 extern __shared__ __align__(128) unsigned char smem[];
-// Debug: per consumer warp and the producer (index 8) the last stage event.
-__device__ __forceinline__ volatile uint32_t* progress() { return reinterpret_cast<volatile uint32_t*>(smem); }
+// Per consumer warp and the producer (index 8) the last ring event: stage << 4 | 1 waiting, 2
+// released, 3 issuing; 0xB... at a grid barrier, 0xE... the producer waiting for a routing.
+__device__ __forceinline__ void note_progress(int who, uint32_t event) {
+  if constexpr (kProgress) reinterpret_cast<volatile uint32_t*>(smem)[who] = event;
+}
 // The number of stages the producer has issued (written by the producer only).
 __device__ __forceinline__ volatile uint32_t* issued_count() { return reinterpret_cast<volatile uint32_t*>(smem) + 12; }
 __device__ __forceinline__ uint64_t now_ns() {
@@ -108,14 +117,16 @@ __device__ __forceinline__ uint64_t now_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
   return t;
 }
-__device__ __noinline__ void stuck(const char* what, uint32_t index) {
-  volatile uint32_t* pr = progress();
+__device__ __forceinline__ void stuck(const char* what, uint32_t index) {
+#ifdef LOCKSTEP_DECODE_LAYERS_DEBUG  // printf is a call: in a kernel with calls ptxas serializes wgmma
+  volatile uint32_t* pr = reinterpret_cast<volatile uint32_t*>(smem);
   printf("decode_layers: CTA %d thread %d waited %llu ns for %s %u; progress %x %x %x %x %x %x %x %x | %x\n",
          int(blockIdx.x), int(threadIdx.x), static_cast<unsigned long long>(kWatchdogNs), what, index, pr[0], pr[1],
          pr[2], pr[3], pr[4], pr[5], pr[6], pr[7], pr[8]);
-  const uint64_t t0 = now_ns();
-  while (now_ns() - t0 < kWatchdogNs / 2) {
-  }
+#else
+  (void)what;
+  (void)index;
+#endif
   __trap();
 }
 __device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity, const char* what, uint32_t index) {
@@ -141,14 +152,14 @@ struct Ring {
       while (*issued_count() <= i)
         if (now_ns() - t0 > kWatchdogNs) stuck("the producer to issue stage", i);
     }
-    if ((threadIdx.x & 31) == 0) progress()[threadIdx.x >> 5] = (i << 4) | 1;
+    if ((threadIdx.x & 31) == 0) note_progress(int(threadIdx.x >> 5), (i << 4) | 1);
     wait_phase(full + 8 * s, (i / uint32_t(stages)) & 1, "full stage", i);
     return base + s * kStageBytes;
   }
   __device__ __forceinline__ void release(uint32_t i, int lane) const {
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + 8 * (i % uint32_t(stages)));
-    if (lane == 0) progress()[threadIdx.x >> 5] = (i << 4) | 2;
+    if (lane == 0) note_progress(int(threadIdx.x >> 5), (i << 4) | 2);
   }
 };
 
@@ -158,15 +169,12 @@ struct Ring {
 __device__ __forceinline__ void mma_k32(float (&c)[4], uint32_t lane_row, int k_stage, const bf16* a, int lane) {
   uint32_t r[4];
   ldsm_x4(r, lane_row + k_stage * 2);
-  uint32_t a0 = 0, a2 = 0, a0n = 0, a2n = 0;
-  if (lane < 4) {
-    a0 = load_pair(a + 2 * lane);
-    a2 = load_pair(a + 8 + 2 * lane);
-    a0n = load_pair(a + 16 + 2 * lane);
-    a2n = load_pair(a + 24 + 2 * lane);
-  }
-  mma_k16(c, a0, a2, r[0], r[1]);
-  mma_k16(c, a0n, a2n, r[2], r[3]);
+  // Every lane loads (no branch; lanes of a quad share addresses), lanes 4-31 keep zeros.
+  const bf16* ap = a + 2 * (lane & 3);
+  const bool row0 = lane < 4;
+  const uint32_t a0 = load_pair(ap), a2 = load_pair(ap + 8), a0n = load_pair(ap + 16), a2n = load_pair(ap + 24);
+  mma_k16(c, row0 ? a0 : 0u, row0 ? a2 : 0u, r[0], r[1]);
+  mma_k16(c, row0 ? a0n : 0u, row0 ? a2n : 0u, r[2], r[3]);
 }
 
 // Column form: one chain of k16 steps over the whole K into c (row 0: c[0], c[1]).
@@ -232,7 +240,7 @@ __device__ void produce(const Params& p, const Ring& ring, uint32_t routed, cons
   for (int l = 0; l < p.a.num_layers; ++l) {
     const DecodeLayerWeights& w = p.a.layers[l];
     for (int phase = 0; phase < kPhases; ++phase) {
-      if (phase == kGateUp) progress()[8] = 0xE0000000u | uint32_t(l);
+      if (phase == kGateUp) note_progress(8, 0xE0000000u | uint32_t(l));
       if (phase == kGateUp) wait_phase(routed, uint32_t(l) & 1, "routing of layer", uint32_t(l));
       const Matrix m = matrix_of(p, w, phase);
       int begin, end;
@@ -243,7 +251,7 @@ __device__ void produce(const Params& p, const Ring& ring, uint32_t routed, cons
         const bf16* rows = m.W + (m.slots > 1 ? int64_t(s_ids[slot]) * m.expert_stride : 0) + int64_t(tile) * 8 * m.K;
         for (int t = 0; t < spi; ++t, ++i) {
           const uint32_t s = i % uint32_t(ring.stages);
-          progress()[8] = (i << 4) | 3;
+          note_progress(8, (i << 4) | 3);
           if (i >= uint32_t(ring.stages))
             wait_phase(ring.empty + 8 * s, (i / uint32_t(ring.stages) - 1) & 1, "empty stage", i);
           const int kn = min(kStageK, m.K - t * kStageK);
@@ -264,7 +272,7 @@ struct GridBarrier {
   uint32_t* counter;
   uint32_t target = 0;
   __device__ __forceinline__ void operator()() {
-    if ((threadIdx.x & 31) == 0) progress()[threadIdx.x >> 5] = 0xB0000000u | target;
+    if ((threadIdx.x & 31) == 0) note_progress(int(threadIdx.x >> 5), 0xB0000000u | target);
     ConsumerSync{}();
     target += gridDim.x;
     if (threadIdx.x < 32) {  // warp 0 waits, all lanes together
@@ -286,19 +294,39 @@ struct GridBarrier {
   }
 };
 
-// x = x_mid + the experts' outputs in ascending expert id (combine_kernel's operations), for
-// columns [c0, H) in steps of `step`, into dst (shared or global). Reads go to L2: other SMs
-// wrote them (their lines may be stale in this SM's L1).
+// x = x_mid + the experts' outputs in ascending expert id (combine_kernel's operations), 8
+// columns from c0 on, every 8 * step, into dst (shared or global). Reads go to L2: other SMs
+// wrote them (their lines may be stale in this SM's L1); all of a thread's loads are issued
+// before its sums.
 __device__ __forceinline__ void combine_into(const Params& p, bf16* dst, int c0, int step, const int* s_order,
                                              const float* s_weights) {
-  for (int c = c0; c < p.H; c += step) {
-    float o = 0.0f;
-    for (int i = 0; i < p.k; ++i) {
-      const int slot = s_order[i];
-      o += s_weights[slot] * to_f32(__ldcg(p.a.y + int64_t(slot) * p.H + c));
-    }
-    dst[c] = to_bf16(to_f32(__ldcg(p.a.x_mid + c)) + round_bf16(o));
+  for (int c = 8 * c0; c < p.H; c += 8 * step) {
+    uint4 yv[kMaxSlots];
+#pragma unroll
+    for (int i = 0; i < kMaxSlots; ++i)
+      if (i < p.k) yv[i] = __ldcg(reinterpret_cast<const uint4*>(p.a.y + int64_t(s_order[i]) * p.H + c));
+    const uint4 xv = __ldcg(reinterpret_cast<const uint4*>(p.a.x_mid + c));
+    float o[8] = {};
+#pragma unroll
+    for (int i = 0; i < kMaxSlots; ++i)
+      if (i < p.k) {
+        const float w = s_weights[s_order[i]];
+        const bf16* y8 = reinterpret_cast<const bf16*>(&yv[i]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] += w * to_f32(y8[e]);
+      }
+    uint4 out;
+    const bf16* x8 = reinterpret_cast<const bf16*>(&xv);
+    bf16* o8 = reinterpret_cast<bf16*>(&out);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o8[e] = to_bf16(to_f32(x8[e]) + round_bf16(o[e]));
+    *reinterpret_cast<uint4*>(dst + c) = out;
   }
+}
+
+// The consumers' RMSNorm of the hidden row.
+__device__ __forceinline__ void norm_row(const bf16* x, const float* w, bf16* out, int H, float eps, float* scratch) {
+  rmsnorm_row(x, w, out, H, eps, scratch, ConsumerSync{});
 }
 
 template <int D>
@@ -327,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if (warp == kConsumerWarps) {
+  if (warp == kConsumerWarps) {  // the producer
     if (lane == 0) produce(p, ring, routed, s_ids);
     return;
   }
@@ -359,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     else
       combine_into(p, s_x, tid, kConsumerThreads, s_order, s_weights);
     ConsumerSync{}();
-    rmsnorm_row(s_x, w.input_norm, s_a, H, a.eps, s_scratch, ConsumerSync{});
+    norm_row(s_x, w.input_norm, s_a, H, a.eps, s_scratch);
     ConsumerSync{}();
     gemm_phase(matrix_of(p, w, kQkv), false, [&](int) { return s_a; },
                [&](int, int n, float v0, float v1) {
@@ -390,9 +418,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
         }
       }
       ConsumerSync{}();
+      // (The kernel makes no function calls: ptxas would serialize the attention's wgmma.)
       if (warp < 4)
         attention_detail::attention_tile<D, true>(a.q, a.attn, kv, a.slots, nq, G, a.scale, 0, kvh,
-                                                  reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
+                                                   reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
     }
     grid_barrier();
 
@@ -411,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     // ROUTER: rmsnorm(x_mid) (kept in s_a for GATE_UP), fp32 logits.
     for (int c = tid; c < H; c += kConsumerThreads) s_x[c] = __ldcg(a.x_mid + c);
     ConsumerSync{}();
-    rmsnorm_row(s_x, w.post_norm, s_a, H, a.eps, s_scratch, ConsumerSync{});
+    norm_row(s_x, w.post_norm, s_a, H, a.eps, s_scratch);
     ConsumerSync{}();
     gemm_phase(matrix_of(p, w, kRouter), false, [&](int) { return s_a; },
                [&](int, int n, float v0, float v1) {
@@ -420,13 +449,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     grid_barrier();
 
     // GATE_UP: the routing (route_token's procedure, every CTA alike), handed to the producer.
-    if (warp == 0) {
-      for (int e = lane; e < p.E; e += 32) s_logits[e] = __ldcg(a.router_logits + e);
-      __syncwarp();
-      route_token(s_logits, s_ids, s_weights, 0, p.E, p.k, a.normalize_topk, s_probs);
-      __syncwarp();
-      if (lane == 0) sort_slots(s_ids, p.k, s_order);
-    }
+    for (int e = tid; e < p.E; e += kConsumerThreads) s_logits[e] = __ldcg(a.router_logits + e);
+    ConsumerSync{}();
+    route_token_ranked<kConsumerThreads>(s_logits, s_ids, s_weights, p.E, p.k, a.normalize_topk, s_probs,
+                                         ConsumerSync{});
+    if (tid == 0) sort_slots(s_ids, p.k, s_order);
     ConsumerSync{}();
     if (tid == 0) mbar_arrive(routed);
     gemm_phase(matrix_of(p, w, kGateUp), false, [&](int) { return s_a; },
@@ -460,7 +487,7 @@ Layout layout_for(const Params& p, int D, int max_smem) {
   const uint32_t a_bytes = uint32_t(std::max({p.H, p.nq * D, p.k * p.I})) * 2;
   const uint32_t attn_bytes = uint32_t(D == 64 ? attention_detail::attention_smem_bytes<64, true>()
                                                : attention_detail::attention_smem_bytes<128, true>());
-  uint32_t at = 128;  // 0: debug progress words
+  uint32_t at = 128;  // 0: the progress words and the issued count
   L.a = at;
   at = up(at + std::max(a_bytes, attn_bytes), 128);
   L.x = at;

@@ -126,10 +126,10 @@ __device__ __forceinline__ void norm_rope_head(const bf16* src, const float* w, 
 }
 
 // Routing of token t by one warp (probs: E floats of shared scratch for this warp).
-__device__ __forceinline__ void route_token(const float* logits, int32_t* ids, float* weights, int64_t t, int64_t E,
-                                            int64_t k, bool normalize, float* probs) {
+// The routing probabilities of one token's E logits z by one warp: the softmax, lane l taking
+// experts l, l + 32, ... (the max and the sum in that order, then the butterfly).
+__device__ __forceinline__ void route_probs(const float* z, int64_t E, float* probs) {
   const int lane = threadIdx.x & 31;
-  const float* z = logits + t * E;
   float m = -INFINITY;
   for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, z[e]);
   m = warp_max(m);
@@ -142,6 +142,15 @@ __device__ __forceinline__ void route_token(const float* logits, int32_t* ids, f
   s = warp_sum(s);
   for (int64_t e = lane; e < E; e += 32) probs[e] = probs[e] / s;
   __syncwarp();
+}
+
+// The chosen experts are the k most probable in descending probability, ties to the lower id;
+// slot i's weight is its probability, divided (normalize) by the sum of the chosen ones taken
+// in slot order. Every routing procedure gives exactly this.
+__device__ __forceinline__ void route_token(const float* logits, int32_t* ids, float* weights, int64_t t, int64_t E,
+                                            int64_t k, bool normalize, float* probs) {
+  const int lane = threadIdx.x & 31;
+  route_probs(logits + t * E, E, probs);
   float total = 0.0f;
   float chosen_p[8];
   int chosen_e[8];
@@ -173,6 +182,37 @@ __device__ __forceinline__ void route_token(const float* logits, int32_t* ids, f
       ids[t * k + i] = chosen_e[i];
       weights[t * k + i] = normalize ? chosen_p[i] / total : chosen_p[i];
     }
+}
+
+// route_token's result by a block of THREADS (the first threads of the block; sync: their
+// barrier), for steps of one token: warp 0 computes the probabilities, then each thread the
+// rank of its experts (how many are more probable, or as probable with a lower id) in one pass
+// instead of k dependent rounds of a warp arg max; thread 0 sums the chosen in slot order.
+template <int THREADS, typename Sync>
+__device__ __forceinline__ void route_token_ranked(const float* logits, int32_t* ids, float* weights, int E, int k,
+                                                   bool normalize, float* probs, Sync sync) {
+  if (threadIdx.x < 32) route_probs(logits, E, probs);
+  sync();
+  for (int e = threadIdx.x; e < E; e += THREADS) {
+    const float p = probs[e];
+    int rank = 0;
+#pragma unroll 8
+    for (int other = 0; other < E; ++other) {
+      const float q = probs[other];
+      rank += (q > p || (q == p && other < e)) ? 1 : 0;
+    }
+    if (rank < k) ids[rank] = e;
+  }
+  sync();
+  if (threadIdx.x == 0) {
+    float chosen_p[8], total = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      chosen_p[i] = probs[ids[i]];
+      total += chosen_p[i];
+    }
+    for (int i = 0; i < k; ++i) weights[i] = normalize ? chosen_p[i] / total : chosen_p[i];
+  }
+  sync();
 }
 
 // The token's k slots in ascending expert id (insertion sort; k <= 8), into order[].
