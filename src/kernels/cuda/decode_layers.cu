@@ -46,7 +46,8 @@ struct AttentionSync {  // warps 0-3 (one warpgroup)
 
 // Byte offsets of the dynamic shared memory (host-computed).
 struct Layout {
-  uint32_t ring = 0, a = 0, x = 0, heads = 0, logits = 0, probs = 0, routing = 0, scratch = 0, bars = 0, total = 0;
+  uint32_t ring = 0, a = 0, x = 0, heads = 0, logits = 0, probs = 0, routing = 0, scratch = 0, layer = 0, bars = 0,
+           total = 0;
   int stages = 0;
 };
 
@@ -379,8 +380,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
   };
   const int slot_pos = a.slots.positions[0];
 
+  static_assert(sizeof(DecodeLayerWeights) % 8 == 0, "the layer's pointers are copied in 8-byte words");
+  constexpr int kLayerWords = int(sizeof(DecodeLayerWeights) / 8);
+  const DecodeLayerWeights& w = *reinterpret_cast<const DecodeLayerWeights*>(smem + L.layer);
   for (int l = 0; l < a.num_layers; ++l) {
-    const DecodeLayerWeights& w = a.layers[l];
+    // The layer's pointers into shared memory (every phase reads them; global reads would
+    // each wait on L2), loaded beside the row below.
+    if (tid < kLayerWords)
+      reinterpret_cast<uint64_t*>(smem + L.layer)[tid] = __ldg(reinterpret_cast<const uint64_t*>(a.layers + l) + tid);
     // QKV: the layer's input row (the embedding, or the previous layer's x_mid + experts).
     if (l == 0)
       for (int c = tid; c < H; c += kConsumerThreads) s_x[c] = __ldcg(a.x + c);
@@ -502,6 +509,8 @@ Layout layout_for(const Params& p, int D, int max_smem) {
   at = up(at + 12 * kMaxSlots, 16);
   L.scratch = at;
   at = up(at + (kNormThreads / 32 + 1) * 4, 16);
+  L.layer = at;
+  at = up(at + uint32_t(sizeof(DecodeLayerWeights)), 16);
   L.bars = at;
   at = up(at + 8 * (2 * kMaxStages + 1), 128);
   L.ring = at;

@@ -205,12 +205,9 @@ __device__ __forceinline__ void route_token_ranked(const float* logits, int32_t*
   }
   sync();
   if (threadIdx.x == 0) {
-    float chosen_p[8], total = 0.0f;
-    for (int i = 0; i < k; ++i) {
-      chosen_p[i] = probs[ids[i]];
-      total += chosen_p[i];
-    }
-    for (int i = 0; i < k; ++i) weights[i] = normalize ? chosen_p[i] / total : chosen_p[i];
+    float total = 0.0f;
+    for (int i = 0; i < k; ++i) total += probs[ids[i]];
+    for (int i = 0; i < k; ++i) weights[i] = normalize ? probs[ids[i]] / total : probs[ids[i]];
   }
   sync();
 }
