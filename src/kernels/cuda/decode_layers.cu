@@ -34,9 +34,9 @@ constexpr int kMaxSlots = 8;                     // experts per token
 
 enum Phase { kQkv, kO, kRouter, kGateUp, kDown, kPhases };
 
-// Named barriers of a thread subset. Not the .aligned form (bar.sync): a block procedure may
-// reach it from code where one lane was on its own (block_sum's thread 0), and the aligned
-// form counts a warp as arrived when any of its lanes is.
+// Named barriers of a thread subset. Not the .aligned form (bar.sync), which requires every
+// lane of a warp to execute the same barrier together: block procedures reach it right after
+// code that one thread ran alone (block_sum's thread 0).
 struct ConsumerSync {
   __device__ __forceinline__ void operator()() const { asm volatile("barrier.sync 1, 256;\n" ::: "memory"); }
 };
