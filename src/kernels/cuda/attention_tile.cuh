@@ -143,8 +143,8 @@ constexpr size_t attention_smem_bytes() {
 // their barrier), K/V staged in smem_raw (attention_smem_bytes<D, WGMMA>() bytes).
 template <int D, bool WGMMA, typename Sync>
 __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const DeviceKvLayer& kv,
-                                               const DeviceSlots& slots, int nq, int G, float scale, int tile,
-                                               int kvh, unsigned char* smem_raw, Sync sync) {
+                                               const DeviceSlots& slots, int nq, int G, float scale, int tile, int kvh,
+                                               unsigned char* smem_raw, Sync sync) {
   constexpr int LD = D + 8;  // padded shared row: 8 consecutive rows hit 8 different bank groups
   constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8, NT_O = D / 8, PIECES = D / 8;
   constexpr uint32_t BLOCK_BYTES = WGMMA ? kKvBlock * D * 2 : kKvBlock * LD * 2;  // one K or V block

@@ -26,11 +26,11 @@ namespace {
 
 constexpr int kConsumerWarps = 8, kConsumerThreads = kConsumerWarps * 32, kThreads = kConsumerThreads + 32;
 static_assert(kConsumerThreads == kNormThreads, "the consumers run the row RMSNorm");
-constexpr int kStageK = 1024;                    // K elements of a weight row per stage
-constexpr int kRowPitch = kStageK * 2 + 16;      // bytes: 8 rows' ldmatrix reads hit 8 bank groups
-constexpr int kStageBytes = 8 * kRowPitch;       // one n8 tile's rows
+constexpr int kStageK = 1024;                // K elements of a weight row per stage
+constexpr int kRowPitch = kStageK * 2 + 16;  // bytes: 8 rows' ldmatrix reads hit 8 bank groups
+constexpr int kStageBytes = 8 * kRowPitch;   // one n8 tile's rows
 constexpr int kMaxStages = 12;
-constexpr int kMaxSlots = 8;                     // experts per token
+constexpr int kMaxSlots = 8;  // experts per token
 
 enum Phase { kQkv, kO, kRouter, kGateUp, kDown, kPhases };
 
@@ -396,10 +396,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     ConsumerSync{}();
     norm_row(s_x, w.input_norm, s_a, H, a.eps, s_scratch);
     ConsumerSync{}();
-    gemm_phase(matrix_of(p, w, kQkv), false, [&](int) { return s_a; },
-               [&](int, int n, float v0, float v1) {
-                 *reinterpret_cast<__nv_bfloat162*>(a.qkv + n) = __floats2bfloat162_rn(v0, v1);
-               });
+    gemm_phase(
+        matrix_of(p, w, kQkv), false, [&](int) { return s_a; },
+        [&](int, int n, float v0, float v1) {
+          *reinterpret_cast<__nv_bfloat162*>(a.qkv + n) = __floats2bfloat162_rn(v0, v1);
+        });
     grid_barrier();
 
     // ATTN: kv head b's q heads, k and v (qk_norm_rope_kernel's procedure), then its attention.
@@ -428,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
       // (The kernel makes no function calls: ptxas would serialize the attention's wgmma.)
       if (warp < 4)
         attention_detail::attention_tile<D, true>(a.q, a.attn, kv, a.slots, nq, G, a.scale, 0, kvh,
-                                                   reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
+                                                  reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
     }
     grid_barrier();
 
@@ -437,11 +438,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     for (int c = tid; c < q_dim / 8; c += kConsumerThreads)
       reinterpret_cast<uint4*>(s_a)[c] = __ldcg(reinterpret_cast<const uint4*>(a.attn) + c);
     ConsumerSync{}();
-    gemm_phase(matrix_of(p, w, kO), true, [&](int) { return s_a; },
-               [&](int, int n, float v0, float v1) {
-                 const float r0 = to_f32(s_x[n]) + round_bf16(v0), r1 = to_f32(s_x[n + 1]) + round_bf16(v1);
-                 *reinterpret_cast<__nv_bfloat162*>(a.x_mid + n) = __floats2bfloat162_rn(r0, r1);
-               });
+    gemm_phase(
+        matrix_of(p, w, kO), true, [&](int) { return s_a; },
+        [&](int, int n, float v0, float v1) {
+          const float r0 = to_f32(s_x[n]) + round_bf16(v0), r1 = to_f32(s_x[n + 1]) + round_bf16(v1);
+          *reinterpret_cast<__nv_bfloat162*>(a.x_mid + n) = __floats2bfloat162_rn(r0, r1);
+        });
     grid_barrier();
 
     // ROUTER: rmsnorm(x_mid) (kept in s_a for GATE_UP), fp32 logits.
@@ -449,10 +451,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     ConsumerSync{}();
     norm_row(s_x, w.post_norm, s_a, H, a.eps, s_scratch);
     ConsumerSync{}();
-    gemm_phase(matrix_of(p, w, kRouter), false, [&](int) { return s_a; },
-               [&](int, int n, float v0, float v1) {
-                 *reinterpret_cast<float2*>(a.router_logits + n) = make_float2(v0, v1);
-               });
+    gemm_phase(
+        matrix_of(p, w, kRouter), false, [&](int) { return s_a; },
+        [&](int, int n, float v0, float v1) { *reinterpret_cast<float2*>(a.router_logits + n) = make_float2(v0, v1); });
     grid_barrier();
 
     // GATE_UP: the routing (route_token's procedure, every CTA alike), handed to the producer.
@@ -463,11 +464,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     if (tid == 0) sort_slots(s_ids, p.k, s_order);
     ConsumerSync{}();
     if (tid == 0) mbar_arrive(routed);
-    gemm_phase(matrix_of(p, w, kGateUp), false, [&](int) { return s_a; },
-               [&](int slot, int n, float v0, float v1) {
-                 *reinterpret_cast<__nv_bfloat162*>(a.gu + int64_t(slot) * 2 * p.I + n) =
-                     __floats2bfloat162_rn(v0, v1);
-               });
+    gemm_phase(
+        matrix_of(p, w, kGateUp), false, [&](int) { return s_a; },
+        [&](int slot, int n, float v0, float v1) {
+          *reinterpret_cast<__nv_bfloat162*>(a.gu + int64_t(slot) * 2 * p.I + n) = __floats2bfloat162_rn(v0, v1);
+        });
     grid_barrier();
 
     // DOWN: the A rows are SwiGLU of the [gate | up] rows, element by element.
@@ -477,15 +478,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
       s_a[idx] = to_bf16(swiglu_value(to_f32(__ldcg(row + i)), to_f32(__ldcg(row + p.I + i))));
     }
     ConsumerSync{}();
-    gemm_phase(matrix_of(p, w, kDown), true, [&](int slot) { return s_a + slot * p.I; },
-               [&](int slot, int n, float v0, float v1) {
-                 *reinterpret_cast<__nv_bfloat162*>(a.y + int64_t(slot) * H + n) = __floats2bfloat162_rn(v0, v1);
-               });
+    gemm_phase(
+        matrix_of(p, w, kDown), true, [&](int slot) { return s_a + slot * p.I; },
+        [&](int slot, int n, float v0, float v1) {
+          *reinterpret_cast<__nv_bfloat162*>(a.y + int64_t(slot) * H + n) = __floats2bfloat162_rn(v0, v1);
+        });
     grid_barrier();
   }
   // The last layer's output row.
-  combine_into(p, a.x, int(blockIdx.x) * kConsumerThreads + tid, int(gridDim.x) * kConsumerThreads, s_order,
-               s_weights);
+  combine_into(p, a.x, int(blockIdx.x) * kConsumerThreads + tid, int(gridDim.x) * kConsumerThreads, s_order, s_weights);
 }
 
 Layout layout_for(const Params& p, int D, int max_smem) {
@@ -538,8 +539,9 @@ bool decode_layers_supported(const DecodeShape& s, std::string* why) {
   // Row form: a stage holds whole chunks of whole k32 steps (8 chunks in one stage, or 4, 2, 1).
   auto row_fits = [](int64_t K) { return K <= kStageK ? K % 256 == 0 : K == 2048 || K == 4096 || K == 8192; };
   if (!row_fits(q_dim) || !row_fits(I) || I * s.experts_per_token > 16384)
-    return no("heads x head_dim and the expert intermediate size must be multiples of 256 up to 1024, or 2048, "
-              "4096 or 8192");
+    return no(
+        "heads x head_dim and the expert intermediate size must be multiples of 256 up to 1024, or 2048, "
+        "4096 or 8192");
   return true;
 }
 

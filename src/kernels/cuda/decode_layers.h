@@ -46,7 +46,7 @@ struct DecodeLayersArgs {
   bool normalize_topk = true;
   float eps = 0.0f, scale = 0.0f;
   const float *rope_cos = nullptr, *rope_sin = nullptr;
-  DeviceSlots slots;  // a step of one token
+  DeviceSlots slots;    // a step of one token
   bf16_t* x = nullptr;  // [H]: the embedding in, the last layer's output out
   // Scratch (device): [H], [(nq + 2 nkv) D], [nq D], [nq D], [k, 2I], [k, H], [E] floats.
   bf16_t *x_mid = nullptr, *qkv = nullptr, *q = nullptr, *attn = nullptr, *gu = nullptr, *y = nullptr;

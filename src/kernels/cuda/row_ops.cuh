@@ -47,10 +47,11 @@ __device__ float block_sum(float v, float* scratch, Sync sync = {}) {
 constexpr int kNormThreads = 256;
 // 1 / rms of n values whose squares sum to ss (every RMSNorm: rows and heads).
 __device__ __forceinline__ float inverse_rms(float ss, int n, float eps) { return 1.0f / sqrtf(ss / float(n) + eps); }
-// The RMSNorm of one row by the first kNormThreads threads of a block (Sync: their barrier) (the one procedure of every norm of the
-// hidden state: a row's bits do not depend on which kernel runs it). Thread t takes elements
-// t, t + kNormThreads, ... in that order; PER > 0 is n / kNormThreads known at compile time
-// (the loops unrolled, each element loaded once), PER = 0 any n: the same operations.
+// The RMSNorm of one row by the first kNormThreads threads of a block (Sync: their barrier;
+// the one procedure of every norm of the hidden state: a row's bits do not depend on which
+// kernel runs it). Thread t takes elements t, t + kNormThreads, ... in that order; PER > 0 is
+// n / kNormThreads known at compile time (the loops unrolled, each element loaded once),
+// PER = 0 any n: the same operations.
 template <int PER, typename Sync = CtaSync>
 __device__ __forceinline__ void rmsnorm_row_fixed(const bf16* xr, const float* w, bf16* o, int n, float eps,
                                                   float* scratch, Sync sync = {}) {
