@@ -6,7 +6,6 @@
 #include <random>
 
 #include "cuda_test_util.h"
-#include "kernels/cuda/decode_layers.h"
 #include "model/cuda/cuda_runner.h"
 
 namespace lockstep {
@@ -20,18 +19,6 @@ ModelConfig qwen3_30b_config(int64_t layers) {
   c.vocab_size = 4096;
   c.max_position_embeddings = 1024;
   return c;
-}
-
-cuda::DecodeShape shape_of(const ModelConfig& c) {
-  cuda::DecodeShape s;
-  s.hidden = c.hidden_size;
-  s.heads = c.num_attention_heads;
-  s.kv_heads = c.num_key_value_heads;
-  s.head_dim = c.head_dim;
-  s.experts = c.num_experts;
-  s.experts_per_token = c.num_experts_per_tok;
-  s.intermediate = c.moe_intermediate_size;
-  return s;
 }
 
 std::vector<int32_t> token_ids(int64_t n, uint32_t salt, int64_t vocab) {
@@ -69,7 +56,7 @@ std::vector<float> prefill_then_decode(ModelRunner& runner, const std::vector<in
 
 void expect_decode_equals_whole_forward(const ModelConfig& config, const char* what) {
   std::string why;
-  ASSERT_TRUE(cuda::decode_layers_supported(shape_of(config), &why)) << what << ": " << why;
+  ASSERT_TRUE(one_launch_decode_supported(config, &why)) << what << ": " << why;
   setenv("LOCKSTEP_ONE_LAUNCH_DECODE", "1", 1);
   auto runner = make_cuda_runner_random(config, 11);
   unsetenv("LOCKSTEP_ONE_LAUNCH_DECODE");
@@ -104,21 +91,25 @@ TEST(CudaDecodeLayers, OneTokenStepsEqualWholeSequenceForwardAtOtherShapes) {
 }
 
 TEST(CudaDecodeLayers, RefusesShapesItCannotRun) {
-  cuda::DecodeShape s = shape_of(qwen3_30b_config(1));
+  const ModelConfig good = qwen3_30b_config(2);
   std::string why;
-  EXPECT_TRUE(cuda::decode_layers_supported(s, &why)) << why;
-  cuda::DecodeShape bad = s;
-  bad.head_dim = 16;
-  EXPECT_FALSE(cuda::decode_layers_supported(bad, &why));
-  EXPECT_NE(why.find("head_dim"), std::string::npos) << why;
-  bad = s;
-  bad.intermediate = 96;
-  EXPECT_FALSE(cuda::decode_layers_supported(bad, &why));
-  EXPECT_NE(why.find("intermediate"), std::string::npos) << why;
-  bad = s;
-  bad.experts_per_token = 9;
-  EXPECT_FALSE(cuda::decode_layers_supported(bad, &why));
-  EXPECT_NE(why.find("experts per token"), std::string::npos) << why;
+  EXPECT_TRUE(one_launch_decode_supported(good, &why)) << why;
+  auto refused = [&](ModelConfig c, const char* expected) {
+    EXPECT_FALSE(one_launch_decode_supported(c, &why)) << expected;
+    EXPECT_NE(why.find(expected), std::string::npos) << why;
+  };
+  ModelConfig c = good;
+  c.head_dim = 16;
+  refused(c, "head_dim");
+  c = good;
+  c.moe_intermediate_size = 96;
+  refused(c, "intermediate");
+  c = good;
+  c.num_experts_per_tok = 9;
+  refused(c, "experts per token");
+  c = good;
+  c.mlp_only_layers = {1};
+  refused(c, "MoE");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/row_ops.cuh"
 #include "kernels/cuda/wgmma.cuh"
 
@@ -22,23 +23,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower column
@@ -261,9 +245,9 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
           for (int nj = 0; nj < NT_S / 2; ++nj) {
             uint32_t r[4];
             const int key = nj * 16 + (lane & 7) + ((lane >> 4) << 3);
-            ldsm_x4(r, k_s + (key * LD + ks * 16 + ((lane >> 3) & 1) * 8) * 2);
-            mma16816(*reinterpret_cast<float(*)[4]>(s + 8 * nj), qf[ks], r[0], r[1]);
-            mma16816(*reinterpret_cast<float(*)[4]>(s + 8 * nj + 4), qf[ks], r[2], r[3]);
+            ldmatrix_x4(r, k_s + (key * LD + ks * 16 + ((lane >> 3) & 1) * 8) * 2);
+            mma_bf16(*reinterpret_cast<float(*)[4]>(s + 8 * nj), qf[ks], r[0], r[1]);
+            mma_bf16(*reinterpret_cast<float(*)[4]>(s + 8 * nj + 4), qf[ks], r[2], r[3]);
           }
       }
       uint32_t pa[NT_S], pb[NT_S];
@@ -301,9 +285,9 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
           for (int dn = 0; dn < NT_O / 2; ++dn) {
             uint32_t r[4];
             const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-            ldsm_x4_trans(r, v_s + (key * LD + dn * 16 + (lane >> 4) * 8) * 2);
-            mma16816(*reinterpret_cast<float(*)[4]>(o + 8 * dn), a, r[0], r[1]);
-            mma16816(*reinterpret_cast<float(*)[4]>(o + 8 * dn + 4), a, r[2], r[3]);
+            ldmatrix_x4_trans(r, v_s + (key * LD + dn * 16 + (lane >> 4) * 8) * 2);
+            mma_bf16(*reinterpret_cast<float(*)[4]>(o + 8 * dn), a, r[0], r[1]);
+            mma_bf16(*reinterpret_cast<float(*)[4]>(o + 8 * dn + 4), a, r[2], r[3]);
           }
         }
       }

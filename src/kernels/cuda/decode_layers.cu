@@ -18,6 +18,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm_common.cuh"
 #include "kernels/cuda/mbarrier.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/row_ops.cuh"
 #include "kernels/cuda/wgmma.cuh"
 
@@ -81,18 +82,10 @@ __device__ __forceinline__ void item_range(const Matrix& m, int& begin, int& end
 }
 
 __device__ __forceinline__ uint32_t load_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 __device__ __forceinline__ void mma_k16(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
   // Rows 1..15 of the A tile are zero (one token): the small-step GEMM's operands exactly.
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  const uint32_t a[4] = {a0, 0u, a2, 0u};
+  mma_bf16(c, a, b0, b1);
 }
 
 // A wait that never ends is a bug (a schedule mismatch between the producer and the
@@ -169,7 +162,7 @@ struct Ring {
 // within the row; only lanes 0-3 hold row 0 of the mma tile).
 __device__ __forceinline__ void mma_k32(float (&c)[4], uint32_t lane_row, int k_stage, const bf16* a, int lane) {
   uint32_t r[4];
-  ldsm_x4(r, lane_row + k_stage * 2);
+  ldmatrix_x4(r, lane_row + k_stage * 2);
   // Every lane loads (no branch; lanes of a quad share addresses), lanes 4-31 keep zeros.
   const bf16* ap = a + 2 * (lane & 3);
   const bool row0 = lane < 4;

@@ -78,6 +78,18 @@ std::vector<uint16_t> to_bf16_bits(const float* x, int64_t n) {
   return out;
 }
 
+cuda::DecodeShape decode_shape_of(const ModelConfig& c) {
+  cuda::DecodeShape s;
+  s.hidden = c.hidden_size;
+  s.heads = c.num_attention_heads;
+  s.kv_heads = c.num_key_value_heads;
+  s.head_dim = c.head_dim;
+  s.experts = c.num_experts;
+  s.experts_per_token = c.num_experts_per_tok;
+  s.intermediate = c.moe_intermediate_size;
+  return s;
+}
+
 class CudaRunner final : public ModelRunner {
  public:
   explicit CudaRunner(const ModelConfig& config) : config_(config) {
@@ -561,27 +573,12 @@ class CudaRunner final : public ModelRunner {
     seen_sizes_.clear();
   }
 
-  cuda::DecodeShape decode_shape() const {
-    const auto& c = config_;
-    cuda::DecodeShape s;
-    s.hidden = c.hidden_size;
-    s.heads = c.num_attention_heads;
-    s.kv_heads = c.num_key_value_heads;
-    s.head_dim = c.head_dim;
-    s.experts = c.num_experts;
-    s.experts_per_token = c.num_experts_per_tok;
-    s.intermediate = c.moe_intermediate_size;
-    return s;
-  }
   // With LOCKSTEP_ONE_LAUNCH_DECODE=1, steps of one token run every layer in one launch
-  // (decode_layers.h) when the shape allows it and every layer is MoE (the tests and the
-  // benchmark compare the two paths).
+  // (decode_layers.h) when the model allows it (the tests and the benchmark compare the two
+  // paths).
   bool one_launch_decode_applies() const {
     const char* env = std::getenv("LOCKSTEP_ONE_LAUNCH_DECODE");
-    if (!env || std::strcmp(env, "1") != 0) return false;
-    for (int64_t l = 0; l < config_.num_hidden_layers; ++l)
-      if (!config_.is_moe_layer(l)) return false;
-    return cuda::decode_layers_supported(decode_shape());
+    return env && std::strcmp(env, "1") == 0 && one_launch_decode_supported(config_);
   }
   void upload_decode_layers() {
     std::vector<cuda::DecodeLayerWeights> host(layers_.size());
@@ -597,7 +594,7 @@ class CudaRunner final : public ModelRunner {
     cuda::DecodeLayersArgs a;
     a.layers = decode_layers_;
     a.num_layers = int(layers_.size());
-    a.shape = decode_shape();
+    a.shape = decode_shape_of(config_);
     a.normalize_topk = config_.norm_topk_prob;
     a.eps = float(config_.rms_norm_eps);
     a.scale = 1.0f / std::sqrt(float(config_.head_dim));
@@ -800,6 +797,15 @@ class CudaRunner final : public ModelRunner {
 };
 
 }  // namespace
+
+bool one_launch_decode_supported(const ModelConfig& config, std::string* why) {
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l)
+    if (!config.is_moe_layer(l)) {
+      if (why) *why = "every layer must be MoE";
+      return false;
+    }
+  return cuda::decode_layers_supported(decode_shape_of(config), why);
+}
 
 std::unique_ptr<ModelRunner> make_cuda_runner(const ModelWeights& weights, Precision precision) {
   LS_CHECK(precision == Precision::bfloat16,

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "model/runner.h"
 
@@ -14,6 +15,9 @@ std::unique_ptr<ModelRunner> make_cuda_runner(const ModelWeights& weights, Preci
 // Random bf16 weights generated on the device (benchmarks: the full model never touches the
 // host). Deterministic in `seed`.
 std::unique_ptr<ModelRunner> make_cuda_runner_random(const ModelConfig& config, uint64_t seed);
+// Whether steps of one token can run every layer in one launch (kernels/cuda/decode_layers.h;
+// the runner takes it with LOCKSTEP_ONE_LAUNCH_DECODE=1); `why` gets the reason when not.
+bool one_launch_decode_supported(const ModelConfig& config, std::string* why = nullptr);
 
 }  // namespace lockstep
 
