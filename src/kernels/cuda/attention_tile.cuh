@@ -125,12 +125,17 @@ constexpr size_t attention_smem_bytes() {
 // order per element, so the two give the same bits (tests: CudaAttention.WgmmaEqualsMmaSync*).
 // Query tile `tile` of kv head `kvh` by threads 0 .. kThreads - 1 of the calling block (sync:
 // their barrier), K/V staged in smem_raw (attention_smem_bytes<D, WGMMA>() bytes).
-template <int D, bool WGMMA, typename Sync>
+// SPLIT_D (mma.sync, tiles of at most 16 rows): every warp takes the tile's rows, computes the
+// same scores and softmax, and a quarter of the output columns (an output element's steps are
+// unchanged); a quarter of the accumulators per thread, for kernels short of registers.
+template <int D, bool WGMMA, typename Sync, bool SPLIT_D = false>
 __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const DeviceKvLayer& kv,
                                                const DeviceSlots& slots, int nq, int G, float scale, int tile, int kvh,
                                                unsigned char* smem_raw, Sync sync) {
   constexpr int LD = D + 8;  // padded shared row: 8 consecutive rows hit 8 different bank groups
-  constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8, NT_O = D / 8, PIECES = D / 8;
+  constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8, PIECES = D / 8;
+  static_assert(!SPLIT_D || (!WGMMA && D % 64 == 0), "the split output takes mma.sync and head_dim 64 or 128");
+  constexpr int NT_O = SPLIT_D ? D / 32 : D / 8;  // this warp's output n8 tiles
   constexpr uint32_t BLOCK_BYTES = WGMMA ? kKvBlock * D * 2 : kKvBlock * LD * 2;  // one K or V block
   static_assert(!WGMMA || D == 64 || D == 128, "the wgmma attention takes head_dim 64 or 128");
   // Stage st: K at kv_smem + 2 st BLOCK_BYTES, V after it (1024-byte aligned for the swizzle).
@@ -143,9 +148,10 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
   const int rows = ntok * G;
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  const bool active = WGMMA || warp * 16 < rows;
+  const int row_warp = SPLIT_D ? 0 : warp, d0 = SPLIT_D ? warp * (D / 4) : 0;  // rows, first column
+  const bool active = WGMMA || row_warp * 16 < rows;
   // This lane's two rows (mma accumulator rows lane / 4 and lane / 4 + 8 of the warp's 16).
-  const int ra = warp * 16 + (lane >> 2), rb = ra + 8;
+  const int ra = row_warp * 16 + (lane >> 2), rb = ra + 8;
   const int pos_a = ra < rows ? slots.positions[t0 + ra / G] : -1;
   const int pos_b = rb < rows ? slots.positions[t0 + rb / G] : -1;
   // Blocks that end at or before every present row's position of this warp need no mask (the
@@ -285,7 +291,7 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
           for (int dn = 0; dn < NT_O / 2; ++dn) {
             uint32_t r[4];
             const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-            ldmatrix_x4_trans(r, v_s + (key * LD + dn * 16 + (lane >> 4) * 8) * 2);
+            ldmatrix_x4_trans(r, v_s + (key * LD + d0 + dn * 16 + (lane >> 4) * 8) * 2);
             mma_bf16(*reinterpret_cast<float(*)[4]>(o + 8 * dn), a, r[0], r[1]);
             mma_bf16(*reinterpret_cast<float(*)[4]>(o + 8 * dn + 4), a, r[2], r[3]);
           }
@@ -297,8 +303,9 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
   cp_async_wait<0>();
 
   if (!active) return;
-  store_rows<NT_O>(o, pos_a >= 0 ? out + (int64_t(t0 + ra / G) * nq + kvh * G + ra % G) * D : nullptr,
-                   pos_b >= 0 ? out + (int64_t(t0 + rb / G) * nq + kvh * G + rb % G) * D : nullptr, l_a, l_b, lane);
+  store_rows<NT_O>(o, pos_a >= 0 ? out + (int64_t(t0 + ra / G) * nq + kvh * G + ra % G) * D + d0 : nullptr,
+                   pos_b >= 0 ? out + (int64_t(t0 + rb / G) * nq + kvh * G + rb % G) * D + d0 : nullptr, l_a, l_b,
+                   lane);
 }
 
 }  // namespace attention_detail

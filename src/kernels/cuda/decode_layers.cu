@@ -419,10 +419,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
         }
       }
       ConsumerSync{}();
-      // (The kernel makes no function calls: ptxas would serialize the attention's wgmma.)
+      // mma.sync with the output columns split over the 4 warps: the whole-tile accumulators
+      // (the attention kernel's) spilled at this kernel's 168 registers, and with them the
+      // rest of the kernel (wgmma would also be serialized by any call in the kernel).
       if (warp < 4)
-        attention_detail::attention_tile<D, true>(a.q, a.attn, kv, a.slots, nq, G, a.scale, 0, kvh,
-                                                  reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
+        attention_detail::attention_tile<D, false, AttentionSync, true>(
+            a.q, a.attn, kv, a.slots, nq, G, a.scale, 0, kvh, reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
     }
     grid_barrier();
 
@@ -486,8 +488,8 @@ Layout layout_for(const Params& p, int D, int max_smem) {
   auto up = [](uint32_t v, uint32_t a) { return (v + a - 1) / a * a; };
   Layout L;
   const uint32_t a_bytes = uint32_t(std::max({p.H, p.nq * D, p.k * p.I})) * 2;
-  const uint32_t attn_bytes = uint32_t(D == 64 ? attention_detail::attention_smem_bytes<64, true>()
-                                               : attention_detail::attention_smem_bytes<128, true>());
+  const uint32_t attn_bytes = uint32_t(D == 64 ? attention_detail::attention_smem_bytes<64, false>()
+                                               : attention_detail::attention_smem_bytes<128, false>());
   uint32_t at = 128;  // 0: the progress words and the issued count
   L.a = at;
   at = up(at + std::max(a_bytes, attn_bytes), 128);
@@ -522,8 +524,8 @@ bool decode_layers_supported(const DecodeShape& s, std::string* why) {
   };
   const int64_t H = s.hidden, D = s.head_dim, I = s.intermediate, q_dim = s.heads * D;
   if (D != 64 && D != 128) return no("head_dim must be 64 or 128");
-  if (s.kv_heads < 1 || s.heads % s.kv_heads != 0 || s.heads / s.kv_heads + 2 > 64)
-    return no("the query heads must be a multiple of the kv heads, at most 62 per kv head");
+  if (s.kv_heads < 1 || s.heads % s.kv_heads != 0 || s.heads / s.kv_heads > 16)
+    return no("the query heads must be a multiple of the kv heads, at most 16 per kv head");
   if (s.experts < 8 || s.experts % 8 != 0 || s.experts > 1024) return no("experts must be a multiple of 8, <= 1024");
   if (s.experts_per_token < 1 || s.experts_per_token > kMaxSlots) return no("experts per token must be 1..8");
   // Column-form K (hidden): whole stages or one; row-form K (q_dim, I): 8 chunks of whole k32 steps per stage.
