@@ -28,7 +28,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower column
   return *reinterpret_cast<uint32_t*>(&v);
 }
-__device__ __forceinline__ uint32_t load_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 // The two bf16 halves of a packed pair as floats (exact).
 __device__ __forceinline__ float low_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float high_f32(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
@@ -168,10 +167,10 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
 #pragma unroll
   for (int ks = 0; ks < KSTEPS; ++ks) {
     const int c = ks * 16 + 2 * (lane & 3);
-    qf[ks][0] = pos_a >= 0 ? load_u32(qa + c) : 0u;
-    qf[ks][1] = pos_b >= 0 ? load_u32(qb + c) : 0u;
-    qf[ks][2] = pos_a >= 0 ? load_u32(qa + c + 8) : 0u;
-    qf[ks][3] = pos_b >= 0 ? load_u32(qb + c + 8) : 0u;
+    qf[ks][0] = pos_a >= 0 ? load_bf16_pair(qa + c) : 0u;
+    qf[ks][1] = pos_b >= 0 ? load_bf16_pair(qb + c) : 0u;
+    qf[ks][2] = pos_a >= 0 ? load_bf16_pair(qa + c + 8) : 0u;
+    qf[ks][3] = pos_b >= 0 ? load_bf16_pair(qb + c + 8) : 0u;
   }
 
   // A thread loads piece `piece` of rows row0 + i kRowsPerPass of each KV block. The address

@@ -81,7 +81,6 @@ __device__ __forceinline__ void item_range(const Matrix& m, int& begin, int& end
   end = int(int64_t(items) * (blockIdx.x + 1) / gridDim.x);
 }
 
-__device__ __forceinline__ uint32_t load_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ void mma_k16(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
   // Rows 1..15 of the A tile are zero (one token): the small-step GEMM's operands exactly.
   const uint32_t a[4] = {a0, 0u, a2, 0u};
@@ -166,7 +165,8 @@ __device__ __forceinline__ void mma_k32(float (&c)[4], uint32_t lane_row, int k_
   // Every lane loads (no branch; lanes of a quad share addresses), lanes 4-31 keep zeros.
   const bf16* ap = a + 2 * (lane & 3);
   const bool row0 = lane < 4;
-  const uint32_t a0 = load_pair(ap), a2 = load_pair(ap + 8), a0n = load_pair(ap + 16), a2n = load_pair(ap + 24);
+  const uint32_t a0 = load_bf16_pair(ap), a2 = load_bf16_pair(ap + 8);
+  const uint32_t a0n = load_bf16_pair(ap + 16), a2n = load_bf16_pair(ap + 24);
   mma_k16(c, row0 ? a0 : 0u, row0 ? a2 : 0u, r[0], r[1]);
   mma_k16(c, row0 ? a0n : 0u, row0 ? a2n : 0u, r[2], r[3]);
 }

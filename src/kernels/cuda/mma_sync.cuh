@@ -2,10 +2,17 @@
 // the one-launch decode): ldmatrix loads and one m16n8k16 bf16 step with fp32 accumulation.
 // One definition, so every kernel issues the same instruction for the contract's k16 step.
 #pragma once
+#include <cuda_bf16.h>
+
 #include <cstdint>
 
 namespace lockstep::cuda {
 
+// Two consecutive bf16 values (4-byte aligned) as one operand register, the lower index in the
+// low half.
+__device__ __forceinline__ uint32_t load_bf16_pair(const __nv_bfloat16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
