@@ -20,6 +20,7 @@
 #include <chrono>
 
 #include "core/error.h"
+#include "kernels/cuda/decode_layers.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
 #include "model/cuda/cuda_runner.h"
@@ -337,12 +338,12 @@ void decode_kernels(const ModelConfig& c, const std::string& only) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: cuda_bench CONFIG.json [--layers N] [--quick]\n");
+    std::fprintf(stderr, "usage: cuda_bench CONFIG.json [--layers N] [--quick] [--trace]\n");
     return 2;
   }
   try {
     ModelConfig config = ModelConfig::load(argv[1]);
-    bool quick = false, gemm_only = false, decode_only = false, no_prefill = false;
+    bool quick = false, gemm_only = false, decode_only = false, no_prefill = false, trace = false;
     std::vector<int64_t> batch_list;
     std::string only;  // --decode-kernels: one GEMM shape at one token; --gemm: one shape (for ncu)
     int only_config = -1;  // --gemm: one configuration
@@ -354,6 +355,7 @@ int main(int argc, char** argv) {
       else if (!std::strcmp(argv[i], "--decode-kernels")) decode_only = true;
       else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
       else if (!std::strcmp(argv[i], "--no-prefill")) no_prefill = true;
+      else if (!std::strcmp(argv[i], "--trace")) trace = true;  // the one-launch decode's phases
       else if (!std::strcmp(argv[i], "--gemm-config") && i + 1 < argc) only_config = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--gemm-tokens") && i + 1 < argc)
         gemm_tokens = std::atoll(argv[++i]);
@@ -422,6 +424,8 @@ int main(int argc, char** argv) {
     // Decode: B sequences, prompt 128, then 128 steps of one token each at temperature 1.
     std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 64, 256};
     if (!batch_list.empty()) batches = batch_list;
+    // The trace (a store per point and layer) is on for every step; the report shows the last.
+    if (trace) cuda::decode_layers_trace(true);
     for (int64_t B : batches) {
       const int64_t P = 128, N = quick ? 32 : 128, pages = (P + N + 63) / 64;
       runner->allocate_kv(B * pages, 64);
@@ -473,6 +477,7 @@ int main(int argc, char** argv) {
                   (long long)B, (long long)P, (long long)N, sec, tok_s, double(B * N) / bound_sec,
                   s.active_experts(double(B)), (weight_bytes + kv_bytes) / sec / 1e12);
       results.push_back({"decode batch " + std::to_string(B), tok_s, double(B * N) / bound_sec, 0, "tok/s", "HBM bytes"});
+      if (trace && B == 1) std::printf("%s", cuda::decode_layers_trace_report().c_str());  // the last step's
     }
     std::printf("\n%-22s %12s %12s %9s  %s\n", "benchmark", "achieved", "bound", "fraction", "bound from");
     for (const auto& r : results)

@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   start_after_previous();
   const int tile = int(blockIdx.x);
   if (tile >= *slots.num_tiles) return;
-  attention_tile<D, WGMMA>(q, out, kv, slots, nq, G, scale, tile, int(blockIdx.y), smem_raw, CtaSync{});
+  const KvTileGeometry geometry = tile_geometry(slots, tile);
+  attention_tile<D, WGMMA>(q, out, kv, slots, geometry, nq, G, scale, int(blockIdx.y), smem_raw, CtaSync{});
 }
 
 template <int D, bool WGMMA>

@@ -117,6 +117,128 @@ constexpr size_t attention_smem_bytes() {
                : size_t(4) * kKvBlock * (D + 8) * sizeof(bf16);
 }
 
+// What a query tile's KV reads need from the step's slots (the same for every layer): its
+// tokens, its sequence's page table, its last position, and (first_blocks > 0) the first slot
+// of KV blocks 0 .. first_blocks - 1 (pages of a multiple of 64 positions), so that a kernel
+// running many layers reads the slots and the page table once.
+constexpr int kGeometryBlocks = 64;
+struct KvTileGeometry {
+  const int32_t* table;
+  const int32_t* first_slot;  // kGeometryBlocks entries (shared memory), or null
+  int t0, ntok, max_pos, first_blocks;
+};
+// The tile's geometry without the first slots (thread-local).
+__device__ __forceinline__ KvTileGeometry tile_geometry(const DeviceSlots& slots, int tile) {
+  KvTileGeometry g;
+  g.t0 = slots.tiles[2 * tile];
+  g.ntok = slots.tiles[2 * tile + 1];
+  g.table = slots.page_tables + int64_t(slots.seq_of_token[g.t0]) * *slots.table_stride;
+  g.max_pos = 0;
+  for (int i = 0; i < g.ntok; ++i) g.max_pos = max(g.max_pos, slots.positions[g.t0 + i]);
+  g.first_blocks = 0;
+  g.first_slot = nullptr;
+  return g;
+}
+// The first slots of geometry g (in shared memory) into `first` (kGeometryBlocks ints of shared
+// memory), by `threads` threads of the block (then their barrier): pages of a multiple of 64
+// positions only.
+__device__ __forceinline__ void fill_first_slots(KvTileGeometry& g, int32_t* first, int page, int threads) {
+  const int n = page % kKvBlock == 0 ? min(kGeometryBlocks, g.max_pos / kKvBlock + 1) : 0;
+  for (int b = int(threadIdx.x); b < n; b += threads) {
+    const int b0 = b * kKvBlock, pg = b0 / page;
+    first[b] = g.table[pg] * page + (b0 - pg * page);
+  }
+  if (threadIdx.x == 0) g.first_blocks = n, g.first_slot = first;
+}
+
+// A thread's share of the K/V block loads of a query tile into the two shared stages.
+// A thread loads piece `piece` of rows row0 + i kRowsPerPass of each KV block. The address
+// arithmetic is 32-bit per row (slots < 2^31), shifts where the page size is a power of two,
+// and branch-free: a row past max_pos takes max_pos's address and reads nothing (ncu: the
+// per-row divisions and 64-bit products were the kernel's largest instruction class).
+template <int D, bool WGMMA>
+struct KvBlockLoader {
+  static constexpr int LD = D + 8;  // padded shared row: 8 consecutive rows hit 8 different bank groups
+  static constexpr int PIECES = D / 8;
+  static constexpr uint32_t BLOCK_BYTES = WGMMA ? kKvBlock * D * 2 : kKvBlock * LD * 2;  // one K or V block
+  static_assert(kThreads % PIECES == 0, "a thread's piece must be the same in every row");
+  static constexpr int kRowsPerPass = kThreads / PIECES;
+  // This thread's piece of row j: padded rows, or the swizzle (piece ^ (j % 8) in its atom;
+  // j % 8 is row0 % 8 in every pass).
+  static_assert(kRowsPerPass % 8 == 0, "a thread's swizzle must be the same in every row");
+
+  const bf16 *k, *v;
+  const int32_t *table, *first_slot;
+  int first_blocks;
+  uint32_t kv_smem, piece_at;
+  int page, page_shift, slot_stride, head_offset, row0, max_pos;
+  bool page_pow2, block_in_page;
+
+  // The tile of `geometry` of kv head kvh; K/V stages in smem_raw (attention_smem_bytes<D, WGMMA>()).
+  __device__ __forceinline__ KvBlockLoader(const DeviceKvLayer& kv, const KvTileGeometry& geometry, int kvh,
+                                           unsigned char* smem_raw) {
+    // Stage st: K at kv_smem + 2 st BLOCK_BYTES, V after it (1024-byte aligned for the swizzle).
+    kv_smem = WGMMA ? (smem_addr(smem_raw) + 1023) & ~1023u : smem_addr(smem_raw);
+    table = geometry.table;
+    max_pos = geometry.max_pos;
+    first_slot = geometry.first_slot;
+    first_blocks = geometry.first_blocks;
+    k = kv.k;
+    v = kv.v;
+    page = int(kv.page_size);
+    const int tid = int(threadIdx.x), piece = tid % PIECES;
+    row0 = tid / PIECES;
+    page_pow2 = (page & (page - 1)) == 0;
+    page_shift = __ffs(page) - 1;
+    slot_stride = int(kv.kv_heads) * D;
+    head_offset = kvh * D + piece * 8;
+    piece_at = WGMMA ? (piece / 8) * (kKvBlock * 128) + (((piece % 8) ^ (row0 % 8)) << 4) : uint32_t(piece) * 16;
+    // Pages of a multiple of 64 positions hold each KV block whole: one page-table read per
+    // block, the rows' slots consecutive.
+    block_in_page = page % kKvBlock == 0;
+  }
+
+  // The block of positions b0 .. b0 + 63 into stage `stage` (cp.async; the caller commits).
+  __device__ __forceinline__ void load(int stage, int b0) const {
+    constexpr uint32_t row_bytes = WGMMA ? 128 : LD * 2;
+    const uint32_t k_s = kv_smem + 2 * stage * BLOCK_BYTES + piece_at, v_s = k_s + BLOCK_BYTES;
+    int first = 0;
+    if (block_in_page) {
+      const int pg = page_pow2 ? b0 >> page_shift : b0 / page, b = b0 / kKvBlock;
+      first = b < first_blocks ? first_slot[b] : table[pg] * page + (b0 - pg * page);
+    }
+#pragma unroll
+    for (int i = 0; i < kKvBlock / kRowsPerPass; ++i) {
+      const int j = row0 + i * kRowsPerPass, p = b0 + j;
+      const bool valid = p <= max_pos;  // later positions are zero-filled and masked
+      const int at = valid ? p : max_pos;
+      int slot;
+      if (block_in_page) {
+        slot = first + (at - b0);
+      } else {
+        const int pg = page_pow2 ? at >> page_shift : at / page;
+        slot = table[pg] * page + (at - pg * page);
+      }
+      const int64_t off = int64_t(slot) * slot_stride + head_offset;
+      cp_async16(k_s + j * row_bytes, k + off, valid);
+      cp_async16(v_s + j * row_bytes, v + off, valid);
+    }
+  }
+};
+
+// Issues the loads of KV blocks 0 .. n - 1 (n <= 2, one cp.async group each) of a query tile
+// ahead of attention_tile(..., prefetched = n), by the same threads: blocks wholly before the
+// tile's new KV rows (those are written after this), so their reads can start earlier.
+template <int D, bool WGMMA>
+__device__ __forceinline__ void attention_prefetch(const DeviceKvLayer& kv, const KvTileGeometry& geometry, int kvh,
+                                                   unsigned char* smem_raw, int n) {
+  const KvBlockLoader<D, WGMMA> loader(kv, geometry, kvh, smem_raw);
+  for (int b = 0; b < n; ++b) {
+    loader.load(b, b * kKvBlock);
+    cp_async_commit();
+  }
+}
+
 // WGMMA: S = q K^T and O += P V as warpgroup MMAs (q and P from registers, K and V from
 // shared memory in the 128-byte swizzle: D / 64 atoms of 64 rows x 128 bytes per block),
 // head_dim 64 or 128; every warp runs every step (a warp without rows computes and discards).
@@ -127,23 +249,22 @@ constexpr size_t attention_smem_bytes() {
 // SPLIT_D (mma.sync, tiles of at most 16 rows): every warp takes the tile's rows, computes the
 // same scores and softmax, and a quarter of the output columns (an output element's steps are
 // unchanged); a quarter of the accumulators per thread, for kernels short of registers.
+// `geometry`: the tile's (tile_geometry); `prefetched`: blocks attention_prefetch issued already.
 template <int D, bool WGMMA, typename Sync, bool SPLIT_D = false>
 __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const DeviceKvLayer& kv,
-                                               const DeviceSlots& slots, int nq, int G, float scale, int tile, int kvh,
-                                               unsigned char* smem_raw, Sync sync) {
-  constexpr int LD = D + 8;  // padded shared row: 8 consecutive rows hit 8 different bank groups
-  constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8, PIECES = D / 8;
+                                               const DeviceSlots& slots, const KvTileGeometry& geometry, int nq, int G,
+                                               float scale, int kvh, unsigned char* smem_raw, Sync sync,
+                                               int prefetched = 0) {
+  using Loader = KvBlockLoader<D, WGMMA>;
+  constexpr int LD = Loader::LD;
+  constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8;
   static_assert(!SPLIT_D || (!WGMMA && D % 64 == 0), "the split output takes mma.sync and head_dim 64 or 128");
   constexpr int NT_O = SPLIT_D ? D / 32 : D / 8;  // this warp's output n8 tiles
-  constexpr uint32_t BLOCK_BYTES = WGMMA ? kKvBlock * D * 2 : kKvBlock * LD * 2;  // one K or V block
+  constexpr uint32_t BLOCK_BYTES = Loader::BLOCK_BYTES;
   static_assert(!WGMMA || D == 64 || D == 128, "the wgmma attention takes head_dim 64 or 128");
-  // Stage st: K at kv_smem + 2 st BLOCK_BYTES, V after it (1024-byte aligned for the swizzle).
-  const uint32_t kv_smem = WGMMA ? (smem_addr(smem_raw) + 1023) & ~1023u : smem_addr(smem_raw);
-  const int t0 = slots.tiles[2 * tile], ntok = slots.tiles[2 * tile + 1];
-  const int kv_heads = int(kv.kv_heads), page = int(kv.page_size);
-  const int32_t* table = slots.page_tables + int64_t(slots.seq_of_token[t0]) * *slots.table_stride;
-  int max_pos = 0;
-  for (int i = 0; i < ntok; ++i) max_pos = max(max_pos, slots.positions[t0 + i]);
+  const Loader loader(kv, geometry, kvh, smem_raw);
+  const uint32_t kv_smem = loader.kv_smem;
+  const int t0 = geometry.t0, ntok = geometry.ntok, max_pos = geometry.max_pos;
   const int rows = ntok * G;
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
@@ -173,59 +294,18 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
     qf[ks][3] = pos_b >= 0 ? load_bf16_pair(qb + c + 8) : 0u;
   }
 
-  // A thread loads piece `piece` of rows row0 + i kRowsPerPass of each KV block. The address
-  // arithmetic is 32-bit per row (slots < 2^31), shifts where the page size is a power of two,
-  // and branch-free: a row past max_pos takes max_pos's address and reads nothing (ncu: the
-  // per-row divisions and 64-bit products were the kernel's largest instruction class).
-  static_assert(kThreads % PIECES == 0, "a thread's piece must be the same in every row");
-  constexpr int kRowsPerPass = kThreads / PIECES;
-  const int piece = tid % PIECES, row0 = tid / PIECES;
-  const bool page_pow2 = (page & (page - 1)) == 0;
-  const int page_shift = __ffs(page) - 1, slot_stride = kv_heads * D, head_offset = kvh * D + piece * 8;
-  // This thread's piece of row j: padded rows, or the swizzle (piece ^ (j % 8) in its atom;
-  // j % 8 is row0 % 8 in every pass).
-  static_assert(kRowsPerPass % 8 == 0, "a thread's swizzle must be the same in every row");
-  const uint32_t piece_at =
-      WGMMA ? (piece / 8) * (kKvBlock * 128) + (((piece % 8) ^ (row0 % 8)) << 4) : uint32_t(piece) * 16;
-  const uint32_t row_bytes = WGMMA ? 128 : LD * 2;
-  // Pages of a multiple of 64 positions hold each KV block whole: one page-table read per
-  // block, the rows' slots consecutive.
-  const bool block_in_page = page % kKvBlock == 0;
-  auto load_block = [&](int stage, int b0) {
-    const uint32_t k_s = kv_smem + 2 * stage * BLOCK_BYTES + piece_at, v_s = k_s + BLOCK_BYTES;
-    int first_slot = 0;
-    if (block_in_page) {
-      const int pg = page_pow2 ? b0 >> page_shift : b0 / page;
-      first_slot = table[pg] * page + (b0 - pg * page);
-    }
-#pragma unroll
-    for (int i = 0; i < kKvBlock / kRowsPerPass; ++i) {
-      const int j = row0 + i * kRowsPerPass, p = b0 + j;
-      const bool valid = p <= max_pos;  // later positions are zero-filled and masked
-      const int at = valid ? p : max_pos;
-      int slot;
-      if (block_in_page) {
-        slot = first_slot + (at - b0);
-      } else {
-        const int pg = page_pow2 ? at >> page_shift : at / page;
-        slot = table[pg] * page + (at - pg * page);
-      }
-      const int64_t off = int64_t(slot) * slot_stride + head_offset;
-      cp_async16(k_s + j * row_bytes, kv.k + off, valid);
-      cp_async16(v_s + j * row_bytes, kv.v + off, valid);
-    }
-  };
-
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
   float o[NT_O * 4];
 #pragma unroll
   for (int i = 0; i < NT_O * 4; ++i) o[i] = 0.0f;
 
   const int nblocks = max_pos / kKvBlock + 1;
-  load_block(0, 0);
-  cp_async_commit();
+  if (prefetched == 0) {
+    loader.load(0, 0);
+    cp_async_commit();
+  }
   for (int b = 0; b < nblocks; ++b) {
-    if (b + 1 < nblocks) load_block((b + 1) & 1, (b + 1) * kKvBlock);
+    if (b + 1 < nblocks && b + 1 >= prefetched) loader.load((b + 1) & 1, (b + 1) * kKvBlock);
     cp_async_commit();
     cp_async_wait<1>();
     if constexpr (WGMMA) fence_proxy_async();  // this thread's copies, visible to the tensor cores

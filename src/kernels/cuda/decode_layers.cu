@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <vector>
 
 #include "kernels/cuda/attention_tile.cuh"
 #include "kernels/cuda/common.cuh"
@@ -47,36 +48,48 @@ struct AttentionSync {  // warps 0-3 (one warpgroup)
 
 // Byte offsets of the dynamic shared memory (host-computed).
 struct Layout {
-  uint32_t ring = 0, a = 0, x = 0, heads = 0, logits = 0, probs = 0, routing = 0, scratch = 0, layer = 0, bars = 0,
-           total = 0;
+  uint32_t ring = 0, a = 0, x = 0, heads = 0, logits = 0, probs = 0, routing = 0, scratch = 0, part = 0, geometry = 0,
+           layer = 0, bars = 0, total = 0;
   int stages = 0;
+};
+
+// The trace's points of a layer (decode_layers_trace): where thread 0 of a CTA stands.
+enum TracePoint {
+  kLayerStart, kNormDone, kPrefetchStart, kPrefetchSynced, kPrefetchDone, kQkvArrive, kQkvLeave, kRopeDone, kAttnArrive, kAttnLeave, kOLoaded, kOArrive, kOLeave,
+  kRouterNormDone, kRouterArrive, kRouterLeave, kLogitsLoaded, kProbsDone, kRanked, kRoutingDone, kGateUpArrive, kGateUpLeave,
+  kSwigluLoaded, kDownArrive, kDownLeave, kTracePoints
 };
 
 struct Params {
   DecodeLayersArgs a;
   Layout L;
   int H, nq, nkv, G, E, k, I, qkv_n;
+  uint64_t* trace;  // [grid][layers][kTracePoints], or null
 };
 
 // The matrix of a GEMM phase: `slots` weight blocks (one per expert slot, else 1) of [N, K].
+// Paired ([gate | up]): an item is n8 tile t of the first half and tile t of the second half,
+// two chains in one warp, so the epilogue can apply the SwiGLU.
 struct Matrix {
   const bf16* W;
   int64_t expert_stride;
   int N, K, slots;
+  bool paired;
+  __device__ __forceinline__ int tiles() const { return paired ? N / 16 : N / 8; }  // items per slot
 };
 __device__ __forceinline__ Matrix matrix_of(const Params& p, const DecodeLayerWeights& w, int phase) {
   switch (phase) {
-    case kQkv: return {w.qkv, 0, p.qkv_n, p.H, 1};
-    case kO: return {w.o, 0, p.H, p.nq * int(p.a.shape.head_dim), 1};
-    case kRouter: return {w.router, 0, p.E, p.H, 1};
-    case kGateUp: return {w.gate_up, int64_t(2) * p.I * p.H, 2 * p.I, p.H, p.k};
-    default: return {w.down, int64_t(p.H) * p.I, p.H, p.I, p.k};
+    case kQkv: return {w.qkv, 0, p.qkv_n, p.H, 1, false};
+    case kO: return {w.o, 0, p.H, p.nq * int(p.a.shape.head_dim), 1, false};
+    case kRouter: return {w.router, 0, p.E, p.H, 1, false};
+    case kGateUp: return {w.gate_up, int64_t(2) * p.I * p.H, 2 * p.I, p.H, p.k, true};
+    default: return {w.down, int64_t(p.H) * p.I, p.H, p.I, p.k, false};
   }
 }
 __device__ __forceinline__ int stages_per_item(int K) { return (K + kStageK - 1) / kStageK; }
-// This CTA's items [begin, end) of a phase: contiguous shares of slots * N / 8 tiles.
+// This CTA's items [begin, end) of a phase: contiguous shares of slots * tiles() items.
 __device__ __forceinline__ void item_range(const Matrix& m, int& begin, int& end) {
-  const int items = m.slots * (m.N / 8);
+  const int items = m.slots * m.tiles();
   begin = int(int64_t(items) * blockIdx.x / gridDim.x);
   end = int(int64_t(items) * (blockIdx.x + 1) / gridDim.x);
 }
@@ -128,6 +141,14 @@ __device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity, const 
   while (!mbar_try_wait(bar, parity))
     if (now_ns() - t0 > kWatchdogNs) stuck(what, index);
 }
+// The producer's waits: it sleeps (up to 0.1 ms per try) instead of spinning beside the
+// consumer warps of its scheduler.
+__device__ __forceinline__ void producer_wait(uint32_t bar, uint32_t parity, const char* what, uint32_t index) {
+  if (mbar_try_wait(bar, parity)) return;
+  const uint64_t t0 = now_ns();
+  while (!mbar_try_wait_sleep(bar, parity, 100000u))
+    if (now_ns() - t0 > kWatchdogNs) stuck(what, index);
+}
 
 // The ring: stage i of the CTA's sequence sits in slot i % stages; full[s] completes when its
 // bytes landed, empty[s] when its warp is done with it.
@@ -169,6 +190,39 @@ __device__ __forceinline__ void mma_k32(float (&c)[4], uint32_t lane_row, int k_
   const uint32_t a0n = load_bf16_pair(ap + 16), a2n = load_bf16_pair(ap + 24);
   mma_k16(c, row0 ? a0 : 0u, row0 ? a2 : 0u, r[0], r[1]);
   mma_k16(c, row0 ? a0n : 0u, row0 ? a2n : 0u, r[2], r[3]);
+}
+
+// mma_k32 for two item rows' stages against the same A values (two independent chains).
+__device__ __forceinline__ void mma_k32_pair(float (&c0)[4], float (&c1)[4], uint32_t lane_row0, uint32_t lane_row1,
+                                             int k_stage, const bf16* a, int lane) {
+  uint32_t r[4], q[4];
+  ldmatrix_x4(r, lane_row0 + k_stage * 2);
+  ldmatrix_x4(q, lane_row1 + k_stage * 2);
+  const bf16* ap = a + 2 * (lane & 3);
+  const bool row0 = lane < 4;
+  const uint32_t a0 = row0 ? load_bf16_pair(ap) : 0u, a2 = row0 ? load_bf16_pair(ap + 8) : 0u;
+  const uint32_t a0n = row0 ? load_bf16_pair(ap + 16) : 0u, a2n = row0 ? load_bf16_pair(ap + 24) : 0u;
+  mma_k16(c0, a0, a2, r[0], r[1]);
+  mma_k16(c1, a0, a2, q[0], q[1]);
+  mma_k16(c0, a0n, a2n, r[2], r[3]);
+  mma_k16(c1, a0n, a2n, q[2], q[3]);
+}
+
+// Paired column form: the chains of the two tiles of a paired item, stage by stage (stages
+// first + 2t and first + 2t + 1: K part t of either tile).
+__device__ __forceinline__ void column_pair_item(float (&c0)[4], float (&c1)[4], const bf16* a, int K,
+                                                 const Ring& ring, uint32_t first, int lane) {
+  const int spi = stages_per_item(K);
+  for (int t = 0; t < spi; ++t) {
+    const uint32_t stage0 = ring.acquire(first + 2 * t), stage1 = ring.acquire(first + 2 * t + 1);
+    const uint32_t lane_off = (lane & 7) * kRowPitch + (lane >> 3) * 16;
+    const int kn = min(kStageK, K - t * kStageK);
+    const bf16* at = a + t * kStageK;
+#pragma unroll 2
+    for (int kk = 0; kk < kn; kk += 32) mma_k32_pair(c0, c1, stage0 + lane_off, stage1 + lane_off, kk, at + kk, lane);
+    ring.release(first + 2 * t, lane);
+    ring.release(first + 2 * t + 1, lane);
+  }
 }
 
 // Column form: one chain of k16 steps over the whole K into c (row 0: c[0], c[1]).
@@ -215,6 +269,31 @@ __device__ __forceinline__ void row_item(float (&c)[4], const bf16* a, int K, co
   for (int e = 0; e < 4; ++e) c[e] = acc[CPS - 1][e];
 }
 
+// Row form split over warps: stage `index` (K part t of an item) holds CPS whole chunks; their
+// chains (from zero) into acc, folded later with the other stages' chunks (fold_partials).
+template <int CPS>
+__device__ __forceinline__ void row_unit(float (&acc)[CPS][4], const bf16* a, int K, const Ring& ring,
+                                         uint32_t index, int t, int lane) {
+  const int chunk = K / 8;
+#pragma unroll
+  for (int cc = 0; cc < CPS; ++cc)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[cc][e] = 0.0f;
+  const uint32_t stage = ring.acquire(index);
+  const uint32_t lane_row = stage + (lane & 7) * kRowPitch + (lane >> 3) * 16;
+  const bf16* at = a + t * CPS * chunk;
+  for (int kk = 0; kk < chunk; kk += 32)
+#pragma unroll
+    for (int cc = 0; cc < CPS; ++cc) mma_k32(acc[cc], lane_row, cc * chunk + kk, at + cc * chunk + kk, lane);
+  ring.release(index, lane);
+}
+
+// The tree of the 8 chunk sums of one column (fold_chunk's operations in one expression).
+__device__ __forceinline__ float fold_partials(const float* p, int stride) {
+  return ((p[0] + p[stride]) + (p[2 * stride] + p[3 * stride])) +
+         ((p[4 * stride] + p[5 * stride]) + (p[6 * stride] + p[7 * stride]));
+}
+
 __device__ __forceinline__ void gemm_item(float (&c)[4], bool row_form, const bf16* a, int K, const Ring& ring,
                                           uint32_t first, int lane) {
 #pragma unroll
@@ -230,44 +309,54 @@ __device__ __forceinline__ void gemm_item(float (&c)[4], bool row_form, const bf
 
 // The producer: every stage of every phase of every layer, in the consumers' order.
 __device__ void produce(const Params& p, const Ring& ring, uint32_t routed, const int32_t* s_ids) {
+  const uint64_t streamed = l2_evict_first_policy();  // each weight byte is read once per step
   uint32_t i = 0;
   for (int l = 0; l < p.a.num_layers; ++l) {
     const DecodeLayerWeights& w = p.a.layers[l];
     for (int phase = 0; phase < kPhases; ++phase) {
       if (phase == kGateUp) note_progress(8, 0xE0000000u | uint32_t(l));
-      if (phase == kGateUp) wait_phase(routed, uint32_t(l) & 1, "routing of layer", uint32_t(l));
+      if (phase == kGateUp) producer_wait(routed, uint32_t(l) & 1, "routing of layer", uint32_t(l));
       const Matrix m = matrix_of(p, w, phase);
       int begin, end;
       item_range(m, begin, end);
-      const int tiles = m.N / 8, spi = stages_per_item(m.K);
+      const int tiles = m.tiles(), spi = stages_per_item(m.K), halves = m.paired ? 2 : 1;
       for (int j = begin; j < end; ++j) {
         const int slot = j / tiles, tile = j - slot * tiles;
         const bf16* rows = m.W + (m.slots > 1 ? int64_t(s_ids[slot]) * m.expert_stride : 0) + int64_t(tile) * 8 * m.K;
-        for (int t = 0; t < spi; ++t, ++i) {
-          const uint32_t s = i % uint32_t(ring.stages);
-          note_progress(8, (i << 4) | 3);
-          if (i >= uint32_t(ring.stages))
-            wait_phase(ring.empty + 8 * s, (i / uint32_t(ring.stages) - 1) & 1, "empty stage", i);
-          const int kn = min(kStageK, m.K - t * kStageK);
-          const uint32_t bar = ring.full + 8 * s, dst = ring.base + s * kStageBytes;
-          mbar_arrive_expect_tx(bar, uint32_t(8 * kn * 2));
+        for (int t = 0; t < spi; ++t)
+          for (int h = 0; h < halves; ++h, ++i) {  // paired: tile t of the first half, then of the second
+            const bf16* src = rows + int64_t(h) * (m.N / 2) * m.K + t * kStageK;
+            const uint32_t s = i % uint32_t(ring.stages);
+            note_progress(8, (i << 4) | 3);
+            if (i >= uint32_t(ring.stages))
+              producer_wait(ring.empty + 8 * s, (i / uint32_t(ring.stages) - 1) & 1, "empty stage", i);
+            const int kn = min(kStageK, m.K - t * kStageK);
+            const uint32_t bar = ring.full + 8 * s, dst = ring.base + s * kStageBytes;
+            mbar_arrive_expect_tx(bar, uint32_t(8 * kn * 2));
 #pragma unroll
-          for (int r = 0; r < 8; ++r)
-            bulk_copy_to_shared(dst + r * kRowPitch, rows + int64_t(r) * m.K + t * kStageK, uint32_t(kn * 2), bar);
-          *issued_count() = i + 1;
-        }
+            for (int r = 0; r < 8; ++r)
+              bulk_copy_to_shared(dst + r * kRowPitch, src + int64_t(r) * m.K, uint32_t(kn * 2), bar, streamed);
+            *issued_count() = i + 1;
+          }
       }
     }
   }
+}
+
+// Thread 0's time at a point of the trace (when tracing: row is this CTA's layer row).
+__device__ __forceinline__ void trace_at(uint64_t* row, int point) {
+  if (row != nullptr && threadIdx.x == 0) row[point] = now_ns();
 }
 
 // All consumers of all CTAs: each CTA's writes before it are visible to every CTA after it.
 struct GridBarrier {
   uint32_t* counter;
   uint32_t target = 0;
-  __device__ __forceinline__ void operator()() {
+  uint64_t* trace_row = nullptr;
+  __device__ __forceinline__ void operator()(int arrive_point) {
     if ((threadIdx.x & 31) == 0) note_progress(int(threadIdx.x >> 5), 0xB0000000u | target);
     ConsumerSync{}();
+    trace_at(trace_row, arrive_point);
     target += gridDim.x;
     if (threadIdx.x < 32) {  // warp 0 waits, all lanes together
       if (threadIdx.x == 0) {
@@ -285,6 +374,7 @@ struct GridBarrier {
       __threadfence();
     }
     ConsumerSync{}();
+    trace_at(trace_row, arrive_point + 1);
   }
 };
 
@@ -339,6 +429,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
   float* s_weights = reinterpret_cast<float*>(smem + L.routing + 4 * kMaxSlots);
   int* s_order = reinterpret_cast<int*>(smem + L.routing + 8 * kMaxSlots);
   float* s_scratch = reinterpret_cast<float*>(smem + L.scratch);
+  float* s_part = reinterpret_cast<float*>(smem + L.part);
+  auto& s_geometry = *reinterpret_cast<attention_detail::KvTileGeometry*>(smem + L.geometry);
   if (tid == 0) {
     for (int s = 0; s < L.stages; ++s) {
       mbar_init(ring.full + 8 * s, 1);
@@ -362,7 +454,39 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
   auto gemm_phase = [&](const Matrix& m, bool row_form, auto a_of_slot, auto store) {
     int begin, end;
     item_range(m, begin, end);
-    const int tiles = m.N / 8, spi = stages_per_item(m.K);
+    const int tiles = m.tiles(), spi = stages_per_item(m.K);
+    if (row_form && spi > 1) {
+      // Row form over several stages: warp w takes stages (units) w, w + 8, ... of the CTA's
+      // items, their chunk sums go to shared memory, then the tree per column.
+      const int units = (end - begin) * spi;
+      for (int u = warp; u < units; u += kConsumerWarps) {
+        const int jl = u / spi, t = u - jl * spi, slot = (begin + jl) / tiles;
+        float* part = s_part + jl * 64 + 2 * lane;  // [item][chunk][column]
+        auto run = [&](auto cps) {
+          constexpr int CPS = decltype(cps)::value;
+          float acc[CPS][4];
+          row_unit<CPS>(acc, a_of_slot(slot), m.K, ring, ring_at + uint32_t(u), t, lane);
+          if (lane < 4)
+#pragma unroll
+            for (int cc = 0; cc < CPS; ++cc)
+              *reinterpret_cast<float2*>(part + (t * CPS + cc) * 8) = make_float2(acc[cc][0], acc[cc][1]);
+        };
+        switch (8 * kStageK / m.K) {  // chunks per stage
+          case 4: run(std::integral_constant<int, 4>{}); break;
+          case 2: run(std::integral_constant<int, 2>{}); break;
+          default: run(std::integral_constant<int, 1>{}); break;
+        }
+      }
+      ring_at += uint32_t(units);
+      ConsumerSync{}();
+      for (int idx = tid; idx < (end - begin) * 4; idx += kConsumerThreads) {
+        const int jl = idx >> 2, pr = idx & 3, j = begin + jl, slot = j / tiles, tile = j - slot * tiles;
+        const float* part = s_part + jl * 64 + 2 * pr;
+        store(slot, tile * 8 + 2 * pr, fold_partials(part, 8), fold_partials(part + 1, 8));
+      }
+      ConsumerSync{}();  // the partials are rewritten by the next split phase
+      return;
+    }
     for (int j = begin + warp; j < end; j += kConsumerWarps) {
       const int slot = j / tiles, tile = j - slot * tiles;
       float c[4];
@@ -371,30 +495,73 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     }
     ring_at += uint32_t((end - begin) * spi);
   };
+  // Paired column form ([gate | up]): store(slot, column of the first half, g0, g1, u0, u1).
+  auto pair_phase = [&](const Matrix& m, const bf16* a, auto store) {
+    int begin, end;
+    item_range(m, begin, end);
+    const int tiles = m.tiles(), spi = stages_per_item(m.K);
+    for (int j = begin + warp; j < end; j += kConsumerWarps) {
+      const int slot = j / tiles, tile = j - slot * tiles;
+      float g[4] = {}, u[4] = {};
+      column_pair_item(g, u, a, m.K, ring, ring_at + uint32_t((j - begin) * 2 * spi), lane);
+      if (lane < 4) store(slot, tile * 8 + 2 * lane, g[0], g[1], u[0], u[1]);
+    }
+    ring_at += uint32_t((end - begin) * 2 * spi);
+  };
   const int slot_pos = a.slots.positions[0];
+  if (int(blockIdx.x) < p.nkv) {  // the attention's reads of the slots and page table, once for all layers
+    if (tid == 0) {
+      const attention_detail::KvTileGeometry g = attention_detail::tile_geometry(a.slots, 0);
+      s_geometry.table = g.table;
+      s_geometry.t0 = g.t0;
+      s_geometry.ntok = g.ntok;
+      s_geometry.max_pos = g.max_pos;
+    }
+    ConsumerSync{}();
+    attention_detail::fill_first_slots(s_geometry, reinterpret_cast<int32_t*>(&s_geometry + 1),
+                                       int(a.layers[0].kv.page_size), kConsumerThreads);
+    ConsumerSync{}();
+  }
 
   static_assert(sizeof(DecodeLayerWeights) % 8 == 0, "the layer's pointers are copied in 8-byte words");
   constexpr int kLayerWords = int(sizeof(DecodeLayerWeights) / 8);
   const DecodeLayerWeights& w = *reinterpret_cast<const DecodeLayerWeights*>(smem + L.layer);
   for (int l = 0; l < a.num_layers; ++l) {
+    uint64_t* trace_row = p.trace ? p.trace + (int64_t(blockIdx.x) * a.num_layers + l) * kTracePoints : nullptr;
+    grid_barrier.trace_row = trace_row;
+    trace_at(trace_row, kLayerStart);
     // The layer's pointers into shared memory (every phase reads them; global reads would
     // each wait on L2), loaded beside the row below.
     if (tid < kLayerWords)
       reinterpret_cast<uint64_t*>(smem + L.layer)[tid] = __ldg(reinterpret_cast<const uint64_t*>(a.layers + l) + tid);
     // QKV: the layer's input row (the embedding, or the previous layer's x_mid + experts).
     if (l == 0)
-      for (int c = tid; c < H; c += kConsumerThreads) s_x[c] = __ldcg(a.x + c);
+      for (int c = tid; c < H / 8; c += kConsumerThreads)
+        reinterpret_cast<uint4*>(s_x)[c] = __ldcg(reinterpret_cast<const uint4*>(a.x) + c);
     else
       combine_into(p, s_x, tid, kConsumerThreads, s_order, s_weights);
     ConsumerSync{}();
     norm_row(s_x, w.input_norm, s_a, H, a.eps, s_scratch);
     ConsumerSync{}();
+    trace_at(trace_row, kNormDone);
     gemm_phase(
         matrix_of(p, w, kQkv), false, [&](int) { return s_a; },
         [&](int, int n, float v0, float v1) {
           *reinterpret_cast<__nv_bfloat162*>(a.qkv + n) = __floats2bfloat162_rn(v0, v1);
         });
-    grid_barrier();
+    // The KV blocks before this token's block are in the cache already: the attention CTAs
+    // start reading them now, ahead of the barrier and the RoPE (their stages alias s_a).
+    const int prefetched = min(2, slot_pos / attention_detail::kKvBlock);
+    if (int(blockIdx.x) < p.nkv) {
+      trace_at(trace_row, kPrefetchStart);
+      ConsumerSync{}();
+      trace_at(trace_row, kPrefetchSynced);
+      if (warp < 4)
+        attention_detail::attention_prefetch<D, false>(w.kv, s_geometry, int(blockIdx.x),
+                                                       reinterpret_cast<unsigned char*>(s_a), prefetched);
+      trace_at(trace_row, kPrefetchDone);
+    }
+    grid_barrier(kQkvArrive);
 
     // ATTN: kv head b's q heads, k and v (qk_norm_rope_kernel's procedure), then its attention.
     if (int(blockIdx.x) < p.nkv) {
@@ -419,72 +586,76 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
         }
       }
       ConsumerSync{}();
+      trace_at(trace_row, kRopeDone);
       // mma.sync with the output columns split over the 4 warps: the whole-tile accumulators
       // (the attention kernel's) spilled at this kernel's 168 registers, and with them the
       // rest of the kernel (wgmma would also be serialized by any call in the kernel).
       if (warp < 4)
         attention_detail::attention_tile<D, false, AttentionSync, true>(
-            a.q, a.attn, kv, a.slots, nq, G, a.scale, 0, kvh, reinterpret_cast<unsigned char*>(s_a), AttentionSync{});
+            a.q, a.attn, kv, a.slots, s_geometry, nq, G, a.scale, kvh, reinterpret_cast<unsigned char*>(s_a),
+            AttentionSync{}, prefetched);
     }
-    grid_barrier();
+    grid_barrier(kAttnArrive);
 
     // O: x_mid = x + o_proj(attn).
     const int q_dim = p.nq * D;
     for (int c = tid; c < q_dim / 8; c += kConsumerThreads)
       reinterpret_cast<uint4*>(s_a)[c] = __ldcg(reinterpret_cast<const uint4*>(a.attn) + c);
     ConsumerSync{}();
+    trace_at(trace_row, kOLoaded);
     gemm_phase(
         matrix_of(p, w, kO), true, [&](int) { return s_a; },
         [&](int, int n, float v0, float v1) {
           const float r0 = to_f32(s_x[n]) + round_bf16(v0), r1 = to_f32(s_x[n + 1]) + round_bf16(v1);
           *reinterpret_cast<__nv_bfloat162*>(a.x_mid + n) = __floats2bfloat162_rn(r0, r1);
         });
-    grid_barrier();
+    grid_barrier(kOArrive);
 
     // ROUTER: rmsnorm(x_mid) (kept in s_a for GATE_UP), fp32 logits.
-    for (int c = tid; c < H; c += kConsumerThreads) s_x[c] = __ldcg(a.x_mid + c);
+    for (int c = tid; c < H / 8; c += kConsumerThreads)
+      reinterpret_cast<uint4*>(s_x)[c] = __ldcg(reinterpret_cast<const uint4*>(a.x_mid) + c);
     ConsumerSync{}();
     norm_row(s_x, w.post_norm, s_a, H, a.eps, s_scratch);
     ConsumerSync{}();
+    trace_at(trace_row, kRouterNormDone);
     gemm_phase(
         matrix_of(p, w, kRouter), false, [&](int) { return s_a; },
         [&](int, int n, float v0, float v1) { *reinterpret_cast<float2*>(a.router_logits + n) = make_float2(v0, v1); });
-    grid_barrier();
+    grid_barrier(kRouterArrive);
 
     // GATE_UP: the routing (route_token's procedure, every CTA alike), handed to the producer.
     for (int e = tid; e < p.E; e += kConsumerThreads) s_logits[e] = __ldcg(a.router_logits + e);
     ConsumerSync{}();
-    route_token_ranked<kConsumerThreads>(s_logits, s_ids, s_weights, p.E, p.k, a.normalize_topk, s_probs,
-                                         ConsumerSync{});
-    if (tid == 0) sort_slots(s_ids, p.k, s_order);
-    ConsumerSync{}();
+    trace_at(trace_row, kLogitsLoaded);
+    route_token_ranked<kConsumerThreads>(s_logits, s_ids, s_weights, s_order, p.E, p.k, a.normalize_topk, s_probs,
+                                         ConsumerSync{}, [&](int step) { trace_at(trace_row, kProbsDone + step); });
     if (tid == 0) mbar_arrive(routed);
-    gemm_phase(
-        matrix_of(p, w, kGateUp), false, [&](int) { return s_a; },
-        [&](int slot, int n, float v0, float v1) {
-          *reinterpret_cast<__nv_bfloat162*>(a.gu + int64_t(slot) * 2 * p.I + n) = __floats2bfloat162_rn(v0, v1);
-        });
-    grid_barrier();
+    trace_at(trace_row, kRoutingDone);
+    // The expert's SwiGLU in the epilogue (the gate and up sums rounded to bf16 first, as the
+    // per-op path stores them): act[slot] = a.gu + slot I.
+    pair_phase(matrix_of(p, w, kGateUp), s_a, [&](int slot, int n, float g0, float g1, float u0, float u1) {
+      const float a0 = swiglu_value(round_bf16(g0), round_bf16(u0)), a1 = swiglu_value(round_bf16(g1), round_bf16(u1));
+      *reinterpret_cast<__nv_bfloat162*>(a.gu + int64_t(slot) * p.I + n) = __floats2bfloat162_rn(a0, a1);
+    });
+    grid_barrier(kGateUpArrive);
 
-    // DOWN: the A rows are SwiGLU of the [gate | up] rows, element by element.
-    for (int idx = tid; idx < p.k * p.I; idx += kConsumerThreads) {
-      const int slot = idx / p.I, i = idx - slot * p.I;
-      const bf16* row = a.gu + int64_t(slot) * 2 * p.I;
-      s_a[idx] = to_bf16(swiglu_value(to_f32(__ldcg(row + i)), to_f32(__ldcg(row + p.I + i))));
-    }
+    // DOWN: the experts' activations (k rows of I) into shared memory.
+    for (int c = tid; c < p.k * p.I / 8; c += kConsumerThreads)
+      reinterpret_cast<uint4*>(s_a)[c] = __ldcg(reinterpret_cast<const uint4*>(a.gu) + c);
     ConsumerSync{}();
+    trace_at(trace_row, kSwigluLoaded);
     gemm_phase(
         matrix_of(p, w, kDown), true, [&](int slot) { return s_a + slot * p.I; },
         [&](int slot, int n, float v0, float v1) {
           *reinterpret_cast<__nv_bfloat162*>(a.y + int64_t(slot) * H + n) = __floats2bfloat162_rn(v0, v1);
         });
-    grid_barrier();
+    grid_barrier(kDownArrive);
   }
   // The last layer's output row.
   combine_into(p, a.x, int(blockIdx.x) * kConsumerThreads + tid, int(gridDim.x) * kConsumerThreads, s_order, s_weights);
 }
 
-Layout layout_for(const Params& p, int D, int max_smem) {
+Layout layout_for(const Params& p, int D, int max_smem, int ctas) {
   auto up = [](uint32_t v, uint32_t a) { return (v + a - 1) / a * a; };
   Layout L;
   const uint32_t a_bytes = uint32_t(std::max({p.H, p.nq * D, p.k * p.I})) * 2;
@@ -505,6 +676,15 @@ Layout layout_for(const Params& p, int D, int max_smem) {
   at = up(at + 12 * kMaxSlots, 16);
   L.scratch = at;
   at = up(at + (kNormThreads / 32 + 1) * 4, 16);
+  // The row-form phases split over warps (K over several stages): 8 chunks x 8 columns of
+  // every item of the CTA.
+  int split_items = 0;
+  if (p.nq * D > kStageK) split_items = std::max(split_items, (p.H / 8 + ctas - 1) / ctas);
+  if (p.I > kStageK) split_items = std::max(split_items, (p.k * p.H / 8 + ctas - 1) / ctas);
+  L.part = at;
+  at = up(at + uint32_t(split_items) * 64 * 4, 16);
+  L.geometry = at;
+  at = up(at + uint32_t(sizeof(attention_detail::KvTileGeometry) + 4 * attention_detail::kGeometryBlocks), 16);
   L.layer = at;
   at = up(at + uint32_t(sizeof(DecodeLayerWeights)), 16);
   L.bars = at;
@@ -515,7 +695,69 @@ Layout layout_for(const Params& p, int D, int max_smem) {
   return L;
 }
 
+// The trace (decode_layers_trace): a device buffer for grids and layers up to these (steps may
+// be captured in CUDA graphs, so the buffer exists before the first launch of a trace).
+constexpr int kTraceMaxCtas = 1024, kTraceMaxLayers = 128;
+struct Trace {
+  bool on = false;
+  uint64_t* buffer = nullptr;
+  int ctas = 0, layers = 0;
+};
+Trace& trace_state() {
+  static Trace t;
+  return t;
+}
+
 }  // namespace
+
+void decode_layers_trace(bool on) {
+  Trace& t = trace_state();
+  const size_t bytes = size_t(kTraceMaxCtas) * kTraceMaxLayers * kTracePoints * sizeof(uint64_t);
+  if (on && t.buffer == nullptr) LS_CUDA_CHECK(cudaMalloc(&t.buffer, bytes));
+  if (on) LS_CUDA_CHECK(cudaMemset(t.buffer, 0, bytes));
+  t.on = on;
+}
+
+std::string decode_layers_trace_report() {
+  Trace& t = trace_state();
+  if (t.buffer == nullptr || t.layers < 3) return "decode_layers trace: no launch of 3 or more layers recorded\n";
+  std::vector<uint64_t> h(size_t(t.ctas) * t.layers * kTracePoints);
+  LS_CUDA_CHECK(cudaDeviceSynchronize());
+  LS_CUDA_CHECK(cudaMemcpy(h.data(), t.buffer, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  static const char* names[kTracePoints] = {
+      "combine+norm",   "qkv items",      "kv prefetch sync", "kv prefetch issue", "to qkv barrier", "qkv barrier",   "rope (or idle)", "attention",     "attn barrier",
+      "o A row load",   "o_proj items",   "o barrier",     "router norm",    "router items",  "router barrier",
+      "logits load",    "probs",          "ranks",         "weights+order",  "gate_up items",  "gate_up barrier", "act A load",
+      "down items",     "down barrier",   "to next layer"};
+  std::string out = "decode_layers trace (us, mean over layers 1.." + std::to_string(t.layers - 2) + ")\n";
+  char line[160];
+  std::snprintf(line, sizeof line, "%-20s %8s %8s %8s\n", "interval", "CTA 0", "mean", "max CTA");
+  out += line;
+  double total[3] = {};
+  for (int point = 0; point < kTracePoints; ++point) {
+    // Per CTA, the interval from this point to the next recorded one (the attention CTAs
+    // record more points than the others), summed over the middle layers.
+    std::vector<double> per_cta(size_t(t.ctas), 0.0);
+    for (int cta = 0; cta < t.ctas; ++cta)
+      for (int l = 1; l + 1 < t.layers; ++l) {
+        const uint64_t* row = h.data() + (size_t(cta) * t.layers + l) * kTracePoints;
+        int next = point + 1;
+        while (next < kTracePoints && row[next] == 0) ++next;
+        const uint64_t from = row[point], to = row[next];
+        per_cta[size_t(cta)] += from != 0 && to >= from ? double(to - from) : 0.0;
+      }
+    double sum = 0, max = 0;
+    for (double v : per_cta) sum += v, max = std::max(max, v);
+    const double scale = 1e-3 / (t.layers - 2);
+    const double shown[3] = {per_cta[0] * scale, sum / t.ctas * scale, max * scale};
+    for (int c = 0; c < 3; ++c) total[c] += shown[c];
+    std::snprintf(line, sizeof line, "%-20s %8.2f %8.2f %8.2f\n", names[point], shown[0], shown[1], shown[2]);
+    out += line;
+  }
+  std::snprintf(line, sizeof line, "%-20s %8.2f %8.2f\n", "layer", total[0], total[1]);
+  out += line;
+  return out;
+}
 
 bool decode_layers_supported(const DecodeShape& s, std::string* why) {
   auto no = [&](const char* reason) {
@@ -559,10 +801,16 @@ void decode_layers(const DecodeLayersArgs& args, cudaStream_t stream) {
   LS_CUDA_CHECK(cudaGetDevice(&device));
   LS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   LS_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  p.L = layout_for(p, D, max_smem);
+  p.L = layout_for(p, D, max_smem, sms);
   LS_CHECK(p.L.stages >= 4, "cuda decode_layers: ", max_smem, " bytes of shared memory leave ", p.L.stages,
            " weight stages (4 needed)");
   LS_CHECK(sms >= p.nkv, "cuda decode_layers: fewer SMs than kv heads");
+  p.trace = nullptr;
+  if (Trace& t = trace_state(); t.on && sms <= kTraceMaxCtas && args.num_layers <= kTraceMaxLayers) {
+    t.ctas = sms;
+    t.layers = args.num_layers;
+    p.trace = t.buffer;
+  }
   auto kernel = D == 64 ? decode_layers_kernel<64> : decode_layers_kernel<128>;
   static const bool configured = [&] {
     for (auto k : {decode_layers_kernel<64>, decode_layers_kernel<128>})

@@ -59,4 +59,10 @@ struct DecodeLayersArgs {
 bool decode_layers_supported(const DecodeShape& shape, std::string* why = nullptr);
 void decode_layers(const DecodeLayersArgs& args, cudaStream_t stream);
 
+// Diagnostics (cuda_bench --trace): while on, every launch records the time each CTA reaches
+// each point of each layer (%globaltimer, thread 0); the report gives the mean time per
+// interval over the middle layers for a few CTAs, from the last launch.
+void decode_layers_trace(bool on);
+std::string decode_layers_trace_report();
+
 }  // namespace lockstep::cuda

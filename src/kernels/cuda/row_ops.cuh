@@ -56,18 +56,15 @@ template <int PER, typename Sync = CtaSync>
 __device__ __forceinline__ void rmsnorm_row_fixed(const bf16* xr, const float* w, bf16* o, int n, float eps,
                                                   float* scratch, Sync sync = {}) {
   const int t = threadIdx.x;
-  float v[PER];
+  float v[PER], wv[PER];  // the weights loaded before the block sum's barriers, not after
 #pragma unroll
-  for (int j = 0; j < PER; ++j) v[j] = to_f32(xr[t + kNormThreads * j]);
+  for (int j = 0; j < PER; ++j) v[j] = to_f32(xr[t + kNormThreads * j]), wv[j] = w[t + kNormThreads * j];
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
   const float inv = inverse_rms(block_sum<kNormThreads / 32>(ss, scratch, sync), n, eps);
 #pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const int i = t + kNormThreads * j;
-    o[i] = to_bf16(w[i] * round_bf16(v[j] * inv));
-  }
+  for (int j = 0; j < PER; ++j) o[t + kNormThreads * j] = to_bf16(wv[j] * round_bf16(v[j] * inv));
 }
 template <typename Sync = CtaSync>
 __device__ __forceinline__ void rmsnorm_row(const bf16* xr, const float* w, bf16* o, int64_t n, float eps,
@@ -188,27 +185,50 @@ __device__ __forceinline__ void route_token(const float* logits, int32_t* ids, f
 // route_token's result by a block of THREADS (the first threads of the block; sync: their
 // barrier), for steps of one token: warp 0 computes the probabilities, then each thread the
 // rank of its experts (how many are more probable, or as probable with a lower id) in one pass
-// instead of k dependent rounds of a warp arg max; thread 0 sums the chosen in slot order.
-template <int THREADS, typename Sync>
-__device__ __forceinline__ void route_token_ranked(const float* logits, int32_t* ids, float* weights, int E, int k,
-                                                   bool normalize, float* probs, Sync sync) {
+// instead of k dependent rounds of a warp arg max (probs 16-byte aligned, E a multiple of 4); then thread i < k takes slot i: its weight
+// (the chosen summed in slot order, as route_token) and its place in ascending expert id
+// (order[], as sort_slots: the ids are distinct). mark(step) is called after each step (the
+// one-launch decode's trace).
+template <int THREADS, typename Sync, typename Mark>
+__device__ __forceinline__ void route_token_ranked(const float* logits, int32_t* ids, float* weights, int* order,
+                                                   int E, int k, bool normalize, float* probs, Sync sync, Mark mark) {
   if (threadIdx.x < 32) route_probs(logits, E, probs);
   sync();
+  mark(0);
+  // probs 16-byte aligned, E a multiple of 4: four probabilities per load.
   for (int e = threadIdx.x; e < E; e += THREADS) {
     const float p = probs[e];
     int rank = 0;
-#pragma unroll 8
-    for (int other = 0; other < E; ++other) {
-      const float q = probs[other];
-      rank += (q > p || (q == p && other < e)) ? 1 : 0;
+#pragma unroll 4
+    for (int o = 0; o < E; o += 4) {
+      const float4 q = *reinterpret_cast<const float4*>(probs + o);
+      rank += (q.x > p || (q.x == p && o < e)) ? 1 : 0;
+      rank += (q.y > p || (q.y == p && o + 1 < e)) ? 1 : 0;
+      rank += (q.z > p || (q.z == p && o + 2 < e)) ? 1 : 0;
+      rank += (q.w > p || (q.w == p && o + 3 < e)) ? 1 : 0;
     }
     if (rank < k) ids[rank] = e;
   }
   sync();
-  if (threadIdx.x == 0) {
+  mark(1);
+  if (int(threadIdx.x) < k) {
+    const int slot = int(threadIdx.x), id = ids[slot];
+    int chosen[8];
+    float p[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) chosen[i] = i < k ? ids[i] : 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p[i] = i < k ? probs[chosen[i]] : 0.0f;
     float total = 0.0f;
-    for (int i = 0; i < k; ++i) total += probs[ids[i]];
-    for (int i = 0; i < k; ++i) weights[i] = normalize ? probs[ids[i]] / total : probs[ids[i]];
+    int place = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < k) {
+        total += p[i];
+        place += chosen[i] < id ? 1 : 0;
+      }
+    weights[slot] = normalize ? probs[id] / total : probs[id];
+    order[place] = slot;
   }
   sync();
 }
