@@ -448,6 +448,7 @@ int main(int argc, char** argv) {
       }
       auto out = runner->forward_sample(fb, reqs);
       double kv_bytes = 0;
+      uint64_t tokens_hash = 1469598103934665603ull;  // FNV-1a of the sampled tokens: equal runs, equal bits
       auto t1 = Clock::now();
       for (int64_t step = 0; step < N; ++step) {
         ForwardBatch d;
@@ -465,6 +466,7 @@ int main(int argc, char** argv) {
           dr.push_back(r);
         }
         out = runner->forward_sample(d, dr);
+        for (const auto& o : out) tokens_hash = (tokens_hash ^ uint64_t(uint32_t(o.token))) * 1099511628211ull;
         kv_bytes += double(B) * double(P + step + 1) * s.L * 2 * s.kvd * 2;
       }
       const double sec = seconds_since(t1);
@@ -473,9 +475,9 @@ int main(int argc, char** argv) {
       const double bound_sec = (weight_bytes + kv_bytes) / kCopyBandwidth;
       const double tok_s = double(B * N) / sec;
       std::printf("{\"event\":\"decode\",\"batch\":%lld,\"prompt\":%lld,\"new\":%lld,\"seconds\":%.4f,\"tok_s\":%.1f,"
-                  "\"bound_tok_s\":%.1f,\"active_experts\":%.1f,\"hbm_TBps\":%.3f}\n",
+                  "\"bound_tok_s\":%.1f,\"active_experts\":%.1f,\"hbm_TBps\":%.3f,\"tokens_hash\":\"%016llx\"}\n",
                   (long long)B, (long long)P, (long long)N, sec, tok_s, double(B * N) / bound_sec,
-                  s.active_experts(double(B)), (weight_bytes + kv_bytes) / sec / 1e12);
+                  s.active_experts(double(B)), (weight_bytes + kv_bytes) / sec / 1e12, (unsigned long long)tokens_hash);
       results.push_back({"decode batch " + std::to_string(B), tok_s, double(B * N) / bound_sec, 0, "tok/s", "HBM bytes"});
       if (trace && B == 1) std::printf("%s", cuda::decode_layers_trace_report().c_str());  // the last step's
     }

@@ -55,9 +55,9 @@ struct Layout {
 
 // The trace's points of a layer (decode_layers_trace): where thread 0 of a CTA stands.
 enum TracePoint {
-  kLayerStart, kNormDone, kPrefetchStart, kPrefetchSynced, kPrefetchDone, kQkvArrive, kQkvLeave, kRopeDone, kAttnArrive, kAttnLeave, kOLoaded, kOArrive, kOLeave,
-  kRouterNormDone, kRouterArrive, kRouterLeave, kLogitsLoaded, kProbsDone, kRanked, kRoutingDone, kGateUpArrive, kGateUpLeave,
-  kSwigluLoaded, kDownArrive, kDownLeave, kTracePoints
+  kLayerStart, kNormDone, kQkvArrive, kQkvLeave, kRopeDone, kAttnArrive, kAttnLeave, kOLoaded, kOArrive, kOLeave,
+  kRouterNormDone, kRouterArrive, kRouterLeave, kLogitsLoaded, kProbsDone, kRanked, kRoutingDone, kGateUpArrive, kGateUpAtomic, kGateUpLeave,
+  kSwigluLoaded, kDownArrive, kDownAtomic, kDownLeave, kTracePoints
 };
 
 struct Params {
@@ -209,19 +209,20 @@ __device__ __forceinline__ void mma_k32_pair(float (&c0)[4], float (&c1)[4], uin
 }
 
 // Paired column form: the chains of the two tiles of a paired item, stage by stage (stages
-// first + 2t and first + 2t + 1: K part t of either tile).
+// first + t stride and the one after it: K part t of either tile).
 __device__ __forceinline__ void column_pair_item(float (&c0)[4], float (&c1)[4], const bf16* a, int K,
-                                                 const Ring& ring, uint32_t first, int lane) {
+                                                 const Ring& ring, uint32_t first, uint32_t stride, int lane) {
   const int spi = stages_per_item(K);
   for (int t = 0; t < spi; ++t) {
-    const uint32_t stage0 = ring.acquire(first + 2 * t), stage1 = ring.acquire(first + 2 * t + 1);
+    const uint32_t at_t = first + uint32_t(t) * stride;
+    const uint32_t stage0 = ring.acquire(at_t), stage1 = ring.acquire(at_t + 1);
     const uint32_t lane_off = (lane & 7) * kRowPitch + (lane >> 3) * 16;
     const int kn = min(kStageK, K - t * kStageK);
     const bf16* at = a + t * kStageK;
 #pragma unroll 2
     for (int kk = 0; kk < kn; kk += 32) mma_k32_pair(c0, c1, stage0 + lane_off, stage1 + lane_off, kk, at + kk, lane);
-    ring.release(first + 2 * t, lane);
-    ring.release(first + 2 * t + 1, lane);
+    ring.release(at_t, lane);
+    ring.release(at_t + 1, lane);
   }
 }
 
@@ -320,11 +321,16 @@ __device__ void produce(const Params& p, const Ring& ring, uint32_t routed, cons
       int begin, end;
       item_range(m, begin, end);
       const int tiles = m.tiles(), spi = stages_per_item(m.K), halves = m.paired ? 2 : 1;
-      for (int j = begin; j < end; ++j) {
-        const int slot = j / tiles, tile = j - slot * tiles;
-        const bf16* rows = m.W + (m.slots > 1 ? int64_t(s_ids[slot]) * m.expert_stride : 0) + int64_t(tile) * 8 * m.K;
-        for (int t = 0; t < spi; ++t)
-          for (int h = 0; h < halves; ++h, ++i) {  // paired: tile t of the first half, then of the second
+      // Items in order, each K part in turn; paired items K part by K part across the items
+      // (every warp starts on its item's first part at once), the two tiles of a part together.
+      const int outer = m.paired ? spi : end - begin, inner = m.paired ? end - begin : spi;
+      for (int o = 0; o < outer; ++o)
+        for (int n = 0; n < inner; ++n) {
+          const int j = begin + (m.paired ? n : o), t = m.paired ? o : n;
+          const int slot = j / tiles, tile = j - slot * tiles;
+          const bf16* rows =
+              m.W + (m.slots > 1 ? int64_t(s_ids[slot]) * m.expert_stride : 0) + int64_t(tile) * 8 * m.K;
+          for (int h = 0; h < halves; ++h, ++i) {  // paired: the tile of the first half, then of the second
             const bf16* src = rows + int64_t(h) * (m.N / 2) * m.K + t * kStageK;
             const uint32_t s = i % uint32_t(ring.stages);
             note_progress(8, (i << 4) | 3);
@@ -353,15 +359,19 @@ struct GridBarrier {
   uint32_t* counter;
   uint32_t target = 0;
   uint64_t* trace_row = nullptr;
-  __device__ __forceinline__ void operator()(int arrive_point) {
+  // The trace's points: arrive_point, then (atomic_point >= 0) after the arrival's add, then the
+  // next point after the wait.
+  __device__ __forceinline__ void operator()(int arrive_point, int atomic_point = -1) {
     if ((threadIdx.x & 31) == 0) note_progress(int(threadIdx.x >> 5), 0xB0000000u | target);
     ConsumerSync{}();
     trace_at(trace_row, arrive_point);
     target += gridDim.x;
     if (threadIdx.x < 32) {  // warp 0 waits, all lanes together
       if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(counter, 1u);
+        // This CTA's writes before the arrival (the consumers' barrier ordered them before
+        // thread 0's), released at gpu scope with the add.
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
+        if (atomic_point >= 0) trace_at(trace_row, atomic_point);
       }
       const uint64_t t0 = now_ns();
       for (;;) {
@@ -374,7 +384,7 @@ struct GridBarrier {
       __threadfence();
     }
     ConsumerSync{}();
-    trace_at(trace_row, arrive_point + 1);
+    trace_at(trace_row, atomic_point >= 0 ? atomic_point + 1 : arrive_point + 1);
   }
 };
 
@@ -503,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     for (int j = begin + warp; j < end; j += kConsumerWarps) {
       const int slot = j / tiles, tile = j - slot * tiles;
       float g[4] = {}, u[4] = {};
-      column_pair_item(g, u, a, m.K, ring, ring_at + uint32_t((j - begin) * 2 * spi), lane);
+      column_pair_item(g, u, a, m.K, ring, ring_at + uint32_t(2 * (j - begin)), uint32_t(2 * (end - begin)), lane);
       if (lane < 4) store(slot, tile * 8 + 2 * lane, g[0], g[1], u[0], u[1]);
     }
     ring_at += uint32_t((end - begin) * 2 * spi);
@@ -553,13 +563,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     // start reading them now, ahead of the barrier and the RoPE (their stages alias s_a).
     const int prefetched = min(2, slot_pos / attention_detail::kKvBlock);
     if (int(blockIdx.x) < p.nkv) {
-      trace_at(trace_row, kPrefetchStart);
       ConsumerSync{}();
-      trace_at(trace_row, kPrefetchSynced);
       if (warp < 4)
         attention_detail::attention_prefetch<D, false>(w.kv, s_geometry, int(blockIdx.x),
                                                        reinterpret_cast<unsigned char*>(s_a), prefetched);
-      trace_at(trace_row, kPrefetchDone);
     }
     grid_barrier(kQkvArrive);
 
@@ -637,7 +644,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
       const float a0 = swiglu_value(round_bf16(g0), round_bf16(u0)), a1 = swiglu_value(round_bf16(g1), round_bf16(u1));
       *reinterpret_cast<__nv_bfloat162*>(a.gu + int64_t(slot) * p.I + n) = __floats2bfloat162_rn(a0, a1);
     });
-    grid_barrier(kGateUpArrive);
+    grid_barrier(kGateUpArrive, kGateUpAtomic);
 
     // DOWN: the experts' activations (k rows of I) into shared memory.
     for (int c = tid; c < p.k * p.I / 8; c += kConsumerThreads)
@@ -649,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
         [&](int slot, int n, float v0, float v1) {
           *reinterpret_cast<__nv_bfloat162*>(a.y + int64_t(slot) * H + n) = __floats2bfloat162_rn(v0, v1);
         });
-    grid_barrier(kDownArrive);
+    grid_barrier(kDownArrive, kDownAtomic);
   }
   // The last layer's output row.
   combine_into(p, a.x, int(blockIdx.x) * kConsumerThreads + tid, int(gridDim.x) * kConsumerThreads, s_order, s_weights);
@@ -725,33 +732,38 @@ std::string decode_layers_trace_report() {
   LS_CUDA_CHECK(cudaDeviceSynchronize());
   LS_CUDA_CHECK(cudaMemcpy(h.data(), t.buffer, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   static const char* names[kTracePoints] = {
-      "combine+norm",   "qkv items",      "kv prefetch sync", "kv prefetch issue", "to qkv barrier", "qkv barrier",   "rope (or idle)", "attention",     "attn barrier",
+      "combine+norm",   "qkv items",      "qkv barrier",   "rope (or idle)", "attention",     "attn barrier",
       "o A row load",   "o_proj items",   "o barrier",     "router norm",    "router items",  "router barrier",
-      "logits load",    "probs",          "ranks",         "weights+order",  "gate_up items",  "gate_up barrier", "act A load",
-      "down items",     "down barrier",   "to next layer"};
+      "logits load",    "probs",          "ranks",         "weights+order",  "gate_up items",  "gate_up fence+add", "gate_up barrier", "act A load",
+      "down items",     "down fence+add", "down barrier",   "to next layer"};
   std::string out = "decode_layers trace (us, mean over layers 1.." + std::to_string(t.layers - 2) + ")\n";
   char line[160];
-  std::snprintf(line, sizeof line, "%-20s %8s %8s %8s\n", "interval", "CTA 0", "mean", "max CTA");
+  std::snprintf(line, sizeof line, "%-20s %8s %8s %8s %8s\n", "interval", "CTA 0", "mean", "max CTA", "max/layer");
   out += line;
   double total[3] = {};
   for (int point = 0; point < kTracePoints; ++point) {
     // Per CTA, the interval from this point to the next recorded one (the attention CTAs
     // record more points than the others), summed over the middle layers.
-    std::vector<double> per_cta(size_t(t.ctas), 0.0);
+    // max/layer: the slowest CTA of each layer (mean over layers).
+    std::vector<double> per_cta(size_t(t.ctas), 0.0), layer_max(size_t(t.layers), 0.0);
     for (int cta = 0; cta < t.ctas; ++cta)
       for (int l = 1; l + 1 < t.layers; ++l) {
         const uint64_t* row = h.data() + (size_t(cta) * t.layers + l) * kTracePoints;
         int next = point + 1;
         while (next < kTracePoints && row[next] == 0) ++next;
         const uint64_t from = row[point], to = row[next];
-        per_cta[size_t(cta)] += from != 0 && to >= from ? double(to - from) : 0.0;
+        const double v = from != 0 && to >= from ? double(to - from) : 0.0;
+        per_cta[size_t(cta)] += v;
+        layer_max[size_t(l)] = std::max(layer_max[size_t(l)], v);
       }
-    double sum = 0, max = 0;
+    double sum = 0, max = 0, max_sum = 0;
     for (double v : per_cta) sum += v, max = std::max(max, v);
+    for (double v : layer_max) max_sum += v;
     const double scale = 1e-3 / (t.layers - 2);
-    const double shown[3] = {per_cta[0] * scale, sum / t.ctas * scale, max * scale};
+    const double shown[4] = {per_cta[0] * scale, sum / t.ctas * scale, max * scale, max_sum * scale};
     for (int c = 0; c < 3; ++c) total[c] += shown[c];
-    std::snprintf(line, sizeof line, "%-20s %8.2f %8.2f %8.2f\n", names[point], shown[0], shown[1], shown[2]);
+    std::snprintf(line, sizeof line, "%-20s %8.2f %8.2f %8.2f %8.2f\n", names[point], shown[0], shown[1], shown[2],
+                  shown[3]);
     out += line;
   }
   std::snprintf(line, sizeof line, "%-20s %8.2f %8.2f\n", "layer", total[0], total[1]);
