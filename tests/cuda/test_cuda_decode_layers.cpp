@@ -57,9 +57,7 @@ std::vector<float> prefill_then_decode(ModelRunner& runner, const std::vector<in
 void expect_decode_equals_whole_forward(const ModelConfig& config, const char* what) {
   std::string why;
   ASSERT_TRUE(one_launch_decode_supported(config, &why)) << what << ": " << why;
-  setenv("LOCKSTEP_ONE_LAUNCH_DECODE", "1", 1);
-  auto runner = make_cuda_runner_random(config, 11);
-  unsetenv("LOCKSTEP_ONE_LAUNCH_DECODE");
+  auto runner = make_cuda_runner_random(config, 11);  // the one-launch decode (the default)
   const auto seq = token_ids(150, 3, config.vocab_size);
   const auto whole = runner_score_sequences(*runner, {seq})[0];
   for (int64_t page_size : {16, 64}) {
@@ -67,7 +65,9 @@ void expect_decode_equals_whole_forward(const ModelConfig& config, const char* w
     EXPECT_TRUE(same_bits_f(decoded, whole)) << what << ", page size " << page_size;
   }
   // The per-op kernels at one token (the path every other step size takes) give the same bits.
+  setenv("LOCKSTEP_ONE_LAUNCH_DECODE", "0", 1);
   auto per_op = make_cuda_runner_random(config, 11);
+  unsetenv("LOCKSTEP_ONE_LAUNCH_DECODE");
   EXPECT_TRUE(same_bits_f(prefill_then_decode(*per_op, seq, 100, 64), whole)) << what << ", per-op kernels";
 }
 

@@ -833,11 +833,20 @@ void decode_layers(const DecodeLayersArgs& args, cudaStream_t stream) {
   int per_sm = 0;
   LS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, p.L.total));
   LS_CHECK(per_sm >= 1, "cuda decode_layers: the kernel does not fit on an SM");
-  // One CTA per SM, all resident together (the grid barrier needs every CTA running): the
-  // stream's previous kernel has finished (no programmatic launch here).
+  // One CTA per SM, all resident together (the grid barrier needs every CTA running): a
+  // cooperative launch, so the driver guarantees it even beside kernels of other streams.
   LS_CUDA_CHECK(cudaMemsetAsync(args.barrier, 0, sizeof(uint32_t), stream));
-  kernel<<<sms, kThreads, p.L.total, stream>>>(p);
-  LS_CUDA_LAUNCHED();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(sms));
+  config.blockDim = dim3(unsigned(kThreads));
+  config.dynamicSmemBytes = p.L.total;
+  config.stream = stream;
+  cudaLaunchAttribute cooperative = {};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  LS_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
 }  // namespace lockstep::cuda

@@ -573,12 +573,12 @@ class CudaRunner final : public ModelRunner {
     seen_sizes_.clear();
   }
 
-  // With LOCKSTEP_ONE_LAUNCH_DECODE=1, steps of one token run every layer in one launch
-  // (decode_layers.h) when the model allows it (the tests and the benchmark compare the two
-  // paths).
+  // Steps of one token run every layer in one launch (decode_layers.h) when the model allows
+  // it; LOCKSTEP_ONE_LAUNCH_DECODE=0 takes the per-op kernels instead (the tests and the
+  // benchmark compare the two paths: the same bits).
   bool one_launch_decode_applies() const {
     const char* env = std::getenv("LOCKSTEP_ONE_LAUNCH_DECODE");
-    return env && std::strcmp(env, "1") == 0 && one_launch_decode_supported(config_);
+    return !(env && std::strcmp(env, "0") == 0) && one_launch_decode_supported(config_);
   }
   void upload_decode_layers() {
     std::vector<cuda::DecodeLayerWeights> host(layers_.size());

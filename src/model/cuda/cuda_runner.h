@@ -16,7 +16,7 @@ std::unique_ptr<ModelRunner> make_cuda_runner(const ModelWeights& weights, Preci
 // host). Deterministic in `seed`.
 std::unique_ptr<ModelRunner> make_cuda_runner_random(const ModelConfig& config, uint64_t seed);
 // Whether steps of one token can run every layer in one launch (kernels/cuda/decode_layers.h;
-// the runner takes it with LOCKSTEP_ONE_LAUNCH_DECODE=1); `why` gets the reason when not.
+// the runner then does, unless LOCKSTEP_ONE_LAUNCH_DECODE=0); `why` gets the reason when not.
 bool one_launch_decode_supported(const ModelConfig& config, std::string* why = nullptr);
 
 }  // namespace lockstep
