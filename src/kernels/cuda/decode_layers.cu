@@ -69,29 +69,31 @@ struct Params {
 
 // The matrix of a GEMM phase: `slots` weight blocks (one per expert slot, else 1) of [N, K].
 // Paired ([gate | up]): an item is n8 tile t of the first half and tile t of the second half,
-// two chains in one warp, so the epilogue can apply the SwiGLU.
+// two chains in one warp, so the epilogue can apply the SwiGLU. The items are shared by CTAs
+// first_cta and on (QKV leaves the attention CTAs free to start their KV reads).
 struct Matrix {
   const bf16* W;
   int64_t expert_stride;
   int N, K, slots;
   bool paired;
+  int first_cta;
   __device__ __forceinline__ int tiles() const { return paired ? N / 16 : N / 8; }  // items per slot
 };
 __device__ __forceinline__ Matrix matrix_of(const Params& p, const DecodeLayerWeights& w, int phase) {
   switch (phase) {
-    case kQkv: return {w.qkv, 0, p.qkv_n, p.H, 1, false};
-    case kO: return {w.o, 0, p.H, p.nq * int(p.a.shape.head_dim), 1, false};
-    case kRouter: return {w.router, 0, p.E, p.H, 1, false};
-    case kGateUp: return {w.gate_up, int64_t(2) * p.I * p.H, 2 * p.I, p.H, p.k, true};
-    default: return {w.down, int64_t(p.H) * p.I, p.H, p.I, p.k, false};
+    case kQkv: return {w.qkv, 0, p.qkv_n, p.H, 1, false, p.nkv};
+    case kO: return {w.o, 0, p.H, p.nq * int(p.a.shape.head_dim), 1, false, 0};
+    case kRouter: return {w.router, 0, p.E, p.H, 1, false, 0};
+    case kGateUp: return {w.gate_up, int64_t(2) * p.I * p.H, 2 * p.I, p.H, p.k, true, 0};
+    default: return {w.down, int64_t(p.H) * p.I, p.H, p.I, p.k, false, 0};
   }
 }
 __device__ __forceinline__ int stages_per_item(int K) { return (K + kStageK - 1) / kStageK; }
 // This CTA's items [begin, end) of a phase: contiguous shares of slots * tiles() items.
 __device__ __forceinline__ void item_range(const Matrix& m, int& begin, int& end) {
-  const int items = m.slots * m.tiles();
-  begin = int(int64_t(items) * blockIdx.x / gridDim.x);
-  end = int(int64_t(items) * (blockIdx.x + 1) / gridDim.x);
+  const int items = m.slots * m.tiles(), ctas = int(gridDim.x) - m.first_cta, b = int(blockIdx.x) - m.first_cta;
+  begin = b < 0 ? 0 : int(int64_t(items) * b / ctas);
+  end = b < 0 ? 0 : int(int64_t(items) * (b + 1) / ctas);
 }
 
 __device__ __forceinline__ void mma_k16(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
@@ -551,23 +553,25 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     else
       combine_into(p, s_x, tid, kConsumerThreads, s_order, s_weights);
     ConsumerSync{}();
-    norm_row(s_x, w.input_norm, s_a, H, a.eps, s_scratch);
-    ConsumerSync{}();
+    // The attention CTAs take no QKV items: they start reading the KV blocks before this
+    // token's block (in the cache already) now, ahead of the barrier and the RoPE, into the
+    // attention's stages (s_a, which no QKV item needs there).
+    const bool attention_cta = int(blockIdx.x) < p.nkv;
+    const int prefetched = min(2, slot_pos / attention_detail::kKvBlock);
+    if (attention_cta) {
+      if (warp < 4)
+        attention_detail::attention_prefetch<D, false>(w.kv, s_geometry, int(blockIdx.x),
+                                                       reinterpret_cast<unsigned char*>(s_a), prefetched);
+    } else {
+      norm_row(s_x, w.input_norm, s_a, H, a.eps, s_scratch);
+      ConsumerSync{}();
+    }
     trace_at(trace_row, kNormDone);
     gemm_phase(
         matrix_of(p, w, kQkv), false, [&](int) { return s_a; },
         [&](int, int n, float v0, float v1) {
           *reinterpret_cast<__nv_bfloat162*>(a.qkv + n) = __floats2bfloat162_rn(v0, v1);
         });
-    // The KV blocks before this token's block are in the cache already: the attention CTAs
-    // start reading them now, ahead of the barrier and the RoPE (their stages alias s_a).
-    const int prefetched = min(2, slot_pos / attention_detail::kKvBlock);
-    if (int(blockIdx.x) < p.nkv) {
-      ConsumerSync{}();
-      if (warp < 4)
-        attention_detail::attention_prefetch<D, false>(w.kv, s_geometry, int(blockIdx.x),
-                                                       reinterpret_cast<unsigned char*>(s_a), prefetched);
-    }
     grid_barrier(kQkvArrive);
 
     // ATTN: kv head b's q heads, k and v (qk_norm_rope_kernel's procedure), then its attention.
@@ -816,7 +820,7 @@ void decode_layers(const DecodeLayersArgs& args, cudaStream_t stream) {
   p.L = layout_for(p, D, max_smem, sms);
   LS_CHECK(p.L.stages >= 4, "cuda decode_layers: ", max_smem, " bytes of shared memory leave ", p.L.stages,
            " weight stages (4 needed)");
-  LS_CHECK(sms >= p.nkv, "cuda decode_layers: fewer SMs than kv heads");
+  LS_CHECK(sms > p.nkv, "cuda decode_layers: as many kv heads as SMs (the QKV items go to the other CTAs)");
   p.trace = nullptr;
   if (Trace& t = trace_state(); t.on && sms <= kTraceMaxCtas && args.num_layers <= kTraceMaxLayers) {
     t.ctas = sms;
