@@ -1,11 +1,13 @@
 // The one-launch decode kernel (steps of one token, every layer in one launch) against the
 // per-op kernels and the whole-sequence forward, bit for bit: D2 for the decode path that
 // batch 1 takes.
+#include <cstdio>
 #include <cstdlib>
 #include <numeric>
 #include <random>
 
 #include "cuda_test_util.h"
+#include "kernels/cuda/decode_layers.h"
 #include "model/cuda/cuda_runner.h"
 
 namespace lockstep {
@@ -88,6 +90,26 @@ TEST(CudaDecodeLayers, OneTokenStepsEqualWholeSequenceForwardAtOtherShapes) {
   c.num_experts_per_tok = 4;
   c.moe_intermediate_size = 512;
   expect_decode_equals_whole_forward(c, "hidden 1024, head_dim 64");
+}
+
+TEST(CudaDecodeLayers, TraceTimesEveryPhaseOfTheLastStep) {
+  LS_SKIP_WITHOUT_GPU();
+  cuda::decode_layers_trace(true);  // before the runner's first step: its graphs record
+  auto runner = make_cuda_runner_random(qwen3_30b_config(4), 5);
+  const auto seq = token_ids(70, 5, 4096);
+  prefill_then_decode(*runner, seq, 66, 64);
+  const std::string report = cuda::decode_layers_trace_report();
+  cuda::decode_layers_trace(false);
+  for (const char* phase : {"combine+norm", "attention", "o_proj items", "ranks", "gate_up items", "down barrier"})
+    EXPECT_NE(report.find(phase), std::string::npos) << phase << " missing:\n" << report;
+  // The per-layer totals (CTA 0 and the mean over CTAs): a step of 4 layers takes microseconds.
+  const size_t at = report.find("\nlayer");
+  ASSERT_NE(at, std::string::npos) << report;
+  double cta0 = 0, mean = 0;
+  ASSERT_EQ(std::sscanf(report.c_str() + at + 6, "%lf %lf", &cta0, &mean), 2) << report;
+  EXPECT_GT(cta0, 1.0) << report;
+  EXPECT_GT(mean, 1.0) << report;
+  EXPECT_LT(mean, 10000.0) << report;
 }
 
 TEST(CudaDecodeLayers, RefusesShapesItCannotRun) {
