@@ -355,7 +355,8 @@ int main(int argc, char** argv) {
       else if (!std::strcmp(argv[i], "--decode-kernels")) decode_only = true;
       else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
       else if (!std::strcmp(argv[i], "--no-prefill")) no_prefill = true;
-      else if (!std::strcmp(argv[i], "--trace")) trace = true;  // the one-launch decode's phases
+      else if (!std::strcmp(argv[i], "--trace"))
+        trace = true;  // the one-launch decode's phases
       else if (!std::strcmp(argv[i], "--gemm-config") && i + 1 < argc) only_config = std::atoi(argv[++i]);
       else if (!std::strcmp(argv[i], "--gemm-tokens") && i + 1 < argc)
         gemm_tokens = std::atoll(argv[++i]);
@@ -474,10 +475,11 @@ int main(int argc, char** argv) {
           double(N) * 2 * (s.L * (s.attn_params() + s.E * s.H + s.active_experts(double(B)) * s.expert_params()) + s.V * s.H);
       const double bound_sec = (weight_bytes + kv_bytes) / kCopyBandwidth;
       const double tok_s = double(B * N) / sec;
-      std::printf("{\"event\":\"decode\",\"batch\":%lld,\"prompt\":%lld,\"new\":%lld,\"seconds\":%.4f,\"tok_s\":%.1f,"
-                  "\"bound_tok_s\":%.1f,\"active_experts\":%.1f,\"hbm_TBps\":%.3f,\"tokens_hash\":\"%016llx\"}\n",
-                  (long long)B, (long long)P, (long long)N, sec, tok_s, double(B * N) / bound_sec,
-                  s.active_experts(double(B)), (weight_bytes + kv_bytes) / sec / 1e12, (unsigned long long)tokens_hash);
+      std::printf(
+          "{\"event\":\"decode\",\"batch\":%lld,\"prompt\":%lld,\"new\":%lld,\"seconds\":%.4f,\"tok_s\":%.1f,"
+          "\"bound_tok_s\":%.1f,\"active_experts\":%.1f,\"hbm_TBps\":%.3f,\"tokens_hash\":\"%016llx\"}\n",
+          (long long)B, (long long)P, (long long)N, sec, tok_s, double(B * N) / bound_sec, s.active_experts(double(B)),
+          (weight_bytes + kv_bytes) / sec / 1e12, (unsigned long long)tokens_hash);
       results.push_back({"decode batch " + std::to_string(B), tok_s, double(B * N) / bound_sec, 0, "tok/s", "HBM bytes"});
       if (trace && B == 1) std::printf("%s", cuda::decode_layers_trace_report().c_str());  // the last step's
     }

@@ -56,7 +56,8 @@ __global__ void wgmma_chains(float* out, long long* cycles) {
 #pragma unroll
   for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-    for (int ch = 0; ch < CHAINS; ++ch) wgmma_m64n8k16(d[ch], smem_desc(a) + 2 * (s & 3), smem_desc(b) + 2 * (s & 3), s > 0);
+    for (int ch = 0; ch < CHAINS; ++ch)
+      wgmma_m64n8k16(d[ch], smem_desc(a) + 2 * (s & 3), smem_desc(b) + 2 * (s & 3), s > 0);
   wgmma_commit();
   wgmma_wait<0>();
   const long long t1 = clock64();

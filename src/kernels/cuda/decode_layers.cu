@@ -1,12 +1,14 @@
 // The one-launch decode kernel (decode_layers.h): phases per layer, each consumer warp's GEMM
 // work in n8 column tiles ("items") of one weight matrix, fed by the producer warp's ring.
 //
-//   QKV     rmsnorm(x) -> qkv (column form), every CTA normalizing the row itself
+//   QKV     CTAs nkv ..: rmsnorm(x) -> qkv (column form), each CTA normalizing the row itself;
+//           CTAs 0 .. nkv-1 start reading their kv head's earlier KV blocks meanwhile
 //   ATTN    CTAs 0 .. nkv-1: q/k norm + RoPE of their kv head, the KV write, the attention
-//   O       x_mid = x + o_proj(attn) (row form, 8 chunks and the tree)
+//   O       x_mid = x + o_proj(attn) (row form: a CTA's stages over its warps, then the tree)
 //   ROUTER  rmsnorm(x_mid) -> router logits (fp32)
-//   GATE_UP every CTA routes the token itself, then [gate | up] of the k experts
-//   DOWN    SwiGLU as the A row is loaded, down projection (row form) per expert slot
+//   GATE_UP every CTA routes the token itself, then [gate | up] of the k experts (a gate tile
+//           and its up tile per warp), the SwiGLU in the epilogue
+//   DOWN    the activations as A rows, down projection (row form) per expert slot
 // with a grid barrier after each; the combine of the experts into x happens as the next layer
 // (or the end) loads the row.
 #include "kernels/cuda/decode_layers.h"
@@ -55,9 +57,31 @@ struct Layout {
 
 // The trace's points of a layer (decode_layers_trace): where thread 0 of a CTA stands.
 enum TracePoint {
-  kLayerStart, kNormDone, kQkvArrive, kQkvLeave, kRopeDone, kAttnArrive, kAttnLeave, kOLoaded, kOArrive, kOLeave,
-  kRouterNormDone, kRouterArrive, kRouterLeave, kLogitsLoaded, kProbsDone, kRanked, kRoutingDone, kGateUpArrive, kGateUpAtomic, kGateUpLeave,
-  kSwigluLoaded, kDownArrive, kDownAtomic, kDownLeave, kTracePoints
+  kLayerStart,
+  kNormDone,
+  kQkvArrive,
+  kQkvLeave,
+  kRopeDone,
+  kAttnArrive,
+  kAttnLeave,
+  kOLoaded,
+  kOArrive,
+  kOLeave,
+  kRouterNormDone,
+  kRouterArrive,
+  kRouterLeave,
+  kLogitsLoaded,
+  kProbsDone,
+  kRanked,
+  kRoutingDone,
+  kGateUpArrive,
+  kGateUpAtomic,
+  kGateUpLeave,
+  kActLoaded,
+  kDownArrive,
+  kDownAtomic,
+  kDownLeave,
+  kTracePoints
 };
 
 struct Params {
@@ -212,8 +236,8 @@ __device__ __forceinline__ void mma_k32_pair(float (&c0)[4], float (&c1)[4], uin
 
 // Paired column form: the chains of the two tiles of a paired item, stage by stage (stages
 // first + t stride and the one after it: K part t of either tile).
-__device__ __forceinline__ void column_pair_item(float (&c0)[4], float (&c1)[4], const bf16* a, int K,
-                                                 const Ring& ring, uint32_t first, uint32_t stride, int lane) {
+__device__ __forceinline__ void column_pair_item(float (&c0)[4], float (&c1)[4], const bf16* a, int K, const Ring& ring,
+                                                 uint32_t first, uint32_t stride, int lane) {
   const int spi = stages_per_item(K);
   for (int t = 0; t < spi; ++t) {
     const uint32_t at_t = first + uint32_t(t) * stride;
@@ -275,8 +299,8 @@ __device__ __forceinline__ void row_item(float (&c)[4], const bf16* a, int K, co
 // Row form split over warps: stage `index` (K part t of an item) holds CPS whole chunks; their
 // chains (from zero) into acc, folded later with the other stages' chunks (fold_partials).
 template <int CPS>
-__device__ __forceinline__ void row_unit(float (&acc)[CPS][4], const bf16* a, int K, const Ring& ring,
-                                         uint32_t index, int t, int lane) {
+__device__ __forceinline__ void row_unit(float (&acc)[CPS][4], const bf16* a, int K, const Ring& ring, uint32_t index,
+                                         int t, int lane) {
   const int chunk = K / 8;
 #pragma unroll
   for (int cc = 0; cc < CPS; ++cc)
@@ -330,8 +354,7 @@ __device__ void produce(const Params& p, const Ring& ring, uint32_t routed, cons
         for (int n = 0; n < inner; ++n) {
           const int j = begin + (m.paired ? n : o), t = m.paired ? o : n;
           const int slot = j / tiles, tile = j - slot * tiles;
-          const bf16* rows =
-              m.W + (m.slots > 1 ? int64_t(s_ids[slot]) * m.expert_stride : 0) + int64_t(tile) * 8 * m.K;
+          const bf16* rows = m.W + (m.slots > 1 ? int64_t(s_ids[slot]) * m.expert_stride : 0) + int64_t(tile) * 8 * m.K;
           for (int h = 0; h < halves; ++h, ++i) {  // paired: the tile of the first half, then of the second
             const bf16* src = rows + int64_t(h) * (m.N / 2) * m.K + t * kStageK;
             const uint32_t s = i % uint32_t(ring.stages);
@@ -346,7 +369,7 @@ __device__ void produce(const Params& p, const Ring& ring, uint32_t routed, cons
               bulk_copy_to_shared(dst + r * kRowPitch, src + int64_t(r) * m.K, uint32_t(kn * 2), bar, streamed);
             *issued_count() = i + 1;
           }
-      }
+        }
     }
   }
 }
@@ -654,7 +677,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(Params p) {
     for (int c = tid; c < p.k * p.I / 8; c += kConsumerThreads)
       reinterpret_cast<uint4*>(s_a)[c] = __ldcg(reinterpret_cast<const uint4*>(a.gu) + c);
     ConsumerSync{}();
-    trace_at(trace_row, kSwigluLoaded);
+    trace_at(trace_row, kActLoaded);
     gemm_phase(
         matrix_of(p, w, kDown), true, [&](int slot) { return s_a + slot * p.I; },
         [&](int slot, int n, float v0, float v1) {
@@ -736,10 +759,10 @@ std::string decode_layers_trace_report() {
   LS_CUDA_CHECK(cudaDeviceSynchronize());
   LS_CUDA_CHECK(cudaMemcpy(h.data(), t.buffer, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   static const char* names[kTracePoints] = {
-      "combine+norm",   "qkv items",      "qkv barrier",   "rope (or idle)", "attention",     "attn barrier",
-      "o A row load",   "o_proj items",   "o barrier",     "router norm",    "router items",  "router barrier",
-      "logits load",    "probs",          "ranks",         "weights+order",  "gate_up items",  "gate_up fence+add", "gate_up barrier", "act A load",
-      "down items",     "down fence+add", "down barrier",   "to next layer"};
+      "combine+norm",    "qkv items",    "qkv barrier", "rope (or idle)", "attention",     "attn barrier",
+      "o A row load",    "o_proj items", "o barrier",   "router norm",    "router items",  "router barrier",
+      "logits load",     "probs",        "ranks",       "weights+order",  "gate_up items", "gate_up fence+add",
+      "gate_up barrier", "act A load",   "down items",  "down fence+add", "down barrier",  "to next layer"};
   std::string out = "decode_layers trace (us, mean over layers 1.." + std::to_string(t.layers - 2) + ")\n";
   char line[160];
   std::snprintf(line, sizeof line, "%-20s %8s %8s %8s %8s\n", "interval", "CTA 0", "mean", "max CTA", "max/layer");

@@ -185,13 +185,12 @@ __device__ __forceinline__ void route_token(const float* logits, int32_t* ids, f
 // route_token's result by a block of THREADS (the first threads of the block; sync: their
 // barrier), for steps of one token: warp 0 computes the probabilities, then each thread the
 // rank of its experts (how many are more probable, or as probable with a lower id) in one pass
-// instead of k dependent rounds of a warp arg max (probs 16-byte aligned, E a multiple of 4); then thread i < k takes slot i: its weight
-// (the chosen summed in slot order, as route_token) and its place in ascending expert id
-// (order[], as sort_slots: the ids are distinct). mark(step) is called after each step (the
-// one-launch decode's trace).
+// instead of k dependent rounds of a warp arg max (probs 16-byte aligned, E a multiple of 4); then thread i < k takes
+// slot i: its weight (the chosen summed in slot order, as route_token) and its place in ascending expert id (order[],
+// as sort_slots: the ids are distinct). mark(step) is called after each step (the one-launch decode's trace).
 template <int THREADS, typename Sync, typename Mark>
-__device__ __forceinline__ void route_token_ranked(const float* logits, int32_t* ids, float* weights, int* order,
-                                                   int E, int k, bool normalize, float* probs, Sync sync, Mark mark) {
+__device__ __forceinline__ void route_token_ranked(const float* logits, int32_t* ids, float* weights, int* order, int E,
+                                                   int k, bool normalize, float* probs, Sync sync, Mark mark) {
   if (threadIdx.x < 32) route_probs(logits, E, probs);
   sync();
   mark(0);
