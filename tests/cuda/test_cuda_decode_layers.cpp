@@ -80,15 +80,16 @@ TEST(CudaDecodeLayers, OneTokenStepsEqualWholeSequenceForwardAt30BShapes) {
 
 TEST(CudaDecodeLayers, OneTokenStepsEqualWholeSequenceForwardAtOtherShapes) {
   LS_SKIP_WITHOUT_GPU();
-  // head_dim 64, 4 query heads per kv head, 32 experts of 512 (one stage per row), top 4.
+  // head_dim 64, 8 query heads per kv head, 32 experts of 2048, top 4: o_proj (K 2048) and
+  // down (K 2048) in the row form split over the warps, 4 chunks per stage.
   ModelConfig c = qwen3_30b_config(2);
   c.hidden_size = 1024;
-  c.num_attention_heads = 16;
+  c.num_attention_heads = 32;
   c.num_key_value_heads = 4;
   c.head_dim = 64;
   c.num_experts = 32;
   c.num_experts_per_tok = 4;
-  c.moe_intermediate_size = 512;
+  c.moe_intermediate_size = 2048;
   expect_decode_equals_whole_forward(c, "hidden 1024, head_dim 64");
 }
 

@@ -326,12 +326,7 @@ __device__ __forceinline__ void gemm_item(float (&c)[4], bool row_form, const bf
 #pragma unroll
   for (int e = 0; e < 4; ++e) c[e] = 0.0f;
   if (!row_form) return column_item(c, a, K, ring, first, lane);
-  switch (8 * kStageK / max(K, kStageK)) {  // chunks per stage
-    case 8: return row_item<8>(c, a, K, ring, first, lane);
-    case 4: return row_item<4>(c, a, K, ring, first, lane);
-    case 2: return row_item<2>(c, a, K, ring, first, lane);
-    default: return row_item<1>(c, a, K, ring, first, lane);
-  }
+  return row_item<8>(c, a, K, ring, first, lane);  // K <= kStageK (longer: gemm_phase's split form)
 }
 
 // The producer: every stage of every phase of every layer, in the consumers' order.
