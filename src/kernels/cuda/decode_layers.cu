@@ -19,7 +19,6 @@
 
 #include "kernels/cuda/attention_tile.cuh"
 #include "kernels/cuda/common.cuh"
-#include "kernels/cuda/gemm_common.cuh"
 #include "kernels/cuda/mbarrier.cuh"
 #include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/row_ops.cuh"
@@ -267,37 +266,8 @@ __device__ __forceinline__ void column_item(float (&c)[4], const bf16* a, int K,
   }
 }
 
-// Row form: 8 chunks of K / 8, CPS of them per stage; a stage's chunks are independent chains
-// (interleaved for the tensor pipe), folded in chunk order by the GEMM's tree (fold_chunk).
-template <int CPS>
-__device__ __forceinline__ void row_item(float (&c)[4], const bf16* a, int K, const Ring& ring, uint32_t first,
-                                         int lane) {
-  const int chunk = K / 8, spi = 8 / CPS;
-  float acc[CPS][4], s0[4], s1[4], s2[4];
-#pragma unroll
-  for (int cc = 0; cc < CPS; ++cc)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[cc][e] = 0.0f;
-  for (int t = 0; t < spi; ++t) {
-    const uint32_t stage = ring.acquire(first + t);
-    const uint32_t lane_row = stage + (lane & 7) * kRowPitch + (lane >> 3) * 16;
-    const bf16* at = a + t * CPS * chunk;
-    for (int kk = 0; kk < chunk; kk += 32)
-#pragma unroll
-      for (int cc = 0; cc < CPS; ++cc) mma_k32(acc[cc], lane_row, cc * chunk + kk, at + cc * chunk + kk, lane);
-    ring.release(first + t, lane);
-#pragma unroll
-    for (int cc = 0; cc < CPS; ++cc)
-      fold_chunk<4>(
-          t * CPS + cc, [&](int i) -> float& { return acc[cc][i]; }, [&](int i) -> float& { return s0[i]; },
-          [&](int i) -> float& { return s1[i]; }, [&](int i) -> float& { return s2[i]; });
-  }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) c[e] = acc[CPS - 1][e];
-}
-
-// Row form split over warps: stage `index` (K part t of an item) holds CPS whole chunks; their
-// chains (from zero) into acc, folded later with the other stages' chunks (fold_partials).
+// Row form: stage `index` (K part t of an item) holds CPS whole chunks; their chains (from
+// zero) into acc, interleaved for the tensor pipe, to be folded by the tree (fold_partials).
 template <int CPS>
 __device__ __forceinline__ void row_unit(float (&acc)[CPS][4], const bf16* a, int K, const Ring& ring, uint32_t index,
                                          int t, int lane) {
@@ -326,7 +296,12 @@ __device__ __forceinline__ void gemm_item(float (&c)[4], bool row_form, const bf
 #pragma unroll
   for (int e = 0; e < 4; ++e) c[e] = 0.0f;
   if (!row_form) return column_item(c, a, K, ring, first, lane);
-  return row_item<8>(c, a, K, ring, first, lane);  // K <= kStageK (longer: gemm_phase's split form)
+  // Row form with K <= kStageK (longer: gemm_phase's split form): the 8 chunk chains of the one
+  // stage, interleaved for the tensor pipe, then the tree.
+  float acc[8][4];
+  row_unit<8>(acc, a, K, ring, first, 0, lane);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) c[e] = fold_partials(&acc[0][e], 4);
 }
 
 // The producer: every stage of every phase of every layer, in the consumers' order.
