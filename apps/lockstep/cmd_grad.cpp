@@ -81,7 +81,7 @@ int run_grad(const GradOptions& o) {
              " must be a multiple of the data-parallel size ", t.dp, " (each replica takes whole micro-batches)");
     auto src = open_checkpoint_for(o.model, config, t);
     const ShardLayout layout = ShardLayout::make(config, t, topo.layer_split, world->rank());
-    ParallelQwen3Moe model(*world, layout, load_local_weights(*src, config, layout, precision), precision);
+    Qwen3Moe model(*world, layout, load_local_weights(*src, config, layout, precision), precision);
     ParallelGrad pg(model);
     const int64_t per = o.num_microbatches / t.dp, d = layout.coords.dp;
     std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);

@@ -4,18 +4,52 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "kernels/canonical.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/log_softmax.h"
 #include "kernels/cpu/moe.h"
+#include "parallel/expert_parallel.h"
 
 namespace lockstep {
 
+namespace {
+constexpr int kResultTag = 1 << 20;
+}
+
+PackedSequences pack_sequences(const std::vector<std::vector<int32_t>>& seqs) {
+  PackedSequences p;
+  p.page_tables.resize(seqs.size());
+  int32_t next_page = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const int64_t n = int64_t(seqs[i].size());
+    LS_CHECK(n >= 1, "sequence ", i, " is empty");
+    for (int64_t page = 0; page < (n + kAttnBlock - 1) / kAttnBlock; ++page) p.page_tables[i].push_back(next_page++);
+  }
+  p.num_pages = std::max<int32_t>(next_page, 1);
+  for (size_t i = 0; i < seqs.size(); ++i)
+    for (size_t t = 0; t < seqs[i].size(); ++t) {
+      p.batch.tokens.push_back(seqs[i][t]);
+      p.batch.positions.push_back(int32_t(t));
+      p.batch.page_tables.push_back(p.page_tables[i].data());
+    }
+  return p;
+}
+
 Qwen3Moe::Qwen3Moe(ModelWeights weights, Precision precision)
-    : weights_(std::move(weights)), precision_(precision) {
+    : own_world_(std::make_unique<dist::SelfCommunicator>()), weights_(std::move(weights)), precision_(precision) {
+  const auto& c = weights_.config;
+  ctx_ = std::make_unique<ParallelContext>(*own_world_, ShardLayout::make(c, Topology{}, {c.num_hidden_layers}, 0));
+  rope_ = cpu::RopeTable::build(c.head_dim, std::max<int64_t>(c.max_position_embeddings, 1), c.rope_theta);
+}
+
+Qwen3Moe::Qwen3Moe(dist::Communicator& world, const ShardLayout& layout, ModelWeights local, Precision precision)
+    : ctx_(std::make_unique<ParallelContext>(world, layout)), weights_(std::move(local)), precision_(precision) {
   const auto& c = weights_.config;
   rope_ = cpu::RopeTable::build(c.head_dim, std::max<int64_t>(c.max_position_embeddings, 1), c.rope_theta);
+  LS_CHECK(int64_t(weights_.layers.size()) == layout.num_layers, "model: rank ", layout.rank, " holds ",
+           weights_.layers.size(), " layers but its stage has ", layout.num_layers);
 }
 
 void Qwen3Moe::cast(float* x, int64_t n) const {
@@ -34,151 +68,290 @@ void Qwen3Moe::validate(const ForwardBatch& batch) const {
   }
 }
 
-void Qwen3Moe::layer_forward(int64_t l, float* x, const ForwardBatch& batch, KvCache& cache,
-                             std::vector<float>* router_logits, LayerActivations* acts) const {
+// The attention block: rows -> all T rows (SP) -> this rank's heads -> o_proj's canonical
+// subtree, completed over TP (reduce-scattered to the rows under SP).
+void Qwen3Moe::attention(const LayerWeights& L, int64_t local_layer, std::vector<float>& x, const ForwardBatch& batch,
+                         KvCache& cache, LayerActivations& a) const {
   const auto& c = weights_.config;
-  const auto& L = weights_.layers[l];
-  const int64_t T = batch.size(), H = c.hidden_size, D = c.head_dim;
-  const int64_t nq = c.num_attention_heads, nkv = c.num_key_value_heads;
+  const ShardLayout& s = ctx_->layout;
+  const int64_t T = batch.size(), H = c.hidden_size, D = c.head_dim, R = int64_t(x.size()) / H;
+  const int64_t nq = s.q_heads, nkv = s.kv_heads;
   const float eps = float(c.rms_norm_eps);
-
-  // Attention block.
-  std::vector<float> h(T * H), q(T * nq * D), k(T * nkv * D), v(T * nkv * D), attn(T * nq * D), o(T * H);
-  cpu::rmsnorm(x, L.input_norm.data<float>(), h.data(), T, H, eps, bf16());
-  cast(h.data(), T * H);
-  cpu::linear(h.data(), L.q_proj.data<float>(), q.data(), T, nq * D, H);
-  cpu::linear(h.data(), L.k_proj.data<float>(), k.data(), T, nkv * D, H);
-  cpu::linear(h.data(), L.v_proj.data<float>(), v.data(), T, nkv * D, H);
-  cast(q.data(), q.size());
-  cast(k.data(), k.size());
-  cast(v.data(), v.size());
-  if (acts) {
-    acts->attn_norm_out = h;
-    acts->q_proj = q;
-    acts->k_proj = k;
-  }
-  cpu::rmsnorm(q.data(), L.q_norm.data<float>(), q.data(), T * nq, D, eps, bf16());
-  cpu::rmsnorm(k.data(), L.k_norm.data<float>(), k.data(), T * nkv, D, eps, bf16());
-  cast(q.data(), q.size());
-  cast(k.data(), k.size());
-  cpu::rope(q.data(), batch.positions.data(), T, nq, rope_);
-  cpu::rope(k.data(), batch.positions.data(), T, nkv, rope_);
-  cast(q.data(), q.size());
-  cast(k.data(), k.size());
-
-  if (acts) {
-    acts->q = q;
-    acts->k = k;
-    acts->v = v;
-  }
-  PagedKvLayer kv = cache.layer(l);
+  std::vector<float> h(R * H);
+  cpu::rmsnorm(x.data(), L.input_norm.data<float>(), h.data(), R, H, eps, bf16());
+  cast(h.data(), R * H);
+  a.attn_in = ctx_->gather_rows(h, T, H);
+  a.q.resize(T * nq * D), a.k.resize(T * nkv * D), a.v.resize(T * nkv * D), a.attn.resize(T * nq * D);
+  cpu::linear(a.attn_in.data(), L.q_proj.data<float>(), a.q.data(), T, nq * D, H);
+  cpu::linear(a.attn_in.data(), L.k_proj.data<float>(), a.k.data(), T, nkv * D, H);
+  cpu::linear(a.attn_in.data(), L.v_proj.data<float>(), a.v.data(), T, nkv * D, H);
+  cast(a.q.data(), T * nq * D);
+  cast(a.k.data(), T * nkv * D);
+  cast(a.v.data(), T * nkv * D);
+  a.q_proj = a.q;
+  a.k_proj = a.k;
+  cpu::rmsnorm(a.q.data(), L.q_norm.data<float>(), a.q.data(), T * nq, D, eps, bf16());
+  cpu::rmsnorm(a.k.data(), L.k_norm.data<float>(), a.k.data(), T * nkv, D, eps, bf16());
+  cast(a.q.data(), T * nq * D);
+  cast(a.k.data(), T * nkv * D);
+  cpu::rope(a.q.data(), batch.positions.data(), T, nq, rope_);
+  cpu::rope(a.k.data(), batch.positions.data(), T, nkv, rope_);
+  cast(a.q.data(), T * nq * D);
+  cast(a.k.data(), T * nkv * D);
+  PagedKvLayer kv = cache.layer(local_layer);
   TokenSlots slots{batch.positions.data(), batch.page_tables.data()};
-  cpu::kv_write(kv, slots, k.data(), v.data(), T);
-  cpu::paged_attention(q.data(), attn.data(), kv, slots, T, nq, 1.0f / std::sqrt(float(D)));
-  cast(attn.data(), attn.size());
-  if (acts) acts->attn = attn;
-  cpu::linear_row(attn.data(), L.o_proj.data<float>(), o.data(), T, H, nq * D);
-  cast(o.data(), o.size());
-  cpu::add_inplace(x, o.data(), T * H);
-  cast(x, T * H);
+  cpu::kv_write(kv, slots, a.k.data(), a.v.data(), T);
+  cpu::paged_attention(a.q.data(), a.attn.data(), kv, slots, T, nq, 1.0f / std::sqrt(float(D)));
+  cast(a.attn.data(), T * nq * D);
+  // o_proj: this rank's heads are a run of whole canonical chunks of q_dim.
+  std::vector<float> o(T * H);
+  cpu::linear_row_canonical(a.attn.data(), L.o_proj.data<float>(), o.data(), T, H, nq * D, canonical_chunk(c.q_dim()),
+                            kTMax / s.topo.tp);
+  o = ctx_->reduce_rows(std::move(o), T, H);
+  cast(o.data(), R * H);
+  cpu::add_inplace(x.data(), o.data(), R * H);
+  cast(x.data(), R * H);
+}
 
-  // MLP block.
-  if (acts) acts->mid.assign(x, x + T * H);
-  cpu::rmsnorm(x, L.post_attention_norm.data<float>(), h.data(), T, H, eps, bf16());
-  cast(h.data(), T * H);
-  if (acts) acts->mlp_norm_out = h;
-  std::vector<float> local_router;
-  if (acts && L.is_moe && !router_logits) router_logits = &local_router;
+// The MLP block: the experts by expert_parallel_moe, or the dense SwiGLU row-parallel.
+void Qwen3Moe::mlp(const LayerWeights& L, std::vector<float>& x, int64_t T, LayerActivations& a) const {
+  const auto& c = weights_.config;
+  const ShardLayout& s = ctx_->layout;
+  const int64_t H = c.hidden_size, R = int64_t(x.size()) / H;
+  a.mid = x;
+  a.mlp_in.resize(R * H);
+  std::vector<float> o(R * H);
+  cpu::rmsnorm(x.data(), L.post_attention_norm.data<float>(), a.mlp_in.data(), R, H, float(c.rms_norm_eps), bf16());
+  cast(a.mlp_in.data(), R * H);
   if (L.is_moe) {
-    std::vector<const float*> gate(c.num_experts), up(c.num_experts), down(c.num_experts);
-    for (int64_t e = 0; e < c.num_experts; ++e) {
-      gate[e] = L.experts[e].gate.data<float>();
-      up[e] = L.experts[e].up.data<float>();
-      down[e] = L.experts[e].down.data<float>();
-    }
-    if (router_logits) router_logits->resize(T * c.num_experts);
-    cpu::moe_forward(h.data(), L.router.data<float>(), gate.data(), up.data(), down.data(), o.data(), T, H,
-                     c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, bf16(),
-                     router_logits ? router_logits->data() : nullptr);
+    a.router_logits.resize(R * c.num_experts);
+    expert_parallel_moe(*ctx_, L, c, a.mlp_in.data(), R, o.data(), bf16(), a.router_logits.data());
   } else {
-    cpu::swiglu_mlp(h.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
-                    o.data(), T, H, c.intermediate_size, bf16());
+    a.router_logits.clear();
+    const std::vector<float> hf = ctx_->gather_rows(a.mlp_in, T, H);
+    std::vector<float> part(T * H);
+    const int tp = s.topo.tp;
+    if (tp == 1)
+      cpu::swiglu_mlp(hf.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
+                      part.data(), T, H, c.intermediate_size, bf16());
+    else
+      swiglu_partial(hf.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
+                     part.data(), T, H, c.intermediate_size, s.dense_cols.size(), kTMax / tp, bf16());
+    o = ctx_->reduce_rows(std::move(part), T, H);
+    if (tp > 1) cast(o.data(), R * H);  // swiglu_mlp's output cast, on the full sums
   }
-  if (acts && L.is_moe) acts->router_logits = *router_logits;
-  cast(o.data(), o.size());
-  cpu::add_inplace(x, o.data(), T * H);
-  cast(x, T * H);
+  cast(o.data(), R * H);
+  cpu::add_inplace(x.data(), o.data(), R * H);
+  cast(x.data(), R * H);
+}
+
+void Qwen3Moe::layer_forward(int64_t local_layer, std::vector<float>& x, const ForwardBatch& batch, KvCache& cache,
+                             LayerActivations* acts) const {
+  const LayerWeights& L = weights_.layers.at(local_layer);
+  LayerActivations local;
+  LayerActivations& a = acts ? *acts : local;
+  attention(L, local_layer, x, batch, cache, a);
+  mlp(L, x, batch.size(), a);
 }
 
 std::vector<float> Qwen3Moe::forward(const ForwardBatch& batch, KvCache& cache, ForwardTrace* trace) const {
   validate(batch);
   const auto& c = weights_.config;
+  const ShardLayout& s = ctx_->layout;
+  LS_CHECK(s.topo.pp == 1, "Qwen3Moe::forward runs every layer: it takes no pipeline split (", s.topo.name(), ")");
   const int64_t T = batch.size(), H = c.hidden_size;
-  std::vector<float> x(T * H);
-  cpu::embedding(batch.tokens.data(), weights_.embed.data<float>(), x.data(), T, H);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  std::vector<float> x = ctx_->embed_rows(batch.tokens.data(), T, weights_.embed.data<float>(), c.vocab_size, H);
+  const int64_t R = int64_t(x.size()) / H;
+  LayerActivations acts;  // the layers' working buffers, reused
+  for (int64_t l = 0; l < s.num_layers; ++l) {
     if (trace) trace->layer_inputs.push_back(x);
-    std::vector<float> router;
-    layer_forward(l, x.data(), batch, cache, trace && weights_.layers[l].is_moe ? &router : nullptr);
-    if (trace && weights_.layers[l].is_moe) trace->router_logits.push_back(std::move(router));
+    layer_forward(l, x, batch, cache, &acts);
+    if (trace && weights_.layers[l].is_moe) trace->router_logits.push_back(acts.router_logits);
   }
   if (trace) trace->final_norm_input = x;
-  std::vector<float> out(T * H);
-  cpu::rmsnorm(x.data(), weights_.final_norm.data<float>(), out.data(), T, H, float(c.rms_norm_eps), bf16());
-  cast(out.data(), T * H);
+  std::vector<float> out(R * H);
+  cpu::rmsnorm(x.data(), weights_.final_norm.data<float>(), out.data(), R, H, float(c.rms_norm_eps), bf16());
+  cast(out.data(), R * H);
   if (trace) trace->final_hidden = out;
   return out;
 }
 
 std::vector<float> Qwen3Moe::logits(const float* hidden, int64_t T) const {
   const auto& c = weights_.config;
+  LS_CHECK(ctx_->layout.vocab.size() == c.vocab_size, "Qwen3Moe::logits needs the whole lm_head (tp 1)");
   std::vector<float> out(T * c.vocab_size);
   cpu::linear(hidden, weights_.lm_head.data<float>(), out.data(), T, c.vocab_size, c.hidden_size);
   return out;
 }
 
-std::vector<std::vector<float>> score_sequences(const Qwen3Moe& model, const std::vector<std::vector<int32_t>>& seqs,
-                                                int64_t max_batch_tokens) {
-  const int64_t page = kAttnBlock;
-  std::vector<std::vector<float>> result(seqs.size());
-  size_t next = 0;
-  while (next < seqs.size()) {
-    // Take whole sequences until the token budget is reached (at least one).
-    size_t end = next;
-    int64_t tokens = 0, pages = 0;
-    while (end < seqs.size() && (end == next || tokens + int64_t(seqs[end].size()) <= max_batch_tokens)) {
-      tokens += int64_t(seqs[end].size());
-      pages += (int64_t(seqs[end].size()) + page - 1) / page;
-      ++end;
+std::vector<std::vector<float>> Qwen3Moe::stage_logprobs(const std::vector<float>& x, const ForwardBatch& batch,
+                                                         const std::vector<std::vector<int32_t>>& seqs) const {
+  const auto& c = weights_.config;
+  const ShardLayout& s = ctx_->layout;
+  const int64_t T = batch.size(), H = c.hidden_size, V = c.vocab_size, R = int64_t(x.size()) / H;
+  std::vector<float> normed(R * H);
+  cpu::rmsnorm(x.data(), weights_.final_norm.data<float>(), normed.data(), R, H, float(c.rms_norm_eps), bf16());
+  cast(normed.data(), R * H);
+  const std::vector<float> hidden = ctx_->gather_rows(normed, T, H);
+
+  // Rows with a next token, and their targets.
+  std::vector<int64_t> row_of;
+  std::vector<int32_t> target;
+  int64_t offset = 0;
+  for (const auto& seq : seqs) {
+    for (size_t t = 0; t + 1 < seq.size(); ++t) {
+      row_of.push_back(offset + int64_t(t));
+      target.push_back(seq[t + 1]);
     }
-    KvCache cache(model.config(), std::max<int64_t>(pages, 1), page);
-    std::vector<std::vector<int32_t>> tables(end - next);
-    ForwardBatch batch;
-    int32_t first_page = 0;
-    for (size_t s = next; s < end; ++s) {
-      auto& table = tables[s - next];
-      int64_t n = int64_t(seqs[s].size());
-      for (int64_t p = 0; p < (n + page - 1) / page; ++p) table.push_back(first_page++);
-      for (int64_t t = 0; t < n; ++t) {
-        batch.tokens.push_back(seqs[s][t]);
-        batch.positions.push_back(int32_t(t));
-        batch.page_tables.push_back(table.data());
-      }
+    offset += int64_t(seq.size());
+  }
+  const int64_t M = int64_t(row_of.size());
+  std::vector<float> lp(M);
+  const int tp = s.topo.tp;
+  const int64_t VL = s.vocab.size();
+  std::vector<float> logits(T * VL);
+  cpu::linear(hidden.data(), weights_.lm_head.data<float>(), logits.data(), T, VL, H);
+  if (tp == 1) {
+    std::vector<float> rows(M * V);
+    for (int64_t i = 0; i < M; ++i) std::copy_n(logits.data() + row_of[i] * V, V, rows.data() + i * V);
+    cpu::log_softmax_gather(rows.data(), target.data(), lp.data(), M, V);
+  } else {
+    // Vocab-parallel: this rank's subtree of (max, sum), completed over TP; the target
+    // logit comes from the rank that owns it.
+    std::vector<float> mx(M), sm(M), tl(M, 0.0f);
+    for (int64_t i = 0; i < M; ++i) {
+      const float* row = logits.data() + row_of[i] * VL;
+      MaxSum ms = cpu::vocab_subtree(row, VL, canonical_chunk(V), kTMax / tp);
+      mx[i] = ms.max;
+      sm[i] = ms.sum;
+      if (target[i] >= s.vocab.begin && target[i] < s.vocab.end) tl[i] = row[target[i] - s.vocab.begin];
     }
-    std::vector<float> hidden = model.forward(batch, cache);
-    std::vector<float> logits = model.logits(hidden.data(), batch.size());
-    const int64_t V = model.config().vocab_size;
-    int64_t offset = 0;
-    for (size_t s = next; s < end; ++s) {
-      int64_t n = int64_t(seqs[s].size());
-      result[s].resize(std::max<int64_t>(n - 1, 0));
-      if (n > 1)
-        cpu::log_softmax_gather(logits.data() + offset * V, seqs[s].data() + 1, result[s].data(), n - 1, V);
-      offset += n;
+    dist::canonical_all_reduce_maxsum(*ctx_->tp, mx.data(), sm.data(), M);
+    std::vector<float> all_tl(M * tp);
+    ctx_->tp->all_gather_n(tl.data(), all_tl.data(), M);
+    const int64_t per_rank = canonical_chunk(V) * (kTMax / tp);
+    for (int64_t i = 0; i < M; ++i) {
+      const float logit = all_tl[(target[i] / per_rank) * M + i];
+      const float z = mx[i] + std::log(sm[i]);  // = log_normalizer
+      lp[i] = logit - z;
     }
-    next = end;
+  }
+  std::vector<std::vector<float>> out(seqs.size());
+  int64_t next = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const size_t n = seqs[i].empty() ? 0 : seqs[i].size() - 1;
+    out[i].assign(lp.begin() + next, lp.begin() + next + int64_t(n));
+    next += int64_t(n);
+  }
+  return out;
+}
+
+std::vector<std::vector<float>> Qwen3Moe::score(const std::vector<std::vector<int32_t>>& seqs,
+                                                int64_t max_batch_tokens) const {
+  const auto& c = weights_.config;
+  const ShardLayout& s = ctx_->layout;
+  const Topology& topo = s.topo;
+  const int64_t H = c.hidden_size;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    LS_CHECK(!seqs[i].empty(), "score: sequence ", i, " is empty");
+    LS_CHECK(int64_t(seqs[i].size()) <= rope_.max_positions, "score: sequence ", i, " of ", seqs[i].size(),
+             " tokens exceeds max_position_embeddings (", rope_.max_positions, ")");
+    for (int32_t t : seqs[i])
+      LS_CHECK(t >= 0 && t < c.vocab_size, "score: sequence ", i, ": token id ", t,
+               " is out of range: the model's vocab_size is ", c.vocab_size);
+  }
+
+  // DP: replica d scores the contiguous sequences [n*d/dp, n*(d+1)/dp).
+  const size_t n = seqs.size();
+  auto replica_begin = [&](int d) { return n * size_t(d) / size_t(topo.dp); };
+  const size_t begin = replica_begin(s.coords.dp), end = replica_begin(s.coords.dp + 1);
+  // Steps: whole sequences up to the token budget. Under PP the budget is cut so the
+  // replica's tokens take about 4 steps per stage: stage s works on step k while stage s + 1
+  // works on step k - 1 (a pipelined forward; the bubble is about (pp - 1) / (5 pp - 1) of
+  // the time). The steps change no bit (docs/numerics.md, rule 1).
+  if (topo.pp > 1) {
+    int64_t replica_tokens = 0;
+    for (size_t i = begin; i < end; ++i) replica_tokens += int64_t(seqs[i].size());
+    const int64_t target_steps = 4 * int64_t(topo.pp);
+    max_batch_tokens =
+        std::min(max_batch_tokens, std::max<int64_t>(1, (replica_tokens + target_steps - 1) / target_steps));
+  }
+  std::vector<std::pair<size_t, size_t>> steps;
+  for (size_t next = begin; next < end;) {
+    size_t stop = next;
+    int64_t tokens = 0;
+    while (stop < end && (stop == next || tokens + int64_t(seqs[stop].size()) <= max_batch_tokens))
+      tokens += int64_t(seqs[stop++].size());
+    steps.push_back({next, stop});
+    next = stop;
+  }
+  // EP groups span DP replicas, so every rank runs the same number of steps (empty ones
+  // when its replica has run out).
+  int64_t my_steps = int64_t(steps.size());
+  std::vector<int64_t> all_steps(ctx_->world->size());
+  ctx_->world->all_gather_n(&my_steps, all_steps.data(), 1);
+  const int64_t num_steps = *std::max_element(all_steps.begin(), all_steps.end());
+  last_score_steps_ = num_steps;
+
+  std::vector<std::vector<float>> replica;  // this replica's results (last stage)
+  const ModelConfig cache_cfg = s.local_cache_config(c);
+  LayerActivations acts;  // the layers' working buffers, reused
+  for (int64_t step = 0; step < num_steps; ++step) {
+    const auto [b, e] = step < my_steps ? steps[step] : std::pair<size_t, size_t>{end, end};
+    const std::vector<std::vector<int32_t>> batch_seqs(seqs.begin() + b, seqs.begin() + e);
+    const PackedSequences packed = pack_sequences(batch_seqs);
+    const ForwardBatch& batch = packed.batch;
+    KvCache cache(cache_cfg, packed.num_pages, kAttnBlock);
+    const int64_t T = batch.size();
+    const dist::RowRange rows = ctx_->local_rows(T);
+    std::vector<float> x(rows.size() * H);
+    if (s.first_stage)
+      x = ctx_->embed_rows(batch.tokens.data(), T, weights_.embed.data<float>(), c.vocab_size, H);
+    else
+      ctx_->pp->recv_n(x.data(), x.size(), s.coords.pp - 1, int(step));
+    for (int64_t l = 0; l < s.num_layers; ++l) layer_forward(l, x, batch, cache, &acts);
+    if (!s.last_stage) {
+      ctx_->pp->send_n(x.data(), x.size(), s.coords.pp + 1, int(step));
+    } else {
+      auto lp = stage_logprobs(x, batch, batch_seqs);
+      for (auto& v : lp) replica.push_back(std::move(v));
+    }
+  }
+
+  // Gather to world rank 0 in input order: each replica's (tp 0, last stage) rank sends.
+  dist::Communicator& world = *ctx_->world;
+  const bool holder = s.last_stage && s.coords.tp == 0;
+  if (holder && world.rank() != 0) {
+    std::vector<float> flat;
+    for (const auto& v : replica) flat.insert(flat.end(), v.begin(), v.end());
+    world.send_n(flat.data(), flat.size(), 0, kResultTag);
+  }
+  std::vector<std::vector<float>> result;
+  if (world.rank() != 0) return result;
+  result.resize(n);
+  for (int d = 0; d < topo.dp; ++d) {
+    const int src = topo.rank_of(0, d, topo.pp - 1);
+    const size_t rb = replica_begin(d), re = replica_begin(d + 1);
+    if (src == 0) {
+      for (size_t i = rb; i < re; ++i) result[i] = std::move(replica[i - rb]);
+      continue;
+    }
+    size_t total = 0;
+    for (size_t i = rb; i < re; ++i) total += seqs[i].size() - 1;
+    std::vector<float> flat(total);
+    world.recv_n(flat.data(), total, src, kResultTag);
+    size_t at = 0;
+    for (size_t i = rb; i < re; ++i) {
+      result[i].assign(flat.begin() + at, flat.begin() + at + (seqs[i].size() - 1));
+      at += seqs[i].size() - 1;
+    }
   }
   return result;
+}
+
+std::vector<std::vector<float>> score_sequences(const Qwen3Moe& model, const std::vector<std::vector<int32_t>>& seqs,
+                                                int64_t max_batch_tokens) {
+  return model.score(seqs, max_batch_tokens);
 }
 
 }  // namespace lockstep

@@ -35,7 +35,7 @@ using parallel_rows::gather_v;
 }  // namespace
 
 void expert_parallel_moe(const ParallelContext& ctx, const LayerWeights& L, const ModelConfig& cfg, const float* h,
-                         int64_t R, float* out, bool bf16) {
+                         int64_t R, float* out, bool bf16, float* router_logits) {
   const int64_t H = cfg.hidden_size, E = cfg.num_experts, k = cfg.num_experts_per_tok;
   const int64_t I = cfg.moe_intermediate_size;
   const ShardLayout& s = ctx.layout;
@@ -50,6 +50,7 @@ void expert_parallel_moe(const ParallelContext& ctx, const LayerWeights& L, cons
   std::vector<int32_t> ids(R * k);
   std::vector<float> weights(R * k);
   cpu::route_topk(logits.data(), R, E, k, cfg.norm_topk_prob, ids.data(), weights.data());
+  if (router_logits) std::copy(logits.begin(), logits.end(), router_logits);
 
   // Dispatch: each (token, slot) pair goes to the EP rank owning its expert, in pair order.
   std::vector<std::vector<int64_t>> pairs_to(P);

@@ -12,10 +12,11 @@
 
 namespace lockstep {
 
-// out[R, H] = the MoE block of rows h[R, H] (this rank's tokens) for local layer weights L.
-// Collective over the EP and ETP groups (every member calls it, with R possibly 0).
+// out[R, H] = the MoE block of rows h[R, H] (this rank's tokens) for local layer weights L;
+// the fp32 router logits [R, E] are left in router_logits when given. Collective over the
+// EP and ETP groups (every member calls it, with R possibly 0).
 void expert_parallel_moe(const ParallelContext& ctx, const LayerWeights& L, const ModelConfig& cfg, const float* h,
-                         int64_t R, float* out, bool bf16);
+                         int64_t R, float* out, bool bf16, float* router_logits = nullptr);
 
 // One expert (or dense) SwiGLU MLP whose intermediate columns [cols] of I are held here as
 // `num_chunks` canonical chunks: out[n, H] is this holder's subtree partial of down_proj

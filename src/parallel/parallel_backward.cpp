@@ -18,6 +18,7 @@
 #include "kernels/cpu/rope_backward.h"
 #include "parallel/expert_parallel_backward.h"
 #include "train/grad_accumulate.h"
+#include "train/layer_backward.h"
 #include "train/optimizer.h"
 
 namespace lockstep {
@@ -26,38 +27,9 @@ namespace {
 
 constexpr int kGatherTag = 3 << 20;
 
-// The token chunks of a T-token stream restricted to this rank's rows (empty elsewhere:
-// their partials are exact zeros, so the 8-chunk tree equals the subtree of its chunks).
-cpu::TokenChunks local_chunks(int64_t T, dist::RowRange rows) {
-  cpu::TokenChunks c = cpu::token_chunks(T);
-  for (auto& r : c.rows) r = std::clamp<int64_t>(r - rows.begin, 0, rows.size());
-  return c;
-}
-
 // Rows [rows] of a [T, width] array.
 std::vector<float> slice_rows(const std::vector<float>& full, dist::RowRange rows, int64_t width) {
   return std::vector<float>(full.begin() + rows.begin * width, full.begin() + rows.end * width);
-}
-
-// All-gathers per-rank blocks [T, w_r * D] (w_r heads on rank r, equal on every rank) into
-// [T, sum w, D], taking the ranks listed in `from` in that order.
-std::vector<float> gather_heads(dist::Communicator& tp, const std::vector<float>& mine, int64_t T, int64_t width,
-                                const std::vector<int>& from) {
-  std::vector<float> all(mine.size() * tp.size());
-  tp.all_gather_n(mine.data(), all.data(), mine.size());
-  const int64_t W = width * int64_t(from.size());
-  std::vector<float> out(T * W);
-  for (int64_t t = 0; t < T; ++t)
-    for (size_t i = 0; i < from.size(); ++i)
-      std::copy_n(all.data() + from[i] * mine.size() + t * width, width, out.data() + t * W + int64_t(i) * width);
-  return out;
-}
-
-std::vector<float> head_block(const std::vector<float>& full, int64_t T, int64_t full_width, int64_t begin,
-                              int64_t width) {
-  std::vector<float> out(T * width);
-  for (int64_t t = 0; t < T; ++t) std::copy_n(full.data() + t * full_width + begin, width, out.data() + t * width);
-  return out;
 }
 
 float* slot(std::map<std::string, Tensor>& g, const std::string& name, const Tensor& param) {
@@ -106,9 +78,7 @@ void unflatten(const std::vector<float>& flat, std::map<std::string, Tensor>& m)
 
 struct ParallelGrad::MicroState {
   std::vector<std::vector<int32_t>> seqs;
-  std::vector<std::vector<int32_t>> tables;
-  ForwardBatch batch;
-  int32_t num_pages = 1;
+  PackedSequences packed;
   int64_t T = 0, index = 0;
   dist::RowRange rows;
   std::vector<std::vector<float>> layer_inputs;  // this rank's rows
@@ -124,7 +94,7 @@ struct ParallelGrad::Partial {
   std::vector<std::map<std::string, Tensor>> expert;  // per source replica of the expert span
 };
 
-ParallelGrad::ParallelGrad(ParallelQwen3Moe& model) : model_(model) {
+ParallelGrad::ParallelGrad(const Qwen3Moe& model) : model_(model) {
   const ParallelContext& ctx = model.context();
   LS_CHECK(!model.config().tie_word_embeddings,
            "parallel backward: tied word embeddings are not supported under a topology yet");
@@ -132,26 +102,14 @@ ParallelGrad::ParallelGrad(ParallelQwen3Moe& model) : model_(model) {
 }
 
 void ParallelGrad::prepare(MicroState& m, int64_t index) const {
-  const ParallelContext& ctx = model_.context();
   const auto& c = model_.config();
   m.index = index;
-  m.tables.resize(m.seqs.size());
-  int32_t next_page = 0;
-  for (size_t i = 0; i < m.seqs.size(); ++i) {
-    const int64_t n = int64_t(m.seqs[i].size());
-    LS_CHECK(n >= 1 && n <= c.max_position_embeddings, "parallel backward: sequence ", i, " has ", n,
-             " tokens (expected 1..", c.max_position_embeddings, ")");
-    for (int64_t p = 0; p < (n + kAttnBlock - 1) / kAttnBlock; ++p) m.tables[i].push_back(next_page++);
-  }
-  m.num_pages = std::max<int32_t>(next_page, 1);
   for (size_t i = 0; i < m.seqs.size(); ++i)
-    for (size_t t = 0; t < m.seqs[i].size(); ++t) {
-      m.batch.tokens.push_back(m.seqs[i][t]);
-      m.batch.positions.push_back(int32_t(t));
-      m.batch.page_tables.push_back(m.tables[i].data());
-    }
-  m.T = m.batch.size();
-  m.rows = ctx.local_rows(m.T);
+    LS_CHECK(int64_t(m.seqs[i].size()) <= c.max_position_embeddings, "parallel backward: sequence ", i, " has ",
+             m.seqs[i].size(), " tokens (expected 1..", c.max_position_embeddings, ")");
+  m.packed = pack_sequences(m.seqs);
+  m.T = m.packed.batch.size();
+  m.rows = model_.context().local_rows(m.T);
 }
 
 std::vector<float> ParallelGrad::forward(MicroState& m, std::vector<float> x, bool want_entropy,
@@ -159,17 +117,18 @@ std::vector<float> ParallelGrad::forward(MicroState& m, std::vector<float> x, bo
   const ParallelContext& ctx = model_.context();
   const ShardLayout& s = ctx.layout;
   const auto& c = model_.config();
-  const ModelWeights& W = model_.local_weights();
+  const ModelWeights& W = model_.weights();
   const bool bf16 = model_.precision() == Precision::bfloat16;
   const int64_t H = c.hidden_size, V = c.vocab_size;
   const int64_t T = m.T, R = m.rows.size();
-  m.cache = std::make_unique<KvCache>(s.local_cache_config(c), m.num_pages, kAttnBlock);
-  if (s.first_stage) x = ctx.embed_rows(m.batch.tokens.data(), T, W.embed.data<float>(), V, H);
+  m.cache = std::make_unique<KvCache>(s.local_cache_config(c), m.packed.num_pages, kAttnBlock);
+  if (s.first_stage) x = ctx.embed_rows(m.packed.batch.tokens.data(), T, W.embed.data<float>(), V, H);
   LS_CHECK(int64_t(x.size()) == R * H, "parallel backward: stage input of micro-batch ", m.index, " has ", x.size(),
            " values, expected ", R * H);
+  LayerActivations acts;  // the layers' working buffers, reused
   for (int64_t l = 0; l < s.num_layers; ++l) {
     m.layer_inputs.push_back(x);
-    model_.layer_forward(l, x, m.batch, *m.cache);
+    model_.layer_forward(l, x, m.packed.batch, *m.cache, &acts);
   }
   // No K/V is kept past the forward: the backward recomputes it in a fresh cache.
   m.cache.reset();
@@ -219,8 +178,8 @@ std::vector<float> ParallelGrad::forward(MicroState& m, std::vector<float> x, bo
     offset += n;
   }
   m.upstream = upstream(m.index, lp, ent);
-  LS_CHECK(m.upstream.size() == m.seqs.size(), "parallel backward: ", m.upstream.size(),
-           " upstream gradients for ", m.seqs.size(), " sequences");
+  LS_CHECK(m.upstream.size() == m.seqs.size(), "parallel backward: ", m.upstream.size(), " upstream gradients for ",
+           m.seqs.size(), " sequences");
   return {};
 }
 
@@ -270,7 +229,7 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
   const ParallelContext& ctx = model_.context();
   const ShardLayout& s = ctx.layout;
   const auto& c = model_.config();
-  const ModelWeights& W = model_.local_weights();
+  const ModelWeights& W = model_.weights();
   const bool bf16 = model_.precision() == Precision::bfloat16;
   const int64_t T = m.T, H = c.hidden_size, V = c.vocab_size, R = m.rows.size();
   const int tp = s.topo.tp;
@@ -285,9 +244,9 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
       const auto& seq = m.seqs[i];
       const size_t n = seq.size() - 1;
       const auto& up = m.upstream[i];
-      LS_CHECK(up.dlogp.size() == n && (up.dentropy.empty() || up.dentropy.size() == n),
-               "parallel backward: sequence ", i, " has ", n, " predicted tokens but its upstream has ",
-               up.dlogp.size(), " dlogp and ", up.dentropy.size(), " dentropy values");
+      LS_CHECK(up.dlogp.size() == n && (up.dentropy.empty() || up.dentropy.size() == n), "parallel backward: sequence ",
+               i, " has ", n, " predicted tokens but its upstream has ", up.dlogp.size(), " dlogp and ",
+               up.dentropy.size(), " dentropy values");
       for (size_t t = 0; t < n; ++t) {
         targets[offset + t] = seq[t + 1];
         dlogp[offset + t] = up.dlogp[t];
@@ -305,8 +264,8 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
     m.logits = {};
     cpu::linear_weight_grad(dl.data(), m.hidden.data(), slot(g.dense, "lm_head.weight", W.lm_head), VL, H, chunks);
     std::vector<float> dhidden(T * H);
-    cpu::linear_input_grad_canonical(dl.data(), W.lm_head.data<float>(), dhidden.data(), T, VL, H,
-                                     canonical_chunk(V), kTMax / tp);
+    cpu::linear_input_grad_canonical(dl.data(), W.lm_head.data<float>(), dhidden.data(), T, VL, H, canonical_chunk(V),
+                                     kTMax / tp);
     if (tp > 1) dist::canonical_all_reduce(*ctx.tp, dhidden.data(), T * H);
     const std::vector<float> dh_local = slice_rows(dhidden, m.rows, H);
     float* dw = slot(g.dense, "model.norm.weight", W.final_norm);
@@ -319,11 +278,11 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
     dx = std::move(dy);
   }
   // The backward re-writes each layer's K/V as it recomputes: a fresh cache.
-  m.cache = std::make_unique<KvCache>(s.local_cache_config(c), m.num_pages, kAttnBlock);
-  for (int64_t l = s.num_layers - 1; l >= 0; --l) layer_backward(l, m, dx, g);
+  m.cache = std::make_unique<KvCache>(s.local_cache_config(c), m.packed.num_pages, kAttnBlock);
+  for (int64_t l = s.num_layers - 1; l >= 0; --l) layer_grads(l, m, dx, g);
   if (s.first_stage) {
     const std::vector<float> dfull = ctx.gather_rows(dx, T, H);
-    cpu::embedding_backward_rows(m.batch.tokens.data(), dfull.data(),
+    cpu::embedding_backward_rows(m.packed.batch.tokens.data(), dfull.data(),
                                  slot(g.dense, "model.embed_tokens.weight", W.embed), T, V, s.vocab.begin,
                                  s.vocab.size(), H);
     return {};
@@ -331,193 +290,46 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
   return dx;
 }
 
-void ParallelGrad::layer_backward(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const {
-  const ParallelContext& ctx = model_.context();
-  const ShardLayout& s = ctx.layout;
-  const auto& c = model_.config();
-  const LayerWeights& L = model_.local_weights().layers.at(l);
-  const bool bf16 = model_.precision() == Precision::bfloat16;
-  auto cast = [&](std::vector<float>& v) {
-    if (bf16) cpu::round_to_bf16(v.data(), int64_t(v.size()));
-  };
-  const int64_t T = m.T, H = c.hidden_size, D = c.head_dim, R = m.rows.size();
-  const int64_t nq = s.q_heads, nkv = s.kv_heads, qd = nq * D, kd = nkv * D;
-  const int tp = s.topo.tp;
-  const float eps = float(c.rms_norm_eps);
-  const cpu::TokenChunks chunks = cpu::token_chunks(T), mine = local_chunks(T, m.rows);
+// Layer l's gradients: its internals recomputed from the saved input by the forward's own
+// layer_forward (the same bits), then the one layer backward.
+void ParallelGrad::layer_grads(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const {
+  const ShardLayout& s = model_.context().layout;
+  const LayerWeights& L = model_.weights().layers.at(l);
   const std::string p = "model.layers." + std::to_string(s.first_layer + l) + ".";
   const std::vector<float>& x_in = m.layer_inputs[l];
+  std::vector<float> x = x_in;
+  LayerActivations acts;
+  model_.layer_forward(l, x, m.packed.batch, *m.cache, &acts);
 
-  // ---- Recompute the layer's internals (ParallelQwen3Moe::attention/mlp, same kernels).
-  std::vector<float> h(R * H);
-  cpu::rmsnorm(x_in.data(), L.input_norm.data<float>(), h.data(), R, H, eps, bf16);
-  cast(h);
-  const std::vector<float> hf = ctx.gather_rows(h, T, H);
-  std::vector<float> q(T * qd), k(T * kd), v(T * kd), attn(T * qd);
-  cpu::linear(hf.data(), L.q_proj.data<float>(), q.data(), T, qd, H);
-  cpu::linear(hf.data(), L.k_proj.data<float>(), k.data(), T, kd, H);
-  cpu::linear(hf.data(), L.v_proj.data<float>(), v.data(), T, kd, H);
-  cast(q), cast(k), cast(v);
-  const std::vector<float> q_proj = q, k_proj = k;
-  cpu::rmsnorm(q.data(), L.q_norm.data<float>(), q.data(), T * nq, D, eps, bf16);
-  cpu::rmsnorm(k.data(), L.k_norm.data<float>(), k.data(), T * nkv, D, eps, bf16);
-  cast(q), cast(k);
-  cpu::rope(q.data(), m.batch.positions.data(), T, nq, model_.rope_table());
-  cpu::rope(k.data(), m.batch.positions.data(), T, nkv, model_.rope_table());
-  cast(q), cast(k);
-  PagedKvLayer kv = m.cache->layer(l);
-  TokenSlots slots{m.batch.positions.data(), m.batch.page_tables.data()};
-  cpu::kv_write(kv, slots, k.data(), v.data(), T);
-  const float scale = 1.0f / std::sqrt(float(D));
-  cpu::paged_attention(q.data(), attn.data(), kv, slots, T, nq, scale);
-  cast(attn);
-  std::vector<float> o(T * H);
-  cpu::linear_row_canonical(attn.data(), L.o_proj.data<float>(), o.data(), T, H, qd, canonical_chunk(c.q_dim()),
-                            kTMax / tp);
-  o = ctx.reduce_rows(std::move(o), T, H);
-  cast(o);
-  std::vector<float> mid = x_in;
-  cpu::add_inplace(mid.data(), o.data(), R * H);
-  cast(mid);
-  std::vector<float> hm(R * H);
-  cpu::rmsnorm(mid.data(), L.post_attention_norm.data<float>(), hm.data(), R, H, eps, bf16);
-  cast(hm);
-
-  // ---- MLP block: out = mid + mlp(norm(mid)); dx is d(out) on this rank's rows.
-  std::vector<float> dh(R * H), dnorm(R * H);
+  LayerGradPtrs grads;
+  grads.input_norm = slot(g.dense, p + "input_layernorm.weight", L.input_norm);
+  grads.post_attention_norm = slot(g.dense, p + "post_attention_layernorm.weight", L.post_attention_norm);
+  grads.q_proj = slot(g.dense, p + "self_attn.q_proj.weight", L.q_proj);
+  grads.k_proj = slot(g.dense, p + "self_attn.k_proj.weight", L.k_proj);
+  grads.v_proj = slot(g.dense, p + "self_attn.v_proj.weight", L.v_proj);
+  grads.o_proj = slot(g.dense, p + "self_attn.o_proj.weight", L.o_proj);
+  grads.q_norm = slot(g.dense, p + "self_attn.q_norm.weight", L.q_norm);
+  grads.k_norm = slot(g.dense, p + "self_attn.k_norm.weight", L.k_norm);
   if (L.is_moe) {
-    float* drouter = slot(g.dense, p + "mlp.gate.weight", L.router);
-    const int64_t cols = s.expert_cols.size();
+    grads.router = slot(g.dense, p + "mlp.gate.weight", L.router);
+    const int64_t cols = s.expert_cols.size(), H = model_.config().hidden_size;
     const Shape gshape{cols, H}, dshape{H, cols};
-    auto expert_grad = [&](int64_t j, int d, int which) {
+    grads.expert = [&g, &s, p, gshape, dshape](int64_t j, int d, int which) {
       const std::string name = p + "mlp.experts." + std::to_string(s.expert_begin + j) + "." +
-                               (which == 0 ? "gate_proj.weight" : which == 1 ? "up_proj.weight" : "down_proj.weight");
+                               (which == 0   ? "gate_proj.weight"
+                                : which == 1 ? "up_proj.weight"
+                                             : "down_proj.weight");
       auto& map = g.expert.at(d);
       auto it = map.find(name);
       if (it == map.end()) it = map.emplace(name, Tensor::zeros(which == 2 ? dshape : gshape, DType::f32)).first;
       return it->second.data<float>();
     };
-    expert_parallel_moe_backward(ctx, L, c, hm.data(), dx.data(), R, T, m.rows.begin, bf16, dh.data(), drouter,
-                                 expert_grad);
-    if (s.topo.sp) dist::canonical_all_reduce(*ctx.tp, drouter, c.num_experts * H);
   } else {
-    const int64_t cols = s.dense_cols.size(), I = c.intermediate_size;
-    const std::vector<float> hmf = ctx.gather_rows(hm, T, H), dout = ctx.gather_rows(dx, T, H);
-    std::vector<float> gate(T * cols), up(T * cols), act(T * cols), dact(T * cols), dg(T * cols), du(T * cols);
-    cpu::linear(hmf.data(), L.dense.gate.data<float>(), gate.data(), T, cols, H);
-    cpu::linear(hmf.data(), L.dense.up.data<float>(), up.data(), T, cols, H);
-    cast(gate), cast(up);
-    cpu::swiglu(gate.data(), up.data(), act.data(), T * cols);
-    cast(act);
-    cpu::linear_weight_grad(dout.data(), act.data(), slot(g.dense, p + "mlp.down_proj.weight", L.dense.down), H, cols,
-                            chunks);
-    cpu::linear_input_grad(dout.data(), L.dense.down.data<float>(), dact.data(), T, H, cols);
-    cpu::swiglu_backward(gate.data(), up.data(), dact.data(), dg.data(), du.data(), T * cols);
-    cpu::linear_weight_grad(dg.data(), hmf.data(), slot(g.dense, p + "mlp.gate_proj.weight", L.dense.gate), cols, H,
-                            chunks);
-    cpu::linear_weight_grad(du.data(), hmf.data(), slot(g.dense, p + "mlp.up_proj.weight", L.dense.up), cols, H,
-                            chunks);
-    std::vector<float> gx(T * H), ux(T * H);
-    cpu::linear_input_grad_canonical(dg.data(), L.dense.gate.data<float>(), gx.data(), T, cols, H,
-                                     canonical_chunk(I), kTMax / tp);
-    cpu::linear_input_grad_canonical(du.data(), L.dense.up.data<float>(), ux.data(), T, cols, H, canonical_chunk(I),
-                                     kTMax / tp);
-    if (tp > 1) {
-      dist::canonical_all_reduce(*ctx.tp, gx.data(), T * H);
-      dist::canonical_all_reduce(*ctx.tp, ux.data(), T * H);
-    }
-    cpu::add_inplace(gx.data(), ux.data(), T * H);
-    dh = slice_rows(gx, m.rows, H);
+    grads.dense_gate = slot(g.dense, p + "mlp.gate_proj.weight", L.dense.gate);
+    grads.dense_up = slot(g.dense, p + "mlp.up_proj.weight", L.dense.up);
+    grads.dense_down = slot(g.dense, p + "mlp.down_proj.weight", L.dense.down);
   }
-  float* dw_post = slot(g.dense, p + "post_attention_layernorm.weight", L.post_attention_norm);
-  cpu::rmsnorm_backward(mid.data(), L.post_attention_norm.data<float>(), dh.data(), dnorm.data(), dw_post, R, H, eps,
-                        bf16, mine);
-  if (s.topo.sp) dist::canonical_all_reduce(*ctx.tp, dw_post, H);
-  cpu::add_inplace(dx.data(), dnorm.data(), R * H);  // d(mid)
-
-  // ---- Attention block.
-  const std::vector<float> dmid = ctx.gather_rows(dx, T, H);
-  std::vector<float> dattn(T * qd), dq(T * qd), dk(T * kd), dv(T * kd);
-  cpu::linear_weight_grad(dmid.data(), attn.data(), slot(g.dense, p + "self_attn.o_proj.weight", L.o_proj), H, qd,
-                          chunks);
-  cpu::linear_input_grad(dmid.data(), L.o_proj.data<float>(), dattn.data(), T, H, qd);
-  const int64_t nq_all = c.num_attention_heads, nkv_all = c.num_key_value_heads;
-  const bool kv_replicated = tp > nkv_all;
-  const int rep = kv_replicated ? int(tp / nkv_all) : 1;  // TP ranks per KV head
-  if (!kv_replicated) {
-    cpu::paged_attention_backward(q.data(), attn.data(), dattn.data(), kv, slots, T, nq, scale, dq.data(), dk.data(),
-                                  dv.data());
-  } else {
-    // The query heads of this KV head live on `rep` ranks: gather them, run the group's
-    // backward (the per-key sums walk (query, head) in the single-rank order), keep ours.
-    std::vector<int> group;
-    const int first = s.coords.tp / rep * rep;
-    for (int r = first; r < first + rep; ++r) group.push_back(r);
-    const int64_t gh = nq * rep;
-    const auto gq = gather_heads(*ctx.tp, q, T, qd, group), ga = gather_heads(*ctx.tp, attn, T, qd, group),
-               gd = gather_heads(*ctx.tp, dattn, T, qd, group);
-    std::vector<float> gdq(T * gh * D);
-    cpu::paged_attention_backward(gq.data(), ga.data(), gd.data(), kv, slots, T, gh, scale, gdq.data(), dk.data(),
-                                  dv.data());
-    dq = head_block(gdq, T, gh * D, (s.coords.tp - first) * qd, qd);
-  }
-  cpu::rope_backward(dq.data(), m.batch.positions.data(), T, nq, model_.rope_table());
-  cpu::rope_backward(dk.data(), m.batch.positions.data(), T, nkv, model_.rope_table());
-  // q/k-norm weights are shared by all heads: their token-chunk tree walks (token, head)
-  // over every head, so it runs on the gathered heads (the same on every TP rank).
-  std::vector<float> dq_proj(T * qd), dk_proj(T * kd);
-  float* dqn = slot(g.dense, p + "self_attn.q_norm.weight", L.q_norm);
-  float* dkn = slot(g.dense, p + "self_attn.k_norm.weight", L.k_norm);
-  if (tp == 1) {
-    cpu::rmsnorm_backward(q_proj.data(), L.q_norm.data<float>(), dq.data(), dq_proj.data(), dqn, T * nq, D, eps, bf16,
-                          cpu::token_chunks(T, nq));
-    cpu::rmsnorm_backward(k_proj.data(), L.k_norm.data<float>(), dk.data(), dk_proj.data(), dkn, T * nkv, D, eps,
-                          bf16, cpu::token_chunks(T, nkv));
-  } else {
-    std::vector<int> all(tp), kv_holders;
-    for (int r = 0; r < tp; ++r) all[r] = r;
-    for (int r = 0; r < tp; r += rep) kv_holders.push_back(r);
-    const auto fq = gather_heads(*ctx.tp, q_proj, T, qd, all), fdq = gather_heads(*ctx.tp, dq, T, qd, all);
-    std::vector<float> fdq_proj(T * nq_all * D);
-    cpu::rmsnorm_backward(fq.data(), L.q_norm.data<float>(), fdq.data(), fdq_proj.data(), dqn, T * nq_all, D, eps,
-                          bf16, cpu::token_chunks(T, nq_all));
-    dq_proj = head_block(fdq_proj, T, nq_all * D, s.q_head_begin * D, qd);
-    const auto fk = gather_heads(*ctx.tp, k_proj, T, kd, kv_holders), fdk = gather_heads(*ctx.tp, dk, T, kd, kv_holders);
-    std::vector<float> fdk_proj(T * nkv_all * D);
-    cpu::rmsnorm_backward(fk.data(), L.k_norm.data<float>(), fdk.data(), fdk_proj.data(), dkn, T * nkv_all, D, eps,
-                          bf16, cpu::token_chunks(T, nkv_all));
-    dk_proj = head_block(fdk_proj, T, nkv_all * D, s.kv_head_begin * D, kd);
-  }
-  cpu::linear_weight_grad(dq_proj.data(), hf.data(), slot(g.dense, p + "self_attn.q_proj.weight", L.q_proj), qd, H,
-                          chunks);
-  cpu::linear_weight_grad(dk_proj.data(), hf.data(), slot(g.dense, p + "self_attn.k_proj.weight", L.k_proj), kd, H,
-                          chunks);
-  cpu::linear_weight_grad(dv.data(), hf.data(), slot(g.dense, p + "self_attn.v_proj.weight", L.v_proj), kd, H,
-                          chunks);
-  // d(norm output) = q part + k part + v part, each canonical over its N (rank subtrees
-  // completed over TP; a replicated KV head counts on its first holder only).
-  std::vector<float> dhf(T * H), part(T * H);
-  cpu::linear_input_grad_canonical(dq_proj.data(), L.q_proj.data<float>(), dhf.data(), T, qd, H,
-                                   canonical_chunk(c.q_dim()), kTMax / tp);
-  if (tp > 1) dist::canonical_all_reduce(*ctx.tp, dhf.data(), T * H);
-  const int kv_parts = kv_replicated ? int(nkv_all) : tp;
-  const bool kv_counts = s.coords.tp % rep == 0;
-  for (int which = 0; which < 2; ++which) {
-    const float* dy = which == 0 ? dk_proj.data() : dv.data();
-    const float* w = which == 0 ? L.k_proj.data<float>() : L.v_proj.data<float>();
-    if (kv_counts)
-      cpu::linear_input_grad_canonical(dy, w, part.data(), T, kd, H, canonical_chunk(nkv_all * D), kTMax / kv_parts);
-    else
-      std::fill(part.begin(), part.end(), 0.0f);
-    if (tp > 1) dist::canonical_all_reduce(*ctx.tp, part.data(), T * H);
-    cpu::add_inplace(dhf.data(), part.data(), T * H);
-  }
-  const std::vector<float> dh_in = slice_rows(dhf, m.rows, H);
-  float* dw_in = slot(g.dense, p + "input_layernorm.weight", L.input_norm);
-  cpu::rmsnorm_backward(x_in.data(), L.input_norm.data<float>(), dh_in.data(), dnorm.data(), dw_in, R, H, eps, bf16,
-                        mine);
-  if (s.topo.sp) dist::canonical_all_reduce(*ctx.tp, dw_in, H);
-  cpu::add_inplace(dx.data(), dnorm.data(), R * H);
+  layer_backward(model_, l, m.packed.batch, *m.cache, x_in, acts, dx, grads);
 }
 
 void ParallelGrad::run_one_f_one_b(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
@@ -589,8 +401,8 @@ std::map<std::string, Tensor> ParallelGrad::step_grads(
   std::vector<int64_t> all_j(ctx.world->size());
   ctx.world->all_gather_n(&J, all_j.data(), 1);
   for (int64_t n : all_j)
-    LS_CHECK(n == J, "parallel backward: every DP replica must run the same number of micro-batches (", J, " vs ",
-             n, ")");
+    LS_CHECK(n == J, "parallel backward: every DP replica must run the same number of micro-batches (", J, " vs ", n,
+             ")");
   LS_CHECK(J >= 1, "parallel backward: no micro-batches");
   const ExpertSpan span = expert_span(s);
   LS_CHECK((topo.dp == 1 && span.count == 1) || is_power_of_two(J), "parallel backward: ", J,
@@ -685,8 +497,7 @@ std::map<std::string, Tensor> gather_full(dist::Communicator& world, const Model
   // Each (name, box) is sent once, by the lowest rank that holds it.
   const int W = world.size();
   std::vector<std::vector<ShardPiece>> pieces(W);
-  for (int r = 0; r < W; ++r)
-    pieces[r] = rank_pieces(cfg, ShardLayout::make(cfg, layout.topo, layout.layer_split, r));
+  for (int r = 0; r < W; ++r) pieces[r] = rank_pieces(cfg, ShardLayout::make(cfg, layout.topo, layout.layer_split, r));
   auto first_holder = [&](const ShardPiece& piece) {
     for (int r = 0; r < W; ++r)
       for (const auto& q : pieces[r])
@@ -703,7 +514,8 @@ std::map<std::string, Tensor> gather_full(dist::Communicator& world, const Model
     return {};
   }
   std::map<std::string, Tensor> full;
-  for (const auto& [name, shape] : ModelWeights::expected_shapes(cfg)) full.emplace(name, Tensor::zeros(shape, DType::f32));
+  for (const auto& [name, shape] : ModelWeights::expected_shapes(cfg))
+    full.emplace(name, Tensor::zeros(shape, DType::f32));
   for (int r = 0; r < W; ++r)
     for (const auto& piece : pieces[r]) {
       if (first_holder(piece) != r) continue;

@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "parallel/parallel_model.h"
+#include "model/qwen3_moe.h"
 #include "train/model_grad.h"
 
 namespace lockstep {
@@ -43,7 +43,7 @@ using UpstreamFn = std::function<std::vector<SequenceGradInput>(
 class ParallelGrad {
  public:
   // Collective over the model's world (splits the expert-data-parallel group).
-  explicit ParallelGrad(ParallelQwen3Moe& model);
+  explicit ParallelGrad(const Qwen3Moe& model);
 
   // Gradients of one optimizer step: micro_batches[j] are this DP replica's micro-batches
   // (global micro-batch dp_rank * J + j; J equal on every replica and a power of two when
@@ -65,7 +65,7 @@ class ParallelGrad {
   // The backward of m from the gradient of its output rows (empty on the last stage);
   // returns the gradient of its input rows (empty on the first stage).
   std::vector<float> backward(MicroState& m, std::vector<float> dy, Partial& g) const;
-  void layer_backward(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const;
+  void layer_grads(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const;
   // Last stage: each token's log-normaliser, and its entropy, from the vocab-slice logits
   // (collective over TP).
   void head_normalizers(MicroState& m) const;
@@ -76,7 +76,7 @@ class ParallelGrad {
                        const std::function<std::vector<float>(int64_t, std::vector<float>)>& run_forward,
                        const std::function<std::vector<float>(std::vector<float>)>& run_backward) const;
 
-  ParallelQwen3Moe& model_;
+  const Qwen3Moe& model_;
   std::unique_ptr<dist::Communicator> edp_;
   int64_t peak_in_flight_ = 0;
 };

@@ -86,7 +86,7 @@ std::vector<float> ParallelRunner::forward_hidden(const ForwardBatch& batch) {
   check_batch(batch);
   const ParallelContext& ctx = model_.context();
   const ShardLayout& s = ctx.layout;
-  const ModelWeights& w = model_.local_weights();
+  const ModelWeights& w = model_.weights();
   const int64_t T = batch.size(), H = config().hidden_size;
   const dist::RowRange rows = ctx.local_rows(T);
   std::vector<float> x(rows.size() * H);
@@ -117,7 +117,7 @@ std::vector<float> ParallelRunner::full_logits(const std::vector<float>& hidden,
   const int64_t VL = layout().vocab.size();
   std::vector<float> local(M * VL);
   // The column form computes each logit by the one dot procedure, whatever the slice.
-  cpu::linear(picked.data(), model_.local_weights().lm_head.data<float>(), local.data(), M, VL, H);
+  cpu::linear(picked.data(), model_.weights().lm_head.data<float>(), local.data(), M, VL, H);
   if (tp == 1) return local;
   // Every TP rank's slice padded to the widest (chunk_range) width, all-gathered.
   const int64_t width = canonical_chunk(V) * (kTMax / tp);
@@ -185,13 +185,13 @@ void ParallelRunner::load_weights(const ModelWeights& weights) {
            "parallel runner: load_weights needs weights of the same config as the running model");
   ModelWeights local = slice_local_weights(weights, layout());
   round_if_bf16(local, layout(), precision());
-  model_.local_weights() = std::move(local);
+  model_.weights() = std::move(local);
 }
 
 void ParallelRunner::load_weight_bucket(const std::vector<WeightPiece>& pieces) {
   const auto shapes = ModelWeights::expected_shapes(config());
   const std::vector<ShardPiece> held = rank_pieces(config(), layout());
-  const auto local = local_named(model_.local_weights(), layout());
+  const auto local = local_named(model_.weights(), layout());
   std::multimap<std::string, size_t> by_name;  // global name -> index into held/local
   for (size_t i = 0; i < held.size(); ++i) by_name.emplace(held[i].name, i);
   std::vector<bool> touched(held.size(), false);
@@ -220,7 +220,7 @@ ModelWeights ParallelRunner::export_weights() const {
   dist::Communicator& world = *model_.context().world;
   // The weight sync into a whole model on every rank: pieces by (name, box), so a tied
   // lm_head slice (the embedding's name) needs no special case. Only reads the shards.
-  auto& local = const_cast<ModelWeights&>(model_.local_weights());
+  auto& local = const_cast<ModelWeights&>(model_.weights());
   ModelWeights full = ModelWeights::random(config(), 0, Precision::float32);  // shapes; overwritten below
   stream_weights(world, config(), layout(), local_named(local, layout()),
                  whole_model_layout(config(), world.size(), world.rank()),

@@ -1,7 +1,7 @@
 // The rollout engine's ModelRunner under a parallel topology (DESIGN.md D3 + D5): every
 // rank runs the same Engine on the same requests (its scheduling is deterministic), so
 // page tables and batches agree across ranks; each rank computes its shards of the
-// forward (parallel_model.h), the last stage gathers the sampled rows' fp32 logits to full
+// forward (model/qwen3_moe.h), the last stage gathers the sampled rows' fp32 logits to full
 // rows (column form, exact) and samples them with the single-rank cpu::sample_row, and
 // the results are broadcast so every rank's engine stays in lockstep. Tokens and
 // log-probs are therefore the bits of the single-rank CPU runner.
@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "model/runner.h"
-#include "parallel/parallel_model.h"
+#include "model/qwen3_moe.h"
 #include "parallel/parallel_score.h"
 
 namespace lockstep {
@@ -65,7 +65,7 @@ class ParallelRunner final : public ModelRunner {
   std::vector<float> full_logits(const std::vector<float>& hidden, const std::vector<int64_t>& rows) const;
   void check_batch(const ForwardBatch& batch) const;
 
-  ParallelQwen3Moe model_;
+  Qwen3Moe model_;
   KvCache cache_;
   int replicas_ = 1;
   // Results go from TP rank 0 of the last stage (of this replica when replicas are

@@ -5,7 +5,7 @@
 
 #include "core/error.h"
 #include "model/config.h"
-#include "parallel/parallel_model.h"
+#include "model/qwen3_moe.h"
 #include "parallel/shard_plan.h"
 
 namespace lockstep {
@@ -64,7 +64,7 @@ std::vector<std::vector<float>> parallel_score(dist::Communicator& world, const 
   const ResolvedTopology r = resolve_topology(req, cfg, world.size());
   auto src = open_checkpoint_for(model_dir, cfg, r.topo);
   const ShardLayout layout = ShardLayout::make(cfg, r.topo, r.layer_split, world.rank());
-  ParallelQwen3Moe model(world, layout, load_local_weights(*src, cfg, layout, precision), precision);
+  Qwen3Moe model(world, layout, load_local_weights(*src, cfg, layout, precision), precision);
   return model.score(seqs, max_batch_tokens);
 }
 

@@ -39,9 +39,9 @@ ParallelPolicy::ParallelPolicy(dist::Communicator& world, const ResolvedTopology
       precision_(precision),
       oc_(oc),
       full_(full.clone()) {
-  model_ = std::make_unique<ParallelQwen3Moe>(world_, layout_, slice_local_weights(full_, layout_), precision_);
+  model_ = std::make_unique<Qwen3Moe>(world_, layout_, slice_local_weights(full_, layout_), precision_);
   grad_ = std::make_unique<ParallelGrad>(*model_);
-  params_ = local_named(model_->local_weights(), layout_);
+  params_ = local_named(model_->weights(), layout_);
   optimizer_ = AdamW(oc_, params_);
 }
 

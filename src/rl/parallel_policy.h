@@ -1,5 +1,5 @@
 // The trainer side of `lockstep train` under a parallel topology (DESIGN.md D4): this
-// rank's shards in a ParallelQwen3Moe, the backward by ParallelGrad, a sharded AdamW, and
+// rank's shards in a Qwen3Moe, the backward by ParallelGrad, a sharded AdamW, and
 // the bucketed weight sync of its shards to the rollout engine's own topology
 // (parallel/weight_sync.h; the engine is a single-rank engine on every rank or a
 // ParallelRunner over the same ranks). Every rank drives the same rollout engine on the
@@ -73,7 +73,7 @@ class ParallelPolicy {
   ShardLayout layout_;
   Precision precision_;
   OptimizerConfig oc_;
-  std::unique_ptr<ParallelQwen3Moe> model_;
+  std::unique_ptr<Qwen3Moe> model_;
   std::unique_ptr<ParallelGrad> grad_;
   std::vector<std::pair<std::string, Tensor*>> params_;
   AdamW optimizer_;

@@ -15,28 +15,15 @@ namespace lockstep {
 
 TrainForward train_forward(const Qwen3Moe& model, const std::vector<std::vector<int32_t>>& seqs, bool want_entropy) {
   const auto& c = model.config();
-  const int64_t page = kAttnBlock;
   TrainForward f;
   f.seqs = seqs;
-  f.page_tables.resize(seqs.size());
-  int32_t next_page = 0;
-  for (size_t s = 0; s < seqs.size(); ++s) {
-    const int64_t n = int64_t(seqs[s].size());
-    LS_CHECK(n >= 1, "train_forward: sequence ", s, " is empty");
-    LS_CHECK(n <= c.max_position_embeddings, "train_forward: sequence ", s, " has ", n,
-             " tokens, more than max_position_embeddings (", c.max_position_embeddings, ")");
-    for (int64_t p = 0; p < (n + page - 1) / page; ++p) f.page_tables[s].push_back(next_page++);
-  }
-  f.num_pages = std::max<int32_t>(next_page, 1);
   for (size_t s = 0; s < seqs.size(); ++s)
-    for (size_t t = 0; t < seqs[s].size(); ++t) {
-      f.batch.tokens.push_back(seqs[s][t]);
-      f.batch.positions.push_back(int32_t(t));
-      f.batch.page_tables.push_back(f.page_tables[s].data());
-    }
-  KvCache cache(c, f.num_pages, page);
-  std::vector<float> hidden = model.forward(f.batch, cache, &f.trace);
-  std::vector<float> logits = model.logits(hidden.data(), f.batch.size());
+    LS_CHECK(int64_t(seqs[s].size()) <= c.max_position_embeddings, "train_forward: sequence ", s, " has ",
+             seqs[s].size(), " tokens, more than max_position_embeddings (", c.max_position_embeddings, ")");
+  f.packed = pack_sequences(seqs);
+  KvCache cache(c, f.packed.num_pages, kAttnBlock);
+  std::vector<float> hidden = model.forward(f.packed.batch, cache, &f.trace);
+  std::vector<float> logits = model.logits(hidden.data(), f.packed.batch.size());
   const int64_t V = c.vocab_size;
   f.logprobs.resize(seqs.size());
   if (want_entropy) f.entropy.resize(seqs.size());
@@ -71,7 +58,8 @@ void backward(const Qwen3Moe& model, const TrainForward& fwd, const std::vector<
               std::map<std::string, Tensor>& grads) {
   const auto& c = model.config();
   const auto& W = model.weights();
-  const int64_t T = fwd.batch.size(), H = c.hidden_size, V = c.vocab_size;
+  const ForwardBatch& batch = fwd.packed.batch;
+  const int64_t T = batch.size(), H = c.hidden_size, V = c.vocab_size;
   LS_CHECK(upstream.size() == fwd.seqs.size(), "backward: ", upstream.size(), " upstream gradients for ",
            fwd.seqs.size(), " sequences");
   LS_CHECK(int64_t(fwd.trace.layer_inputs.size()) == c.num_hidden_layers, "backward: the forward kept no trace");
@@ -119,7 +107,7 @@ void backward(const Qwen3Moe& model, const TrainForward& fwd, const std::vector<
                         model.precision() == Precision::bfloat16, chunks);
 
   // Layers in reverse, each recomputed from its saved input.
-  KvCache cache(c, fwd.num_pages, kAttnBlock);
+  KvCache cache(c, fwd.packed.num_pages, kAttnBlock);
   std::vector<float> x;
   for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) {
     const auto& L = W.layers[l];
@@ -135,12 +123,14 @@ void backward(const Qwen3Moe& model, const TrainForward& fwd, const std::vector<
     g.k_norm = grad_slot(grads, p + "self_attn.k_norm.weight", L.k_norm);
     if (L.is_moe) {
       g.router = grad_slot(grads, p + "mlp.gate.weight", L.router);
+      std::vector<float*> expert_grads;
       for (int64_t e = 0; e < c.num_experts; ++e) {
         const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
-        g.expert_gate.push_back(grad_slot(grads, ep + "gate_proj.weight", L.experts[e].gate));
-        g.expert_up.push_back(grad_slot(grads, ep + "up_proj.weight", L.experts[e].up));
-        g.expert_down.push_back(grad_slot(grads, ep + "down_proj.weight", L.experts[e].down));
+        expert_grads.push_back(grad_slot(grads, ep + "gate_proj.weight", L.experts[e].gate));
+        expert_grads.push_back(grad_slot(grads, ep + "up_proj.weight", L.experts[e].up));
+        expert_grads.push_back(grad_slot(grads, ep + "down_proj.weight", L.experts[e].down));
       }
+      g.expert = [expert_grads](int64_t j, int, int which) { return expert_grads[size_t(j * 3 + which)]; };
     } else {
       g.dense_gate = grad_slot(grads, p + "mlp.gate_proj.weight", L.dense.gate);
       g.dense_up = grad_slot(grads, p + "mlp.up_proj.weight", L.dense.up);
@@ -149,13 +139,13 @@ void backward(const Qwen3Moe& model, const TrainForward& fwd, const std::vector<
     const std::vector<float>& x_in = fwd.trace.layer_inputs[l];
     x = x_in;
     LayerActivations acts;
-    model.layer_forward(l, x.data(), fwd.batch, cache, nullptr, &acts);
-    layer_backward(model, l, fwd.batch, cache, x_in.data(), acts, dx.data(), g);
+    model.layer_forward(l, x, batch, cache, &acts);
+    layer_backward(model, l, batch, cache, x_in, acts, dx, g);
   }
 
   // Embedding, then (tied) the lm_head part added in that fixed order.
   float* dembed = grad_slot(grads, "model.embed_tokens.weight", W.embed);
-  cpu::embedding_backward(fwd.batch.tokens.data(), dx.data(), dembed, T, V, H);
+  cpu::embedding_backward(batch.tokens.data(), dx.data(), dembed, T, V, H);
   if (c.tie_word_embeddings)
     cpu::add_inplace(dembed, lm_head_grad.data(), V * H);
   else

@@ -31,11 +31,9 @@ struct TrainForward {
   std::vector<std::vector<float>> logprobs;  // per sequence: log p(seq[t+1] | seq[<=t]), n - 1 values
   std::vector<std::vector<float>> entropy;   // per sequence, n - 1 values (when asked for)
 
-  // Saved state: the sequences, their page tables, the packed batch and the layer inputs.
+  // Saved state: the sequences, packed, and the layer inputs.
   std::vector<std::vector<int32_t>> seqs;
-  std::vector<std::vector<int32_t>> page_tables;
-  ForwardBatch batch;
-  int64_t num_pages = 0;
+  PackedSequences packed;
   ForwardTrace trace;
 
   TrainForward() = default;

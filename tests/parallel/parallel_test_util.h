@@ -10,7 +10,7 @@
 #include "core/thread_pool.h"
 #include "dist/thread_communicator.h"
 #include "model/qwen3_moe.h"
-#include "parallel/parallel_model.h"
+#include "model/qwen3_moe.h"
 #include "parallel/shard_plan.h"
 
 namespace lockstep::ptest {
@@ -57,7 +57,7 @@ inline std::vector<std::vector<float>> score_on_threads(const ModelWeights& full
     topo.validate(full.config, spec.world);
     auto split = pipeline_layer_split(full.config.num_hidden_layers, spec.pp, spec.split);
     ShardLayout layout = ShardLayout::make(full.config, topo, split, comm.rank());
-    ParallelQwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
+    Qwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
     auto r = model.score(seqs, max_batch_tokens);
     if (comm.rank() == 0) result = std::move(r);
   });

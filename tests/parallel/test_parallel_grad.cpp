@@ -55,7 +55,7 @@ GradMap parallel(const ModelWeights& full, Precision precision, const TopoSpec& 
     topo.validate(full.config, spec.world);
     auto split = pipeline_layer_split(full.config.num_hidden_layers, spec.pp, spec.split);
     ShardLayout layout = ShardLayout::make(full.config, topo, split, comm.rank());
-    ParallelQwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
+    Qwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
     ParallelGrad pg(model);
     const int64_t per = int64_t(mbs.size()) / topo.dp, d = layout.coords.dp;
     std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);

@@ -61,9 +61,9 @@ TEST(ParallelOptimizerStep, UpdatedWeightsEqualOneRank) {
       topo.validate(full.config, spec.world);
       auto split = pipeline_layer_split(full.config.num_hidden_layers, spec.pp, spec.split);
       ShardLayout layout = ShardLayout::make(full.config, topo, split, comm.rank());
-      ParallelQwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
+      Qwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
       ParallelGrad pg(model);
-      auto params = local_named(model.local_weights(), layout);
+      auto params = local_named(model.weights(), layout);
       AdamW opt(step_config(), params);
       const int64_t per = 2 / topo.dp, d = layout.coords.dp;
       std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);

@@ -119,7 +119,7 @@ TEST(RandomModelTopology, PipelinedScoringCutsStepsWithSameBits) {
     topo.validate(full.config, 2);
     const ShardLayout layout =
         ShardLayout::make(full.config, topo, pipeline_layer_split(full.config.num_hidden_layers, 2), comm.rank());
-    ParallelQwen3Moe model(comm, layout, slice_local_weights(full, layout), Precision::float32);
+    Qwen3Moe model(comm, layout, slice_local_weights(full, layout), Precision::float32);
     auto r = model.score(seqs);
     steps[comm.rank()] = model.last_score_steps();
     if (comm.rank() == 0) got = std::move(r);
