@@ -15,7 +15,7 @@
 //   ep      (tp 1, T ranks with their own tokens) dispatch: all_to_all_v of one bf16 copy
 //           of a token per destination rank holding >= 1 of its 8 experts; combine: one
 //           fp32 output per (token, expert) pair, not pre-summed, because the token's
-//           output is the fp32 sum in ascending expert id (DESIGN.md rule 4).
+//           output is the fp32 sum in ascending expert id (docs/numerics.md, rule 4).
 //   vocab   log-softmax (max, sumexp) combine over vocab-parallel ranks.
 //
 // Usage: bench_comm_volume [tokens per rank, default 1024]

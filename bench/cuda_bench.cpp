@@ -30,7 +30,7 @@ namespace {
 using namespace lockstep;
 using Clock = std::chrono::steady_clock;
 
-constexpr double kCopyBandwidth = 4.2e12;  // bytes/s, measured device-to-device copy (DESIGN.md section 7)
+constexpr double kCopyBandwidth = 4.2e12;  // bytes/s, measured device-to-device copy (notes/cuda-perf.md)
 constexpr double kMatmulPeak = 771e12;     // bf16 FLOP/s, measured 8192^3 matmul
 
 struct ModelShape {

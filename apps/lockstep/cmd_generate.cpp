@@ -1,5 +1,5 @@
 // lockstep generate: sample continuations of token-id prompts with the rollout engine
-// (DESIGN.md section 6).
+// (docs/rollout.md).
 //
 // Input: JSONL, one request per line: {"input_ids":[...]} with optional per-request "seed",
 // "max_new_tokens", "temperature", "top_p", "top_k" and "stop_token_ids" (the command-line

@@ -3,7 +3,7 @@
 // All input sequences form one micro-batch (one packed forward; see train/model_grad.h), or
 // with --num-microbatches M, M contiguous equal micro-batches summed by the pairwise tree.
 // Under mpirun with the topology flags the gradient is computed at that topology and rank 0
-// writes the same bytes (DESIGN.md D4); DP replicas take whole runs of micro-batches.
+// writes the same bytes (docs/numerics.md, D4); DP replicas take whole runs of micro-batches.
 // Output: `loss` (F32, shape [] -- a scalar) and `grad.<global name>` (F32, the parameter's
 // shape) for every parameter.
 #include <memory>

@@ -2,7 +2,7 @@
 // arguments it runs the embedded default (configs/default.toml mirrors it). Under
 // `mpirun -np N` with the topology flags (--tensor-model-parallel-size, ...) the trainer runs
 // at that topology, the engine at its own (--rollout-* flags; default a single-rank engine on
-// every rank), and the run writes the single-rank metrics and checkpoints (DESIGN.md D4).
+// every rank), and the run writes the single-rank metrics and checkpoints (docs/numerics.md, D4).
 #include <cstdio>
 #include <map>
 #include <memory>

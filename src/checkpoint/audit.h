@@ -1,4 +1,4 @@
-// `lockstep audit` (DESIGN.md section 4): per-tensor fingerprints (a stable 64-bit hash of
+// `lockstep audit` (docs/parallel.md): per-tensor fingerprints (a stable 64-bit hash of
 // the stored bytes, shape, dtype, L2 norm) and per-layer summaries of a checkpoint in any
 // storage, and the first difference between two checkpoints, by global name.
 #pragma once

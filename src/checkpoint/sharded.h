@@ -1,4 +1,4 @@
-// Sharded checkpoints (DESIGN.md section 3): every tensor is stored as pieces, each a box
+// Sharded checkpoints (docs/parallel.md): every tensor is stored as pieces, each a box
 // (a [begin, end) range per dimension) of one global (Hugging Face) name, so any topology
 // can read what any other wrote by copying the intersections of the boxes it needs.
 //

@@ -1,6 +1,6 @@
 // Philox-4x32-10 counter-based random numbers (Salmon et al., SC'11).
 // A draw is a pure function of (key, counter): sampling keyed by (seed, request, position)
-// gives the same numbers whatever else is in the batch (DESIGN.md D5).
+// gives the same numbers whatever else is in the batch (docs/numerics.md, D5).
 #pragma once
 #include <array>
 #include <cstdint>

@@ -1,5 +1,5 @@
 // The communicator: the few byte-moving primitives every parallel form is built from
-// (DESIGN.md section 2). It never adds numbers: reductions are done by the deterministic
+// (docs/parallel.md). It never adds numbers: reductions are done by the deterministic
 // collectives (dist/deterministic_collectives.h) so every topology sums in the same tree.
 //
 // Backends: MpiCommunicator (host pointers), NcclCommunicator (device pointers, CUDA

@@ -1,4 +1,4 @@
-// Deterministic collectives (DESIGN.md section 1, rules 1, 7, 8): reductions that finish
+// Deterministic collectives (docs/numerics.md, rules 1, 7, 8): reductions that finish
 // the canonical pairwise tree across ranks, so a value reduced over T ranks has the same
 // bits as the single-rank tree8 over the 8 canonical chunk partials.
 //

@@ -1,4 +1,4 @@
-// The (max, sum-of-exp) pair combine of the canonical log-softmax (DESIGN.md section 1,
+// The (max, sum-of-exp) pair combine of the canonical log-softmax (docs/numerics.md,
 // rules 1 and 6). The single-rank kernel and the vocab-parallel cross-rank combine must
 // use exactly this function, in the same pairwise tree order, so that every TP size gives
 // the same bits. Header-only and dependency-free so src/kernels can include it.

@@ -1,4 +1,4 @@
-// The canonical reduction of DESIGN.md section 1, rule 1: a dimension that some topology
+// The canonical reduction of docs/numerics.md, rule 1: a dimension that some topology
 // may split is cut into kTMax = 8 equal contiguous chunks (zero-padded to a multiple of 8);
 // each chunk is reduced in fp32 by a fixed procedure, and the 8 partials are combined by
 // the fixed pairwise tree ((c0+c1)+(c2+c3))+((c4+c5)+(c6+c7)). A rank that owns a

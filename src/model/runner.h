@@ -12,7 +12,7 @@
 
 namespace lockstep {
 
-// How to draw the next token of one row (DESIGN.md D5: randomness is keyed by
+// How to draw the next token of one row (docs/numerics.md, D5: randomness is keyed by
 // (seed, stream, position), never by the batch).
 struct SampleRequest {
   int64_t row = 0;           // token index within the ForwardBatch whose logits are sampled
@@ -24,7 +24,7 @@ struct SampleRequest {
   uint64_t position = 0;  // the position of the token being drawn
 };
 
-// A box of one global tensor (DESIGN.md section 3) and its values: f32, shape
+// A box of one global tensor (docs/parallel.md) and its values: f32, shape
 // box_shape(box). What a bucketed weight sync hands a runner (parallel/weight_sync.h).
 struct WeightPiece {
   std::string name;

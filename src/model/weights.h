@@ -10,7 +10,7 @@
 
 namespace lockstep {
 
-// The two precision recipes of DESIGN.md section 1, rule 5.
+// The two precision recipes of docs/numerics.md, rule 5.
 enum class Precision { float32, bfloat16 };
 Precision precision_from_name(const std::string& name);
 const char* precision_name(Precision p);

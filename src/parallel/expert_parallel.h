@@ -1,4 +1,4 @@
-// The MoE block under expert parallelism (DESIGN.md section 1, rule 4): tokens move to the
+// The MoE block under expert parallelism (docs/numerics.md, rule 4): tokens move to the
 // ranks that own their experts (all-to-all over the EP group) and back; under ETP each
 // expert's intermediate dimension is split (gate/up column-parallel, down in the canonical
 // row form completed over the ETP group). Moving tokens changes no number: each expert's

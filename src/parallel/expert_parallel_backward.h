@@ -1,5 +1,5 @@
-// Backward of the MoE block under expert (and expert-tensor) parallelism (DESIGN.md
-// section 1, rule 10). The token owner recomputes the routing and, through the forward's
+// Backward of the MoE block under expert (and expert-tensor) parallelism
+// (docs/numerics.md, rule 10). The token owner recomputes the routing and, through the forward's
 // own all-to-all, each (token, expert) output, so d(weight) is the single-rank dot; the
 // owners of each expert receive the rows, their upstream gradients and, per row, the
 // token's position in its source micro-batch. An expert's weight gradient is then the

@@ -1,4 +1,4 @@
-// Local <-> global names of layers and experts (DESIGN.md section 3). A rank holds local
+// Local <-> global names of layers and experts (docs/parallel.md). A rank holds local
 // layers [0, split[pp_rank]) and local experts [0, num_experts / ep); every export, weight
 // sync and audit speaks global indices:
 //   L_global = L_local + first_layer(pp_rank)

@@ -1,4 +1,4 @@
-// The backward under a parallel topology (DESIGN.md level D4, rules 8-11): gradients of
+// The backward under a parallel topology (docs/numerics.md, D4, rules 8-11): gradients of
 // every parameter, each rank holding its shard's gradient by global name, bitwise equal to
 // the single-rank train/model_grad.h backward summed over micro-batches by
 // train/grad_accumulate.h.

@@ -1,5 +1,5 @@
 // The communicators of one rank under a topology, and the tensor-parallel row regions
-// (DESIGN.md section 1, rules 1 and 7): what the model asks for instead of ranks.
+// (docs/numerics.md, rules 1 and 7): what the model asks for instead of ranks.
 #pragma once
 #include <memory>
 #include <vector>

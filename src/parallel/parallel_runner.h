@@ -1,4 +1,4 @@
-// The rollout engine's ModelRunner under a parallel topology (DESIGN.md D3 + D5): every
+// The rollout engine's ModelRunner under a parallel topology (docs/numerics.md, D3 + D5): every
 // rank runs the same Engine on the same requests (its scheduling is deterministic), so
 // page tables and batches agree across ranks; each rank computes its shards of the
 // forward (model/qwen3_moe.h), the last stage gathers the sampled rows' fp32 logits to full

@@ -13,7 +13,7 @@
 
 namespace lockstep {
 
-// The Megatron-style flags (DESIGN.md section 5).
+// The Megatron-style flags (docs/parallel.md).
 struct TopologyRequest {
   int tp = 1, pp = 1, ep = 1, etp = 1;
   bool sp = false;

@@ -1,4 +1,4 @@
-// What one rank of a topology holds (DESIGN.md section 3): its pipeline layers, attention
+// What one rank of a topology holds (docs/parallel.md): its pipeline layers, attention
 // heads, experts and the canonical-chunk slices of every split dimension, as a list of
 // (global name, box) pieces, and the loader that reads exactly those pieces from any
 // checkpoint (Hugging Face or sharded) into local weights.

@@ -1,4 +1,4 @@
-// Parallel topology (DESIGN.md sections 1 and 3): sizes, validation against a model,
+// Parallel topology (docs/numerics.md and docs/parallel.md): sizes, validation against a model,
 // Megatron-Core style rank groups, and the pipeline layer split.
 //
 // Rank layout (one process per rank):

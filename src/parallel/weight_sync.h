@@ -1,4 +1,4 @@
-// The bucketed, resharding weight sync (DESIGN.md section 4): the trainer's shards (layout A)
+// The bucketed, resharding weight sync (docs/parallel.md): the trainer's shards (layout A)
 // stream to the rollout engine's shards (layout B, any topology over the same world, e.g. a
 // whole model per rank) by global name, one bucket at a time, so no rank ever holds the
 // whole model for a sync.

@@ -1,4 +1,4 @@
-// The trainer side of `lockstep train` under a parallel topology (DESIGN.md D4): this
+// The trainer side of `lockstep train` under a parallel topology (docs/numerics.md, D4): this
 // rank's shards in a Qwen3Moe, the backward by ParallelGrad, a sharded AdamW, and
 // the bucketed weight sync of its shards to the rollout engine's own topology
 // (parallel/weight_sync.h; the engine is a single-rank engine on every rank or a

@@ -29,7 +29,7 @@ class Task {
  public:
   virtual ~Task() = default;
   virtual std::string name() const = 0;
-  // A deterministic function of (seed, index) (DESIGN.md D5).
+  // A deterministic function of (seed, index) (docs/numerics.md, D5).
   virtual TaskExample example(uint64_t seed, uint64_t index) const = 0;
   // 1 when the response is exactly the answer (its digits then <eos>), else 0.
   float reward(const TaskExample& ex, const std::vector<int32_t>& response) const {

@@ -63,7 +63,7 @@ struct TrainConfig {
   bool resume = false;                            // continue from the latest checkpoint in --save
   bool progress = true;
   bool audit_weight_sync = false;  // after every sync, audit trainer vs engine weights by global name
-  // Trainer topology under `mpirun -np N lockstep train` (DESIGN.md D4: no number depends on
+  // Trainer topology under `mpirun -np N lockstep train` (docs/numerics.md, D4: no number depends on
   // it). Not run-defining.
   int64_t tensor_model_parallel_size = 1;
   bool sequence_parallel = false;

@@ -1,7 +1,7 @@
 // The rollout engine: continuous batching over a ModelRunner with a paged KV cache, chunked
 // prefill, prefix caching, preemption by recompute, seeded sampling and weight versions.
 //
-// Invariance (DESIGN.md D1, D2, D5): every token's values depend only on its own sequence,
+// Invariance (docs/numerics.md, D1, D2, D5): every token's values depend only on its own sequence,
 // because the runner's kernels are batch invariant and the engine (a) writes a token's K/V
 // before any query reads it, (b) shares a KV page only between sequences with the same token
 // prefix at the same positions under the same weights, (c) recomputes a preempted sequence
@@ -74,7 +74,7 @@ class Engine {
   // = begin_weight_update + the runner's load_weights + end_weight_update.
   std::vector<StepOutput> update_weights(const ModelWeights& weights, UpdatePolicy policy);
 
-  // The same update in buckets (DESIGN.md section 4, parallel/weight_sync.h):
+  // The same update in buckets (docs/parallel.md, parallel/weight_sync.h):
   // begin_weight_update pauses admission, drains or aborts started requests (as
   // update_weights) and flushes the prefix cache; each load_weight_bucket replaces some
   // tensors' boxes (global names) in the runner; end_weight_update bumps the version once

@@ -1,6 +1,6 @@
 // The engine's view of the runner's KV page pool: a ref-counted block allocator with a
 // prefix cache. The runner holds the page contents; this class only decides which pages a
-// sequence uses (DESIGN.md section 1, rule 3: attention reads any page table the same way).
+// sequence uses (docs/numerics.md, rule 3: attention reads any page table the same way).
 //
 // Prefix cache: a full page is identified by its content, (parent content id, the page's
 // token ids), where the parent is the page before it in the sequence (0 at the start). Its

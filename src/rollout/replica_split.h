@@ -1,7 +1,7 @@
 // Running a batch of requests on independent data-parallel engine replicas
 // (parallel/parallel_runner.h): replica r runs the requests i with i % replicas == r, and
 // every rank gets every request's outcome. A request's tokens and log-probs do not depend on
-// what runs beside it (DESIGN.md D1, D5: sampling is keyed by its own seed), so the outcomes
+// what runs beside it (docs/numerics.md, D1, D5: sampling is keyed by its own seed), so the outcomes
 // are the bits of one engine running them all.
 #pragma once
 #include <cstdint>

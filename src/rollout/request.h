@@ -1,4 +1,4 @@
-// What a caller asks the rollout engine for, and what it gets back (DESIGN.md sections 4 and 6).
+// What a caller asks the rollout engine for, and what it gets back (docs/rollout.md).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -58,7 +58,7 @@ struct RequestResult {
 using Detokenizer = std::function<std::string(const std::vector<int32_t>&)>;
 
 // The stream id that keys a request's random numbers: a function of its seed only, so a
-// request draws the same numbers whatever arrives with it (DESIGN.md D5).
+// request draws the same numbers whatever arrives with it (docs/numerics.md, D5).
 uint64_t sampling_stream(uint64_t seed);
 
 // Checks a request against the model before it is queued; throws lockstep::Error naming the

@@ -1,4 +1,4 @@
-// Canonical micro-batches (DESIGN.md section 1, rule 8): the global batch is cut into a
+// Canonical micro-batches (docs/numerics.md, rule 8): the global batch is cut into a
 // fixed power-of-two number of contiguous micro-batches, and their gradients are summed by
 // the fixed pairwise tree over the micro-batch index, whatever the order they arrive in
 // and however many ranks computed them.

@@ -1,7 +1,7 @@
 // RL and SFT losses over response tokens. Each loss returns, per token, d loss / d logp and
 // d loss / d entropy: the upstream gradient the model backward consumes. Loss normalisers
 // (token counts, sample counts) are those of the whole global batch, so cutting the batch
-// into micro-batches never changes a number (DESIGN.md section 1, rules 8 and 11).
+// into micro-batches never changes a number (docs/numerics.md, rules 8 and 11).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -1,5 +1,5 @@
 // The model backward: the trainer's forward over one micro-batch, and the gradient of a
-// per-token objective with respect to every parameter (DESIGN.md section 1, rules 8-11).
+// per-token objective with respect to every parameter (docs/numerics.md, rules 8-11).
 //
 // A micro-batch is ONE packed forward: all sequences of a train_forward call, whole and in
 // call order, packed into one token stream of T tokens (each sequence on its own contiguous

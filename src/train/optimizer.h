@@ -1,5 +1,5 @@
 // AdamW with fp32 master weights, learning-rate schedules, and clipping by the canonical
-// global gradient norm (DESIGN.md section 1, rule 11).
+// global gradient norm (docs/numerics.md, rule 11).
 #pragma once
 #include <cstdint>
 #include <map>

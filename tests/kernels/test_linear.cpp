@@ -1,5 +1,5 @@
 // Linear kernels against a plain float64 reference, and the canonical row form against
-// simulated tensor-parallel splits (DESIGN.md section 1, rule 1).
+// simulated tensor-parallel splits (docs/numerics.md, rule 1).
 #include <gtest/gtest.h>
 
 #include <cmath>

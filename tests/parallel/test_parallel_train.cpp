@@ -1,4 +1,4 @@
-// `lockstep train` at a topology (DESIGN.md D4): metrics bitwise equal to one rank, the
+// `lockstep train` at a topology (docs/numerics.md, D4): metrics bitwise equal to one rank, the
 // true-on-policy check exact at every step, and resume at another topology bit for bit.
 #include <gtest/gtest.h>
 
@@ -74,7 +74,7 @@ TEST(ParallelTrain, Tp2SpPp2Ep2On8RanksEqualsOneRank) {
   expect_exact_on_policy(eight, 3);
 }
 
-// The rollout engine at its own topology (DESIGN.md section 4): trainer TP2+PP2+EP2, engine
+// The rollout engine at its own topology (docs/parallel.md): trainer TP2+PP2+EP2, engine
 // EP4 on the same 8 ranks, weights streamed in small buckets and resharded; the metrics equal
 // one rank's and the trainer's log-probs equal the engine's at every step.
 TEST(ParallelTrain, Tp2Pp2Ep2TrainerWithEp4EngineOn8RanksEqualsOneRank) {

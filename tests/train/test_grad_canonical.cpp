@@ -1,4 +1,4 @@
-// The canonical trees of the backward under simulated splits (DESIGN.md section 1, rules 1
+// The canonical trees of the backward under simulated splits (docs/numerics.md, rule 1
 // and 9): sequence-parallel ranks that each hold a power-of-two run of the 8 token chunks
 // compute their subtree, and finishing the tree over ranks gives the single-rank bits; the
 // same for tensor-parallel ranks splitting the N of a column-form linear's input gradient.

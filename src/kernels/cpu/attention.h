@@ -1,4 +1,4 @@
-// Causal GQA attention read through a paged KV cache (DESIGN.md section 1, rule 3).
+// Causal GQA attention read through a paged KV cache (docs/numerics.md, rule 3).
 #pragma once
 #include <cstdint>
 

@@ -1,4 +1,4 @@
-// The one fixed dot-product procedure of the CPU backend (DESIGN.md section 1, rule 2):
+// The one fixed dot-product procedure of the CPU backend (docs/numerics.md, rule 2):
 // the inputs are zero-padded to a multiple of 8; lane j accumulates products of the
 // elements with index = j (mod 8) in ascending order in fp32; the 8 lanes are combined by
 // tree8. Every CPU kernel that reduces over a row uses it, with any tiling around it, so a

@@ -8,7 +8,7 @@ namespace lockstep::cpu {
 // N (column-parallel) computes each output on one rank, so it changes no bit.
 void linear(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K);
 
-// Canonical row form (DESIGN.md section 1, rule 1). The K columns held here are a run of
+// Canonical row form (docs/numerics.md, rule 1). The K columns held here are a run of
 // `num_chunks` canonical chunks of `chunk_len` columns (the last may be short or empty,
 // the zero padding); y[t, n] = pairwise_tree over the chunks of dot(chunk of x, chunk of w).
 // One rank holding all 8 chunks computes the full tree; a rank holding a power-of-two run

@@ -1,4 +1,4 @@
-// The canonical log-softmax over the vocabulary (DESIGN.md section 1, rules 1 and 6).
+// The canonical log-softmax over the vocabulary (docs/numerics.md, rules 1 and 6).
 #pragma once
 #include <cstdint>
 

@@ -1,4 +1,4 @@
-// Mixture-of-experts routing and expert compute (DESIGN.md section 1, rule 4).
+// Mixture-of-experts routing and expert compute (docs/numerics.md, rule 4).
 #pragma once
 #include <cstdint>
 #include <vector>

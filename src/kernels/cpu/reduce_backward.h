@@ -1,4 +1,4 @@
-// Canonical reductions over the token stream for the backward (DESIGN.md section 1, rule 9).
+// Canonical reductions over the token stream for the backward (docs/numerics.md, rule 9).
 // Weight gradients sum over the tokens of a micro-batch: the packed stream of T tokens is cut
 // into kTMax = 8 chunks of canonical_chunk(T) tokens (zero-padded); each chunk is summed in
 // ascending token order in fp32 and the 8 partials are combined by the pairwise tree. A

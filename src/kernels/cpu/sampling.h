@@ -1,4 +1,4 @@
-// Token sampling from one row of fp32 logits (DESIGN.md D5).
+// Token sampling from one row of fp32 logits (docs/numerics.md, D5).
 #pragma once
 #include <cstdint>
 

@@ -1,7 +1,7 @@
 // Paged attention on tensor cores (bf16 in, fp32 accumulate; warpgroup MMA for head_dim 64
 // and 128, mma.sync m16n8k16 otherwise, the same bits), one kernel for prefill and decode, so
-// the engine's decode and the trainer's whole-sequence forward give the same bits (DESIGN.md
-// section 1, D2).
+// the engine's decode and the trainer's whole-sequence forward give the same bits
+// (docs/numerics.md, D2).
 //
 // A CTA takes one tile (up to kTileRows query rows = tokens x query heads of one kv head, all
 // tokens of one sequence) and walks the KV blocks 0, 64, 128, ... of absolute positions in

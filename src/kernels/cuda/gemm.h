@@ -1,5 +1,5 @@
 // Batch-invariant bf16 GEMM on tensor cores: out[r, n] = sum_k A[r, k] * W[n, k] (fp32
-// accumulation), DESIGN.md section 1 rules 1 and 2 on the GPU.
+// accumulation), docs/numerics.md, rules 1 and 2 on the GPU.
 //
 // Every output element is accumulated by the same sequence of mma.sync m16n8k16 steps in
 // ascending k (K tiles of 64; k16 steps wholly inside a chunk's zero padding are skipped),

@@ -1,6 +1,6 @@
 // The non-GEMM forward ops of the bfloat16 recipe on the GPU. Each op computes a row (a
 // token, a head) by one fixed procedure that never looks at other rows, so results are
-// batch invariant by construction (DESIGN.md section 1). The GPU procedures need not equal
+// batch invariant by construction (docs/numerics.md). The GPU procedures need not equal
 // the CPU ones bit for bit; they are fixed within this backend.
 #pragma once
 #include <cuda_bf16.h>
