@@ -1,6 +1,6 @@
 // lockstep grad: the loss (sum over input sequences of the mean next-token NLL) and its
 // gradient with respect to every parameter, as a safetensors file (a gradient-check tool).
-// All input sequences form one micro-batch (one packed forward; see train/model_grad.h), or
+// All input sequences form one micro-batch (one packed forward; see parallel/parallel_backward.h), or
 // with --num-microbatches M, M contiguous equal micro-batches summed by the pairwise tree.
 // Under mpirun with the topology flags the gradient is computed at that topology and rank 0
 // writes the same bytes (docs/numerics.md, D4); DP replicas take whole runs of micro-batches.
@@ -17,7 +17,6 @@
 #include "parallel/parallel_backward.h"
 #include "topology_flags.h"
 #include "train/grad_accumulate.h"
-#include "train/model_grad.h"
 
 namespace lockstep::cli {
 namespace {
@@ -38,11 +37,10 @@ std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<f
 int run_grad(const GradOptions& o) {
   Precision precision = precision_from_name(o.dtype);
   auto world = dist::world_communicator();
-  const bool parallel = o.topology.parallel() || world->size() > 1;
   const ModelConfig config = ModelConfig::load(o.model + "/config.json");
-  // The topology is checked against the model before any input or weight is read.
-  ResolvedTopology topo;
-  if (parallel) topo = resolve_topology(o.topology, config, world->size());
+  // The topology (one rank without the flags) is checked against the model before any
+  // input or weight is read.
+  const ResolvedTopology topo = resolve_topology(o.topology, config, world->size());
   auto records = read_jsonl(o.input);  // read and check all input before any compute
   LS_CHECK(!records.empty(), o.input, ": no sequences (expected one {\"input_ids\":[...]} per line)");
   std::vector<std::vector<int32_t>> seqs;
@@ -50,9 +48,8 @@ int run_grad(const GradOptions& o) {
     seqs.push_back(read_token_ids(r, o.input, "input_ids", config.vocab_size));
     LS_CHECK(seqs.back().size() >= 2, o.input, ":", r.line, ": input_ids has ", seqs.back().size(),
              " token(s); the mean next-token NLL needs at least 2");
-    LS_CHECK(int64_t(seqs.back().size()) <= config.max_position_embeddings, o.input, ":", r.line,
-             ": sequence of ", seqs.back().size(), " tokens exceeds max_position_embeddings (",
-             config.max_position_embeddings, ")");
+    LS_CHECK(int64_t(seqs.back().size()) <= config.max_position_embeddings, o.input, ":", r.line, ": sequence of ",
+             seqs.back().size(), " tokens exceeds max_position_embeddings (", config.max_position_embeddings, ")");
   }
   LS_CHECK(o.num_microbatches >= 1 && int64_t(seqs.size()) % o.num_microbatches == 0, "--num-microbatches ",
            o.num_microbatches, " must divide the ", seqs.size(), " input sequences");
@@ -64,55 +61,42 @@ int run_grad(const GradOptions& o) {
   // double in input order, then stored as fp32.
   std::vector<std::vector<float>> logprobs(seqs.size());
   std::map<std::string, Tensor> grads;
-  if (!parallel) {
-    Qwen3Moe model(ModelWeights::load(o.model, precision), precision);
-    PairwiseGradAccumulator acc(int64_t(mbs.size()));
-    for (size_t j = 0; j < mbs.size(); ++j) {
-      TrainForward fwd = train_forward(model, mbs[j], false);
-      for (size_t i = 0; i < mbs[j].size(); ++i) logprobs[ranges[j].first + int64_t(i)] = fwd.logprobs[i];
-      GradMap g;
-      backward(model, fwd, mean_nll_upstream(fwd.logprobs), g);
-      acc.push(std::move(g));
+  const Topology& t = topo.topo;
+  LS_CHECK(o.num_microbatches % t.dp == 0, "--num-microbatches ", o.num_microbatches,
+           " must be a multiple of the data-parallel size ", t.dp, " (each replica takes whole micro-batches)");
+  auto src = open_checkpoint_for(o.model, config, t);
+  const ShardLayout layout = ShardLayout::make(config, t, topo.layer_split, world->rank());
+  Qwen3Moe model(*world, layout, load_local_weights(*src, config, layout, precision), precision);
+  ParallelGrad pg(model);
+  const int64_t per = o.num_microbatches / t.dp, d = layout.coords.dp;
+  std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);
+  std::vector<float> my_lp;  // this replica's log-probs, in order (last stage)
+  auto local = pg.step_grads(mine, false, [&](int64_t, const auto& lp, const auto&) {
+    for (const auto& v : lp) my_lp.insert(my_lp.end(), v.begin(), v.end());
+    return mean_nll_upstream(lp);
+  });
+  grads = gather_full(*world, config, layout, local);
+  // The loss's log-probs: each replica's (tp 0, last stage) rank sends its run to rank 0.
+  constexpr int kLossTag = 5 << 20;
+  if (layout.last_stage && layout.coords.tp == 0 && world->rank() != 0)
+    world->send_n(my_lp.data(), my_lp.size(), 0, kLossTag);
+  if (world->rank() != 0) return 0;  // rank 0 writes the output
+  for (int r = 0; r < t.dp; ++r) {
+    const int holder = t.rank_of(0, r, t.pp - 1);
+    const int64_t first = ranges[r * per].first, last = ranges[(r + 1) * per - 1].second;
+    std::vector<float> flat;
+    if (holder == 0) {
+      flat = my_lp;
+    } else {
+      size_t n = 0;
+      for (int64_t i = first; i < last; ++i) n += seqs[i].size() - 1;
+      flat.resize(n);
+      world->recv_n(flat.data(), n, holder, kLossTag);
     }
-    grads = acc.finish();
-  } else {
-    const Topology& t = topo.topo;
-    LS_CHECK(o.num_microbatches % t.dp == 0, "--num-microbatches ", o.num_microbatches,
-             " must be a multiple of the data-parallel size ", t.dp, " (each replica takes whole micro-batches)");
-    auto src = open_checkpoint_for(o.model, config, t);
-    const ShardLayout layout = ShardLayout::make(config, t, topo.layer_split, world->rank());
-    Qwen3Moe model(*world, layout, load_local_weights(*src, config, layout, precision), precision);
-    ParallelGrad pg(model);
-    const int64_t per = o.num_microbatches / t.dp, d = layout.coords.dp;
-    std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);
-    std::vector<float> my_lp;  // this replica's log-probs, in order (last stage)
-    auto local = pg.step_grads(mine, false, [&](int64_t, const auto& lp, const auto&) {
-      for (const auto& v : lp) my_lp.insert(my_lp.end(), v.begin(), v.end());
-      return mean_nll_upstream(lp);
-    });
-    grads = gather_full(*world, config, layout, local);
-    // The loss's log-probs: each replica's (tp 0, last stage) rank sends its run to rank 0.
-    constexpr int kLossTag = 5 << 20;
-    if (layout.last_stage && layout.coords.tp == 0 && world->rank() != 0)
-      world->send_n(my_lp.data(), my_lp.size(), 0, kLossTag);
-    if (world->rank() != 0) return 0;  // rank 0 writes the output
-    for (int r = 0; r < t.dp; ++r) {
-      const int holder = t.rank_of(0, r, t.pp - 1);
-      const int64_t first = ranges[r * per].first, last = ranges[(r + 1) * per - 1].second;
-      std::vector<float> flat;
-      if (holder == 0) {
-        flat = my_lp;
-      } else {
-        size_t n = 0;
-        for (int64_t i = first; i < last; ++i) n += seqs[i].size() - 1;
-        flat.resize(n);
-        world->recv_n(flat.data(), n, holder, kLossTag);
-      }
-      size_t at = 0;
-      for (int64_t i = first; i < last; ++i) {
-        logprobs[i].assign(flat.begin() + at, flat.begin() + at + (seqs[i].size() - 1));
-        at += seqs[i].size() - 1;
-      }
+    size_t at = 0;
+    for (int64_t i = first; i < last; ++i) {
+      logprobs[i].assign(flat.begin() + at, flat.begin() + at + (seqs[i].size() - 1));
+      at += seqs[i].size() - 1;
     }
   }
   double loss = 0;
@@ -127,8 +111,8 @@ int run_grad(const GradOptions& o) {
   loss_t.data<float>()[0] = float(loss);
   out.emplace("loss", loss_t);
   for (auto& [name, g] : grads) out.emplace("grad." + name, g);
-  write_safetensors(o.output, out, {{"loss", "sum over sequences of mean next-token NLL"},
-                                    {"dtype", precision_name(precision)}});
+  write_safetensors(o.output, out,
+                    {{"loss", "sum over sequences of mean next-token NLL"}, {"dtype", precision_name(precision)}});
   return 0;
 }
 

@@ -96,8 +96,8 @@ struct ParallelGrad::Partial {
 
 ParallelGrad::ParallelGrad(const Qwen3Moe& model) : model_(model) {
   const ParallelContext& ctx = model.context();
-  LS_CHECK(!model.config().tie_word_embeddings,
-           "parallel backward: tied word embeddings are not supported under a topology yet");
+  LS_CHECK(!model.config().tie_word_embeddings || tied_on_one_stage(model.config(), ctx.layout),
+           "parallel backward: tied word embeddings need the embedding and lm_head on one stage (pipeline size 1)");
   edp_ = make_group(*ctx.world, ctx.layout.topo, GroupKind::EDP);
 }
 
@@ -235,6 +235,8 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
   const int tp = s.topo.tp;
   const cpu::TokenChunks chunks = cpu::token_chunks(T);
   std::vector<float> dx(R * H);
+  const bool tied = tied_on_one_stage(c, s);
+  std::vector<float> tied_head_grad;  // tied: the lm_head part of the embedding's gradient
   if (s.last_stage) {
     std::vector<float> dlogp(T, 0.0f), dent(T, 0.0f), entropy(T, 0.0f);
     std::vector<int32_t> targets(T, 0);
@@ -262,7 +264,9 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
                                            any_entropy ? dent.data() : nullptr, any_entropy ? entropy.data() : nullptr,
                                            dl.data(), T, s.vocab.begin, VL);
     m.logits = {};
-    cpu::linear_weight_grad(dl.data(), m.hidden.data(), slot(g.dense, "lm_head.weight", W.lm_head), VL, H, chunks);
+    if (tied) tied_head_grad.resize(VL * H);
+    float* dhead = tied ? tied_head_grad.data() : slot(g.dense, "lm_head.weight", W.lm_head);
+    cpu::linear_weight_grad(dl.data(), m.hidden.data(), dhead, VL, H, chunks);
     std::vector<float> dhidden(T * H);
     cpu::linear_input_grad_canonical(dl.data(), W.lm_head.data<float>(), dhidden.data(), T, VL, H, canonical_chunk(V),
                                      kTMax / tp);
@@ -282,9 +286,11 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) layer_grads(l, m, dx, g);
   if (s.first_stage) {
     const std::vector<float> dfull = ctx.gather_rows(dx, T, H);
-    cpu::embedding_backward_rows(m.packed.batch.tokens.data(), dfull.data(),
-                                 slot(g.dense, "model.embed_tokens.weight", W.embed), T, V, s.vocab.begin,
+    float* dembed = slot(g.dense, "model.embed_tokens.weight", W.embed);
+    cpu::embedding_backward_rows(m.packed.batch.tokens.data(), dfull.data(), dembed, T, V, s.vocab.begin,
                                  s.vocab.size(), H);
+    // Tied: the lookup part, then the lm_head part, in that order.
+    if (tied) cpu::add_inplace(dembed, tied_head_grad.data(), int64_t(tied_head_grad.size()));
     return {};
   }
   return dx;
@@ -477,7 +483,10 @@ std::vector<std::pair<std::string, Tensor*>> local_named(ModelWeights& local, co
   size_t i = 0;
   auto add = [&](Tensor& t) { out.push_back({pieces.at(i++).name, &t}); };
   if (layout.first_stage) add(local.embed);
-  if (layout.last_stage) add(local.final_norm), add(local.lm_head);
+  if (layout.last_stage) {
+    add(local.final_norm);
+    if (!tied_on_one_stage(local.config, layout)) add(local.lm_head);
+  }
   for (auto& L : local.layers) {
     add(L.input_norm), add(L.post_attention_norm), add(L.q_proj), add(L.k_proj), add(L.v_proj), add(L.o_proj);
     add(L.q_norm), add(L.k_norm);

@@ -1,19 +1,18 @@
-// The backward under a parallel topology (docs/numerics.md, D4, rules 8-11): gradients of
-// every parameter, each rank holding its shard's gradient by global name, bitwise equal to
-// the single-rank train/model_grad.h backward summed over micro-batches by
-// train/grad_accumulate.h.
+// The model backward of one optimizer step (docs/numerics.md, D4, rules 8-11), the only one:
+// a single rank is the topology of one rank. Gradients of every parameter, each rank holding
+// its shard's gradient by global name; at every topology the bits of one rank.
 //
-// How each dimension keeps the single-rank trees (docs/parallel.md, "Backward"):
-//   TP  column-parallel dx (q/k/v, gate/up, lm_head) is canonical over N: each rank's
-//       chunk-run subtree, completed by canonical_all_reduce; weight gradients of a shard
-//       are per-row/per-column reductions over tokens, unchanged by the split. Norm and
-//       q/k-norm weights are replicated: computed once in the canonical order (q/k-norm
-//       on all heads, gathered).
-//   SP  each rank's rows are whole canonical token chunks, so token-tree weight gradients
-//       (norms, router) are subtrees, completed over the TP group per micro-batch.
+// A micro-batch is ONE packed forward of its whole sequences (pack_sequences). Weight
+// gradients reduce over its token stream by the canonical token-chunk tree, and over
+// micro-batches by the pairwise micro-batch tree (train/grad_accumulate.h). Each layer is
+// recomputed from its saved input by the forward's own layer_forward, then runs the one
+// layer backward (train/layer_backward.h, which says how TP, SP, EP and ETP keep the
+// single-rank trees). The bfloat16 recipe's cast points are straight-through. A tied
+// embedding's gradient is its lookup part plus its lm_head part, added in that order.
+//
+// Across micro-batches and stages:
 //   EP  an expert's gradient is the token-chunk tree of each source micro-batch: the owner
 //       receives (token position, micro-batch) with every row and sorts them.
-//   ETP expert dx is canonical over the intermediate dim (subtree + all-reduce).
 //   PP  the 1F1B schedule: stage s runs pp - s - 1 warm-up forwards, then alternates one
 //       forward and one backward, then drains; at most pp - s micro-batches are in flight
 //       on stage s. Backwards run in micro-batch order, so the gradient trees (and every
@@ -29,16 +28,22 @@
 
 #include "core/tensor.h"
 #include "model/qwen3_moe.h"
-#include "train/model_grad.h"
 
 namespace lockstep {
+
+// Upstream gradients of one sequence, one value per predicted token (n - 1):
+// d objective / d logp[t] and, optionally (empty = none), d objective / d entropy[t].
+struct SequenceGradInput {
+  std::vector<float> dlogp;
+  std::vector<float> dentropy;
+};
 
 // What the last stage's loss needs from one micro-batch's forward, and what it returns:
 // `logprobs`/`entropy` per sequence (entropy empty unless asked for); the result is the
 // upstream gradient per sequence. Called on every last-stage rank with the same values.
-using UpstreamFn = std::function<std::vector<SequenceGradInput>(
-    int64_t micro_batch, const std::vector<std::vector<float>>& logprobs,
-    const std::vector<std::vector<float>>& entropy)>;
+using UpstreamFn =
+    std::function<std::vector<SequenceGradInput>(int64_t micro_batch, const std::vector<std::vector<float>>& logprobs,
+                                                 const std::vector<std::vector<float>>& entropy)>;
 
 class ParallelGrad {
  public:

@@ -8,6 +8,10 @@
 
 namespace lockstep {
 
+bool tied_on_one_stage(const ModelConfig& cfg, const ShardLayout& layout) {
+  return cfg.tie_word_embeddings && layout.first_stage && layout.last_stage;
+}
+
 dist::RowRange chunk_range(int64_t n, int parts, int part) {
   LS_CHECK(is_power_of_two(parts) && kTMax % parts == 0 && part >= 0 && part < parts, "chunk_range: part ", part,
            " of ", parts, " is not a split at the 8 canonical chunks");
@@ -65,8 +69,13 @@ void for_each_piece(const ModelConfig& c, const ShardLayout& s, ModelWeights& w,
   if (s.first_stage) f("model.embed_tokens.weight", rows(s.vocab.begin, s.vocab.end, H), w.embed);
   if (s.last_stage) {
     f("model.norm.weight", full_box({H}), w.final_norm);
-    f(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", rows(s.vocab.begin, s.vocab.end, H),
-      w.lm_head);
+    // A tied lm_head on the embedding's own stage is the embedding's tensor (one piece,
+    // one gradient, one optimizer state); on another stage it is a copy of that slice.
+    if (tied_on_one_stage(c, s))
+      w.lm_head = w.embed;
+    else
+      f(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", rows(s.vocab.begin, s.vocab.end, H),
+        w.lm_head);
   }
   w.layers.resize(s.num_layers);
   for (int64_t i = 0; i < s.num_layers; ++i) {
@@ -112,11 +121,10 @@ std::vector<ShardPiece> rank_pieces(const ModelConfig& cfg, const ShardLayout& l
 
 void check_checkpoint_matches(const CheckpointSource& src, const ModelConfig& cfg) {
   for (const auto& [name, shape] : ModelWeights::expected_shapes(cfg)) {
-    LS_CHECK(src.contains(name), src.describe(), ": has no tensor '", name, "' (config.json expects ",
-             shape_str(shape), ")");
-    LS_CHECK(src.shape(name) == shape, src.describe(), ": tensor '", name, "' has shape ",
-             shape_str(src.shape(name)), " but config.json expects ", shape_str(shape),
-             ": the checkpoint does not match this model");
+    LS_CHECK(src.contains(name), src.describe(), ": has no tensor '", name, "' (config.json expects ", shape_str(shape),
+             ")");
+    LS_CHECK(src.shape(name) == shape, src.describe(), ": tensor '", name, "' has shape ", shape_str(src.shape(name)),
+             " but config.json expects ", shape_str(shape), ": the checkpoint does not match this model");
   }
 }
 

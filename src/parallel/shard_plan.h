@@ -38,6 +38,9 @@ struct ShardLayout {
   ModelConfig local_cache_config(const ModelConfig& cfg) const;
 };
 
+// A tied lm_head held on the embedding's stage: the rank's lm_head is its embedding tensor.
+bool tied_on_one_stage(const ModelConfig& cfg, const ShardLayout& layout);
+
 // Every piece the rank holds, by global name (the embedding is vocab-parallel on the
 // first stage, the same slice as lm_head; a tied lm_head is that slice of
 // model.embed_tokens.weight).

@@ -9,9 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <optional>
-
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "checkpoint/audit.h"
 #include "core/error.h"
@@ -23,8 +22,8 @@
 #include "model/weights_source.h"
 #include "parallel/parallel_runner.h"
 #include "parallel/weight_sync.h"
-#include "rl/parallel_policy.h"
 #include "rl/plot.h"
+#include "rl/policy.h"
 #include "rl/tasks.h"
 #include "rl/tiny_model.h"
 #include "rl/train_checkpoint.h"
@@ -33,7 +32,6 @@
 #include "train/advantages.h"
 #include "train/grad_accumulate.h"
 #include "train/losses.h"
-#include "train/model_grad.h"
 #include "train/optimizer.h"
 
 namespace lockstep::rl {
@@ -75,73 +73,16 @@ struct BatchResult {
   std::vector<std::vector<float>> train_logp;  // per sample, response part, before the update
 };
 
-struct TrainerParts {
-  const TrainConfig& cfg;
-  Precision precision;
-  Qwen3Moe& model;
-  AdamW& optimizer;
-};
-
 void fail_step(const std::string& phase, int64_t step, const std::string& what) {
   fail(phase, " step ", step, ": ", what, " (no checkpoint was written for this step)");
 }
 
-// Forward, loss and backward of every canonical micro-batch, the pairwise gradient tree, the
-// finiteness checks and one AdamW step. `inject_nan` poisons one gradient (test hook).
-BatchResult train_batch(TrainerParts& p, const LossConfig& loss, std::vector<Sample*> batch, const std::string& phase,
-                        int64_t step, bool inject_nan) {
-  BatchResult out;
-  LossNormalizer norm;
-  norm.num_samples = int64_t(batch.size());
-  for (Sample* s : batch) norm.num_tokens += int64_t(s->response.size());
-  const bool want_entropy = true;  // entropy_loss is always reported
-  auto ranges = canonical_microbatches(int64_t(batch.size()), p.cfg.num_microbatches);
-  PairwiseGradAccumulator acc(int64_t(ranges.size()));
-  for (auto [begin, end] : ranges) {
-    std::vector<std::vector<int32_t>> seqs;
-    for (int64_t i = begin; i < end; ++i) seqs.push_back(batch[i]->sequence());
-    TrainForward fwd = train_forward(p.model, seqs, want_entropy);
-    std::vector<SequenceGradInput> upstream(seqs.size());
-    for (int64_t i = begin; i < end; ++i) {
-      Sample& s = *batch[i];
-      const size_t j = size_t(i - begin), P = s.example.prompt.size(), R = s.response.size();
-      std::vector<float> logp = response_part(fwd.logprobs[j], P, R);
-      std::vector<float> entropy = response_part(fwd.entropy[j], P, R);
-      SampleLossInput in;
-      in.logp = &logp;
-      in.old_logp = &s.old_logp;
-      in.ref_logp = s.ref_logp.empty() ? nullptr : &s.ref_logp;
-      in.entropy = &entropy;
-      in.advantages = &s.advantages;
-      SampleLossResult r = sample_loss(loss, norm, in);
-      out.metrics.add(r.metrics);
-      upstream[j].dlogp.assign(fwd.logprobs[j].size(), 0.0f);
-      std::copy(r.dlogp.begin(), r.dlogp.end(), upstream[j].dlogp.begin() + (P - 1));
-      if (!r.dentropy.empty()) {
-        upstream[j].dentropy.assign(fwd.logprobs[j].size(), 0.0f);
-        std::copy(r.dentropy.begin(), r.dentropy.end(), upstream[j].dentropy.begin() + (P - 1));
-      }
-      out.train_logp.push_back(std::move(logp));
-    }
-    GradMap grads;
-    backward(p.model, fwd, upstream, grads);
-    acc.push(std::move(grads));
-  }
-  if (!std::isfinite(out.metrics.loss)) fail_step(phase, step, "the loss is not finite (" + std::to_string(out.metrics.loss) + ")");
-  GradMap grads = acc.finish();
-  if (inject_nan) grads.begin()->second.data<float>()[0] = std::nanf("");
-  try {
-    out.opt = p.optimizer.step(grads, p.model.weights(), p.precision);
-  } catch (const Error& e) {
-    fail_step(phase, step, e.what());
-  }
-  return out;
-}
-
-// train_batch at a topology: the same per-sample losses, computed on the last stage and
-// sent to every rank, summed in batch order as on one rank.
-BatchResult train_batch_parallel(ParallelPolicy& par, const TrainConfig& cfg, const LossConfig& loss,
-                                 std::vector<Sample*> batch, const std::string& phase, int64_t step, bool inject_nan) {
+// One optimizer step over a batch of samples: forward, loss and backward of every canonical
+// micro-batch, the pairwise gradient tree, the finiteness checks and one AdamW step. The
+// per-sample losses are computed on the last stage and sent to every rank, summed in batch
+// order. `inject_nan` poisons one gradient (test hook).
+BatchResult train_batch(Policy& policy, const TrainConfig& cfg, const LossConfig& loss, std::vector<Sample*> batch,
+                        const std::string& phase, int64_t step, bool inject_nan) {
   constexpr size_t kMetrics = 6;
   BatchResult out;
   LossNormalizer norm;
@@ -175,7 +116,7 @@ BatchResult train_batch_parallel(ParallelPolicy& par, const TrainConfig& cfg, co
     rec.insert(rec.end(), logp.begin(), logp.end());  // floats are exact in double
     return up;
   };
-  auto records = par.compute_grads(seqs, cfg.num_microbatches, sample_upstream, record_size);
+  auto records = policy.compute_grads(seqs, cfg.num_microbatches, sample_upstream, record_size);
   for (const auto& rec : records) {
     LossMetrics m;
     m.loss = rec[0], m.pg_loss = rec[1], m.pg_clipfrac = rec[2], m.ppo_kl = rec[3], m.kl_loss = rec[4],
@@ -183,9 +124,10 @@ BatchResult train_batch_parallel(ParallelPolicy& par, const TrainConfig& cfg, co
     out.metrics.add(m);
     out.train_logp.emplace_back(rec.begin() + kMetrics, rec.end());  // double -> float: exact
   }
-  if (!std::isfinite(out.metrics.loss)) fail_step(phase, step, "the loss is not finite (" + std::to_string(out.metrics.loss) + ")");
+  if (!std::isfinite(out.metrics.loss))
+    fail_step(phase, step, "the loss is not finite (" + std::to_string(out.metrics.loss) + ")");
   try {
-    out.opt = par.apply(inject_nan);
+    out.opt = policy.apply(inject_nan);
   } catch (const Error& e) {
     fail_step(phase, step, e.what());
   }
@@ -350,18 +292,20 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   const TopologyRequest request = trainer_topology_request(cfg);
   LS_CHECK(world || !request.parallel(), "lockstep train: the topology flags need ranks (run under mpirun)");
   const bool rollout_parallel = rollout_topology_request(cfg).parallel();
-  LS_CHECK(world || !rollout_parallel,
-           "lockstep train: the --rollout-* topology flags need ranks (run under mpirun)");
-  const bool parallel = world && (world->size() > 1 || request.parallel() || rollout_parallel);
-  ResolvedTopology topology, rollout_topology;
-  if (parallel) {
-    const ModelConfig mc = cfg.load.empty() ? tiny_task_model_config() : ModelConfig::load(cfg.load + "/config.json");
-    if (rollout_parallel) rollout_topology = resolve_rollout_topology(cfg, mc, world->size());
-    topology = resolve_topology(request, mc, world->size());
-    LS_CHECK(cfg.num_microbatches % topology.topo.dp == 0, "--num-microbatches ", cfg.num_microbatches,
-             " must be a multiple of the data-parallel size ", topology.topo.dp,
-             " (world ", world->size(), " / (tp ", topology.topo.tp, " x pp ", topology.topo.pp, "))");
+  LS_CHECK(world || !rollout_parallel, "lockstep train: the --rollout-* topology flags need ranks (run under mpirun)");
+  // One rank is a world of one: the same policy and the same lines as every topology.
+  std::unique_ptr<dist::Communicator> own_world;
+  if (!world) {
+    own_world = std::make_unique<dist::SelfCommunicator>();
+    world = own_world.get();
   }
+  const ModelConfig mc = cfg.load.empty() ? tiny_task_model_config() : ModelConfig::load(cfg.load + "/config.json");
+  ResolvedTopology rollout_topology;
+  if (rollout_parallel) rollout_topology = resolve_rollout_topology(cfg, mc, world->size());
+  const ResolvedTopology topology = resolve_topology(request, mc, world->size());
+  LS_CHECK(cfg.num_microbatches % topology.topo.dp == 0, "--num-microbatches ", cfg.num_microbatches,
+           " must be a multiple of the data-parallel size ", topology.topo.dp, " (world ", world->size(), " / (tp ",
+           topology.topo.tp, " x pp ", topology.topo.pp, "))");
   Timer total;
   if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
   const Precision precision = precision_from_name(cfg.dtype);
@@ -402,11 +346,12 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   oc.eps = cfg.adam_eps;
   oc.weight_decay = cfg.weight_decay;
   oc.clip_grad = cfg.clip_grad;
-  AdamW optimizer(oc, weights);
+  Policy policy(*world, topology, weights, precision, oc);
   if (!resume_from.empty()) {
     state = load_trainer_state(resume_from);
     LS_CHECK(state.seed == uint64_t(cfg.seed), resume_from, ": the checkpoint's seed ", state.seed,
              " differs from --seed ", cfg.seed);
+    AdamW optimizer(oc, weights);
     optimizer.load((fs::path(resume_from) / "optimizer.safetensors").string());
     load_checkpoint_weights((fs::path(resume_from) / "model.safetensors").string(), weights, precision);
     if (ref_in_checkpoint && state.sft_steps_done >= cfg.sft_warmup_steps) {
@@ -414,23 +359,20 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       load_checkpoint_weights((fs::path(resume_from) / "ref_model.safetensors").string(), r, precision);
       ref = std::make_unique<Qwen3Moe>(std::move(r), precision);
     }
+    policy.load_state(weights, optimizer);
   }
-  std::unique_ptr<ParallelPolicy> par;
-  if (parallel) {
-    par = std::make_unique<ParallelPolicy>(*world, topology, weights, precision, oc);
-    if (!resume_from.empty()) par->load_state(weights, optimizer);
-  }
-  const bool root = !par || par->root();  // writes metrics, plot and checkpoints
+  weights = {};
+  const bool root = policy.root();  // writes metrics, plot and checkpoints
   if (root) {
     fs::create_directories(cfg.output_dir);
     if (!cfg.save.empty()) fs::create_directories(cfg.save);
   }
   const std::string config_toml = run_defining_toml(cfg);
   std::optional<MetricsLog> metrics;
-  if (root) metrics.emplace((fs::path(cfg.output_dir) / "metrics.jsonl").string(), resume_from.empty() ? -1 : state.step);
+  if (root)
+    metrics.emplace((fs::path(cfg.output_dir) / "metrics.jsonl").string(), resume_from.empty() ? -1 : state.step);
   const std::string plot_path = (fs::path(cfg.output_dir) / "train.png").string();
 
-  Qwen3Moe model(std::move(weights), precision);
   rollout::EngineOptions eo;
   const int64_t samples_per_step = cfg.rollout_batch_size * cfg.n_samples_per_prompt;
   const int64_t max_len = int64_t(task->example(0, 0).prompt.size()) + cfg.rollout_max_response_len;
@@ -440,25 +382,24 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   eo.prefill_chunk = eo.max_batch_tokens;
   eo.initial_weight_version = state.weight_version;
   // The engine: at its own topology over the same ranks (a ParallelRunner), else a
-  // single-rank engine run identically on every rank. At a trainer topology the sync streams
-  // the trainer's shards into the engine's layout (parallel/weight_sync.h).
+  // single-rank engine run identically on every rank. The sync streams the trainer's shards
+  // into the engine's layout (parallel/weight_sync.h).
   std::unique_ptr<ModelRunner> runner;
   ShardLayout engine_layout;
   int engine_replicas = 1, engine_replica = 0;  // independent DP replicas split the rollouts
   rollout::ReplicaGather gather_replicas;
   if (rollout_parallel) {
-    auto pr = make_parallel_runner(*world, rollout_topology, model.weights(), precision);
+    auto pr = make_parallel_runner(*world, rollout_topology, policy.full(), precision);
     engine_layout = pr->layout();
     engine_replicas = pr->replicas();
     engine_replica = pr->replica();
     gather_replicas = [p = pr.get()](const std::string& blob) { return p->gather_from_replicas(blob); };
     runner = std::move(pr);
   } else {
-    runner = make_cpu_runner(model.weights().clone(), precision);
-    if (par) engine_layout = whole_model_layout(model.config(), world->size(), world->rank());
+    runner = make_cpu_runner(policy.full().clone(), precision);
+    engine_layout = whole_model_layout(mc, world->size(), world->rank());
   }
   rollout::Engine engine(std::move(runner), eo);
-  TrainerParts parts{cfg, precision, model, optimizer};
   const bool tty = isatty(2);
   const bool progress = cfg.progress && root;
   WeightSyncOptions sync_options;
@@ -468,39 +409,32 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   // sides by global name (lockstep audit) and stops at the first difference.
   auto sync_engine = [&](const char* when) {
     std::optional<std::string> diff;
-    if (!par) {
-      engine.update_weights(model.weights(), rollout::UpdatePolicy::finish);
-      if (!cfg.audit_weight_sync) return;
-      diff = first_difference(audit_checkpoint(WeightsSource(model.weights(), "trainer weights")),
-                              audit_checkpoint(WeightsSource(engine.weights(), "engine weights")));
-    } else {
-      engine.begin_weight_update(rollout::UpdatePolicy::finish);
-      WeightSyncStats stats = par->stream_weights(
-          engine_layout, [&](std::vector<WeightPiece>&& bucket) { engine.load_weight_bucket(bucket); }, sync_options);
-      engine.end_weight_update();
-      if (!cfg.audit_weight_sync) return;
-      // The trainer side was fingerprinted on rank 0 as its buckets passed; the engine's
-      // weights are exported by global name (gathered when the engine is sharded).
-      const ModelWeights engine_weights = engine.weights();
-      std::string message;
-      if (root) {
-        CheckpointAudit trainer_audit;
-        trainer_audit.source = "trainer weights (streamed)";
-        trainer_audit.tensors = std::move(stats.audit);
-        if (auto d = first_difference(trainer_audit, audit_checkpoint(WeightsSource(engine_weights, "engine weights"))))
-          message = *d;
-      }
-      uint64_t size = message.size();
-      world->broadcast_n(&size, 1, 0);
-      message.resize(size);
-      world->broadcast(message.data(), size, 0);
-      if (!message.empty()) diff = message;
+    engine.begin_weight_update(rollout::UpdatePolicy::finish);
+    WeightSyncStats stats = policy.stream_weights(
+        engine_layout, [&](std::vector<WeightPiece>&& bucket) { engine.load_weight_bucket(bucket); }, sync_options);
+    engine.end_weight_update();
+    if (!cfg.audit_weight_sync) return;
+    // The trainer side was fingerprinted on rank 0 as its buckets passed; the engine's
+    // weights are exported by global name (gathered when the engine is sharded).
+    const ModelWeights engine_weights = engine.weights();
+    std::string message;
+    if (root) {
+      CheckpointAudit trainer_audit;
+      trainer_audit.source = "trainer weights (streamed)";
+      trainer_audit.tensors = std::move(stats.audit);
+      if (auto d = first_difference(trainer_audit, audit_checkpoint(WeightsSource(engine_weights, "engine weights"))))
+        message = *d;
     }
+    uint64_t size = message.size();
+    world->broadcast_n(&size, 1, 0);
+    message.resize(size);
+    world->broadcast(message.data(), size, 0);
+    if (!message.empty()) diff = message;
     LS_CHECK(!diff, "--audit-weight-sync: ", when, " (engine weight version ", engine.weight_version(),
              "): the engine's weights differ from the trainer's: ", *diff);
   };
   // The whole current model on every rank (the KL reference).
-  auto current_weights = [&]() -> const ModelWeights& { return par ? par->sync_full() : model.weights(); };
+  auto current_weights = [&]() -> const ModelWeights& { return policy.sync_full(); };
   TrainSummary summary;
 
   // ---- SFT warm start: optimizer steps on task demonstrations. ----
@@ -517,15 +451,14 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
         demos[i].response = demos[i].example.answer;
         batch.push_back(&demos[i]);
       }
-      BatchResult r = par ? train_batch_parallel(*par, cfg, sft, batch, "SFT warmup", s + 1, false)
-                          : train_batch(parts, sft, batch, "SFT warmup", s + 1, false);
+      BatchResult r = train_batch(policy, cfg, sft, batch, "SFT warmup", s + 1, false);
       state.sft_steps_done = s + 1;
       if (root)
-      metrics->write({{"sft_step", s + 1},
-                     {"train/sft_loss", r.metrics.loss},
-                     {"train/grad_norm", r.opt.grad_norm},
-                     {"train/lr", r.opt.lr},
-                     {"perf/step_time", t.seconds()}});
+        metrics->write({{"sft_step", s + 1},
+                        {"train/sft_loss", r.metrics.loss},
+                        {"train/grad_norm", r.opt.grad_norm},
+                        {"train/lr", r.opt.lr},
+                        {"perf/step_time", t.seconds()}});
       if (progress)
         std::fprintf(stderr, "%ssft %lld/%lld | loss %.4f | grad_norm %.3f%s", tty ? "\r" : "",
                      static_cast<long long>(s + 1), static_cast<long long>(cfg.sft_warmup_steps), r.metrics.loss,
@@ -613,30 +546,15 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     std::vector<Sample*> all;
     for (auto& s : samples) all.push_back(&s);
     if (!cfg.use_rollout_logprobs) {
-      std::vector<std::vector<float>> scored;  // at a topology: every sample by the parallel forward
-      if (par) {
-        std::vector<std::vector<int32_t>> seqs;
-        for (auto& s : samples) seqs.push_back(s.sequence());
-        scored = par->score_all(seqs);
+      std::vector<std::vector<int32_t>> seqs;
+      for (auto& s : samples) seqs.push_back(s.sequence());
+      const std::vector<std::vector<float>> scored = policy.score_all(seqs);
+      std::vector<std::vector<float>> lp;
+      for (size_t i = 0; i < samples.size(); ++i) {
+        samples[i].old_logp = response_part(scored[i], samples[i].example.prompt.size(), samples[i].response.size());
+        lp.push_back(samples[i].old_logp);
       }
-      for (int64_t g = 0; g < samples_per_step; g += cfg.global_batch_size)
-        for (auto [b, e] : canonical_microbatches(cfg.global_batch_size, cfg.num_microbatches)) {
-          std::vector<std::vector<int32_t>> seqs;
-          std::vector<Sample*> part;
-          for (int64_t i = g + b; i < g + e; ++i) seqs.push_back(samples[i].sequence()), part.push_back(&samples[i]);
-          TrainForward fwd;
-          if (par)
-            fwd.logprobs.assign(scored.begin() + (g + b), scored.begin() + (g + e));
-          else
-            fwd = train_forward(model, seqs, false);
-          std::vector<std::vector<float>> lp;
-          for (size_t j = 0; j < part.size(); ++j) {
-            part[j]->old_logp = response_part(fwd.logprobs[j], part[j]->example.prompt.size(), part[j]->response.size());
-            lp.push_back(part[j]->old_logp);
-          }
-          OnPolicyCheck c = compare_logprobs(part, lp, cfg.check_true_on_policy, step, g + b);
-          check.abs_diff += c.abs_diff, check.kl += c.kl, check.tokens += c.tokens;
-        }
+      check = compare_logprobs(all, lp, cfg.check_true_on_policy, step, 0);
     } else {
       for (auto& s : samples) s.old_logp = s.rollout_logp;
     }
@@ -655,10 +573,10 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     double grad_norm = 0, lr = 0;
     const int64_t opt_steps = samples_per_step / cfg.global_batch_size;
     for (int64_t g = 0; g < opt_steps; ++g) {
-      std::vector<Sample*> batch(all.begin() + g * cfg.global_batch_size, all.begin() + (g + 1) * cfg.global_batch_size);
+      std::vector<Sample*> batch(all.begin() + g * cfg.global_batch_size,
+                                 all.begin() + (g + 1) * cfg.global_batch_size);
       const bool inject = g == 0 && step == cfg.debug_inject_nan_step;
-      BatchResult r = par ? train_batch_parallel(*par, cfg, loss, batch, "RL", step, inject)
-                          : train_batch(parts, loss, batch, "RL", step, inject);
+      BatchResult r = train_batch(policy, cfg, loss, batch, "RL", step, inject);
       if (cfg.use_rollout_logprobs && g == 0) {
         // The first optimizer step's forward runs on the rollout's weights: check it.
         check = compare_logprobs(batch, r.train_logp, cfg.check_true_on_policy, step, 0);
@@ -679,20 +597,14 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     state.step = step;
     ++steps_this_run;
 
-    if (!cfg.save.empty() &&
-        ((cfg.save_interval > 0 && step % cfg.save_interval == 0) || step == cfg.num_rollout ||
-         (cfg.debug_stop_after >= 0 && steps_this_run == cfg.debug_stop_after))) {
-      if (par) {
-        // Checkpoints speak global names: any topology can resume them.
-        const ModelWeights& full_weights = par->gather_to_root();
-        const AdamW full_optimizer = par->gather_optimizer();
-        if (root)
-          save_train_checkpoint(cfg.save, state, full_weights, precision, full_optimizer,
-                                ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
-      } else {
-        save_train_checkpoint(cfg.save, state, model.weights(), precision, optimizer,
+    if (!cfg.save.empty() && ((cfg.save_interval > 0 && step % cfg.save_interval == 0) || step == cfg.num_rollout ||
+                              (cfg.debug_stop_after >= 0 && steps_this_run == cfg.debug_stop_after))) {
+      // Checkpoints speak global names: any topology can resume them.
+      const ModelWeights& full_weights = policy.gather_to_root();
+      const AdamW full_optimizer = policy.gather_optimizer();
+      if (root)
+        save_train_checkpoint(cfg.save, state, full_weights, precision, full_optimizer,
                               ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
-      }
     }
 
     const double step_time = step_timer.seconds();

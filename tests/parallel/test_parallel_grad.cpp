@@ -1,5 +1,5 @@
-// D4: gradients under every topology the backward supports are the bytes of one rank
-// (train_forward + backward per micro-batch, summed by the pairwise micro-batch tree).
+// D4: gradients under every topology the backward supports are the bytes of one rank (the
+// same backward on a world of one, summed by the pairwise micro-batch tree).
 #include <gtest/gtest.h>
 
 #include <mutex>
@@ -34,14 +34,8 @@ GradMap single_rank(const ModelWeights& w, Precision precision,
                     const std::vector<std::vector<std::vector<int32_t>>>& mbs) {
   set_num_threads(1);
   Qwen3Moe model(w.clone(), precision);
-  PairwiseGradAccumulator acc(int64_t(mbs.size()));
-  for (const auto& seqs : mbs) {
-    TrainForward f = train_forward(model, seqs, false);
-    GradMap g;
-    backward(model, f, mean_nll_upstream(f.logprobs), g);
-    acc.push(std::move(g));
-  }
-  return acc.finish();
+  ParallelGrad grad(model);
+  return grad.step_grads(mbs, false, [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); });
 }
 
 GradMap parallel(const ModelWeights& full, Precision precision, const TopoSpec& spec,
@@ -145,6 +139,39 @@ TEST(ParallelGrad, OneFOneBScheduleOnFourStages) {
     for (const auto& [stage, peak] : peaks)
       EXPECT_EQ(peak, std::min<int64_t>(c.microbatches, c.spec.pp - stage)) << what << " stage " << stage;
   }
+}
+
+}  // namespace
+}  // namespace lockstep
+
+namespace lockstep {
+namespace {
+
+// Tied embeddings (pipeline size 1): the embedding's gradient is its lookup part plus its
+// lm_head part, in that order: the untied model whose lm_head equals the embedding has the
+// two parts as separate gradients, so their fp32 sum is the tied gradient bit for bit, on
+// one rank and under TP/SP (one micro-batch: over several, each micro-batch's sum joins the
+// micro-batch tree).
+TEST(ParallelGrad, TiedEmbeddingsAreLookupPlusHead) {
+  ModelConfig cfg = ModelWeights::load(ptest::fixture_dir(), Precision::float32).config;
+  cfg.tie_word_embeddings = false;
+  ModelWeights untied = ModelWeights::random(cfg, 5, Precision::float32);
+  untied.lm_head = untied.embed.clone();
+  cfg.tie_word_embeddings = true;
+  ModelWeights tied = untied.clone();
+  tied.config = cfg;
+  tied.lm_head = tied.embed;
+  const auto mbs = micro_batches(1);
+  const GradMap parts = single_rank(untied, Precision::float32, mbs);
+  GradMap want = parts;
+  want.erase("lm_head.weight");
+  Tensor sum = parts.at("model.embed_tokens.weight").clone();
+  const Tensor& head = parts.at("lm_head.weight");
+  for (int64_t i = 0; i < sum.numel(); ++i) sum.data<float>()[i] += head.data<float>()[i];
+  want["model.embed_tokens.weight"] = sum;
+  expect_same(want, single_rank(tied, Precision::float32, mbs), "one rank");
+  expect_same(want, parallel(tied, Precision::float32, TopoSpec{2, 2}, mbs), "tp2");
+  expect_same(want, parallel(tied, Precision::float32, TopoSpec{2, 2, 1, 1, 1, true}, mbs), "tp2_sp");
 }
 
 }  // namespace

@@ -41,19 +41,14 @@ TEST(ParallelOptimizerStep, UpdatedWeightsEqualOneRank) {
 
   Qwen3Moe ref(full.clone(), precision);
   AdamW ref_opt(step_config(), ref.weights());
-  PairwiseGradAccumulator acc(2);
-  for (const auto& seqs : mbs) {
-    TrainForward f = train_forward(ref, seqs, false);
-    GradMap g;
-    backward(ref, f, mean_nll(f.logprobs), g);
-    acc.push(std::move(g));
-  }
-  GradMap ref_grads = acc.finish();
+  ParallelGrad ref_grad(ref);
+  GradMap ref_grads =
+      ref_grad.step_grads(mbs, false, [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); });
   const OptimizerStepResult ref_r = ref_opt.step(ref_grads, ref.weights(), precision);
   ASSERT_TRUE(ref_r.clipped);
 
-  for (const TopoSpec& spec : {TopoSpec{2, 2, 1, 1, 1, true}, TopoSpec{8, 2, 2, 2, 1, true}, TopoSpec{4, 2, 1, 2, 2},
-                               TopoSpec{2, 1, 2}}) {
+  for (const TopoSpec& spec :
+       {TopoSpec{2, 2, 1, 1, 1, true}, TopoSpec{8, 2, 2, 2, 1, true}, TopoSpec{4, 2, 1, 2, 2}, TopoSpec{2, 1, 2}}) {
     std::map<std::string, Tensor> updated;
     float norm = 0;
     dist::run_threads(spec.world, [&](dist::Communicator& comm) {
@@ -75,7 +70,8 @@ TEST(ParallelOptimizerStep, UpdatedWeightsEqualOneRank) {
       auto w = gather_full(comm, full.config, layout, local);
       if (comm.rank() == 0) updated = std::move(w), norm = n;
     });
-    EXPECT_EQ(std::memcmp(&norm, &ref_r.grad_norm, 4), 0) << spec.name() << ": norm " << norm << " vs " << ref_r.grad_norm;
+    EXPECT_EQ(std::memcmp(&norm, &ref_r.grad_norm, 4), 0)
+        << spec.name() << ": norm " << norm << " vs " << ref_r.grad_norm;
     for (const auto& [name, t] : ref.weights().named()) {
       const Tensor& u = updated.at(name);
       ASSERT_EQ(u.numel(), t->numel());

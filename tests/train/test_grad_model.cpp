@@ -1,5 +1,5 @@
-// The model backward against the Hugging Face float64 gradients of the fixture, and its
-// determinism (thread counts, repeated calls).
+// The model backward on one rank against the Hugging Face float64 gradients of the fixture,
+// and its determinism (thread counts, repeated calls).
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -10,7 +10,7 @@
 #include "../model/test_helpers.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
-#include "train/model_grad.h"
+#include "parallel/parallel_backward.h"
 
 namespace lockstep {
 namespace {
@@ -26,11 +26,22 @@ std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<i
   return up;
 }
 
+// The gradients of one micro-batch of `seqs` with upstream `up`; the forward's log-probs
+// and entropy are left in *logprobs / *entropy when given.
+std::map<std::string, Tensor> one_rank_grads(const Qwen3Moe& model, const std::vector<std::vector<int32_t>>& seqs,
+                                             const std::vector<SequenceGradInput>& up,
+                                             std::vector<std::vector<float>>* logprobs = nullptr,
+                                             std::vector<std::vector<float>>* entropy = nullptr) {
+  ParallelGrad grad(model);
+  return grad.step_grads({seqs}, entropy != nullptr, [&](int64_t, const auto& lp, const auto& ent) {
+    if (logprobs) *logprobs = lp;
+    if (entropy) *entropy = ent;
+    return up;
+  });
+}
+
 std::map<std::string, Tensor> fixture_grads(const Qwen3Moe& model, const std::vector<std::vector<int32_t>>& seqs) {
-  TrainForward f = train_forward(model, seqs, false);
-  std::map<std::string, Tensor> grads;
-  backward(model, f, mean_nll_upstream(seqs), grads);
-  return grads;
+  return one_rank_grads(model, seqs, mean_nll_upstream(seqs));
 }
 
 const Qwen3Moe& fixture_model(Precision p) {
@@ -102,9 +113,10 @@ TEST(GradModel, Bfloat16RecipeAgreesInDirection) {
 TEST(GradModel, LossMatchesGolden) {
   const auto& model = fixture_model(Precision::float32);
   auto seqs = grad_seqs();
-  TrainForward f = train_forward(model, seqs, false);
+  std::vector<std::vector<float>> logprobs;
+  one_rank_grads(model, seqs, mean_nll_upstream(seqs), &logprobs);
   double loss = 0;
-  for (const auto& lp : f.logprobs) {
+  for (const auto& lp : logprobs) {
     double s = 0;
     for (float v : lp) s -= v;
     loss += s / double(lp.size());
@@ -118,12 +130,13 @@ TEST(GradModel, TrainForwardLogprobsEqualScoreSequences) {
     const auto& model = fixture_model(p);
     std::vector<std::vector<int32_t>> seqs;
     for (int i = 0; i < 5; ++i) seqs.push_back(golden_ids("seq" + std::to_string(i) + ".input_ids"));
-    TrainForward f = train_forward(model, seqs, true);
+    std::vector<std::vector<float>> logprobs, entropy;
+    one_rank_grads(model, seqs, mean_nll_upstream(seqs), &logprobs, &entropy);
     auto ref = score_sequences(model, seqs);
     for (size_t s = 0; s < seqs.size(); ++s) {
-      EXPECT_TRUE(testing::same_bits(f.logprobs[s], ref[s])) << "seq" << s;
-      ASSERT_EQ(f.entropy[s].size(), ref[s].size());
-      for (float h : f.entropy[s]) EXPECT_TRUE(h >= 0 && std::isfinite(h));
+      EXPECT_TRUE(testing::same_bits(logprobs[s], ref[s])) << "seq" << s;
+      ASSERT_EQ(entropy[s].size(), ref[s].size());
+      for (float h : entropy[s]) EXPECT_TRUE(h >= 0 && std::isfinite(h));
     }
   }
 }
@@ -132,8 +145,7 @@ bool same_grads(const std::map<std::string, Tensor>& a, const std::map<std::stri
   if (a.size() != b.size()) return false;
   for (const auto& [name, t] : a) {
     auto it = b.find(name);
-    if (it == b.end() || it->second.nbytes() != t.nbytes() ||
-        std::memcmp(it->second.raw(), t.raw(), t.nbytes()) != 0) {
+    if (it == b.end() || it->second.nbytes() != t.nbytes() || std::memcmp(it->second.raw(), t.raw(), t.nbytes()) != 0) {
       ADD_FAILURE() << "gradients differ at " << name;
       return false;
     }
@@ -147,35 +159,27 @@ TEST(GradModel, BitwiseAcrossThreadCountsAndRepeats) {
     auto seqs = grad_seqs();
     seqs.push_back(golden_ids("seq1.input_ids"));
     // With an entropy term too, so its gradient path is covered.
-    TrainForward f = train_forward(model, seqs, true);
     auto up = mean_nll_upstream(seqs);
     for (size_t s = 0; s < seqs.size(); ++s) up[s].dentropy.assign(seqs[s].size() - 1, 0.01f);
-    std::map<std::string, Tensor> base;
+    std::vector<std::vector<float>> lp, ent;
     set_num_threads(1);
-    backward(model, f, up, base);
+    const auto base = one_rank_grads(model, seqs, up, &lp, &ent);
     for (int threads : {2, 3, 1}) {
       set_num_threads(threads);
-      std::map<std::string, Tensor> again;
-      backward(model, f, up, again);
-      EXPECT_TRUE(same_grads(base, again)) << precision_name(p) << " threads " << threads;
+      EXPECT_TRUE(same_grads(base, one_rank_grads(model, seqs, up, &lp, &ent)))
+          << precision_name(p) << " threads " << threads;
     }
     set_num_threads(2);
-    TrainForward f2 = train_forward(model, seqs, true);
-    std::map<std::string, Tensor> again;
-    backward(model, f2, up, again);
-    EXPECT_TRUE(same_grads(base, again)) << precision_name(p) << " second forward";
   }
 }
 
 TEST(GradModel, RejectsMismatchedUpstream) {
   const auto& model = fixture_model(Precision::float32);
   auto seqs = grad_seqs();
-  TrainForward f = train_forward(model, seqs, false);
   auto up = mean_nll_upstream(seqs);
   up[1].dlogp.pop_back();
-  std::map<std::string, Tensor> grads;
-  EXPECT_THROW(backward(model, f, up, grads), Error);
-  EXPECT_THROW(train_forward(model, {{}}, false), Error);
+  EXPECT_THROW(one_rank_grads(model, seqs, up), Error);
+  EXPECT_THROW(one_rank_grads(model, {{}}, {SequenceGradInput{}}), Error);
 }
 
 }  // namespace

@@ -1,11 +1,11 @@
-// The trainer side of `lockstep train` under a parallel topology (docs/numerics.md, D4): this
-// rank's shards in a Qwen3Moe, the backward by ParallelGrad, a sharded AdamW, and
-// the bucketed weight sync of its shards to the rollout engine's own topology
-// (parallel/weight_sync.h; the engine is a single-rank engine on every rank or a
+// The trainer side of `lockstep train`, the one interface for every topology and the single
+// rank (a world of one): this rank's shards in a Qwen3Moe, the backward by ParallelGrad, a
+// sharded AdamW, and the bucketed weight sync of its shards to the rollout engine's own
+// topology (parallel/weight_sync.h; the engine is a single-rank engine on every rank or a
 // ParallelRunner over the same ranks). Every rank drives the same rollout engine on the
 // same seeds, so every rank knows every sample; what only the last stage computes
 // (per-sample loss records, log-probs) is broadcast, so every rank takes the same
-// decisions and the numbers equal one rank's.
+// decisions and the numbers equal one rank's (docs/numerics.md, D4).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -22,12 +22,12 @@
 
 namespace lockstep::rl {
 
-class ParallelPolicy {
+class Policy {
  public:
   // Collective over world. `full` is the initial model (identical on every rank).
-  ParallelPolicy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full,
-                 Precision precision, const OptimizerConfig& oc);
-  ~ParallelPolicy();
+  Policy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full, Precision precision,
+         const OptimizerConfig& oc);
+  ~Policy();
 
   bool root() const { return world_.rank() == 0; }
   const Topology& topology() const { return layout_.topo; }

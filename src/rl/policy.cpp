@@ -1,8 +1,7 @@
-#include "rl/parallel_policy.h"
+#include "rl/policy.h"
 
 #include <cmath>
 #include <cstring>
-
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -32,8 +31,8 @@ std::map<std::string, Tensor> slices_of(const ModelWeights& shape_model, const s
 
 }  // namespace
 
-ParallelPolicy::ParallelPolicy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full,
-                               Precision precision, const OptimizerConfig& oc)
+Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full, Precision precision,
+               const OptimizerConfig& oc)
     : world_(world),
       layout_(ShardLayout::make(full.config, topo.topo, topo.layer_split, world.rank())),
       precision_(precision),
@@ -45,9 +44,9 @@ ParallelPolicy::ParallelPolicy(dist::Communicator& world, const ResolvedTopology
   optimizer_ = AdamW(oc_, params_);
 }
 
-ParallelPolicy::~ParallelPolicy() = default;
+Policy::~Policy() = default;
 
-std::vector<std::vector<float>> ParallelPolicy::score_all(const std::vector<std::vector<int32_t>>& seqs) {
+std::vector<std::vector<float>> Policy::score_all(const std::vector<std::vector<int32_t>>& seqs) {
   std::vector<std::vector<float>> lp = model_->score(seqs);
   size_t n = 0;
   for (const auto& s : seqs) n += s.size() - 1;
@@ -65,9 +64,9 @@ std::vector<std::vector<float>> ParallelPolicy::score_all(const std::vector<std:
   return lp;
 }
 
-std::vector<std::vector<double>> ParallelPolicy::compute_grads(const std::vector<std::vector<int32_t>>& seqs,
-                                                               int64_t num_microbatches, const SampleLoss& loss,
-                                                               const std::function<size_t(int64_t)>& record_size) {
+std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::vector<int32_t>>& seqs,
+                                                       int64_t num_microbatches, const SampleLoss& loss,
+                                                       const std::function<size_t(int64_t)>& record_size) {
   const Topology& t = layout_.topo;
   LS_CHECK(num_microbatches % t.dp == 0, "--num-microbatches ", num_microbatches,
            " must be a multiple of the data-parallel size ", t.dp, " (each replica takes whole micro-batches)");
@@ -105,7 +104,7 @@ std::vector<std::vector<double>> ParallelPolicy::compute_grads(const std::vector
   return records;
 }
 
-OptimizerStepResult ParallelPolicy::apply(bool inject_nan) {
+OptimizerStepResult Policy::apply(bool inject_nan) {
   if (inject_nan && !grads_.empty()) grads_.begin()->second.data<float>()[0] = std::nanf("");
   const float norm = parallel_grad_norm(world_, full_.config, layout_, grads_);
   if (!std::isfinite(norm)) {
@@ -118,7 +117,7 @@ OptimizerStepResult ParallelPolicy::apply(bool inject_nan) {
   return r;
 }
 
-const ModelWeights& ParallelPolicy::sync_full() {
+const ModelWeights& Policy::sync_full() {
   std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, as_map(params_));
   for (auto& [name, t] : full_.named()) {
     if (root()) *t = gathered.at(name).clone();
@@ -127,21 +126,20 @@ const ModelWeights& ParallelPolicy::sync_full() {
   return full_;
 }
 
-WeightSyncStats ParallelPolicy::stream_weights(const ShardLayout& engine_layout,
-                                               const std::function<void(std::vector<WeightPiece>&&)>& load_bucket,
-                                               const WeightSyncOptions& options) {
+WeightSyncStats Policy::stream_weights(const ShardLayout& engine_layout,
+                                       const std::function<void(std::vector<WeightPiece>&&)>& load_bucket,
+                                       const WeightSyncOptions& options) {
   return lockstep::stream_weights(world_, full_.config, layout_, params_, engine_layout, load_bucket, options);
 }
 
-const ModelWeights& ParallelPolicy::gather_to_root() {
+const ModelWeights& Policy::gather_to_root() {
   std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, as_map(params_));
   if (root())  // in place: a tied lm_head keeps sharing the embedding's storage
-    for (auto& [name, t] : full_.named())
-      std::memcpy(t->data<float>(), gathered.at(name).data<float>(), t->nbytes());
+    for (auto& [name, t] : full_.named()) std::memcpy(t->data<float>(), gathered.at(name).data<float>(), t->nbytes());
   return full_;
 }
 
-AdamW ParallelPolicy::gather_optimizer() {
+AdamW Policy::gather_optimizer() {
   const ModelConfig& cfg = full_.config;
   auto shard_map = [&](const std::map<std::string, Tensor>& state) {
     std::map<std::string, Tensor> m;
@@ -156,7 +154,7 @@ AdamW ParallelPolicy::gather_optimizer() {
   return full;
 }
 
-void ParallelPolicy::load_state(const ModelWeights& full_weights, const AdamW& full_optimizer) {
+void Policy::load_state(const ModelWeights& full_weights, const AdamW& full_optimizer) {
   LS_CHECK(full_weights.config.to_json() == full_.config.to_json(),
            "parallel train: the checkpoint's model config differs from the run's");
   full_ = full_weights.clone();
