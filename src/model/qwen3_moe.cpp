@@ -10,6 +10,7 @@
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/log_softmax.h"
 #include "kernels/cpu/moe.h"
+#include "model/layer_forward.h"
 #include "parallel/expert_parallel.h"
 
 namespace lockstep {
@@ -68,90 +69,118 @@ void Qwen3Moe::validate(const ForwardBatch& batch) const {
   }
 }
 
-// The attention block: rows -> all T rows (SP) -> this rank's heads -> o_proj's canonical
-// subtree, completed over TP (reduce-scattered to the rows under SP).
-void Qwen3Moe::attention(const LayerWeights& L, int64_t local_layer, std::vector<float>& x, const ForwardBatch& batch,
-                         KvCache& cache, LayerActivations& a) const {
-  const auto& c = weights_.config;
-  const ShardLayout& s = ctx_->layout;
-  const int64_t T = batch.size(), H = c.hidden_size, D = c.head_dim, R = int64_t(x.size()) / H;
-  const int64_t nq = s.q_heads, nkv = s.kv_heads;
-  const float eps = float(c.rms_norm_eps);
-  std::vector<float> h(R * H);
-  cpu::rmsnorm(x.data(), L.input_norm.data<float>(), h.data(), R, H, eps, bf16());
-  cast(h.data(), R * H);
-  a.attn_in = ctx_->gather_rows(h, T, H);
-  a.q.resize(T * nq * D), a.k.resize(T * nkv * D), a.v.resize(T * nkv * D), a.attn.resize(T * nq * D);
-  cpu::linear(a.attn_in.data(), L.q_proj.data<float>(), a.q.data(), T, nq * D, H);
-  cpu::linear(a.attn_in.data(), L.k_proj.data<float>(), a.k.data(), T, nkv * D, H);
-  cpu::linear(a.attn_in.data(), L.v_proj.data<float>(), a.v.data(), T, nkv * D, H);
-  cast(a.q.data(), T * nq * D);
-  cast(a.k.data(), T * nkv * D);
-  cast(a.v.data(), T * nkv * D);
-  a.q_proj = a.q;
-  a.k_proj = a.k;
-  cpu::rmsnorm(a.q.data(), L.q_norm.data<float>(), a.q.data(), T * nq, D, eps, bf16());
-  cpu::rmsnorm(a.k.data(), L.k_norm.data<float>(), a.k.data(), T * nkv, D, eps, bf16());
-  cast(a.q.data(), T * nq * D);
-  cast(a.k.data(), T * nkv * D);
-  cpu::rope(a.q.data(), batch.positions.data(), T, nq, rope_);
-  cpu::rope(a.k.data(), batch.positions.data(), T, nkv, rope_);
-  cast(a.q.data(), T * nq * D);
-  cast(a.k.data(), T * nkv * D);
-  PagedKvLayer kv = cache.layer(local_layer);
-  TokenSlots slots{batch.positions.data(), batch.page_tables.data()};
-  cpu::kv_write(kv, slots, a.k.data(), a.v.data(), T);
-  cpu::paged_attention(a.q.data(), a.attn.data(), kv, slots, T, nq, 1.0f / std::sqrt(float(D)));
-  cast(a.attn.data(), T * nq * D);
-  // o_proj: this rank's heads are a run of whole canonical chunks of q_dim.
-  std::vector<float> o(T * H);
-  cpu::linear_row_canonical(a.attn.data(), L.o_proj.data<float>(), o.data(), T, H, nq * D, canonical_chunk(c.q_dim()),
-                            kTMax / s.topo.tp);
-  o = ctx_->reduce_rows(std::move(o), T, H);
-  cast(o.data(), R * H);
-  cpu::add_inplace(x.data(), o.data(), R * H);
-  cast(x.data(), R * H);
-}
+namespace {
 
-// The MLP block: the experts by expert_parallel_moe, or the dense SwiGLU row-parallel.
-void Qwen3Moe::mlp(const LayerWeights& L, std::vector<float>& x, int64_t T, LayerActivations& a) const {
-  const auto& c = weights_.config;
-  const ShardLayout& s = ctx_->layout;
-  const int64_t H = c.hidden_size, R = int64_t(x.size()) / H;
-  a.mid = x;
-  a.mlp_in.resize(R * H);
-  std::vector<float> o(R * H);
-  cpu::rmsnorm(x.data(), L.post_attention_norm.data<float>(), a.mlp_in.data(), R, H, float(c.rms_norm_eps), bf16());
-  cast(a.mlp_in.data(), R * H);
-  if (L.is_moe) {
-    a.router_logits.resize(R * c.num_experts);
-    expert_parallel_moe(*ctx_, L, c, a.mlp_in.data(), R, o.data(), bf16(), a.router_logits.data());
-  } else {
-    a.router_logits.clear();
-    const std::vector<float> hf = ctx_->gather_rows(a.mlp_in, T, H);
-    std::vector<float> part(T * H);
-    const int tp = s.topo.tp;
-    if (tp == 1)
-      cpu::swiglu_mlp(hf.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
-                      part.data(), T, H, c.intermediate_size, bf16());
-    else
-      swiglu_partial(hf.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
-                     part.data(), T, H, c.intermediate_size, s.dense_cols.size(), kTMax / tp, bf16());
-    o = ctx_->reduce_rows(std::move(part), T, H);
-    if (tp > 1) cast(o.data(), R * H);  // swiglu_mlp's output cast, on the full sums
+// The CPU op set of layer_forward.h: fp32 containers that hold bf16 values in the bfloat16
+// recipe (rounded at each cast point), over a parallel context (on one rank its
+// collectives are copies). Rows: the residual stream holds this rank's R rows; the
+// tensor-parallel region (attention heads, the dense MLP's columns) works on all T rows.
+// The buffers it leaves in LayerActivations are what the backward needs.
+struct CpuLayerOps {
+  using Layer = LayerWeights;
+  const ParallelContext& ctx;
+  const ModelConfig& c;
+  const cpu::RopeTable& rope;
+  bool bf16;
+  const ForwardBatch& batch;
+  PagedKvLayer kv;
+  std::vector<float>& x;  // [R, H]
+  LayerActivations& a;
+  int64_t T = batch.size(), H = c.hidden_size, R = int64_t(x.size()) / c.hidden_size;
+
+  void cast(float* p, int64_t n) const {
+    if (bf16) cpu::round_to_bf16(p, n);
   }
-  cast(o.data(), R * H);
-  cpu::add_inplace(x.data(), o.data(), R * H);
-  cast(x.data(), R * H);
-}
+  // x = cast(x + cast(o)), o the full sums of this rank's rows.
+  void residual_add(std::vector<float>& o) {
+    cast(o.data(), R * H);
+    cpu::add_inplace(x.data(), o.data(), R * H);
+    cast(x.data(), R * H);
+  }
+
+  void input_norm(const Layer& L) {
+    std::vector<float> h(R * H);
+    cpu::rmsnorm(x.data(), L.input_norm.data<float>(), h.data(), R, H, float(c.rms_norm_eps), bf16);
+    cast(h.data(), R * H);
+    a.attn_in = ctx.gather_rows(h, T, H);
+  }
+  void qkv(const Layer& L) {
+    const int64_t qd = ctx.layout.q_heads * c.head_dim, kd = ctx.layout.kv_heads * c.head_dim;
+    a.q.resize(T * qd), a.k.resize(T * kd), a.v.resize(T * kd);
+    cpu::linear(a.attn_in.data(), L.q_proj.data<float>(), a.q.data(), T, qd, H);
+    cpu::linear(a.attn_in.data(), L.k_proj.data<float>(), a.k.data(), T, kd, H);
+    cpu::linear(a.attn_in.data(), L.v_proj.data<float>(), a.v.data(), T, kd, H);
+    cast(a.q.data(), T * qd);
+    cast(a.k.data(), T * kd);
+    cast(a.v.data(), T * kd);
+  }
+  void qk_norm_rope_kv_write(const Layer& L) {
+    const int64_t D = c.head_dim, nq = ctx.layout.q_heads, nkv = ctx.layout.kv_heads;
+    const float eps = float(c.rms_norm_eps);
+    a.q_proj = a.q;
+    a.k_proj = a.k;
+    cpu::rmsnorm(a.q.data(), L.q_norm.data<float>(), a.q.data(), T * nq, D, eps, bf16);
+    cpu::rmsnorm(a.k.data(), L.k_norm.data<float>(), a.k.data(), T * nkv, D, eps, bf16);
+    cast(a.q.data(), T * nq * D);
+    cast(a.k.data(), T * nkv * D);
+    cpu::rope(a.q.data(), batch.positions.data(), T, nq, rope);
+    cpu::rope(a.k.data(), batch.positions.data(), T, nkv, rope);
+    cast(a.q.data(), T * nq * D);
+    cast(a.k.data(), T * nkv * D);
+    cpu::kv_write(kv, TokenSlots{batch.positions.data(), batch.page_tables.data()}, a.k.data(), a.v.data(), T);
+  }
+  void attention() {
+    const int64_t D = c.head_dim, nq = ctx.layout.q_heads;
+    a.attn.resize(T * nq * D);
+    cpu::paged_attention(a.q.data(), a.attn.data(), kv, TokenSlots{batch.positions.data(), batch.page_tables.data()}, T,
+                         nq, 1.0f / std::sqrt(float(D)));
+    cast(a.attn.data(), T * nq * D);
+  }
+  // This rank's heads are a run of whole canonical chunks of q_dim: its subtree, completed
+  // over TP (reduce-scattered to the rows under SP).
+  void o_proj_residual(const Layer& L) {
+    std::vector<float> o(T * H);
+    cpu::linear_row_canonical(a.attn.data(), L.o_proj.data<float>(), o.data(), T, H, ctx.layout.q_heads * c.head_dim,
+                              canonical_chunk(c.q_dim()), kTMax / ctx.layout.topo.tp);
+    o = ctx.reduce_rows(std::move(o), T, H);
+    residual_add(o);
+  }
+  void post_attention_norm(const Layer& L) {
+    a.mid = x;
+    a.mlp_in.resize(R * H);
+    cpu::rmsnorm(x.data(), L.post_attention_norm.data<float>(), a.mlp_in.data(), R, H, float(c.rms_norm_eps), bf16);
+    cast(a.mlp_in.data(), R * H);
+  }
+  void moe_residual(const Layer& L) {
+    std::vector<float> o(R * H);
+    a.router_logits.resize(R * c.num_experts);
+    expert_parallel_moe(ctx, L, c, a.mlp_in.data(), R, o.data(), bf16, a.router_logits.data());
+    residual_add(o);
+  }
+  void dense_mlp_residual(const Layer& L) {
+    a.router_logits.clear();
+    const std::vector<float> h = ctx.gather_rows(a.mlp_in, T, H);
+    std::vector<float> part(T * H);
+    const int tp = ctx.layout.topo.tp;
+    if (tp == 1)
+      cpu::swiglu_mlp(h.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
+                      part.data(), T, H, c.intermediate_size, bf16);
+    else
+      swiglu_partial(h.data(), L.dense.gate.data<float>(), L.dense.up.data<float>(), L.dense.down.data<float>(),
+                     part.data(), T, H, c.intermediate_size, ctx.layout.dense_cols.size(), kTMax / tp, bf16);
+    std::vector<float> o = ctx.reduce_rows(std::move(part), T, H);
+    if (tp > 1) cast(o.data(), R * H);  // swiglu_mlp's output cast, on the full sums
+    residual_add(o);
+  }
+};
+
+}  // namespace
 
 void Qwen3Moe::layer_forward(int64_t local_layer, std::vector<float>& x, const ForwardBatch& batch, KvCache& cache,
                              LayerActivations* acts) const {
-  const LayerWeights& L = weights_.layers.at(local_layer);
   LayerActivations local;
-  LayerActivations& a = acts ? *acts : local;
-  attention(L, local_layer, x, batch, cache, a);
-  mlp(L, x, batch.size(), a);
+  CpuLayerOps ops{*ctx_, weights_.config, rope_, bf16(), batch, cache.layer(local_layer), x, acts ? *acts : local};
+  lockstep::layer_forward(ops, weights_.layers.at(local_layer));
 }
 
 std::vector<float> Qwen3Moe::forward(const ForwardBatch& batch, KvCache& cache, ForwardTrace* trace) const {

@@ -1,5 +1,5 @@
-// The Qwen3-MoE model: one definition of the decoder layer, forward and backward, over a
-// parallel context. A single rank is the context of one rank (topology 1, a
+// The Qwen3-MoE model: one definition of the decoder layer (model/layer_forward.h, here with
+// the CPU op set; train/layer_backward.h for its backward) over a parallel context. A single rank is the context of one rank (topology 1, a
 // SelfCommunicator), so `lockstep score`, the rollout engine, the trainer and every
 // parallel form run the same lines; each op's arithmetic is in src/kernels.
 //
@@ -116,9 +116,6 @@ class Qwen3Moe {
 
  private:
   void cast(float* x, int64_t n) const;
-  void attention(const LayerWeights& L, int64_t local_layer, std::vector<float>& x, const ForwardBatch& batch,
-                 KvCache& cache, LayerActivations& a) const;
-  void mlp(const LayerWeights& L, std::vector<float>& x, int64_t T, LayerActivations& a) const;
   // The last stage: log-probs of each sequence of the step from this rank's rows.
   std::vector<std::vector<float>> stage_logprobs(const std::vector<float>& x, const ForwardBatch& batch,
                                                  const std::vector<std::vector<int32_t>>& seqs) const;

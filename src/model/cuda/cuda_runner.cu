@@ -19,6 +19,7 @@
 #include "kernels/cuda/decode_layers.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
+#include "model/layer_forward.h"
 
 namespace lockstep {
 namespace {
@@ -45,7 +46,7 @@ struct DeviceLayer {
   bf16_t* qkv = nullptr;  // [q_dim + 2 kv_dim, H]
   bf16_t* o = nullptr;    // [H, q_dim]
   float *input_norm = nullptr, *post_norm = nullptr, *q_norm = nullptr, *k_norm = nullptr;
-  bool moe = false;
+  bool is_moe = false;
   bf16_t* router = nullptr;   // [E, H]
   bf16_t* gate_up = nullptr;  // [E, 2I, H]: per expert the gate rows, then the up rows
   bf16_t* down = nullptr;     // [E, H, I]
@@ -239,7 +240,7 @@ class CudaRunner final : public ModelRunner {
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const auto& L = w.layers[size_t(l)];
       auto& D = layers_[size_t(l)];
-      LS_CHECK(L.is_moe == D.moe, "load_weights: layer ", l, " MoE/dense kind differs from the config");
+      LS_CHECK(L.is_moe == D.is_moe, "load_weights: layer ", l, " MoE/dense kind differs from the config");
       upload_bf16(D.qkv, L.q_proj.data<float>(), qd * H);
       upload_bf16(D.qkv + qd * H, L.k_proj.data<float>(), kvd * H);
       upload_bf16(D.qkv + (qd + kvd) * H, L.v_proj.data<float>(), kvd * H);
@@ -248,7 +249,7 @@ class CudaRunner final : public ModelRunner {
       upload(D.post_norm, L.post_attention_norm.data<float>(), size_t(H) * 4);
       upload(D.q_norm, L.q_norm.data<float>(), size_t(c.head_dim) * 4);
       upload(D.k_norm, L.k_norm.data<float>(), size_t(c.head_dim) * 4);
-      if (D.moe) {
+      if (D.is_moe) {
         const int64_t I = c.moe_intermediate_size;
         upload_bf16(D.router, L.router.data<float>(), c.num_experts * H);
         for (int64_t e = 0; e < c.num_experts; ++e) {
@@ -274,8 +275,8 @@ class CudaRunner final : public ModelRunner {
     w.config = c;
     w.layers.resize(size_t(c.num_hidden_layers));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      w.layers[size_t(l)].is_moe = layers_[size_t(l)].moe;
-      if (layers_[size_t(l)].moe) w.layers[size_t(l)].experts.resize(size_t(c.num_experts));
+      w.layers[size_t(l)].is_moe = layers_[size_t(l)].is_moe;
+      if (layers_[size_t(l)].is_moe) w.layers[size_t(l)].experts.resize(size_t(c.num_experts));
     }
     const auto shapes = ModelWeights::expected_shapes(c);
     for (auto& [name, t] : w.named()) *t = Tensor::zeros(shapes.at(name), DType::f32);
@@ -295,7 +296,7 @@ class CudaRunner final : public ModelRunner {
       download_f32(L.post_attention_norm, D.post_norm);
       download_f32(L.q_norm, D.q_norm);
       download_f32(L.k_norm, D.k_norm);
-      if (D.moe) {
+      if (D.is_moe) {
         const int64_t I = c.moe_intermediate_size;
         download_bf16(L.router, D.router, 0);
         for (int64_t e = 0; e < c.num_experts; ++e) {
@@ -329,8 +330,8 @@ class CudaRunner final : public ModelRunner {
       cuda::fill_random_f32(D.post_norm, H, ++s, 0.1f, 1.0f, stream_);
       cuda::fill_random_f32(D.q_norm, c.head_dim, ++s, 0.1f, 1.0f, stream_);
       cuda::fill_random_f32(D.k_norm, c.head_dim, ++s, 0.1f, 1.0f, stream_);
-      const int64_t E = D.moe ? c.num_experts : 1, I = D.moe ? c.moe_intermediate_size : c.intermediate_size;
-      if (D.moe) cuda::fill_random_bf16(D.router, E * H, ++s, a, 0.0f, stream_);
+      const int64_t E = D.is_moe ? c.num_experts : 1, I = D.is_moe ? c.moe_intermediate_size : c.intermediate_size;
+      if (D.is_moe) cuda::fill_random_bf16(D.router, E * H, ++s, a, 0.0f, stream_);
       cuda::fill_random_bf16(D.gate_up, E * 2 * I * H, ++s, a, 0.0f, stream_);
       cuda::fill_random_bf16(D.down, E * H * I, ++s, a, 0.0f, stream_);
     }
@@ -396,15 +397,15 @@ class CudaRunner final : public ModelRunner {
     layers_.resize(size_t(c.num_hidden_layers));
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       auto& D = layers_[size_t(l)];
-      D.moe = c.is_moe_layer(l);
+      D.is_moe = c.is_moe_layer(l);
       D.qkv = weights_.alloc<bf16_t>((qd + 2 * kvd) * H);
       D.o = weights_.alloc<bf16_t>(H * qd);
       D.input_norm = weights_.alloc<float>(H);
       D.post_norm = weights_.alloc<float>(H);
       D.q_norm = weights_.alloc<float>(c.head_dim);
       D.k_norm = weights_.alloc<float>(c.head_dim);
-      const int64_t E = D.moe ? c.num_experts : 1, I = D.moe ? c.moe_intermediate_size : c.intermediate_size;
-      if (D.moe) D.router = weights_.alloc<bf16_t>(E * H);
+      const int64_t E = D.is_moe ? c.num_experts : 1, I = D.is_moe ? c.moe_intermediate_size : c.intermediate_size;
+      if (D.is_moe) D.router = weights_.alloc<bf16_t>(E * H);
       D.gate_up = weights_.alloc<bf16_t>(E * 2 * I * H);
       D.down = weights_.alloc<bf16_t>(E * H * I);
     }
@@ -615,8 +616,7 @@ class CudaRunner final : public ModelRunner {
 
   void run_forward(int64_t T, const cuda::DeviceSlots& slots) {
     const auto& c = config_;
-    const int64_t H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads, nkv = c.num_key_value_heads;
-    const int64_t qkv_n = (nq + 2 * nkv) * D;
+    const int64_t H = c.hidden_size;
     const float eps = float(c.rms_norm_eps);
     cuda::embedding(ws_.meta, embed_, ws_.x, T, H, stream_);
     if (T == 1 && one_launch_decode_) {
@@ -625,19 +625,39 @@ class CudaRunner final : public ModelRunner {
       return;
     }
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      const auto& L = layers_[size_t(l)];
-      cuda::rmsnorm(ws_.x, L.input_norm, ws_.h, T, H, eps, stream_);
-      linear(ws_.h, L.qkv, ws_.qkv, T, qkv_n, H);
-      cuda::qk_norm_rope_store(ws_.qkv, L.q_norm, L.k_norm, rope_cos_, rope_sin_, ws_.q, kv_[size_t(l)], slots, T,
-                               nq, nkv, D, eps, stream_);
-      cuda::paged_attention(ws_.q, ws_.attn, kv_[size_t(l)], slots, T, nq, 1.0f / std::sqrt(float(D)), stream_);
-      row_linear_residual(ws_.attn, L.o, ws_.x, T, H, nq * D);
-      cuda::rmsnorm(ws_.x, L.post_norm, ws_.h, T, H, eps, stream_);
-      if (L.moe) moe(L, T);
-      else dense_mlp(L, T);
+      LayerOps ops{*this, kv_[size_t(l)], slots, T};
+      layer_forward(ops, layers_[size_t(l)]);
     }
     cuda::rmsnorm(ws_.x, final_norm_, ws_.h, T, H, eps, stream_);
   }
+
+  // The CUDA op set of layer_forward.h on one rank: bf16 activations between kernels, the
+  // contract's cast points in the kernels' epilogues; the norms, q/k-norm + RoPE + K/V store
+  // and the residual adds fused where the op allows.
+  struct LayerOps {
+    using Layer = DeviceLayer;
+    CudaRunner& r;
+    const cuda::DeviceKvLayer& kv;
+    const cuda::DeviceSlots& slots;
+    int64_t T;
+    const ModelConfig& c = r.config_;
+    int64_t H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads, nkv = c.num_key_value_heads;
+    float eps = float(c.rms_norm_eps);
+
+    void input_norm(const Layer& L) { cuda::rmsnorm(r.ws_.x, L.input_norm, r.ws_.h, T, H, eps, r.stream_); }
+    void qkv(const Layer& L) { r.linear(r.ws_.h, L.qkv, r.ws_.qkv, T, (nq + 2 * nkv) * D, H); }
+    void qk_norm_rope_kv_write(const Layer& L) {
+      cuda::qk_norm_rope_store(r.ws_.qkv, L.q_norm, L.k_norm, r.rope_cos_, r.rope_sin_, r.ws_.q, kv, slots, T, nq,
+                               nkv, D, eps, r.stream_);
+    }
+    void attention() {
+      cuda::paged_attention(r.ws_.q, r.ws_.attn, kv, slots, T, nq, 1.0f / std::sqrt(float(D)), r.stream_);
+    }
+    void o_proj_residual(const Layer& L) { r.row_linear_residual(r.ws_.attn, L.o, r.ws_.x, T, H, nq * D); }
+    void post_attention_norm(const Layer& L) { cuda::rmsnorm(r.ws_.x, L.post_norm, r.ws_.h, T, H, eps, r.stream_); }
+    void moe_residual(const Layer& L) { r.moe(L, T); }
+    void dense_mlp_residual(const Layer& L) { r.dense_mlp(L, T); }
+  };
 
   // out[T, N] = bf16(in . W^T), column form.
   void linear(const bf16_t* in, const bf16_t* w, bf16_t* out, int64_t T, int64_t N, int64_t K) {
