@@ -1,5 +1,6 @@
-// Qwen3-MoE weights by layer, loaded from a Hugging Face checkpoint and named by their
-// global (Hugging Face) names.
+// Qwen3-MoE weights by layer, loaded from a Hugging Face checkpoint, and the one table of
+// their global (Hugging Face) names (for_each_param): loading, saving, sharding, the weight
+// sync, audit, gradients and the optimizer state all name tensors through it.
 #pragma once
 #include <map>
 #include <string>
@@ -49,6 +50,91 @@ struct ModelWeights {
   // The expected shape of each global name.
   static std::map<std::string, Shape> expected_shapes(const ModelConfig& config);
   ModelWeights clone() const;
+  // fp32 zeros of every tensor's shape (the structure of gradients and optimizer states).
+  ModelWeights zeros_like() const;
 };
+
+// The kinds of parameter of a Qwen3-MoE model.
+enum class ParamKind {
+  embed,
+  final_norm,
+  lm_head,
+  input_norm,
+  post_attention_norm,
+  q_proj,
+  k_proj,
+  v_proj,
+  o_proj,
+  q_norm,
+  k_norm,
+  router,  // MoE layers: the router and each expert's MLP
+  expert_gate,
+  expert_up,
+  expert_down,
+  dense_gate,  // dense layers: the MLP
+  dense_up,
+  dense_down,
+};
+
+// One entry of the names table: a parameter's kind, its global layer and its global expert
+// (-1 where none).
+struct ParamSlot {
+  ParamKind kind;
+  int64_t layer = -1, expert = -1;
+};
+// The global (Hugging Face) name of a slot; a tied lm_head bears the embedding's name.
+std::string param_name(const ModelConfig& config, const ParamSlot& slot);
+// The full (unsharded) shape of a slot's tensor.
+Shape param_shape(const ModelConfig& config, ParamKind kind);
+// Matrices take weight decay; the norm weights do not.
+bool param_is_norm(ParamKind kind);
+
+// What part of the model a ModelWeights holds: the whole model, or one rank's pipeline stage
+// and experts (ShardLayout::scope()): w.layers[i] is global layer first_layer + i, and
+// w.layers[i].experts[j] global expert first_expert + j.
+struct ParamScope {
+  int64_t first_layer = 0, first_expert = 0;
+  bool embed = true;  // holds the embedding (the first stage)
+  bool head = true;   // holds the final norm and lm_head (the last stage)
+};
+
+// The names table: calls f(slot, tensor) for every parameter slot of `w` in one fixed order
+// (the embedding, the final norm, lm_head, then per layer: the two norms, q/k/v/o, q/k-norm,
+// then the router and each expert's gate/up/down, or the dense gate/up/down). A tied lm_head
+// held with the embedding is that tensor and is not visited twice.
+template <typename W, typename F>
+void for_each_param(W& w, F&& f, const ParamScope& scope = {}) {
+  using K = ParamKind;
+  if (scope.embed) f(ParamSlot{K::embed}, w.embed);
+  if (scope.head) {
+    f(ParamSlot{K::final_norm}, w.final_norm);
+    if (!w.config.tie_word_embeddings || !scope.embed) f(ParamSlot{K::lm_head}, w.lm_head);
+  }
+  for (size_t i = 0; i < w.layers.size(); ++i) {
+    auto& L = w.layers[i];
+    const int64_t l = scope.first_layer + int64_t(i);
+    f(ParamSlot{K::input_norm, l}, L.input_norm);
+    f(ParamSlot{K::post_attention_norm, l}, L.post_attention_norm);
+    f(ParamSlot{K::q_proj, l}, L.q_proj);
+    f(ParamSlot{K::k_proj, l}, L.k_proj);
+    f(ParamSlot{K::v_proj, l}, L.v_proj);
+    f(ParamSlot{K::o_proj, l}, L.o_proj);
+    f(ParamSlot{K::q_norm, l}, L.q_norm);
+    f(ParamSlot{K::k_norm, l}, L.k_norm);
+    if (L.is_moe) {
+      f(ParamSlot{K::router, l}, L.router);
+      for (size_t j = 0; j < L.experts.size(); ++j) {
+        const int64_t e = scope.first_expert + int64_t(j);
+        f(ParamSlot{K::expert_gate, l, e}, L.experts[j].gate);
+        f(ParamSlot{K::expert_up, l, e}, L.experts[j].up);
+        f(ParamSlot{K::expert_down, l, e}, L.experts[j].down);
+      }
+    } else {
+      f(ParamSlot{K::dense_gate, l}, L.dense.gate);
+      f(ParamSlot{K::dense_up, l}, L.dense.up);
+      f(ParamSlot{K::dense_down, l}, L.dense.down);
+    }
+  }
+}
 
 }  // namespace lockstep

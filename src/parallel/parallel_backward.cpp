@@ -32,12 +32,6 @@ std::vector<float> slice_rows(const std::vector<float>& full, dist::RowRange row
   return std::vector<float>(full.begin() + rows.begin * width, full.begin() + rows.end * width);
 }
 
-float* slot(std::map<std::string, Tensor>& g, const std::string& name, const Tensor& param) {
-  auto it = g.find(name);
-  if (it == g.end()) it = g.emplace(name, Tensor::zeros(param.shape(), DType::f32)).first;
-  return it->second.data<float>();
-}
-
 // In place: `buf` becomes the pairwise tree over the members of its run of `run`
 // consecutive ranks of comm (all-gather, then the tree in rank order).
 void run_tree(dist::Communicator& comm, std::vector<float>& buf, int run) {
@@ -89,9 +83,40 @@ struct ParallelGrad::MicroState {
   std::unique_ptr<KvCache> cache;
 };
 
+// One micro-batch's gradients on this rank, in the structure of its weights. An expert's
+// gradient is kept per source replica of the expert span (the micro-batch tree is per
+// source), so `grads` holds no experts.
 struct ParallelGrad::Partial {
-  std::map<std::string, Tensor> dense;
-  std::vector<std::map<std::string, Tensor>> expert;  // per source replica of the expert span
+  ModelWeights grads;
+  std::vector<std::vector<std::vector<ExpertWeights>>> experts;  // [source replica][local layer][local expert]
+
+  Partial(const ModelWeights& weights, int sources) : grads(weights.zeros_like()), experts(sources) {
+    for (int d = 0; d < sources; ++d)
+      for (const LayerWeights& L : grads.layers) {
+        auto& layer = experts[d].emplace_back();
+        for (const ExpertWeights& e : L.experts) layer.push_back({e.gate.clone(), e.up.clone(), e.down.clone()});
+      }
+    for (LayerWeights& L : grads.layers) L.experts.clear();
+  }
+  // By global name (the names table), as the micro-batch accumulators sum them.
+  GradMap named(const ShardLayout& s) {
+    GradMap m;
+    for_each_param(
+        grads, [&](const ParamSlot& slot, Tensor& t) { m.emplace(param_name(grads.config, slot), t); }, s.scope());
+    return m;
+  }
+  GradMap named_experts(const ShardLayout& s, int d) {
+    GradMap m;
+    for (size_t l = 0; l < experts[d].size(); ++l)
+      for (size_t j = 0; j < experts[d][l].size(); ++j) {
+        const int64_t layer = s.first_layer + int64_t(l), expert = s.expert_begin + int64_t(j);
+        ExpertWeights& e = experts[d][l][j];
+        m.emplace(param_name(grads.config, {ParamKind::expert_gate, layer, expert}), e.gate);
+        m.emplace(param_name(grads.config, {ParamKind::expert_up, layer, expert}), e.up);
+        m.emplace(param_name(grads.config, {ParamKind::expert_down, layer, expert}), e.down);
+      }
+    return m;
+  }
 };
 
 ParallelGrad::ParallelGrad(const Qwen3Moe& model) : model_(model) {
@@ -265,14 +290,14 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
                                            dl.data(), T, s.vocab.begin, VL);
     m.logits = {};
     if (tied) tied_head_grad.resize(VL * H);
-    float* dhead = tied ? tied_head_grad.data() : slot(g.dense, "lm_head.weight", W.lm_head);
+    float* dhead = tied ? tied_head_grad.data() : g.grads.lm_head.data<float>();
     cpu::linear_weight_grad(dl.data(), m.hidden.data(), dhead, VL, H, chunks);
     std::vector<float> dhidden(T * H);
     cpu::linear_input_grad_canonical(dl.data(), W.lm_head.data<float>(), dhidden.data(), T, VL, H, canonical_chunk(V),
                                      kTMax / tp);
     if (tp > 1) dist::canonical_all_reduce(*ctx.tp, dhidden.data(), T * H);
     const std::vector<float> dh_local = slice_rows(dhidden, m.rows, H);
-    float* dw = slot(g.dense, "model.norm.weight", W.final_norm);
+    float* dw = g.grads.final_norm.data<float>();
     cpu::rmsnorm_backward(m.final_in.data(), W.final_norm.data<float>(), dh_local.data(), dx.data(), dw, R, H,
                           float(c.rms_norm_eps), bf16, local_chunks(T, m.rows));
     if (s.topo.sp) dist::canonical_all_reduce(*ctx.tp, dw, H);
@@ -286,7 +311,7 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
   for (int64_t l = s.num_layers - 1; l >= 0; --l) layer_grads(l, m, dx, g);
   if (s.first_stage) {
     const std::vector<float> dfull = ctx.gather_rows(dx, T, H);
-    float* dembed = slot(g.dense, "model.embed_tokens.weight", W.embed);
+    float* dembed = g.grads.embed.data<float>();
     cpu::embedding_backward_rows(m.packed.batch.tokens.data(), dfull.data(), dembed, T, V, s.vocab.begin,
                                  s.vocab.size(), H);
     // Tied: the lookup part, then the lm_head part, in that order.
@@ -299,41 +324,32 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
 // Layer l's gradients: its internals recomputed from the saved input by the forward's own
 // layer_forward (the same bits), then the one layer backward.
 void ParallelGrad::layer_grads(int64_t l, MicroState& m, std::vector<float>& dx, Partial& g) const {
-  const ShardLayout& s = model_.context().layout;
   const LayerWeights& L = model_.weights().layers.at(l);
-  const std::string p = "model.layers." + std::to_string(s.first_layer + l) + ".";
   const std::vector<float>& x_in = m.layer_inputs[l];
   std::vector<float> x = x_in;
   LayerActivations acts;
   model_.layer_forward(l, x, m.packed.batch, *m.cache, &acts);
 
+  LayerWeights& G = g.grads.layers.at(l);
   LayerGradPtrs grads;
-  grads.input_norm = slot(g.dense, p + "input_layernorm.weight", L.input_norm);
-  grads.post_attention_norm = slot(g.dense, p + "post_attention_layernorm.weight", L.post_attention_norm);
-  grads.q_proj = slot(g.dense, p + "self_attn.q_proj.weight", L.q_proj);
-  grads.k_proj = slot(g.dense, p + "self_attn.k_proj.weight", L.k_proj);
-  grads.v_proj = slot(g.dense, p + "self_attn.v_proj.weight", L.v_proj);
-  grads.o_proj = slot(g.dense, p + "self_attn.o_proj.weight", L.o_proj);
-  grads.q_norm = slot(g.dense, p + "self_attn.q_norm.weight", L.q_norm);
-  grads.k_norm = slot(g.dense, p + "self_attn.k_norm.weight", L.k_norm);
+  grads.input_norm = G.input_norm.data<float>();
+  grads.post_attention_norm = G.post_attention_norm.data<float>();
+  grads.q_proj = G.q_proj.data<float>();
+  grads.k_proj = G.k_proj.data<float>();
+  grads.v_proj = G.v_proj.data<float>();
+  grads.o_proj = G.o_proj.data<float>();
+  grads.q_norm = G.q_norm.data<float>();
+  grads.k_norm = G.k_norm.data<float>();
   if (L.is_moe) {
-    grads.router = slot(g.dense, p + "mlp.gate.weight", L.router);
-    const int64_t cols = s.expert_cols.size(), H = model_.config().hidden_size;
-    const Shape gshape{cols, H}, dshape{H, cols};
-    grads.expert = [&g, &s, p, gshape, dshape](int64_t j, int d, int which) {
-      const std::string name = p + "mlp.experts." + std::to_string(s.expert_begin + j) + "." +
-                               (which == 0   ? "gate_proj.weight"
-                                : which == 1 ? "up_proj.weight"
-                                             : "down_proj.weight");
-      auto& map = g.expert.at(d);
-      auto it = map.find(name);
-      if (it == map.end()) it = map.emplace(name, Tensor::zeros(which == 2 ? dshape : gshape, DType::f32)).first;
-      return it->second.data<float>();
+    grads.router = G.router.data<float>();
+    grads.expert = [&g, l](int64_t j, int d, int which) {
+      ExpertWeights& e = g.experts.at(d).at(l).at(j);
+      return (which == 0 ? e.gate : which == 1 ? e.up : e.down).data<float>();
     };
   } else {
-    grads.dense_gate = slot(g.dense, p + "mlp.gate_proj.weight", L.dense.gate);
-    grads.dense_up = slot(g.dense, p + "mlp.up_proj.weight", L.dense.up);
-    grads.dense_down = slot(g.dense, p + "mlp.down_proj.weight", L.dense.down);
+    grads.dense_gate = G.dense.gate.data<float>();
+    grads.dense_up = G.dense.up.data<float>();
+    grads.dense_down = G.dense.down.data<float>();
   }
   layer_backward(model_, l, m.packed.batch, *m.cache, x_in, acts, dx, grads);
 }
@@ -431,19 +447,19 @@ std::map<std::string, Tensor> ParallelGrad::step_grads(
     return forward(m, std::move(x), want_entropy, upstream);
   };
   auto run_backward = [&](std::vector<float> dy) {
-    Partial g;
-    g.expert.resize(span.count);
+    Partial g(model_.weights(), span.count);
     std::vector<float> dx = backward(in_flight.front(), std::move(dy), g);
     in_flight.pop_front();
-    for (auto& e : g.expert) {
+    for (int d = 0; d < span.count; ++d) {
       // Experts' token trees of one replica's micro-batch split over EDP members (SP
       // chunks, or TP copies that count as zero): complete them before the micro-batch sum.
+      GradMap e = g.named_experts(s, d);
       std::vector<float> flat = flatten(e);
       run_tree(*edp_, flat, same_dp_run);
       unflatten(flat, e);
+      expert_acc[d].push(std::move(e));
     }
-    dense_acc.push(std::move(g.dense));
-    for (int d = 0; d < span.count; ++d) expert_acc[d].push(std::move(g.expert[d]));
+    dense_acc.push(g.named(s));
     return dx;
   };
   run_one_f_one_b(micro_batches, run_forward, run_backward);
@@ -477,27 +493,13 @@ std::map<std::string, Tensor> ParallelGrad::step_grads(
 }
 
 std::vector<std::pair<std::string, Tensor*>> local_named(ModelWeights& local, const ShardLayout& layout) {
-  const auto pieces = rank_pieces(local.config, layout);
   std::vector<std::pair<std::string, Tensor*>> out;
-  // rank_pieces lists pieces in the order of the weights' fields (shard_plan.cpp).
-  size_t i = 0;
-  auto add = [&](Tensor& t) { out.push_back({pieces.at(i++).name, &t}); };
-  if (layout.first_stage) add(local.embed);
-  if (layout.last_stage) {
-    add(local.final_norm);
-    if (!tied_on_one_stage(local.config, layout)) add(local.lm_head);
-  }
-  for (auto& L : local.layers) {
-    add(L.input_norm), add(L.post_attention_norm), add(L.q_proj), add(L.k_proj), add(L.v_proj), add(L.o_proj);
-    add(L.q_norm), add(L.k_norm);
-    if (L.is_moe) {
-      add(L.router);
-      for (auto& e : L.experts) add(e.gate), add(e.up), add(e.down);
-    } else {
-      add(L.dense.gate), add(L.dense.up), add(L.dense.down);
-    }
-  }
-  LS_CHECK(i == pieces.size(), "local_named: ", i, " tensors for ", pieces.size(), " pieces");
+  for_each_param(
+      local,
+      [&](const ParamSlot& slot, Tensor& t) {
+        out.push_back({param_name(local.config, slot), &t});
+      },
+      layout.scope());
   return out;
 }
 

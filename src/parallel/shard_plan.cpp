@@ -60,54 +60,45 @@ ModelConfig ShardLayout::local_cache_config(const ModelConfig& cfg) const {
 
 namespace {
 
-// Calls f(global name, box, local slot) for every piece of the rank, in a fixed order.
-void for_each_piece(const ModelConfig& c, const ShardLayout& s, ModelWeights& w,
-                    const std::function<void(const std::string&, const Box&, Tensor&)>& f) {
+// The box of the full tensor of `kind` that the rank holds.
+Box piece_box(const ModelConfig& c, const ShardLayout& s, ParamKind kind) {
+  using K = ParamKind;
   const int64_t H = c.hidden_size, D = c.head_dim;
   auto rows = [&](int64_t b, int64_t e, int64_t cols) { return Box{{b, e}, {0, cols}}; };
   auto cols = [&](int64_t n_rows, int64_t b, int64_t e) { return Box{{0, n_rows}, {b, e}}; };
-  if (s.first_stage) f("model.embed_tokens.weight", rows(s.vocab.begin, s.vocab.end, H), w.embed);
-  if (s.last_stage) {
-    f("model.norm.weight", full_box({H}), w.final_norm);
-    // A tied lm_head on the embedding's own stage is the embedding's tensor (one piece,
-    // one gradient, one optimizer state); on another stage it is a copy of that slice.
-    if (tied_on_one_stage(c, s))
-      w.lm_head = w.embed;
-    else
-      f(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", rows(s.vocab.begin, s.vocab.end, H),
-        w.lm_head);
+  const dist::RowRange q{s.q_head_begin * D, (s.q_head_begin + s.q_heads) * D};
+  const dist::RowRange kv{s.kv_head_begin * D, (s.kv_head_begin + s.kv_heads) * D};
+  switch (kind) {
+    case K::embed:
+    case K::lm_head: return rows(s.vocab.begin, s.vocab.end, H);
+    case K::q_proj: return rows(q.begin, q.end, H);
+    case K::k_proj:
+    case K::v_proj: return rows(kv.begin, kv.end, H);
+    case K::o_proj: return cols(H, q.begin, q.end);
+    case K::expert_gate:
+    case K::expert_up: return rows(s.expert_cols.begin, s.expert_cols.end, H);
+    case K::expert_down: return cols(H, s.expert_cols.begin, s.expert_cols.end);
+    case K::dense_gate:
+    case K::dense_up: return rows(s.dense_cols.begin, s.dense_cols.end, H);
+    case K::dense_down: return cols(H, s.dense_cols.begin, s.dense_cols.end);
+    default: return full_box(param_shape(c, kind));  // norms and the router: replicated
   }
+}
+
+// Calls f(global name, box, local slot) for every piece of the rank, in the names table's
+// order. A tied lm_head on the embedding's own stage is the embedding's tensor (one piece,
+// one gradient, one optimizer state); on another stage it is a copy of that slice.
+void for_each_piece(const ModelConfig& c, const ShardLayout& s, ModelWeights& w,
+                    const std::function<void(const std::string&, const Box&, Tensor&)>& f) {
+  w.config = c;
   w.layers.resize(s.num_layers);
   for (int64_t i = 0; i < s.num_layers; ++i) {
-    const int64_t l = s.first_layer + i;
-    auto& L = w.layers[i];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    f(p + "input_layernorm.weight", full_box({H}), L.input_norm);
-    f(p + "post_attention_layernorm.weight", full_box({H}), L.post_attention_norm);
-    f(p + "self_attn.q_proj.weight", rows(s.q_head_begin * D, (s.q_head_begin + s.q_heads) * D, H), L.q_proj);
-    f(p + "self_attn.k_proj.weight", rows(s.kv_head_begin * D, (s.kv_head_begin + s.kv_heads) * D, H), L.k_proj);
-    f(p + "self_attn.v_proj.weight", rows(s.kv_head_begin * D, (s.kv_head_begin + s.kv_heads) * D, H), L.v_proj);
-    f(p + "self_attn.o_proj.weight", cols(H, s.q_head_begin * D, (s.q_head_begin + s.q_heads) * D), L.o_proj);
-    f(p + "self_attn.q_norm.weight", full_box({D}), L.q_norm);
-    f(p + "self_attn.k_norm.weight", full_box({D}), L.k_norm);
-    L.is_moe = c.is_moe_layer(l);
-    if (L.is_moe) {
-      f(p + "mlp.gate.weight", full_box({c.num_experts, H}), L.router);
-      L.experts.resize(s.experts);
-      const dist::RowRange ic = s.expert_cols;
-      for (int64_t j = 0; j < s.experts; ++j) {
-        const std::string q = p + "mlp.experts." + std::to_string(s.expert_begin + j) + ".";
-        f(q + "gate_proj.weight", rows(ic.begin, ic.end, H), L.experts[j].gate);
-        f(q + "up_proj.weight", rows(ic.begin, ic.end, H), L.experts[j].up);
-        f(q + "down_proj.weight", cols(H, ic.begin, ic.end), L.experts[j].down);
-      }
-    } else {
-      const dist::RowRange ic = s.dense_cols;
-      f(p + "mlp.gate_proj.weight", rows(ic.begin, ic.end, H), L.dense.gate);
-      f(p + "mlp.up_proj.weight", rows(ic.begin, ic.end, H), L.dense.up);
-      f(p + "mlp.down_proj.weight", cols(H, ic.begin, ic.end), L.dense.down);
-    }
+    w.layers[i].is_moe = c.is_moe_layer(s.first_layer + i);
+    w.layers[i].experts.resize(w.layers[i].is_moe ? s.experts : 0);
   }
+  for_each_param(
+      w, [&](const ParamSlot& slot, Tensor& t) { f(param_name(c, slot), piece_box(c, s, slot.kind), t); }, s.scope());
+  if (tied_on_one_stage(c, s)) w.lm_head = w.embed;
 }
 
 }  // namespace

@@ -36,6 +36,8 @@ struct ShardLayout {
                           int rank);
   // The model config as this rank's KV cache sees it (local layers and KV heads).
   ModelConfig local_cache_config(const ModelConfig& cfg) const;
+  // Which part of the names table the rank's weights hold (weights.h).
+  ParamScope scope() const { return {first_layer, expert_begin, first_stage, last_stage}; }
 };
 
 // A tied lm_head held on the embedding's stage: the rank's lm_head is its embedding tensor.
