@@ -10,6 +10,7 @@
 #include "topology_flags.h"
 #ifdef LOCKSTEP_CUDA
 #include "model/cuda/cuda_runner.h"
+#include "model/runner_score.h"
 #endif
 
 namespace lockstep::cli {

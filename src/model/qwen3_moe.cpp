@@ -38,6 +38,20 @@ PackedSequences pack_sequences(const std::vector<std::vector<int32_t>>& seqs) {
   return p;
 }
 
+std::vector<std::pair<size_t, size_t>> score_steps(const std::vector<std::vector<int32_t>>& seqs, size_t begin,
+                                                   size_t end, int64_t max_batch_tokens) {
+  std::vector<std::pair<size_t, size_t>> steps;
+  for (size_t next = begin; next < end;) {
+    size_t stop = next;
+    int64_t tokens = 0;
+    while (stop < end && (stop == next || tokens + int64_t(seqs[stop].size()) <= max_batch_tokens))
+      tokens += int64_t(seqs[stop++].size());
+    steps.push_back({next, stop});
+    next = stop;
+  }
+  return steps;
+}
+
 Qwen3Moe::Qwen3Moe(ModelWeights weights, Precision precision)
     : own_world_(std::make_unique<dist::SelfCommunicator>()), weights_(std::move(weights)), precision_(precision) {
   const auto& c = weights_.config;
@@ -305,15 +319,7 @@ std::vector<std::vector<float>> Qwen3Moe::score(const std::vector<std::vector<in
     max_batch_tokens =
         std::min(max_batch_tokens, std::max<int64_t>(1, (replica_tokens + target_steps - 1) / target_steps));
   }
-  std::vector<std::pair<size_t, size_t>> steps;
-  for (size_t next = begin; next < end;) {
-    size_t stop = next;
-    int64_t tokens = 0;
-    while (stop < end && (stop == next || tokens + int64_t(seqs[stop].size()) <= max_batch_tokens))
-      tokens += int64_t(seqs[stop++].size());
-    steps.push_back({next, stop});
-    next = stop;
-  }
+  const std::vector<std::pair<size_t, size_t>> steps = score_steps(seqs, begin, end, max_batch_tokens);
   // EP groups span DP replicas, so every rank runs the same number of steps (empty ones
   // when its replica has run out).
   int64_t my_steps = int64_t(steps.size());

@@ -55,6 +55,10 @@ struct PackedSequences {
 };
 // The only packer of whole sequences for scoring and training (every sequence non-empty).
 PackedSequences pack_sequences(const std::vector<std::vector<int32_t>>& seqs);
+// Scoring steps over seqs[begin, end): [first, last) runs of whole sequences of at most
+// max_batch_tokens tokens each (a longer sequence is a step of its own).
+std::vector<std::pair<size_t, size_t>> score_steps(const std::vector<std::vector<int32_t>>& seqs, size_t begin,
+                                                   size_t end, int64_t max_batch_tokens);
 
 // Values a caller may ask the forward to keep (tests).
 struct ForwardTrace {

@@ -116,6 +116,9 @@ void check_checkpoint_matches(const CheckpointSource& src, const ModelConfig& cf
              ")");
     LS_CHECK(src.shape(name) == shape, src.describe(), ": tensor '", name, "' has shape ", shape_str(src.shape(name)),
              " but config.json expects ", shape_str(shape), ": the checkpoint does not match this model");
+    const DType t = src.dtype(name);
+    LS_CHECK(t == DType::f32 || t == DType::bf16 || t == DType::f16 || t == DType::f64, src.describe(), ": tensor '",
+             name, "' has dtype ", dtype_name(t), ", expected a floating type (F32, BF16, F16)");
   }
 }
 

@@ -9,6 +9,7 @@
 #include "cuda_test_util.h"
 #include "kernels/cuda/decode_layers.h"
 #include "model/cuda/cuda_runner.h"
+#include "model/runner_score.h"
 
 namespace lockstep {
 namespace {

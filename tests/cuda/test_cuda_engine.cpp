@@ -5,6 +5,7 @@
 #include "../rollout/rollout_test_helpers.h"
 #include "cuda_test_util.h"
 #include "model/cuda/cuda_runner.h"
+#include "model/runner_score.h"
 
 namespace lockstep::testing {
 namespace {

@@ -6,6 +6,7 @@
 
 #include "cuda_test_util.h"
 #include "model/cuda/cuda_runner.h"
+#include "model/runner_score.h"
 
 namespace lockstep {
 namespace {

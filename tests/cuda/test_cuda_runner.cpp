@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "cuda_test_util.h"
 #include "model/cuda/cuda_runner.h"
+#include "model/runner_score.h"
 
 namespace lockstep {
 namespace {

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "core/thread_pool.h"
+#include "model/runner_score.h"
 #include "test_helpers.h"
 
 namespace lockstep {
@@ -38,6 +39,14 @@ TEST_P(BatchInvariance, AloneBatchedReorderedAndThreaded) {
   check({2, 0, 4, 1, 3}, 100, 3);
   check({1, 1, 3, 2, 2, 0}, 1 << 20, 4);  // duplicates in one batch
   set_num_threads(2);
+  // The runner path (the engine's runner, as `score --device cuda` drives its GPU runner):
+  // the same packing and steps, the same bits.
+  auto runner = make_cpu_runner(model.weights().clone(), p);
+  for (int64_t budget : {int64_t(1) << 20, int64_t(100)}) {
+    auto out = runner_score_sequences(*runner, seqs, budget);
+    for (size_t j = 0; j < seqs.size(); ++j)
+      EXPECT_TRUE(same_bits(out[j], alone[j])) << "runner, seq" << j << ", budget " << budget;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Recipes, BatchInvariance, ::testing::Values(Precision::float32, Precision::bfloat16),

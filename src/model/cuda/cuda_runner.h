@@ -21,15 +21,3 @@ bool one_launch_decode_supported(const ModelConfig& config, std::string* why = n
 
 }  // namespace lockstep
 
-#include <vector>
-
-namespace lockstep {
-
-// Per-token log-probs of whole sequences through any runner (the trainer's path, as
-// score_sequences does on the CPU model): sequences are packed into forwards of at most
-// max_batch_tokens tokens (a sequence is never split), each given contiguous 64-position pages.
-std::vector<std::vector<float>> runner_score_sequences(ModelRunner& runner,
-                                                       const std::vector<std::vector<int32_t>>& seqs,
-                                                       int64_t max_batch_tokens = 8192);
-
-}  // namespace lockstep
