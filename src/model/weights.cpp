@@ -1,5 +1,6 @@
 #include "model/weights.h"
 
+#include <cstring>
 #include <filesystem>
 
 #include "checkpoint/safetensors.h"
@@ -191,6 +192,27 @@ ModelWeights ModelWeights::zeros_like() const {
     }
   }
   return w;
+}
+
+std::map<std::string, Tensor> named_tensors(const ModelWeights& w, const ParamScope& scope) {
+  std::map<std::string, Tensor> out;
+  for_each_param(
+      w, [&](const ParamSlot& slot, const Tensor& t) { out.emplace(param_name(w.config, slot), t); }, scope);
+  return out;
+}
+
+void copy_from_named(ModelWeights& w, const std::map<std::string, Tensor>& by_name, const ParamScope& scope) {
+  for_each_param(
+      w,
+      [&](const ParamSlot& slot, Tensor& t) {
+        const std::string name = param_name(w.config, slot);
+        auto it = by_name.find(name);
+        LS_CHECK(it != by_name.end(), "no tensor ", name);
+        LS_CHECK(it->second.dtype() == DType::f32 && it->second.shape() == t.shape(), "tensor ", name, " has shape ",
+                 shape_str(it->second.shape()), ", expected fp32 ", shape_str(t.shape()));
+        std::memcpy(t.raw(), it->second.raw(), t.nbytes());
+      },
+      scope);
 }
 
 }  // namespace lockstep

@@ -137,4 +137,10 @@ void for_each_param(W& w, F&& f, const ParamScope& scope = {}) {
   }
 }
 
+// The tensors of the part `scope` of `w` by global name (shared storage, not copies).
+std::map<std::string, Tensor> named_tensors(const ModelWeights& w, const ParamScope& scope = {});
+// Copies every tensor of the part `scope` of `w` from `by_name` (fp32, the same shapes);
+// names the first tensor missing or of another shape.
+void copy_from_named(ModelWeights& w, const std::map<std::string, Tensor>& by_name, const ParamScope& scope = {});
+
 }  // namespace lockstep

@@ -413,9 +413,8 @@ void ParallelGrad::run_one_f_one_b(const std::vector<std::vector<std::vector<int
   }
 }
 
-std::map<std::string, Tensor> ParallelGrad::step_grads(
-    const std::vector<std::vector<std::vector<int32_t>>>& micro_batches, bool want_entropy,
-    const UpstreamFn& upstream) {
+ModelWeights ParallelGrad::step_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                                      bool want_entropy, const UpstreamFn& upstream) {
   const ParallelContext& ctx = model_.context();
   const ShardLayout& s = ctx.layout;
   const Topology& topo = s.topo;
@@ -489,7 +488,9 @@ std::map<std::string, Tensor> ParallelGrad::step_grads(
     strided_tree(*edp_, none, same_dp_run);
   }
   for (auto& [n, t] : experts) dense.emplace(n, std::move(t));
-  return dense;
+  ModelWeights grads = model_.weights().zeros_like();
+  copy_from_named(grads, dense, s.scope());
+  return grads;
 }
 
 std::vector<std::pair<std::string, Tensor*>> local_named(ModelWeights& local, const ShardLayout& layout) {
@@ -504,7 +505,8 @@ std::vector<std::pair<std::string, Tensor*>> local_named(ModelWeights& local, co
 }
 
 std::map<std::string, Tensor> gather_full(dist::Communicator& world, const ModelConfig& cfg, const ShardLayout& layout,
-                                          const std::map<std::string, Tensor>& local) {
+                                          const ModelWeights& local_weights) {
+  const std::map<std::string, Tensor> local = named_tensors(local_weights, layout.scope());
   // Each (name, box) is sent once, by the lowest rank that holds it.
   const int W = world.size();
   std::vector<std::vector<ShardPiece>> pieces(W);
@@ -542,7 +544,7 @@ std::map<std::string, Tensor> gather_full(dist::Communicator& world, const Model
 }
 
 float parallel_grad_norm(dist::Communicator& world, const ModelConfig& cfg, const ShardLayout& layout,
-                         const std::map<std::string, Tensor>& local) {
+                         const ModelWeights& local) {
   auto full = gather_full(world, cfg, layout, local);
   float norm = world.rank() == 0 ? global_grad_norm(full) : 0.0f;
   world.broadcast_n(&norm, 1, 0);

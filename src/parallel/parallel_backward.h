@@ -52,10 +52,10 @@ class ParallelGrad {
 
   // Gradients of one optimizer step: micro_batches[j] are this DP replica's micro-batches
   // (global micro-batch dp_rank * J + j; J equal on every replica and a power of two when
-  // dp > 1). Returns this rank's shard gradients by global name (the shapes of its local
-  // tensors), complete (every tree finished). Collective over the world.
-  std::map<std::string, Tensor> step_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
-                                           bool want_entropy, const UpstreamFn& upstream);
+  // dp > 1). Returns this rank's gradients in the structure of its weights (the shapes of
+  // its local tensors), complete (every tree finished). Collective over the world.
+  ModelWeights step_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches, bool want_entropy,
+                          const UpstreamFn& upstream);
   // The most micro-batches whose activations this rank held at once in the last
   // step_grads: min(J, pp - stage) under 1F1B.
   int64_t peak_in_flight() const { return peak_in_flight_; }
@@ -89,14 +89,14 @@ class ParallelGrad {
 // (global name, local tensor) of every piece this rank holds, in rank_pieces order.
 std::vector<std::pair<std::string, Tensor*>> local_named(ModelWeights& local, const ShardLayout& layout);
 
-// Gathers shard tensors by global name to world rank 0: `local` maps global names to this
-// rank's pieces (rank_pieces boxes). Rank 0 gets every full tensor; others an empty map.
+// Gathers a rank's tensors (`local`, in the structure of its weights: rank_pieces boxes) to
+// world rank 0 by global name. Rank 0 gets every full tensor; others an empty map.
 std::map<std::string, Tensor> gather_full(dist::Communicator& world, const ModelConfig& cfg, const ShardLayout& layout,
-                                          const std::map<std::string, Tensor>& local);
+                                          const ModelWeights& local);
 
 // The canonical global gradient norm (optimizer.h) of sharded gradients: per tensor on its
 // full value, summed in global-name order. Every rank gets the same float. Collective.
 float parallel_grad_norm(dist::Communicator& world, const ModelConfig& cfg, const ShardLayout& layout,
-                         const std::map<std::string, Tensor>& local);
+                         const ModelWeights& local);
 
 }  // namespace lockstep

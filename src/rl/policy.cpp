@@ -10,27 +10,6 @@
 
 namespace lockstep::rl {
 
-namespace {
-
-std::map<std::string, Tensor> as_map(const std::vector<std::pair<std::string, Tensor*>>& named) {
-  std::map<std::string, Tensor> m;
-  for (const auto& [name, t] : named) m.emplace(name, *t);
-  return m;
-}
-
-// This rank's slices of full tensors given by global name (shapes of the full model).
-std::map<std::string, Tensor> slices_of(const ModelWeights& shape_model, const std::map<std::string, Tensor>& full,
-                                        const ShardLayout& layout) {
-  ModelWeights w = shape_model.clone();
-  for (auto& [name, t] : w.named()) *t = full.at(name).clone();
-  ModelWeights local = slice_local_weights(w, layout);
-  std::map<std::string, Tensor> out;
-  for (const auto& [name, t] : local_named(local, layout)) out.emplace(name, t->clone());
-  return out;
-}
-
-}  // namespace
-
 Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full, Precision precision,
                const OptimizerConfig& oc)
     : world_(world),
@@ -40,8 +19,7 @@ Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, const Mo
       full_(full.clone()) {
   model_ = std::make_unique<Qwen3Moe>(world_, layout_, slice_local_weights(full_, layout_), precision_);
   grad_ = std::make_unique<ParallelGrad>(*model_);
-  params_ = local_named(model_->weights(), layout_);
-  optimizer_ = AdamW(oc_, params_);
+  optimizer_ = AdamW(oc_, model_->weights(), layout_.scope());
 }
 
 Policy::~Policy() = default;
@@ -105,20 +83,20 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
 }
 
 OptimizerStepResult Policy::apply(bool inject_nan) {
-  if (inject_nan && !grads_.empty()) grads_.begin()->second.data<float>()[0] = std::nanf("");
-  const float norm = parallel_grad_norm(world_, full_.config, layout_, grads_);
-  if (!std::isfinite(norm)) {
-    // Every rank stops: where the bad tensor is held the check names it.
-    optimizer_.step_sharded(grads_, norm, params_, precision_);
-    fail("optimizer: the global gradient norm is not finite (", norm, ")");
+  if (inject_nan) {  // the test hook poisons the first of the rank's tensors by name
+    auto named = named_tensors(grads_, layout_.scope());
+    if (!named.empty()) named.begin()->second.data<float>()[0] = std::nanf("");
   }
-  OptimizerStepResult r = optimizer_.step_sharded(grads_, norm, params_, precision_);
-  grads_.clear();
+  // A non-finite gradient fails on every rank: where the bad tensor is held, the optimizer's
+  // check names it first.
+  const float norm = parallel_grad_norm(world_, full_.config, layout_, grads_);
+  OptimizerStepResult r = optimizer_.step(grads_, norm, model_->weights(), precision_);
+  grads_ = {};
   return r;
 }
 
 const ModelWeights& Policy::sync_full() {
-  std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, as_map(params_));
+  std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, model_->weights());
   for (auto& [name, t] : full_.named()) {
     if (root()) *t = gathered.at(name).clone();
     world_.broadcast_n(t->data<float>(), size_t(t->numel()), 0);
@@ -129,11 +107,12 @@ const ModelWeights& Policy::sync_full() {
 WeightSyncStats Policy::stream_weights(const ShardLayout& engine_layout,
                                        const std::function<void(std::vector<WeightPiece>&&)>& load_bucket,
                                        const WeightSyncOptions& options) {
-  return lockstep::stream_weights(world_, full_.config, layout_, params_, engine_layout, load_bucket, options);
+  return lockstep::stream_weights(world_, full_.config, layout_, local_named(model_->weights(), layout_), engine_layout,
+                                  load_bucket, options);
 }
 
 const ModelWeights& Policy::gather_to_root() {
-  std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, as_map(params_));
+  std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, model_->weights());
   if (root())  // in place: a tied lm_head keeps sharing the embedding's storage
     for (auto& [name, t] : full_.named()) std::memcpy(t->data<float>(), gathered.at(name).data<float>(), t->nbytes());
   return full_;
@@ -141,16 +120,17 @@ const ModelWeights& Policy::gather_to_root() {
 
 AdamW Policy::gather_optimizer() {
   const ModelConfig& cfg = full_.config;
-  auto shard_map = [&](const std::map<std::string, Tensor>& state) {
-    std::map<std::string, Tensor> m;
-    for (const auto& [name, t] : params_) m.emplace(name, state.at(name));
-    return m;
-  };
-  auto master = gather_full(world_, cfg, layout_, shard_map(optimizer_.master()));
-  auto exp_avg = gather_full(world_, cfg, layout_, shard_map(optimizer_.exp_avg()));
-  auto exp_avg_sq = gather_full(world_, cfg, layout_, shard_map(optimizer_.exp_avg_sq()));
+  auto master = gather_full(world_, cfg, layout_, optimizer_.master());
+  auto exp_avg = gather_full(world_, cfg, layout_, optimizer_.exp_avg());
+  auto exp_avg_sq = gather_full(world_, cfg, layout_, optimizer_.exp_avg_sq());
   AdamW full(oc_, full_);
-  if (root()) full.load_state(optimizer_.steps_taken(), master, exp_avg, exp_avg_sq);
+  if (root()) {
+    ModelWeights m = full_.zeros_like(), a = full_.zeros_like(), v = full_.zeros_like();
+    copy_from_named(m, master);
+    copy_from_named(a, exp_avg);
+    copy_from_named(v, exp_avg_sq);
+    full.load_state(optimizer_.steps_taken(), m, a, v);
+  }
   return full;
 }
 
@@ -158,17 +138,10 @@ void Policy::load_state(const ModelWeights& full_weights, const AdamW& full_opti
   LS_CHECK(full_weights.config.to_json() == full_.config.to_json(),
            "parallel train: the checkpoint's model config differs from the run's");
   full_ = full_weights.clone();
-  std::map<std::string, Tensor> w;
-  for (const auto& [name, t] : full_.named()) w.emplace(name, *t);
-  const auto local = slices_of(full_, w, layout_);
-  for (auto& [name, t] : params_) {
-    const Tensor& src = local.at(name);
-    LS_CHECK(src.shape() == t->shape(), "parallel train: slice of ", name, " has the wrong shape");
-    std::memcpy(t->data<float>(), src.data<float>(), size_t(src.numel()) * sizeof(float));
-  }
-  optimizer_.load_state(full_optimizer.steps_taken(), slices_of(full_, full_optimizer.master(), layout_),
-                        slices_of(full_, full_optimizer.exp_avg(), layout_),
-                        slices_of(full_, full_optimizer.exp_avg_sq(), layout_));
+  model_->weights() = slice_local_weights(full_, layout_);
+  optimizer_.load_state(full_optimizer.steps_taken(), slice_local_weights(full_optimizer.master(), layout_),
+                        slice_local_weights(full_optimizer.exp_avg(), layout_),
+                        slice_local_weights(full_optimizer.exp_avg_sq(), layout_));
 }
 
 }  // namespace lockstep::rl

@@ -75,10 +75,9 @@ class Policy {
   OptimizerConfig oc_;
   std::unique_ptr<Qwen3Moe> model_;
   std::unique_ptr<ParallelGrad> grad_;
-  std::vector<std::pair<std::string, Tensor*>> params_;
   AdamW optimizer_;
   ModelWeights full_;
-  std::map<std::string, Tensor> grads_;
+  ModelWeights grads_;  // of the last compute_grads, in the structure of the rank's weights
 };
 
 }  // namespace lockstep::rl

@@ -50,68 +50,93 @@ float global_grad_norm(const std::map<std::string, Tensor>& grads) {
   return std::sqrt(total);
 }
 
-AdamW::AdamW(const OptimizerConfig& config, const ModelWeights& weights) : config_(config) {
-  for (const auto& [name, t] : weights.named()) {
-    master_[name] = t->to_f32();
-    exp_avg_[name] = Tensor::zeros(t->shape(), DType::f32);
-    exp_avg_sq_[name] = Tensor::zeros(t->shape(), DType::f32);
-  }
+float global_grad_norm(const ModelWeights& grads, const ParamScope& scope) {
+  return global_grad_norm(named_tensors(grads, scope));
 }
 
 namespace {
 
-void check_finite(const std::string& name, const Tensor& g) {
-  const float* p = g.data<float>();
-  for (int64_t i = 0; i < g.numel(); ++i)
-    LS_CHECK(std::isfinite(p[i]), "non-finite gradient in tensor ", name, " at element ", i, " (value ", p[i], ")");
+// The tensors of a structure in the names table's order, and their names.
+struct Slots {
+  std::vector<std::string> names;
+  std::vector<const Tensor*> tensors;
+};
+Slots slots_of(const ModelWeights& w, const ParamScope& scope) {
+  Slots s;
+  for_each_param(
+      w,
+      [&](const ParamSlot& slot, const Tensor& t) {
+        s.names.push_back(param_name(w.config, slot));
+        s.tensors.push_back(&t);
+      },
+      scope);
+  return s;
+}
+std::vector<Tensor*> mutable_slots(ModelWeights& w, const ParamScope& scope) {
+  std::vector<Tensor*> out;
+  for_each_param(
+      w, [&](const ParamSlot&, Tensor& t) { out.push_back(&t); }, scope);
+  return out;
+}
+
+void round_into(const Tensor& master, Tensor& param, Precision precision) {
+  const float* s = master.data<float>();
+  float* d = param.data<float>();
+  for (int64_t i = 0; i < master.numel(); ++i) d[i] = precision == Precision::bfloat16 ? round_bf16(s[i]) : s[i];
+}
+
+// Same structure and shapes as `like` (names from the table), else the first difference.
+void check_like(const ModelWeights& like, const ModelWeights& w, const ParamScope& scope, const char* what) {
+  const Slots a = slots_of(like, scope), b = slots_of(w, scope);
+  LS_CHECK(a.names.size() == b.names.size(), "optimizer: ", what, " has ", b.names.size(), " tensors, expected ",
+           a.names.size());
+  for (size_t i = 0; i < a.names.size(); ++i) {
+    LS_CHECK(a.names[i] == b.names[i], "optimizer: ", what, " has ", b.names[i], " where ", a.names[i], " is expected");
+    LS_CHECK(b.tensors[i]->dtype() == DType::f32 && b.tensors[i]->shape() == a.tensors[i]->shape(), "optimizer: ", what,
+             " ", a.names[i], " has shape ", shape_str(b.tensors[i]->shape()), ", expected fp32 ",
+             shape_str(a.tensors[i]->shape()));
+  }
 }
 
 }  // namespace
 
-AdamW::AdamW(const OptimizerConfig& config, const std::vector<std::pair<std::string, Tensor*>>& params)
-    : config_(config) {
-  for (const auto& [name, t] : params) {
-    master_[name] = t->to_f32();
-    exp_avg_[name] = Tensor::zeros(t->shape(), DType::f32);
-    exp_avg_sq_[name] = Tensor::zeros(t->shape(), DType::f32);
-  }
+AdamW::AdamW(const OptimizerConfig& config, const ModelWeights& params, const ParamScope& scope)
+    : config_(config), scope_(scope) {
+  master_ = params.zeros_like();
+  exp_avg_ = params.zeros_like();
+  exp_avg_sq_ = params.zeros_like();
+  const Slots from = slots_of(params, scope_);
+  std::vector<Tensor*> to = mutable_slots(master_, scope_);
+  for (size_t i = 0; i < to.size(); ++i) *to[i] = from.tensors[i]->to_f32();
+  retie();
 }
 
-OptimizerStepResult AdamW::step(std::map<std::string, Tensor>& grads, ModelWeights& weights, Precision precision) {
-  check_grads(grads);
-  OptimizerStepResult r = update(grads, global_grad_norm(grads));
-  copy_to_model(weights, precision);
-  return r;
+void AdamW::retie() {
+  // A tied lm_head held with the embedding is the embedding's tensor in every state.
+  if (!master_.config.tie_word_embeddings || !scope_.embed || !scope_.head) return;
+  for (ModelWeights* w : {&master_, &exp_avg_, &exp_avg_sq_}) w->lm_head = w->embed;
 }
 
-OptimizerStepResult AdamW::step_sharded(std::map<std::string, Tensor>& grads, float grad_norm,
-                                        const std::vector<std::pair<std::string, Tensor*>>& params,
-                                        Precision precision) {
-  check_grads(grads);
-  OptimizerStepResult r = update(grads, grad_norm);
-  for (const auto& [name, t] : params) {
-    const Tensor& src = master_.at(name);
-    const float* s = src.data<float>();
-    float* d = t->data<float>();
-    for (int64_t i = 0; i < src.numel(); ++i) d[i] = precision == Precision::bfloat16 ? round_bf16(s[i]) : s[i];
-  }
-  return r;
+OptimizerStepResult AdamW::step(const ModelWeights& grads, ModelWeights& params, Precision precision) {
+  return step(grads, global_grad_norm(grads, scope_), params, precision);
 }
 
-void AdamW::check_grads(const std::map<std::string, Tensor>& grads) const {
+OptimizerStepResult AdamW::step(const ModelWeights& grads, float grad_norm, ModelWeights& params, Precision precision) {
   // Check everything before any state changes, so a bad step leaves the optimizer intact.
-  LS_CHECK(grads.size() == master_.size(), "optimizer: expected gradients for ", master_.size(), " tensors, got ",
-           grads.size());
-  for (const auto& [name, m] : master_) {
-    auto it = grads.find(name);
-    LS_CHECK(it != grads.end(), "optimizer: no gradient for parameter ", name);
-    LS_CHECK(it->second.dtype() == DType::f32 && it->second.shape() == m.shape(), "optimizer: gradient of ", name,
-             " has shape ", shape_str(it->second.shape()), ", expected fp32 ", shape_str(m.shape()));
-    check_finite(name, it->second);
+  check_like(master_, grads, scope_, "the gradients");
+  const Slots g = slots_of(grads, scope_);
+  for (size_t i = 0; i < g.names.size(); ++i) {
+    const float* p = g.tensors[i]->data<float>();
+    for (int64_t j = 0; j < g.tensors[i]->numel(); ++j)
+      LS_CHECK(std::isfinite(p[j]), "non-finite gradient in tensor ", g.names[i], " at element ", j, " (value ", p[j],
+               ")");
   }
+  OptimizerStepResult r = update(grads, grad_norm);
+  copy_to_model(params, precision);
+  return r;
 }
 
-OptimizerStepResult AdamW::update(const std::map<std::string, Tensor>& grads, float grad_norm) {
+OptimizerStepResult AdamW::update(const ModelWeights& grads, float grad_norm) {
   OptimizerStepResult r;
   r.grad_norm = grad_norm;
   LS_CHECK(std::isfinite(r.grad_norm), "optimizer: the global gradient norm is not finite (", r.grad_norm, ")");
@@ -128,13 +153,16 @@ OptimizerStepResult AdamW::update(const std::map<std::string, Tensor>& grads, fl
   const float bc2 = float(1.0 - std::pow(config_.beta2, double(step_)));
   const float lr = float(r.lr);
   const float decay = float(1.0 - r.lr * config_.weight_decay);
-  for (auto& [name, master] : master_) {
-    const bool decayed = master.ndim() >= 2;
-    float* p = master.data<float>();
-    float* m = exp_avg_.at(name).data<float>();
-    float* v = exp_avg_sq_.at(name).data<float>();
-    const float* g = grads.at(name).data<float>();
-    for (int64_t i = 0; i < master.numel(); ++i) {
+  const std::vector<Tensor*> masters = mutable_slots(master_, scope_), ms = mutable_slots(exp_avg_, scope_),
+                             vs = mutable_slots(exp_avg_sq_, scope_);
+  const Slots gs = slots_of(grads, scope_);
+  for (size_t k = 0; k < masters.size(); ++k) {
+    const bool decayed = masters[k]->ndim() >= 2;  // matrices; the norm weights are exempt
+    float* p = masters[k]->data<float>();
+    float* m = ms[k]->data<float>();
+    float* v = vs[k]->data<float>();
+    const float* g = gs.tensors[k]->data<float>();
+    for (int64_t i = 0; i < masters[k]->numel(); ++i) {
       float gi = r.clipped ? g[i] * clip_coef : g[i];
       m[i] = b1 * m[i] + one_minus_b1 * gi;
       v[i] = b2 * v[i] + one_minus_b2 * (gi * gi);
@@ -148,23 +176,19 @@ OptimizerStepResult AdamW::update(const std::map<std::string, Tensor>& grads, fl
 }
 
 void AdamW::copy_to_model(ModelWeights& weights, Precision precision) const {
-  auto named = weights.named();
-  LS_CHECK(named.size() == master_.size(), "optimizer: the model has ", named.size(), " tensors, the optimizer ",
-           master_.size());
-  for (auto& [name, t] : named) {
-    const Tensor& src = master_.at(name);
-    const float* s = src.data<float>();
-    float* d = t->data<float>();
-    for (int64_t i = 0; i < src.numel(); ++i) d[i] = precision == Precision::bfloat16 ? round_bf16(s[i]) : s[i];
-  }
+  check_like(master_, weights, scope_, "the model");
+  const Slots from = slots_of(master_, scope_);
+  std::vector<Tensor*> to = mutable_slots(weights, scope_);
+  for (size_t i = 0; i < to.size(); ++i) round_into(*from.tensors[i], *to[i], precision);
 }
 
 void AdamW::save(const std::string& path) const {
   std::map<std::string, Tensor> out;
-  for (const auto& [name, t] : master_) {
-    out["master." + name] = t;
-    out["exp_avg." + name] = exp_avg_.at(name);
-    out["exp_avg_sq." + name] = exp_avg_sq_.at(name);
+  const Slots m = slots_of(master_, scope_), a = slots_of(exp_avg_, scope_), v = slots_of(exp_avg_sq_, scope_);
+  for (size_t i = 0; i < m.names.size(); ++i) {
+    out["master." + m.names[i]] = *m.tensors[i];
+    out["exp_avg." + m.names[i]] = *a.tensors[i];
+    out["exp_avg_sq." + m.names[i]] = *v.tensors[i];
   }
   write_safetensors(path, out, {{"step", std::to_string(step_)}, {"format", "lockstep-adamw-v1"}});
 }
@@ -173,37 +197,34 @@ void AdamW::load(const std::string& path) {
   SafetensorsReader r = SafetensorsReader::open(path);
   auto it = r.metadata().find("step");
   LS_CHECK(it != r.metadata().end(), path, ": optimizer state has no 'step' metadata");
-  step_ = std::stoll(it->second);
-  size_t expected = 3 * master_.size();
+  const Slots names = slots_of(master_, scope_);
+  const size_t expected = 3 * names.names.size();
   LS_CHECK(r.names().size() == expected, path, ": expected ", expected, " optimizer tensors, found ", r.names().size());
-  for (auto& [name, t] : master_) {
-    t = r.get_f32("master." + name, t.shape()).clone();
-    exp_avg_.at(name) = r.get_f32("exp_avg." + name, t.shape()).clone();
-    exp_avg_sq_.at(name) = r.get_f32("exp_avg_sq." + name, t.shape()).clone();
+  const std::pair<const char*, ModelWeights*> parts[] = {
+      {"master.", &master_}, {"exp_avg.", &exp_avg_}, {"exp_avg_sq.", &exp_avg_sq_}};
+  for (auto [prefix, state] : parts) {
+    std::vector<Tensor*> slots = mutable_slots(*state, scope_);
+    for (size_t i = 0; i < slots.size(); ++i) *slots[i] = r.get_f32(prefix + names.names[i], slots[i]->shape()).clone();
   }
+  retie();
+  step_ = std::stoll(it->second);
 }
 
-void AdamW::load_state(int64_t step, const std::map<std::string, Tensor>& master,
-                       const std::map<std::string, Tensor>& exp_avg, const std::map<std::string, Tensor>& exp_avg_sq) {
-  const std::pair<const char*, const std::map<std::string, Tensor>*> parts[] = {
-      {"master", &master}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
-  for (auto [what, m] : parts) {
-    LS_CHECK(m->size() == master_.size(), "optimizer state: ", what, " has ", m->size(), " tensors, expected ",
-             master_.size());
-    for (const auto& [name, t] : master_) {
-      auto it = m->find(name);
-      LS_CHECK(it != m->end(), "optimizer state: ", what, " has no tensor ", name);
-      LS_CHECK(it->second.dtype() == DType::f32 && it->second.shape() == t.shape(), "optimizer state: ", what, ".",
-               name, " has shape ", shape_str(it->second.shape()), ", expected fp32 ", shape_str(t.shape()));
-    }
-  }
+void AdamW::load_state(int64_t step, const ModelWeights& master, const ModelWeights& exp_avg,
+                       const ModelWeights& exp_avg_sq) {
+  check_like(master_, master, scope_, "master");
+  check_like(master_, exp_avg, scope_, "exp_avg");
+  check_like(master_, exp_avg_sq, scope_, "exp_avg_sq");
   LS_CHECK(step >= 0, "optimizer state: step ", step, " is negative");
   step_ = step;
-  for (auto& [name, t] : master_) {
-    t = master.at(name).clone();
-    exp_avg_.at(name) = exp_avg.at(name).clone();
-    exp_avg_sq_.at(name) = exp_avg_sq.at(name).clone();
+  const std::pair<const ModelWeights*, ModelWeights*> parts[] = {
+      {&master, &master_}, {&exp_avg, &exp_avg_}, {&exp_avg_sq, &exp_avg_sq_}};
+  for (auto [from, to] : parts) {
+    const Slots src = slots_of(*from, scope_);
+    std::vector<Tensor*> dst = mutable_slots(*to, scope_);
+    for (size_t i = 0; i < dst.size(); ++i) *dst[i] = src.tensors[i]->clone();
   }
+  retie();
 }
 
 }  // namespace lockstep

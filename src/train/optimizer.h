@@ -33,6 +33,8 @@ double learning_rate_at(const OptimizerConfig& c, int64_t step);
 float canonical_sum_squares(const float* x, int64_t n);
 // sqrt of the per-tensor canonical sums, added in global-name (map) order in fp32.
 float global_grad_norm(const std::map<std::string, Tensor>& grads);
+// The same of gradients in the structure of the weights (the part `scope` of the model).
+float global_grad_norm(const ModelWeights& grads, const ParamScope& scope = {});
 
 struct OptimizerStepResult {
   float grad_norm = 0;  // before clipping
@@ -40,34 +42,33 @@ struct OptimizerStepResult {
   bool clipped = false;
 };
 
+// AdamW over parameters, gradients and states of one structure: the weights' (ModelWeights),
+// the whole model or a rank's shards (`scope`). AdamW is elementwise, so a shard's update is
+// the slice of the full update once every rank uses the same global norm.
 class AdamW {
  public:
   AdamW() = default;
-  // Takes master copies (fp32) of every parameter of `weights`, by global name.
-  AdamW(const OptimizerConfig& config, const ModelWeights& weights);
+  // fp32 master copies of `params`, which hold the part `scope` of the model.
+  AdamW(const OptimizerConfig& config, const ModelWeights& params, const ParamScope& scope = {});
 
-  // One step. `grads` holds an fp32 gradient for every parameter (checked: names, shapes,
-  // finiteness; a non-finite gradient fails naming the tensor, before any state changes).
-  // The model's weights become the master weights, rounded to bf16 in that recipe.
-  OptimizerStepResult step(std::map<std::string, Tensor>& grads, ModelWeights& weights, Precision precision);
-
-  // Sharded form (parallel/parallel_backward.h): masters of the given tensors (a rank's
-  // shards, by global name). AdamW is elementwise, so a shard's update is the slice of the
-  // full update once every rank uses the same global norm.
-  AdamW(const OptimizerConfig& config, const std::vector<std::pair<std::string, Tensor*>>& params);
-  // One step given the canonical global gradient norm of all shards (parallel_grad_norm);
-  // the same checks and arithmetic as step(). Writes the masters into `params`.
-  OptimizerStepResult step_sharded(std::map<std::string, Tensor>& grads, float grad_norm,
-                                   const std::vector<std::pair<std::string, Tensor*>>& params, Precision precision);
+  // One step given the canonical global gradient norm of the whole model's gradients
+  // (global_grad_norm, or parallel_grad_norm over shards). `grads` has the structure of the
+  // parameters; shapes and finiteness are checked before any state changes (a non-finite
+  // gradient fails naming the tensor). The masters are written into `params`, rounded to
+  // bf16 in that recipe.
+  OptimizerStepResult step(const ModelWeights& grads, float grad_norm, ModelWeights& params, Precision precision);
+  // The same with the norm of `grads` (one rank holding the whole model).
+  OptimizerStepResult step(const ModelWeights& grads, ModelWeights& params, Precision precision);
 
   int64_t steps_taken() const { return step_; }
-  const std::map<std::string, Tensor>& master() const { return master_; }
-  const std::map<std::string, Tensor>& exp_avg() const { return exp_avg_; }
-  const std::map<std::string, Tensor>& exp_avg_sq() const { return exp_avg_sq_; }
+  const ParamScope& scope() const { return scope_; }
+  const ModelWeights& master() const { return master_; }
+  const ModelWeights& exp_avg() const { return exp_avg_; }
+  const ModelWeights& exp_avg_sq() const { return exp_avg_sq_; }
   // Replaces the state (e.g. full tensors gathered from shards, or a shard's slices of a
-  // checkpoint's full state); every map must hold exactly this optimizer's names and shapes.
-  void load_state(int64_t step, const std::map<std::string, Tensor>& master, const std::map<std::string, Tensor>& exp_avg,
-                  const std::map<std::string, Tensor>& exp_avg_sq);
+  // checkpoint's full state): each of this optimizer's structure and shapes.
+  void load_state(int64_t step, const ModelWeights& master, const ModelWeights& exp_avg,
+                  const ModelWeights& exp_avg_sq);
 
   // State as tensors ("master.<name>", "exp_avg.<name>", "exp_avg_sq.<name>") plus the step.
   void save(const std::string& path) const;
@@ -77,12 +78,13 @@ class AdamW {
   void copy_to_model(ModelWeights& weights, Precision precision) const;
 
  private:
-  void check_grads(const std::map<std::string, Tensor>& grads) const;
-  OptimizerStepResult update(const std::map<std::string, Tensor>& grads, float grad_norm);
+  OptimizerStepResult update(const ModelWeights& grads, float grad_norm);
+  void retie();
 
   OptimizerConfig config_;
+  ParamScope scope_;
   int64_t step_ = 0;
-  std::map<std::string, Tensor> master_, exp_avg_, exp_avg_sq_;
+  ModelWeights master_, exp_avg_, exp_avg_sq_;
 };
 
 }  // namespace lockstep

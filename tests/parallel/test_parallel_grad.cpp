@@ -35,7 +35,8 @@ GradMap single_rank(const ModelWeights& w, Precision precision,
   set_num_threads(1);
   Qwen3Moe model(w.clone(), precision);
   ParallelGrad grad(model);
-  return grad.step_grads(mbs, false, [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); });
+  return named_tensors(
+      grad.step_grads(mbs, false, [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); }));
 }
 
 GradMap parallel(const ModelWeights& full, Precision precision, const TopoSpec& spec,

@@ -42,7 +42,7 @@ TEST(ParallelOptimizerStep, UpdatedWeightsEqualOneRank) {
   Qwen3Moe ref(full.clone(), precision);
   AdamW ref_opt(step_config(), ref.weights());
   ParallelGrad ref_grad(ref);
-  GradMap ref_grads =
+  const ModelWeights ref_grads =
       ref_grad.step_grads(mbs, false, [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); });
   const OptimizerStepResult ref_r = ref_opt.step(ref_grads, ref.weights(), precision);
   ASSERT_TRUE(ref_r.clipped);
@@ -58,16 +58,13 @@ TEST(ParallelOptimizerStep, UpdatedWeightsEqualOneRank) {
       ShardLayout layout = ShardLayout::make(full.config, topo, split, comm.rank());
       Qwen3Moe model(comm, layout, slice_local_weights(full, layout), precision);
       ParallelGrad pg(model);
-      auto params = local_named(model.weights(), layout);
-      AdamW opt(step_config(), params);
+      AdamW opt(step_config(), model.weights(), layout.scope());
       const int64_t per = 2 / topo.dp, d = layout.coords.dp;
       std::vector<std::vector<std::vector<int32_t>>> mine(mbs.begin() + d * per, mbs.begin() + (d + 1) * per);
       auto grads = pg.step_grads(mine, false, [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); });
       const float n = parallel_grad_norm(comm, full.config, layout, grads);
-      opt.step_sharded(grads, n, params, precision);
-      std::map<std::string, Tensor> local;
-      for (auto& [name, t] : params) local.emplace(name, *t);
-      auto w = gather_full(comm, full.config, layout, local);
+      opt.step(grads, n, model.weights(), precision);
+      auto w = gather_full(comm, full.config, layout, model.weights());
       if (comm.rank() == 0) updated = std::move(w), norm = n;
     });
     EXPECT_EQ(std::memcmp(&norm, &ref_r.grad_norm, 4), 0)

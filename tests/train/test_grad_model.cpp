@@ -33,11 +33,11 @@ std::map<std::string, Tensor> one_rank_grads(const Qwen3Moe& model, const std::v
                                              std::vector<std::vector<float>>* logprobs = nullptr,
                                              std::vector<std::vector<float>>* entropy = nullptr) {
   ParallelGrad grad(model);
-  return grad.step_grads({seqs}, entropy != nullptr, [&](int64_t, const auto& lp, const auto& ent) {
+  return named_tensors(grad.step_grads({seqs}, entropy != nullptr, [&](int64_t, const auto& lp, const auto& ent) {
     if (logprobs) *logprobs = lp;
     if (entropy) *entropy = ent;
     return up;
-  });
+  }));
 }
 
 std::map<std::string, Tensor> fixture_grads(const Qwen3Moe& model, const std::vector<std::vector<int32_t>>& seqs) {

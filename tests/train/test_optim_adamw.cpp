@@ -1,10 +1,10 @@
 // AdamW, schedules, the canonical gradient norm and optimizer-state checkpoints.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <unistd.h>
 
 #include "core/error.h"
 #include "core/philox.h"
@@ -30,20 +30,17 @@ ModelConfig tiny_config() {
   return c;
 }
 
-GradMap random_grads(const ModelWeights& w, uint64_t seed, float scale) {
-  GradMap g;
+// Gradients in the structure of the weights.
+ModelWeights random_grads(const ModelWeights& w, uint64_t seed, float scale) {
+  ModelWeights g = w.zeros_like();
   uint64_t stream = 0;
-  for (const auto& [name, t] : w.named()) {
-    Tensor x = Tensor::zeros(t->shape(), DType::f32);
-    for (int64_t i = 0; i < x.numel(); ++i)
-      x.data<float>()[i] = scale * (philox_uniform(seed, stream, uint64_t(i)) * 2.0f - 1.0f);
-    g[name] = x;
+  for (const auto& [name, t] : g.named()) {
+    for (int64_t i = 0; i < t->numel(); ++i)
+      t->data<float>()[i] = scale * (philox_uniform(seed, stream, uint64_t(i)) * 2.0f - 1.0f);
     ++stream;
   }
   return g;
 }
-
-
 
 TEST(OptimSumSquares, MatchesTheCanonicalChunkTree) {
   std::vector<float> x(37);
@@ -55,7 +52,8 @@ TEST(OptimSumSquares, MatchesTheCanonicalChunkTree) {
     for (int i = c * 5; i < std::min(37, (c + 1) * 5); ++i) acc += x[i] * x[i];
     partial[c] = acc;
   }
-  float expected = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+  float expected =
+      ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
   float got = canonical_sum_squares(x.data(), 37);
   EXPECT_EQ(std::memcmp(&got, &expected, 4), 0);
   double ref = 0;
@@ -99,12 +97,12 @@ TEST(OptimAdamW, OneStepMatchesTheFormula) {
   c.weight_decay = 0.1;
   c.clip_grad = 0;
   AdamW opt(c, w);
-  GradMap g = random_grads(w, 3, 0.5f);
+  ModelWeights g = random_grads(w, 3, 0.5f);
   ModelWeights before = w.clone();
   opt.step(g, w, Precision::float32);
   for (const auto& [name, t] : w.named()) {
     const float* p0 = before.named().at(name)->data<float>();
-    const float* gi = g.at(name).data<float>();
+    const float* gi = g.named().at(name)->data<float>();
     for (int64_t i = 0; i < t->numel(); ++i) {
       // Step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps).
       double decayed = t->ndim() >= 2 ? p0[i] * (1 - 0.01 * 0.1) : p0[i];
@@ -121,15 +119,14 @@ TEST(OptimAdamW, ClipsByGlobalNormAndReportsTheUnclippedNorm) {
   c.clip_grad = 0.5;
   AdamW a(c, w), b(c, w);
   ModelWeights wa = w.clone(), wb = w.clone();
-  GradMap g = random_grads(w, 3, 1.0f);
+  ModelWeights g = random_grads(w, 3, 1.0f);
   float norm = global_grad_norm(g);
+  ASSERT_EQ(norm, global_grad_norm(named_tensors(g)));  // the structure's norm is the by-name one
   ASSERT_GT(norm, 0.5f);
-  GradMap scaled;
+  ModelWeights scaled = g.clone();
   float coef = 0.5f / (norm + 1e-6f);
-  for (auto& [n, t] : g) {
-    scaled[n] = t.clone();
-    for (int64_t i = 0; i < t.numel(); ++i) scaled[n].data<float>()[i] *= coef;
-  }
+  for (auto& [n, t] : scaled.named())
+    for (int64_t i = 0; i < t->numel(); ++i) t->data<float>()[i] *= coef;
   auto ra = a.step(g, wa, Precision::float32);
   EXPECT_TRUE(ra.clipped);
   EXPECT_EQ(ra.grad_norm, norm);
@@ -145,11 +142,11 @@ TEST(OptimAdamW, Bfloat16RecipeKeepsFp32MastersAndRoundsTheModel) {
   OptimizerConfig c;
   c.lr = 1e-4;  // small enough that many updates vanish after rounding
   AdamW opt(c, w);
-  GradMap g = random_grads(w, 5, 1.0f);
+  ModelWeights g = random_grads(w, 5, 1.0f);
   opt.step(g, w, Precision::bfloat16);
   bool master_differs = false;
   for (const auto& [name, t] : w.named()) {
-    const Tensor& m = opt.master().at(name);
+    const Tensor& m = *opt.master().named().at(name);
     for (int64_t i = 0; i < t->numel(); ++i) {
       float v = t->data<float>()[i];
       ASSERT_EQ(v, round_bf16(m.data<float>()[i]));
@@ -162,8 +159,8 @@ TEST(OptimAdamW, Bfloat16RecipeKeepsFp32MastersAndRoundsTheModel) {
 TEST(OptimAdamW, NonFiniteGradientFailsNamingTheTensorAndChangesNothing) {
   ModelWeights w = ModelWeights::random(tiny_config(), 7, Precision::float32);
   AdamW opt(OptimizerConfig{}, w);
-  GradMap g = random_grads(w, 3, 1.0f);
-  g.at("model.norm.weight").data<float>()[2] = std::nanf("");
+  ModelWeights g = random_grads(w, 3, 1.0f);
+  g.final_norm.data<float>()[2] = std::nanf("");
   ModelWeights before = w.clone();
   try {
     opt.step(g, w, Precision::float32);
@@ -186,13 +183,13 @@ TEST(OptimAdamW, SavedStateResumesBitForBit) {
   AdamW full(c, w);
   ModelWeights wf = w.clone();
   for (int s = 0; s < 2; ++s) {
-    GradMap g = random_grads(w, 10 + s, 1.0f);
+    ModelWeights g = random_grads(w, 10 + s, 1.0f);
     full.step(g, wf, Precision::bfloat16);
   }
   std::string path = (fs::temp_directory_path() / ("ls_optim_" + std::to_string(::getpid()) + ".safetensors")).string();
   full.save(path);
   for (int s = 2; s < 4; ++s) {
-    GradMap g = random_grads(w, 10 + s, 1.0f);
+    ModelWeights g = random_grads(w, 10 + s, 1.0f);
     full.step(g, wf, Precision::bfloat16);
   }
   AdamW resumed(c, w);
@@ -201,12 +198,14 @@ TEST(OptimAdamW, SavedStateResumesBitForBit) {
   ModelWeights wr = w.clone();
   resumed.copy_to_model(wr, Precision::bfloat16);
   for (int s = 2; s < 4; ++s) {
-    GradMap g = random_grads(w, 10 + s, 1.0f);
+    ModelWeights g = random_grads(w, 10 + s, 1.0f);
     resumed.step(g, wr, Precision::bfloat16);
   }
   for (const auto& [name, t] : wf.named()) {
     EXPECT_EQ(std::memcmp(t->raw(), wr.named().at(name)->raw(), t->nbytes()), 0) << name;
-    EXPECT_EQ(std::memcmp(full.master().at(name).raw(), resumed.master().at(name).raw(), t->nbytes()), 0) << name;
+    EXPECT_EQ(std::memcmp(full.master().named().at(name)->raw(), resumed.master().named().at(name)->raw(), t->nbytes()),
+              0)
+        << name;
   }
   fs::remove(path);
 }
