@@ -246,6 +246,15 @@ ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, cons
   if (float rp = number_field(body, "repetition_penalty", 1.0f); rp != 1.0f)
     throw bad_field("repetition_penalty", "penalties are not supported; expected 1");
 
+  // Fields that would change what is sampled or returned, refused rather than ignored.
+  if (const Json* bias = find(body, "logit_bias"); bias && !(bias->is_object() && bias->empty()))
+    throw bad_field("logit_bias", "not supported (it would change the sampled distribution); leave it out");
+  if (int_field(body, "best_of", r.n, 1, kMaxChoices) != r.n)
+    throw bad_field("best_of", "only best_of = n is supported (every sample is returned)");
+  if (bool_field(body, "echo", false)) throw bad_field("echo", "not supported; the prompt's ids are in prompt_ids");
+  if (const Json* suffix = find(body, "suffix"))
+    throw bad_field("suffix", "not supported (Qwen3 has no fill-in-the-middle format here), got " + got(*suffix));
+
   r.stop = stop_strings(body, model);
   if (!bool_field(body, "ignore_eos", false)) {
     for (int64_t id : config.eos_token_ids) r.stop_token_ids.push_back(int32_t(id));

@@ -110,6 +110,9 @@ TEST_F(RequestParser, BadInputNamesTheField) {
   EXPECT_EQ(refusal({{"prompt", "x"}, {"stop", 3}}).param, "stop");
   EXPECT_EQ(refusal({{"prompt", "x"}, {"logprobs", 3}}).param, "logprobs");
   EXPECT_EQ(refusal({{"prompt", "x"}, {"frequency_penalty", 0.5}}).param, "frequency_penalty");
+  EXPECT_EQ(refusal({{"prompt", "x"}, {"logit_bias", {{"5", 100}}}}).param, "logit_bias");
+  EXPECT_EQ(refusal({{"prompt", "x"}, {"best_of", 3}}).param, "best_of");
+  EXPECT_EQ(refusal({{"prompt", "x"}, {"echo", true}}).param, "echo");
   EXPECT_EQ(refusal({{"prompt", Json::array()}}).param, "prompt");
   EXPECT_EQ(refusal({{"prompt", {1, -1}}}).param, "prompt[1]");
   EXPECT_EQ(refusal({{"prompt", {1, 151936}}}).param, "prompt[1]");
