@@ -42,7 +42,11 @@ void Ticket::fail(size_t choice, const std::string& error) {
 
 Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, rollout::EngineOptions engine_options,
                      SchedulerOptions options)
-    : engine_(std::move(runner), std::move(engine_options)), config_(engine_.runner().config()), options_(options) {
+    : engine_(std::move(runner), std::move(engine_options)),
+      config_(engine_.runner().config()),
+      options_(options),
+      kv_pages_(engine_.pages().num_pages()),
+      page_size_(engine_.options().page_size) {
   LS_CHECK(options_.max_running > 0, "--max-running-requests must be positive, got ", options_.max_running);
   LS_CHECK(options_.max_queued >= 0, "--max-queued-requests must be >= 0, got ", options_.max_queued);
   metrics_.kv_pages_total = engine_.pages().num_pages();
@@ -60,7 +64,7 @@ Scheduler::~Scheduler() {
 }
 
 std::shared_ptr<Ticket> Scheduler::submit(const std::vector<rollout::GenerationRequest>& choices) {
-  const int64_t pool = engine_.pages().num_pages(), page = engine_.options().page_size;
+  const int64_t pool = kv_pages_, page = page_size_;
   for (const auto& r : choices) {
     rollout::validate_request(r, config_);
     // The engine's own admission check (engine.cpp), here so the client hears it now.
@@ -109,13 +113,17 @@ void Scheduler::abort_ticket(const std::shared_ptr<Ticket>& ticket) {
     }
     // Aborted and taken now, so its pages are free even while paused; the engine's later
     // abort event names an id no longer mapped and is ignored.
-    engine_.abort(it->first);
-    engine_.take_result(it->first);
-    ticket->append(it->second.second, {it->first, {}, rollout::FinishReason::abort});
+    const auto [id, choice] = std::pair(it->first, it->second.second);
+    engine_.abort(id);
+    engine_.take_result(id);
     it = in_engine_.erase(it);
-    std::lock_guard lock(mutex_);
-    --in_system_;
-    ++metrics_.finished_abort;
+    {
+      std::lock_guard lock(mutex_);
+      --in_system_;
+      ++metrics_.finished_abort;
+      count_locked();
+    }
+    ticket->append(choice, {id, {}, rollout::FinishReason::abort});
   }
   std::lock_guard lock(mutex_);
   for (auto it = queue_.begin(); it != queue_.end();) {
@@ -123,10 +131,12 @@ void Scheduler::abort_ticket(const std::shared_ptr<Ticket>& ticket) {
       ++it;
       continue;
     }
-    ticket->append(it->choice, {0, {}, rollout::FinishReason::abort});
+    const size_t choice = it->choice;
     it = queue_.erase(it);
     --in_system_;
     ++metrics_.finished_abort;
+    count_locked();
+    ticket->append(choice, {0, {}, rollout::FinishReason::abort});
   }
 }
 
@@ -205,37 +215,51 @@ void Scheduler::admit_pending() {
       const rollout::RequestId id = engine_.add_request(p.request);
       in_engine_[id] = {p.ticket, p.choice};
     } catch (const Error& e) {
+      {
+        std::lock_guard lock(mutex_);
+        --in_system_;
+        ++metrics_.finished_abort;
+      }
       p.ticket->fail(p.choice, e.what());
-      std::lock_guard lock(mutex_);
-      --in_system_;
-      ++metrics_.finished_abort;
     }
   }
+  std::lock_guard lock(mutex_);
+  count_locked();
 }
 
 void Scheduler::dispatch(const std::vector<rollout::StepOutput>& outputs) {
   for (const auto& out : outputs) {
     auto it = in_engine_.find(out.id);
     if (it == in_engine_.end()) continue;
-    it->second.first->append(it->second.second, out);
-    std::lock_guard lock(mutex_);
-    metrics_.generation_tokens += int64_t(out.tokens.size());
-    if (!out.finished()) continue;
-    engine_.take_result(out.id);
-    in_engine_.erase(it);
-    --in_system_;
-    switch (out.finish_reason) {
-      case rollout::FinishReason::stop: ++metrics_.finished_stop; break;
-      case rollout::FinishReason::length: ++metrics_.finished_length; break;
-      default: ++metrics_.finished_abort; break;
+    const auto [ticket, choice] = it->second;
+    {
+      // The counts first: a client that hears its answer and reads /metrics sees them.
+      std::lock_guard lock(mutex_);
+      metrics_.generation_tokens += int64_t(out.tokens.size());
+      if (out.finished()) {
+        engine_.take_result(out.id);
+        in_engine_.erase(it);
+        --in_system_;
+        switch (out.finish_reason) {
+          case rollout::FinishReason::stop: ++metrics_.finished_stop; break;
+          case rollout::FinishReason::length: ++metrics_.finished_length; break;
+          default: ++metrics_.finished_abort; break;
+        }
+        count_locked();
+      }
     }
+    ticket->append(choice, out);
   }
 }
 
-void Scheduler::refresh_metrics() {
+void Scheduler::count_locked() {
   metrics_.running = int64_t(in_engine_.size());
   metrics_.queued = int64_t(queue_.size());
   metrics_.kv_pages_in_use = engine_.pages().num_pages() - engine_.pages().available();
+}
+
+void Scheduler::refresh_metrics() {
+  count_locked();
   metrics_.engine_steps = engine_.stats().steps;
   metrics_.prefix_hit_tokens = engine_.stats().prefix_hit_tokens;
   metrics_.preemptions = engine_.stats().preemptions;

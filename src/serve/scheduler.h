@@ -125,11 +125,14 @@ class Scheduler {
   void dispatch(const std::vector<rollout::StepOutput>& outputs);
   void abort_ticket(const std::shared_ptr<Ticket>& ticket);
   void refresh_metrics();
+  // Running, queued and KV pages in use, now (scheduler thread, mutex_ held).
+  void count_locked();
   void run_command(std::unique_lock<std::mutex>& lock, const std::function<void()>& fn);
 
   rollout::Engine engine_;  // touched by the scheduler thread only
   const ModelConfig config_;
   const SchedulerOptions options_;
+  const int64_t kv_pages_, page_size_;  // the engine's pool, for checks on HTTP threads
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;

@@ -89,6 +89,9 @@ class ServeProcess {
     std::ifstream in(stderr_path_);
     return std::string(std::istreambuf_iterator<char>(in), {});
   }
+  void signal(int sig) const {
+    if (pid_ > 0) kill(pid_, sig);
+  }
   // Sends SIGTERM and waits (up to `timeout`, then SIGKILL); returns the exit status, or
   // 128 + signal. Idempotent.
   int terminate(std::chrono::seconds timeout = std::chrono::seconds(20)) {

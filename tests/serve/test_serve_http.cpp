@@ -98,6 +98,8 @@ TEST_F(ServeTokenIds, HealthModelsAndMetrics) {
 TEST_F(ServeTokenIds, LogprobsEqualScoreBitForBit) {
   auto c = server_->client();
   const std::vector<int32_t> prompt = {3, 1, 4, 1, 5, 9, 2, 6};
+  const double tokens_before = metric(*c, "lockstep_generation_tokens_total");
+  const double requests_before = metric(*c, "lockstep_requests_total");
   int status = 0;
   Json r = post_json(*c, "/v1/completions",
                      {{"model", "hf-tiny-qwen3-moe"},
@@ -126,6 +128,9 @@ TEST_F(ServeTokenIds, LogprobsEqualScoreBitForBit) {
   in.close();
   EXPECT_EQ(r["usage"]["prompt_tokens"], 8);
   EXPECT_EQ(r["usage"]["completion_tokens"], 36);
+  EXPECT_EQ(metric(*c, "lockstep_generation_tokens_total"), tokens_before + 36);
+  EXPECT_EQ(metric(*c, "lockstep_requests_total"), requests_before + 1);
+  EXPECT_GT(metric(*c, "lockstep_generation_tokens_per_second"), 0);
   auto score = testing::run_lockstep("score --model " + testing::tiny_model() + " --input " + dir + "/in.jsonl" +
                                      " --output " + dir + "/out.jsonl");
   ASSERT_EQ(score.status, 0) << score.output;
@@ -298,35 +303,52 @@ TEST(Serve, ClientDisconnectCancelsAndFreesPages) {
         "Content-Length: " +
         std::to_string(body.size()) + "\r\n\r\n" + body;
     ASSERT_EQ(send(fd, request.data(), request.size(), 0), ssize_t(request.size()));
-    ASSERT_TRUE(wait_until([&] { return metric(*c, "lockstep_running_sequences") == 1; }));
-    ASSERT_EQ(c->Post("/pause_generation", "", "application/json")->status, 200);  // hold it mid-generation
-    EXPECT_GT(metric(*c, "lockstep_kv_pages_in_use"), 0);
+    ASSERT_TRUE(wait_until([&] { return metric(*c, "lockstep_kv_pages_in_use") > 0; }));  // it has started
+    ASSERT_EQ(c->Post("/pause_generation", "", "application/json")->status, 200);         // hold it there
+    EXPECT_EQ(metric(*c, "lockstep_running_sequences"), 1);
     close(fd);
-    EXPECT_TRUE(wait_until([&] { return metric(*c, "lockstep_kv_pages_in_use") == 0; }, 5s)) << "stream " << stream;
-    EXPECT_EQ(metric(*c, "lockstep_requests_cancelled_total"), cancelled_before + 1);
+    EXPECT_TRUE(wait_until(
+        [&] {
+          return metric(*c, "lockstep_requests_cancelled_total") == cancelled_before + 1 &&
+                 metric(*c, "lockstep_kv_pages_in_use") == 0;
+        },
+        5s))
+        << "stream " << stream;
     EXPECT_EQ(metric(*c, "lockstep_running_sequences"), 0);
     ASSERT_EQ(c->Post("/resume_generation", "", "application/json")->status, 200);
   }
   testing::fs::remove_all(dir);
 }
 
+// SIGTERM while a long request runs: /health and new requests get 503 (with Retry-After), the
+// admitted request finishes and is answered, and the process exits 0.
 TEST(Serve, SigtermDrainsAdmittedRequestsAndExits) {
-  ServeProcess server("--model " + testing::tiny_model());
+  auto dir = testing::make_tiny_variant("drain", 11);
+  ServeProcess server("--model " + dir.string());
   auto c = server.client();
-  ASSERT_EQ(c->Post("/pause_generation", "", "application/json")->status, 200);
   Json answer;
   int status = 0;
   std::thread waiting([&] {
     auto client = server.client();
-    answer =
-        post_json(*client, "/v1/completions", {{"prompt", {4, 5}}, {"max_tokens", 30}, {"ignore_eos", true}}, &status);
+    answer = post_json(*client, "/v1/completions", {{"prompt", {4, 5}}, {"max_tokens", 3000}, {"ignore_eos", true}},
+                       &status);
   });
-  ASSERT_TRUE(wait_until([&] { return metric(*c, "lockstep_queue_depth") == 1; }));
-  EXPECT_EQ(server.terminate(), 0) << server.log();  // the drain resumes and finishes the request
+  ASSERT_TRUE(wait_until([&] { return metric(*c, "lockstep_running_sequences") == 1; }));
+  server.signal(SIGTERM);
+  ASSERT_TRUE(wait_until([&] {
+    auto health = c->Get("/health");
+    return health && health->status == 503;
+  }));
+  auto refused = c->Post("/v1/completions", R"({"prompt":[1],"max_tokens":2})", "application/json");
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->status, 503);
+  EXPECT_EQ(refused->get_header_value("Retry-After"), "1");
+  EXPECT_EQ(server.terminate(), 0) << server.log();
   waiting.join();
   EXPECT_EQ(status, 200);
   EXPECT_EQ(answer["choices"][0]["finish_reason"], "length");
-  EXPECT_EQ(answer["choices"][0]["output_ids"].size(), 30u);
+  EXPECT_EQ(answer["choices"][0]["output_ids"].size(), 3000u);
+  testing::fs::remove_all(dir);
 }
 
 // A request in flight at an update (held there by pause) either finishes on the old weights
