@@ -15,7 +15,7 @@ Ticket::Snapshot Ticket::wait(uint64_t seen, std::chrono::milliseconds timeout) 
   return {choices_, generation_, finished_ == choices_.size()};
 }
 
-void Ticket::append(size_t choice, const rollout::StepOutput& out) {
+void Ticket::append(size_t choice, const rollout::StepOutput& out, int64_t version) {
   std::lock_guard lock(mutex_);
   ChoiceState& c = choices_[choice];
   if (c.finish_reason != rollout::FinishReason::none) return;
@@ -25,6 +25,7 @@ void Ticket::append(size_t choice, const rollout::StepOutput& out) {
     c.logprobs.push_back(t.logprob);
   }
   if (out.finished()) {
+    if (c.weight_version < 0) c.weight_version = version;
     c.finish_reason = out.finish_reason;
     ++finished_;
   }
@@ -32,12 +33,12 @@ void Ticket::append(size_t choice, const rollout::StepOutput& out) {
   changed_.notify_all();
 }
 
-void Ticket::fail(size_t choice, const std::string& error) {
+void Ticket::fail(size_t choice, const std::string& error, int64_t version) {
   {
     std::lock_guard lock(mutex_);
     choices_[choice].error = error;
   }
-  append(choice, {0, {}, rollout::FinishReason::abort});
+  append(choice, {0, {}, rollout::FinishReason::abort}, version);
 }
 
 Scheduler::Scheduler(std::unique_ptr<ModelRunner> runner, rollout::EngineOptions engine_options,
@@ -123,7 +124,7 @@ void Scheduler::abort_ticket(const std::shared_ptr<Ticket>& ticket) {
       ++metrics_.finished_abort;
       count_locked();
     }
-    ticket->append(choice, {id, {}, rollout::FinishReason::abort});
+    ticket->append(choice, {id, {}, rollout::FinishReason::abort}, engine_.weight_version());
   }
   std::lock_guard lock(mutex_);
   for (auto it = queue_.begin(); it != queue_.end();) {
@@ -136,7 +137,7 @@ void Scheduler::abort_ticket(const std::shared_ptr<Ticket>& ticket) {
     --in_system_;
     ++metrics_.finished_abort;
     count_locked();
-    ticket->append(choice, {0, {}, rollout::FinishReason::abort});
+    ticket->append(choice, {0, {}, rollout::FinishReason::abort}, engine_.weight_version());
   }
 }
 
@@ -220,7 +221,7 @@ void Scheduler::admit_pending() {
         --in_system_;
         ++metrics_.finished_abort;
       }
-      p.ticket->fail(p.choice, e.what());
+      p.ticket->fail(p.choice, e.what(), engine_.weight_version());
     }
   }
   std::lock_guard lock(mutex_);
@@ -248,7 +249,7 @@ void Scheduler::dispatch(const std::vector<rollout::StepOutput>& outputs) {
         count_locked();
       }
     }
-    ticket->append(choice, out);
+    ticket->append(choice, out, engine_.weight_version());
   }
 }
 
@@ -313,8 +314,10 @@ void Scheduler::loop() {
     idle_.notify_all();
   }
   // Stopping: whatever is left ends with "abort" so no HTTP thread waits forever.
-  for (auto& [id, entry] : in_engine_) entry.first->append(entry.second, {id, {}, rollout::FinishReason::abort});
-  for (auto& p : queue_) p.ticket->append(p.choice, {0, {}, rollout::FinishReason::abort});
+  const int64_t version = engine_.weight_version();
+  for (auto& [id, entry] : in_engine_)
+    entry.first->append(entry.second, {id, {}, rollout::FinishReason::abort}, version);
+  for (auto& p : queue_) p.ticket->append(p.choice, {0, {}, rollout::FinishReason::abort}, version);
   in_engine_.clear();
   queue_.clear();
   commands_.clear();  // their waiters get a broken promise instead of waiting forever

@@ -31,7 +31,7 @@ namespace lockstep::serve {
 struct ChoiceState {
   std::vector<int32_t> output_ids;
   std::vector<float> logprobs;
-  int64_t weight_version = -1;  // of the first token (every token of a choice has the same one)
+  int64_t weight_version = -1;  // of its tokens (all the same); the version at its end when it has none
   rollout::FinishReason finish_reason = rollout::FinishReason::none;
   std::string error;  // set when the engine refused the choice after it was accepted
 };
@@ -52,8 +52,9 @@ class Ticket {
 
  private:
   friend class Scheduler;
-  void append(size_t choice, const rollout::StepOutput& out);
-  void fail(size_t choice, const std::string& error);
+  // `version`: the engine's weight version now, reported by a choice that ends without tokens.
+  void append(size_t choice, const rollout::StepOutput& out, int64_t version);
+  void fail(size_t choice, const std::string& error, int64_t version);
 
   std::mutex mutex_;
   std::condition_variable changed_;

@@ -266,10 +266,13 @@ TEST(Serve, FullQueueGets429WithRetryAfter) {
   ASSERT_EQ(c->Post("/pause_generation", "", "application/json")->status, 200);
   std::vector<std::thread> waiting;
   std::vector<int> statuses(2, 0);
+  std::vector<std::string> bodies(2);
   for (int i = 0; i < 2; ++i)
     waiting.emplace_back([&, i] {
       auto client = server.client();
-      post_json(*client, "/v1/completions", {{"prompt", {1, 2}}, {"max_tokens", 3}, {"seed", i}}, &statuses[i]);
+      auto r = client->Post("/v1/completions", Json{{"prompt", {1, 2}}, {"max_tokens", 3}, {"seed", i}}.dump(),
+                            "application/json");
+      if (r) std::tie(statuses[i], bodies[i]) = std::pair(r->status, r->body);
     });
   ASSERT_TRUE(wait_until([&] { return metric(*c, "lockstep_queue_depth") == 2; }));
   auto full = c->Post("/v1/completions", R"({"prompt":[1,2],"max_tokens":3})", "application/json");
@@ -278,9 +281,14 @@ TEST(Serve, FullQueueGets429WithRetryAfter) {
   EXPECT_EQ(full->get_header_value("Retry-After"), "1");
   EXPECT_TRUE(Json::parse(full->body)["error"]["message"].is_string());
   EXPECT_EQ(metric(*c, "lockstep_requests_rejected_total"), 1);
+  std::this_thread::sleep_for(600ms);  // long enough for the waiting answers' heartbeats
   ASSERT_EQ(c->Post("/resume_generation", "", "application/json")->status, 200);
   for (auto& t : waiting) t.join();
   EXPECT_EQ(statuses, (std::vector<int>{200, 200}));
+  for (const auto& body : bodies) {  // heartbeat spaces, then the answer: still one JSON value
+    EXPECT_EQ(body.front(), ' ');
+    EXPECT_EQ(Json::parse(body)["choices"][0]["output_ids"].size(), 3u);
+  }
 }
 
 // A raw socket that sends a request and then vanishes, mid-generation.
