@@ -44,9 +44,9 @@ class WideBacklogServer : public httplib::Server {
 // One generation answer being written: owned by the content provider and its releaser.
 struct Generation {
   Generation(ApiRequest r, const ServedModel& model, std::string id)
-      : request(std::move(r)), writer_id(id), writer(request, model, std::move(id), int64_t(std::time(nullptr))) {}
+      : request(std::move(r)), id(id), writer(request, model, std::move(id), int64_t(std::time(nullptr))) {}
   ApiRequest request;
-  std::string writer_id;
+  std::string id;  // "cmpl-N" / "chatcmpl-N", for log lines
   ResponseWriter writer;
   std::shared_ptr<Ticket> ticket;
   uint64_t seen = 0;
@@ -87,7 +87,7 @@ HttpServer::HttpServer(ServerOptions options, Scheduler& scheduler, ServedModel 
   const int threads = std::max(options_.http_threads, 4);
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
   http_->set_payload_max_length(size_t(32) << 20);
-  http_->set_keep_alive_timeout(2);
+  http_->set_keep_alive_timeout(2);  // idle keep-alive connections hold a thread and delay stop()
   http_->set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
     std::string what = "unknown error";
     try {
@@ -209,7 +209,7 @@ void HttpServer::add_routes() {
         try {
           return write_some(*g, stream, sink);
         } catch (const std::exception& e) {  // never let an answer take the server down
-          std::fprintf(stderr, "lockstep serve: error writing %s: %s\n", g->writer_id.c_str(), e.what());
+          std::fprintf(stderr, "lockstep serve: error writing %s: %s\n", g->id.c_str(), e.what());
           return false;
         }
       };
