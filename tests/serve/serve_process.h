@@ -17,6 +17,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "checkpoint/safetensors.h"
@@ -125,11 +126,31 @@ class ServeProcess {
   fs::path stderr_path_;
 };
 
-// A model directory `name` (the served model name) in a temporary folder: config `j`,
-// random weights from `seed`, and the real Qwen3 tokenizer beside it when asked.
-inline fs::path make_model(const std::string& name, const nlohmann::json& j, uint64_t seed, bool with_tokenizer) {
+// A model directory `name` (the served model name) in a per-process temporary folder, removed
+// (with the folder once empty) when this goes out of scope, also when a test fails early.
+class TempModel {
+ public:
+  explicit TempModel(fs::path dir) : dir_(std::move(dir)) {}
+  TempModel(TempModel&& other) noexcept : dir_(std::exchange(other.dir_, {})) {}
+  TempModel(const TempModel&) = delete;
+  ~TempModel() {
+    if (dir_.empty()) return;
+    std::error_code ignored;
+    fs::remove_all(dir_, ignored);
+    fs::remove(dir_.parent_path(), ignored);  // only succeeds once empty
+  }
+  const fs::path& path() const { return dir_; }
+  std::string string() const { return dir_.string(); }
+
+ private:
+  fs::path dir_;
+};
+
+// Config `j`, random weights from `seed`, and the real Qwen3 tokenizer beside them when asked.
+inline TempModel make_model(const std::string& name, const nlohmann::json& j, uint64_t seed, bool with_tokenizer) {
   const fs::path dir = fs::temp_directory_path() / ("lockstep_serve_" + std::to_string(getpid())) / name;
   fs::create_directories(dir);
+  TempModel model(dir);
   std::ofstream(dir / "config.json") << j.dump();
   auto weights = ModelWeights::random(ModelConfig::from_json(j, "config.json"), seed, Precision::float32);
   std::map<std::string, Tensor> tensors;
@@ -140,11 +161,11 @@ inline fs::path make_model(const std::string& name, const nlohmann::json& j, uin
     fs::copy_file(tok + "tokenizer.json", dir / "tokenizer.json", fs::copy_options::overwrite_existing);
     fs::copy_file(tok + "tokenizer_config.json", dir / "tokenizer_config.json", fs::copy_options::overwrite_existing);
   }
-  return dir;
+  return model;
 }
 
 // A tiny random Qwen3-MoE with the Qwen3 vocabulary and tokenizer.
-inline fs::path make_text_model(const std::string& name, int64_t max_positions = 256, uint64_t seed = 11) {
+inline TempModel make_text_model(const std::string& name, int64_t max_positions = 256, uint64_t seed = 11) {
   nlohmann::json j = {{"model_type", "qwen3_moe"},
                       {"vocab_size", 151936},
                       {"hidden_size", 16},
@@ -163,7 +184,7 @@ inline std::string tiny_model() { return std::string(LOCKSTEP_FIXTURES) + "/hf-t
 
 // The fixture's architecture (no tokenizer) with other random weights and a longer context
 // (so a request can stay in flight for a while).
-inline fs::path make_tiny_variant(const std::string& name, uint64_t seed, int64_t max_positions = 4096) {
+inline TempModel make_tiny_variant(const std::string& name, uint64_t seed, int64_t max_positions = 4096) {
   std::ifstream in(tiny_model() + "/config.json");
   nlohmann::json j = nlohmann::json::parse(in);
   j["max_position_embeddings"] = max_positions;

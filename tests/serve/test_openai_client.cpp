@@ -78,7 +78,6 @@ TEST(OpenAiClient, CompletionsChatStreamingLogprobsSeeds) {
   EXPECT_EQ(got["error"]["status"], 400);
   EXPECT_EQ(got["error"]["param"], "max_tokens");
   EXPECT_EQ(got["error"]["type"], "invalid_request_error");
-  testing::fs::remove_all(dir);
 }
 
 }  // namespace

@@ -325,7 +325,6 @@ TEST(Serve, ClientDisconnectCancelsAndFreesPages) {
     EXPECT_EQ(metric(*c, "lockstep_running_sequences"), 0);
     ASSERT_EQ(c->Post("/resume_generation", "", "application/json")->status, 200);
   }
-  testing::fs::remove_all(dir);
 }
 
 // SIGTERM while a long request runs: /health and new requests get 503 (with Retry-After), the
@@ -356,7 +355,6 @@ TEST(Serve, SigtermDrainsAdmittedRequestsAndExits) {
   EXPECT_EQ(status, 200);
   EXPECT_EQ(answer["choices"][0]["finish_reason"], "length");
   EXPECT_EQ(answer["choices"][0]["output_ids"].size(), 3000u);
-  testing::fs::remove_all(dir);
 }
 
 // A request in flight at an update (held there by pause) either finishes on the old weights
@@ -412,26 +410,25 @@ TEST(Serve, WeightUpdateBumpsTheVersionAndNeverMixes) {
   Json wrong_arch = post_json(*c, "/update_weights_from_disk", {{"model_path", text_model.string()}}, &status);
   EXPECT_EQ(status, 400);
   EXPECT_NE(wrong_arch["error"]["message"].get<std::string>().find("config.json"), std::string::npos);
-  for (const auto& d : {dir, other, text_model}) testing::fs::remove_all(d);
 }
 
 class ServeText : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = testing::make_text_model("tiny-text");
-    server_ = new ServeProcess("--model " + dir_.string());
-    tokenizer_ = new Tokenizer(Tokenizer::load(dir_.string()));
+    dir_ = new testing::TempModel(testing::make_text_model("tiny-text"));
+    server_ = new ServeProcess("--model " + dir_->string());
+    tokenizer_ = new Tokenizer(Tokenizer::load(dir_->string()));
   }
   static void TearDownTestSuite() {
     delete server_;
     delete tokenizer_;
-    testing::fs::remove_all(dir_);
+    delete dir_;
   }
-  static testing::fs::path dir_;
+  static testing::TempModel* dir_;
   static ServeProcess* server_;
   static Tokenizer* tokenizer_;
 };
-testing::fs::path ServeText::dir_;
+testing::TempModel* ServeText::dir_ = nullptr;
 ServeProcess* ServeText::server_ = nullptr;
 Tokenizer* ServeText::tokenizer_ = nullptr;
 
