@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "kernels/canonical.h"
+#include "rl/prompt_source.h"
 #include "train/advantages.h"
 #include "train/losses.h"
 #include "train/optimizer.h"
@@ -27,6 +28,18 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("model-seed", model_seed, "random init seed of the embedded tiny model"),
       LS_OPT("task", task, "built-in task: reverse | sort | add"),
       LS_OPT("task-digits", task_digits, "digits per operand of the task"),
+      LS_OPT("prompt-data", prompt_data, "JSONL (or .jsonl.gz) prompt data set instead of --task"),
+      LS_OPT("input-key", input_key, "prompt key of --prompt-data (a string or a list of chat messages)"),
+      LS_OPT("label-key", label_key, "answer key of --prompt-data (a string or a number)"),
+      LS_OPT("metadata-key", metadata_key, "metadata key of --prompt-data, passed to reward models (optional)"),
+      LS_OPT("apply-chat-template", apply_chat_template, "render prompts with the tokenizer's Qwen3 chat template"),
+      LS_OPT("enable-thinking", enable_thinking, "chat template thinking mode (a line's enable_thinking overrides)"),
+      LS_OPT("rollout-shuffle", rollout_shuffle, "shuffle --prompt-data each epoch (keyed by --seed)"),
+      LS_OPT("num-epoch", num_epoch, "passes over --prompt-data the run may take (0 = as many as needed)"),
+      LS_OPT("rollout-max-prompt-len", rollout_max_prompt_len, "skip longer prompts, in tokens (0 = no limit)"),
+      LS_OPT("rollout-stop", rollout_stop, "stop strings: one string, or a JSON array of strings"),
+      LS_OPT("tokenizer", tokenizer, "directory with tokenizer.json for --prompt-data (default: --load)"),
+      LS_OPT("rm-type", rm_type, "reward of --prompt-data: math | dapo | exact"),
       LS_OPT("num-rollout", num_rollout, "RL steps (one rollout and its optimizer steps each)"),
       LS_OPT("rollout-batch-size", rollout_batch_size, "prompts per rollout"),
       LS_OPT("n-samples-per-prompt", n_samples_per_prompt, "answers sampled per prompt (the group size)"),
@@ -251,6 +264,7 @@ void validate(const TrainConfig& c) {
            "--ref-load ", c.ref_load, ": reference model not found (expected a model directory with config.json)");
   LS_CHECK(c.load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.load) / "config.json"),
            "--load ", c.load, ": model not found (expected a model directory with config.json)");
+  validate_prompt_source_options(c);
 }
 
 std::string to_toml(const TrainConfig& c) {

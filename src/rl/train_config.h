@@ -22,6 +22,19 @@ struct TrainConfig {
   // Task and data.
   std::string task = "reverse";
   int64_t task_digits = 3;
+  // Prompt data (rl/prompt_source.h): a JSONL data set instead of the built-in task.
+  std::string prompt_data;
+  std::string input_key = "prompt";
+  std::string label_key = "label";
+  std::string metadata_key;
+  bool apply_chat_template = false;
+  bool enable_thinking = true;
+  bool rollout_shuffle = false;
+  int64_t num_epoch = 0;               // 0: as many passes as --num-rollout needs
+  int64_t rollout_max_prompt_len = 0;  // 0: no limit
+  std::string rollout_stop;            // a JSON array of strings, or one string
+  std::string tokenizer;               // default: --load
+  std::string rm_type = "math";
   // Rollout.
   int64_t num_rollout = 200;  // RL steps (one rollout each)
   int64_t rollout_batch_size = 16;

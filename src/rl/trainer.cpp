@@ -25,6 +25,7 @@
 #include "parallel/weight_sync.h"
 #include "rl/parallel_policy.h"
 #include "rl/plot.h"
+#include "rl/prompt_source.h"
 #include "rl/tasks.h"
 #include "rl/tiny_model.h"
 #include "rl/train_checkpoint.h"
@@ -200,7 +201,7 @@ struct OnPolicyCheck {
 // Compares trainer and rollout log-probs of the sampled tokens; with `strict`, any bit
 // difference is an error naming the first differing sample and token.
 OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::vector<std::vector<float>>& train_logp,
-                               bool strict, int64_t step, int64_t first_index) {
+                               bool strict, int64_t step, int64_t first_index, const PromptSource& source) {
   OnPolicyCheck c;
   for (size_t i = 0; i < samples.size(); ++i) {
     const auto& roll = samples[i]->rollout_logp;
@@ -210,7 +211,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
         char buf[256];
         std::snprintf(buf, sizeof buf, "trainer log-prob %.9g vs rollout %.9g", double(tr[t]), double(roll[t]));
         fail("step ", step, ": --check-true-on-policy: sample ", first_index + int64_t(i), " (prompt '",
-             vocab::text(samples[i]->example.prompt), "', response '", vocab::text(samples[i]->response),
+             source.text(samples[i]->example.prompt), "', response '", source.text(samples[i]->response),
              "') differs at response token ", t, ": ", buf);
       }
       c.abs_diff += std::fabs(double(tr[t]) - double(roll[t]));
@@ -334,14 +335,6 @@ ResolvedTopology resolve_rollout_topology(const TrainConfig& c, const ModelConfi
   }
 }
 
-void check_model_fits_task(const ModelConfig& m, const Task& task, const TrainConfig& c, const std::string& where) {
-  LS_CHECK(m.vocab_size >= vocab::kTaskVocabSize, where, ": vocab_size ", m.vocab_size,
-           " is too small for the task vocabulary (", vocab::kTaskVocabSize, " ids)");
-  const int64_t longest = int64_t(task.example(0, 0).prompt.size()) + c.rollout_max_response_len;
-  LS_CHECK(longest <= m.max_position_embeddings, where, ": prompt + --rollout-max-response-len = ", longest,
-           " tokens exceeds max_position_embeddings ", m.max_position_embeddings);
-}
-
 }  // namespace
 
 TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
@@ -365,10 +358,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   Timer total;
   if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
   const Precision precision = precision_from_name(cfg.dtype);
-  auto task = make_task(cfg.task, cfg.task_digits);
-  LS_CHECK(cfg.rollout_max_response_len >= task->max_answer_len(), "--rollout-max-response-len ",
-           cfg.rollout_max_response_len, " is shorter than the task's answers (", task->max_answer_len(),
-           " tokens with <eos>)");
+  auto source = make_prompt_source(cfg);  // the task, or the prompt data set read and checked
   const LossType loss_type = loss_type_from_name(cfg.loss_type);
   const AdvantageEstimator estimator = advantage_estimator_from_name(cfg.advantage_estimator);
   std::string resume_from;
@@ -378,7 +368,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
              " (expected latest_checkpointed_iteration.txt)");
   }
   ModelWeights weights = initial_weights(cfg, precision);
-  check_model_fits_task(weights.config, *task, cfg, cfg.load.empty() ? "the embedded tiny model" : cfg.load);
+  source->check_model(weights.config, cfg.load.empty() ? "the embedded tiny model" : cfg.load);
   const bool use_kl = cfg.kl_loss_coef != 0.0 && loss_type == LossType::policy_loss;
   std::unique_ptr<Qwen3Moe> ref;
   if (use_kl && !cfg.ref_load.empty()) {
@@ -433,12 +423,13 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   Qwen3Moe model(std::move(weights), precision);
   rollout::EngineOptions eo;
   const int64_t samples_per_step = cfg.rollout_batch_size * cfg.n_samples_per_prompt;
-  const int64_t max_len = int64_t(task->example(0, 0).prompt.size()) + cfg.rollout_max_response_len;
+  const int64_t max_len = source->max_prompt_len() + cfg.rollout_max_response_len;
   eo.page_size = 16;
   eo.kv_pages = samples_per_step * ((max_len + eo.page_size - 1) / eo.page_size) + 16;
   eo.max_batch_tokens = std::max<int64_t>(2048, samples_per_step * max_len);
   eo.prefill_chunk = eo.max_batch_tokens;
   eo.initial_weight_version = state.weight_version;
+  eo.detokenize = [&source](const std::vector<int32_t>& ids) { return source->text(ids); };  // stop strings
   // The engine: at its own topology over the same ranks (a ParallelRunner), else a
   // single-rank engine run identically on every rank. At a trainer topology the sync streams
   // the trainer's shards into the engine's layout (parallel/weight_sync.h).
@@ -513,7 +504,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       std::vector<Sample> demos(size_t(cfg.global_batch_size));
       std::vector<Sample*> batch;
       for (int64_t i = 0; i < cfg.global_batch_size; ++i) {
-        demos[i].example = task->example(state.seed ^ kSftDataKey, uint64_t(s * cfg.global_batch_size + i));
+        demos[i].example = source->demonstration(state.seed ^ kSftDataKey, s * cfg.global_batch_size + i);
         demos[i].response = demos[i].example.answer;
         batch.push_back(&demos[i]);
       }
@@ -560,14 +551,14 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     std::vector<Sample> samples(static_cast<size_t>(samples_per_step));
     std::vector<std::optional<rollout::GenerationRequest>> requests;
     for (int64_t p = 0; p < cfg.rollout_batch_size; ++p) {
-      TaskExample ex = task->example(state.seed ^ kRolloutDataKey, uint64_t(state.data_position + p));
+      TaskExample ex = source->prompt(state.seed ^ kRolloutDataKey, state.data_position + p);
       for (int64_t k = 0; k < cfg.n_samples_per_prompt; ++k) {
         const int64_t i = p * cfg.n_samples_per_prompt + k;
         samples[i].example = ex;
         rollout::GenerationRequest req;
         req.prompt = ex.prompt;
         req.max_new_tokens = cfg.rollout_max_response_len;
-        req.stop_token_ids = {vocab::kEos};
+        source->set_stops(req);
         req.sampling.temperature = float(cfg.rollout_temperature);
         req.sampling.top_k = int32_t(cfg.rollout_top_k);
         req.sampling.top_p = float(cfg.rollout_top_p);
@@ -581,15 +572,24 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     double reward_sum = 0;
     std::vector<float> rewards;
     std::vector<int64_t> lengths;
+    std::vector<int64_t> positions;
+    std::vector<TaskExample> prompts;
+    std::vector<std::vector<int32_t>> responses;
     for (size_t i = 0; i < samples.size(); ++i) {
       LS_CHECK(outcomes[i].error.empty(), "rollout step ", step, ": sample ", i, " was refused: ", outcomes[i].error);
+      positions.push_back(state.data_position + int64_t(i) / cfg.n_samples_per_prompt);
+      prompts.push_back(samples[i].example);
+      responses.push_back(outcomes[i].result.output_ids);
+    }
+    const std::vector<float> scored_rewards = source->rewards(positions, prompts, responses);
+    for (size_t i = 0; i < samples.size(); ++i) {
       rollout::RequestResult r = std::move(outcomes[i].result);
       Sample& s = samples[i];
       s.response = r.output_ids;
       s.rollout_logp = r.logprobs;
       s.versions = r.weight_versions;
       s.truncated = r.finish_reason == rollout::FinishReason::length;
-      s.reward = task->reward(s.example, s.response);
+      s.reward = scored_rewards[i];
       truncated += s.truncated;
       if (!s.versions.empty() &&
           std::any_of(s.versions.begin(), s.versions.end(), [&](int64_t v) { return v != s.versions[0]; }))
@@ -634,7 +634,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
             part[j]->old_logp = response_part(fwd.logprobs[j], part[j]->example.prompt.size(), part[j]->response.size());
             lp.push_back(part[j]->old_logp);
           }
-          OnPolicyCheck c = compare_logprobs(part, lp, cfg.check_true_on_policy, step, g + b);
+          OnPolicyCheck c = compare_logprobs(part, lp, cfg.check_true_on_policy, step, g + b, *source);
           check.abs_diff += c.abs_diff, check.kl += c.kl, check.tokens += c.tokens;
         }
     } else {
@@ -661,7 +661,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
                           : train_batch(parts, loss, batch, "RL", step, inject);
       if (cfg.use_rollout_logprobs && g == 0) {
         // The first optimizer step's forward runs on the rollout's weights: check it.
-        check = compare_logprobs(batch, r.train_logp, cfg.check_true_on_policy, step, 0);
+        check = compare_logprobs(batch, r.train_logp, cfg.check_true_on_policy, step, 0, *source);
       }
       lm.add(r.metrics);
       grad_norm += r.opt.grad_norm;
@@ -720,6 +720,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
               {"perf/update_weights_time", update_time},
               {"perf/step_time", step_time},
               {"perf/tokens_per_gpu_per_sec", double(total_tokens) / std::max(step_time, 1e-9)}};
+    source->add_metrics(m);
     if (root) {
       metrics->write(m);
       write_plot_png(plot_path, metrics->plot_series());
