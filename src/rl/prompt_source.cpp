@@ -1,11 +1,14 @@
 #include "rl/prompt_source.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include "core/error.h"
 #include "rl/prompt_dataset.h"
+#include "rl/rewards/command_reward.h"
 #include "rl/rewards/local_reward.h"
+#include "rl/rewards/remote_reward.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lockstep::rl {
@@ -99,11 +102,22 @@ class DataSource : public PromptSource {
   std::string text(const std::vector<int32_t>& ids) const override { return tokenizer_.decode(ids); }
   std::vector<float> rewards(const std::vector<int64_t>& positions, const std::vector<TaskExample>&,
                              const std::vector<std::vector<int32_t>>& responses) override {
-    std::vector<float> out;
+    std::vector<RewardRequest> requests;
     for (size_t i = 0; i < responses.size(); ++i) {
       const PromptSample& s = sample_at(data_seed_, positions[i]);
-      out.push_back(local_reward(reward_type_, tokenizer_.decode(responses[i], true), s.label));
+      requests.push_back({s.prompt, tokenizer_.decode(responses[i], true), s.label, s.metadata});
     }
+    if (!cfg_.rm_url.empty()) {
+      RemoteRewardOptions o;
+      o.url = cfg_.rm_url;
+      o.concurrency = cfg_.rm_concurrency;
+      o.timeout_s = cfg_.rm_timeout;
+      o.retries = cfg_.rm_retries;
+      return remote_rewards(requests, o);
+    }
+    if (!cfg_.custom_rm_cmd.empty()) return command_rewards(requests, cfg_.custom_rm_cmd);
+    std::vector<float> out;
+    for (const auto& r : requests) out.push_back(local_reward(reward_type_, r.response, r.label));
     return out;
   }
   void add_metrics(nlohmann::json& m) const override {
@@ -170,8 +184,15 @@ void validate_prompt_source_options(const TrainConfig& c) {
   parse_rollout_stop(c.rollout_stop);
   LS_CHECK(c.tokenizer.empty() || Tokenizer::available(c.tokenizer), "--tokenizer ", c.tokenizer,
            ": tokenizer.json not found");
+  LS_CHECK(c.rm_url.empty() || c.custom_rm_cmd.empty(), "--rm-url and --custom-rm-cmd: give one reward, not both");
+  if (!c.rm_url.empty()) parse_http_url(c.rm_url);
+  LS_CHECK(c.rm_concurrency >= 1, "--rm-concurrency: expected >= 1, got ", c.rm_concurrency);
+  LS_CHECK(c.rm_timeout > 0 && std::isfinite(c.rm_timeout), "--rm-timeout: expected seconds > 0, got ", c.rm_timeout);
+  LS_CHECK(c.rm_retries >= 0, "--rm-retries: expected >= 0, got ", c.rm_retries);
   if (c.prompt_data.empty()) {
     LS_CHECK(c.rollout_stop.empty(), "--rollout-stop needs --prompt-data (the built-in tasks have no text)");
+    LS_CHECK(c.rm_url.empty() && c.custom_rm_cmd.empty(),
+             "--rm-url and --custom-rm-cmd need --prompt-data (the built-in tasks score themselves)");
     return;
   }
   LS_CHECK(std::filesystem::is_regular_file(c.prompt_data), "--prompt-data ", c.prompt_data, ": file not found");

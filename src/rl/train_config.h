@@ -35,6 +35,11 @@ struct TrainConfig {
   std::string rollout_stop;            // a JSON array of strings, or one string
   std::string tokenizer;               // default: --load
   std::string rm_type = "math";
+  std::string rm_url;         // an HTTP reward model instead of rm_type
+  std::string custom_rm_cmd;  // a reward program instead of rm_type
+  int64_t rm_concurrency = 16;
+  double rm_timeout = 30;  // seconds per attempt
+  int64_t rm_retries = 3;
   // Rollout.
   int64_t num_rollout = 200;  // RL steps (one rollout each)
   int64_t rollout_batch_size = 16;
