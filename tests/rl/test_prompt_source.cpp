@@ -123,6 +123,18 @@ TEST(PromptSource, BadDataFlagsAreErrorsBeforeAnyWork) {
   TrainConfig task_run;
   task_run.rollout_stop = "x";
   EXPECT_EQ(error_of(task_run), "--rollout-stop needs --prompt-data (the built-in tasks have no text)");
+  task_run.rollout_stop = "";
+  task_run.custom_rm_cmd = "cat";
+  EXPECT_EQ(error_of(task_run),
+            "--rm-url and --custom-rm-cmd need --prompt-data (the built-in tasks score themselves)");
+  task_run.rm_url = "http://127.0.0.1:1/";
+  EXPECT_EQ(error_of(task_run), "--rm-url and --custom-rm-cmd: give one reward, not both");
+  task_run.custom_rm_cmd = "";
+  task_run.rm_url = "ftp://x";
+  EXPECT_EQ(error_of(task_run), "--rm-url: expected http://HOST:PORT/PATH, got 'ftp://x'");
+  task_run.rm_url = "";
+  task_run.rm_timeout = 0;
+  EXPECT_EQ(error_of(task_run), "--rm-timeout: expected seconds > 0, got 0");
   c = data_config(dir);
   EXPECT_NE(error_of(c), "x");
   c.label_key = "answer";

@@ -45,6 +45,12 @@ TEST(RewardCli, ScoresEachLineInOrder) {
   r = run_lockstep("reward --rm-type exact --input " + in + " --output " + out);
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(read_rewards(out), (std::vector<double>{0, 0, 0, 0}));
+  // An outside program: here each sample's label, read back from the JSON it is given.
+  const std::string program = dir.sub("label_reward.sh");
+  std::ofstream(program) << R"sh(sed -n 's/^{"label":"\([0-9.]*\)".*/\1/p')sh" << "\n";
+  r = run_lockstep("reward --custom-rm-cmd 'sh " + program + "' --input " + in + " --output " + out);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_rewards(out), (std::vector<double>{0.75, 6, 12, 1000}));
 }
 
 TEST(RewardCli, BadInputNamesFileLineAndKey) {
