@@ -29,6 +29,7 @@ class TaskSource : public PromptSource {
     return task_->example(data_seed, uint64_t(index));
   }
   int64_t max_prompt_len() const override { return int64_t(task_->example(0, 0).prompt.size()); }
+  int64_t max_sequence_len() const override { return max_prompt_len() + cfg_.rollout_max_response_len; }
   void check_model(const ModelConfig& m, const std::string& where) const override {
     LS_CHECK(m.vocab_size >= vocab::kTaskVocabSize, where, ": vocab_size ", m.vocab_size,
              " is too small for the task vocabulary (", vocab::kTaskVocabSize, " ids)");
@@ -77,6 +78,7 @@ class DataSource : public PromptSource {
     for (int32_t id : tokenizer_.eos_token_ids())
       if (std::find(stop_ids_.begin(), stop_ids_.end(), id) == stop_ids_.end()) stop_ids_.push_back(id);
     stop_strings_ = parse_rollout_stop(c.rollout_stop);
+    eval_ = std::make_unique<Evaluator>(c, o, tokenizer_);
   }
   TaskExample prompt(uint64_t data_seed, int64_t position) override {
     TaskExample ex;
@@ -87,12 +89,18 @@ class DataSource : public PromptSource {
     fail("--prompt-data has no SFT demonstrations");  // the constructor rejects --sft-warmup-steps > 0
   }
   int64_t max_prompt_len() const override { return longest_; }
+  int64_t max_sequence_len() const override {
+    return std::max(longest_ + cfg_.rollout_max_response_len, eval_->max_sequence_len());
+  }
   void check_model(const ModelConfig& m, const std::string& where) const override {
     LS_CHECK(m.vocab_size >= tokenizer_.vocab_size(), where, ": vocab_size ", m.vocab_size,
              " is smaller than the tokenizer's ", tokenizer_.vocab_size(), " ids (", tokenizer_dir(cfg_), ")");
     const int64_t longest = longest_ + cfg_.rollout_max_response_len;
     LS_CHECK(longest <= m.max_position_embeddings, where, ": the longest prompt of ", cfg_.prompt_data, " (", longest_,
              " tokens) + --rollout-max-response-len = ", longest, " tokens exceeds max_position_embeddings ",
+             m.max_position_embeddings, " (set --rollout-max-prompt-len to skip long prompts)");
+    LS_CHECK(eval_->max_sequence_len() <= m.max_position_embeddings, where, ": the longest eval prompt (",
+             eval_->max_prompt_len(), " tokens) + the eval response length exceeds max_position_embeddings ",
              m.max_position_embeddings, " (set --rollout-max-prompt-len to skip long prompts)");
   }
   void set_stops(rollout::GenerationRequest& request) const override {
@@ -107,6 +115,22 @@ class DataSource : public PromptSource {
       const PromptSample& s = sample_at(data_seed_, positions[i]);
       requests.push_back({s.prompt, tokenizer_.decode(responses[i], true), s.label, s.metadata});
     }
+    return score(requests);
+  }
+  bool eval_due(int64_t step) const override { return eval_->due(step); }
+  nlohmann::json evaluate(int64_t step, uint64_t seed, const GenerateFn& generate) override {
+    return eval_->run(
+        step, seed, [this](rollout::GenerationRequest& r) { set_stops(r); }, generate,
+        [this](const std::vector<RewardRequest>& r) { return score(r); });
+  }
+  void add_metrics(nlohmann::json& m) const override {
+    m["rollout/skipped_long_prompts"] = data_.skipped_too_long;
+    m["rollout/epoch"] = double(last_position_ + 1) / double(data_.samples.size());
+  }
+
+ private:
+  // The run's reward of decoded samples: the reward server, the custom program or --rm-type.
+  std::vector<float> score(const std::vector<RewardRequest>& requests) const {
     if (!cfg_.rm_url.empty()) {
       RemoteRewardOptions o;
       o.url = cfg_.rm_url;
@@ -120,13 +144,6 @@ class DataSource : public PromptSource {
     for (const auto& r : requests) out.push_back(local_reward(reward_type_, r.response, r.label));
     return out;
   }
-  void add_metrics(nlohmann::json& m) const override {
-    m["rollout/skipped_long_prompts"] = data_.skipped_too_long;
-    m["rollout/epoch"] = double(last_position_ + 1) / double(data_.samples.size());
-  }
-  const Tokenizer& tokenizer() const { return tokenizer_; }
-
- private:
   static Tokenizer load_tokenizer(const TrainConfig& c) {
     const std::string dir = tokenizer_dir(c);
     LS_CHECK(!dir.empty() && Tokenizer::available(dir),
@@ -151,6 +168,7 @@ class DataSource : public PromptSource {
   std::vector<int32_t> stop_ids_;
   std::vector<std::string> stop_strings_;
   std::unique_ptr<PromptOrder> order_;
+  std::unique_ptr<Evaluator> eval_;
   uint64_t data_seed_ = 0;
 };
 
@@ -189,8 +207,17 @@ void validate_prompt_source_options(const TrainConfig& c) {
   LS_CHECK(c.rm_concurrency >= 1, "--rm-concurrency: expected >= 1, got ", c.rm_concurrency);
   LS_CHECK(c.rm_timeout > 0 && std::isfinite(c.rm_timeout), "--rm-timeout: expected seconds > 0, got ", c.rm_timeout);
   LS_CHECK(c.rm_retries >= 0, "--rm-retries: expected >= 0, got ", c.rm_retries);
+  LS_CHECK(c.eval_interval >= 0, "--eval-interval: expected >= 0, got ", c.eval_interval);
+  LS_CHECK(c.n_samples_per_eval_prompt >= 1, "--n-samples-per-eval-prompt: expected >= 1, got ",
+           c.n_samples_per_eval_prompt);
+  LS_CHECK(c.eval_temperature >= 0, "--eval-temperature: expected >= 0, got ", c.eval_temperature);
+  LS_CHECK(c.eval_top_p > 0 && c.eval_top_p <= 1, "--eval-top-p: expected (0, 1], got ", c.eval_top_p);
+  LS_CHECK(c.eval_max_response_len >= 0, "--eval-max-response-len: expected >= 0, got ", c.eval_max_response_len);
+  for (const auto& [name, path] : parse_eval_prompt_data(c.eval_prompt_data))
+    LS_CHECK(std::filesystem::is_regular_file(path), "--eval-prompt-data ", name, " ", path, ": file not found");
   if (c.prompt_data.empty()) {
     LS_CHECK(c.rollout_stop.empty(), "--rollout-stop needs --prompt-data (the built-in tasks have no text)");
+    LS_CHECK(c.eval_prompt_data.empty(), "--eval-prompt-data needs --prompt-data (the built-in tasks have no text)");
     LS_CHECK(c.rm_url.empty() && c.custom_rm_cmd.empty(),
              "--rm-url and --custom-rm-cmd need --prompt-data (the built-in tasks score themselves)");
     return;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "rl/eval.h"
 #include "rl/tasks.h"
 #include "rl/train_config.h"
 #include "rollout/request.h"
@@ -26,8 +27,10 @@ class PromptSource {
   virtual TaskExample prompt(uint64_t data_seed, int64_t position) = 0;
   // SFT demonstration number `index` (prompt and the response to imitate).
   virtual TaskExample demonstration(uint64_t data_seed, int64_t index) = 0;
-  // The longest prompt this source can give, in tokens (sizes the engine's KV pool).
+  // The longest prompt this source can give, in tokens.
   virtual int64_t max_prompt_len() const = 0;
+  // The longest prompt + response of a rollout or an evaluation (sizes the engine's KV pool).
+  virtual int64_t max_sequence_len() const = 0;
   // Checks the model can hold the vocabulary and prompt + response; errors name `where`.
   virtual void check_model(const ModelConfig& config, const std::string& where) const = 0;
   // Stop conditions for a request (the engine also stops at the model config's EOS ids).
@@ -39,6 +42,10 @@ class PromptSource {
                                      const std::vector<std::vector<int32_t>>& responses) = 0;
   // Per-step metrics of the source beyond the trainer's own (none for built-in tasks).
   virtual void add_metrics(nlohmann::json& metrics) const {}
+  // Whether an evaluation runs after RL step `step` (0: before the first), and running it: the
+  // metrics record (rl/eval.h). Built-in tasks have no evaluation.
+  virtual bool eval_due(int64_t step) const { return false; }
+  virtual nlohmann::json evaluate(int64_t step, uint64_t seed, const GenerateFn& generate) { return {}; }
 };
 
 // The built-in task, or the prompt data set when --prompt-data is set. Reads and checks all

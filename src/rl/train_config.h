@@ -40,6 +40,13 @@ struct TrainConfig {
   int64_t rm_concurrency = 16;
   double rm_timeout = 30;  // seconds per attempt
   int64_t rm_retries = 3;
+  // Evaluation (rl/eval.h).
+  std::string eval_prompt_data;  // "NAME FILE [NAME FILE ...]"
+  int64_t eval_interval = 0;     // 0: before the first step and after the last only
+  int64_t n_samples_per_eval_prompt = 1;
+  double eval_temperature = 1.0;
+  double eval_top_p = 1.0;
+  int64_t eval_max_response_len = 0;  // 0: --rollout-max-response-len
   // Rollout.
   int64_t num_rollout = 200;  // RL steps (one rollout each)
   int64_t rollout_batch_size = 16;

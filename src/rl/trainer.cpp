@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <optional>
 
@@ -274,7 +275,11 @@ class MetricsLog {
     LS_CHECK(out.good(), path_, ": write failed");
     remember(j);
   }
-  std::vector<PlotSeries> plot_series() const { return {reward_, abs_diff_, grad_norm_}; }
+  std::vector<PlotSeries> plot_series() const {
+    std::vector<PlotSeries> out = {reward_, abs_diff_, grad_norm_};
+    for (const auto& [key, series] : eval_) out.push_back(series);
+    return out;
+  }
 
  private:
   void remember(const json& j) {
@@ -284,6 +289,11 @@ class MetricsLog {
       if (j.contains(key) && j[key].is_number()) s.x.push_back(x), s.y.push_back(j[key].get<double>());
     };
     add(reward_, "rollout/rewards");
+    for (auto& [key, value] : j.items())  // eval/NAME (the mean reward of an eval set), one panel each
+      if (key.rfind("eval/", 0) == 0 && key.find('/', 5) == std::string::npos) {
+        if (!eval_.count(key)) eval_[key] = PlotSeries{key + " vs step", {}, {}};
+        add(eval_[key], key.c_str());
+      }
     add(abs_diff_, "train/train_rollout_logprob_abs_diff");
     add(grad_norm_, "train/grad_norm");
   }
@@ -291,6 +301,7 @@ class MetricsLog {
   PlotSeries reward_{"rollout/rewards vs step", {}, {}};
   PlotSeries abs_diff_{"train/train_rollout_logprob_abs_diff vs step", {}, {}};
   PlotSeries grad_norm_{"train/grad_norm vs step", {}, {}};
+  std::map<std::string, PlotSeries> eval_;
 };
 
 ModelWeights initial_weights(const TrainConfig& c, Precision precision) {
@@ -423,7 +434,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   Qwen3Moe model(std::move(weights), precision);
   rollout::EngineOptions eo;
   const int64_t samples_per_step = cfg.rollout_batch_size * cfg.n_samples_per_prompt;
-  const int64_t max_len = source->max_prompt_len() + cfg.rollout_max_response_len;
+  const int64_t max_len = source->max_sequence_len();
   eo.page_size = 16;
   eo.kv_pages = samples_per_step * ((max_len + eo.page_size - 1) / eo.page_size) + 16;
   eo.max_batch_tokens = std::max<int64_t>(2048, samples_per_step * max_len);
@@ -538,6 +549,19 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   loss.kl_coef = use_kl ? cfg.kl_loss_coef : 0.0;
   loss.kl_type = kl_type_from_name(cfg.kl_loss_type);
   loss.entropy_coef = cfg.entropy_coef;
+
+  // Evaluation (prompt data with --eval-prompt-data): before the first RL step and after due ones.
+  auto evaluate = [&](int64_t at_step) {
+    auto generate = [&](const std::vector<std::optional<rollout::GenerationRequest>>& r) {
+      return rollout::run_on_replicas(engine, r, engine_replicas, engine_replica, gather_replicas);
+    };
+    json e = source->evaluate(at_step, state.seed, generate);
+    if (root) {
+      metrics->write(e);
+      write_plot_png(plot_path, metrics->plot_series());
+    }
+  };
+  if (state.step == 0 && source->eval_due(0)) evaluate(0);
 
   // ---- RL steps. ----
   int64_t steps_this_run = 0;
@@ -725,6 +749,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       metrics->write(m);
       write_plot_png(plot_path, metrics->plot_series());
     }
+    if (source->eval_due(step)) evaluate(step);
     if (steps_this_run == 1) summary.first_reward = mean_reward;
     summary.last_reward = mean_reward;
     summary.max_abs_diff = std::max(summary.max_abs_diff, check.abs_diff / tokens);
