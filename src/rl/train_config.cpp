@@ -86,6 +86,8 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("save", save, "checkpoint directory"),
       LS_OPT("save-interval", save_interval, "save every N RL steps (0 = only at the end)"),
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
+      LS_OPT("save-hf", save_hf, "write the policy as Hugging Face model directories DIR/iter_N (with tokenizer)"),
+      LS_OPT("save-hf-interval", save_hf_interval, "--save-hf every N RL steps (0 = only at the end)"),
       LS_OPT("progress", progress, "one-line progress display on stderr"),
       LS_OPT("audit-weight-sync", audit_weight_sync,
              "after every weight sync, audit trainer vs engine weights by global name; stop at a difference"),
@@ -270,6 +272,7 @@ void validate(const TrainConfig& c) {
                c.weight_sync_bucket_mb * 1048576.0 >= 1.0 && c.weight_sync_bucket_mb <= 1048576.0,
            "--weight-sync-bucket-mb: expected a size in MiB in (0, 1048576], got ", c.weight_sync_bucket_mb);
   LS_CHECK(c.save_interval >= 0, "--save-interval: expected >= 0, got ", c.save_interval);
+  LS_CHECK(c.save_hf_interval >= 0, "--save-hf-interval: expected >= 0, got ", c.save_hf_interval);
   LS_CHECK(!c.resume || !c.save.empty(), "--resume needs --save DIR (the checkpoints to continue from)");
   LS_CHECK(c.ref_load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.ref_load) / "config.json"),
            "--ref-load ", c.ref_load, ": reference model not found (expected a model directory with config.json)");

@@ -86,6 +86,8 @@ struct TrainConfig {
   std::string save;                               // checkpoint directory ("" = none)
   int64_t save_interval = 0;                      // 0: only at the end (when --save is set)
   bool resume = false;                            // continue from the latest checkpoint in --save
+  std::string save_hf;                            // Hugging Face snapshots of the policy ("" = none)
+  int64_t save_hf_interval = 0;                   // 0: only at the end
   bool progress = true;
   bool audit_weight_sync = false;  // after every sync, audit trainer vs engine weights by global name
   // Trainer topology under `mpirun -np N lockstep train` (DESIGN.md D4: no number depends on

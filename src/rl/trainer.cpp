@@ -25,6 +25,7 @@
 #include "parallel/parallel_runner.h"
 #include "parallel/weight_sync.h"
 #include "rl/parallel_policy.h"
+#include "rl/hf_snapshot.h"
 #include "rl/plot.h"
 #include "rl/prompt_source.h"
 #include "rl/tasks.h"
@@ -226,7 +227,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
 // The run-defining options (where output goes, threads, and test hooks excluded), so that an
 // interrupted-and-resumed run writes the same checkpoint files as an uninterrupted one.
 std::string run_defining_toml(TrainConfig c) {
-  c.output_dir = c.save = "";
+  c.output_dir = c.save = c.save_hf = "";
   c.num_threads = 0;
   c.resume = false;
   c.progress = true;
@@ -717,6 +718,13 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
         save_train_checkpoint(cfg.save, state, model.weights(), precision, optimizer,
                               ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
       }
+    }
+
+    if (!cfg.save_hf.empty() &&
+        ((cfg.save_hf_interval > 0 && step % cfg.save_hf_interval == 0) || step == cfg.num_rollout)) {
+      const ModelWeights& full_weights = par ? par->gather_to_root() : model.weights();
+      const std::string tokenizer_dir = cfg.tokenizer.empty() ? cfg.load : cfg.tokenizer;
+      if (root) save_hf_snapshot(cfg.save_hf, step, full_weights, precision, tokenizer_dir);
     }
 
     const double step_time = step_timer.seconds();

@@ -5,6 +5,8 @@
 #include <fstream>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "checkpoint/safetensors.h"
 #include "model/weights.h"
 #include "rl/tiny_model.h"
