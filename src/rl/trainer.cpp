@@ -28,6 +28,7 @@
 #include "rl/hf_snapshot.h"
 #include "rl/plot.h"
 #include "rl/prompt_source.h"
+#include "rl/rollout_metrics.h"
 #include "rl/tasks.h"
 #include "rl/tiny_model.h"
 #include "rl/train_checkpoint.h"
@@ -753,6 +754,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
               {"perf/step_time", step_time},
               {"perf/tokens_per_gpu_per_sec", double(total_tokens) / std::max(step_time, 1e-9)}};
     source->add_metrics(m);
+    std::vector<bool> cut;
+    for (const auto& s : samples) cut.push_back(s.truncated);
+    add_rollout_metrics(m, rewards, lengths, cut, cfg.n_samples_per_prompt);  // the miles names
     if (root) {
       metrics->write(m);
       write_plot_png(plot_path, metrics->plot_series());
