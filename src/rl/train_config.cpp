@@ -88,6 +88,7 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
       LS_OPT("save-hf", save_hf, "write the policy as Hugging Face model directories DIR/iter_N (with tokenizer)"),
       LS_OPT("save-hf-interval", save_hf_interval, "--save-hf every N RL steps (0 = only at the end)"),
+      LS_OPT("tensorboard-dir", tensorboard_dir, "also write the metrics as TensorBoard event files here"),
       LS_OPT("progress", progress, "one-line progress display on stderr"),
       LS_OPT("audit-weight-sync", audit_weight_sync,
              "after every weight sync, audit trainer vs engine weights by global name; stop at a difference"),

@@ -87,6 +87,7 @@ struct TrainConfig {
   int64_t save_interval = 0;                      // 0: only at the end (when --save is set)
   bool resume = false;                            // continue from the latest checkpoint in --save
   std::string save_hf;                            // Hugging Face snapshots of the policy ("" = none)
+  std::string tensorboard_dir;                    // TensorBoard event files beside metrics.jsonl ("" = none)
   int64_t save_hf_interval = 0;                   // 0: only at the end
   bool progress = true;
   bool audit_weight_sync = false;  // after every sync, audit trainer vs engine weights by global name

@@ -29,6 +29,7 @@
 #include "rl/plot.h"
 #include "rl/prompt_source.h"
 #include "rl/rollout_metrics.h"
+#include "rl/tensorboard.h"
 #include "rl/tasks.h"
 #include "rl/tiny_model.h"
 #include "rl/train_checkpoint.h"
@@ -228,7 +229,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
 // The run-defining options (where output goes, threads, and test hooks excluded), so that an
 // interrupted-and-resumed run writes the same checkpoint files as an uninterrupted one.
 std::string run_defining_toml(TrainConfig c) {
-  c.output_dir = c.save = c.save_hf = "";
+  c.output_dir = c.save = c.save_hf = c.tensorboard_dir = "";
   c.num_threads = 0;
   c.resume = false;
   c.progress = true;
@@ -276,7 +277,12 @@ class MetricsLog {
     out << j.dump() << "\n";
     LS_CHECK(out.good(), path_, ": write failed");
     remember(j);
+    if (tensorboard_) {
+      const int64_t step = j.contains("step") ? j["step"].get<int64_t>() : j.value("sft_step", int64_t(0));
+      tensorboard_->write(step, j);
+    }
   }
+  void attach_tensorboard(const std::string& dir) { tensorboard_ = std::make_unique<TensorBoardWriter>(dir); }
   std::vector<PlotSeries> plot_series() const {
     std::vector<PlotSeries> out = {reward_, abs_diff_, grad_norm_};
     for (const auto& [key, series] : eval_) out.push_back(series);
@@ -304,6 +310,7 @@ class MetricsLog {
   PlotSeries abs_diff_{"train/train_rollout_logprob_abs_diff vs step", {}, {}};
   PlotSeries grad_norm_{"train/grad_norm vs step", {}, {}};
   std::map<std::string, PlotSeries> eval_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
 };
 
 ModelWeights initial_weights(const TrainConfig& c, Precision precision) {
@@ -432,6 +439,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   std::optional<MetricsLog> metrics;
   if (root) metrics.emplace((fs::path(cfg.output_dir) / "metrics.jsonl").string(), resume_from.empty() ? -1 : state.step);
   const std::string plot_path = (fs::path(cfg.output_dir) / "train.png").string();
+  if (root && !cfg.tensorboard_dir.empty()) metrics->attach_tensorboard(cfg.tensorboard_dir);
 
   Qwen3Moe model(std::move(weights), precision);
   rollout::EngineOptions eo;
