@@ -53,6 +53,10 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("eval-max-response-len", eval_max_response_len, "most tokens per eval answer (0 = --rollout-max-response-len)"),
       LS_OPT("num-rollout", num_rollout, "RL steps (one rollout and its optimizer steps each)"),
       LS_OPT("rollout-batch-size", rollout_batch_size, "prompts per rollout"),
+      LS_OPT("dynamic-sampling-filter", dynamic_sampling_filter,
+             "DAPO dynamic sampling: drop prompt groups whose rewards are all equal, sample more to refill"),
+      LS_OPT("over-sampling-batch-size", over_sampling_batch_size,
+             "prompts per dynamic-sampling round (0 = --rollout-batch-size; else >= it)"),
       LS_OPT("n-samples-per-prompt", n_samples_per_prompt, "answers sampled per prompt (the group size)"),
       LS_OPT("rollout-max-response-len", rollout_max_response_len, "most tokens per answer"),
       LS_OPT("rollout-temperature", rollout_temperature, "sampling temperature"),
@@ -233,6 +237,9 @@ void validate(const TrainConfig& c) {
   LS_CHECK(c.num_rollout >= 0, "--num-rollout: expected >= 0, got ", c.num_rollout);
   LS_CHECK(c.rollout_batch_size > 0, "--rollout-batch-size: expected > 0, got ", c.rollout_batch_size);
   LS_CHECK(c.n_samples_per_prompt > 0, "--n-samples-per-prompt: expected > 0, got ", c.n_samples_per_prompt);
+  LS_CHECK(c.over_sampling_batch_size == 0 || c.over_sampling_batch_size >= c.rollout_batch_size,
+           "--over-sampling-batch-size: expected 0 or >= --rollout-batch-size ", c.rollout_batch_size, ", got ",
+           c.over_sampling_batch_size);
   LS_CHECK(c.rollout_max_response_len > 0, "--rollout-max-response-len: expected > 0, got ",
            c.rollout_max_response_len);
   LS_CHECK(c.global_batch_size > 0, "--global-batch-size: expected > 0, got ", c.global_batch_size);

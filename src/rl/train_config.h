@@ -50,6 +50,8 @@ struct TrainConfig {
   // Rollout.
   int64_t num_rollout = 200;  // RL steps (one rollout each)
   int64_t rollout_batch_size = 16;
+  bool dynamic_sampling_filter = false;  // DAPO: drop prompt groups whose rewards are all equal
+  int64_t over_sampling_batch_size = 0;  // prompts per dynamic-sampling round (0: rollout_batch_size)
   int64_t n_samples_per_prompt = 8;
   int64_t rollout_max_response_len = 8;
   double rollout_temperature = 1.0;

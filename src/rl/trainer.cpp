@@ -29,6 +29,7 @@
 #include "rl/plot.h"
 #include "rl/prompt_source.h"
 #include "rl/rollout_metrics.h"
+#include "rl/step_rollout.h"
 #include "rl/tensorboard.h"
 #include "rl/tasks.h"
 #include "rl/tiny_model.h"
@@ -446,7 +447,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   const int64_t samples_per_step = cfg.rollout_batch_size * cfg.n_samples_per_prompt;
   const int64_t max_len = source->max_sequence_len();
   eo.page_size = 16;
-  eo.kv_pages = samples_per_step * ((max_len + eo.page_size - 1) / eo.page_size) + 16;
+  const int64_t requests_per_round =  // a dynamic-sampling round may draw more prompts than the batch
+      std::max(cfg.rollout_batch_size, cfg.over_sampling_batch_size) * cfg.n_samples_per_prompt;
+  eo.kv_pages = requests_per_round * ((max_len + eo.page_size - 1) / eo.page_size) + 16;
   eo.max_batch_tokens = std::max<int64_t>(2048, samples_per_step * max_len);
   eo.prefill_chunk = eo.max_batch_tokens;
   eo.initial_weight_version = state.weight_version;
@@ -582,48 +585,27 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
 
     // Rollout.
     Timer t;
+    auto generate = [&](const std::vector<std::optional<rollout::GenerationRequest>>& r) {
+      // Every rank gets every sample; independent engine replicas each run their share.
+      return rollout::run_on_replicas(engine, r, engine_replicas, engine_replica, gather_replicas);
+    };
+    StepRollout drawn = sample_step(cfg, *source, state.seed ^ kRolloutDataKey,
+                                    mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), state.data_position, step,
+                                    generate);
     std::vector<Sample> samples(static_cast<size_t>(samples_per_step));
-    std::vector<std::optional<rollout::GenerationRequest>> requests;
-    for (int64_t p = 0; p < cfg.rollout_batch_size; ++p) {
-      TaskExample ex = source->prompt(state.seed ^ kRolloutDataKey, state.data_position + p);
-      for (int64_t k = 0; k < cfg.n_samples_per_prompt; ++k) {
-        const int64_t i = p * cfg.n_samples_per_prompt + k;
-        samples[i].example = ex;
-        rollout::GenerationRequest req;
-        req.prompt = ex.prompt;
-        req.max_new_tokens = cfg.rollout_max_response_len;
-        source->set_stops(req);
-        req.sampling.temperature = float(cfg.rollout_temperature);
-        req.sampling.top_k = int32_t(cfg.rollout_top_k);
-        req.sampling.top_p = float(cfg.rollout_top_p);
-        req.sampling.seed = mix_seed(mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), uint64_t(i));
-        requests.push_back(std::move(req));
-      }
-    }
-    // Every rank gets every sample; independent engine replicas each run their share.
-    auto outcomes = rollout::run_on_replicas(engine, requests, engine_replicas, engine_replica, gather_replicas);
     int64_t truncated = 0, mixed = 0, response_tokens = 0, total_tokens = 0;
     double reward_sum = 0;
     std::vector<float> rewards;
     std::vector<int64_t> lengths;
-    std::vector<int64_t> positions;
-    std::vector<TaskExample> prompts;
-    std::vector<std::vector<int32_t>> responses;
     for (size_t i = 0; i < samples.size(); ++i) {
-      LS_CHECK(outcomes[i].error.empty(), "rollout step ", step, ": sample ", i, " was refused: ", outcomes[i].error);
-      positions.push_back(state.data_position + int64_t(i) / cfg.n_samples_per_prompt);
-      prompts.push_back(samples[i].example);
-      responses.push_back(outcomes[i].result.output_ids);
-    }
-    const std::vector<float> scored_rewards = source->rewards(positions, prompts, responses);
-    for (size_t i = 0; i < samples.size(); ++i) {
-      rollout::RequestResult r = std::move(outcomes[i].result);
+      rollout::RequestResult r = std::move(drawn.samples[i].result);
       Sample& s = samples[i];
+      s.example = std::move(drawn.samples[i].example);
       s.response = r.output_ids;
       s.rollout_logp = r.logprobs;
       s.versions = r.weight_versions;
       s.truncated = r.finish_reason == rollout::FinishReason::length;
-      s.reward = scored_rewards[i];
+      s.reward = drawn.samples[i].reward;
       truncated += s.truncated;
       if (!s.versions.empty() &&
           std::any_of(s.versions.begin(), s.versions.end(), [&](int64_t v) { return v != s.versions[0]; }))
@@ -634,7 +616,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       response_tokens += int64_t(s.response.size());
       total_tokens += int64_t(s.example.prompt.size() + s.response.size());
     }
-    state.data_position += cfg.rollout_batch_size;
+    state.data_position += drawn.prompts_drawn;
     const double rollout_time = t.seconds();
 
     // Advantages.
@@ -765,6 +747,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     std::vector<bool> cut;
     for (const auto& s : samples) cut.push_back(s.truncated);
     add_rollout_metrics(m, rewards, lengths, cut, cfg.n_samples_per_prompt);  // the miles names
+    drawn.add_metrics(m, cfg);
     if (root) {
       metrics->write(m);
       write_plot_png(plot_path, metrics->plot_series());
