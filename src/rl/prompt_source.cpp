@@ -57,8 +57,8 @@ class DataSource : public PromptSource {
  public:
   explicit DataSource(const TrainConfig& c)
       : cfg_(c), tokenizer_(load_tokenizer(c)), reward_type_(reward_type_from_name(c.rm_type)) {
-    LS_CHECK(c.sft_warmup_steps == 0, "--sft-warmup-steps ", c.sft_warmup_steps,
-             ": the SFT warm start needs demonstrations, which --prompt-data does not have (set it to 0)");
+    LS_CHECK(c.sft_warmup_steps == 0 || !c.sft_data.empty(), "--sft-warmup-steps ", c.sft_warmup_steps,
+             ": the SFT warm start needs demonstrations: give --sft-data F.jsonl or set it to 0");
     PromptDataOptions o;
     o.input_key = c.input_key;
     o.label_key = c.label_key;
@@ -79,14 +79,18 @@ class DataSource : public PromptSource {
       if (std::find(stop_ids_.begin(), stop_ids_.end(), id) == stop_ids_.end()) stop_ids_.push_back(id);
     stop_strings_ = parse_rollout_stop(c.rollout_stop);
     eval_ = std::make_unique<Evaluator>(c, o, tokenizer_);
+    if (!c.sft_data.empty()) load_demonstrations(o);
   }
   TaskExample prompt(uint64_t data_seed, int64_t position) override {
     TaskExample ex;
     ex.prompt = sample_at(data_seed, position).prompt_ids;
     return ex;
   }
-  TaskExample demonstration(uint64_t, int64_t) override {
-    fail("--prompt-data has no SFT demonstrations");  // the constructor rejects --sft-warmup-steps > 0
+  TaskExample demonstration(uint64_t data_seed, int64_t index) override {
+    LS_CHECK(!demos_.empty(), "--sft-warmup-steps: no --sft-data demonstrations");
+    if (!demo_order_)
+      demo_order_ = std::make_unique<PromptOrder>(int64_t(demos_.size()), data_seed, cfg_.rollout_shuffle);
+    return demos_[size_t(demo_order_->index(index))];
   }
   int64_t max_prompt_len() const override { return longest_; }
   int64_t max_sequence_len() const override {
@@ -99,6 +103,8 @@ class DataSource : public PromptSource {
     LS_CHECK(longest <= m.max_position_embeddings, where, ": the longest prompt of ", cfg_.prompt_data, " (", longest_,
              " tokens) + --rollout-max-response-len = ", longest, " tokens exceeds max_position_embeddings ",
              m.max_position_embeddings, " (set --rollout-max-prompt-len to skip long prompts)");
+    LS_CHECK(longest_demo_ <= m.max_position_embeddings, where, ": the longest --sft-data demonstration (",
+             longest_demo_, " tokens) exceeds max_position_embeddings ", m.max_position_embeddings);
     LS_CHECK(eval_->max_sequence_len() <= m.max_position_embeddings, where, ": the longest eval prompt (",
              eval_->max_prompt_len(), " tokens) + the eval response length exceeds max_position_embeddings ",
              m.max_position_embeddings, " (set --rollout-max-prompt-len to skip long prompts)");
@@ -151,6 +157,23 @@ class DataSource : public PromptSource {
              dir.empty() ? std::string("neither is set") : dir + "/tokenizer.json not found", ")");
     return Tokenizer::load(dir);
   }
+  // --sft-data: the prompt under --input-key (templated like the prompts), the response to imitate
+  // under "response", ended by <|im_end|> (chat) or the tokenizer's first end token.
+  void load_demonstrations(PromptDataOptions o) {
+    o.label_key = "response";
+    o.max_prompt_len = 0;
+    const PromptDataset d = load_prompt_dataset(cfg_.sft_data, o, tokenizer_);
+    const auto end = cfg_.apply_chat_template ? tokenizer_.token_id("<|im_end|>") : std::optional<int32_t>();
+    const int32_t end_id = end ? *end : tokenizer_.eos_token_ids().at(0);
+    for (const auto& s : d.samples) {
+      TaskExample ex;
+      ex.prompt = s.prompt_ids;
+      ex.answer = tokenizer_.encode(s.label);
+      ex.answer.push_back(end_id);
+      longest_demo_ = std::max(longest_demo_, int64_t(ex.prompt.size() + ex.answer.size()));
+      demos_.push_back(std::move(ex));
+    }
+  }
   const PromptSample& sample_at(uint64_t data_seed, int64_t position) {
     if (!order_ || data_seed != data_seed_) {
       order_ = std::make_unique<PromptOrder>(int64_t(data_.samples.size()), data_seed, cfg_.rollout_shuffle);
@@ -169,6 +192,9 @@ class DataSource : public PromptSource {
   std::vector<std::string> stop_strings_;
   std::unique_ptr<PromptOrder> order_;
   std::unique_ptr<Evaluator> eval_;
+  std::vector<TaskExample> demos_;
+  std::unique_ptr<PromptOrder> demo_order_;
+  int64_t longest_demo_ = 0;
   uint64_t data_seed_ = 0;
 };
 
@@ -215,7 +241,10 @@ void validate_prompt_source_options(const TrainConfig& c) {
   LS_CHECK(c.eval_max_response_len >= 0, "--eval-max-response-len: expected >= 0, got ", c.eval_max_response_len);
   for (const auto& [name, path] : parse_eval_prompt_data(c.eval_prompt_data))
     LS_CHECK(std::filesystem::is_regular_file(path), "--eval-prompt-data ", name, " ", path, ": file not found");
+  LS_CHECK(c.sft_data.empty() || std::filesystem::is_regular_file(c.sft_data), "--sft-data ", c.sft_data,
+           ": file not found");
   if (c.prompt_data.empty()) {
+    LS_CHECK(c.sft_data.empty(), "--sft-data needs --prompt-data (the built-in tasks make their own demonstrations)");
     LS_CHECK(c.rollout_stop.empty(), "--rollout-stop needs --prompt-data (the built-in tasks have no text)");
     LS_CHECK(c.eval_prompt_data.empty(), "--eval-prompt-data needs --prompt-data (the built-in tasks have no text)");
     LS_CHECK(c.rm_url.empty() && c.custom_rm_cmd.empty(),

@@ -40,6 +40,7 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("rollout-stop", rollout_stop, "stop strings: one string, or a JSON array of strings"),
       LS_OPT("tokenizer", tokenizer, "directory with tokenizer.json for --prompt-data (default: --load)"),
       LS_OPT("rm-type", rm_type, "reward of --prompt-data: math | dapo | exact"),
+      LS_OPT("sft-data", sft_data, "SFT warm-start demonstrations for --prompt-data (JSONL: --input-key, response)"),
       LS_OPT("rm-url", rm_url, "reward model at http://HOST:PORT/PATH (a JSON POST per sample) instead of --rm-type"),
       LS_OPT("custom-rm-cmd", custom_rm_cmd, "reward program: JSON samples a line on stdin, rewards a line on stdout"),
       LS_OPT("rm-concurrency", rm_concurrency, "--rm-url requests in flight at once"),

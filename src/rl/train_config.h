@@ -35,6 +35,7 @@ struct TrainConfig {
   std::string rollout_stop;            // a JSON array of strings, or one string
   std::string tokenizer;               // default: --load
   std::string rm_type = "math";
+  std::string sft_data;  // demonstrations for the SFT warm start of a --prompt-data run
   std::string rm_url;         // an HTTP reward model instead of rm_type
   std::string custom_rm_cmd;  // a reward program instead of rm_type
   int64_t rm_concurrency = 16;

@@ -98,8 +98,7 @@ TEST(PromptSource, BadDataFlagsAreErrorsBeforeAnyWork) {
   TrainConfig c = data_config(dir);
   c.sft_warmup_steps = 5;
   EXPECT_EQ(error_of(c),
-            "--sft-warmup-steps 5: the SFT warm start needs demonstrations, which --prompt-data does not have (set it "
-            "to 0)");
+            "--sft-warmup-steps 5: the SFT warm start needs demonstrations: give --sft-data F.jsonl or set it to 0");
   c = data_config(dir);
   c.num_epoch = 1;
   c.num_rollout = 2;
