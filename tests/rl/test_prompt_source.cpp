@@ -198,3 +198,24 @@ TEST(PromptDataRun, TrainsOnPolicyAndResumesMidEpochBitForBit) {
 
 }  // namespace
 }  // namespace lockstep::rl
+
+namespace lockstep::rl {
+namespace {
+
+// The random model almost never samples an end token, so without stop strings every response
+// runs to the length limit; with a stop string as common as "e" most stop early, at the string.
+TEST(PromptDataRun, RolloutStopStringsEndResponses) {
+  TempDir dir("data_stop");
+  TrainConfig plain = data_run(dir, "plain"), stopped = data_run(dir, "stopped");
+  plain.num_rollout = stopped.num_rollout = 1;
+  stopped.rollout_stop = R"(["e", "a"])";
+  run_training(plain);
+  run_training(stopped);
+  const auto p = read_metrics(plain).at(0), s = read_metrics(stopped).at(0);
+  EXPECT_EQ(p["rollout/truncated_ratio"], 1.0);
+  EXPECT_LT(s["rollout/truncated_ratio"].get<double>(), 1.0);
+  EXPECT_LT(s["rollout/response_len/mean"].get<double>(), p["rollout/response_len/mean"].get<double>());
+}
+
+}  // namespace
+}  // namespace lockstep::rl
