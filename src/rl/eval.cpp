@@ -87,7 +87,7 @@ nlohmann::json Evaluator::run(int64_t step, uint64_t seed, const StopsFn& set_st
   for (size_t i = 0; i < outcomes.size(); ++i) {
     LS_CHECK(outcomes[i].error.empty(), "evaluation at step ", step, ": request ", i,
              " was refused: ", outcomes[i].error);
-    scored[i].response = tokenizer_.decode(outcomes[i].result.output_ids, true);
+    scored[i].response = decode_sampled(tokenizer_, outcomes[i].result.output_ids, true);
     lengths.push_back(int64_t(outcomes[i].result.output_ids.size()));
     truncated.push_back(outcomes[i].result.finish_reason == rollout::FinishReason::length);
   }

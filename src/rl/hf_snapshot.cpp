@@ -1,7 +1,6 @@
 #include "rl/hf_snapshot.h"
 
 #include <map>
-
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/hf_export.h"

@@ -1,5 +1,6 @@
 #include "rl/prompt_dataset.h"
 
+#include <algorithm>
 #include <numeric>
 
 #include "core/error.h"
@@ -95,6 +96,16 @@ PromptDataset load_prompt_dataset(const std::string& path, const PromptDataOptio
   LS_CHECK(!d.samples.empty(), path, ": no prompts (", d.skipped_too_long,
            " longer than --rollout-max-prompt-len were skipped)");
   return d;
+}
+
+std::string decode_sampled(const Tokenizer& tokenizer, const std::vector<int32_t>& ids, bool skip_special) {
+  const int32_t known = tokenizer.vocab_size();
+  if (std::all_of(ids.begin(), ids.end(), [&](int32_t id) { return id >= 0 && id < known; }))
+    return tokenizer.decode(ids, skip_special);
+  std::vector<int32_t> kept;
+  for (int32_t id : ids)
+    if (id >= 0 && id < known) kept.push_back(id);
+  return tokenizer.decode(kept, skip_special);
 }
 
 PromptOrder::PromptOrder(int64_t size, uint64_t seed, bool shuffle) : size_(size), seed_(seed), shuffle_(shuffle) {

@@ -44,6 +44,10 @@ struct PromptDataset {
 PromptDataset load_prompt_dataset(const std::string& path, const PromptDataOptions& options,
                                   const Tokenizer& tokenizer);
 
+// The text of sampled ids. A model's vocabulary is often padded past the tokenizer's (Qwen3:
+// 151936 rows, 151669 tokens) and a sampled padding id has no text: it is left out.
+std::string decode_sampled(const Tokenizer& tokenizer, const std::vector<int32_t>& ids, bool skip_special);
+
 // Which sample is the `position`-th prompt of a run: epoch `position / size` in file order, or
 // with `shuffle` in an order drawn from (seed, epoch). Caches the current epoch's order.
 class PromptOrder {

@@ -113,13 +113,13 @@ class DataSource : public PromptSource {
     request.stop_token_ids = stop_ids_;
     request.stop_strings = stop_strings_;
   }
-  std::string text(const std::vector<int32_t>& ids) const override { return tokenizer_.decode(ids); }
+  std::string text(const std::vector<int32_t>& ids) const override { return decode_sampled(tokenizer_, ids, false); }
   std::vector<float> rewards(const std::vector<int64_t>& positions, const std::vector<TaskExample>&,
                              const std::vector<std::vector<int32_t>>& responses) override {
     std::vector<RewardRequest> requests;
     for (size_t i = 0; i < responses.size(); ++i) {
       const PromptSample& s = sample_at(data_seed_, positions[i]);
-      requests.push_back({s.prompt, tokenizer_.decode(responses[i], true), s.label, s.metadata});
+      requests.push_back({s.prompt, decode_sampled(tokenizer_, responses[i], true), s.label, s.metadata});
     }
     return score(requests);
   }

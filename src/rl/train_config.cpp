@@ -26,6 +26,7 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("load", load, "Hugging Face model directory (default: the embedded tiny Qwen3-MoE)"),
       LS_OPT("ref-load", ref_load, "KL reference model directory (default: the policy when RL starts)"),
       LS_OPT("model-seed", model_seed, "random init seed of the embedded tiny model"),
+      LS_OPT("init-config", init_config, "random-init a Qwen3-MoE from this config.json (--model-seed) instead"),
       LS_OPT("task", task, "built-in task: reverse | sort | add"),
       LS_OPT("task-digits", task_digits, "digits per operand of the task"),
       LS_OPT("prompt-data", prompt_data, "JSONL (or .jsonl.gz) prompt data set instead of --task"),
@@ -287,6 +288,9 @@ void validate(const TrainConfig& c) {
            "--ref-load ", c.ref_load, ": reference model not found (expected a model directory with config.json)");
   LS_CHECK(c.load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.load) / "config.json"),
            "--load ", c.load, ": model not found (expected a model directory with config.json)");
+  LS_CHECK(c.init_config.empty() || c.load.empty(), "--init-config and --load: give one model, not both");
+  LS_CHECK(c.init_config.empty() || std::filesystem::is_regular_file(c.init_config), "--init-config ", c.init_config,
+           ": file not found");
   validate_prompt_source_options(c);
 }
 

@@ -19,6 +19,7 @@ struct TrainConfig {
   std::string load;
   std::string ref_load;  // the KL reference; default: the policy at the start of RL
   int64_t model_seed = 7;
+  std::string init_config;  // random-init this config.json instead of the embedded tiny model
   // Task and data.
   std::string task = "reverse";
   int64_t task_digits = 3;

@@ -316,7 +316,8 @@ class MetricsLog {
 
 ModelWeights initial_weights(const TrainConfig& c, Precision precision) {
   if (!c.load.empty()) return ModelWeights::load(c.load, precision);
-  return ModelWeights::random(tiny_task_model_config(), uint64_t(c.model_seed), precision);
+  const ModelConfig config = c.init_config.empty() ? tiny_task_model_config() : ModelConfig::load(c.init_config);
+  return ModelWeights::random(config, uint64_t(c.model_seed), precision);
 }
 
 TopologyRequest trainer_topology_request(const TrainConfig& c) {
@@ -369,7 +370,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   const bool parallel = world && (world->size() > 1 || request.parallel() || rollout_parallel);
   ResolvedTopology topology, rollout_topology;
   if (parallel) {
-    const ModelConfig mc = cfg.load.empty() ? tiny_task_model_config() : ModelConfig::load(cfg.load + "/config.json");
+    const ModelConfig mc = !cfg.load.empty()          ? ModelConfig::load(cfg.load + "/config.json")
+                           : !cfg.init_config.empty() ? ModelConfig::load(cfg.init_config)
+                                                      : tiny_task_model_config();
     if (rollout_parallel) rollout_topology = resolve_rollout_topology(cfg, mc, world->size());
     topology = resolve_topology(request, mc, world->size());
     LS_CHECK(cfg.num_microbatches % topology.topo.dp == 0, "--num-microbatches ", cfg.num_microbatches,
@@ -389,7 +392,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
              " (expected latest_checkpointed_iteration.txt)");
   }
   ModelWeights weights = initial_weights(cfg, precision);
-  source->check_model(weights.config, cfg.load.empty() ? "the embedded tiny model" : cfg.load);
+  source->check_model(weights.config, !cfg.load.empty()          ? cfg.load
+                                      : !cfg.init_config.empty() ? cfg.init_config
+                                                                 : "the embedded tiny model");
   const bool use_kl = cfg.kl_loss_coef != 0.0 && loss_type == LossType::policy_loss;
   std::unique_ptr<Qwen3Moe> ref;
   if (use_kl && !cfg.ref_load.empty()) {

@@ -118,3 +118,46 @@ TEST(ArithData, SftWarmStartTrainsOnTheDemonstrationsInChatFormat) {
 
 }  // namespace
 }  // namespace lockstep::rl
+
+namespace lockstep::rl {
+namespace {
+
+// configs/arith_grpo.toml is a valid job: its keys load, and at a tiny size (its model, data from
+// arith-data) it runs the SFT warm start, an RL step and both evaluations.
+TEST(ArithData, NewcomerConfigRunsAtATinySize) {
+  TempDir dir("arith_job");
+  TrainConfig c;
+  apply_toml_file(c, std::string(LOCKSTEP_SOURCE_DIR) + "/configs/arith_grpo.toml");
+  EXPECT_EQ(c.rm_type, "math");
+  EXPECT_TRUE(c.apply_chat_template);
+  write_arith_data(dir.sub("data"), 1, 4, 1);
+  c.init_config = std::string(LOCKSTEP_SOURCE_DIR) + "/" + c.init_config;
+  c.tokenizer = testing::fixture_tokenizer_dir();
+  c.prompt_data = dir.sub("data") + "/train.jsonl";
+  c.sft_data = dir.sub("data") + "/sft.jsonl";
+  c.eval_prompt_data = "arith " + dir.sub("data") + "/eval.jsonl";
+  c.sft_warmup_steps = 1;
+  c.num_rollout = 1;
+  c.rollout_batch_size = 2;
+  c.n_samples_per_prompt = 2;
+  c.global_batch_size = 4;
+  c.num_microbatches = 2;
+  c.rollout_max_response_len = 2;
+  c.eval_max_response_len = 2;
+  c.n_samples_per_eval_prompt = 1;
+  c.progress = false;
+  c.output_dir = dir.sub("out");
+  run_training(c);
+  int evals = 0, steps = 0, sft = 0;
+  for (const auto& m : testing::read_metrics(c)) {
+    evals += m.contains("eval/arith");
+    steps += m.contains("rollout/rewards");
+    sft += m.contains("sft_step");
+  }
+  EXPECT_EQ(sft, 1);
+  EXPECT_EQ(steps, 1);
+  EXPECT_EQ(evals, 2);  // before the first step and after the last
+}
+
+}  // namespace
+}  // namespace lockstep::rl

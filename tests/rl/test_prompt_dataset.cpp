@@ -220,3 +220,21 @@ TEST(PromptDataset, FuzzedFilesLoadOrNameTheFile) {
 
 }  // namespace
 }  // namespace lockstep::rl
+
+namespace lockstep::rl {
+namespace {
+
+// A padded model vocabulary (Qwen3: 151936 rows for 151669 tokens) can sample ids with no text.
+TEST(PromptDataset, SampledPaddingIdsDecodeToNothing) {
+  const Tokenizer& tok = fixture_tokenizer();
+  const std::vector<int32_t> ids = tok.encode("So \\boxed{4}.");
+  std::vector<int32_t> padded = ids;
+  padded.insert(padded.begin() + 2, tok.vocab_size() + 5);
+  padded.push_back(tok.vocab_size());
+  EXPECT_EQ(decode_sampled(tok, padded, true), tok.decode(ids, true));
+  EXPECT_EQ(decode_sampled(tok, ids, false), tok.decode(ids, false));
+  EXPECT_THROW(tok.decode(padded, true), Error);  // what the plain decoder does
+}
+
+}  // namespace
+}  // namespace lockstep::rl
