@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "rl/prompt_dataset.h"
 #include "rl/rewards/command_reward.h"
 #include "rl/rewards/local_reward.h"
@@ -129,6 +130,7 @@ class DataSource : public PromptSource {
         step, seed, [this](rollout::GenerationRequest& r) { set_stops(r); }, generate,
         [this](const std::vector<RewardRequest>& r) { return score(r); });
   }
+  void set_world(dist::Communicator* world) override { world_ = world; }
   void add_metrics(nlohmann::json& m) const override {
     m["rollout/skipped_long_prompts"] = data_.skipped_too_long;
     m["rollout/epoch"] = double(last_position_ + 1) / double(data_.samples.size());
@@ -137,6 +139,27 @@ class DataSource : public PromptSource {
  private:
   // The run's reward of decoded samples: the reward server, the custom program or --rm-type.
   std::vector<float> score(const std::vector<RewardRequest>& requests) const {
+    const bool outside = !cfg_.rm_url.empty() || !cfg_.custom_rm_cmd.empty();
+    if (!outside || !world_ || world_->size() == 1) return score_here(requests);
+    // Rank 0 asks the outside reward once; every rank gets its rewards, or its error.
+    std::vector<float> rewards(requests.size(), 0.0f);
+    std::string error;
+    if (world_->rank() == 0) {
+      try {
+        rewards = score_here(requests);
+      } catch (const Error& e) {
+        error = e.what();
+      }
+    }
+    uint64_t size = error.size();
+    world_->broadcast_n(&size, 1, 0);
+    error.resize(size);
+    world_->broadcast(error.data(), size, 0);
+    if (!error.empty()) fail(error);
+    world_->broadcast_n(rewards.data(), rewards.size(), 0);
+    return rewards;
+  }
+  std::vector<float> score_here(const std::vector<RewardRequest>& requests) const {
     if (!cfg_.rm_url.empty()) {
       RemoteRewardOptions o;
       o.url = cfg_.rm_url;
@@ -192,6 +215,7 @@ class DataSource : public PromptSource {
   std::vector<std::string> stop_strings_;
   std::unique_ptr<PromptOrder> order_;
   std::unique_ptr<Evaluator> eval_;
+  dist::Communicator* world_ = nullptr;
   std::vector<TaskExample> demos_;
   std::unique_ptr<PromptOrder> demo_order_;
   int64_t longest_demo_ = 0;

@@ -18,6 +18,10 @@
 #include "rl/train_config.h"
 #include "rollout/request.h"
 
+namespace lockstep::dist {
+class Communicator;
+}
+
 namespace lockstep::rl {
 
 class PromptSource {
@@ -42,6 +46,9 @@ class PromptSource {
                                      const std::vector<std::vector<int32_t>>& responses) = 0;
   // Per-step metrics of the source beyond the trainer's own (none for built-in tasks).
   virtual void add_metrics(nlohmann::json& metrics) const {}
+  // The run's ranks (mpirun or threads): an outside reward (--rm-url, --custom-rm-cmd) is then
+  // called on rank 0 only and its rewards (or its error) sent to every rank.
+  virtual void set_world(dist::Communicator* world) {}
   // Whether an evaluation runs after RL step `step` (0: before the first), and running it: the
   // metrics record (rl/eval.h). Built-in tasks have no evaluation.
   virtual bool eval_due(int64_t step) const { return false; }

@@ -383,6 +383,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
   const Precision precision = precision_from_name(cfg.dtype);
   auto source = make_prompt_source(cfg);  // the task, or the prompt data set read and checked
+  source->set_world(world);               // outside rewards: called on rank 0 only
   const LossType loss_type = loss_type_from_name(cfg.loss_type);
   const AdvantageEstimator estimator = advantage_estimator_from_name(cfg.advantage_estimator);
   std::string resume_from;

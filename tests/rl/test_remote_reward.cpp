@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "dist/thread_communicator.h"
 #include "rl/rewards/command_reward.h"
 #include "rl/rewards/remote_reward.h"
 #include "rl/trainer.h"
@@ -239,6 +240,46 @@ TEST(RemoteReward, TrainingStepScoresThroughTheServer) {
     EXPECT_EQ(b.at("metadata"), (json{{"src", "t"}}));
     EXPECT_TRUE(b.at("response").is_string());
   }
+}
+
+}  // namespace
+}  // namespace lockstep::rl
+
+namespace lockstep::rl {
+namespace {
+
+// Under ranks (threads here, as under mpirun) the reward program runs on rank 0 only, and every
+// rank gets its rewards, or its error.
+TEST(CommandReward, UnderRanksOnlyRankZeroCallsTheProgram) {
+  testing::TempDir dir("rm_ranks");
+  const std::string calls = dir.sub("calls.txt"), program = dir.sub("label_reward.sh");
+  std::ofstream(program) << "echo call >> '" << calls << "'\n"
+                         << R"sh(sed -n 's/^{"label":"\([0-9.]*\)".*/\1/p')sh"
+                         << "\n";
+  TrainConfig c;
+  c.prompt_data = dir.sub("data.jsonl");
+  std::ofstream(c.prompt_data) << R"({"prompt": "Say 1.", "label": "1"})"
+                                  "\n"
+                               << R"({"prompt": "Say 3.", "label": "3"})"
+                                  "\n";
+  c.load = testing::make_text_model_dir(dir.sub("model"));
+  c.custom_rm_cmd = "sh " + program;
+  c.sft_warmup_steps = 0;
+  c.num_rollout = 1;
+  c.rollout_batch_size = 2;
+  c.n_samples_per_prompt = 2;
+  c.global_batch_size = 4;
+  c.num_microbatches = 2;
+  c.rollout_max_response_len = 2;
+  c.progress = false;
+  c.output_dir = dir.sub("out");
+  dist::run_threads(2, [&](dist::Communicator& comm) { run_training(c, &comm); });
+  EXPECT_EQ(testing::read_bytes(calls), "call\n");
+  EXPECT_DOUBLE_EQ(testing::read_metrics(c).at(0)["rollout/rewards"].get<double>(), 2.0);
+  c.custom_rm_cmd = "cat > /dev/null; exit 4";
+  c.output_dir = dir.sub("out_failing");
+  EXPECT_EQ(error_of([&] { dist::run_threads(2, [&](dist::Communicator& comm) { run_training(c, &comm); }); }),
+            "--custom-rm-cmd 'cat > /dev/null; exit 4': exited with status 4");
 }
 
 }  // namespace
