@@ -273,6 +273,7 @@ TEST(CommandReward, UnderRanksOnlyRankZeroCallsTheProgram) {
   c.rollout_max_response_len = 2;
   c.progress = false;
   c.output_dir = dir.sub("out");
+  c.num_threads = 1;  // the thread ranks share one process: no kernel thread pool between them
   dist::run_threads(2, [&](dist::Communicator& comm) { run_training(c, &comm); });
   EXPECT_EQ(testing::read_bytes(calls), "call\n");
   EXPECT_DOUBLE_EQ(testing::read_metrics(c).at(0)["rollout/rewards"].get<double>(), 2.0);
