@@ -5,7 +5,8 @@ SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 packages=(
   build-essential cmake ninja-build pkg-config git
-  nlohmann-json3-dev libcli11-dev libpcre2-dev libtomlplusplus-dev libpng-dev libcpp-httplib-dev
+  nlohmann-json3-dev libcli11-dev libpcre2-dev libtomlplusplus-dev libpng-dev zlib1g-dev
+  libcpp-httplib-dev
   libopenmpi-dev openmpi-bin
   libgtest-dev libgmock-dev libbenchmark-dev
 )

@@ -55,6 +55,10 @@ const bool registered = register_command(
                                                                                           : "TEXT";
            opt->type_name(kind);
          }
+         if (o.name == "eval-prompt-data")  // NAME FILE [NAME FILE ...]: the words are joined for the parser
+           opt->expected(2, CLI::detail::expected_max_vector_size)
+               ->allow_extra_args()
+               ->multi_option_policy(CLI::MultiOptionPolicy::Join);
          if (o.help.empty()) opt->group("");  // hidden test hooks
          a->options[o.name] = opt;
        }

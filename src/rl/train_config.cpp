@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "kernels/canonical.h"
+#include "rl/prompt_source.h"
 #include "train/advantages.h"
 #include "train/losses.h"
 #include "train/optimizer.h"
@@ -25,10 +26,39 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("load", load, "Hugging Face model directory (default: the embedded tiny Qwen3-MoE)"),
       LS_OPT("ref-load", ref_load, "KL reference model directory (default: the policy when RL starts)"),
       LS_OPT("model-seed", model_seed, "random init seed of the embedded tiny model"),
+      LS_OPT("init-config", init_config, "random-init a Qwen3-MoE from this config.json (--model-seed) instead"),
       LS_OPT("task", task, "built-in task: reverse | sort | add"),
       LS_OPT("task-digits", task_digits, "digits per operand of the task"),
+      LS_OPT("prompt-data", prompt_data, "JSONL (or .jsonl.gz) prompt data set instead of --task"),
+      LS_OPT("input-key", input_key, "prompt key of --prompt-data (a string or a list of chat messages)"),
+      LS_OPT("label-key", label_key, "answer key of --prompt-data (a string or a number)"),
+      LS_OPT("metadata-key", metadata_key, "metadata key of --prompt-data, passed to reward models (optional)"),
+      LS_OPT("apply-chat-template", apply_chat_template, "render prompts with the tokenizer's Qwen3 chat template"),
+      LS_OPT("enable-thinking", enable_thinking, "chat template thinking mode (a line's enable_thinking overrides)"),
+      LS_OPT("rollout-shuffle", rollout_shuffle, "shuffle --prompt-data each epoch (keyed by --seed)"),
+      LS_OPT("num-epoch", num_epoch, "passes over --prompt-data the run may take (0 = as many as needed)"),
+      LS_OPT("rollout-max-prompt-len", rollout_max_prompt_len, "skip longer prompts, in tokens (0 = no limit)"),
+      LS_OPT("rollout-stop", rollout_stop, "stop strings: one string, or a JSON array of strings"),
+      LS_OPT("tokenizer", tokenizer, "directory with tokenizer.json for --prompt-data (default: --load)"),
+      LS_OPT("rm-type", rm_type, "reward of --prompt-data: math | dapo | exact"),
+      LS_OPT("sft-data", sft_data, "SFT warm-start demonstrations for --prompt-data (JSONL: --input-key, response)"),
+      LS_OPT("rm-url", rm_url, "reward model at http://HOST:PORT/PATH (a JSON POST per sample) instead of --rm-type"),
+      LS_OPT("custom-rm-cmd", custom_rm_cmd, "reward program: JSON samples a line on stdin, rewards a line on stdout"),
+      LS_OPT("rm-concurrency", rm_concurrency, "--rm-url requests in flight at once"),
+      LS_OPT("rm-timeout", rm_timeout, "--rm-url seconds per attempt (connect, send, answer)"),
+      LS_OPT("rm-retries", rm_retries, "--rm-url retries of a failed request, with doubling backoff"),
+      LS_OPT("eval-prompt-data", eval_prompt_data, "eval sets NAME FILE [NAME FILE ...] (needs --prompt-data)"),
+      LS_OPT("eval-interval", eval_interval, "evaluate every N RL steps (also before the first and after the last)"),
+      LS_OPT("n-samples-per-eval-prompt", n_samples_per_eval_prompt, "answers per eval prompt (pass@N)"),
+      LS_OPT("eval-temperature", eval_temperature, "eval sampling temperature"),
+      LS_OPT("eval-top-p", eval_top_p, "eval top-p sampling (1 = off)"),
+      LS_OPT("eval-max-response-len", eval_max_response_len, "most tokens per eval answer (0 = --rollout-max-response-len)"),
       LS_OPT("num-rollout", num_rollout, "RL steps (one rollout and its optimizer steps each)"),
       LS_OPT("rollout-batch-size", rollout_batch_size, "prompts per rollout"),
+      LS_OPT("dynamic-sampling-filter", dynamic_sampling_filter,
+             "DAPO dynamic sampling: drop prompt groups whose rewards are all equal, sample more to refill"),
+      LS_OPT("over-sampling-batch-size", over_sampling_batch_size,
+             "prompts per dynamic-sampling round (0 = --rollout-batch-size; else >= it)"),
       LS_OPT("n-samples-per-prompt", n_samples_per_prompt, "answers sampled per prompt (the group size)"),
       LS_OPT("rollout-max-response-len", rollout_max_response_len, "most tokens per answer"),
       LS_OPT("rollout-temperature", rollout_temperature, "sampling temperature"),
@@ -62,6 +92,9 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("save", save, "checkpoint directory"),
       LS_OPT("save-interval", save_interval, "save every N RL steps (0 = only at the end)"),
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
+      LS_OPT("save-hf", save_hf, "write the policy as Hugging Face model directories DIR/iter_N (with tokenizer)"),
+      LS_OPT("save-hf-interval", save_hf_interval, "--save-hf every N RL steps (0 = only at the end)"),
+      LS_OPT("tensorboard-dir", tensorboard_dir, "also write the metrics as TensorBoard event files here"),
       LS_OPT("progress", progress, "one-line progress display on stderr"),
       LS_OPT("audit-weight-sync", audit_weight_sync,
              "after every weight sync, audit trainer vs engine weights by global name; stop at a difference"),
@@ -206,6 +239,9 @@ void validate(const TrainConfig& c) {
   LS_CHECK(c.num_rollout >= 0, "--num-rollout: expected >= 0, got ", c.num_rollout);
   LS_CHECK(c.rollout_batch_size > 0, "--rollout-batch-size: expected > 0, got ", c.rollout_batch_size);
   LS_CHECK(c.n_samples_per_prompt > 0, "--n-samples-per-prompt: expected > 0, got ", c.n_samples_per_prompt);
+  LS_CHECK(c.over_sampling_batch_size == 0 || c.over_sampling_batch_size >= c.rollout_batch_size,
+           "--over-sampling-batch-size: expected 0 or >= --rollout-batch-size ", c.rollout_batch_size, ", got ",
+           c.over_sampling_batch_size);
   LS_CHECK(c.rollout_max_response_len > 0, "--rollout-max-response-len: expected > 0, got ",
            c.rollout_max_response_len);
   LS_CHECK(c.global_batch_size > 0, "--global-batch-size: expected > 0, got ", c.global_batch_size);
@@ -246,11 +282,16 @@ void validate(const TrainConfig& c) {
                c.weight_sync_bucket_mb * 1048576.0 >= 1.0 && c.weight_sync_bucket_mb <= 1048576.0,
            "--weight-sync-bucket-mb: expected a size in MiB in (0, 1048576], got ", c.weight_sync_bucket_mb);
   LS_CHECK(c.save_interval >= 0, "--save-interval: expected >= 0, got ", c.save_interval);
+  LS_CHECK(c.save_hf_interval >= 0, "--save-hf-interval: expected >= 0, got ", c.save_hf_interval);
   LS_CHECK(!c.resume || !c.save.empty(), "--resume needs --save DIR (the checkpoints to continue from)");
   LS_CHECK(c.ref_load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.ref_load) / "config.json"),
            "--ref-load ", c.ref_load, ": reference model not found (expected a model directory with config.json)");
   LS_CHECK(c.load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.load) / "config.json"),
            "--load ", c.load, ": model not found (expected a model directory with config.json)");
+  LS_CHECK(c.init_config.empty() || c.load.empty(), "--init-config and --load: give one model, not both");
+  LS_CHECK(c.init_config.empty() || std::filesystem::is_regular_file(c.init_config), "--init-config ", c.init_config,
+           ": file not found");
+  validate_prompt_source_options(c);
 }
 
 std::string to_toml(const TrainConfig& c) {

@@ -19,12 +19,41 @@ struct TrainConfig {
   std::string load;
   std::string ref_load;  // the KL reference; default: the policy at the start of RL
   int64_t model_seed = 7;
+  std::string init_config;  // random-init this config.json instead of the embedded tiny model
   // Task and data.
   std::string task = "reverse";
   int64_t task_digits = 3;
+  // Prompt data (rl/prompt_source.h): a JSONL data set instead of the built-in task.
+  std::string prompt_data;
+  std::string input_key = "prompt";
+  std::string label_key = "label";
+  std::string metadata_key;
+  bool apply_chat_template = false;
+  bool enable_thinking = true;
+  bool rollout_shuffle = false;
+  int64_t num_epoch = 0;               // 0: as many passes as --num-rollout needs
+  int64_t rollout_max_prompt_len = 0;  // 0: no limit
+  std::string rollout_stop;            // a JSON array of strings, or one string
+  std::string tokenizer;               // default: --load
+  std::string rm_type = "math";
+  std::string sft_data;  // demonstrations for the SFT warm start of a --prompt-data run
+  std::string rm_url;         // an HTTP reward model instead of rm_type
+  std::string custom_rm_cmd;  // a reward program instead of rm_type
+  int64_t rm_concurrency = 16;
+  double rm_timeout = 30;  // seconds per attempt
+  int64_t rm_retries = 3;
+  // Evaluation (rl/eval.h).
+  std::string eval_prompt_data;  // "NAME FILE [NAME FILE ...]"
+  int64_t eval_interval = 0;     // 0: before the first step and after the last only
+  int64_t n_samples_per_eval_prompt = 1;
+  double eval_temperature = 1.0;
+  double eval_top_p = 1.0;
+  int64_t eval_max_response_len = 0;  // 0: --rollout-max-response-len
   // Rollout.
   int64_t num_rollout = 200;  // RL steps (one rollout each)
   int64_t rollout_batch_size = 16;
+  bool dynamic_sampling_filter = false;  // DAPO: drop prompt groups whose rewards are all equal
+  int64_t over_sampling_batch_size = 0;  // prompts per dynamic-sampling round (0: rollout_batch_size)
   int64_t n_samples_per_prompt = 8;
   int64_t rollout_max_response_len = 8;
   double rollout_temperature = 1.0;
@@ -61,6 +90,9 @@ struct TrainConfig {
   std::string save;                               // checkpoint directory ("" = none)
   int64_t save_interval = 0;                      // 0: only at the end (when --save is set)
   bool resume = false;                            // continue from the latest checkpoint in --save
+  std::string save_hf;                            // Hugging Face snapshots of the policy ("" = none)
+  std::string tensorboard_dir;                    // TensorBoard event files beside metrics.jsonl ("" = none)
+  int64_t save_hf_interval = 0;                   // 0: only at the end
   bool progress = true;
   bool audit_weight_sync = false;  // after every sync, audit trainer vs engine weights by global name
   // Trainer topology under `mpirun -np N lockstep train` (docs/numerics.md, D4: no number depends on

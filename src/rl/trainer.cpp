@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -22,8 +23,13 @@
 #include "model/weights_source.h"
 #include "parallel/parallel_runner.h"
 #include "parallel/weight_sync.h"
+#include "rl/hf_snapshot.h"
 #include "rl/plot.h"
 #include "rl/policy.h"
+#include "rl/prompt_source.h"
+#include "rl/rollout_metrics.h"
+#include "rl/step_rollout.h"
+#include "rl/tensorboard.h"
 #include "rl/tasks.h"
 #include "rl/tiny_model.h"
 #include "rl/train_checkpoint.h"
@@ -142,7 +148,7 @@ struct OnPolicyCheck {
 // Compares trainer and rollout log-probs of the sampled tokens; with `strict`, any bit
 // difference is an error naming the first differing sample and token.
 OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::vector<std::vector<float>>& train_logp,
-                               bool strict, int64_t step, int64_t first_index) {
+                               bool strict, int64_t step, int64_t first_index, const PromptSource& source) {
   OnPolicyCheck c;
   for (size_t i = 0; i < samples.size(); ++i) {
     const auto& roll = samples[i]->rollout_logp;
@@ -152,7 +158,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
         char buf[256];
         std::snprintf(buf, sizeof buf, "trainer log-prob %.9g vs rollout %.9g", double(tr[t]), double(roll[t]));
         fail("step ", step, ": --check-true-on-policy: sample ", first_index + int64_t(i), " (prompt '",
-             vocab::text(samples[i]->example.prompt), "', response '", vocab::text(samples[i]->response),
+             source.text(samples[i]->example.prompt), "', response '", source.text(samples[i]->response),
              "') differs at response token ", t, ": ", buf);
       }
       c.abs_diff += std::fabs(double(tr[t]) - double(roll[t]));
@@ -166,7 +172,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
 // The run-defining options (where output goes, threads, and test hooks excluded), so that an
 // interrupted-and-resumed run writes the same checkpoint files as an uninterrupted one.
 std::string run_defining_toml(TrainConfig c) {
-  c.output_dir = c.save = "";
+  c.output_dir = c.save = c.save_hf = c.tensorboard_dir = "";
   c.num_threads = 0;
   c.resume = false;
   c.progress = true;
@@ -214,8 +220,17 @@ class MetricsLog {
     out << j.dump() << "\n";
     LS_CHECK(out.good(), path_, ": write failed");
     remember(j);
+    if (tensorboard_) {
+      const int64_t step = j.contains("step") ? j["step"].get<int64_t>() : j.value("sft_step", int64_t(0));
+      tensorboard_->write(step, j);
+    }
   }
-  std::vector<PlotSeries> plot_series() const { return {reward_, abs_diff_, grad_norm_}; }
+  void attach_tensorboard(const std::string& dir) { tensorboard_ = std::make_unique<TensorBoardWriter>(dir); }
+  std::vector<PlotSeries> plot_series() const {
+    std::vector<PlotSeries> out = {reward_, abs_diff_, grad_norm_};
+    for (const auto& [key, series] : eval_) out.push_back(series);
+    return out;
+  }
 
  private:
   void remember(const json& j) {
@@ -225,6 +240,11 @@ class MetricsLog {
       if (j.contains(key) && j[key].is_number()) s.x.push_back(x), s.y.push_back(j[key].get<double>());
     };
     add(reward_, "rollout/rewards");
+    for (auto& [key, value] : j.items())  // eval/NAME (the mean reward of an eval set), one panel each
+      if (key.rfind("eval/", 0) == 0 && key.find('/', 5) == std::string::npos) {
+        if (!eval_.count(key)) eval_[key] = PlotSeries{key + " vs step", {}, {}};
+        add(eval_[key], key.c_str());
+      }
     add(abs_diff_, "train/train_rollout_logprob_abs_diff");
     add(grad_norm_, "train/grad_norm");
   }
@@ -232,11 +252,14 @@ class MetricsLog {
   PlotSeries reward_{"rollout/rewards vs step", {}, {}};
   PlotSeries abs_diff_{"train/train_rollout_logprob_abs_diff vs step", {}, {}};
   PlotSeries grad_norm_{"train/grad_norm vs step", {}, {}};
+  std::map<std::string, PlotSeries> eval_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
 };
 
 ModelWeights initial_weights(const TrainConfig& c, Precision precision) {
   if (!c.load.empty()) return ModelWeights::load(c.load, precision);
-  return ModelWeights::random(tiny_task_model_config(), uint64_t(c.model_seed), precision);
+  const ModelConfig config = c.init_config.empty() ? tiny_task_model_config() : ModelConfig::load(c.init_config);
+  return ModelWeights::random(config, uint64_t(c.model_seed), precision);
 }
 
 TopologyRequest trainer_topology_request(const TrainConfig& c) {
@@ -276,14 +299,6 @@ ResolvedTopology resolve_rollout_topology(const TrainConfig& c, const ModelConfi
   }
 }
 
-void check_model_fits_task(const ModelConfig& m, const Task& task, const TrainConfig& c, const std::string& where) {
-  LS_CHECK(m.vocab_size >= vocab::kTaskVocabSize, where, ": vocab_size ", m.vocab_size,
-           " is too small for the task vocabulary (", vocab::kTaskVocabSize, " ids)");
-  const int64_t longest = int64_t(task.example(0, 0).prompt.size()) + c.rollout_max_response_len;
-  LS_CHECK(longest <= m.max_position_embeddings, where, ": prompt + --rollout-max-response-len = ", longest,
-           " tokens exceeds max_position_embeddings ", m.max_position_embeddings);
-}
-
 }  // namespace
 
 TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
@@ -299,7 +314,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     own_world = std::make_unique<dist::SelfCommunicator>();
     world = own_world.get();
   }
-  const ModelConfig mc = cfg.load.empty() ? tiny_task_model_config() : ModelConfig::load(cfg.load + "/config.json");
+  const ModelConfig mc = !cfg.load.empty()          ? ModelConfig::load(cfg.load + "/config.json")
+                         : !cfg.init_config.empty() ? ModelConfig::load(cfg.init_config)
+                                                    : tiny_task_model_config();
   ResolvedTopology rollout_topology;
   if (rollout_parallel) rollout_topology = resolve_rollout_topology(cfg, mc, world->size());
   const ResolvedTopology topology = resolve_topology(request, mc, world->size());
@@ -309,10 +326,8 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   Timer total;
   if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
   const Precision precision = precision_from_name(cfg.dtype);
-  auto task = make_task(cfg.task, cfg.task_digits);
-  LS_CHECK(cfg.rollout_max_response_len >= task->max_answer_len(), "--rollout-max-response-len ",
-           cfg.rollout_max_response_len, " is shorter than the task's answers (", task->max_answer_len(),
-           " tokens with <eos>)");
+  auto source = make_prompt_source(cfg);  // the task, or the prompt data set read and checked
+  source->set_world(world);               // outside rewards: called on rank 0 only
   const LossType loss_type = loss_type_from_name(cfg.loss_type);
   const AdvantageEstimator estimator = advantage_estimator_from_name(cfg.advantage_estimator);
   std::string resume_from;
@@ -322,7 +337,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
              " (expected latest_checkpointed_iteration.txt)");
   }
   ModelWeights weights = initial_weights(cfg, precision);
-  check_model_fits_task(weights.config, *task, cfg, cfg.load.empty() ? "the embedded tiny model" : cfg.load);
+  source->check_model(weights.config, !cfg.load.empty()          ? cfg.load
+                                      : !cfg.init_config.empty() ? cfg.init_config
+                                                                 : "the embedded tiny model");
   const bool use_kl = cfg.kl_loss_coef != 0.0 && loss_type == LossType::policy_loss;
   std::unique_ptr<Qwen3Moe> ref;
   if (use_kl && !cfg.ref_load.empty()) {
@@ -372,15 +389,19 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   if (root)
     metrics.emplace((fs::path(cfg.output_dir) / "metrics.jsonl").string(), resume_from.empty() ? -1 : state.step);
   const std::string plot_path = (fs::path(cfg.output_dir) / "train.png").string();
+  if (root && !cfg.tensorboard_dir.empty()) metrics->attach_tensorboard(cfg.tensorboard_dir);
 
   rollout::EngineOptions eo;
   const int64_t samples_per_step = cfg.rollout_batch_size * cfg.n_samples_per_prompt;
-  const int64_t max_len = int64_t(task->example(0, 0).prompt.size()) + cfg.rollout_max_response_len;
+  const int64_t max_len = source->max_sequence_len();
   eo.page_size = 16;
-  eo.kv_pages = samples_per_step * ((max_len + eo.page_size - 1) / eo.page_size) + 16;
+  const int64_t requests_per_round =  // a dynamic-sampling round may draw more prompts than the batch
+      std::max(cfg.rollout_batch_size, cfg.over_sampling_batch_size) * cfg.n_samples_per_prompt;
+  eo.kv_pages = requests_per_round * ((max_len + eo.page_size - 1) / eo.page_size) + 16;
   eo.max_batch_tokens = std::max<int64_t>(2048, samples_per_step * max_len);
   eo.prefill_chunk = eo.max_batch_tokens;
   eo.initial_weight_version = state.weight_version;
+  eo.detokenize = [&source](const std::vector<int32_t>& ids) { return source->text(ids); };  // stop strings
   // The engine: at its own topology over the same ranks (a ParallelRunner), else a
   // single-rank engine run identically on every rank. The sync streams the trainer's shards
   // into the engine's layout (parallel/weight_sync.h).
@@ -447,7 +468,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       std::vector<Sample> demos(size_t(cfg.global_batch_size));
       std::vector<Sample*> batch;
       for (int64_t i = 0; i < cfg.global_batch_size; ++i) {
-        demos[i].example = task->example(state.seed ^ kSftDataKey, uint64_t(s * cfg.global_batch_size + i));
+        demos[i].example = source->demonstration(state.seed ^ kSftDataKey, s * cfg.global_batch_size + i);
         demos[i].response = demos[i].example.answer;
         batch.push_back(&demos[i]);
       }
@@ -481,6 +502,19 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   loss.kl_type = kl_type_from_name(cfg.kl_loss_type);
   loss.entropy_coef = cfg.entropy_coef;
 
+  // Evaluation (prompt data with --eval-prompt-data): before the first RL step and after due ones.
+  auto evaluate = [&](int64_t at_step) {
+    auto generate = [&](const std::vector<std::optional<rollout::GenerationRequest>>& r) {
+      return rollout::run_on_replicas(engine, r, engine_replicas, engine_replica, gather_replicas);
+    };
+    json e = source->evaluate(at_step, state.seed, generate);
+    if (root) {
+      metrics->write(e);
+      write_plot_png(plot_path, metrics->plot_series());
+    }
+  };
+  if (state.step == 0 && source->eval_due(0)) evaluate(0);
+
   // ---- RL steps. ----
   int64_t steps_this_run = 0;
   while (state.step < cfg.num_rollout) {
@@ -490,39 +524,27 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
 
     // Rollout.
     Timer t;
+    auto generate = [&](const std::vector<std::optional<rollout::GenerationRequest>>& r) {
+      // Every rank gets every sample; independent engine replicas each run their share.
+      return rollout::run_on_replicas(engine, r, engine_replicas, engine_replica, gather_replicas);
+    };
+    StepRollout drawn = sample_step(cfg, *source, state.seed ^ kRolloutDataKey,
+                                    mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), state.data_position, step,
+                                    generate);
     std::vector<Sample> samples(static_cast<size_t>(samples_per_step));
-    std::vector<std::optional<rollout::GenerationRequest>> requests;
-    for (int64_t p = 0; p < cfg.rollout_batch_size; ++p) {
-      TaskExample ex = task->example(state.seed ^ kRolloutDataKey, uint64_t(state.data_position + p));
-      for (int64_t k = 0; k < cfg.n_samples_per_prompt; ++k) {
-        const int64_t i = p * cfg.n_samples_per_prompt + k;
-        samples[i].example = ex;
-        rollout::GenerationRequest req;
-        req.prompt = ex.prompt;
-        req.max_new_tokens = cfg.rollout_max_response_len;
-        req.stop_token_ids = {vocab::kEos};
-        req.sampling.temperature = float(cfg.rollout_temperature);
-        req.sampling.top_k = int32_t(cfg.rollout_top_k);
-        req.sampling.top_p = float(cfg.rollout_top_p);
-        req.sampling.seed = mix_seed(mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), uint64_t(i));
-        requests.push_back(std::move(req));
-      }
-    }
-    // Every rank gets every sample; independent engine replicas each run their share.
-    auto outcomes = rollout::run_on_replicas(engine, requests, engine_replicas, engine_replica, gather_replicas);
     int64_t truncated = 0, mixed = 0, response_tokens = 0, total_tokens = 0;
     double reward_sum = 0;
     std::vector<float> rewards;
     std::vector<int64_t> lengths;
     for (size_t i = 0; i < samples.size(); ++i) {
-      LS_CHECK(outcomes[i].error.empty(), "rollout step ", step, ": sample ", i, " was refused: ", outcomes[i].error);
-      rollout::RequestResult r = std::move(outcomes[i].result);
+      rollout::RequestResult r = std::move(drawn.samples[i].result);
       Sample& s = samples[i];
+      s.example = std::move(drawn.samples[i].example);
       s.response = r.output_ids;
       s.rollout_logp = r.logprobs;
       s.versions = r.weight_versions;
       s.truncated = r.finish_reason == rollout::FinishReason::length;
-      s.reward = task->reward(s.example, s.response);
+      s.reward = drawn.samples[i].reward;
       truncated += s.truncated;
       if (!s.versions.empty() &&
           std::any_of(s.versions.begin(), s.versions.end(), [&](int64_t v) { return v != s.versions[0]; }))
@@ -533,7 +555,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       response_tokens += int64_t(s.response.size());
       total_tokens += int64_t(s.example.prompt.size() + s.response.size());
     }
-    state.data_position += cfg.rollout_batch_size;
+    state.data_position += drawn.prompts_drawn;
     const double rollout_time = t.seconds();
 
     // Advantages.
@@ -554,7 +576,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
         samples[i].old_logp = response_part(scored[i], samples[i].example.prompt.size(), samples[i].response.size());
         lp.push_back(samples[i].old_logp);
       }
-      check = compare_logprobs(all, lp, cfg.check_true_on_policy, step, 0);
+      check = compare_logprobs(all, lp, cfg.check_true_on_policy, step, 0, *source);
     } else {
       for (auto& s : samples) s.old_logp = s.rollout_logp;
     }
@@ -579,7 +601,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       BatchResult r = train_batch(policy, cfg, loss, batch, "RL", step, inject);
       if (cfg.use_rollout_logprobs && g == 0) {
         // The first optimizer step's forward runs on the rollout's weights: check it.
-        check = compare_logprobs(batch, r.train_logp, cfg.check_true_on_policy, step, 0);
+        check = compare_logprobs(batch, r.train_logp, cfg.check_true_on_policy, step, 0, *source);
       }
       lm.add(r.metrics);
       grad_norm += r.opt.grad_norm;
@@ -607,6 +629,13 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
                               ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
     }
 
+    if (!cfg.save_hf.empty() &&
+        ((cfg.save_hf_interval > 0 && step % cfg.save_hf_interval == 0) || step == cfg.num_rollout)) {
+      const ModelWeights& full_weights = policy.gather_to_root();
+      const std::string tokenizer_dir = cfg.tokenizer.empty() ? cfg.load : cfg.tokenizer;
+      if (root) save_hf_snapshot(cfg.save_hf, step, full_weights, precision, tokenizer_dir);
+    }
+
     const double step_time = step_timer.seconds();
     const double mean_reward = reward_sum / double(samples.size());
     const double tokens = double(std::max<int64_t>(check.tokens, 1));
@@ -632,10 +661,16 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
               {"perf/update_weights_time", update_time},
               {"perf/step_time", step_time},
               {"perf/tokens_per_gpu_per_sec", double(total_tokens) / std::max(step_time, 1e-9)}};
+    source->add_metrics(m);
+    std::vector<bool> cut;
+    for (const auto& s : samples) cut.push_back(s.truncated);
+    add_rollout_metrics(m, rewards, lengths, cut, cfg.n_samples_per_prompt);  // the miles names
+    drawn.add_metrics(m, cfg);
     if (root) {
       metrics->write(m);
       write_plot_png(plot_path, metrics->plot_series());
     }
+    if (source->eval_due(step)) evaluate(step);
     if (steps_this_run == 1) summary.first_reward = mean_reward;
     summary.last_reward = mean_reward;
     summary.max_abs_diff = std::max(summary.max_abs_diff, check.abs_diff / tokens);

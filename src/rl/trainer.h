@@ -24,7 +24,7 @@ struct TrainSummary {
 // Runs the whole job; throws lockstep::Error on bad input (before any work) or on a failed
 // step (non-finite loss or gradient, a true-on-policy mismatch), naming the step.
 // With `world` (mpirun ranks, or threads in tests) and more than one rank or a topology flag,
-// the trainer runs at that topology (rl/parallel_policy.h) and every number of the run
+// the trainer runs at that topology (rl/policy.h) and every number of the run
 // (metrics, checkpoints) equals the single-rank run's; world rank 0 writes the outputs. The
 // rollout engine runs at its own topology over the same ranks (the --rollout-* keys; by
 // default a single-rank engine on every rank), and each weight sync streams the trainer's

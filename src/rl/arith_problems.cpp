@@ -1,0 +1,106 @@
+#include "rl/arith_problems.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "core/error.h"
+#include "core/philox.h"
+
+namespace lockstep::rl {
+
+namespace {
+
+constexpr const char* kInstruction = " Put the final answer in \\boxed{}.";
+
+// A uniform integer in [lo, hi] from lane `lane` of problem `index`.
+int64_t draw(uint64_t seed, uint64_t index, uint32_t lane, int64_t lo, int64_t hi) {
+  const float u = philox_uniform(seed, index, lane / 4, lane % 4);
+  return lo + std::min<int64_t>(hi - lo, int64_t(u * float(hi - lo + 1)));
+}
+
+const char* const kNames[] = {"Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana"};
+const char* const kThings[] = {"apples", "pencils", "stickers", "marbles", "books", "coins"};
+
+struct Fraction {
+  int64_t num, den;
+};
+
+Fraction reduced(int64_t num, int64_t den) {
+  const int64_t g = std::gcd(num, den);
+  return {num / g, den / g};
+}
+std::string label_of(Fraction f) {
+  return f.den == 1 ? std::to_string(f.num) : std::to_string(f.num) + "/" + std::to_string(f.den);
+}
+std::string latex_of(Fraction f) {
+  return f.den == 1 ? std::to_string(f.num) : "\\frac{" + std::to_string(f.num) + "}{" + std::to_string(f.den) + "}";
+}
+std::string s(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+ArithProblem arith_problem(uint64_t seed, uint64_t index) {
+  const std::string name = kNames[draw(seed, index, 0, 0, 7)];
+  const std::string thing = kThings[draw(seed, index, 1, 0, 5)];
+  const int64_t a = draw(seed, index, 2, 2, 40), b = draw(seed, index, 3, 2, 12);
+  ArithProblem p;
+  Fraction answer{0, 1};
+  std::string work;
+  switch (draw(seed, index, 4, 0, 4)) {
+    case 0:
+      p.prompt = name + " has " + s(a) + " " + thing + " and gets " + s(b) + " more. How many " + thing + " does " +
+                 name + " have now?";
+      answer = {a + b, 1};
+      work = name + " has " + s(a) + " + " + s(b) + " = " + s(a + b) + " " + thing + ".";
+      break;
+    case 1:
+      p.prompt =
+          name + " has " + s(a + b) + " " + thing + " and gives away " + s(b) + ". How many " + thing + " are left?";
+      answer = {a, 1};
+      work = "There are " + s(a + b) + " - " + s(b) + " = " + s(a) + " " + thing + " left.";
+      break;
+    case 2:
+      p.prompt = "A box holds " + s(a) + " " + thing + ". How many " + thing + " are in " + s(b) + " boxes?";
+      answer = {a * b, 1};
+      work = s(b) + " boxes hold " + s(b) + " \\times " + s(a) + " = " + s(a * b) + " " + thing + ".";
+      break;
+    case 3: {
+      p.prompt =
+          "A ribbon " + s(a) + " meters long is cut into " + s(b) + " equal pieces. How long is each piece, in meters?";
+      answer = reduced(a, b);
+      work = "Each piece is " + s(a) + " / " + s(b) + " = " + latex_of(answer) + " meters long.";
+      break;
+    }
+    default: {
+      const int64_t eaten = draw(seed, index, 5, 1, b - 1);
+      p.prompt = "A pie is cut into " + s(b) + " equal slices and " + name + " eats " + s(eaten) +
+                 " of them. What fraction of the pie is left?";
+      answer = reduced(b - eaten, b);
+      work = s(b - eaten) + " of the " + s(b) + " slices are left, which is " + latex_of(answer) + " of the pie.";
+      break;
+    }
+  }
+  p.prompt += kInstruction;
+  p.label = label_of(answer);
+  p.response = work + "\n\nThe answer is \\boxed{" + latex_of(answer) + "}.";
+  return p;
+}
+
+void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval) {
+  LS_CHECK(train > 0 && eval >= 0, "arithmetic data: expected --train > 0 and --eval >= 0, got ", train, " and ", eval);
+  namespace fs = std::filesystem;
+  fs::create_directories(dir);
+  std::ofstream train_f(fs::path(dir) / "train.jsonl"), eval_f(fs::path(dir) / "eval.jsonl"),
+      sft_f(fs::path(dir) / "sft.jsonl");
+  LS_CHECK(train_f && eval_f && sft_f, dir, ": cannot write the data files");
+  for (int64_t i = 0; i < train + eval; ++i) {
+    const ArithProblem p = arith_problem(seed, uint64_t(i));
+    (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
+    if (i < train) sft_f << nlohmann::json{{"prompt", p.prompt}, {"response", p.response}}.dump() << "\n";
+  }
+  LS_CHECK(train_f.good() && eval_f.good() && sft_f.good(), dir, ": write failed");
+}
+
+}  // namespace lockstep::rl

@@ -1,0 +1,24 @@
+// Arithmetic word problems for the newcomer job: a deterministic generator (problem i of a seed is
+// a function of the two) of one-step problems whose answers are integers or reduced fractions,
+// with a worked demonstration ending in \boxed{answer}. The math verifier scores the
+// demonstration of every problem 1 against its label (tested).
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace lockstep::rl {
+
+struct ArithProblem {
+  std::string prompt;    // the question and "Put the final answer in \boxed{}."
+  std::string label;     // "12" or "3/4"
+  std::string response;  // a worked demonstration ending in \boxed{...}
+};
+
+ArithProblem arith_problem(uint64_t seed, uint64_t index);
+
+// Writes DIR/train.jsonl and DIR/eval.jsonl ({"prompt", "label"}) and DIR/sft.jsonl
+// ({"prompt", "response"}, demonstrations of the training problems). Train problems are indices
+// [0, train), eval problems [train, train + eval) of the same seed, so the sets never share one.
+void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval);
+
+}  // namespace lockstep::rl

@@ -1,0 +1,18 @@
+// `lockstep train --save-hf DIR`: the policy as a Hugging Face model directory
+// (checkpoint/hf_export.h) at DIR/iter_NNNNNNN every --save-hf-interval RL steps and at the end,
+// with the run's tokenizer files, for transformers, `lockstep score` or `lockstep generate`.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "model/weights.h"
+
+namespace lockstep::rl {
+
+// Writes the snapshot of RL step `step` and returns its directory. The bfloat16 recipe's weights
+// are stored as BF16 (exact), the float32 recipe's as F32; torch_dtype in config.json says which.
+std::string save_hf_snapshot(const std::string& save_hf_dir, int64_t step, const ModelWeights& weights,
+                             Precision precision, const std::string& tokenizer_dir,
+                             int64_t max_shard_bytes = 5'000'000'000);
+
+}  // namespace lockstep::rl

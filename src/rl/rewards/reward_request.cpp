@@ -1,0 +1,24 @@
+#include "rl/rewards/reward_request.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace lockstep::rl {
+
+float parse_reward_answer(const std::string& answer, const std::string& where) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(answer);
+  } catch (const nlohmann::json::exception&) {
+    j = nullptr;
+  }
+  if (j.is_object() && j.contains("reward")) j = j["reward"];
+  const std::string shown = answer.size() > 200 ? answer.substr(0, 200) + "..." : answer;
+  LS_CHECK(j.is_number(), where, ": expected a number or {\"reward\": number}, got '", shown, "'");
+  const double v = j.get<double>();
+  LS_CHECK(std::isfinite(v), where, ": the reward is not finite ('", shown, "')");
+  return float(v);
+}
+
+}  // namespace lockstep::rl

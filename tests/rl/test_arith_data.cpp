@@ -1,0 +1,163 @@
+// The newcomer job's data: deterministic arithmetic word problems whose demonstrations the math
+// verifier accepts, the files `lockstep arith-data` writes, and an SFT warm start on them.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <numeric>
+#include <set>
+
+#include "../cli/run_command.h"
+#include "rl/arith_problems.h"
+#include "rl/prompt_source.h"
+#include "rl/rewards/math_verifier.h"
+#include "rl/trainer.h"
+#include "rl_data_util.h"
+#include "rl_test_util.h"
+
+namespace lockstep::rl {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::read_bytes;
+using testing::TempDir;
+
+std::vector<std::string> lines_of(const fs::path& p) {
+  std::vector<std::string> out;
+  std::ifstream f(p);
+  for (std::string l; std::getline(f, l);) out.push_back(l);
+  return out;
+}
+
+TEST(ArithData, ProblemsAreDeterministicAndTheirDemonstrationsScoreOne) {
+  int fractions = 0, integers = 0;
+  std::set<std::string> prompts;
+  for (uint64_t i = 0; i < 300; ++i) {
+    const ArithProblem p = arith_problem(3, i);
+    const ArithProblem again = arith_problem(3, i);
+    EXPECT_EQ(p.prompt, again.prompt);
+    EXPECT_EQ(p.label, again.label);
+    EXPECT_EQ(p.response, again.response);
+    EXPECT_EQ(math_reward(p.response, p.label), 1.0f) << p.prompt << " | " << p.response << " | " << p.label;
+    EXPECT_NE(p.prompt.find("\\boxed{}"), std::string::npos);
+    prompts.insert(p.prompt);
+    if (p.label.find('/') != std::string::npos) {
+      ++fractions;
+      const int64_t num = std::stoll(p.label), den = std::stoll(p.label.substr(p.label.find('/') + 1));
+      EXPECT_EQ(std::gcd(num, den), 1) << p.label;  // reduced
+      EXPECT_GT(den, 1);
+    } else {
+      ++integers;
+      EXPECT_EQ(math_reward(p.response, std::to_string(std::stoll(p.label) + 1)), 0.0f);
+    }
+  }
+  EXPECT_GT(fractions, 30);
+  EXPECT_GT(integers, 100);
+  EXPECT_GT(prompts.size(), 280u);
+  EXPECT_NE(arith_problem(3, 0).prompt + arith_problem(3, 1).prompt,
+            arith_problem(4, 0).prompt + arith_problem(4, 1).prompt);
+}
+
+TEST(ArithData, CommandWritesTrainEvalAndDemonstrations) {
+  TempDir dir("arith_cli");
+  auto r = lockstep::testing::run_lockstep("arith-data --output-dir " + dir.sub("a") + " --train 20 --eval 5 --seed 9");
+  ASSERT_EQ(r.status, 0) << r.output;
+  write_arith_data(dir.sub("b"), 9, 20, 5);
+  for (const char* f : {"train.jsonl", "eval.jsonl", "sft.jsonl"})
+    EXPECT_EQ(read_bytes(fs::path(dir.sub("a")) / f), read_bytes(fs::path(dir.sub("b")) / f)) << f;
+  const auto train = lines_of(fs::path(dir.sub("a")) / "train.jsonl"),
+             eval = lines_of(fs::path(dir.sub("a")) / "eval.jsonl"),
+             sft = lines_of(fs::path(dir.sub("a")) / "sft.jsonl");
+  ASSERT_EQ(train.size(), 20u);
+  ASSERT_EQ(eval.size(), 5u);
+  ASSERT_EQ(sft.size(), 20u);
+  for (size_t i = 0; i < train.size(); ++i) {
+    const auto t = nlohmann::json::parse(train[i]), s = nlohmann::json::parse(sft[i]);
+    EXPECT_EQ(t["prompt"], s["prompt"]);
+    EXPECT_EQ(math_reward(s["response"].get<std::string>(), t["label"].get<std::string>()), 1.0f);
+  }
+  EXPECT_EQ(nlohmann::json::parse(eval[0])["prompt"], arith_problem(9, 20).prompt);  // eval follows train
+}
+
+TEST(ArithData, SftWarmStartTrainsOnTheDemonstrationsInChatFormat) {
+  TempDir dir("arith_sft");
+  write_arith_data(dir.sub("data"), 2, 8, 2);
+  TrainConfig c;
+  c.load = testing::make_text_model_dir(dir.sub("model"));
+  c.prompt_data = dir.sub("data") + "/train.jsonl";
+  c.sft_data = dir.sub("data") + "/sft.jsonl";
+  c.apply_chat_template = true;
+  c.enable_thinking = false;
+  c.sft_warmup_steps = 2;
+  c.num_rollout = 1;
+  c.rollout_batch_size = 2;
+  c.n_samples_per_prompt = 2;
+  c.global_batch_size = 4;
+  c.num_microbatches = 2;
+  c.rollout_max_response_len = 4;
+  c.progress = false;
+  c.output_dir = dir.sub("out");
+  auto source = make_prompt_source(c);
+  const Tokenizer tok = Tokenizer::load(c.load);
+  const TaskExample demo = source->demonstration(5, 0);
+  const ArithProblem first = arith_problem(2, 0);
+  ChatOptions chat;
+  chat.enable_thinking = false;
+  EXPECT_EQ(demo.prompt, tok.encode(tok.render_chat({ChatMessage("user", first.prompt)}, chat)));
+  std::vector<int32_t> answer = tok.encode(first.response);
+  answer.push_back(*tok.token_id("<|im_end|>"));
+  EXPECT_EQ(demo.answer, answer);
+  run_training(c);
+  int sft_steps = 0;
+  for (const auto& m : testing::read_metrics(c))
+    if (m.contains("sft_step")) {
+      ++sft_steps;
+      EXPECT_GT(m["train/sft_loss"].get<double>(), 0.0);
+    }
+  EXPECT_EQ(sft_steps, 2);
+}
+
+}  // namespace
+}  // namespace lockstep::rl
+
+namespace lockstep::rl {
+namespace {
+
+// configs/arith_grpo.toml is a valid job: its keys load, and at a tiny size (its model, data from
+// arith-data) it runs the SFT warm start, an RL step and both evaluations.
+TEST(ArithData, NewcomerConfigRunsAtATinySize) {
+  TempDir dir("arith_job");
+  TrainConfig c;
+  apply_toml_file(c, std::string(LOCKSTEP_SOURCE_DIR) + "/configs/arith_grpo.toml");
+  EXPECT_EQ(c.rm_type, "math");
+  EXPECT_TRUE(c.apply_chat_template);
+  write_arith_data(dir.sub("data"), 1, 4, 1);
+  c.init_config = std::string(LOCKSTEP_SOURCE_DIR) + "/" + c.init_config;
+  c.tokenizer = testing::fixture_tokenizer_dir();
+  c.prompt_data = dir.sub("data") + "/train.jsonl";
+  c.sft_data = dir.sub("data") + "/sft.jsonl";
+  c.eval_prompt_data = "arith " + dir.sub("data") + "/eval.jsonl";
+  c.sft_warmup_steps = 1;
+  c.num_rollout = 1;
+  c.rollout_batch_size = 2;
+  c.n_samples_per_prompt = 2;
+  c.global_batch_size = 4;
+  c.num_microbatches = 2;
+  c.rollout_max_response_len = 2;
+  c.eval_max_response_len = 2;
+  c.n_samples_per_eval_prompt = 1;
+  c.progress = false;
+  c.output_dir = dir.sub("out");
+  run_training(c);
+  int evals = 0, steps = 0, sft = 0;
+  for (const auto& m : testing::read_metrics(c)) {
+    evals += m.contains("eval/arith");
+    steps += m.contains("rollout/rewards");
+    sft += m.contains("sft_step");
+  }
+  EXPECT_EQ(sft, 1);
+  EXPECT_EQ(steps, 1);
+  EXPECT_EQ(evals, 2);  // before the first step and after the last
+}
+
+}  // namespace
+}  // namespace lockstep::rl
