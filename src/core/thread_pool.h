@@ -20,7 +20,8 @@ class ThreadPool {
 
   int size() const { return num_threads_; }
   // Calls fn(begin, end) over [0, n) cut into at most size() contiguous ranges of at least
-  // `grain` items; blocks until all are done. Not reentrant.
+  // `grain` items; blocks until all are done. Not reentrant (fn must not call it), but safe
+  // from several threads at once: callers take turns (thread ranks share one pool).
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
@@ -28,6 +29,7 @@ class ThreadPool {
 
   int num_threads_;
   std::vector<std::thread> threads_;
+  std::mutex caller_mu_;  // one job at a time: the workers hold one job's state
   std::mutex mu_;
   std::condition_variable start_cv_, done_cv_;
   const std::function<void(int64_t, int64_t)>* job_ = nullptr;

@@ -11,6 +11,7 @@
 #include "core/philox.h"
 #include "core/tensor.h"
 #include "core/thread_pool.h"
+#include <thread>
 
 namespace lockstep {
 namespace {
@@ -102,6 +103,28 @@ TEST(ThreadPool, CoversTheRangeOnceInContiguousParts) {
       for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << threads << " threads, n=" << n;
     }
   }
+}
+
+// Thread ranks (ThreadCommunicator) share one pool: concurrent callers must each get every
+// index of their own job exactly once (they used to overwrite each other's job).
+TEST(ThreadPool, ConcurrentCallersEachGetTheirWholeJob) {
+  ThreadPool pool(3);
+  constexpr int kCallers = 4, kRounds = 300;
+  std::vector<int> failures(kCallers, 0);
+  std::vector<std::thread> callers;
+  for (int c = 0; c < kCallers; ++c)
+    callers.emplace_back([&, c] {
+      for (int round = 0; round < kRounds; ++round) {
+        const int64_t n = 50 + 7 * c + round % 13;
+        std::vector<int> hits(n, 0);
+        pool.parallel_for(n, 1, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) hits[i] += 1 + c;
+        });
+        for (int64_t i = 0; i < n; ++i) failures[c] += hits[i] != 1 + c;
+      }
+    });
+  for (auto& t : callers) t.join();
+  for (int c = 0; c < kCallers; ++c) EXPECT_EQ(failures[c], 0) << "caller " << c;
 }
 
 }  // namespace
