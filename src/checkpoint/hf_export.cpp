@@ -8,6 +8,7 @@
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
+#include "core/text_file.h"
 
 namespace lockstep {
 
@@ -15,12 +16,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  LS_CHECK(f, path.string(), ": cannot open for writing");
-  f << text;
-  LS_CHECK(f.good(), path.string(), ": write failed");
-}
+void write_text(const fs::path& path, const std::string& text) { write_text_file(path.string(), text); }
 
 }  // namespace
 

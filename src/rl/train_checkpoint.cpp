@@ -9,6 +9,7 @@
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
+#include "core/text_file.h"
 
 namespace lockstep::rl {
 
@@ -22,12 +23,7 @@ std::string checkpoint_dir(const std::string& save_dir, int64_t step) {
 
 namespace {
 
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  LS_CHECK(f, path.string(), ": cannot open for writing");
-  f << text;
-  LS_CHECK(f.good(), path.string(), ": write failed");
-}
+void write_text(const fs::path& path, const std::string& text) { write_text_file(path.string(), text); }
 
 std::map<std::string, Tensor> weight_tensors(const ModelWeights& w, Precision precision) {
   std::map<std::string, Tensor> out;

@@ -4,12 +4,13 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
+#include "core/error.h"
 #include "rl/train_config.h"
 
 namespace lockstep::rl::testing {
@@ -59,9 +60,18 @@ inline std::vector<nlohmann::json> read_metrics(const TrainConfig& c) {
 // The metrics without perf/* timings (which are wall-clock and differ run to run).
 inline std::vector<nlohmann::json> without_perf(std::vector<nlohmann::json> records) {
   for (auto& r : records)
-    for (auto it = r.begin(); it != r.end();)
-      it = it.key().rfind("perf/", 0) == 0 ? r.erase(it) : std::next(it);
+    for (auto it = r.begin(); it != r.end();) it = it.key().rfind("perf/", 0) == 0 ? r.erase(it) : std::next(it);
   return records;
+}
+
+// The message of the lockstep::Error that f throws ("" when it throws none).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 inline std::string read_bytes(const std::filesystem::path& p) {

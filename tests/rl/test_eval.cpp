@@ -15,16 +15,9 @@ namespace lockstep::rl {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::error_of;
 using testing::TempDir;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 TEST(Eval, PromptDataIsNamePairs) {
   auto sets = parse_eval_prompt_data("aime a.jsonl\nmath  m.jsonl.gz");

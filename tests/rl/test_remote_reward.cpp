@@ -22,6 +22,7 @@ namespace {
 
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
+using testing::error_of;
 
 // A reward server on a free loopback port, stopped (and its thread joined) with the object.
 // Every handler returns within half a second.
@@ -94,14 +95,6 @@ std::vector<RewardRequest> numbered_samples(int n) {
   return out;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 RemoteRewardOptions fast_options(const std::string& url) {
   RemoteRewardOptions o;

@@ -11,6 +11,7 @@
 namespace lockstep::rl {
 namespace {
 
+using testing::error_of;
 using testing::TempDir;
 
 std::string write_file(const TempDir& dir, const std::string& name, const std::string& text) {
@@ -19,14 +20,6 @@ std::string write_file(const TempDir& dir, const std::string& name, const std::s
   return p;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 TEST(RlConfig, TomlKeysAndFlags) {
   TempDir dir("config");
