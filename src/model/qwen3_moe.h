@@ -1,11 +1,12 @@
 // The Qwen3-MoE model: one definition of the decoder layer (model/layer_forward.h, here with
-// the CPU op set; train/layer_backward.h for its backward) over a parallel context. A single rank is the context of one rank (topology 1, a
-// SelfCommunicator), so `lockstep score`, the rollout engine, the trainer and every
-// parallel form run the same lines; each op's arithmetic is in src/kernels.
+// the CPU op set; train/layer_backward.h for its backward) over a parallel context. A single
+// rank is the context of one rank (topology 1, a SelfCommunicator), so `lockstep score`, the
+// rollout engine, the trainer and every parallel form run the same lines; each op's
+// arithmetic is in src/kernels.
 //
 // Under a topology (docs/parallel.md) each rank holds its shards of the tensors
 // (shard_plan.h) and the context's collectives complete each split reduction in the
-// canonical order (docs/numerics.md, rules 3-5), so every topology gives the bits of one
+// canonical order (docs/numerics.md, rules 1, 4 and 7), so every topology gives the bits of one
 // rank:
 //   TP  q/k/v column-parallel by heads (KV heads replicated when tp > kv heads), o_proj and
 //       dense down_proj row-parallel (subtree + canonical_all_reduce), lm_head

@@ -29,8 +29,8 @@
 #include "rl/prompt_source.h"
 #include "rl/rollout_metrics.h"
 #include "rl/step_rollout.h"
-#include "rl/tensorboard.h"
 #include "rl/tasks.h"
+#include "rl/tensorboard.h"
 #include "rl/tiny_model.h"
 #include "rl/train_checkpoint.h"
 #include "rollout/engine.h"
@@ -528,9 +528,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       // Every rank gets every sample; independent engine replicas each run their share.
       return rollout::run_on_replicas(engine, r, engine_replicas, engine_replica, gather_replicas);
     };
-    StepRollout drawn = sample_step(cfg, *source, state.seed ^ kRolloutDataKey,
-                                    mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), state.data_position, step,
-                                    generate);
+    StepRollout drawn =
+        sample_step(cfg, *source, state.seed ^ kRolloutDataKey, mix_seed(state.seed ^ kSamplingKey, uint64_t(step)),
+                    state.data_position, step, generate);
     std::vector<Sample> samples(static_cast<size_t>(samples_per_step));
     int64_t truncated = 0, mixed = 0, response_tokens = 0, total_tokens = 0;
     double reward_sum = 0;

@@ -5,13 +5,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/philox.h"
 #include "core/tensor.h"
 #include "core/thread_pool.h"
-#include <thread>
 
 namespace lockstep {
 namespace {
