@@ -142,6 +142,19 @@ TEST(Safetensors, DamagedFilesGiveClearErrors) {
                                   12))
                 .find("overlapping"),
             std::string::npos);
+  // An empty tensor between two overlapping ones must not hide the overlap.
+  EXPECT_NE(parse_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                  R"("e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},)"
+                                  R"("b":{"dtype":"F32","shape":[2],"data_offsets":[6,14]}})",
+                                  14))
+                .find("tensors 'a' and 'b' have overlapping"),
+            std::string::npos);
+  // Empty tensors anywhere, even at another tensor's offsets, are fine.
+  EXPECT_EQ(parse_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                  R"("e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},)"
+                                  R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+                                  16)),
+            "");
   EXPECT_NE(parse_error(make_file(R"({"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8)).find("dtype"),
             std::string::npos);
   EXPECT_NE(parse_error(make_file("{not json", 0)).find("not valid JSON"), std::string::npos);
