@@ -27,11 +27,6 @@ namespace {
 
 constexpr int kGatherTag = 3 << 20;
 
-// Rows [rows] of a [T, width] array.
-std::vector<float> slice_rows(const std::vector<float>& full, dist::RowRange rows, int64_t width) {
-  return std::vector<float>(full.begin() + rows.begin * width, full.begin() + rows.end * width);
-}
-
 // In place: `buf` becomes the pairwise tree over the members of its run of `run`
 // consecutive ranks of comm (all-gather, then the tree in rank order).
 void run_tree(dist::Communicator& comm, std::vector<float>& buf, int run) {

@@ -16,11 +16,6 @@ namespace lockstep {
 
 namespace {
 
-// Rows [rows] of a [T, width] array.
-std::vector<float> slice_rows(const std::vector<float>& full, dist::RowRange rows, int64_t width) {
-  return std::vector<float>(full.begin() + rows.begin * width, full.begin() + rows.end * width);
-}
-
 // All-gathers per-rank blocks [T, width] (equal on every rank) into [T, width * from.size()],
 // taking the ranks listed in `from` in that order.
 std::vector<float> gather_heads(dist::Communicator& tp, const std::vector<float>& mine, int64_t T, int64_t width,
@@ -43,6 +38,11 @@ std::vector<float> head_block(const std::vector<float>& full, int64_t T, int64_t
 }
 
 }  // namespace
+
+// Rows [rows] of a [T, width] array.
+std::vector<float> slice_rows(const std::vector<float>& full, dist::RowRange rows, int64_t width) {
+  return std::vector<float>(full.begin() + rows.begin * width, full.begin() + rows.end * width);
+}
 
 cpu::TokenChunks local_chunks(int64_t T, dist::RowRange rows) {
   cpu::TokenChunks c = cpu::token_chunks(T);

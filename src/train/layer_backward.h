@@ -42,6 +42,9 @@ void layer_backward(const Qwen3Moe& model, int64_t local_layer, const ForwardBat
                     const std::vector<float>& x_in, const LayerActivations& acts, std::vector<float>& dx,
                     const LayerGradPtrs& grads);
 
+// Rows [rows] of a [T, width] array (this rank's rows of an all-rows value).
+std::vector<float> slice_rows(const std::vector<float>& full, dist::RowRange rows, int64_t width);
+
 // The token chunks of a T-token stream restricted to this rank's rows (empty elsewhere:
 // their partials are exact zeros, so the 8-chunk tree equals the subtree of its chunks).
 cpu::TokenChunks local_chunks(int64_t T, dist::RowRange rows);
