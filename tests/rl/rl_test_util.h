@@ -64,6 +64,15 @@ inline std::vector<nlohmann::json> without_perf(std::vector<nlohmann::json> reco
   return records;
 }
 
+// The batch shape of the short data runs: 2 prompts x 2 samples, one optimizer step of 2
+// micro-batches.
+inline void small_batches(TrainConfig& c) {
+  c.rollout_batch_size = 2;
+  c.n_samples_per_prompt = 2;
+  c.global_batch_size = 4;
+  c.num_microbatches = 2;
+}
+
 // The message of the lockstep::Error that f throws ("" when it throws none).
 inline std::string error_of(const std::function<void()>& f) {
   try {

@@ -89,10 +89,7 @@ TEST(ArithData, SftWarmStartTrainsOnTheDemonstrationsInChatFormat) {
   c.enable_thinking = false;
   c.sft_warmup_steps = 2;
   c.num_rollout = 1;
-  c.rollout_batch_size = 2;
-  c.n_samples_per_prompt = 2;
-  c.global_batch_size = 4;
-  c.num_microbatches = 2;
+  testing::small_batches(c);
   c.rollout_max_response_len = 4;
   c.progress = false;
   c.output_dir = dir.sub("out");
@@ -138,10 +135,7 @@ TEST(ArithData, NewcomerConfigRunsAtATinySize) {
   c.eval_prompt_data = "arith " + dir.sub("data") + "/eval.jsonl";
   c.sft_warmup_steps = 1;
   c.num_rollout = 1;
-  c.rollout_batch_size = 2;
-  c.n_samples_per_prompt = 2;
-  c.global_batch_size = 4;
-  c.num_microbatches = 2;
+  testing::small_batches(c);
   c.rollout_max_response_len = 2;
   c.eval_max_response_len = 2;
   c.n_samples_per_eval_prompt = 1;

@@ -69,10 +69,7 @@ TEST(Eval, RunWritesEvalRecordsBeforeEveryIntervalAndAtTheEnd) {
   c.load = testing::make_text_model_dir(dir.sub("model"));
   c.sft_warmup_steps = 0;
   c.num_rollout = 3;
-  c.rollout_batch_size = 2;
-  c.n_samples_per_prompt = 2;
-  c.global_batch_size = 4;
-  c.num_microbatches = 2;
+  testing::small_batches(c);
   c.rollout_max_response_len = 3;
   c.progress = false;
   c.output_dir = dir.sub("out");

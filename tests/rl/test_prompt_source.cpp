@@ -157,10 +157,7 @@ TrainConfig data_run(const TempDir& dir, const std::string& name) {
   c.tokenizer = "";  // from --load
   c.rollout_shuffle = true;
   c.num_rollout = 3;
-  c.rollout_batch_size = 2;
-  c.n_samples_per_prompt = 2;
-  c.global_batch_size = 4;
-  c.num_microbatches = 2;
+  testing::small_batches(c);
   c.rollout_max_response_len = 6;
   c.output_dir = dir.sub(name + "_out");
   return c;

@@ -215,10 +215,7 @@ TEST(RemoteReward, TrainingStepScoresThroughTheServer) {
   c.rm_url = server.url("/score");
   c.sft_warmup_steps = 0;
   c.num_rollout = 1;
-  c.rollout_batch_size = 2;
-  c.n_samples_per_prompt = 2;
-  c.global_batch_size = 4;
-  c.num_microbatches = 2;
+  testing::small_batches(c);
   c.rollout_max_response_len = 4;
   c.progress = false;
   c.output_dir = dir.sub("out");
@@ -259,10 +256,7 @@ TEST(CommandReward, UnderRanksOnlyRankZeroCallsTheProgram) {
   c.custom_rm_cmd = "sh " + program;
   c.sft_warmup_steps = 0;
   c.num_rollout = 1;
-  c.rollout_batch_size = 2;
-  c.n_samples_per_prompt = 2;
-  c.global_batch_size = 4;
-  c.num_microbatches = 2;
+  testing::small_batches(c);
   c.rollout_max_response_len = 2;
   c.progress = false;
   c.output_dir = dir.sub("out");
