@@ -1,6 +1,7 @@
 #include "kernels/cuda/ops.h"
 
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/backward.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/row_ops.cuh"
 
@@ -456,6 +457,12 @@ __global__ void __launch_bounds__(256) log_softmax_gather_kernel(const float* lo
   if (threadIdx.x == 0) out[r] = targets[r] >= 0 ? row[targets[r]] - z : NAN;
 }
 
+__global__ void __launch_bounds__(256) log_normalizer_kernel(const float* logits, float* lse, int64_t V) {
+  __shared__ MaxSumD scratch[8];
+  const float z = log_normalizer_block(logits + int64_t(blockIdx.x) * V, V, 1.0f, false, scratch);
+  if (threadIdx.x == 0) lse[blockIdx.x] = z;
+}
+
 // Sampling over several blocks per row (a decode step samples few rows, and one block per
 // row was latency-bound over 152k logits):
 //   1. grid (R, 8): block c runs the canonical chunk c of the log-normalizer with the same
@@ -754,6 +761,12 @@ void log_softmax_gather(const float* logits, const int32_t* targets, float* out,
                         cudaStream_t s) {
   if (R == 0) return;
   launch_after_previous(log_softmax_gather_kernel, unsigned(R), 256, 0, s, logits, targets, out, V);
+}
+
+void log_normalizer_rows(const float* logits, float* lse, int64_t R, int64_t V, cudaStream_t s) {
+  if (R == 0) return;
+  log_normalizer_kernel<<<unsigned(R), 256, 0, s>>>(logits, lse, V);
+  LS_CUDA_LAUNCHED();
 }
 
 int64_t sample_workspace_floats(int64_t R) {

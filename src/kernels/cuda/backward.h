@@ -1,0 +1,113 @@
+// The backward kernels of the GPU trainer, fp32 gradients (docs/numerics.md, rules 8-11).
+//
+// Each kernel is the GPU form of its CPU reference in src/kernels/cpu/*_backward.h, with the
+// same reduction procedure per output element: weight gradients are the canonical token-chunk
+// tree (each chunk summed in ascending rows from 0, the chunk partials combined by the pairwise
+// tree), input gradients of a linear are canonical over N, and every row-wise sum is the CPU's
+// dot procedure (8 lanes by index mod 8, ascending, tree8). nvcc runs without contraction
+// (--fmad=false), so where an op has no transcendental function (the linears, RMSNorm, RoPE,
+// the embedding, the column sums) the GPU gives the CPU's bits exactly; where it has one
+// (exp, log: SwiGLU, the softmaxes, attention) it differs from the CPU by the functions' last
+// bits and is still one fixed function of its inputs. No atomics, no split chosen by size: a
+// launch shape changes which thread computes an element, never how.
+//
+// Inputs that the forward keeps in bf16 (activations, weights) are read as bf16 and widened
+// exactly on load; gradients are fp32. All pointers are device pointers.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/ops.h"
+
+namespace lockstep::cuda {
+
+// Offsets of up to 8 consecutive canonical chunks of a summed dimension: chunk c holds rows
+// [rows[c], rows[c + 1]); `count` (a power of two <= 8) chunks, combined by the pairwise tree.
+struct ChunkBounds {
+  int64_t rows[9] = {};
+  int count = 8;
+};
+// The 8 canonical chunks of T tokens, rows_per_token rows each (cpu::token_chunks).
+ChunkBounds token_chunk_bounds(int64_t T, int64_t rows_per_token = 1);
+
+// How outer_sum_chunked tiles its outputs (the tests check that every tile gives the same bits).
+enum class OuterTile { k4x4, k1x1 };
+
+// out[i, k] (overwritten) for i < I, k < K = tree over the chunks of (sum over the chunk's s,
+// ascending, of g[i * g_row + s * g_col] * m[s * K + k]): cpu linear_backward's outer_sum_rows.
+template <typename TG, typename TM>
+void outer_sum_chunked(const TG* g, int64_t g_row, int64_t g_col, const TM* m, int64_t K, const ChunkBounds& bounds,
+                       float* out, int64_t I, cudaStream_t s, OuterTile tile = OuterTile::k4x4);
+
+// dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
+template <typename TX>
+void linear_weight_grad(const float* dy, const TX* x, float* dW, int64_t N, int64_t K, const ChunkBounds& chunks,
+                        cudaStream_t s);
+// dx [T, K] (overwritten) = sum over n of dy[t, n] W[n, k], canonical over N: 8 chunks of
+// canonical_chunk(N) (cpu::linear_input_grad).
+template <typename TW>
+void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64_t N, int64_t K, cudaStream_t s);
+
+// out[i] (overwritten) = tree over the chunks of (sum over the chunk's rows of a[r, i] * b[r, i])
+// (cpu::column_sum_chunked; b == nullptr sums a alone).
+void column_sum_chunked(const float* a, const float* b, float* out, int64_t n, const ChunkBounds& bounds,
+                        cudaStream_t s);
+
+// 1 / rms of each row of x [rows, n] by the forward's own procedure, so the backward
+// differentiates the values the forward made: kNormThreads-strided sums and the block sum of
+// the hidden-state norms (threads = 256), or the lane-strided warp sum of q_norm/k_norm
+// (threads = 32).
+void inverse_rms_rows(const bf16_t* x, float* inv, int64_t rows, int64_t n, float eps, int threads, cudaStream_t s);
+
+// cpu::rmsnorm_backward given the forward's inv per row: dx overwritten; dw (when not null)
+// the token-chunk tree of dout * r(x * inv) with `chunks` in rows. The backward's own sum
+// dot(w * dout, x) is the CPU's dot procedure.
+void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const float* dout, float* dx, float* dw,
+                      int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks, cudaStream_t s);
+
+// cpu::swiglu_backward for gate/up read from gu [R, 2I] (each row's gate, then up, as the
+// forward's gate_up GEMM writes them): dgate, dup [R, I] overwritten.
+template <typename TG>
+void swiglu_backward(const TG* gu, const float* dout, float* dgate, float* dup, int64_t R, int64_t I, cudaStream_t s);
+
+// cpu::rope_backward in place on dx [T, heads, head_dim] with the runner's rotary table
+// (cos/sin [max_positions, head_dim / 2]).
+void rope_backward(float* dx, const int32_t* positions, const float* rope_cos, const float* rope_sin, int64_t T,
+                   int64_t heads, int64_t head_dim, cudaStream_t s);
+
+// cpu::embedding_backward over the tokens grouped by id: the host lists, for each id used
+// (`used` ids, ascending), its tokens in ascending order (tokens_by_id, starts [used + 1]) and
+// each one's canonical chunk is that of its position among the T tokens. Rows of dtable [V, H]
+// that no token uses are zeroed.
+void embedding_backward(const int32_t* used_ids, const int32_t* starts, const int32_t* tokens_by_id, int64_t used,
+                        const float* dout, float* dtable, int64_t T, int64_t V, int64_t H, cudaStream_t s);
+
+// x += y (fp32, n elements).
+void add_inplace(float* x, const float* y, int64_t n, cudaStream_t s);
+
+// cpu::paged_attention_backward over the bf16 cache and the forward's bf16 q and output:
+// every sequence whole; seq_tokens lists each sequence's tokens by position, sequence s's at
+// [seq_first[s], seq_first[s + 1]) (seq s as slots.seq_of_token numbers them). `lse_ws`,
+// `delta_ws`: T * heads floats of scratch. dq [T, heads, D], dk, dv [T, kv_heads, D] overwritten.
+void paged_attention_backward(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
+                              const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens, int64_t T,
+                              int64_t heads, float scale, float* lse_ws, float* delta_ws, float* dq, float* dk,
+                              float* dv, cudaStream_t s);
+
+// cpu::route_topk_backward with the probabilities recomputed as the GPU router computes them.
+void route_topk_backward(const float* router_logits, const int32_t* expert_ids, const float* weights,
+                         const float* dweights, float* dlogits, int64_t T, int64_t E, int64_t k, bool normalize,
+                         cudaStream_t s);
+
+// Per row: lse[r] = the canonical log-normaliser of logits[r] (log_softmax_gather's, same bits).
+void log_normalizer_rows(const float* logits, float* lse, int64_t R, int64_t V, cudaStream_t s);
+// cpu::log_softmax_gather_backward given the rows' lse; dentropy/entropy may be null.
+void log_softmax_gather_backward(const float* logits, const float* lse, const int32_t* targets, const float* dlogp,
+                                 const float* dentropy, const float* entropy, float* dlogits, int64_t R, int64_t V,
+                                 cudaStream_t s);
+// cpu::softmax_entropy given the rows' lse.
+void softmax_entropy(const float* logits, const float* lse, float* entropy, int64_t R, int64_t V, cudaStream_t s);
+
+}  // namespace lockstep::cuda

@@ -1,0 +1,413 @@
+// The GPU backward kernels (kernels/cuda/backward.h) against their CPU references on random
+// inputs: the ops without a transcendental function give the CPU's bits exactly (memcmp);
+// the others agree to a few ulp of fp32. Plus the invariances the trainer relies on: a tile
+// choice changes no bit, and a token's gradients do not depend on the other sequences of the
+// micro-batch.
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <random>
+
+#include "cuda_test_util.h"
+#include "kernels/canonical.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_backward.h"
+#include "kernels/cpu/elementwise_backward.h"
+#include "kernels/cpu/linear_backward.h"
+#include "kernels/cpu/log_softmax.h"
+#include "kernels/cpu/log_softmax_backward.h"
+#include "kernels/cpu/moe.h"
+#include "kernels/cpu/moe_backward.h"
+#include "kernels/cpu/reduce_backward.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cpu/rope_backward.h"
+#include "kernels/cuda/backward.h"
+#include "kernels/cuda/ops.h"
+
+namespace lockstep {
+namespace {
+
+using testing::DeviceVec;
+using testing::same_bits_f;
+using bf16_bits = std::vector<uint16_t>;
+
+std::vector<float> random_f32(int64_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> d(-scale, scale);
+  std::vector<float> out(static_cast<size_t>(n));
+  for (auto& v : out) v = d(rng);
+  return out;
+}
+std::vector<float> widen(const bf16_bits& b) {
+  std::vector<float> out(b.size());
+  for (size_t i = 0; i < b.size(); ++i) out[i] = bf16_to_f32(b[i]);
+  return out;
+}
+const cuda::bf16_t* as_bf16(const DeviceVec<uint16_t>& v) { return reinterpret_cast<const cuda::bf16_t*>(v.get()); }
+
+cuda::ChunkBounds bounds_of(const cpu::TokenChunks& c) {
+  cuda::ChunkBounds b;
+  std::copy(c.rows, c.rows + kTMax + 1, b.rows);
+  return b;
+}
+
+// |got - want| within `ulps` fp32 ulps of the largest |want| (sums of many terms cancel, so
+// an element's own magnitude is no scale for its rounding).
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, float ulps, const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  float scale = 0.0f;
+  for (float w : want) scale = std::max(scale, std::fabs(w));
+  const float tol = ulps * scale * std::numeric_limits<float>::epsilon();
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!(std::fabs(got[i] - want[i]) <= tol) && bad++ < 5)
+      ADD_FAILURE() << what << "[" << i << "]: gpu " << got[i] << ", cpu " << want[i] << " (tolerance " << tol << ")";
+  EXPECT_EQ(bad, 0u) << what;
+}
+
+struct LinearCase {
+  int64_t T, N, K;
+};
+
+class CudaLinearBackward : public ::testing::TestWithParam<LinearCase> {};
+
+TEST_P(CudaLinearBackward, WeightAndInputGradsHaveTheCpuBitsAtEveryTile) {
+  LS_SKIP_WITHOUT_GPU();
+  const auto [T, N, K] = GetParam();
+  const auto dy = random_f32(T * N, 1 + T);
+  const bf16_bits x = testing::random_bf16(T * K, 2 + N), w = testing::random_bf16(N * K, 3 + K);
+  DeviceVec<float> Dy(dy), DW(N * K), Dx(T * K);
+  DeviceVec<uint16_t> X(x), W(w);
+
+  std::vector<float> want_dw(N * K), want_dx(T * K);
+  const cpu::TokenChunks chunks = cpu::token_chunks(T);
+  cpu::linear_weight_grad(dy.data(), widen(x).data(), want_dw.data(), N, K, chunks);
+  cpu::linear_input_grad(dy.data(), widen(w).data(), want_dx.data(), T, N, K);
+
+  DW.poison();
+  cuda::linear_weight_grad(Dy.get(), as_bf16(X), DW.get(), N, K, cuda::token_chunk_bounds(T), nullptr);
+  EXPECT_TRUE(same_bits_f(DW.take(), want_dw)) << "weight grad";
+  Dx.poison();
+  cuda::linear_input_grad(Dy.get(), as_bf16(W), Dx.get(), T, N, K, nullptr);
+  EXPECT_TRUE(same_bits_f(Dx.take(), want_dx)) << "input grad";
+  // The other tile: each element by the same procedure.
+  DW.poison();
+  cuda::outer_sum_chunked(Dy.get(), 1, N, as_bf16(X), K, cuda::token_chunk_bounds(T), DW.get(), N, nullptr,
+                          cuda::OuterTile::k1x1);
+  EXPECT_TRUE(same_bits_f(DW.take(), want_dw)) << "weight grad, 1x1 tile";
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinearBackward,
+                         ::testing::Values(LinearCase{1, 8, 8}, LinearCase{37, 70, 45}, LinearCase{64, 128, 96},
+                                           LinearCase{203, 33, 130}));
+
+TEST(CudaBackwardOps, ChunkSubtreesAndColumnSumsHaveTheCpuBits) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t T = 53, N = 40, K = 24, n = 300;
+  const auto dy = random_f32(T * N, 4), x = random_f32(T * K, 5);
+  // A sequence-parallel rank's run of two chunks: the subtree of its rows.
+  const cpu::TokenChunks all = cpu::token_chunks(T);
+  int64_t rows[3] = {0, all.rows[3] - all.rows[2], all.rows[4] - all.rows[2]};
+  std::vector<float> want(N * K);
+  cpu::linear_weight_grad_subtree(dy.data() + all.rows[2] * N, x.data() + all.rows[2] * K, want.data(), N, K, rows, 2);
+  cuda::ChunkBounds b;
+  b.count = 2;
+  std::copy(rows, rows + 3, b.rows);
+  DeviceVec<float> Dy(std::vector<float>(dy.begin() + all.rows[2] * N, dy.end())),
+      X(std::vector<float>(x.begin() + all.rows[2] * K, x.end())), DW(N * K);
+  cuda::linear_weight_grad(Dy.get(), X.get(), DW.get(), N, K, b, nullptr);
+  EXPECT_TRUE(same_bits_f(DW.take(), want));
+
+  const auto a = random_f32(T * n, 6), c = random_f32(T * n, 7);
+  std::vector<float> want_sum(n), want_prod(n);
+  cpu::column_sum_chunked(a.data(), nullptr, want_sum.data(), n, all.rows, kTMax);
+  cpu::column_sum_chunked(a.data(), c.data(), want_prod.data(), n, all.rows, kTMax);
+  DeviceVec<float> A(a), C(c), Out(n);
+  cuda::column_sum_chunked(A.get(), nullptr, Out.get(), n, bounds_of(all), nullptr);
+  EXPECT_TRUE(same_bits_f(Out.take(), want_sum));
+  cuda::column_sum_chunked(A.get(), C.get(), Out.get(), n, bounds_of(all), nullptr);
+  EXPECT_TRUE(same_bits_f(Out.take(), want_prod));
+}
+
+TEST(CudaBackwardOps, InverseRmsIsTheForwardsAndRmsnormBackwardMatchesTheCpu) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t rows = 29, n = 2048;
+  const float eps = 1e-6f;
+  const bf16_bits x = testing::random_bf16(rows * n, 8);
+  const auto w = random_f32(n, 9), dout = random_f32(rows * n, 10);
+  DeviceVec<uint16_t> X(x), Y(rows * n);
+  DeviceVec<float> Wt(w), Inv(rows), Dout(dout), Dx(rows * n), Dw(n);
+  cuda::inverse_rms_rows(as_bf16(X), Inv.get(), rows, n, eps, 256, nullptr);
+  cuda::rmsnorm(as_bf16(X), Wt.get(), reinterpret_cast<cuda::bf16_t*>(Y.get()), rows, n, eps, nullptr);
+  // The forward's output from the backward's inv: the same bits, so the backward
+  // differentiates exactly what the forward computed.
+  const auto inv = Inv.take();
+  const auto y = Y.take();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) {
+      const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[r * n + i]) * inv[r]));
+      ASSERT_EQ(f32_to_bf16(w[i] * normed), y[r * n + i]) << "row " << r << " element " << i;
+    }
+  cuda::rmsnorm_backward(as_bf16(X), Inv.get(), Wt.get(), Dout.get(), Dx.get(), Dw.get(), rows, n, true,
+                         cuda::token_chunk_bounds(rows), nullptr);
+  std::vector<float> want_dx(rows * n), want_dw(n);
+  cpu::rmsnorm_backward(widen(x).data(), w.data(), dout.data(), want_dx.data(), want_dw.data(), rows, n, eps, true,
+                        cpu::token_chunks(rows));
+  expect_close(Dx.take(), want_dx, 16, "dx");
+  expect_close(Dw.take(), want_dw, 16, "dw");
+}
+
+TEST(CudaBackwardOps, HeadNormInverseRmsIsTheForwards) {
+  LS_SKIP_WITHOUT_GPU();
+  // q_norm/k_norm run per head by one warp (qk_norm_rope_store); rebuild q from inv and
+  // compare with the forward's q at position 0 (where RoPE is the identity).
+  const int64_t T = 5, nq = 4, nkv = 2, D = 128;
+  const float eps = 1e-6f;
+  const bf16_bits qkv = testing::random_bf16(T * (nq + 2 * nkv) * D, 11);
+  const auto qn = random_f32(D, 12), kn = random_f32(D, 13);
+  cpu::RopeTable rope = cpu::RopeTable::build(D, 8, 10000.0);
+  DeviceVec<uint16_t> Qkv(qkv), Q(T * nq * D), K(8 * nkv * D), V(8 * nkv * D), Heads(T * nq * D);
+  DeviceVec<float> Qn(qn), Kn(kn), Cos(rope.cos), Sin(rope.sin), Inv(T * nq);
+  std::vector<int32_t> pos(T, 0), seq(T), table(T);
+  std::iota(seq.begin(), seq.end(), 0);
+  std::iota(table.begin(), table.end(), 0);
+  DeviceVec<int32_t> Pos(pos), Seq(seq), Table(table), Stride(std::vector<int32_t>{1});
+  cuda::DeviceKvLayer kv{reinterpret_cast<cuda::bf16_t*>(K.get()), reinterpret_cast<cuda::bf16_t*>(V.get()), 1, nkv, D};
+  cuda::DeviceSlots slots;
+  slots.positions = Pos.get();
+  slots.seq_of_token = Seq.get();
+  slots.page_tables = Table.get();
+  slots.table_stride = Stride.get();
+  cuda::qk_norm_rope_store(as_bf16(Qkv), Qn.get(), Kn.get(), Cos.get(), Sin.get(),
+                           reinterpret_cast<cuda::bf16_t*>(Q.get()), kv, slots, T, nq, nkv, D, eps, nullptr);
+  // The q heads as rows [T * nq, D].
+  bf16_bits heads(T * nq * D);
+  for (int64_t t = 0; t < T; ++t) std::copy_n(qkv.begin() + t * (nq + 2 * nkv) * D, nq * D, heads.begin() + t * nq * D);
+  Heads.put(heads);
+  cuda::inverse_rms_rows(as_bf16(Heads), Inv.get(), T * nq, D, eps, 32, nullptr);
+  const auto inv = Inv.take();
+  const auto q = Q.take();
+  for (int64_t r = 0; r < T * nq; ++r)
+    for (int64_t i = 0; i < D; ++i) {
+      const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(heads[r * D + i]) * inv[r]));
+      const float weighted = bf16_to_f32(f32_to_bf16(qn[i] * normed));
+      ASSERT_EQ(f32_to_bf16(weighted * 1.0f - 0.0f), q[r * D + i]) << "head row " << r << " element " << i;
+    }
+}
+
+TEST(CudaBackwardOps, SwigluRopeAndEmbeddingBackward) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t R = 41, I = 96;
+  const bf16_bits gu = testing::random_bf16(R * 2 * I, 14, 4.0f);
+  const auto dout = random_f32(R * I, 15);
+  DeviceVec<uint16_t> Gu(gu);
+  DeviceVec<float> Dout(dout), Dg(R * I), Du(R * I);
+  cuda::swiglu_backward(as_bf16(Gu), Dout.get(), Dg.get(), Du.get(), R, I, nullptr);
+  std::vector<float> gate(R * I), up(R * I), want_dg(R * I), want_du(R * I);
+  const auto guf = widen(gu);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < I; ++i) gate[r * I + i] = guf[r * 2 * I + i], up[r * I + i] = guf[r * 2 * I + I + i];
+  cpu::swiglu_backward(gate.data(), up.data(), dout.data(), want_dg.data(), want_du.data(), R * I);
+  expect_close(Dg.take(), want_dg, 8, "dgate");
+  expect_close(Du.take(), want_du, 8, "dup");
+
+  const int64_t T = 19, heads = 3, D = 64;
+  cpu::RopeTable rope = cpu::RopeTable::build(D, 64, 1000000.0);
+  std::vector<int32_t> pos(T);
+  for (int64_t t = 0; t < T; ++t) pos[t] = int32_t((t * 7) % 64);
+  auto dx = random_f32(T * heads * D, 16);
+  DeviceVec<float> Dx(dx), Cos(rope.cos), Sin(rope.sin);
+  DeviceVec<int32_t> Pos(pos);
+  cuda::rope_backward(Dx.get(), Pos.get(), Cos.get(), Sin.get(), T, heads, D, nullptr);
+  cpu::rope_backward(dx.data(), pos.data(), T, heads, rope);
+  EXPECT_TRUE(same_bits_f(Dx.take(), dx)) << "rope";
+
+  const int64_t V = 50, H = 70, N = 45;
+  std::vector<int32_t> ids(N);
+  std::mt19937_64 rng(17);
+  for (auto& id : ids) id = int32_t(rng() % 12 * 4);  // some ids repeat, most rows unused
+  const auto demb = random_f32(N * H, 18);
+  std::map<int32_t, std::vector<int32_t>> by_id;
+  for (int64_t t = 0; t < N; ++t) by_id[ids[t]].push_back(int32_t(t));
+  std::vector<int32_t> used, starts{0}, toks;
+  for (const auto& [id, list] : by_id) {
+    used.push_back(id);
+    toks.insert(toks.end(), list.begin(), list.end());
+    starts.push_back(int32_t(toks.size()));
+  }
+  DeviceVec<int32_t> Used(used), Starts(starts), Toks(toks);
+  DeviceVec<float> Demb(demb), Table(V * H);
+  Table.poison();
+  cuda::embedding_backward(Used.get(), Starts.get(), Toks.get(), int64_t(used.size()), Demb.get(), Table.get(), N, V, H,
+                           nullptr);
+  std::vector<float> want(V * H);
+  cpu::embedding_backward(ids.data(), demb.data(), want.data(), N, V, H);
+  EXPECT_TRUE(same_bits_f(Table.take(), want)) << "embedding";
+}
+
+TEST(CudaBackwardOps, RouterAndLogSoftmaxBackward) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t T = 23, E = 128, k = 8;
+  const auto logits = random_f32(T * E, 19, 3.0f), dweights = random_f32(T * k, 20);
+  for (bool normalize : {true, false}) {
+    std::vector<int32_t> ids(T * k);
+    std::vector<float> weights(T * k), want(T * E);
+    cpu::route_topk(logits.data(), T, E, k, normalize, ids.data(), weights.data());
+    cpu::route_topk_backward(logits.data(), ids.data(), weights.data(), dweights.data(), want.data(), T, E, k,
+                             normalize);
+    DeviceVec<float> L(logits), W(weights), Dw(dweights), Out(T * E);
+    DeviceVec<int32_t> Ids(ids);
+    cuda::route_topk_backward(L.get(), Ids.get(), W.get(), Dw.get(), Out.get(), T, E, k, normalize, nullptr);
+    expect_close(Out.take(), want, 16, normalize ? "router (normalized)" : "router");
+  }
+
+  const int64_t R = 7, Vocab = 1001;
+  const auto z = random_f32(R * Vocab, 21, 8.0f), dlogp = random_f32(R, 22), dent = random_f32(R, 23);
+  std::vector<int32_t> targets(R);
+  for (int64_t r = 0; r < R; ++r) targets[r] = int32_t((r * 137) % Vocab);
+  DeviceVec<float> Z(z), Lse(R), Dlogp(dlogp), Dent(dent), Ent(R), Dz(R * Vocab);
+  DeviceVec<int32_t> Tg(targets);
+  cuda::log_normalizer_rows(Z.get(), Lse.get(), R, Vocab, nullptr);
+  // The backward's normaliser is the score path's: logits[target] - lse = log_softmax_gather.
+  DeviceVec<float> Logp(R);
+  cuda::log_softmax_gather(Z.get(), Tg.get(), Logp.get(), R, Vocab, nullptr);
+  const auto lse = Lse.take(), logp = Logp.take();
+  for (int64_t r = 0; r < R; ++r) EXPECT_EQ(z[r * Vocab + targets[r]] - lse[r], logp[r]) << "row " << r;
+  cuda::softmax_entropy(Z.get(), Lse.get(), Ent.get(), R, Vocab, nullptr);
+  std::vector<float> want_ent(R), want_dz(R * Vocab);
+  cpu::softmax_entropy(z.data(), want_ent.data(), R, Vocab);
+  const auto ent = Ent.take();
+  expect_close(ent, want_ent, 16, "entropy");
+  cuda::log_softmax_gather_backward(Z.get(), Lse.get(), Tg.get(), Dlogp.get(), Dent.get(), Ent.get(), Dz.get(), R,
+                                    Vocab, nullptr);
+  cpu::log_softmax_gather_backward(z.data(), targets.data(), dlogp.data(), dent.data(), ent.data(), want_dz.data(), R,
+                                   Vocab);
+  expect_close(Dz.take(), want_dz, 16, "dlogits");
+}
+
+// Whole sequences in a shuffled page pool; the CPU reference reads a widened copy.
+struct AttentionStep {
+  int64_t D = 64, nq = 4, nkv = 2, page = 16;
+  std::vector<int64_t> lens;
+  std::vector<int32_t> pos, seq, tables, seq_first, seq_tokens;
+  int64_t stride = 0, pages = 0;
+  bf16_bits k, v;
+
+  AttentionStep(std::vector<int64_t> l, uint64_t seed) : lens(std::move(l)) {
+    const int64_t S = int64_t(lens.size());
+    for (int64_t n : lens) stride = std::max(stride, (n + page - 1) / page);
+    pages = S * stride;
+    tables.resize(size_t(pages));
+    std::iota(tables.begin(), tables.end(), 0);
+    std::mt19937_64 rng(seed);
+    std::shuffle(tables.begin(), tables.end(), rng);
+    seq_first.push_back(0);
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t p = 0; p < lens[s]; ++p) {
+        seq_tokens.push_back(int32_t(pos.size()));
+        pos.push_back(int32_t(p));
+        seq.push_back(int32_t(s));
+      }
+      seq_first.push_back(int32_t(pos.size()));
+    }
+    k = testing::random_bf16(pages * page * nkv * D, seed + 1, 2.0f);
+    v = testing::random_bf16(pages * page * nkv * D, seed + 2);
+  }
+  int64_t T() const { return int64_t(pos.size()); }
+};
+
+struct AttentionGrads {
+  std::vector<float> dq, dk, dv;
+};
+
+AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q, const bf16_bits& out,
+                                      const std::vector<float>& dout) {
+  const int64_t T = a.T();
+  DeviceVec<uint16_t> K(a.k), V(a.v), Q(q), O(out);
+  DeviceVec<float> Dout(dout), Lse(T * a.nq), Delta(T * a.nq), Dq(T * a.nq * a.D), Dk(T * a.nkv * a.D),
+      Dv(T * a.nkv * a.D);
+  DeviceVec<int32_t> Pos(a.pos), Seq(a.seq), Tables(a.tables), Stride(std::vector<int32_t>{int32_t(a.stride)}),
+      First(a.seq_first), Toks(a.seq_tokens);
+  cuda::DeviceKvLayer kv{reinterpret_cast<cuda::bf16_t*>(K.get()), reinterpret_cast<cuda::bf16_t*>(V.get()), a.page,
+                         a.nkv, a.D};
+  cuda::DeviceSlots slots;
+  slots.positions = Pos.get();
+  slots.seq_of_token = Seq.get();
+  slots.page_tables = Tables.get();
+  slots.table_stride = Stride.get();
+  cuda::paged_attention_backward(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
+                                 1.0f / std::sqrt(float(a.D)), Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(),
+                                 nullptr);
+  return {Dq.take(), Dk.take(), Dv.take()};
+}
+
+TEST(CudaBackwardOps, AttentionBackwardMatchesTheCpu) {
+  LS_SKIP_WITHOUT_GPU();
+  AttentionStep a({70, 5, 130}, 24);
+  const int64_t T = a.T();
+  const bf16_bits q = testing::random_bf16(T * a.nq * a.D, 25), out = testing::random_bf16(T * a.nq * a.D, 26);
+  const auto dout = random_f32(T * a.nq * a.D, 27);
+  const AttentionGrads got = gpu_attention_backward(a, q, out, dout);
+
+  std::vector<float> kf = widen(a.k), vf = widen(a.v);
+  PagedKvLayer kv{kf.data(), vf.data(), a.pages, a.page, a.nkv, a.D};
+  std::vector<const int32_t*> table_of(T);
+  for (int64_t t = 0; t < T; ++t) table_of[t] = a.tables.data() + a.seq[t] * a.stride;
+  TokenSlots slots{a.pos.data(), table_of.data()};
+  AttentionGrads want{std::vector<float>(T * a.nq * a.D), std::vector<float>(T * a.nkv * a.D),
+                      std::vector<float>(T * a.nkv * a.D)};
+  cpu::paged_attention_backward(widen(q).data(), widen(out).data(), dout.data(), kv, slots, T, a.nq,
+                                1.0f / std::sqrt(float(a.D)), want.dq.data(), want.dk.data(), want.dv.data());
+  expect_close(got.dq, want.dq, 64, "dq");
+  expect_close(got.dk, want.dk, 64, "dk");
+  expect_close(got.dv, want.dv, 64, "dv");
+}
+
+TEST(CudaBackwardOps, AttentionBackwardOfASequenceIgnoresItsNeighbours) {
+  LS_SKIP_WITHOUT_GPU();
+  // Sequence of 90 tokens alone, then after two other sequences in other pages: its dq, dk,
+  // dv rows have the same bits (batch composition, packing place, page placement).
+  const int64_t len = 90;
+  AttentionStep alone({len}, 28), among({33, 7, len}, 29);
+  const int64_t row = alone.nkv * alone.D, qrow = alone.nq * alone.D, first = 40;
+  // The sequence's K/V into `among`'s pages.
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t src = int64_t(alone.tables[p / alone.page]) * alone.page + p % alone.page;
+    const int64_t dst = int64_t(among.tables[2 * among.stride + p / among.page]) * among.page + p % among.page;
+    std::copy_n(alone.k.begin() + src * row, row, among.k.begin() + dst * row);
+    std::copy_n(alone.v.begin() + src * row, row, among.v.begin() + dst * row);
+  }
+  const bf16_bits q = testing::random_bf16(len * qrow, 30), out = testing::random_bf16(len * qrow, 31);
+  const auto dout = random_f32(len * qrow, 32);
+  bf16_bits q2 = testing::random_bf16(among.T() * qrow, 33), out2 = testing::random_bf16(among.T() * qrow, 34);
+  auto dout2 = random_f32(among.T() * qrow, 35);
+  std::copy(q.begin(), q.end(), q2.begin() + first * qrow);
+  std::copy(out.begin(), out.end(), out2.begin() + first * qrow);
+  std::copy(dout.begin(), dout.end(), dout2.begin() + first * qrow);
+  const AttentionGrads g1 = gpu_attention_backward(alone, q, out, dout);
+  const AttentionGrads g2 = gpu_attention_backward(among, q2, out2, dout2);
+  auto rows = [&](const std::vector<float>& v, int64_t width) {
+    return std::vector<float>(v.begin() + first * width, v.begin() + (first + len) * width);
+  };
+  EXPECT_TRUE(same_bits_f(g1.dq, rows(g2.dq, qrow)));
+  EXPECT_TRUE(same_bits_f(g1.dk, rows(g2.dk, row)));
+  EXPECT_TRUE(same_bits_f(g1.dv, rows(g2.dv, row)));
+}
+
+TEST(CudaBackwardOps, InputGradRowsIgnoreOtherRows) {
+  LS_SKIP_WITHOUT_GPU();
+  // A token's d(input) is a function of its own row: the same bits in a batch of 9 and of 300.
+  const int64_t N = 160, K = 72, small = 9, big = 300;
+  const auto dy = random_f32(big * N, 36);
+  const bf16_bits w = testing::random_bf16(N * K, 37);
+  DeviceVec<uint16_t> W(w);
+  DeviceVec<float> DyBig(dy), DySmall(std::vector<float>(dy.end() - small * N, dy.end())), DxBig(big * K),
+      DxSmall(small * K);
+  cuda::linear_input_grad(DyBig.get(), as_bf16(W), DxBig.get(), big, N, K, nullptr);
+  cuda::linear_input_grad(DySmall.get(), as_bf16(W), DxSmall.get(), small, N, K, nullptr);
+  const auto all = DxBig.take();
+  EXPECT_TRUE(same_bits_f(DxSmall.take(), std::vector<float>(all.end() - small * K, all.end())));
+}
+
+}  // namespace
+}  // namespace lockstep
