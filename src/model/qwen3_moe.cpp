@@ -10,7 +10,7 @@
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/log_softmax.h"
 #include "kernels/cpu/moe.h"
-#include "model/layer_forward.h"
+#include "model/layer.h"
 #include "parallel/expert_parallel.h"
 
 namespace lockstep {

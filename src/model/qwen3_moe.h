@@ -1,4 +1,4 @@
-// The Qwen3-MoE model: one definition of the decoder layer (model/layer_forward.h, here with
+// The Qwen3-MoE model: one definition of the decoder layer (model/layer.h, here with
 // the CPU op set; train/layer_backward.h for its backward) over a parallel context. A single
 // rank is the context of one rank (topology 1, a SelfCommunicator), so `lockstep score`, the
 // rollout engine, the trainer and every parallel form run the same lines; each op's

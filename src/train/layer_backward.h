@@ -1,7 +1,7 @@
-// Backward of one Qwen3-MoE decoder layer, the only one: every topology and the single rank
-// (the context of one rank) run it, from the intermediates that Qwen3Moe::layer_forward
-// left in LayerActivations. Orchestration only: the arithmetic is in
-// src/kernels/cpu/*_backward.h.
+// Backward of one Qwen3-MoE decoder layer on the CPU: the layer's backward sequence
+// (model/layer.h) with the CPU op set, which every topology and the single rank (the context
+// of one rank) run, from the intermediates that Qwen3Moe::layer_forward left in
+// LayerActivations. Orchestration only: the arithmetic is in src/kernels/cpu/*_backward.h.
 //
 // How each dimension keeps the single-rank trees (docs/parallel.md, "Backward"):
 //   TP  column-parallel dx (q/k/v, gate/up) is canonical over N: each rank's chunk-run

@@ -19,7 +19,7 @@
 #include "kernels/cuda/decode_layers.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
-#include "model/layer_forward.h"
+#include "model/layer.h"
 
 namespace lockstep {
 namespace {
