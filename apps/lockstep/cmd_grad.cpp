@@ -5,15 +5,21 @@
 // Under mpirun with the topology flags the gradient is computed at that topology and rank 0
 // writes the same bytes (docs/numerics.md, D4); DP replicas take whole runs of micro-batches.
 // Output: `loss` (F32, shape [] -- a scalar) and `grad.<global name>` (F32, the parameter's
-// shape) for every parameter.
+// shape) for every parameter. --device cuda runs the GPU trainer's backward
+// (model/cuda/cuda_trainer.h; bfloat16 recipe, one GPU), micro-batches by the same tree.
 #include <memory>
 
 #include "checkpoint/safetensors.h"
 #include "command_registry.h"
+#include "core/device_memory.h"
 #include "core/error.h"
 #include "core/jsonl.h"
 #include "dist/mpi_communicator.h"
+#ifdef LOCKSTEP_CUDA
+#include "model/cuda/cuda_trainer.h"
+#endif
 #include "model/qwen3_moe.h"
+#include "model/runner.h"
 #include "parallel/parallel_backward.h"
 #include "topology_flags.h"
 #include "train/grad_accumulate.h"
@@ -22,7 +28,7 @@ namespace lockstep::cli {
 namespace {
 
 struct GradOptions {
-  std::string model, input = "-", output, dtype = "float32";
+  std::string model, input = "-", output, dtype = "float32", device = "cpu";
   int64_t num_microbatches = 1;
   TopologyRequest topology;  // parallel forms (mpirun)
 };
@@ -34,9 +40,59 @@ std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<f
   return up;
 }
 
+// Writes the loss (summed in double in input order, stored as fp32) and the gradients.
+int write_grads(const std::string& path, Precision precision, const std::vector<std::vector<float>>& logprobs,
+                const std::map<std::string, Tensor>& grads) {
+  double loss = 0;
+  for (const auto& lp : logprobs) {
+    double nll = 0;
+    for (float v : lp) nll -= double(v);
+    loss += nll / double(lp.size());
+  }
+
+  std::map<std::string, Tensor> out;
+  Tensor loss_t = Tensor::zeros(Shape{}, DType::f32);
+  loss_t.data<float>()[0] = float(loss);
+  out.emplace("loss", loss_t);
+  for (auto& [name, g] : grads) out.emplace("grad." + name, g);
+  write_safetensors(path, out,
+                    {{"loss", "sum over sequences of mean next-token NLL"}, {"dtype", precision_name(precision)}});
+  return 0;
+}
+
+// The GPU trainer's gradients of the micro-batches, summed by the pairwise tree; `logprobs`
+// gets each sequence's log-probs.
+GradMap cuda_grads(const std::string& model_dir, Precision precision,
+                   const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                   std::vector<std::vector<float>>& logprobs) {
+#ifdef LOCKSTEP_CUDA
+  auto runner = make_runner(Device::cuda, ModelWeights::load(model_dir, precision), precision);
+  PairwiseGradAccumulator sum(int64_t(micro_batches.size()));
+  for (const auto& mb : micro_batches) {
+    const ModelWeights g = cuda_step_grads(*runner, mb, false, [&](int64_t, const auto& lp, const auto&) {
+      logprobs.insert(logprobs.end(), lp.begin(), lp.end());
+      return mean_nll_upstream(lp);
+    });
+    sum.push(named_tensors(g));
+  }
+  return sum.finish();
+#else
+  (void)model_dir, (void)precision, (void)micro_batches, (void)logprobs;
+  LS_CHECK(false, "--device cuda: this build has no CUDA backend (configure with -DLOCKSTEP_CUDA=ON)");
+  return {};
+#endif
+}
+
 int run_grad(const GradOptions& o) {
   Precision precision = precision_from_name(o.dtype);
+  const Device device = device_from_name(o.device);
   auto world = dist::world_communicator();
+  if (device == Device::cuda) {
+    LS_CHECK(!o.topology.parallel() && world->size() == 1,
+             "--device cuda: grad runs on one GPU (the parallel forms run on --device cpu)");
+    LS_CHECK(precision == Precision::bfloat16, "--device cuda runs the bfloat16 recipe only (use --dtype bfloat16)");
+    LS_CHECK(cuda_available(), "--device cuda: no CUDA device is available");
+  }
   const ModelConfig config = ModelConfig::load(o.model + "/config.json");
   // The topology (one rank without the flags) is checked against the model before any
   // input or weight is read.
@@ -61,6 +117,11 @@ int run_grad(const GradOptions& o) {
   // double in input order, then stored as fp32.
   std::vector<std::vector<float>> logprobs(seqs.size());
   std::map<std::string, Tensor> grads;
+  if (device == Device::cuda) {
+    logprobs.clear();
+    grads = cuda_grads(o.model, precision, mbs, logprobs);
+    return write_grads(o.output, precision, logprobs, grads);
+  }
   const Topology& t = topo.topo;
   LS_CHECK(o.num_microbatches % t.dp == 0, "--num-microbatches ", o.num_microbatches,
            " must be a multiple of the data-parallel size ", t.dp, " (each replica takes whole micro-batches)");
@@ -99,21 +160,7 @@ int run_grad(const GradOptions& o) {
       at += seqs[i].size() - 1;
     }
   }
-  double loss = 0;
-  for (const auto& lp : logprobs) {
-    double nll = 0;
-    for (float v : lp) nll -= double(v);
-    loss += nll / double(lp.size());
-  }
-
-  std::map<std::string, Tensor> out;
-  Tensor loss_t = Tensor::zeros(Shape{}, DType::f32);
-  loss_t.data<float>()[0] = float(loss);
-  out.emplace("loss", loss_t);
-  for (auto& [name, g] : grads) out.emplace("grad." + name, g);
-  write_safetensors(o.output, out,
-                    {{"loss", "sum over sequences of mean next-token NLL"}, {"dtype", precision_name(precision)}});
-  return 0;
+  return write_grads(o.output, precision, logprobs, grads);
 }
 
 const bool registered = register_command(
@@ -123,6 +170,7 @@ const bool registered = register_command(
        sub.add_option("--input", o->input, "input JSONL of {\"input_ids\":[...]} ('-' = stdin)");
        sub.add_option("--output", o->output, "output .safetensors")->required();
        sub.add_option("--dtype", o->dtype, "float32 | bfloat16");
+       sub.add_option("--device", o->device, "cpu | cuda (one GPU, bfloat16)");
        sub.add_option("--num-microbatches", o->num_microbatches,
                       "cut the input into this many contiguous micro-batches (pairwise gradient tree)");
        add_topology_flags(sub, o->topology);

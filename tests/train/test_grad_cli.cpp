@@ -92,6 +92,11 @@ TEST(GradCli, BadInputFailsClearly) {
   expect_failure("missing", "{\"tokens\":[1,2]}\n", "input_ids");
   expect_failure("empty", "", "no sequences");
   expect_failure("dtype", "{\"input_ids\":[1,2,3]}\n", "float16", "--dtype float16");
+  // The GPU trainer runs the bfloat16 recipe on one GPU: other requests are refused first.
+  expect_failure("cuda_dtype", "{\"input_ids\":[1,2,3]}\n", "bfloat16 recipe only", "--device cuda");
+  expect_failure("cuda_topology", "{\"input_ids\":[1,2,3]}\n", "one GPU",
+                 "--device cuda --dtype bfloat16 --tensor-model-parallel-size 2");
+  expect_failure("device", "{\"input_ids\":[1,2,3]}\n", "cpu", "--device tpu");
 }
 
 }  // namespace

@@ -101,6 +101,22 @@ void route_topk_backward(const float* router_logits, const int32_t* expert_ids, 
                          const float* dweights, float* dlogits, int64_t T, int64_t E, int64_t k, bool normalize,
                          cudaStream_t s);
 
+// The MoE block's backward around the experts' GEMMs (cpu::moe_backward's steps). The
+// (token, slot) pairs are taken as rows grouped by expert, tokens ascending within a group
+// (the host sorts them: the experts' weight-gradient trees need that order); row r is token
+// row_token[r], slot pair row_pair[r] = token * k + slot.
+// dst[r] = src[index[r]] for rows of H bf16.
+void gather_rows(const bf16_t* src, const int32_t* index, bf16_t* dst, int64_t rows, int64_t H, cudaStream_t s);
+// Per row: dweights[pair] = dot(dout[token], y[pair]) (the expert output's weight gradient,
+// the CPU's dot procedure) and dy_rows[r] = weights[pair] * dout[token].
+void expert_output_backward(const float* dout, const bf16_t* y, const float* weights, const int32_t* row_token,
+                            const int32_t* row_pair, float* dweights, float* dy_rows, int64_t rows, int64_t H,
+                            cudaStream_t s);
+// dh[t] += rows[order[t * k + j]] for j = 0..k-1 in that order (the token's experts in
+// ascending id).
+void add_rows_in_order(float* dh, const float* rows, const int32_t* order, int64_t T, int64_t k, int64_t H,
+                       cudaStream_t s);
+
 // Per row: lse[r] = the canonical log-normaliser of logits[r] (log_softmax_gather's, same bits).
 void log_normalizer_rows(const float* logits, float* lse, int64_t R, int64_t V, cudaStream_t s);
 // cpu::log_softmax_gather_backward given the rows' lse; dentropy/entropy may be null.

@@ -1,0 +1,27 @@
+// The trainer's backward on the GPU (bfloat16 recipe), over a CUDA runner's own weights: the
+// engine and the trainer share one copy of the model on the device.
+//
+// One micro-batch is one packed forward of whole sequences, as the CPU's ParallelGrad
+// (parallel/parallel_backward.h): the runner's forward (model/layer.h with the runner's op
+// set) keeps each layer's input; the head's log-probs are the score path's bits (the same
+// GEMM and log-softmax kernels); the backward recomputes each layer from its input with that
+// same op set, then runs the layer's backward sequence with the CUDA backward op set
+// (kernels/cuda/backward.h). Weight gradients reduce over the canonical token chunks
+// (docs/numerics.md, rules 8-10); nothing depends on a tile or a launch shape.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/runner.h"
+#include "parallel/parallel_backward.h"
+
+namespace lockstep {
+
+// Gradients (fp32, in the structure of the weights) of one micro-batch of `sequences` (each at
+// least 2 tokens) through the CUDA runner `runner` (make_cuda_runner). `upstream` is called
+// once (micro-batch 0) with each sequence's log-probs (and entropies when `want_entropy`) and
+// returns d objective / d logp (and d entropy) per predicted token, as for ParallelGrad.
+ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
+                             const UpstreamFn& upstream);
+
+}  // namespace lockstep
