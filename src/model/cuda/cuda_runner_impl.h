@@ -721,6 +721,31 @@ class CudaRunner final : public ModelRunner {
     cuda::gemm(g, stream_);
   }
 
+  // The experts' [gate | up] GEMM of `rows` rows (row r reads a[gather[r]]), grouped by
+  // expert as group_rows says, into out [rows, 2I] bf16: the forward's, and the trainer's
+  // recomputation of it.
+  GemmArgs expert_gate_up_args(const DeviceLayer& L, const bf16_t* a, const int32_t* gather,
+                               const int32_t* group_rows, int64_t rows, bf16_t* out) const {
+    const int64_t H = config_.hidden_size, E = config_.num_experts, I = config_.moe_intermediate_size;
+    GemmArgs gu;
+    gu.A = a;
+    gu.lda = H;
+    gu.a_gather = gather;
+    gu.W = L.gate_up;
+    gu.ldw = H;
+    gu.w_group_stride = 2 * I * H;
+    gu.M = rows;
+    gu.N = 2 * I;
+    gu.K = H;
+    gu.group_rows = group_rows;
+    gu.groups = int(E);
+    gu.out_kind = GemmOut::bf16;
+    gu.out_bf16 = out;
+    gu.ldo = 2 * I;
+    gu.rows_hint = std::max<int64_t>(1, rows / E);
+    return gu;
+  }
+
   void moe(Workspace& ws, const DeviceLayer& L, int64_t T) {
     const auto& c = config_;
     const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
@@ -739,22 +764,7 @@ class CudaRunner final : public ModelRunner {
     cuda::route_and_assign(ws.router_logits, ws.ids, ws.expert_weights, T, E, k, c.norm_topk_prob, ws.counts,
                            ws.group_rows, ws.gather, ws.scatter, stream_);
     const int64_t rows = T * k, hint = std::max<int64_t>(1, rows / E);
-    GemmArgs gu;  // [gate | up] of each (token, expert) row, grouped by expert
-    gu.A = ws.h_mlp;
-    gu.lda = H;
-    gu.a_gather = ws.gather;
-    gu.W = L.gate_up;
-    gu.ldw = H;
-    gu.w_group_stride = 2 * I * H;
-    gu.M = rows;
-    gu.N = 2 * I;
-    gu.K = H;
-    gu.group_rows = ws.group_rows;
-    gu.groups = int(E);
-    gu.out_kind = GemmOut::bf16;
-    gu.out_bf16 = ws.gu;
-    gu.ldo = 2 * I;
-    gu.rows_hint = hint;
+    GemmArgs gu = expert_gate_up_args(L, ws.h_mlp, ws.gather, ws.group_rows, rows, ws.gu);
     // Large steps: SwiGLU in the GEMM's epilogue, the activations straight out (notes v8).
     const bool fused_swiglu = cuda::gemm_takes_swiglu(gu);
     if (fused_swiglu) {

@@ -97,23 +97,7 @@ struct CudaLayerBackwardOps {
     r.upload_async(s.group_rows, offsets.data(), offsets.size() * 4);
 
     // The experts' internals, recomputed per row with the forward's GEMM and SwiGLU.
-    GemmArgs gu;
-    gu.A = w.h_mlp;
-    gu.lda = H;
-    gu.a_gather = s.row_token;
-    gu.W = L.gate_up;
-    gu.ldw = H;
-    gu.w_group_stride = 2 * I * H;
-    gu.M = rows;
-    gu.N = 2 * I;
-    gu.K = H;
-    gu.group_rows = s.group_rows;
-    gu.groups = int(E);
-    gu.out_kind = GemmOut::bf16;
-    gu.out_bf16 = s.gu_rows;
-    gu.ldo = 2 * I;
-    gu.rows_hint = std::max<int64_t>(1, rows / E);
-    cuda::gemm(gu, st);
+    cuda::gemm(r.expert_gate_up_args(L, w.h_mlp, s.row_token, s.group_rows, rows, s.gu_rows), st);
     cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
     cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
     cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H,
@@ -239,7 +223,7 @@ class CudaTrainer {
 
 BackwardScratch CudaTrainer::scratch(int64_t T) {
   const auto& c = c_;
-  const int64_t H = c.hidden_size, D = c.head_dim, qd = c.q_dim(), kd = c.kv_dim();
+  const int64_t H = c.hidden_size, qd = c.q_dim(), kd = c.kv_dim();
   const int64_t k = std::max<int64_t>(c.num_experts_per_tok, 1), E = std::max<int64_t>(c.num_experts, 1);
   const int64_t rows = std::max(T * k, T), I = std::max(c.moe_intermediate_size, c.intermediate_size);
   const int64_t heads = std::max(c.num_attention_heads, c.num_key_value_heads);
