@@ -5,6 +5,9 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#ifdef LOCKSTEP_CUDA
+#include "model/cuda/cuda_trainer.h"
+#endif
 #include "parallel/shard_plan.h"
 #include "train/grad_accumulate.h"
 
@@ -24,7 +27,16 @@ Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, const Mo
 
 Policy::~Policy() = default;
 
+void Policy::use_device_runner(ModelRunner* runner) {
+  LS_CHECK(world_.size() == 1 && runner && runner->device() == Device::cuda,
+           "train --device cuda: one rank, with a CUDA runner");
+  device_runner_ = runner;
+}
+
 std::vector<std::vector<float>> Policy::score_all(const std::vector<std::vector<int32_t>>& seqs) {
+#ifdef LOCKSTEP_CUDA
+  if (on_device()) return cuda_score_sequences(*device_runner_, seqs);
+#endif
   std::vector<std::vector<float>> lp = model_->score(seqs);
   size_t n = 0;
   for (const auto& s : seqs) n += s.size() - 1;
@@ -55,7 +67,7 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
     mine.emplace_back(seqs.begin() + ranges[j].first, seqs.begin() + ranges[j].second);
   std::vector<std::vector<double>> records(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) records[i].assign(record_size(int64_t(i)), 0.0);
-  grads_ = grad_->step_grads(mine, true, [&](int64_t j, const auto& lp, const auto& ent) {
+  const auto upstream = [&](int64_t j, const auto& lp, const auto& ent) {
     const int64_t first = ranges[d * per + j].first;
     std::vector<SequenceGradInput> up(lp.size());
     for (size_t k = 0; k < lp.size(); ++k) {
@@ -65,7 +77,11 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
                records[i].size(), " values, expected ", record_size(i));
     }
     return up;
-  });
+  };
+  if (on_device())
+    grads_ = device_grads(mine, upstream);
+  else
+    grads_ = grad_->step_grads(mine, true, upstream);
   // Each replica's records come from its (tp 0, last stage) rank, to every rank.
   for (int r = 0; r < t.dp; ++r) {
     const int holder = t.rank_of(0, r, t.pp - 1);
@@ -82,6 +98,23 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
   return records;
 }
 
+ModelWeights Policy::device_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                                  const UpstreamFn& upstream) {
+#ifdef LOCKSTEP_CUDA
+  PairwiseGradAccumulator sum(int64_t(micro_batches.size()));
+  for (size_t j = 0; j < micro_batches.size(); ++j)
+    sum.push(named_tensors(
+        cuda_step_grads(*device_runner_, micro_batches[j], true,
+                        [&](int64_t, const auto& lp, const auto& ent) { return upstream(int64_t(j), lp, ent); })));
+  ModelWeights grads = full_.zeros_like();
+  copy_from_named(grads, sum.finish());
+  return grads;
+#else
+  (void)micro_batches, (void)upstream;
+  fail("train --device cuda: this build has no CUDA backend");
+#endif
+}
+
 OptimizerStepResult Policy::apply(bool inject_nan) {
   if (inject_nan) {  // the test hook poisons the first of the rank's tensors by name
     auto named = named_tensors(grads_, layout_.scope());
@@ -92,6 +125,9 @@ OptimizerStepResult Policy::apply(bool inject_nan) {
   const float norm = parallel_grad_norm(world_, full_.config, layout_, grads_);
   OptimizerStepResult r = optimizer_.step(grads_, norm, model_->weights(), precision_);
   grads_ = {};
+  // The engine's runner is the trainer's model: the step writes it (the engine's version
+  // moves at the next weight sync, before it samples again).
+  if (on_device()) device_runner_->load_weights(model_->weights());
   return r;
 }
 

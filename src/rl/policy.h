@@ -30,6 +30,13 @@ class Policy {
   ~Policy();
 
   bool root() const { return world_.rank() == 0; }
+
+  // From now on score_all and compute_grads run on `runner`, a CUDA runner that is also the
+  // rollout engine's (model/cuda/cuda_trainer.h): one rank, one GPU, the engine's weights.
+  // The optimizer keeps its host state; each step writes its weights into the runner, so the
+  // engine's weight sync is a version bump.
+  void use_device_runner(ModelRunner* runner);
+  bool on_device() const { return device_runner_ != nullptr; }
   const Topology& topology() const { return layout_.topo; }
 
   // Per-token log-probs (n - 1 each) of every sequence by the parallel forward, on every rank.
@@ -69,6 +76,10 @@ class Policy {
   void load_state(const ModelWeights& full_weights, const AdamW& full_optimizer);
 
  private:
+  // The gradients of this rank's micro-batches on the device runner, summed by the tree.
+  ModelWeights device_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                            const UpstreamFn& upstream);
+
   dist::Communicator& world_;
   ShardLayout layout_;
   Precision precision_;
@@ -78,6 +89,7 @@ class Policy {
   AdamW optimizer_;
   ModelWeights full_;
   ModelWeights grads_;  // of the last compute_grads, in the structure of the rank's weights
+  ModelRunner* device_runner_ = nullptr;
 };
 
 }  // namespace lockstep::rl

@@ -22,6 +22,7 @@ const std::vector<TrainOption>& train_options() {
   static const std::vector<TrainOption> options = {
       LS_OPT("seed", seed, "seed of data, sampling and everything random"),
       LS_OPT("dtype", dtype, "precision recipe: float32 | bfloat16"),
+      LS_OPT("device", device, "cpu | cuda (the engine and the trainer on one GPU sharing the weights; bfloat16)"),
       LS_OPT("num-threads", num_threads, "CPU threads (0 = LOCKSTEP_NUM_THREADS or all cores)"),
       LS_OPT("load", load, "Hugging Face model directory (default: the embedded tiny Qwen3-MoE)"),
       LS_OPT("ref-load", ref_load, "KL reference model directory (default: the policy when RL starts)"),
@@ -230,6 +231,9 @@ void apply_flag(TrainConfig& c, const std::string& name, const std::string& valu
 void validate(const TrainConfig& c) {
   LS_CHECK(c.dtype == "float32" || c.dtype == "bfloat16", "--dtype: expected 'float32' or 'bfloat16', got '", c.dtype,
            "'");
+  LS_CHECK(c.device == "cpu" || c.device == "cuda", "--device: expected 'cpu' or 'cuda', got '", c.device, "'");
+  LS_CHECK(c.device == "cpu" || c.dtype == "bfloat16",
+           "--device cuda runs the bfloat16 recipe only (add --dtype bfloat16)");
   loss_type_from_name(c.loss_type);
   advantage_estimator_from_name(c.advantage_estimator);
   loss_agg_from_name(c.loss_agg);

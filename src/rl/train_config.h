@@ -14,6 +14,7 @@ struct TrainConfig {
   // Run.
   int64_t seed = 1234;
   std::string dtype = "float32";
+  std::string device = "cpu";  // cpu | cuda: where the engine and the trainer run (cuda: one GPU, bfloat16)
   int64_t num_threads = 0;  // 0: LOCKSTEP_NUM_THREADS or every core
   // Model: --load (a Hugging Face model directory) or the embedded tiny Qwen3-MoE.
   std::string load;

@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "checkpoint/audit.h"
+#include "core/device_memory.h"
 #include "core/error.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
@@ -323,6 +324,10 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   LS_CHECK(cfg.num_microbatches % topology.topo.dp == 0, "--num-microbatches ", cfg.num_microbatches,
            " must be a multiple of the data-parallel size ", topology.topo.dp, " (world ", world->size(), " / (tp ",
            topology.topo.tp, " x pp ", topology.topo.pp, "))");
+  const bool on_gpu = cfg.device == "cuda";
+  LS_CHECK(!on_gpu || (world->size() == 1 && !request.parallel() && !rollout_parallel),
+           "--device cuda: the engine and the trainer run on one GPU (the parallel forms run on --device cpu)");
+  LS_CHECK(!on_gpu || cuda_available(), "--device cuda: no CUDA device is available");
   Timer total;
   if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
   const Precision precision = precision_from_name(cfg.dtype);
@@ -417,10 +422,12 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     gather_replicas = [p = pr.get()](const std::string& blob) { return p->gather_from_replicas(blob); };
     runner = std::move(pr);
   } else {
-    runner = make_cpu_runner(policy.full().clone(), precision);
+    runner = make_runner(on_gpu ? Device::cuda : Device::cpu, policy.full().clone(), precision);
     engine_layout = whole_model_layout(mc, world->size(), world->rank());
   }
   rollout::Engine engine(std::move(runner), eo);
+  // On the GPU the trainer runs on the engine's own runner: one copy of the weights.
+  if (on_gpu) policy.use_device_runner(&engine.runner());
   const bool tty = isatty(2);
   const bool progress = cfg.progress && root;
   WeightSyncOptions sync_options;
@@ -430,10 +437,18 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   // sides by global name (lockstep audit) and stops at the first difference.
   auto sync_engine = [&](const char* when) {
     std::optional<std::string> diff;
-    engine.begin_weight_update(rollout::UpdatePolicy::finish);
-    WeightSyncStats stats = policy.stream_weights(
-        engine_layout, [&](std::vector<WeightPiece>&& bucket) { engine.load_weight_bucket(bucket); }, sync_options);
-    engine.end_weight_update();
+    WeightSyncStats stats;
+    if (policy.on_device()) {  // the trainer's steps wrote the engine's runner: a new version
+      engine.begin_weight_update(rollout::UpdatePolicy::finish);
+      engine.end_weight_update();
+      if (cfg.audit_weight_sync)
+        stats.audit = audit_checkpoint(WeightsSource(policy.gather_to_root(), "trainer")).tensors;
+    } else {
+      engine.begin_weight_update(rollout::UpdatePolicy::finish);
+      stats = policy.stream_weights(
+          engine_layout, [&](std::vector<WeightPiece>&& bucket) { engine.load_weight_bucket(bucket); }, sync_options);
+      engine.end_weight_update();
+    }
     if (!cfg.audit_weight_sync) return;
     // The trainer side was fingerprinted on rank 0 as its buckets passed; the engine's
     // weights are exported by global name (gathered when the engine is sharded).

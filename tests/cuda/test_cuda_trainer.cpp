@@ -108,6 +108,10 @@ TEST(CudaTrainer, LogprobsAreTheEnginesScoreBitsAndStepsRepeatExactly) {
     EXPECT_EQ(std::memcmp(scored[i].data(), lp1[i].data(), lp1[i].size() * 4), 0) << "sequence " << i;
     for (float h : ent[i]) EXPECT_TRUE(std::isfinite(h) && h >= 0.0f);
   }
+  // The trainer's scoring (its own KV pages, in other steps) has the same bits.
+  const auto trainer_scored = cuda_score_sequences(*runner, seqs, 40);
+  for (size_t i = 0; i < seqs.size(); ++i)
+    EXPECT_EQ(std::memcmp(trainer_scored[i].data(), lp1[i].data(), lp1[i].size() * 4), 0) << "sequence " << i;
   ModelWeights g2 = cuda_step_grads(*runner, seqs, false, [&](int64_t, const auto& lp, const auto&) {
     lp2 = lp;
     return mean_nll(lp);

@@ -3,6 +3,7 @@
 
 #include <fstream>
 
+#include "core/device_memory.h"
 #include "core/error.h"
 #include "rl/train_config.h"
 #include "rl/trainer.h"
@@ -19,7 +20,6 @@ std::string write_file(const TempDir& dir, const std::string& name, const std::s
   std::ofstream(p) << text;
   return p;
 }
-
 
 TEST(RlConfig, TomlKeysAndFlags) {
   TempDir dir("config");
@@ -84,6 +84,18 @@ TEST(RlConfig, InconsistentValuesFailBeforeAnyWork) {
   c.resume = true;
   c.save = dir.sub("empty_save");
   EXPECT_NE(error_of([&] { run_training(c); }).find("no checkpoint"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(c.output_dir));
+  // The GPU trainer: the bfloat16 recipe on one GPU, or a clear refusal.
+  c = testing::tiny_run(dir, "bad");
+  c.device = "cuda";
+  EXPECT_NE(error_of([&] { run_training(c); }).find("bfloat16 recipe only"), std::string::npos);
+  c.device = "tpu";
+  EXPECT_NE(error_of([&] { run_training(c); }).find("--device: expected 'cpu' or 'cuda'"), std::string::npos);
+  if (!cuda_available()) {
+    c.device = "cuda";
+    c.dtype = "bfloat16";
+    EXPECT_NE(error_of([&] { run_training(c); }).find("no CUDA device"), std::string::npos);
+  }
   EXPECT_FALSE(std::filesystem::exists(c.output_dir));
 }
 

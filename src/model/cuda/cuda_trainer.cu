@@ -199,7 +199,9 @@ class CudaTrainer {
  public:
   explicit CudaTrainer(CudaRunner& runner) : r_(runner), c_(runner.config_) {}
 
-  ModelWeights step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy, const UpstreamFn& upstream);
+  // With a null `upstream`, the forward alone: the log-probs go to `scored`.
+  ModelWeights step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy,
+                          const UpstreamFn& upstream, std::vector<std::vector<float>>* scored = nullptr);
 
  private:
   template <typename T>
@@ -243,7 +245,7 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
 }
 
 ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy,
-                                     const UpstreamFn& upstream) {
+                                     const UpstreamFn& upstream, std::vector<std::vector<float>>* scored) {
   const auto& c = c_;
   const int64_t H = c.hidden_size, V = c.vocab_size, NL = c.num_hidden_layers, qd = c.q_dim(), kd = c.kv_dim();
   const float eps = float(c.rms_norm_eps);
@@ -312,6 +314,11 @@ ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& se
   for (size_t i = 0; i < seqs.size(); ++i) {
     lp[i].assign(logp_h.begin() + seq_first[i], logp_h.begin() + seq_first[i + 1] - 1);
     if (want_entropy) ent[i].assign(ent_h.begin() + seq_first[i], ent_h.begin() + seq_first[i + 1] - 1);
+  }
+  if (!upstream) {
+    *scored = std::move(lp);
+    arena_.clear();
+    return {};
   }
   const std::vector<SequenceGradInput> up = upstream(0, lp, ent);
   LS_CHECK(up.size() == seqs.size(), "cuda step_grads: ", up.size(), " upstream gradients for ", seqs.size(),
@@ -440,6 +447,21 @@ ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& se
 }
 
 }  // namespace cuda_model
+
+std::vector<std::vector<float>> cuda_score_sequences(ModelRunner& runner,
+                                                     const std::vector<std::vector<int32_t>>& sequences,
+                                                     int64_t max_batch_tokens) {
+  auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
+  LS_CHECK(cuda_runner != nullptr, "cuda_score_sequences: the runner is not a CUDA runner");
+  cuda_model::CudaTrainer trainer(*cuda_runner);
+  std::vector<std::vector<float>> out(sequences.size());
+  for (auto [begin, end] : score_steps(sequences, 0, sequences.size(), max_batch_tokens)) {
+    std::vector<std::vector<float>> step;
+    trainer.step_grads({sequences.begin() + begin, sequences.begin() + end}, false, nullptr, &step);
+    for (size_t i = begin; i < end; ++i) out[i] = std::move(step[i - begin]);
+  }
+  return out;
+}
 
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
                              const UpstreamFn& upstream) {

@@ -24,4 +24,11 @@ namespace lockstep {
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
                              const UpstreamFn& upstream);
 
+// Per-token log-probs of whole sequences (at least 2 tokens each) by the trainer's forward, in
+// steps of at most max_batch_tokens tokens: the bits of runner_score_sequences on the same
+// runner, without touching the rollout engine's KV cache (the trainer has its own pages).
+std::vector<std::vector<float>> cuda_score_sequences(ModelRunner& runner,
+                                                     const std::vector<std::vector<int32_t>>& sequences,
+                                                     int64_t max_batch_tokens = 8192);
+
 }  // namespace lockstep
