@@ -170,7 +170,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
         std::snprintf(buf, sizeof buf, "trainer log-prob %.9g vs rollout %.9g", double(tr[t]), double(roll[t]));
         fail("step ", step, ": --check-true-on-policy: sample ", first_index + int64_t(i), " (prompt '",
              source.text(samples[i]->example.prompt), "', response '", source.text(samples[i]->response),
-             "') differs at response token ", t, ": ", buf);
+             "') differs at trained token ", t, ": ", buf);
       }
       c.abs_diff += std::fabs(double(tr[t]) - double(roll[t]));
       c.kl += double(roll[t]) - double(tr[t]);

@@ -48,10 +48,13 @@ TEST(TopLogprobs, AreTheScoresOfTheMostLikelyTokens) {
         }
         for (size_t i = 0; i < top.size(); ++i, ++k) {
           EXPECT_TRUE(same_bits(top[i].logprob, scored[k].back())) << "token " << t << " rank " << i;
-          if (top[i].token == res.output_ids[t]) EXPECT_TRUE(same_bits(top[i].logprob, res.logprobs[t]));
-          if (i > 0)
+          if (top[i].token == res.output_ids[t]) {
+            EXPECT_TRUE(same_bits(top[i].logprob, res.logprobs[t]));
+          }
+          if (i > 0) {
             EXPECT_TRUE(top[i - 1].logprob > top[i].logprob ||
                         (top[i - 1].logprob == top[i].logprob && top[i - 1].token < top[i].token));
+          }
         }
       }
     }
