@@ -13,6 +13,7 @@
 #include "rl/chat_observation.h"
 #include "rl/environment.h"
 #include "rl/prompt_source.h"
+#include "rl/trainer.h"
 #include "rl_data_util.h"
 #include "rl_test_util.h"
 
@@ -187,6 +188,23 @@ TEST(CalculatorTool, TurnLimitAndBudgetEndEpisodes) {
     EXPECT_EQ(episodes[0].truncated, budget != 1000);
     EXPECT_EQ(episodes[0].reward, 0.0f);  // no final answer
   }
+}
+
+// The random policy makes no tool call, so each episode is its one final answer: the run with the
+// tool is on policy and scores the answers with the run's reward.
+TEST(CalculatorTool, TrainingRunWithTheToolIsOnPolicy) {
+  TempDir dir("calculator_run");
+  TrainConfig c = calculator_config(dir);
+  c.tokenizer = "";
+  c.load = testing::make_text_model_dir(dir.sub("model"));
+  c.rollout_max_response_len = 8;
+  c.check_true_on_policy = true;
+  c.progress = false;
+  testing::small_batches(c);
+  c.num_rollout = 1;
+  c.output_dir = dir.sub("out");
+  EXPECT_EQ(run_training(c).max_abs_diff, 0.0);
+  EXPECT_EQ(testing::read_metrics(c).at(0)["train/train_rollout_logprob_abs_diff"], 0.0);
 }
 
 TEST(CalculatorTool, FlagsAreCheckedBeforeAnyWork) {
