@@ -3,10 +3,8 @@
 #include <limits>
 
 #include "core/error.h"
-#include "core/philox.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/log_softmax.h"
-#include "kernels/cpu/sampling.h"
 #include "model/runner.h"
 
 namespace lockstep {
@@ -35,12 +33,7 @@ class CpuRunner final : public ModelRunner {
       std::copy(hidden.begin() + requests[i].row * H, hidden.begin() + (requests[i].row + 1) * H, rows.begin() + i * H);
     std::vector<float> logits = model_.logits(rows.data(), int64_t(requests.size()));
     std::vector<SampleResult> out(requests.size());
-    for (size_t i = 0; i < requests.size(); ++i) {
-      const auto& r = requests[i];
-      float u = philox_uniform(r.seed, r.stream, r.position);
-      auto c = cpu::sample_row(logits.data() + i * V, V, r.temperature, r.top_k, r.top_p, u);
-      out[i] = {c.token, c.logprob};
-    }
+    for (size_t i = 0; i < requests.size(); ++i) out[i] = sample_logits_row(logits.data() + i * V, V, requests[i]);
     return out;
   }
 
@@ -96,8 +89,8 @@ std::vector<std::string> apply_weight_pieces(ModelWeights& weights, const std::v
       inside = p.box[d].begin >= 0 && p.box[d].begin <= p.box[d].end && p.box[d].end <= whole[d].end;
     LS_CHECK(inside, "weight bucket: box ", box_str(p.box), " of '", p.name, "' is outside its shape ",
              shape_str(t.shape()));
-    LS_CHECK(p.value.dtype() == DType::f32 && p.value.shape() == box_shape(p.box), "weight bucket: '", p.name,
-             "' box ", box_str(p.box), " needs f32 values of shape ", shape_str(box_shape(p.box)), ", got ",
+    LS_CHECK(p.value.dtype() == DType::f32 && p.value.shape() == box_shape(p.box), "weight bucket: '", p.name, "' box ",
+             box_str(p.box), " needs f32 values of shape ", shape_str(box_shape(p.box)), ", got ",
              dtype_name(p.value.dtype()), shape_str(p.value.shape()));
     copy_intersection(p.value, p.box, t, whole);
     if (touched.empty() || touched.back() != p.name) touched.push_back(p.name);

@@ -20,8 +20,9 @@ struct SampleRequest {
   int32_t top_k = 0;         // 0 = off
   float top_p = 1.0f;        // 1 = off
   uint64_t seed = 0;
-  uint64_t stream = 0;    // the request's id
-  uint64_t position = 0;  // the position of the token being drawn
+  uint64_t stream = 0;       // the request's id
+  uint64_t position = 0;     // the position of the token being drawn
+  int32_t top_logprobs = 0;  // also report this many most likely tokens (<= kMaxTopLogprobs)
 };
 
 // A box of one global tensor (docs/parallel.md) and its values: f32, shape
@@ -32,10 +33,25 @@ struct WeightPiece {
   Tensor value;
 };
 
+// One of the most likely tokens of a row, with its log-prob from the same log-softmax as the
+// sampled token's.
+struct TopLogprob {
+  int32_t token = 0;
+  float logprob = 0.0f;
+};
+constexpr int32_t kMaxTopLogprobs = 20;
+
+// Plain data (a parallel runner broadcasts it as bytes).
 struct SampleResult {
   int32_t token = 0;
-  float logprob = 0.0f;  // log softmax(logits / T) at the token (T = 1 when greedy)
+  float logprob = 0.0f;                  // log softmax(logits / T) at the token (T = 1 when greedy)
+  int32_t num_top = 0;                   // entries of `top` filled: the request's top_logprobs
+  TopLogprob top[kMaxTopLogprobs] = {};  // by log-prob descending, ties to the lower token id
 };
+
+// Draws the token of request `r` from its row of fp32 logits (cpu::sample_row) and fills its
+// top log-probs: the host sampling that the CPU and parallel runners share.
+SampleResult sample_logits_row(const float* logits, int64_t V, const SampleRequest& r);
 
 class ModelRunner {
  public:

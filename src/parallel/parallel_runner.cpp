@@ -3,16 +3,13 @@
 #include <algorithm>
 #include <limits>
 #include <map>
-
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
-#include "core/philox.h"
 #include "kernels/canonical.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/log_softmax.h"
-#include "kernels/cpu/sampling.h"
 #include "parallel/parallel_backward.h"
 #include "parallel/shard_plan.h"
 #include "parallel/weight_sync.h"
@@ -111,8 +108,7 @@ std::vector<float> ParallelRunner::full_logits(const std::vector<float>& hidden,
   const ParallelContext& ctx = model_.context();
   const int64_t H = config().hidden_size, V = config().vocab_size, M = int64_t(rows.size());
   std::vector<float> picked(M * H);
-  for (int64_t i = 0; i < M; ++i)
-    std::copy_n(hidden.data() + rows[i] * H, H, picked.data() + i * H);
+  for (int64_t i = 0; i < M; ++i) std::copy_n(hidden.data() + rows[i] * H, H, picked.data() + i * H);
   const int tp = layout().topo.tp;
   const int64_t VL = layout().vocab.size();
   std::vector<float> local(M * VL);
@@ -147,12 +143,7 @@ std::vector<SampleResult> ParallelRunner::forward_sample(const ForwardBatch& bat
     const std::vector<float> logits = full_logits(hidden, rows);
     if (result_comm_->rank() == result_root_) {
       const int64_t V = config().vocab_size;
-      for (size_t i = 0; i < requests.size(); ++i) {
-        const auto& r = requests[i];
-        const float u = philox_uniform(r.seed, r.stream, r.position);
-        const auto c = cpu::sample_row(logits.data() + i * V, V, r.temperature, r.top_k, r.top_p, u);
-        out[i] = {c.token, c.logprob};
-      }
+      for (size_t i = 0; i < requests.size(); ++i) out[i] = sample_logits_row(logits.data() + i * V, V, requests[i]);
     }
   }
   result_comm_->broadcast(out.data(), out.size() * sizeof(SampleResult), result_root_);
@@ -198,10 +189,10 @@ void ParallelRunner::load_weight_bucket(const std::vector<WeightPiece>& pieces) 
   for (const WeightPiece& p : pieces) {
     auto shape = shapes.find(p.name);
     LS_CHECK(shape != shapes.end(), "weight bucket: '", p.name, "' is not a tensor of this model");
-    LS_CHECK(p.value.dtype() == DType::f32 && p.value.shape() == box_shape(p.box) &&
-                 p.box.size() == shape->second.size(),
-             "weight bucket: '", p.name, "' box ", box_str(p.box), " needs f32 values of shape ",
-             shape_str(box_shape(p.box)), " inside ", shape_str(shape->second));
+    LS_CHECK(
+        p.value.dtype() == DType::f32 && p.value.shape() == box_shape(p.box) && p.box.size() == shape->second.size(),
+        "weight bucket: '", p.name, "' box ", box_str(p.box), " needs f32 values of shape ",
+        shape_str(box_shape(p.box)), " inside ", shape_str(shape->second));
     for (size_t d = 0; d < p.box.size(); ++d)
       LS_CHECK(p.box[d].begin >= 0 && p.box[d].begin <= p.box[d].end && p.box[d].end <= shape->second[d],
                "weight bucket: box ", box_str(p.box), " of '", p.name, "' is outside its shape ",

@@ -45,17 +45,15 @@ PromptSample parse_line(const std::string& text, const std::string& where, const
     LS_CHECK(it->is_boolean(), where, ": key 'enable_thinking': expected true or false, found ", it->type_name());
     thinking = it->get<bool>();
   }
+  s.enable_thinking = thinking;
+  ChatOptions co;
+  co.enable_thinking = thinking;
+  co.tools = o.tools;
   if (input.is_string()) {
     s.prompt = input.get<std::string>();
-    if (o.apply_chat_template) {
-      ChatOptions co;
-      co.enable_thinking = thinking;
-      s.prompt = render(tokenizer, {ChatMessage("user", s.prompt)}, co, key_where);
-    }
+    if (o.apply_chat_template) s.prompt = render(tokenizer, {ChatMessage("user", s.prompt)}, co, key_where);
   } else if (input.is_array()) {
     LS_CHECK(o.apply_chat_template, key_where, ": a list of chat messages needs --apply-chat-template");
-    ChatOptions co;
-    co.enable_thinking = thinking;
     s.prompt = render(tokenizer, chat_messages_from_json(input, key_where + ": "), co, key_where);
   } else {
     fail(key_where, ": expected a string or a list of chat messages, found ", input.type_name());

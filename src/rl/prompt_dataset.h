@@ -24,7 +24,8 @@ struct PromptDataOptions {
   // message; a generation prompt is added). A per-line boolean "enable_thinking" overrides.
   bool apply_chat_template = false;
   bool enable_thinking = true;
-  int64_t max_prompt_len = 0;  // tokens; longer prompts are skipped (0 = no limit)
+  std::vector<std::string> tools;  // tool definitions (JSON text) for the template's tools block
+  int64_t max_prompt_len = 0;      // tokens; longer prompts are skipped (0 = no limit)
 };
 
 struct PromptSample {
@@ -32,7 +33,8 @@ struct PromptSample {
   std::string prompt;               // the text the model sees (rendered when templated)
   std::vector<int32_t> prompt_ids;  // its tokens
   std::string label;
-  nlohmann::json metadata;  // null when there is none
+  nlohmann::json metadata;      // null when there is none
+  bool enable_thinking = true;  // the chat template's, for this prompt (and later turns)
 };
 
 struct PromptDataset {

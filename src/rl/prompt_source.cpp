@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "dist/communicator.h"
+#include "rl/environment.h"
 #include "rl/prompt_dataset.h"
 #include "rl/rewards/command_reward.h"
 #include "rl/rewards/local_reward.h"
@@ -66,6 +67,7 @@ class DataSource : public PromptSource {
     o.metadata_key = c.metadata_key;
     o.apply_chat_template = c.apply_chat_template;
     o.enable_thinking = c.enable_thinking;
+    o.tools = rollout_tool_definitions(c.rollout_tool);
     o.max_prompt_len = c.rollout_max_prompt_len;
     data_ = load_prompt_dataset(c.prompt_data, o, tokenizer_);
     for (const auto& s : data_.samples) longest_ = std::max(longest_, int64_t(s.prompt_ids.size()));
@@ -131,6 +133,8 @@ class DataSource : public PromptSource {
         [this](const std::vector<RewardRequest>& r) { return score(r); });
   }
   void set_world(dist::Communicator* world) override { world_ = world; }
+  const PromptSample* data_sample(int64_t position) override { return &sample_at(data_seed_, position); }
+  const Tokenizer* tokenizer() const override { return &tokenizer_; }
   void add_metrics(nlohmann::json& m) const override {
     m["rollout/skipped_long_prompts"] = data_.skipped_too_long;
     m["rollout/epoch"] = double(last_position_ + 1) / double(data_.samples.size());

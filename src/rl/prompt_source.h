@@ -14,6 +14,7 @@
 
 #include "model/config.h"
 #include "rl/eval.h"
+#include "rl/prompt_dataset.h"
 #include "rl/tasks.h"
 #include "rl/train_config.h"
 #include "rollout/request.h"
@@ -49,6 +50,10 @@ class PromptSource {
   // The run's ranks (mpirun or threads): an outside reward (--rm-url, --custom-rm-cmd) is then
   // called on rank 0 only and its rewards (or its error) sent to every rank.
   virtual void set_world(dist::Communicator* world) {}
+  // For multi-turn environments (rl/environment.h): the data set's sample at the run's data
+  // `position` (drawn by prompt() this step) and the tokenizer; null for built-in tasks.
+  virtual const PromptSample* data_sample(int64_t position) { return nullptr; }
+  virtual const Tokenizer* tokenizer() const { return nullptr; }
   // Whether an evaluation runs after RL step `step` (0: before the first), and running it: the
   // metrics record (rl/eval.h). Built-in tasks have no evaluation.
   virtual bool eval_due(int64_t step) const { return false; }

@@ -20,10 +20,14 @@ void StepRollout::add_metrics(nlohmann::json& m, const TrainConfig& c) const {
   m["rollout/dynamic_filter/rounds"] = rounds;
 }
 
-StepRollout sample_step(const TrainConfig& c, PromptSource& source, uint64_t data_seed, uint64_t sampling_seed,
-                        int64_t data_position, int64_t step, const GenerateFn& generate) {
+StepRollout sample_step(const TrainConfig& c, PromptSource& source, Environment& env, uint64_t data_seed,
+                        uint64_t sampling_seed, int64_t data_position, int64_t step, const GenerateFn& generate) {
   const int64_t n = c.n_samples_per_prompt, wanted = c.rollout_batch_size;
   const int64_t per_round = c.over_sampling_batch_size > 0 ? c.over_sampling_batch_size : wanted;
+  EpisodeLimits limits;
+  limits.max_turns = c.rollout_max_turns;
+  limits.max_response_len = c.rollout_max_response_len;
+  limits.max_turn_len = c.rollout_max_turn_len;
   StepRollout out;
   int64_t kept = 0;
   while (kept < wanted) {
@@ -31,8 +35,8 @@ StepRollout sample_step(const TrainConfig& c, PromptSource& source, uint64_t dat
              " of ", wanted, " prompt groups after ", out.rounds, " rounds (", out.prompts_drawn,
              " prompts): every other group's samples got equal rewards, so there is no signal to train on");
     const int64_t first = data_position + out.prompts_drawn;
-    std::vector<TaskExample> prompts;
-    std::vector<std::optional<rollout::GenerationRequest>> requests;
+    std::vector<Episode> episodes;
+    std::vector<rollout::GenerationRequest> requests;
     for (int64_t p = 0; p < per_round; ++p) {
       TaskExample ex = source.prompt(data_seed, first + p);
       for (int64_t k = 0; k < n; ++k) {
@@ -47,30 +51,22 @@ StepRollout sample_step(const TrainConfig& c, PromptSource& source, uint64_t dat
         // Round 0 keeps the seeds of a run without dynamic sampling.
         req.sampling.seed = mix_seed(sampling_seed, uint64_t(i) + (uint64_t(out.rounds) << 32));
         requests.push_back(std::move(req));
-        prompts.push_back(ex);
+        Episode e;
+        e.position = first + p;
+        e.example = ex;
+        episodes.push_back(std::move(e));
       }
     }
-    // Every rank gets every sample; independent engine replicas each run their share.
-    auto outcomes = generate(requests);
-    std::vector<int64_t> positions;
-    std::vector<std::vector<int32_t>> responses;
-    for (size_t i = 0; i < outcomes.size(); ++i) {
-      LS_CHECK(outcomes[i].error.empty(), "rollout step ", step, ": sample ", int64_t(kept * n) + int64_t(i),
-               " was refused: ", outcomes[i].error);
-      positions.push_back(first + int64_t(i) / n);
-      responses.push_back(outcomes[i].result.output_ids);
-    }
-    const std::vector<float> rewards = source.rewards(positions, prompts, responses);
+    // Every rank runs every episode; independent engine replicas each generate their share.
+    run_episodes(episodes, requests, env, generate, limits, step);
     for (int64_t p = 0; p < per_round && kept < wanted; ++p) {
-      const auto begin = rewards.begin() + p * n, end = begin + n;
-      if (c.dynamic_sampling_filter && std::all_of(begin, end, [&](float r) { return r == *begin; })) {
-        ++out.dropped[python_float_text(*begin)];
+      const auto begin = episodes.begin() + p * n, end = begin + n;
+      if (c.dynamic_sampling_filter &&
+          std::all_of(begin, end, [&](const Episode& e) { return e.reward == begin->reward; })) {
+        ++out.dropped[python_float_text(begin->reward)];
         continue;
       }
-      for (int64_t k = 0; k < n; ++k) {
-        const size_t i = size_t(p * n + k);
-        out.samples.push_back({prompts[i], std::move(outcomes[i].result), rewards[i]});
-      }
+      for (auto e = begin; e != end; ++e) out.samples.push_back(std::move(*e));
       ++kept;
     }
     out.prompts_drawn += per_round;

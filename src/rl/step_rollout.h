@@ -11,21 +11,16 @@
 #include <string>
 #include <vector>
 
+#include "rl/episode.h"
 #include "rl/eval.h"
 #include "rl/prompt_source.h"
 #include "rl/train_config.h"
 
 namespace lockstep::rl {
 
-struct RolloutSample {
-  TaskExample example;
-  rollout::RequestResult result;
-  float reward = 0;
-};
-
 struct StepRollout {
-  std::vector<RolloutSample> samples;  // the kept groups, in data order
-  int64_t prompts_drawn = 0;           // data positions consumed (kept or dropped)
+  std::vector<Episode> samples;  // the kept groups, in data order
+  int64_t prompts_drawn = 0;     // data positions consumed (kept or dropped)
   int64_t rounds = 0;
   std::map<std::string, int64_t> dropped;  // dropped groups by their common reward ("0.0", "1.0")
   // The dynamic-sampling metrics (rollout/dynamic_filter/...); none when the filter is off.
@@ -36,7 +31,9 @@ struct StepRollout {
 constexpr int64_t kMaxDynamicSamplingRounds = 64;
 
 // `sampling_seed` is the step's (the seed of sample i of round r is a function of it, i and r).
-StepRollout sample_step(const TrainConfig& config, PromptSource& source, uint64_t data_seed, uint64_t sampling_seed,
-                        int64_t data_position, int64_t step, const GenerateFn& generate);
+// Each sample is an episode of `env` (one turn, with the run's reward, unless the run has a
+// multi-turn environment).
+StepRollout sample_step(const TrainConfig& config, PromptSource& source, Environment& env, uint64_t data_seed,
+                        uint64_t sampling_seed, int64_t data_position, int64_t step, const GenerateFn& generate);
 
 }  // namespace lockstep::rl

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "kernels/canonical.h"
+#include "rl/environment.h"
 #include "rl/prompt_source.h"
 #include "train/advantages.h"
 #include "train/losses.h"
@@ -61,10 +62,19 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("over-sampling-batch-size", over_sampling_batch_size,
              "prompts per dynamic-sampling round (0 = --rollout-batch-size; else >= it)"),
       LS_OPT("n-samples-per-prompt", n_samples_per_prompt, "answers sampled per prompt (the group size)"),
-      LS_OPT("rollout-max-response-len", rollout_max_response_len, "most tokens per answer"),
+      LS_OPT("rollout-max-response-len", rollout_max_response_len,
+             "most tokens per answer (multi-turn: of all turns and observations together)"),
       LS_OPT("rollout-temperature", rollout_temperature, "sampling temperature"),
       LS_OPT("rollout-top-k", rollout_top_k, "top-k sampling (0 = off)"),
       LS_OPT("rollout-top-p", rollout_top_p, "top-p sampling (1 = off)"),
+      LS_OPT("rollout-tool", rollout_tool, "multi-turn rollouts with a built-in tool: calculator"),
+      LS_OPT("rollout-env-url", rollout_env_url,
+             "multi-turn rollouts with an environment server at http://HOST:PORT/PATH (docs/rollout.md)"),
+      LS_OPT("rollout-max-turns", rollout_max_turns, "most policy turns of a multi-turn rollout"),
+      LS_OPT("rollout-max-turn-len", rollout_max_turn_len,
+             "most tokens per policy turn of a multi-turn rollout (0 = the rest of --rollout-max-response-len)"),
+      LS_OPT("rollout-env-timeout", rollout_env_timeout, "--rollout-env-url seconds per attempt"),
+      LS_OPT("rollout-env-retries", rollout_env_retries, "--rollout-env-url retries of a failed request"),
       LS_OPT("global-batch-size", global_batch_size, "samples per optimizer step"),
       LS_OPT("num-microbatches", num_microbatches, "canonical micro-batches per optimizer step (power of two)"),
       LS_OPT("loss-type", loss_type, "policy_loss | sft_loss"),
@@ -296,6 +306,7 @@ void validate(const TrainConfig& c) {
   LS_CHECK(c.init_config.empty() || std::filesystem::is_regular_file(c.init_config), "--init-config ", c.init_config,
            ": file not found");
   validate_prompt_source_options(c);
+  validate_environment_options(c);
 }
 
 std::string to_toml(const TrainConfig& c) {

@@ -60,6 +60,13 @@ struct TrainConfig {
   double rollout_temperature = 1.0;
   int64_t rollout_top_k = 0;
   double rollout_top_p = 1.0;
+  // Multi-turn rollouts (rl/environment.h, docs/rollout.md).
+  std::string rollout_tool;     // "calculator": the built-in tool ("" = none)
+  std::string rollout_env_url;  // an environment server
+  int64_t rollout_max_turns = 4;
+  int64_t rollout_max_turn_len = 0;  // 0: the rest of --rollout-max-response-len
+  double rollout_env_timeout = 30;   // seconds per attempt
+  int64_t rollout_env_retries = 3;
   // Training.
   int64_t global_batch_size = 128;
   int64_t num_microbatches = 4;

@@ -24,6 +24,7 @@
 #include "model/weights_source.h"
 #include "parallel/parallel_runner.h"
 #include "parallel/weight_sync.h"
+#include "rl/environment.h"
 #include "rl/hf_snapshot.h"
 #include "rl/plot.h"
 #include "rl/policy.h"
@@ -51,10 +52,13 @@ namespace {
 // Key offsets that separate the random streams of the run's uses of the seed.
 constexpr uint64_t kRolloutDataKey = 0x726f6c6c, kSftDataKey = 0x73667464, kSamplingKey = 0x73616d70;
 
-// One trajectory: prompt, sampled response and what the rollout reported about it.
+// One trajectory: prompt, response and what the rollout reported about it. A multi-turn
+// response holds the environment's tokens too; only the policy's (loss_mask 1) are trained, and
+// rollout_logp, old_logp, ref_logp and advantages are over those.
 struct Sample {
   TaskExample example;
   std::vector<int32_t> response;
+  std::vector<uint8_t> loss_mask;  // per response token; empty: every token is trained
   std::vector<float> rollout_logp;
   std::vector<int64_t> versions;
   bool truncated = false;
@@ -65,13 +69,20 @@ struct Sample {
     s.insert(s.end(), response.begin(), response.end());
     return s;
   }
+  // Where the trained tokens' values sit in the sequence's per-token values (n - 1 of them:
+  // response token t is at prompt_len - 1 + t).
+  std::vector<size_t> trained_positions() const {
+    std::vector<size_t> out;
+    for (size_t t = 0; t < response.size(); ++t)
+      if (loss_mask.empty() || loss_mask[t]) out.push_back(example.prompt.size() - 1 + t);
+    return out;
+  }
+  std::vector<float> trained_part(const std::vector<float>& per_token) const {
+    std::vector<float> out;
+    for (size_t p : trained_positions()) out.push_back(per_token[p]);
+    return out;
+  }
 };
-
-// The response part of a sequence's per-token log-probs (which has n - 1 values).
-std::vector<float> response_part(const std::vector<float>& per_token, size_t prompt_len, size_t response_len) {
-  const size_t begin = prompt_len - 1;
-  return std::vector<float>(per_token.begin() + begin, per_token.begin() + begin + response_len);
-}
 
 // What one optimizer step over a batch of samples produced.
 struct BatchResult {
@@ -94,16 +105,16 @@ BatchResult train_batch(Policy& policy, const TrainConfig& cfg, const LossConfig
   BatchResult out;
   LossNormalizer norm;
   norm.num_samples = int64_t(batch.size());
-  for (Sample* s : batch) norm.num_tokens += int64_t(s->response.size());
+  for (Sample* s : batch) norm.num_tokens += int64_t(s->trained_positions().size());
   std::vector<std::vector<int32_t>> seqs;
   for (Sample* s : batch) seqs.push_back(s->sequence());
-  auto record_size = [&](int64_t i) { return kMetrics + batch[size_t(i)]->response.size(); };
+  auto record_size = [&](int64_t i) { return kMetrics + batch[size_t(i)]->trained_positions().size(); };
   auto sample_upstream = [&](int64_t i, const std::vector<float>& lp_full, const std::vector<float>& ent_full,
                              std::vector<double>& rec) {
     Sample& s = *batch[size_t(i)];
-    const size_t P = s.example.prompt.size(), R = s.response.size();
-    std::vector<float> logp = response_part(lp_full, P, R);
-    std::vector<float> entropy = response_part(ent_full, P, R);
+    const std::vector<size_t> at = s.trained_positions();
+    std::vector<float> logp = s.trained_part(lp_full);
+    std::vector<float> entropy = s.trained_part(ent_full);
     SampleLossInput in;
     in.logp = &logp;
     in.old_logp = &s.old_logp;
@@ -112,11 +123,11 @@ BatchResult train_batch(Policy& policy, const TrainConfig& cfg, const LossConfig
     in.advantages = &s.advantages;
     SampleLossResult r = sample_loss(loss, norm, in);
     SequenceGradInput up;
-    up.dlogp.assign(lp_full.size(), 0.0f);
-    std::copy(r.dlogp.begin(), r.dlogp.end(), up.dlogp.begin() + (P - 1));
+    up.dlogp.assign(lp_full.size(), 0.0f);  // untrained tokens get no gradient
+    for (size_t k = 0; k < at.size(); ++k) up.dlogp[at[k]] = r.dlogp[k];
     if (!r.dentropy.empty()) {
       up.dentropy.assign(lp_full.size(), 0.0f);
-      std::copy(r.dentropy.begin(), r.dentropy.end(), up.dentropy.begin() + (P - 1));
+      for (size_t k = 0; k < at.size(); ++k) up.dentropy[at[k]] = r.dentropy[k];
     }
     const LossMetrics& m = r.metrics;
     rec = {m.loss, m.pg_loss, m.pg_clipfrac, m.ppo_kl, m.kl_loss, m.entropy_loss};
@@ -160,7 +171,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
         std::snprintf(buf, sizeof buf, "trainer log-prob %.9g vs rollout %.9g", double(tr[t]), double(roll[t]));
         fail("step ", step, ": --check-true-on-policy: sample ", first_index + int64_t(i), " (prompt '",
              source.text(samples[i]->example.prompt), "', response '", source.text(samples[i]->response),
-             "') differs at response token ", t, ": ", buf);
+             "') differs at trained token ", t, ": ", buf);
       }
       c.abs_diff += std::fabs(double(tr[t]) - double(roll[t]));
       c.kl += double(roll[t]) - double(tr[t]);
@@ -331,8 +342,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   Timer total;
   if (cfg.num_threads > 0) set_num_threads(int(cfg.num_threads));
   const Precision precision = precision_from_name(cfg.dtype);
-  auto source = make_prompt_source(cfg);  // the task, or the prompt data set read and checked
-  source->set_world(world);               // outside rewards: called on rank 0 only
+  auto source = make_prompt_source(cfg);             // the task, or the prompt data set read and checked
+  source->set_world(world);                          // outside rewards: called on rank 0 only
+  auto env = make_environment(cfg, *source, world);  // one turn, a tool or an environment server
   const LossType loss_type = loss_type_from_name(cfg.loss_type);
   const AdvantageEstimator estimator = advantage_estimator_from_name(cfg.advantage_estimator);
   std::string resume_from;
@@ -544,22 +556,23 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       return rollout::run_on_replicas(engine, r, engine_replicas, engine_replica, gather_replicas);
     };
     StepRollout drawn =
-        sample_step(cfg, *source, state.seed ^ kRolloutDataKey, mix_seed(state.seed ^ kSamplingKey, uint64_t(step)),
-                    state.data_position, step, generate);
+        sample_step(cfg, *source, *env, state.seed ^ kRolloutDataKey,
+                    mix_seed(state.seed ^ kSamplingKey, uint64_t(step)), state.data_position, step, generate);
     std::vector<Sample> samples(static_cast<size_t>(samples_per_step));
     int64_t truncated = 0, mixed = 0, response_tokens = 0, total_tokens = 0;
     double reward_sum = 0;
     std::vector<float> rewards;
-    std::vector<int64_t> lengths;
+    std::vector<int64_t> lengths, trained_lengths;
     for (size_t i = 0; i < samples.size(); ++i) {
-      rollout::RequestResult r = std::move(drawn.samples[i].result);
+      Episode& e = drawn.samples[i];
       Sample& s = samples[i];
-      s.example = std::move(drawn.samples[i].example);
-      s.response = r.output_ids;
-      s.rollout_logp = r.logprobs;
-      s.versions = r.weight_versions;
-      s.truncated = r.finish_reason == rollout::FinishReason::length;
-      s.reward = drawn.samples[i].reward;
+      s.rollout_logp = e.policy_logprobs();
+      s.example = std::move(e.example);
+      s.response = std::move(e.response);
+      s.loss_mask = std::move(e.loss_mask);
+      s.versions = std::move(e.versions);
+      s.truncated = e.truncated;
+      s.reward = e.reward;
       truncated += s.truncated;
       if (!s.versions.empty() &&
           std::any_of(s.versions.begin(), s.versions.end(), [&](int64_t v) { return v != s.versions[0]; }))
@@ -567,6 +580,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       reward_sum += s.reward;
       rewards.push_back(s.reward);
       lengths.push_back(int64_t(s.response.size()));
+      trained_lengths.push_back(int64_t(s.rollout_logp.size()));
       response_tokens += int64_t(s.response.size());
       total_tokens += int64_t(s.example.prompt.size() + s.response.size());
     }
@@ -574,7 +588,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     const double rollout_time = t.seconds();
 
     // Advantages.
-    auto adv = compute_advantages(estimator, rewards, lengths, cfg.n_samples_per_prompt);
+    auto adv = compute_advantages(estimator, rewards, trained_lengths, cfg.n_samples_per_prompt);
     for (size_t i = 0; i < samples.size(); ++i) samples[i].advantages = std::move(adv[i]);
 
     // Log-probs: old (recomputed by the trainer unless --use-rollout-logprobs) and reference.
@@ -588,7 +602,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       const std::vector<std::vector<float>> scored = policy.score_all(seqs);
       std::vector<std::vector<float>> lp;
       for (size_t i = 0; i < samples.size(); ++i) {
-        samples[i].old_logp = response_part(scored[i], samples[i].example.prompt.size(), samples[i].response.size());
+        samples[i].old_logp = samples[i].trained_part(scored[i]);
         lp.push_back(samples[i].old_logp);
       }
       check = compare_logprobs(all, lp, cfg.check_true_on_policy, step, 0, *source);
@@ -599,8 +613,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
       std::vector<std::vector<int32_t>> seqs;
       for (auto& s : samples) seqs.push_back(s.sequence());
       auto ref_lp = score_sequences(*ref, seqs);
-      for (size_t i = 0; i < samples.size(); ++i)
-        samples[i].ref_logp = response_part(ref_lp[i], samples[i].example.prompt.size(), samples[i].response.size());
+      for (size_t i = 0; i < samples.size(); ++i) samples[i].ref_logp = samples[i].trained_part(ref_lp[i]);
     }
     const double log_probs_time = t.seconds();
 

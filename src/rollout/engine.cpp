@@ -31,8 +31,7 @@ Engine::Engine(std::unique_ptr<ModelRunner> runner, EngineOptions options)
   LS_CHECK(runner_ != nullptr, "rollout engine: no model runner");
   LS_CHECK(options_.max_batch_tokens > 0, "rollout engine: max_batch_tokens must be positive, got ",
            options_.max_batch_tokens);
-  LS_CHECK(options_.prefill_chunk > 0, "rollout engine: prefill_chunk must be positive, got ",
-           options_.prefill_chunk);
+  LS_CHECK(options_.prefill_chunk > 0, "rollout engine: prefill_chunk must be positive, got ", options_.prefill_chunk);
   if (options_.use_config_eos)
     for (int64_t id : runner_->config().eos_token_ids) stop_ids_.push_back(int32_t(id));
   runner_->allocate_kv(options_.kv_pages, options_.page_size);
@@ -43,13 +42,17 @@ RequestId Engine::add_request(const GenerationRequest& request) {
   validate_request(request, config);
   LS_CHECK(request.stop_strings.empty() || options_.detokenize,
            "stop_strings: the engine has no detokenizer to match them against");
+  // The CUDA runner samples on the device and reports only the sampled token's log-prob.
+  LS_CHECK(request.top_logprobs == 0 || runner_->device() == Device::cpu, "top_logprobs = ", request.top_logprobs,
+           ": only 0 is supported on --device cuda (the CUDA runner reports the sampled token's log-prob only; "
+           "use --device cpu for top log-probs)");
   // The K/V positions the request can ever need: every token but the last sampled one.
   const int64_t prompt = int64_t(request.prompt.size());
   const int64_t most_positions = std::min(prompt + request.max_new_tokens - 1, config.max_position_embeddings - 1);
   const int64_t pages_needed = ceil_div(std::max(most_positions, prompt), options_.page_size);
-  LS_CHECK(pages_needed <= pool_.num_pages(), "the request needs up to ", pages_needed,
-           " KV pages (prompt ", prompt, " + max_new_tokens ", request.max_new_tokens, ", page size ",
-           options_.page_size, ") but the engine's pool has ", pool_.num_pages());
+  LS_CHECK(pages_needed <= pool_.num_pages(), "the request needs up to ", pages_needed, " KV pages (prompt ", prompt,
+           " + max_new_tokens ", request.max_new_tokens, ", page size ", options_.page_size,
+           ") but the engine's pool has ", pool_.num_pages());
 
   const RequestId id = next_id_++;
   ++stats_.requests;
@@ -156,7 +159,9 @@ void Engine::publish_full_pages(Sequence& seq) {
 FinishReason Engine::stop_check(const Sequence& seq) const {
   const auto& out = seq.result.output_ids;
   const int32_t last = out.back();
-  auto listed = [last](const std::vector<int32_t>& ids) { return std::find(ids.begin(), ids.end(), last) != ids.end(); };
+  auto listed = [last](const std::vector<int32_t>& ids) {
+    return std::find(ids.begin(), ids.end(), last) != ids.end();
+  };
   if (listed(stop_ids_) || listed(seq.request.stop_token_ids)) return FinishReason::stop;
   if (!seq.request.stop_strings.empty()) {
     const std::string text = options_.detokenize(out);
@@ -214,7 +219,7 @@ std::vector<StepOutput> Engine::step() {
     if (s.begin + s.count == int64_t(s.seq->tokens.size())) {
       const auto& p = s.seq->request.sampling;
       samples.push_back({batch.size() - 1, p.temperature, p.top_k, p.top_p, p.seed, s.seq->stream,
-                         uint64_t(s.seq->tokens.size())});
+                         uint64_t(s.seq->tokens.size()), s.seq->request.top_logprobs});
       sampled.push_back(s.seq);
     }
   }
@@ -232,7 +237,10 @@ std::vector<StepOutput> Engine::step() {
     seq.result.output_ids.push_back(drawn[i].token);
     seq.result.logprobs.push_back(drawn[i].logprob);
     seq.result.weight_versions.push_back(weight_version_);
-    StepOutput out{seq.id, {{drawn[i].token, drawn[i].logprob, weight_version_}}, stop_check(seq)};
+    TokenOutput token{drawn[i].token, drawn[i].logprob, weight_version_, {}};
+    token.top.assign(drawn[i].top, drawn[i].top + drawn[i].num_top);
+    if (seq.request.top_logprobs > 0) seq.result.top_logprobs.push_back(token.top);
+    StepOutput out{seq.id, {std::move(token)}, stop_check(seq)};
     if (out.finished()) finish(seq, out.finish_reason);
     outputs.push_back(std::move(out));
   }
@@ -262,8 +270,9 @@ RequestResult Engine::take_result(RequestId id) {
 }
 
 std::vector<StepOutput> Engine::begin_weight_update(UpdatePolicy policy) {
-  LS_CHECK(!updating_, "rollout engine: begin_weight_update while a weight update is already in progress (call "
-                       "end_weight_update first)");
+  LS_CHECK(!updating_,
+           "rollout engine: begin_weight_update while a weight update is already in progress (call "
+           "end_weight_update first)");
   paused_ = true;
   std::vector<StepOutput> outputs;
   if (policy == UpdatePolicy::abort) {

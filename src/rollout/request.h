@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/runner.h"
 
 namespace lockstep::rollout {
 
@@ -24,6 +25,7 @@ struct GenerationRequest {
   int64_t max_new_tokens = 16;
   std::vector<int32_t> stop_token_ids;    // in addition to the engine's EOS ids
   std::vector<std::string> stop_strings;  // needs EngineOptions::detokenize
+  int32_t top_logprobs = 0;               // also report this many most likely tokens per step (<= 20)
 };
 
 enum class FinishReason { none, stop, length, abort };
@@ -35,6 +37,7 @@ struct TokenOutput {
   int32_t token = 0;
   float logprob = 0.0f;
   int64_t weight_version = 0;
+  std::vector<TopLogprob> top;  // the request's top_logprobs most likely tokens (same log-softmax)
 };
 
 // What one engine step produced for one request: its new tokens, and whether it ended.
@@ -49,7 +52,8 @@ struct StepOutput {
 struct RequestResult {
   std::vector<int32_t> output_ids;
   std::vector<float> logprobs;
-  std::vector<int64_t> weight_versions;  // per token
+  std::vector<int64_t> weight_versions;               // per token
+  std::vector<std::vector<TopLogprob>> top_logprobs;  // per token, when the request asked for them
   FinishReason finish_reason = FinishReason::none;
   bool finished() const { return finish_reason != FinishReason::none; }
 };

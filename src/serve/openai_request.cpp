@@ -179,6 +179,7 @@ rollout::GenerationRequest ApiRequest::choice(int64_t i) const {
   r.max_new_tokens = max_tokens;
   r.stop_token_ids = stop_token_ids;
   r.stop_strings = stop;
+  r.top_logprobs = top_logprobs;
   return r;
 }
 
@@ -267,22 +268,25 @@ ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, cons
     for (int32_t id : token_ids(*ids, "stop_token_ids", config)) r.stop_token_ids.push_back(id);
   }
 
+  const char* top_key = endpoint == Endpoint::chat ? "top_logprobs" : "logprobs";
   if (endpoint == Endpoint::chat) {
     r.logprobs = bool_field(body, "logprobs", false);
-    if (int_field(body, "top_logprobs", 0, 0, 20) != 0)
-      throw bad_field("top_logprobs",
-                      "only 0 is supported: the engine reports the sampled token's log-prob, not the "
-                      "top alternatives");
+    r.top_logprobs = int32_t(int_field(body, "top_logprobs", 0, 0, kMaxTopLogprobs));
+    if (r.top_logprobs > 0 && !r.logprobs)
+      throw bad_field("top_logprobs", "needs \"logprobs\": true, got top_logprobs " + std::to_string(r.top_logprobs));
   } else if (const Json* lp = find(body, "logprobs")) {
-    if (lp->is_boolean())
+    if (lp->is_boolean()) {
       r.logprobs = lp->get<bool>();
-    else if (int_field(body, "logprobs", 0, 0, 5) != 0)
-      throw bad_field("logprobs",
-                      "only 0 is supported: the engine reports the sampled token's log-prob, not the top "
-                      "alternatives");
-    else
+    } else {
+      r.top_logprobs = int32_t(int_field(body, "logprobs", 0, 0, kMaxTopLogprobs));
       r.logprobs = true;
+    }
   }
+  if (r.top_logprobs > 0 && !model.top_logprobs)
+    throw bad_field(top_key,
+                    "only 0 is supported on --device cuda (the CUDA runner reports the sampled token's "
+                    "log-prob only; use --device cpu for top log-probs), got " +
+                        std::to_string(r.top_logprobs));
   r.stream = bool_field(body, "stream", false);
   if (const Json* so = find(body, "stream_options")) {
     if (!so->is_object()) throw bad_field("stream_options", "expected an object, got " + got(*so));

@@ -26,6 +26,7 @@ struct ServedModel {
   std::string name;  // the "model" a request must name
   const ModelConfig* config = nullptr;
   const Tokenizer* tokenizer = nullptr;  // null: token-id prompts only
+  bool top_logprobs = true;              // false: the runner cannot report them (CUDA)
 };
 
 struct ApiRequest {
@@ -37,6 +38,7 @@ struct ApiRequest {
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;  // the tokenizer's and config's EOS ids unless ignore_eos, plus any given
   bool logprobs = false;
+  int32_t top_logprobs = 0;  // chat "top_logprobs", or completions "logprobs": N
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
 

@@ -20,28 +20,46 @@ std::string ResponseWriter::token_text(int32_t id) const {
   return model_.tokenizer ? decode_known(*model_.tokenizer, {id}, false) : std::to_string(id);
 }
 
-Json ResponseWriter::logprobs_json(const std::vector<int32_t>& ids, const std::vector<float>& logprobs, size_t begin,
-                                   size_t end, size_t text_offset) const {
+Json ResponseWriter::token_bytes(int32_t id) const {
+  Json bytes = Json::array();
+  if (model_.tokenizer && id < model_.tokenizer->vocab_size())
+    for (unsigned char b : model_.tokenizer->token_bytes(id)) bytes.push_back(int(b));
+  return bytes;
+}
+
+// The top log-probs (request_.top_logprobs of them per token) come in the engine's order: by
+// log-prob descending, ties to the lower token id.
+Json ResponseWriter::logprobs_json(const ChoiceState& c, size_t begin, size_t end, size_t text_offset) const {
+  const auto& ids = c.output_ids;
   if (request_.endpoint == Endpoint::chat) {
     Json content = Json::array();
     for (size_t t = begin; t < end; ++t) {
-      Json bytes = Json::array();
-      if (model_.tokenizer && ids[t] < model_.tokenizer->vocab_size())
-        for (unsigned char b : model_.tokenizer->token_bytes(ids[t])) bytes.push_back(int(b));
-      content.push_back(
-          {{"token", token_text(ids[t])}, {"logprob", logprobs[t]}, {"bytes", bytes}, {"top_logprobs", Json::array()}});
+      Json top = Json::array();
+      for (const TopLogprob& x : c.top_logprobs[t])
+        top.push_back({{"token", token_text(x.token)}, {"logprob", x.logprob}, {"bytes", token_bytes(x.token)}});
+      content.push_back({{"token", token_text(ids[t])},
+                         {"logprob", c.logprobs[t]},
+                         {"bytes", token_bytes(ids[t])},
+                         {"top_logprobs", top}});
     }
     return {{"content", content}};
   }
-  Json tokens = Json::array(), values = Json::array(), offsets = Json::array();
+  Json tokens = Json::array(), values = Json::array(), offsets = Json::array(), tops = Json::array();
   for (size_t t = begin; t < end; ++t) {
     std::string s = token_text(ids[t]);
     offsets.push_back(text_offset);
     text_offset += s.size();
     tokens.push_back(std::move(s));
-    values.push_back(logprobs[t]);
+    values.push_back(c.logprobs[t]);
+    Json top = Json::object();  // text -> log-prob; two ids of one text keep the more likely
+    for (const TopLogprob& x : c.top_logprobs[t])
+      if (!top.contains(token_text(x.token))) top[token_text(x.token)] = x.logprob;
+    tops.push_back(std::move(top));
   }
-  return {{"tokens", tokens}, {"token_logprobs", values}, {"top_logprobs", nullptr}, {"text_offset", offsets}};
+  return {{"tokens", tokens},
+          {"token_logprobs", values},
+          {"top_logprobs", request_.top_logprobs > 0 ? tops : Json(nullptr)},
+          {"text_offset", offsets}};
 }
 
 Json ResponseWriter::usage(const Ticket::Snapshot& state) const {
@@ -65,8 +83,7 @@ Json ResponseWriter::full(const Ticket::Snapshot& state) {
       choice["message"] = {{"role", "assistant"}, {"content", text.text()}};
     else
       choice["text"] = text.text();
-    choice["logprobs"] =
-        request_.logprobs ? logprobs_json(c.output_ids, c.logprobs, 0, c.output_ids.size(), 0) : Json(nullptr);
+    choice["logprobs"] = request_.logprobs ? logprobs_json(c, 0, c.output_ids.size(), 0) : Json(nullptr);
     choice["finish_reason"] = rollout::finish_reason_name(c.finish_reason);
     choice["output_ids"] = c.output_ids;
     choice["output_logprobs"] = c.logprobs;
@@ -115,8 +132,7 @@ std::string ResponseWriter::stream_events(const Ticket::Snapshot& state) {
       choice["delta"] = {{"content", delta}};
     else
       choice["text"] = delta;
-    choice["logprobs"] =
-        request_.logprobs ? logprobs_json(c.output_ids, c.logprobs, begin, end, text_offset) : Json(nullptr);
+    choice["logprobs"] = request_.logprobs ? logprobs_json(c, begin, end, text_offset) : Json(nullptr);
     choice["finish_reason"] = finished ? Json(rollout::finish_reason_name(c.finish_reason)) : Json(nullptr);
     choice["output_ids"] = std::vector<int32_t>(c.output_ids.begin() + begin, c.output_ids.end());
     choice["output_logprobs"] = std::vector<float>(c.logprobs.begin() + begin, c.logprobs.end());

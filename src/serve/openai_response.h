@@ -28,8 +28,8 @@ class ResponseWriter {
 
  private:
   nlohmann::ordered_json envelope(const char* object) const;
-  nlohmann::ordered_json logprobs_json(const std::vector<int32_t>& ids, const std::vector<float>& logprobs,
-                                       size_t begin, size_t end, size_t text_offset) const;
+  nlohmann::ordered_json logprobs_json(const ChoiceState& choice, size_t begin, size_t end, size_t text_offset) const;
+  nlohmann::ordered_json token_bytes(int32_t id) const;
   nlohmann::ordered_json usage(const Ticket::Snapshot& state) const;
   std::string token_text(int32_t id) const;
 

@@ -23,6 +23,7 @@ void Ticket::append(size_t choice, const rollout::StepOutput& out, int64_t versi
     if (c.weight_version < 0) c.weight_version = t.weight_version;
     c.output_ids.push_back(t.token);
     c.logprobs.push_back(t.logprob);
+    c.top_logprobs.push_back(t.top);
   }
   if (out.finished()) {
     if (c.weight_version < 0) c.weight_version = version;

@@ -31,6 +31,7 @@ namespace lockstep::serve {
 struct ChoiceState {
   std::vector<int32_t> output_ids;
   std::vector<float> logprobs;
+  std::vector<std::vector<TopLogprob>> top_logprobs;  // per token, when the request asked for them
   int64_t weight_version = -1;  // of its tokens (all the same); the version at its end when it has none
   rollout::FinishReason finish_reason = rollout::FinishReason::none;
   std::string error;  // set when the engine refused the choice after it was accepted

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/philox.h"
+#include "rl/environment.h"
 #include "rl/step_rollout.h"
 #include "rl/train_checkpoint.h"
 #include "rl/trainer.h"
@@ -46,11 +47,17 @@ struct ScriptedEngine {
     std::vector<rollout::RequestOutcome> out(r.size());
     for (size_t i = 0; i < r.size(); ++i) {
       out[i].result.output_ids = {int32_t(i)};
+      out[i].result.logprobs = {-1.0f};
       seeds.back().push_back(r[i]->sampling.seed);
     }
     return out;
   }
 };
+
+// The default environment: one turn, the source's reward.
+std::unique_ptr<Environment> single_turn(PromptSource& source) {
+  return make_environment(TrainConfig(), source, nullptr);
+}
 
 TrainConfig scripted_config(bool filter) {
   TrainConfig c;
@@ -63,7 +70,7 @@ TrainConfig scripted_config(bool filter) {
 TEST(DynamicSampling, DropsFlatGroupsAndDrawsMorePromptsInOrder) {
   ScriptedSource source;
   ScriptedEngine engine;
-  StepRollout r = sample_step(scripted_config(true), source, 0, 77, 0, 1, std::ref(engine));
+  StepRollout r = sample_step(scripted_config(true), source, *single_turn(source), 0, 77, 0, 1, std::ref(engine));
   // Round 0: prompts 0 (mixed, kept) and 1 (flat); round 1: prompts 2 (flat) and 3 (mixed, kept).
   ASSERT_EQ(r.samples.size(), 4u);
   EXPECT_EQ(r.samples[0].example.prompt[0], 0);
@@ -86,7 +93,7 @@ TEST(DynamicSampling, DropsFlatGroupsAndDrawsMorePromptsInOrder) {
 TEST(DynamicSampling, OffIsOneRoundAndOverSamplingDrawsMorePerRound) {
   ScriptedSource source;
   ScriptedEngine engine;
-  StepRollout r = sample_step(scripted_config(false), source, 0, 5, 10, 1, std::ref(engine));
+  StepRollout r = sample_step(scripted_config(false), source, *single_turn(source), 0, 5, 10, 1, std::ref(engine));
   EXPECT_EQ(r.prompts_drawn, 2);
   EXPECT_EQ(r.samples[2].example.prompt[0], 11);
   nlohmann::json m;
@@ -94,7 +101,7 @@ TEST(DynamicSampling, OffIsOneRoundAndOverSamplingDrawsMorePerRound) {
   EXPECT_TRUE(m.empty());
   TrainConfig over = scripted_config(true);
   over.over_sampling_batch_size = 6;
-  r = sample_step(over, source, 0, 5, 0, 1, std::ref(engine));
+  r = sample_step(over, source, *single_turn(source), 0, 5, 0, 1, std::ref(engine));
   EXPECT_EQ(r.rounds, 1);  // prompts 0 and 3 are the mixed ones among 0..5
   EXPECT_EQ(r.prompts_drawn, 6);
   EXPECT_EQ(r.samples[2].example.prompt[0], 3);
@@ -106,7 +113,7 @@ TEST(DynamicSampling, NoSignalAtAllIsAnErrorAfterTheRoundLimit) {
   source.always_flat = true;
   ScriptedEngine engine;
   try {
-    sample_step(scripted_config(true), source, 0, 5, 0, 7, std::ref(engine));
+    sample_step(scripted_config(true), source, *single_turn(source), 0, 5, 0, 7, std::ref(engine));
     FAIL() << "expected an error";
   } catch (const Error& e) {
     EXPECT_EQ(std::string(e.what()),

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "dist/thread_communicator.h"
+#include "loopback_server.h"
 #include "rl/rewards/command_reward.h"
 #include "rl/rewards/remote_reward.h"
 #include "rl/trainer.h"
@@ -29,7 +30,8 @@ using testing::error_of;
 class RewardServer {
  public:
   RewardServer() {
-    server_.Post("/score", [this](const httplib::Request& req, httplib::Response& res) {
+    httplib::Server& server = loopback_.server();
+    server.Post("/score", [this](const httplib::Request& req, httplib::Response& res) {
       const int now = ++in_flight_;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -44,33 +46,26 @@ class RewardServer {
                       "application/json");
       --in_flight_;
     });
-    server_.Post("/flaky", [this](const httplib::Request&, httplib::Response& res) {
+    server.Post("/flaky", [this](const httplib::Request&, httplib::Response& res) {
       if (calls_++ < 2) {
         res.status = 503;
         return;
       }
       res.set_content("0.5", "text/plain");
     });
-    server_.Post("/broken", [this](const httplib::Request&, httplib::Response& res) {
+    server.Post("/broken", [this](const httplib::Request&, httplib::Response& res) {
       ++calls_;
       res.status = 500;
     });
-    server_.Post("/garbage", [](const httplib::Request&, httplib::Response& res) {
-      res.set_content("not a number", "text/plain");
-    });
-    server_.Post("/slow", [](const httplib::Request&, httplib::Response& res) {
+    server.Post("/garbage",
+                [](const httplib::Request&, httplib::Response& res) { res.set_content("not a number", "text/plain"); });
+    server.Post("/slow", [](const httplib::Request&, httplib::Response& res) {
       std::this_thread::sleep_for(std::chrono::milliseconds(500));
       res.set_content("1", "text/plain");
     });
-    port_ = server_.bind_to_any_port("127.0.0.1");
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
-    for (int i = 0; i < 200 && !server_.is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    loopback_.start();
   }
-  ~RewardServer() {
-    server_.stop();
-    thread_.join();
-  }
-  std::string url(const std::string& path) const { return "http://127.0.0.1:" + std::to_string(port_) + path; }
+  std::string url(const std::string& path) const { return loopback_.url(path); }
   int max_in_flight() const { return max_in_flight_; }
   int calls() const { return calls_; }
   std::vector<json> bodies() {
@@ -79,9 +74,7 @@ class RewardServer {
   }
 
  private:
-  httplib::Server server_;
-  int port_ = 0;
-  std::thread thread_;
+  testing::LoopbackServer loopback_;
   std::atomic<int> in_flight_{0}, calls_{0};
   std::mutex mu_;
   int max_in_flight_ = 0;
@@ -94,7 +87,6 @@ std::vector<RewardRequest> numbered_samples(int n) {
     out.push_back({"prompt " + std::to_string(i), "response " + std::to_string(i), std::to_string(i), json{{"id", i}}});
   return out;
 }
-
 
 RemoteRewardOptions fast_options(const std::string& url) {
   RemoteRewardOptions o;

@@ -33,6 +33,16 @@ async function main() {
     }
   }
   out.chat_stream = streamed;
+  // Top log-probs: greedy chat (whole and streamed) and completions' `logprobs: N`.
+  const top = { ...chat, temperature: 0, top_logprobs: 3 };
+  out.chat_top = await client.chat.completions.create(top);
+  out.chat_top_stream = [];
+  for await (const chunk of await client.chat.completions.create({ ...top, stream: true })) {
+    for (const c of chunk.choices) out.chat_top_stream.push(...(c.logprobs?.content ?? []));
+  }
+  out.completion_top = await client.completions.create({
+    model, prompt: 'Once upon a time', max_tokens: 4, temperature: 0, logprobs: 2, ignore_eos: true,
+  });
   try {
     await client.completions.create({ model, prompt: 'x', max_tokens: 0 });
     out.error = null;

@@ -74,6 +74,26 @@ TEST(OpenAiClient, CompletionsChatStreamingLogprobsSeeds) {
   EXPECT_EQ(streamed["finish_reason"], "length");
   EXPECT_EQ(streamed["usage"]["completion_tokens"], 8);
 
+  // Top log-probs: the greedy token is the top-1 with its own log-prob, then by log-prob.
+  const Json& top = got["chat_top"]["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(top.size(), 8u);
+  for (const Json& t : top) {
+    ASSERT_EQ(t["top_logprobs"].size(), 3u);
+    EXPECT_EQ(t["top_logprobs"][0]["token"], t["token"]);
+    EXPECT_EQ(t["top_logprobs"][0]["logprob"], t["logprob"]);
+    EXPECT_EQ(t["top_logprobs"][0]["bytes"], t["bytes"]);
+    EXPECT_GE(t["top_logprobs"][1]["logprob"].get<double>(), t["top_logprobs"][2]["logprob"].get<double>());
+    EXPECT_GE(t["logprob"].get<double>(), t["top_logprobs"][1]["logprob"].get<double>());
+  }
+  EXPECT_EQ(got["chat_top_stream"], top);
+  const Json& completion_top = got["completion_top"]["choices"][0]["logprobs"];
+  ASSERT_EQ(completion_top["top_logprobs"].size(), 4u);
+  for (size_t t = 0; t < 4; ++t) {
+    const Json& entries = completion_top["top_logprobs"][t];
+    EXPECT_TRUE(entries.size() == 2u || entries.size() == 1u) << entries;  // two ids may share a text
+    EXPECT_EQ(entries[completion_top["tokens"][t].get<std::string>()], completion_top["token_logprobs"][t]);
+  }
+
   // The client surfaces the server's error object.
   EXPECT_EQ(got["error"]["status"], 400);
   EXPECT_EQ(got["error"]["param"], "max_tokens");

@@ -108,7 +108,7 @@ TEST_F(RequestParser, BadInputNamesTheField) {
   EXPECT_EQ(refusal({{"prompt", "x"}, {"seed", 1.5}}).param, "seed");
   EXPECT_EQ(refusal({{"prompt", "x"}, {"stream", "yes"}}).param, "stream");
   EXPECT_EQ(refusal({{"prompt", "x"}, {"stop", 3}}).param, "stop");
-  EXPECT_EQ(refusal({{"prompt", "x"}, {"logprobs", 3}}).param, "logprobs");
+  EXPECT_EQ(refusal({{"prompt", "x"}, {"logprobs", 21}}).param, "logprobs");
   EXPECT_EQ(refusal({{"prompt", "x"}, {"frequency_penalty", 0.5}}).param, "frequency_penalty");
   EXPECT_EQ(refusal({{"prompt", "x"}, {"logit_bias", {{"5", 100}}}}).param, "logit_bias");
   EXPECT_EQ(refusal({{"prompt", "x"}, {"best_of", 3}}).param, "best_of");
@@ -120,8 +120,17 @@ TEST_F(RequestParser, BadInputNamesTheField) {
   EXPECT_EQ(refusal({{"prompt", std::vector<int>(64, 1)}}).code, "context_length_exceeded");
   EXPECT_EQ(refusal({{"messages", Json::array()}}, Endpoint::chat).param, "messages");
   EXPECT_EQ(refusal({{"messages", {{{"role", "robot"}, {"content", "x"}}}}}, Endpoint::chat).param, "messages");
-  EXPECT_EQ(refusal({{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"top_logprobs", 2}}, Endpoint::chat).param,
-            "top_logprobs");
+  const Json chat = {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"logprobs", true}};
+  for (const Json& bad : {Json{{"top_logprobs", 21}}, Json{{"top_logprobs", -1}}, Json{{"top_logprobs", 1.5}}}) {
+    Json body = chat;
+    body.update(bad);
+    EXPECT_EQ(refusal(body, Endpoint::chat).param, "top_logprobs") << bad;
+  }
+  Json no_logprobs = chat;
+  no_logprobs["logprobs"] = false;
+  no_logprobs["top_logprobs"] = 2;
+  EXPECT_EQ(std::string(refusal(no_logprobs, Endpoint::chat).what()),
+            "top_logprobs: needs \"logprobs\": true, got top_logprobs 2");
   // Without a tokenizer: token ids only, and the message says so.
   ApiError text = refusal({{"prompt", "hello"}}, Endpoint::completions, false);
   EXPECT_EQ(text.param, "prompt");
@@ -185,6 +194,27 @@ TEST_F(RequestParser, FuzzedBodiesNeverEscape) {
     }
   }
   EXPECT_GT(accepted, 100);  // the fuzz also reaches the accepting paths
+}
+
+TEST_F(RequestParser, TopLogprobsReachTheEngineRequestUnlessTheRunnerCannot) {
+  const std::string chat = R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":20})";
+  EXPECT_EQ(parse_api_request(chat, Endpoint::chat, model()).choice(0).top_logprobs, 20);
+  const ApiRequest completion = parse_api_request(R"({"prompt":"x","logprobs":3})", Endpoint::completions, model());
+  EXPECT_TRUE(completion.logprobs);
+  EXPECT_EQ(completion.choice(1).top_logprobs, 3);
+  EXPECT_EQ(parse_api_request(R"({"prompt":"x","logprobs":true})", Endpoint::completions, model()).top_logprobs, 0);
+  ServedModel cuda = model();
+  cuda.top_logprobs = false;
+  try {
+    parse_api_request(chat, Endpoint::chat, cuda);
+    ADD_FAILURE() << "accepted";
+  } catch (const ApiError& e) {
+    EXPECT_EQ(e.status, 400);
+    EXPECT_EQ(std::string(e.what()),
+              "top_logprobs: only 0 is supported on --device cuda (the CUDA runner reports the sampled token's "
+              "log-prob only; use --device cpu for top log-probs), got 20");
+  }
+  EXPECT_EQ(parse_api_request(R"({"prompt":"x","logprobs":0})", Endpoint::completions, cuda).top_logprobs, 0);
 }
 
 }  // namespace

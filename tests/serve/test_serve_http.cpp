@@ -147,6 +147,50 @@ TEST_F(ServeTokenIds, LogprobsEqualScoreBitForBit) {
   EXPECT_NE(r["choices"][0]["output_ids"], r["choices"][1]["output_ids"]);
 }
 
+// Completions' `logprobs: N` on a model without a tokenizer: the top tokens are keyed by their
+// ids; greedy's top-1 is its token, and every value is `lockstep score`'s for that token.
+TEST_F(ServeTokenIds, TopLogprobsEqualScoreBitForBit) {
+  auto c = server_->client();
+  const std::vector<int32_t> prompt = {3, 1, 4, 1, 5};
+  int status = 0;
+  Json r = post_json(*c, "/v1/completions",
+                     {{"prompt", prompt}, {"max_tokens", 4}, {"temperature", 0}, {"logprobs", 5}, {"ignore_eos", true}},
+                     &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  const Json& choice = r["choices"][0];
+  const auto out = choice["output_ids"].get<std::vector<int32_t>>();
+  ASSERT_EQ(out.size(), 4u);
+  const std::string dir = testing::fs::temp_directory_path() / ("lockstep_serve_top_" + std::to_string(getpid()));
+  testing::fs::create_directories(dir);
+  std::ofstream in(dir + "/in.jsonl");
+  std::vector<float> served;
+  for (size_t t = 0; t < out.size(); ++t) {
+    const Json& top = choice["logprobs"]["top_logprobs"][t];
+    ASSERT_EQ(top.size(), 5u);
+    EXPECT_EQ(top[std::to_string(out[t])], choice["output_logprobs"][t]);
+    float best = -INFINITY;
+    for (const auto& [id, value] : top.items()) {
+      std::vector<int32_t> seq = prompt;
+      seq.insert(seq.end(), out.begin(), out.begin() + int64_t(t));
+      seq.push_back(std::stoi(id));
+      in << Json{{"input_ids", seq}}.dump() << "\n";
+      served.push_back(value.get<float>());
+      best = std::max(best, served.back());
+    }
+    EXPECT_EQ(top[std::to_string(out[t])].get<float>(), best);  // greedy: the top-1
+  }
+  in.close();
+  auto score = testing::run_lockstep("score --model " + testing::tiny_model() + " --input " + dir + "/in.jsonl" +
+                                     " --output " + dir + "/out.jsonl");
+  ASSERT_EQ(score.status, 0) << score.output;
+  std::ifstream scored_file(dir + "/out.jsonl");
+  std::vector<float> scored;
+  for (std::string line; std::getline(scored_file, line);)
+    scored.push_back(floats(Json::parse(line)["logprobs"]).back());
+  EXPECT_EQ(bits(served), bits(scored));
+  testing::fs::remove_all(dir);
+}
+
 TEST_F(ServeTokenIds, ChoiceIOfNEqualsSeedPlusI) {
   auto c = server_->client();
   Json many = post_json(*c, "/v1/completions", {{"prompt", {7, 7, 7}}, {"max_tokens", 6}, {"seed", 100}, {"n", 3}});

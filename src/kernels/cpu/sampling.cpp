@@ -50,4 +50,27 @@ SampleChoice sample_row(const float* logits, int64_t V, float temperature, int32
   return {token, z[token] - log_z};
 }
 
+void top_logprobs_row(const float* logits, int64_t V, float temperature, int32_t n, int32_t* tokens, float* logprobs) {
+  // The same z and log-normalizer as sample_row, so a value equals the sampled token's bits.
+  std::vector<float> lp(V);
+  if (temperature == 0.0f) {
+    const float log_z = log_normalizer(logits, V);
+    for (int64_t v = 0; v < V; ++v) lp[v] = logits[v] - log_z;
+  } else {
+    std::vector<float> z(V);
+    for (int64_t v = 0; v < V; ++v) z[v] = logits[v] / temperature;
+    const float log_z = log_normalizer(z.data(), V);
+    for (int64_t v = 0; v < V; ++v) lp[v] = z[v] - log_z;
+  }
+  const int64_t keep = std::min<int64_t>(n, V);
+  std::vector<int32_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + keep, order.end(),
+                    [&](int32_t a, int32_t b) { return lp[a] > lp[b] || (lp[a] == lp[b] && a < b); });
+  for (int64_t i = 0; i < keep; ++i) {
+    tokens[i] = order[i];
+    logprobs[i] = lp[order[i]];
+  }
+}
+
 }  // namespace lockstep::cpu

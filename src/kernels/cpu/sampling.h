@@ -16,4 +16,9 @@ struct SampleChoice {
 // before truncation, by the canonical log-softmax. `u` in [0, 1) comes from Philox.
 SampleChoice sample_row(const float* logits, int64_t V, float temperature, int32_t top_k, float top_p, float u);
 
+// The n most likely tokens of the row under the distribution sample_row reports log-probs of
+// (softmax(logits / T), T = 1 when greedy): ids and log-probs by log-prob descending, ties to
+// the lower id; each value is the bits sample_row gives when it draws that token.
+void top_logprobs_row(const float* logits, int64_t V, float temperature, int32_t n, int32_t* tokens, float* logprobs);
+
 }  // namespace lockstep::cpu

@@ -8,18 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "rl/rewards/http_post.h"
 #include "rl/rewards/reward_request.h"
 
 namespace lockstep::rl {
-
-struct HttpUrl {
-  std::string host;
-  int port = 80;
-  std::string path = "/";
-};
-
-// Only plain http (a reward server is local or on a private network); errors name --rm-url.
-HttpUrl parse_http_url(const std::string& url);
 
 struct RemoteRewardOptions {
   std::string url;
