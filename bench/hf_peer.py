@@ -3,6 +3,10 @@ on one GPU, the same prefill (8 x 2048, last-token logits) and decode (prompt 12
 temperature 1) measurements. Prints one JSON object per line.
 
     python3 bench/hf_peer.py models/qwen3-30b-a3b/config.json [--layers N] [--quick]
+    python3 bench/hf_peer.py CONFIG --train [--layers N] [--batch B] [--seq S]
+
+--train measures instead one forward + backward of B x S tokens (mean next-token NLL), the
+peer of bench/cuda_train_bench.cpp.
 """
 import argparse
 import json
@@ -23,6 +27,9 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
     args = ap.parse_args()
 
     cfg = AutoConfig.from_pretrained(args.config)
@@ -41,6 +48,26 @@ def main():
     emit(event="hf_weights", seconds=time.time() - t0, transformers=transformers.__version__, torch=torch.__version__,
          layers=cfg.num_hidden_layers, attn=getattr(model.config, "_attn_implementation", None))
     V = cfg.vocab_size
+
+    if args.train:
+        model.train()
+        ids = torch.randint(0, V, (args.batch, args.seq), device="cuda", generator=gen)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.time()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        sec = (time.time() - t) / 3
+        emit(event="hf_train_step", layers=cfg.num_hidden_layers, batch=args.batch, seq=args.seq, seconds=sec,
+             tok_s=args.batch * args.seq / sec, peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9)
+        return
 
     with torch.no_grad():
         B, P = (2, 512) if args.quick else (8, 2048)

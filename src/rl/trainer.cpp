@@ -21,6 +21,9 @@
 #include "core/timer.h"
 #include "model/qwen3_moe.h"
 #include "model/runner.h"
+#ifdef LOCKSTEP_CUDA
+#include "model/cuda/cuda_trainer.h"
+#endif
 #include "model/weights_source.h"
 #include "parallel/parallel_runner.h"
 #include "parallel/weight_sync.h"
@@ -438,8 +441,15 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     engine_layout = whole_model_layout(mc, world->size(), world->rank());
   }
   rollout::Engine engine(std::move(runner), eo);
-  // On the GPU the trainer runs on the engine's own runner: one copy of the weights.
-  if (on_gpu) policy.use_device_runner(&engine.runner());
+  // On the GPU the trainer runs on the engine's own runner: one copy of the weights. A
+  // micro-batch that cannot fit is refused now, before the first step.
+  if (on_gpu) {
+    policy.use_device_runner(&engine.runner());
+#ifdef LOCKSTEP_CUDA
+    cuda_check_step_memory(engine.runner(),
+                           cfg.global_batch_size / cfg.num_microbatches * max_len);
+#endif
+  }
   const bool tty = isatty(2);
   const bool progress = cfg.progress && root;
   WeightSyncOptions sync_options;

@@ -57,5 +57,29 @@ TEST(CudaTrain, TrulyOnPolicyOnEveryStepAndRepeatable) {
     EXPECT_EQ(read_bytes(last(a) / f), read_bytes(last(b) / f)) << f;
 }
 
+TEST(CudaTrain, StopAndResumeIsBitIdenticalAndANanGradientStopsTheStep) {
+  LS_SKIP_WITHOUT_GPU();
+  TempDir dir("cuda_resume");
+  TrainConfig full = gpu_run(dir, "full"), part = gpu_run(dir, "part");
+  full.num_rollout = part.num_rollout = 4;
+  full.save_interval = part.save_interval = 2;
+  run_training(full);
+  part.debug_stop_after = 2;  // as if the process were killed after step 2's checkpoint
+  EXPECT_EQ(run_training(part).steps_run, 2);
+  part.debug_stop_after = -1;
+  part.resume = true;
+  EXPECT_EQ(run_training(part).steps_run, 2);
+  EXPECT_EQ(without_perf(read_metrics(full)), without_perf(read_metrics(part)));
+  const auto last = [](const TrainConfig& c) { return std::filesystem::path(c.save) / "iter_0000004"; };
+  for (const char* f : {"model.safetensors", "optimizer.safetensors"})
+    EXPECT_EQ(read_bytes(last(full) / f), read_bytes(last(part) / f)) << f;
+
+  TrainConfig nan = gpu_run(dir, "nan");
+  nan.debug_inject_nan_step = 2;
+  const std::string e = testing::error_of([&] { run_training(nan); });
+  EXPECT_NE(e.find("step 2"), std::string::npos) << e;
+  EXPECT_NE(e.find("non-finite gradient in tensor "), std::string::npos) << e;
+}
+
 }  // namespace
 }  // namespace lockstep::rl

@@ -6,8 +6,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 
 #include "../model/test_helpers.h"
+#include "core/error.h"
 #include "cuda_test_util.h"
 #include "model/cuda/cuda_runner.h"
 #include "model/cuda/cuda_trainer.h"
@@ -27,6 +29,15 @@ std::vector<SequenceGradInput> mean_nll(const std::vector<std::vector<float>>& l
   for (size_t s = 0; s < logprobs.size(); ++s)
     up[s].dlogp.assign(logprobs[s].size(), -1.0f / float(logprobs[s].size()));
   return up;
+}
+
+std::string error_of_call(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 std::vector<std::vector<int32_t>> fixture_sequences() {
@@ -120,6 +131,30 @@ TEST(CudaTrainer, LogprobsAreTheEnginesScoreBitsAndStepsRepeatExactly) {
   auto n1 = g1.named(), n2 = g2.named();
   for (auto& [name, t] : n1)
     EXPECT_EQ(std::memcmp(t->data<float>(), n2.at(name)->data<float>(), size_t(t->numel()) * 4), 0) << name;
+}
+
+TEST(CudaTrainer, AStepThatCannotFitIsRefusedBeforeAnyAllocation) {
+  LS_SKIP_WITHOUT_GPU();
+  // One small layer with a large vocabulary: 400k tokens' fp32 logits alone exceed any GPU.
+  ModelConfig c = ModelWeights::load(fixture_model_dir(), Precision::bfloat16).config;
+  c.vocab_size = 151936;
+  c.num_hidden_layers = 1;
+  auto runner = make_cuda_runner_random(c, 3);
+  std::vector<std::vector<int32_t>> seqs(800, std::vector<int32_t>(500, 7));
+  bool called = false;
+  const std::string e = error_of_call([&] {
+    cuda_step_grads(*runner, seqs, false, [&](int64_t, const auto& lp, const auto&) {
+      called = true;
+      return mean_nll(lp);
+    });
+  });
+  EXPECT_NE(e.find("400000 tokens needs"), std::string::npos) << e;
+  EXPECT_NE(e.find("GiB free"), std::string::npos) << e;
+  EXPECT_FALSE(called);
+  // The runner is untouched: it still trains a step that fits.
+  ModelWeights g = cuda_step_grads(*runner, {{1, 2, 3, 4}}, false,
+                                   [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); });
+  EXPECT_EQ(g.embed.numel(), c.vocab_size * c.hidden_size);
 }
 
 }  // namespace

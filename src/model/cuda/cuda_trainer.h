@@ -24,6 +24,10 @@ namespace lockstep {
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
                              const UpstreamFn& upstream);
 
+// Refuses (naming the bytes it needs and the bytes free) a training micro-batch of `tokens`
+// tokens that would not fit the GPU's free memory; run before any of the step's allocations.
+void cuda_check_step_memory(ModelRunner& runner, int64_t tokens);
+
 // Per-token log-probs of whole sequences (at least 2 tokens each) by the trainer's forward, in
 // steps of at most max_batch_tokens tokens: the bits of runner_score_sequences on the same
 // runner, without touching the rollout engine's KV cache (the trainer has its own pages).

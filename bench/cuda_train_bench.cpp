@@ -1,0 +1,80 @@
+// The GPU trainer's step backward (model/cuda/cuda_trainer.h) on Qwen3-30B-A3B shapes with
+// random bf16 weights made on the device: forward + backward tokens/s of one micro-batch of B
+// sequences of S tokens (mean next-token NLL), and the model FLOPs utilisation against the
+// card's measured bf16 matmul ceiling. Prints one JSON object per line.
+//   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R]
+// Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
+// plus causal attention 6 x 2 x (S + 1) / 2 x q_dim per layer (QK^T and PV, forward and
+// backward): the usual accounting, recomputation not counted.
+#ifdef LOCKSTEP_CUDA
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+
+#include "core/error.h"
+#include "model/cuda/cuda_runner.h"
+#include "model/cuda/cuda_trainer.h"
+
+namespace {
+
+using namespace lockstep;
+
+constexpr double kMatmulPeak = 771e12;  // bf16 FLOP/s, measured 8192^3 matmul (notes/cuda-perf.md)
+
+double flops_per_token(const ModelConfig& c, int64_t S) {
+  const double H = double(c.hidden_size), qd = double(c.q_dim()), kvd = double(c.kv_dim());
+  const double experts = double(c.num_experts_per_tok) * 3.0 * double(c.moe_intermediate_size) * H;
+  const double layer = (qd + 2 * kvd) * H + H * qd + experts + double(c.num_experts) * H;
+  const double active = double(c.num_hidden_layers) * layer + double(c.vocab_size) * H;
+  const double attention = double(c.num_hidden_layers) * 6.0 * 2.0 * double(S + 1) / 2.0 * qd;
+  return 6.0 * active + attention;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    LS_CHECK(argc >= 2, "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R]");
+    ModelConfig config = ModelConfig::load(argv[1]);
+    int64_t B = 4, S = 2048, reps = 3;
+    for (int i = 2; i < argc; ++i) {
+      if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) B = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--seq") && i + 1 < argc) S = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoll(argv[++i]);
+      else fail("cuda_train_bench: unknown argument ", argv[i]);
+    }
+    auto runner = make_cuda_runner_random(config, 1);
+    std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < S; ++t)
+        seqs[size_t(b)].push_back(int32_t((uint64_t(b) * 7919u + uint64_t(t) * 104729u) % uint64_t(config.vocab_size)));
+    const auto mean_nll = [](int64_t, const std::vector<std::vector<float>>& lp, const auto&) {
+      std::vector<SequenceGradInput> up(lp.size());
+      for (size_t s = 0; s < lp.size(); ++s) up[s].dlogp.assign(lp[s].size(), -1.0f / float(lp[s].size()));
+      return up;
+    };
+    cuda_step_grads(*runner, seqs, false, mean_nll);  // warm-up: allocations, kernel loads
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t r = 0; r < reps; ++r) cuda_step_grads(*runner, seqs, false, mean_nll);
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(reps);
+    const double tokens = double(B * S), tok_s = tokens / sec;
+    const double mfu = tok_s * flops_per_token(config, S) / kMatmulPeak;
+    std::printf(
+        "{\"event\":\"lockstep_train_step\",\"layers\":%lld,\"batch\":%lld,\"seq\":%lld,\"seconds\":%.4f,"
+        "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f}\n",
+        static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
+        tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());
+    return 1;
+  }
+}
+#else
+#include <cstdio>
+int main() {
+  std::fprintf(stderr, "cuda_train_bench: this build has no CUDA backend\n");
+  return 1;
+}
+#endif
