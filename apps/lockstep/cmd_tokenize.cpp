@@ -14,6 +14,7 @@
 
 #include "command_registry.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "tokenizer/chat_json.h"
 #include "tokenizer/tokenizer.h"
 
@@ -103,12 +104,7 @@ int run_tokenize(const TokenizeOptions& o) {
   for (size_t line_no = 1; std::getline(in, line); ++line_no) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = source + ":" + std::to_string(line_no) + ": ";
-    ordered_json request;
-    try {
-      request = ordered_json::parse(line);
-    } catch (const ordered_json::parse_error& e) {
-      fail(where, "not valid JSON (", e.what(), ")");
-    }
+    const ordered_json request = parse_ordered_json(line, where.substr(0, where.size() - 2));
     LS_CHECK(request.is_object(), where, "expected a JSON object, found ", request.dump());
     const ordered_json result =
         o.decode ? handle_decode(tok, request, where, o.skip_special) : handle_encode(tok, request, where);

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 
 namespace lockstep {
 
@@ -64,13 +65,8 @@ void SafetensorsReader::add_file(std::shared_ptr<void> bytes, size_t size, const
   std::memcpy(&header_len, base, 8);
   LS_CHECK(header_len <= size - 8, where, ": header length ", header_len, " runs past the end of the file (",
            size, " bytes)");
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(reinterpret_cast<const char*>(base + 8),
-                                   reinterpret_cast<const char*>(base + 8 + header_len));
-  } catch (const nlohmann::json::exception& e) {
-    fail(where, ": safetensors header is not valid JSON (", e.what(), ")");
-  }
+  const nlohmann::json header =
+      parse_json(std::string_view(reinterpret_cast<const char*>(base + 8), header_len), where + ": safetensors header");
   LS_CHECK(header.is_object(), where, ": safetensors header must be a JSON object");
   const size_t data_start = 8 + header_len;
   const size_t data_size = size - data_start;
@@ -151,14 +147,7 @@ SafetensorsReader SafetensorsReader::open(const std::string& path_in) {
   }
   SafetensorsReader r;
   if (path.filename().string().ends_with(".index.json")) {
-    std::ifstream in(path);
-    LS_CHECK(in, path.string(), ": cannot open");
-    nlohmann::json index;
-    try {
-      index = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      fail(path.string(), ": not valid JSON (", e.what(), ")");
-    }
+    const nlohmann::json index = read_json_file(path.string());
     LS_CHECK(index.contains("weight_map") && index["weight_map"].is_object(), path.string(),
              ": missing object field 'weight_map'");
     std::map<std::string, std::vector<std::string>> by_file;

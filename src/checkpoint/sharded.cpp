@@ -11,6 +11,7 @@
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 
 namespace lockstep {
 
@@ -167,14 +168,7 @@ class ShardedSource final : public CheckpointSource {
 
 json read_index(const std::string& dir) {
   const fs::path path = fs::path(dir) / kShardedIndexFile;
-  std::ifstream in(path);
-  LS_CHECK(in, path.string(), ": cannot open");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const std::exception& e) {
-    fail(path.string(), ": not valid JSON (", e.what(), ")");
-  }
+  const json j = read_json_file(path.string());
   LS_CHECK(j.is_object() && j.value("format", "") == kShardedFormat, path.string(), ": expected \"format\": \"",
            kShardedFormat, "\"");
   for (const char* key : {"topology", "files", "tensors", "pipeline_layer_split"})

@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 
 namespace lockstep {
 
@@ -23,11 +24,7 @@ std::vector<JsonlRecord> read_jsonl(const std::string& path) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     JsonlRecord r;
     r.line = number;
-    try {
-      r.value = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      fail(path, ":", number, ": not valid JSON (", e.what(), ")");
-    }
+    r.value = parse_json(line, path + ":" + std::to_string(number));
     LS_CHECK(r.value.is_object(), path, ":", number, ": expected a JSON object");
     out.push_back(std::move(r));
   }

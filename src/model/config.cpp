@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 
 namespace lockstep {
 
@@ -117,15 +118,8 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
 }
 
 ModelConfig ModelConfig::load(const std::string& path) {
-  std::ifstream in(path);
-  LS_CHECK(in, path, ": cannot open the model config");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail(path, ": not valid JSON (", e.what(), ")");
-  }
-  return from_json(j, path);
+  LS_CHECK(std::ifstream(path), path, ": cannot open the model config");
+  return from_json(read_json_file(path), path);
 }
 
 nlohmann::json ModelConfig::to_json() const {

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "dist/communicator.h"
 #include "rl/prompt_dataset.h"
 #include "rl/rewards/command_reward.h"
@@ -229,8 +230,8 @@ std::vector<std::string> parse_rollout_stop(const std::string& value) {
   if (value.front() != '[') return {value};
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(value);
-  } catch (const nlohmann::json::exception& e) {
+    j = parse_json(value, "--rollout-stop");
+  } catch (const Error& e) {
     fail("--rollout-stop: expected a JSON array of strings or one plain string, got '", value, "' (", e.what(), ")");
   }
   LS_CHECK(j.is_array(), "--rollout-stop: expected a JSON array of strings, got '", value, "'");

@@ -9,6 +9,7 @@
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "core/text_file.h"
 
 namespace lockstep::rl {
@@ -74,11 +75,9 @@ std::string latest_train_checkpoint(const std::string& save_dir) {
 
 TrainerState load_trainer_state(const std::string& checkpoint) {
   const fs::path p = fs::path(checkpoint) / "trainer_state.json";
-  std::ifstream f(p);
-  LS_CHECK(f, p.string(), ": not found");
-  nlohmann::json j;
+  LS_CHECK(fs::exists(p), p.string(), ": not found");
+  const nlohmann::json j = read_json_file(p.string());
   try {
-    j = nlohmann::json::parse(f);
     TrainerState s;
     s.step = j.at("step").get<int64_t>();
     s.sft_steps_done = j.at("sft_steps_done").get<int64_t>();

@@ -15,6 +15,7 @@
 
 #include "checkpoint/audit.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
 #include "core/timer.h"
@@ -203,9 +204,9 @@ class MetricsLog {
     if (keep_through_step >= 0 && fs::exists(path)) {
       std::ifstream in(path);
       std::string line;
-      while (std::getline(in, line)) {
+      for (int64_t n = 1; std::getline(in, line); ++n) {
         if (line.empty()) continue;
-        json j = json::parse(line);
+        json j = parse_json(line, path + ":" + std::to_string(n));
         if (j.contains("step") && j["step"].get<int64_t>() > keep_through_step) continue;
         kept.push_back(line);
         remember(j);

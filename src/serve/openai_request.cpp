@@ -4,6 +4,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "tokenizer/chat_json.h"
 
 namespace lockstep::serve {
@@ -11,31 +12,6 @@ namespace lockstep::serve {
 namespace {
 
 using Json = nlohmann::ordered_json;
-
-// nlohmann's parser is iterative, but a pathological nesting depth still costs memory and
-// later recursion; no valid request nests deeper than this.
-constexpr int kMaxNesting = 64;
-
-void check_nesting(std::string_view body) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : body) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > kMaxNesting) throw bad_field("", "the request body nests deeper than 64 levels");
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-}
 
 // A field or nothing: null counts as absent.
 const Json* find(const Json& body, const char* key) {
@@ -183,12 +159,11 @@ rollout::GenerationRequest ApiRequest::choice(int64_t i) const {
 }
 
 ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, const ServedModel& model) {
-  check_nesting(body_text);
   Json body;
   try {
-    body = Json::parse(body_text);
-  } catch (const Json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
-    throw bad_field("", std::string("the request body is not valid JSON: ") + e.what(), "invalid_json");
+    body = parse_ordered_json(body_text, "the request body");
+  } catch (const Error& e) {
+    throw bad_field("", e.what(), "invalid_json");
   }
   if (!body.is_object()) throw bad_field("", "the request body must be a JSON object, got " + got(body));
   const ModelConfig& config = *model.config;

@@ -139,6 +139,17 @@ TEST_F(RequestParser, BadInputNamesTheField) {
   EXPECT_TRUE(body["error"]["message"].is_string());
 }
 
+// Nesting past the JSON depth limit is a 400 at any depth, never a crash.
+TEST_F(RequestParser, DeepNestingIsA400) {
+  for (int depth : {600, 1000000}) {
+    const std::string body = "{\"prompt\": \"x\", \"user\": " + std::string(depth, '[') + std::string(depth, ']') + "}";
+    const ApiError e = refusal_text(body);
+    EXPECT_EQ(e.status, 400);
+    EXPECT_EQ(e.code, "invalid_json");
+    EXPECT_NE(std::string(e.what()).find("nests deeper than 512 levels"), std::string::npos) << e.what();
+  }
+}
+
 // Mutated bodies: every outcome is a request that passes the engine's checks, or an ApiError
 // with status 400; nothing else is thrown and nothing crashes.
 TEST_F(RequestParser, FuzzedBodiesNeverEscape) {
