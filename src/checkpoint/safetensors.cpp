@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/index_path.h"
 #include "core/error.h"
 #include "core/json_parse.h"
 
@@ -29,12 +30,13 @@ struct Mapping {
 };
 
 std::shared_ptr<void> map_file(const std::string& path, size_t& size) {
-  int fd = ::open(path.c_str(), O_RDONLY);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; only a regular file is mapped.
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   LS_CHECK(fd >= 0, path, ": cannot open (", std::strerror(errno), ")");
   struct stat st {};
-  if (fstat(fd, &st) != 0) {
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    fail(path, ": cannot stat");
+    fail(path, ": not a regular file (a safetensors file must be one)");
   }
   size = size_t(st.st_size);
   auto m = std::make_shared<Mapping>();
@@ -156,7 +158,7 @@ SafetensorsReader SafetensorsReader::open(const std::string& path_in) {
       by_file[it->get<std::string>()].push_back(it.key());
     }
     for (const auto& [file, names] : by_file) {
-      fs::path shard = path.parent_path() / file;
+      const fs::path shard = file_in_checkpoint(path.parent_path().string(), file, path.string() + ": weight_map");
       size_t size = 0;
       auto bytes = map_file(shard.string(), size);
       r.add_file(bytes, size, shard.string());

@@ -10,6 +10,7 @@
 #include <set>
 
 #include "checkpoint/safetensors.h"
+#include "checkpoint/index_path.h"
 #include "core/error.h"
 #include "core/json_parse.h"
 
@@ -197,7 +198,9 @@ ShardedSource::ShardedSource(const std::string& dir) : dir_(dir) {
   for (const auto& f : index["files"]) {
     LS_CHECK(f.is_string(), where, ": 'files' must hold file names");
     file_names.push_back(f.get<std::string>());
-    files_.push_back(SafetensorsReader::open((fs::path(dir) / file_names.back()).string()));
+    const std::string file = file_in_checkpoint(dir, file_names.back(), where + ": files");
+    LS_CHECK(!fs::is_directory(file), where, ": files: '", file_names.back(), "' is a directory");
+    files_.push_back(SafetensorsReader::open(file));
   }
   std::map<std::string, int> file_index;
   for (size_t i = 0; i < file_names.size(); ++i) file_index[file_names[i]] = int(i);
