@@ -11,6 +11,7 @@
 #include "checkpoint/safetensors.h"
 #include "command_registry.h"
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/jsonl.h"
 #include "dist/mpi_communicator.h"
 #include "model/qwen3_moe.h"
@@ -111,6 +112,7 @@ int run_grad(const GradOptions& o) {
   loss_t.data<float>()[0] = float(loss);
   out.emplace("loss", loss_t);
   for (auto& [name, g] : grads) out.emplace("grad." + name, g);
+  for (const auto& [name, t] : out) check_finite(t, "grad (nothing written to " + o.output + ")", name);
   write_safetensors(o.output, out,
                     {{"loss", "sum over sequences of mean next-token NLL"}, {"dtype", precision_name(precision)}});
   return 0;

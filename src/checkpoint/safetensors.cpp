@@ -13,6 +13,7 @@
 
 #include "checkpoint/index_path.h"
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/json_parse.h"
 
 namespace lockstep {
@@ -190,7 +191,9 @@ Tensor SafetensorsReader::get_f32(const std::string& name, const Shape& expected
   LS_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16 || t.dtype() == DType::f16 || t.dtype() == DType::f64,
            files_.at(name), ": tensor '", name, "' has dtype ", dtype_name(t.dtype()),
            ", expected a floating type (F32, BF16, F16)");
-  return t.to_f32();
+  Tensor f = t.to_f32();
+  check_finite(f, files_.at(name), name);
+  return f;
 }
 
 std::vector<std::string> SafetensorsReader::names() const {

@@ -1,5 +1,6 @@
 #include "core/jsonl.h"
 
+#include <cmath>
 #include <fstream>
 #include <iostream>
 
@@ -54,6 +55,9 @@ std::string format_floats(const float* values, size_t n) {
   std::string s = "[";
   char buf[32];
   for (size_t i = 0; i < n; ++i) {
+    // NaN and infinity are not JSON, and a result that overflowed must not pass as one.
+    LS_CHECK(std::isfinite(values[i]), "value ", i, " of ", n, " is not finite (", values[i],
+             "): the computation overflowed, so nothing is written for it");
     std::snprintf(buf, sizeof buf, "%.9g", double(values[i]));
     if (i) s += ",";
     s += buf;

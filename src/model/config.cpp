@@ -1,6 +1,7 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -104,6 +105,14 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
   positive(c.num_attention_heads, "num_attention_heads");
   positive(c.num_key_value_heads, "num_key_value_heads");
   positive(c.head_dim, "head_dim");
+  positive(c.max_position_embeddings, "max_position_embeddings");
+  // NaN fails every comparison, so "!(v > 0)" also refuses it; JSON has no infinity, but a
+  // config built in code might.
+  auto positive_finite = [&](double v, const char* name) {
+    LS_CHECK(v > 0 && std::isfinite(v), where, ": field '", name, "' must be a positive finite number, got ", v);
+  };
+  positive_finite(c.rms_norm_eps, "rms_norm_eps");
+  positive_finite(c.rope_theta, "rope_theta");
   LS_CHECK(c.head_dim % 2 == 0, where, ": head_dim must be even for rotary embeddings, got ", c.head_dim);
   LS_CHECK(c.num_attention_heads % c.num_key_value_heads == 0, where, ": num_attention_heads (",
            c.num_attention_heads, ") must be a multiple of num_key_value_heads (", c.num_key_value_heads, ")");

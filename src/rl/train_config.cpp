@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "kernels/canonical.h"
 #include "rl/prompt_source.h"
+#include "rollout/request.h"
 #include "train/advantages.h"
 #include "train/losses.h"
 #include "train/optimizer.h"
@@ -253,7 +254,8 @@ void validate(const TrainConfig& c) {
            c.num_microbatches);
   LS_CHECK(c.global_batch_size % c.num_microbatches == 0, "batch does not divide: --global-batch-size ",
            c.global_batch_size, " is not a multiple of --num-microbatches ", c.num_microbatches);
-  LS_CHECK(c.rollout_temperature >= 0, "--rollout-temperature: expected >= 0, got ", c.rollout_temperature);
+  LS_CHECK(rollout::valid_temperature(c.rollout_temperature), "--rollout-temperature: expected 0 (greedy) or a finite value >= ",
+           rollout::kMinTemperature, ", got ", c.rollout_temperature);
   LS_CHECK(c.rollout_top_p > 0 && c.rollout_top_p <= 1, "--rollout-top-p: expected (0, 1], got ", c.rollout_top_p);
   LS_CHECK(c.rollout_top_k >= 0, "--rollout-top-k: expected >= 0, got ", c.rollout_top_k);
   LS_CHECK(!c.check_true_on_policy || c.rollout_temperature == 1.0,

@@ -29,8 +29,9 @@ void validate_request(const GenerationRequest& r, const ModelConfig& config) {
     LS_CHECK(r.prompt[i] >= 0 && r.prompt[i] < config.vocab_size, "input_ids[", i, "] = ", r.prompt[i],
              " is out of range [0, ", config.vocab_size, ")");
   const auto& s = r.sampling;
-  LS_CHECK(std::isfinite(s.temperature) && s.temperature >= 0.0f, "temperature = ", s.temperature,
-           " is invalid (expected a finite value >= 0; 0 = greedy)");
+  LS_CHECK(valid_temperature(s.temperature), "temperature = ", s.temperature,
+           " is invalid (expected 0 for greedy, or a finite value >= ", kMinTemperature,
+           ": logits divided by a smaller one overflow)");
   LS_CHECK(s.top_p > 0.0f && s.top_p <= 1.0f, "top_p = ", s.top_p, " is outside (0, 1]");
   LS_CHECK(s.top_k >= 0, "top_k = ", s.top_k, " is negative (expected >= 0; 0 = off)");
   LS_CHECK(r.max_new_tokens >= 0, "max_new_tokens = ", r.max_new_tokens, " is negative");

@@ -11,6 +11,11 @@ namespace lockstep::rollout {
 
 using RequestId = uint64_t;
 
+// The smallest temperature above 0: logits up to 1e32 divided by it stay finite in f32.
+inline constexpr float kMinTemperature = 1e-6f;
+// 0 (greedy) or a finite temperature >= kMinTemperature.
+inline bool valid_temperature(double t) { return t == 0 || (t >= kMinTemperature && t <= 3.4e38); }
+
 struct SamplingParams {
   float temperature = 1.0f;  // 0 = greedy
   int32_t top_k = 0;         // 0 = off
@@ -64,5 +69,6 @@ uint64_t sampling_stream(uint64_t seed);
 // Checks a request against the model before it is queued; throws lockstep::Error naming the
 // field, what was expected and what was found.
 void validate_request(const GenerationRequest& request, const ModelConfig& config);
+
 
 }  // namespace lockstep::rollout
