@@ -70,5 +70,12 @@ uint64_t sampling_stream(uint64_t seed);
 // field, what was expected and what was found.
 void validate_request(const GenerationRequest& request, const ModelConfig& config);
 
+// Positions a request can fill: prompt + max_new_tokens, capped by the context, without
+// overflow for any max_new_tokens up to INT64_MAX.
+int64_t request_positions(const GenerationRequest& request, const ModelConfig& config);
+
+// Range checks of the engine's sizing flags (generate, serve): each is bounded so products
+// such as pages x page size x layers stay far from overflow. Errors name the flag.
+void check_engine_flags(int64_t page_size, int64_t max_batch_tokens, int64_t prefill_chunk, int64_t kv_pages);
 
 }  // namespace lockstep::rollout

@@ -4,6 +4,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/json_int.h"
 #include "core/json_parse.h"
 #include "tokenizer/chat_json.h"
 
@@ -29,12 +30,9 @@ int64_t int_field(const Json& body, const char* key, int64_t fallback, int64_t l
   if (!v) return fallback;
   std::string expected = "expected an integer in [";
   expected += std::to_string(lo) + ", " + std::to_string(hi) + "], got " + got(*v);
-  if (!v->is_number_integer()) throw bad_field(key, expected);
-  // Unsigned values above int64 are out of any range here.
-  if (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(hi)) throw bad_field(key, expected);
-  const int64_t x = v->get<int64_t>();
-  if (x < lo || x > hi) throw bad_field(key, expected);
-  return x;
+  const auto x = json_int_in(*v, lo, hi);
+  if (!x) throw bad_field(key, expected);
+  return *x;
 }
 
 float number_field(const Json& body, const char* key, float fallback) {
