@@ -9,6 +9,8 @@
 #include "checkpoint/audit.h"
 #include "command_registry.h"
 #include "core/error.h"
+#include "core/output_path.h"
+#include "core/text_file.h"
 
 namespace lockstep::cli {
 namespace {
@@ -19,13 +21,9 @@ struct AuditOptions {
 };
 
 void emit(const std::string& text, const std::string& path) {
-  if (path == "-") {
-    std::fwrite(text.data(), 1, text.size(), stdout);
-    return;
-  }
-  std::ofstream out(path);
-  LS_CHECK(out, path, ": cannot write");
-  out << text;
+  if (path != "-") return write_text_file(path, text);
+  LS_CHECK(std::fwrite(text.data(), 1, text.size(), stdout) == text.size() && std::fflush(stdout) == 0,
+           "<stdout>: write failed");
 }
 
 // Names each non-finite tensor of `audit` on stderr; true if there is any.
@@ -36,6 +34,8 @@ bool report_non_finite(const CheckpointAudit& audit) {
 }
 
 int run_audit(const AuditOptions& o) {
+  check_output_outside(o.output, o.model, "--output");
+  if (!o.compare.empty()) check_output_outside(o.output, o.compare, "--output");
   const CheckpointAudit a = audit_checkpoint(*open_checkpoint(o.model));
   if (o.compare.empty()) {
     emit(o.json ? audit_json(a).dump(1) + "\n" : audit_text(a), o.output);

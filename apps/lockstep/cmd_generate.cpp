@@ -34,6 +34,7 @@
 #include "core/error.h"
 #include "core/json_int.h"
 #include "core/jsonl.h"
+#include "core/output_path.h"
 #include "core/philox.h"
 #include "dist/mpi_communicator.h"
 #include "model/kv_cache.h"
@@ -147,6 +148,7 @@ rollout::GenerationRequest finish_request(const JsonlRecord& r, const GenerateOp
 std::string error_line(const std::string& message) { return nlohmann::json{{"error", message}}.dump(); }
 
 int run_generate(const GenerateOptions& o) {
+  check_output_differs(o.output, {o.input}, "--output");
   const Precision precision = precision_from_name(o.dtype);
   const Device device = device_from_name(o.device);
   LS_CHECK(device == Device::cpu || cuda_available(), "--device cuda: no CUDA device is available in this build");
@@ -232,6 +234,7 @@ int run_generate(const GenerateOptions& o) {
                    rollout::finish_reason_name(r.finish_reason) + "\"" +
                    (tokenizer ? ",\"text\":" + nlohmann::json(tokenizer->decode(r.output_ids, true)).dump() : "") + "}");
   }
+  out.close();
   if (failed > 0) {
     std::fprintf(stderr, "lockstep generate: %lld of %zu requests failed\n", (long long)failed, records.size());
     return 1;

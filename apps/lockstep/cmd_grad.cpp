@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/finite.h"
 #include "core/jsonl.h"
+#include "core/output_path.h"
 #include "dist/mpi_communicator.h"
 #include "model/qwen3_moe.h"
 #include "parallel/parallel_backward.h"
@@ -36,6 +37,8 @@ std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<f
 }
 
 int run_grad(const GradOptions& o) {
+  check_output_differs(o.output, {o.input}, "--output");
+  check_output_outside(o.output, o.model, "--output");
   Precision precision = precision_from_name(o.dtype);
   auto world = dist::world_communicator();
   const ModelConfig config = ModelConfig::load(o.model + "/config.json");

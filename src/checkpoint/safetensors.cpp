@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/index_path.h"
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/finite.h"
 #include "core/json_parse.h"
@@ -226,19 +227,13 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
   }
   std::string h = header.dump();
   while ((8 + h.size()) % 8 != 0) h.push_back(' ');
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    LS_CHECK(out, tmp, ": cannot open for writing");
-    uint64_t len = h.size();
-    out.write(reinterpret_cast<const char*>(&len), 8);
-    out.write(h.data(), std::streamsize(h.size()));
-    for (const auto* entry : order)
-      out.write(static_cast<const char*>(entry->second.raw()), std::streamsize(entry->second.nbytes()));
-    LS_CHECK(out.good(), tmp, ": write failed");
-  }
-  // Rename last so a crash never leaves a half-written file under the final name.
-  fs::rename(tmp, path);
+  // A temporary file renamed last: a crash never leaves a half-written file under the name.
+  AtomicFile out(path);
+  const uint64_t len = h.size();
+  out.write(&len, 8);
+  out.write(h);
+  for (const auto* entry : order) out.write(entry->second.raw(), entry->second.nbytes());
+  out.commit();
 }
 
 }  // namespace lockstep

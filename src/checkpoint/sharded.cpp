@@ -13,6 +13,7 @@
 #include "checkpoint/index_path.h"
 #include "core/error.h"
 #include "core/json_parse.h"
+#include "core/text_file.h"
 
 namespace lockstep {
 
@@ -363,7 +364,7 @@ void write_sharded_checkpoint(const CheckpointSource& src, const std::string& ou
     write_safetensors((fs::path(out_dir) / rank_file_name(int(r))).string(), files[r], metadata[r]);
     index["files"].push_back(rank_file_name(int(r)));
   }
-  std::ofstream(fs::path(out_dir) / kShardedIndexFile) << index.dump(1) << "\n";
+  write_text_file((fs::path(out_dir) / kShardedIndexFile).string(), index.dump(1) + "\n");
   copy_side_files(copy_files_from, out_dir);
   // Read it back: the checks of open_checkpoint (tiling, metadata) hold for what we wrote.
   ShardedSource check(out_dir);

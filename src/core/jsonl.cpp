@@ -1,6 +1,8 @@
 #include "core/jsonl.h"
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 
@@ -75,23 +77,22 @@ std::string format_ints(const std::vector<int32_t>& values) {
 }
 
 JsonlWriter::JsonlWriter(const std::string& path) : path_(path) {
-  if (path == "-") {
-    f_ = stdout;
-  } else {
-    f_ = std::fopen(path.c_str(), "w");
-    LS_CHECK(f_, path, ": cannot open for writing");
-    owned_ = true;
-  }
-}
-
-JsonlWriter::~JsonlWriter() {
-  if (owned_) std::fclose(f_);
+  if (path != "-") file_ = std::make_unique<AtomicFile>(path);
 }
 
 void JsonlWriter::write_line(const std::string& line) {
-  std::fputs(line.c_str(), f_);
-  std::fputc('\n', f_);
-  LS_CHECK(!std::ferror(f_), path_, ": write failed");
+  if (file_) {
+    file_->write(line + "\n");
+    return;
+  }
+  std::fputs(line.c_str(), stdout);
+  std::fputc('\n', stdout);
+  LS_CHECK(!std::ferror(stdout), "<stdout>: write failed");
+}
+
+void JsonlWriter::close() {
+  if (file_) return file_->commit();
+  LS_CHECK(std::fflush(stdout) == 0 && !std::ferror(stdout), "<stdout>: write failed (", std::strerror(errno), ")");
 }
 
 }  // namespace lockstep
