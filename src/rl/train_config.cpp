@@ -93,6 +93,7 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("save", save, "checkpoint directory"),
       LS_OPT("save-interval", save_interval, "save every N RL steps (0 = only at the end)"),
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
+      LS_OPT("overwrite-save", overwrite_save, "start afresh even though --save holds a run (its checkpoints are removed)"),
       LS_OPT("save-hf", save_hf, "write the policy as Hugging Face model directories DIR/iter_N (with tokenizer)"),
       LS_OPT("save-hf-interval", save_hf_interval, "--save-hf every N RL steps (0 = only at the end)"),
       LS_OPT("tensorboard-dir", tensorboard_dir, "also write the metrics as TensorBoard event files here"),
@@ -286,6 +287,7 @@ void validate(const TrainConfig& c) {
   LS_CHECK(c.save_interval >= 0, "--save-interval: expected >= 0, got ", c.save_interval);
   LS_CHECK(c.save_hf_interval >= 0, "--save-hf-interval: expected >= 0, got ", c.save_hf_interval);
   LS_CHECK(!c.resume || !c.save.empty(), "--resume needs --save DIR (the checkpoints to continue from)");
+  LS_CHECK(!c.resume || !c.overwrite_save, "--resume and --overwrite-save: continue the run or replace it, not both");
   LS_CHECK(c.ref_load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.ref_load) / "config.json"),
            "--ref-load ", c.ref_load, ": reference model not found (expected a model directory with config.json)");
   LS_CHECK(c.load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.load) / "config.json"),

@@ -175,7 +175,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
 std::string run_defining_toml(TrainConfig c) {
   c.output_dir = c.save = c.save_hf = c.tensorboard_dir = "";
   c.num_threads = 0;
-  c.resume = false;
+  c.resume = c.overwrite_save = false;
   c.progress = true;
   c.audit_weight_sync = false;
   c.debug_inject_nan_step = c.debug_stop_after = -1;
@@ -331,12 +331,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   source->set_world(world);               // outside rewards: called on rank 0 only
   const LossType loss_type = loss_type_from_name(cfg.loss_type);
   const AdvantageEstimator estimator = advantage_estimator_from_name(cfg.advantage_estimator);
-  std::string resume_from;
-  if (cfg.resume) {
-    resume_from = latest_train_checkpoint(cfg.save);
-    LS_CHECK(!resume_from.empty(), "--resume: no checkpoint in ", cfg.save,
-             " (expected latest_checkpointed_iteration.txt)");
-  }
+  // Before any work; every rank checks, rank 0 (the checkpoint writer) prepares the directory.
+  const std::string resume_from = prepare_save_dir(cfg.save, cfg.resume, cfg.overwrite_save, world->rank() == 0);
+  if (!resume_from.empty()) check_same_run(resume_from, run_defining_toml(cfg));
   ModelWeights weights = initial_weights(cfg, precision);
   source->check_model(weights.config, !cfg.load.empty()          ? cfg.load
                                       : !cfg.init_config.empty() ? cfg.init_config
