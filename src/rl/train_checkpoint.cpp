@@ -7,8 +7,9 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <nlohmann/json.hpp>
 #include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
@@ -48,8 +49,7 @@ void save_train_checkpoint(const std::string& save_dir, const TrainerState& stat
   write_safetensors((tmp / "model.safetensors").string(), weight_tensors(model, precision), {{"format", "pt"}});
   write_text(tmp / "config.json", model.config.to_json().dump(2) + "\n");
   optimizer.save((tmp / "optimizer.safetensors").string());
-  if (ref)
-    write_safetensors((tmp / "ref_model.safetensors").string(), weight_tensors(*ref, precision), {{"format", "pt"}});
+  if (ref) write_safetensors((tmp / "ref_model.safetensors").string(), weight_tensors(*ref, precision), {{"format", "pt"}});
   nlohmann::json s = {{"step", state.step},
                       {"sft_steps_done", state.sft_steps_done},
                       {"data_position", state.data_position},
