@@ -230,6 +230,17 @@ void apply_flag(TrainConfig& c, const std::string& name, const std::string& valu
 }
 
 void validate(const TrainConfig& c) {
+  // Every number option first, in one place: integers within +-2^31 (counts, sizes and steps;
+  // seeds take any value) and finite reals, before any option-specific check uses them.
+  for (const auto& o : train_options()) {
+    if (auto* member = std::get_if<int64_t TrainConfig::*>(&o.field)) {
+      const int64_t v = c.**member;
+      LS_CHECK(o.name == "seed" || o.name == "model-seed" || (v >= -(int64_t(1) << 31) && v <= (int64_t(1) << 31)),
+               "--", o.name, ": ", v, " is absurdly large (expected at most 2^31 in magnitude)");
+    } else if (auto* real = std::get_if<double TrainConfig::*>(&o.field)) {
+      LS_CHECK(std::isfinite(c.**real), "--", o.name, ": expected a finite number, got ", c.**real);
+    }
+  }
   LS_CHECK(c.dtype == "float32" || c.dtype == "bfloat16", "--dtype: expected 'float32' or 'bfloat16', got '", c.dtype,
            "'");
   loss_type_from_name(c.loss_type);

@@ -71,12 +71,6 @@ TEST(ModelConfig, MissingAndWrongFieldsAreNamed) {
   EXPECT_THROW(ModelConfig::from_json(j, "cfg.json"), Error);
 }
 
-}  // namespace
-}  // namespace lockstep
-
-namespace lockstep {
-namespace {
-
 // A config.json whose field nests past the JSON depth limit is an error naming the file
 // and line (it used to overflow the stack when the error printed the field).
 TEST(ModelConfig, DeeplyNestedFieldIsAnErrorNotACrash) {
