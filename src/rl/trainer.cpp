@@ -16,6 +16,7 @@
 #include "checkpoint/audit.h"
 #include "core/error.h"
 #include "core/json_parse.h"
+#include "core/text_file.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
 #include "core/timer.h"
@@ -212,14 +213,14 @@ class MetricsLog {
         remember(j);
       }
     }
-    std::ofstream out(path, std::ios::trunc);
-    LS_CHECK(out, path, ": cannot open the metrics file for writing");
-    for (const auto& l : kept) out << l << "\n";
+    std::string text;  // replaced whole, so a failed rewrite loses no record
+    for (const auto& l : kept) text += l + "\n";
+    write_text_file(path, text);
   }
   void write(const json& j) {
     std::ofstream out(path_, std::ios::app);
     out << j.dump() << "\n";
-    LS_CHECK(out.good(), path_, ": write failed");
+    LS_CHECK(out.flush(), path_, ": write failed");
     remember(j);
     if (tensorboard_) {
       const int64_t step = j.contains("step") ? j["step"].get<int64_t>() : j.value("sft_step", int64_t(0));
