@@ -76,7 +76,7 @@ std::string format_ints(const std::vector<int32_t>& values) {
   return s + "]";
 }
 
-JsonlWriter::JsonlWriter(const std::string& path) : path_(path) {
+JsonlWriter::JsonlWriter(const std::string& path) {
   if (path != "-") file_ = std::make_unique<AtomicFile>(path);
 }
 

@@ -38,7 +38,6 @@ class JsonlWriter {
 
  private:
   std::unique_ptr<AtomicFile> file_;  // null for stdout
-  std::string path_;
 };
 
 }  // namespace lockstep
