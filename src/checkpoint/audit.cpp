@@ -170,8 +170,12 @@ std::string audit_text(const CheckpointAudit& audit) {
 nlohmann::json audit_json(const CheckpointAudit& audit) {
   nlohmann::json j = {{"source", audit.source}, {"tensors", nlohmann::json::array()}, {"groups", nlohmann::json::array()}};
   for (const auto& t : audit.tensors)
-    j["tensors"].push_back(
-        {{"name", t.name}, {"shape", t.shape}, {"dtype", dtype_name(t.dtype)}, {"hash", hex(t.hash)}, {"norm", t.norm}, {"non_finite", t.non_finite}});
+    j["tensors"].push_back({{"name", t.name},
+                            {"shape", t.shape},
+                            {"dtype", dtype_name(t.dtype)},
+                            {"hash", hex(t.hash)},
+                            {"norm", t.norm},
+                            {"non_finite", t.non_finite}});
   for (const auto& g : audit.groups)
     j["groups"].push_back({{"group", g.group}, {"tensors", g.tensors}, {"hash", hex(g.hash)}, {"norm", g.norm}});
   return j;

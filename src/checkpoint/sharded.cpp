@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "checkpoint/safetensors.h"
 #include "checkpoint/index_path.h"
+#include "checkpoint/safetensors.h"
 #include "core/error.h"
 #include "core/json_parse.h"
 #include "core/text_file.h"

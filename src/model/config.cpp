@@ -121,12 +121,13 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
   at_most(c.max_position_embeddings, 16 * k1M, "max_position_embeddings");
   LS_CHECK(c.num_experts >= 0 && c.num_experts <= 64 * 1024, where, ": field 'num_experts' must be in [0, 65536], got ",
            c.num_experts);
-  for (auto [v, name] : {std::pair{c.intermediate_size, "intermediate_size"}, {c.moe_intermediate_size, "moe_intermediate_size"}})
+  for (auto [v, name] :
+       {std::pair{c.intermediate_size, "intermediate_size"}, {c.moe_intermediate_size, "moe_intermediate_size"}})
     LS_CHECK(v >= 0 && v <= 4 * k1M, where, ": field '", name, "' must be in [0, ", 4 * k1M, "], got ", v);
   LS_CHECK(c.decoder_sparse_step >= 0 && c.decoder_sparse_step <= k4K, where,
            ": field 'decoder_sparse_step' must be in [0, 4096], got ", c.decoder_sparse_step);
-  LS_CHECK(c.vocab_size * c.hidden_size <= (int64_t(1) << 40), where, ": vocab_size x hidden_size = ",
-           c.vocab_size * c.hidden_size, " elements is absurdly large");
+  LS_CHECK(c.vocab_size * c.hidden_size <= (int64_t(1) << 40), where,
+           ": vocab_size x hidden_size = ", c.vocab_size * c.hidden_size, " elements is absurdly large");
   // NaN fails every comparison, so "!(v > 0)" also refuses it; JSON has no infinity, but a
   // config built in code might.
   auto positive_finite = [&](double v, const char* name) {

@@ -262,8 +262,9 @@ void validate_prompt_source_options(const TrainConfig& c) {
   LS_CHECK(c.eval_interval >= 0, "--eval-interval: expected >= 0, got ", c.eval_interval);
   LS_CHECK(c.n_samples_per_eval_prompt >= 1, "--n-samples-per-eval-prompt: expected >= 1, got ",
            c.n_samples_per_eval_prompt);
-  LS_CHECK(rollout::valid_temperature(c.eval_temperature), "--eval-temperature: expected 0 (greedy) or a finite value >= ",
-           rollout::kMinTemperature, ", got ", c.eval_temperature);
+  LS_CHECK(rollout::valid_temperature(c.eval_temperature),
+           "--eval-temperature: expected 0 (greedy) or a finite value >= ", rollout::kMinTemperature, ", got ",
+           c.eval_temperature);
   LS_CHECK(c.eval_top_p > 0 && c.eval_top_p <= 1, "--eval-top-p: expected (0, 1], got ", c.eval_top_p);
   LS_CHECK(c.eval_max_response_len >= 0, "--eval-max-response-len: expected >= 0, got ", c.eval_max_response_len);
   for (const auto& [name, path] : parse_eval_prompt_data(c.eval_prompt_data))

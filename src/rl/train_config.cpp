@@ -93,7 +93,8 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("save", save, "checkpoint directory"),
       LS_OPT("save-interval", save_interval, "save every N RL steps (0 = only at the end)"),
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
-      LS_OPT("overwrite-save", overwrite_save, "start afresh even though --save holds a run (its checkpoints are removed)"),
+      LS_OPT("overwrite-save", overwrite_save,
+             "start afresh even though --save holds a run (its checkpoints are removed)"),
       LS_OPT("save-hf", save_hf, "write the policy as Hugging Face model directories DIR/iter_N (with tokenizer)"),
       LS_OPT("save-hf-interval", save_hf_interval, "--save-hf every N RL steps (0 = only at the end)"),
       LS_OPT("tensorboard-dir", tensorboard_dir, "also write the metrics as TensorBoard event files here"),
@@ -266,8 +267,9 @@ void validate(const TrainConfig& c) {
            c.num_microbatches);
   LS_CHECK(c.global_batch_size % c.num_microbatches == 0, "batch does not divide: --global-batch-size ",
            c.global_batch_size, " is not a multiple of --num-microbatches ", c.num_microbatches);
-  LS_CHECK(rollout::valid_temperature(c.rollout_temperature), "--rollout-temperature: expected 0 (greedy) or a finite value >= ",
-           rollout::kMinTemperature, ", got ", c.rollout_temperature);
+  LS_CHECK(rollout::valid_temperature(c.rollout_temperature),
+           "--rollout-temperature: expected 0 (greedy) or a finite value >= ", rollout::kMinTemperature, ", got ",
+           c.rollout_temperature);
   LS_CHECK(c.rollout_top_p > 0 && c.rollout_top_p <= 1, "--rollout-top-p: expected (0, 1], got ", c.rollout_top_p);
   LS_CHECK(c.rollout_top_k >= 0, "--rollout-top-k: expected >= 0, got ", c.rollout_top_k);
   LS_CHECK(!c.check_true_on_policy || c.rollout_temperature == 1.0,

@@ -200,8 +200,9 @@ ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, cons
 
   r.sampling.temperature = number_field(body, "temperature", 1.0f);
   if (!rollout::valid_temperature(r.sampling.temperature))
-    throw bad_field("temperature", "expected 0 (greedy) or a finite number >= 1e-6 (smaller ones overflow the logits), got " +
-                                       got(body["temperature"]));
+    throw bad_field("temperature",
+                    "expected 0 (greedy) or a finite number >= 1e-6 (smaller ones overflow the logits), got " +
+                        got(body["temperature"]));
   r.sampling.top_p = number_field(body, "top_p", 1.0f);
   if (!(r.sampling.top_p > 0.0f && r.sampling.top_p <= 1.0f))
     throw bad_field("top_p", "expected a number in (0, 1], got " + got(body["top_p"]));

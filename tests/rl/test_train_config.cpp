@@ -125,8 +125,8 @@ TEST(RlConfig, EveryNumberOptionIsRangeChecked) {
         EXPECT_NE(testing::error_of([&] { validate(c); }).find("absurdly large"), std::string::npos) << o.name;
       } else if (auto* real = std::get_if<double TrainConfig::*>(&o.field)) {
         c.**real = bad;
-        EXPECT_EQ(testing::error_of([&] { validate(c); }), "--" + o.name + ": expected a finite number, got " +
-                                                                (std::ostringstream() << bad).str())
+        EXPECT_EQ(testing::error_of([&] { validate(c); }),
+                  "--" + o.name + ": expected a finite number, got " + (std::ostringstream() << bad).str())
             << o.name;
       }
     }

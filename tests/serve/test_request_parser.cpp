@@ -146,10 +146,12 @@ TEST_F(RequestParser, BadInputNamesTheField) {
 TEST_F(RequestParser, TemperatureTooSmallToDivideByIsRefused) {
   for (double t : {1e-30, 1e-7}) EXPECT_EQ(refusal({{"prompt", "x"}, {"temperature", t}}).param, "temperature");
   for (double t : {0.0, 1e-300 /* 0 in f32: greedy */, 1e-6, 0.7, 100.0})
-    EXPECT_NO_THROW(parse_api_request(Json{{"prompt", "x"}, {"temperature", t}}.dump(), Endpoint::completions, model()));
+    EXPECT_NO_THROW(
+        parse_api_request(Json{{"prompt", "x"}, {"temperature", t}}.dump(), Endpoint::completions, model()));
   rollout::GenerationRequest r;
   r.prompt = {1, 2};
-  for (float t : {1e-30f, 1e-7f, -1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+  for (float t :
+       {1e-30f, 1e-7f, -1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     r.sampling.temperature = t;
     EXPECT_THROW(rollout::validate_request(r, *config_), lockstep::Error) << t;
   }
