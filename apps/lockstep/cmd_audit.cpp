@@ -1,5 +1,6 @@
 // lockstep audit: fingerprints of a checkpoint (HF or sharded) and the first difference
-// between two. Exit code 0: audited / no difference; 1: the checkpoints differ.
+// between two. Exit code 0: audited / no difference; 1: the checkpoints differ; 2: a tensor
+// holds NaN or infinity (each named on stderr; the report is still written).
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -8,6 +9,8 @@
 #include "checkpoint/audit.h"
 #include "command_registry.h"
 #include "core/error.h"
+#include "core/output_path.h"
+#include "core/text_file.h"
 
 namespace lockstep::cli {
 namespace {
@@ -18,20 +21,25 @@ struct AuditOptions {
 };
 
 void emit(const std::string& text, const std::string& path) {
-  if (path == "-") {
-    std::fwrite(text.data(), 1, text.size(), stdout);
-    return;
-  }
-  std::ofstream out(path);
-  LS_CHECK(out, path, ": cannot write");
-  out << text;
+  if (path != "-") return write_text_file(path, text);
+  LS_CHECK(std::fwrite(text.data(), 1, text.size(), stdout) == text.size() && std::fflush(stdout) == 0,
+           "<stdout>: write failed");
+}
+
+// Names each non-finite tensor of `audit` on stderr; true if there is any.
+bool report_non_finite(const CheckpointAudit& audit) {
+  const auto bad = non_finite_tensors(audit);
+  for (const auto& line : bad) std::fprintf(stderr, "lockstep audit: %s: %s\n", audit.source.c_str(), line.c_str());
+  return !bad.empty();
 }
 
 int run_audit(const AuditOptions& o) {
+  check_output_outside(o.output, o.model, "--output");
+  if (!o.compare.empty()) check_output_outside(o.output, o.compare, "--output");
   const CheckpointAudit a = audit_checkpoint(*open_checkpoint(o.model));
   if (o.compare.empty()) {
     emit(o.json ? audit_json(a).dump(1) + "\n" : audit_text(a), o.output);
-    return 0;
+    return report_non_finite(a) ? 2 : 0;
   }
   const CheckpointAudit b = audit_checkpoint(*open_checkpoint(o.compare));
   const auto diff = first_difference(a, b);
@@ -55,7 +63,8 @@ int run_audit(const AuditOptions& o) {
     }
     emit(text, o.output);
   }
-  return diff ? 1 : 0;
+  const bool non_finite = report_non_finite(a) | report_non_finite(b);
+  return non_finite ? 2 : diff ? 1 : 0;
 }
 
 const bool registered = register_command(

@@ -6,6 +6,7 @@
 #include "checkpoint/sharded.h"
 #include "command_registry.h"
 #include "core/error.h"
+#include "core/output_path.h"
 #include "model/config.h"
 #include "parallel/shard_plan.h"
 #include "topology_flags.h"
@@ -24,7 +25,7 @@ struct ConvertOptions {
 
 int run_convert(const ConvertOptions& o) {
   LS_CHECK(fs::is_directory(o.input), "--input ", o.input, ": not a checkpoint directory");
-  LS_CHECK(fs::absolute(o.input) != fs::absolute(o.output), "--output must differ from --input");
+  check_output_outside(o.output, o.input, "--output");
   const std::string to = o.to.empty() ? (is_sharded_checkpoint(o.input) ? "hf" : "sharded") : o.to;
   LS_CHECK(to == "hf" || to == "sharded", "--to: expected 'hf' or 'sharded', got '", o.to, "'");
   const ModelConfig cfg = ModelConfig::load(o.input + "/config.json");

@@ -32,7 +32,9 @@
 #include "command_registry.h"
 #include "core/device_memory.h"
 #include "core/error.h"
+#include "core/json_int.h"
 #include "core/jsonl.h"
+#include "core/output_path.h"
 #include "core/philox.h"
 #include "dist/mpi_communicator.h"
 #include "model/kv_cache.h"
@@ -122,22 +124,22 @@ rollout::GenerationRequest parse_request(const JsonlRecord& r, const GenerateOpt
 // Sampling fields, seed and stop ids, common to id and text requests.
 rollout::GenerationRequest finish_request(const JsonlRecord& r, const GenerateOptions& o, const ModelConfig& config,
                                           rollout::GenerationRequest q) {
-  q.max_new_tokens = field_or<int64_t>(r, "max_new_tokens", o.max_new_tokens, &nlohmann::json::is_number_integer,
-                                       "an integer");
+  q.max_new_tokens = r.value.contains("max_new_tokens")
+                         ? json_int(r.value["max_new_tokens"], 0, INT64_MAX, "field 'max_new_tokens'")
+                         : o.max_new_tokens;
   q.sampling.temperature =
       field_or<float>(r, "temperature", o.temperature, &nlohmann::json::is_number, "a number");
   q.sampling.top_p = field_or<float>(r, "top_p", o.top_p, &nlohmann::json::is_number, "a number");
-  q.sampling.top_k = field_or<int32_t>(r, "top_k", o.top_k, &nlohmann::json::is_number_integer, "an integer");
+  q.sampling.top_k =
+      int32_t(r.value.contains("top_k") ? json_int(r.value["top_k"], 0, INT32_MAX, "field 'top_k'") : o.top_k);
   q.sampling.seed = r.value.contains("seed")
                         ? field_or<uint64_t>(r, "seed", 0, &nlohmann::json::is_number_unsigned, "a non-negative integer")
                         : mix_seed(o.seed, uint64_t(r.line));
   if (r.value.contains("stop_token_ids")) {
     const auto& v = r.value["stop_token_ids"];
     LS_CHECK(v.is_array(), "field 'stop_token_ids' must be a list of token ids, got ", v.dump());
-    for (const auto& e : v) {
-      LS_CHECK(e.is_number_integer(), "stop_token_ids: ", e.dump(), " is not an integer");
-      q.stop_token_ids.push_back(e.get<int32_t>());
-    }
+    for (const auto& e : v)
+      q.stop_token_ids.push_back(int32_t(json_int(e, 0, config.vocab_size - 1, "stop_token_ids: each id")));
   }
   rollout::validate_request(q, config);
   return q;
@@ -146,12 +148,13 @@ rollout::GenerationRequest finish_request(const JsonlRecord& r, const GenerateOp
 std::string error_line(const std::string& message) { return nlohmann::json{{"error", message}}.dump(); }
 
 int run_generate(const GenerateOptions& o) {
+  check_output_differs(o.output, {o.input}, "--output");
   const Precision precision = precision_from_name(o.dtype);
   const Device device = device_from_name(o.device);
   LS_CHECK(device == Device::cpu || cuda_available(), "--device cuda: no CUDA device is available in this build");
   LS_CHECK(o.max_new_tokens >= 0, "--max-new-tokens must be >= 0, got ", o.max_new_tokens);
-  LS_CHECK(o.page_size > 0 && o.max_batch_tokens > 0 && o.prefill_chunk > 0 && o.kv_pages >= 0,
-           "--page-size, --max-batch-tokens and --prefill-chunk must be positive, --kv-pages >= 0 (0 = enough for all)");
+  rollout::check_engine_flags(o.page_size, o.max_batch_tokens, o.prefill_chunk, o.kv_pages);
+  LS_CHECK(o.top_k >= 0, "--top-k must be >= 0 (0 = off), got ", o.top_k);
   auto world = dist::world_communicator();
   const bool parallel = o.topology.parallel() || world->size() > 1;
   LS_CHECK(!parallel || device == Device::cpu,
@@ -182,8 +185,7 @@ int run_generate(const GenerateOptions& o) {
   for (size_t i = 0; i < records.size(); ++i) {
     try {
       requests[i] = parse_request(records[i], o, config, tokenizer ? &*tokenizer : nullptr);
-      int64_t positions = std::min<int64_t>(int64_t(requests[i].prompt.size()) + requests[i].max_new_tokens,
-                                            config.max_position_embeddings);
+      const int64_t positions = rollout::request_positions(requests[i], config);
       int64_t pages = (positions + o.page_size - 1) / o.page_size;
       pages_for_all += pages;
       pages_for_largest = std::max(pages_for_largest, pages);
@@ -232,6 +234,7 @@ int run_generate(const GenerateOptions& o) {
                    rollout::finish_reason_name(r.finish_reason) + "\"" +
                    (tokenizer ? ",\"text\":" + nlohmann::json(tokenizer->decode(r.output_ids, true)).dump() : "") + "}");
   }
+  out.close();
   if (failed > 0) {
     std::fprintf(stderr, "lockstep generate: %lld of %zu requests failed\n", (long long)failed, records.size());
     return 1;

@@ -13,7 +13,9 @@
 #include "command_registry.h"
 #include "core/device_memory.h"
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/jsonl.h"
+#include "core/output_path.h"
 #include "dist/mpi_communicator.h"
 #ifdef LOCKSTEP_CUDA
 #include "model/cuda/cuda_trainer.h"
@@ -55,6 +57,7 @@ int write_grads(const std::string& path, Precision precision, const std::vector<
   loss_t.data<float>()[0] = float(loss);
   out.emplace("loss", loss_t);
   for (auto& [name, g] : grads) out.emplace("grad." + name, g);
+  for (const auto& [name, t] : out) check_finite(t, "grad (nothing written to " + path + ")", name);
   write_safetensors(path, out,
                     {{"loss", "sum over sequences of mean next-token NLL"}, {"dtype", precision_name(precision)}});
   return 0;
@@ -84,6 +87,8 @@ GradMap cuda_grads(const std::string& model_dir, Precision precision,
 }
 
 int run_grad(const GradOptions& o) {
+  check_output_differs(o.output, {o.input}, "--output");
+  check_output_outside(o.output, o.model, "--output");
   Precision precision = precision_from_name(o.dtype);
   const Device device = device_from_name(o.device);
   auto world = dist::world_communicator();

@@ -12,6 +12,7 @@
 #include "command_registry.h"
 #include "core/error.h"
 #include "core/jsonl.h"
+#include "core/output_path.h"
 #include "rl/rewards/command_reward.h"
 #include "rl/rewards/local_reward.h"
 #include "rl/rewards/remote_reward.h"
@@ -26,6 +27,7 @@ struct RewardOptions {
 };
 
 int run_reward(const RewardOptions& o) {
+  check_output_differs(o.output, {o.input}, "--output");
   const rl::RewardType type = rl::reward_type_from_name(o.rm_type);
   LS_CHECK(o.remote.url.empty() || o.custom_rm_cmd.empty(), "--rm-url and --custom-rm-cmd: give one reward, not both");
   if (!o.remote.url.empty()) rl::parse_http_url(o.remote.url);
@@ -57,6 +59,7 @@ int run_reward(const RewardOptions& o) {
   }
   JsonlWriter out(o.output);
   for (float reward : rewards) out.write_line(nlohmann::json{{"reward", reward}}.dump());
+  out.close();
   return 0;
 }
 

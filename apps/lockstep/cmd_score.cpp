@@ -5,6 +5,7 @@
 #include "core/device_memory.h"
 #include "core/error.h"
 #include "core/jsonl.h"
+#include "core/output_path.h"
 #include "dist/mpi_communicator.h"
 #include "model/qwen3_moe.h"
 #include "topology_flags.h"
@@ -23,6 +24,7 @@ struct ScoreOptions {
 };
 
 int run_score(const ScoreOptions& o) {
+  check_output_differs(o.output, {o.input}, "--output");
   Precision precision = precision_from_name(o.dtype);
   LS_CHECK(device_from_name(o.device) == Device::cpu || cuda_available(),
            "--device cuda: no CUDA device is available in this build");
@@ -58,6 +60,7 @@ int run_score(const ScoreOptions& o) {
   }
   JsonlWriter out(o.output);
   for (const auto& lp : logprobs) out.write_line("{\"logprobs\":" + format_floats(lp.data(), lp.size()) + "}");
+  out.close();
   return 0;
 }
 

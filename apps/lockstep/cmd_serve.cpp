@@ -40,12 +40,11 @@ int run_serve(const ServeOptions& o) {
   const Device device = device_from_name(o.device);
   LS_CHECK(device == Device::cpu || cuda_available(), "--device cuda: no CUDA device is available in this build");
   LS_CHECK(o.port >= 0 && o.port <= 65535, "--port must be in [0, 65535], got ", o.port);
-  LS_CHECK(o.max_running > 0 && o.max_queued >= 0,
-           "--max-running-requests must be positive and "
-           "--max-queued-requests >= 0, got ",
+  LS_CHECK(o.max_running > 0 && o.max_running <= (1 << 20) && o.max_queued >= 0 && o.max_queued <= (1 << 24),
+           "--max-running-requests must be in [1, 2^20] and "
+           "--max-queued-requests in [0, 2^24], got ",
            o.max_running, " and ", o.max_queued);
-  LS_CHECK(o.page_size > 0 && o.max_batch_tokens > 0 && o.prefill_chunk > 0 && o.kv_pages >= 0,
-           "--page-size, --max-batch-tokens and --prefill-chunk must be positive, --kv-pages >= 0 (0 = automatic)");
+  rollout::check_engine_flags(o.page_size, o.max_batch_tokens, o.prefill_chunk, o.kv_pages);
 
   // Signals go to the waiting thread below, never to a worker: block them before any thread starts.
   sigset_t stop_signals;

@@ -14,6 +14,9 @@
 
 #include "command_registry.h"
 #include "core/error.h"
+#include "core/json_parse.h"
+#include "core/jsonl.h"
+#include "core/output_path.h"
 #include "tokenizer/chat_json.h"
 #include "tokenizer/tokenizer.h"
 
@@ -84,6 +87,7 @@ ordered_json handle_decode(const Tokenizer& tok, const ordered_json& request, co
 }
 
 int run_tokenize(const TokenizeOptions& o) {
+  check_output_differs(o.output, {o.input}, "--output");
   const Tokenizer tok = Tokenizer::load(o.model_dir);
   std::ifstream in_file;
   if (!o.input.empty()) {
@@ -91,31 +95,20 @@ int run_tokenize(const TokenizeOptions& o) {
     LS_CHECK(in_file.is_open(), o.input, ": cannot open for reading");
   }
   std::istream& in = o.input.empty() ? std::cin : in_file;
-  std::ofstream out_file;
-  if (!o.output.empty()) {
-    out_file.open(o.output, std::ios::binary | std::ios::trunc);
-    LS_CHECK(out_file.is_open(), o.output, ": cannot open for writing");
-  }
-  std::ostream& out = o.output.empty() ? std::cout : out_file;
+  JsonlWriter out(o.output.empty() ? "-" : o.output);
   const std::string source = o.input.empty() ? "<stdin>" : o.input;
 
   std::string line;
   for (size_t line_no = 1; std::getline(in, line); ++line_no) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = source + ":" + std::to_string(line_no) + ": ";
-    ordered_json request;
-    try {
-      request = ordered_json::parse(line);
-    } catch (const ordered_json::parse_error& e) {
-      fail(where, "not valid JSON (", e.what(), ")");
-    }
+    const ordered_json request = parse_ordered_json(line, where.substr(0, where.size() - 2));
     LS_CHECK(request.is_object(), where, "expected a JSON object, found ", request.dump());
     const ordered_json result =
         o.decode ? handle_decode(tok, request, where, o.skip_special) : handle_encode(tok, request, where);
-    out << result.dump(-1, ' ', false, ordered_json::error_handler_t::replace) << '\n';
+    out.write_line(result.dump(-1, ' ', false, ordered_json::error_handler_t::replace));
   }
-  out.flush();
-  LS_CHECK(out.good(), (o.output.empty() ? "<stdout>" : o.output), ": write failed");
+  out.close();
   return 0;
 }
 

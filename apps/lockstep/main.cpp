@@ -5,6 +5,7 @@
 
 #include "command_registry.h"
 #include "core/error.h"
+#include "dist/mpi_communicator.h"
 
 namespace lockstep::cli {
 
@@ -35,14 +36,24 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // One rank's failure ends every rank of an mpirun job with its message (the others would
+  // otherwise wait in a collective forever).
+  auto failed = [](const std::string& message, int code) {
+    lockstep::dist::MpiRuntime::abort_job_if_parallel(message, code);
+    std::fprintf(stderr, "lockstep: %s\n", message.c_str());
+    return code;
+  };
   try {
+    if (lockstep::dist::MpiRuntime::launched_by_mpirun()) {
+      std::string command_line;
+      for (int i = 1; i < argc; ++i) command_line += std::string(i > 1 ? " " : "") + argv[i];
+      lockstep::dist::MpiRuntime::instance().check_ranks_agree(command_line);
+    }
     for (auto* sub : app.get_subcommands()) return runners.at(sub->get_name())();
   } catch (const lockstep::Error& e) {
-    std::fprintf(stderr, "lockstep: error: %s\n", e.what());
-    return 1;
+    return failed(std::string("error: ") + e.what(), 1);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "lockstep: internal error: %s\n", e.what());
-    return 2;
+    return failed(std::string("internal error: ") + e.what(), 2);
   }
   return 0;
 }

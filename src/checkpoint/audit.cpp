@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/finite.h"
 
 namespace lockstep {
 
@@ -78,6 +79,7 @@ CheckpointAudit audit_checkpoint(const CheckpointSource& src) {
       ta.norm = 0;  // integer tensors: hash only
     } else {
       const Tensor f = t.to_f32();
+      ta.non_finite = find_non_finite(f.data<float>(), f.numel()).count;
       double sq = 0;
       for (int64_t i = 0; i < f.numel(); ++i) sq += double(f.data<float>()[i]) * double(f.data<float>()[i]);
       ta.norm = std::sqrt(sq);
@@ -107,6 +109,7 @@ std::string hex(uint64_t h) {
 std::string describe(const TensorAudit& t) {
   std::ostringstream os;
   os << dtype_name(t.dtype) << shape_str(t.shape) << " hash " << hex(t.hash) << " norm " << t.norm;
+  if (t.non_finite) os << " non-finite " << t.non_finite;
   return os.str();
 }
 }  // namespace
@@ -145,6 +148,15 @@ std::vector<std::string> differing_groups(const CheckpointAudit& a, const Checkp
   return out;
 }
 
+std::vector<std::string> non_finite_tensors(const CheckpointAudit& audit) {
+  std::vector<std::string> out;
+  for (const auto& t : audit.tensors)
+    if (t.non_finite)
+      out.push_back("tensor '" + t.name + "' holds " + std::to_string(t.non_finite) + " non-finite value" +
+                    (t.non_finite == 1 ? "" : "s"));
+  return out;
+}
+
 std::string audit_text(const CheckpointAudit& audit) {
   std::ostringstream os;
   os << "source: " << audit.source << "\n";
@@ -158,8 +170,12 @@ std::string audit_text(const CheckpointAudit& audit) {
 nlohmann::json audit_json(const CheckpointAudit& audit) {
   nlohmann::json j = {{"source", audit.source}, {"tensors", nlohmann::json::array()}, {"groups", nlohmann::json::array()}};
   for (const auto& t : audit.tensors)
-    j["tensors"].push_back(
-        {{"name", t.name}, {"shape", t.shape}, {"dtype", dtype_name(t.dtype)}, {"hash", hex(t.hash)}, {"norm", t.norm}});
+    j["tensors"].push_back({{"name", t.name},
+                            {"shape", t.shape},
+                            {"dtype", dtype_name(t.dtype)},
+                            {"hash", hex(t.hash)},
+                            {"norm", t.norm},
+                            {"non_finite", t.non_finite}});
   for (const auto& g : audit.groups)
     j["groups"].push_back({{"group", g.group}, {"tensors", g.tensors}, {"hash", hex(g.hash)}, {"norm", g.norm}});
   return j;

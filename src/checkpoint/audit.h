@@ -19,6 +19,7 @@ struct TensorAudit {
   DType dtype = DType::f32;
   uint64_t hash = 0;  // FNV-1a 64 of the bytes as stored (little-endian, row-major)
   double norm = 0;    // L2 norm of the values, summed in double in element order
+  int64_t non_finite = 0;  // NaN and infinite values (a sound checkpoint has none)
 };
 
 // A summary per layer and part: "layer 3 attention", "layer 3 router", "layer 3 experts",
@@ -49,6 +50,9 @@ CheckpointAudit audit_checkpoint(const CheckpointSource& src);
 std::optional<std::string> first_difference(const CheckpointAudit& a, const CheckpointAudit& b);
 // Every summary group whose hash differs (or that exists on one side only).
 std::vector<std::string> differing_groups(const CheckpointAudit& a, const CheckpointAudit& b);
+
+// "tensor 'x' holds 3 non-finite values" for each tensor that holds any.
+std::vector<std::string> non_finite_tensors(const CheckpointAudit& audit);
 
 std::string audit_text(const CheckpointAudit& audit);
 nlohmann::json audit_json(const CheckpointAudit& audit);

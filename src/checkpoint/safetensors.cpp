@@ -11,7 +11,11 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/index_path.h"
+#include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/finite.h"
+#include "core/json_parse.h"
 
 namespace lockstep {
 
@@ -28,12 +32,13 @@ struct Mapping {
 };
 
 std::shared_ptr<void> map_file(const std::string& path, size_t& size) {
-  int fd = ::open(path.c_str(), O_RDONLY);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; only a regular file is mapped.
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   LS_CHECK(fd >= 0, path, ": cannot open (", std::strerror(errno), ")");
   struct stat st {};
-  if (fstat(fd, &st) != 0) {
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    fail(path, ": cannot stat");
+    fail(path, ": not a regular file (a safetensors file must be one)");
   }
   size = size_t(st.st_size);
   auto m = std::make_shared<Mapping>();
@@ -64,13 +69,8 @@ void SafetensorsReader::add_file(std::shared_ptr<void> bytes, size_t size, const
   std::memcpy(&header_len, base, 8);
   LS_CHECK(header_len <= size - 8, where, ": header length ", header_len, " runs past the end of the file (",
            size, " bytes)");
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(reinterpret_cast<const char*>(base + 8),
-                                   reinterpret_cast<const char*>(base + 8 + header_len));
-  } catch (const nlohmann::json::exception& e) {
-    fail(where, ": safetensors header is not valid JSON (", e.what(), ")");
-  }
+  const nlohmann::json header =
+      parse_json(std::string_view(reinterpret_cast<const char*>(base + 8), header_len), where + ": safetensors header");
   LS_CHECK(header.is_object(), where, ": safetensors header must be a JSON object");
   const size_t data_start = 8 + header_len;
   const size_t data_size = size - data_start;
@@ -151,14 +151,7 @@ SafetensorsReader SafetensorsReader::open(const std::string& path_in) {
   }
   SafetensorsReader r;
   if (path.filename().string().ends_with(".index.json")) {
-    std::ifstream in(path);
-    LS_CHECK(in, path.string(), ": cannot open");
-    nlohmann::json index;
-    try {
-      index = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      fail(path.string(), ": not valid JSON (", e.what(), ")");
-    }
+    const nlohmann::json index = read_json_file(path.string());
     LS_CHECK(index.contains("weight_map") && index["weight_map"].is_object(), path.string(),
              ": missing object field 'weight_map'");
     std::map<std::string, std::vector<std::string>> by_file;
@@ -167,7 +160,7 @@ SafetensorsReader SafetensorsReader::open(const std::string& path_in) {
       by_file[it->get<std::string>()].push_back(it.key());
     }
     for (const auto& [file, names] : by_file) {
-      fs::path shard = path.parent_path() / file;
+      const fs::path shard = file_in_checkpoint(path.parent_path().string(), file, path.string() + ": weight_map");
       size_t size = 0;
       auto bytes = map_file(shard.string(), size);
       r.add_file(bytes, size, shard.string());
@@ -199,7 +192,9 @@ Tensor SafetensorsReader::get_f32(const std::string& name, const Shape& expected
   LS_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16 || t.dtype() == DType::f16 || t.dtype() == DType::f64,
            files_.at(name), ": tensor '", name, "' has dtype ", dtype_name(t.dtype()),
            ", expected a floating type (F32, BF16, F16)");
-  return t.to_f32();
+  Tensor f = t.to_f32();
+  check_finite(f, files_.at(name), name);
+  return f;
 }
 
 std::vector<std::string> SafetensorsReader::names() const {
@@ -232,19 +227,13 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
   }
   std::string h = header.dump();
   while ((8 + h.size()) % 8 != 0) h.push_back(' ');
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    LS_CHECK(out, tmp, ": cannot open for writing");
-    uint64_t len = h.size();
-    out.write(reinterpret_cast<const char*>(&len), 8);
-    out.write(h.data(), std::streamsize(h.size()));
-    for (const auto* entry : order)
-      out.write(static_cast<const char*>(entry->second.raw()), std::streamsize(entry->second.nbytes()));
-    LS_CHECK(out.good(), tmp, ": write failed");
-  }
-  // Rename last so a crash never leaves a half-written file under the final name.
-  fs::rename(tmp, path);
+  // A temporary file renamed last: a crash never leaves a half-written file under the name.
+  AtomicFile out(path);
+  const uint64_t len = h.size();
+  out.write(&len, 8);
+  out.write(h);
+  for (const auto* entry : order) out.write(entry->second.raw(), entry->second.nbytes());
+  out.commit();
 }
 
 }  // namespace lockstep

@@ -9,8 +9,11 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "checkpoint/index_path.h"
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
+#include "core/json_parse.h"
+#include "core/text_file.h"
 
 namespace lockstep {
 
@@ -167,14 +170,7 @@ class ShardedSource final : public CheckpointSource {
 
 json read_index(const std::string& dir) {
   const fs::path path = fs::path(dir) / kShardedIndexFile;
-  std::ifstream in(path);
-  LS_CHECK(in, path.string(), ": cannot open");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const std::exception& e) {
-    fail(path.string(), ": not valid JSON (", e.what(), ")");
-  }
+  const json j = read_json_file(path.string());
   LS_CHECK(j.is_object() && j.value("format", "") == kShardedFormat, path.string(), ": expected \"format\": \"",
            kShardedFormat, "\"");
   for (const char* key : {"topology", "files", "tensors", "pipeline_layer_split"})
@@ -203,7 +199,9 @@ ShardedSource::ShardedSource(const std::string& dir) : dir_(dir) {
   for (const auto& f : index["files"]) {
     LS_CHECK(f.is_string(), where, ": 'files' must hold file names");
     file_names.push_back(f.get<std::string>());
-    files_.push_back(SafetensorsReader::open((fs::path(dir) / file_names.back()).string()));
+    const std::string file = file_in_checkpoint(dir, file_names.back(), where + ": files");
+    LS_CHECK(!fs::is_directory(file), where, ": files: '", file_names.back(), "' is a directory");
+    files_.push_back(SafetensorsReader::open(file));
   }
   std::map<std::string, int> file_index;
   for (size_t i = 0; i < file_names.size(); ++i) file_index[file_names[i]] = int(i);
@@ -366,7 +364,7 @@ void write_sharded_checkpoint(const CheckpointSource& src, const std::string& ou
     write_safetensors((fs::path(out_dir) / rank_file_name(int(r))).string(), files[r], metadata[r]);
     index["files"].push_back(rank_file_name(int(r)));
   }
-  std::ofstream(fs::path(out_dir) / kShardedIndexFile) << index.dump(1) << "\n";
+  write_text_file((fs::path(out_dir) / kShardedIndexFile).string(), index.dump(1) + "\n");
   copy_side_files(copy_files_from, out_dir);
   // Read it back: the checks of open_checkpoint (tiling, metadata) hold for what we wrote.
   ShardedSource check(out_dir);

@@ -1,9 +1,13 @@
 #include "core/jsonl.h"
 
+#include <cerrno>
+#include <cmath>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 
 namespace lockstep {
 
@@ -23,11 +27,7 @@ std::vector<JsonlRecord> read_jsonl(const std::string& path) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     JsonlRecord r;
     r.line = number;
-    try {
-      r.value = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      fail(path, ":", number, ": not valid JSON (", e.what(), ")");
-    }
+    r.value = parse_json(line, path + ":" + std::to_string(number));
     LS_CHECK(r.value.is_object(), path, ":", number, ": expected a JSON object");
     out.push_back(std::move(r));
   }
@@ -57,6 +57,9 @@ std::string format_floats(const float* values, size_t n) {
   std::string s = "[";
   char buf[32];
   for (size_t i = 0; i < n; ++i) {
+    // NaN and infinity are not JSON, and a result that overflowed must not pass as one.
+    LS_CHECK(std::isfinite(values[i]), "value ", i, " of ", n, " is not finite (", values[i],
+             "): the computation overflowed, so nothing is written for it");
     std::snprintf(buf, sizeof buf, "%.9g", double(values[i]));
     if (i) s += ",";
     s += buf;
@@ -73,24 +76,23 @@ std::string format_ints(const std::vector<int32_t>& values) {
   return s + "]";
 }
 
-JsonlWriter::JsonlWriter(const std::string& path) : path_(path) {
-  if (path == "-") {
-    f_ = stdout;
-  } else {
-    f_ = std::fopen(path.c_str(), "w");
-    LS_CHECK(f_, path, ": cannot open for writing");
-    owned_ = true;
-  }
-}
-
-JsonlWriter::~JsonlWriter() {
-  if (owned_) std::fclose(f_);
+JsonlWriter::JsonlWriter(const std::string& path) {
+  if (path != "-") file_ = std::make_unique<AtomicFile>(path);
 }
 
 void JsonlWriter::write_line(const std::string& line) {
-  std::fputs(line.c_str(), f_);
-  std::fputc('\n', f_);
-  LS_CHECK(!std::ferror(f_), path_, ": write failed");
+  if (file_) {
+    file_->write(line + "\n");
+    return;
+  }
+  std::fputs(line.c_str(), stdout);
+  std::fputc('\n', stdout);
+  LS_CHECK(!std::ferror(stdout), "<stdout>: write failed");
+}
+
+void JsonlWriter::close() {
+  if (file_) return file_->commit();
+  LS_CHECK(std::fflush(stdout) == 0 && !std::ferror(stdout), "<stdout>: write failed (", std::strerror(errno), ")");
 }
 
 }  // namespace lockstep

@@ -2,10 +2,13 @@
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "core/atomic_file.h"
 
 namespace lockstep {
 
@@ -25,17 +28,16 @@ std::vector<int32_t> read_token_ids(const JsonlRecord& record, const std::string
 std::string format_floats(const float* values, size_t n);
 std::string format_ints(const std::vector<int32_t>& values);
 
-// Output sink: a file, or stdout for "-".
+// Output sink: a file (written whole through AtomicFile), or stdout for "-". close() must
+// end every successful run: it checks the last flush and puts the file in place.
 class JsonlWriter {
  public:
   explicit JsonlWriter(const std::string& path);
-  ~JsonlWriter();
   void write_line(const std::string& line);
+  void close();
 
  private:
-  std::FILE* f_ = nullptr;
-  bool owned_ = false;
-  std::string path_;
+  std::unique_ptr<AtomicFile> file_;  // null for stdout
 };
 
 }  // namespace lockstep

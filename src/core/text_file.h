@@ -1,5 +1,6 @@
-// Writing a small text file (configs, indexes, markers) with every step checked: a failed
-// open or write is an error naming the path, never a silent loss.
+// Writing a small text file (configs, indexes, markers, reports) with every step checked: a
+// failed open, write or close is an error naming the path, never a silent loss; the file
+// appears whole or not at all (AtomicFile).
 #pragma once
 #include <string>
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -71,6 +72,28 @@ std::unique_ptr<Communicator> MpiRuntime::world() {
 }
 
 std::unique_ptr<Communicator> world_communicator() { return MpiRuntime::instance().world(); }
+
+void MpiRuntime::abort_job_if_parallel(const std::string& message, int exit_code) {
+  int initialized = 0, size = 1, rank = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized || mpi_finalized()) return;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size <= 1) return;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  std::fprintf(stderr, "lockstep: rank %d of %d: %s\n", rank, size, message.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, exit_code);
+}
+
+void MpiRuntime::check_ranks_agree(const std::string& command_line) {
+  if (!active_ || world_size_ <= 1) return;
+  uint64_t mine = 0xcbf29ce484222325ull;  // FNV-1a 64
+  for (unsigned char c : command_line) mine = (mine ^ c) * 0x100000001b3ull;
+  uint64_t root = mine;
+  mpi_check(MPI_Bcast(&root, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD), "MPI_Bcast(command line)");
+  LS_CHECK(root == mine, "this rank was started with another command line than rank 0 (", command_line,
+           "); every rank must run the same command with the same flags");
+}
 
 // ---- communicator -----------------------------------------------------------------------
 

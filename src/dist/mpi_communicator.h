@@ -5,6 +5,7 @@
 // mpirun: it gets a SelfCommunicator with world size 1.
 #pragma once
 #include <memory>
+#include <string>
 
 #include "dist/communicator.h"
 
@@ -28,6 +29,15 @@ class MpiRuntime {
 
   // Whether the environment says a launcher started us.
   static bool launched_by_mpirun();
+
+  // When this process is one rank of several: prints "lockstep: rank R of N: <message>" and
+  // ends the whole job (MPI_Abort), so no other rank waits forever on a failed one. Returns
+  // only when the process is alone (or MPI is not running).
+  static void abort_job_if_parallel(const std::string& message, int exit_code);
+
+  // Under a launcher: throws on every rank whose `command_line` differs from rank 0's, so
+  // ranks started with different flags are refused before any work.
+  void check_ranks_agree(const std::string& command_line);
 
   MpiRuntime(const MpiRuntime&) = delete;
   MpiRuntime& operator=(const MpiRuntime&) = delete;

@@ -1,10 +1,13 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_int.h"
+#include "core/json_parse.h"
 
 namespace lockstep {
 
@@ -29,8 +32,7 @@ int64_t get_int(const nlohmann::json& j, const std::string& where, std::initiali
     LS_CHECK(!required, where, ": missing required field '", *keys.begin(), "'");
     return fallback;
   }
-  LS_CHECK(v->is_number_integer(), where, ": field '", *keys.begin(), "' must be an integer, got ", v->dump());
-  return v->get<int64_t>();
+  return json_int(*v, INT64_MIN, INT64_MAX, where + ": field '" + *keys.begin() + "'");
 }
 
 double get_num(const nlohmann::json& j, const std::string& where, std::initializer_list<const char*> keys,
@@ -97,12 +99,42 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
   auto positive = [&](int64_t v, const char* name) {
     LS_CHECK(v > 0, where, ": field '", name, "' must be positive, got ", v);
   };
+  // Upper bounds far above any real model keep every size product (a tensor's elements, a
+  // KV cache's bytes) far from int64 overflow, and refuse absurd sizes before allocation.
+  auto at_most = [&](int64_t v, int64_t hi, const char* name) {
+    LS_CHECK(v <= hi, where, ": field '", name, "' = ", v, " is absurdly large (at most ", hi, ")");
+  };
+  constexpr int64_t k4K = 1 << 12, k1M = 1 << 20;
   positive(c.vocab_size, "vocab_size");
+  at_most(c.vocab_size, INT32_MAX, "vocab_size");  // token ids are 32-bit
   positive(c.hidden_size, "hidden_size");
+  at_most(c.hidden_size, k1M, "hidden_size");
   positive(c.num_hidden_layers, "num_hidden_layers");
+  at_most(c.num_hidden_layers, k4K, "num_hidden_layers");
   positive(c.num_attention_heads, "num_attention_heads");
+  at_most(c.num_attention_heads, k4K, "num_attention_heads");
   positive(c.num_key_value_heads, "num_key_value_heads");
+  at_most(c.num_key_value_heads, k4K, "num_key_value_heads");
   positive(c.head_dim, "head_dim");
+  at_most(c.head_dim, k4K, "head_dim");
+  positive(c.max_position_embeddings, "max_position_embeddings");
+  at_most(c.max_position_embeddings, 16 * k1M, "max_position_embeddings");
+  LS_CHECK(c.num_experts >= 0 && c.num_experts <= 64 * 1024, where, ": field 'num_experts' must be in [0, 65536], got ",
+           c.num_experts);
+  for (auto [v, name] :
+       {std::pair{c.intermediate_size, "intermediate_size"}, {c.moe_intermediate_size, "moe_intermediate_size"}})
+    LS_CHECK(v >= 0 && v <= 4 * k1M, where, ": field '", name, "' must be in [0, ", 4 * k1M, "], got ", v);
+  LS_CHECK(c.decoder_sparse_step >= 0 && c.decoder_sparse_step <= k4K, where,
+           ": field 'decoder_sparse_step' must be in [0, 4096], got ", c.decoder_sparse_step);
+  LS_CHECK(c.vocab_size * c.hidden_size <= (int64_t(1) << 40), where,
+           ": vocab_size x hidden_size = ", c.vocab_size * c.hidden_size, " elements is absurdly large");
+  // NaN fails every comparison, so "!(v > 0)" also refuses it; JSON has no infinity, but a
+  // config built in code might.
+  auto positive_finite = [&](double v, const char* name) {
+    LS_CHECK(v > 0 && std::isfinite(v), where, ": field '", name, "' must be a positive finite number, got ", v);
+  };
+  positive_finite(c.rms_norm_eps, "rms_norm_eps");
+  positive_finite(c.rope_theta, "rope_theta");
   LS_CHECK(c.head_dim % 2 == 0, where, ": head_dim must be even for rotary embeddings, got ", c.head_dim);
   LS_CHECK(c.num_attention_heads % c.num_key_value_heads == 0, where, ": num_attention_heads (",
            c.num_attention_heads, ") must be a multiple of num_key_value_heads (", c.num_key_value_heads, ")");
@@ -117,15 +149,8 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
 }
 
 ModelConfig ModelConfig::load(const std::string& path) {
-  std::ifstream in(path);
-  LS_CHECK(in, path, ": cannot open the model config");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail(path, ": not valid JSON (", e.what(), ")");
-  }
-  return from_json(j, path);
+  LS_CHECK(std::ifstream(path), path, ": cannot open the model config");
+  return from_json(read_json_file(path), path);
 }
 
 nlohmann::json ModelConfig::to_json() const {

@@ -3,6 +3,7 @@
 #include <functional>
 
 #include "core/error.h"
+#include "core/finite.h"
 #include "kernels/canonical.h"
 #include "kernels/cpu/elementwise.h"
 
@@ -129,6 +130,7 @@ ModelWeights load_local_weights(const CheckpointSource& src, const ModelConfig& 
   w.config = cfg;
   for_each_piece(cfg, layout, w, [&](const std::string& name, const Box& box, Tensor& slot) {
     slot = src.read(name, box).to_f32();
+    check_finite(slot, src.describe(), name);
     if (precision == Precision::bfloat16) cpu::round_to_bf16(slot.data<float>(), slot.numel());
   });
   return w;

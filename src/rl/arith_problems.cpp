@@ -89,7 +89,8 @@ ArithProblem arith_problem(uint64_t seed, uint64_t index) {
 }
 
 void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval) {
-  LS_CHECK(train > 0 && eval >= 0, "arithmetic data: expected --train > 0 and --eval >= 0, got ", train, " and ", eval);
+  LS_CHECK(train > 0 && eval >= 0 && train <= (int64_t(1) << 31) && eval <= (int64_t(1) << 31),
+           "arithmetic data: expected --train in [1, 2^31] and --eval in [0, 2^31], got ", train, " and ", eval);
   namespace fs = std::filesystem;
   fs::create_directories(dir);
   std::ofstream train_f(fs::path(dir) / "train.jsonl"), eval_f(fs::path(dir) / "eval.jsonl"),
@@ -100,7 +101,7 @@ void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int6
     (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
     if (i < train) sft_f << nlohmann::json{{"prompt", p.prompt}, {"response", p.response}}.dump() << "\n";
   }
-  LS_CHECK(train_f.good() && eval_f.good() && sft_f.good(), dir, ": write failed");
+  LS_CHECK(train_f.flush() && eval_f.flush() && sft_f.flush(), dir, ": write failed");  // the last bytes too
 }
 
 }  // namespace lockstep::rl

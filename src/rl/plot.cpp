@@ -97,7 +97,7 @@ void Canvas::write(const std::string& path) const {
   for (int y = 0; y < h_; ++y) png_write_row(png, const_cast<uint8_t*>(&px_[size_t(y) * w_ * 3]));
   png_write_end(png, nullptr);
   png_destroy_write_struct(&png, &info);
-  std::fclose(f);
+  LS_CHECK(std::fclose(f) == 0, path, ": write failed (the plot's last bytes)");
 }
 
 std::string short_number(double v) {

@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "core/philox.h"
 #include "rl/rewards/local_reward.h"
 #include "rl/text_lines.h"
@@ -29,12 +30,7 @@ std::string render(const Tokenizer& tokenizer, const std::vector<ChatMessage>& m
 
 PromptSample parse_line(const std::string& text, const std::string& where, const PromptDataOptions& o,
                         const Tokenizer& tokenizer) {
-  ordered_json j;
-  try {
-    j = ordered_json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    fail(where, ": not valid JSON (", e.what(), ")");
-  }
+  const ordered_json j = parse_ordered_json(text, where);
   LS_CHECK(j.is_object(), where, ": expected a JSON object, found ", j.type_name());
   PromptSample s;
   LS_CHECK(j.contains(o.input_key), where, ": missing key '", o.input_key, "' (the prompt; see --input-key)");
@@ -60,10 +56,10 @@ PromptSample parse_line(const std::string& text, const std::string& where, const
   }
   LS_CHECK(!s.prompt.empty(), key_where, ": the prompt is empty");
   LS_CHECK(j.contains(o.label_key), where, ": missing key '", o.label_key, "' (the answer; see --label-key)");
-  s.label = label_text(nlohmann::json::parse(j[o.label_key].dump()), where + ": key '" + o.label_key + "'");
+  s.label = label_text(parse_json(j[o.label_key].dump(), where), where + ": key '" + o.label_key + "'");
   if (!o.metadata_key.empty()) {
     LS_CHECK(j.contains(o.metadata_key), where, ": missing key '", o.metadata_key, "' (see --metadata-key)");
-    s.metadata = nlohmann::json::parse(j[o.metadata_key].dump());
+    s.metadata = parse_json(j[o.metadata_key].dump(), where);
   }
   try {
     s.prompt_ids = tokenizer.encode(s.prompt);

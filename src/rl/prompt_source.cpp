@@ -5,12 +5,14 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "dist/communicator.h"
 #include "rl/environment.h"
 #include "rl/prompt_dataset.h"
 #include "rl/rewards/command_reward.h"
 #include "rl/rewards/local_reward.h"
 #include "rl/rewards/remote_reward.h"
+#include "rollout/request.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lockstep::rl {
@@ -233,8 +235,8 @@ std::vector<std::string> parse_rollout_stop(const std::string& value) {
   if (value.front() != '[') return {value};
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(value);
-  } catch (const nlohmann::json::exception& e) {
+    j = parse_json(value, "--rollout-stop");
+  } catch (const Error& e) {
     fail("--rollout-stop: expected a JSON array of strings or one plain string, got '", value, "' (", e.what(), ")");
   }
   LS_CHECK(j.is_array(), "--rollout-stop: expected a JSON array of strings, got '", value, "'");
@@ -264,7 +266,9 @@ void validate_prompt_source_options(const TrainConfig& c) {
   LS_CHECK(c.eval_interval >= 0, "--eval-interval: expected >= 0, got ", c.eval_interval);
   LS_CHECK(c.n_samples_per_eval_prompt >= 1, "--n-samples-per-eval-prompt: expected >= 1, got ",
            c.n_samples_per_eval_prompt);
-  LS_CHECK(c.eval_temperature >= 0, "--eval-temperature: expected >= 0, got ", c.eval_temperature);
+  LS_CHECK(rollout::valid_temperature(c.eval_temperature),
+           "--eval-temperature: expected 0 (greedy) or a finite value >= ", rollout::kMinTemperature, ", got ",
+           c.eval_temperature);
   LS_CHECK(c.eval_top_p > 0 && c.eval_top_p <= 1, "--eval-top-p: expected (0, 1], got ", c.eval_top_p);
   LS_CHECK(c.eval_max_response_len >= 0, "--eval-max-response-len: expected >= 0, got ", c.eval_max_response_len);
   for (const auto& [name, path] : parse_eval_prompt_data(c.eval_prompt_data))

@@ -1,14 +1,19 @@
 #include "rl/train_checkpoint.h"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "core/text_file.h"
 
 namespace lockstep::rl {
@@ -72,13 +77,75 @@ std::string latest_train_checkpoint(const std::string& save_dir) {
   return dir;
 }
 
+std::string prepare_save_dir(const std::string& save_dir, bool resume, bool overwrite, bool writer) {
+  if (save_dir.empty()) return "";
+  const fs::path dir(save_dir);
+  if (resume) {
+    const std::string from = latest_train_checkpoint(save_dir);
+    LS_CHECK(!from.empty(), "--resume: no checkpoint in ", save_dir, " (expected latest_checkpointed_iteration.txt)");
+    return from;
+  }
+  std::vector<fs::path> run_files;
+  if (fs::is_directory(dir))
+    for (const auto& e : fs::directory_iterator(dir)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("iter_", 0) == 0 || name.rfind("latest_checkpointed_iteration.txt", 0) == 0)
+        run_files.push_back(e.path());
+    }
+  LS_CHECK(run_files.empty() || overwrite, "--save ", save_dir, " already holds a run (",
+           run_files.front().filename().string(),
+           "): continue it with --resume, replace it with --overwrite-save, "
+           "or choose another directory");
+  if (!writer) return "";
+  for (const auto& p : run_files) fs::remove_all(p);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  LS_CHECK(!ec, "--save ", save_dir, ": cannot create the directory (", ec.message(), ")");
+  // Proven writable now rather than at the first checkpoint, after hours of training.
+  const std::string probe = (dir / (".write_test." + std::to_string(::getpid()))).string();
+  try {
+    write_text_file(probe, "");
+  } catch (const Error& e) {
+    fail("--save ", save_dir, ": not writable (", e.what(), ")");
+  }
+  fs::remove(probe);
+  return "";
+}
+
+namespace {
+
+// "key = value" lines of a run config as to_toml writes it (one flat table).
+std::map<std::string, std::string> config_values(const std::string& toml) {
+  std::map<std::string, std::string> out;
+  std::istringstream in(toml);
+  for (std::string line; std::getline(in, line);) {
+    const size_t eq = line.find(" = ");
+    if (eq != std::string::npos) out[line.substr(0, eq)] = line.substr(eq + 3);
+  }
+  return out;
+}
+
+}  // namespace
+
+void check_same_run(const std::string& checkpoint, const std::string& config_toml) {
+  const fs::path path = fs::path(checkpoint) / "train_config.toml";
+  std::ifstream in(path);
+  LS_CHECK(in, path.string(), ": not found (the run-defining options of the checkpoint)");
+  const auto saved = config_values(std::string(std::istreambuf_iterator<char>(in), {}));
+  // Both sides are written by to_toml, so equal text is an equal value. Keys in name order;
+  // a key the checkpoint lacks was added to lockstep after it was written and is not compared.
+  for (const auto& [key, value] : config_values(config_toml)) {
+    const auto it = saved.find(key);
+    LS_CHECK(it == saved.end() || it->second == value, "--resume: --", key, " differs from the run being resumed (",
+             path.string(), " has ", it->second, ", this run has ", value, "); a resumed run must be the same run");
+  }
+}
+
 TrainerState load_trainer_state(const std::string& checkpoint) {
   const fs::path p = fs::path(checkpoint) / "trainer_state.json";
-  std::ifstream f(p);
-  LS_CHECK(f, p.string(), ": not found");
-  nlohmann::json j;
+  LS_CHECK(fs::exists(p), p.string(), ": not found");
+  const nlohmann::json j = read_json_file(p.string());
   try {
-    j = nlohmann::json::parse(f);
     TrainerState s;
     s.step = j.at("step").get<int64_t>();
     s.sft_steps_done = j.at("sft_steps_done").get<int64_t>();

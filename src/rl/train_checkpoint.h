@@ -32,6 +32,17 @@ void save_train_checkpoint(const std::string& save_dir, const TrainerState& stat
 // The newest checkpoint directory in save_dir ("" when there is none).
 std::string latest_train_checkpoint(const std::string& save_dir);
 
+// Before any work, so no run can clobber another: --resume needs a checkpoint in save_dir;
+// a fresh run refuses a save_dir that already holds a run unless `overwrite` (which removes
+// its checkpoints); the directory is created and proven writable. Returns the checkpoint to
+// resume ("" for a fresh run or no save_dir). Only the `writer` (the rank that writes the
+// checkpoints) removes, creates and probes.
+std::string prepare_save_dir(const std::string& save_dir, bool resume, bool overwrite, bool writer);
+
+// Throws naming the first run-defining option whose value in the checkpoint's
+// train_config.toml differs from `config_toml` (this run's), both values shown.
+void check_same_run(const std::string& checkpoint, const std::string& config_toml);
+
 TrainerState load_trainer_state(const std::string& checkpoint);
 // Loads model.safetensors (or ref_model.safetensors) of a checkpoint into `weights` (same config).
 void load_checkpoint_weights(const std::string& file, ModelWeights& weights, Precision precision);

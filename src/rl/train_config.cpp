@@ -11,6 +11,7 @@
 #include "kernels/canonical.h"
 #include "rl/environment.h"
 #include "rl/prompt_source.h"
+#include "rollout/request.h"
 #include "train/advantages.h"
 #include "train/losses.h"
 #include "train/optimizer.h"
@@ -103,6 +104,8 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("save", save, "checkpoint directory"),
       LS_OPT("save-interval", save_interval, "save every N RL steps (0 = only at the end)"),
       LS_OPT("resume", resume, "continue from the latest checkpoint in --save"),
+      LS_OPT("overwrite-save", overwrite_save,
+             "start afresh even though --save holds a run (its checkpoints are removed)"),
       LS_OPT("save-hf", save_hf, "write the policy as Hugging Face model directories DIR/iter_N (with tokenizer)"),
       LS_OPT("save-hf-interval", save_hf_interval, "--save-hf every N RL steps (0 = only at the end)"),
       LS_OPT("tensorboard-dir", tensorboard_dir, "also write the metrics as TensorBoard event files here"),
@@ -239,6 +242,17 @@ void apply_flag(TrainConfig& c, const std::string& name, const std::string& valu
 }
 
 void validate(const TrainConfig& c) {
+  // Every number option first, in one place: integers within +-2^31 (counts, sizes and steps;
+  // seeds take any value) and finite reals, before any option-specific check uses them.
+  for (const auto& o : train_options()) {
+    if (auto* member = std::get_if<int64_t TrainConfig::*>(&o.field)) {
+      const int64_t v = c.**member;
+      LS_CHECK(o.name == "seed" || o.name == "model-seed" || (v >= -(int64_t(1) << 31) && v <= (int64_t(1) << 31)),
+               "--", o.name, ": ", v, " is absurdly large (expected at most 2^31 in magnitude)");
+    } else if (auto* real = std::get_if<double TrainConfig::*>(&o.field)) {
+      LS_CHECK(std::isfinite(c.**real), "--", o.name, ": expected a finite number, got ", c.**real);
+    }
+  }
   LS_CHECK(c.dtype == "float32" || c.dtype == "bfloat16", "--dtype: expected 'float32' or 'bfloat16', got '", c.dtype,
            "'");
   LS_CHECK(c.device == "cpu" || c.device == "cuda", "--device: expected 'cpu' or 'cuda', got '", c.device, "'");
@@ -267,7 +281,9 @@ void validate(const TrainConfig& c) {
            c.num_microbatches);
   LS_CHECK(c.global_batch_size % c.num_microbatches == 0, "batch does not divide: --global-batch-size ",
            c.global_batch_size, " is not a multiple of --num-microbatches ", c.num_microbatches);
-  LS_CHECK(c.rollout_temperature >= 0, "--rollout-temperature: expected >= 0, got ", c.rollout_temperature);
+  LS_CHECK(rollout::valid_temperature(c.rollout_temperature),
+           "--rollout-temperature: expected 0 (greedy) or a finite value >= ", rollout::kMinTemperature, ", got ",
+           c.rollout_temperature);
   LS_CHECK(c.rollout_top_p > 0 && c.rollout_top_p <= 1, "--rollout-top-p: expected (0, 1], got ", c.rollout_top_p);
   LS_CHECK(c.rollout_top_k >= 0, "--rollout-top-k: expected >= 0, got ", c.rollout_top_k);
   LS_CHECK(!c.check_true_on_policy || c.rollout_temperature == 1.0,
@@ -298,6 +314,7 @@ void validate(const TrainConfig& c) {
   LS_CHECK(c.save_interval >= 0, "--save-interval: expected >= 0, got ", c.save_interval);
   LS_CHECK(c.save_hf_interval >= 0, "--save-hf-interval: expected >= 0, got ", c.save_hf_interval);
   LS_CHECK(!c.resume || !c.save.empty(), "--resume needs --save DIR (the checkpoints to continue from)");
+  LS_CHECK(!c.resume || !c.overwrite_save, "--resume and --overwrite-save: continue the run or replace it, not both");
   LS_CHECK(c.ref_load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.ref_load) / "config.json"),
            "--ref-load ", c.ref_load, ": reference model not found (expected a model directory with config.json)");
   LS_CHECK(c.load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.load) / "config.json"),

@@ -98,6 +98,7 @@ struct TrainConfig {
   std::string save;                               // checkpoint directory ("" = none)
   int64_t save_interval = 0;                      // 0: only at the end (when --save is set)
   bool resume = false;                            // continue from the latest checkpoint in --save
+  bool overwrite_save = false;                    // a fresh run may replace the run in --save
   std::string save_hf;                            // Hugging Face snapshots of the policy ("" = none)
   std::string tensorboard_dir;                    // TensorBoard event files beside metrics.jsonl ("" = none)
   int64_t save_hf_interval = 0;                   // 0: only at the end

@@ -16,7 +16,9 @@
 #include "checkpoint/audit.h"
 #include "core/device_memory.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "core/philox.h"
+#include "core/text_file.h"
 #include "core/thread_pool.h"
 #include "core/timer.h"
 #include "model/qwen3_moe.h"
@@ -189,7 +191,7 @@ OnPolicyCheck compare_logprobs(const std::vector<Sample*>& samples, const std::v
 std::string run_defining_toml(TrainConfig c) {
   c.output_dir = c.save = c.save_hf = c.tensorboard_dir = "";
   c.num_threads = 0;
-  c.resume = false;
+  c.resume = c.overwrite_save = false;
   c.progress = true;
   c.audit_weight_sync = false;
   c.debug_inject_nan_step = c.debug_stop_after = -1;
@@ -218,22 +220,22 @@ class MetricsLog {
     if (keep_through_step >= 0 && fs::exists(path)) {
       std::ifstream in(path);
       std::string line;
-      while (std::getline(in, line)) {
+      for (int64_t n = 1; std::getline(in, line); ++n) {
         if (line.empty()) continue;
-        json j = json::parse(line);
+        json j = parse_json(line, path + ":" + std::to_string(n));
         if (j.contains("step") && j["step"].get<int64_t>() > keep_through_step) continue;
         kept.push_back(line);
         remember(j);
       }
     }
-    std::ofstream out(path, std::ios::trunc);
-    LS_CHECK(out, path, ": cannot open the metrics file for writing");
-    for (const auto& l : kept) out << l << "\n";
+    std::string text;  // replaced whole, so a failed rewrite loses no record
+    for (const auto& l : kept) text += l + "\n";
+    write_text_file(path, text);
   }
   void write(const json& j) {
     std::ofstream out(path_, std::ios::app);
     out << j.dump() << "\n";
-    LS_CHECK(out.good(), path_, ": write failed");
+    LS_CHECK(out.flush(), path_, ": write failed");
     remember(j);
     if (tensorboard_) {
       const int64_t step = j.contains("step") ? j["step"].get<int64_t>() : j.value("sft_step", int64_t(0));
@@ -350,12 +352,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   auto env = make_environment(cfg, *source, world);  // one turn, a tool or an environment server
   const LossType loss_type = loss_type_from_name(cfg.loss_type);
   const AdvantageEstimator estimator = advantage_estimator_from_name(cfg.advantage_estimator);
-  std::string resume_from;
-  if (cfg.resume) {
-    resume_from = latest_train_checkpoint(cfg.save);
-    LS_CHECK(!resume_from.empty(), "--resume: no checkpoint in ", cfg.save,
-             " (expected latest_checkpointed_iteration.txt)");
-  }
+  // Before any work; every rank checks, rank 0 (the checkpoint writer) prepares the directory.
+  const std::string resume_from = prepare_save_dir(cfg.save, cfg.resume, cfg.overwrite_save, world->rank() == 0);
+  if (!resume_from.empty()) check_same_run(resume_from, run_defining_toml(cfg));
   ModelWeights weights = initial_weights(cfg, precision);
   source->check_model(weights.config, !cfg.load.empty()          ? cfg.load
                                       : !cfg.init_config.empty() ? cfg.init_config

@@ -48,7 +48,7 @@ RequestId Engine::add_request(const GenerationRequest& request) {
            "use --device cpu for top log-probs)");
   // The K/V positions the request can ever need: every token but the last sampled one.
   const int64_t prompt = int64_t(request.prompt.size());
-  const int64_t most_positions = std::min(prompt + request.max_new_tokens - 1, config.max_position_embeddings - 1);
+  const int64_t most_positions = request_positions(request, config) - 1;
   const int64_t pages_needed = ceil_div(std::max(most_positions, prompt), options_.page_size);
   LS_CHECK(pages_needed <= pool_.num_pages(), "the request needs up to ", pages_needed, " KV pages (prompt ", prompt,
            " + max_new_tokens ", request.max_new_tokens, ", page size ", options_.page_size,

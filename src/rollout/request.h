@@ -12,6 +12,11 @@ namespace lockstep::rollout {
 
 using RequestId = uint64_t;
 
+// The smallest temperature above 0: logits up to 1e32 divided by it stay finite in f32.
+inline constexpr float kMinTemperature = 1e-6f;
+// 0 (greedy) or a finite temperature >= kMinTemperature.
+inline bool valid_temperature(double t) { return t == 0 || (t >= kMinTemperature && t <= 3.4e38); }
+
 struct SamplingParams {
   float temperature = 1.0f;  // 0 = greedy
   int32_t top_k = 0;         // 0 = off
@@ -68,5 +73,13 @@ uint64_t sampling_stream(uint64_t seed);
 // Checks a request against the model before it is queued; throws lockstep::Error naming the
 // field, what was expected and what was found.
 void validate_request(const GenerationRequest& request, const ModelConfig& config);
+
+// Positions a request can fill: prompt + max_new_tokens, capped by the context, without
+// overflow for any max_new_tokens up to INT64_MAX.
+int64_t request_positions(const GenerationRequest& request, const ModelConfig& config);
+
+// Range checks of the engine's sizing flags (generate, serve): each is bounded so products
+// such as pages x page size x layers stay far from overflow. Errors name the flag.
+void check_engine_flags(int64_t page_size, int64_t max_batch_tokens, int64_t prefill_chunk, int64_t kv_pages);
 
 }  // namespace lockstep::rollout

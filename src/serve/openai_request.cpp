@@ -4,6 +4,8 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/json_int.h"
+#include "core/json_parse.h"
 #include "tokenizer/chat_json.h"
 
 namespace lockstep::serve {
@@ -11,31 +13,6 @@ namespace lockstep::serve {
 namespace {
 
 using Json = nlohmann::ordered_json;
-
-// nlohmann's parser is iterative, but a pathological nesting depth still costs memory and
-// later recursion; no valid request nests deeper than this.
-constexpr int kMaxNesting = 64;
-
-void check_nesting(std::string_view body) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : body) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > kMaxNesting) throw bad_field("", "the request body nests deeper than 64 levels");
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-}
 
 // A field or nothing: null counts as absent.
 const Json* find(const Json& body, const char* key) {
@@ -53,12 +30,9 @@ int64_t int_field(const Json& body, const char* key, int64_t fallback, int64_t l
   if (!v) return fallback;
   std::string expected = "expected an integer in [";
   expected += std::to_string(lo) + ", " + std::to_string(hi) + "], got " + got(*v);
-  if (!v->is_number_integer()) throw bad_field(key, expected);
-  // Unsigned values above int64 are out of any range here.
-  if (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(hi)) throw bad_field(key, expected);
-  const int64_t x = v->get<int64_t>();
-  if (x < lo || x > hi) throw bad_field(key, expected);
-  return x;
+  const auto x = json_int_in(*v, lo, hi);
+  if (!x) throw bad_field(key, expected);
+  return *x;
 }
 
 float number_field(const Json& body, const char* key, float fallback) {
@@ -184,12 +158,11 @@ rollout::GenerationRequest ApiRequest::choice(int64_t i) const {
 }
 
 ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, const ServedModel& model) {
-  check_nesting(body_text);
   Json body;
   try {
-    body = Json::parse(body_text);
-  } catch (const Json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
-    throw bad_field("", std::string("the request body is not valid JSON: ") + e.what(), "invalid_json");
+    body = parse_ordered_json(body_text, "the request body");
+  } catch (const Error& e) {
+    throw bad_field("", e.what(), "invalid_json");
   }
   if (!body.is_object()) throw bad_field("", "the request body must be a JSON object, got " + got(body));
   const ModelConfig& config = *model.config;
@@ -227,8 +200,10 @@ ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, cons
   r.n = int_field(body, "n", 1, 1, kMaxChoices);
 
   r.sampling.temperature = number_field(body, "temperature", 1.0f);
-  if (!std::isfinite(r.sampling.temperature) || r.sampling.temperature < 0.0f)
-    throw bad_field("temperature", "expected a finite number >= 0 (0 = greedy), got " + got(body["temperature"]));
+  if (!rollout::valid_temperature(r.sampling.temperature))
+    throw bad_field("temperature",
+                    "expected 0 (greedy) or a finite number >= 1e-6 (smaller ones overflow the logits), got " +
+                        got(body["temperature"]));
   r.sampling.top_p = number_field(body, "top_p", 1.0f);
   if (!(r.sampling.top_p > 0.0f && r.sampling.top_p <= 1.0f))
     throw bad_field("top_p", "expected a number in (0, 1], got " + got(body["top_p"]));

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "serve/metrics.h"
 #include "serve/openai_response.h"
 
@@ -154,8 +155,13 @@ void HttpServer::add_routes() {
 
   http_->Post("/update_weights_from_disk", [this](const httplib::Request& req, httplib::Response& res) {
     try {
-      Json body = Json::parse(req.body, nullptr, false);
-      if (body.is_discarded() || !body.is_object()) throw bad_field("", "the request body must be a JSON object");
+      Json body;
+      try {
+        body = parse_ordered_json(req.body, "the request body");
+      } catch (const Error& e) {
+        throw bad_field("", e.what(), "invalid_json");
+      }
+      if (!body.is_object()) throw bad_field("", "the request body must be a JSON object");
       if (!body.contains("model_path") || !body["model_path"].is_string())
         throw bad_field("model_path", "expected the checkpoint directory as a string");
       bool abort_all = false;

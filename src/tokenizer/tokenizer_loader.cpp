@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "tokenizer/byte_level.h"
 #include "tokenizer/tokenizer_impl.h"
 
@@ -67,14 +68,6 @@ struct Ctx {
     fail(file, ": ", path, ".", key, " = ", j->dump(), " is not supported (expected null or empty)");
   }
 };
-
-json parse_json(std::string_view text, const std::string& file) {
-  try {
-    return json::parse(text.begin(), text.end());
-  } catch (const json::parse_error& e) {
-    fail(file, ": not valid JSON (", e.what(), ")");
-  }
-}
 
 // The vocab and merges are 99% of tokenizer.json. Building them as a DOM costs most of
 // the load time, so a SAX pass collects them into flat vectors and the DOM parse
@@ -173,6 +166,7 @@ class FlatModelReader : public nlohmann::json_sax<json> {
 // Parses tokenizer.json; when the fast path works, `flat` gets model.vocab and
 // model.merges and the returned DOM lacks them.
 json parse_tokenizer_json(std::string_view text, const std::string& file, std::optional<FlatModel>& flat) {
+  check_json_depth(text, file);
   flat.emplace();
   FlatModelReader reader(*flat);
   if (json::sax_parse(text.begin(), text.end(), &reader) && flat->has_vocab && flat->has_merges) {

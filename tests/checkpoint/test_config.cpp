@@ -71,5 +71,20 @@ TEST(ModelConfig, MissingAndWrongFieldsAreNamed) {
   EXPECT_THROW(ModelConfig::from_json(j, "cfg.json"), Error);
 }
 
+// A config.json whose field nests past the JSON depth limit is an error naming the file
+// and line (it used to overflow the stack when the error printed the field).
+TEST(ModelConfig, DeeplyNestedFieldIsAnErrorNotACrash) {
+  const std::string path = ::testing::TempDir() + "deep_config.json";
+  for (int depth : {513, 100000}) {
+    std::ofstream(path) << "{\n  \"vocab_size\": " << std::string(depth, '[') << std::string(depth, ']') << "\n}";
+    try {
+      ModelConfig::load(path);
+      ADD_FAILURE() << "accepted depth " << depth;
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(path + ": JSON nests deeper than 512 levels (line 2", 0), 0u) << e.what();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lockstep

@@ -78,6 +78,15 @@ TEST(Safetensors, TensorsAreAlignedForTypedAccess) {
   EXPECT_EQ(m.get("b").data<int64_t>()[0], value);
 }
 
+// A header nested past the JSON depth limit is an error naming the file, at any depth.
+TEST(Safetensors, DeeplyNestedHeaderIsAnError) {
+  for (int depth : {513, 10000, 1000000}) {
+    const std::string header = "{\"a\": " + std::string(depth, '[') + std::string(depth, ']') + "}";
+    EXPECT_EQ(parse_error(make_file(header, 0)).rfind("test.safetensors: safetensors header: JSON nests deeper", 0), 0u)
+        << depth;
+  }
+}
+
 TEST(Safetensors, WriteReadRoundTripAllDtypes) {
   auto dir = temp_dir("roundtrip");
   std::map<std::string, Tensor> tensors;

@@ -1,7 +1,10 @@
 // lockstep train configuration: TOML keys, flags, and clear errors before any work.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
+#include <limits>
+#include <sstream>
 
 #include "core/device_memory.h"
 #include "core/error.h"
@@ -119,6 +122,27 @@ TEST(RlConfig, CommandLineReportsBadConfigAndExitsNonZero) {
   EXPECT_NE(rc, 0);
   std::string err = testing::read_bytes(dir.sub("err.txt"));
   EXPECT_NE(err.find("unknown key 'not-a-key'"), std::string::npos) << err;
+}
+
+// Every integer option at an absurd size and every real option at NaN or infinity is
+// refused by name before any option-specific check could misuse it.
+TEST(RlConfig, EveryNumberOptionIsRangeChecked) {
+  for (const auto& o : train_options()) {
+    for (double bad : {std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+      TrainConfig c;
+      if (auto* member = std::get_if<int64_t TrainConfig::*>(&o.field)) {
+        if (o.name == "seed" || o.name == "model-seed") continue;
+        c.**member = bad > 0 ? int64_t(1) << 62 : std::numeric_limits<int64_t>::min();
+        EXPECT_EQ(testing::error_of([&] { validate(c); }).rfind("--" + o.name + ": ", 0), 0u) << o.name;
+        EXPECT_NE(testing::error_of([&] { validate(c); }).find("absurdly large"), std::string::npos) << o.name;
+      } else if (auto* real = std::get_if<double TrainConfig::*>(&o.field)) {
+        c.**real = bad;
+        EXPECT_EQ(testing::error_of([&] { validate(c); }),
+                  "--" + o.name + ": expected a finite number, got " + (std::ostringstream() << bad).str())
+            << o.name;
+      }
+    }
+  }
 }
 
 }  // namespace

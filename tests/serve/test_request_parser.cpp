@@ -2,8 +2,10 @@
 // fuzz of mutated bodies that must only ever yield a valid request or an ApiError.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <random>
 
+#include "core/error.h"
 #include "serve/openai_request.h"
 
 namespace lockstep::serve {
@@ -146,6 +148,35 @@ TEST_F(RequestParser, BadInputNamesTheField) {
   EXPECT_EQ(body["error"]["type"], "invalid_request_error");
   EXPECT_TRUE(body["error"]["code"].is_null());
   EXPECT_TRUE(body["error"]["message"].is_string());
+}
+
+// A temperature so small that logits / T overflow is refused (0 stays greedy), by the
+// request parser and by the engine's validator that every front end goes through.
+TEST_F(RequestParser, TemperatureTooSmallToDivideByIsRefused) {
+  for (double t : {1e-30, 1e-7}) EXPECT_EQ(refusal({{"prompt", "x"}, {"temperature", t}}).param, "temperature");
+  for (double t : {0.0, 1e-300 /* 0 in f32: greedy */, 1e-6, 0.7, 100.0})
+    EXPECT_NO_THROW(
+        parse_api_request(Json{{"prompt", "x"}, {"temperature", t}}.dump(), Endpoint::completions, model()));
+  rollout::GenerationRequest r;
+  r.prompt = {1, 2};
+  for (float t :
+       {1e-30f, 1e-7f, -1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    r.sampling.temperature = t;
+    EXPECT_THROW(rollout::validate_request(r, *config_), lockstep::Error) << t;
+  }
+  r.sampling.temperature = 0.0f;
+  EXPECT_NO_THROW(rollout::validate_request(r, *config_));
+}
+
+// Nesting past the JSON depth limit is a 400 at any depth, never a crash.
+TEST_F(RequestParser, DeepNestingIsA400) {
+  for (int depth : {600, 1000000}) {
+    const std::string body = "{\"prompt\": \"x\", \"user\": " + std::string(depth, '[') + std::string(depth, ']') + "}";
+    const ApiError e = refusal_text(body);
+    EXPECT_EQ(e.status, 400);
+    EXPECT_EQ(e.code, "invalid_json");
+    EXPECT_NE(std::string(e.what()).find("nests deeper than 512 levels"), std::string::npos) << e.what();
+  }
 }
 
 // Mutated bodies: every outcome is a request that passes the engine's checks, or an ApiError

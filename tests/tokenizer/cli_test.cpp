@@ -104,5 +104,23 @@ TEST_F(TokenizeCli, MissingModelDirectory) {
   EXPECT_NE(WEXITSTATUS(std::system(cmd.c_str())), 0);
 }
 
+// Tool-call arguments nested to the JSON depth limit render; deeper lines get an error
+// naming the line, not a stack overflow (either way the other lines are unaffected).
+TEST_F(TokenizeCli, DeepToolArgumentsRenderOrAreRefusedByLine) {
+  auto request = [](int depth) {
+    return "{\"messages\": [{\"role\": \"assistant\", \"content\": \"\", \"tool_calls\": [{\"function\": "
+           "{\"name\": \"f\", \"arguments\": " +
+           std::string(depth, '[') + std::string(depth, ']') + "}}]}]}\n";
+  };
+  CliRun ok = run(request(500), "");
+  ASSERT_EQ(ok.status, 0) << ok.err;
+  EXPECT_EQ(lines(ok.out).size(), 1u);
+  for (int depth : {600, 200000}) {
+    CliRun r = run("{\"text\": \"a\"}\n" + request(depth), "");
+    EXPECT_EQ(r.status, 1) << depth;
+    EXPECT_NE(r.err.find("in.jsonl:2: JSON nests deeper than 512 levels"), std::string::npos) << r.err;
+  }
+}
+
 }  // namespace
 }  // namespace lockstep

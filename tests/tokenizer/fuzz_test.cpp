@@ -133,6 +133,22 @@ TEST(TokenizerFuzz, TruncationsAndByteFlips) {
   SUCCEED() << loaded << " mutated files still loaded";
 }
 
+// Nesting past the JSON depth limit, in the model (the SAX fast path) or elsewhere, is an
+// error naming the file at any depth, never a stack overflow.
+TEST(TokenizerFuzz, DeeplyNestedJsonIsAnError) {
+  for (int depth : {513, 10000, 1000000}) {
+    const std::string deep = std::string(depth, '[') + std::string(depth, ']');
+    for (const char* key : {"normalizer", "merges"}) {
+      json t = toy_tokenizer();
+      std::string text = t.dump();
+      const std::string field = std::string("\"") + key + "\":";
+      text.insert(text.find(field) + field.size(), deep + ",\"x\":");  // the old value is kept after
+      const std::string err = load_error(text);
+      EXPECT_EQ(err.rfind("toy.json: JSON nests deeper than 512 levels", 0), 0u) << key << " " << depth << ": " << err;
+    }
+  }
+}
+
 TEST(TokenizerFuzz, TruncatedRealTokenizerJson) {
   const std::string text = test::read_text(test::fixture_dir() + "/tokenizer.json");
   for (size_t cut : {size_t{0}, size_t{1}, text.size() / 2, text.size() - 2})

@@ -3,15 +3,16 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 
 namespace lockstep::rl {
 
 float parse_reward_answer(const std::string& answer, const std::string& where) {
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(answer);
-  } catch (const nlohmann::json::exception&) {
-    j = nullptr;
+    j = parse_json(answer, where);
+  } catch (const Error&) {
+    j = nullptr;  // reported below with the answer's text
   }
   if (j.is_object() && j.contains("reward")) j = j["reward"];
   const std::string shown = answer.size() > 200 ? answer.substr(0, 200) + "..." : answer;
