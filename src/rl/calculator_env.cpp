@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "rl/calculator.h"
 #include "rl/chat_observation.h"
 
@@ -23,7 +24,11 @@ std::string calculator_tool_definition() {
 namespace {
 
 std::string answer_call(const std::string& call) {
-  const nlohmann::json j = nlohmann::json::parse(call, nullptr, false);
+  nlohmann::json j = nlohmann::json(nlohmann::json::value_t::discarded);
+  try {
+    j = parse_json(call, "tool call");
+  } catch (const Error&) {  // answered as a tool error below
+  }
   if (j.is_discarded() || !j.is_object())
     return "error: a tool call must be a JSON object {\"name\": ..., \"arguments\": {...}}";
   const auto name = j.find("name");

@@ -1,6 +1,7 @@
 #include "rl/http_env.h"
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "dist/communicator.h"
 #include "rl/chat_observation.h"
 #include "rl/rewards/http_post.h"
@@ -25,7 +26,11 @@ json env_request(const Episode& e, const PromptSample& sample, const Tokenizer& 
 }
 
 EnvReply parse_env_answer(const std::string& answer) {
-  const json j = json::parse(answer, nullptr, false);
+  json j = json(json::value_t::discarded);
+  try {
+    j = parse_json(answer, "the environment's answer");
+  } catch (const Error&) {  // reported below with the answer itself
+  }
   const std::string shown = answer.size() > 200 ? answer.substr(0, 200) + "..." : answer;
   LS_CHECK(!j.is_discarded() && j.is_object(),
            "expected a JSON object {\"observation\": text, \"reward\": number, \"done\": bool}, got '", shown, "'");
@@ -103,7 +108,7 @@ class HttpEnv : public Environment {
         s->resize(size);
         world_->broadcast(s->data(), size, 0);
       }
-      if (error.empty()) answers = json::parse(all).get<std::vector<std::string>>();
+      if (error.empty()) answers = parse_json(all, "the environment's answers").get<std::vector<std::string>>();
     }
     if (!error.empty()) fail(error);
     return answers;

@@ -31,6 +31,11 @@ void Policy::use_device_runner(ModelRunner* runner) {
   LS_CHECK(world_.size() == 1 && runner && runner->device() == Device::cuda,
            "train --device cuda: one rank, with a CUDA runner");
   device_runner_ = runner;
+#ifdef LOCKSTEP_CUDA
+  device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, optimizer_);
+#else
+  fail("train --device cuda: this build has no CUDA backend");
+#endif
 }
 
 std::vector<std::vector<float>> Policy::score_all(const std::vector<std::vector<int32_t>>& seqs) {
@@ -78,9 +83,11 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
     }
     return up;
   };
+#ifdef LOCKSTEP_CUDA
   if (on_device())
-    grads_ = device_grads(mine, upstream);
+    device_state_->compute_grads(mine, true, upstream);
   else
+#endif
     grads_ = grad_->step_grads(mine, true, upstream);
   // Each replica's records come from its (tp 0, last stage) rank, to every rank.
   for (int r = 0; r < t.dp; ++r) {
@@ -98,24 +105,13 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
   return records;
 }
 
-ModelWeights Policy::device_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
-                                  const UpstreamFn& upstream) {
-#ifdef LOCKSTEP_CUDA
-  PairwiseGradAccumulator sum(int64_t(micro_batches.size()));
-  for (size_t j = 0; j < micro_batches.size(); ++j)
-    sum.push(named_tensors(
-        cuda_step_grads(*device_runner_, micro_batches[j], true,
-                        [&](int64_t, const auto& lp, const auto& ent) { return upstream(int64_t(j), lp, ent); })));
-  ModelWeights grads = full_.zeros_like();
-  copy_from_named(grads, sum.finish());
-  return grads;
-#else
-  (void)micro_batches, (void)upstream;
-  fail("train --device cuda: this build has no CUDA backend");
-#endif
-}
-
 OptimizerStepResult Policy::apply(bool inject_nan) {
+#ifdef LOCKSTEP_CUDA
+  if (on_device()) {
+    if (inject_nan) device_state_->poison_first_gradient();
+    return device_state_->apply(precision_);
+  }
+#endif
   if (inject_nan) {  // the test hook poisons the first of the rank's tensors by name
     auto named = named_tensors(grads_, layout_.scope());
     if (!named.empty()) named.begin()->second.data<float>()[0] = std::nanf("");
@@ -125,13 +121,21 @@ OptimizerStepResult Policy::apply(bool inject_nan) {
   const float norm = parallel_grad_norm(world_, full_.config, layout_, grads_);
   OptimizerStepResult r = optimizer_.step(grads_, norm, model_->weights(), precision_);
   grads_ = {};
-  // The engine's runner is the trainer's model: the step writes it (the engine's version
-  // moves at the next weight sync, before it samples again).
-  if (on_device()) device_runner_->load_weights(model_->weights());
   return r;
 }
 
+void Policy::pull_device_weights() {
+  const ModelWeights w = device_runner_->export_weights();
+  auto from = w.named();
+  for (auto& [name, t] : full_.named()) std::memcpy(t->data<float>(), from.at(name)->data<float>(), t->nbytes());
+  model_->weights() = full_.clone();  // the host model follows (checkpoints, the KL reference)
+}
+
 const ModelWeights& Policy::sync_full() {
+  if (on_device()) {
+    pull_device_weights();
+    return full_;
+  }
   std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, model_->weights());
   for (auto& [name, t] : full_.named()) {
     if (root()) *t = gathered.at(name).clone();
@@ -148,6 +152,10 @@ WeightSyncStats Policy::stream_weights(const ShardLayout& engine_layout,
 }
 
 const ModelWeights& Policy::gather_to_root() {
+  if (on_device()) {
+    pull_device_weights();
+    return full_;
+  }
   std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, model_->weights());
   if (root())  // in place: a tied lm_head keeps sharing the embedding's storage
     for (auto& [name, t] : full_.named()) std::memcpy(t->data<float>(), gathered.at(name).data<float>(), t->nbytes());
@@ -155,6 +163,9 @@ const ModelWeights& Policy::gather_to_root() {
 }
 
 AdamW Policy::gather_optimizer() {
+#ifdef LOCKSTEP_CUDA
+  if (on_device()) return device_state_->download(full_);
+#endif
   const ModelConfig& cfg = full_.config;
   auto master = gather_full(world_, cfg, layout_, optimizer_.master());
   auto exp_avg = gather_full(world_, cfg, layout_, optimizer_.exp_avg());
@@ -178,6 +189,12 @@ void Policy::load_state(const ModelWeights& full_weights, const AdamW& full_opti
   optimizer_.load_state(full_optimizer.steps_taken(), slice_local_weights(full_optimizer.master(), layout_),
                         slice_local_weights(full_optimizer.exp_avg(), layout_),
                         slice_local_weights(full_optimizer.exp_avg_sq(), layout_));
+  if (on_device()) {  // the runner and the device state take the checkpoint's
+    device_runner_->load_weights(full_);
+#ifdef LOCKSTEP_CUDA
+    device_state_ = std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_);
+#endif
+  }
 }
 
 }  // namespace lockstep::rl

@@ -20,6 +20,10 @@
 #include "parallel/weight_sync.h"
 #include "train/optimizer.h"
 
+namespace lockstep {
+class CudaTrainState;  // model/cuda/cuda_trainer.h
+}  // namespace lockstep
+
 namespace lockstep::rl {
 
 class Policy {
@@ -31,10 +35,10 @@ class Policy {
 
   bool root() const { return world_.rank() == 0; }
 
-  // From now on score_all and compute_grads run on `runner`, a CUDA runner that is also the
-  // rollout engine's (model/cuda/cuda_trainer.h): one rank, one GPU, the engine's weights.
-  // The optimizer keeps its host state; each step writes its weights into the runner, so the
-  // engine's weight sync is a version bump.
+  // From now on the policy runs on `runner`, a CUDA runner that is also the rollout engine's
+  // (model/cuda/cuda_trainer.h): one rank, one GPU, the engine's weights. Gradients and the
+  // optimizer state live on the device (uploaded from this policy's optimizer now); each step
+  // writes the runner's weights in place, so the engine's weight sync is a version bump.
   void use_device_runner(ModelRunner* runner);
   bool on_device() const { return device_runner_ != nullptr; }
   const Topology& topology() const { return layout_.topo; }
@@ -76,9 +80,8 @@ class Policy {
   void load_state(const ModelWeights& full_weights, const AdamW& full_optimizer);
 
  private:
-  // The gradients of this rank's micro-batches on the device runner, summed by the tree.
-  ModelWeights device_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
-                            const UpstreamFn& upstream);
+  // Device mode: full_ and the host model take the runner's current weights.
+  void pull_device_weights();
 
   dist::Communicator& world_;
   ShardLayout layout_;
@@ -90,6 +93,7 @@ class Policy {
   ModelWeights full_;
   ModelWeights grads_;  // of the last compute_grads, in the structure of the rank's weights
   ModelRunner* device_runner_ = nullptr;
+  std::shared_ptr<CudaTrainState> device_state_;  // shared_ptr: complete only in CUDA builds
 };
 
 }  // namespace lockstep::rl

@@ -16,6 +16,8 @@
 #include "model/qwen3_moe.h"
 #include "model/runner_score.h"
 #include "parallel/parallel_backward.h"
+#include "train/grad_accumulate.h"
+#include "train/optimizer.h"
 
 namespace lockstep {
 namespace {
@@ -155,6 +157,47 @@ TEST(CudaTrainer, AStepThatCannotFitIsRefusedBeforeAnyAllocation) {
   ModelWeights g = cuda_step_grads(*runner, {{1, 2, 3, 4}}, false,
                                    [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); });
   EXPECT_EQ(g.embed.numel(), c.vocab_size * c.hidden_size);
+}
+
+TEST(CudaTrainer, DeviceAdamWStepIsTheHostStepBitForBit) {
+  LS_SKIP_WITHOUT_GPU();
+  const auto seqs = fixture_sequences();
+  const ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
+  auto runner = make_cuda_runner(weights, Precision::bfloat16);
+  OptimizerConfig oc;
+  oc.lr = 1e-2;
+  oc.weight_decay = 0.1;
+  oc.clip_grad = 0.5;  // the fixture's norm is larger: the clipped path
+  AdamW host(oc, weights);
+  ModelWeights host_weights = weights.clone();
+  CudaTrainState device(*runner, oc, host);
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); };
+  for (int step = 0; step < 2; ++step) {
+    // The host step from the same gradients: two micro-batches summed by the same tree.
+    PairwiseGradAccumulator sum(2);
+    sum.push(named_tensors(cuda_step_grads(*runner, {seqs[0]}, false, upstream)));
+    sum.push(named_tensors(cuda_step_grads(*runner, {seqs[1]}, false, upstream)));
+    ModelWeights grads = weights.zeros_like();
+    copy_from_named(grads, sum.finish());
+    const OptimizerStepResult want = host.step(grads, host_weights, Precision::bfloat16);
+    device.compute_grads({{seqs[0]}, {seqs[1]}}, false, upstream);
+    const OptimizerStepResult got = device.apply(Precision::bfloat16);
+    EXPECT_EQ(std::memcmp(&got.grad_norm, &want.grad_norm, 4), 0) << got.grad_norm << " vs " << want.grad_norm;
+    EXPECT_TRUE(got.clipped && want.clipped);
+    ModelWeights now = runner->export_weights();
+    auto got_w = now.named();
+    for (auto& [name, t] : host_weights.named())
+      EXPECT_EQ(std::memcmp(t->data<float>(), got_w.at(name)->data<float>(), t->nbytes()), 0)
+          << "step " << step << " " << name;
+  }
+  const AdamW back = device.download(weights);
+  EXPECT_EQ(back.steps_taken(), 2);
+  auto a = named_tensors(back.master()), b = named_tensors(host.master());
+  auto va = named_tensors(back.exp_avg_sq()), vb = named_tensors(host.exp_avg_sq());
+  for (auto& [name, t] : b) {
+    EXPECT_EQ(std::memcmp(t.data<float>(), a.at(name).data<float>(), t.nbytes()), 0) << "master " << name;
+    EXPECT_EQ(std::memcmp(vb.at(name).data<float>(), va.at(name).data<float>(), t.nbytes()), 0) << "v " << name;
+  }
 }
 
 }  // namespace

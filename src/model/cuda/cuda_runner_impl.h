@@ -93,10 +93,13 @@ inline cuda::DecodeShape decode_shape_of(const ModelConfig& c) {
   return s;
 }
 
+struct DeviceSegment;  // device_params.h
+
 class CudaRunner final : public ModelRunner {
   // The GPU trainer (cuda_trainer.cu) runs this runner's layers on its weights.
   friend class CudaTrainer;
   friend struct CudaLayerBackwardOps;
+  friend void runner_segment_ptr(CudaRunner& r, const DeviceSegment& s, bf16_t** matrix, float** norm);
 
  public:
   explicit CudaRunner(const ModelConfig& config) : config_(config) {
@@ -127,6 +130,25 @@ class CudaRunner final : public ModelRunner {
   const ModelConfig& config() const override { return config_; }
   Device device() const override { return Device::cuda; }
   Precision precision() const override { return Precision::bfloat16; }
+  cudaStream_t stream() const { return stream_; }
+  // Copies on the runner's stream (synchronous unless named async).
+  void upload(void* dst, const void* src, size_t bytes) {
+    LS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void upload_async(void* dst, const void* src, size_t bytes) {
+    // Pageable source: the copy is staged before the call returns, so src may go away.
+    LS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+  }
+  void download(void* dst, const void* src, size_t bytes) {
+    LS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  // A tied lm_head follows the embedding (the trainer's step updated the embedding).
+  void copy_embedding_to_head() {
+    LS_CUDA_CHECK(cudaMemcpyAsync(lm_head_, embed_, size_t(config_.vocab_size * config_.hidden_size) * 2,
+                                  cudaMemcpyDeviceToDevice, stream_));
+  }
 
   void allocate_kv(int64_t num_pages, int64_t page_size) override {
     LS_CHECK(num_pages > 0 && page_size > 0, "allocate_kv: num_pages and page_size must be positive, got ", num_pages,
@@ -371,18 +393,6 @@ class CudaRunner final : public ModelRunner {
     cuda::DeviceSampleParams* sample_params = nullptr;
   };
 
-  void upload(void* dst, const void* src, size_t bytes) {
-    LS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
-    LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
-  void upload_async(void* dst, const void* src, size_t bytes) {
-    // Pageable source: the copy is staged before the call returns, so src may go away.
-    LS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
-  }
-  void download(void* dst, const void* src, size_t bytes) {
-    LS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
   // dst (an f32 tensor) = the bf16 values at src + offset, widened exactly.
   void download_bf16(Tensor& dst, const bf16_t* src, int64_t offset) const {
     std::vector<uint16_t> bits(static_cast<size_t>(dst.numel()));

@@ -5,27 +5,20 @@
 #include <cstdio>
 #include <map>
 #include <numeric>
+#include <string>
 
 #include "kernels/canonical.h"
 #include "kernels/cpu/reduce_backward.h"
+#include "kernels/cuda/adamw.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/row_ops.cuh"
 #include "model/cuda/cuda_runner_impl.h"
 #include "model/cuda/cuda_trainer.h"
+#include "model/cuda/device_params.h"
 #include "model/qwen3_moe.h"
 
 namespace lockstep {
 namespace cuda_model {
-
-// One layer's gradients on the device (fp32), laid out as the runner's DeviceLayer: q, k, v
-// rows in one [q_dim + 2 kv_dim, H] block; per expert its gate rows then its up rows.
-struct DeviceLayerGrads {
-  float *qkv = nullptr, *o = nullptr;
-  float *input_norm = nullptr, *post_norm = nullptr, *q_norm = nullptr, *k_norm = nullptr;
-  float* router = nullptr;   // [E, H]
-  float* gate_up = nullptr;  // [E, 2I, H] (dense: [2I, H])
-  float* down = nullptr;     // [E, H, I] (dense: [H, I])
-};
 
 // The backward's fp32 scratch of one step of T tokens (sized for the largest layer).
 struct BackwardScratch {
@@ -54,7 +47,7 @@ struct CudaLayerBackwardOps {
   const int32_t* seq_tokens;
   int64_t T;
   float* dx;  // d(layer output) on entry, d(layer input) on return
-  const DeviceLayerGrads& g;
+  const DeviceLayerFloats& g;
   BackwardScratch& s;
 
   const ModelConfig& c = r.config_;
@@ -202,24 +195,18 @@ class CudaTrainer {
 
   // Refuses, before any allocation, a step whose buffers do not fit the free GPU memory.
   // (`backward`: with the gradients and the backward's scratch; else the forward's alone.)
-  void check_memory(int64_t T, int64_t pages, bool backward) const;
+  // `grads_held`: the gradients' buffers are already allocated (not counted).
+  void check_memory(int64_t T, int64_t pages, bool backward, bool grads_held) const;
 
-  // With a null `upstream`, the forward alone: the log-probs go to `scored`.
-  ModelWeights step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy, const UpstreamFn& upstream,
-                          std::vector<std::vector<float>>* scored = nullptr);
+  // Gradients into `grads` (allocated for the model; overwritten), or with a null `upstream`
+  // the forward alone: the log-probs go to `scored`.
+  void step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy, const UpstreamFn& upstream,
+                  DeviceFloats* grads, std::vector<std::vector<float>>* scored = nullptr);
 
  private:
   template <typename T>
   T* alloc(int64_t n) {
     return arena_.alloc<T>(n);
-  }
-  float* zeros(int64_t n) {
-    float* p = alloc<float>(n);
-    LS_CUDA_CHECK(cudaMemsetAsync(p, 0, size_t(std::max<int64_t>(n, 1)) * 4, r_.stream_));
-    return p;
-  }
-  void download(Tensor& dst, const float* src) {
-    LS_CUDA_CHECK(cudaMemcpyAsync(dst.data<float>(), src, size_t(dst.numel()) * 4, cudaMemcpyDeviceToHost, r_.stream_));
   }
   BackwardScratch scratch(int64_t T);
 
@@ -249,7 +236,7 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   return s;
 }
 
-void CudaTrainer::check_memory(int64_t T, int64_t pages, bool backward) const {
+void CudaTrainer::check_memory(int64_t T, int64_t pages, bool backward, bool grads_held) const {
   const auto& c = c_;
   const double H = double(c.hidden_size), V = double(c.vocab_size), NL = double(c.num_hidden_layers);
   const double qd = double(c.q_dim()), kd = double(c.kv_dim()), D = double(c.head_dim);
@@ -264,7 +251,7 @@ void CudaTrainer::check_memory(int64_t T, int64_t pages, bool backward) const {
     params += (qd + 2 * kd) * H + H * qd + 2 * H + 2 * D + (moe ? e * H : 0) + e * 3 * i * H;
   }
   const double logits = t * V * 4 + 8 * t * 4;
-  const double grads = backward ? params * 4 : 0.0;
+  const double grads = backward && !grads_held ? params * 4 : 0.0;
   // Kept inputs, the head's rows, the step's KV, the backward's scratch, the runner's
   // workspace for T tokens (when it has to grow).
   double acts = NL * t * H * 2 + 4 * t * H * 2 + 2 * double(pages) * 64 * kd * 2 + t * H * 4;
@@ -284,8 +271,8 @@ void CudaTrainer::check_memory(int64_t T, int64_t pages, bool backward) const {
            " GiB free: cut the batch into more micro-batches (--num-microbatches)");
 }
 
-ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy,
-                                     const UpstreamFn& upstream, std::vector<std::vector<float>>* scored) {
+void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy,
+                             const UpstreamFn& upstream, DeviceFloats* grads, std::vector<std::vector<float>>* scored) {
   const auto& c = c_;
   const int64_t H = c.hidden_size, V = c.vocab_size, NL = c.num_hidden_layers, qd = c.q_dim(), kd = c.kv_dim();
   const float eps = float(c.rms_norm_eps);
@@ -297,7 +284,7 @@ ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& se
   PackedSequences packed = pack_sequences(seqs);
   const int64_t T = packed.batch.size();
   arena_.clear();
-  check_memory(T, packed.num_pages, upstream != nullptr);
+  check_memory(T, packed.num_pages, upstream != nullptr, true);
 
   // The step's K/V: one layer's pages, rewritten by each layer's forward and recomputation.
   const int64_t pages = packed.num_pages, D = c.head_dim, nkv = c.num_key_value_heads;
@@ -359,7 +346,7 @@ ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& se
   if (!upstream) {
     *scored = std::move(lp);
     arena_.clear();
-    return {};
+    return;
   }
   const std::vector<SequenceGradInput> up = upstream(0, lp, ent);
   LS_CHECK(up.size() == seqs.size(), "cuda step_grads: ", up.size(), " upstream gradients for ", seqs.size(),
@@ -382,19 +369,9 @@ ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& se
   r_.upload_async(dent_d, dent.data(), dent.size() * 4);
 
   // ---- Gradients, zeroed (an expert without tokens keeps zeros).
-  float* g_embed = zeros(V * H);
-  float* g_head = zeros(V * H);  // tied: the lm_head part of the embedding's gradient
-  float* g_final_norm = zeros(H);
-  std::vector<DeviceLayerGrads> g_layers(static_cast<size_t>(NL));
-  for (int64_t l = 0; l < NL; ++l) {
-    auto& G = g_layers[size_t(l)];
-    const bool moe = c.is_moe_layer(l);
-    const int64_t E = moe ? c.num_experts : 1, I = moe ? c.moe_intermediate_size : c.intermediate_size;
-    G.qkv = zeros((qd + 2 * kd) * H), G.o = zeros(H * qd);
-    G.input_norm = zeros(H), G.post_norm = zeros(H), G.q_norm = zeros(D), G.k_norm = zeros(D);
-    if (moe) G.router = zeros(E * H);
-    G.gate_up = zeros(E * 2 * I * H), G.down = zeros(E * H * I);
-  }
+  grads->zero(st);
+  float *g_embed = grads->embed, *g_head = grads->lm_head, *g_final_norm = grads->final_norm;
+  std::vector<DeviceLayerFloats>& g_layers = grads->layers;
 
   // ---- Head: d logits (in place), lm_head, the final norm.
   const cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T);
@@ -439,52 +416,31 @@ ModelWeights CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& se
   cuda::embedding_backward(used_d, starts_d, tokens_d, int64_t(used.size()), dx, g_embed, T, V, H, st);
   if (c.tie_word_embeddings) cuda::add_inplace(g_embed, g_head, V * H, st);  // the lookup part, then the head's
 
-  // ---- Into the weights' structure.
-  ModelWeights grads;
-  grads.config = c;
-  grads.layers.resize(size_t(NL));
-  for (int64_t l = 0; l < NL; ++l) {
-    grads.layers[size_t(l)].is_moe = c.is_moe_layer(l);
-    if (c.is_moe_layer(l)) grads.layers[size_t(l)].experts.resize(size_t(c.num_experts));
-  }
-  const auto shapes = ModelWeights::expected_shapes(c);
-  for (auto& [name, t] : grads.named()) *t = Tensor::zeros(shapes.at(name), DType::f32);
-  download(grads.embed, g_embed);
-  if (c.tie_word_embeddings)
-    grads.lm_head = grads.embed;
-  else
-    download(grads.lm_head, g_head);
-  download(grads.final_norm, g_final_norm);
-  for (int64_t l = 0; l < NL; ++l) {
-    auto& L = grads.layers[size_t(l)];
-    const auto& G = g_layers[size_t(l)];
-    download(L.q_proj, G.qkv);
-    download(L.k_proj, G.qkv + qd * H);
-    download(L.v_proj, G.qkv + (qd + kd) * H);
-    download(L.o_proj, G.o);
-    download(L.input_norm, G.input_norm);
-    download(L.post_attention_norm, G.post_norm);
-    download(L.q_norm, G.q_norm);
-    download(L.k_norm, G.k_norm);
-    if (L.is_moe) {
-      const int64_t I = c.moe_intermediate_size;
-      download(L.router, G.router);
-      for (int64_t e = 0; e < c.num_experts; ++e) {
-        auto& X = L.experts[size_t(e)];
-        download(X.gate, G.gate_up + e * 2 * I * H);
-        download(X.up, G.gate_up + e * 2 * I * H + I * H);
-        download(X.down, G.down + e * H * I);
-      }
-    } else {
-      const int64_t I = c.intermediate_size;
-      download(L.dense.gate, G.gate_up);
-      download(L.dense.up, G.gate_up + I * H);
-      download(L.dense.down, G.down);
-    }
-  }
   LS_CUDA_CHECK(cudaStreamSynchronize(st));
   arena_.clear();
-  return grads;
+}
+
+// Device tensors in the weights' structure on the host (a tied lm_head shares the embedding's).
+ModelWeights download_named(const DeviceFloats& d, const ModelConfig& c, cudaStream_t st) {
+  ModelWeights w;
+  w.config = c;
+  w.layers.resize(size_t(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    w.layers[size_t(l)].is_moe = c.is_moe_layer(l);
+    if (c.is_moe_layer(l)) w.layers[size_t(l)].experts.resize(size_t(c.num_experts));
+  }
+  const auto shapes = ModelWeights::expected_shapes(c);
+  for (auto& [name, t] : w.named()) *t = Tensor::zeros(shapes.at(name), DType::f32);
+  if (c.tie_word_embeddings) w.lm_head = w.embed;
+  const std::vector<DeviceSegment> segments = device_segments(c);
+  size_t k = 0;
+  for_each_param(w, [&](const ParamSlot&, Tensor& t) {
+    const DeviceSegment& seg = segments.at(k++);
+    LS_CUDA_CHECK(
+        cudaMemcpyAsync(t.data<float>(), segment_ptr(d, seg), size_t(seg.numel) * 4, cudaMemcpyDeviceToHost, st));
+  });
+  LS_CUDA_CHECK(cudaStreamSynchronize(st));
+  return w;
 }
 
 }  // namespace cuda_model
@@ -498,7 +454,7 @@ std::vector<std::vector<float>> cuda_score_sequences(ModelRunner& runner,
   std::vector<std::vector<float>> out(sequences.size());
   for (auto [begin, end] : score_steps(sequences, 0, sequences.size(), max_batch_tokens)) {
     std::vector<std::vector<float>> step;
-    trainer.step_grads({sequences.begin() + begin, sequences.begin() + end}, false, nullptr, &step);
+    trainer.step_grads({sequences.begin() + begin, sequences.begin() + end}, false, nullptr, nullptr, &step);
     for (size_t i = begin; i < end; ++i) out[i] = std::move(step[i - begin]);
   }
   return out;
@@ -508,7 +464,7 @@ void cuda_check_step_memory(ModelRunner& runner, int64_t tokens) {
   auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
   LS_CHECK(cuda_runner != nullptr, "cuda_check_step_memory: the runner is not a CUDA runner");
   // Whole sequences of kAttnBlock positions: at most one page per block, plus one per sequence.
-  cuda_model::CudaTrainer(*cuda_runner).check_memory(tokens, tokens / kAttnBlock + tokens, true);
+  cuda_model::CudaTrainer(*cuda_runner).check_memory(tokens, tokens / kAttnBlock + tokens, true, false);
 }
 
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
@@ -516,7 +472,209 @@ ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<
   auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
   LS_CHECK(cuda_runner != nullptr, "cuda_step_grads: the runner is not a CUDA runner");
   cuda_model::CudaTrainer trainer(*cuda_runner);
-  return trainer.step_grads(sequences, want_entropy, upstream);
+  int64_t tokens = 0, pages = 0;
+  for (const auto& q : sequences)
+    tokens += int64_t(q.size()), pages += (int64_t(q.size()) + kAttnBlock - 1) / kAttnBlock;
+  trainer.check_memory(tokens, pages, true, false);
+  cuda_model::DeviceFloats grads;
+  grads.allocate(runner.config());
+  trainer.step_grads(sequences, want_entropy, upstream, &grads);
+  return cuda_model::download_named(grads, runner.config(), cuda_runner->stream());
+}
+
+struct CudaTrainState::Impl {
+  cuda_model::CudaRunner& r;
+  OptimizerConfig config;
+  int64_t step = 0;
+  std::vector<cuda_model::DeviceSegment> segments;  // for_each_param order
+  std::vector<std::string> names;
+  cuda_model::DeviceFloats master, exp_avg, exp_avg_sq;
+  // The micro-batch tree: (level, partial sum); the finished sum is stack.front().
+  std::vector<std::pair<int, std::unique_ptr<cuda_model::DeviceFloats>>> stack, spare;
+  cuda_model::DeviceArena tables;
+  cuda::AdamWTensor* adamw = nullptr;  // device table, one entry per segment
+  const float** grad_ptrs = nullptr;
+  int64_t* numels = nullptr;
+  float* partials = nullptr;
+  int64_t max_numel = 0;
+
+  explicit Impl(cuda_model::CudaRunner& runner) : r(runner) {}
+  cudaStream_t st() const { return r.stream(); }
+  std::unique_ptr<cuda_model::DeviceFloats> take_buffer() {
+    if (!spare.empty()) {
+      auto b = std::move(spare.back().second);
+      spare.pop_back();
+      return b;
+    }
+    auto b = std::make_unique<cuda_model::DeviceFloats>();
+    b->allocate(r.config());
+    return b;
+  }
+  const cuda_model::DeviceFloats& grads() const {
+    LS_CHECK(stack.size() == 1, "cuda train state: apply without a complete compute_grads");
+    return *stack.front().second;
+  }
+  // The device tables of the finished gradients' pointers (they move with the buffer).
+  void write_tables() {
+    const cuda_model::DeviceFloats& g = grads();
+    std::vector<cuda::AdamWTensor> host(segments.size());
+    std::vector<const float*> gp(segments.size());
+    std::vector<int64_t> n(segments.size());
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const auto& seg = segments[i];
+      auto& t = host[i];
+      t.master = cuda_model::segment_ptr(master, seg);
+      t.exp_avg = cuda_model::segment_ptr(exp_avg, seg);
+      t.exp_avg_sq = cuda_model::segment_ptr(exp_avg_sq, seg);
+      t.grad = gp[i] = cuda_model::segment_ptr(g, seg);
+      cuda_model::runner_segment_ptr(r, seg, &t.weight_bf16, &t.weight_f32);
+      t.numel = n[i] = seg.numel;
+      t.decayed = seg.is_norm ? 0 : 1;
+    }
+    r.upload(adamw, host.data(), host.size() * sizeof(host[0]));
+    r.upload(grad_ptrs, gp.data(), gp.size() * sizeof(gp[0]));
+    r.upload(numels, n.data(), n.size() * sizeof(n[0]));
+  }
+};
+
+CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer) {
+  auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
+  LS_CHECK(cuda_runner != nullptr, "cuda train state: the runner is not a CUDA runner");
+  impl_ = std::make_unique<Impl>(*cuda_runner);
+  Impl& m = *impl_;
+  const ModelConfig& c = runner.config();
+  m.config = config;
+  m.step = optimizer.steps_taken();
+  m.segments = cuda_model::device_segments(c);
+  for (const auto& seg : m.segments) {
+    m.names.push_back(param_name(c, seg.slot));
+    m.max_numel = std::max(m.max_numel, seg.numel);
+  }
+  for (auto* d : {&m.master, &m.exp_avg, &m.exp_avg_sq}) d->allocate(c);
+  // The host state, tensor by tensor, in the names table's order (the segments' order).
+  const std::pair<const ModelWeights*, cuda_model::DeviceFloats*> parts[] = {
+      {&optimizer.master(), &m.master}, {&optimizer.exp_avg(), &m.exp_avg}, {&optimizer.exp_avg_sq(), &m.exp_avg_sq}};
+  for (auto [host, dev] : parts) {
+    size_t k = 0;
+    for_each_param(*host, [&](const ParamSlot&, const Tensor& t) {
+      const auto& seg = m.segments.at(k++);
+      LS_CHECK(t.numel() == seg.numel, "cuda train state: ", m.names[k - 1], " has ", t.numel(), " values, expected ",
+               seg.numel);
+      m.r.upload(cuda_model::segment_ptr(*dev, seg), t.data<float>(), size_t(seg.numel) * 4);
+    });
+  }
+  m.adamw = m.tables.alloc<cuda::AdamWTensor>(int64_t(m.segments.size()));
+  m.grad_ptrs = const_cast<const float**>(m.tables.alloc<float*>(int64_t(m.segments.size())));
+  m.numels = m.tables.alloc<int64_t>(int64_t(m.segments.size()));
+  m.partials = m.tables.alloc<float>(int64_t(m.segments.size()) * 8);
+}
+
+CudaTrainState::~CudaTrainState() = default;
+
+void CudaTrainState::compute_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                                   bool want_entropy, const UpstreamFn& upstream) {
+  Impl& m = *impl_;
+  LS_CHECK(is_power_of_two(int64_t(micro_batches.size())),
+           "gradient accumulation: the micro-batch count must be a power of two, got ", micro_batches.size());
+  for (auto& e : m.stack) m.spare.push_back(std::move(e));
+  m.stack.clear();
+  cuda_model::CudaTrainer trainer(m.r);
+  for (size_t j = 0; j < micro_batches.size(); ++j) {
+    auto g = m.take_buffer();
+    trainer.step_grads(
+        micro_batches[j], want_entropy,
+        [&](int64_t, const auto& lp, const auto& ent) { return upstream(int64_t(j), lp, ent); }, g.get());
+    m.stack.push_back({0, std::move(g)});
+    // Two partials of the same level are siblings: left += right (PairwiseGradAccumulator).
+    while (m.stack.size() >= 2 && m.stack[m.stack.size() - 1].first == m.stack[m.stack.size() - 2].first) {
+      auto right = std::move(m.stack.back());
+      m.stack.pop_back();
+      m.stack.back().second->add(*right.second, m.st());
+      ++m.stack.back().first;
+      m.spare.push_back(std::move(right));
+    }
+  }
+  // A tied lm_head's gradient is in the embedding's (cuda_step_grads adds it).
+}
+
+void CudaTrainState::poison_first_gradient() {
+  Impl& m = *impl_;
+  // The first tensor by name, as the host hook poisons named_tensors' first.
+  size_t first = 0;
+  for (size_t i = 1; i < m.names.size(); ++i)
+    if (m.names[i] < m.names[first]) first = i;
+  const float nan = std::nanf("");
+  m.r.upload(cuda_model::segment_ptr(*m.stack.front().second, m.segments[first]), &nan, 4);
+}
+
+OptimizerStepResult CudaTrainState::apply(Precision precision) {
+  Impl& m = *impl_;
+  const cuda_model::DeviceFloats& g = m.grads();
+  m.write_tables();
+  const int64_t count = int64_t(m.segments.size());
+  // Finiteness first, naming the first bad tensor in the names table's order (the host's).
+  cuda::sum_squares_chunks(m.grad_ptrs, m.numels, count, m.partials, m.st());
+  std::vector<float> partials(size_t(count) * 8);
+  m.r.download(partials.data(), m.partials, partials.size() * 4);
+  std::vector<float> css(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) css[size_t(i)] = tree8(partials.data() + i * 8);
+  for (int64_t i = 0; i < count; ++i) {
+    if (std::isfinite(css[size_t(i)])) continue;
+    const float* p = cuda_model::segment_ptr(g, m.segments[size_t(i)]);
+    const int64_t at = cuda::first_nonfinite(p, m.segments[size_t(i)].numel, m.st());
+    if (at < 0) continue;  // finite values whose squares overflow: the norm check below
+    float value = 0;
+    m.r.download(&value, p + at, 4);
+    fail("non-finite gradient in tensor ", m.names[size_t(i)], " at element ", at, " (value ", value, ")");
+  }
+  // The canonical global norm: per tensor, then summed in global-name order.
+  std::vector<size_t> order(static_cast<size_t>(count));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return m.names[a] < m.names[b]; });
+  float total = 0.0f;
+  for (size_t i : order) total += css[i];
+  OptimizerStepResult res;
+  res.grad_norm = std::sqrt(total);
+  LS_CHECK(std::isfinite(res.grad_norm), "optimizer: the global gradient norm is not finite (", res.grad_norm, ")");
+  // The scalars exactly as AdamW::update makes them.
+  const OptimizerConfig& oc = m.config;
+  res.lr = learning_rate_at(oc, m.step);
+  cuda::AdamWScalars sc;
+  if (oc.clip_grad > 0 && res.grad_norm > float(oc.clip_grad)) {
+    sc.clip_coef = float(oc.clip_grad) / (res.grad_norm + 1e-6f);
+    sc.clipped = 1;
+    res.clipped = true;
+  }
+  ++m.step;
+  sc.beta1 = float(oc.beta1), sc.beta2 = float(oc.beta2), sc.eps = float(oc.eps);
+  sc.one_minus_beta1 = float(1.0 - oc.beta1), sc.one_minus_beta2 = float(1.0 - oc.beta2);
+  sc.bias1 = float(1.0 - std::pow(oc.beta1, double(m.step)));
+  sc.bias2 = float(1.0 - std::pow(oc.beta2, double(m.step)));
+  sc.lr = float(res.lr);
+  sc.decay = float(1.0 - res.lr * oc.weight_decay);
+  sc.round_bf16 = precision == Precision::bfloat16 ? 1 : 0;
+  cuda::adamw_step(m.adamw, count, m.max_numel, sc, m.st());
+  // A tied lm_head is the embedding: the runner's head copy follows it.
+  const ModelConfig& c = m.r.config();
+  if (c.tie_word_embeddings) m.r.copy_embedding_to_head();
+  LS_CUDA_CHECK(cudaStreamSynchronize(m.st()));
+  return res;
+}
+
+AdamW CudaTrainState::download(const ModelWeights& like) const {
+  const Impl& m = *impl_;
+  ModelWeights parts[3] = {like.zeros_like(), like.zeros_like(), like.zeros_like()};
+  const cuda_model::DeviceFloats* from[3] = {&m.master, &m.exp_avg, &m.exp_avg_sq};
+  for (int p = 0; p < 3; ++p) {
+    size_t k = 0;
+    for_each_param(parts[p], [&](const ParamSlot&, Tensor& t) {
+      const auto& seg = m.segments.at(k++);
+      m.r.download(t.data<float>(), cuda_model::segment_ptr(*from[p], seg), size_t(seg.numel) * 4);
+    });
+  }
+  AdamW out(m.config, like);
+  out.load_state(m.step, parts[0], parts[1], parts[2]);
+  return out;
 }
 
 }  // namespace lockstep

@@ -10,10 +10,12 @@
 // (docs/numerics.md, rules 8-10); nothing depends on a tile or a launch shape.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "model/runner.h"
 #include "parallel/parallel_backward.h"
+#include "train/optimizer.h"
 
 namespace lockstep {
 
@@ -34,5 +36,33 @@ void cuda_check_step_memory(ModelRunner& runner, int64_t tokens);
 std::vector<std::vector<float>> cuda_score_sequences(ModelRunner& runner,
                                                      const std::vector<std::vector<int32_t>>& sequences,
                                                      int64_t max_batch_tokens = 8192);
+
+// The GPU trainer's state for `train --device cuda`: gradients accumulated over micro-batches
+// and AdamW's fp32 masters and moments, on the device in the runner's layout. A step updates
+// the runner's weights in place (the bf16 cast written by the update kernel): no host round
+// trip. The arithmetic is the host AdamW's (train/optimizer.h) operation for operation, so the
+// same gradients give the same bits; the global norm is the canonical one.
+class CudaTrainState {
+ public:
+  // Uploads `optimizer`'s state (fresh: the masters are the weights; or a checkpoint's).
+  CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer);
+  ~CudaTrainState();
+
+  // The gradients of the micro-batches (each one packed forward), summed by the pairwise tree
+  // over their index on the device; `upstream` as for cuda_step_grads (micro-batch j).
+  void compute_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches, bool want_entropy,
+                     const UpstreamFn& upstream);
+  // Test hook: poisons the first gradient element of the first tensor by name.
+  void poison_first_gradient();
+  // The norm, the finiteness check (naming the first bad tensor, state untouched) and AdamW of
+  // the last compute_grads; the runner's weights are the new ones on return.
+  OptimizerStepResult apply(Precision precision);
+  // The optimizer state on the host (checkpoints), over a model of `like`'s structure.
+  AdamW download(const ModelWeights& like) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace lockstep

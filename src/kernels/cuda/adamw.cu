@@ -1,0 +1,76 @@
+// AdamW on the GPU (adamw.h): the CPU's per-element arithmetic, tensor by tensor.
+#include "kernels/cuda/adamw.h"
+#include "kernels/cuda/common.cuh"
+
+namespace lockstep::cuda {
+
+namespace {
+
+__global__ void adamw_kernel(const AdamWTensor* tensors, AdamWScalars s) {
+  const AdamWTensor t = tensors[blockIdx.y];
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < t.numel; i += int64_t(gridDim.x) * blockDim.x) {
+    const float gi = s.clipped ? t.grad[i] * s.clip_coef : t.grad[i];
+    const float m = s.beta1 * t.exp_avg[i] + s.one_minus_beta1 * gi;
+    const float v = s.beta2 * t.exp_avg_sq[i] + s.one_minus_beta2 * (gi * gi);
+    const float m_hat = m / s.bias1;
+    const float v_hat = v / s.bias2;
+    const float w = t.decayed ? t.master[i] * s.decay : t.master[i];
+    const float p = w - s.lr * (m_hat / (sqrtf(v_hat) + s.eps));
+    t.exp_avg[i] = m;
+    t.exp_avg_sq[i] = v;
+    t.master[i] = p;
+    if (t.weight_bf16) t.weight_bf16[i] = __float2bfloat16_rn(p);
+    if (t.weight_f32) t.weight_f32[i] = s.round_bf16 ? round_bf16(p) : p;
+  }
+}
+
+// One thread per (tensor, chunk): the chunk's sum in ascending order, as the CPU's loop.
+__global__ void sum_squares_kernel(const float* const* data, const int64_t* numel, float* partials) {
+  const int64_t t = blockIdx.x;
+  const int c = threadIdx.x;
+  const int64_t n = numel[t], chunk = (n + 7) / 8;
+  const int64_t begin = min(n, c * chunk), end = min(n, (c + 1) * chunk);
+  const float* x = data[t];
+  float acc = 0.0f;
+  for (int64_t i = begin; i < end; ++i) acc += x[i] * x[i];
+  partials[t * 8 + c] = acc;
+}
+
+__global__ void first_nonfinite_kernel(const float* x, int64_t n, unsigned long long* first) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    if (!isfinite(x[i])) atomicMin(first, (unsigned long long)i);  // the minimum: one answer
+}
+
+}  // namespace
+
+void adamw_step(const AdamWTensor* tensors, int64_t count, int64_t max_numel, const AdamWScalars& s,
+                cudaStream_t stream) {
+  if (count == 0) return;
+  LS_CHECK(count <= 65535, "adamw_step: ", count, " tensors exceed the grid");
+  const dim3 grid(unsigned(std::min<int64_t>(ceil_div(max_numel, 256), 1024)), unsigned(count));
+  adamw_kernel<<<grid, 256, 0, stream>>>(tensors, s);
+  LS_CUDA_LAUNCHED();
+}
+
+void sum_squares_chunks(const float* const* data, const int64_t* numel, int64_t count, float* partials,
+                        cudaStream_t stream) {
+  if (count == 0) return;
+  sum_squares_kernel<<<unsigned(count), 8, 0, stream>>>(data, numel, partials);
+  LS_CUDA_LAUNCHED();
+}
+
+int64_t first_nonfinite(const float* x, int64_t n, cudaStream_t stream) {
+  unsigned long long* first = nullptr;
+  LS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&first), 8, stream));
+  const unsigned long long none = ~0ull;
+  LS_CUDA_CHECK(cudaMemcpyAsync(first, &none, 8, cudaMemcpyHostToDevice, stream));
+  if (n > 0)
+    first_nonfinite_kernel<<<unsigned(std::min<int64_t>(ceil_div(n, 256), 4096)), 256, 0, stream>>>(x, n, first);
+  unsigned long long out = none;
+  LS_CUDA_CHECK(cudaMemcpyAsync(&out, first, 8, cudaMemcpyDeviceToHost, stream));
+  LS_CUDA_CHECK(cudaFreeAsync(first, stream));
+  LS_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return out == none ? -1 : int64_t(out);
+}
+
+}  // namespace lockstep::cuda
