@@ -1,12 +1,15 @@
 // The GPU trainer's step backward (model/cuda/cuda_trainer.h) on Qwen3-30B-A3B shapes with
 // random bf16 weights made on the device: forward + backward tokens/s of one micro-batch of B
 // sequences of S tokens (mean next-token NLL), and the model FLOPs utilisation against the
-// card's measured bf16 matmul ceiling. Prints one JSON object per line.
+// card's measured bf16 matmul ceiling, then the device AdamW step over the runner's weights
+// (CudaTrainState: gradients stay on the device). Prints one JSON object per line.
 //   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R]
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
 // plus causal attention 6 x 2 x (S + 1) / 2 x q_dim per layer (QK^T and PV, forward and
 // backward): the usual accounting, recomputation not counted.
 #ifdef LOCKSTEP_CUDA
+#include <cuda_runtime.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -14,6 +17,7 @@
 #include "core/error.h"
 #include "model/cuda/cuda_runner.h"
 #include "model/cuda/cuda_trainer.h"
+#include "train/optimizer.h"
 
 namespace {
 
@@ -38,11 +42,16 @@ int main(int argc, char** argv) {
     ModelConfig config = ModelConfig::load(argv[1]);
     int64_t B = 4, S = 2048, reps = 3;
     for (int i = 2; i < argc; ++i) {
-      if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) config.num_hidden_layers = std::atoll(argv[++i]);
-      else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) B = std::atoll(argv[++i]);
-      else if (!std::strcmp(argv[i], "--seq") && i + 1 < argc) S = std::atoll(argv[++i]);
-      else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoll(argv[++i]);
-      else fail("cuda_train_bench: unknown argument ", argv[i]);
+      if (!std::strcmp(argv[i], "--layers") && i + 1 < argc)
+        config.num_hidden_layers = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc)
+        B = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--seq") && i + 1 < argc)
+        S = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc)
+        reps = std::atoll(argv[++i]);
+      else
+        fail("cuda_train_bench: unknown argument ", argv[i]);
     }
     auto runner = make_cuda_runner_random(config, 1);
     std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(B));
@@ -54,17 +63,30 @@ int main(int argc, char** argv) {
       for (size_t s = 0; s < lp.size(); ++s) up[s].dlogp.assign(lp[s].size(), -1.0f / float(lp[s].size()));
       return up;
     };
-    cuda_step_grads(*runner, seqs, false, mean_nll);  // warm-up: allocations, kernel loads
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t r = 0; r < reps; ++r) cuda_step_grads(*runner, seqs, false, mean_nll);
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(reps);
+    // The optimizer state starts from the runner's weights (a host copy, once).
+    OptimizerConfig oc;
+    const ModelWeights weights = runner->export_weights();
+    CudaTrainState state(*runner, oc, AdamW(oc, weights));
+    state.compute_grads({seqs}, false, mean_nll);  // warm-up: allocations, kernel loads
+    state.apply(Precision::bfloat16);
+    double sec = 0, adamw_sec = 0;
+    for (int64_t r = 0; r < reps; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      state.compute_grads({seqs}, false, mean_nll);
+      cudaDeviceSynchronize();
+      const auto t1 = std::chrono::steady_clock::now();
+      state.apply(Precision::bfloat16);
+      cudaDeviceSynchronize();
+      sec += std::chrono::duration<double>(t1 - t0).count() / double(reps);
+      adamw_sec += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count() / double(reps);
+    }
     const double tokens = double(B * S), tok_s = tokens / sec;
     const double mfu = tok_s * flops_per_token(config, S) / kMatmulPeak;
     std::printf(
         "{\"event\":\"lockstep_train_step\",\"layers\":%lld,\"batch\":%lld,\"seq\":%lld,\"seconds\":%.4f,"
-        "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f}\n",
+        "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f}\n",
         static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
-        tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu);
+        tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());

@@ -57,20 +57,27 @@ __global__ void rmsnorm_dx_kernel(const bf16* x, const float* inv, const float* 
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dx[r * n + i] = ir * (w[i] * dr[i]) - to_f32(xr[i]) * coef;
 }
 
-// dw[i] = token-chunk tree of dout[r, i] * r(x[r, i] * inv[r]).
-__global__ void rmsnorm_dw_kernel(const bf16* x, const float* inv, const float* dout, float* dw, int64_t n,
-                                  bool round_normed, ChunkBounds bounds) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  TreeFold fold;
-  for (int c = 0; c < bounds.count; ++c) {
-    float acc = 0.0f;
+// dw[i] = token-chunk tree of dout[r, i] * r(x[r, i] * inv[r]). A block takes 32 columns;
+// thread (c, i) sums chunk c of column i (ascending rows), the first 32 fold the chunks by the
+// tree: 8 threads a column, each element's arithmetic unchanged.
+constexpr int kDwColumns = 32;
+__global__ void __launch_bounds__(kDwColumns* kTMax)
+    rmsnorm_dw_kernel(const bf16* x, const float* inv, const float* dout, float* dw, int64_t n, bool round_normed,
+                      ChunkBounds bounds) {
+  __shared__ float partial[kTMax][kDwColumns];
+  const int col = threadIdx.x % kDwColumns, c = threadIdx.x / kDwColumns;
+  const int64_t i = int64_t(blockIdx.x) * kDwColumns + col;
+  float acc = 0.0f;
+  if (i < n && c < bounds.count)
     for (int64_t r = bounds.rows[c]; r < bounds.rows[c + 1]; ++r) {
       const float normed = to_f32(x[r * n + i]) * inv[r];
       acc = acc + dout[r * n + i] * (round_normed ? round_bf16(normed) : normed);
     }
-    fold.push(c, acc);
-  }
+  partial[c][col] = acc;
+  __syncthreads();
+  if (c != 0 || i >= n) return;
+  TreeFold fold;
+  for (int k = 0; k < bounds.count; ++k) fold.push(k, partial[k][col]);
   dw[i] = fold.root(bounds.count);
 }
 
@@ -147,7 +154,8 @@ void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const f
     LS_CUDA_LAUNCHED();
   }
   if (dw) {
-    rmsnorm_dw_kernel<<<blocks_for(n, 128), 128, 0, s>>>(x, inv, dout, dw, n, round_normed, chunks);
+    rmsnorm_dw_kernel<<<blocks_for(n, kDwColumns), kDwColumns * kTMax, 0, s>>>(x, inv, dout, dw, n, round_normed,
+                                                                               chunks);
     LS_CUDA_LAUNCHED();
   }
 }

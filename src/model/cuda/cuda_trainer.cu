@@ -2,7 +2,9 @@
 // the head and loss gradient, each layer recomputed and run backward through the CUDA
 // backward op set, the embedding's rows. fp32 gradients in device buffers of the weights'
 // shapes, downloaded into a ModelWeights at the end.
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <numeric>
 #include <string>
@@ -19,6 +21,32 @@
 
 namespace lockstep {
 namespace cuda_model {
+
+// Time per phase of a step, when LOCKSTEP_PROFILE_TRAIN is set (each lap synchronises the
+// stream, so it slows the step; printed as one JSON line per step to stderr).
+class PhaseClock {
+ public:
+  explicit PhaseClock(cudaStream_t s) : s_(s), on_(std::getenv("LOCKSTEP_PROFILE_TRAIN") != nullptr) {}
+  ~PhaseClock() {
+    if (!on_) return;
+    std::string line = "{\"event\":\"cuda_train_profile\"";
+    for (const auto& [name, sec] : seconds_) line += ",\"" + name + "\":" + std::to_string(sec);
+    std::fprintf(stderr, "%s}\n", line.c_str());
+  }
+  void lap(const char* name) {
+    if (!on_) return;
+    LS_CUDA_CHECK(cudaStreamSynchronize(s_));
+    const auto now = std::chrono::steady_clock::now();
+    seconds_[name] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  cudaStream_t s_;
+  bool on_;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+  std::map<std::string, double> seconds_;
+};
 
 // The backward's fp32 scratch of one step of T tokens (sized for the largest layer).
 struct BackwardScratch {
@@ -49,6 +77,7 @@ struct CudaLayerBackwardOps {
   float* dx;  // d(layer output) on entry, d(layer input) on return
   const DeviceLayerFloats& g;
   BackwardScratch& s;
+  PhaseClock& clock;
 
   const ModelConfig& c = r.config_;
   cudaStream_t st = r.stream_;
@@ -121,6 +150,7 @@ struct CudaLayerBackwardOps {
     cuda::linear_weight_grad(s.dlogits_router, w.h_mlp, g.router, E, H, chunks, st);
     cuda::linear_input_grad(s.dlogits_router, L.router, s.dh, T, E, H, st);
     cuda::add_rows_in_order(s.dh, s.dx_rows, s.order, T, k, H, st);
+    clock.lap("backward_moe");
   }
 
   void dense_mlp_residual_backward(const Layer& L) {
@@ -135,22 +165,26 @@ struct CudaLayerBackwardOps {
     cuda::linear_input_grad(s.dgate, L.gate_up, s.dh, T, I, H, st);
     cuda::linear_input_grad(s.dup, L.gate_up + I * H, s.part, T, I, H, st);
     cuda::add_inplace(s.dh, s.part, T * H, st);
+    clock.lap("backward_dense_mlp");
   }
 
   void post_attention_norm_backward(const Layer& L) {
     cuda::inverse_rms_rows(w.mid, s.inv, T, H, eps, cuda::kNormThreads, st);
     cuda::rmsnorm_backward(w.mid, s.inv, L.post_norm, s.dh, s.dnorm, g.post_norm, T, H, true, chunks, st);
     cuda::add_inplace(dx, s.dnorm, T * H, st);
+    clock.lap("backward_norms");
   }
 
   void o_proj_residual_backward(const Layer& L) {
     cuda::linear_weight_grad(dx, w.attn, g.o, H, qd, chunks, st);
     cuda::linear_input_grad(dx, L.o, s.dattn, T, H, qd, st);
+    clock.lap("backward_o_proj");
   }
 
   void attention_backward() {
     cuda::paged_attention_backward(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq,
                                    1.0f / std::sqrt(float(D)), s.lse, s.delta, s.dq, s.dk, s.dv, st);
+    clock.lap("backward_attention");
   }
 
   void qk_norm_rope_backward(const Layer& L) {
@@ -168,6 +202,7 @@ struct CudaLayerBackwardOps {
     cuda::inverse_rms_rows(s.k_proj, s.inv, T * nkv, D, eps, 32, st);
     cuda::rmsnorm_backward(s.k_proj, s.inv, L.k_norm, s.dk, s.dk_proj, g.k_norm, T * nkv, D, true,
                            cuda::token_chunk_bounds(T, nkv), st);
+    clock.lap("backward_qk_norm_rope");
   }
 
   void qkv_backward(const Layer& L) {
@@ -180,12 +215,14 @@ struct CudaLayerBackwardOps {
     cuda::add_inplace(s.dhf, s.part, T * H, st);
     cuda::linear_input_grad(s.dv, L.qkv + (qd + kd) * H, s.part, T, kd, H, st);
     cuda::add_inplace(s.dhf, s.part, T * H, st);
+    clock.lap("backward_qkv");
   }
 
   void input_norm_backward(const Layer& L) {
     cuda::inverse_rms_rows(x_in, s.inv, T, H, eps, cuda::kNormThreads, st);
     cuda::rmsnorm_backward(x_in, s.inv, L.input_norm, s.dhf, s.dnorm, g.input_norm, T, H, true, chunks, st);
     cuda::add_inplace(dx, s.dnorm, T * H, st);
+    clock.lap("backward_norms");
   }
 };
 
@@ -307,6 +344,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
 
   // ---- Forward: each layer's input kept, then the head.
   CudaRunner::Workspace& ws = r_.ws_;
+  PhaseClock clock(st);
   bf16_t* x_in = alloc<bf16_t>(NL * T * H);
   bf16_t* final_in = alloc<bf16_t>(T * H);
   bf16_t* hidden = alloc<bf16_t>(T * H);
@@ -318,6 +356,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   }
   LS_CUDA_CHECK(cudaMemcpyAsync(final_in, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
   cuda::rmsnorm(ws.x, r_.final_norm_, hidden, T, H, eps, st);
+  clock.lap("forward");
   // Logits of every token in the score path's slices (the same GEMM calls: the same bits).
   float* logits = alloc<float>(T * V);
   std::vector<int32_t> all_rows(static_cast<size_t>(T));
@@ -375,6 +414,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
 
   // ---- Head: d logits (in place), lm_head, the final norm.
   const cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T);
+  clock.lap("head_forward");
   cuda::log_softmax_gather_backward(logits, lse, targets_d, dlogp_d, any_entropy ? dent_d : nullptr,
                                     any_entropy ? entropy : nullptr, logits, T, V, st);
   cuda::linear_weight_grad(logits, hidden, g_head, V, H, chunks, st);
@@ -383,6 +423,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   cuda::linear_input_grad(logits, r_.lm_head_, s.dh, T, V, H, st);
   cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
   cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, T, H, true, chunks, st);
+  clock.lap("head_backward");
 
   // ---- Layers, last first: recomputed from the kept input into buffers that keep mid and
   // the MLP input, then the layer's backward.
@@ -394,8 +435,9 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     LS_CUDA_CHECK(cudaMemcpyAsync(train_ws.x, layer_in, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
     CudaRunner::LayerOps ops{r_, train_ws, kv, slots, T};
     layer_forward(ops, r_.layers_[size_t(l)]);
+    clock.lap("recompute");
     CudaLayerBackwardOps back{r_, train_ws, layer_in, kv, slots, seq_first_d, seq_tokens_d, T, dx, g_layers[size_t(l)],
-                              s};
+                              s,  clock};
     layer_backward(back, r_.layers_[size_t(l)]);
   }
 
@@ -414,6 +456,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   r_.upload_async(starts_d, starts.data(), starts.size() * 4);
   r_.upload_async(tokens_d, tokens_by_id.data(), tokens_by_id.size() * 4);
   cuda::embedding_backward(used_d, starts_d, tokens_d, int64_t(used.size()), dx, g_embed, T, V, H, st);
+  clock.lap("embedding_backward");
   if (c.tie_word_embeddings) cuda::add_inplace(g_embed, g_head, V * H, st);  // the lookup part, then the head's
 
   LS_CUDA_CHECK(cudaStreamSynchronize(st));
