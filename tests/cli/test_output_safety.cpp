@@ -102,7 +102,7 @@ TEST_F(OutputSafety, NothingIsWrittenIntoTheInputModel) {
 // A full disk (stdout on /dev/full) is a non-zero exit naming the failed write.
 TEST_F(OutputSafety, AFailedWriteIsAnError) {
   std::ofstream(at("in.jsonl")) << "{\"input_ids\": [1, 2], \"text\": \"a\"}\n";
-  for (const std::string args : {"score --model " + kModel + " --input in.jsonl", "audit --model " + kModel,
+  for (const std::string& args : {"score --model " + kModel + " --input in.jsonl", "audit --model " + kModel,
                                  "tokenize --model " + kTokenizer + " --input in.jsonl"}) {
     // The subshell keeps stderr on the pipe while stdout goes to the full device.
     const auto r =
