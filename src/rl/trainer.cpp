@@ -445,8 +445,8 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   if (on_gpu) {
     policy.use_device_runner(&engine.runner());
 #ifdef LOCKSTEP_CUDA
-    cuda_check_step_memory(engine.runner(),
-                           cfg.global_batch_size / cfg.num_microbatches * max_len);
+    cuda_check_step_memory(engine.runner(), cfg.global_batch_size / cfg.num_microbatches * max_len,
+                           cfg.num_microbatches);
 #endif
   }
   const bool tty = isatty(2);

@@ -18,6 +18,7 @@
 #include "model/cuda/cuda_trainer.h"
 #include "model/cuda/device_params.h"
 #include "model/qwen3_moe.h"
+#include "train/train_memory.h"
 
 namespace lockstep {
 namespace cuda_model {
@@ -232,8 +233,9 @@ class CudaTrainer {
 
   // Refuses, before any allocation, a step whose buffers do not fit the free GPU memory.
   // (`backward`: with the gradients and the backward's scratch; else the forward's alone.)
-  // `grads_held`: the gradients' buffers are already allocated (not counted).
-  void check_memory(int64_t T, int64_t pages, bool backward, bool grads_held) const;
+  // `grads_held`: the gradients' buffers are already allocated (not counted); else those of a
+  // step of `micro_batches` (train/train_memory.h).
+  void check_memory(int64_t T, int64_t micro_batches, bool backward, bool grads_held) const;
 
   // Gradients into `grads` (allocated for the model; overwritten), or with a null `upstream`
   // the forward alone: the log-probs go to `scored`.
@@ -273,37 +275,16 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   return s;
 }
 
-void CudaTrainer::check_memory(int64_t T, int64_t pages, bool backward, bool grads_held) const {
-  const auto& c = c_;
-  const double H = double(c.hidden_size), V = double(c.vocab_size), NL = double(c.num_hidden_layers);
-  const double qd = double(c.q_dim()), kd = double(c.kv_dim()), D = double(c.head_dim);
-  const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
-  const double I = double(std::max(c.moe_intermediate_size, c.intermediate_size)), t = double(T), rows = t * k;
-  const double heads = double(std::max(c.num_attention_heads, c.num_key_value_heads));
-  double params = 2 * V * H + H;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const bool moe = c.is_moe_layer(l);
-    const double e = moe ? double(c.num_experts) : 1,
-                 i = moe ? double(c.moe_intermediate_size) : double(c.intermediate_size);
-    params += (qd + 2 * kd) * H + H * qd + 2 * H + 2 * D + (moe ? e * H : 0) + e * 3 * i * H;
-  }
-  const double logits = t * V * 4 + 8 * t * 4;
-  const double grads = backward && !grads_held ? params * 4 : 0.0;
-  // Kept inputs, the head's rows, the step's KV, the backward's scratch, the runner's
-  // workspace for T tokens (when it has to grow).
-  double acts = NL * t * H * 2 + 4 * t * H * 2 + 2 * double(pages) * 64 * kd * 2 + t * H * 4;
-  if (backward)
-    acts += (4 * t * H + 3 * t * qd + 3 * t * kd + 3 * t * heads + t * k + t * E + 3 * rows * H + 3 * rows * I) * 4 +
-            (t * qd + t * kd + rows * H + rows * 3 * I) * 2 + 3 * rows * 4;
-  if (T > r_.ws_.tokens)
-    acts += (2 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * 3 * I + rows * H) * 2 + (t * E + 2 * t * k) * 4 +
-            8 * std::min(rows, 1024.0) * H * 4;
+void CudaTrainer::check_memory(int64_t T, int64_t micro_batches, bool backward, bool grads_held) const {
+  // The weights and the optimizer state are already on the device; the step adds the rest.
+  const TrainMemory m = cuda_train_memory(c_, T, micro_batches);
+  const double grads = backward && !grads_held ? m.gradients : 0.0;
   size_t free_bytes = 0, total_bytes = 0;
   LS_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  const double need = logits + grads + acts, gib = 1024.0 * 1024.0 * 1024.0;
+  const double need = m.logits + grads + m.activations, gib = 1024.0 * 1024.0 * 1024.0;
   char detail[160];
   std::snprintf(detail, sizeof detail, "%.1f GiB of GPU memory (logits %.1f, gradients %.1f, activations %.1f), %.1f",
-                need / gib, logits / gib, grads / gib, acts / gib, double(free_bytes) / gib);
+                need / gib, m.logits / gib, grads / gib, m.activations / gib, double(free_bytes) / gib);
   LS_CHECK(need <= double(free_bytes), "cuda trainer: a micro-batch of ", T, " tokens needs ", detail,
            " GiB free: cut the batch into more micro-batches (--num-microbatches)");
 }
@@ -321,7 +302,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   PackedSequences packed = pack_sequences(seqs);
   const int64_t T = packed.batch.size();
   arena_.clear();
-  check_memory(T, packed.num_pages, upstream != nullptr, true);
+  check_memory(T, 1, upstream != nullptr, true);
 
   // The step's K/V: one layer's pages, rewritten by each layer's forward and recomputation.
   const int64_t pages = packed.num_pages, D = c.head_dim, nkv = c.num_key_value_heads;
@@ -503,11 +484,10 @@ std::vector<std::vector<float>> cuda_score_sequences(ModelRunner& runner,
   return out;
 }
 
-void cuda_check_step_memory(ModelRunner& runner, int64_t tokens) {
+void cuda_check_step_memory(ModelRunner& runner, int64_t tokens, int64_t micro_batches) {
   auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
   LS_CHECK(cuda_runner != nullptr, "cuda_check_step_memory: the runner is not a CUDA runner");
-  // Whole sequences of kAttnBlock positions: at most one page per block, plus one per sequence.
-  cuda_model::CudaTrainer(*cuda_runner).check_memory(tokens, tokens / kAttnBlock + tokens, true, false);
+  cuda_model::CudaTrainer(*cuda_runner).check_memory(tokens, micro_batches, true, false);
 }
 
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,

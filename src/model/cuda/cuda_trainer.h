@@ -27,8 +27,9 @@ ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<
                              const UpstreamFn& upstream);
 
 // Refuses (naming the bytes it needs and the bytes free) a training micro-batch of `tokens`
-// tokens that would not fit the GPU's free memory; run before any of the step's allocations.
-void cuda_check_step_memory(ModelRunner& runner, int64_t tokens);
+// tokens, in steps of `micro_batches`, that would not fit the GPU's free memory beside the
+// weights and optimizer state already there (train/train_memory.h); run before the first step.
+void cuda_check_step_memory(ModelRunner& runner, int64_t tokens, int64_t micro_batches);
 
 // Per-token log-probs of whole sequences (at least 2 tokens each) by the trainer's forward, in
 // steps of at most max_batch_tokens tokens: the bits of runner_score_sequences on the same

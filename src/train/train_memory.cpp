@@ -1,0 +1,46 @@
+#include "train/train_memory.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace lockstep {
+
+double trainer_parameter_count(const ModelConfig& c) {
+  const double H = double(c.hidden_size), V = double(c.vocab_size), qd = double(c.q_dim()), kd = double(c.kv_dim());
+  double n = 2 * V * H + H;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const bool moe = c.is_moe_layer(l);
+    const double E = moe ? double(c.num_experts) : 1.0;
+    const double I = moe ? double(c.moe_intermediate_size) : double(c.intermediate_size);
+    n += (qd + 2 * kd) * H + H * qd + 2 * H + 2 * double(c.head_dim) + (moe ? E * H : 0.0) + E * 3 * I * H;
+  }
+  return n;
+}
+
+TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches) {
+  const double H = double(c.hidden_size), V = double(c.vocab_size), NL = double(c.num_hidden_layers);
+  const double qd = double(c.q_dim()), kd = double(c.kv_dim());
+  const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
+  const double I = double(std::max(c.moe_intermediate_size, c.intermediate_size));
+  const double heads = double(std::max(c.num_attention_heads, c.num_key_value_heads));
+  const double t = double(tokens), rows = t * k, params = trainer_parameter_count(c);
+  double norms = H;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) norms += 2 * H + 2 * double(c.head_dim);
+  TrainMemory m;
+  m.weights = (params - norms) * 2 + norms * 4;
+  m.optimizer = 3 * params * 4;
+  m.gradients = (std::log2(double(std::max<int64_t>(micro_batches, 1))) + 1) * params * 4;
+  m.logits = t * V * 4 + 8 * t * 4;
+  // Kept layer inputs, the head's rows, the step's KV pages (a page of 64 positions a block,
+  // rounded up per sequence: at most one more per 64 tokens), the residual gradient.
+  m.activations = NL * t * H * 2 + 4 * t * H * 2 + 2 * (2 * t / 64 + 1) * 64 * kd * 2 + t * H * 4;
+  // The backward's scratch (CudaTrainer::scratch) and the runner's workspace for t tokens.
+  m.activations +=
+      (4 * t * H + 3 * t * qd + 3 * t * kd + 3 * t * heads + t * k + t * E + 3 * rows * H + 3 * rows * I) * 4 +
+      (t * qd + t * kd + rows * H + rows * 3 * I) * 2 + 3 * rows * 4;
+  m.activations += (2 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * 3 * I + rows * H) * 2 +
+                   (t * E + 2 * t * k) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
+  return m;
+}
+
+}  // namespace lockstep

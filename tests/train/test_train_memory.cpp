@@ -1,0 +1,48 @@
+// The GPU trainer's memory plan (train/train_memory.h): its parts agree with the model's real
+// tensors, grow with the step, and put the 8-layer Qwen3-30B-A3B slice on one H200.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "../model/test_helpers.h"
+#include "model/weights.h"
+#include "train/train_memory.h"
+
+namespace lockstep {
+namespace {
+
+TEST(TrainMemory, PartsMatchTheModelsTensors) {
+  const ModelWeights w = ModelWeights::load(testing::fixture_model_dir(), Precision::bfloat16);
+  const ModelConfig& c = w.config;
+  double params = 0, weight_bytes = 0;
+  for (const auto& [name, t] : named_tensors(w)) {
+    params += double(t.numel());
+    weight_bytes += double(t.numel()) * (t.ndim() == 1 ? 4 : 2);  // bf16 matrices, fp32 norms
+  }
+  EXPECT_EQ(trainer_parameter_count(c), params);
+  const TrainMemory one = cuda_train_memory(c, 1000, 1), four = cuda_train_memory(c, 1000, 4);
+  EXPECT_EQ(one.weights, weight_bytes);
+  EXPECT_EQ(one.optimizer, 3 * params * 4);
+  EXPECT_EQ(one.gradients, params * 4);
+  EXPECT_EQ(four.gradients, 3 * params * 4);  // the tree of 4 holds 3 levels
+  EXPECT_EQ(one.logits, 1000.0 * double(c.vocab_size) * 4 + 8 * 1000.0 * 4);
+  const TrainMemory more = cuda_train_memory(c, 2000, 1);
+  EXPECT_GT(more.activations, one.activations);
+  EXPECT_EQ(more.weights, one.weights);
+}
+
+TEST(TrainMemory, TheEightLayerSliceFitsOneH200AndTheWholeModelDoesNot) {
+  ModelConfig c = ModelConfig::load(std::string(LOCKSTEP_SOURCE_DIR) + "/models/qwen3-30b-a3b/config.json");
+  const double h200 = 141e9, h100 = 80e9;
+  ModelConfig slice = c;
+  slice.num_hidden_layers = 8;
+  const double eight = cuda_train_memory(slice, 8192, 1).total();
+  EXPECT_LT(eight, h200);
+  EXPECT_GT(eight, h100);  // the optimizer state alone is 12 bytes a parameter
+  EXPECT_GT(cuda_train_memory(c, 8192, 1).total(), h200);
+  slice.num_hidden_layers = 9;
+  EXPECT_GT(cuda_train_memory(slice, 8192, 1).total(), eight);
+}
+
+}  // namespace
+}  // namespace lockstep
