@@ -96,7 +96,7 @@ inline cuda::DecodeShape decode_shape_of(const ModelConfig& c) {
 struct DeviceSegment;  // device_params.h
 
 class CudaRunner final : public ModelRunner {
-  // The GPU trainer (cuda_trainer.cu) runs this runner's layers on its weights.
+  // The GPU trainer (cuda_trainer.cu, cuda_layer_backward.h, cuda_train_state.cu) runs this runner's layers on its weights.
   friend class CudaTrainer;
   friend struct CudaLayerBackwardOps;
   friend void runner_segment_ptr(CudaRunner& r, const DeviceSegment& s, bf16_t** matrix, float** norm);

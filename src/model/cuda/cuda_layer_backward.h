@@ -1,0 +1,224 @@
+// The CUDA op set of the layer's backward (model/layer.h) on one GPU, the backward's scratch
+// and the per-phase clock of the GPU trainer. Included by the trainer's CUDA sources only.
+#pragma once
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <numeric>
+#include <string>
+
+#include "kernels/canonical.h"
+#include "kernels/cpu/reduce_backward.h"
+#include "kernels/cuda/backward.h"
+#include "kernels/cuda/row_ops.cuh"
+#include "model/cuda/cuda_runner_impl.h"
+#include "model/cuda/device_params.h"
+
+namespace lockstep::cuda_model {
+
+// Time per phase of a step, when LOCKSTEP_PROFILE_TRAIN is set (each lap synchronises the
+// stream, so it slows the step; printed as one JSON line per step to stderr).
+class PhaseClock {
+ public:
+  explicit PhaseClock(cudaStream_t s) : s_(s), on_(std::getenv("LOCKSTEP_PROFILE_TRAIN") != nullptr) {}
+  ~PhaseClock() {
+    if (!on_) return;
+    std::string line = "{\"event\":\"cuda_train_profile\"";
+    for (const auto& [name, sec] : seconds_) line += ",\"" + name + "\":" + std::to_string(sec);
+    std::fprintf(stderr, "%s}\n", line.c_str());
+  }
+  void lap(const char* name) {
+    if (!on_) return;
+    LS_CUDA_CHECK(cudaStreamSynchronize(s_));
+    const auto now = std::chrono::steady_clock::now();
+    seconds_[name] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  cudaStream_t s_;
+  bool on_;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+  std::map<std::string, double> seconds_;
+};
+
+// The backward's fp32 scratch of one step of T tokens (sized for the largest layer).
+struct BackwardScratch {
+  float *dh, *dnorm, *dhf, *part;        // [T, H]
+  float *dattn, *dq, *dq_proj;           // [T, q_dim]
+  float *dk, *dv, *dk_proj;              // [T, kv_dim]
+  float *inv, *lse, *delta;              // [T * heads]
+  bf16_t *q_proj, *k_proj;               // the forward's q/k projections, contiguous [T, q_dim], [T, kv_dim]
+  float *dweights, *dlogits_router;      // [T * k], [T, E]
+  float *dy_rows, *dx_rows, *part_rows;  // [T * k, H] (dense: [T, H])
+  bf16_t *x_rows, *gu_rows, *act_rows;   // [T * k, H], [T * k, 2I], [T * k, I]
+  float *dact, *dgate, *dup;             // [T * k, I]
+  int32_t *row_token, *row_pair, *order, *group_rows;  // [T * k], [T * k], [T * k], [E + 1]
+};
+
+// The CUDA op set of layer_backward (model/layer.h) on one GPU: the layer's intermediates are
+// those the runner's LayerOps left in `w` when it recomputed the layer from x_in.
+struct CudaLayerBackwardOps {
+  using Layer = DeviceLayer;
+  CudaRunner& r;
+  CudaRunner::Workspace& w;
+  const bf16_t* x_in;
+  const cuda::DeviceKvLayer& kv;
+  const cuda::DeviceSlots& slots;
+  const int32_t* seq_first;  // device: sequence token runs (attention backward)
+  const int32_t* seq_tokens;
+  int64_t T;
+  float* dx;  // d(layer output) on entry, d(layer input) on return
+  const DeviceLayerFloats& g;
+  BackwardScratch& s;
+  PhaseClock& clock;
+
+  const ModelConfig& c = r.config_;
+  cudaStream_t st = r.stream_;
+  int64_t H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads, nkv = c.num_key_value_heads;
+  int64_t qd = nq * D, kd = nkv * D;
+  float eps = float(c.rms_norm_eps);
+  cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T);
+
+  void moe_residual_backward(const Layer& L) {
+    const int64_t E = c.num_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size, rows = T * k;
+    // The (token, slot) rows by expert, tokens ascending in each (the CPU's assign_tokens):
+    // the experts' weight-gradient trees sum in that order.
+    std::vector<int32_t> ids(static_cast<size_t>(rows));
+    LS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), w.ids, ids.size() * 4, cudaMemcpyDeviceToHost, st));
+    LS_CUDA_CHECK(cudaStreamSynchronize(st));
+    std::vector<std::vector<int32_t>> pairs(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j) pairs[size_t(ids[size_t(t * k + j)])].push_back(int32_t(t * k + j));
+    std::vector<int32_t> row_token, row_pair, row_of_pair(static_cast<size_t>(rows)), offsets{0};
+    for (int64_t e = 0; e < E; ++e) {
+      for (int32_t p : pairs[size_t(e)]) {
+        row_of_pair[size_t(p)] = int32_t(row_token.size());
+        row_token.push_back(p / int32_t(k));
+        row_pair.push_back(p);
+      }
+      offsets.push_back(int32_t(row_token.size()));
+    }
+    // Each token's rows in ascending expert id (the order its input gradients are added).
+    std::vector<int32_t> order(static_cast<size_t>(rows));
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> slots_of(static_cast<size_t>(k));
+      std::iota(slots_of.begin(), slots_of.end(), 0);
+      std::stable_sort(slots_of.begin(), slots_of.end(),
+                       [&](int32_t a, int32_t b) { return ids[size_t(t * k + a)] < ids[size_t(t * k + b)]; });
+      for (int64_t j = 0; j < k; ++j) order[size_t(t * k + j)] = row_of_pair[size_t(t * k + slots_of[size_t(j)])];
+    }
+    r.upload_async(s.row_token, row_token.data(), row_token.size() * 4);
+    r.upload_async(s.row_pair, row_pair.data(), row_pair.size() * 4);
+    r.upload_async(s.order, order.data(), order.size() * 4);
+    r.upload_async(s.group_rows, offsets.data(), offsets.size() * 4);
+
+    // The experts' internals, recomputed per row with the forward's GEMM and SwiGLU.
+    cuda::gemm(r.expert_gate_up_args(L, w.h_mlp, s.row_token, s.group_rows, rows, s.gu_rows), st);
+    cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
+    cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
+    cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H,
+                                 st);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t first = offsets[size_t(e)], n = offsets[size_t(e) + 1] - first;
+      if (n == 0) continue;  // its gradients stay zero
+      std::vector<int32_t> tokens(row_token.begin() + first, row_token.begin() + first + n);
+      const cpu::TokenChunks tc = cpu::token_chunks_of(tokens.data(), n, T);
+      cuda::ChunkBounds b;
+      std::copy(tc.rows, tc.rows + kTMax + 1, b.rows);
+      const float* dy = s.dy_rows + first * H;
+      const bf16_t* x = s.x_rows + first * H;
+      float *dact = s.dact + first * I, *dgate = s.dgate + first * I, *dup = s.dup + first * I;
+      const bf16_t* gate_w = L.gate_up + e * 2 * I * H;
+      cuda::linear_weight_grad(dy, s.act_rows + first * I, g.down + e * H * I, H, I, b, st);
+      cuda::linear_input_grad(dy, L.down + e * H * I, dact, n, H, I, st);
+      cuda::swiglu_backward(s.gu_rows + first * 2 * I, dact, dgate, dup, n, I, st);
+      cuda::linear_weight_grad(dgate, x, g.gate_up + e * 2 * I * H, I, H, b, st);
+      cuda::linear_weight_grad(dup, x, g.gate_up + e * 2 * I * H + I * H, I, H, b, st);
+      cuda::linear_input_grad(dgate, gate_w, s.dx_rows + first * H, n, I, H, st);
+      cuda::linear_input_grad(dup, gate_w + I * H, s.part_rows + first * H, n, I, H, st);
+    }
+    cuda::add_inplace(s.dx_rows, s.part_rows, rows * H, st);
+    cuda::route_topk_backward(w.router_logits, w.ids, w.expert_weights, s.dweights, s.dlogits_router, T, E, k,
+                              c.norm_topk_prob, st);
+    cuda::linear_weight_grad(s.dlogits_router, w.h_mlp, g.router, E, H, chunks, st);
+    cuda::linear_input_grad(s.dlogits_router, L.router, s.dh, T, E, H, st);
+    cuda::add_rows_in_order(s.dh, s.dx_rows, s.order, T, k, H, st);
+    clock.lap("backward_moe");
+  }
+
+  void dense_mlp_residual_backward(const Layer& L) {
+    const int64_t I = c.intermediate_size;
+    r.linear(w.h_mlp, L.gate_up, s.gu_rows, T, 2 * I, H);
+    cuda::swiglu(s.gu_rows, s.act_rows, T, I, st);
+    cuda::linear_weight_grad(dx, s.act_rows, g.down, H, I, chunks, st);
+    cuda::linear_input_grad(dx, L.down, s.dact, T, H, I, st);
+    cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, T, I, st);
+    cuda::linear_weight_grad(s.dgate, w.h_mlp, g.gate_up, I, H, chunks, st);
+    cuda::linear_weight_grad(s.dup, w.h_mlp, g.gate_up + I * H, I, H, chunks, st);
+    cuda::linear_input_grad(s.dgate, L.gate_up, s.dh, T, I, H, st);
+    cuda::linear_input_grad(s.dup, L.gate_up + I * H, s.part, T, I, H, st);
+    cuda::add_inplace(s.dh, s.part, T * H, st);
+    clock.lap("backward_dense_mlp");
+  }
+
+  void post_attention_norm_backward(const Layer& L) {
+    cuda::inverse_rms_rows(w.mid, s.inv, T, H, eps, cuda::kNormThreads, st);
+    cuda::rmsnorm_backward(w.mid, s.inv, L.post_norm, s.dh, s.dnorm, g.post_norm, T, H, true, chunks, st);
+    cuda::add_inplace(dx, s.dnorm, T * H, st);
+    clock.lap("backward_norms");
+  }
+
+  void o_proj_residual_backward(const Layer& L) {
+    cuda::linear_weight_grad(dx, w.attn, g.o, H, qd, chunks, st);
+    cuda::linear_input_grad(dx, L.o, s.dattn, T, H, qd, st);
+    clock.lap("backward_o_proj");
+  }
+
+  void attention_backward() {
+    cuda::paged_attention_backward(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq,
+                                   1.0f / std::sqrt(float(D)), s.lse, s.delta, s.dq, s.dk, s.dv, st);
+    clock.lap("backward_attention");
+  }
+
+  void qk_norm_rope_backward(const Layer& L) {
+    cuda::rope_backward(s.dq, slots.positions, r.rope_cos_, r.rope_sin_, T, nq, D, st);
+    cuda::rope_backward(s.dk, slots.positions, r.rope_cos_, r.rope_sin_, T, nkv, D, st);
+    // The projections before q_norm/k_norm, from the qkv rows [q | k | v] of each token.
+    const size_t pitch = size_t(qd + 2 * kd) * 2;
+    LS_CUDA_CHECK(cudaMemcpy2DAsync(s.q_proj, size_t(qd) * 2, w.qkv, pitch, size_t(qd) * 2, size_t(T),
+                                    cudaMemcpyDeviceToDevice, st));
+    LS_CUDA_CHECK(cudaMemcpy2DAsync(s.k_proj, size_t(kd) * 2, w.qkv + qd, pitch, size_t(kd) * 2, size_t(T),
+                                    cudaMemcpyDeviceToDevice, st));
+    cuda::inverse_rms_rows(s.q_proj, s.inv, T * nq, D, eps, 32, st);
+    cuda::rmsnorm_backward(s.q_proj, s.inv, L.q_norm, s.dq, s.dq_proj, g.q_norm, T * nq, D, true,
+                           cuda::token_chunk_bounds(T, nq), st);
+    cuda::inverse_rms_rows(s.k_proj, s.inv, T * nkv, D, eps, 32, st);
+    cuda::rmsnorm_backward(s.k_proj, s.inv, L.k_norm, s.dk, s.dk_proj, g.k_norm, T * nkv, D, true,
+                           cuda::token_chunk_bounds(T, nkv), st);
+    clock.lap("backward_qk_norm_rope");
+  }
+
+  void qkv_backward(const Layer& L) {
+    cuda::linear_weight_grad(s.dq_proj, w.h, g.qkv, qd, H, chunks, st);
+    cuda::linear_weight_grad(s.dk_proj, w.h, g.qkv + qd * H, kd, H, chunks, st);
+    cuda::linear_weight_grad(s.dv, w.h, g.qkv + (qd + kd) * H, kd, H, chunks, st);
+    // d(norm output) = q part + k part + v part, each canonical over its own N.
+    cuda::linear_input_grad(s.dq_proj, L.qkv, s.dhf, T, qd, H, st);
+    cuda::linear_input_grad(s.dk_proj, L.qkv + qd * H, s.part, T, kd, H, st);
+    cuda::add_inplace(s.dhf, s.part, T * H, st);
+    cuda::linear_input_grad(s.dv, L.qkv + (qd + kd) * H, s.part, T, kd, H, st);
+    cuda::add_inplace(s.dhf, s.part, T * H, st);
+    clock.lap("backward_qkv");
+  }
+
+  void input_norm_backward(const Layer& L) {
+    cuda::inverse_rms_rows(x_in, s.inv, T, H, eps, cuda::kNormThreads, st);
+    cuda::rmsnorm_backward(x_in, s.inv, L.input_norm, s.dhf, s.dnorm, g.input_norm, T, H, true, chunks, st);
+    cuda::add_inplace(dx, s.dnorm, T * H, st);
+    clock.lap("backward_norms");
+  }
+};
+
+}  // namespace lockstep::cuda_model
