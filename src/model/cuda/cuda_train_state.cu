@@ -37,7 +37,7 @@ struct CudaTrainState::Impl {
     b->allocate(r.config());
     return b;
   }
-  const cuda_model::DeviceFloats& grads() const {
+  cuda_model::DeviceFloats& grads() const {
     LS_CHECK(stack.size() == 1, "cuda train state: apply without a complete compute_grads");
     return *stack.front().second;
   }
@@ -131,7 +131,7 @@ void CudaTrainState::poison_first_gradient() {
   for (size_t i = 1; i < m.names.size(); ++i)
     if (m.names[i] < m.names[first]) first = i;
   const float nan = std::nanf("");
-  m.r.upload(cuda_model::segment_ptr(*m.stack.front().second, m.segments[first]), &nan, 4);
+  m.r.upload(cuda_model::segment_ptr(m.grads(), m.segments[first]), &nan, 4);
 }
 
 OptimizerStepResult CudaTrainState::apply(Precision precision) {
