@@ -24,6 +24,10 @@
 #include "model/cuda/cuda_runner.h"
 #include "model/layer.h"
 
+namespace lockstep {
+struct DeviceSegment;  // model/device_layout.h
+}  // namespace lockstep
+
 namespace lockstep::cuda_model {
 
 using cuda::bf16_t;
@@ -92,8 +96,6 @@ inline cuda::DecodeShape decode_shape_of(const ModelConfig& c) {
   s.intermediate = c.moe_intermediate_size;
   return s;
 }
-
-struct DeviceSegment;  // device_params.h
 
 class CudaRunner final : public ModelRunner {
   // The GPU trainer (cuda_trainer.cu, cuda_layer_backward.h, cuda_train_state.cu) runs this runner's layers on its weights.

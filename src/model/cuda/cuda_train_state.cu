@@ -13,7 +13,7 @@ struct CudaTrainState::Impl {
   cuda_model::CudaRunner& r;
   OptimizerConfig config;
   int64_t step = 0;
-  std::vector<cuda_model::DeviceSegment> segments;  // for_each_param order
+  std::vector<DeviceSegment> segments;  // for_each_param order
   std::vector<std::string> names;
   cuda_model::DeviceFloats master, exp_avg, exp_avg_sq;
   // The micro-batch tree: (level, partial sum); the finished sum is stack.front().
@@ -72,7 +72,7 @@ CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& confi
   const ModelConfig& c = runner.config();
   m.config = config;
   m.step = optimizer.steps_taken();
-  m.segments = cuda_model::device_segments(c);
+  m.segments = device_segments(c);
   for (const auto& seg : m.segments) {
     m.names.push_back(param_name(c, seg.slot));
     m.max_numel = std::max(m.max_numel, seg.numel);

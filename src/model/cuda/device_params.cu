@@ -5,24 +5,25 @@
 namespace lockstep::cuda_model {
 
 void DeviceFloats::allocate(const ModelConfig& c) {
-  const int64_t H = c.hidden_size, V = c.vocab_size, qd = c.q_dim(), kd = c.kv_dim(), D = c.head_dim;
+  using B = DeviceBuffer;
   arena.clear();
   buffers.clear();
-  auto take = [&](int64_t n) {
+  auto take = [&](B buffer, int64_t layer) -> float* {
+    const int64_t n = device_buffer_floats(c, buffer, layer);
+    if (n == 0) return nullptr;
     float* p = arena.alloc<float>(n);
     buffers.emplace_back(p, n);
     return p;
   };
-  embed = take(V * H), lm_head = take(V * H), final_norm = take(H);
+  embed = take(B::embed, -1), lm_head = take(B::lm_head, -1), final_norm = take(B::final_norm, -1);
   layers.assign(size_t(c.num_hidden_layers), {});
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     auto& L = layers[size_t(l)];
-    const bool moe = c.is_moe_layer(l);
-    const int64_t E = moe ? c.num_experts : 1, I = moe ? c.moe_intermediate_size : c.intermediate_size;
-    L.qkv = take((qd + 2 * kd) * H), L.o = take(H * qd);
-    L.input_norm = take(H), L.post_norm = take(H), L.q_norm = take(D), L.k_norm = take(D);
-    if (moe) L.router = take(E * H);
-    L.gate_up = take(E * 2 * I * H), L.down = take(E * H * I);
+    L.qkv = take(B::qkv, l), L.o = take(B::o, l);
+    L.input_norm = take(B::input_norm, l), L.post_norm = take(B::post_norm, l);
+    L.q_norm = take(B::q_norm, l), L.k_norm = take(B::k_norm, l);
+    L.router = take(B::router, l);
+    L.gate_up = take(B::gate_up, l), L.down = take(B::down, l);
   }
 }
 
@@ -34,44 +35,6 @@ void DeviceFloats::add(const DeviceFloats& other, cudaStream_t s) {
   LS_CHECK(other.buffers.size() == buffers.size(), "device gradients: layouts differ");
   for (size_t i = 0; i < buffers.size(); ++i)
     cuda::add_inplace(buffers[i].first, other.buffers[i].first, buffers[i].second, s);
-}
-
-std::vector<DeviceSegment> device_segments(const ModelConfig& c) {
-  using K = ParamKind;
-  using B = DeviceBuffer;
-  const int64_t H = c.hidden_size, V = c.vocab_size, qd = c.q_dim(), kd = c.kv_dim(), D = c.head_dim;
-  std::vector<DeviceSegment> out;
-  auto add = [&](ParamSlot slot, B buffer, int64_t offset, int64_t numel, bool norm) {
-    out.push_back({slot, buffer, offset, numel, norm});
-  };
-  add({K::embed}, B::embed, 0, V * H, false);
-  add({K::final_norm}, B::final_norm, 0, H, true);
-  if (!c.tie_word_embeddings) add({K::lm_head}, B::lm_head, 0, V * H, false);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    add({K::input_norm, l}, B::input_norm, 0, H, true);
-    add({K::post_attention_norm, l}, B::post_norm, 0, H, true);
-    add({K::q_proj, l}, B::qkv, 0, qd * H, false);
-    add({K::k_proj, l}, B::qkv, qd * H, kd * H, false);
-    add({K::v_proj, l}, B::qkv, (qd + kd) * H, kd * H, false);
-    add({K::o_proj, l}, B::o, 0, H * qd, false);
-    add({K::q_norm, l}, B::q_norm, 0, D, true);
-    add({K::k_norm, l}, B::k_norm, 0, D, true);
-    if (c.is_moe_layer(l)) {
-      const int64_t I = c.moe_intermediate_size;
-      add({K::router, l}, B::router, 0, c.num_experts * H, false);
-      for (int64_t e = 0; e < c.num_experts; ++e) {
-        add({K::expert_gate, l, e}, B::gate_up, e * 2 * I * H, I * H, false);
-        add({K::expert_up, l, e}, B::gate_up, e * 2 * I * H + I * H, I * H, false);
-        add({K::expert_down, l, e}, B::down, e * H * I, H * I, false);
-      }
-    } else {
-      const int64_t I = c.intermediate_size;
-      add({K::dense_gate, l}, B::gate_up, 0, I * H, false);
-      add({K::dense_up, l}, B::gate_up, I * H, I * H, false);
-      add({K::dense_down, l}, B::down, 0, H * I, false);
-    }
-  }
-  return out;
 }
 
 namespace {

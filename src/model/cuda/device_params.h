@@ -1,13 +1,12 @@
-// fp32 tensors of the whole model on the device in the CUDA runner's fused layout (the GPU
-// trainer's gradients, AdamW's masters and moments), and the one table that places every
-// parameter of the names table (for_each_param, model/weights.h) in that layout: q, k, v rows
-// in one [q_dim + 2 kv_dim, H] block; per expert its gate rows, then its up rows, in one
-// [E, 2I, H] block; down [E, H, I]. Included by CUDA sources only.
+// fp32 tensors of the whole model on the device in the CUDA runner's fused layout
+// (model/device_layout.h): the GPU trainer's gradients, AdamW's masters and moments, and the
+// pointers of a parameter in them and in the runner. Included by CUDA sources only.
 #pragma once
 #include <cstdint>
 #include <vector>
 
 #include "model/cuda/cuda_runner_impl.h"
+#include "model/device_layout.h"
 #include "model/weights.h"
 
 namespace lockstep::cuda_model {
@@ -34,30 +33,6 @@ struct DeviceFloats {
   // this += other, elementwise (the micro-batch tree's add; the same layout).
   void add(const DeviceFloats& other, cudaStream_t s);
 };
-
-// Where one parameter lives: its slot (name), buffer, layer and offset in that buffer.
-enum class DeviceBuffer {
-  embed,
-  lm_head,
-  final_norm,
-  qkv,
-  o,
-  input_norm,
-  post_norm,
-  q_norm,
-  k_norm,
-  router,
-  gate_up,
-  down
-};
-struct DeviceSegment {
-  ParamSlot slot;
-  DeviceBuffer buffer;
-  int64_t offset = 0, numel = 0;
-  bool is_norm = false;  // no weight decay; fp32 in the runner
-};
-// Every parameter in for_each_param order (a tied lm_head omitted, as there).
-std::vector<DeviceSegment> device_segments(const ModelConfig& c);
 
 float* segment_ptr(DeviceFloats& d, const DeviceSegment& s);
 const float* segment_ptr(const DeviceFloats& d, const DeviceSegment& s);
