@@ -59,9 +59,7 @@ int main(int argc, char** argv) {
       for (int64_t t = 0; t < S; ++t)
         seqs[size_t(b)].push_back(int32_t((uint64_t(b) * 7919u + uint64_t(t) * 104729u) % uint64_t(config.vocab_size)));
     const auto mean_nll = [](int64_t, const std::vector<std::vector<float>>& lp, const auto&) {
-      std::vector<SequenceGradInput> up(lp.size());
-      for (size_t s = 0; s < lp.size(); ++s) up[s].dlogp.assign(lp[s].size(), -1.0f / float(lp[s].size()));
-      return up;
+      return mean_nll_upstream(lp);
     };
     // The optimizer state starts from the runner's weights (a host copy, once).
     OptimizerConfig oc;

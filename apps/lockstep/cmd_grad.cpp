@@ -35,13 +35,6 @@ struct GradOptions {
   TopologyRequest topology;  // parallel forms (mpirun)
 };
 
-std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<float>>& logprobs) {
-  std::vector<SequenceGradInput> up(logprobs.size());
-  for (size_t s = 0; s < logprobs.size(); ++s)
-    up[s].dlogp.assign(logprobs[s].size(), -1.0f / float(logprobs[s].size()));
-  return up;
-}
-
 // Writes the loss (summed in double in input order, stored as fp32) and the gradients.
 int write_grads(const std::string& path, Precision precision, const std::vector<std::vector<float>>& logprobs,
                 const std::map<std::string, Tensor>& grads) {

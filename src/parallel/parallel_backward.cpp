@@ -546,4 +546,11 @@ float parallel_grad_norm(dist::Communicator& world, const ModelConfig& cfg, cons
   return norm;
 }
 
+std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<float>>& logprobs) {
+  std::vector<SequenceGradInput> up(logprobs.size());
+  for (size_t s = 0; s < logprobs.size(); ++s)
+    up[s].dlogp.assign(logprobs[s].size(), -1.0f / float(logprobs[s].size()));
+  return up;
+}
+
 }  // namespace lockstep

@@ -45,6 +45,10 @@ using UpstreamFn =
     std::function<std::vector<SequenceGradInput>(int64_t micro_batch, const std::vector<std::vector<float>>& logprobs,
                                                  const std::vector<std::vector<float>>& entropy)>;
 
+// The upstream of loss = sum over sequences of the mean next-token NLL: d loss / d logp =
+// -1 / (n - 1) for each sequence's n - 1 log-probs (`lockstep grad`, its tests and benches).
+std::vector<SequenceGradInput> mean_nll_upstream(const std::vector<std::vector<float>>& logprobs);
+
 class ParallelGrad {
  public:
   // Collective over the model's world (splits the expert-data-parallel group).

@@ -6,8 +6,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 
+#include "../error_of.h"
 #include "../model/test_helpers.h"
 #include "core/error.h"
 #include "cuda_test_util.h"
@@ -25,22 +25,6 @@ namespace {
 using testing::fixture_model_dir;
 using testing::golden;
 using testing::golden_ids;
-
-std::vector<SequenceGradInput> mean_nll(const std::vector<std::vector<float>>& logprobs) {
-  std::vector<SequenceGradInput> up(logprobs.size());
-  for (size_t s = 0; s < logprobs.size(); ++s)
-    up[s].dlogp.assign(logprobs[s].size(), -1.0f / float(logprobs[s].size()));
-  return up;
-}
-
-std::string error_of_call(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 std::vector<std::vector<int32_t>> fixture_sequences() {
   return {golden_ids("seq0.input_ids"), golden_ids("seq2.input_ids")};
@@ -69,12 +53,12 @@ TEST(CudaTrainer, FixtureGradientsWithinTheCpuBfloat16Bound) {
   Qwen3Moe cpu_model(weights, Precision::bfloat16);
   ParallelGrad cpu_grad(cpu_model);
   ModelWeights cpu =
-      cpu_grad.step_grads({seqs}, false, [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); });
+      cpu_grad.step_grads({seqs}, false, [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); });
   auto runner = make_cuda_runner(weights, Precision::bfloat16);
   std::vector<std::vector<float>> gpu_lp;
   ModelWeights gpu = cuda_step_grads(*runner, seqs, false, [&](int64_t, const auto& lp, const auto&) {
     gpu_lp = lp;
-    return mean_nll(lp);
+    return mean_nll_upstream(lp);
   });
   const auto cpu_err = errors_vs_golden(cpu), gpu_err = errors_vs_golden(gpu);
   double cpu_worst = 0, gpu_worst = 0;
@@ -111,7 +95,7 @@ TEST(CudaTrainer, LogprobsAreTheEnginesScoreBitsAndStepsRepeatExactly) {
   ModelWeights g1 = cuda_step_grads(*runner, seqs, true, [&](int64_t, const auto& lp, const auto& e) {
     lp1 = lp;
     ent = e;
-    return mean_nll(lp);
+    return mean_nll_upstream(lp);
   });
   // The engine's scoring of the same sequences (other steps, another KV pool).
   const auto scored = runner_score_sequences(*runner, seqs);
@@ -127,7 +111,7 @@ TEST(CudaTrainer, LogprobsAreTheEnginesScoreBitsAndStepsRepeatExactly) {
     EXPECT_EQ(std::memcmp(trainer_scored[i].data(), lp1[i].data(), lp1[i].size() * 4), 0) << "sequence " << i;
   ModelWeights g2 = cuda_step_grads(*runner, seqs, false, [&](int64_t, const auto& lp, const auto&) {
     lp2 = lp;
-    return mean_nll(lp);
+    return mean_nll_upstream(lp);
   });
   EXPECT_EQ(lp1, lp2);
   auto n1 = g1.named(), n2 = g2.named();
@@ -144,10 +128,10 @@ TEST(CudaTrainer, AStepThatCannotFitIsRefusedBeforeAnyAllocation) {
   auto runner = make_cuda_runner_random(c, 3);
   std::vector<std::vector<int32_t>> seqs(800, std::vector<int32_t>(500, 7));
   bool called = false;
-  const std::string e = error_of_call([&] {
+  const std::string e = testing::error_of([&] {
     cuda_step_grads(*runner, seqs, false, [&](int64_t, const auto& lp, const auto&) {
       called = true;
-      return mean_nll(lp);
+      return mean_nll_upstream(lp);
     });
   });
   EXPECT_NE(e.find("400000 tokens needs"), std::string::npos) << e;
@@ -155,7 +139,7 @@ TEST(CudaTrainer, AStepThatCannotFitIsRefusedBeforeAnyAllocation) {
   EXPECT_FALSE(called);
   // The runner is untouched: it still trains a step that fits.
   ModelWeights g = cuda_step_grads(*runner, {{1, 2, 3, 4}}, false,
-                                   [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); });
+                                   [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); });
   EXPECT_EQ(g.embed.numel(), c.vocab_size * c.hidden_size);
 }
 
@@ -171,7 +155,7 @@ TEST(CudaTrainer, DeviceAdamWStepIsTheHostStepBitForBit) {
   AdamW host(oc, weights);
   ModelWeights host_weights = weights.clone();
   CudaTrainState device(*runner, oc, host);
-  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll(lp); };
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
   for (int step = 0; step < 2; ++step) {
     // The host step from the same gradients: two micro-batches summed by the same tree.
     PairwiseGradAccumulator sum(2);

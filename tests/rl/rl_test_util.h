@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "../error_of.h"
 #include "core/error.h"
 #include "rl/train_config.h"
 
@@ -73,15 +74,7 @@ inline void small_batches(TrainConfig& c) {
   c.num_microbatches = 2;
 }
 
-// The message of the lockstep::Error that f throws ("" when it throws none).
-inline std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using lockstep::testing::error_of;  // ../error_of.h
 
 inline std::string read_bytes(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);
