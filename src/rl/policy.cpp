@@ -128,7 +128,6 @@ void Policy::pull_device_weights() {
   const ModelWeights w = device_runner_->export_weights();
   auto from = w.named();
   for (auto& [name, t] : full_.named()) std::memcpy(t->data<float>(), from.at(name)->data<float>(), t->nbytes());
-  model_->weights() = full_.clone();  // the host model follows (checkpoints, the KL reference)
 }
 
 const ModelWeights& Policy::sync_full() {

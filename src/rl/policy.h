@@ -80,7 +80,7 @@ class Policy {
   void load_state(const ModelWeights& full_weights, const AdamW& full_optimizer);
 
  private:
-  // Device mode: full_ and the host model take the runner's current weights.
+  // Device mode: full_ takes the runner's current weights (the host model is not used there).
   void pull_device_weights();
 
   dist::Communicator& world_;

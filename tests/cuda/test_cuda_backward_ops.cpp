@@ -45,12 +45,6 @@ std::vector<float> widen(const bf16_bits& b) {
 }
 const cuda::bf16_t* as_bf16(const DeviceVec<uint16_t>& v) { return reinterpret_cast<const cuda::bf16_t*>(v.get()); }
 
-cuda::ChunkBounds bounds_of(const cpu::TokenChunks& c) {
-  cuda::ChunkBounds b;
-  std::copy(c.rows, c.rows + kTMax + 1, b.rows);
-  return b;
-}
-
 // |got - want| within `ulps` fp32 ulps of the largest |want| (sums of many terms cancel, so
 // an element's own magnitude is no scale for its rounding).
 void expect_close(const std::vector<float>& got, const std::vector<float>& want, float ulps, const char* what) {
@@ -123,9 +117,9 @@ TEST(CudaBackwardOps, ChunkSubtreesAndColumnSumsHaveTheCpuBits) {
   cpu::column_sum_chunked(a.data(), nullptr, want_sum.data(), n, all.rows, kTMax);
   cpu::column_sum_chunked(a.data(), c.data(), want_prod.data(), n, all.rows, kTMax);
   DeviceVec<float> A(a), C(c), Out(n);
-  cuda::column_sum_chunked(A.get(), nullptr, Out.get(), n, bounds_of(all), nullptr);
+  cuda::column_sum_chunked(A.get(), nullptr, Out.get(), n, cuda::chunk_bounds(all), nullptr);
   EXPECT_TRUE(same_bits_f(Out.take(), want_sum));
-  cuda::column_sum_chunked(A.get(), C.get(), Out.get(), n, bounds_of(all), nullptr);
+  cuda::column_sum_chunked(A.get(), C.get(), Out.get(), n, cuda::chunk_bounds(all), nullptr);
   EXPECT_TRUE(same_bits_f(Out.take(), want_prod));
 }
 

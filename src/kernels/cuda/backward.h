@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/ops.h"
 
 namespace lockstep::cuda {
@@ -29,6 +30,8 @@ struct ChunkBounds {
   int64_t rows[9] = {};
   int count = 8;
 };
+// The CPU's chunks (cpu::token_chunks, token_chunks_of) as launch arguments.
+ChunkBounds chunk_bounds(const cpu::TokenChunks& chunks);
 // The 8 canonical chunks of T tokens, rows_per_token rows each (cpu::token_chunks).
 ChunkBounds token_chunk_bounds(int64_t T, int64_t rows_per_token = 1);
 

@@ -90,11 +90,14 @@ void check_bounds(const ChunkBounds& b, const char* what) {
 
 }  // namespace
 
-ChunkBounds token_chunk_bounds(int64_t T, int64_t rows_per_token) {
+ChunkBounds chunk_bounds(const cpu::TokenChunks& chunks) {
   ChunkBounds b;
-  const int64_t len = canonical_chunk(T);
-  for (int c = 0; c <= kTMax; ++c) b.rows[c] = std::min<int64_t>(T, c * len) * rows_per_token;
+  std::copy(chunks.rows, chunks.rows + kTMax + 1, b.rows);
   return b;
+}
+
+ChunkBounds token_chunk_bounds(int64_t T, int64_t rows_per_token) {
+  return chunk_bounds(cpu::token_chunks(T, rows_per_token));
 }
 
 template <typename TG, typename TM>

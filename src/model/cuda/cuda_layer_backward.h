@@ -124,9 +124,7 @@ struct CudaLayerBackwardOps {
       const int64_t first = offsets[size_t(e)], n = offsets[size_t(e) + 1] - first;
       if (n == 0) continue;  // its gradients stay zero
       std::vector<int32_t> tokens(row_token.begin() + first, row_token.begin() + first + n);
-      const cpu::TokenChunks tc = cpu::token_chunks_of(tokens.data(), n, T);
-      cuda::ChunkBounds b;
-      std::copy(tc.rows, tc.rows + kTMax + 1, b.rows);
+      const cuda::ChunkBounds b = cuda::chunk_bounds(cpu::token_chunks_of(tokens.data(), n, T));
       const float* dy = s.dy_rows + first * H;
       const bf16_t* x = s.x_rows + first * H;
       float *dact = s.dact + first * I, *dgate = s.dgate + first * I, *dup = s.dup + first * I;

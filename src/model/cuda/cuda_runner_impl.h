@@ -696,40 +696,38 @@ class CudaRunner final : public ModelRunner {
     void dense_mlp_residual(const Layer& L) { r.dense_mlp(w, L, T); }
   };
 
-  // out[T, N] = bf16(in . W^T), column form.
-  void linear(const bf16_t* in, const bf16_t* w, bf16_t* out, int64_t T, int64_t N, int64_t K) {
+  // The GEMM in[M, K] . W[N, K]^T with dense row-major operands; the caller sets the output.
+  static GemmArgs dense_gemm(const bf16_t* in, const bf16_t* w, int64_t M, int64_t N, int64_t K) {
     GemmArgs g;
     g.A = in;
     g.lda = K;
     g.W = w;
     g.ldw = K;
-    g.M = T;
+    g.M = M;
     g.N = N;
     g.K = K;
+    g.ldo = N;
+    return g;
+  }
+
+  // out[T, N] = bf16(in . W^T), column form.
+  void linear(const bf16_t* in, const bf16_t* w, bf16_t* out, int64_t T, int64_t N, int64_t K) {
+    GemmArgs g = dense_gemm(in, w, T, N, K);
     g.out_kind = GemmOut::bf16;
     g.out_bf16 = out;
-    g.ldo = N;
     cuda::gemm(g, stream_);
   }
 
   // out = bf16(resid + bf16(in . W^T)), canonical row form over K (out may be resid).
   void row_linear_residual(Workspace& ws, const bf16_t* in, const bf16_t* w, const bf16_t* resid, bf16_t* out,
                            int64_t T, int64_t N, int64_t K) {
-    GemmArgs g;
-    g.A = in;
-    g.lda = K;
-    g.W = w;
-    g.ldw = K;
-    g.M = T;
-    g.N = N;
-    g.K = K;
+    GemmArgs g = dense_gemm(in, w, T, N, K);
     g.chunks = 8;
     g.split_workspace = ws.split;
     g.split_workspace_floats = ws.split_floats;
     g.out_kind = GemmOut::bf16_residual;
     g.out_bf16 = out;
     g.resid = resid;
-    g.ldo = N;
     cuda::gemm(g, stream_);
   }
 
@@ -761,17 +759,9 @@ class CudaRunner final : public ModelRunner {
   void moe(Workspace& ws, const DeviceLayer& L, int64_t T) {
     const auto& c = config_;
     const int64_t H = c.hidden_size, E = c.num_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
-    GemmArgs r;  // router logits in fp32
-    r.A = ws.h_mlp;
-    r.lda = H;
-    r.W = L.router;
-    r.ldw = H;
-    r.M = T;
-    r.N = E;
-    r.K = H;
+    GemmArgs r = dense_gemm(ws.h_mlp, L.router, T, E, H);  // router logits in fp32
     r.out_kind = GemmOut::f32;
     r.out_f32 = ws.router_logits;
-    r.ldo = E;
     cuda::gemm(r, stream_);
     cuda::route_and_assign(ws.router_logits, ws.ids, ws.expert_weights, T, E, k, c.norm_topk_prob, ws.counts,
                            ws.group_rows, ws.gather, ws.scatter, stream_);
@@ -829,18 +819,10 @@ class CudaRunner final : public ModelRunner {
   // fp32 logits [n, V] of the final hidden rows listed in `rows` (device).
   void compute_logits(const int32_t* rows, int64_t n) { compute_logits(ws_.h, rows, n, ws_.logits); }
   void compute_logits(const bf16_t* hidden, const int32_t* rows, int64_t n, float* out) {
-    GemmArgs g;
-    g.A = hidden;
-    g.lda = config_.hidden_size;
+    GemmArgs g = dense_gemm(hidden, lm_head_, n, config_.vocab_size, config_.hidden_size);
     g.a_gather = rows;
-    g.W = lm_head_;
-    g.ldw = config_.hidden_size;
-    g.M = n;
-    g.N = config_.vocab_size;
-    g.K = config_.hidden_size;
     g.out_kind = GemmOut::f32;
     g.out_f32 = out;
-    g.ldo = config_.vocab_size;
     cuda::gemm(g, stream_);
   }
 
