@@ -2,7 +2,7 @@
 // inputs: the ops without a transcendental function give the CPU's bits exactly (memcmp);
 // the others agree to a few ulp of fp32. Plus the invariances the trainer relies on: a tile
 // choice changes no bit, and a token's gradients do not depend on the other sequences of the
-// micro-batch.
+// micro-batch. The bf16 linears' tensor-core form: test_cuda_outer_sum_tc.cpp.
 #include <cmath>
 #include <map>
 #include <numeric>
@@ -65,7 +65,7 @@ struct LinearCase {
 
 class CudaLinearBackward : public ::testing::TestWithParam<LinearCase> {};
 
-TEST_P(CudaLinearBackward, WeightAndInputGradsHaveTheCpuBitsAtEveryTile) {
+TEST_P(CudaLinearBackward, CudaCoreSumsHaveTheCpuBitsAtEveryTile) {
   LS_SKIP_WITHOUT_GPU();
   const auto [T, N, K] = GetParam();
   const auto dy = random_f32(T * N, 1 + T);
@@ -78,17 +78,16 @@ TEST_P(CudaLinearBackward, WeightAndInputGradsHaveTheCpuBitsAtEveryTile) {
   cpu::linear_weight_grad(dy.data(), widen(x).data(), want_dw.data(), N, K, chunks);
   cpu::linear_input_grad(dy.data(), widen(w).data(), want_dx.data(), T, N, K);
 
-  DW.poison();
-  cuda::linear_weight_grad(Dy.get(), as_bf16(X), DW.get(), N, K, cuda::token_chunk_bounds(T), nullptr);
-  EXPECT_TRUE(same_bits_f(DW.take(), want_dw)) << "weight grad";
-  Dx.poison();
-  cuda::linear_input_grad(Dy.get(), as_bf16(W), Dx.get(), T, N, K, nullptr);
-  EXPECT_TRUE(same_bits_f(Dx.take(), want_dx)) << "input grad";
-  // The other tile: each element by the same procedure.
-  DW.poison();
-  cuda::outer_sum_chunked(Dy.get(), 1, N, as_bf16(X), K, cuda::token_chunk_bounds(T), DW.get(), N, nullptr,
-                          cuda::OuterTile::k1x1);
-  EXPECT_TRUE(same_bits_f(DW.take(), want_dw)) << "weight grad, 1x1 tile";
+  // The CUDA-core sums (the fp32 linears, and the reference of the tensor-core form that the
+  // bf16 linears run: test_cuda_outer_sum_tc.cpp), at both tiles.
+  for (const cuda::OuterTile tile : {cuda::OuterTile::k4x4, cuda::OuterTile::k1x1}) {
+    DW.poison();
+    cuda::outer_sum_chunked(Dy.get(), 1, N, as_bf16(X), K, cuda::token_chunk_bounds(T), DW.get(), N, nullptr, tile);
+    EXPECT_TRUE(same_bits_f(DW.take(), want_dw)) << "weight grad";
+    Dx.poison();
+    cuda::outer_sum_chunked(Dy.get(), N, 1, as_bf16(W), K, cuda::token_chunk_bounds(N), Dx.get(), T, nullptr, tile);
+    EXPECT_TRUE(same_bits_f(Dx.take(), want_dx)) << "input grad";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaLinearBackward,
@@ -386,21 +385,6 @@ TEST(CudaBackwardOps, AttentionBackwardOfASequenceIgnoresItsNeighbours) {
   EXPECT_TRUE(same_bits_f(g1.dq, rows(g2.dq, qrow)));
   EXPECT_TRUE(same_bits_f(g1.dk, rows(g2.dk, row)));
   EXPECT_TRUE(same_bits_f(g1.dv, rows(g2.dv, row)));
-}
-
-TEST(CudaBackwardOps, InputGradRowsIgnoreOtherRows) {
-  LS_SKIP_WITHOUT_GPU();
-  // A token's d(input) is a function of its own row: the same bits in a batch of 9 and of 300.
-  const int64_t N = 160, K = 72, small = 9, big = 300;
-  const auto dy = random_f32(big * N, 36);
-  const bf16_bits w = testing::random_bf16(N * K, 37);
-  DeviceVec<uint16_t> W(w);
-  DeviceVec<float> DyBig(dy), DySmall(std::vector<float>(dy.end() - small * N, dy.end())), DxBig(big * K),
-      DxSmall(small * K);
-  cuda::linear_input_grad(DyBig.get(), as_bf16(W), DxBig.get(), big, N, K, nullptr);
-  cuda::linear_input_grad(DySmall.get(), as_bf16(W), DxSmall.get(), small, N, K, nullptr);
-  const auto all = DxBig.take();
-  EXPECT_TRUE(same_bits_f(DxSmall.take(), std::vector<float>(all.end() - small * K, all.end())));
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The backward kernels of the GPU trainer, fp32 gradients (docs/numerics.md, rules 8-11).
 //
 // Each kernel is the GPU form of its CPU reference in src/kernels/cpu/*_backward.h, with the
-// same reduction procedure per output element: weight gradients are the canonical token-chunk
+// same reduction procedure per output element (the linears with a bf16 operand excepted: they
+// run on tensor cores, outer_sum_chunked_tc, with the CUDA-core form as their reference): weight gradients are the canonical token-chunk
 // tree (each chunk summed in ascending rows from 0, the chunk partials combined by the pairwise
 // tree), input gradients of a linear are canonical over N, and every row-wise sum is the CPU's
 // dot procedure (8 lanes by index mod 8, ascending, tree8). nvcc runs without contraction
@@ -43,6 +44,17 @@ enum class OuterTile { k4x4, k1x1 };
 template <typename TG, typename TM>
 void outer_sum_chunked(const TG* g, int64_t g_row, int64_t g_col, const TM* m, int64_t K, const ChunkBounds& bounds,
                        float* out, int64_t I, cudaStream_t s, OuterTile tile = OuterTile::k4x4);
+
+// How outer_sum_chunked_tc tiles its outputs (rows x columns per block; the same bits).
+enum class TcTile { k64x128, k128x64 };
+
+// outer_sum_chunked for a bf16 m on tensor cores: each g value is split exactly into bf16
+// hi + lo (16 significand bits, each product exact), each chunk summed in k16 steps of its rows
+// from its first (mma of hi, then of lo), the partials folded by the pairwise tree. Not the
+// CPU's bits (the tensor cores add in their own order); within 2^-16 of the fp32 sum's terms.
+void outer_sum_chunked_tc(const float* g, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
+                          const ChunkBounds& bounds, float* out, int64_t I, cudaStream_t s,
+                          TcTile tile = TcTile::k64x128);
 
 // dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
 template <typename TX>

@@ -1,19 +1,29 @@
 // Device helpers of the backward kernels: exact widening of an input, the pairwise tree of
 // canonical.h folded as the chunk partials arrive, and the CPU's dot procedure.
 #pragma once
+#include "kernels/canonical.h"
+#include "kernels/cuda/backward.h"
 #include "kernels/cuda/common.cuh"
 
 namespace lockstep::cuda {
+
+inline void check_chunk_bounds(const ChunkBounds& b, const char* what) {
+  LS_CHECK(b.count >= 1 && b.count <= kTMax && is_power_of_two(b.count), what,
+           ": the number of chunks must be a power of two <= 8, got ", b.count);
+  for (int c = 0; c < b.count; ++c) LS_CHECK(b.rows[c] <= b.rows[c + 1], what, ": chunk ", c, " ends before it begins");
+}
 
 __device__ __forceinline__ float widen(float x) { return x; }
 __device__ __forceinline__ float widen(bf16 x) { return to_f32(x); }
 
 // The pairwise tree of up to 8 chunk partials, folded as they arrive: chunk c's sum `v`
 // merges with the saved left subtrees while c's low bits are ones (a binary counter), so the
-// result is pairwise_tree of canonical.h. `levels` holds the pending left subtrees.
+// result is pairwise_tree of canonical.h. `levels` holds the pending left subtrees; push
+// returns the subtree it completed, which after the last of a power-of-two count of pushes is
+// the root (no slot for it: the tensor-core sums hold 32 trees a thread in registers).
 struct TreeFold {
-  float levels[4];
-  __device__ __forceinline__ void push(int c, float v) {
+  float levels[3];
+  __device__ __forceinline__ float push(int c, float v) {
     int level = 0;
     bool merging = true;
 #pragma unroll
@@ -26,16 +36,9 @@ struct TreeFold {
       }
     }
 #pragma unroll
-    for (int l = 0; l < 4; ++l)
+    for (int l = 0; l < 3; ++l)
       if (l == level) levels[l] = v;
-  }
-  // The root after `count` (a power of two) pushes.
-  __device__ __forceinline__ float root(int count) const {
-    float r = levels[0];
-#pragma unroll
-    for (int l = 1; l < 4; ++l)
-      if ((1 << l) == count) r = levels[l];
-    return r;
+    return v;
   }
 };
 

@@ -77,8 +77,9 @@ __global__ void __launch_bounds__(kDwColumns* kTMax)
   __syncthreads();
   if (c != 0 || i >= n) return;
   TreeFold fold;
-  for (int k = 0; k < bounds.count; ++k) fold.push(k, partial[k][col]);
-  dw[i] = fold.root(bounds.count);
+  float root = 0.0f;
+  for (int k = 0; k < bounds.count; ++k) root = fold.push(k, partial[k][col]);
+  dw[i] = root;
 }
 
 template <typename TG>

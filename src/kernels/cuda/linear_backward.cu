@@ -1,7 +1,11 @@
 // Linear-layer backward on the GPU: the chunked outer-product sums of backward.h (weight and
 // input gradients) and the chunked column sums (norm weight gradients), in fp32 on CUDA cores.
 // One procedure per output element, whatever the tile: each chunk's sum starts at 0 and adds
-// one product per row in ascending order; the chunk partials fold by the pairwise tree.
+// one product per row in ascending order; the chunk partials fold by the pairwise tree. The
+// linears with a bf16 operand run the tensor-core form (outer_sum_tc.cu); these CUDA-core
+// sums, the CPU's bits, are its reference and serve the fp32 operands.
+#include <type_traits>
+
 #include "kernels/canonical.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/backward_common.cuh"
@@ -24,6 +28,7 @@ __global__ void __launch_bounds__(kSide* kSide) outer_sum_kernel(const TG* g, in
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
   const int64_t i0 = int64_t(blockIdx.y) * BI, k0 = int64_t(blockIdx.x) * BK;
   TreeFold fold[TI][TK];
+  float root[TI][TK];
   for (int c = 0; c < bounds.count; ++c) {
     float acc[TI][TK];
 #pragma unroll
@@ -58,14 +63,14 @@ __global__ void __launch_bounds__(kSide* kSide) outer_sum_kernel(const TG* g, in
 #pragma unroll
     for (int a = 0; a < TI; ++a)
 #pragma unroll
-      for (int b = 0; b < TK; ++b) fold[a][b].push(c, acc[a][b]);
+      for (int b = 0; b < TK; ++b) root[a][b] = fold[a][b].push(c, acc[a][b]);
   }
 #pragma unroll
   for (int a = 0; a < TI; ++a)
 #pragma unroll
     for (int b = 0; b < TK; ++b) {
       const int64_t i = i0 + ty + kSide * a, k = k0 + tx + kSide * b;
-      if (i < I && k < K) out[i * K + k] = fold[a][b].root(bounds.count);
+      if (i < I && k < K) out[i * K + k] = root[a][b];
     }
 }
 
@@ -73,19 +78,14 @@ __global__ void column_sum_kernel(const float* a, const float* b, float* out, in
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   TreeFold fold;
+  float root = 0.0f;
   for (int c = 0; c < bounds.count; ++c) {
     float acc = 0.0f;
     for (int64_t r = bounds.rows[c]; r < bounds.rows[c + 1]; ++r)
       acc = acc + (b ? a[r * n + i] * b[r * n + i] : a[r * n + i]);
-    fold.push(c, acc);
+    root = fold.push(c, acc);
   }
-  out[i] = fold.root(bounds.count);
-}
-
-void check_bounds(const ChunkBounds& b, const char* what) {
-  LS_CHECK(b.count >= 1 && b.count <= kTMax && is_power_of_two(b.count), what,
-           ": the number of chunks must be a power of two <= 8, got ", b.count);
-  for (int c = 0; c < b.count; ++c) LS_CHECK(b.rows[c] <= b.rows[c + 1], what, ": chunk ", c, " ends before it begins");
+  out[i] = root;
 }
 
 }  // namespace
@@ -103,7 +103,7 @@ ChunkBounds token_chunk_bounds(int64_t T, int64_t rows_per_token) {
 template <typename TG, typename TM>
 void outer_sum_chunked(const TG* g, int64_t g_row, int64_t g_col, const TM* m, int64_t K, const ChunkBounds& bounds,
                        float* out, int64_t I, cudaStream_t s, OuterTile tile) {
-  check_bounds(bounds, "outer_sum_chunked");
+  check_chunk_bounds(bounds, "outer_sum_chunked");
   if (I == 0 || K == 0) return;
   const int ti = tile == OuterTile::k4x4 ? 4 : 1;
   const dim3 grid(unsigned(ceil_div(K, kSide * ti)), unsigned(ceil_div(I, kSide * ti)));
@@ -119,21 +119,26 @@ template <typename TX>
 void linear_weight_grad(const float* dy, const TX* x, float* dW, int64_t N, int64_t K, const ChunkBounds& chunks,
                         cudaStream_t s) {
   // dW[n, k]: output rows n (factor dy[r * N + n]), the summed index the token row r.
-  outer_sum_chunked(dy, 1, N, x, K, chunks, dW, N, s);
+  if constexpr (std::is_same_v<TX, bf16>)
+    outer_sum_chunked_tc(dy, 1, N, x, K, chunks, dW, N, s);
+  else
+    outer_sum_chunked(dy, 1, N, x, K, chunks, dW, N, s);
 }
 
 template <typename TW>
 void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64_t N, int64_t K, cudaStream_t s) {
-  // dx[t, k]: output rows t (factor dy[t * N + n]), the summed index n in its canonical chunks.
-  ChunkBounds b;
-  const int64_t len = canonical_chunk(N);
-  for (int c = 0; c <= kTMax; ++c) b.rows[c] = std::min<int64_t>(N, c * len);
-  outer_sum_chunked(dy, N, 1, w, K, b, dx, T, s);
+  // dx[t, k]: output rows t (factor dy[t * N + n]), the summed index n in its canonical chunks
+  // (those of canonical_chunk(N), as the token chunks of N rows).
+  const ChunkBounds b = token_chunk_bounds(N);
+  if constexpr (std::is_same_v<TW, bf16>)
+    outer_sum_chunked_tc(dy, N, 1, w, K, b, dx, T, s);
+  else
+    outer_sum_chunked(dy, N, 1, w, K, b, dx, T, s);
 }
 
 void column_sum_chunked(const float* a, const float* b, float* out, int64_t n, const ChunkBounds& bounds,
                         cudaStream_t s) {
-  check_bounds(bounds, "column_sum_chunked");
+  check_chunk_bounds(bounds, "column_sum_chunked");
   if (n == 0) return;
   column_sum_kernel<<<unsigned(ceil_div(n, 256)), 256, 0, s>>>(a, b, out, n, bounds);
   LS_CUDA_LAUNCHED();
