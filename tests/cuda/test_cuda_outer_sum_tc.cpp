@@ -160,5 +160,48 @@ TEST(CudaOuterSumTc, AChunksPartialDependsOnlyOnItsRows) {
   EXPECT_TRUE(same_bits_f(A.take(), B.take()));
 }
 
+TEST(CudaOuterSumTc, EachGroupOfAGroupedLaunchHasItsOwnCallsBits) {
+  LS_SKIP_WITHOUT_GPU();
+  // Experts: groups of different row counts (one empty of output rows) in one launch, each
+  // the bits of its own call, for the weight-gradient layout and the input-gradient layout.
+  const int64_t N = 48, K = 80, T = 200;
+  const int64_t rows[4] = {70, 0, 5, 125};
+  const auto dy = random_f32(T * N, 51);
+  const auto x = testing::random_bf16(T * K, 52), w = testing::random_bf16(4 * N * K, 53);
+  DeviceVec<float> Dy(dy), Grouped(4 * N * K + T * K), Single(N * K + T * K);
+  DeviceVec<uint16_t> X(x), W(w);
+  std::vector<cuda::OuterSumGroup> weight_groups, input_groups;
+  int64_t first = 0, max_rows = 0;
+  for (int e = 0; e < 4; ++e) {
+    cuda::ChunkBounds b = cuda::token_chunk_bounds(rows[e]);
+    weight_groups.push_back({Dy.get() + first * N, as_bf16(X) + first * K, Grouped.get() + e * N * K, N, b});
+    input_groups.push_back({Dy.get() + first * N, as_bf16(W) + e * N * K, Grouped.get() + 4 * N * K + first * K,
+                            rows[e], cuda::token_chunk_bounds(N)});
+    first += rows[e], max_rows = std::max(max_rows, rows[e]);
+  }
+  DeviceVec<cuda::OuterSumGroup> Wg(weight_groups), Ig(input_groups);
+  Grouped.poison();
+  cuda::outer_sum_grouped_tc(Wg.get(), 4, N, 1, N, K, nullptr);
+  cuda::outer_sum_grouped_tc(Ig.get(), 4, max_rows, N, 1, K, nullptr);
+  const auto grouped = Grouped.take();
+  first = 0;
+  for (int e = 0; e < 4; ++e) {
+    Single.poison();
+    cuda::outer_sum_chunked_tc(Dy.get() + first * N, 1, N, as_bf16(X) + first * K, K, weight_groups[e].bounds,
+                               Single.get(), N, nullptr);
+    cuda::outer_sum_chunked_tc(Dy.get() + first * N, N, 1, as_bf16(W) + e * N * K, K, cuda::token_chunk_bounds(N),
+                               Single.get() + N * K, rows[e], nullptr);
+    const auto single = Single.take();
+    EXPECT_TRUE(same_bits_f(std::vector<float>(single.begin(), single.begin() + N * K),
+                            std::vector<float>(grouped.begin() + e * N * K, grouped.begin() + (e + 1) * N * K)))
+        << "expert " << e << " weight grad";
+    EXPECT_TRUE(same_bits_f(std::vector<float>(single.begin() + N * K, single.begin() + N * K + rows[e] * K),
+                            std::vector<float>(grouped.begin() + 4 * N * K + first * K,
+                                               grouped.begin() + 4 * N * K + (first + rows[e]) * K)))
+        << "expert " << e << " input grad";
+    first += rows[e];
+  }
+}
+
 }  // namespace
 }  // namespace lockstep

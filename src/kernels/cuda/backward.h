@@ -56,6 +56,21 @@ void outer_sum_chunked_tc(const float* g, int64_t g_row, int64_t g_col, const bf
                           const ChunkBounds& bounds, float* out, int64_t I, cudaStream_t s,
                           TcTile tile = TcTile::k64x128);
 
+// One product of a grouped outer sum (an expert's): out[i, k] for i < I, outer_sum_chunked_tc's
+// sum over `bounds` of g[i * g_row + s * g_col] * m[s * K + k].
+struct OuterSumGroup {
+  const float* g = nullptr;
+  const bf16_t* m = nullptr;
+  float* out = nullptr;
+  int64_t I = 0;
+  ChunkBounds bounds;
+};
+// outer_sum_chunked_tc of each of `count` groups (a device array; every group's I <= max_I and
+// its bounds valid) in one launch, each group's bits those of its own call; the groups share
+// g_row, g_col and K.
+void outer_sum_grouped_tc(const OuterSumGroup* groups, int count, int64_t max_I, int64_t g_row, int64_t g_col,
+                          int64_t K, cudaStream_t s, TcTile tile = TcTile::k64x128);
+
 // dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
 template <typename TX>
 void linear_weight_grad(const float* dy, const TX* x, float* dW, int64_t N, int64_t K, const ChunkBounds& chunks,

@@ -68,11 +68,24 @@ __global__ void __launch_bounds__(kDwColumns* kTMax)
   const int col = threadIdx.x % kDwColumns, c = threadIdx.x / kDwColumns;
   const int64_t i = int64_t(blockIdx.x) * kDwColumns + col;
   float acc = 0.0f;
-  if (i < n && c < bounds.count)
-    for (int64_t r = bounds.rows[c]; r < bounds.rows[c + 1]; ++r) {
-      const float normed = to_f32(x[r * n + i]) * inv[r];
-      acc = acc + dout[r * n + i] * (round_normed ? round_bf16(normed) : normed);
+  auto term = [&](int64_t r) {
+    const float normed = to_f32(x[r * n + i]) * inv[r];
+    return dout[r * n + i] * (round_normed ? round_bf16(normed) : normed);
+  };
+  if (i < n && c < bounds.count) {
+    // 16 rows' loads in flight, then their terms added in ascending order: the same sum.
+    constexpr int kAhead = 16;
+    int64_t r = bounds.rows[c];
+    const int64_t end = bounds.rows[c + 1];
+    for (; r + kAhead <= end; r += kAhead) {
+      float terms[kAhead];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) terms[u] = term(r + u);
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) acc = acc + terms[u];
     }
+    for (; r < end; ++r) acc = acc + term(r);
+  }
   partial[c][col] = acc;
   __syncthreads();
   if (c != 0 || i >= n) return;

@@ -33,10 +33,10 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo_index, bf16 hi_index) {
 // next stage's operands are loaded into registers while the tensor cores run the present one,
 // and the chunk tree's pending subtrees wait outside the registers (levels 0 and 1 in shared
 // memory, level 2 in `out`, each value read back only by the thread that wrote it).
+// Grouped (`groups` not null): group blockIdx.z of the device array; else `one`.
 template <int WI, int WK, bool kGRowsContiguous>
 __global__ void __launch_bounds__(kThreads, 2)
-    outer_sum_tc_kernel(const float* __restrict__ g, int64_t g_row, int64_t g_col, const bf16* __restrict__ m,
-                        int64_t K, ChunkBounds bounds, float* __restrict__ out, int64_t I) {
+    outer_sum_tc_kernel(const OuterSumGroup* groups, OuterSumGroup one, int64_t g_row, int64_t g_col, int64_t K) {
   static_assert(WI * WK == kWarps, "one warp per 32 x 32 outputs");
   constexpr int BI = kWarpI * WI, BK = kWarpK * WK;
   constexpr int kAPairs = BI * kStage / 2 / kThreads, kBPairs = BK * kStage / 2 / kThreads;
@@ -48,6 +48,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int group = lane / 4, pair = (lane % 4) * 2;
   const int wi = (warp / WK) * kWarpI, wk = (warp % WK) * kWarpK;
   const int64_t i0 = int64_t(blockIdx.y) * BI, k0 = int64_t(blockIdx.x) * BK;
+  const OuterSumGroup group_args = groups ? groups[blockIdx.z] : one;
+  if (i0 >= group_args.I) return;  // the grid covers the largest group
+  const float* __restrict__ g = group_args.g;
+  const bf16* __restrict__ m = group_args.m;
+  float* __restrict__ out = group_args.out;
+  const int64_t I = group_args.I;
+  const ChunkBounds& bounds = group_args.bounds;
   constexpr bool g_rows_contiguous = kGRowsContiguous;  // g_row == 1: consecutive i adjacent (weight grads)
 
   // One stage in registers: pairs of summed rows (s, s + 1) of g (per i) and of m (per k),
@@ -165,22 +172,34 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+void launch(const OuterSumGroup* groups, const OuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
+            int64_t g_col, int64_t K, cudaStream_t s, TcTile tile) {
+  const bool wide = tile == TcTile::k64x128;
+  const int BI = wide ? 64 : 128, BK = wide ? 128 : 64;
+  const dim3 grid(unsigned(ceil_div(K, BK)), unsigned(ceil_div(max_I, BI)), unsigned(count));
+  LS_CHECK(grid.y <= 65535 && grid.z <= 65535, "outer sums on tensor cores: ", max_I, " output rows and ", count,
+           " groups exceed the grid");
+  const bool rows_contiguous = g_row == 1;
+  const auto kernel = wide ? (rows_contiguous ? outer_sum_tc_kernel<2, 4, true> : outer_sum_tc_kernel<2, 4, false>)
+                           : (rows_contiguous ? outer_sum_tc_kernel<4, 2, true> : outer_sum_tc_kernel<4, 2, false>);
+  LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kPendingBytes));
+  kernel<<<grid, kThreads, kPendingBytes, s>>>(groups, one, g_row, g_col, K);
+  LS_CUDA_LAUNCHED();
+}
+
 }  // namespace
 
 void outer_sum_chunked_tc(const float* g, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
                           const ChunkBounds& bounds, float* out, int64_t I, cudaStream_t s, TcTile tile) {
   check_chunk_bounds(bounds, "outer_sum_chunked_tc");
   if (I == 0 || K == 0) return;
-  const bool wide = tile == TcTile::k64x128;
-  const int BI = wide ? 64 : 128, BK = wide ? 128 : 64;
-  const dim3 grid(unsigned(ceil_div(K, BK)), unsigned(ceil_div(I, BI)));
-  LS_CHECK(grid.y <= 65535, "outer_sum_chunked_tc: ", I, " output rows exceed the grid");
-  const bool rows_contiguous = g_row == 1;
-  const auto kernel = wide ? (rows_contiguous ? outer_sum_tc_kernel<2, 4, true> : outer_sum_tc_kernel<2, 4, false>)
-                           : (rows_contiguous ? outer_sum_tc_kernel<4, 2, true> : outer_sum_tc_kernel<4, 2, false>);
-  LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kPendingBytes));
-  kernel<<<grid, kThreads, kPendingBytes, s>>>(g, g_row, g_col, m, K, bounds, out, I);
-  LS_CUDA_LAUNCHED();
+  launch(nullptr, OuterSumGroup{g, m, out, I, bounds}, 1, I, g_row, g_col, K, s, tile);
+}
+
+void outer_sum_grouped_tc(const OuterSumGroup* groups, int count, int64_t max_I, int64_t g_row, int64_t g_col,
+                          int64_t K, cudaStream_t s, TcTile tile) {
+  if (count == 0 || max_I == 0 || K == 0) return;
+  launch(groups, OuterSumGroup{}, count, max_I, g_row, g_col, K, s, tile);
 }
 
 }  // namespace lockstep::cuda

@@ -55,6 +55,7 @@ struct BackwardScratch {
   bf16_t *x_rows, *gu_rows, *act_rows;   // [T * k, H], [T * k, 2I], [T * k, I]
   float *dact, *dgate, *dup;             // [T * k, I]
   int32_t *row_token, *row_pair, *order, *group_rows;  // [T * k], [T * k], [T * k], [E + 1]
+  cuda::OuterSumGroup* groups;                          // [6 E]: the experts' grouped GEMMs
 };
 
 // The CUDA op set of layer_backward (model/layer.h) on one GPU: the layer's intermediates are
@@ -120,23 +121,34 @@ struct CudaLayerBackwardOps {
     cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
     cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H,
                                  st);
+    // The experts' GEMMs, each kind one launch over the experts with tokens (an expert without
+    // any keeps its zero gradients): down (weight, input), SwiGLU, gate and up (weights, inputs).
+    std::vector<cuda::OuterSumGroup> down_w, down_in, gate_up_w, gate_up_in;
+    int64_t max_rows = 0;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t first = offsets[size_t(e)], n = offsets[size_t(e) + 1] - first;
-      if (n == 0) continue;  // its gradients stay zero
-      std::vector<int32_t> tokens(row_token.begin() + first, row_token.begin() + first + n);
-      const cuda::ChunkBounds b = cuda::chunk_bounds(cpu::token_chunks_of(tokens.data(), n, T));
-      const float* dy = s.dy_rows + first * H;
-      const bf16_t* x = s.x_rows + first * H;
-      float *dact = s.dact + first * I, *dgate = s.dgate + first * I, *dup = s.dup + first * I;
+      if (n == 0) continue;
+      max_rows = std::max(max_rows, n);
+      const cuda::ChunkBounds b = cuda::chunk_bounds(cpu::token_chunks_of(row_token.data() + first, n, T));
+      const float *dy = s.dy_rows + first * H, *dgate = s.dgate + first * I, *dup = s.dup + first * I;
       const bf16_t* gate_w = L.gate_up + e * 2 * I * H;
-      cuda::linear_weight_grad(dy, s.act_rows + first * I, g.down + e * H * I, H, I, b, st);
-      cuda::linear_input_grad(dy, L.down + e * H * I, dact, n, H, I, st);
-      cuda::swiglu_backward(s.gu_rows + first * 2 * I, dact, dgate, dup, n, I, st);
-      cuda::linear_weight_grad(dgate, x, g.gate_up + e * 2 * I * H, I, H, b, st);
-      cuda::linear_weight_grad(dup, x, g.gate_up + e * 2 * I * H + I * H, I, H, b, st);
-      cuda::linear_input_grad(dgate, gate_w, s.dx_rows + first * H, n, I, H, st);
-      cuda::linear_input_grad(dup, gate_w + I * H, s.part_rows + first * H, n, I, H, st);
+      down_w.push_back({dy, s.act_rows + first * I, g.down + e * H * I, H, b});
+      down_in.push_back({dy, L.down + e * H * I, s.dact + first * I, n, cuda::token_chunk_bounds(H)});
+      gate_up_w.push_back({dgate, s.x_rows + first * H, g.gate_up + e * 2 * I * H, I, b});
+      gate_up_w.push_back({dup, s.x_rows + first * H, g.gate_up + e * 2 * I * H + I * H, I, b});
+      gate_up_in.push_back({dgate, gate_w, s.dx_rows + first * H, n, cuda::token_chunk_bounds(I)});
+      gate_up_in.push_back({dup, gate_w + I * H, s.part_rows + first * H, n, cuda::token_chunk_bounds(I)});
     }
+    const size_t used = down_w.size();
+    std::vector<cuda::OuterSumGroup> all;
+    for (const auto* part : {&down_w, &down_in, &gate_up_w, &gate_up_in}) all.insert(all.end(), part->begin(), part->end());
+    r.upload_async(s.groups, all.data(), all.size() * sizeof(cuda::OuterSumGroup));
+    const int n_used = int(used);
+    cuda::outer_sum_grouped_tc(s.groups, n_used, H, 1, H, I, st);                    // d down
+    cuda::outer_sum_grouped_tc(s.groups + used, n_used, max_rows, H, 1, I, st);      // d act
+    cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
+    cuda::outer_sum_grouped_tc(s.groups + 2 * used, 2 * n_used, I, 1, I, H, st);     // d gate, d up
+    cuda::outer_sum_grouped_tc(s.groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
     cuda::add_inplace(s.dx_rows, s.part_rows, rows * H, st);
     cuda::route_topk_backward(w.router_logits, w.ids, w.expert_weights, s.dweights, s.dlogits_router, T, E, k,
                               c.norm_topk_prob, st);

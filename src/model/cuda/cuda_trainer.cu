@@ -28,6 +28,7 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   s.dact = alloc<float>(rows * I), s.dgate = alloc<float>(rows * I), s.dup = alloc<float>(rows * I);
   s.row_token = alloc<int32_t>(rows), s.row_pair = alloc<int32_t>(rows), s.order = alloc<int32_t>(rows);
   s.group_rows = alloc<int32_t>(E + 1);
+  s.groups = alloc<cuda::OuterSumGroup>(6 * E);
   return s;
 }
 
