@@ -3,6 +3,7 @@
 // the others agree to a few ulp of fp32. Plus the invariances the trainer relies on: a tile
 // choice changes no bit, and a token's gradients do not depend on the other sequences of the
 // micro-batch. The bf16 linears' tensor-core form: test_cuda_outer_sum_tc.cpp.
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <numeric>
@@ -286,7 +287,7 @@ struct AttentionStep {
   int64_t stride = 0, pages = 0;
   bf16_bits k, v;
 
-  AttentionStep(std::vector<int64_t> l, uint64_t seed) : lens(std::move(l)) {
+  AttentionStep(std::vector<int64_t> l, uint64_t seed, int64_t head_dim = 64) : D(head_dim), lens(std::move(l)) {
     const int64_t S = int64_t(lens.size());
     for (int64_t n : lens) stride = std::max(stride, (n + page - 1) / page);
     pages = S * stride;
@@ -313,8 +314,9 @@ struct AttentionGrads {
   std::vector<float> dq, dk, dv;
 };
 
+// The CUDA-core kernels, or (tensor_cores) those of attention_backward_tc.cu.
 AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q, const bf16_bits& out,
-                                      const std::vector<float>& dout) {
+                                      const std::vector<float>& dout, bool tensor_cores = false) {
   const int64_t T = a.T();
   DeviceVec<uint16_t> K(a.k), V(a.v), Q(q), O(out);
   DeviceVec<float> Dout(dout), Lse(T * a.nq), Delta(T * a.nq), Dq(T * a.nq * a.D), Dk(T * a.nkv * a.D),
@@ -328,20 +330,20 @@ AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q
   slots.seq_of_token = Seq.get();
   slots.page_tables = Tables.get();
   slots.table_stride = Stride.get();
-  cuda::paged_attention_backward(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
-                                 1.0f / std::sqrt(float(a.D)), Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(),
-                                 nullptr);
+  const float scale = 1.0f / std::sqrt(float(a.D));
+  if (tensor_cores)
+    cuda::paged_attention_backward_tc(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
+                                      int64_t(a.lens.size()), *std::max_element(a.lens.begin(), a.lens.end()), scale,
+                                      Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(), nullptr);
+  else
+    cuda::paged_attention_backward(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
+                                   scale, Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(), nullptr);
   return {Dq.take(), Dk.take(), Dv.take()};
 }
 
-TEST(CudaBackwardOps, AttentionBackwardMatchesTheCpu) {
-  LS_SKIP_WITHOUT_GPU();
-  AttentionStep a({70, 5, 130}, 24);
+AttentionGrads cpu_attention_backward(const AttentionStep& a, const bf16_bits& q, const bf16_bits& out,
+                                      const std::vector<float>& dout) {
   const int64_t T = a.T();
-  const bf16_bits q = testing::random_bf16(T * a.nq * a.D, 25), out = testing::random_bf16(T * a.nq * a.D, 26);
-  const auto dout = random_f32(T * a.nq * a.D, 27);
-  const AttentionGrads got = gpu_attention_backward(a, q, out, dout);
-
   std::vector<float> kf = widen(a.k), vf = widen(a.v);
   PagedKvLayer kv{kf.data(), vf.data(), a.pages, a.page, a.nkv, a.D};
   std::vector<const int32_t*> table_of(T);
@@ -351,9 +353,54 @@ TEST(CudaBackwardOps, AttentionBackwardMatchesTheCpu) {
                       std::vector<float>(T * a.nkv * a.D)};
   cpu::paged_attention_backward(widen(q).data(), widen(out).data(), dout.data(), kv, slots, T, a.nq,
                                 1.0f / std::sqrt(float(a.D)), want.dq.data(), want.dk.data(), want.dv.data());
+  return want;
+}
+
+TEST(CudaBackwardOps, AttentionBackwardMatchesTheCpu) {
+  LS_SKIP_WITHOUT_GPU();
+  AttentionStep a({70, 5, 130}, 24);
+  const int64_t T = a.T();
+  const bf16_bits q = testing::random_bf16(T * a.nq * a.D, 25), out = testing::random_bf16(T * a.nq * a.D, 26);
+  const auto dout = random_f32(T * a.nq * a.D, 27);
+  const AttentionGrads got = gpu_attention_backward(a, q, out, dout);
+  const AttentionGrads want = cpu_attention_backward(a, q, out, dout);
   expect_close(got.dq, want.dq, 64, "dq");
   expect_close(got.dk, want.dk, 64, "dk");
   expect_close(got.dv, want.dv, 64, "dv");
+}
+
+// The tensor-core form: P, dS and dout rounded to bf16 (2^-9 each) put each gradient within a
+// few 2^-9 of the fp32 value; an error in a fragment's layout or a mask is of order 1.
+void expect_bf16_close(const std::vector<float>& got, const std::vector<float>& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size());
+  double err = 0.0, norm = 0.0, scale = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    norm += double(want[i]) * want[i];
+    scale = std::max(scale, std::fabs(double(want[i])));
+  }
+  EXPECT_LE(std::sqrt(err / norm), 1e-2) << what << ": relative error of the whole tensor";
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!(std::fabs(double(got[i]) - want[i]) <= scale / 32) && bad++ < 5)
+      ADD_FAILURE() << what << "[" << i << "]: tensor cores " << got[i] << ", cpu " << want[i];
+  EXPECT_EQ(bad, 0u) << what;
+}
+
+TEST(CudaBackwardOps, AttentionBackwardOnTensorCoresIsTheCpusWithinBf16) {
+  LS_SKIP_WITHOUT_GPU();
+  for (const int64_t D : {16, 64, 128}) {
+    SCOPED_TRACE(D);
+    AttentionStep a({70, 5, 130, 64}, 24 + D, D);
+    const int64_t T = a.T();
+    const bf16_bits q = testing::random_bf16(T * a.nq * a.D, 25), out = testing::random_bf16(T * a.nq * a.D, 26);
+    const auto dout = random_f32(T * a.nq * a.D, 27);
+    const AttentionGrads got = gpu_attention_backward(a, q, out, dout, true);
+    const AttentionGrads want = cpu_attention_backward(a, q, out, dout);
+    expect_bf16_close(got.dq, want.dq, "dq");
+    expect_bf16_close(got.dk, want.dk, "dk");
+    expect_bf16_close(got.dv, want.dv, "dv");
+  }
 }
 
 TEST(CudaBackwardOps, AttentionBackwardOfASequenceIgnoresItsNeighbours) {
@@ -377,14 +424,17 @@ TEST(CudaBackwardOps, AttentionBackwardOfASequenceIgnoresItsNeighbours) {
   std::copy(q.begin(), q.end(), q2.begin() + first * qrow);
   std::copy(out.begin(), out.end(), out2.begin() + first * qrow);
   std::copy(dout.begin(), dout.end(), dout2.begin() + first * qrow);
-  const AttentionGrads g1 = gpu_attention_backward(alone, q, out, dout);
-  const AttentionGrads g2 = gpu_attention_backward(among, q2, out2, dout2);
-  auto rows = [&](const std::vector<float>& v, int64_t width) {
-    return std::vector<float>(v.begin() + first * width, v.begin() + (first + len) * width);
-  };
-  EXPECT_TRUE(same_bits_f(g1.dq, rows(g2.dq, qrow)));
-  EXPECT_TRUE(same_bits_f(g1.dk, rows(g2.dk, row)));
-  EXPECT_TRUE(same_bits_f(g1.dv, rows(g2.dv, row)));
+  for (const bool tensor_cores : {false, true}) {
+    SCOPED_TRACE(tensor_cores ? "tensor cores" : "CUDA cores");
+    const AttentionGrads g1 = gpu_attention_backward(alone, q, out, dout, tensor_cores);
+    const AttentionGrads g2 = gpu_attention_backward(among, q2, out2, dout2, tensor_cores);
+    auto rows = [&](const std::vector<float>& v, int64_t width) {
+      return std::vector<float>(v.begin() + first * width, v.begin() + (first + len) * width);
+    };
+    EXPECT_TRUE(same_bits_f(g1.dq, rows(g2.dq, qrow)));
+    EXPECT_TRUE(same_bits_f(g1.dk, rows(g2.dk, row)));
+    EXPECT_TRUE(same_bits_f(g1.dv, rows(g2.dv, row)));
+  }
 }
 
 }  // namespace

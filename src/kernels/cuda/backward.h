@@ -126,6 +126,16 @@ void paged_attention_backward(const bf16_t* q, const bf16_t* out, const float* d
                               int64_t heads, float scale, float* lse_ws, float* delta_ws, float* dq, float* dk,
                               float* dv, cudaStream_t s);
 
+// The same gradients on tensor cores (attention_backward_tc.cu: flash-attention-2's
+// recomputation, P, dS and dout rounded to bf16 as MMA operands; head_dim 16, 32, 64 or 128):
+// one fixed procedure per element over its own sequence, not the CUDA-core kernels' bits.
+// num_seqs and max_seq_len (host) size the grid: sequences of seq_first, the longest's tokens.
+bool attention_backward_tc_supported(int64_t head_dim);
+void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
+                                 const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
+                                 int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
+                                 float* lse_ws, float* delta_ws, float* dq, float* dk, float* dv, cudaStream_t s);
+
 // cpu::route_topk_backward with the probabilities recomputed as the GPU router computes them.
 void route_topk_backward(const float* router_logits, const int32_t* expert_ids, const float* weights,
                          const float* dweights, float* dlogits, int64_t T, int64_t E, int64_t k, bool normalize,

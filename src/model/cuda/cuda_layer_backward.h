@@ -69,6 +69,7 @@ struct CudaLayerBackwardOps {
   const cuda::DeviceSlots& slots;
   const int32_t* seq_first;  // device: sequence token runs (attention backward)
   const int32_t* seq_tokens;
+  int64_t num_seqs, max_seq_len;  // host: the runs' count and the longest's tokens
   int64_t T;
   float* dx;  // d(layer output) on entry, d(layer input) on return
   const DeviceLayerFloats& g;
@@ -187,8 +188,13 @@ struct CudaLayerBackwardOps {
   }
 
   void attention_backward() {
-    cuda::paged_attention_backward(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq,
-                                   1.0f / std::sqrt(float(D)), s.lse, s.delta, s.dq, s.dk, s.dv, st);
+    const float scale = 1.0f / std::sqrt(float(D));
+    if (cuda::attention_backward_tc_supported(D))
+      cuda::paged_attention_backward_tc(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, num_seqs,
+                                        max_seq_len, scale, s.lse, s.delta, s.dq, s.dk, s.dv, st);
+    else
+      cuda::paged_attention_backward(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, scale, s.lse,
+                                     s.delta, s.dq, s.dk, s.dv, st);
     clock.lap("backward_attention");
   }
 

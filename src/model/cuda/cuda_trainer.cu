@@ -74,7 +74,11 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // Sequence s's tokens by position (the packer lays them out in order).
   std::vector<int32_t> seq_first{0}, seq_tokens(static_cast<size_t>(T));
   std::iota(seq_tokens.begin(), seq_tokens.end(), 0);
-  for (const auto& q : seqs) seq_first.push_back(seq_first.back() + int32_t(q.size()));
+  int64_t max_seq_len = 0;
+  for (const auto& q : seqs) {
+    seq_first.push_back(seq_first.back() + int32_t(q.size()));
+    max_seq_len = std::max<int64_t>(max_seq_len, int64_t(q.size()));
+  }
   int32_t* seq_first_d = alloc<int32_t>(int64_t(seq_first.size()));
   int32_t* seq_tokens_d = alloc<int32_t>(T);
   r_.upload_async(seq_first_d, seq_first.data(), seq_first.size() * 4);
@@ -174,8 +178,8 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     CudaRunner::LayerOps ops{r_, train_ws, kv, slots, T};
     layer_forward(ops, r_.layers_[size_t(l)]);
     clock.lap("recompute");
-    CudaLayerBackwardOps back{r_, train_ws, layer_in, kv, slots, seq_first_d, seq_tokens_d, T, dx, g_layers[size_t(l)],
-                              s,  clock};
+    CudaLayerBackwardOps back{r_, train_ws, layer_in, kv, slots, seq_first_d, seq_tokens_d, int64_t(seqs.size()),
+                              max_seq_len, T, dx, g_layers[size_t(l)], s, clock};
     layer_backward(back, r_.layers_[size_t(l)]);
   }
 

@@ -1,0 +1,424 @@
+// Attention backward on tensor cores (backward.h, paged_attention_backward_tc): the
+// flash-attention-2 recomputation in two kernels and no atomics, mma.sync m16n8k16 with bf16
+// operands and fp32 accumulators.
+//
+//   dq kernel, per (64-query tile of a sequence, head): the log-sum-exp of each query over the
+//   KV blocks (the contract's absolute 64-position blocks, ascending), then per block S = q K^T,
+//   P = exp(scale S - lse), dP = dout V^T, dS = P (dP - delta) scale, dq += dS K.
+//   dkv kernel, per (64-key tile of a sequence, kv head): over the query tiles at or after it
+//   (ascending), the group's heads (ascending), 32 queries at a time: S^T = K q^T, dP^T =
+//   V dout^T, dv += P^T dout, dk += dS^T q.
+//
+// Each output element is one fixed procedure of its own sequence's values: k16 steps over
+// keys (dq) or queries (dk, dv) in that fixed order, positions aligned to absolute tiles, so a
+// sequence's gradients do not depend on the other sequences, their places or the pages. A
+// masked or absent key or query contributes exact zeros. P, dS and dout enter the tensor cores
+// rounded to bf16 (as in FlashAttention-2); q, K, V are the forward's bf16 values. The
+// CUDA-core kernels of attention_backward.cu (fp32 products) are the reference.
+#include <type_traits>
+
+#include "kernels/cuda/backward.h"
+#include "kernels/cuda/backward_common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
+#include "kernels/cuda/row_ops.cuh"
+
+namespace lockstep::cuda {
+
+namespace {
+
+constexpr int kTile = 64;  // queries or keys a block: the contract's KV block
+constexpr int kWarps = 4;  // 16 rows each
+constexpr int kThreads = 32 * kWarps;
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower index
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack_pair(bf16 lo, bf16 hi) {
+  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+
+// A shared tile of 64 rows of D bf16 (padded rows: conflict-free fragment loads).
+template <int D>
+struct Tile {
+  static constexpr int kPitch = D + 8;
+  bf16 v[kTile][kPitch];
+  // B fragment of an n8 x k16 step from rows n (pairs along the row): B[k][n] = v[n0 + n][k0 + k].
+  __device__ __forceinline__ void b_rows(int n0, int k0, int lane, uint32_t& b0, uint32_t& b1) const {
+    const int n = n0 + lane / 4, k = k0 + 2 * (lane % 4);
+    b0 = load_bf16_pair(&v[n][k]);
+    b1 = load_bf16_pair(&v[n][k + 8]);
+  }
+  // B fragment from columns: B[k][n] = v[k0 + k][n0 + n].
+  __device__ __forceinline__ void b_cols(int n0, int k0, int lane, uint32_t& b0, uint32_t& b1) const {
+    const int n = n0 + lane / 4, k = k0 + 2 * (lane % 4);
+    b0 = pack_pair(v[k][n], v[k + 1][n]);
+    b1 = pack_pair(v[k + 8][n], v[k + 9][n]);
+  }
+  // A fragment of the 16 x 16 block at (row0, k0) (row-major).
+  __device__ __forceinline__ void a_rows(int row0, int k0, int lane, uint32_t (&a)[4]) const {
+    const int r = row0 + lane / 4, k = k0 + 2 * (lane % 4);
+    a[0] = load_bf16_pair(&v[r][k]);
+    a[1] = load_bf16_pair(&v[r + 8][k]);
+    a[2] = load_bf16_pair(&v[r][k + 8]);
+    a[3] = load_bf16_pair(&v[r + 8][k + 8]);
+  }
+};
+
+// acc[nt] = A B^T over head_dim for the warp's 16 rows and the tile's 64 rows (8 n8 tiles):
+// A in fragments (the rows' values), B the tile's rows.
+template <int D>
+__device__ __forceinline__ void rows_times_tile(float (&acc)[8][4], const uint32_t (&a)[D / 16][4], const Tile<D>& t,
+                                                int lane) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      uint32_t b0, b1;
+      t.b_rows(nt * 8, kk * 16, lane, b0, b1);
+      mma_bf16(acc[nt], a[kk], b0, b1);
+    }
+}
+
+// Rows of a KV block from the cache (zeros past the sequence), 16 bytes a thread at a time.
+template <int D>
+__device__ __forceinline__ void load_kv_block(Tile<D>& dst, const bf16* base, const DeviceKvLayer& kv,
+                                              const DeviceSlots& slots, int64_t seq_token, int p0, int len, int g) {
+  constexpr int kPieces = D / 8;
+  for (int idx = threadIdx.x; idx < kTile * kPieces; idx += kThreads) {
+    const int r = idx / kPieces, piece = idx % kPieces, pos = p0 + r;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (pos < len)
+      val = *reinterpret_cast<const uint4*>(
+          base + (slot_of(slots, seq_token, pos, kv.page_size) * kv.kv_heads + g) * D + piece * 8);
+    *reinterpret_cast<uint4*>(&dst.v[r][piece * 8]) = val;
+  }
+}
+
+// Rows of per-(token, head) values [T, heads, D] for the tile's 64 positions (zeros past the
+// sequence); fp32 sources are rounded to bf16.
+template <int D, typename TS>
+__device__ __forceinline__ void load_head_rows(Tile<D>& dst, const TS* src, const int32_t* toks, int p0, int len,
+                                               int64_t heads, int64_t h) {
+  for (int idx = threadIdx.x; idx < kTile * (D / 2); idx += kThreads) {
+    const int r = idx / (D / 2), d = 2 * (idx % (D / 2)), pos = p0 + r;
+    uint32_t val = 0;
+    if (pos < len) {
+      const TS* row = src + (int64_t(toks[pos]) * heads + h) * D;
+      if constexpr (std::is_same_v<TS, float>)
+        val = pack2(row[d], row[d + 1]);
+      else
+        val = load_bf16_pair(row + d);
+    }
+    *reinterpret_cast<uint32_t*>(&dst.v[r][d]) = val;
+  }
+}
+
+// delta[t, h] = dout . out over head_dim (the CPU's dot procedure).
+__global__ void attention_delta_kernel(const float* dout, const bf16* out, float* delta, int64_t items, int D) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < items) delta[i] = dot_lanes(dout + i * D, out + i * D, D);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    attention_dq_tc_kernel(const bf16* q, const float* dout, DeviceKvLayer kv, DeviceSlots slots,
+                           const int32_t* seq_first, const int32_t* seq_tokens, int tiles_per_seq, int64_t heads,
+                           float scale, const float* delta, float* lse, float* dq) {
+  __shared__ Tile<D> ks, vs;
+  const int seq = blockIdx.x / tiles_per_seq, p0 = (blockIdx.x % tiles_per_seq) * kTile;
+  const int64_t h = blockIdx.y, g = h / (heads / kv.kv_heads);
+  const int32_t* toks = seq_tokens + seq_first[seq];
+  const int len = seq_first[seq + 1] - seq_first[seq];
+  if (p0 >= len) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = 2 * (lane % 4);
+  // This lane's two query rows (accumulator rows lane / 4 and + 8 of the warp's 16).
+  const int pos_a = p0 + 16 * warp + lane / 4, pos_b = pos_a + 8;
+  const bool in_a = pos_a < len, in_b = pos_b < len;
+  const int64_t item_a = in_a ? int64_t(toks[pos_a]) * heads + h : 0,
+                item_b = in_b ? int64_t(toks[pos_b]) * heads + h : 0;
+
+  // q and dout of the rows as A fragments (zeros for rows past the sequence).
+  uint32_t qa[D / 16][4], da[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int d = kk * 16 + quad;
+    const bf16* qra = q + item_a * D;
+    const bf16* qrb = q + item_b * D;
+    const float* dra = dout + item_a * D;
+    const float* drb = dout + item_b * D;
+    qa[kk][0] = in_a ? load_bf16_pair(qra + d) : 0u;
+    qa[kk][1] = in_b ? load_bf16_pair(qrb + d) : 0u;
+    qa[kk][2] = in_a ? load_bf16_pair(qra + d + 8) : 0u;
+    qa[kk][3] = in_b ? load_bf16_pair(qrb + d + 8) : 0u;
+    da[kk][0] = in_a ? pack2(dra[d], dra[d + 1]) : 0u;
+    da[kk][1] = in_b ? pack2(drb[d], drb[d + 1]) : 0u;
+    da[kk][2] = in_a ? pack2(dra[d + 8], dra[d + 9]) : 0u;
+    da[kk][3] = in_b ? pack2(drb[d + 8], drb[d + 9]) : 0u;
+  }
+  const float delta_a = in_a ? delta[item_a] : 0.0f, delta_b = in_b ? delta[item_b] : 0.0f;
+  const int64_t seq_token = toks[0];  // any token of the sequence reads its page table
+  const int last_block = p0 / kTile;  // the diagonal block: no key after it is visible
+
+  // S = q K^T of one block for the warp's 16 rows x 64 keys, scaled and masked (keys after a
+  // row's position: -inf).
+  float s[8][4];
+  auto scores = [&](int b) {
+    rows_times_tile<D>(s, qa, ks, lane);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = b * kTile + nt * 8 + quad + (e & 1), pos = e < 2 ? pos_a : pos_b;
+        s[nt][e] = key <= pos ? s[nt][e] * scale : -INFINITY;
+      }
+  };
+
+  // Pass 1: the log-sum-exp of each row (online over the blocks; per lane ascending keys,
+  // then the quad's butterfly).
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+  for (int b = 0; b <= last_block; ++b) {
+    __syncthreads();
+    load_kv_block(ks, kv.k, kv, slots, seq_token, b * kTile, len, int(g));
+    __syncthreads();
+    scores(b);
+    float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+      mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int x = 1; x <= 2; x *= 2) {
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, x));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, x));
+    }
+    const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+    float sum_a = 0.0f, sum_b = 0.0f;
+    if (mn_a != -INFINITY)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) sum_a = (sum_a + expf(s[nt][0] - mn_a)) + expf(s[nt][1] - mn_a);
+    if (mn_b != -INFINITY)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) sum_b = (sum_b + expf(s[nt][2] - mn_b)) + expf(s[nt][3] - mn_b);
+#pragma unroll
+    for (int x = 1; x <= 2; x *= 2) {
+      sum_a += __shfl_xor_sync(0xffffffffu, sum_a, x);
+      sum_b += __shfl_xor_sync(0xffffffffu, sum_b, x);
+    }
+    l_a = (m_a == -INFINITY ? 0.0f : l_a * expf(m_a - mn_a)) + sum_a;
+    l_b = (m_b == -INFINITY ? 0.0f : l_b * expf(m_b - mn_b)) + sum_b;
+    m_a = mn_a, m_b = mn_b;
+  }
+  const float lse_a = m_a + logf(l_a), lse_b = m_b + logf(l_b);
+  if (lane % 4 == 0) {
+    if (in_a) lse[item_a] = lse_a;
+    if (in_b) lse[item_b] = lse_b;
+  }
+
+  // Pass 2: dq over the blocks, keys ascending.
+  float acc[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[dn][e] = 0.0f;
+  for (int b = 0; b <= last_block; ++b) {
+    __syncthreads();
+    load_kv_block(ks, kv.k, kv, slots, seq_token, b * kTile, len, int(g));
+    load_kv_block(vs, kv.v, kv, slots, seq_token, b * kTile, len, int(g));
+    __syncthreads();
+    scores(b);
+    float dp[8][4];
+    rows_times_tile<D>(dp, da, vs, lane);
+    // dS in place of S (a masked key: P = exp(-inf) = 0, so dS = 0).
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = expf(s[nt][e] - (e < 2 ? lse_a : lse_b));
+        s[nt][e] = p * (dp[nt][e] - (e < 2 ? delta_a : delta_b)) * scale;
+      }
+      // dq += dS K: k16 steps of keys, dS's accumulator tiles 2j, 2j + 1 as the A fragment.
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t a[4] = {pack2(s[2 * j][0], s[2 * j][1]), pack2(s[2 * j][2], s[2 * j][3]),
+                             pack2(s[2 * j + 1][0], s[2 * j + 1][1]), pack2(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        uint32_t b0, b1;
+        ks.b_cols(dn * 8, j * 16, lane, b0, b1);
+        mma_bf16(acc[dn], a, b0, b1);
+      }
+    }
+  }
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    const int d = dn * 8 + quad;
+    if (in_a) *reinterpret_cast<float2*>(dq + item_a * D + d) = make_float2(acc[dn][0], acc[dn][1]);
+    if (in_b) *reinterpret_cast<float2*>(dq + item_b * D + d) = make_float2(acc[dn][2], acc[dn][3]);
+  }
+}
+
+template <int D>
+struct DkvShared {
+  Tile<D> k, v, q, dout;
+  float lse[kTile], delta[kTile];
+};
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    attention_dkv_tc_kernel(const bf16* q, const float* dout, DeviceKvLayer kv, DeviceSlots slots,
+                            const int32_t* seq_first, const int32_t* seq_tokens, int tiles_per_seq, int64_t heads,
+                            float scale, const float* lse, const float* delta, float* dk, float* dv) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DkvShared<D>& sh = *reinterpret_cast<DkvShared<D>*>(smem_raw);
+  const int seq = blockIdx.x / tiles_per_seq, k0 = (blockIdx.x % tiles_per_seq) * kTile;
+  const int g = blockIdx.y;
+  const int64_t nkv = kv.kv_heads, group = heads / nkv;
+  const int32_t* toks = seq_tokens + seq_first[seq];
+  const int len = seq_first[seq + 1] - seq_first[seq];
+  if (k0 >= len) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = 2 * (lane % 4);
+  const int row_a = 16 * warp + lane / 4, kpos_a = k0 + row_a, kpos_b = kpos_a + 8;
+  const int64_t seq_token = toks[0];
+  load_kv_block(sh.k, kv.k, kv, slots, seq_token, k0, len, g);
+  load_kv_block(sh.v, kv.v, kv, slots, seq_token, k0, len, g);
+
+  float acc_k[D / 8][4], acc_v[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_k[dn][e] = acc_v[dn][e] = 0.0f;
+
+  for (int p0 = k0; p0 < len; p0 += kTile) {
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+      __syncthreads();
+      load_head_rows(sh.q, q, toks, p0, len, heads, h);
+      load_head_rows(sh.dout, dout, toks, p0, len, heads, h);
+      for (int r = threadIdx.x; r < kTile; r += kThreads) {
+        const bool in = p0 + r < len;
+        const int64_t item = in ? int64_t(toks[p0 + r]) * heads + h : 0;
+        sh.lse[r] = in ? lse[item] : 0.0f;
+        sh.delta[r] = in ? delta[item] : 0.0f;
+      }
+      __syncthreads();
+      for (int half = 0; half < 2; ++half) {
+        const int c0 = half * 32;  // the 32 queries of this pass
+        float s[4][4], dp[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t ka[4], va[4];
+          sh.k.a_rows(16 * warp, kk * 16, lane, ka);
+          sh.v.a_rows(16 * warp, kk * 16, lane, va);
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            uint32_t b0, b1;
+            sh.q.b_rows(c0 + nt * 8, kk * 16, lane, b0, b1);
+            mma_bf16(s[nt], ka, b0, b1);
+            sh.dout.b_rows(c0 + nt * 8, kk * 16, lane, b0, b1);
+            mma_bf16(dp[nt], va, b0, b1);
+          }
+        }
+        // P^T and dS^T (rows: keys a, b; columns: queries). A query sees keys at or before
+        // its position; a query past the sequence is absent.
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = c0 + nt * 8 + quad + (e & 1), qpos = p0 + col, kpos = e < 2 ? kpos_a : kpos_b;
+            const float p = qpos < len && kpos <= qpos ? expf(s[nt][e] * scale - sh.lse[col]) : 0.0f;
+            s[nt][e] = p;
+            dp[nt][e] = p * (dp[nt][e] - sh.delta[col]) * scale;
+          }
+          // dv += P^T dout, dk += dS^T q: k16 steps of queries.
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const uint32_t pa[4] = {pack2(s[2 * j][0], s[2 * j][1]), pack2(s[2 * j][2], s[2 * j][3]),
+                                  pack2(s[2 * j + 1][0], s[2 * j + 1][1]), pack2(s[2 * j + 1][2], s[2 * j + 1][3])};
+          const uint32_t dsa[4] = {pack2(dp[2 * j][0], dp[2 * j][1]), pack2(dp[2 * j][2], dp[2 * j][3]),
+                                   pack2(dp[2 * j + 1][0], dp[2 * j + 1][1]),
+                                   pack2(dp[2 * j + 1][2], dp[2 * j + 1][3])};
+#pragma unroll
+          for (int dn = 0; dn < D / 8; ++dn) {
+            uint32_t b0, b1;
+            sh.dout.b_cols(dn * 8, c0 + j * 16, lane, b0, b1);
+            mma_bf16(acc_v[dn], pa, b0, b1);
+            sh.q.b_cols(dn * 8, c0 + j * 16, lane, b0, b1);
+            mma_bf16(acc_k[dn], dsa, b0, b1);
+          }
+        }
+      }
+    }
+  }
+  const bool in_a = kpos_a < len, in_b = kpos_b < len;
+  const int64_t item_a = in_a ? int64_t(toks[kpos_a]) * nkv + g : 0,
+                item_b = in_b ? int64_t(toks[kpos_b]) * nkv + g : 0;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    const int d = dn * 8 + quad;
+    if (in_a) {
+      *reinterpret_cast<float2*>(dk + item_a * D + d) = make_float2(acc_k[dn][0], acc_k[dn][1]);
+      *reinterpret_cast<float2*>(dv + item_a * D + d) = make_float2(acc_v[dn][0], acc_v[dn][1]);
+    }
+    if (in_b) {
+      *reinterpret_cast<float2*>(dk + item_b * D + d) = make_float2(acc_k[dn][2], acc_k[dn][3]);
+      *reinterpret_cast<float2*>(dv + item_b * D + d) = make_float2(acc_v[dn][2], acc_v[dn][3]);
+    }
+  }
+}
+
+template <int D>
+void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv, const DeviceSlots& slots,
+            const int32_t* seq_first, const int32_t* seq_tokens, int64_t T, int64_t heads, int64_t num_seqs,
+            int64_t max_seq_len, float scale, float* lse, float* delta, float* dq, float* dk, float* dv,
+            cudaStream_t s) {
+  attention_delta_kernel<<<unsigned(ceil_div(T * heads, 256)), 256, 0, s>>>(dout, out, delta, T * heads, int(D));
+  LS_CUDA_LAUNCHED();
+  const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
+  const dim3 dq_grid(unsigned(num_seqs * tiles_per_seq), unsigned(heads));
+  attention_dq_tc_kernel<D><<<dq_grid, kThreads, 0, s>>>(q, dout, kv, slots, seq_first, seq_tokens, tiles_per_seq,
+                                                         heads, scale, delta, lse, dq);
+  LS_CUDA_LAUNCHED();
+  const size_t smem = sizeof(DkvShared<D>);
+  LS_CUDA_CHECK(
+      cudaFuncSetAttribute(attention_dkv_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const dim3 dkv_grid(unsigned(num_seqs * tiles_per_seq), unsigned(kv.kv_heads));
+  attention_dkv_tc_kernel<D><<<dkv_grid, kThreads, smem, s>>>(q, dout, kv, slots, seq_first, seq_tokens, tiles_per_seq,
+                                                              heads, scale, lse, delta, dk, dv);
+  LS_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+bool attention_backward_tc_supported(int64_t head_dim) {
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
+
+void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
+                                 const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
+                                 int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
+                                 float* lse_ws, float* delta_ws, float* dq, float* dk, float* dv, cudaStream_t s) {
+  LS_CHECK(attention_backward_tc_supported(kv.head_dim), "attention backward on tensor cores: head_dim ", kv.head_dim,
+           " is not 16, 32, 64 or 128");
+  LS_CHECK(kv.kv_heads >= 1 && heads % kv.kv_heads == 0, "attention backward: ", heads, " heads over ", kv.kv_heads,
+           " KV heads");
+  LS_CHECK(num_seqs * ceil_div(max_seq_len, kTile) < (int64_t(1) << 31), "attention backward: ", num_seqs,
+           " sequences of up to ", max_seq_len, " tokens exceed the grid");
+  if (T == 0 || num_seqs == 0) return;
+  auto run = kv.head_dim == 16   ? launch<16>
+             : kv.head_dim == 32 ? launch<32>
+             : kv.head_dim == 64 ? launch<64>
+                                 : launch<128>;
+  run(q, out, dout, kv, slots, seq_first, seq_tokens, T, heads, num_seqs, max_seq_len, scale, lse_ws, delta_ws, dq, dk,
+      dv, s);
+}
+
+}  // namespace lockstep::cuda
