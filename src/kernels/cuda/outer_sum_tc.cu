@@ -25,6 +25,10 @@ constexpr int kPitch = kStage + 8;                    // bf16 per staged row: 80
 constexpr int kWarpI = 32, kWarpK = 32;               // outputs per warp: 2 m16 x 4 n8 fragments
 constexpr int kPendingBytes = 2 * 32 * kThreads * 4;  // two levels of 32 accumulators a thread
 
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(bf16 lo_index, bf16 hi_index) {
   return uint32_t(__bfloat16_as_ushort(lo_index)) | (uint32_t(__bfloat16_as_ushort(hi_index)) << 16);
 }
@@ -113,25 +117,21 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (s0 + kStage < end) load(s0 + kStage, end);
       const int steps = end - s0 > 16 ? 2 : 1;
       for (int step = 0; step < steps; ++step) {
-        const int col = step * 16 + pair;
+        // ldmatrix: A's four 8 x 8 matrices from rows i (lanes 0-15) at k 0 and 8 (lanes 16-31);
+        // two n8 tiles of B at once, each its k 0 and k 8 halves.
         uint32_t hi[2][4], lo[2][4], bm[4][2];
 #pragma unroll
         for (int a = 0; a < 2; ++a) {
-          const int row = wi + a * 16 + group;
-          hi[a][0] = load_bf16_pair(&a_hi[row][col]);
-          hi[a][1] = load_bf16_pair(&a_hi[row + 8][col]);
-          hi[a][2] = load_bf16_pair(&a_hi[row][col + 8]);
-          hi[a][3] = load_bf16_pair(&a_hi[row + 8][col + 8]);
-          lo[a][0] = load_bf16_pair(&a_lo[row][col]);
-          lo[a][1] = load_bf16_pair(&a_lo[row + 8][col]);
-          lo[a][2] = load_bf16_pair(&a_lo[row][col + 8]);
-          lo[a][3] = load_bf16_pair(&a_lo[row + 8][col + 8]);
+          const int row = wi + a * 16 + lane % 16, k = step * 16 + (lane / 16) * 8;
+          ldmatrix_x4(hi[a], shared_address(&a_hi[row][k]));
+          ldmatrix_x4(lo[a], shared_address(&a_lo[row][k]));
         }
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const int kk = wk + b * 8 + group;
-          bm[b][0] = load_bf16_pair(&b_t[kk][col]);
-          bm[b][1] = load_bf16_pair(&b_t[kk][col + 8]);
+        for (int bb = 0; bb < 2; ++bb) {
+          uint32_t r[4];
+          ldmatrix_x4(r,
+                      shared_address(&b_t[wk + bb * 16 + (lane / 16) * 8 + lane % 8][step * 16 + (lane / 8) % 2 * 8]));
+          bm[2 * bb][0] = r[0], bm[2 * bb][1] = r[1], bm[2 * bb + 1][0] = r[2], bm[2 * bb + 1][1] = r[3];
         }
 #pragma unroll
         for (int a = 0; a < 2; ++a)
