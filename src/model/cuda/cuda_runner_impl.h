@@ -182,9 +182,11 @@ class CudaRunner final : public ModelRunner {
   std::vector<SampleResult> forward_sample(const ForwardBatch& batch,
                                            const std::vector<SampleRequest>& requests) override {
     const int64_t R = int64_t(requests.size()), V = config_.vocab_size;
-    for (const auto& r : requests)
+    for (const auto& r : requests) {
       LS_CHECK(r.row >= 0 && r.row < batch.size(), "forward_sample: request row ", r.row, " is outside the batch of ",
                batch.size(), " tokens");
+      check_top_logprobs_count(r.top_logprobs);
+    }
     forward(batch, R);
     std::vector<int32_t> rows(static_cast<size_t>(R));
     std::vector<cuda::DeviceSampleParams> params(static_cast<size_t>(R));
@@ -228,7 +230,29 @@ class CudaRunner final : public ModelRunner {
       for (int64_t i = 0; i < R; ++i)
         if (params[size_t(i)].forced >= 0) out[size_t(i)] = {tokens[size_t(i)], logprobs[size_t(i)]};
     }
+    add_top_logprobs(requests, out);
     return out;
+  }
+
+  // The rows that ask for top log-probs get them from the log-softmax their token was drawn from
+  // (computed on the device in place of the logits, so the sampled token's entry is its log-prob
+  // bit for bit); only those rows are downloaded and searched.
+  void add_top_logprobs(const std::vector<SampleRequest>& requests, std::vector<SampleResult>& out) {
+    const int64_t R = int64_t(requests.size()), V = config_.vocab_size;
+    if (std::none_of(requests.begin(), requests.end(), [](const SampleRequest& r) { return r.top_logprobs > 0; }))
+      return;
+    cuda::sampled_log_softmax_rows(ws_.logits, ws_.sample_params, ws_.sample_ws, R, V, stream_);
+    std::vector<float> row(static_cast<size_t>(V));
+    int32_t tokens[kMaxTopLogprobs];
+    float values[kMaxTopLogprobs];
+    for (int64_t i = 0; i < R; ++i) {
+      SampleResult& o = out[size_t(i)];
+      o.num_top = int32_t(std::min<int64_t>(requests[size_t(i)].top_logprobs, V));
+      if (o.num_top == 0) continue;
+      download(row.data(), ws_.logits + i * V, size_t(V) * 4);
+      cpu::top_n_logprobs(row.data(), V, o.num_top, tokens, values);
+      for (int32_t k = 0; k < o.num_top; ++k) o.top[k] = {tokens[k], values[k]};
+    }
   }
 
   std::vector<float> forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) override {
