@@ -7,7 +7,6 @@
 #include <cmath>
 
 #include "cuda_test_util.h"
-#include "kernels/cpu/sampling.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/ops.h"
 
@@ -142,28 +141,6 @@ void check_sampled_log_softmax(int64_t V) {
     }
     EXPECT_TRUE(testing::same_bits_f(score(rows, targets, V), want_row)) << "row " << r;
   }
-}
-
-// Equal log-probs are listed by ascending id after the larger ones (the CUDA runner's selection).
-TEST(CudaSampling, TopLogprobsTiesGoToTheLowerId) {
-  LS_SKIP_WITHOUT_GPU();
-  const std::vector<float> logits = {1.0f, 3.0f, 2.0f, 3.0f, 3.0f, -1.0f, 2.0f};
-  const std::vector<cuda::DeviceSampleParams> params = {{0.0f, 0.5f, -1}};
-  DeviceVec<float> L(logits), lp(1), ws(cuda::sample_workspace_floats(1));
-  DeviceVec<int32_t> tok(1);
-  DeviceVec<cuda::DeviceSampleParams> P(params);
-  cuda::sample_rows(L.get(), P.get(), tok.get(), lp.get(), 1, 7, ws.get(), nullptr);
-  cuda::sampled_log_softmax_rows(L.get(), P.get(), ws.get(), 1, 7, nullptr);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const auto row = L.take();
-  int32_t tokens[5];
-  float values[5];
-  cpu::top_n_logprobs(row.data(), 7, 5, tokens, values);
-  EXPECT_EQ(std::vector<int32_t>(tokens, tokens + 5), (std::vector<int32_t>{1, 3, 4, 2, 6}));
-  EXPECT_EQ(tok.take()[0], 1);
-  const float drawn = lp.take()[0];
-  EXPECT_EQ(std::memcmp(&values[0], &drawn, 4), 0);
-  EXPECT_EQ(std::memcmp(&values[3], &values[4], 4), 0);
 }
 
 TEST(CudaSampling, LogSoftmaxOfTheDrawLargeVocabulary) { check_sampled_log_softmax(151936); }

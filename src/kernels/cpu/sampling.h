@@ -22,7 +22,7 @@ SampleChoice sample_row(const float* logits, int64_t V, float temperature, int32
 void top_logprobs_row(const float* logits, int64_t V, float temperature, int32_t n, int32_t* tokens, float* logprobs);
 
 // The n largest of a row of log-probs (n <= V): ids and values by value descending, ties to the
-// lower id. top_logprobs_row's selection, shared with the CUDA runner (which makes the row).
+// lower id. top_logprobs_row's selection, and the reference of the GPU's (cuda::top_n_rows).
 void top_n_logprobs(const float* logprobs_row, int64_t V, int32_t n, int32_t* tokens, float* logprobs);
 
 }  // namespace lockstep::cpu
