@@ -4,7 +4,8 @@
 // Prompts are random token ids (< --max-id) with fixed lengths, and ignore_eos fixes every
 // output's length, so runs are comparable. bench/bench_serve.sh starts a server and runs this.
 //   bench_serve --url http://127.0.0.1:PORT [--requests 200] [--concurrency 16]
-//               [--prompt-tokens 32] [--max-tokens 32] [--stream] [--json]
+//               [--prompt-tokens 32] [--max-tokens 32] [--top-logprobs 0] [--stream] [--json]
+// --top-logprobs N asks every request for the N most likely tokens of each step (what that costs).
 #include <httplib.h>
 
 #include <CLI/CLI.hpp>
@@ -24,7 +25,7 @@ using Clock = std::chrono::steady_clock;
 
 struct Options {
   std::string url = "http://127.0.0.1:30000";
-  int requests = 200, concurrency = 16, prompt_tokens = 32, max_tokens = 32, max_id = 256;
+  int requests = 200, concurrency = 16, prompt_tokens = 32, max_tokens = 32, max_id = 256, top_logprobs = 0;
   bool stream = false, json = false;
 };
 
@@ -46,6 +47,8 @@ int main(int argc, char** argv) {
   app.add_option("--prompt-tokens", o.prompt_tokens, "prompt length (random token ids)")->check(CLI::Range(1, 100000));
   app.add_option("--max-tokens", o.max_tokens, "output tokens per request (ignore_eos)")->check(CLI::Range(1, 100000));
   app.add_option("--max-id", o.max_id, "prompt ids are drawn from [0, max-id)")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--top-logprobs", o.top_logprobs, "the N most likely tokens of each step, per request")
+      ->check(CLI::Range(0, 20));
   app.add_flag("--stream", o.stream, "stream the answers (SSE)");
   app.add_flag("--json", o.json, "print one JSON object instead of a table");
   CLI11_PARSE(app, argc, argv);
@@ -65,8 +68,9 @@ int main(int argc, char** argv) {
       for (int i = next++; i < o.requests; i = next++) {
         std::vector<int> prompt(size_t(o.prompt_tokens));
         for (auto& id : prompt) id = int(rng() % uint32_t(o.max_id));
-        const nlohmann::json body = {{"prompt", prompt},   {"max_tokens", o.max_tokens}, {"seed", i},
-                                     {"ignore_eos", true}, {"stream", o.stream},         {"temperature", 1.0}};
+        nlohmann::json body = {{"prompt", prompt},   {"max_tokens", o.max_tokens}, {"seed", i},
+                               {"ignore_eos", true}, {"stream", o.stream},         {"temperature", 1.0}};
+        if (o.top_logprobs > 0) body["logprobs"] = o.top_logprobs;
         const auto t0 = Clock::now();
         auto r = client.Post("/v1/completions", body.dump(), "application/json");
         const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -100,6 +104,7 @@ int main(int argc, char** argv) {
                                  {"concurrency", o.concurrency},
                                  {"prompt_tokens", o.prompt_tokens},
                                  {"max_tokens", o.max_tokens},
+                                 {"top_logprobs", o.top_logprobs},
                                  {"stream", o.stream},
                                  {"failures", failures},
                                  {"seconds", seconds},
@@ -110,8 +115,8 @@ int main(int argc, char** argv) {
   if (o.json) {
     std::printf("%s\n", result.dump().c_str());
   } else {
-    std::printf("%d requests (%d at once, prompt %d, output %d tokens%s): %.1f s\n", o.requests, o.concurrency,
-                o.prompt_tokens, o.max_tokens, o.stream ? ", streamed" : "", seconds);
+    std::printf("%d requests (%d at once, prompt %d, output %d tokens, top_logprobs %d%s): %.1f s\n", o.requests,
+                o.concurrency, o.prompt_tokens, o.max_tokens, o.top_logprobs, o.stream ? ", streamed" : "", seconds);
     std::printf("  requests/s      %10.2f\n", result["requests_per_s"].get<double>());
     std::printf("  latency p50 ms  %10.2f\n", result["latency_p50_ms"].get<double>());
     std::printf("  latency p99 ms  %10.2f\n", result["latency_p99_ms"].get<double>());

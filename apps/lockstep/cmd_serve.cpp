@@ -82,7 +82,6 @@ int run_serve(const ServeOptions& o) {
   if (model.name.empty()) model.name = std::filesystem::path(o.model).lexically_normal().parent_path().filename();
   model.config = &scheduler.config();
   model.tokenizer = tokenizer ? &*tokenizer : nullptr;
-  model.top_logprobs = device == Device::cpu;  // the CUDA runner reports the sampled token's log-prob only
 
   serve::ServerOptions server_options;
   server_options.host = o.host;

@@ -40,6 +40,8 @@ struct TopLogprob {
   float logprob = 0.0f;
 };
 constexpr int32_t kMaxTopLogprobs = 20;
+// Refuses a top_logprobs count outside [0, kMaxTopLogprobs], naming it.
+void check_top_logprobs_count(int32_t n);
 
 // Plain data (a parallel runner broadcasts it as bytes).
 struct SampleResult {

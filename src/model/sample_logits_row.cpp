@@ -7,9 +7,12 @@
 
 namespace lockstep {
 
+void check_top_logprobs_count(int32_t n) {
+  LS_CHECK(n >= 0 && n <= kMaxTopLogprobs, "top_logprobs = ", n, " is outside [0, ", kMaxTopLogprobs, "]");
+}
+
 SampleResult sample_logits_row(const float* logits, int64_t V, const SampleRequest& r) {
-  LS_CHECK(r.top_logprobs >= 0 && r.top_logprobs <= kMaxTopLogprobs, "top_logprobs = ", r.top_logprobs,
-           " is outside [0, ", kMaxTopLogprobs, "]");
+  check_top_logprobs_count(r.top_logprobs);
   const float u = philox_uniform(r.seed, r.stream, r.position);
   const cpu::SampleChoice c = cpu::sample_row(logits, V, r.temperature, r.top_k, r.top_p, u);
   SampleResult out;

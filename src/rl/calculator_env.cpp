@@ -47,7 +47,7 @@ std::string answer_call(const std::string& call) {
 
 class CalculatorEnv : public Environment {
  public:
-  explicit CalculatorEnv(PromptSource& source) : source_(source), tokenizer_(*source.tokenizer()) {
+  explicit CalculatorEnv(EpisodeData& source) : source_(source), tokenizer_(*source.tokenizer()) {
     im_end_ = tokenizer_.token_id("<|im_end|>").value_or(-1);
   }
   std::vector<EnvReply> reply(const std::vector<const Episode*>& episodes) override {
@@ -86,7 +86,7 @@ class CalculatorEnv : public Environment {
   }
 
  private:
-  PromptSource& source_;
+  EpisodeData& source_;
   const Tokenizer& tokenizer_;
   int32_t im_end_ = -1;
 };
@@ -109,7 +109,7 @@ std::vector<std::string> answer_calculator_calls(const std::string& text) {
   return out;
 }
 
-std::unique_ptr<Environment> make_calculator_env(PromptSource& source) {
+std::unique_ptr<Environment> make_calculator_env(EpisodeData& source) {
   LS_CHECK(source.tokenizer(), "--rollout-tool calculator needs --prompt-data with a tokenizer");
   return std::make_unique<CalculatorEnv>(source);
 }

@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "rl/episode.h"
-#include "rl/prompt_source.h"
 
 namespace lockstep::rl {
 
@@ -19,6 +18,6 @@ std::string calculator_tool_definition();
 // The tool messages' contents answering the tool calls in `text` (none when it has no call).
 std::vector<std::string> answer_calculator_calls(const std::string& text);
 
-std::unique_ptr<Environment> make_calculator_env(PromptSource& source);
+std::unique_ptr<Environment> make_calculator_env(EpisodeData& source);
 
 }  // namespace lockstep::rl

@@ -12,7 +12,7 @@ namespace {
 // One turn: every episode ends after the policy's answer, with the run's reward of it.
 class SingleTurn : public Environment {
  public:
-  explicit SingleTurn(PromptSource& source) : source_(source) {}
+  explicit SingleTurn(EpisodeData& source) : source_(source) {}
   std::vector<EnvReply> reply(const std::vector<const Episode*>& episodes) override {
     std::vector<int64_t> positions;
     std::vector<TaskExample> prompts;
@@ -32,12 +32,12 @@ class SingleTurn : public Environment {
   }
 
  private:
-  PromptSource& source_;
+  EpisodeData& source_;
 };
 
 }  // namespace
 
-std::unique_ptr<Environment> make_environment(const TrainConfig& c, PromptSource& source, dist::Communicator* world) {
+std::unique_ptr<Environment> make_environment(const TrainConfig& c, EpisodeData& source, dist::Communicator* world) {
   if (!c.rollout_env_url.empty()) return make_http_env(c, source, world);
   if (c.rollout_tool == "calculator") return make_calculator_env(source);
   return std::make_unique<SingleTurn>(source);

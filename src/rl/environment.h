@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "rl/episode.h"
-#include "rl/prompt_source.h"
 #include "rl/train_config.h"
 
 namespace lockstep::dist {
@@ -16,9 +15,10 @@ class Communicator;
 
 namespace lockstep::rl {
 
-// The run's environment. `world`: an environment server is asked on rank 0 only and its replies
-// (or its error) sent to every rank.
-std::unique_ptr<Environment> make_environment(const TrainConfig& config, PromptSource& source,
+// The run's environment over `source` (the rollouts' prompt source, or the eval sets of an
+// evaluation). `world`: an environment server is asked on rank 0 only and its replies (or its
+// error) sent to every rank.
+std::unique_ptr<Environment> make_environment(const TrainConfig& config, EpisodeData& source,
                                               dist::Communicator* world);
 
 // The tool definitions (JSON text) a --rollout-tool puts in the prompts' tools block ("": none).

@@ -39,7 +39,8 @@ EpisodeSpan& append(Episode& e, const std::vector<int32_t>& tokens, const std::v
 }  // namespace
 
 void run_episodes(std::vector<Episode>& episodes, const std::vector<rollout::GenerationRequest>& requests,
-                  Environment& env, const GenerateFn& generate, const EpisodeLimits& limits, int64_t step) {
+                  Environment& env, const GenerateFn& generate, const EpisodeLimits& limits, int64_t step,
+                  const char* what) {
   LS_CHECK(requests.size() == episodes.size(), "run_episodes: ", requests.size(), " requests for ", episodes.size(),
            " episodes");
   std::vector<size_t> active(episodes.size());
@@ -58,7 +59,7 @@ void run_episodes(std::vector<Episode>& episodes, const std::vector<rollout::Gen
     std::vector<const Episode*> asked;
     std::vector<bool> used_up(active.size());  // the response budget
     for (size_t a = 0; a < active.size(); ++a) {
-      LS_CHECK(outcomes[a].error.empty(), "rollout step ", step, ": episode ", active[a], " turn ",
+      LS_CHECK(outcomes[a].error.empty(), what, " ", step, ": episode ", active[a], " turn ",
                episodes[active[a]].policy_turns + 1, " was refused: ", outcomes[a].error);
       Episode& e = episodes[active[a]];
       const rollout::RequestResult& r = outcomes[a].result;

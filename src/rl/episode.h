@@ -48,6 +48,20 @@ struct EnvReply {
   std::string role, content;  // the observation as a chat message, for the conversation's record
 };
 
+// What an environment may ask about the episodes it answers: the data set's sample an episode's
+// prompt came from (keyed by Episode::position), the tokenizer, and the run's reward of final
+// answers. The prompt source serves the rollouts; the evaluator serves its eval sets.
+class EpisodeData {
+ public:
+  virtual ~EpisodeData() = default;
+  // Rewards of final answers, in order: response i answers the prompt at positions[i].
+  virtual std::vector<float> rewards(const std::vector<int64_t>& positions, const std::vector<TaskExample>& prompts,
+                                     const std::vector<std::vector<int32_t>>& responses) = 0;
+  // The data set's sample at `position`, and the tokenizer; null for built-in tasks.
+  virtual const PromptSample* data_sample(int64_t position) { return nullptr; }
+  virtual const Tokenizer* tokenizer() const { return nullptr; }
+};
+
 class Environment {
  public:
   virtual ~Environment() = default;
@@ -67,8 +81,10 @@ struct EpisodeLimits {
 // at most the tokens left to the response budget. The unfinished episodes' turns are generated as
 // one batch. A turn cut by max_turn_len still goes to the environment. An episode ends when the
 // environment says done, at the last turn, or (truncated) when the response budget is used up or
-// the observation does not fit it; its reward is the last reply's.
+// the observation does not fit it; its reward is the last reply's. A refused turn's error names
+// `what` and `step` ("rollout step 3", "evaluation at step 3").
 void run_episodes(std::vector<Episode>& episodes, const std::vector<rollout::GenerationRequest>& requests,
-                  Environment& env, const GenerateFn& generate, const EpisodeLimits& limits, int64_t step);
+                  Environment& env, const GenerateFn& generate, const EpisodeLimits& limits, int64_t step,
+                  const char* what = "rollout step");
 
 }  // namespace lockstep::rl

@@ -6,11 +6,41 @@
 
 #include "core/error.h"
 #include "core/philox.h"
+#include "rl/environment.h"
 
 namespace lockstep::rl {
 
 namespace {
+
 constexpr uint64_t kEvalSamplingKey = 0x6576616c;  // separates eval sampling from the rollout's
+
+// The eval sets as an environment sees them: an episode's position indexes the eval prompts
+// (every set's, in order), and final answers get the run's reward with that prompt's label.
+class EvalSetData : public EpisodeData {
+ public:
+  EvalSetData(const Tokenizer& tokenizer, const ScoreFn& score) : tokenizer_(tokenizer), score_(score) {}
+  int64_t add(const PromptSample& sample) {
+    samples_.push_back(&sample);
+    return int64_t(samples_.size()) - 1;
+  }
+  std::vector<float> rewards(const std::vector<int64_t>& positions, const std::vector<TaskExample>&,
+                             const std::vector<std::vector<int32_t>>& responses) override {
+    std::vector<RewardRequest> requests;
+    for (size_t i = 0; i < responses.size(); ++i) {
+      const PromptSample& s = *data_sample(positions[i]);
+      requests.push_back({s.prompt, decode_sampled(tokenizer_, responses[i], true), s.label, s.metadata});
+    }
+    return score_(requests);
+  }
+  const PromptSample* data_sample(int64_t position) override { return samples_.at(size_t(position)); }
+  const Tokenizer* tokenizer() const override { return &tokenizer_; }
+
+ private:
+  const Tokenizer& tokenizer_;
+  const ScoreFn& score_;
+  std::vector<const PromptSample*> samples_;
+};
+
 }  // namespace
 
 std::vector<std::pair<std::string, std::string>> parse_eval_prompt_data(const std::string& value) {
@@ -62,47 +92,52 @@ int64_t Evaluator::max_sequence_len() const {
 }
 
 nlohmann::json Evaluator::run(int64_t step, uint64_t seed, const StopsFn& set_stops, const GenerateFn& generate,
-                              const ScoreFn& score) const {
+                              const ScoreFn& score, dist::Communicator* world) const {
   const int64_t n = cfg_.n_samples_per_eval_prompt;
-  std::vector<std::optional<rollout::GenerationRequest>> requests;
-  std::vector<RewardRequest> scored;
+  const int64_t budget = cfg_.eval_max_response_len > 0 ? cfg_.eval_max_response_len : cfg_.rollout_max_response_len;
+  EvalSetData data(tokenizer_, score);
+  std::vector<rollout::GenerationRequest> requests;
+  std::vector<Episode> episodes;
   for (const auto& set : sets_)
-    for (const auto& s : set.data.samples)
+    for (const auto& s : set.data.samples) {
+      const int64_t position = data.add(s);
       for (int64_t k = 0; k < n; ++k) {
         rollout::GenerationRequest req;
         req.prompt = s.prompt_ids;
-        req.max_new_tokens =
-            cfg_.eval_max_response_len > 0 ? cfg_.eval_max_response_len : cfg_.rollout_max_response_len;
+        req.max_new_tokens = budget;
         set_stops(req);
         req.sampling.temperature = float(cfg_.eval_temperature);
         req.sampling.top_k = int32_t(cfg_.rollout_top_k);
         req.sampling.top_p = float(cfg_.eval_top_p);
         req.sampling.seed = mix_seed(mix_seed(seed ^ kEvalSamplingKey, uint64_t(step)), uint64_t(requests.size()));
         requests.push_back(std::move(req));
-        scored.push_back({s.prompt, "", s.label, s.metadata});
+        Episode e;
+        e.position = position;
+        e.example.prompt = s.prompt_ids;
+        episodes.push_back(std::move(e));
       }
-  auto outcomes = generate(requests);
-  std::vector<int64_t> lengths;
-  std::vector<bool> truncated;
-  for (size_t i = 0; i < outcomes.size(); ++i) {
-    LS_CHECK(outcomes[i].error.empty(), "evaluation at step ", step, ": request ", i,
-             " was refused: ", outcomes[i].error);
-    scored[i].response = decode_sampled(tokenizer_, outcomes[i].result.output_ids, true);
-    lengths.push_back(int64_t(outcomes[i].result.output_ids.size()));
-    truncated.push_back(outcomes[i].result.finish_reason == rollout::FinishReason::length);
-  }
-  const std::vector<float> rewards = score(scored);
+    }
+  const std::unique_ptr<Environment> env = make_environment(cfg_, data, world);
+  EpisodeLimits limits;
+  limits.max_turns = cfg_.rollout_max_turns;
+  limits.max_response_len = budget;
+  limits.max_turn_len = cfg_.rollout_max_turn_len;
+  run_episodes(episodes, requests, *env, generate, limits, step, "evaluation at step");
+
+  const bool multi_turn = !cfg_.rollout_tool.empty() || !cfg_.rollout_env_url.empty();
   nlohmann::json m = {{"step", step}};
   size_t i = 0;
   for (const auto& set : sets_) {
-    double reward_sum = 0, pass1 = 0, pass_n = 0, length_sum = 0, truncated_sum = 0;
+    double reward_sum = 0, pass1 = 0, pass_n = 0, length_sum = 0, truncated_sum = 0, turns_sum = 0;
     for (size_t p = 0; p < set.data.samples.size(); ++p) {
       int64_t passed = 0;
       for (int64_t k = 0; k < n; ++k, ++i) {
-        reward_sum += rewards[i];
-        passed += rewards[i] > 0;
-        length_sum += double(lengths[i]);
-        truncated_sum += truncated[i];
+        const Episode& e = episodes[i];
+        reward_sum += e.reward;
+        passed += e.reward > 0;
+        length_sum += double(e.response.size());
+        truncated_sum += e.truncated;
+        turns_sum += double(e.policy_turns);
       }
       pass1 += pass_at_k(n, passed, 1);
       pass_n += pass_at_k(n, passed, n);
@@ -114,6 +149,7 @@ nlohmann::json Evaluator::run(int64_t step, uint64_t seed, const StopsFn& set_st
     if (n > 1) m[key + "/pass@" + std::to_string(n)] = pass_n / prompts;
     m[key + "/response_lengths"] = length_sum / samples;
     m[key + "/truncated"] = truncated_sum / samples;
+    if (multi_turn) m[key + "/turns"] = turns_sum / samples;
     m[key + "/skipped_long_prompts"] = set.data.skipped_too_long;
   }
   return m;

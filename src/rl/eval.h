@@ -1,9 +1,12 @@
 // Evaluation during `lockstep train` (--eval-prompt-data NAME F [NAME F ...]): before the first RL
 // step, every --eval-interval steps and after the last, each prompt of each eval set is answered
 // --n-samples-per-eval-prompt times with the eval sampling options (--eval-temperature,
-// --eval-top-p, --eval-max-response-len) and scored by the run's reward. One metrics record per
-// evaluation: {"step": k, "eval/NAME": mean reward, "eval/NAME/pass@1", "eval/NAME/pass@N",
-// "eval/NAME/response_lengths", "eval/NAME/truncated"}; a sample passes when its reward is > 0.
+// --eval-top-p, --eval-max-response-len) as an episode of the run's environment: one turn scored
+// by the run's reward, or the episodes of --rollout-tool / --rollout-env-url (the same turn limits
+// as the rollouts, --eval-max-response-len the episode's budget, the environment's reward). One
+// metrics record per evaluation: {"step": k, "eval/NAME": mean reward, "eval/NAME/pass@1",
+// "eval/NAME/pass@N", "eval/NAME/response_lengths", "eval/NAME/truncated"} (and with an
+// environment "eval/NAME/turns", policy turns per episode); a sample passes when its reward is > 0.
 // Sampling is keyed by (seed, step, sample), so an evaluation is the same whenever it runs.
 #pragma once
 #include <cstdint>
@@ -18,6 +21,10 @@
 #include "rl/rewards/reward_request.h"
 #include "rl/train_config.h"
 #include "rollout/replica_split.h"
+
+namespace lockstep::dist {
+class Communicator;
+}
 
 namespace lockstep::rl {
 
@@ -42,8 +49,9 @@ class Evaluator {
   // The longest eval prompt plus the eval response length (sizes the engine).
   int64_t max_sequence_len() const;
   int64_t max_prompt_len() const;
+  // `world`: the run's ranks, for an environment server (asked on rank 0 only).
   nlohmann::json run(int64_t step, uint64_t seed, const StopsFn& set_stops, const GenerateFn& generate,
-                     const ScoreFn& score) const;
+                     const ScoreFn& score, dist::Communicator* world) const;
 
  private:
   struct EvalSet {

@@ -60,7 +60,7 @@ namespace {
 
 class HttpEnv : public Environment {
  public:
-  HttpEnv(const TrainConfig& c, PromptSource& source, dist::Communicator* world)
+  HttpEnv(const TrainConfig& c, EpisodeData& source, dist::Communicator* world)
       : cfg_(c), source_(source), tokenizer_(*source.tokenizer()), world_(world) {
     post_.url = c.rollout_env_url;
     post_.url_flag = "--rollout-env-url";
@@ -122,7 +122,7 @@ class HttpEnv : public Environment {
   }
 
   const TrainConfig& cfg_;
-  PromptSource& source_;
+  EpisodeData& source_;
   const Tokenizer& tokenizer_;
   dist::Communicator* world_;
   HttpPostOptions post_;
@@ -131,7 +131,7 @@ class HttpEnv : public Environment {
 
 }  // namespace
 
-std::unique_ptr<Environment> make_http_env(const TrainConfig& c, PromptSource& source, dist::Communicator* world) {
+std::unique_ptr<Environment> make_http_env(const TrainConfig& c, EpisodeData& source, dist::Communicator* world) {
   LS_CHECK(source.tokenizer(), "--rollout-env-url needs --prompt-data with a tokenizer");
   return std::make_unique<HttpEnv>(c, source, world);
 }

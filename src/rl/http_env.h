@@ -10,7 +10,6 @@
 #include <string>
 
 #include "rl/episode.h"
-#include "rl/prompt_source.h"
 #include "rl/train_config.h"
 
 namespace lockstep::dist {
@@ -25,6 +24,6 @@ nlohmann::json env_request(const Episode& episode, const PromptSample& sample, c
 // Checks and reads one answer; throws lockstep::Error saying what is wrong with it.
 EnvReply parse_env_answer(const std::string& answer);
 
-std::unique_ptr<Environment> make_http_env(const TrainConfig& config, PromptSource& source, dist::Communicator* world);
+std::unique_ptr<Environment> make_http_env(const TrainConfig& config, EpisodeData& source, dist::Communicator* world);
 
 }  // namespace lockstep::rl

@@ -132,7 +132,7 @@ class DataSource : public PromptSource {
   nlohmann::json evaluate(int64_t step, uint64_t seed, const GenerateFn& generate) override {
     return eval_->run(
         step, seed, [this](rollout::GenerationRequest& r) { set_stops(r); }, generate,
-        [this](const std::vector<RewardRequest>& r) { return score(r); });
+        [this](const std::vector<RewardRequest>& r) { return score(r); }, world_);
   }
   void set_world(dist::Communicator* world) override { world_ = world; }
   const PromptSample* data_sample(int64_t position) override { return &sample_at(data_seed_, position); }

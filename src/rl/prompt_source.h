@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "rl/episode.h"
 #include "rl/eval.h"
 #include "rl/prompt_dataset.h"
 #include "rl/tasks.h"
@@ -25,9 +26,10 @@ class Communicator;
 
 namespace lockstep::rl {
 
-class PromptSource {
+// An EpisodeData for the rollouts: data_sample(position) is the sample drawn at that data
+// position by prompt() (multi-turn environments need it; null for built-in tasks).
+class PromptSource : public EpisodeData {
  public:
-  virtual ~PromptSource() = default;
   // The prompt at the run's data `position`; `data_seed` keys the draw (and the shuffle).
   virtual TaskExample prompt(uint64_t data_seed, int64_t position) = 0;
   // SFT demonstration number `index` (prompt and the response to imitate).
@@ -42,21 +44,15 @@ class PromptSource {
   virtual void set_stops(rollout::GenerationRequest& request) const = 0;
   // Turns ids into text (stop strings, error messages, rewards).
   virtual std::string text(const std::vector<int32_t>& ids) const = 0;
-  // Rewards of one rollout, in order: response i answers the prompt at positions[i].
-  virtual std::vector<float> rewards(const std::vector<int64_t>& positions, const std::vector<TaskExample>& prompts,
-                                     const std::vector<std::vector<int32_t>>& responses) = 0;
   // Per-step metrics of the source beyond the trainer's own (none for built-in tasks).
   virtual void add_metrics(nlohmann::json& metrics) const {}
   // The run's ranks (mpirun or threads): an outside reward (--rm-url, --custom-rm-cmd) is then
   // called on rank 0 only and its rewards (or its error) sent to every rank.
   virtual void set_world(dist::Communicator* world) {}
-  // For multi-turn environments (rl/environment.h): the data set's sample at the run's data
-  // `position` (drawn by prompt() this step) and the tokenizer; null for built-in tasks.
-  virtual const PromptSample* data_sample(int64_t position) { return nullptr; }
-  virtual const Tokenizer* tokenizer() const { return nullptr; }
   // Whether an evaluation runs after RL step `step` (0: before the first), and running it: the
   // metrics record (rl/eval.h). Built-in tasks have no evaluation.
   virtual bool eval_due(int64_t step) const { return false; }
+  // Evaluation episodes run in the run's environment (one turn, the tool or the env server).
   virtual nlohmann::json evaluate(int64_t step, uint64_t seed, const GenerateFn& generate) { return {}; }
 };
 

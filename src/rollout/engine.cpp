@@ -42,10 +42,6 @@ RequestId Engine::add_request(const GenerationRequest& request) {
   validate_request(request, config);
   LS_CHECK(request.stop_strings.empty() || options_.detokenize,
            "stop_strings: the engine has no detokenizer to match them against");
-  // The CUDA runner samples on the device and reports only the sampled token's log-prob.
-  LS_CHECK(request.top_logprobs == 0 || runner_->device() == Device::cpu, "top_logprobs = ", request.top_logprobs,
-           ": only 0 is supported on --device cuda (the CUDA runner reports the sampled token's log-prob only; "
-           "use --device cpu for top log-probs)");
   // The K/V positions the request can ever need: every token but the last sampled one.
   const int64_t prompt = int64_t(request.prompt.size());
   const int64_t most_positions = request_positions(request, config) - 1;

@@ -35,8 +35,7 @@ void validate_request(const GenerationRequest& r, const ModelConfig& config) {
   LS_CHECK(s.top_p > 0.0f && s.top_p <= 1.0f, "top_p = ", s.top_p, " is outside (0, 1]");
   LS_CHECK(s.top_k >= 0, "top_k = ", s.top_k, " is negative (expected >= 0; 0 = off)");
   LS_CHECK(r.max_new_tokens >= 0, "max_new_tokens = ", r.max_new_tokens, " is negative");
-  LS_CHECK(r.top_logprobs >= 0 && r.top_logprobs <= kMaxTopLogprobs, "top_logprobs = ", r.top_logprobs,
-           " is outside [0, ", kMaxTopLogprobs, "]");
+  check_top_logprobs_count(r.top_logprobs);
   for (const auto& str : r.stop_strings) LS_CHECK(!str.empty(), "stop_strings: an empty stop string");
 }
 

@@ -243,7 +243,6 @@ ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, cons
     for (int32_t id : token_ids(*ids, "stop_token_ids", config)) r.stop_token_ids.push_back(id);
   }
 
-  const char* top_key = endpoint == Endpoint::chat ? "top_logprobs" : "logprobs";
   if (endpoint == Endpoint::chat) {
     r.logprobs = bool_field(body, "logprobs", false);
     r.top_logprobs = int32_t(int_field(body, "top_logprobs", 0, 0, kMaxTopLogprobs));
@@ -257,11 +256,6 @@ ApiRequest parse_api_request(std::string_view body_text, Endpoint endpoint, cons
       r.logprobs = true;
     }
   }
-  if (r.top_logprobs > 0 && !model.top_logprobs)
-    throw bad_field(top_key,
-                    "only 0 is supported on --device cuda (the CUDA runner reports the sampled token's "
-                    "log-prob only; use --device cpu for top log-probs), got " +
-                        std::to_string(r.top_logprobs));
   r.stream = bool_field(body, "stream", false);
   if (const Json* so = find(body, "stream_options")) {
     if (!so->is_object()) throw bad_field("stream_options", "expected an object, got " + got(*so));

@@ -26,7 +26,6 @@ struct ServedModel {
   std::string name;  // the "model" a request must name
   const ModelConfig* config = nullptr;
   const Tokenizer* tokenizer = nullptr;  // null: token-id prompts only
-  bool top_logprobs = true;              // false: the runner cannot report them (CUDA)
 };
 
 struct ApiRequest {

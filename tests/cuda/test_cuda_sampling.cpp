@@ -1,11 +1,13 @@
 // Sampling on the GPU (several blocks per row): the log-prob has the bits of the score
 // path's canonical log-softmax, a row's draw does not depend on the other rows, the greedy
 // token is the first arg max, and the drawn token is where the cumulative probability
-// crosses u (checked against float64).
+// crosses u (checked against float64). The log-softmax of the draw (what top log-probs are
+// picked from) against its plain reference.
 #include <algorithm>
 #include <cmath>
 
 #include "cuda_test_util.h"
+#include "kernels/cuda/backward.h"
 #include "kernels/cuda/ops.h"
 
 namespace lockstep {
@@ -95,6 +97,54 @@ void check_vocab(int64_t V) {
     EXPECT_GE(after, u - 1e-4) << "row " << r << " token " << t;
   }
 }
+
+// sampled_log_softmax_rows against its plain reference: x / T - log_z on the host, with log_z the
+// canonical log-normaliser (log_normalizer_rows) of the row divided by T on the host; the drawn
+// token's entry is its log-prob and, at T = 1 and greedy, every entry is the score path's.
+void check_sampled_log_softmax(int64_t V) {
+  LS_SKIP_WITHOUT_GPU();
+  auto logits = random_logits(4, V, uint64_t(V) + 1);
+  std::vector<cuda::DeviceSampleParams> params = {{1.0f, 0.3f, -1}, {0.0f, 0.5f, -1}, {0.7f, 0.6f, -1}, {1.3f, 0.1f, 5}};
+  const int64_t R = int64_t(params.size());
+  DeviceVec<float> L(logits), lp(R), ws(cuda::sample_workspace_floats(R));
+  DeviceVec<int32_t> tok(R);
+  DeviceVec<cuda::DeviceSampleParams> P(params);
+  cuda::sample_rows(L.get(), P.get(), tok.get(), lp.get(), R, V, ws.get(), nullptr);
+  cuda::sampled_log_softmax_rows(L.get(), P.get(), ws.get(), R, V, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto got = L.take(), drawn = lp.take();
+  const auto tokens = tok.take();
+
+  std::vector<float> divided = logits;
+  for (int64_t r = 0; r < R; ++r)
+    if (params[size_t(r)].temperature != 0.0f)
+      for (int64_t v = 0; v < V; ++v) divided[size_t(r * V + v)] = logits[size_t(r * V + v)] / params[size_t(r)].temperature;
+  DeviceVec<float> D(divided), lse(R);
+  cuda::log_normalizer_rows(D.get(), lse.get(), R, V, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto log_z = lse.take();
+  std::vector<float> want(got.size());
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < V; ++v) want[size_t(r * V + v)] = divided[size_t(r * V + v)] - log_z[size_t(r)];
+  EXPECT_TRUE(testing::same_bits_f(got, want));
+
+  for (int64_t r = 0; r < R; ++r)
+    EXPECT_EQ(std::memcmp(&got[size_t(r * V + tokens[size_t(r)])], &drawn[size_t(r)], 4), 0) << "row " << r;
+  EXPECT_EQ(tokens[3], 5);
+  for (int64_t r : {0, 1}) {  // T = 1 and greedy: about 64 entries of the row against the score path
+    std::vector<int32_t> targets;
+    for (int64_t v = 0; v < V; v += std::max<int64_t>(1, V / 61)) targets.push_back(int32_t(v));
+    std::vector<float> rows, want_row;
+    for (int32_t v : targets) {
+      rows.insert(rows.end(), logits.begin() + r * V, logits.begin() + (r + 1) * V);
+      want_row.push_back(got[size_t(r * V + v)]);
+    }
+    EXPECT_TRUE(testing::same_bits_f(score(rows, targets, V), want_row)) << "row " << r;
+  }
+}
+
+TEST(CudaSampling, LogSoftmaxOfTheDrawLargeVocabulary) { check_sampled_log_softmax(151936); }
+TEST(CudaSampling, LogSoftmaxOfTheDrawSmallVocabulary) { check_sampled_log_softmax(37); }
 
 TEST(CudaSampling, LargeVocabulary) { check_vocab(151936); }
 TEST(CudaSampling, SmallVocabulary) { check_vocab(512); }

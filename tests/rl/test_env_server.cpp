@@ -7,11 +7,10 @@
 
 #include <cstring>
 #include <fstream>
-#include <mutex>
 
 #include "core/error.h"
 #include "dist/thread_communicator.h"
-#include "loopback_server.h"
+#include "env_test_server.h"
 #include "model/qwen3_moe.h"
 #include "model/runner.h"
 #include "rl/chat_observation.h"
@@ -36,40 +35,12 @@ using testing::TempDir;
 std::string observation(int64_t turn) { return "Turn " + std::to_string(turn) + ": go on."; }
 std::string role(int64_t turn) { return turn == 1 ? "user" : "tool"; }
 
-class EnvServer {
- public:
-  EnvServer() {
-    httplib::Server& server = loopback_.server();
-    server.Post("/env", [this](const httplib::Request& req, httplib::Response& res) {
-      const json body = json::parse(req.body);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        bodies_.push_back(body);
-      }
-      const int64_t turn = body.at("turn");
-      const json reply = turn < 3 ? json{{"observation", observation(turn)}, {"role", role(turn)}, {"done", false}}
-                                  : json{{"reward", body.at("response_ids").back().get<int>() % 2}, {"done", true}};
-      res.set_content(reply.dump(), "application/json");
-    });
-    server.Post("/garbage", [](const httplib::Request&, httplib::Response& res) {
-      res.set_content("{\"observation\": ", "application/json");
-    });
-    server.Post("/no_done", [](const httplib::Request&, httplib::Response& res) {
-      res.set_content("{\"observation\": \"x\"}", "application/json");
-    });
-    loopback_.start();
-  }
-  std::string url(const std::string& path) const { return loopback_.url(path); }
-  std::vector<json> bodies() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return bodies_;
-  }
-
- private:
-  testing::LoopbackServer loopback_;
-  std::mutex mu_;
-  std::vector<json> bodies_;
-};
+// Observations after turns 1 and 2, then done, rewarded by the parity of the last token.
+json parity_answer(const json& body) {
+  const int64_t turn = body.at("turn");
+  return turn < 3 ? json{{"observation", observation(turn)}, {"role", role(turn)}, {"done", false}}
+                  : json{{"reward", body.at("response_ids").back().get<int>() % 2}, {"done", true}};
+}
 
 TrainConfig env_config(const TempDir& dir, const std::string& url) {
   TrainConfig c;
@@ -96,7 +67,7 @@ TrainConfig env_config(const TempDir& dir, const std::string& url) {
 
 TEST(EnvServer, EpisodesAreTokenInTokenOutWithTheTrainersBits) {
   TempDir dir("env_episodes");
-  EnvServer server;
+  testing::EnvTestServer server(parity_answer);
   const TrainConfig c = env_config(dir, server.url("/env"));
   validate(c);
   auto source = make_prompt_source(c);
@@ -166,7 +137,7 @@ TEST(EnvServer, EpisodesAreTokenInTokenOutWithTheTrainersBits) {
 
 TEST(EnvServer, TrainingRunIsOnPolicyOnEveryTrainedToken) {
   TempDir dir("env_run");
-  EnvServer server;
+  testing::EnvTestServer server(parity_answer);
   const TrainConfig c = env_config(dir, server.url("/env"));
   const TrainSummary s = run_training(c);  // --check-true-on-policy: any bit difference is an error
   EXPECT_EQ(s.steps_run, 2);
@@ -180,7 +151,7 @@ TEST(EnvServer, TrainingRunIsOnPolicyOnEveryTrainedToken) {
 
 TEST(EnvServer, UnderRanksOnlyRankZeroAsksTheServer) {
   TempDir dir("env_ranks");
-  EnvServer server;
+  testing::EnvTestServer server(parity_answer);
   TrainConfig c = env_config(dir, server.url("/env"));
   c.num_rollout = 1;
   c.num_threads = 1;  // the thread ranks share one process: no kernel thread pool between them
@@ -198,7 +169,7 @@ TEST(EnvServer, UnderRanksOnlyRankZeroAsksTheServer) {
 
 TEST(EnvServer, MalformedAnswersStopTheRunWithTheirReason) {
   TempDir dir("env_bad");
-  EnvServer server;
+  testing::EnvTestServer server(parity_answer);
   TrainConfig c = env_config(dir, server.url("/garbage"));
   c.rollout_env_retries = 0;
   EXPECT_EQ(error_of([&] { run_training(c); }),

@@ -227,25 +227,14 @@ TEST_F(RequestParser, FuzzedBodiesNeverEscape) {
   EXPECT_GT(accepted, 100);  // the fuzz also reaches the accepting paths
 }
 
-TEST_F(RequestParser, TopLogprobsReachTheEngineRequestUnlessTheRunnerCannot) {
+TEST_F(RequestParser, TopLogprobsReachTheEngineRequest) {
   const std::string chat = R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":20})";
   EXPECT_EQ(parse_api_request(chat, Endpoint::chat, model()).choice(0).top_logprobs, 20);
   const ApiRequest completion = parse_api_request(R"({"prompt":"x","logprobs":3})", Endpoint::completions, model());
   EXPECT_TRUE(completion.logprobs);
   EXPECT_EQ(completion.choice(1).top_logprobs, 3);
   EXPECT_EQ(parse_api_request(R"({"prompt":"x","logprobs":true})", Endpoint::completions, model()).top_logprobs, 0);
-  ServedModel cuda = model();
-  cuda.top_logprobs = false;
-  try {
-    parse_api_request(chat, Endpoint::chat, cuda);
-    ADD_FAILURE() << "accepted";
-  } catch (const ApiError& e) {
-    EXPECT_EQ(e.status, 400);
-    EXPECT_EQ(std::string(e.what()),
-              "top_logprobs: only 0 is supported on --device cuda (the CUDA runner reports the sampled token's "
-              "log-prob only; use --device cpu for top log-probs), got 20");
-  }
-  EXPECT_EQ(parse_api_request(R"({"prompt":"x","logprobs":0})", Endpoint::completions, cuda).top_logprobs, 0);
+  EXPECT_EQ(parse_api_request(R"({"prompt":"x","logprobs":0})", Endpoint::completions, model()).top_logprobs, 0);
 }
 
 }  // namespace

@@ -62,6 +62,10 @@ void top_logprobs_row(const float* logits, int64_t V, float temperature, int32_t
     const float log_z = log_normalizer(z.data(), V);
     for (int64_t v = 0; v < V; ++v) lp[v] = z[v] - log_z;
   }
+  top_n_logprobs(lp.data(), V, int32_t(std::min<int64_t>(n, V)), tokens, logprobs);
+}
+
+void top_n_logprobs(const float* lp, int64_t V, int32_t n, int32_t* tokens, float* logprobs) {
   const int64_t keep = std::min<int64_t>(n, V);
   std::vector<int32_t> order(V);
   std::iota(order.begin(), order.end(), 0);

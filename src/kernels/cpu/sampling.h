@@ -21,4 +21,8 @@ SampleChoice sample_row(const float* logits, int64_t V, float temperature, int32
 // the lower id; each value is the bits sample_row gives when it draws that token.
 void top_logprobs_row(const float* logits, int64_t V, float temperature, int32_t n, int32_t* tokens, float* logprobs);
 
+// The n largest of a row of log-probs (n <= V): ids and values by value descending, ties to the
+// lower id. top_logprobs_row's selection, and the reference of the GPU's (cuda::top_n_rows).
+void top_n_logprobs(const float* logprobs_row, int64_t V, int32_t n, int32_t* tokens, float* logprobs);
+
 }  // namespace lockstep::cpu

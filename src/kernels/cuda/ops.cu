@@ -1,5 +1,7 @@
 #include "kernels/cuda/ops.h"
 
+#include <algorithm>
+
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/common.cuh"
@@ -625,6 +627,19 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(const float
   logprobs[r] = row[pick] / prm.temperature - log_z;
 }
 
+// The log-probs of every token under the distribution the row was drawn from, in place: the
+// expressions of sample_pick_kernel, so the drawn token's entry is its log-prob bit for bit.
+__global__ void __launch_bounds__(kSampleThreads) sampled_log_softmax_kernel(float* logits,
+                                                                             const DeviceSampleParams* params,
+                                                                             const SampleWs* ws, int64_t V) {
+  const int64_t r = blockIdx.x;
+  float* row = logits + r * V;
+  const float temp = params[r].temperature;
+  const float log_z = fold_chunks(ws[r].chunks);
+  for (int64_t v = int64_t(blockIdx.y) * kSampleThreads + threadIdx.x; v < V; v += int64_t(gridDim.y) * kSampleThreads)
+    row[v] = temp == 0.0f ? row[v] - log_z : row[v] / temp - log_z;
+}
+
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -783,6 +798,15 @@ void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t*
                         ws, V);
   launch_after_previous(sample_pick_kernel, unsigned(R), kSampleThreads, 0, s, logits, params, ws, tokens, logprobs,
                         V);
+}
+
+void sampled_log_softmax_rows(float* logits, const DeviceSampleParams* params, const float* workspace, int64_t R,
+                              int64_t V, cudaStream_t s) {
+  if (R == 0) return;
+  const auto* ws = reinterpret_cast<const SampleWs*>(workspace);
+  const unsigned blocks = unsigned(std::min<int64_t>((V + kSampleThreads - 1) / kSampleThreads, 64));
+  sampled_log_softmax_kernel<<<dim3(unsigned(R), blocks), kSampleThreads, 0, s>>>(logits, params, ws, V);
+  LS_CUDA_LAUNCHED();
 }
 
 void fill_random_bf16(bf16_t* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s) {

@@ -101,6 +101,13 @@ int64_t sample_workspace_floats(int64_t R);
 void sample_rows(const float* logits, const DeviceSampleParams* params, int32_t* tokens, float* logprobs, int64_t R,
                  int64_t V, float* workspace, cudaStream_t s);
 
+// After sample_rows(logits, params, ..., workspace): replaces each row of `logits` by the log-probs
+// of the distribution its token was drawn from, z - log_z (z = logits / T, T = 1 when greedy),
+// with the draw's own log-normaliser from `workspace`: the drawn (or forced) token's entry has
+// the bits of its returned log-prob, and at T = 1 or greedy every entry is log_softmax_gather's.
+void sampled_log_softmax_rows(float* logits, const DeviceSampleParams* params, const float* workspace, int64_t R,
+                              int64_t V, cudaStream_t s);
+
 // Fills a bf16 buffer with uniform values in [-scale, scale) + offset, deterministic in seed.
 void fill_random_bf16(bf16_t* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s);
 void fill_random_f32(float* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s);

@@ -21,6 +21,7 @@
 #include "kernels/cuda/decode_layers.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/top_n.h"
 #include "model/cuda/cuda_runner.h"
 #include "model/layer.h"
 
@@ -182,9 +183,11 @@ class CudaRunner final : public ModelRunner {
   std::vector<SampleResult> forward_sample(const ForwardBatch& batch,
                                            const std::vector<SampleRequest>& requests) override {
     const int64_t R = int64_t(requests.size()), V = config_.vocab_size;
-    for (const auto& r : requests)
+    for (const auto& r : requests) {
       LS_CHECK(r.row >= 0 && r.row < batch.size(), "forward_sample: request row ", r.row, " is outside the batch of ",
                batch.size(), " tokens");
+      check_top_logprobs_count(r.top_logprobs);
+    }
     forward(batch, R);
     std::vector<int32_t> rows(static_cast<size_t>(R));
     std::vector<cuda::DeviceSampleParams> params(static_cast<size_t>(R));
@@ -228,7 +231,33 @@ class CudaRunner final : public ModelRunner {
       for (int64_t i = 0; i < R; ++i)
         if (params[size_t(i)].forced >= 0) out[size_t(i)] = {tokens[size_t(i)], logprobs[size_t(i)]};
     }
+    add_top_logprobs(requests, out);
     return out;
+  }
+
+  // The rows that ask for top log-probs get them from the log-softmax their token was drawn from
+  // (computed on the device in place of the logits, so the sampled token's entry is its log-prob
+  // bit for bit), picked on the device; a step without such rows costs nothing more.
+  void add_top_logprobs(const std::vector<SampleRequest>& requests, std::vector<SampleResult>& out) {
+    static_assert(cuda::kMaxTopN == kMaxTopLogprobs, "the device top-n holds every top_logprobs count");
+    const int64_t R = int64_t(requests.size()), V = config_.vocab_size;
+    if (std::none_of(requests.begin(), requests.end(), [](const SampleRequest& r) { return r.top_logprobs > 0; }))
+      return;
+    std::vector<int32_t> counts(static_cast<size_t>(R));
+    for (int64_t i = 0; i < R; ++i) counts[size_t(i)] = int32_t(std::min<int64_t>(requests[size_t(i)].top_logprobs, V));
+    upload_async(ws_.top_counts, counts.data(), counts.size() * 4);
+    cuda::sampled_log_softmax_rows(ws_.logits, ws_.sample_params, ws_.sample_ws, R, V, stream_);
+    cuda::top_n_rows(ws_.logits, ws_.top_counts, ws_.top_tokens, ws_.top_values, R, V, stream_);
+    std::vector<int32_t> tokens(static_cast<size_t>(R * kMaxTopLogprobs));
+    std::vector<float> values(tokens.size());
+    download(tokens.data(), ws_.top_tokens, tokens.size() * 4);
+    download(values.data(), ws_.top_values, values.size() * 4);
+    for (int64_t i = 0; i < R; ++i) {
+      SampleResult& o = out[size_t(i)];
+      o.num_top = counts[size_t(i)];
+      for (int32_t k = 0; k < o.num_top; ++k)
+        o.top[k] = {tokens[size_t(i * kMaxTopLogprobs + k)], values[size_t(i * kMaxTopLogprobs + k)]};
+    }
   }
 
   std::vector<float> forward_logprobs(const ForwardBatch& batch, const std::vector<int32_t>& targets) override {
@@ -393,6 +422,8 @@ class CudaRunner final : public ModelRunner {
     float *logits = nullptr, *row_logprobs = nullptr, *sampled_logprobs = nullptr;
     float* sample_ws = nullptr;  // cuda::sample_rows scratch
     cuda::DeviceSampleParams* sample_params = nullptr;
+    int32_t *top_counts = nullptr, *top_tokens = nullptr;  // top log-probs: per row, [rows, kMaxTopN]
+    float* top_values = nullptr;
   };
 
   // dst (an f32 tensor) = the bf16 values at src + offset, widened exactly.
@@ -477,6 +508,9 @@ class CudaRunner final : public ModelRunner {
       ws_.sampled_logprobs = logit_arena_.alloc<float>(logit_rows);
       ws_.sample_params = logit_arena_.alloc<cuda::DeviceSampleParams>(logit_rows);
       ws_.sample_ws = logit_arena_.alloc<float>(cuda::sample_workspace_floats(logit_rows));
+      ws_.top_counts = logit_arena_.alloc<int32_t>(logit_rows);
+      ws_.top_tokens = logit_arena_.alloc<int32_t>(logit_rows * cuda::kMaxTopN);
+      ws_.top_values = logit_arena_.alloc<float>(logit_rows * cuda::kMaxTopN);
       ws_.logit_rows = logit_rows;
     }
   }
