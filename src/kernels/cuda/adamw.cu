@@ -24,27 +24,35 @@ __global__ void adamw_kernel(const AdamWTensor* tensors, AdamWScalars s) {
   }
 }
 
-// One thread per (tensor, chunk): the chunk's sum in ascending order, as the CPU's loop.
-__global__ void sum_squares_kernel(const float* const* data, const int64_t* numel, float* partials) {
+// One block per (tensor, chunk): the block stages the chunk through shared memory, tile by
+// tile, and one thread adds the squares in ascending order, the CPU's loop (a chunk of the
+// embedding is 39M values: a lone thread's loads left the sum latency bound, ~1 s a step).
+constexpr int kSquaresThreads = 256, kSquaresTile = 16 * kSquaresThreads;
+__global__ void __launch_bounds__(kSquaresThreads)
+    sum_squares_kernel(const float* const* data, const int64_t* numel, float* partials) {
+  __shared__ float tile[2][kSquaresTile];
   const int64_t t = blockIdx.x;
-  const int c = threadIdx.x;
+  const int c = blockIdx.y;
   const int64_t n = numel[t], chunk = (n + 7) / 8;
   const int64_t begin = min(n, c * chunk), end = min(n, (c + 1) * chunk);
   const float* x = data[t];
+  auto stage = [&](int64_t first, int buf) {
+    for (int i = threadIdx.x; i < kSquaresTile; i += kSquaresThreads)
+      if (first + i < end) tile[buf][i] = x[first + i];
+  };
   float acc = 0.0f;
-  // 32 loads in flight, then their squares added in ascending order: the CPU's sum (a chunk
-  // of the embedding is 39M values, and one load at a time left the step latency bound).
-  constexpr int kAhead = 32;
-  int64_t i = begin;
-  for (; i + kAhead <= end; i += kAhead) {
-    float v[kAhead];
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) v[u] = x[i + u];
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) acc += v[u] * v[u];
+  stage(begin, 0);
+  __syncthreads();
+  int buf = 0;
+  for (int64_t first = begin; first < end; first += kSquaresTile, buf ^= 1) {
+    if (first + kSquaresTile < end) stage(first + kSquaresTile, buf ^ 1);  // the next tile meanwhile
+    if (threadIdx.x == 0) {
+      const int count = int(end - first < kSquaresTile ? end - first : kSquaresTile);
+      for (int i = 0; i < count; ++i) acc += tile[buf][i] * tile[buf][i];
+    }
+    __syncthreads();
   }
-  for (; i < end; ++i) acc += x[i] * x[i];
-  partials[t * 8 + c] = acc;
+  if (threadIdx.x == 0) partials[t * 8 + c] = acc;
 }
 
 __global__ void first_nonfinite_kernel(const float* x, int64_t n, unsigned long long* first) {
@@ -66,7 +74,7 @@ void adamw_step(const AdamWTensor* tensors, int64_t count, int64_t max_numel, co
 void sum_squares_chunks(const float* const* data, const int64_t* numel, int64_t count, float* partials,
                         cudaStream_t stream) {
   if (count == 0) return;
-  sum_squares_kernel<<<unsigned(count), 8, 0, stream>>>(data, numel, partials);
+  sum_squares_kernel<<<dim3(unsigned(count), 8), kSquaresThreads, 0, stream>>>(data, numel, partials);
   LS_CUDA_LAUNCHED();
 }
 
