@@ -153,7 +153,7 @@ TEST(ArithData, NewcomerConfigRunsAtATinySize) {
 
 // configs/arith_grpo_cuda.toml: the GPU job (device cuda, bfloat16) with the real vocabulary and
 // a model of CUDA-runner shapes; its other keys run the same job on the CPU at a tiny size (its
-// own 0.5B-parameter model is the GPU test's, tests/cuda/test_cuda_newcomer_config.cpp).
+// own 0.23B-parameter model is the GPU test's, tests/cuda/test_cuda_newcomer_config.cpp).
 TEST(ArithData, CudaNewcomerConfigLoadsAndRunsAtATinySizeOnTheCpu) {
   TrainConfig c;
   apply_toml_file(c, std::string(LOCKSTEP_SOURCE_DIR) + "/configs/arith_grpo_cuda.toml");
