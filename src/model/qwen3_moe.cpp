@@ -252,13 +252,22 @@ std::vector<std::vector<float>> Qwen3Moe::stage_logprobs(const std::vector<float
   std::vector<float> lp(M);
   const int tp = s.topo.tp;
   const int64_t VL = s.vocab.size();
-  std::vector<float> logits(T * VL);
-  cpu::linear(hidden.data(), weights_.lm_head.data<float>(), logits.data(), T, VL, H);
   if (tp == 1) {
-    std::vector<float> rows(M * V);
-    for (int64_t i = 0; i < M; ++i) std::copy_n(logits.data() + row_of[i] * V, V, rows.data() + i * V);
-    cpu::log_softmax_gather(rows.data(), target.data(), lp.data(), M, V);
+    // Only the rows with a target, a block at a time: with a 151936-entry vocabulary the
+    // logits of a whole batch are gigabytes. A row's logits do not depend on the rows beside
+    // it (batch invariance), so the log-probs are the bits of the whole-batch form.
+    constexpr int64_t kBlockRows = 64;
+    std::vector<float> block_hidden(kBlockRows * H), rows(kBlockRows * V);
+    for (int64_t i0 = 0; i0 < M; i0 += kBlockRows) {
+      const int64_t n = std::min(kBlockRows, M - i0);
+      for (int64_t i = 0; i < n; ++i)
+        std::copy_n(hidden.data() + row_of[i0 + i] * H, H, block_hidden.data() + i * H);
+      cpu::linear(block_hidden.data(), weights_.lm_head.data<float>(), rows.data(), n, V, H);
+      cpu::log_softmax_gather(rows.data(), target.data() + i0, lp.data() + i0, n, V);
+    }
   } else {
+    std::vector<float> logits(T * VL);
+    cpu::linear(hidden.data(), weights_.lm_head.data<float>(), logits.data(), T, VL, H);
     // Vocab-parallel: this rank's subtree of (max, sum), completed over TP; the target
     // logit comes from the rank that owns it.
     std::vector<float> mx(M), sm(M), tl(M, 0.0f);

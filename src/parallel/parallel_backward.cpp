@@ -245,6 +245,38 @@ void ParallelGrad::head_entropy(MicroState& m) const {
   }
 }
 
+namespace {
+
+// The head rows the backward works on (see ParallelGrad::backward), in token order. Their
+// logits move to the front of `logits` in place (row index[i] >= i to row i, ascending, so no
+// row is overwritten before it is read): no second vocabulary-wide buffer.
+struct HeadRows {
+  std::vector<int32_t> index, targets;  // token positions; their targets
+  std::vector<float> lse, dlogp, dent, entropy, hidden;
+};
+
+HeadRows head_rows(std::vector<float>& logits, const std::vector<float>& hidden, const std::vector<float>& lse,
+                   int64_t T, int64_t VL, int64_t H, const std::vector<float>& dlogp, const std::vector<float>& dent,
+                   const std::vector<float>& entropy, const std::vector<int32_t>& targets, bool any_entropy) {
+  HeadRows a;
+  for (int64_t t = 0; t < T; ++t)
+    if (dlogp[t] != 0.0f || (any_entropy && dent[t] != 0.0f)) a.index.push_back(int32_t(t));
+  const int64_t A = int64_t(a.index.size());
+  a.hidden.resize(A * H);
+  for (int64_t i = 0; i < A; ++i) {
+    const int64_t t = a.index[size_t(i)];
+    if (t != i) std::copy_n(logits.data() + t * VL, VL, logits.data() + i * VL);
+    std::copy_n(hidden.data() + t * H, H, a.hidden.data() + i * H);
+    a.targets.push_back(targets[t]);
+    a.lse.push_back(lse[t]);
+    a.dlogp.push_back(dlogp[t]);
+    if (any_entropy) a.dent.push_back(dent[t]), a.entropy.push_back(entropy[t]);
+  }
+  return a;
+}
+
+}  // namespace
+
 std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, Partial& g) const {
   const ParallelContext& ctx = model_.context();
   const ShardLayout& s = ctx.layout;
@@ -253,7 +285,6 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
   const bool bf16 = model_.precision() == Precision::bfloat16;
   const int64_t T = m.T, H = c.hidden_size, V = c.vocab_size, R = m.rows.size();
   const int tp = s.topo.tp;
-  const cpu::TokenChunks chunks = cpu::token_chunks(T);
   std::vector<float> dx(R * H);
   const bool tied = tied_on_one_stage(c, s);
   std::vector<float> tied_head_grad;  // tied: the lm_head part of the embedding's gradient
@@ -279,17 +310,28 @@ std::vector<float> ParallelGrad::backward(MicroState& m, std::vector<float> dy, 
     if (any_entropy && m.entropy.empty()) head_entropy(m);
     if (any_entropy) entropy = m.entropy;
     const int64_t VL = s.vocab.size();
-    std::vector<float> dl(T * VL);
-    cpu::log_softmax_gather_backward_slice(m.logits.data(), m.lse.data(), targets.data(), dlogp.data(),
-                                           any_entropy ? dent.data() : nullptr, any_entropy ? entropy.data() : nullptr,
-                                           dl.data(), T, s.vocab.begin, VL);
-    m.logits = {};
+    // Only the rows with an upstream gradient (the trained tokens, less those whose gradient
+    // is 0): another row's logit gradients are exactly +-0, and adding +-0 to a sum that
+    // starts at +0 changes no bit, so its terms are left out of both sums (the token chunks
+    // stay those of the whole stream). With a 151936-entry vocabulary this skips most of the
+    // head's backward for the prompt tokens.
+    const HeadRows a = head_rows(m.logits, m.hidden, m.lse, T, VL, H, dlogp, dent, entropy, targets, any_entropy);
+    const int64_t A = int64_t(a.index.size());
+    // The logit gradients overwrite the compacted logits (each element is read once, then
+    // written): no new vocabulary-wide buffer, whose fresh pages the kernel would zero.
+    std::vector<float> dl = std::move(m.logits);
+    cpu::log_softmax_gather_backward_slice(dl.data(), a.lse.data(), a.targets.data(), a.dlogp.data(),
+                                           any_entropy ? a.dent.data() : nullptr,
+                                           any_entropy ? a.entropy.data() : nullptr, dl.data(), A, s.vocab.begin, VL);
     if (tied) tied_head_grad.resize(VL * H);
     float* dhead = tied ? tied_head_grad.data() : g.grads.lm_head.data<float>();
-    cpu::linear_weight_grad(dl.data(), m.hidden.data(), dhead, VL, H, chunks);
-    std::vector<float> dhidden(T * H);
-    cpu::linear_input_grad_canonical(dl.data(), W.lm_head.data<float>(), dhidden.data(), T, VL, H, canonical_chunk(V),
-                                     kTMax / tp);
+    cpu::linear_weight_grad_subtree(dl.data(), a.hidden.data(), dhead, VL, H,
+                                    cpu::token_chunks_of(a.index.data(), A, T).rows, kTMax);
+    std::vector<float> dhidden_a(A * H), dhidden(T * H, 0.0f);
+    cpu::linear_input_grad_canonical(dl.data(), W.lm_head.data<float>(), dhidden_a.data(), A, VL, H,
+                                     canonical_chunk(V), kTMax / tp);
+    for (int64_t i = 0; i < A; ++i)
+      std::copy_n(dhidden_a.data() + i * H, H, dhidden.data() + int64_t(a.index[size_t(i)]) * H);
     if (tp > 1) dist::canonical_all_reduce(*ctx.tp, dhidden.data(), T * H);
     const std::vector<float> dh_local = slice_rows(dhidden, m.rows, H);
     float* dw = g.grads.final_norm.data<float>();

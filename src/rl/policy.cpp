@@ -61,7 +61,8 @@ std::vector<std::vector<float>> Policy::score_all(const std::vector<std::vector<
 
 std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::vector<int32_t>>& seqs,
                                                        int64_t num_microbatches, const SampleLoss& loss,
-                                                       const std::function<size_t(int64_t)>& record_size) {
+                                                       const std::function<size_t(int64_t)>& record_size,
+                                                       bool want_entropy) {
   const Topology& t = layout_.topo;
   LS_CHECK(num_microbatches % t.dp == 0, "--num-microbatches ", num_microbatches,
            " must be a multiple of the data-parallel size ", t.dp, " (each replica takes whole micro-batches)");
@@ -77,7 +78,8 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
     std::vector<SequenceGradInput> up(lp.size());
     for (size_t k = 0; k < lp.size(); ++k) {
       const int64_t i = first + int64_t(k);
-      up[k] = loss(i, lp[k], ent[k], records[i]);
+      static const std::vector<float> no_entropy;
+      up[k] = loss(i, lp[k], want_entropy ? ent[k] : no_entropy, records[i]);
       LS_CHECK(records[i].size() == record_size(i), "parallel train: the loss record of sample ", i, " has ",
                records[i].size(), " values, expected ", record_size(i));
     }
@@ -85,10 +87,10 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
   };
 #ifdef LOCKSTEP_CUDA
   if (on_device())
-    device_state_->compute_grads(mine, true, upstream);
+    device_state_->compute_grads(mine, want_entropy, upstream);
   else
 #endif
-    grads_ = grad_->step_grads(mine, true, upstream);
+    grads_ = grad_->step_grads(mine, want_entropy, upstream);
   // Each replica's records come from its (tp 0, last stage) rank, to every rank.
   for (int r = 0; r < t.dp; ++r) {
     const int holder = t.rank_of(0, r, t.pp - 1);

@@ -53,10 +53,12 @@ class Policy {
                                                      const std::vector<float>& entropy, std::vector<double>& record)>;
   // Gradients of one optimizer step over `seqs` cut into `num_microbatches` canonical
   // micro-batches (replica d takes its contiguous run). Returns every sample's record on
-  // every rank; the gradients wait for apply(). Collective.
+  // every rank; the gradients wait for apply(). Collective. Without `want_entropy` the loss
+  // gets an empty entropy (no vocabulary-wide entropy pass; the SFT warm start needs none).
   std::vector<std::vector<double>> compute_grads(const std::vector<std::vector<int32_t>>& seqs,
                                                  int64_t num_microbatches, const SampleLoss& loss,
-                                                 const std::function<size_t(int64_t)>& record_size);
+                                                 const std::function<size_t(int64_t)>& record_size,
+                                                 bool want_entropy = true);
   // The canonical global norm and the sharded AdamW step of the last compute_grads. A
   // non-finite gradient fails on every rank (naming the tensor where it is held).
   OptimizerStepResult apply(bool inject_nan);

@@ -119,12 +119,12 @@ BatchResult train_batch(Policy& policy, const TrainConfig& cfg, const LossConfig
     Sample& s = *batch[size_t(i)];
     const std::vector<size_t> at = s.trained_positions();
     std::vector<float> logp = s.trained_part(lp_full);
-    std::vector<float> entropy = s.trained_part(ent_full);
+    std::vector<float> entropy = ent_full.empty() ? std::vector<float>{} : s.trained_part(ent_full);
     SampleLossInput in;
     in.logp = &logp;
     in.old_logp = &s.old_logp;
     in.ref_logp = s.ref_logp.empty() ? nullptr : &s.ref_logp;
-    in.entropy = &entropy;
+    in.entropy = ent_full.empty() ? nullptr : &entropy;  // the SFT warm start computes none
     in.advantages = &s.advantages;
     SampleLossResult r = sample_loss(loss, norm, in);
     SequenceGradInput up;
@@ -139,7 +139,9 @@ BatchResult train_batch(Policy& policy, const TrainConfig& cfg, const LossConfig
     rec.insert(rec.end(), logp.begin(), logp.end());  // floats are exact in double
     return up;
   };
-  auto records = policy.compute_grads(seqs, cfg.num_microbatches, sample_upstream, record_size);
+  // The SFT records log no entropy: its vocabulary-wide pass is skipped unless a bonus needs it.
+  const bool want_entropy = loss.type != LossType::sft_loss || loss.entropy_coef != 0.0;
+  auto records = policy.compute_grads(seqs, cfg.num_microbatches, sample_upstream, record_size, want_entropy);
   for (const auto& rec : records) {
     LossMetrics m;
     m.loss = rec[0], m.pg_loss = rec[1], m.pg_clipfrac = rec[2], m.ppo_kl = rec[3], m.kl_loss = rec[4],

@@ -7,9 +7,11 @@
 #include <set>
 
 #include "../cli/run_command.h"
+#include "model/config.h"
 #include "rl/arith_problems.h"
 #include "rl/prompt_source.h"
 #include "rl/rewards/math_verifier.h"
+#include "newcomer_util.h"
 #include "rl/trainer.h"
 #include "rl_data_util.h"
 #include "rl_test_util.h"
@@ -119,38 +121,52 @@ TEST(ArithData, SftWarmStartTrainsOnTheDemonstrationsInChatFormat) {
 namespace lockstep::rl {
 namespace {
 
-// configs/arith_grpo.toml is a valid job: its keys load, and at a tiny size (its model, data from
-// arith-data) it runs the SFT warm start, an RL step and both evaluations.
-TEST(ArithData, NewcomerConfigRunsAtATinySize) {
+// The newcomer config `toml` at a tiny size (data from arith-data, one SFT step, one RL step,
+// both evaluations) on the CPU; `model` (a config.json under the source tree) replaces its
+// init-config where the config's own model is too large for a test.
+void run_newcomer_config_tiny(const std::string& toml, const std::string& model = "") {
   TempDir dir("arith_job");
+  TrainConfig c = testing::newcomer_config(toml, dir);
+  c.device = "cpu";
+  if (!model.empty()) c.init_config = std::string(LOCKSTEP_SOURCE_DIR) + "/" + model;
+  c.sft_warmup_steps = 1;
+  c.num_rollout = 1;
+  c.rollout_max_response_len = 2;
+  c.eval_max_response_len = 2;
+  c.n_samples_per_eval_prompt = 1;
+  run_training(c);
+  const testing::RecordCounts n = testing::count_records(c);
+  EXPECT_EQ(n.sft, 1);
+  EXPECT_EQ(n.steps, 1);
+  EXPECT_EQ(n.evals, 2);  // before the first step and after the last
+}
+
+// configs/arith_grpo.toml is a valid job: its keys load, and at a tiny size (its own model) it
+// runs the SFT warm start, an RL step and both evaluations.
+TEST(ArithData, NewcomerConfigRunsAtATinySize) {
   TrainConfig c;
   apply_toml_file(c, std::string(LOCKSTEP_SOURCE_DIR) + "/configs/arith_grpo.toml");
   EXPECT_EQ(c.rm_type, "math");
   EXPECT_TRUE(c.apply_chat_template);
-  write_arith_data(dir.sub("data"), 1, 4, 1);
-  c.init_config = std::string(LOCKSTEP_SOURCE_DIR) + "/" + c.init_config;
-  c.tokenizer = testing::fixture_tokenizer_dir();
-  c.prompt_data = dir.sub("data") + "/train.jsonl";
-  c.sft_data = dir.sub("data") + "/sft.jsonl";
-  c.eval_prompt_data = "arith " + dir.sub("data") + "/eval.jsonl";
-  c.sft_warmup_steps = 1;
-  c.num_rollout = 1;
-  testing::small_batches(c);
-  c.rollout_max_response_len = 2;
-  c.eval_max_response_len = 2;
-  c.n_samples_per_eval_prompt = 1;
-  c.progress = false;
-  c.output_dir = dir.sub("out");
-  run_training(c);
-  int evals = 0, steps = 0, sft = 0;
-  for (const auto& m : testing::read_metrics(c)) {
-    evals += m.contains("eval/arith");
-    steps += m.contains("rollout/rewards");
-    sft += m.contains("sft_step");
-  }
-  EXPECT_EQ(sft, 1);
-  EXPECT_EQ(steps, 1);
-  EXPECT_EQ(evals, 2);  // before the first step and after the last
+  run_newcomer_config_tiny("configs/arith_grpo.toml");
+}
+
+// configs/arith_grpo_cuda.toml: the GPU job (device cuda, bfloat16) with the real vocabulary and
+// a model of CUDA-runner shapes; its other keys run the same job on the CPU at a tiny size (its
+// own 0.23B-parameter model is the GPU test's, tests/cuda/test_cuda_newcomer_config.cpp).
+TEST(ArithData, CudaNewcomerConfigLoadsAndRunsAtATinySizeOnTheCpu) {
+  TrainConfig c;
+  apply_toml_file(c, std::string(LOCKSTEP_SOURCE_DIR) + "/configs/arith_grpo_cuda.toml");
+  EXPECT_EQ(c.device, "cuda");
+  EXPECT_EQ(c.dtype, "bfloat16");
+  EXPECT_EQ(c.rm_type, "math");
+  EXPECT_GT(c.sft_warmup_steps, 0);
+  EXPECT_FALSE(c.eval_prompt_data.empty());
+  const ModelConfig m = ModelConfig::load(std::string(LOCKSTEP_SOURCE_DIR) + "/" + c.init_config);
+  EXPECT_EQ(m.vocab_size, 151936);  // the real Qwen3 tokenizer's padded vocabulary
+  EXPECT_TRUE(m.tie_word_embeddings);
+  EXPECT_EQ(m.head_dim, 128);
+  run_newcomer_config_tiny("configs/arith_grpo_cuda.toml", "configs/arith_model.json");
 }
 
 }  // namespace

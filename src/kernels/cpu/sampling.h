@@ -14,7 +14,12 @@ struct SampleChoice {
 // to the shortest prefix whose probability mass reaches top_p; the token is the first
 // candidate whose cumulative mass exceeds u * kept_mass. logprob = log softmax(z)[token],
 // before truncation, by the canonical log-softmax. `u` in [0, 1) comes from Philox.
+// Logits must not be NaN (no order is defined then).
 SampleChoice sample_row(const float* logits, int64_t V, float temperature, int32_t top_k, float top_p, float u);
+
+// Up to this many kept candidates sample_row partially sorts; past it, it radix-sorts the row
+// (the same order). Public so a test can take both paths.
+constexpr int64_t kPartialSortMax = 256;
 
 // The n most likely tokens of the row under the distribution sample_row reports log-probs of
 // (softmax(logits / T), T = 1 when greedy): ids and log-probs by log-prob descending, ties to
