@@ -167,7 +167,9 @@ TEST(Topology, RefusalsNameTheFlagsUnderTheirPrefix) {
       } catch (const Error& e) {
         const std::string why = e.what();
         EXPECT_NE(why.find("--" + prefix + flag), std::string::npos) << why;
-        if (!prefix.empty()) EXPECT_EQ(why.find("--" + flag), std::string::npos) << why;
+        if (!prefix.empty()) {
+          EXPECT_EQ(why.find("--" + flag), std::string::npos) << why;
+        }
       }
     }
 }

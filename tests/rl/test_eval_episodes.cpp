@@ -167,7 +167,9 @@ TEST(EvalEpisodes, EnvironmentServerRunsTheEvalEpisodesAndGivesTheirRewards) {
   for (const json& b : bodies) {
     const int64_t turn = b.at("turn");
     EXPECT_EQ(b.at("messages").size(), size_t(2 * turn - 1)) << b.dump();
-    if (turn > 1) EXPECT_EQ(b["messages"][1], (json{{"role", "user"}, {"content", "Turn 1"}}));
+    if (turn > 1) {
+      EXPECT_EQ(b["messages"][1], (json{{"role", "user"}, {"content", "Turn 1"}}));
+    }
     const bool first = b.at("prompt").get<std::string>().find("What is 3 + 3?") != std::string::npos;
     EXPECT_EQ(b.at("label"), first ? "6" : "bye");
   }
