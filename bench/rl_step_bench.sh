@@ -12,7 +12,8 @@ set -euo pipefail
 config=${1:?usage: rl_step_bench.sh MODEL_CONFIG.json [LAYERS] [STEPS]}
 layers=${2:-2}
 steps=${3:-3}
-lockstep=${LOCKSTEP:-build-cuda/lockstep}
+root=$(cd "$(dirname "$0")/.." && pwd)
+lockstep=${LOCKSTEP:-$root/build-cuda/lockstep}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 - "$config" "$layers" "$work/model.json" <<'PY'
@@ -23,7 +24,7 @@ json.dump(c, open(sys.argv[3], "w"), indent=1)
 PY
 "$lockstep" arith-data --output-dir "$work/data" --train 2000 --eval 8 > /dev/null
 "$lockstep" train --device cuda --dtype bfloat16 --init-config "$work/model.json" \
-  --tokenizer tests/fixtures/qwen3-tokenizer --prompt-data "$work/data/train.jsonl" --apply-chat-template \
+  --tokenizer "$root/tests/fixtures/qwen3-tokenizer" --prompt-data "$work/data/train.jsonl" --apply-chat-template \
   --rm-type math --sft-warmup-steps 0 --num-rollout "$steps" --rollout-batch-size 64 --n-samples-per-prompt 8 \
   --rollout-max-response-len "${RESPONSE_LEN:-256}" --global-batch-size 512 \
   --num-microbatches "${MICRO_BATCHES:-16}" --output-dir "$work/out" --progress=false

@@ -3,14 +3,17 @@
 # (ours, then the HF transformers peer in its own process), and prints a short table last.
 #
 #   scripts/h200.sh [--quick] [--layers N] [--no-peer] [--no-tests] [--gemm] [--kernels] [--ncu]
+#                   [--train [LAYERS]]
 #
 # --gemm times every GEMM tile configuration on the prefill shapes; --kernels every decode-step
 # kernel alone in CUDA graphs at 1, 8 and 64 tokens (every GEMM configuration); --ncu records each
 # kernel's time (Nsight Compute, clocks left alone) over a 2-layer quick run into $OUT/ncu.csv;
-# --no-peer skips the HF transformers peer, --no-tests the GPU tests.
+# --no-peer skips the HF transformers peer, --no-tests the GPU tests. --train also times the
+# trainer: forward + backward at 4 x 2048 tokens on LAYERS layers (default 8; the peer's --train
+# beside it) and one RL step at 2 layers (bench/rl_step_bench.sh).
 #
 # LOCKSTEP_PREBUILT=DIR uses binaries built elsewhere (lockstep_tests_cuda, cuda_bench,
-# lockstep, bench_tokenizer in DIR), for GPU machines that lack the project's build
+# lockstep, bench_tokenizer, cuda_train_bench in DIR), for GPU machines that lack the project's build
 # dependencies; LOCKSTEP_BUILT_SOURCE is then the source path they were built from.
 # Logs go to $OUT when set (else ./h200-out).
 set -uo pipefail
@@ -19,7 +22,7 @@ OUT="${OUT:-$ROOT/h200-out}"
 mkdir -p "$OUT"
 QUICK=""
 LAYERS=48
-PEER=1; RUN_TESTS=1; GEMM=0; NCU=0; KERNELS=0
+PEER=1; RUN_TESTS=1; GEMM=0; NCU=0; KERNELS=0; TRAIN=0; TRAIN_LAYERS=8
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK="--quick" ;;
@@ -29,6 +32,7 @@ while [ $# -gt 0 ]; do
     --gemm) GEMM=1 ;;
     --kernels) KERNELS=1 ;;
     --ncu) NCU=1 ;;
+    --train) TRAIN=1; case "${2:-}" in [0-9]*) TRAIN_LAYERS="$2"; shift ;; esac ;;
     *) echo "h200.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -41,15 +45,16 @@ if [ -n "${LOCKSTEP_PREBUILT:-}" ]; then
   # The tests find their fixtures by the source path they were compiled with.
   if [ -n "$built" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -s "$ROOT" "$built"; fi
   TESTS="$BIN/lockstep_tests_cuda"; BENCH="$BIN/cuda_bench"; CLI="$BIN/lockstep"; TOKB="$BIN/bench_tokenizer"
+  TRAINB="$BIN/cuda_train_bench"
 else
   BUILD="$ROOT/build-h200"
   cmake -S "$ROOT" -B "$BUILD" -G Ninja -DLOCKSTEP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
     -DCMAKE_CUDA20_STANDARD_COMPILE_OPTION=-std=c++20 -DCMAKE_CUDA20_EXTENSION_COMPILE_OPTION=-std=c++20 \
     >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$BUILD" -j"$(nproc)" --target lockstep_tests_cuda cuda_bench lockstep bench_tokenizer \
+  cmake --build "$BUILD" -j"$(nproc)" --target lockstep_tests_cuda cuda_bench lockstep bench_tokenizer cuda_train_bench \
     >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   TESTS="$BUILD/tests/lockstep_tests_cuda"; BENCH="$BUILD/bench/cuda_bench"; CLI="$BUILD/lockstep"
-  TOKB="$BUILD/bench/bench_tokenizer"
+  TOKB="$BUILD/bench/bench_tokenizer"; TRAINB="$BUILD/bench/cuda_train_bench"
 fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -87,6 +92,17 @@ if [ "$PEER" = 1 ]; then
   echo "== HF transformers peer"
   PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/hf_peer.py" "$ROOT/models/qwen3-30b-a3b/config.json" \
     --layers "$LAYERS" $QUICK 2>&1 | grep -v Warning | tee "$OUT/hf.log"
+fi
+
+if [ "$TRAIN" = 1 ]; then
+  echo "== trainer: forward + backward, $TRAIN_LAYERS layers"
+  LOCKSTEP_PROFILE_TRAIN=1 "$TRAINB" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$TRAIN_LAYERS" --reps 2 2>&1 |
+    tee "$OUT/train_bench.log" | tail -2
+  [ "$PEER" = 1 ] && timeout 420 python3 "$ROOT/bench/hf_peer.py" "$ROOT/models/qwen3-30b-a3b/config.json" --train \
+    --layers "$TRAIN_LAYERS" 2>&1 | grep hf_train | tee -a "$OUT/train_bench.log"
+  echo "== one RL step, 2 layers"
+  LOCKSTEP="$CLI" RESPONSE_LEN=64 MICRO_BATCHES=8 timeout 600 "$ROOT/bench/rl_step_bench.sh" \
+    "$ROOT/models/qwen3-30b-a3b/config.json" 2 3 2>&1 | tail -2 | tee "$OUT/rl_step.log"
 fi
 
 if [ "$PEER" = 1 ] && [ -x "$TOKB" ] && [ -f "$ROOT/bench/hf_tokenizer_peer.py" ]; then
