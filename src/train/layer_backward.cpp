@@ -80,8 +80,8 @@ struct CpuLayerBackwardOps {
 
   std::vector<float> dh = std::vector<float>(R * H);  // d(norm output) on this rank's rows
   std::vector<float> dnorm = std::vector<float>(R * H);
-  std::vector<float> dattn, dq, dk, dv, dq_proj, dk_proj;
-  std::vector<float> dhf;  // d(input norm output), all T rows
+  std::vector<float> dattn{}, dq{}, dk{}, dv{}, dq_proj{}, dk_proj{};
+  std::vector<float> dhf{};  // d(input norm output), all T rows
 
   // dx = d(out) -> dh = d(post-attention norm output); MoE: expert_parallel_backward.h.
   void moe_residual_backward(const Layer& L) {
