@@ -30,14 +30,6 @@ constexpr int kTile = 64;  // queries or keys a block: the contract's KV block
 constexpr int kWarps = 4;  // 16 rows each
 constexpr int kThreads = 32 * kWarps;
 
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower index
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t pack_pair(bf16 lo, bf16 hi) {
-  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
-}
-
 // A shared tile of 64 rows of D bf16 (padded rows: conflict-free fragment loads).
 template <int D>
 struct Tile {
@@ -52,8 +44,8 @@ struct Tile {
   // B fragment from columns: B[k][n] = v[k0 + k][n0 + n].
   __device__ __forceinline__ void b_cols(int n0, int k0, int lane, uint32_t& b0, uint32_t& b1) const {
     const int n = n0 + lane / 4, k = k0 + 2 * (lane % 4);
-    b0 = pack_pair(v[k][n], v[k + 1][n]);
-    b1 = pack_pair(v[k + 8][n], v[k + 9][n]);
+    b0 = pack_bf16(v[k][n], v[k + 1][n]);
+    b1 = pack_bf16(v[k + 8][n], v[k + 9][n]);
   }
   // A fragment of the 16 x 16 block at (row0, k0) (row-major).
   __device__ __forceinline__ void a_rows(int row0, int k0, int lane, uint32_t (&a)[4]) const {
@@ -110,7 +102,7 @@ __device__ __forceinline__ void load_head_rows(Tile<D>& dst, const TS* src, cons
     if (pos < len) {
       const TS* row = src + (int64_t(toks[pos]) * heads + h) * D;
       if constexpr (std::is_same_v<TS, float>)
-        val = pack2(row[d], row[d + 1]);
+        val = pack_bf16(row[d], row[d + 1]);
       else
         val = load_bf16_pair(row + d);
     }
@@ -155,10 +147,10 @@ __global__ void __launch_bounds__(kThreads)
     qa[kk][1] = in_b ? load_bf16_pair(qrb + d) : 0u;
     qa[kk][2] = in_a ? load_bf16_pair(qra + d + 8) : 0u;
     qa[kk][3] = in_b ? load_bf16_pair(qrb + d + 8) : 0u;
-    da[kk][0] = in_a ? pack2(dra[d], dra[d + 1]) : 0u;
-    da[kk][1] = in_b ? pack2(drb[d], drb[d + 1]) : 0u;
-    da[kk][2] = in_a ? pack2(dra[d + 8], dra[d + 9]) : 0u;
-    da[kk][3] = in_b ? pack2(drb[d + 8], drb[d + 9]) : 0u;
+    da[kk][0] = in_a ? pack_bf16(dra[d], dra[d + 1]) : 0u;
+    da[kk][1] = in_b ? pack_bf16(drb[d], drb[d + 1]) : 0u;
+    da[kk][2] = in_a ? pack_bf16(dra[d + 8], dra[d + 9]) : 0u;
+    da[kk][3] = in_b ? pack_bf16(drb[d + 8], drb[d + 9]) : 0u;
   }
   const float delta_a = in_a ? delta[item_a] : 0.0f, delta_b = in_b ? delta[item_b] : 0.0f;
   const int64_t seq_token = toks[0];  // any token of the sequence reads its page table
@@ -245,8 +237,8 @@ __global__ void __launch_bounds__(kThreads)
       // dq += dS K: k16 steps of keys, dS's accumulator tiles 2j, 2j + 1 as the A fragment.
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t a[4] = {pack2(s[2 * j][0], s[2 * j][1]), pack2(s[2 * j][2], s[2 * j][3]),
-                             pack2(s[2 * j + 1][0], s[2 * j + 1][1]), pack2(s[2 * j + 1][2], s[2 * j + 1][3])};
+      const uint32_t a[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
+                             pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
 #pragma unroll
       for (int dn = 0; dn < D / 8; ++dn) {
         uint32_t b0, b1;
@@ -341,11 +333,12 @@ __global__ void __launch_bounds__(kThreads)
           // dv += P^T dout, dk += dS^T q: k16 steps of queries.
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const uint32_t pa[4] = {pack2(s[2 * j][0], s[2 * j][1]), pack2(s[2 * j][2], s[2 * j][3]),
-                                  pack2(s[2 * j + 1][0], s[2 * j + 1][1]), pack2(s[2 * j + 1][2], s[2 * j + 1][3])};
-          const uint32_t dsa[4] = {pack2(dp[2 * j][0], dp[2 * j][1]), pack2(dp[2 * j][2], dp[2 * j][3]),
-                                   pack2(dp[2 * j + 1][0], dp[2 * j + 1][1]),
-                                   pack2(dp[2 * j + 1][2], dp[2 * j + 1][3])};
+          const uint32_t pa[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
+                                  pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                  pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
+          const uint32_t dsa[4] = {pack_bf16(dp[2 * j][0], dp[2 * j][1]), pack_bf16(dp[2 * j][2], dp[2 * j][3]),
+                                   pack_bf16(dp[2 * j + 1][0], dp[2 * j + 1][1]),
+                                   pack_bf16(dp[2 * j + 1][2], dp[2 * j + 1][3])};
 #pragma unroll
           for (int dn = 0; dn < D / 8; ++dn) {
             uint32_t b0, b1;

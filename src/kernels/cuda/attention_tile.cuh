@@ -24,10 +24,6 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower column
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 // The two bf16 halves of a packed pair as floats (exact).
 __device__ __forceinline__ float low_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float high_f32(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }

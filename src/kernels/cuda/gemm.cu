@@ -17,10 +17,6 @@ namespace {
 // tiles (BK 128 / 256 give the same k16 sequence); measured slower at one token (notes).
 constexpr int kBK = 64;
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   int bytes = valid ? 16 : 0;  // 0 bytes read: the 16 destination bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));

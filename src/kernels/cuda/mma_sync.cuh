@@ -8,6 +8,19 @@
 
 namespace lockstep::cuda {
 
+// The shared-memory address of p (the operand of ldmatrix, cp.async and the wgmma descriptors).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Two values as one bf16x2 operand register, the lower index (lo) in the low half: rounded from
+// fp32, or already bf16.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
 // Two consecutive bf16 values (4-byte aligned) as one operand register, the lower index in the
 // low half.
 __device__ __forceinline__ uint32_t load_bf16_pair(const __nv_bfloat16* p) {

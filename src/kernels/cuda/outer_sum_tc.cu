@@ -25,14 +25,6 @@ constexpr int kPitch = kStage + 8;                    // bf16 per staged row: 80
 constexpr int kWarpI = 32, kWarpK = 32;               // outputs per warp: 2 m16 x 4 n8 fragments
 constexpr int kPendingBytes = 2 * 32 * kThreads * 4;  // two levels of 32 accumulators a thread
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(bf16 lo_index, bf16 hi_index) {
-  return uint32_t(__bfloat16_as_ushort(lo_index)) | (uint32_t(__bfloat16_as_ushort(hi_index)) << 16);
-}
-
 // Block of (WI x WK) warps: outputs [i0, i0 + 32 WI) x [k0, k0 + 32 WK). Two blocks an SM: the
 // next stage's operands are loaded into registers while the tensor cores run the present one,
 // and the chunk tree's pending subtrees wait outside the registers (levels 0 and 1 in shared
@@ -59,18 +51,25 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* __restrict__ out = group_args.out;
   const int64_t I = group_args.I;
   const ChunkBounds& bounds = group_args.bounds;
-  constexpr bool g_rows_contiguous = kGRowsContiguous;  // g_row == 1: consecutive i adjacent (weight grads)
 
   // One stage in registers: pairs of summed rows (s, s + 1) of g (per i) and of m (per k),
   // zero past the chunk's end and the tile's edges.
   float2 ga[kAPairs];
   uint32_t mb[kBPairs];
+  // This thread's j-th pair of g: tile row ii, staged rows (sp, sp + 1); consecutive threads
+  // take consecutive i where g's rows are contiguous (g_row == 1: weight grads), else
+  // consecutive s.
+  auto a_slot = [](int j, int& ii, int& sp) {
+    const int idx = threadIdx.x + j * kThreads;
+    ii = kGRowsContiguous ? idx % BI : idx / (kStage / 2);
+    sp = 2 * (kGRowsContiguous ? idx / BI : idx % (kStage / 2));
+  };
   auto load = [&](int64_t s0, int64_t end) {
 #pragma unroll
     for (int j = 0; j < kAPairs; ++j) {
-      const int idx = threadIdx.x + j * kThreads;
-      const int ii = g_rows_contiguous ? idx % BI : idx / (kStage / 2);
-      const int64_t i = i0 + ii, s = s0 + 2 * (g_rows_contiguous ? idx / BI : idx % (kStage / 2));
+      int ii, sp;
+      a_slot(j, ii, sp);
+      const int64_t i = i0 + ii, s = s0 + sp;
       ga[j].x = i < I && s < end ? g[i * g_row + s * g_col] : 0.0f;
       ga[j].y = i < I && s + 1 < end ? g[i * g_row + (s + 1) * g_col] : 0.0f;
     }
@@ -85,9 +84,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto store = [&]() {
 #pragma unroll
     for (int j = 0; j < kAPairs; ++j) {
-      const int idx = threadIdx.x + j * kThreads;
-      const int ii = g_rows_contiguous ? idx % BI : idx / (kStage / 2);
-      const int sp = 2 * (g_rows_contiguous ? idx / BI : idx % (kStage / 2));
+      int ii, sp;
+      a_slot(j, ii, sp);
       const bf16 h0 = to_bf16(ga[j].x), h1 = to_bf16(ga[j].y);
       *reinterpret_cast<uint32_t*>(&a_hi[ii][sp]) = pack_bf16(h0, h1);
       *reinterpret_cast<uint32_t*>(&a_lo[ii][sp]) =
@@ -123,14 +121,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int a = 0; a < 2; ++a) {
           const int row = wi + a * 16 + lane % 16, k = step * 16 + (lane / 16) * 8;
-          ldmatrix_x4(hi[a], shared_address(&a_hi[row][k]));
-          ldmatrix_x4(lo[a], shared_address(&a_lo[row][k]));
+          ldmatrix_x4(hi[a], smem_addr(&a_hi[row][k]));
+          ldmatrix_x4(lo[a], smem_addr(&a_lo[row][k]));
         }
 #pragma unroll
         for (int bb = 0; bb < 2; ++bb) {
           uint32_t r[4];
-          ldmatrix_x4(r,
-                      shared_address(&b_t[wk + bb * 16 + (lane / 16) * 8 + lane % 8][step * 16 + (lane / 8) % 2 * 8]));
+          ldmatrix_x4(r, smem_addr(&b_t[wk + bb * 16 + (lane / 16) * 8 + lane % 8][step * 16 + (lane / 8) % 2 * 8]));
           bm[2 * bb][0] = r[0], bm[2 * bb][1] = r[1], bm[2 * bb + 1][0] = r[2], bm[2 * bb + 1][1] = r[3];
         }
 #pragma unroll

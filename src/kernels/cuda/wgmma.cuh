@@ -8,11 +8,9 @@
 #pragma once
 #include <cstdint>
 
-namespace lockstep::cuda {
+#include "kernels/cuda/mma_sync.cuh"  // smem_addr
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace lockstep::cuda {
 
 // Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle: 8-row groups
 // 1024 bytes apart (stride byte offset), the leading byte offset unused (a k16 step stays
