@@ -40,6 +40,8 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
       (t * qd + t * kd + rows * H + rows * 3 * I) * 2 + 3 * rows * 4;
   m.activations += (2 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * 3 * I + rows * H) * 2 +
                    (t * E + 2 * t * k) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
+  // The large-tile outer sums' workspace: 256 KB an SM, bounded here by 256 SMs.
+  m.activations += 256.0 * 256 * 1024;
   return m;
 }
 

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -41,6 +42,16 @@ inline std::vector<uint16_t> random_bf16(int64_t n, uint64_t seed, float scale =
   std::uniform_real_distribution<float> d(-scale, scale);
   std::vector<uint16_t> out(static_cast<size_t>(n));
   for (auto& v : out) v = f32_to_bf16(d(rng));
+  return out;
+}
+
+// Gradient-like fp32 values: log-uniform magnitudes over 2^-20 .. 2^4 (so the lo half of a bf16
+// hi + lo split matters) and an exact zero every 97th value.
+inline std::vector<float> random_gradient(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f), e(-20.0f, 4.0f);
+  std::vector<float> out(static_cast<size_t>(n));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = i % 97 == 5 ? 0.0f : d(rng) * std::exp2(e(rng));
   return out;
 }
 

@@ -17,14 +17,6 @@ namespace {
 using testing::DeviceVec;
 using testing::same_bits_f;
 
-std::vector<float> random_f32(int64_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  // Gradients span magnitudes: a log-uniform scale exercises the lo half of the split.
-  std::uniform_real_distribution<float> d(-1.0f, 1.0f), e(-6.0f, 2.0f);
-  std::vector<float> out(static_cast<size_t>(n));
-  for (auto& v : out) v = d(rng) * std::exp2(e(rng));
-  return out;
-}
 std::vector<float> widen(const std::vector<uint16_t>& b) {
   std::vector<float> out(b.size());
   for (size_t i = 0; i < b.size(); ++i) out[i] = bf16_to_f32(b[i]);
@@ -59,7 +51,7 @@ class CudaOuterSumTc : public ::testing::TestWithParam<Shape> {};
 TEST_P(CudaOuterSumTc, WithinTheSplitsBoundOfTheCpuAndTheSameBitsAtEveryTile) {
   LS_SKIP_WITHOUT_GPU();
   const auto [T, N, K] = GetParam();
-  const auto dy = random_f32(T * N, 11 + T);
+  const auto dy = testing::random_gradient(T * N, 11 + T);
   const auto x = testing::random_bf16(T * K, 12 + N), w = testing::random_bf16(N * K, 13 + K);
   DeviceVec<float> Dy(dy), DW(N * K), Dx(T * K);
   DeviceVec<uint16_t> X(x), W(w);
@@ -102,7 +94,7 @@ TEST(CudaOuterSumTc, HalvesOfTheChunksFoldToTheSameRoot) {
   // A sequence-parallel rank holds 4 of the 8 token chunks: its subtree over them, added to the
   // other rank's, is the single rank's root (the top of the pairwise tree).
   const int64_t T = 777, N = 72, K = 136;
-  const auto dy = random_f32(T * N, 21);
+  const auto dy = testing::random_gradient(T * N, 21);
   const auto x = testing::random_bf16(T * K, 22);
   DeviceVec<float> Dy(dy), Whole(N * K);
   DeviceVec<uint16_t> X(x);
@@ -129,7 +121,7 @@ TEST(CudaOuterSumTc, HalvesOfTheChunksFoldToTheSameRoot) {
 TEST(CudaOuterSumTc, ATokensInputGradIgnoresTheOtherRows) {
   LS_SKIP_WITHOUT_GPU();
   const int64_t N = 1000, K = 72, small = 7, big = 300;
-  const auto dy = random_f32(big * N, 31);
+  const auto dy = testing::random_gradient(big * N, 31);
   const auto w = testing::random_bf16(N * K, 32);
   DeviceVec<uint16_t> W(w);
   DeviceVec<float> DyBig(dy), DySmall(std::vector<float>(dy.end() - small * N, dy.end())), DxBig(big * K),
@@ -145,7 +137,7 @@ TEST(CudaOuterSumTc, AChunksPartialDependsOnlyOnItsRows) {
   // One chunk of rows at another offset in memory (after other rows) gives the same bits: the
   // k16 steps start at the chunk's first row, wherever it lies.
   const int64_t rows = 45, N = 40, K = 64, before = 19;
-  const auto dy = random_f32((before + rows) * N, 41);
+  const auto dy = testing::random_gradient((before + rows) * N, 41);
   const auto x = testing::random_bf16((before + rows) * K, 42);
   DeviceVec<float> Dy(dy), A(N * K), B(N * K);
   DeviceVec<uint16_t> X(x);
@@ -166,7 +158,7 @@ TEST(CudaOuterSumTc, EachGroupOfAGroupedLaunchHasItsOwnCallsBits) {
   // the bits of its own call, for the weight-gradient layout and the input-gradient layout.
   const int64_t N = 48, K = 80, T = 200;
   const int64_t rows[4] = {70, 0, 5, 125};
-  const auto dy = random_f32(T * N, 51);
+  const auto dy = testing::random_gradient(T * N, 51);
   const auto x = testing::random_bf16(T * K, 52), w = testing::random_bf16(4 * N * K, 53);
   DeviceVec<float> Dy(dy), Grouped(4 * N * K + T * K), Single(N * K + T * K);
   DeviceVec<uint16_t> X(x), W(w);

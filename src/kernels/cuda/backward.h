@@ -71,6 +71,42 @@ struct OuterSumGroup {
 void outer_sum_grouped_tc(const OuterSumGroup* groups, int count, int64_t max_I, int64_t g_row, int64_t g_col,
                           int64_t K, cudaStream_t s, TcTile tile = TcTile::k64x128);
 
+// g split in place for outer_sum_split_tc: each 32 bytes of 8 fp32 values become their 8 bf16
+// hi = bf16(v), then their 8 lo = bf16(v - hi) (n a multiple of 8, x 16-byte aligned).
+void split_hi_lo(float* x, int64_t n, cudaStream_t s);
+
+// How outer_sum_split_tc tiles its outputs (every tile gives the same bits): 128 x 128 outputs a
+// block, the chunk tree's pending subtrees in shared memory (short chunks: the experts'); or
+// 128 x 256, the subtrees in a workspace slot of each block, one block an SM looping over the
+// tiles (long chunks: a third less operand traffic a MMA). automatic: the large tile where a
+// workspace is given and the chunks average 256 rows or more.
+enum class SplitTile { automatic, k128x128, k128x256 };
+// Floats of the workspace the 128 x 256 tile needs on the current device (one slot an SM).
+int64_t outer_sum_split_workspace_floats();
+
+// outer_sum_chunked_tc of a g that split_hi_lo has split (g_row and g_col count g's fp32
+// elements): the same bits, with both operands copied to shared memory by cp.async. It takes
+// weight gradients (g_row 1; g_col and I multiples of 8) and input gradients (g_col 1; g_row and
+// every chunk bound multiples of 8), K a multiple of 8 and 16-byte aligned operands. A
+// workspace serves one launch at a time.
+bool outer_sum_split_tc_supported(int64_t g_row, int64_t g_col, int64_t K, const ChunkBounds& bounds, int64_t I);
+void outer_sum_split_tc(const bf16_t* g_split, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
+                        const ChunkBounds& bounds, float* out, int64_t I, cudaStream_t s, float* workspace = nullptr,
+                        SplitTile tile = SplitTile::automatic);
+
+// OuterSumGroup of a split g; every group supported as outer_sum_split_tc_supported says.
+struct SplitOuterSumGroup {
+  const bf16_t* g = nullptr;
+  const bf16_t* m = nullptr;
+  float* out = nullptr;
+  int64_t I = 0;
+  ChunkBounds bounds;
+};
+// (tile automatic: the small one, the groups' chunks being unknown on the host.)
+void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int64_t max_I, int64_t g_row,
+                                int64_t g_col, int64_t K, cudaStream_t s, float* workspace = nullptr,
+                                SplitTile tile = SplitTile::automatic);
+
 // dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
 template <typename TX>
 void linear_weight_grad(const float* dy, const TX* x, float* dW, int64_t N, int64_t K, const ChunkBounds& chunks,
@@ -79,6 +115,13 @@ void linear_weight_grad(const float* dy, const TX* x, float* dW, int64_t N, int6
 // canonical_chunk(N) (cpu::linear_input_grad).
 template <typename TW>
 void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64_t N, int64_t K, cudaStream_t s);
+
+// linear_weight_grad and linear_input_grad of a bf16 linear whose dy [T, N] nothing reads
+// afterwards: dy is split in place and both run as outer_sum_split_tc where its shapes allow
+// (workspace: outer_sum_split_workspace_floats() floats, or null), else as the two calls. The
+// same bits either way.
+void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T,
+                               int64_t N, int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s);
 
 // out[i] (overwritten) = tree over the chunks of (sum over the chunk's rows of a[r, i] * b[r, i])
 // (cpu::column_sum_chunked; b == nullptr sums a alone).

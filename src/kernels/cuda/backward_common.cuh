@@ -42,6 +42,61 @@ struct TreeFold {
   }
 };
 
+// TreeFold's merge for the tensor-core outer sums, whose pending subtrees wait outside the
+// registers: levels 0 and 1 at level0 and level1 (shared memory, read back only by the thread
+// that wrote them), level 2 in the output element itself. Chunk c's partial v merges with the
+// subtrees it completes; the root, or a level-2 subtree, is stored to the output if inside.
+__device__ __forceinline__ int tree_level(int c) {
+  return (c & 1) == 0 ? 0 : (c & 3) != 3 ? 1 : (c & 7) != 7 ? 2 : 3;
+}
+__device__ __forceinline__ void fold_partial(float v, int level, bool last, float* level0, float* level1, float* out,
+                                             bool inside) {
+  if (level >= 1) v = *level0 + v;
+  if (level >= 2) v = *level1 + v;
+  if (level >= 3 && inside) v = *out + v;
+  if (last || level == 2) {
+    if (inside) *out = v;
+  } else if (level == 0) {
+    *level0 = v;
+  } else if (level == 1) {
+    *level1 = v;
+  }
+}
+
+// fold_partial of an m16n8 fragment's four accumulators at once (the split outer sums): the
+// pending levels one float4 a thread and fragment, the output two float2 (row i: columns k and
+// k + 1; row i + 8: the same), each element folded exactly as fold_partial folds it.
+__device__ __forceinline__ void fold_fragment(const float (&acc)[4], int level, bool last, float4* level0,
+                                              float4* level1, float* row0, float* row8, bool inside0, bool inside8) {
+  float4 v = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  if (level >= 1) {
+    const float4 p = *level0;
+    v = make_float4(p.x + v.x, p.y + v.y, p.z + v.z, p.w + v.w);
+  }
+  if (level >= 2) {
+    const float4 p = *level1;
+    v = make_float4(p.x + v.x, p.y + v.y, p.z + v.z, p.w + v.w);
+  }
+  if (level >= 3) {
+    if (inside0) {
+      const float2 p = *reinterpret_cast<const float2*>(row0);
+      v.x = p.x + v.x, v.y = p.y + v.y;
+    }
+    if (inside8) {
+      const float2 p = *reinterpret_cast<const float2*>(row8);
+      v.z = p.x + v.z, v.w = p.y + v.w;
+    }
+  }
+  if (last || level == 2) {
+    if (inside0) *reinterpret_cast<float2*>(row0) = make_float2(v.x, v.y);
+    if (inside8) *reinterpret_cast<float2*>(row8) = make_float2(v.z, v.w);
+  } else if (level == 0) {
+    *level0 = v;
+  } else if (level == 1) {
+    *level1 = v;
+  }
+}
+
 // The CPU's dot procedure (cpu/dot.h) by one thread over the products product(i), i < n: lane
 // j of 8 sums the products of the indices = j (mod 8) in ascending order from 0, then tree8.
 // (The CPU's zero padding adds +0 to sums that are never -0: no bit changes.)

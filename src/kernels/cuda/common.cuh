@@ -41,6 +41,16 @@ __device__ __forceinline__ float exp_sfu(float x) { return exp2_sfu(x * 1.442695
 __device__ __forceinline__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The streaming multiprocessors of the device current at the first call (one GPU a process).
+inline int sm_count() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    LS_CUDA_CHECK(cudaGetDevice(&device));
+    LS_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  return count;
+}
 
 // Programmatic dependent launch: every kernel of the forward is launched with
 // launch_after_previous(), so its launch and setup overlap the previous kernel in the stream.

@@ -17,16 +17,6 @@ namespace {
 // tiles (BK 128 / 256 give the same k16 sequence); measured slower at one token (notes).
 constexpr int kBK = 64;
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  int bytes = valid ? 16 : 0;  // 0 bytes read: the 16 destination bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // Offset (elements) of 16-byte piece `piece` of row `row` in a [rows][BK] tile, swizzled so
 // that the 8 rows an ldmatrix reads fall in 8 different bank groups.
 template <int BK>

@@ -217,16 +217,6 @@ CUtensorMap tensor_map(const bf16* data, int64_t rows, int64_t cols, int64_t ld,
   return map;
 }
 
-int sm_count() {
-  static const int count = [] {
-    int device = 0, n = 0;
-    LS_CUDA_CHECK(cudaGetDevice(&device));
-    LS_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    return n;
-  }();
-  return count;
-}
-
 template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
 void launch_tma(const GemmArgs& p, cudaStream_t stream) {
   constexpr size_t smem = tma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();

@@ -9,6 +9,7 @@
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/gemm_common.cuh"
 #include "kernels/cuda/gemm_tma.h"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/wgmma.cuh"
 
 namespace lockstep::cuda {
@@ -88,16 +89,6 @@ template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
 constexpr size_t wgmma_smem_bytes() {
   return 1024 + size_t(STAGES) * (kWgBM + BN) * kWgBK * 2 +
          (TREE ? size_t(SMEM_PARTIALS) * (BN / 2) * kWgThreads * sizeof(float) : 0);
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;  // 0 bytes read: the 16 destination bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>

@@ -136,6 +136,20 @@ void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64
     outer_sum_chunked(dy, N, 1, w, K, b, dx, T, s);
 }
 
+void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T,
+                               int64_t N, int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s) {
+  const ChunkBounds over_n = token_chunk_bounds(N);
+  if (!outer_sum_split_tc_supported(1, N, K, chunks, N) || !outer_sum_split_tc_supported(N, 1, K, over_n, T)) {
+    linear_weight_grad(dy, x, dW, N, K, chunks, s);
+    linear_input_grad(dy, w, dx, T, N, K, s);
+    return;
+  }
+  split_hi_lo(dy, T * N, s);
+  const bf16_t* split = reinterpret_cast<const bf16_t*>(dy);
+  outer_sum_split_tc(split, 1, N, x, K, chunks, dW, N, s, workspace);
+  outer_sum_split_tc(split, N, 1, w, K, over_n, dx, T, s, workspace);
+}
+
 void column_sum_chunked(const float* a, const float* b, float* out, int64_t n, const ChunkBounds& bounds,
                         cudaStream_t s) {
   check_chunk_bounds(bounds, "column_sum_chunked");

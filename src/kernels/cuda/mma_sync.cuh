@@ -1,5 +1,6 @@
 // The warp-level tensor-core instructions of the mma.sync kernels (the GEMM, the attention,
-// the one-launch decode): ldmatrix loads and one m16n8k16 bf16 step with fp32 accumulation.
+// the one-launch decode, the outer sums): cp.async and ldmatrix loads and one m16n8k16 bf16 step
+// with fp32 accumulation.
 // One definition, so every kernel issues the same instruction for the contract's k16 step.
 #pragma once
 #include <cuda_bf16.h>
@@ -35,6 +36,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+// 16 bytes global -> shared, asynchronously (L2 only); !valid zero-fills the destination.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed cp.async groups are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 // c += a . b over one k16 step (A row-major 16 x 16, B column-major 16 x 8, fp32 accumulators).
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // TreeFold's merge, its pending subtrees outside the registers: chunk c merges with the
     // saved left subtrees while c's low bits are ones; the last push completes the root.
     const bool last = c == bounds.count - 1;
-    const int level = (c & 1) == 0 ? 0 : (c & 3) != 3 ? 1 : (c & 7) != 7 ? 2 : 3;
+    const int level = tree_level(c);
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
@@ -154,17 +154,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const bool inside = i < I && k < K;
           float* level0 = &pending[((a * 4 + b) * 4 + e) * kThreads + threadIdx.x];
           float* level1 = level0 + kWarps * 32 * 32;
-          float v = acc[a][b][e];
-          if (level >= 1) v = *level0 + v;
-          if (level >= 2) v = *level1 + v;
-          if (level >= 3 && inside) v = out[i * K + k] + v;
-          if (last || level == 2) {
-            if (inside) out[i * K + k] = v;
-          } else if (level == 0) {
-            *level0 = v;
-          } else if (level == 1) {
-            *level1 = v;
-          }
+          fold_partial(acc[a][b][e], level, last, level0, level1, &out[i * K + k], inside);
         }
   }
 }

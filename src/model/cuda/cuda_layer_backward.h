@@ -56,6 +56,8 @@ struct BackwardScratch {
   float *dact, *dgate, *dup;             // [T * k, I]
   int32_t *row_token, *row_pair, *order, *group_rows;  // [T * k], [T * k], [T * k], [E + 1]
   cuda::OuterSumGroup* groups;                          // [6 E]: the experts' grouped GEMMs
+  cuda::SplitOuterSumGroup* split_groups;               // [6 E]: the same of split dy rows
+  float* outer_pending;  // outer_sum_split_workspace_floats(): the large-tile outer sums' pending trees
 };
 
 // The CUDA op set of layer_backward (model/layer.h) on one GPU: the layer's intermediates are
@@ -82,6 +84,15 @@ struct CudaLayerBackwardOps {
   int64_t qd = nq * D, kd = nkv * D;
   float eps = float(c.rms_norm_eps);
   cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T);
+
+  // Whether every expert GEMM takes the split kernel (outer_sum_split_tc_supported): H and I
+  // multiples of 8 (so every expert's row block is 16-byte aligned too) and their chunks'.
+  static bool split_expert_gemms(int64_t H, int64_t I) {
+    return cuda::outer_sum_split_tc_supported(1, H, I, cuda::token_chunk_bounds(1), H) &&
+           cuda::outer_sum_split_tc_supported(H, 1, I, cuda::token_chunk_bounds(H), 8) &&
+           cuda::outer_sum_split_tc_supported(1, I, H, cuda::token_chunk_bounds(1), I) &&
+           cuda::outer_sum_split_tc_supported(I, 1, H, cuda::token_chunk_bounds(I), 8);
+  }
 
   void moe_residual_backward(const Layer& L) {
     const int64_t E = c.num_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size, rows = T * k;
@@ -115,6 +126,7 @@ struct CudaLayerBackwardOps {
     r.upload_async(s.row_pair, row_pair.data(), row_pair.size() * 4);
     r.upload_async(s.order, order.data(), order.size() * 4);
     r.upload_async(s.group_rows, offsets.data(), offsets.size() * 4);
+    clock.lap("backward_moe_sort");
 
     // The experts' internals, recomputed per row with the forward's GEMM and SwiGLU.
     cuda::gemm(r.expert_gate_up_args(L, w.h_mlp, s.row_token, s.group_rows, rows, s.gu_rows), st);
@@ -122,16 +134,21 @@ struct CudaLayerBackwardOps {
     cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
     cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H,
                                  st);
+    clock.lap("backward_moe_recompute");
     // The experts' GEMMs, each kind one launch over the experts with tokens (an expert without
-    // any keeps its zero gradients): down (weight, input), SwiGLU, gate and up (weights, inputs).
-    std::vector<cuda::OuterSumGroup> down_w, down_in, gate_up_w, gate_up_in;
+    // any keeps its zero gradients): down (weight, input), SwiGLU, gate and up (weights,
+    // inputs). Their dy rows are read by these GEMMs only, so they are split in place.
+    const bool split = split_expert_gemms(H, I);
+    std::vector<cuda::SplitOuterSumGroup> down_w, down_in, gate_up_w, gate_up_in;
     int64_t max_rows = 0;
+    const auto as_split = [](const float* p) { return reinterpret_cast<const cuda::bf16_t*>(p); };
     for (int64_t e = 0; e < E; ++e) {
       const int64_t first = offsets[size_t(e)], n = offsets[size_t(e) + 1] - first;
       if (n == 0) continue;
       max_rows = std::max(max_rows, n);
       const cuda::ChunkBounds b = cuda::chunk_bounds(cpu::token_chunks_of(row_token.data() + first, n, T));
-      const float *dy = s.dy_rows + first * H, *dgate = s.dgate + first * I, *dup = s.dup + first * I;
+      const auto *dy = as_split(s.dy_rows + first * H), *dgate = as_split(s.dgate + first * I),
+                 *dup = as_split(s.dup + first * I);
       const bf16_t* gate_w = L.gate_up + e * 2 * I * H;
       down_w.push_back({dy, s.act_rows + first * I, g.down + e * H * I, H, b});
       down_in.push_back({dy, L.down + e * H * I, s.dact + first * I, n, cuda::token_chunk_bounds(H)});
@@ -141,22 +158,43 @@ struct CudaLayerBackwardOps {
       gate_up_in.push_back({dup, gate_w + I * H, s.part_rows + first * H, n, cuda::token_chunk_bounds(I)});
     }
     const size_t used = down_w.size();
-    std::vector<cuda::OuterSumGroup> all;
+    std::vector<cuda::SplitOuterSumGroup> all;
     for (const auto* part : {&down_w, &down_in, &gate_up_w, &gate_up_in}) all.insert(all.end(), part->begin(), part->end());
-    r.upload_async(s.groups, all.data(), all.size() * sizeof(cuda::OuterSumGroup));
     const int n_used = int(used);
-    cuda::outer_sum_grouped_tc(s.groups, n_used, H, 1, H, I, st);                    // d down
-    cuda::outer_sum_grouped_tc(s.groups + used, n_used, max_rows, H, 1, I, st);      // d act
-    cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
-    cuda::outer_sum_grouped_tc(s.groups + 2 * used, 2 * n_used, I, 1, I, H, st);     // d gate, d up
-    cuda::outer_sum_grouped_tc(s.groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
+    if (split) {
+      r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
+      const cuda::SplitOuterSumGroup* groups = s.split_groups;
+      // Experiment (session 12): the large tile for the experts' weight gradients.
+      static const bool large = std::getenv("LOCKSTEP_EXPERT_LARGE_TILE") != nullptr;
+      const cuda::SplitTile wt = large ? cuda::SplitTile::k128x256 : cuda::SplitTile::automatic;
+      cuda::split_hi_lo(s.dy_rows, rows * H, st);
+      cuda::outer_sum_split_grouped_tc(groups, n_used, H, 1, H, I, st, s.outer_pending, wt);  // d down
+      cuda::outer_sum_split_grouped_tc(groups + used, n_used, max_rows, H, 1, I, st, s.outer_pending, wt);  // d act
+      cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
+      cuda::split_hi_lo(s.dgate, rows * I, st);
+      cuda::split_hi_lo(s.dup, rows * I, st);
+      cuda::outer_sum_split_grouped_tc(groups + 2 * used, 2 * n_used, I, 1, I, H, st, s.outer_pending, wt);  // d gate, d up
+      cuda::outer_sum_split_grouped_tc(groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
+    } else {
+      // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.
+      std::vector<cuda::OuterSumGroup> plain;
+      for (const auto& a : all)
+        plain.push_back({reinterpret_cast<const float*>(a.g), a.m, a.out, a.I, a.bounds});
+      r.upload_async(s.groups, plain.data(), plain.size() * sizeof(cuda::OuterSumGroup));
+      cuda::outer_sum_grouped_tc(s.groups, n_used, H, 1, H, I, st);                        // d down
+      cuda::outer_sum_grouped_tc(s.groups + used, n_used, max_rows, H, 1, I, st);          // d act
+      cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
+      cuda::outer_sum_grouped_tc(s.groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
+      cuda::outer_sum_grouped_tc(s.groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
+    }
     cuda::add_inplace(s.dx_rows, s.part_rows, rows * H, st);
+    clock.lap("backward_moe_experts");
     cuda::route_topk_backward(w.router_logits, w.ids, w.expert_weights, s.dweights, s.dlogits_router, T, E, k,
                               c.norm_topk_prob, st);
     cuda::linear_weight_grad(s.dlogits_router, w.h_mlp, g.router, E, H, chunks, st);
     cuda::linear_input_grad(s.dlogits_router, L.router, s.dh, T, E, H, st);
     cuda::add_rows_in_order(s.dh, s.dx_rows, s.order, T, k, H, st);
-    clock.lap("backward_moe");
+    clock.lap("backward_moe_router");
   }
 
   void dense_mlp_residual_backward(const Layer& L) {
@@ -182,8 +220,9 @@ struct CudaLayerBackwardOps {
   }
 
   void o_proj_residual_backward(const Layer& L) {
-    cuda::linear_weight_grad(dx, w.attn, g.o, H, qd, chunks, st);
-    cuda::linear_input_grad(dx, L.o, s.dattn, T, H, qd, st);
+    // dx goes on down the residual: the GEMMs consume a copy (T x H fp32, a few microseconds).
+    LS_CUDA_CHECK(cudaMemcpyAsync(s.part, dx, size_t(T * H) * 4, cudaMemcpyDeviceToDevice, st));
+    cuda::linear_grads_consuming_dy(s.part, w.attn, L.o, g.o, s.dattn, T, H, qd, chunks, s.outer_pending, st);
     clock.lap("backward_o_proj");
   }
 
@@ -217,14 +256,13 @@ struct CudaLayerBackwardOps {
   }
 
   void qkv_backward(const Layer& L) {
-    cuda::linear_weight_grad(s.dq_proj, w.h, g.qkv, qd, H, chunks, st);
-    cuda::linear_weight_grad(s.dk_proj, w.h, g.qkv + qd * H, kd, H, chunks, st);
-    cuda::linear_weight_grad(s.dv, w.h, g.qkv + (qd + kd) * H, kd, H, chunks, st);
     // d(norm output) = q part + k part + v part, each canonical over its own N.
-    cuda::linear_input_grad(s.dq_proj, L.qkv, s.dhf, T, qd, H, st);
-    cuda::linear_input_grad(s.dk_proj, L.qkv + qd * H, s.part, T, kd, H, st);
+    cuda::linear_grads_consuming_dy(s.dq_proj, w.h, L.qkv, g.qkv, s.dhf, T, qd, H, chunks, s.outer_pending, st);
+    cuda::linear_grads_consuming_dy(s.dk_proj, w.h, L.qkv + qd * H, g.qkv + qd * H, s.part, T, kd, H, chunks,
+                                    s.outer_pending, st);
     cuda::add_inplace(s.dhf, s.part, T * H, st);
-    cuda::linear_input_grad(s.dv, L.qkv + (qd + kd) * H, s.part, T, kd, H, st);
+    cuda::linear_grads_consuming_dy(s.dv, w.h, L.qkv + (qd + kd) * H, g.qkv + (qd + kd) * H, s.part, T, kd, H,
+                                    chunks, s.outer_pending, st);
     cuda::add_inplace(s.dhf, s.part, T * H, st);
     clock.lap("backward_qkv");
   }

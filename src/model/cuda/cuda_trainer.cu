@@ -29,6 +29,8 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   s.row_token = alloc<int32_t>(rows), s.row_pair = alloc<int32_t>(rows), s.order = alloc<int32_t>(rows);
   s.group_rows = alloc<int32_t>(E + 1);
   s.groups = alloc<cuda::OuterSumGroup>(6 * E);
+  s.split_groups = alloc<cuda::SplitOuterSumGroup>(6 * E);
+  s.outer_pending = alloc<float>(cuda::outer_sum_split_workspace_floats());
   return s;
 }
 
@@ -154,15 +156,14 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   float *g_embed = grads->embed, *g_head = grads->lm_head, *g_final_norm = grads->final_norm;
   std::vector<DeviceLayerFloats>& g_layers = grads->layers;
 
-  // ---- Head: d logits (in place), lm_head, the final norm.
+  // ---- Head: d logits (in place; the lm_head's gradients consume them), lm_head, the final norm.
   const cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T);
   clock.lap("head_forward");
   cuda::log_softmax_gather_backward(logits, lse, targets_d, dlogp_d, any_entropy ? dent_d : nullptr,
                                     any_entropy ? entropy : nullptr, logits, T, V, st);
-  cuda::linear_weight_grad(logits, hidden, g_head, V, H, chunks, st);
   BackwardScratch s = scratch(T);
   float* dx = alloc<float>(T * H);
-  cuda::linear_input_grad(logits, r_.lm_head_, s.dh, T, V, H, st);
+  cuda::linear_grads_consuming_dy(logits, hidden, r_.lm_head_, g_head, s.dh, T, V, H, chunks, s.outer_pending, st);
   cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
   cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, T, H, true, chunks, st);
   clock.lap("head_backward");
