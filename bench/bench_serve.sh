@@ -5,9 +5,14 @@
 #                        [--max-batch-tokens N] [-- bench_serve flags]
 # The same choices by environment: LOCKSTEP_MODEL, LOCKSTEP_DEVICE, LOCKSTEP_DTYPE (flags win).
 # Defaults: the tiny test model on the CPU in float32 from build/; with --device cuda the
-# dtype is bfloat16 (the GPU's recipe) and the build build-cuda/. BUILD=dir picks the build,
-# SERVE_START_S the seconds the model may take to load (default 60, 900 on cuda).
+# dtype is bfloat16 (the GPU's recipe) and the build build-cuda/. BUILD=dir picks the build;
+# LOCKSTEP_BIN and BENCH_SERVE_BIN name the two binaries instead (prebuilt ones in any folder, for
+# a GPU machine without the build tools). SERVE_START_S: the seconds the model may take to load
+# (default 60, 900 on cuda).
 set -euo pipefail
+# The binaries as the caller named them, before the cd below changes what a relative path means.
+lockstep_bin=${LOCKSTEP_BIN:+$(realpath -m -- "$LOCKSTEP_BIN")}
+bench_bin=${BENCH_SERVE_BIN:+$(realpath -m -- "$BENCH_SERVE_BIN")}
 cd "$(dirname "$0")/.."
 model=${LOCKSTEP_MODEL:-tests/fixtures/hf-tiny-qwen3-moe}
 device=${LOCKSTEP_DEVICE:-cpu}
@@ -31,13 +36,15 @@ case "$device" in
   *) echo "bench_serve.sh: --device must be cpu or cuda, got '$device'" >&2; exit 2 ;;
 esac
 [ -d "$model" ] || { echo "bench_serve.sh: model directory '$model' not found" >&2; exit 2; }
-for bin in "$build/lockstep" "$build/bench/bench_serve"; do
-  [ -x "$bin" ] || { echo "bench_serve.sh: $bin not found (build with -DLOCKSTEP_BENCH=ON, or set BUILD)" >&2; exit 2; }
+lockstep_bin=${lockstep_bin:-$build/lockstep}
+bench_bin=${bench_bin:-$build/bench/bench_serve}
+for bin in "$lockstep_bin" "$bench_bin"; do
+  [ -x "$bin" ] || { echo "bench_serve.sh: $bin not found (build with -DLOCKSTEP_BENCH=ON, or set BUILD, or LOCKSTEP_BIN and BENCH_SERVE_BIN)" >&2; exit 2; }
 done
 serve_flags=(--model "$model" --device "$device" --dtype "$dtype" "${extra[@]}")
 
 log=$(mktemp)
-"$build/lockstep" serve --host 127.0.0.1 --port 0 --max-queued-requests 4096 "${serve_flags[@]}" >"$log" 2>&1 &
+"$lockstep_bin" serve --host 127.0.0.1 --port 0 --max-queued-requests 4096 "${serve_flags[@]}" >"$log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
 for _ in $(seq $((start_s * 10))); do
@@ -48,4 +55,4 @@ done
 url=$(grep -o 'http://127.0.0.1:[0-9]*' "$log" | head -n 1 || true)
 [ -n "$url" ] || { echo "bench_serve.sh: the server did not start within $start_s s" >&2; cat "$log" >&2; exit 1; }
 echo "server: ${serve_flags[*]} at $url"
-"$build/bench/bench_serve" --url "$url" "$@"
+"$bench_bin" --url "$url" "$@"

@@ -6,6 +6,7 @@
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
 #include "core/philox.h"
+#include "core/thread_pool.h"
 #include "kernels/cpu/elementwise.h"
 
 namespace lockstep {
@@ -134,11 +135,15 @@ ModelWeights ModelWeights::random(const ModelConfig& config, uint64_t seed, Prec
     slot = Tensor::zeros(param_shape(config, param.kind), DType::f32);
     float* p = slot.data<float>();
     const bool is_norm = param_is_norm(param.kind);
-    float scale = is_norm ? 0.2f : 0.04f;
-    for (int64_t i = 0; i < slot.numel(); ++i) {
-      float u = philox_uniform(seed, stream, uint64_t(i)) * 2.0f - 1.0f;
-      p[i] = is_norm ? 1.0f + scale * u : scale * u;
-    }
+    const float scale = is_norm ? 0.2f : 0.04f;
+    // Each element is its own Philox counter, so splitting over threads changes no bit; at real
+    // sizes (billions of parameters, `lockstep init`) one thread would take minutes.
+    cpu_pool().parallel_for(slot.numel(), int64_t(1) << 16, [&, stream](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float u = philox_uniform(seed, stream, uint64_t(i)) * 2.0f - 1.0f;
+        p[i] = is_norm ? 1.0f + scale * u : scale * u;
+      }
+    });
     if (precision == Precision::bfloat16) cpu::round_to_bf16(p, slot.numel());
     ++stream;
   });
