@@ -76,8 +76,10 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   Want.poison();
   cuda::outer_sum_chunked_tc(Dy.get(), N, 1, as_bf16(W), K, over_n, Want.get(), T, nullptr);
   const auto want_dx = head(Want, T * K);
-  for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256}) {
-    const char* name = tile == cuda::SplitTile::k128x128 ? "128 x 128" : "128 x 256";
+  for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256, cuda::SplitTile::k256x128}) {
+    const char* name = tile == cuda::SplitTile::k128x128   ? "128 x 128"
+                       : tile == cuda::SplitTile::k128x256 ? "128 x 256"
+                                                           : "256 x 128";
     Workspace.poison(), Got.poison();
     cuda::outer_sum_split_tc(as_split(Split), 1, N, as_bf16(X), K, tokens, Got.get(), N, nullptr, Workspace.get(),
                              tile);
@@ -124,7 +126,7 @@ TEST(CudaOuterSumSplitTc, UnevenAndEmptyChunksGiveTheFp32PathsBits) {
     Want.poison();
     cuda::outer_sum_chunked_tc(G.get(), 1, I, as_bf16(M), K, sub, Want.get(), I, nullptr);
     const auto want = Want.take();
-    for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256}) {
+    for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256, cuda::SplitTile::k256x128}) {
       Got.poison();
       cuda::outer_sum_split_tc(as_split(Split), 1, I, as_bf16(M), K, sub, Got.get(), I, nullptr, Workspace.get(), tile);
       EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, tile " << int(tile);
@@ -154,12 +156,12 @@ TEST(CudaOuterSumSplitTc, EachGroupOfAGroupedLaunchHasItsOwnCallsBits) {
   DeviceVec<cuda::SplitOuterSumGroup> Wg(weight_groups), Ig(input_groups);
   DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
   std::vector<float> grouped;
-  for (const auto tile : {cuda::SplitTile::k128x256, cuda::SplitTile::k128x128}) {
+  for (const auto tile : {cuda::SplitTile::k128x256, cuda::SplitTile::k256x128, cuda::SplitTile::k128x128}) {
     Grouped.poison();
     cuda::outer_sum_split_grouped_tc(Wg.get(), 4, N, 1, N, K, nullptr, Workspace.get(), tile);
     cuda::outer_sum_split_grouped_tc(Ig.get(), 4, max_rows, N, 1, K, nullptr, Workspace.get(), tile);
     const auto got = Grouped.take();
-    if (!grouped.empty()) EXPECT_TRUE(same_bits_f(got, grouped)) << "the two tiles";
+    if (!grouped.empty()) EXPECT_TRUE(same_bits_f(got, grouped)) << "tile " << int(tile);
     grouped = got;
   }
   first = 0;

@@ -78,9 +78,9 @@ void split_hi_lo(float* x, int64_t n, cudaStream_t s);
 // How outer_sum_split_tc tiles its outputs (every tile gives the same bits): 128 x 128 outputs a
 // block, the chunk tree's pending subtrees in shared memory (short chunks: the experts'); or
 // 128 x 256, the subtrees in a workspace slot of each block, one block an SM looping over the
-// tiles (long chunks: a third less operand traffic a MMA). automatic: the large tile where a
-// workspace is given and the chunks average 256 rows or more.
-enum class SplitTile { automatic, k128x128, k128x256 };
+// tiles (long chunks: a third less operand traffic a MMA), or 256 x 128 the same way.
+// automatic: 128 x 256 where a workspace is given and the chunks average 256 rows or more.
+enum class SplitTile { automatic, k128x128, k128x256, k256x128 };
 // Floats of the workspace the 128 x 256 tile needs on the current device (one slot an SM).
 int64_t outer_sum_split_workspace_floats();
 

@@ -40,7 +40,8 @@ struct Tile {
   static constexpr int WideA = BI + 8, WideB = BK + 8;  // bf16 per [s][i] / [s][k] staged row
   static constexpr int Acc = kMI * 8 * 4;               // accumulators a thread
   static constexpr int PendingFloats = 2 * Acc * kThreads;
-  static_assert(kWarpsI * kWarpsK * 32 == kThreads && BI == 128, "8 warps; A pieces assume 128 rows");
+  static constexpr int APieces = kStage * BI / 4;  // 16-byte pieces of A a stage (hi and lo)
+  static_assert(kWarpsI * kWarpsK * 32 == kThreads, "8 warps");
   // Shared memory of one stage, in bf16: a_hi, a_lo, then b [s][k]. Weight gradients (g's rows
   // are the summed s) stage A as [s][i]; input gradients (g's rows the outputs i) as [i][s].
   template <bool kWeight>
@@ -58,6 +59,8 @@ struct Tile {
 };
 using SmallTile = Tile<2, 4, 2, 3, false>;  // 128 x 128, warps 32 x 64
 using LargeTile = Tile<4, 2, 4, 4, true>;   // 128 x 256, warps 64 x 64
+using TallTile = Tile<4, 4, 2, 4, true>;    // 256 x 128, warps 64 x 64
+static_assert(TallTile::PendingFloats == LargeTile::PendingFloats, "one workspace size");
 
 __global__ void split_hi_lo_kernel(float* x, int64_t groups) {
   for (int64_t gi = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; gi < groups;
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       bf16* a_lo = a_hi + A;
       bf16* b = a_lo + A;
 #pragma unroll
-      for (int j = 0; j < kPieces / kThreads; ++j) {
+      for (int j = 0; j < Cfg::APieces / kThreads; ++j) {
         const int idx = threadIdx.x + j * kThreads, half = idx & 1;
         int64_t i, s;
         bf16* dst;
@@ -226,8 +229,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int64_t i = i0 + wi + a * 16 + group, k = k0 + wk + bn * 8 + pair;
           float4* level0 = reinterpret_cast<float4*>(pending) + (a * 8 + bn) * kThreads + threadIdx.x;
           float4* level1 = level0 + MI * 8 * kThreads;
-          fold_fragment(acc[a][bn], level, last, level0, level1, out + i * K + k, out + (i + 8) * K + k,
-                        k < K && i < I, k < K && i + 8 < I);
+          fold_fragment(acc[a][bn], level, last, level0, level1, out + i * K + k, out + (i + 8) * K + k, k < K && i < I,
+                        k < K && i + 8 < I);
         }
     }
     cp_async_wait<0>();  // no copy outlives the tile
@@ -259,13 +262,17 @@ SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& boun
 
 void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
             int64_t g_col, int64_t K, SplitTile tile, float* workspace, cudaStream_t s) {
-  LS_CHECK(tile != SplitTile::k128x256 || workspace, "outer sums of a split g: the 128 x 256 tile needs a workspace");
-  const bool weight = g_row == 1, large = tile == SplitTile::k128x256;
-  const int64_t pitch = weight ? g_col : g_row;
-  if (weight && large) launch_tile<true, LargeTile>(groups, one, count, max_I, pitch, K, workspace, s);
-  if (weight && !large) launch_tile<true, SmallTile>(groups, one, count, max_I, pitch, K, workspace, s);
-  if (!weight && large) launch_tile<false, LargeTile>(groups, one, count, max_I, pitch, K, workspace, s);
-  if (!weight && !large) launch_tile<false, SmallTile>(groups, one, count, max_I, pitch, K, workspace, s);
+  LS_CHECK(tile == SplitTile::k128x128 || workspace, "outer sums of a split g: the large tiles need a workspace");
+  const int64_t pitch = g_row == 1 ? g_col : g_row;
+  const auto run = [&]<typename Cfg>() {
+    if (g_row == 1)
+      launch_tile<true, Cfg>(groups, one, count, max_I, pitch, K, workspace, s);
+    else
+      launch_tile<false, Cfg>(groups, one, count, max_I, pitch, K, workspace, s);
+  };
+  if (tile == SplitTile::k128x256) run.template operator()<LargeTile>();
+  if (tile == SplitTile::k256x128) run.template operator()<TallTile>();
+  if (tile == SplitTile::k128x128) run.template operator()<SmallTile>();
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -1,0 +1,156 @@
+// The trainer's gradient GEMMs alone (kernels/cuda/backward.h) at Qwen3-30B-A3B shapes of a
+// 4 x 2048-token step: the fp32-g path (outer_sum_chunked_tc) and each tile of the split path
+// (outer_sum_split_tc), milliseconds (median of 5 after a warm-up) and TFLOP/s of MMAs (hi and
+// lo: 4 S I K), each split result checked bit for bit against the fp32 path's. Random inputs
+// made on the device. One line per (GEMM, variant), then the best of each GEMM.
+//   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q]
+#ifdef LOCKSTEP_CUDA
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/device_memory.h"
+#include "core/error.h"
+#include "kernels/cuda/backward.h"
+#include "kernels/cuda/ops.h"
+
+namespace {
+
+using namespace lockstep;
+
+void check(cudaError_t e, const char* what) { LS_CHECK(e == cudaSuccess, what, ": ", cudaGetErrorString(e)); }
+#define CHECK_CUDA(expr) check((expr), #expr)
+
+struct Buffer {
+  std::shared_ptr<void> mem;
+  int64_t bytes;
+  explicit Buffer(int64_t n) : mem(device_alloc(Device::cuda, size_t(n))), bytes(n) {}
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(mem.get());
+  }
+};
+
+double median_ms(const std::function<void()>& launch) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  launch();  // warm-up
+  std::vector<double> ms;
+  for (int r = 0; r < 5; ++r) {
+    CHECK_CUDA(cudaEventRecord(a));
+    launch();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float t = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a), cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[2];
+}
+
+std::vector<char> download(const Buffer& b, int64_t bytes) {
+  std::vector<char> out(size_t(bytes), 0);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  device_copy(Device::cpu, out.data(), Device::cuda, b.mem.get(), size_t(bytes));
+  return out;
+}
+
+// One gradient GEMM: out [I, K] = tree over bounds of sum_s g(i, s) m[s, k], g at (g_row, g_col).
+struct Gemm {
+  std::string name;
+  int64_t S, I, K, g_row, g_col;
+  cuda::ChunkBounds bounds;
+};
+
+void run(const Gemm& gm) {
+  const int64_t g_elems = gm.S * gm.I;
+  Buffer g(g_elems * 4), split(g_elems * 4), m(gm.S * gm.K * 2), out(gm.I * gm.K * 4), ref(gm.I * gm.K * 4);
+  Buffer workspace(cuda::outer_sum_split_workspace_floats() * 4);
+  cuda::fill_random_f32(g.as<float>(), g_elems, 1, 0.01f, 0.0f, nullptr);
+  cuda::fill_random_bf16(m.as<cuda::bf16_t>(), gm.S * gm.K, 2, 1.0f, 0.0f, nullptr);
+  CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
+  cuda::split_hi_lo(split.as<float>(), g_elems, nullptr);
+  const double tflop = 4.0 * double(gm.S) * double(gm.I) * double(gm.K) / 1e12;
+  const auto report = [&](const char* variant, double ms, const char* bits) {
+    std::printf(
+        "{\"gemm\":\"%s\",\"S\":%lld,\"I\":%lld,\"K\":%lld,\"variant\":\"%s\",\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"%"
+        "s\"}\n",
+        gm.name.c_str(), (long long)gm.S, (long long)gm.I, (long long)gm.K, variant, ms, tflop / (ms / 1e3), bits);
+    std::fflush(stdout);
+  };
+  const double ms_ref = median_ms([&] {
+    cuda::outer_sum_chunked_tc(g.as<float>(), gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds,
+                               ref.as<float>(), gm.I, nullptr);
+  });
+  report("fp32 g (outer_sum_tc)", ms_ref, "reference");
+  const auto want = download(ref, gm.I * gm.K * 4);
+  const double ms_split = median_ms([&] {
+    CHECK_CUDA(cudaMemcpyAsync(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
+    cuda::split_hi_lo(split.as<float>(), g_elems, nullptr);
+  });
+  report("split_hi_lo (+ a copy)", ms_split, "-");
+  const struct {
+    const char* name;
+    cuda::SplitTile tile;
+  } tiles[] = {{"split 128x128", cuda::SplitTile::k128x128},
+               {"split 128x256", cuda::SplitTile::k128x256},
+               {"split 256x128", cuda::SplitTile::k256x128}};
+  for (const auto& t : tiles) {
+    const auto* gs = split.as<const cuda::bf16_t>();
+    const double ms = median_ms([&] {
+      cuda::outer_sum_split_tc(gs, gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds, out.as<float>(), gm.I,
+                               nullptr, workspace.as<float>(), t.tile);
+    });
+    const bool same = download(out, gm.I * gm.K * 4) == want;
+    report(t.name, ms, same ? "same" : "DIFFER");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    int64_t T = 8192, V = 151936, H = 2048, Q = 4096;
+    for (int i = 1; i + 1 < argc; i += 2) {
+      const std::string flag = argv[i];
+      const int64_t v = std::atoll(argv[i + 1]);
+      if (flag == "--tokens")
+        T = v;
+      else if (flag == "--vocab")
+        V = v;
+      else if (flag == "--hidden")
+        H = v;
+      else if (flag == "--q-dim")
+        Q = v;
+      else
+        fail("unknown flag ", flag, " (--tokens, --vocab, --hidden, --q-dim)");
+    }
+    const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(T);
+    // Weight gradients: g = dy [T, N] (rows the summed tokens); input gradients: g = dy read
+    // as [T rows, N summed].
+    run({"lm_head dW", T, V, H, 1, V, tokens});
+    run({"lm_head dx", V, T, H, V, 1, cuda::token_chunk_bounds(V)});
+    run({"q_proj dW", T, Q, H, 1, Q, tokens});
+    run({"q_proj dx", Q, T, H, Q, 1, cuda::token_chunk_bounds(Q)});
+    run({"o_proj dW", T, H, Q, 1, H, tokens});
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cuda_outer_sum_bench: %s\n", e.what());
+    return 1;
+  }
+}
+#else
+#include <cstdio>
+int main() {
+  std::fprintf(stderr, "cuda_outer_sum_bench: this build has no CUDA backend\n");
+  return 1;
+}
+#endif
