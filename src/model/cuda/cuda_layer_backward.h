@@ -164,16 +164,13 @@ struct CudaLayerBackwardOps {
     if (split) {
       r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
       const cuda::SplitOuterSumGroup* groups = s.split_groups;
-      // Experiment (session 12): the large tile for the experts' weight gradients.
-      static const bool large = std::getenv("LOCKSTEP_EXPERT_LARGE_TILE") != nullptr;
-      const cuda::SplitTile wt = large ? cuda::SplitTile::k128x256 : cuda::SplitTile::automatic;
       cuda::split_hi_lo(s.dy_rows, rows * H, st);
-      cuda::outer_sum_split_grouped_tc(groups, n_used, H, 1, H, I, st, s.outer_pending, wt);  // d down
-      cuda::outer_sum_split_grouped_tc(groups + used, n_used, max_rows, H, 1, I, st, s.outer_pending, wt);  // d act
+      cuda::outer_sum_split_grouped_tc(groups, n_used, H, 1, H, I, st);                // d down
+      cuda::outer_sum_split_grouped_tc(groups + used, n_used, max_rows, H, 1, I, st);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
       cuda::split_hi_lo(s.dgate, rows * I, st);
       cuda::split_hi_lo(s.dup, rows * I, st);
-      cuda::outer_sum_split_grouped_tc(groups + 2 * used, 2 * n_used, I, 1, I, H, st, s.outer_pending, wt);  // d gate, d up
+      cuda::outer_sum_split_grouped_tc(groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
       cuda::outer_sum_split_grouped_tc(groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
     } else {
       // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.
