@@ -1,8 +1,8 @@
 // The trainer's gradient GEMMs alone (kernels/cuda/backward.h) at Qwen3-30B-A3B shapes of a
 // 4 x 2048-token step: the fp32-g path (outer_sum_chunked_tc) and each tile of the split path
 // (outer_sum_split_tc), milliseconds (median of 5 after a warm-up) and TFLOP/s of MMAs (hi and
-// lo: 4 S I K), each split result checked bit for bit against the fp32 path's. Random inputs
-// made on the device. One line per (GEMM, variant), then the best of each GEMM.
+// lo: 4 S I K), each split result checked bit for bit against the fp32 path's, and the split
+// itself (ms, GB/s). Random inputs made on the device. One JSON line per (GEMM, variant).
 //   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q]
 #ifdef LOCKSTEP_CUDA
 #include <cuda_runtime.h>
@@ -96,7 +96,9 @@ void run(const Gemm& gm) {
     CHECK_CUDA(cudaMemcpyAsync(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
     cuda::split_hi_lo(split.as<float>(), g_elems, nullptr);
   });
-  report("split_hi_lo (+ a copy)", ms_split, "-");
+  // The split moves bytes, not MMAs: the copy and the split each read and write g once.
+  std::printf("{\"gemm\":\"%s\",\"variant\":\"split_hi_lo (+ a copy)\",\"ms\":%.3f,\"gb_s\":%.0f}\n", gm.name.c_str(),
+              ms_split, 4.0 * 4.0 * double(g_elems) / (ms_split / 1e3) / 1e9);
   const struct {
     const char* name;
     cuda::SplitTile tile;
