@@ -1,6 +1,6 @@
 // outer_sum_chunked_tc's procedure with g split beforehand (split_hi_lo): the same bits, with
-// both operands copied to shared memory by cp.async in a three-stage pipeline and 128 x 128
-// outputs a block.
+// both operands copied to shared memory by cp.async in a 3- or 4-stage pipeline, 128 x 128,
+// 128 x 256 or 256 x 128 outputs a block (bench/cuda_outer_sum_bench.cpp times each).
 //
 // outer_sum_tc.cu loads fp32 g a value at a time, splits it and stores hi and lo in every block
 // that reads it (16 of them for the lm_head's weight gradient); there the instructions around
@@ -23,11 +23,10 @@ namespace lockstep::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;          // 8 warps
-constexpr int kWarpK = 64;             // output columns a warp: 8 n8 fragments
-constexpr int kStage = 32;             // summed rows a stage (two k16 steps)
-constexpr int kNarrow = kStage + 8;    // bf16 per [i][s] staged row: 80 bytes
-constexpr int kPieces = kThreads * 4;  // 16-byte pieces of A a stage (32 x 128 hi and lo)
+constexpr int kThreads = 256;        // 8 warps
+constexpr int kWarpK = 64;           // output columns a warp: 8 n8 fragments
+constexpr int kStage = 32;           // summed rows a stage (two k16 steps)
+constexpr int kNarrow = kStage + 8;  // bf16 per [i][s] staged row: 80 bytes
 
 // A tile configuration: (kWarpsI x kWarpsK) warps of (16 kMI) x 64 outputs; kStages stages in
 // flight; the chunk tree's pending levels 0 and 1 in shared memory or in a workspace slot of
