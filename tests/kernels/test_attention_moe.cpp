@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/linear.h"
@@ -82,6 +83,41 @@ TEST(Moe, TopKBreaksTiesTowardTheLowerExpert) {
   EXPECT_EQ(ids[0], 1);
   EXPECT_EQ(ids[1], 2);
   EXPECT_FLOAT_EQ(w[0] + w[1], 1.0f);
+}
+
+TEST(Moe, ExpertRowsAreTheAssignmentFlattenedAndEachTokensRowsByExpertId) {
+  // Distinct experts per token (as top-k gives), some experts never chosen.
+  const int64_t T = 53, k = 3, E = 10;
+  std::mt19937 rng(5);
+  std::vector<int32_t> ids(static_cast<size_t>(T * k));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> pool{0, 1, 2, 4, 5, 7, 8};  // experts 3, 6 and 9 unused
+    std::shuffle(pool.begin(), pool.end(), rng);
+    std::copy(pool.begin(), pool.begin() + k, ids.begin() + t * k);
+  }
+  const cpu::ExpertRows r = cpu::expert_rows(ids.data(), T, k, E);
+  const cpu::ExpertAssignment a = cpu::assign_tokens(ids.data(), T, k, E);
+  ASSERT_EQ(r.offsets.size(), size_t(E + 1));
+  std::vector<int32_t> row_of_pair(static_cast<size_t>(T * k), -1);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t first = r.offsets[size_t(e)], n = r.offsets[size_t(e) + 1] - first;
+    ASSERT_EQ(n, int64_t(a.tokens[size_t(e)].size())) << "expert " << e;
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_EQ(r.row_token[size_t(first + i)], a.tokens[size_t(e)][size_t(i)]) << "expert " << e << " row " << i;
+      EXPECT_EQ(r.row_pair[size_t(first + i)], a.tokens[size_t(e)][size_t(i)] * k + a.slots[size_t(e)][size_t(i)]);
+      row_of_pair[size_t(r.row_pair[size_t(first + i)])] = int32_t(first + i);
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> slots(static_cast<size_t>(k));
+    std::iota(slots.begin(), slots.end(), 0);
+    std::sort(slots.begin(), slots.end(),
+              [&](int32_t x, int32_t y) { return ids[size_t(t * k + x)] < ids[size_t(t * k + y)]; });
+    for (int64_t j = 0; j < k; ++j)
+      EXPECT_EQ(r.order[size_t(t * k + j)], row_of_pair[size_t(t * k + slots[size_t(j)])]) << "token " << t;
+  }
+  ids[7] = int32_t(E);
+  EXPECT_THROW(cpu::expert_rows(ids.data(), T, k, E), std::exception);
 }
 
 TEST(Moe, LayerMatchesReferenceAndEachTokenIsBatchInvariant) {

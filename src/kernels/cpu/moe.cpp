@@ -5,6 +5,7 @@
 #include <numeric>
 #include <vector>
 
+#include "core/error.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
 
@@ -49,6 +50,42 @@ ExpertAssignment assign_tokens(const int32_t* expert_ids, int64_t T, int64_t k, 
       a.slots[e].push_back(int32_t(i));
     }
   return a;
+}
+
+ExpertRows expert_rows(const int32_t* expert_ids, int64_t T, int64_t k, int64_t E) {
+  // A counting sort: pairs placed in ascending pair index keep their tokens ascending.
+  const int64_t pairs = T * k;
+  ExpertRows r;
+  r.offsets.assign(size_t(E + 1), 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int32_t e = expert_ids[p];
+    LS_CHECK(e >= 0 && e < E, "expert_rows: pair ", p, " names expert ", e, " of ", E);
+    ++r.offsets[size_t(e) + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) r.offsets[size_t(e) + 1] += r.offsets[size_t(e)];
+  std::vector<int32_t> next(r.offsets.begin(), r.offsets.end() - 1);
+  std::vector<int32_t> row_of_pair(static_cast<size_t>(pairs));
+  r.row_token.resize(size_t(pairs));
+  r.row_pair.resize(size_t(pairs));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int32_t row = next[size_t(expert_ids[p])]++;
+    r.row_token[size_t(row)] = int32_t(p / k);
+    r.row_pair[size_t(row)] = int32_t(p);
+    row_of_pair[size_t(p)] = row;
+  }
+  // A token's k slots by expert id (insertion sort: k is small, and stable).
+  r.order.resize(size_t(pairs));
+  std::vector<int32_t> slots(static_cast<size_t>(k));
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t* ids = expert_ids + t * k;
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t at = j;
+      for (; at > 0 && ids[slots[size_t(at - 1)]] > ids[j]; --at) slots[size_t(at)] = slots[size_t(at - 1)];
+      slots[size_t(at)] = int32_t(j);
+    }
+    for (int64_t j = 0; j < k; ++j) r.order[size_t(t * k + j)] = row_of_pair[size_t(t * k + slots[size_t(j)])];
+  }
+  return r;
 }
 
 namespace {

@@ -19,6 +19,15 @@ struct ExpertAssignment {
 };
 ExpertAssignment assign_tokens(const int32_t* expert_ids, int64_t T, int64_t k, int64_t E);
 
+// assign_tokens as flat rows (the GPU trainer's MoE backward): the (token, slot) pairs grouped by
+// expert, tokens ascending in each group (group e at rows [offsets[e], offsets[e + 1])), with
+// each row's token and pair index t k + slot; and each token's rows in ascending expert id
+// (order[t k + j]), the order in which its experts' input gradients are added.
+struct ExpertRows {
+  std::vector<int32_t> row_token, row_pair, offsets, order;
+};
+ExpertRows expert_rows(const int32_t* expert_ids, int64_t T, int64_t k, int64_t E);
+
 // One SwiGLU MLP over rows x[T, H]: gate/up [I, H] (column form), down [H, I] (canonical
 // row form over I). Each row's result depends only on that row. With round_bf16, every
 // intermediate is rounded to bf16 (the bfloat16 recipe).

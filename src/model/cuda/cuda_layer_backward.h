@@ -9,6 +9,7 @@
 #include <string>
 
 #include "kernels/canonical.h"
+#include "kernels/cpu/moe.h"
 #include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/row_ops.cuh"
@@ -101,27 +102,9 @@ struct CudaLayerBackwardOps {
     std::vector<int32_t> ids(static_cast<size_t>(rows));
     LS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), w.ids, ids.size() * 4, cudaMemcpyDeviceToHost, st));
     LS_CUDA_CHECK(cudaStreamSynchronize(st));
-    std::vector<std::vector<int32_t>> pairs(static_cast<size_t>(E));
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < k; ++j) pairs[size_t(ids[size_t(t * k + j)])].push_back(int32_t(t * k + j));
-    std::vector<int32_t> row_token, row_pair, row_of_pair(static_cast<size_t>(rows)), offsets{0};
-    for (int64_t e = 0; e < E; ++e) {
-      for (int32_t p : pairs[size_t(e)]) {
-        row_of_pair[size_t(p)] = int32_t(row_token.size());
-        row_token.push_back(p / int32_t(k));
-        row_pair.push_back(p);
-      }
-      offsets.push_back(int32_t(row_token.size()));
-    }
-    // Each token's rows in ascending expert id (the order its input gradients are added).
-    std::vector<int32_t> order(static_cast<size_t>(rows));
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> slots_of(static_cast<size_t>(k));
-      std::iota(slots_of.begin(), slots_of.end(), 0);
-      std::stable_sort(slots_of.begin(), slots_of.end(),
-                       [&](int32_t a, int32_t b) { return ids[size_t(t * k + a)] < ids[size_t(t * k + b)]; });
-      for (int64_t j = 0; j < k; ++j) order[size_t(t * k + j)] = row_of_pair[size_t(t * k + slots_of[size_t(j)])];
-    }
+    const cpu::ExpertRows by_expert = cpu::expert_rows(ids.data(), T, k, E);
+    const std::vector<int32_t>&row_token = by_expert.row_token, &offsets = by_expert.offsets;
+    const std::vector<int32_t>&row_pair = by_expert.row_pair, &order = by_expert.order;
     r.upload_async(s.row_token, row_token.data(), row_token.size() * 4);
     r.upload_async(s.row_pair, row_pair.data(), row_pair.size() * 4);
     r.upload_async(s.order, order.data(), order.size() * 4);
