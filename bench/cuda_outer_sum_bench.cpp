@@ -2,7 +2,8 @@
 // 4 x 2048-token step: the fp32-g path (outer_sum_chunked_tc) and each tile of the split path
 // (outer_sum_split_tc), milliseconds (median of 5 after a warm-up) and TFLOP/s of MMAs (hi and
 // lo: 4 S I K), each split result checked bit for bit against the fp32 path's, and the split
-// itself (ms, GB/s). Random inputs made on the device. One JSON line per (GEMM, variant).
+// itself (ms, GB/s); then the experts' grouped d down and d act (128 experts, top-8, I 768).
+// Random inputs made on the device. One JSON line per (GEMM, variant).
 //   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q]
 #ifdef LOCKSTEP_CUDA
 #include <cuda_runtime.h>
@@ -16,6 +17,7 @@
 
 #include "core/device_memory.h"
 #include "core/error.h"
+#include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/ops.h"
 
@@ -116,6 +118,66 @@ void run(const Gemm& gm) {
   }
 }
 
+// The experts' two largest launches of a layer, grouped over E experts of n = T k / E rows each
+// (evenly spread tokens: the chunk bounds of a real routing): d down (weight gradient,
+// [H, I] an expert) and d act (input gradient, [n, I] an expert, summed over H).
+void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
+  const int64_t n = T * k / E, rows = n * E;
+  Buffer dy(rows * H * 4), split(rows * H * 4), act(rows * I * 2), down(E * H * I * 2);
+  Buffer out(std::max(E * H * I, rows * I) * 4), ref(std::max(E * H * I, rows * I) * 4);
+  Buffer workspace(cuda::outer_sum_split_workspace_floats() * 4);
+  cuda::fill_random_f32(dy.as<float>(), rows * H, 3, 0.01f, 0.0f, nullptr);
+  cuda::fill_random_bf16(act.as<cuda::bf16_t>(), rows * I, 4, 1.0f, 0.0f, nullptr);
+  cuda::fill_random_bf16(down.as<cuda::bf16_t>(), E * H * I, 5, 0.05f, 0.0f, nullptr);
+  CHECK_CUDA(cudaMemcpy(split.mem.get(), dy.mem.get(), size_t(rows * H) * 4, cudaMemcpyDeviceToDevice));
+  cuda::split_hi_lo(split.as<float>(), rows * H, nullptr);
+  const auto* split_g = split.as<const cuda::bf16_t>();
+  for (const bool weight : {true, false}) {
+    std::vector<cuda::OuterSumGroup> plain;
+    std::vector<cuda::SplitOuterSumGroup> halves;
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<int32_t> tokens(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) tokens[size_t(i)] = int32_t((i * T + e) / n);
+      const cuda::ChunkBounds b =
+          weight ? cuda::chunk_bounds(cpu::token_chunks_of(tokens.data(), n, T)) : cuda::token_chunk_bounds(H);
+      const int64_t first = e * n;
+      const float* g = dy.as<float>() + first * H;
+      const cuda::bf16_t* m = weight ? act.as<cuda::bf16_t>() + first * I : down.as<cuda::bf16_t>() + e * H * I;
+      float* o = weight ? out.as<float>() + e * H * I : out.as<float>() + first * I;
+      float* r = weight ? ref.as<float>() + e * H * I : ref.as<float>() + first * I;
+      plain.push_back({g, m, r, weight ? H : n, b});
+      halves.push_back({split_g + 2 * first * H, m, o, weight ? H : n, b});
+    }
+    Buffer plain_d(int64_t(plain.size() * sizeof(plain[0]))), halves_d(int64_t(halves.size() * sizeof(halves[0])));
+    device_copy(Device::cuda, plain_d.mem.get(), Device::cpu, plain.data(), plain.size() * sizeof(plain[0]));
+    device_copy(Device::cuda, halves_d.mem.get(), Device::cpu, halves.data(), halves.size() * sizeof(halves[0]));
+    const int64_t max_I = weight ? H : n, g_row = weight ? 1 : H, g_col = weight ? H : 1;
+    const int64_t outputs = weight ? E * H * I : rows * I;
+    const double tflop = 4.0 * double(rows) * double(H) * double(I) / 1e12;
+    const char* name = weight ? "experts d down" : "experts d act";
+    const auto report = [&](const char* variant, double ms, const char* bits) {
+      std::printf(
+          "{\"gemm\":\"%s\",\"experts\":%lld,\"rows\":%lld,\"variant\":\"%s\",\"ms\":%.3f,"
+          "\"tflops\":%.1f,\"bits\":\"%s\"}\n",
+          name, (long long)E, (long long)n, variant, ms, tflop / (ms / 1e3), bits);
+      std::fflush(stdout);
+    };
+    report("fp32 g (outer_sum_tc)", median_ms([&] {
+             cuda::outer_sum_grouped_tc(plain_d.as<cuda::OuterSumGroup>(), int(E), max_I, g_row, g_col, I, nullptr);
+           }),
+           "reference");
+    const auto want = download(ref, outputs * 4);
+    for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256}) {
+      const double ms = median_ms([&] {
+        cuda::outer_sum_split_grouped_tc(halves_d.as<cuda::SplitOuterSumGroup>(), int(E), max_I, g_row, g_col, I,
+                                         nullptr, workspace.as<float>(), tile);
+      });
+      report(tile == cuda::SplitTile::k128x128 ? "split 128x128" : "split 128x256", ms,
+             download(out, outputs * 4) == want ? "same" : "DIFFER");
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -143,6 +205,7 @@ int main(int argc, char** argv) {
     run({"q_proj dW", T, Q, H, 1, Q, tokens});
     run({"q_proj dx", Q, T, H, Q, 1, cuda::token_chunk_bounds(Q)});
     run({"o_proj dW", T, H, Q, 1, H, tokens});
+    run_experts(T, 8, 128, H, 768);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_outer_sum_bench: %s\n", e.what());
