@@ -103,8 +103,10 @@ struct CudaLayerBackwardOps {
     LS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), w.ids, ids.size() * 4, cudaMemcpyDeviceToHost, st));
     LS_CUDA_CHECK(cudaStreamSynchronize(st));
     const cpu::ExpertRows by_expert = cpu::expert_rows(ids.data(), T, k, E);
-    const std::vector<int32_t>&row_token = by_expert.row_token, &offsets = by_expert.offsets;
-    const std::vector<int32_t>&row_pair = by_expert.row_pair, &order = by_expert.order;
+    const std::vector<int32_t>& row_token = by_expert.row_token;
+    const std::vector<int32_t>& row_pair = by_expert.row_pair;
+    const std::vector<int32_t>& offsets = by_expert.offsets;
+    const std::vector<int32_t>& order = by_expert.order;
     r.upload_async(s.row_token, row_token.data(), row_token.size() * 4);
     r.upload_async(s.row_pair, row_pair.data(), row_pair.size() * 4);
     r.upload_async(s.order, order.data(), order.size() * 4);
