@@ -43,10 +43,17 @@ std::string s(int64_t v) { return std::to_string(v); }
 
 namespace {
 
+// Level 1's names and things are one Qwen3 token each (" Ana", " apples"), so every number sits
+// a fixed number of tokens before the answer: a tiny model can copy it by position.
+const char* const kNames1[] = {"Ana", "Ben", "Chen", "Eli"};
+const char* const kThings1[] = {"apples", "pencils", "stickers", "books", "coins"};
+
 // Level 1: one-digit additions and subtractions whose numbers and answer are all one digit (a
 // tiny model learns these from a few thousand demonstrations; level 2's products and fractions
 // it does not). The worked line is the bare equation: fewer tokens to sample and to get wrong.
-ArithProblem level1_problem(uint64_t seed, uint64_t index, const std::string& name, const std::string& thing) {
+ArithProblem level1_problem(uint64_t seed, uint64_t index) {
+  const std::string name = kNames1[draw(seed, index, 0, 0, 3)];
+  const std::string thing = kThings1[draw(seed, index, 1, 0, 4)];
   ArithProblem p;
   int64_t answer = 0;
   std::string work;
@@ -73,9 +80,9 @@ ArithProblem level1_problem(uint64_t seed, uint64_t index, const std::string& na
 
 ArithProblem arith_problem(uint64_t seed, uint64_t index, int level) {
   LS_CHECK(level == 1 || level == 2, "arithmetic data: expected --level 1 or 2, got ", level);
+  if (level == 1) return level1_problem(seed, index);
   const std::string name = kNames[draw(seed, index, 0, 0, 7)];
   const std::string thing = kThings[draw(seed, index, 1, 0, 5)];
-  if (level == 1) return level1_problem(seed, index, name, thing);
   const int64_t a = draw(seed, index, 2, 2, 40), b = draw(seed, index, 3, 2, 12);
   ArithProblem p;
   Fraction answer{0, 1};

@@ -4,6 +4,7 @@
 
 #include <cctype>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <set>
 
@@ -95,6 +96,27 @@ TEST(ArithData, LevelOneIsOneDigitSumsAndDifferencesAndLevelTwoIsTheDefault) {
             arith_problem(5, 0, 2).prompt + arith_problem(5, 1, 2).prompt);
   EXPECT_THROW(arith_problem(5, 0, 3), Error);
   EXPECT_THROW(arith_problem(5, 0, 0), Error);
+}
+
+// Level 1's point for a tiny model: with the real Qwen3 tokenizer, each number of a prompt of a
+// kind (sum or difference) sits the same number of tokens before the prompt's end, so it can be
+// copied by position.
+TEST(ArithData, LevelOneNumbersSitAtFixedTokenDistancesFromThePromptEnd) {
+  const Tokenizer tok = Tokenizer::load(testing::fixture_tokenizer_dir());
+  std::set<int32_t> digits;
+  for (char d = '1'; d <= '9'; ++d) digits.insert(tok.encode(std::string(1, d)).at(0));
+  std::map<bool, std::set<std::vector<size_t>>> distances;  // by kind: the digits' distances from the end
+  for (uint64_t i = 0; i < 200; ++i) {
+    const std::vector<int32_t> ids = tok.encode(arith_problem(7, i, 1).prompt);
+    std::vector<size_t> d;
+    for (size_t k = 0; k < ids.size(); ++k)
+      if (digits.count(ids[k])) d.push_back(ids.size() - k);
+    ASSERT_EQ(d.size(), 2u) << arith_problem(7, i, 1).prompt;
+    distances[arith_problem(7, i, 1).prompt.find(" more.") != std::string::npos].insert(d);
+  }
+  ASSERT_EQ(distances.size(), 2u);
+  EXPECT_EQ(distances[true].size(), 1u);   // sums
+  EXPECT_EQ(distances[false].size(), 1u);  // differences
 }
 
 TEST(ArithData, CommandWritesLevelOneAndRefusesAnUnknownLevel) {
