@@ -119,6 +119,27 @@ TEST(ArithData, LevelOneNumbersSitAtFixedTokenDistancesFromThePromptEnd) {
   EXPECT_EQ(distances[false].size(), 1u);  // differences
 }
 
+// Level 1 has 1280 distinct problems: its eval set holds none of the training prompts (nor
+// repeats), and asking for more than are left is an error naming --eval.
+TEST(ArithData, LevelOneEvalProblemsAreNotTrainingProblems) {
+  TempDir dir("arith_heldout");
+  write_arith_data(dir.sub("a"), 1, 2000, 60, 1);
+  std::set<std::string> train, eval;
+  for (const auto& l : lines_of(fs::path(dir.sub("a")) / "train.jsonl"))
+    train.insert(nlohmann::json::parse(l)["prompt"].get<std::string>());
+  const auto eval_lines = lines_of(fs::path(dir.sub("a")) / "eval.jsonl");
+  ASSERT_EQ(eval_lines.size(), 60u);
+  for (const auto& l : eval_lines) {
+    const std::string prompt = nlohmann::json::parse(l)["prompt"].get<std::string>();
+    EXPECT_EQ(train.count(prompt), 0u) << prompt;
+    EXPECT_TRUE(eval.insert(prompt).second) << prompt;
+  }
+  EXPECT_LT(train.size(), 2000u);  // the training set does repeat problems: the check above is not vacuous
+  EXPECT_EQ(lines_of(fs::path(dir.sub("a")) / "train.jsonl").size(), 2000u);
+  const std::string e = testing::error_of([&] { write_arith_data(dir.sub("b"), 1, 100, 1300, 1); });
+  EXPECT_NE(e.find("--eval 1300"), std::string::npos) << e;
+}
+
 TEST(ArithData, CommandWritesLevelOneAndRefusesAnUnknownLevel) {
   TempDir dir("arith_level");
   auto r = lockstep::testing::run_lockstep("arith-data --output-dir " + dir.sub("a") + " --train 6 --eval 2 --level 1");
