@@ -13,7 +13,7 @@ namespace lockstep::rl {
 
 namespace {
 
-constexpr int64_t kLevel1Scan = 1000000;  // indices past train + eval tried for unseen eval problems
+constexpr int64_t kEvalScan = 1000000;  // indices past train + eval tried for unseen eval problems
 constexpr const char* kInstruction = " Put the final answer in \\boxed{}.";
 
 // A uniform integer in [lo, hi] from lane `lane` of problem `index`.
@@ -138,15 +138,15 @@ void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int6
   std::ofstream train_f(fs::path(dir) / "train.jsonl"), eval_f(fs::path(dir) / "eval.jsonl"),
       sft_f(fs::path(dir) / "sft.jsonl");
   LS_CHECK(train_f && eval_f && sft_f, dir, ": cannot write the data files");
-  // Level 1 has only 1280 distinct problems, so its eval set skips any prompt already drawn
-  // (train or eval): held out as whole problems, though every one-digit fact is in training.
+  // The eval set skips any prompt already drawn (train or eval): level 2 draws repeat (2000
+  // training draws hold ~1680 distinct prompts) and level 1 has only 1280 distinct problems.
   std::unordered_set<std::string> drawn;
   int64_t written = 0;
   for (int64_t i = 0; written < train + eval; ++i) {
-    LS_CHECK(i < train + eval + kLevel1Scan, "arithmetic data: level 1 has too few distinct problems left for --eval ",
-             eval, " after --train ", train, " (it has 1280 in all)");
+    LS_CHECK(i < train + eval + kEvalScan, "arithmetic data: too few distinct problems left for --eval ", eval,
+             " after --train ", train, " (level 1 has 1280 in all)");
     const ArithProblem p = arith_problem(seed, uint64_t(i), level);
-    if (level == 1 && !drawn.insert(p.prompt).second && i >= train) continue;
+    if (!drawn.insert(p.prompt).second && i >= train) continue;
     (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
     if (i < train) sft_f << nlohmann::json{{"prompt", p.prompt}, {"response", p.response}}.dump() << "\n";
     ++written;

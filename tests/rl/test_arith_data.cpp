@@ -119,23 +119,27 @@ TEST(ArithData, LevelOneNumbersSitAtFixedTokenDistancesFromThePromptEnd) {
   EXPECT_EQ(distances[false].size(), 1u);  // differences
 }
 
-// Level 1 has 1280 distinct problems: its eval set holds none of the training prompts (nor
-// repeats), and asking for more than are left is an error naming --eval.
-TEST(ArithData, LevelOneEvalProblemsAreNotTrainingProblems) {
+// The eval set holds none of the training prompts and repeats none, at both levels (their draws
+// do repeat: 2000 of them hold ~1680 distinct level-2 and 916 level-1 prompts); asking for more
+// than level 1's 1280 problems allow is an error naming --eval.
+TEST(ArithData, EvalProblemsAreNeverTrainingProblems) {
   TempDir dir("arith_heldout");
-  write_arith_data(dir.sub("a"), 1, 2000, 60, 1);
-  std::set<std::string> train, eval;
-  for (const auto& l : lines_of(fs::path(dir.sub("a")) / "train.jsonl"))
-    train.insert(nlohmann::json::parse(l)["prompt"].get<std::string>());
-  const auto eval_lines = lines_of(fs::path(dir.sub("a")) / "eval.jsonl");
-  ASSERT_EQ(eval_lines.size(), 60u);
-  for (const auto& l : eval_lines) {
-    const std::string prompt = nlohmann::json::parse(l)["prompt"].get<std::string>();
-    EXPECT_EQ(train.count(prompt), 0u) << prompt;
-    EXPECT_TRUE(eval.insert(prompt).second) << prompt;
+  for (int level : {1, 2}) {
+    const std::string d = dir.sub("level" + std::to_string(level));
+    write_arith_data(d, 1, 2000, 60, level);
+    std::set<std::string> train, eval;
+    for (const auto& l : lines_of(fs::path(d) / "train.jsonl"))
+      train.insert(nlohmann::json::parse(l)["prompt"].get<std::string>());
+    const auto eval_lines = lines_of(fs::path(d) / "eval.jsonl");
+    ASSERT_EQ(eval_lines.size(), 60u);
+    for (const auto& l : eval_lines) {
+      const std::string prompt = nlohmann::json::parse(l)["prompt"].get<std::string>();
+      EXPECT_EQ(train.count(prompt), 0u) << prompt;
+      EXPECT_TRUE(eval.insert(prompt).second) << prompt;
+    }
+    EXPECT_LT(train.size(), 1900u) << level;  // the draws repeat: the checks above are not vacuous
+    EXPECT_EQ(lines_of(fs::path(d) / "train.jsonl").size(), 2000u);
   }
-  EXPECT_LT(train.size(), 2000u);  // the training set does repeat problems: the check above is not vacuous
-  EXPECT_EQ(lines_of(fs::path(dir.sub("a")) / "train.jsonl").size(), 2000u);
   const std::string e = testing::error_of([&] { write_arith_data(dir.sub("b"), 1, 100, 1300, 1); });
   EXPECT_NE(e.find("--eval 1300"), std::string::npos) << e;
 }
