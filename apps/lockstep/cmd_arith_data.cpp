@@ -12,6 +12,7 @@ namespace {
 struct ArithDataOptions {
   std::string output_dir;
   int64_t train = 2000, eval = 200, seed = 1;
+  int level = 2;
 };
 
 const bool registered = register_command(
@@ -21,8 +22,11 @@ const bool registered = register_command(
        sub.add_option("--train", o->train, "training problems (default 2000)");
        sub.add_option("--eval", o->eval, "evaluation problems (default 200)");
        sub.add_option("--seed", o->seed, "generator seed (default 1)");
+       sub.add_option("--level", o->level,
+                      "2: two-digit sums, differences, products and fractions (default); "
+                      "1: one-digit sums and differences");
        return std::function<int()>([o] {
-         rl::write_arith_data(o->output_dir, uint64_t(o->seed), o->train, o->eval);
+         rl::write_arith_data(o->output_dir, uint64_t(o->seed), o->train, o->eval, o->level);
          return 0;
        });
      }});

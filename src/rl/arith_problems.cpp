@@ -4,6 +4,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <unordered_set>
 
 #include "core/error.h"
 #include "core/philox.h"
@@ -12,6 +13,7 @@ namespace lockstep::rl {
 
 namespace {
 
+constexpr int64_t kEvalScan = 1000000;  // indices past train + eval tried for unseen eval problems
 constexpr const char* kInstruction = " Put the final answer in \\boxed{}.";
 
 // A uniform integer in [lo, hi] from lane `lane` of problem `index`.
@@ -41,7 +43,46 @@ std::string s(int64_t v) { return std::to_string(v); }
 
 }  // namespace
 
-ArithProblem arith_problem(uint64_t seed, uint64_t index) {
+namespace {
+
+// Level 1's names and things are one Qwen3 token each (" Ana", " apples"), so every number sits
+// a fixed number of tokens before the answer: a tiny model can copy it by position.
+const char* const kNames1[] = {"Ana", "Ben", "Chen", "Eli"};
+const char* const kThings1[] = {"apples", "pencils", "stickers", "books", "coins"};
+
+// Level 1: one-digit additions and subtractions whose numbers and answer are all one digit (a
+// tiny model learns these from a few thousand demonstrations; level 2's products and fractions
+// it does not). The worked line is the bare equation: fewer tokens to sample and to get wrong.
+ArithProblem level1_problem(uint64_t seed, uint64_t index) {
+  const std::string name = kNames1[draw(seed, index, 0, 0, 3)];
+  const std::string thing = kThings1[draw(seed, index, 1, 0, 4)];
+  ArithProblem p;
+  int64_t answer = 0;
+  std::string work;
+  if (draw(seed, index, 4, 0, 1) == 0) {
+    const int64_t a = draw(seed, index, 2, 2, 8), b = draw(seed, index, 3, 1, 9 - a);
+    p.prompt = name + " has " + s(a) + " " + thing + " and gets " + s(b) + " more. How many " + thing + " does " +
+               name + " have now?";
+    answer = a + b;
+    work = s(a) + " + " + s(b) + " = " + s(answer) + ".";
+  } else {
+    const int64_t total = draw(seed, index, 2, 2, 9), b = draw(seed, index, 3, 1, total - 1);
+    p.prompt =
+        name + " has " + s(total) + " " + thing + " and gives away " + s(b) + ". How many " + thing + " are left?";
+    answer = total - b;
+    work = s(total) + " - " + s(b) + " = " + s(answer) + ".";
+  }
+  p.prompt += kInstruction;
+  p.label = s(answer);
+  p.response = work + "\n\nThe answer is \\boxed{" + s(answer) + "}.";
+  return p;
+}
+
+}  // namespace
+
+ArithProblem arith_problem(uint64_t seed, uint64_t index, int level) {
+  LS_CHECK(level == 1 || level == 2, "arithmetic data: expected --level 1 or 2, got ", level);
+  if (level == 1) return level1_problem(seed, index);
   const std::string name = kNames[draw(seed, index, 0, 0, 7)];
   const std::string thing = kThings[draw(seed, index, 1, 0, 5)];
   const int64_t a = draw(seed, index, 2, 2, 40), b = draw(seed, index, 3, 2, 12);
@@ -88,7 +129,8 @@ ArithProblem arith_problem(uint64_t seed, uint64_t index) {
   return p;
 }
 
-void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval) {
+void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval, int level) {
+  LS_CHECK(level == 1 || level == 2, "arithmetic data: expected --level 1 or 2, got ", level);
   LS_CHECK(train > 0 && eval >= 0 && train <= (int64_t(1) << 31) && eval <= (int64_t(1) << 31),
            "arithmetic data: expected --train in [1, 2^31] and --eval in [0, 2^31], got ", train, " and ", eval);
   namespace fs = std::filesystem;
@@ -96,10 +138,18 @@ void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int6
   std::ofstream train_f(fs::path(dir) / "train.jsonl"), eval_f(fs::path(dir) / "eval.jsonl"),
       sft_f(fs::path(dir) / "sft.jsonl");
   LS_CHECK(train_f && eval_f && sft_f, dir, ": cannot write the data files");
-  for (int64_t i = 0; i < train + eval; ++i) {
-    const ArithProblem p = arith_problem(seed, uint64_t(i));
+  // The eval set skips any prompt already drawn (train or eval): level 2 draws repeat (2000
+  // training draws hold ~1680 distinct prompts) and level 1 has only 1280 distinct problems.
+  std::unordered_set<std::string> drawn;
+  int64_t written = 0;
+  for (int64_t i = 0; written < train + eval; ++i) {
+    LS_CHECK(i < train + eval + kEvalScan, "arithmetic data: too few distinct problems left for --eval ", eval,
+             " after --train ", train, " (level 1 has 1280 in all)");
+    const ArithProblem p = arith_problem(seed, uint64_t(i), level);
+    if (!drawn.insert(p.prompt).second && i >= train) continue;
     (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
     if (i < train) sft_f << nlohmann::json{{"prompt", p.prompt}, {"response", p.response}}.dump() << "\n";
+    ++written;
   }
   LS_CHECK(train_f.flush() && eval_f.flush() && sft_f.flush(), dir, ": write failed");  // the last bytes too
 }

@@ -14,11 +14,14 @@ struct ArithProblem {
   std::string response;  // a worked demonstration ending in \boxed{...}
 };
 
-ArithProblem arith_problem(uint64_t seed, uint64_t index);
+// Level 2 (the default): additions, subtractions, products and fractions of two-digit numbers.
+// Level 1: one-digit additions and subtractions with one-digit answers, for a tiny model.
+ArithProblem arith_problem(uint64_t seed, uint64_t index, int level = 2);
 
 // Writes DIR/train.jsonl and DIR/eval.jsonl ({"prompt", "label"}) and DIR/sft.jsonl
 // ({"prompt", "response"}, demonstrations of the training problems). Train problems are indices
-// [0, train), eval problems [train, train + eval) of the same seed, so the sets never share one.
-void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval);
+// [0, train), eval problems the next indices of the same seed whose prompt was not drawn before,
+// so the sets never share a problem (and the eval set repeats none).
+void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval, int level = 2);
 
 }  // namespace lockstep::rl

@@ -90,6 +90,8 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("use-rollout-logprobs", use_rollout_logprobs, "old log-probs := rollout log-probs (no recompute)"),
       LS_OPT("check-true-on-policy", check_true_on_policy, "any trainer/rollout log-prob difference is an error"),
       LS_OPT("sft-warmup-steps", sft_warmup_steps, "SFT optimizer steps on task demonstrations before RL"),
+      LS_OPT("sft-global-batch-size", sft_global_batch_size,
+             "demonstrations per SFT warm-start optimizer step (0 = --global-batch-size)"),
       LS_OPT("lr", lr, "peak learning rate"),
       LS_OPT("min-lr", min_lr, "final learning rate of the decay"),
       LS_OPT("lr-decay-style", lr_decay_style, "constant | linear | cosine"),
@@ -295,6 +297,10 @@ void validate(const TrainConfig& c) {
   LS_CHECK(c.eps_clip_high >= 0, "--eps-clip-high: expected >= 0, got ", c.eps_clip_high);
   LS_CHECK(c.eps_clip_c == 0 || c.eps_clip_c > 1, "--eps-clip-c: expected 0 (off) or > 1, got ", c.eps_clip_c);
   LS_CHECK(c.sft_warmup_steps >= 0, "--sft-warmup-steps: expected >= 0, got ", c.sft_warmup_steps);
+  LS_CHECK(c.sft_global_batch_size >= 0, "--sft-global-batch-size: expected >= 0 (0: --global-batch-size), got ",
+           c.sft_global_batch_size);
+  LS_CHECK(c.sft_global_batch_size % c.num_microbatches == 0, "batch does not divide: --sft-global-batch-size ",
+           c.sft_global_batch_size, " is not a multiple of --num-microbatches ", c.num_microbatches);
   LS_CHECK(c.lr >= 0 && std::isfinite(c.lr), "--lr: expected a finite value >= 0, got ", c.lr);
   LS_CHECK(c.adam_beta1 >= 0 && c.adam_beta1 < 1, "--adam-beta1: expected [0, 1), got ", c.adam_beta1);
   LS_CHECK(c.adam_beta2 >= 0 && c.adam_beta2 < 1, "--adam-beta2: expected [0, 1), got ", c.adam_beta2);

@@ -82,6 +82,7 @@ struct TrainConfig {
   bool use_rollout_logprobs = false;
   bool check_true_on_policy = true;
   int64_t sft_warmup_steps = 40;
+  int64_t sft_global_batch_size = 0;  // demonstrations per SFT warm-start step (0: global_batch_size)
   // Optimizer.
   double lr = 2e-3;
   double min_lr = 0.0;

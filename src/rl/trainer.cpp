@@ -447,7 +447,8 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   if (on_gpu) {
     policy.use_device_runner(&engine.runner());
 #ifdef LOCKSTEP_CUDA
-    cuda_check_step_memory(engine.runner(), cfg.global_batch_size / cfg.num_microbatches * max_len,
+    cuda_check_step_memory(engine.runner(),
+                           std::max(cfg.global_batch_size, cfg.sft_global_batch_size) / cfg.num_microbatches * max_len,
                            cfg.num_microbatches);
 #endif
   }
@@ -501,12 +502,15 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     LossConfig sft;
     sft.type = LossType::sft_loss;
     sft.agg = loss_agg_from_name(cfg.loss_agg);
+    // Its own batch size: a tiny model learns more per second from many small SFT steps, while an
+    // RL step wants every prompt group of its rollout in one optimizer step.
+    const int64_t sft_batch = cfg.sft_global_batch_size > 0 ? cfg.sft_global_batch_size : cfg.global_batch_size;
     for (int64_t s = state.sft_steps_done; s < cfg.sft_warmup_steps; ++s) {
       Timer t;
-      std::vector<Sample> demos(size_t(cfg.global_batch_size));
+      std::vector<Sample> demos(static_cast<size_t>(sft_batch));
       std::vector<Sample*> batch;
-      for (int64_t i = 0; i < cfg.global_batch_size; ++i) {
-        demos[i].example = source->demonstration(state.seed ^ kSftDataKey, s * cfg.global_batch_size + i);
+      for (int64_t i = 0; i < sft_batch; ++i) {
+        demos[i].example = source->demonstration(state.seed ^ kSftDataKey, s * sft_batch + i);
         demos[i].response = demos[i].example.answer;
         batch.push_back(&demos[i]);
       }

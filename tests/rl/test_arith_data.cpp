@@ -2,7 +2,9 @@
 // verifier accepts, the files `lockstep arith-data` writes, and an SFT warm start on them.
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <set>
 
@@ -57,6 +59,105 @@ TEST(ArithData, ProblemsAreDeterministicAndTheirDemonstrationsScoreOne) {
   EXPECT_GT(prompts.size(), 280u);
   EXPECT_NE(arith_problem(3, 0).prompt + arith_problem(3, 1).prompt,
             arith_problem(4, 0).prompt + arith_problem(4, 1).prompt);
+}
+
+// Level 1 (`--level 1`): one-digit sums and differences, every number of the prompt and the
+// answer one digit, both kinds present; the default stays level 2, whose first problem is pinned
+// (the data files of earlier runs must not change under them).
+TEST(ArithData, LevelOneIsOneDigitSumsAndDifferencesAndLevelTwoIsTheDefault) {
+  int sums = 0, differences = 0;
+  std::set<std::string> labels;
+  for (uint64_t i = 0; i < 300; ++i) {
+    const ArithProblem p = arith_problem(3, i, 1);
+    EXPECT_EQ(p.prompt, arith_problem(3, i, 1).prompt);
+    EXPECT_EQ(math_reward(p.response, p.label), 1.0f) << p.prompt << " | " << p.response;
+    ASSERT_EQ(p.label.size(), 1u) << p.label;
+    EXPECT_TRUE(p.label[0] >= '1' && p.label[0] <= '9') << p.label;
+    labels.insert(p.label);
+    for (size_t k = 0; k + 1 < p.prompt.size(); ++k)  // no two-digit number anywhere in the prompt
+      EXPECT_FALSE(std::isdigit(static_cast<unsigned char>(p.prompt[k])) &&
+                   std::isdigit(static_cast<unsigned char>(p.prompt[k + 1])))
+          << p.prompt;
+    sums += p.prompt.find(" more.") != std::string::npos;
+    differences += p.prompt.find(" gives away ") != std::string::npos;
+    EXPECT_NE(p.prompt.find("\\boxed{}"), std::string::npos);
+  }
+  EXPECT_EQ(sums + differences, 300);
+  EXPECT_GT(sums, 100);
+  EXPECT_GT(differences, 100);
+  EXPECT_EQ(labels.size(), 9u);
+  EXPECT_EQ(arith_problem(1, 0).prompt,
+            "A ribbon 24 meters long is cut into 9 equal pieces. How long is each piece, in meters? Put the final "
+            "answer in \\boxed{}.");
+  EXPECT_EQ(arith_problem(1, 0).response,
+            "Each piece is 24 / 9 = \\frac{8}{3} meters long.\n\nThe answer is \\boxed{\\frac{8}{3}}.");
+  for (uint64_t i = 0; i < 20; ++i) EXPECT_EQ(arith_problem(5, i).prompt, arith_problem(5, i, 2).prompt);
+  EXPECT_NE(arith_problem(5, 0, 1).prompt + arith_problem(5, 1, 1).prompt,
+            arith_problem(5, 0, 2).prompt + arith_problem(5, 1, 2).prompt);
+  EXPECT_THROW(arith_problem(5, 0, 3), Error);
+  EXPECT_THROW(arith_problem(5, 0, 0), Error);
+}
+
+// Level 1's point for a tiny model: with the real Qwen3 tokenizer, each number of a prompt of a
+// kind (sum or difference) sits the same number of tokens before the prompt's end, so it can be
+// copied by position.
+TEST(ArithData, LevelOneNumbersSitAtFixedTokenDistancesFromThePromptEnd) {
+  const Tokenizer tok = Tokenizer::load(testing::fixture_tokenizer_dir());
+  std::set<int32_t> digits;
+  for (char d = '1'; d <= '9'; ++d) digits.insert(tok.encode(std::string(1, d)).at(0));
+  std::map<bool, std::set<std::vector<size_t>>> distances;  // by kind: the digits' distances from the end
+  for (uint64_t i = 0; i < 200; ++i) {
+    const std::vector<int32_t> ids = tok.encode(arith_problem(7, i, 1).prompt);
+    std::vector<size_t> d;
+    for (size_t k = 0; k < ids.size(); ++k)
+      if (digits.count(ids[k])) d.push_back(ids.size() - k);
+    ASSERT_EQ(d.size(), 2u) << arith_problem(7, i, 1).prompt;
+    distances[arith_problem(7, i, 1).prompt.find(" more.") != std::string::npos].insert(d);
+  }
+  ASSERT_EQ(distances.size(), 2u);
+  EXPECT_EQ(distances[true].size(), 1u);   // sums
+  EXPECT_EQ(distances[false].size(), 1u);  // differences
+}
+
+// The eval set holds none of the training prompts and repeats none, at both levels (their draws
+// do repeat: 2000 of them hold ~1680 distinct level-2 and 916 level-1 prompts); asking for more
+// than level 1's 1280 problems allow is an error naming --eval.
+TEST(ArithData, EvalProblemsAreNeverTrainingProblems) {
+  TempDir dir("arith_heldout");
+  for (int level : {1, 2}) {
+    const std::string d = dir.sub("level" + std::to_string(level));
+    write_arith_data(d, 1, 2000, 60, level);
+    std::set<std::string> train, eval;
+    for (const auto& l : lines_of(fs::path(d) / "train.jsonl"))
+      train.insert(nlohmann::json::parse(l)["prompt"].get<std::string>());
+    const auto eval_lines = lines_of(fs::path(d) / "eval.jsonl");
+    ASSERT_EQ(eval_lines.size(), 60u);
+    for (const auto& l : eval_lines) {
+      const std::string prompt = nlohmann::json::parse(l)["prompt"].get<std::string>();
+      EXPECT_EQ(train.count(prompt), 0u) << prompt;
+      EXPECT_TRUE(eval.insert(prompt).second) << prompt;
+    }
+    EXPECT_LT(train.size(), 1900u) << level;  // the draws repeat: the checks above are not vacuous
+    EXPECT_EQ(lines_of(fs::path(d) / "train.jsonl").size(), 2000u);
+  }
+  const std::string e = testing::error_of([&] { write_arith_data(dir.sub("b"), 1, 100, 1300, 1); });
+  EXPECT_NE(e.find("--eval 1300"), std::string::npos) << e;
+}
+
+TEST(ArithData, CommandWritesLevelOneAndRefusesAnUnknownLevel) {
+  TempDir dir("arith_level");
+  auto r = lockstep::testing::run_lockstep("arith-data --output-dir " + dir.sub("a") + " --train 6 --eval 2 --level 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  write_arith_data(dir.sub("b"), 1, 6, 2, 1);
+  for (const char* f : {"train.jsonl", "eval.jsonl", "sft.jsonl"})
+    EXPECT_EQ(read_bytes(fs::path(dir.sub("a")) / f), read_bytes(fs::path(dir.sub("b")) / f)) << f;
+  EXPECT_EQ(nlohmann::json::parse(lines_of(fs::path(dir.sub("a")) / "train.jsonl")[0])["prompt"],
+            arith_problem(1, 0, 1).prompt);
+  for (const char* bad : {"3", "0", "easy"}) {
+    auto e = lockstep::testing::run_lockstep("arith-data --output-dir " + dir.sub("c") + " --level " + bad);
+    EXPECT_NE(e.status, 0) << bad;
+    EXPECT_NE(e.output.find("--level"), std::string::npos) << e.output;
+  }
 }
 
 TEST(ArithData, CommandWritesTrainEvalAndDemonstrations) {

@@ -61,6 +61,49 @@ TEST(RlConfig, UnknownKeysAndWrongTypesNameTheKey) {
   EXPECT_THROW(apply_toml_file(c, dir.sub("missing.toml")), Error);
 }
 
+// --sft-global-batch-size: the SFT warm start's own batch (0: --global-batch-size). Its steps are
+// the steps of a run whose global batch is that size, bit for bit, and not those of the RL batch.
+TEST(RlConfig, SftGlobalBatchSizeSetsTheWarmStartBatch) {
+  TempDir dir("config");
+  TrainConfig c;
+  apply_toml_file(c, write_file(dir, "b.toml", "sft-global-batch-size = 8\n"));
+  EXPECT_EQ(c.sft_global_batch_size, 8);
+  apply_flag(c, "sft-global-batch-size", "4");
+  EXPECT_EQ(c.sft_global_batch_size, 4);
+  EXPECT_NE(error_of([&] { apply_flag(c, "sft-global-batch-size", "eight"); }).find("--sft-global-batch-size"),
+            std::string::npos);
+  auto sft_records = [&](const std::string& name, int64_t global, int64_t sft) {
+    TrainConfig r = testing::tiny_run(dir, name);
+    r.num_rollout = 0;  // the warm start only
+    r.sft_warmup_steps = 3;
+    r.global_batch_size = global;  // 16 samples per rollout: 4 or 8 divide them
+    r.sft_global_batch_size = sft;
+    run_training(r);
+    std::vector<std::pair<double, double>> out;  // (loss, grad_norm) by SFT step
+    for (const auto& m : testing::read_metrics(r))
+      if (m.contains("sft_step"))
+        out.emplace_back(m["train/sft_loss"].get<double>(), m["train/grad_norm"].get<double>());
+    return out;
+  };
+  const auto small = sft_records("sft4", 8, 4), plain = sft_records("global4", 4, 0),
+             big = sft_records("global8", 8, 0);
+  ASSERT_EQ(small.size(), 3u);
+  EXPECT_EQ(small, plain);
+  EXPECT_NE(small, big);
+}
+
+TEST(RlConfig, SftGlobalBatchSizeRefusesBadValues) {
+  TempDir dir("config");
+  TrainConfig c = testing::tiny_run(dir, "bad");
+  c.sft_global_batch_size = -2;
+  std::string e = error_of([&] { run_training(c); });
+  EXPECT_NE(e.find("--sft-global-batch-size: expected >= 0"), std::string::npos) << e;
+  c.sft_global_batch_size = 3;  // --num-microbatches 2
+  e = error_of([&] { run_training(c); });
+  EXPECT_NE(e.find("--sft-global-batch-size 3 is not a multiple of --num-microbatches 2"), std::string::npos) << e;
+  EXPECT_FALSE(std::filesystem::exists(c.output_dir)) << "work started before the check";
+}
+
 TEST(RlConfig, InconsistentValuesFailBeforeAnyWork) {
   TempDir dir("config");
   TrainConfig c = testing::tiny_run(dir, "bad");
