@@ -10,12 +10,13 @@
 
 namespace lockstep::rl {
 
-// Writes the snapshot of RL step `step` and returns its directory. The bfloat16 recipe's weights
-// are stored as BF16 (exact), the float32 recipe's as F32; torch_dtype in config.json says which.
-// Writes `weights` as a Hugging Face model directory at `dir` (replacing it), stored as above.
+// Writes `weights` as a Hugging Face model directory at `dir` (replacing it). The bfloat16
+// recipe's weights are stored as BF16 (exact), the float32 recipe's as F32; torch_dtype in
+// config.json says which.
 void write_hf_weights(const std::string& dir, const ModelWeights& weights, Precision precision,
                       const std::string& tokenizer_dir, int64_t max_shard_bytes = 5'000'000'000);
 
+// write_hf_weights at the snapshot directory of RL step `step`; returns that directory.
 std::string save_hf_snapshot(const std::string& save_hf_dir, int64_t step, const ModelWeights& weights,
                              Precision precision, const std::string& tokenizer_dir,
                              int64_t max_shard_bytes = 5'000'000'000);

@@ -57,14 +57,17 @@ void outer_sum_chunked_tc(const float* g, int64_t g_row, int64_t g_col, const bf
                           TcTile tile = TcTile::k64x128);
 
 // One product of a grouped outer sum (an expert's): out[i, k] for i < I, outer_sum_chunked_tc's
-// sum over `bounds` of g[i * g_row + s * g_col] * m[s * K + k].
-struct OuterSumGroup {
-  const float* g = nullptr;
+// sum over `bounds` of g[i * g_row + s * g_col] * m[s * K + k]; g fp32 (G = float) or split by
+// split_hi_lo (G = bf16_t, SplitOuterSumGroup below).
+template <typename G>
+struct OuterSumGroupOf {
+  const G* g = nullptr;
   const bf16_t* m = nullptr;
   float* out = nullptr;
   int64_t I = 0;
   ChunkBounds bounds;
 };
+using OuterSumGroup = OuterSumGroupOf<float>;
 // outer_sum_chunked_tc of each of `count` groups (a device array; every group's I <= max_I and
 // its bounds valid) in one launch, each group's bits those of its own call; the groups share
 // g_row, g_col and K.
@@ -95,13 +98,7 @@ void outer_sum_split_tc(const bf16_t* g_split, int64_t g_row, int64_t g_col, con
                         SplitTile tile = SplitTile::automatic);
 
 // OuterSumGroup of a split g; every group supported as outer_sum_split_tc_supported says.
-struct SplitOuterSumGroup {
-  const bf16_t* g = nullptr;
-  const bf16_t* m = nullptr;
-  float* out = nullptr;
-  int64_t I = 0;
-  ChunkBounds bounds;
-};
+using SplitOuterSumGroup = OuterSumGroupOf<bf16_t>;
 // (tile automatic: the small one, the groups' chunks being unknown on the host.)
 void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int64_t max_I, int64_t g_row,
                                 int64_t g_col, int64_t K, cudaStream_t s, float* workspace = nullptr,
