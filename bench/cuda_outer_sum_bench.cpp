@@ -106,7 +106,8 @@ void run(const Gemm& gm) {
     cuda::SplitTile tile;
   } tiles[] = {{"split 128x128", cuda::SplitTile::k128x128},
                {"split 128x256", cuda::SplitTile::k128x256},
-               {"split 256x128", cuda::SplitTile::k256x128}};
+               {"split 256x128", cuda::SplitTile::k256x128},
+               {"split wgmma 128x256", cuda::SplitTile::wgmma128x256}};
   for (const auto& t : tiles) {
     const auto* gs = split.as<const cuda::bf16_t>();
     const double ms = median_ms([&] {
@@ -167,13 +168,16 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
            }),
            "reference");
     const auto want = download(ref, outputs * 4);
-    for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256}) {
+    const struct {
+      const char* name;
+      cuda::SplitTile tile;
+    } tiles[] = {{"split 128x128", cuda::SplitTile::k128x128}, {"split 128x256", cuda::SplitTile::k128x256}};
+    for (const auto& t : tiles) {
       const double ms = median_ms([&] {
         cuda::outer_sum_split_grouped_tc(halves_d.as<cuda::SplitOuterSumGroup>(), int(E), max_I, g_row, g_col, I,
-                                         nullptr, workspace.as<float>(), tile);
+                                         nullptr, workspace.as<float>(), t.tile);
       });
-      report(tile == cuda::SplitTile::k128x128 ? "split 128x128" : "split 128x256", ms,
-             download(out, outputs * 4) == want ? "same" : "DIFFER");
+      report(t.name, ms, download(out, outputs * 4) == want ? "same" : "DIFFER");
     }
   }
 }

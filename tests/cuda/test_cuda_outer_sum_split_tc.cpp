@@ -45,6 +45,18 @@ TEST(CudaSplitHiLo, RefusesALengthNotAMultipleOfEight) {
   EXPECT_THROW(cuda::split_hi_lo(D.get(), 12, nullptr), std::exception);
 }
 
+constexpr cuda::SplitTile kEveryTile[] = {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256,
+                                          cuda::SplitTile::k256x128, cuda::SplitTile::wgmma128x256};
+const char* tile_name(cuda::SplitTile tile) {
+  switch (tile) {
+    case cuda::SplitTile::k128x128: return "128 x 128";
+    case cuda::SplitTile::k128x256: return "128 x 256";
+    case cuda::SplitTile::k256x128: return "256 x 128";
+    case cuda::SplitTile::wgmma128x256: return "wgmma 128 x 256";
+    default: return "automatic";
+  }
+}
+
 struct Shape {
   int64_t T, N, K;
 };
@@ -76,10 +88,8 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   Want.poison();
   cuda::outer_sum_chunked_tc(Dy.get(), N, 1, as_bf16(W), K, over_n, Want.get(), T, nullptr);
   const auto want_dx = head(Want, T * K);
-  for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256, cuda::SplitTile::k256x128}) {
-    const char* name = tile == cuda::SplitTile::k128x128   ? "128 x 128"
-                       : tile == cuda::SplitTile::k128x256 ? "128 x 256"
-                                                           : "256 x 128";
+  for (const auto tile : kEveryTile) {
+    const char* name = tile_name(tile);
     Workspace.poison(), Got.poison();
     cuda::outer_sum_split_tc(as_split(Split), 1, N, as_bf16(X), K, tokens, Got.get(), N, nullptr, Workspace.get(),
                              tile);
@@ -126,10 +136,10 @@ TEST(CudaOuterSumSplitTc, UnevenAndEmptyChunksGiveTheFp32PathsBits) {
     Want.poison();
     cuda::outer_sum_chunked_tc(G.get(), 1, I, as_bf16(M), K, sub, Want.get(), I, nullptr);
     const auto want = Want.take();
-    for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256, cuda::SplitTile::k256x128}) {
+    for (const auto tile : kEveryTile) {
       Got.poison();
       cuda::outer_sum_split_tc(as_split(Split), 1, I, as_bf16(M), K, sub, Got.get(), I, nullptr, Workspace.get(), tile);
-      EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, tile " << int(tile);
+      EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, tile " << tile_name(tile);
     }
   }
 }
@@ -161,7 +171,9 @@ TEST(CudaOuterSumSplitTc, EachGroupOfAGroupedLaunchHasItsOwnCallsBits) {
     cuda::outer_sum_split_grouped_tc(Wg.get(), 4, N, 1, N, K, nullptr, Workspace.get(), tile);
     cuda::outer_sum_split_grouped_tc(Ig.get(), 4, max_rows, N, 1, K, nullptr, Workspace.get(), tile);
     const auto got = Grouped.take();
-    if (!grouped.empty()) EXPECT_TRUE(same_bits_f(got, grouped)) << "tile " << int(tile);
+    if (!grouped.empty()) {
+      EXPECT_TRUE(same_bits_f(got, grouped)) << "tile " << tile_name(tile);
+    }
     grouped = got;
   }
   first = 0;
@@ -192,6 +204,14 @@ TEST(CudaOuterSumSplitTc, SupportsOnlyShapesWhosePiecesAreWholeGroupsOfEight) {
   EXPECT_TRUE(cuda::outer_sum_split_tc_supported(64, 1, 16, over_64, 100));
   EXPECT_FALSE(cuda::outer_sum_split_tc_supported(72, 1, 16, over_72, 100));  // a chunk starts at row 9
   EXPECT_FALSE(cuda::outer_sum_split_tc_supported(4, 2, 16, over_64, 100));   // neither layout
+}
+
+TEST(CudaOuterSumSplitTc, TheWgmmaTilesRefuseGroups) {
+  LS_SKIP_WITHOUT_GPU();
+  DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
+  EXPECT_THROW(cuda::outer_sum_split_grouped_tc(nullptr, 1, 64, 1, 64, 64, nullptr, Workspace.get(),
+                                                cuda::SplitTile::wgmma128x256),
+               std::exception);
 }
 
 }  // namespace

@@ -81,9 +81,11 @@ void split_hi_lo(float* x, int64_t n, cudaStream_t s);
 // How outer_sum_split_tc tiles its outputs (every tile gives the same bits): 128 x 128 outputs a
 // block, the chunk tree's pending subtrees in shared memory (short chunks: the experts'); or
 // 128 x 256, the subtrees in a workspace slot of each block, one block an SM looping over the
-// tiles (long chunks: a third less operand traffic a MMA), or 256 x 128 the same way.
-// automatic: 128 x 256 where a workspace is given and the chunks average 256 rows or more.
-enum class SplitTile { automatic, k128x128, k128x256, k256x128 };
+// tiles (long chunks: a third less operand traffic a MMA), or 256 x 128 the same way;
+// wgmma128x256 is the 128 x 256 tile on warpgroup MMAs (outer_sum_split_wgmma.cu, one problem a
+// launch). automatic: wgmma 128 x 256 where a workspace is given and the chunks average 256
+// rows or more.
+enum class SplitTile { automatic, k128x128, k128x256, k256x128, wgmma128x256 };
 // Floats of the workspace the 128 x 256 tile needs on the current device (one slot an SM).
 int64_t outer_sum_split_workspace_floats();
 
@@ -99,7 +101,8 @@ void outer_sum_split_tc(const bf16_t* g_split, int64_t g_row, int64_t g_col, con
 
 // OuterSumGroup of a split g; every group supported as outer_sum_split_tc_supported says.
 using SplitOuterSumGroup = OuterSumGroupOf<bf16_t>;
-// (tile automatic: the small one, the groups' chunks being unknown on the host.)
+// (tile automatic: the small one, the groups' chunks being unknown on the host; the wgmma tiles
+// take no groups.)
 void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int64_t max_I, int64_t g_row,
                                 int64_t g_col, int64_t K, cudaStream_t s, float* workspace = nullptr,
                                 SplitTile tile = SplitTile::automatic);

@@ -4,6 +4,7 @@
 #include "kernels/canonical.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma_sync.cuh"  // cp_async_commit
 
 namespace lockstep::cuda {
 
@@ -96,6 +97,31 @@ __device__ __forceinline__ void fold_fragment(const float (&acc)[4], int level, 
     *level1 = v;
   }
 }
+
+// The loads of the split outer sums' stages: the stages of all chunks in order, kRows summed
+// rows each from the chunk's first row (empty chunks have none), into a ring of kStages slots.
+// next() issues one stage, load(slot, first row, chunk end), and commits a cp.async group (an
+// empty one where nothing is left, which keeps the wait counts aligned).
+template <int kRows, int kStages>
+struct StageLoader {
+  const int64_t* rows;  // chunk bounds: chunk c is rows[c] .. rows[c + 1]
+  int count;            // chunks
+  int chunk = 0, slot = 0;
+  int64_t s0;
+  __device__ StageLoader(const int64_t* chunk_rows, int chunk_count)
+      : rows(chunk_rows), count(chunk_count), s0(chunk_rows[0]) {}
+  template <typename Load>
+  __device__ __forceinline__ void next(Load load) {
+    while (chunk < count && s0 >= rows[chunk + 1])
+      if (++chunk < count) s0 = rows[chunk];
+    if (chunk < count) {
+      load(slot, s0, rows[chunk + 1]);
+      s0 += kRows;
+      slot = (slot + 1) % kStages;
+    }
+    cp_async_commit();
+  }
+};
 
 // The CPU's dot procedure (cpu/dot.h) by one thread over the products product(i), i < n: lane
 // j of 8 sums the products of the indices = j (mod 8) in ascending order from 0, then tree8.

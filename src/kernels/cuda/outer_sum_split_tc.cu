@@ -1,6 +1,7 @@
 // outer_sum_chunked_tc's procedure with g split beforehand (split_hi_lo): the same bits, with
 // both operands copied to shared memory by cp.async in a 3- or 4-stage pipeline, 128 x 128,
-// 128 x 256 or 256 x 128 outputs a block (bench/cuda_outer_sum_bench.cpp times each).
+// 128 x 256 or 256 x 128 outputs a block on mma.sync, or 128 x 256 on wgmma
+// (outer_sum_split_wgmma.cu); bench/cuda_outer_sum_bench.cpp times each.
 //
 // outer_sum_tc.cu loads fp32 g a value at a time, splits it and stores hi and lo in every block
 // that reads it (16 of them for the lm_head's weight gradient); there the instructions around
@@ -18,6 +19,7 @@
 #include "kernels/cuda/backward_common.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma_sync.cuh"
+#include "kernels/cuda/outer_sum_split_wgmma.h"
 
 namespace lockstep::cuda {
 
@@ -60,6 +62,7 @@ using SmallTile = Tile<2, 4, 2, 3, false>;  // 128 x 128, warps 32 x 64
 using LargeTile = Tile<4, 2, 4, 4, true>;   // 128 x 256, warps 64 x 64
 using TallTile = Tile<4, 4, 2, 4, true>;    // 256 x 128, warps 64 x 64
 static_assert(TallTile::PendingFloats == LargeTile::PendingFloats, "one workspace size");
+static_assert(LargeTile::PendingFloats == kSplitPendingFloats, "the wgmma tile's slot is the same size");
 
 __global__ void split_hi_lo_kernel(float* x, int64_t groups) {
   for (int64_t gi = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; gi < groups;
@@ -149,21 +152,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
 
-    // The stages of all chunks in order (empty chunks have none); the loads run Stages - 1
-    // stages ahead of the MMAs, across chunk ends.
-    int load_chunk = 0;
-    int64_t load_s0 = chunk_rows[0];
-    int load_slot = 0;
-    auto load_next = [&]() {
-      while (load_chunk < chunk_count && load_s0 >= chunk_rows[load_chunk + 1])
-        if (++load_chunk < chunk_count) load_s0 = chunk_rows[load_chunk];
-      if (load_chunk < chunk_count) {
-        load(load_slot, load_s0, chunk_rows[load_chunk + 1]);
-        load_s0 += kStage;
-        load_slot = (load_slot + 1) % Stages;
-      }
-      cp_async_commit();  // an empty group where nothing is left keeps the wait counts aligned
-    };
+    // The loads run Stages - 1 stages ahead of the MMAs, across chunk ends.
+    StageLoader<kStage, Stages> loader(chunk_rows, chunk_count);
+    auto load_next = [&]() { loader.next(load); };
     for (int p = 0; p < Stages - 1; ++p) load_next();
 
     int slot = 0;
@@ -256,7 +247,7 @@ void launch_tile(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one
 SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& bounds) {
   if (tile != SplitTile::automatic) return tile;
   const int64_t mean_rows = (bounds.rows[bounds.count] - bounds.rows[0]) / bounds.count;
-  return workspace && mean_rows >= 256 ? SplitTile::k128x256 : SplitTile::k128x128;
+  return workspace && mean_rows >= 256 ? SplitTile::wgmma128x256 : SplitTile::k128x128;
 }
 
 void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
@@ -269,6 +260,10 @@ void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int
     else
       launch_tile<false, Cfg>(groups, one, count, max_I, pitch, K, workspace, s);
   };
+  if (tile == SplitTile::wgmma128x256) {
+    LS_CHECK(!groups, "outer sums of a split g: the wgmma tile takes one problem a launch, not groups");
+    return outer_sum_split_wgmma(one, g_row == 1, pitch, K, workspace, s);
+  }
   if (tile == SplitTile::k128x256) run.template operator()<LargeTile>();
   if (tile == SplitTile::k256x128) run.template operator()<TallTile>();
   if (tile == SplitTile::k128x128) run.template operator()<SmallTile>();

@@ -1,0 +1,185 @@
+// outer_sum_split_tc's 128 x 256 tile on warpgroup MMAs (wgmma): the same bits, the operands
+// read by the tensor cores straight from shared memory (no ldmatrix, no per-warp fragments).
+//
+// Two warpgroups of 64 output rows i x 256 columns k (128 fp32 accumulators a thread). A stage
+// is 64 summed rows s of three tiles in wgmma's 128-byte swizzle: g's hi and lo halves and m.
+// m [s][k] is MN-major (k contiguous): atoms of 64 k x the stage's 64 rows, 8 KB apart. g is
+// MN-major too for weight gradients ([s][i], i contiguous) and K-major for input gradients
+// ([i][s]: a row of 64 s is 128 bytes). cp.async copies 16-byte pieces; split_hi_lo's layout
+// puts the hi and the lo of 8 values in adjacent pieces, so they go to the two tiles.
+//
+// Per output element the procedure is the mma.sync kernel's: per chunk a zeroed accumulator,
+// k16 steps from the chunk's first row (rows past its end zero in both operands, no step
+// wholly past it), each step the hi MMA then the lo MMA, the partials folded by the pairwise
+// tree (levels 0 and 1 in the block's workspace slot, 2 in the output). One wgmma k16 step
+// rounds like one mma.sync m16n8k16 step (gemm_wgmma.cu's probe), so the bits are the same.
+//
+// The problem comes as a __grid_constant__ parameter, not a group table in memory: the number
+// of k16 steps of a chunk's last stage then derives from uniform values only. With the chunk
+// bounds loaded from memory, ptxas serialises every wgmma behind that branch (C7520).
+#include <algorithm>
+
+#include "kernels/cuda/backward_common.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
+#include "kernels/cuda/outer_sum_split_wgmma.h"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace lockstep::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;                             // two warpgroups
+constexpr int kBI = 128, kBK = 256;                       // outputs a tile
+constexpr int kRows = 64;                                 // summed rows a stage: four k16 steps
+constexpr int kStages = 3;                                // stage ring
+constexpr int kAtom = kRows * 128;                        // bytes of 64 MN-major columns over a stage's rows
+constexpr int kATile = kBI * kRows * 2;                   // hi or lo: 16 KB
+constexpr int kBTile = kBK * kRows * 2;                   // 32 KB
+constexpr int kStageBytes = 2 * kATile + kBTile;          // 64 KB
+constexpr int kAcc = kBK / 2;                             // accumulators a thread
+constexpr int kFragments = kAcc / 4;                      // m16n8 fragments a thread (float4 pending)
+constexpr int kSmemBytes = 1024 + kStages * kStageBytes;  // 1 KB to align the tiles
+static_assert(2 * kAcc * kThreads == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
+
+// Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one block an SM): column block t % tiles_k,
+// row block t / tiles_k.
+template <bool kWeight>
+__global__ void __launch_bounds__(kThreads, 1)
+    outer_sum_split_wgmma_kernel(const __grid_constant__ SplitOuterSumGroup one, int64_t g_pitch, int64_t K,
+                                 int64_t tiles_k, int64_t tiles_i, int64_t tiles, float* workspace) {
+  // Stages loaded ahead of the one the MMAs read; one stage's MMAs stay in flight, so the
+  // third slot is theirs. (Finishing each stage's MMAs first and loading two ahead measured
+  // the same: notes/gpu-trainer.md.)
+  constexpr int kAhead = kStages - 2;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
+  float* pending = workspace + int64_t(blockIdx.x) * kSplitPendingFloats;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t k0 = (tile % tiles_k) * kBK, i0 = tile / tiles_k * kBI, I = one.I;
+    const bf16* __restrict__ g = one.g;
+    const bf16* __restrict__ m = one.m;
+    float* __restrict__ out = one.out;
+    const int64_t* chunk_rows = one.bounds.rows;
+    const int chunk_count = one.bounds.count;
+    __syncthreads();  // the previous tile is done with the stages
+
+    // One stage (chunk rows [s0, end)) into ring slot `slot`: 2048 pieces of g (hi and lo of
+    // 1024 groups of 8, adjacent threads a group's two halves) and 2048 of m, 8 + 8 a thread.
+    auto load = [&](int slot, int64_t s0, int64_t end) {
+      const uint32_t a_hi = base + slot * kStageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
+#pragma unroll
+      for (int j = 0; j < 2 * kBI * kRows / 8 / kThreads; ++j) {
+        const int idx = tid + j * kThreads, half = idx & 1;
+        int64_t i, s;
+        uint32_t at;
+        if constexpr (kWeight) {  // [s][i]: 16 groups along i a row, the row is s
+          const int piece = (idx >> 1) % (kBI / 8), row = idx / (kBI / 4);
+          i = i0 + 8 * piece, s = s0 + row;
+          at = (piece / 8) * kAtom + row * 128 + (((piece % 8) ^ (row % 8)) << 4);
+        } else {  // [i][s]: 8 groups along s a row, the row is i
+          const int piece = (idx >> 1) % (kRows / 8), row = idx / (kRows / 4);
+          i = i0 + row, s = s0 + 8 * piece;
+          at = row * 128 + ((piece ^ (row % 8)) << 4);
+        }
+        const bool valid = i < I && s < end;
+        const int64_t f = kWeight ? s * g_pitch + i : i * g_pitch + s;  // a multiple of 8
+        cp_async16((half ? a_lo : a_hi) + at, valid ? g + 2 * f + 8 * half : g, valid);
+      }
+#pragma unroll
+      for (int j = 0; j < kBK * kRows / 8 / kThreads; ++j) {
+        const int idx = tid + j * kThreads, piece = idx % (kBK / 8), row = idx / (kBK / 8);
+        const int64_t k = k0 + 8 * piece, s = s0 + row;
+        const bool valid = k < K && s < end;
+        cp_async16(b + (piece / 8) * kAtom + row * 128 + (((piece % 8) ^ (row % 8)) << 4), valid ? m + s * K + k : m,
+                   valid);
+      }
+    };
+
+    StageLoader<kRows, kStages> loader(chunk_rows, chunk_count);  // kAhead stages ahead
+    auto load_next = [&]() { loader.next(load); };
+#pragma unroll
+    for (int p = 0; p < kAhead; ++p) load_next();
+
+    int slot = 0;
+    for (int c = 0; c < chunk_count; ++c) {
+      float acc[kAcc];
+#pragma unroll
+      for (int e = 0; e < kAcc; ++e) acc[e] = 0.0f;
+      const int64_t first = chunk_rows[c], end = chunk_rows[c + 1];
+      for (int64_t s0 = first; s0 < end; s0 += kRows) {
+        cp_async_wait<kAhead - 1>();  // this thread's pieces of the stage have landed
+        fence_proxy_async();          // ... and are visible to the tensor cores
+        __syncthreads();              // everyone's; the slot loaded next is no longer read
+        load_next();
+        const uint32_t a_hi = base + slot * kStageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
+        slot = (slot + 1) % kStages;
+        const int64_t live = end - s0;
+        // k16 steps up to the chunk's end: a whole stage, else 1-3 (one branch each, so that
+        // no MMA sits behind a per-step condition, which serialises them all).
+        const int steps = live >= kRows ? kRows / 16 : int((live + 15) / 16);
+        const auto step = [&](int kk) {
+          // A k16 step: 16 rows of an MN-major tile are 2048 bytes on; 32 bytes of a K-major row.
+          const uint64_t d_hi =
+              kWeight ? smem_desc_mn(a_hi + wg * kAtom + kk * 2048, kAtom) : smem_desc(a_hi + wg * 64 * 128) + 2 * kk;
+          const uint64_t d_lo =
+              kWeight ? smem_desc_mn(a_lo + wg * kAtom + kk * 2048, kAtom) : smem_desc(a_lo + wg * 64 * 128) + 2 * kk;
+          const uint64_t d_b = smem_desc_mn(b + kk * 2048, kAtom);
+          wgmma_m64n256k16<kWeight ? 1 : 0, 1>(acc, d_hi, d_b, 1);
+          wgmma_m64n256k16<kWeight ? 1 : 0, 1>(acc, d_lo, d_b, 1);
+        };
+        wgmma_fence();
+        if (steps == 4) {
+          step(0), step(1), step(2), step(3);
+        } else if (steps == 3) {
+          step(0), step(1), step(2);
+        } else if (steps == 2) {
+          step(0), step(1);
+        } else {
+          step(0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous stage's MMAs are done: its slot may be loaded
+      }
+      wgmma_wait<0>();
+      pin_registers(acc);
+      // Accumulators 4 j .. 4 j + 3: row i (columns k, k + 1), then row i + 8 (the same).
+      const bool last = c == chunk_count - 1;
+      const int level = tree_level(c);
+      const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;
+#pragma unroll
+      for (int j = 0; j < kFragments; ++j) {
+        const int64_t k = k0 + 8 * j + 2 * (lane % 4);
+        float4* level0 = reinterpret_cast<float4*>(pending) + j * kThreads + tid;
+        float4* level1 = level0 + kFragments * kThreads;
+        fold_fragment(*reinterpret_cast<float(*)[4]>(acc + 4 * j), level, last, level0, level1, out + i * K + k,
+                      out + (i + 8) * K + k, k < K && i < I, k < K && i + 8 < I);
+      }
+    }
+    cp_async_wait<0>();  // no copy outlives the tile
+  }
+}
+
+template <bool kWeight>
+void launch(const SplitOuterSumGroup& one, int64_t g_pitch, int64_t K, float* workspace, cudaStream_t s) {
+  const int64_t tiles_k = ceil_div(K, int64_t(kBK)), tiles_i = ceil_div(one.I, int64_t(kBI));
+  const int64_t tiles = tiles_k * tiles_i;
+  const int64_t blocks = std::min<int64_t>(tiles, sm_count());  // one workspace slot a block
+  const auto kernel = outer_sum_split_wgmma_kernel<kWeight>;
+  LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  kernel<<<unsigned(blocks), kThreads, kSmemBytes, s>>>(one, g_pitch, K, tiles_k, tiles_i, tiles, workspace);
+  LS_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+void outer_sum_split_wgmma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
+                           cudaStream_t s) {
+  LS_CHECK(workspace, "outer sums of a split g: the wgmma tile needs a workspace");
+  if (weight) return launch<true>(one, g_pitch, K, workspace, s);
+  launch<false>(one, g_pitch, K, workspace, s);
+}
+
+}  // namespace lockstep::cuda
