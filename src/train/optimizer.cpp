@@ -36,10 +36,13 @@ float canonical_sum_squares(const float* x, int64_t n) {
   const int64_t chunk = canonical_chunk(n);
   float partial[kTMax];
   for (int c = 0; c < kTMax; ++c) {
-    float acc = 0.0f;
+    float lanes[kSquaresLanes] = {};
     const int64_t begin = std::min(n, c * chunk), end = std::min(n, (c + 1) * chunk);
-    for (int64_t i = begin; i < end; ++i) acc += x[i] * x[i];
-    partial[c] = acc;
+    int64_t i = begin;
+    for (; i + kSquaresLanes <= end; i += kSquaresLanes)  // whole rounds of the lanes: vectorised
+      for (int j = 0; j < kSquaresLanes; ++j) lanes[j] += x[i + j] * x[i + j];
+    for (int j = 0; i + j < end; ++j) lanes[j] += x[i + j] * x[i + j];
+    partial[c] = pairwise_tree(lanes, kSquaresLanes);
   }
   return tree8(partial);
 }

@@ -29,7 +29,9 @@ struct OptimizerConfig {
 double learning_rate_at(const OptimizerConfig& c, int64_t step);
 
 // Canonical sum of squares of one tensor: the flattened tensor is cut into 8 equal chunks
-// (zero-padded), each summed in ascending order in fp32, combined by the pairwise tree.
+// (zero-padded); each chunk is summed in fp32 in kSquaresLanes interleaved lanes (lane j the
+// elements at offsets = j mod kSquaresLanes, ascending) folded by the pairwise tree; the 8
+// chunks are combined by the pairwise tree.
 float canonical_sum_squares(const float* x, int64_t n);
 // sqrt of the per-tensor canonical sums, added in global-name (map) order in fp32.
 float global_grad_norm(const std::map<std::string, Tensor>& grads);

@@ -42,23 +42,38 @@ ModelWeights random_grads(const ModelWeights& w, uint64_t seed, float scale) {
   return g;
 }
 
-TEST(OptimSumSquares, MatchesTheCanonicalChunkTree) {
-  std::vector<float> x(37);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = philox_uniform(1, 2, i) - 0.5f;
-  // 37 -> chunks of 5 (the last one short, then empty chunks).
-  float partial[8];
-  for (int c = 0; c < 8; ++c) {
-    float acc = 0;
-    for (int i = c * 5; i < std::min(37, (c + 1) * 5); ++i) acc += x[i] * x[i];
-    partial[c] = acc;
+// The procedure written out plainly: chunk c of canonical_chunk(n), lane j of 64 the offsets
+// = j (mod 64), lanes and chunks folded by their pairwise trees.
+float plain_sum_squares(const std::vector<float>& x) {
+  const int64_t n = int64_t(x.size()), chunk = (n + 7) / 8;
+  std::vector<float> partial(8);
+  for (int64_t c = 0; c < 8; ++c) {
+    std::vector<float> lanes(64, 0.0f);
+    for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) {
+      const float square = x[size_t(i)] * x[size_t(i)];
+      lanes[size_t((i - c * chunk) % 64)] += square;
+    }
+    for (int64_t width = 64; width > 1; width /= 2)
+      for (int64_t j = 0; j < width / 2; ++j) lanes[size_t(j)] = lanes[size_t(2 * j)] + lanes[size_t(2 * j + 1)];
+    partial[size_t(c)] = lanes[0];
   }
-  float expected =
-      ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
-  float got = canonical_sum_squares(x.data(), 37);
-  EXPECT_EQ(std::memcmp(&got, &expected, 4), 0);
-  double ref = 0;
-  for (float v : x) ref += double(v) * v;
-  EXPECT_NEAR(got, ref, 1e-6);
+  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+         ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+}
+
+TEST(OptimSumSquares, MatchesTheCanonicalChunksOfLanes) {
+  // 37: chunks of 5 (the last short, then empty); 8 * 64 * 3 + 40: chunks of 197 (three rounds
+  // of the lanes and a part round); 100003: long chunks with a ragged end.
+  for (const size_t n : {size_t(37), size_t(8 * 64 * 3 + 40), size_t(100003)}) {
+    std::vector<float> x(n);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = philox_uniform(1, 2, i) - 0.5f;
+    const float expected = plain_sum_squares(x);
+    const float got = canonical_sum_squares(x.data(), int64_t(n));
+    EXPECT_EQ(std::memcmp(&got, &expected, 4), 0) << n << " values";
+    double ref = 0;
+    for (float v : x) ref += double(v) * v;
+    EXPECT_NEAR(got, ref, 1e-6 * ref) << n << " values";
+  }
 }
 
 TEST(OptimGradNorm, SumsTensorsInNameOrder) {

@@ -1,4 +1,5 @@
 // AdamW on the GPU (adamw.h): the CPU's per-element arithmetic, tensor by tensor.
+#include "kernels/canonical.h"
 #include "kernels/cuda/adamw.h"
 #include "kernels/cuda/common.cuh"
 
@@ -25,12 +26,15 @@ __global__ void adamw_kernel(const AdamWTensor* tensors, AdamWScalars s) {
 }
 
 // One block per (tensor, chunk): the block stages the chunk through shared memory, tile by
-// tile, and one thread adds the squares in ascending order, the CPU's loop (a chunk of the
-// embedding is 39M values: a lone thread's loads left the sum latency bound, ~1 s a step).
+// tile, and kSquaresLanes threads add the squares, lane j the tile's elements j, j + 64, ...
+// (tiles start at multiples of kSquaresLanes into the chunk, so that is the lane's order);
+// thread 0 folds the lanes. The CPU's loop, canonical_sum_squares.
 constexpr int kSquaresThreads = 256, kSquaresTile = 16 * kSquaresThreads;
+static_assert(kSquaresTile % kSquaresLanes == 0 && kSquaresLanes <= kSquaresThreads, "whole rounds of lanes a tile");
 __global__ void __launch_bounds__(kSquaresThreads)
     sum_squares_kernel(const float* const* data, const int64_t* numel, float* partials) {
   __shared__ float tile[2][kSquaresTile];
+  __shared__ float lanes[kSquaresLanes];
   const int64_t t = blockIdx.x;
   const int c = blockIdx.y;
   const int64_t n = numel[t], chunk = (n + 7) / 8;
@@ -46,13 +50,18 @@ __global__ void __launch_bounds__(kSquaresThreads)
   int buf = 0;
   for (int64_t first = begin; first < end; first += kSquaresTile, buf ^= 1) {
     if (first + kSquaresTile < end) stage(first + kSquaresTile, buf ^ 1);  // the next tile meanwhile
-    if (threadIdx.x == 0) {
+    if (threadIdx.x < kSquaresLanes) {
       const int count = int(end - first < kSquaresTile ? end - first : kSquaresTile);
-      for (int i = 0; i < count; ++i) acc += tile[buf][i] * tile[buf][i];
+      for (int i = threadIdx.x; i < count; i += kSquaresLanes) acc += tile[buf][i] * tile[buf][i];
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) partials[t * 8 + c] = acc;
+  if (threadIdx.x < kSquaresLanes) lanes[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int width = kSquaresLanes; width > 1; width /= 2)  // pairwise_tree, level by level
+    for (int j = 0; j < width / 2; ++j) lanes[j] = lanes[2 * j] + lanes[2 * j + 1];
+  partials[t * 8 + c] = lanes[0];
 }
 
 __global__ void first_nonfinite_kernel(const float* x, int64_t n, unsigned long long* first) {

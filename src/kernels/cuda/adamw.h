@@ -35,8 +35,8 @@ struct AdamWScalars {
 void adamw_step(const AdamWTensor* tensors, int64_t count, int64_t max_numel, const AdamWScalars& s,
                 cudaStream_t stream);
 
-// partials[t * 8 + c] = sum over chunk c of tensor t of x * x, ascending from 0: the leaves of
-// canonical_sum_squares (8 chunks of canonical_chunk(numel), the tree folded on the host).
+// partials[t * 8 + c] = chunk c of tensor t's sum of squares by canonical_sum_squares' lanes:
+// the leaves of its tree (8 chunks of canonical_chunk(numel), the tree folded on the host).
 void sum_squares_chunks(const float* const* data, const int64_t* numel, int64_t count, float* partials,
                         cudaStream_t stream);
 
