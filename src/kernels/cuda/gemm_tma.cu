@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   const uint32_t bars = base + STAGES * STAGE_BYTES + uint32_t(PARTIAL_BYTES);
   auto full = [&](uint32_t s) { return bars + 8 * s; };
   auto empty = [&](uint32_t s) { return bars + 8 * (STAGES + s); };
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   if (tid == 0) {
     for (uint32_t s = 0; s < STAGES; ++s) {
       mbar_init(full(s), 1);
