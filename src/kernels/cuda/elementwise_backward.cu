@@ -39,59 +39,82 @@ __global__ void inverse_rms_warp_kernel(const bf16* x, float* inv, int64_t rows,
   if (lane == 0) inv[row] = r;
 }
 
-// dx per row: one thread a row for the sum (the CPU's dot procedure), then the block's
-// threads over the row's elements.
-__global__ void rmsnorm_dx_kernel(const bf16* x, const float* inv, const float* w, const float* dout, float* dx,
-                                  int64_t n) {
-  const int64_t r = blockIdx.x;
+// dx per row, a warp a row: lanes 0-7 sum the CPU's dot procedure's 8 lanes (dot_lanes: lane j
+// the products of the indices = j mod 8, ascending), folded by tree8; then all 32 lanes write
+// the row. (A block a row with one thread summing left q_norm's 262k rows latency bound.)
+constexpr int kDxRowsPerBlock = 8;
+__global__ void __launch_bounds__(32 * kDxRowsPerBlock)
+    rmsnorm_dx_kernel(const bf16* x, const float* inv, const float* w, const float* dout, float* dx, int64_t rows,
+                      int64_t n) {
+  const int64_t r = int64_t(blockIdx.x) * kDxRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
   const bf16* xr = x + r * n;
   const float* dr = dout + r * n;
-  __shared__ float coef_s;
+  float part = 0.0f;
+  if (lane < 8)
+    for (int64_t i = lane; i < n; i += 8) part = part + (w[i] * dr[i]) * to_f32(xr[i]);
+  float lanes[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) lanes[j] = __shfl_sync(0xffffffffu, part, j);
+  const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
   const float ir = inv[r];
-  if (threadIdx.x == 0) {
-    const float s = dot_lanes([&](int64_t i) { return (w[i] * dr[i]) * to_f32(xr[i]); }, n);
-    coef_s = ir * ir * ir * s / float(n);
-  }
-  __syncthreads();
-  const float coef = coef_s;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dx[r * n + i] = ir * (w[i] * dr[i]) - to_f32(xr[i]) * coef;
+  const float coef = ir * ir * ir * sum / float(n);
+  for (int64_t i = lane; i < n; i += 32) dx[r * n + i] = ir * (w[i] * dr[i]) - to_f32(xr[i]) * coef;
 }
 
-// dw[i] = token-chunk tree of dout[r, i] * r(x[r, i] * inv[r]). A block takes 32 columns;
-// thread (c, i) sums chunk c of column i (ascending rows), the first 32 fold the chunks by the
-// tree: 8 threads a column, each element's arithmetic unchanged.
-constexpr int kDwColumns = 32;
-__global__ void __launch_bounds__(kDwColumns* kTMax)
-    rmsnorm_dw_kernel(const bf16* x, const float* inv, const float* dout, float* dw, int64_t n, bool round_normed,
-                      ChunkBounds bounds) {
-  __shared__ float partial[kTMax][kDwColumns];
-  const int col = threadIdx.x % kDwColumns, c = threadIdx.x / kDwColumns;
-  const int64_t i = int64_t(blockIdx.x) * kDwColumns + col;
-  float acc = 0.0f;
-  auto term = [&](int64_t r) {
-    const float normed = to_f32(x[r * n + i]) * inv[r];
-    return dout[r * n + i] * (round_normed ? round_bf16(normed) : normed);
-  };
-  if (i < n && c < bounds.count) {
-    // 16 rows' loads in flight, then their terms added in ascending order: the same sum.
-    constexpr int kAhead = 16;
-    int64_t r = bounds.rows[c];
-    const int64_t end = bounds.rows[c + 1];
-    for (; r + kAhead <= end; r += kAhead) {
-      float terms[kAhead];
+// dw[i] = token-chunk tree of dout[r, i] * r(x[r, i] * inv[r]), in two kernels. The partials:
+// block (32 columns, chunk c); warp 0's lane i adds column i's terms of the chunk in ascending
+// rows from a shared tile while 8 loader warps compute the next tile's terms (16 rows each, all
+// loads in flight at once). q_norm's 262k rows x 128 columns were 4 blocks of one thread a
+// (chunk, column) before: 2.7 ms, the sum's latency chain waiting on every load.
+constexpr int kDwColumns = 32, kDwLoaderWarps = 8, kDwTileRows = 128;
+constexpr int kDwRowsPerLoader = kDwTileRows / kDwLoaderWarps;
+__global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
+    rmsnorm_dw_partials_kernel(const bf16* x, const float* inv, const float* dout, float* partials, int64_t n,
+                               bool round_normed, ChunkBounds bounds) {
+  __shared__ float terms[2][kDwTileRows][kDwColumns];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, c = blockIdx.y;
+  const int64_t i = int64_t(blockIdx.x) * kDwColumns + lane, first = bounds.rows[c], end = bounds.rows[c + 1];
+  // Loader warp w (1-based) computes the tile's rows w - 1, w - 1 + 8, ...; zero past the chunk.
+  auto fill = [&](int buf, int64_t r0) {
+    float dv[kDwRowsPerLoader], xv[kDwRowsPerLoader], iv[kDwRowsPerLoader];
 #pragma unroll
-      for (int u = 0; u < kAhead; ++u) terms[u] = term(r + u);
-#pragma unroll
-      for (int u = 0; u < kAhead; ++u) acc = acc + terms[u];
+    for (int u = 0; u < kDwRowsPerLoader; ++u) {
+      const int64_t r = r0 + (warp - 1) + u * kDwLoaderWarps;
+      const bool inside = r < end && i < n;
+      dv[u] = inside ? dout[r * n + i] : 0.0f;
+      xv[u] = inside ? to_f32(x[r * n + i]) : 0.0f;
+      iv[u] = inside ? inv[r] : 0.0f;
     }
-    for (; r < end; ++r) acc = acc + term(r);
-  }
-  partial[c][col] = acc;
+#pragma unroll
+    for (int u = 0; u < kDwRowsPerLoader; ++u) {
+      const float normed = xv[u] * iv[u];
+      terms[buf][(warp - 1) + u * kDwLoaderWarps][lane] = dv[u] * (round_normed ? round_bf16(normed) : normed);
+    }
+  };
+  float acc = 0.0f;
+  if (warp != 0) fill(0, first);
   __syncthreads();
-  if (c != 0 || i >= n) return;
+  int buf = 0;
+  for (int64_t r0 = first; r0 < end; r0 += kDwTileRows, buf ^= 1) {
+    if (warp != 0) {
+      if (r0 + kDwTileRows < end) fill(buf ^ 1, r0 + kDwTileRows);
+    } else {
+      const int count = int(end - r0 < kDwTileRows ? end - r0 : kDwTileRows);
+      for (int u = 0; u < count; ++u) acc = acc + terms[buf][u][lane];
+    }
+    __syncthreads();
+  }
+  if (warp == 0 && i < n) partials[c * n + i] = acc;
+}
+
+__global__ void rmsnorm_dw_fold_kernel(const float* partials, float* dw, int64_t n, int count) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
   TreeFold fold;
   float root = 0.0f;
-  for (int k = 0; k < bounds.count; ++k) root = fold.push(k, partial[k][col]);
+  for (int k = 0; k < count; ++k) root = fold.push(k, partials[k * n + i]);
   dw[i] = root;
 }
 
@@ -164,13 +187,18 @@ void inverse_rms_rows(const bf16_t* x, float* inv, int64_t rows, int64_t n, floa
 void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const float* dout, float* dx, float* dw,
                       int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks, cudaStream_t s) {
   if (rows > 0) {
-    rmsnorm_dx_kernel<<<unsigned(rows), 128, 0, s>>>(x, inv, w, dout, dx, n);
+    rmsnorm_dx_kernel<<<blocks_for(rows, kDxRowsPerBlock), 32 * kDxRowsPerBlock, 0, s>>>(x, inv, w, dout, dx, rows, n);
     LS_CUDA_LAUNCHED();
   }
-  if (dw) {
-    rmsnorm_dw_kernel<<<blocks_for(n, kDwColumns), kDwColumns * kTMax, 0, s>>>(x, inv, dout, dw, n, round_normed,
-                                                                               chunks);
+  if (dw && n > 0) {
+    float* partials = nullptr;  // [chunks, n]
+    LS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partials), size_t(chunks.count * n) * 4, s));
+    rmsnorm_dw_partials_kernel<<<dim3(blocks_for(n, kDwColumns), unsigned(chunks.count)), 32 * (1 + kDwLoaderWarps), 0,
+                                 s>>>(x, inv, dout, partials, n, round_normed, chunks);
     LS_CUDA_LAUNCHED();
+    rmsnorm_dw_fold_kernel<<<blocks_for(n, 256), 256, 0, s>>>(partials, dw, n, chunks.count);
+    LS_CUDA_LAUNCHED();
+    LS_CUDA_CHECK(cudaFreeAsync(partials, s));
   }
 }
 
