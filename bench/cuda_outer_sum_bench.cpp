@@ -179,6 +179,9 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
       });
       report(t.name, ms, download(out, outputs * 4) == want ? "same" : "DIFFER");
     }
+    const double ms =
+        median_ms([&] { cuda::outer_sum_split_grouped_wgmma(halves.data(), int(E), max_I, g_row, g_col, I, nullptr); });
+    report("split wgmma 128x128", ms, download(out, outputs * 4) == want ? "same" : "DIFFER");
   }
 }
 

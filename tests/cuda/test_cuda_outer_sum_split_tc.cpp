@@ -141,6 +141,10 @@ TEST(CudaOuterSumSplitTc, UnevenAndEmptyChunksGiveTheFp32PathsBits) {
       cuda::outer_sum_split_tc(as_split(Split), 1, I, as_bf16(M), K, sub, Got.get(), I, nullptr, Workspace.get(), tile);
       EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, tile " << tile_name(tile);
     }
+    Got.poison();
+    const cuda::SplitOuterSumGroup group{as_split(Split), as_bf16(M), Got.get(), I, sub};
+    cuda::outer_sum_split_grouped_wgmma(&group, 1, I, 1, I, K, nullptr);
+    EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, grouped wgmma";
   }
 }
 
@@ -176,6 +180,11 @@ TEST(CudaOuterSumSplitTc, EachGroupOfAGroupedLaunchHasItsOwnCallsBits) {
     }
     grouped = got;
   }
+  // The wgmma form takes the groups from host memory.
+  Grouped.poison();
+  cuda::outer_sum_split_grouped_wgmma(weight_groups.data(), 4, N, 1, N, K, nullptr);
+  cuda::outer_sum_split_grouped_wgmma(input_groups.data(), 4, max_rows, N, 1, K, nullptr);
+  EXPECT_TRUE(same_bits_f(Grouped.take(), grouped)) << "grouped wgmma";
   first = 0;
   for (int e = 0; e < 4; ++e) {
     Single.poison();
@@ -206,12 +215,17 @@ TEST(CudaOuterSumSplitTc, SupportsOnlyShapesWhosePiecesAreWholeGroupsOfEight) {
   EXPECT_FALSE(cuda::outer_sum_split_tc_supported(4, 2, 16, over_64, 100));   // neither layout
 }
 
-TEST(CudaOuterSumSplitTc, TheWgmmaTilesRefuseGroups) {
+TEST(CudaOuterSumSplitTc, TheWgmmaTileRefusesADeviceGroupTableAndTheGroupedOneTooManyGroups) {
   LS_SKIP_WITHOUT_GPU();
   DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
   EXPECT_THROW(cuda::outer_sum_split_grouped_tc(nullptr, 1, 64, 1, 64, 64, nullptr, Workspace.get(),
                                                 cuda::SplitTile::wgmma128x256),
                std::exception);
+  DeviceVec<float> G(64 * 8), Out(64 * 64);
+  DeviceVec<uint16_t> M(8 * 64);
+  const std::vector<cuda::SplitOuterSumGroup> groups(
+      257, cuda::SplitOuterSumGroup{as_split(G), as_bf16(M), Out.get(), 64, cuda::token_chunk_bounds(8)});
+  EXPECT_THROW(cuda::outer_sum_split_grouped_wgmma(groups.data(), 257, 64, 1, 64, 64, nullptr), std::exception);
 }
 
 }  // namespace

@@ -2,8 +2,8 @@
 //
 // Each kernel is the GPU form of its CPU reference in src/kernels/cpu/*_backward.h, with the
 // same reduction procedure per output element (the linears with a bf16 operand excepted: they
-// run on tensor cores, outer_sum_chunked_tc, with the CUDA-core form as their reference): weight gradients are the canonical token-chunk
-// tree (each chunk summed in ascending rows from 0, the chunk partials combined by the pairwise
+// run on tensor cores, outer_sum_chunked_tc, with the CUDA-core form as their reference): weight gradients are the
+// canonical token-chunk tree (each chunk summed in ascending rows from 0, the chunk partials combined by the pairwise
 // tree), input gradients of a linear are canonical over N, and every row-wise sum is the CPU's
 // dot procedure (8 lanes by index mod 8, ascending, tree8). nvcc runs without contraction
 // (--fmad=false), so where an op has no transcendental function (the linears, RMSNorm, RoPE,
@@ -106,6 +106,12 @@ using SplitOuterSumGroup = OuterSumGroupOf<bf16_t>;
 void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int64_t max_I, int64_t g_row,
                                 int64_t g_col, int64_t K, cudaStream_t s, float* workspace = nullptr,
                                 SplitTile tile = SplitTile::automatic);
+// The same on warpgroup MMAs, 128 x 128 outputs a block with the chunk tree's pending levels on
+// chip (the experts' short chunks), the groups (at most 256) read from host memory: they travel
+// as the kernel's parameters. Each group's bits are those of its own outer_sum_split_tc call.
+constexpr int kMaxWgmmaGroups = 256;
+void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
+                                   int64_t g_col, int64_t K, cudaStream_t s);
 
 // dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
 template <typename TX>
@@ -120,8 +126,8 @@ void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64
 // afterwards: dy is split in place and both run as outer_sum_split_tc where its shapes allow
 // (workspace: outer_sum_split_workspace_floats() floats, or null), else as the two calls. The
 // same bits either way.
-void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T,
-                               int64_t N, int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s);
+void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T, int64_t N,
+                               int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s);
 
 // out[i] (overwritten) = tree over the chunks of (sum over the chunk's rows of a[r, i] * b[r, i])
 // (cpu::column_sum_chunked; b == nullptr sums a alone).

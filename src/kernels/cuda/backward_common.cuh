@@ -47,9 +47,7 @@ struct TreeFold {
 // registers: levels 0 and 1 at level0 and level1 (shared memory, read back only by the thread
 // that wrote them), level 2 in the output element itself. Chunk c's partial v merges with the
 // subtrees it completes; the root, or a level-2 subtree, is stored to the output if inside.
-__device__ __forceinline__ int tree_level(int c) {
-  return (c & 1) == 0 ? 0 : (c & 3) != 3 ? 1 : (c & 7) != 7 ? 2 : 3;
-}
+__device__ __forceinline__ int tree_level(int c) { return (c & 1) == 0 ? 0 : (c & 3) != 3 ? 1 : (c & 7) != 7 ? 2 : 3; }
 __device__ __forceinline__ void fold_partial(float v, int level, bool last, float* level0, float* level1, float* out,
                                              bool inside) {
   if (level >= 1) v = *level0 + v;
@@ -65,17 +63,18 @@ __device__ __forceinline__ void fold_partial(float v, int level, bool last, floa
 }
 
 // fold_partial of an m16n8 fragment's four accumulators at once (the split outer sums): the
-// pending levels one float4 a thread and fragment, the output two float2 (row i: columns k and
-// k + 1; row i + 8: the same), each element folded exactly as fold_partial folds it.
-__device__ __forceinline__ void fold_fragment(const float (&acc)[4], int level, bool last, float4* level0,
-                                              float4* level1, float* row0, float* row8, bool inside0, bool inside8) {
+// pending levels one float4 a thread and fragment (in shared or global memory, or registers),
+// the output two float2 (row i: columns k and k + 1; row i + 8: the same), each element folded
+// exactly as fold_partial folds it.
+__device__ __forceinline__ void fold_fragment(const float (&acc)[4], int level, bool last, float4& level0,
+                                              float4& level1, float* row0, float* row8, bool inside0, bool inside8) {
   float4 v = make_float4(acc[0], acc[1], acc[2], acc[3]);
   if (level >= 1) {
-    const float4 p = *level0;
+    const float4 p = level0;
     v = make_float4(p.x + v.x, p.y + v.y, p.z + v.z, p.w + v.w);
   }
   if (level >= 2) {
-    const float4 p = *level1;
+    const float4 p = level1;
     v = make_float4(p.x + v.x, p.y + v.y, p.z + v.z, p.w + v.w);
   }
   if (level >= 3) {
@@ -92,9 +91,9 @@ __device__ __forceinline__ void fold_fragment(const float (&acc)[4], int level, 
     if (inside0) *reinterpret_cast<float2*>(row0) = make_float2(v.x, v.y);
     if (inside8) *reinterpret_cast<float2*>(row8) = make_float2(v.z, v.w);
   } else if (level == 0) {
-    *level0 = v;
+    level0 = v;
   } else if (level == 1) {
-    *level1 = v;
+    level1 = v;
   }
 }
 
@@ -102,13 +101,13 @@ __device__ __forceinline__ void fold_fragment(const float (&acc)[4], int level, 
 // rows each from the chunk's first row (empty chunks have none), into a ring of kStages slots.
 // next() issues one stage, load(slot, first row, chunk end), and commits a cp.async group (an
 // empty one where nothing is left, which keeps the wait counts aligned).
-template <int kRows, int kStages>
+template <int kRows, int kStages, typename Row = int64_t>
 struct StageLoader {
-  const int64_t* rows;  // chunk bounds: chunk c is rows[c] .. rows[c + 1]
-  int count;            // chunks
+  const Row* rows;  // chunk bounds: chunk c is rows[c] .. rows[c + 1]
+  int count;        // chunks
   int chunk = 0, slot = 0;
   int64_t s0;
-  __device__ StageLoader(const int64_t* chunk_rows, int chunk_count)
+  __device__ StageLoader(const Row* chunk_rows, int chunk_count)
       : rows(chunk_rows), count(chunk_count), s0(chunk_rows[0]) {}
   template <typename Load>
   __device__ __forceinline__ void next(Load load) {

@@ -219,8 +219,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int64_t i = i0 + wi + a * 16 + group, k = k0 + wk + bn * 8 + pair;
           float4* level0 = reinterpret_cast<float4*>(pending) + (a * 8 + bn) * kThreads + threadIdx.x;
           float4* level1 = level0 + MI * 8 * kThreads;
-          fold_fragment(acc[a][bn], level, last, level0, level1, out + i * K + k, out + (i + 8) * K + k, k < K && i < I,
-                        k < K && i + 8 < I);
+          fold_fragment(acc[a][bn], level, last, *level0, *level1, out + i * K + k, out + (i + 8) * K + k,
+                        k < K && i < I, k < K && i + 8 < I);
         }
     }
     cp_async_wait<0>();  // no copy outlives the tile
@@ -312,6 +312,22 @@ void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int
   if (count == 0 || max_I == 0 || K == 0) return;
   const SplitTile chosen = tile == SplitTile::automatic ? SplitTile::k128x128 : tile;
   launch(groups, SplitOuterSumGroup{}, count, max_I, g_row, g_col, K, chosen, workspace, s);
+}
+
+void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
+                                   int64_t g_col, int64_t K, cudaStream_t s) {
+  LS_CHECK(g_row == 1 || g_col == 1, "outer_sum_split_grouped_wgmma: g_row or g_col must be 1, got ", g_row, ", ",
+           g_col);
+  for (int p = 0; p < count; ++p) {
+    const SplitOuterSumGroup& group = host_groups[p];
+    check_chunk_bounds(group.bounds, "outer_sum_split_grouped_wgmma");
+    LS_CHECK(group.I <= max_I && outer_sum_split_tc_supported(g_row, g_col, K, group.bounds, group.I) &&
+                 aligned16(group.g) && aligned16(group.m),
+             "outer_sum_split_grouped_wgmma: group ", p, " (I ", group.I,
+             ") is not supported: see outer_sum_split_tc_supported; operands 16-byte aligned, I <= max_I ", max_I);
+  }
+  if (count == 0 || max_I == 0 || K == 0) return;
+  outer_sum_split_wgmma_grouped(host_groups, count, max_I, g_row == 1, g_row == 1 ? g_col : g_row, K, s);
 }
 
 }  // namespace lockstep::cuda

@@ -1,20 +1,24 @@
-// outer_sum_split_tc's 128 x 256 tile on warpgroup MMAs (wgmma): the same bits, the operands
-// read by the tensor cores straight from shared memory (no ldmatrix, no per-warp fragments).
+// outer_sum_split_tc's procedure on warpgroup MMAs (wgmma): the same bits, the operands read by
+// the tensor cores straight from shared memory (no ldmatrix, no per-warp fragments).
 //
-// Two warpgroups of 64 output rows i x 256 columns k (128 fp32 accumulators a thread). A stage
-// is 64 summed rows s of three tiles in wgmma's 128-byte swizzle: g's hi and lo halves and m.
-// m [s][k] is MN-major (k contiguous): atoms of 64 k x the stage's 64 rows, 8 KB apart. g is
-// MN-major too for weight gradients ([s][i], i contiguous) and K-major for input gradients
-// ([i][s]: a row of 64 s is 128 bytes). cp.async copies 16-byte pieces; split_hi_lo's layout
-// puts the hi and the lo of 8 values in adjacent pieces, so they go to the two tiles.
+// Two warpgroups of 64 output rows i x BK columns k. A stage is 64 summed rows s of three tiles
+// in wgmma's 128-byte swizzle: g's hi and lo halves and m. m [s][k] is MN-major (k contiguous):
+// atoms of 64 k x the stage's 64 rows, 8 KB apart. g is MN-major too for weight gradients
+// ([s][i], i contiguous) and K-major for input gradients ([i][s]: a row of 64 s is 128 bytes).
+// cp.async copies 16-byte pieces; split_hi_lo's layout puts the hi and the lo of 8 values in
+// adjacent pieces, so they go to the two tiles.
 //
 // Per output element the procedure is the mma.sync kernel's: per chunk a zeroed accumulator,
 // k16 steps from the chunk's first row (rows past its end zero in both operands, no step
 // wholly past it), each step the hi MMA then the lo MMA, the partials folded by the pairwise
-// tree (levels 0 and 1 in the block's workspace slot, 2 in the output). One wgmma k16 step
-// rounds like one mma.sync m16n8k16 step (gemm_wgmma.cu's probe), so the bits are the same.
+// tree. One wgmma k16 step rounds like one mma.sync m16n8k16 step (gemm_wgmma.cu's probe), so
+// the bits are the same.
 //
-// The problem comes as a __grid_constant__ parameter, not a group table in memory: the number
+// Two tiles: 128 x 256 for long chunks (the pending tree levels 0 and 1 in the block's
+// workspace slot, level 2 in the output), and 128 x 128 for the experts' short chunks (level 0
+// in registers beside the accumulators, level 1 in shared memory: no memory traffic a chunk).
+//
+// The problems come as a __grid_constant__ parameter, not a table in device memory: the number
 // of k16 steps of a chunk's last stage then derives from uniform values only. With the chunk
 // bounds loaded from memory, ptxas serialises every wgmma behind that branch (C7520).
 #include <algorithm>
@@ -29,47 +33,76 @@ namespace lockstep::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;                             // two warpgroups
-constexpr int kBI = 128, kBK = 256;                       // outputs a tile
-constexpr int kRows = 64;                                 // summed rows a stage: four k16 steps
-constexpr int kStages = 3;                                // stage ring
-constexpr int kAtom = kRows * 128;                        // bytes of 64 MN-major columns over a stage's rows
-constexpr int kATile = kBI * kRows * 2;                   // hi or lo: 16 KB
-constexpr int kBTile = kBK * kRows * 2;                   // 32 KB
-constexpr int kStageBytes = 2 * kATile + kBTile;          // 64 KB
-constexpr int kAcc = kBK / 2;                             // accumulators a thread
-constexpr int kFragments = kAcc / 4;                      // m16n8 fragments a thread (float4 pending)
-constexpr int kSmemBytes = 1024 + kStages * kStageBytes;  // 1 KB to align the tiles
-static_assert(2 * kAcc * kThreads == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
+constexpr int kThreads = 256;                  // two warpgroups
+constexpr int kBI = 128;                       // output rows a tile
+constexpr int kRows = 64;                      // summed rows a stage: four k16 steps
+constexpr int kStages = 3;                     // stage ring
+constexpr int kAtom = kRows * 128;             // bytes of 64 MN-major columns over a stage's rows
+constexpr int kATile = kBI * kRows * 2;        // hi or lo: 16 KB
+constexpr int kMaxProblems = kMaxWgmmaGroups;  // the experts' largest launch: gate and up of 128
+
+// One problem: SplitOuterSumGroup in 32-bit counts, so that 256 fit the parameter space.
+struct Problem {
+  const bf16_t* g;
+  const bf16_t* m;
+  float* out;
+  int32_t I, chunk_count;
+  int32_t rows[kTMax + 1];
+};
+struct Problems {
+  int32_t count;
+  Problem p[kMaxProblems];
+};
+
+template <int kBK>
+struct WgTile {
+  static constexpr int Acc = kBK / 2, Fragments = Acc / 4;  // a thread's
+  static constexpr bool PendingInRegisters = kBK == 128;    // level 0 (registers), 1 (shared); else the workspace
+  static constexpr int BTile = kBK * kRows * 2, StageBytes = 2 * kATile + BTile;
+  static constexpr int PendingSmemBytes = PendingInRegisters ? Fragments * kThreads * 16 : 0;
+  static constexpr int SmemBytes = 1024 + kStages * StageBytes + PendingSmemBytes;  // 1 KB to align
+};
+static_assert(2 * WgTile<256>::Acc * kThreads == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
+static_assert(WgTile<128>::SmemBytes <= 227 * 1024 && WgTile<256>::SmemBytes <= 227 * 1024, "shared memory");
+
+template <int kBK, int kTransA>
+__device__ __forceinline__ void wgmma_step(float (&acc)[kBK / 2], uint64_t da, uint64_t db) {
+  if constexpr (kBK == 256)
+    wgmma_m64n256k16<kTransA, 1>(acc, da, db, 1);
+  else
+    wgmma_m64n128k16<kTransA, 1>(acc, da, db, 1);
+}
 
 // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one block an SM): column block t % tiles_k,
-// row block t / tiles_k.
-template <bool kWeight>
+// row block (t / tiles_k) % tiles_i of problem t / (tiles_k tiles_i).
+template <bool kWeight, int kBK>
 __global__ void __launch_bounds__(kThreads, 1)
-    outer_sum_split_wgmma_kernel(const __grid_constant__ SplitOuterSumGroup one, int64_t g_pitch, int64_t K,
-                                 int64_t tiles_k, int64_t tiles_i, int64_t tiles, float* workspace) {
-  // Stages loaded ahead of the one the MMAs read; one stage's MMAs stay in flight, so the
-  // third slot is theirs. (Finishing each stage's MMAs first and loading two ahead measured
-  // the same: notes/gpu-trainer.md.)
-  constexpr int kAhead = kStages - 2;
+    outer_sum_split_wgmma_kernel(const __grid_constant__ Problems problems, int64_t g_pitch, int64_t K, int64_t tiles_k,
+                                 int64_t tiles_i, int64_t tiles, float* workspace) {
+  using Tile = WgTile<kBK>;
+  constexpr int kAhead = kStages - 2;  // stages loaded ahead; the third slot is the MMAs' in flight
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
-  float* pending = workspace + int64_t(blockIdx.x) * kSplitPendingFloats;
+  float4* pending = Tile::PendingInRegisters
+                        ? reinterpret_cast<float4*>(smem_raw + (base - raw) + kStages * Tile::StageBytes)
+                        : reinterpret_cast<float4*>(workspace + int64_t(blockIdx.x) * kSplitPendingFloats);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
 
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t k0 = (tile % tiles_k) * kBK, i0 = tile / tiles_k * kBI, I = one.I;
-    const bf16* __restrict__ g = one.g;
-    const bf16* __restrict__ m = one.m;
-    float* __restrict__ out = one.out;
-    const int64_t* chunk_rows = one.bounds.rows;
-    const int chunk_count = one.bounds.count;
+    const Problem& problem = problems.p[tile / (tiles_k * tiles_i)];
+    const int64_t k0 = (tile % tiles_k) * kBK, i0 = (tile / tiles_k % tiles_i) * kBI, I = problem.I;
+    if (i0 >= I) continue;  // the tiles cover the largest problem
+    const bf16* __restrict__ g = problem.g;
+    const bf16* __restrict__ m = problem.m;
+    float* __restrict__ out = problem.out;
+    const int32_t* chunk_rows = problem.rows;
+    const int chunk_count = problem.chunk_count;
     __syncthreads();  // the previous tile is done with the stages
 
     // One stage (chunk rows [s0, end)) into ring slot `slot`: 2048 pieces of g (hi and lo of
-    // 1024 groups of 8, adjacent threads a group's two halves) and 2048 of m, 8 + 8 a thread.
+    // 1024 groups of 8, adjacent threads a group's two halves) and BK * 8 of m.
     auto load = [&](int slot, int64_t s0, int64_t end) {
-      const uint32_t a_hi = base + slot * kStageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
+      const uint32_t a_hi = base + slot * Tile::StageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
 #pragma unroll
       for (int j = 0; j < 2 * kBI * kRows / 8 / kThreads; ++j) {
         const int idx = tid + j * kThreads, half = idx & 1;
@@ -97,28 +130,27 @@ __global__ void __launch_bounds__(kThreads, 1)
                    valid);
       }
     };
-
-    StageLoader<kRows, kStages> loader(chunk_rows, chunk_count);  // kAhead stages ahead
+    StageLoader<kRows, kStages, int32_t> loader(chunk_rows, chunk_count);  // kAhead stages ahead
     auto load_next = [&]() { loader.next(load); };
 #pragma unroll
     for (int p = 0; p < kAhead; ++p) load_next();
 
+    float4 level0[Tile::PendingInRegisters ? Tile::Fragments : 1];
     int slot = 0;
     for (int c = 0; c < chunk_count; ++c) {
-      float acc[kAcc];
+      float acc[Tile::Acc];
 #pragma unroll
-      for (int e = 0; e < kAcc; ++e) acc[e] = 0.0f;
+      for (int e = 0; e < Tile::Acc; ++e) acc[e] = 0.0f;
       const int64_t first = chunk_rows[c], end = chunk_rows[c + 1];
       for (int64_t s0 = first; s0 < end; s0 += kRows) {
         cp_async_wait<kAhead - 1>();  // this thread's pieces of the stage have landed
         fence_proxy_async();          // ... and are visible to the tensor cores
         __syncthreads();              // everyone's; the slot loaded next is no longer read
         load_next();
-        const uint32_t a_hi = base + slot * kStageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
+        const uint32_t a_hi = base + slot * Tile::StageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
         slot = (slot + 1) % kStages;
         const int64_t live = end - s0;
-        // k16 steps up to the chunk's end: a whole stage, else 1-3 (one branch each, so that
-        // no MMA sits behind a per-step condition, which serialises them all).
+        // k16 steps up to the chunk's end: a whole stage, else 1-3 (one branch each).
         const int steps = live >= kRows ? kRows / 16 : int((live + 15) / 16);
         const auto step = [&](int kk) {
           // A k16 step: 16 rows of an MN-major tile are 2048 bytes on; 32 bytes of a K-major row.
@@ -127,8 +159,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint64_t d_lo =
               kWeight ? smem_desc_mn(a_lo + wg * kAtom + kk * 2048, kAtom) : smem_desc(a_lo + wg * 64 * 128) + 2 * kk;
           const uint64_t d_b = smem_desc_mn(b + kk * 2048, kAtom);
-          wgmma_m64n256k16<kWeight ? 1 : 0, 1>(acc, d_hi, d_b, 1);
-          wgmma_m64n256k16<kWeight ? 1 : 0, 1>(acc, d_lo, d_b, 1);
+          wgmma_step<kBK, kWeight ? 1 : 0>(acc, d_hi, d_b);
+          wgmma_step<kBK, kWeight ? 1 : 0>(acc, d_lo, d_b);
         };
         wgmma_fence();
         if (steps == 4) {
@@ -150,36 +182,68 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int level = tree_level(c);
       const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;
 #pragma unroll
-      for (int j = 0; j < kFragments; ++j) {
+      for (int j = 0; j < Tile::Fragments; ++j) {
         const int64_t k = k0 + 8 * j + 2 * (lane % 4);
-        float4* level0 = reinterpret_cast<float4*>(pending) + j * kThreads + tid;
-        float4* level1 = level0 + kFragments * kThreads;
-        fold_fragment(*reinterpret_cast<float(*)[4]>(acc + 4 * j), level, last, level0, level1, out + i * K + k,
-                      out + (i + 8) * K + k, k < K && i < I, k < K && i + 8 < I);
+        const float(&fragment)[4] = *reinterpret_cast<const float(*)[4]>(acc + 4 * j);
+        float* row0 = out + i * K + k;
+        float* row8 = row0 + 8 * K;
+        const bool inside0 = k < K && i < I, inside8 = k < K && i + 8 < I;
+        float4& mine = pending[j * kThreads + tid];
+        if constexpr (Tile::PendingInRegisters)
+          fold_fragment(fragment, level, last, level0[j], mine, row0, row8, inside0, inside8);
+        else
+          fold_fragment(fragment, level, last, mine, pending[(Tile::Fragments + j) * kThreads + tid], row0, row8,
+                        inside0, inside8);
       }
     }
     cp_async_wait<0>();  // no copy outlives the tile
   }
 }
 
-template <bool kWeight>
-void launch(const SplitOuterSumGroup& one, int64_t g_pitch, int64_t K, float* workspace, cudaStream_t s) {
-  const int64_t tiles_k = ceil_div(K, int64_t(kBK)), tiles_i = ceil_div(one.I, int64_t(kBI));
-  const int64_t tiles = tiles_k * tiles_i;
+template <bool kWeight, int kBK>
+void launch(const Problems& problems, int64_t max_I, int64_t g_pitch, int64_t K, float* workspace, cudaStream_t s) {
+  const int64_t tiles_k = ceil_div(K, int64_t(kBK)), tiles_i = ceil_div(max_I, int64_t(kBI));
+  const int64_t tiles = tiles_k * tiles_i * problems.count;
   const int64_t blocks = std::min<int64_t>(tiles, sm_count());  // one workspace slot a block
-  const auto kernel = outer_sum_split_wgmma_kernel<kWeight>;
-  LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  kernel<<<unsigned(blocks), kThreads, kSmemBytes, s>>>(one, g_pitch, K, tiles_k, tiles_i, tiles, workspace);
+  const auto kernel = outer_sum_split_wgmma_kernel<kWeight, kBK>;
+  constexpr int bytes = WgTile<kBK>::SmemBytes;
+  LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(problems, g_pitch, K, tiles_k, tiles_i, tiles, workspace);
   LS_CUDA_LAUNCHED();
+}
+
+Problem compact(const SplitOuterSumGroup& group) {
+  constexpr int64_t kLimit = int64_t(1) << 31;
+  LS_CHECK(group.I < kLimit && group.bounds.rows[group.bounds.count] < kLimit,
+           "outer sums of a split g on wgmma: ", group.I, " outputs and ", group.bounds.rows[group.bounds.count],
+           " summed rows must each be below 2^31");
+  Problem p{group.g, group.m, group.out, int32_t(group.I), group.bounds.count, {}};
+  for (int c = 0; c <= group.bounds.count; ++c) p.rows[c] = int32_t(group.bounds.rows[c]);
+  return p;
 }
 
 }  // namespace
 
 void outer_sum_split_wgmma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
                            cudaStream_t s) {
-  LS_CHECK(workspace, "outer sums of a split g: the wgmma tile needs a workspace");
-  if (weight) return launch<true>(one, g_pitch, K, workspace, s);
-  launch<false>(one, g_pitch, K, workspace, s);
+  LS_CHECK(workspace, "outer sums of a split g: the wgmma 128 x 256 tile needs a workspace");
+  Problems problems;
+  problems.count = 1;
+  problems.p[0] = compact(one);
+  if (weight) return launch<true, 256>(problems, one.I, g_pitch, K, workspace, s);
+  launch<false, 256>(problems, one.I, g_pitch, K, workspace, s);
+}
+
+void outer_sum_split_wgmma_grouped(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, bool weight,
+                                   int64_t g_pitch, int64_t K, cudaStream_t s) {
+  LS_CHECK(count <= kMaxProblems, "outer sums of a split g on wgmma: ", count, " groups exceed the ", kMaxProblems,
+           " a launch takes");
+  if (count == 0) return;
+  Problems problems;
+  problems.count = count;
+  for (int p = 0; p < count; ++p) problems.p[p] = compact(host_groups[p]);
+  if (weight) return launch<true, 128>(problems, max_I, g_pitch, K, nullptr, s);
+  launch<false, 128>(problems, max_I, g_pitch, K, nullptr, s);
 }
 
 }  // namespace lockstep::cuda

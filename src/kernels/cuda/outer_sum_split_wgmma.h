@@ -1,5 +1,5 @@
-// The warpgroup-MMA (wgmma, sm_90a) form of outer_sum_split_tc's 128 x 256 tile, launched by
-// outer_sum_split_tc.cu for SplitTile::wgmma128x256.
+// The warpgroup-MMA (wgmma, sm_90a) forms of outer_sum_split_tc: a 128 x 256 tile launched by
+// outer_sum_split_tc.cu for SplitTile::wgmma128x256, and a grouped 128 x 128 tile for the experts.
 #pragma once
 #include <cstdint>
 
@@ -12,8 +12,12 @@ namespace lockstep::cuda {
 constexpr int64_t kSplitPendingFloats = 2 * 128 * 256;
 
 // weight: g's element (s, i) at g_pitch * s + i (weight gradients), else at g_pitch * i + s.
-// One problem a launch (no group table: see the .cu file's header).
+// The 128 x 256 tile, one problem a launch (pending levels in the workspace).
 void outer_sum_split_wgmma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
                            cudaStream_t s);
+// The 128 x 128 tile over up to 256 groups given in host memory (they travel as the kernel's
+// parameters; see the .cu file's header), each group's bits those of its own call.
+void outer_sum_split_wgmma_grouped(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, bool weight,
+                                   int64_t g_pitch, int64_t K, cudaStream_t s);
 
 }  // namespace lockstep::cuda

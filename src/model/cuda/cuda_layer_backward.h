@@ -56,8 +56,8 @@ struct BackwardScratch {
   bf16_t *x_rows, *gu_rows, *act_rows;   // [T * k, H], [T * k, 2I], [T * k, I]
   float *dact, *dgate, *dup;             // [T * k, I]
   int32_t *row_token, *row_pair, *order, *group_rows;  // [T * k], [T * k], [T * k], [E + 1]
-  cuda::OuterSumGroup* groups;                          // [6 E]: the experts' grouped GEMMs
-  cuda::SplitOuterSumGroup* split_groups;               // [6 E]: the same of split dy rows
+  cuda::OuterSumGroup* groups;                         // [6 E]: the experts' grouped GEMMs
+  cuda::SplitOuterSumGroup* split_groups;              // [6 E]: the same of split dy rows
   float* outer_pending;  // outer_sum_split_workspace_floats(): the large-tile outer sums' pending trees
 };
 
@@ -144,27 +144,37 @@ struct CudaLayerBackwardOps {
     }
     const size_t used = down_w.size();
     std::vector<cuda::SplitOuterSumGroup> all;
-    for (const auto* part : {&down_w, &down_in, &gate_up_w, &gate_up_in}) all.insert(all.end(), part->begin(), part->end());
+    for (const auto* part : {&down_w, &down_in, &gate_up_w, &gate_up_in})
+      all.insert(all.end(), part->begin(), part->end());
     const int n_used = int(used);
     if (split) {
-      r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
-      const cuda::SplitOuterSumGroup* groups = s.split_groups;
+      // On warpgroup MMAs with the groups as kernel parameters where they fit (256 a launch),
+      // else the mma.sync kernel from a device table: the same bits.
+      const bool wgmma = 2 * n_used <= cuda::kMaxWgmmaGroups;
+      const cuda::SplitOuterSumGroup* groups = wgmma ? all.data() : s.split_groups;
+      const auto outer = [&](const cuda::SplitOuterSumGroup* first, int count, int64_t max_I, int64_t g_row,
+                             int64_t g_col, int64_t K) {
+        if (wgmma)
+          cuda::outer_sum_split_grouped_wgmma(first, count, max_I, g_row, g_col, K, st);
+        else
+          cuda::outer_sum_split_grouped_tc(first, count, max_I, g_row, g_col, K, st);
+      };
+      if (!wgmma) r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
       cuda::split_hi_lo(s.dy_rows, rows * H, st);
-      cuda::outer_sum_split_grouped_tc(groups, n_used, H, 1, H, I, st);                // d down
-      cuda::outer_sum_split_grouped_tc(groups + used, n_used, max_rows, H, 1, I, st);  // d act
+      outer(groups, n_used, H, 1, H, I);                // d down
+      outer(groups + used, n_used, max_rows, H, 1, I);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
       cuda::split_hi_lo(s.dgate, rows * I, st);
       cuda::split_hi_lo(s.dup, rows * I, st);
-      cuda::outer_sum_split_grouped_tc(groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
-      cuda::outer_sum_split_grouped_tc(groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
+      outer(groups + 2 * used, 2 * n_used, I, 1, I, H);         // d gate, d up
+      outer(groups + 4 * used, 2 * n_used, max_rows, I, 1, H);  // d x (two parts)
     } else {
       // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.
       std::vector<cuda::OuterSumGroup> plain;
-      for (const auto& a : all)
-        plain.push_back({reinterpret_cast<const float*>(a.g), a.m, a.out, a.I, a.bounds});
+      for (const auto& a : all) plain.push_back({reinterpret_cast<const float*>(a.g), a.m, a.out, a.I, a.bounds});
       r.upload_async(s.groups, plain.data(), plain.size() * sizeof(cuda::OuterSumGroup));
-      cuda::outer_sum_grouped_tc(s.groups, n_used, H, 1, H, I, st);                        // d down
-      cuda::outer_sum_grouped_tc(s.groups + used, n_used, max_rows, H, 1, I, st);          // d act
+      cuda::outer_sum_grouped_tc(s.groups, n_used, H, 1, H, I, st);                // d down
+      cuda::outer_sum_grouped_tc(s.groups + used, n_used, max_rows, H, 1, I, st);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
       cuda::outer_sum_grouped_tc(s.groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
       cuda::outer_sum_grouped_tc(s.groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
@@ -243,8 +253,8 @@ struct CudaLayerBackwardOps {
     cuda::linear_grads_consuming_dy(s.dk_proj, w.h, L.qkv + qd * H, g.qkv + qd * H, s.part, T, kd, H, chunks,
                                     s.outer_pending, st);
     cuda::add_inplace(s.dhf, s.part, T * H, st);
-    cuda::linear_grads_consuming_dy(s.dv, w.h, L.qkv + (qd + kd) * H, g.qkv + (qd + kd) * H, s.part, T, kd, H,
-                                    chunks, s.outer_pending, st);
+    cuda::linear_grads_consuming_dy(s.dv, w.h, L.qkv + (qd + kd) * H, g.qkv + (qd + kd) * H, s.part, T, kd, H, chunks,
+                                    s.outer_pending, st);
     cuda::add_inplace(s.dhf, s.part, T * H, st);
     clock.lap("backward_qkv");
   }
