@@ -15,6 +15,11 @@
 // masked or absent key or query contributes exact zeros. P, dS and dout enter the tensor cores
 // rounded to bf16 (as in FlashAttention-2); q, K, V are the forward's bf16 values. The
 // CUDA-core kernels of attention_backward.cu (fp32 products) are the reference.
+//
+// Tiles reach shared memory by cp.async, the next one while the current is computed (dout is
+// rounded to bf16 once beforehand, the value the kernels used to round on load); fragments
+// come by ldmatrix (.trans for the column operands). The fragments hold the same values as
+// the per-element loads they replaced, so the bits did not change.
 #include <type_traits>
 
 #include "kernels/cuda/backward.h"
@@ -35,25 +40,19 @@ template <int D>
 struct Tile {
   static constexpr int kPitch = D + 8;
   bf16 v[kTile][kPitch];
-  // B fragment of an n8 x k16 step from rows n (pairs along the row): B[k][n] = v[n0 + n][k0 + k].
-  __device__ __forceinline__ void b_rows(int n0, int k0, int lane, uint32_t& b0, uint32_t& b1) const {
-    const int n = n0 + lane / 4, k = k0 + 2 * (lane % 4);
-    b0 = load_bf16_pair(&v[n][k]);
-    b1 = load_bf16_pair(&v[n][k + 8]);
+  __device__ __forceinline__ uint32_t at(int row, int col) const { return smem_addr(&v[row][col]); }
+  // B fragments of two n8 x k16 steps from rows n (pairs along the row): B[k][n] = v[n0 + n][k0 + k]
+  // for n < 16; b[0], b[1] the first n8 tile's, b[2], b[3] the second's.
+  __device__ __forceinline__ void b_rows2(int n0, int k0, int lane, uint32_t (&b)[4]) const {
+    ldmatrix_x4(b, at(n0 + lane % 8 + (lane / 16) * 8, k0 + ((lane / 8) % 2) * 8));
   }
-  // B fragment from columns: B[k][n] = v[k0 + k][n0 + n].
-  __device__ __forceinline__ void b_cols(int n0, int k0, int lane, uint32_t& b0, uint32_t& b1) const {
-    const int n = n0 + lane / 4, k = k0 + 2 * (lane % 4);
-    b0 = pack_bf16(v[k][n], v[k + 1][n]);
-    b1 = pack_bf16(v[k + 8][n], v[k + 9][n]);
+  // The same from columns: B[k][n] = v[k0 + k][n0 + n].
+  __device__ __forceinline__ void b_cols2(int n0, int k0, int lane, uint32_t (&b)[4]) const {
+    ldmatrix_x4_trans(b, at(k0 + lane % 8 + ((lane / 8) % 2) * 8, n0 + (lane / 16) * 8));
   }
   // A fragment of the 16 x 16 block at (row0, k0) (row-major).
   __device__ __forceinline__ void a_rows(int row0, int k0, int lane, uint32_t (&a)[4]) const {
-    const int r = row0 + lane / 4, k = k0 + 2 * (lane % 4);
-    a[0] = load_bf16_pair(&v[r][k]);
-    a[1] = load_bf16_pair(&v[r + 8][k]);
-    a[2] = load_bf16_pair(&v[r][k + 8]);
-    a[3] = load_bf16_pair(&v[r + 8][k + 8]);
+    ldmatrix_x4(a, at(row0 + lane % 16, k0 + (lane / 16) * 8));
   }
 };
 
@@ -69,45 +68,44 @@ __device__ __forceinline__ void rows_times_tile(float (&acc)[8][4], const uint32
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      uint32_t b0, b1;
-      t.b_rows(nt * 8, kk * 16, lane, b0, b1);
-      mma_bf16(acc[nt], a[kk], b0, b1);
+    for (int nt = 0; nt < 8; nt += 2) {
+      uint32_t b[4];
+      t.b_rows2(nt * 8, kk * 16, lane, b);
+      mma_bf16(acc[nt], a[kk], b[0], b[1]);
+      mma_bf16(acc[nt + 1], a[kk], b[2], b[3]);
     }
 }
 
-// Rows of a KV block from the cache (zeros past the sequence), 16 bytes a thread at a time.
+// Rows of a KV block from the cache (zeros past the sequence): cp.async, 16 bytes a piece.
 template <int D>
 __device__ __forceinline__ void load_kv_block(Tile<D>& dst, const bf16* base, const DeviceKvLayer& kv,
                                               const DeviceSlots& slots, int64_t seq_token, int p0, int len, int g) {
   constexpr int kPieces = D / 8;
   for (int idx = threadIdx.x; idx < kTile * kPieces; idx += kThreads) {
     const int r = idx / kPieces, piece = idx % kPieces, pos = p0 + r;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (pos < len)
-      val = *reinterpret_cast<const uint4*>(
-          base + (slot_of(slots, seq_token, pos, kv.page_size) * kv.kv_heads + g) * D + piece * 8);
-    *reinterpret_cast<uint4*>(&dst.v[r][piece * 8]) = val;
+    const bool valid = pos < len;
+    const bf16* src =
+        valid ? base + (slot_of(slots, seq_token, pos, kv.page_size) * kv.kv_heads + g) * D + piece * 8 : base;
+    cp_async16(dst.at(r, piece * 8), src, valid);
   }
 }
 
-// Rows of per-(token, head) values [T, heads, D] for the tile's 64 positions (zeros past the
-// sequence); fp32 sources are rounded to bf16.
-template <int D, typename TS>
-__device__ __forceinline__ void load_head_rows(Tile<D>& dst, const TS* src, const int32_t* toks, int p0, int len,
+// Rows of per-(token, head) bf16 values [T, heads, D] for the tile's 64 positions (zeros past
+// the sequence): cp.async, 16 bytes a piece.
+template <int D>
+__device__ __forceinline__ void load_head_rows(Tile<D>& dst, const bf16* src, const int32_t* toks, int p0, int len,
                                                int64_t heads, int64_t h) {
-  for (int idx = threadIdx.x; idx < kTile * (D / 2); idx += kThreads) {
-    const int r = idx / (D / 2), d = 2 * (idx % (D / 2)), pos = p0 + r;
-    uint32_t val = 0;
-    if (pos < len) {
-      const TS* row = src + (int64_t(toks[pos]) * heads + h) * D;
-      if constexpr (std::is_same_v<TS, float>)
-        val = pack_bf16(row[d], row[d + 1]);
-      else
-        val = load_bf16_pair(row + d);
-    }
-    *reinterpret_cast<uint32_t*>(&dst.v[r][d]) = val;
+  constexpr int kPieces = D / 8;
+  for (int idx = threadIdx.x; idx < kTile * kPieces; idx += kThreads) {
+    const int r = idx / kPieces, piece = idx % kPieces, pos = p0 + r;
+    const bool valid = pos < len;
+    cp_async16(dst.at(r, piece * 8), valid ? src + (int64_t(toks[pos]) * heads + h) * D + piece * 8 : src, valid);
   }
+}
+
+__global__ void round_bf16_kernel(const float* x, bf16* y, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = to_bf16(x[i]);
 }
 
 // delta[t, h] = dout . out over head_dim (the CPU's dot procedure).
@@ -117,11 +115,17 @@ __global__ void attention_delta_kernel(const float* dout, const bf16* out, float
 }
 
 template <int D>
+struct DqShared {
+  Tile<D> k[2], v[2];  // the block being computed and the next
+};
+
+template <int D>
 __global__ void __launch_bounds__(kThreads)
-    attention_dq_tc_kernel(const bf16* q, const float* dout, DeviceKvLayer kv, DeviceSlots slots,
+    attention_dq_tc_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
                            const int32_t* seq_first, const int32_t* seq_tokens, int tiles_per_seq, int64_t heads,
                            float scale, const float* delta, float* lse, float* dq) {
-  __shared__ Tile<D> ks, vs;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DqShared<D>& sh = *reinterpret_cast<DqShared<D>*>(smem_raw);
   const int seq = blockIdx.x / tiles_per_seq, p0 = (blockIdx.x % tiles_per_seq) * kTile;
   const int64_t h = blockIdx.y, g = h / (heads / kv.kv_heads);
   const int32_t* toks = seq_tokens + seq_first[seq];
@@ -133,34 +137,40 @@ __global__ void __launch_bounds__(kThreads)
   const bool in_a = pos_a < len, in_b = pos_b < len;
   const int64_t item_a = in_a ? int64_t(toks[pos_a]) * heads + h : 0,
                 item_b = in_b ? int64_t(toks[pos_b]) * heads + h : 0;
+  const int64_t seq_token = toks[0];  // any token of the sequence reads its page table
+  const int last_block = p0 / kTile;  // the diagonal block: no key after it is visible
+  // Block b's K (and V) into buffer b % 2, one cp.async group (an empty one past the last).
+  auto load_block = [&](int b, bool with_v) {
+    if (b <= last_block) {
+      load_kv_block(sh.k[b % 2], kv.k, kv, slots, seq_token, b * kTile, len, int(g));
+      if (with_v) load_kv_block(sh.v[b % 2], kv.v, kv, slots, seq_token, b * kTile, len, int(g));
+    }
+    cp_async_commit();
+  };
+  load_block(0, false);
 
   // q and dout of the rows as A fragments (zeros for rows past the sequence).
   uint32_t qa[D / 16][4], da[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const int d = kk * 16 + quad;
-    const bf16* qra = q + item_a * D;
-    const bf16* qrb = q + item_b * D;
-    const float* dra = dout + item_a * D;
-    const float* drb = dout + item_b * D;
+    const bf16 *qra = q + item_a * D, *qrb = q + item_b * D, *dra = dout + item_a * D, *drb = dout + item_b * D;
     qa[kk][0] = in_a ? load_bf16_pair(qra + d) : 0u;
     qa[kk][1] = in_b ? load_bf16_pair(qrb + d) : 0u;
     qa[kk][2] = in_a ? load_bf16_pair(qra + d + 8) : 0u;
     qa[kk][3] = in_b ? load_bf16_pair(qrb + d + 8) : 0u;
-    da[kk][0] = in_a ? pack_bf16(dra[d], dra[d + 1]) : 0u;
-    da[kk][1] = in_b ? pack_bf16(drb[d], drb[d + 1]) : 0u;
-    da[kk][2] = in_a ? pack_bf16(dra[d + 8], dra[d + 9]) : 0u;
-    da[kk][3] = in_b ? pack_bf16(drb[d + 8], drb[d + 9]) : 0u;
+    da[kk][0] = in_a ? load_bf16_pair(dra + d) : 0u;
+    da[kk][1] = in_b ? load_bf16_pair(drb + d) : 0u;
+    da[kk][2] = in_a ? load_bf16_pair(dra + d + 8) : 0u;
+    da[kk][3] = in_b ? load_bf16_pair(drb + d + 8) : 0u;
   }
   const float delta_a = in_a ? delta[item_a] : 0.0f, delta_b = in_b ? delta[item_b] : 0.0f;
-  const int64_t seq_token = toks[0];  // any token of the sequence reads its page table
-  const int last_block = p0 / kTile;  // the diagonal block: no key after it is visible
 
   // S = q K^T of one block for the warp's 16 rows x 64 keys, scaled and masked (keys after a
   // row's position: -inf).
   float s[8][4];
   auto scores = [&](int b) {
-    rows_times_tile<D>(s, qa, ks, lane);
+    rows_times_tile<D>(s, qa, sh.k[b % 2], lane);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -174,10 +184,11 @@ __global__ void __launch_bounds__(kThreads)
   // then the quad's butterfly).
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
   for (int b = 0; b <= last_block; ++b) {
-    __syncthreads();
-    load_kv_block(ks, kv.k, kv, slots, seq_token, b * kTile, len, int(g));
-    __syncthreads();
+    load_block(b + 1, false);  // into the buffer block b - 1 used
+    cp_async_wait<1>();        // block b's pieces, this thread's
+    __syncthreads();           // everyone's
     scores(b);
+    __syncthreads();  // block b's buffer is free for block b + 2
     float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
@@ -218,14 +229,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int dn = 0; dn < D / 8; ++dn)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[dn][e] = 0.0f;
+  cp_async_wait<0>();
+  __syncthreads();  // pass 1 is done with both buffers
+  load_block(0, true);
   for (int b = 0; b <= last_block; ++b) {
-    __syncthreads();
-    load_kv_block(ks, kv.k, kv, slots, seq_token, b * kTile, len, int(g));
-    load_kv_block(vs, kv.v, kv, slots, seq_token, b * kTile, len, int(g));
+    load_block(b + 1, true);
+    cp_async_wait<1>();
     __syncthreads();
     scores(b);
     float dp[8][4];
-    rows_times_tile<D>(dp, da, vs, lane);
+    rows_times_tile<D>(dp, da, sh.v[b % 2], lane);
     // dS in place of S (a masked key: P = exp(-inf) = 0, so dS = 0).
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
@@ -240,12 +253,14 @@ __global__ void __launch_bounds__(kThreads)
       const uint32_t a[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
                              pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
 #pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        uint32_t b0, b1;
-        ks.b_cols(dn * 8, j * 16, lane, b0, b1);
-        mma_bf16(acc[dn], a, b0, b1);
+      for (int dn = 0; dn < D / 8; dn += 2) {
+        uint32_t bk[4];
+        sh.k[b % 2].b_cols2(dn * 8, j * 16, lane, bk);
+        mma_bf16(acc[dn], a, bk[0], bk[1]);
+        mma_bf16(acc[dn + 1], a, bk[2], bk[3]);
       }
     }
+    __syncthreads();  // block b's buffers are free for block b + 2
   }
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
@@ -257,13 +272,13 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int D>
 struct DkvShared {
-  Tile<D> k, v, q, dout;
-  float lse[kTile], delta[kTile];
+  Tile<D> k, v, q[2], dout[2];  // q and dout: the (query tile, head) being computed and the next
+  float lse[2][kTile], delta[2][kTile];
 };
 
 template <int D>
 __global__ void __launch_bounds__(kThreads)
-    attention_dkv_tc_kernel(const bf16* q, const float* dout, DeviceKvLayer kv, DeviceSlots slots,
+    attention_dkv_tc_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
                             const int32_t* seq_first, const int32_t* seq_tokens, int tiles_per_seq, int64_t heads,
                             float scale, const float* lse, const float* delta, float* dk, float* dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -279,6 +294,25 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t seq_token = toks[0];
   load_kv_block(sh.k, kv.k, kv, slots, seq_token, k0, len, g);
   load_kv_block(sh.v, kv.v, kv, slots, seq_token, k0, len, g);
+  // Step n of the walk: query tile p0 = k0 + (n / group) 64, head g group + n % group. Its q and
+  // dout by cp.async (one group, an empty one past the end), lse and delta by plain loads.
+  const int steps = (len - k0 + kTile - 1) / kTile * int(group);
+  auto load_step = [&](int n) {
+    if (n < steps) {
+      const int p0 = k0 + (n / int(group)) * kTile, buf = n % 2;
+      const int64_t h = g * group + n % group;
+      load_head_rows(sh.q[buf], q, toks, p0, len, heads, h);
+      load_head_rows(sh.dout[buf], dout, toks, p0, len, heads, h);
+      for (int r = threadIdx.x; r < kTile; r += kThreads) {
+        const bool in = p0 + r < len;
+        const int64_t item = in ? int64_t(toks[p0 + r]) * heads + h : 0;
+        sh.lse[buf][r] = in ? lse[item] : 0.0f;
+        sh.delta[buf][r] = in ? delta[item] : 0.0f;
+      }
+    }
+    cp_async_commit();
+  };
+  load_step(0);  // with K and V: the first group
 
   float acc_k[D / 8][4], acc_v[D / 8][4];
 #pragma unroll
@@ -286,70 +320,70 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_k[dn][e] = acc_v[dn][e] = 0.0f;
 
-  for (int p0 = k0; p0 < len; p0 += kTile) {
-    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-      __syncthreads();
-      load_head_rows(sh.q, q, toks, p0, len, heads, h);
-      load_head_rows(sh.dout, dout, toks, p0, len, heads, h);
-      for (int r = threadIdx.x; r < kTile; r += kThreads) {
-        const bool in = p0 + r < len;
-        const int64_t item = in ? int64_t(toks[p0 + r]) * heads + h : 0;
-        sh.lse[r] = in ? lse[item] : 0.0f;
-        sh.delta[r] = in ? delta[item] : 0.0f;
-      }
-      __syncthreads();
-      for (int half = 0; half < 2; ++half) {
-        const int c0 = half * 32;  // the 32 queries of this pass
-        float s[4][4], dp[4][4];
+  // Query tiles ascending, the group's heads ascending within each.
+  for (int n = 0; n < steps; ++n) {
+    load_step(n + 1);  // into the buffers step n - 1 used
+    cp_async_wait<1>();
+    __syncthreads();
+    const int p0 = k0 + (n / int(group)) * kTile, buf = n % 2;
+    const Tile<D>&qt = sh.q[buf], &dt = sh.dout[buf];
+    const float *lse_t = sh.lse[buf], *delta_t = sh.delta[buf];
+    for (int half = 0; half < 2; ++half) {
+      const int c0 = half * 32;  // the 32 queries of this pass
+      float s[4][4], dp[4][4];
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          uint32_t ka[4], va[4];
-          sh.k.a_rows(16 * warp, kk * 16, lane, ka);
-          sh.v.a_rows(16 * warp, kk * 16, lane, va);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ka[4], va[4];
+        sh.k.a_rows(16 * warp, kk * 16, lane, ka);
+        sh.v.a_rows(16 * warp, kk * 16, lane, va);
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
-            uint32_t b0, b1;
-            sh.q.b_rows(c0 + nt * 8, kk * 16, lane, b0, b1);
-            mma_bf16(s[nt], ka, b0, b1);
-            sh.dout.b_rows(c0 + nt * 8, kk * 16, lane, b0, b1);
-            mma_bf16(dp[nt], va, b0, b1);
-          }
+        for (int nt = 0; nt < 4; nt += 2) {
+          uint32_t bq[4], bd[4];
+          qt.b_rows2(c0 + nt * 8, kk * 16, lane, bq);
+          dt.b_rows2(c0 + nt * 8, kk * 16, lane, bd);
+          mma_bf16(s[nt], ka, bq[0], bq[1]);
+          mma_bf16(s[nt + 1], ka, bq[2], bq[3]);
+          mma_bf16(dp[nt], va, bd[0], bd[1]);
+          mma_bf16(dp[nt + 1], va, bd[2], bd[3]);
         }
-        // P^T and dS^T (rows: keys a, b; columns: queries). A query sees keys at or before
-        // its position; a query past the sequence is absent.
+      }
+      // P^T and dS^T (rows: keys a, b; columns: queries). A query sees keys at or before
+      // its position; a query past the sequence is absent.
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = c0 + nt * 8 + quad + (e & 1), qpos = p0 + col, kpos = e < 2 ? kpos_a : kpos_b;
-            const float p = qpos < len && kpos <= qpos ? expf(s[nt][e] * scale - sh.lse[col]) : 0.0f;
-            s[nt][e] = p;
-            dp[nt][e] = p * (dp[nt][e] - sh.delta[col]) * scale;
-          }
-          // dv += P^T dout, dk += dS^T q: k16 steps of queries.
+        for (int e = 0; e < 4; ++e) {
+          const int col = c0 + nt * 8 + quad + (e & 1), qpos = p0 + col, kpos = e < 2 ? kpos_a : kpos_b;
+          const float p = qpos < len && kpos <= qpos ? expf(s[nt][e] * scale - lse_t[col]) : 0.0f;
+          s[nt][e] = p;
+          dp[nt][e] = p * (dp[nt][e] - delta_t[col]) * scale;
+        }
+        // dv += P^T dout, dk += dS^T q: k16 steps of queries.
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const uint32_t pa[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
-                                  pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                  pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
-          const uint32_t dsa[4] = {pack_bf16(dp[2 * j][0], dp[2 * j][1]), pack_bf16(dp[2 * j][2], dp[2 * j][3]),
-                                   pack_bf16(dp[2 * j + 1][0], dp[2 * j + 1][1]),
-                                   pack_bf16(dp[2 * j + 1][2], dp[2 * j + 1][3])};
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t pa[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
+                                pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
+        const uint32_t dsa[4] = {pack_bf16(dp[2 * j][0], dp[2 * j][1]), pack_bf16(dp[2 * j][2], dp[2 * j][3]),
+                                 pack_bf16(dp[2 * j + 1][0], dp[2 * j + 1][1]),
+                                 pack_bf16(dp[2 * j + 1][2], dp[2 * j + 1][3])};
 #pragma unroll
-          for (int dn = 0; dn < D / 8; ++dn) {
-            uint32_t b0, b1;
-            sh.dout.b_cols(dn * 8, c0 + j * 16, lane, b0, b1);
-            mma_bf16(acc_v[dn], pa, b0, b1);
-            sh.q.b_cols(dn * 8, c0 + j * 16, lane, b0, b1);
-            mma_bf16(acc_k[dn], dsa, b0, b1);
-          }
+        for (int dn = 0; dn < D / 8; dn += 2) {
+          uint32_t bd[4], bq[4];
+          dt.b_cols2(dn * 8, c0 + j * 16, lane, bd);
+          qt.b_cols2(dn * 8, c0 + j * 16, lane, bq);
+          mma_bf16(acc_v[dn], pa, bd[0], bd[1]);
+          mma_bf16(acc_v[dn + 1], pa, bd[2], bd[3]);
+          mma_bf16(acc_k[dn], dsa, bq[0], bq[1]);
+          mma_bf16(acc_k[dn + 1], dsa, bq[2], bq[3]);
         }
       }
     }
+    __syncthreads();  // step n's buffers are free for step n + 2
   }
   const bool in_a = kpos_a < len, in_b = kpos_b < len;
   const int64_t item_a = in_a ? int64_t(toks[kpos_a]) * nkv + g : 0,
@@ -375,18 +409,27 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
             cudaStream_t s) {
   attention_delta_kernel<<<unsigned(ceil_div(T * heads, 256)), 256, 0, s>>>(dout, out, delta, T * heads, int(D));
   LS_CUDA_LAUNCHED();
+  const int64_t n = T * heads * D;
+  bf16* dout_bf16 = nullptr;
+  LS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&dout_bf16), size_t(n) * 2, s));
+  round_bf16_kernel<<<unsigned(ceil_div(n, 256)), 256, 0, s>>>(dout, dout_bf16, n);
+  LS_CUDA_LAUNCHED();
   const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
   const dim3 dq_grid(unsigned(num_seqs * tiles_per_seq), unsigned(heads));
-  attention_dq_tc_kernel<D><<<dq_grid, kThreads, 0, s>>>(q, dout, kv, slots, seq_first, seq_tokens, tiles_per_seq,
-                                                         heads, scale, delta, lse, dq);
+  const size_t dq_smem = sizeof(DqShared<D>);
+  LS_CUDA_CHECK(
+      cudaFuncSetAttribute(attention_dq_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_smem)));
+  attention_dq_tc_kernel<D><<<dq_grid, kThreads, dq_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens,
+                                                               tiles_per_seq, heads, scale, delta, lse, dq);
   LS_CUDA_LAUNCHED();
   const size_t smem = sizeof(DkvShared<D>);
   LS_CUDA_CHECK(
       cudaFuncSetAttribute(attention_dkv_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const dim3 dkv_grid(unsigned(num_seqs * tiles_per_seq), unsigned(kv.kv_heads));
-  attention_dkv_tc_kernel<D><<<dkv_grid, kThreads, smem, s>>>(q, dout, kv, slots, seq_first, seq_tokens, tiles_per_seq,
-                                                              heads, scale, lse, delta, dk, dv);
+  attention_dkv_tc_kernel<D><<<dkv_grid, kThreads, smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens,
+                                                              tiles_per_seq, heads, scale, lse, delta, dk, dv);
   LS_CUDA_LAUNCHED();
+  LS_CUDA_CHECK(cudaFreeAsync(dout_bf16, s));
 }
 
 }  // namespace
