@@ -3,7 +3,7 @@
 // sequences of S tokens (mean next-token NLL), and the model FLOPs utilisation against the
 // card's measured bf16 matmul ceiling, then the device AdamW step over the runner's weights
 // (CudaTrainState: gradients stay on the device). Prints one JSON object per line.
-//   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R]
+//   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
 // plus causal attention 6 x 2 x (S + 1) / 2 x q_dim per layer (QK^T and PV, forward and
 // backward): the usual accounting, recomputation not counted.
@@ -38,9 +38,11 @@ double flops_per_token(const ModelConfig& c, int64_t S) {
 
 int main(int argc, char** argv) {
   try {
-    LS_CHECK(argc >= 2, "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R]");
+    LS_CHECK(
+        argc >= 2,
+        "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]");
     ModelConfig config = ModelConfig::load(argv[1]);
-    int64_t B = 4, S = 2048, reps = 3;
+    int64_t B = 4, S = 2048, reps = 3, recompute = -1;
     for (int i = 2; i < argc; ++i) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc)
         config.num_hidden_layers = std::atoll(argv[++i]);
@@ -50,6 +52,8 @@ int main(int argc, char** argv) {
         S = std::atoll(argv[++i]);
       else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc)
         reps = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--recompute-num-layers") && i + 1 < argc)
+        recompute = std::atoll(argv[++i]);
       else
         fail("cuda_train_bench: unknown argument ", argv[i]);
     }
@@ -64,7 +68,7 @@ int main(int argc, char** argv) {
     // The optimizer state starts from the runner's weights (a host copy, once).
     OptimizerConfig oc;
     const ModelWeights weights = runner->export_weights();
-    CudaTrainState state(*runner, oc, AdamW(oc, weights));
+    CudaTrainState state(*runner, oc, AdamW(oc, weights), recompute);
     state.compute_grads({seqs}, false, mean_nll);  // warm-up: allocations, kernel loads
     state.apply(Precision::bfloat16);
     double sec = 0, adamw_sec = 0;
@@ -82,9 +86,10 @@ int main(int argc, char** argv) {
     const double mfu = tok_s * flops_per_token(config, S) / kMatmulPeak;
     std::printf(
         "{\"event\":\"lockstep_train_step\",\"layers\":%lld,\"batch\":%lld,\"seq\":%lld,\"seconds\":%.4f,"
-        "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f}\n",
+        "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f,"
+        "\"recompute_num_layers\":%lld}\n",
         static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
-        tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec);
+        tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec, static_cast<long long>(recompute));
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());

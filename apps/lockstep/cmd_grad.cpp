@@ -32,7 +32,8 @@ namespace {
 struct GradOptions {
   std::string model, input = "-", output, dtype = "float32", device = "cpu";
   int64_t num_microbatches = 1;
-  TopologyRequest topology;  // parallel forms (mpirun)
+  int64_t recompute_num_layers = -1;  // --device cuda
+  TopologyRequest topology;           // parallel forms (mpirun)
 };
 
 // Writes the loss (summed in double in input order, stored as fp32) and the gradients.
@@ -60,20 +61,23 @@ int write_grads(const std::string& path, Precision precision, const std::vector<
 // gets each sequence's log-probs.
 GradMap cuda_grads(const std::string& model_dir, Precision precision,
                    const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
-                   std::vector<std::vector<float>>& logprobs) {
+                   std::vector<std::vector<float>>& logprobs, int64_t recompute_num_layers) {
 #ifdef LOCKSTEP_CUDA
   auto runner = make_runner(Device::cuda, ModelWeights::load(model_dir, precision), precision);
   PairwiseGradAccumulator sum(int64_t(micro_batches.size()));
   for (const auto& mb : micro_batches) {
-    const ModelWeights g = cuda_step_grads(*runner, mb, false, [&](int64_t, const auto& lp, const auto&) {
-      logprobs.insert(logprobs.end(), lp.begin(), lp.end());
-      return mean_nll_upstream(lp);
-    });
+    const ModelWeights g = cuda_step_grads(
+        *runner, mb, false,
+        [&](int64_t, const auto& lp, const auto&) {
+          logprobs.insert(logprobs.end(), lp.begin(), lp.end());
+          return mean_nll_upstream(lp);
+        },
+        recompute_num_layers);
     sum.push(named_tensors(g));
   }
   return sum.finish();
 #else
-  (void)model_dir, (void)precision, (void)micro_batches, (void)logprobs;
+  (void)model_dir, (void)precision, (void)micro_batches, (void)logprobs, (void)recompute_num_layers;
   LS_CHECK(false, "--device cuda: this build has no CUDA backend (configure with -DLOCKSTEP_CUDA=ON)");
   return {};
 #endif
@@ -91,6 +95,10 @@ int run_grad(const GradOptions& o) {
     LS_CHECK(precision == Precision::bfloat16, "--device cuda runs the bfloat16 recipe only (use --dtype bfloat16)");
     LS_CHECK(cuda_available(), "--device cuda: no CUDA device is available");
   }
+  LS_CHECK(o.recompute_num_layers >= -1, "--recompute-num-layers: expected -1 (all) or a count >= 0, got ",
+           o.recompute_num_layers);
+  LS_CHECK(o.recompute_num_layers == -1 || device == Device::cuda,
+           "--recompute-num-layers: the CPU backward recomputes every layer; the flag is for --device cuda");
   const ModelConfig config = ModelConfig::load(o.model + "/config.json");
   // The topology (one rank without the flags) is checked against the model before any
   // input or weight is read.
@@ -117,7 +125,7 @@ int run_grad(const GradOptions& o) {
   std::map<std::string, Tensor> grads;
   if (device == Device::cuda) {
     logprobs.clear();
-    grads = cuda_grads(o.model, precision, mbs, logprobs);
+    grads = cuda_grads(o.model, precision, mbs, logprobs, o.recompute_num_layers);
     return write_grads(o.output, precision, logprobs, grads);
   }
   const Topology& t = topo.topo;
@@ -171,6 +179,9 @@ const bool registered = register_command(
        sub.add_option("--device", o->device, "cpu | cuda (one GPU, bfloat16)");
        sub.add_option("--num-microbatches", o->num_microbatches,
                       "cut the input into this many contiguous micro-batches (pairwise gradient tree)");
+       sub.add_option("--recompute-num-layers", o->recompute_num_layers,
+                      "--device cuda: the first N layers are recomputed in the backward, the rest keep their "
+                      "activations (-1 = all recomputed; the same bits either way)");
        add_topology_flags(sub, o->topology);
        return std::function<int()>([o] { return run_grad(*o); });
      }});

@@ -27,12 +27,13 @@ Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, const Mo
 
 Policy::~Policy() = default;
 
-void Policy::use_device_runner(ModelRunner* runner) {
+void Policy::use_device_runner(ModelRunner* runner, int64_t recompute_num_layers) {
   LS_CHECK(world_.size() == 1 && runner && runner->device() == Device::cuda,
            "train --device cuda: one rank, with a CUDA runner");
   device_runner_ = runner;
+  recompute_num_layers_ = recompute_num_layers;
 #ifdef LOCKSTEP_CUDA
-  device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, optimizer_);
+  device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, optimizer_, recompute_num_layers_);
 #else
   fail("train --device cuda: this build has no CUDA backend");
 #endif
@@ -193,7 +194,7 @@ void Policy::load_state(const ModelWeights& full_weights, const AdamW& full_opti
   if (on_device()) {  // the runner and the device state take the checkpoint's
     device_runner_->load_weights(full_);
 #ifdef LOCKSTEP_CUDA
-    device_state_ = std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_);
+    device_state_ = std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_, recompute_num_layers_);
 #endif
   }
 }

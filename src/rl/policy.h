@@ -39,7 +39,8 @@ class Policy {
   // (model/cuda/cuda_trainer.h): one rank, one GPU, the engine's weights. Gradients and the
   // optimizer state live on the device (uploaded from this policy's optimizer now); each step
   // writes the runner's weights in place, so the engine's weight sync is a version bump.
-  void use_device_runner(ModelRunner* runner);
+  // recompute_num_layers: the trainer's activation recomputation (cuda_step_grads).
+  void use_device_runner(ModelRunner* runner, int64_t recompute_num_layers = -1);
   bool on_device() const { return device_runner_ != nullptr; }
   const Topology& topology() const { return layout_.topo; }
 
@@ -95,6 +96,7 @@ class Policy {
   ModelWeights full_;
   ModelWeights grads_;  // of the last compute_grads, in the structure of the rank's weights
   ModelRunner* device_runner_ = nullptr;
+  int64_t recompute_num_layers_ = -1;
   std::shared_ptr<CudaTrainState> device_state_;  // shared_ptr: complete only in CUDA builds
 };
 

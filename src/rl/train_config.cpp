@@ -1,11 +1,11 @@
 #include "rl/train_config.h"
 
+#include <toml++/toml.h>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <sstream>
-
-#include <toml++/toml.h>
 
 #include "core/error.h"
 #include "kernels/canonical.h"
@@ -18,7 +18,8 @@
 
 namespace lockstep::rl {
 
-#define LS_OPT(name, field, help) TrainOption{name, &TrainConfig::field, help}
+#define LS_OPT(name, field, help) \
+  TrainOption { name, &TrainConfig::field, help }
 
 const std::vector<TrainOption>& train_options() {
   static const std::vector<TrainOption> options = {
@@ -55,7 +56,8 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("n-samples-per-eval-prompt", n_samples_per_eval_prompt, "answers per eval prompt (pass@N)"),
       LS_OPT("eval-temperature", eval_temperature, "eval sampling temperature"),
       LS_OPT("eval-top-p", eval_top_p, "eval top-p sampling (1 = off)"),
-      LS_OPT("eval-max-response-len", eval_max_response_len, "most tokens per eval answer (0 = --rollout-max-response-len)"),
+      LS_OPT("eval-max-response-len", eval_max_response_len,
+             "most tokens per eval answer (0 = --rollout-max-response-len)"),
       LS_OPT("num-rollout", num_rollout, "RL steps (one rollout and its optimizer steps each)"),
       LS_OPT("rollout-batch-size", rollout_batch_size, "prompts per rollout"),
       LS_OPT("dynamic-sampling-filter", dynamic_sampling_filter,
@@ -78,6 +80,9 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("rollout-env-retries", rollout_env_retries, "--rollout-env-url retries of a failed request"),
       LS_OPT("global-batch-size", global_batch_size, "samples per optimizer step"),
       LS_OPT("num-microbatches", num_microbatches, "canonical micro-batches per optimizer step (power of two)"),
+      LS_OPT("recompute-num-layers", recompute_num_layers,
+             "--device cuda: the first N layers are recomputed in the backward, the rest keep their activations "
+             "(-1 = all recomputed; the same bits either way)"),
       LS_OPT("loss-type", loss_type, "policy_loss | sft_loss"),
       LS_OPT("advantage-estimator", advantage_estimator, "grpo | dr_grpo | reinforce_plus_plus | gspo"),
       LS_OPT("loss-agg", loss_agg, "token_mean | seq_mean_token_mean | seq_mean_token_sum"),
@@ -279,6 +284,10 @@ void validate(const TrainConfig& c) {
   LS_CHECK(samples % c.global_batch_size == 0, "batch does not divide: --rollout-batch-size ", c.rollout_batch_size,
            " x --n-samples-per-prompt ", c.n_samples_per_prompt, " = ", samples,
            " samples per rollout is not a multiple of --global-batch-size ", c.global_batch_size);
+  LS_CHECK(c.recompute_num_layers >= -1, "--recompute-num-layers: expected -1 (all) or a count >= 0, got ",
+           c.recompute_num_layers);
+  LS_CHECK(c.recompute_num_layers == -1 || c.device == "cuda",
+           "--recompute-num-layers: the CPU trainer recomputes every layer; the flag is for --device cuda");
   LS_CHECK(is_power_of_two(c.num_microbatches), "--num-microbatches: expected a power of two, got ",
            c.num_microbatches);
   LS_CHECK(c.global_batch_size % c.num_microbatches == 0, "batch does not divide: --global-batch-size ",
@@ -288,9 +297,10 @@ void validate(const TrainConfig& c) {
            c.rollout_temperature);
   LS_CHECK(c.rollout_top_p > 0 && c.rollout_top_p <= 1, "--rollout-top-p: expected (0, 1], got ", c.rollout_top_p);
   LS_CHECK(c.rollout_top_k >= 0, "--rollout-top-k: expected >= 0, got ", c.rollout_top_k);
-  LS_CHECK(!c.check_true_on_policy || c.rollout_temperature == 1.0,
-           "--check-true-on-policy needs --rollout-temperature 1 (the rollout log-probs are of softmax(logits / T)); got ",
-           c.rollout_temperature);
+  LS_CHECK(
+      !c.check_true_on_policy || c.rollout_temperature == 1.0,
+      "--check-true-on-policy needs --rollout-temperature 1 (the rollout log-probs are of softmax(logits / T)); got ",
+      c.rollout_temperature);
   LS_CHECK(!c.use_rollout_logprobs || c.rollout_temperature == 1.0,
            "--use-rollout-logprobs needs --rollout-temperature 1; got ", c.rollout_temperature);
   LS_CHECK(c.eps_clip >= 0 && c.eps_clip < 1, "--eps-clip: expected [0, 1), got ", c.eps_clip);
@@ -323,8 +333,8 @@ void validate(const TrainConfig& c) {
   LS_CHECK(!c.resume || !c.overwrite_save, "--resume and --overwrite-save: continue the run or replace it, not both");
   LS_CHECK(c.ref_load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.ref_load) / "config.json"),
            "--ref-load ", c.ref_load, ": reference model not found (expected a model directory with config.json)");
-  LS_CHECK(c.load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.load) / "config.json"),
-           "--load ", c.load, ": model not found (expected a model directory with config.json)");
+  LS_CHECK(c.load.empty() || std::filesystem::is_regular_file(std::filesystem::path(c.load) / "config.json"), "--load ",
+           c.load, ": model not found (expected a model directory with config.json)");
   LS_CHECK(c.init_config.empty() || c.load.empty(), "--init-config and --load: give one model, not both");
   LS_CHECK(c.init_config.empty() || std::filesystem::is_regular_file(c.init_config), "--init-config ", c.init_config,
            ": file not found");

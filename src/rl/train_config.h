@@ -15,7 +15,7 @@ struct TrainConfig {
   int64_t seed = 1234;
   std::string dtype = "float32";
   std::string device = "cpu";  // cpu | cuda: where the engine and the trainer run (cuda: one GPU, bfloat16)
-  int64_t num_threads = 0;  // 0: LOCKSTEP_NUM_THREADS or every core
+  int64_t num_threads = 0;     // 0: LOCKSTEP_NUM_THREADS or every core
   // Model: --load (a Hugging Face model directory) or the embedded tiny Qwen3-MoE.
   std::string load;
   std::string ref_load;  // the KL reference; default: the policy at the start of RL
@@ -37,7 +37,7 @@ struct TrainConfig {
   std::string rollout_stop;            // a JSON array of strings, or one string
   std::string tokenizer;               // default: --load
   std::string rm_type = "math";
-  std::string sft_data;  // demonstrations for the SFT warm start of a --prompt-data run
+  std::string sft_data;       // demonstrations for the SFT warm start of a --prompt-data run
   std::string rm_url;         // an HTTP reward model instead of rm_type
   std::string custom_rm_cmd;  // a reward program instead of rm_type
   int64_t rm_concurrency = 16;
@@ -70,6 +70,7 @@ struct TrainConfig {
   // Training.
   int64_t global_batch_size = 128;
   int64_t num_microbatches = 4;
+  int64_t recompute_num_layers = -1;  // --device cuda: layers recomputed in the backward (-1: all)
   std::string loss_type = "policy_loss";
   std::string advantage_estimator = "grpo";
   std::string loss_agg = "token_mean";
@@ -126,8 +127,8 @@ struct TrainConfig {
   int64_t debug_stop_after = -1;  // stop (as if killed) after this many RL steps of this process
 };
 
-using OptionField = std::variant<int64_t TrainConfig::*, double TrainConfig::*, bool TrainConfig::*,
-                                 std::string TrainConfig::*>;
+using OptionField =
+    std::variant<int64_t TrainConfig::*, double TrainConfig::*, bool TrainConfig::*, std::string TrainConfig::*>;
 
 struct TrainOption {
   std::string name;  // the flag without "--", e.g. "n-samples-per-prompt"

@@ -445,11 +445,11 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   // On the GPU the trainer runs on the engine's own runner: one copy of the weights. A
   // micro-batch that cannot fit is refused now, before the first step.
   if (on_gpu) {
-    policy.use_device_runner(&engine.runner());
+    policy.use_device_runner(&engine.runner(), cfg.recompute_num_layers);
 #ifdef LOCKSTEP_CUDA
     cuda_check_step_memory(engine.runner(),
                            std::max(cfg.global_batch_size, cfg.sft_global_batch_size) / cfg.num_microbatches * max_len,
-                           cfg.num_microbatches);
+                           cfg.num_microbatches, cfg.recompute_num_layers);
 #endif
   }
   const bool tty = isatty(2);

@@ -17,7 +17,22 @@ double trainer_parameter_count(const ModelConfig& c) {
   return n;
 }
 
-TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches) {
+int64_t kept_layer_count(const ModelConfig& c, int64_t recompute_num_layers) {
+  if (recompute_num_layers < 0) return 0;
+  return std::max<int64_t>(0, c.num_hidden_layers - recompute_num_layers);
+}
+
+double kept_layer_bytes(const ModelConfig& c, int64_t tokens) {
+  const double H = double(c.hidden_size), qd = double(c.q_dim()), kd = double(c.kv_dim());
+  const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
+  const double t = double(tokens), rows = t * k;
+  // h, qkv, q, attn, mid, h_mlp, y (bf16); router logits, ids, expert weights; K and V pages.
+  return (3 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * H) * 2 + (t * E + 2 * rows) * 4 +
+         2 * (2 * t / 64 + 1) * 64 * kd * 2;
+}
+
+TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
+                              int64_t recompute_num_layers) {
   const double H = double(c.hidden_size), V = double(c.vocab_size), NL = double(c.num_hidden_layers);
   const double qd = double(c.q_dim()), kd = double(c.kv_dim());
   const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
@@ -42,6 +57,7 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
                    (t * E + 2 * t * k) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
   // The large-tile outer sums' workspace: 256 KB an SM, bounded here by 256 SMs.
   m.activations += 256.0 * 256 * 1024;
+  m.activations += double(kept_layer_count(c, recompute_num_layers)) * kept_layer_bytes(c, tokens);
   return m;
 }
 

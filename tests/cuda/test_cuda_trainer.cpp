@@ -119,6 +119,27 @@ TEST(CudaTrainer, LogprobsAreTheEnginesScoreBitsAndStepsRepeatExactly) {
     EXPECT_EQ(std::memcmp(t->data<float>(), n2.at(name)->data<float>(), size_t(t->numel()) * 4), 0) << name;
 }
 
+// A layer not recomputed keeps the forward's intermediates, which the recomputation would
+// have rebuilt with the same functions: the gradients have the same bits with every layer
+// recomputed, none, or the first only.
+TEST(CudaTrainer, GradientsAreTheSameBitsWhateverLayersAreRecomputed) {
+  LS_SKIP_WITHOUT_GPU();
+  auto seqs = fixture_sequences();
+  seqs.push_back({5, 9, 200, 17, 17, 3, 511, 0, 44});
+  ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
+  auto runner = make_cuda_runner(weights, Precision::bfloat16);
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
+  ModelWeights all = cuda_step_grads(*runner, seqs, false, upstream);
+  ASSERT_GE(weights.config.num_hidden_layers, 2);
+  for (const int64_t recompute : {int64_t(0), int64_t(1)}) {
+    ModelWeights g = cuda_step_grads(*runner, seqs, false, upstream, recompute);
+    auto want = all.named(), got = g.named();
+    for (auto& [name, t] : want)
+      EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), size_t(t->numel()) * 4), 0)
+          << name << ", recompute_num_layers " << recompute;
+  }
+}
+
 TEST(CudaTrainer, AStepThatCannotFitIsRefusedBeforeAnyAllocation) {
   LS_SKIP_WITHOUT_GPU();
   // One small layer with a large vocabulary: 400k tokens' fp32 logits alone exceed any GPU.

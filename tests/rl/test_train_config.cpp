@@ -104,6 +104,18 @@ TEST(RlConfig, SftGlobalBatchSizeRefusesBadValues) {
   EXPECT_FALSE(std::filesystem::exists(c.output_dir)) << "work started before the check";
 }
 
+TEST(RlConfig, RecomputeNumLayersIsRefusedOutOfRangeOrOnTheCpu) {
+  TempDir dir("config");
+  TrainConfig c = testing::tiny_run(dir, "bad");
+  c.recompute_num_layers = -2;
+  std::string e = error_of([&] { run_training(c); });
+  EXPECT_NE(e.find("--recompute-num-layers: expected -1 (all) or a count >= 0, got -2"), std::string::npos) << e;
+  c.recompute_num_layers = 1;  // device cpu
+  e = error_of([&] { run_training(c); });
+  EXPECT_NE(e.find("--recompute-num-layers: the CPU trainer recomputes every layer"), std::string::npos) << e;
+  EXPECT_FALSE(std::filesystem::exists(c.output_dir)) << "work started before the check";
+}
+
 TEST(RlConfig, InconsistentValuesFailBeforeAnyWork) {
   TempDir dir("config");
   TrainConfig c = testing::tiny_run(dir, "bad");
@@ -175,11 +187,11 @@ TEST(RlConfig, EveryNumberOptionIsRangeChecked) {
       TrainConfig c;
       if (auto* member = std::get_if<int64_t TrainConfig::*>(&o.field)) {
         if (o.name == "seed" || o.name == "model-seed") continue;
-        c.**member = bad > 0 ? int64_t(1) << 62 : std::numeric_limits<int64_t>::min();
+        c.** member = bad > 0 ? int64_t(1) << 62 : std::numeric_limits<int64_t>::min();
         EXPECT_EQ(testing::error_of([&] { validate(c); }).rfind("--" + o.name + ": ", 0), 0u) << o.name;
         EXPECT_NE(testing::error_of([&] { validate(c); }).find("absurdly large"), std::string::npos) << o.name;
       } else if (auto* real = std::get_if<double TrainConfig::*>(&o.field)) {
-        c.**real = bad;
+        c.** real = bad;
         EXPECT_EQ(testing::error_of([&] { validate(c); }),
                   "--" + o.name + ": expected a finite number, got " + (std::ostringstream() << bad).str())
             << o.name;

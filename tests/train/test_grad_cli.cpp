@@ -97,6 +97,10 @@ TEST(GradCli, BadInputFailsClearly) {
   expect_failure("cuda_topology", "{\"input_ids\":[1,2,3]}\n", "one GPU",
                  "--device cuda --dtype bfloat16 --tensor-model-parallel-size 2");
   expect_failure("device", "{\"input_ids\":[1,2,3]}\n", "cpu", "--device tpu");
+  expect_failure("recompute_cpu", "{\"input_ids\":[1,2,3]}\n", "the flag is for --device cuda",
+                 "--recompute-num-layers 1");
+  expect_failure("recompute_range", "{\"input_ids\":[1,2,3]}\n", "expected -1 (all) or a count >= 0, got -3",
+                 "--recompute-num-layers -3");
 }
 
 }  // namespace

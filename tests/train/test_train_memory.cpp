@@ -44,5 +44,25 @@ TEST(TrainMemory, TheEightLayerSliceFitsOneH200AndTheWholeModelDoesNot) {
   EXPECT_GT(cuda_train_memory(slice, 8192, 1).total(), eight);
 }
 
+TEST(TrainMemory, LayersNotRecomputedKeepTheirIntermediates) {
+  ModelConfig c = ModelConfig::load(std::string(LOCKSTEP_SOURCE_DIR) + "/models/qwen3-30b-a3b/config.json");
+  c.num_hidden_layers = 8;
+  EXPECT_EQ(kept_layer_count(c, -1), 0);
+  EXPECT_EQ(kept_layer_count(c, 8), 0);
+  EXPECT_EQ(kept_layer_count(c, 11), 0);
+  EXPECT_EQ(kept_layer_count(c, 3), 5);
+  EXPECT_EQ(kept_layer_count(c, 0), 8);
+  const TrainMemory all = cuda_train_memory(c, 8192, 1), none = cuda_train_memory(c, 8192, 1, 0),
+                    five = cuda_train_memory(c, 8192, 1, 3);
+  EXPECT_EQ(none.activations - all.activations, 8 * kept_layer_bytes(c, 8192));
+  EXPECT_EQ(five.activations - all.activations, 5 * kept_layer_bytes(c, 8192));
+  EXPECT_EQ(none.weights + none.optimizer + none.gradients + none.logits,
+            all.weights + all.optimizer + all.gradients + all.logits);
+  // A layer's kept intermediates at 8192 tokens: the experts' output rows (8 a token) dominate.
+  EXPECT_GT(kept_layer_bytes(c, 8192), 8192.0 * 8 * 2048 * 2);
+  EXPECT_LT(kept_layer_bytes(c, 8192), 1e9);
+  EXPECT_LT(none.total(), 141e9);  // keeping every layer's still fits an H200 at 8 layers
+}
+
 }  // namespace
 }  // namespace lockstep

@@ -12,6 +12,7 @@ namespace lockstep {
 struct CudaTrainState::Impl {
   cuda_model::CudaRunner& r;
   OptimizerConfig config;
+  int64_t recompute_num_layers = -1;  // CudaTrainer's
   int64_t step = 0;
   std::vector<DeviceSegment> segments;  // for_each_param order
   std::vector<std::string> names;
@@ -64,13 +65,15 @@ struct CudaTrainState::Impl {
   }
 };
 
-CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer) {
+CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
+                               int64_t recompute_num_layers) {
   auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
   LS_CHECK(cuda_runner != nullptr, "cuda train state: the runner is not a CUDA runner");
   impl_ = std::make_unique<Impl>(*cuda_runner);
   Impl& m = *impl_;
   const ModelConfig& c = runner.config();
   m.config = config;
+  m.recompute_num_layers = recompute_num_layers;
   m.step = optimizer.steps_taken();
   m.segments = device_segments(c);
   for (const auto& seg : m.segments) {
@@ -105,7 +108,7 @@ void CudaTrainState::compute_grads(const std::vector<std::vector<std::vector<int
            "gradient accumulation: the micro-batch count must be a power of two, got ", micro_batches.size());
   for (auto& e : m.stack) m.spare.push_back(std::move(e));
   m.stack.clear();
-  cuda_model::CudaTrainer trainer(m.r);
+  cuda_model::CudaTrainer trainer(m.r, m.recompute_num_layers);
   for (size_t j = 0; j < micro_batches.size(); ++j) {
     auto g = m.take_buffer();
     trainer.step_grads(

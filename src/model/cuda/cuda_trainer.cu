@@ -36,7 +36,7 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
 
 void CudaTrainer::check_memory(int64_t T, int64_t micro_batches, bool backward, bool grads_held) const {
   // The weights and the optimizer state are already on the device; the step adds the rest.
-  const TrainMemory m = cuda_train_memory(c_, T, micro_batches);
+  const TrainMemory m = cuda_train_memory(c_, T, micro_batches, backward ? recompute_num_layers_ : -1);
   const double grads = backward && !grads_held ? m.gradients : 0.0;
   size_t free_bytes = 0, total_bytes = 0;
   LS_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -86,16 +86,32 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   r_.upload_async(seq_first_d, seq_first.data(), seq_first.size() * 4);
   r_.upload_async(seq_tokens_d, seq_tokens.data(), seq_tokens.size() * 4);
 
-  // ---- Forward: each layer's input kept, then the head.
+  // ---- Forward: each layer's input kept, then the head. A layer not recomputed in the backward
+  // runs on buffers of its own for what its backward reads (and its own K/V pages), the rest
+  // of the runner's workspace shared: its backward then reads the forward's own values.
   CudaRunner::Workspace& ws = r_.ws_;
   PhaseClock clock(st);
   bf16_t* x_in = alloc<bf16_t>(NL * T * H);
   bf16_t* final_in = alloc<bf16_t>(T * H);
   bf16_t* hidden = alloc<bf16_t>(T * H);
+  const int64_t E = std::max<int64_t>(c.num_experts, 1), k_routed = std::max<int64_t>(c.num_experts_per_tok, 1);
+  std::vector<CudaRunner::Workspace> kept_ws(static_cast<size_t>(upstream ? NL : 0), ws);
+  std::vector<cuda::DeviceKvLayer> kept_kv(static_cast<size_t>(upstream ? NL : 0), kv);
+  for (int64_t l = 0; upstream && l < NL; ++l) {
+    if (recomputed(l)) continue;
+    CudaRunner::Workspace& w = kept_ws[size_t(l)];
+    w.h = alloc<bf16_t>(T * H), w.qkv = alloc<bf16_t>(T * (qd + 2 * kd)), w.q = alloc<bf16_t>(T * qd);
+    w.attn = alloc<bf16_t>(T * qd), w.mid = alloc<bf16_t>(T * H), w.h_mlp = alloc<bf16_t>(T * H);
+    w.y = alloc<bf16_t>(T * k_routed * H), w.router_logits = alloc<float>(T * E);
+    w.ids = alloc<int32_t>(T * k_routed), w.expert_weights = alloc<float>(T * k_routed);
+    kept_kv[size_t(l)].k = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
+    kept_kv[size_t(l)].v = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
+  }
   cuda::embedding(ws.meta, r_.embed_, ws.x, T, H, st);
   for (int64_t l = 0; l < NL; ++l) {
     LS_CUDA_CHECK(cudaMemcpyAsync(x_in + l * T * H, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
-    CudaRunner::LayerOps ops{r_, ws, kv, slots, T};
+    const bool keep = upstream && !recomputed(l);
+    CudaRunner::LayerOps ops{r_, keep ? kept_ws[size_t(l)] : ws, keep ? kept_kv[size_t(l)] : kv, slots, T};
     layer_forward(ops, r_.layers_[size_t(l)]);
   }
   LS_CUDA_CHECK(cudaMemcpyAsync(final_in, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
@@ -175,12 +191,27 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   train_ws.h_mlp = alloc<bf16_t>(T * H);
   for (int64_t l = NL - 1; l >= 0; --l) {
     const bf16_t* layer_in = x_in + l * T * H;
-    LS_CUDA_CHECK(cudaMemcpyAsync(train_ws.x, layer_in, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
-    CudaRunner::LayerOps ops{r_, train_ws, kv, slots, T};
-    layer_forward(ops, r_.layers_[size_t(l)]);
-    clock.lap("recompute");
-    CudaLayerBackwardOps back{r_, train_ws, layer_in, kv, slots, seq_first_d, seq_tokens_d, int64_t(seqs.size()),
-                              max_seq_len, T, dx, g_layers[size_t(l)], s, clock};
+    const bool keep = !recomputed(l);
+    if (!keep) {
+      LS_CUDA_CHECK(cudaMemcpyAsync(train_ws.x, layer_in, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
+      CudaRunner::LayerOps ops{r_, train_ws, kv, slots, T};
+      layer_forward(ops, r_.layers_[size_t(l)]);
+      clock.lap("recompute");
+    }
+    CudaLayerBackwardOps back{r_,
+                              keep ? kept_ws[size_t(l)] : train_ws,
+                              layer_in,
+                              keep ? kept_kv[size_t(l)] : kv,
+                              slots,
+                              seq_first_d,
+                              seq_tokens_d,
+                              int64_t(seqs.size()),
+                              max_seq_len,
+                              T,
+                              dx,
+                              g_layers[size_t(l)],
+                              s,
+                              clock};
     layer_backward(back, r_.layers_[size_t(l)]);
   }
 
@@ -245,21 +276,20 @@ std::vector<std::vector<float>> cuda_score_sequences(ModelRunner& runner,
   return out;
 }
 
-void cuda_check_step_memory(ModelRunner& runner, int64_t tokens, int64_t micro_batches) {
+void cuda_check_step_memory(ModelRunner& runner, int64_t tokens, int64_t micro_batches, int64_t recompute_num_layers) {
   auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
   LS_CHECK(cuda_runner != nullptr, "cuda_check_step_memory: the runner is not a CUDA runner");
-  cuda_model::CudaTrainer(*cuda_runner).check_memory(tokens, micro_batches, true, false);
+  cuda_model::CudaTrainer(*cuda_runner, recompute_num_layers).check_memory(tokens, micro_batches, true, false);
 }
 
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
-                             const UpstreamFn& upstream) {
+                             const UpstreamFn& upstream, int64_t recompute_num_layers) {
   auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
   LS_CHECK(cuda_runner != nullptr, "cuda_step_grads: the runner is not a CUDA runner");
-  cuda_model::CudaTrainer trainer(*cuda_runner);
-  int64_t tokens = 0, pages = 0;
-  for (const auto& q : sequences)
-    tokens += int64_t(q.size()), pages += (int64_t(q.size()) + kAttnBlock - 1) / kAttnBlock;
-  trainer.check_memory(tokens, pages, true, false);
+  cuda_model::CudaTrainer trainer(*cuda_runner, recompute_num_layers);
+  int64_t tokens = 0;
+  for (const auto& q : sequences) tokens += int64_t(q.size());
+  trainer.check_memory(tokens, 1, true, false);  // one micro-batch: one gradient buffer
   cuda_model::DeviceFloats grads;
   grads.allocate(runner.config());
   trainer.step_grads(sequences, want_entropy, upstream, &grads);

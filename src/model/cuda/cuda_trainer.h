@@ -23,13 +23,16 @@ namespace lockstep {
 // least 2 tokens) through the CUDA runner `runner` (make_cuda_runner). `upstream` is called
 // once (micro-batch 0) with each sequence's log-probs (and entropies when `want_entropy`) and
 // returns d objective / d logp (and d entropy) per predicted token, as for ParallelGrad.
+// recompute_num_layers: the first that many layers are recomputed in the backward, the others
+// keep their forward's intermediates (-1: all recomputed); the same bits either way.
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
-                             const UpstreamFn& upstream);
+                             const UpstreamFn& upstream, int64_t recompute_num_layers = -1);
 
 // Refuses (naming the bytes it needs and the bytes free) a training micro-batch of `tokens`
 // tokens, in steps of `micro_batches`, that would not fit the GPU's free memory beside the
 // weights and optimizer state already there (train/train_memory.h); run before the first step.
-void cuda_check_step_memory(ModelRunner& runner, int64_t tokens, int64_t micro_batches);
+void cuda_check_step_memory(ModelRunner& runner, int64_t tokens, int64_t micro_batches,
+                            int64_t recompute_num_layers = -1);
 
 // Per-token log-probs of whole sequences (at least 2 tokens each) by the trainer's forward, in
 // steps of at most max_batch_tokens tokens: the bits of runner_score_sequences on the same
@@ -46,7 +49,9 @@ std::vector<std::vector<float>> cuda_score_sequences(ModelRunner& runner,
 class CudaTrainState {
  public:
   // Uploads `optimizer`'s state (fresh: the masters are the weights; or a checkpoint's).
-  CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer);
+  // recompute_num_layers as for cuda_step_grads.
+  CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
+                 int64_t recompute_num_layers = -1);
   ~CudaTrainState();
 
   // The gradients of the micro-batches (each one packed forward), summed by the pairwise tree

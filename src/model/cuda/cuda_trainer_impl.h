@@ -10,7 +10,10 @@ namespace lockstep::cuda_model {
 
 class CudaTrainer {
  public:
-  explicit CudaTrainer(CudaRunner& runner) : r_(runner), c_(runner.config_) {}
+  // recompute_num_layers: the first that many layers are recomputed in the backward from
+  // their kept input; the others keep the forward's intermediates (-1: all are recomputed).
+  explicit CudaTrainer(CudaRunner& runner, int64_t recompute_num_layers = -1)
+      : r_(runner), c_(runner.config_), recompute_num_layers_(recompute_num_layers) {}
 
   // Refuses, before any allocation, a step whose buffers do not fit the free GPU memory.
   // (`backward`: with the gradients and the backward's scratch; else the forward's alone.)
@@ -30,8 +33,12 @@ class CudaTrainer {
   }
   BackwardScratch scratch(int64_t T);
 
+  // Whether layer l is recomputed in the backward (else the forward keeps its intermediates).
+  bool recomputed(int64_t l) const { return recompute_num_layers_ < 0 || l < recompute_num_layers_; }
+
   CudaRunner& r_;
   const ModelConfig& c_;
+  int64_t recompute_num_layers_;
   DeviceArena arena_;
 };
 
