@@ -80,7 +80,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     outer_sum_split_wgmma_kernel(const __grid_constant__ Problems problems, int64_t g_pitch, int64_t K, int64_t tiles_k,
                                  int64_t tiles_i, int64_t tiles, float* workspace) {
   using Tile = WgTile<kBK>;
-  constexpr int kAhead = kStages - 2;  // stages loaded ahead; the third slot is the MMAs' in flight
+  // Stages loaded ahead. Long chunks: one, and one stage's MMAs in flight in the third slot.
+  // Short chunks (the 128-wide tile's experts, ~1 stage a chunk) drain the MMAs at every chunk
+  // end anyway: there each stage's MMAs finish before the next, and loads run two ahead.
+  constexpr bool kDrain = Tile::PendingInRegisters;
+  constexpr int kAhead = kDrain ? kStages - 1 : kStages - 2;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
   float4* pending = Tile::PendingInRegisters
@@ -173,7 +177,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           step(0);
         }
         wgmma_commit();
-        wgmma_wait<1>();  // the previous stage's MMAs are done: its slot may be loaded
+        if constexpr (kDrain) {
+          wgmma_wait<0>();
+          pin_registers(acc);
+        } else {
+          wgmma_wait<1>();  // the previous stage's MMAs are done: its slot may be loaded
+        }
       }
       wgmma_wait<0>();
       pin_registers(acc);

@@ -148,9 +148,9 @@ struct CudaLayerBackwardOps {
       all.insert(all.end(), part->begin(), part->end());
     const int n_used = int(used);
     if (split) {
-      // On warpgroup MMAs with the groups as kernel parameters where they fit (256 a launch),
-      // else the mma.sync kernel from a device table: the same bits.
-      const bool wgmma = 2 * n_used <= cuda::kMaxWgmmaGroups;
+      // The mma.sync 128 x 128 tile from a device table: the grouped wgmma tile (the same bits)
+      // measured no faster on the experts' launches (notes/gpu-trainer.md, v13).
+      const bool wgmma = false;
       const cuda::SplitOuterSumGroup* groups = wgmma ? all.data() : s.split_groups;
       const auto outer = [&](const cuda::SplitOuterSumGroup* first, int count, int64_t max_I, int64_t g_row,
                              int64_t g_col, int64_t K) {
