@@ -51,6 +51,8 @@ struct BackwardScratch {
   float *dk, *dv, *dk_proj;              // [T, kv_dim]
   float *inv, *lse, *delta;              // [T * heads]
   bf16_t *q_proj, *k_proj;               // the forward's q/k projections, contiguous [T, q_dim], [T, kv_dim]
+  bf16_t* dattn_bf16;                    // [T, q_dim]: d(attention output) rounded for the MMAs
+  float* norm_partials;                  // [8, max(H, head_dim)]: a norm weight gradient's chunk partials
   float *dweights, *dlogits_router;      // [T * k], [T, E]
   float *dy_rows, *dx_rows, *part_rows;  // [T * k, H] (dense: [T, H])
   bf16_t *x_rows, *gu_rows, *act_rows;   // [T * k, H], [T * k, 2I], [T * k, I]
@@ -150,24 +152,16 @@ struct CudaLayerBackwardOps {
     if (split) {
       // The mma.sync 128 x 128 tile from a device table: the grouped wgmma tile (the same bits)
       // measured no faster on the experts' launches (notes/gpu-trainer.md, v13).
-      const bool wgmma = false;
-      const cuda::SplitOuterSumGroup* groups = wgmma ? all.data() : s.split_groups;
-      const auto outer = [&](const cuda::SplitOuterSumGroup* first, int count, int64_t max_I, int64_t g_row,
-                             int64_t g_col, int64_t K) {
-        if (wgmma)
-          cuda::outer_sum_split_grouped_wgmma(first, count, max_I, g_row, g_col, K, st);
-        else
-          cuda::outer_sum_split_grouped_tc(first, count, max_I, g_row, g_col, K, st);
-      };
-      if (!wgmma) r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
+      r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
+      const cuda::SplitOuterSumGroup* groups = s.split_groups;
       cuda::split_hi_lo(s.dy_rows, rows * H, st);
-      outer(groups, n_used, H, 1, H, I);                // d down
-      outer(groups + used, n_used, max_rows, H, 1, I);  // d act
+      cuda::outer_sum_split_grouped_tc(groups, n_used, H, 1, H, I, st);                // d down
+      cuda::outer_sum_split_grouped_tc(groups + used, n_used, max_rows, H, 1, I, st);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
       cuda::split_hi_lo(s.dgate, rows * I, st);
       cuda::split_hi_lo(s.dup, rows * I, st);
-      outer(groups + 2 * used, 2 * n_used, I, 1, I, H);         // d gate, d up
-      outer(groups + 4 * used, 2 * n_used, max_rows, I, 1, H);  // d x (two parts)
+      cuda::outer_sum_split_grouped_tc(groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
+      cuda::outer_sum_split_grouped_tc(groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
     } else {
       // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.
       std::vector<cuda::OuterSumGroup> plain;
@@ -206,7 +200,8 @@ struct CudaLayerBackwardOps {
 
   void post_attention_norm_backward(const Layer& L) {
     cuda::inverse_rms_rows(w.mid, s.inv, T, H, eps, cuda::kNormThreads, st);
-    cuda::rmsnorm_backward(w.mid, s.inv, L.post_norm, s.dh, s.dnorm, g.post_norm, T, H, true, chunks, st);
+    cuda::rmsnorm_backward(w.mid, s.inv, L.post_norm, s.dh, s.dnorm, g.post_norm, s.norm_partials, T, H, true, chunks,
+                           st);
     cuda::add_inplace(dx, s.dnorm, T * H, st);
     clock.lap("backward_norms");
   }
@@ -222,7 +217,7 @@ struct CudaLayerBackwardOps {
     const float scale = 1.0f / std::sqrt(float(D));
     if (cuda::attention_backward_tc_supported(D))
       cuda::paged_attention_backward_tc(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, num_seqs,
-                                        max_seq_len, scale, s.lse, s.delta, s.dq, s.dk, s.dv, st);
+                                        max_seq_len, scale, s.lse, s.delta, s.dattn_bf16, s.dq, s.dk, s.dv, st);
     else
       cuda::paged_attention_backward(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, scale, s.lse,
                                      s.delta, s.dq, s.dk, s.dv, st);
@@ -239,10 +234,10 @@ struct CudaLayerBackwardOps {
     LS_CUDA_CHECK(cudaMemcpy2DAsync(s.k_proj, size_t(kd) * 2, w.qkv + qd, pitch, size_t(kd) * 2, size_t(T),
                                     cudaMemcpyDeviceToDevice, st));
     cuda::inverse_rms_rows(s.q_proj, s.inv, T * nq, D, eps, 32, st);
-    cuda::rmsnorm_backward(s.q_proj, s.inv, L.q_norm, s.dq, s.dq_proj, g.q_norm, T * nq, D, true,
+    cuda::rmsnorm_backward(s.q_proj, s.inv, L.q_norm, s.dq, s.dq_proj, g.q_norm, s.norm_partials, T * nq, D, true,
                            cuda::token_chunk_bounds(T, nq), st);
     cuda::inverse_rms_rows(s.k_proj, s.inv, T * nkv, D, eps, 32, st);
-    cuda::rmsnorm_backward(s.k_proj, s.inv, L.k_norm, s.dk, s.dk_proj, g.k_norm, T * nkv, D, true,
+    cuda::rmsnorm_backward(s.k_proj, s.inv, L.k_norm, s.dk, s.dk_proj, g.k_norm, s.norm_partials, T * nkv, D, true,
                            cuda::token_chunk_bounds(T, nkv), st);
     clock.lap("backward_qk_norm_rope");
   }
@@ -261,7 +256,8 @@ struct CudaLayerBackwardOps {
 
   void input_norm_backward(const Layer& L) {
     cuda::inverse_rms_rows(x_in, s.inv, T, H, eps, cuda::kNormThreads, st);
-    cuda::rmsnorm_backward(x_in, s.inv, L.input_norm, s.dhf, s.dnorm, g.input_norm, T, H, true, chunks, st);
+    cuda::rmsnorm_backward(x_in, s.inv, L.input_norm, s.dhf, s.dnorm, g.input_norm, s.norm_partials, T, H, true, chunks,
+                           st);
     cuda::add_inplace(dx, s.dnorm, T * H, st);
     clock.lap("backward_norms");
   }
