@@ -65,14 +65,6 @@ struct WgTile {
 static_assert(2 * WgTile<256>::Acc * kThreads == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
 static_assert(WgTile<128>::SmemBytes <= 227 * 1024 && WgTile<256>::SmemBytes <= 227 * 1024, "shared memory");
 
-template <int kBK, int kTransA>
-__device__ __forceinline__ void wgmma_step(float (&acc)[kBK / 2], uint64_t da, uint64_t db) {
-  if constexpr (kBK == 256)
-    wgmma_m64n256k16<kTransA, 1>(acc, da, db, 1);
-  else
-    wgmma_m64n128k16<kTransA, 1>(acc, da, db, 1);
-}
-
 // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one block an SM): column block t % tiles_k,
 // row block (t / tiles_k) % tiles_i of problem t / (tiles_k tiles_i).
 template <bool kWeight, int kBK>
@@ -163,8 +155,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint64_t d_lo =
               kWeight ? smem_desc_mn(a_lo + wg * kAtom + kk * 2048, kAtom) : smem_desc(a_lo + wg * 64 * 128) + 2 * kk;
           const uint64_t d_b = smem_desc_mn(b + kk * 2048, kAtom);
-          wgmma_step<kBK, kWeight ? 1 : 0>(acc, d_hi, d_b);
-          wgmma_step<kBK, kWeight ? 1 : 0>(acc, d_lo, d_b);
+          wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_hi, d_b);
+          wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_lo, d_b);
         };
         wgmma_fence();
         if (steps == 4) {

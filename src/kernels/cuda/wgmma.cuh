@@ -162,13 +162,15 @@ __device__ __forceinline__ uint64_t smem_desc_mn(uint32_t addr, uint32_t n_atom_
          (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
-// d += A * B^T for one k16 step of a 64 x BN warpgroup tile.
-template <int BN>
+// d += A * B^T for one k16 step of a 64 x BN warpgroup tile (TRANS_A / TRANS_B: that operand
+// MN-major, for BN 128 and 256).
+template <int BN, int TRANS_A = 0, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_step(float (&acc)[BN / 2], uint64_t da, uint64_t db) {
+  static_assert(BN != 64 || (TRANS_A == 0 && TRANS_B == 0), "the 64-column step is K-major only");
   if constexpr (BN == 256)
-    wgmma_m64n256k16(acc, da, db, 1);
+    wgmma_m64n256k16<TRANS_A, TRANS_B>(acc, da, db, 1);
   else if constexpr (BN == 128)
-    wgmma_m64n128k16(acc, da, db, 1);
+    wgmma_m64n128k16<TRANS_A, TRANS_B>(acc, da, db, 1);
   else
     wgmma_m64n64k16(acc, da, db, 1);
 }
