@@ -25,6 +25,7 @@
 #include "parallel/parallel_backward.h"
 #include "topology_flags.h"
 #include "train/grad_accumulate.h"
+#include "train/train_memory.h"
 
 namespace lockstep::cli {
 namespace {
@@ -95,10 +96,7 @@ int run_grad(const GradOptions& o) {
     LS_CHECK(precision == Precision::bfloat16, "--device cuda runs the bfloat16 recipe only (use --dtype bfloat16)");
     LS_CHECK(cuda_available(), "--device cuda: no CUDA device is available");
   }
-  LS_CHECK(o.recompute_num_layers >= -1, "--recompute-num-layers: expected -1 (all) or a count >= 0, got ",
-           o.recompute_num_layers);
-  LS_CHECK(o.recompute_num_layers == -1 || device == Device::cuda,
-           "--recompute-num-layers: the CPU backward recomputes every layer; the flag is for --device cuda");
+  check_recompute_num_layers(o.recompute_num_layers, device == Device::cuda);
   const ModelConfig config = ModelConfig::load(o.model + "/config.json");
   // The topology (one rank without the flags) is checked against the model before any
   // input or weight is read.

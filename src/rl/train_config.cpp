@@ -15,6 +15,7 @@
 #include "train/advantages.h"
 #include "train/losses.h"
 #include "train/optimizer.h"
+#include "train/train_memory.h"
 
 namespace lockstep::rl {
 
@@ -284,10 +285,7 @@ void validate(const TrainConfig& c) {
   LS_CHECK(samples % c.global_batch_size == 0, "batch does not divide: --rollout-batch-size ", c.rollout_batch_size,
            " x --n-samples-per-prompt ", c.n_samples_per_prompt, " = ", samples,
            " samples per rollout is not a multiple of --global-batch-size ", c.global_batch_size);
-  LS_CHECK(c.recompute_num_layers >= -1, "--recompute-num-layers: expected -1 (all) or a count >= 0, got ",
-           c.recompute_num_layers);
-  LS_CHECK(c.recompute_num_layers == -1 || c.device == "cuda",
-           "--recompute-num-layers: the CPU trainer recomputes every layer; the flag is for --device cuda");
+  check_recompute_num_layers(c.recompute_num_layers, c.device == "cuda");
   LS_CHECK(is_power_of_two(c.num_microbatches), "--num-microbatches: expected a power of two, got ",
            c.num_microbatches);
   LS_CHECK(c.global_batch_size % c.num_microbatches == 0, "batch does not divide: --global-batch-size ",

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/error.h"
+
 namespace lockstep {
 
 double trainer_parameter_count(const ModelConfig& c) {
@@ -15,6 +17,13 @@ double trainer_parameter_count(const ModelConfig& c) {
     n += (qd + 2 * kd) * H + H * qd + 2 * H + 2 * double(c.head_dim) + (moe ? E * H : 0.0) + E * 3 * I * H;
   }
   return n;
+}
+
+void check_recompute_num_layers(int64_t recompute_num_layers, bool on_cuda) {
+  LS_CHECK(recompute_num_layers >= -1, "--recompute-num-layers: expected -1 (all) or a count >= 0, got ",
+           recompute_num_layers);
+  LS_CHECK(recompute_num_layers == -1 || on_cuda,
+           "--recompute-num-layers: the CPU trainer recomputes every layer; the flag is for --device cuda");
 }
 
 int64_t kept_layer_count(const ModelConfig& c, int64_t recompute_num_layers) {
@@ -52,7 +61,7 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
   // The backward's scratch (CudaTrainer::scratch) and the runner's workspace for t tokens.
   m.activations +=
       (4 * t * H + 3 * t * qd + 3 * t * kd + 3 * t * heads + t * k + t * E + 3 * rows * H + 3 * rows * I) * 4 +
-      (t * qd + t * kd + rows * H + rows * 3 * I) * 2 + 3 * rows * 4;
+      (2 * t * qd + t * kd + rows * H + rows * 3 * I) * 2 + 3 * rows * 4 + 8 * std::max(H, double(c.head_dim)) * 4;
   m.activations += (2 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * 3 * I + rows * H) * 2 +
                    (t * E + 2 * t * k) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
   // The large-tile outer sums' workspace: 256 KB an SM, bounded here by 256 SMs.

@@ -25,6 +25,10 @@ struct TrainMemory {
 TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
                               int64_t recompute_num_layers = -1);
 
+// Refuses (naming --recompute-num-layers) a value below -1, or any but -1 off the GPU: the CPU
+// trainer recomputes every layer.
+void check_recompute_num_layers(int64_t recompute_num_layers, bool on_cuda);
+
 // Layers whose intermediates the forward keeps: those after the first recompute_num_layers
 // (-1: none).
 int64_t kept_layer_count(const ModelConfig& c, int64_t recompute_num_layers);
