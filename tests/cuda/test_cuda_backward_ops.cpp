@@ -142,7 +142,8 @@ TEST(CudaBackwardOps, InverseRmsIsTheForwardsAndRmsnormBackwardMatchesTheCpu) {
       const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[r * n + i]) * inv[r]));
       ASSERT_EQ(f32_to_bf16(w[i] * normed), y[r * n + i]) << "row " << r << " element " << i;
     }
-  cuda::rmsnorm_backward(as_bf16(X), Inv.get(), Wt.get(), Dout.get(), Dx.get(), Dw.get(), rows, n, true,
+  DeviceVec<float> Partials(8 * n);
+  cuda::rmsnorm_backward(as_bf16(X), Inv.get(), Wt.get(), Dout.get(), Dx.get(), Dw.get(), Partials.get(), rows, n, true,
                          cuda::token_chunk_bounds(rows), nullptr);
   std::vector<float> want_dx(rows * n), want_dw(n);
   cpu::rmsnorm_backward(widen(x).data(), w.data(), dout.data(), want_dx.data(), want_dw.data(), rows, n, eps, true,
@@ -168,8 +169,9 @@ TEST(CudaBackwardOps, RmsnormBackwardIsItsProcedureBitForBit) {
     DeviceVec<float> Wt(w), Inv(rows), Dout(dout), Dx(rows * n), Dw(n);
     cuda::inverse_rms_rows(as_bf16(X), Inv.get(), rows, n, 1e-6f, n == 128 ? 32 : 256, nullptr);
     const cuda::ChunkBounds chunks = cuda::token_chunk_bounds(cs.tokens, cs.heads);
-    cuda::rmsnorm_backward(as_bf16(X), Inv.get(), Wt.get(), Dout.get(), Dx.get(), Dw.get(), rows, n, true, chunks,
-                           nullptr);
+    DeviceVec<float> Partials(8 * n);
+    cuda::rmsnorm_backward(as_bf16(X), Inv.get(), Wt.get(), Dout.get(), Dx.get(), Dw.get(), Partials.get(), rows, n,
+                           true, chunks, nullptr);
     const auto inv = Inv.take();
     std::vector<float> want_dx(rows * n), want_dw(n), partial(8);
     for (int64_t r = 0; r < rows; ++r) {
@@ -365,6 +367,7 @@ AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q
   DeviceVec<uint16_t> K(a.k), V(a.v), Q(q), O(out);
   DeviceVec<float> Dout(dout), Lse(T * a.nq), Delta(T * a.nq), Dq(T * a.nq * a.D), Dk(T * a.nkv * a.D),
       Dv(T * a.nkv * a.D);
+  DeviceVec<uint16_t> DoutBf16(T * a.nq * a.D);
   DeviceVec<int32_t> Pos(a.pos), Seq(a.seq), Tables(a.tables), Stride(std::vector<int32_t>{int32_t(a.stride)}),
       First(a.seq_first), Toks(a.seq_tokens);
   cuda::DeviceKvLayer kv{reinterpret_cast<cuda::bf16_t*>(K.get()), reinterpret_cast<cuda::bf16_t*>(V.get()), a.page,
@@ -378,7 +381,8 @@ AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q
   if (tensor_cores)
     cuda::paged_attention_backward_tc(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                       int64_t(a.lens.size()), *std::max_element(a.lens.begin(), a.lens.end()), scale,
-                                      Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(), nullptr);
+                                      Lse.get(), Delta.get(), reinterpret_cast<cuda::bf16_t*>(DoutBf16.get()), Dq.get(),
+                                      Dk.get(), Dv.get(), nullptr);
   else
     cuda::paged_attention_backward(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                    scale, Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(), nullptr);

@@ -405,13 +405,11 @@ __global__ void __launch_bounds__(kThreads)
 template <int D>
 void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv, const DeviceSlots& slots,
             const int32_t* seq_first, const int32_t* seq_tokens, int64_t T, int64_t heads, int64_t num_seqs,
-            int64_t max_seq_len, float scale, float* lse, float* delta, float* dq, float* dk, float* dv,
-            cudaStream_t s) {
+            int64_t max_seq_len, float scale, float* lse, float* delta, bf16* dout_bf16, float* dq, float* dk,
+            float* dv, cudaStream_t s) {
   attention_delta_kernel<<<unsigned(ceil_div(T * heads, 256)), 256, 0, s>>>(dout, out, delta, T * heads, int(D));
   LS_CUDA_LAUNCHED();
   const int64_t n = T * heads * D;
-  bf16* dout_bf16 = nullptr;
-  LS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&dout_bf16), size_t(n) * 2, s));
   round_bf16_kernel<<<unsigned(ceil_div(n, 256)), 256, 0, s>>>(dout, dout_bf16, n);
   LS_CUDA_LAUNCHED();
   const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
@@ -429,7 +427,6 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
   attention_dkv_tc_kernel<D><<<dkv_grid, kThreads, smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens,
                                                               tiles_per_seq, heads, scale, lse, delta, dk, dv);
   LS_CUDA_LAUNCHED();
-  LS_CUDA_CHECK(cudaFreeAsync(dout_bf16, s));
 }
 
 }  // namespace
@@ -441,7 +438,8 @@ bool attention_backward_tc_supported(int64_t head_dim) {
 void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
-                                 float* lse_ws, float* delta_ws, float* dq, float* dk, float* dv, cudaStream_t s) {
+                                 float* lse_ws, float* delta_ws, bf16_t* dout_ws, float* dq, float* dk, float* dv,
+                                 cudaStream_t s) {
   LS_CHECK(attention_backward_tc_supported(kv.head_dim), "attention backward on tensor cores: head_dim ", kv.head_dim,
            " is not 16, 32, 64 or 128");
   LS_CHECK(kv.kv_heads >= 1 && heads % kv.kv_heads == 0, "attention backward: ", heads, " heads over ", kv.kv_heads,
@@ -453,8 +451,8 @@ void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float
              : kv.head_dim == 32 ? launch<32>
              : kv.head_dim == 64 ? launch<64>
                                  : launch<128>;
-  run(q, out, dout, kv, slots, seq_first, seq_tokens, T, heads, num_seqs, max_seq_len, scale, lse_ws, delta_ws, dq, dk,
-      dv, s);
+  run(q, out, dout, kv, slots, seq_first, seq_tokens, T, heads, num_seqs, max_seq_len, scale, lse_ws, delta_ws, dout_ws,
+      dq, dk, dv, s);
 }
 
 }  // namespace lockstep::cuda

@@ -141,10 +141,12 @@ void column_sum_chunked(const float* a, const float* b, float* out, int64_t n, c
 void inverse_rms_rows(const bf16_t* x, float* inv, int64_t rows, int64_t n, float eps, int threads, cudaStream_t s);
 
 // cpu::rmsnorm_backward given the forward's inv per row: dx overwritten; dw (when not null)
-// the token-chunk tree of dout * r(x * inv) with `chunks` in rows. The backward's own sum
-// dot(w * dout, x) is the CPU's dot procedure.
+// the token-chunk tree of dout * r(x * inv) with `chunks` in rows, its chunk partials in
+// dw_partials (chunks.count * n floats). The backward's own sum dot(w * dout, x) is the CPU's
+// dot procedure.
 void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const float* dout, float* dx, float* dw,
-                      int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks, cudaStream_t s);
+                      float* dw_partials, int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks,
+                      cudaStream_t s);
 
 // cpu::swiglu_backward for gate/up read from gu [R, 2I] (each row's gate, then up, as the
 // forward's gate_up GEMM writes them): dgate, dup [R, I] overwritten.
@@ -179,11 +181,13 @@ void paged_attention_backward(const bf16_t* q, const bf16_t* out, const float* d
 // recomputation, P, dS and dout rounded to bf16 as MMA operands; head_dim 16, 32, 64 or 128):
 // one fixed procedure per element over its own sequence, not the CUDA-core kernels' bits.
 // num_seqs and max_seq_len (host) size the grid: sequences of seq_first, the longest's tokens.
+// dout_ws: T * heads * head_dim bf16 (dout rounded once for the MMAs).
 bool attention_backward_tc_supported(int64_t head_dim);
 void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
-                                 float* lse_ws, float* delta_ws, float* dq, float* dk, float* dv, cudaStream_t s);
+                                 float* lse_ws, float* delta_ws, bf16_t* dout_ws, float* dq, float* dk, float* dv,
+                                 cudaStream_t s);
 
 // cpu::route_topk_backward with the probabilities recomputed as the GPU router computes them.
 void route_topk_backward(const float* router_logits, const int32_t* expert_ids, const float* weights,

@@ -185,20 +185,19 @@ void inverse_rms_rows(const bf16_t* x, float* inv, int64_t rows, int64_t n, floa
 }
 
 void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const float* dout, float* dx, float* dw,
-                      int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks, cudaStream_t s) {
+                      float* dw_partials, int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks,
+                      cudaStream_t s) {
   if (rows > 0) {
     rmsnorm_dx_kernel<<<blocks_for(rows, kDxRowsPerBlock), 32 * kDxRowsPerBlock, 0, s>>>(x, inv, w, dout, dx, rows, n);
     LS_CUDA_LAUNCHED();
   }
   if (dw && n > 0) {
-    float* partials = nullptr;  // [chunks, n]
-    LS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partials), size_t(chunks.count * n) * 4, s));
+    LS_CHECK(dw_partials, "rmsnorm_backward: dw needs its chunk partials' buffer");
     rmsnorm_dw_partials_kernel<<<dim3(blocks_for(n, kDwColumns), unsigned(chunks.count)), 32 * (1 + kDwLoaderWarps), 0,
-                                 s>>>(x, inv, dout, partials, n, round_normed, chunks);
+                                 s>>>(x, inv, dout, dw_partials, n, round_normed, chunks);
     LS_CUDA_LAUNCHED();
-    rmsnorm_dw_fold_kernel<<<blocks_for(n, 256), 256, 0, s>>>(partials, dw, n, chunks.count);
+    rmsnorm_dw_fold_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dw_partials, dw, n, chunks.count);
     LS_CUDA_LAUNCHED();
-    LS_CUDA_CHECK(cudaFreeAsync(partials, s));
   }
 }
 

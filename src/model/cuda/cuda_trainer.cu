@@ -21,7 +21,8 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   s.dattn = alloc<float>(T * qd), s.dq = alloc<float>(T * qd), s.dq_proj = alloc<float>(T * qd);
   s.dk = alloc<float>(T * kd), s.dv = alloc<float>(T * kd), s.dk_proj = alloc<float>(T * kd);
   s.inv = alloc<float>(T * heads), s.lse = alloc<float>(T * heads), s.delta = alloc<float>(T * heads);
-  s.q_proj = alloc<bf16_t>(T * qd), s.k_proj = alloc<bf16_t>(T * kd);
+  s.q_proj = alloc<bf16_t>(T * qd), s.k_proj = alloc<bf16_t>(T * kd), s.dattn_bf16 = alloc<bf16_t>(T * qd);
+  s.norm_partials = alloc<float>(kTMax * std::max(H, c.head_dim));
   s.dweights = alloc<float>(T * k), s.dlogits_router = alloc<float>(T * E);
   s.dy_rows = alloc<float>(rows * H), s.dx_rows = alloc<float>(rows * H), s.part_rows = alloc<float>(rows * H);
   s.x_rows = alloc<bf16_t>(rows * H), s.gu_rows = alloc<bf16_t>(rows * 2 * I), s.act_rows = alloc<bf16_t>(rows * I);
@@ -181,7 +182,8 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   float* dx = alloc<float>(T * H);
   cuda::linear_grads_consuming_dy(logits, hidden, r_.lm_head_, g_head, s.dh, T, V, H, chunks, s.outer_pending, st);
   cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
-  cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, T, H, true, chunks, st);
+  cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, s.norm_partials, T, H, true, chunks,
+                         st);
   clock.lap("head_backward");
 
   // ---- Layers, last first: recomputed from the kept input into buffers that keep mid and
