@@ -2,7 +2,8 @@
 // 4 x 2048-token step: the fp32-g path (outer_sum_chunked_tc) and each tile of the split path
 // (outer_sum_split_tc), milliseconds (median of 5 after a warm-up) and TFLOP/s of MMAs (hi and
 // lo: 4 S I K), each split result checked bit for bit against the fp32 path's, and the split
-// itself (ms, GB/s); then the experts' grouped d down and d act (128 experts, top-8, I 768).
+// itself (ms, GB/s), and the hi half alone (the lm_head's); then the experts' grouped d down
+// and d act (128 experts, top-8, I 768).
 // Random inputs made on the device. One JSON line per (GEMM, variant).
 //   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q]
 #ifdef LOCKSTEP_CUDA
@@ -117,6 +118,33 @@ void run(const Gemm& gm) {
     const bool same = download(out, gm.I * gm.K * 4) == want;
     report(t.name, ms, same ? "same" : "DIFFER");
   }
+  // g rounded to bf16 (GradientOperand::bf16, packed by pack_bf16_rows): half the MMAs (2 S I
+  // K); the wgmma tile's bits checked against the 128 x 128 mma.sync tile's.
+  std::vector<char> hi_bits;
+  const int64_t pitch = gm.g_row == 1 ? gm.g_col : gm.g_row;
+  CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
+  const double ms_pack = median_ms([&] { cuda::pack_bf16_rows(split.as<float>(), g_elems / pitch, pitch, nullptr); });
+  std::printf("{\"gemm\":\"%s\",\"variant\":\"pack_bf16_rows\",\"ms\":%.3f,\"gb_s\":%.0f}\n", gm.name.c_str(), ms_pack,
+              6.0 * double(g_elems) / (ms_pack / 1e3) / 1e9);
+  CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
+  cuda::pack_bf16_rows(split.as<float>(), g_elems / pitch, pitch, nullptr);
+  for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::wgmma128x256}) {
+    const auto* gs = split.as<const cuda::bf16_t>();
+    const double ms = median_ms([&] {
+      cuda::outer_sum_split_tc(gs, gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds, out.as<float>(), gm.I,
+                               nullptr, workspace.as<float>(), tile, cuda::GradientOperand::bf16);
+    });
+    const auto got = download(out, gm.I * gm.K * 4);
+    const bool first = hi_bits.empty();
+    if (first) hi_bits = got;
+    std::printf("{\"gemm\":\"%s\",\"variant\":\"bf16 g, %s\",\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"%s\"}\n",
+                gm.name.c_str(), tile == cuda::SplitTile::k128x128 ? "128x128" : "wgmma 128x256", ms,
+                tflop / 2 / (ms / 1e3),
+                first            ? "reference"
+                : got == hi_bits ? "same"
+                                 : "DIFFER");
+    std::fflush(stdout);
+  }
 }
 
 // The experts' two largest launches of a layer, grouped over E experts of n = T k / E rows each
@@ -133,9 +161,12 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
   CHECK_CUDA(cudaMemcpy(split.mem.get(), dy.mem.get(), size_t(rows * H) * 4, cudaMemcpyDeviceToDevice));
   cuda::split_hi_lo(split.as<float>(), rows * H, nullptr);
   const auto* split_g = split.as<const cuda::bf16_t>();
+  Buffer packed(rows * H * 4);
+  CHECK_CUDA(cudaMemcpy(packed.mem.get(), dy.mem.get(), size_t(rows * H) * 4, cudaMemcpyDeviceToDevice));
+  cuda::pack_bf16_rows(packed.as<float>(), rows, H, nullptr);
   for (const bool weight : {true, false}) {
     std::vector<cuda::OuterSumGroup> plain;
-    std::vector<cuda::SplitOuterSumGroup> halves;
+    std::vector<cuda::SplitOuterSumGroup> halves, packed_groups;
     for (int64_t e = 0; e < E; ++e) {
       std::vector<int32_t> tokens(static_cast<size_t>(n));
       for (int64_t i = 0; i < n; ++i) tokens[size_t(i)] = int32_t((i * T + e) / n);
@@ -148,7 +179,11 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
       float* r = weight ? ref.as<float>() + e * H * I : ref.as<float>() + first * I;
       plain.push_back({g, m, r, weight ? H : n, b});
       halves.push_back({split_g + 2 * first * H, m, o, weight ? H : n, b});
+      packed_groups.push_back({packed.as<const cuda::bf16_t>() + 2 * first * H, m, o, weight ? H : n, b});
     }
+    Buffer packed_d(int64_t(packed_groups.size() * sizeof(packed_groups[0])));
+    device_copy(Device::cuda, packed_d.mem.get(), Device::cpu, packed_groups.data(),
+                packed_groups.size() * sizeof(packed_groups[0]));
     Buffer plain_d(int64_t(plain.size() * sizeof(plain[0]))), halves_d(int64_t(halves.size() * sizeof(halves[0])));
     device_copy(Device::cuda, plain_d.mem.get(), Device::cpu, plain.data(), plain.size() * sizeof(plain[0]));
     device_copy(Device::cuda, halves_d.mem.get(), Device::cpu, halves.data(), halves.size() * sizeof(halves[0]));
@@ -182,6 +217,36 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
     const double ms =
         median_ms([&] { cuda::outer_sum_split_grouped_wgmma(halves.data(), int(E), max_I, g_row, g_col, I, nullptr); });
     report("split wgmma 128x128", ms, download(out, outputs * 4) == want ? "same" : "DIFFER");
+    // dy rounded to bf16 (packed rows, the trainer's): half the MMAs; the tiles against each other.
+    std::vector<char> bf16_bits;
+    for (const auto& t : tiles) {
+      const double ms_bf16 = median_ms([&] {
+        cuda::outer_sum_split_grouped_tc(packed_d.as<cuda::SplitOuterSumGroup>(), int(E), max_I, g_row, g_col, I,
+                                         nullptr, workspace.as<float>(), t.tile, cuda::GradientOperand::bf16);
+      });
+      const auto got = download(out, outputs * 4);
+      const bool first = bf16_bits.empty();
+      if (first) bf16_bits = got;
+      const std::string variant = std::string("bf16 g, ") + (t.name + 6);
+      std::printf(
+          "{\"gemm\":\"%s\",\"experts\":%lld,\"rows\":%lld,\"variant\":\"%s\",\"ms\":%.3f,\"tflops\":%.1f,"
+          "\"bits\":\"%s\"}\n",
+          name, (long long)E, (long long)n, variant.c_str(), ms_bf16, tflop / 2 / (ms_bf16 / 1e3),
+          first              ? "reference"
+          : got == bf16_bits ? "same"
+                             : "DIFFER");
+      std::fflush(stdout);
+    }
+    const double ms_wgmma = median_ms([&] {
+      cuda::outer_sum_split_grouped_wgmma(packed_groups.data(), int(E), max_I, g_row, g_col, I, nullptr,
+                                          cuda::GradientOperand::bf16);
+    });
+    std::printf(
+        "{\"gemm\":\"%s\",\"experts\":%lld,\"rows\":%lld,\"variant\":\"bf16 g, wgmma 128x128\",\"ms\":%.3f,"
+        "\"tflops\":%.1f,\"bits\":\"%s\"}\n",
+        name, (long long)E, (long long)n, ms_wgmma, tflop / 2 / (ms_wgmma / 1e3),
+        download(out, outputs * 4) == bf16_bits ? "same" : "DIFFER");
+    std::fflush(stdout);
   }
 }
 

@@ -313,6 +313,16 @@ TEST(CudaBackwardOps, RouterAndLogSoftmaxBackward) {
   cuda::log_softmax_gather(Z.get(), Tg.get(), Logp.get(), R, Vocab, nullptr);
   const auto lse = Lse.take(), logp = Logp.take();
   for (int64_t r = 0; r < R; ++r) EXPECT_EQ(z[r * Vocab + targets[r]] - lse[r], logp[r]) << "row " << r;
+  // The trainer's gather from that lse: the same bits, NaN where a row has no target.
+  std::vector<int32_t> some_targets = targets;
+  some_targets[2] = -1;
+  DeviceVec<int32_t> SomeTg(some_targets);
+  DeviceVec<float> Gathered(R), Scored(R);
+  cuda::gather_log_probs(Z.get(), Lse.get(), SomeTg.get(), Gathered.get(), R, Vocab, nullptr);
+  cuda::log_softmax_gather(Z.get(), SomeTg.get(), Scored.get(), R, Vocab, nullptr);
+  const auto gathered = Gathered.take(), scored = Scored.take();
+  EXPECT_EQ(std::memcmp(gathered.data(), scored.data(), size_t(R) * 4), 0);
+  EXPECT_TRUE(std::isnan(gathered[2]));
   cuda::softmax_entropy(Z.get(), Lse.get(), Ent.get(), R, Vocab, nullptr);
   std::vector<float> want_ent(R), want_dz(R * Vocab);
   cpu::softmax_entropy(z.data(), want_ent.data(), R, Vocab);

@@ -2,7 +2,8 @@
 // experts' gradients) against their reference, outer_sum_chunked_tc on the fp32 g, bit for bit:
 // the split itself against the host's bf16 rounding, both layouts at shapes that cut tiles,
 // stages, k16 steps and chunks (empty ones included) at both tiles, grouped launches against
-// single calls, and the consuming linear helper against the two plain calls.
+// single calls, and the consuming linear helper against the two plain calls; the packed bf16
+// gradient against both halves of the gradient rounded to bf16.
 #include <cmath>
 #include <random>
 
@@ -110,6 +111,82 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   EXPECT_TRUE(same_bits_f(Dx.take(), PlainDx.take())) << "consuming helper, input grad";
 }
 
+// GradientOperand::bf16 (dy packed): the products of dy rounded to bf16, i.e. the bits both
+// halves give for a dy whose values are bf16 already (lo = 0), at every tile; and the consuming
+// helper's.
+TEST_P(CudaOuterSumSplitTc, TheHiHalfAloneIsTheRoundedGradientsSum) {
+  LS_SKIP_WITHOUT_GPU();
+  const auto [T, N, K] = GetParam();
+  const auto dy = testing::random_gradient(T * N, 21 + T);
+  std::vector<float> rounded(dy.size());
+  for (size_t i = 0; i < dy.size(); ++i) rounded[i] = bf16_to_f32(f32_to_bf16(dy[i]));
+  const auto x = testing::random_bf16(T * K, 22 + N), w = testing::random_bf16(N * K, 23 + K);
+  DeviceVec<float> Packed(dy), SplitRounded(rounded), Want(std::max(N, T) * K), Got(std::max(N, T) * K);
+  DeviceVec<uint16_t> X(x), W(w);
+  cuda::pack_bf16_rows(Packed.get(), T, N, nullptr);
+  cuda::split_hi_lo(SplitRounded.get(), T * N, nullptr);
+  const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(T), over_n = cuda::token_chunk_bounds(N);
+  const auto head = [](const DeviceVec<float>& v, int64_t n) {
+    const auto all = v.take();
+    return std::vector<float>(all.begin(), all.begin() + n);
+  };
+  DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
+  const auto hi = cuda::GradientOperand::bf16;
+  for (const auto tile : kEveryTile) {
+    const char* name = tile_name(tile);
+    Want.poison(), Got.poison();
+    cuda::outer_sum_split_tc(as_split(SplitRounded), 1, N, as_bf16(X), K, tokens, Want.get(), N, nullptr,
+                             Workspace.get(), tile);
+    cuda::outer_sum_split_tc(as_split(Packed), 1, N, as_bf16(X), K, tokens, Got.get(), N, nullptr, Workspace.get(),
+                             tile, hi);
+    EXPECT_TRUE(same_bits_f(head(Got, N * K), head(Want, N * K))) << "weight grad, " << name;
+    Want.poison(), Got.poison();
+    cuda::outer_sum_split_tc(as_split(SplitRounded), N, 1, as_bf16(W), K, over_n, Want.get(), T, nullptr,
+                             Workspace.get(), tile);
+    cuda::outer_sum_split_tc(as_split(Packed), N, 1, as_bf16(W), K, over_n, Got.get(), T, nullptr, Workspace.get(),
+                             tile, hi);
+    EXPECT_TRUE(same_bits_f(head(Got, T * K), head(Want, T * K))) << "input grad, " << name;
+  }
+  DeviceVec<float> Consumed(dy), Rounded(rounded), DW(N * K), Dx(T * K), PlainDW(N * K), PlainDx(T * K);
+  cuda::linear_grads_consuming_dy(Consumed.get(), as_bf16(X), as_bf16(W), DW.get(), Dx.get(), T, N, K, tokens,
+                                  Workspace.get(), nullptr, hi);
+  cuda::linear_weight_grad(Rounded.get(), as_bf16(X), PlainDW.get(), N, K, tokens, nullptr);
+  cuda::linear_input_grad(Rounded.get(), as_bf16(W), PlainDx.get(), T, N, K, nullptr);
+  EXPECT_TRUE(same_bits_f(DW.take(), PlainDW.take())) << "consuming helper, weight grad";
+  EXPECT_TRUE(same_bits_f(Dx.take(), PlainDx.take())) << "consuming helper, input grad";
+}
+
+TEST(CudaPackBf16Rows, EachRowBecomesItsBf16AtTheFrontOfItsOwnBytes) {
+  LS_SKIP_WITHOUT_GPU();
+  // Rows longer than a block's segment (2048 values), and a short one.
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{5, 4104}, {300, 8}, {3, 2048}}) {
+    auto x = testing::random_gradient(rows * cols, 4 + cols);
+    x[1] = 1.0f + std::exp2(-8.0f);  // a tie: rounds to even
+    DeviceVec<float> D(x);
+    cuda::pack_bf16_rows(D.get(), rows, cols, nullptr);
+    const auto got = D.take();
+    std::vector<uint16_t> halves(got.size() * 2);
+    std::memcpy(halves.data(), got.data(), got.size() * 4);
+    size_t bad = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        if (halves[size_t(2 * cols * r + c)] != f32_to_bf16(x[size_t(r * cols + c)]) && bad++ < 5)
+          ADD_FAILURE() << rows << " x " << cols << ": row " << r << " column " << c;
+    EXPECT_EQ(bad, 0u) << rows << " x " << cols;
+  }
+}
+
+TEST(CudaRoundToBf16, EachValueBecomesItsBf16) {
+  LS_SKIP_WITHOUT_GPU();
+  auto x = testing::random_gradient(1003, 3);
+  x[3] = 1.0f + std::exp2(-8.0f);  // a tie: rounds to even
+  DeviceVec<float> D(x);
+  cuda::round_to_bf16(D.get(), int64_t(x.size()), nullptr);
+  std::vector<float> want(x.size());
+  for (size_t i = 0; i < x.size(); ++i) want[i] = bf16_to_f32(f32_to_bf16(x[i]));
+  EXPECT_TRUE(same_bits_f(D.take(), want));
+}
+
 // Chunks of a few rows to several stages; N and K cut 128-wide tiles and n8 fragments; N a
 // multiple of 64 so that the input gradient's chunks over N start at multiples of 8.
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaOuterSumSplitTc,
@@ -202,6 +279,51 @@ TEST(CudaOuterSumSplitTc, EachGroupOfAGroupedLaunchHasItsOwnCallsBits) {
         << "expert " << e << " input grad";
     first += rows[e];
   }
+}
+
+TEST(CudaOuterSumSplitTc, AGroupedLaunchOnTheHiHalfAloneIsTheRoundedGradientsSum) {
+  LS_SKIP_WITHOUT_GPU();
+  // The experts' launches with GradientOperand::bf16: both halves' bits for the rounded gradient.
+  const int64_t N = 64, K = 72, T = 260;
+  const int64_t rows[3] = {70, 5, 185};
+  auto dy = testing::random_gradient(T * N, 71);
+  std::vector<float> rounded(dy.size());
+  for (size_t i = 0; i < dy.size(); ++i) rounded[i] = bf16_to_f32(f32_to_bf16(dy[i]));
+  const auto x = testing::random_bf16(T * K, 72), w = testing::random_bf16(3 * N * K, 73);
+  DeviceVec<float> Packed(dy), SplitRounded(rounded), Got(3 * N * K + T * K), Want(3 * N * K + T * K);
+  DeviceVec<uint16_t> X(x), W(w);
+  cuda::pack_bf16_rows(Packed.get(), T, N, nullptr);
+  cuda::split_hi_lo(SplitRounded.get(), T * N, nullptr);
+  const auto groups_of = [&](const DeviceVec<float>& g, float* out) {
+    std::vector<cuda::SplitOuterSumGroup> weight, input;
+    int64_t first = 0;
+    for (int e = 0; e < 3; ++e) {
+      weight.push_back(
+          {as_split(g) + 2 * first * N, as_bf16(X) + first * K, out + e * N * K, N, cuda::token_chunk_bounds(rows[e])});
+      input.push_back({as_split(g) + 2 * first * N, as_bf16(W) + e * N * K, out + 3 * N * K + first * K, rows[e],
+                       cuda::token_chunk_bounds(N)});
+      first += rows[e];
+    }
+    weight.insert(weight.end(), input.begin(), input.end());
+    return weight;
+  };
+  DeviceVec<cuda::SplitOuterSumGroup> HiGroups(groups_of(Packed, Got.get())),
+      BothGroups(groups_of(SplitRounded, Want.get()));
+  Got.poison(), Want.poison();
+  cuda::outer_sum_split_grouped_tc(BothGroups.get(), 3, N, 1, N, K, nullptr);
+  cuda::outer_sum_split_grouped_tc(BothGroups.get() + 3, 3, 185, N, 1, K, nullptr);
+  cuda::outer_sum_split_grouped_tc(HiGroups.get(), 3, N, 1, N, K, nullptr, nullptr, cuda::SplitTile::automatic,
+                                   cuda::GradientOperand::bf16);
+  cuda::outer_sum_split_grouped_tc(HiGroups.get() + 3, 3, 185, N, 1, K, nullptr, nullptr, cuda::SplitTile::automatic,
+                                   cuda::GradientOperand::bf16);
+  const auto want = Want.take();
+  EXPECT_TRUE(same_bits_f(Got.take(), want)) << "mma.sync 128 x 128";
+  // The grouped wgmma tile, its groups from host memory.
+  Got.poison();
+  const auto host = groups_of(Packed, Got.get());
+  cuda::outer_sum_split_grouped_wgmma(host.data(), 3, N, 1, N, K, nullptr, cuda::GradientOperand::bf16);
+  cuda::outer_sum_split_grouped_wgmma(host.data() + 3, 3, 185, N, 1, K, nullptr, cuda::GradientOperand::bf16);
+  EXPECT_TRUE(same_bits_f(Got.take(), want)) << "wgmma 128 x 128";
 }
 
 TEST(CudaOuterSumSplitTc, SupportsOnlyShapesWhosePiecesAreWholeGroupsOfEight) {

@@ -86,32 +86,41 @@ void split_hi_lo(float* x, int64_t n, cudaStream_t s);
 // launch). automatic: wgmma 128 x 256 where a workspace is given and the chunks average 256
 // rows or more.
 enum class SplitTile { automatic, k128x128, k128x256, k256x128, wgmma128x256 };
+// How the fp32 gradient g enters the MMAs: exact (split by split_hi_lo, each k16 step the MMA
+// of hi then of lo: the products of the fp32 g), or rounded to bf16 (packed by pack_bf16_rows,
+// one MMA a step: half the MMAs and half the operand bytes; the trainer's choice,
+// docs/numerics.md, "bfloat16 recipe"). Every tile gives the same bits for each.
+enum class GradientOperand { exact_hi_lo, bf16 };
 // Floats of the workspace the 128 x 256 tile needs on the current device (one slot an SM).
 int64_t outer_sum_split_workspace_floats();
 
 // outer_sum_chunked_tc of a g that split_hi_lo has split (g_row and g_col count g's fp32
-// elements): the same bits, with both operands copied to shared memory by cp.async. It takes
+// elements): the same bits, with both operands copied to shared memory by cp.async; with
+// GradientOperand::bf16, of g rounded to bf16, g packed by pack_bf16_rows (its rows of g_row or
+// g_col values, whichever is not 1). It takes
 // weight gradients (g_row 1; g_col and I multiples of 8) and input gradients (g_col 1; g_row and
 // every chunk bound multiples of 8), K a multiple of 8 and 16-byte aligned operands. A
 // workspace serves one launch at a time.
 bool outer_sum_split_tc_supported(int64_t g_row, int64_t g_col, int64_t K, const ChunkBounds& bounds, int64_t I);
 void outer_sum_split_tc(const bf16_t* g_split, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
                         const ChunkBounds& bounds, float* out, int64_t I, cudaStream_t s, float* workspace = nullptr,
-                        SplitTile tile = SplitTile::automatic);
+                        SplitTile tile = SplitTile::automatic, GradientOperand operand = GradientOperand::exact_hi_lo);
 
-// OuterSumGroup of a split g; every group supported as outer_sum_split_tc_supported says.
+// OuterSumGroup of a split (or packed) g; every group supported as outer_sum_split_tc_supported says.
 using SplitOuterSumGroup = OuterSumGroupOf<bf16_t>;
 // (tile automatic: the small one, the groups' chunks being unknown on the host; the wgmma tiles
 // take no groups.)
 void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int64_t max_I, int64_t g_row,
                                 int64_t g_col, int64_t K, cudaStream_t s, float* workspace = nullptr,
-                                SplitTile tile = SplitTile::automatic);
+                                SplitTile tile = SplitTile::automatic,
+                                GradientOperand operand = GradientOperand::exact_hi_lo);
 // The same on warpgroup MMAs, 128 x 128 outputs a block with the chunk tree's pending levels on
 // chip (the experts' short chunks), the groups (at most 256) read from host memory: they travel
 // as the kernel's parameters. Each group's bits are those of its own outer_sum_split_tc call.
 constexpr int kMaxWgmmaGroups = 256;
 void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
-                                   int64_t g_col, int64_t K, cudaStream_t s);
+                                   int64_t g_col, int64_t K, cudaStream_t s,
+                                   GradientOperand operand = GradientOperand::exact_hi_lo);
 
 // dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
 template <typename TX>
@@ -123,11 +132,18 @@ template <typename TW>
 void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64_t N, int64_t K, cudaStream_t s);
 
 // linear_weight_grad and linear_input_grad of a bf16 linear whose dy [T, N] nothing reads
-// afterwards: dy is split in place and both run as outer_sum_split_tc where its shapes allow
-// (workspace: outer_sum_split_workspace_floats() floats, or null), else as the two calls. The
-// same bits either way.
+// afterwards: dy is split (or packed) in place and both run as outer_sum_split_tc where its
+// shapes allow (workspace: outer_sum_split_workspace_floats() floats, or null), else as the two
+// calls. The same bits either way. GradientOperand::bf16: the gradients of dy rounded to bf16
+// (round_to_bf16 then the two calls where the split kernels do not take the shapes).
 void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T, int64_t N,
-                               int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s);
+                               int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s,
+                               GradientOperand operand = GradientOperand::exact_hi_lo);
+// x[i] = bf16(x[i]) (round to nearest even) in place: fp32 values with bf16's bits.
+// pack_bf16_rows: each row of x [rows, cols] (cols a multiple of 8, x 16-byte aligned) becomes
+// its bf16 values at the front of its own bytes: element (r, c) at bf16 index 2 cols r + c.
+void round_to_bf16(float* x, int64_t n, cudaStream_t s);
+void pack_bf16_rows(float* x, int64_t rows, int64_t cols, cudaStream_t s);
 
 // out[i] (overwritten) = tree over the chunks of (sum over the chunk's rows of a[r, i] * b[r, i])
 // (cpu::column_sum_chunked; b == nullptr sums a alone).
@@ -212,6 +228,10 @@ void add_rows_in_order(float* dh, const float* rows, const int32_t* order, int64
 
 // Per row: lse[r] = the canonical log-normaliser of logits[r] (log_softmax_gather's, same bits).
 void log_normalizer_rows(const float* logits, float* lse, int64_t R, int64_t V, cudaStream_t s);
+// out[r] = logits[r, targets[r]] - lse[r] (NaN where the target is < 0): log_softmax_gather's
+// bits from log_normalizer_rows' lse, without a second pass over the rows.
+void gather_log_probs(const float* logits, const float* lse, const int32_t* targets, float* out, int64_t R, int64_t V,
+                      cudaStream_t s);
 // cpu::log_softmax_gather_backward given the rows' lse; dentropy/entropy may be null.
 void log_softmax_gather_backward(const float* logits, const float* lse, const int32_t* targets, const float* dlogp,
                                  const float* dentropy, const float* entropy, float* dlogits, int64_t R, int64_t V,

@@ -4,6 +4,7 @@
 // one product per row in ascending order; the chunk partials fold by the pairwise tree. The
 // linears with a bf16 operand run the tensor-core form (outer_sum_tc.cu); these CUDA-core
 // sums, the CPU's bits, are its reference and serve the fp32 operands.
+#include <algorithm>
 #include <type_traits>
 
 #include "kernels/canonical.h"
@@ -88,6 +89,11 @@ __global__ void column_sum_kernel(const float* a, const float* b, float* out, in
   out[i] = root;
 }
 
+__global__ void round_to_bf16_kernel(float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = to_f32(to_bf16(x[i]));
+}
+
 }  // namespace
 
 ChunkBounds chunk_bounds(const cpu::TokenChunks& chunks) {
@@ -136,18 +142,30 @@ void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64
     outer_sum_chunked(dy, N, 1, w, K, b, dx, T, s);
 }
 
-void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T,
-                               int64_t N, int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s) {
+void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T, int64_t N,
+                               int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s,
+                               GradientOperand operand) {
   const ChunkBounds over_n = token_chunk_bounds(N);
   if (!outer_sum_split_tc_supported(1, N, K, chunks, N) || !outer_sum_split_tc_supported(N, 1, K, over_n, T)) {
+    if (operand == GradientOperand::bf16) round_to_bf16(dy, T * N, s);
     linear_weight_grad(dy, x, dW, N, K, chunks, s);
     linear_input_grad(dy, w, dx, T, N, K, s);
     return;
   }
-  split_hi_lo(dy, T * N, s);
-  const bf16_t* split = reinterpret_cast<const bf16_t*>(dy);
-  outer_sum_split_tc(split, 1, N, x, K, chunks, dW, N, s, workspace);
-  outer_sum_split_tc(split, N, 1, w, K, over_n, dx, T, s, workspace);
+  if (operand == GradientOperand::bf16)
+    pack_bf16_rows(dy, T, N, s);
+  else
+    split_hi_lo(dy, T * N, s);
+  const bf16_t* g = reinterpret_cast<const bf16_t*>(dy);
+  outer_sum_split_tc(g, 1, N, x, K, chunks, dW, N, s, workspace, SplitTile::automatic, operand);
+  outer_sum_split_tc(g, N, 1, w, K, over_n, dx, T, s, workspace, SplitTile::automatic, operand);
+}
+
+void round_to_bf16(float* x, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 1 << 20);
+  round_to_bf16_kernel<<<unsigned(blocks), 256, 0, s>>>(x, n);
+  LS_CUDA_LAUNCHED();
 }
 
 void column_sum_chunked(const float* a, const float* b, float* out, int64_t n, const ChunkBounds& bounds,

@@ -459,6 +459,12 @@ __global__ void __launch_bounds__(256) log_softmax_gather_kernel(const float* lo
   if (threadIdx.x == 0) out[r] = targets[r] >= 0 ? row[targets[r]] - z : NAN;
 }
 
+__global__ void gather_log_probs_kernel(const float* logits, const float* lse, const int32_t* targets, float* out,
+                                        int64_t R, int64_t V) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r < R) out[r] = targets[r] >= 0 ? logits[r * V + targets[r]] - lse[r] : NAN;
+}
+
 __global__ void __launch_bounds__(256) log_normalizer_kernel(const float* logits, float* lse, int64_t V) {
   __shared__ MaxSumD scratch[8];
   const float z = log_normalizer_block(logits + int64_t(blockIdx.x) * V, V, 1.0f, false, scratch);
@@ -781,6 +787,13 @@ void log_softmax_gather(const float* logits, const int32_t* targets, float* out,
 void log_normalizer_rows(const float* logits, float* lse, int64_t R, int64_t V, cudaStream_t s) {
   if (R == 0) return;
   log_normalizer_kernel<<<unsigned(R), 256, 0, s>>>(logits, lse, V);
+  LS_CUDA_LAUNCHED();
+}
+
+void gather_log_probs(const float* logits, const float* lse, const int32_t* targets, float* out, int64_t R, int64_t V,
+                      cudaStream_t s) {
+  if (R == 0) return;
+  gather_log_probs_kernel<<<unsigned(ceil_div(R, int64_t(256))), 256, 0, s>>>(logits, lse, targets, out, R, V);
   LS_CUDA_LAUNCHED();
 }
 

@@ -83,11 +83,33 @@ __global__ void split_hi_lo_kernel(float* x, int64_t groups) {
   }
 }
 
+// One block a row (grid-stride): 8 values a thread, a segment of the row at a time, read before
+// any thread writes the segment's bf16 to the front of it (the writes of a segment land on
+// bytes its reads or earlier ones took).
+__global__ void pack_bf16_rows_kernel(float* x, int64_t rows, int64_t cols) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float* row = x + r * cols;
+    bf16* packed = reinterpret_cast<bf16*>(row);
+    for (int64_t c0 = 0; c0 < cols; c0 += 8 * int64_t(blockDim.x)) {
+      const int64_t c = c0 + 8 * int64_t(threadIdx.x);
+      float4 a = make_float4(0, 0, 0, 0), b = a;
+      if (c < cols) a = reinterpret_cast<const float4*>(row + c)[0], b = reinterpret_cast<const float4*>(row + c)[1];
+      __syncthreads();
+      if (c < cols)
+        *reinterpret_cast<uint4*>(packed + c) =
+            make_uint4(pack_bf16(to_bf16(a.x), to_bf16(a.y)), pack_bf16(to_bf16(a.z), to_bf16(a.w)),
+                       pack_bf16(to_bf16(b.x), to_bf16(b.y)), pack_bf16(to_bf16(b.z), to_bf16(b.w)));
+    }
+  }
+}
+
 // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ...: column block t % tiles_k, row block
 // (t / tiles_k) % tiles_i of group t / (tiles_k tiles_i) (of `groups` when not null, else
 // `one`). kWeight: g's element (s, i) at g_pitch * s + i (the weight gradients); else at
-// g_pitch * i + s (the input gradients).
-template <bool kWeight, typename Cfg>
+// g_pitch * i + s (the input gradients), split (kLo: GradientOperand::exact_hi_lo, each step the
+// hi then the lo MMA) or packed by pack_bf16_rows (GradientOperand::bf16: the element at row r,
+// column c of g's memory rows at bf16 index 2 g_pitch r + c; one MMA a step).
+template <bool kWeight, typename Cfg, bool kLo>
 __global__ void __launch_bounds__(kThreads, 1)
     outer_sum_split_tc_kernel(const SplitOuterSumGroup* groups, const __grid_constant__ SplitOuterSumGroup one,
                               int64_t g_pitch, int64_t K, int64_t tiles_k, int64_t tiles_i, int64_t tiles,
@@ -125,8 +147,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       bf16* a_hi = stages + slot * StageElems;
       bf16* a_lo = a_hi + A;
       bf16* b = a_lo + A;
+      if constexpr (!kLo) {
 #pragma unroll
-      for (int j = 0; j < Cfg::APieces / kThreads; ++j) {
+        for (int j = 0; j < Cfg::APieces / 2 / kThreads; ++j) {
+          const int idx = threadIdx.x + j * kThreads;
+          int64_t i, s;
+          bf16* dst;
+          if constexpr (kWeight) {
+            const int piece = idx % (BI / 8), row = idx / (BI / 8);
+            i = i0 + 8 * piece, s = s0 + row;
+            dst = a_hi + row * WideA + 8 * piece;
+          } else {
+            const int piece = idx % (kStage / 8), row = idx / (kStage / 8);
+            i = i0 + row, s = s0 + 8 * piece;
+            dst = a_hi + row * kNarrow + 8 * piece;
+          }
+          const bool valid = i < I && s < end;
+          const int64_t f = kWeight ? 2 * s * g_pitch + i : 2 * i * g_pitch + s;
+          cp_async16(smem_addr(dst), valid ? g + f : g, valid);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < (kLo ? Cfg::APieces / kThreads : 0); ++j) {
         const int idx = threadIdx.x + j * kThreads, half = idx & 1;
         int64_t i, s;
         bf16* dst;
@@ -185,11 +227,11 @@ __global__ void __launch_bounds__(kThreads, 1)
               // [s][i] transposed: matrices (s 0-7, i 0-7), (s 0-7, i 8-15), (s 8-15, i 0-7), (s 8-15, i 8-15).
               const int offset = (step * 16 + (q / 2) * 8 + r) * WideA + wi + a * 16 + (q % 2) * 8;
               ldmatrix_x4_trans(hi[a], smem_addr(a_hi + offset));
-              ldmatrix_x4_trans(lo[a], smem_addr(a_lo + offset));
+              if constexpr (kLo) ldmatrix_x4_trans(lo[a], smem_addr(a_lo + offset));
             } else {
               const int offset = (wi + a * 16 + lane % 16) * kNarrow + step * 16 + (lane / 16) * 8;
               ldmatrix_x4(hi[a], smem_addr(a_hi + offset));
-              ldmatrix_x4(lo[a], smem_addr(a_lo + offset));
+              if constexpr (kLo) ldmatrix_x4(lo[a], smem_addr(a_lo + offset));
             }
           }
 #pragma unroll
@@ -204,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int bn = 0; bn < 8; ++bn) {
               mma_bf16(acc[a][bn], hi[a], bm[bn][0], bm[bn][1]);
-              mma_bf16(acc[a][bn], lo[a], bm[bn][0], bm[bn][1]);
+              if constexpr (kLo) mma_bf16(acc[a][bn], lo[a], bm[bn][0], bm[bn][1]);
             }
         }
       }
@@ -227,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <bool kWeight, typename Cfg>
+template <bool kWeight, typename Cfg, bool kLo>
 void launch_tile(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I,
                  int64_t g_pitch, int64_t K, float* workspace, cudaStream_t s) {
   const int64_t tiles_k = ceil_div(K, int64_t(Cfg::BK)), tiles_i = ceil_div(max_I, int64_t(Cfg::BI));
@@ -236,7 +278,7 @@ void launch_tile(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one
   const int64_t blocks = Cfg::GlobalPending ? std::min<int64_t>(tiles, sm_count()) : tiles;
   LS_CHECK(blocks < (int64_t(1) << 31), "outer sums of a split g: ", tiles, " tiles exceed the grid");
   constexpr int bytes = Cfg::template smem_bytes<kWeight>();
-  const auto kernel = outer_sum_split_tc_kernel<kWeight, Cfg>;
+  const auto kernel = outer_sum_split_tc_kernel<kWeight, Cfg, kLo>;
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<unsigned(blocks), kThreads, bytes, s>>>(groups, one, g_pitch, K, tiles_k, tiles_i, tiles, workspace);
   LS_CUDA_LAUNCHED();
@@ -251,18 +293,19 @@ SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& boun
 }
 
 void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
-            int64_t g_col, int64_t K, SplitTile tile, float* workspace, cudaStream_t s) {
+            int64_t g_col, int64_t K, SplitTile tile, float* workspace, cudaStream_t s, GradientOperand operand) {
   LS_CHECK(tile == SplitTile::k128x128 || workspace, "outer sums of a split g: the large tiles need a workspace");
   const int64_t pitch = g_row == 1 ? g_col : g_row;
+  const bool lo = operand == GradientOperand::exact_hi_lo;
   const auto run = [&]<typename Cfg>() {
-    if (g_row == 1)
-      launch_tile<true, Cfg>(groups, one, count, max_I, pitch, K, workspace, s);
-    else
-      launch_tile<false, Cfg>(groups, one, count, max_I, pitch, K, workspace, s);
+    if (g_row == 1 && lo) launch_tile<true, Cfg, true>(groups, one, count, max_I, pitch, K, workspace, s);
+    if (g_row == 1 && !lo) launch_tile<true, Cfg, false>(groups, one, count, max_I, pitch, K, workspace, s);
+    if (g_row != 1 && lo) launch_tile<false, Cfg, true>(groups, one, count, max_I, pitch, K, workspace, s);
+    if (g_row != 1 && !lo) launch_tile<false, Cfg, false>(groups, one, count, max_I, pitch, K, workspace, s);
   };
   if (tile == SplitTile::wgmma128x256) {
     LS_CHECK(!groups, "outer sums of a split g: the wgmma tile takes one problem a launch, not groups");
-    return outer_sum_split_wgmma(one, g_row == 1, pitch, K, workspace, s);
+    return outer_sum_split_wgmma(one, g_row == 1, pitch, K, workspace, s, operand);
   }
   if (tile == SplitTile::k128x256) run.template operator()<LargeTile>();
   if (tile == SplitTile::k256x128) run.template operator()<TallTile>();
@@ -284,6 +327,14 @@ void split_hi_lo(float* x, int64_t n, cudaStream_t s) {
   LS_CUDA_LAUNCHED();
 }
 
+void pack_bf16_rows(float* x, int64_t rows, int64_t cols, cudaStream_t s) {
+  LS_CHECK(cols % 8 == 0 && aligned16(x), "pack_bf16_rows: rows of ", cols, " values at ", static_cast<const void*>(x),
+           " (needs a multiple of 8 values, 16-byte aligned)");
+  if (rows == 0 || cols == 0) return;
+  pack_bf16_rows_kernel<<<unsigned(std::min<int64_t>(rows, 1 << 20)), 256, 0, s>>>(x, rows, cols);
+  LS_CUDA_LAUNCHED();
+}
+
 bool outer_sum_split_tc_supported(int64_t g_row, int64_t g_col, int64_t K, const ChunkBounds& bounds, int64_t I) {
   if (K % 8 != 0) return false;
   if (g_row == 1) return g_col % 8 == 0 && I % 8 == 0;  // pieces along i
@@ -297,25 +348,26 @@ int64_t outer_sum_split_workspace_floats() { return int64_t(sm_count()) * LargeT
 
 void outer_sum_split_tc(const bf16_t* g_split, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
                         const ChunkBounds& bounds, float* out, int64_t I, cudaStream_t s, float* workspace,
-                        SplitTile tile) {
+                        SplitTile tile, GradientOperand operand) {
   check_chunk_bounds(bounds, "outer_sum_split_tc");
   LS_CHECK(outer_sum_split_tc_supported(g_row, g_col, K, bounds, I), "outer_sum_split_tc: unsupported shape (g_row ",
            g_row, ", g_col ", g_col, ", K ", K, ", I ", I, "): see outer_sum_split_tc_supported");
   LS_CHECK(aligned16(g_split) && aligned16(m), "outer_sum_split_tc: operands must be 16-byte aligned");
   if (I == 0 || K == 0) return;
   const SplitOuterSumGroup one{g_split, m, out, I, bounds};
-  launch(nullptr, one, 1, I, g_row, g_col, K, choose(tile, workspace, bounds), workspace, s);
+  launch(nullptr, one, 1, I, g_row, g_col, K, choose(tile, workspace, bounds), workspace, s, operand);
 }
 
 void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int64_t max_I, int64_t g_row,
-                                int64_t g_col, int64_t K, cudaStream_t s, float* workspace, SplitTile tile) {
+                                int64_t g_col, int64_t K, cudaStream_t s, float* workspace, SplitTile tile,
+                                GradientOperand operand) {
   if (count == 0 || max_I == 0 || K == 0) return;
   const SplitTile chosen = tile == SplitTile::automatic ? SplitTile::k128x128 : tile;
-  launch(groups, SplitOuterSumGroup{}, count, max_I, g_row, g_col, K, chosen, workspace, s);
+  launch(groups, SplitOuterSumGroup{}, count, max_I, g_row, g_col, K, chosen, workspace, s, operand);
 }
 
 void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
-                                   int64_t g_col, int64_t K, cudaStream_t s) {
+                                   int64_t g_col, int64_t K, cudaStream_t s, GradientOperand operand) {
   LS_CHECK(g_row == 1 || g_col == 1, "outer_sum_split_grouped_wgmma: g_row or g_col must be 1, got ", g_row, ", ",
            g_col);
   for (int p = 0; p < count; ++p) {
@@ -327,7 +379,7 @@ void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int co
              ") is not supported: see outer_sum_split_tc_supported; operands 16-byte aligned, I <= max_I ", max_I);
   }
   if (count == 0 || max_I == 0 || K == 0) return;
-  outer_sum_split_wgmma_grouped(host_groups, count, max_I, g_row == 1, g_row == 1 ? g_col : g_row, K, s);
+  outer_sum_split_wgmma_grouped(host_groups, count, max_I, g_row == 1, g_row == 1 ? g_col : g_row, K, s, operand);
 }
 
 }  // namespace lockstep::cuda

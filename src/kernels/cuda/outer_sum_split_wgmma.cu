@@ -66,8 +66,10 @@ static_assert(2 * WgTile<256>::Acc * kThreads == kSplitPendingFloats, "the works
 static_assert(WgTile<128>::SmemBytes <= 227 * 1024 && WgTile<256>::SmemBytes <= 227 * 1024, "shared memory");
 
 // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one block an SM): column block t % tiles_k,
-// row block (t / tiles_k) % tiles_i of problem t / (tiles_k tiles_i).
-template <bool kWeight, int kBK>
+// row block (t / tiles_k) % tiles_i of problem t / (tiles_k tiles_i). kLo: g split, the lo
+// halves' MMAs too (GradientOperand::exact_hi_lo); else g packed by pack_bf16_rows
+// (GradientOperand::bf16), loaded into the hi tile.
+template <bool kWeight, int kBK, bool kLo>
 __global__ void __launch_bounds__(kThreads, 1)
     outer_sum_split_wgmma_kernel(const __grid_constant__ Problems problems, int64_t g_pitch, int64_t K, int64_t tiles_k,
                                  int64_t tiles_i, int64_t tiles, float* workspace) {
@@ -99,8 +101,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     // 1024 groups of 8, adjacent threads a group's two halves) and BK * 8 of m.
     auto load = [&](int slot, int64_t s0, int64_t end) {
       const uint32_t a_hi = base + slot * Tile::StageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
+      if constexpr (!kLo) {
 #pragma unroll
-      for (int j = 0; j < 2 * kBI * kRows / 8 / kThreads; ++j) {
+        for (int j = 0; j < kBI * kRows / 8 / kThreads; ++j) {
+          const int idx = tid + j * kThreads;
+          int64_t i, s;
+          uint32_t at;
+          if constexpr (kWeight) {
+            const int piece = idx % (kBI / 8), row = idx / (kBI / 8);
+            i = i0 + 8 * piece, s = s0 + row;
+            at = (piece / 8) * kAtom + row * 128 + (((piece % 8) ^ (row % 8)) << 4);
+          } else {
+            const int piece = idx % (kRows / 8), row = idx / (kRows / 8);
+            i = i0 + row, s = s0 + 8 * piece;
+            at = row * 128 + ((piece ^ (row % 8)) << 4);
+          }
+          const bool valid = i < I && s < end;
+          const int64_t f = kWeight ? 2 * s * g_pitch + i : 2 * i * g_pitch + s;
+          cp_async16(a_hi + at, valid ? g + f : g, valid);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < (kLo ? 2 * kBI * kRows / 8 / kThreads : 0); ++j) {
         const int idx = tid + j * kThreads, half = idx & 1;
         int64_t i, s;
         uint32_t at;
@@ -156,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               kWeight ? smem_desc_mn(a_lo + wg * kAtom + kk * 2048, kAtom) : smem_desc(a_lo + wg * 64 * 128) + 2 * kk;
           const uint64_t d_b = smem_desc_mn(b + kk * 2048, kAtom);
           wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_hi, d_b);
-          wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_lo, d_b);
+          if constexpr (kLo) wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_lo, d_b);
         };
         wgmma_fence();
         if (steps == 4) {
@@ -201,12 +223,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <bool kWeight, int kBK>
+template <bool kWeight, int kBK, bool kLo = true>
 void launch(const Problems& problems, int64_t max_I, int64_t g_pitch, int64_t K, float* workspace, cudaStream_t s) {
   const int64_t tiles_k = ceil_div(K, int64_t(kBK)), tiles_i = ceil_div(max_I, int64_t(kBI));
   const int64_t tiles = tiles_k * tiles_i * problems.count;
   const int64_t blocks = std::min<int64_t>(tiles, sm_count());  // one workspace slot a block
-  const auto kernel = outer_sum_split_wgmma_kernel<kWeight, kBK>;
+  const auto kernel = outer_sum_split_wgmma_kernel<kWeight, kBK, kLo>;
   constexpr int bytes = WgTile<kBK>::SmemBytes;
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<unsigned(blocks), kThreads, bytes, s>>>(problems, g_pitch, K, tiles_k, tiles_i, tiles, workspace);
@@ -226,25 +248,31 @@ Problem compact(const SplitOuterSumGroup& group) {
 }  // namespace
 
 void outer_sum_split_wgmma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
-                           cudaStream_t s) {
+                           cudaStream_t s, GradientOperand operand) {
   LS_CHECK(workspace, "outer sums of a split g: the wgmma 128 x 256 tile needs a workspace");
   Problems problems;
   problems.count = 1;
   problems.p[0] = compact(one);
-  if (weight) return launch<true, 256>(problems, one.I, g_pitch, K, workspace, s);
-  launch<false, 256>(problems, one.I, g_pitch, K, workspace, s);
+  const bool lo = operand == GradientOperand::exact_hi_lo;
+  if (weight && lo) return launch<true, 256, true>(problems, one.I, g_pitch, K, workspace, s);
+  if (weight) return launch<true, 256, false>(problems, one.I, g_pitch, K, workspace, s);
+  if (lo) return launch<false, 256, true>(problems, one.I, g_pitch, K, workspace, s);
+  launch<false, 256, false>(problems, one.I, g_pitch, K, workspace, s);
 }
 
 void outer_sum_split_wgmma_grouped(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, bool weight,
-                                   int64_t g_pitch, int64_t K, cudaStream_t s) {
+                                   int64_t g_pitch, int64_t K, cudaStream_t s, GradientOperand operand) {
   LS_CHECK(count <= kMaxProblems, "outer sums of a split g on wgmma: ", count, " groups exceed the ", kMaxProblems,
            " a launch takes");
   if (count == 0) return;
   Problems problems;
   problems.count = count;
   for (int p = 0; p < count; ++p) problems.p[p] = compact(host_groups[p]);
-  if (weight) return launch<true, 128>(problems, max_I, g_pitch, K, nullptr, s);
-  launch<false, 128>(problems, max_I, g_pitch, K, nullptr, s);
+  const bool lo = operand == GradientOperand::exact_hi_lo;
+  if (weight && lo) return launch<true, 128, true>(problems, max_I, g_pitch, K, nullptr, s);
+  if (weight) return launch<true, 128, false>(problems, max_I, g_pitch, K, nullptr, s);
+  if (lo) return launch<false, 128, true>(problems, max_I, g_pitch, K, nullptr, s);
+  launch<false, 128, false>(problems, max_I, g_pitch, K, nullptr, s);
 }
 
 }  // namespace lockstep::cuda

@@ -44,6 +44,12 @@ class PhaseClock {
   std::map<std::string, double> seconds_;
 };
 
+// How the bf16 linears' gradient GEMMs take the fp32 gradient (lm_head, q/k/v, o_proj, the
+// experts): rounded to bf16, accumulated in fp32 (docs/numerics.md, "bfloat16 recipe"). The
+// exact form (GradientOperand::exact_hi_lo) takes twice the MMAs; the fixture bound holds
+// either way.
+constexpr cuda::GradientOperand kGradientOperand = cuda::GradientOperand::bf16;
+
 // The backward's fp32 scratch of one step of T tokens (sized for the largest layer).
 struct BackwardScratch {
   float *dh, *dnorm, *dhf, *part;        // [T, H]
@@ -124,7 +130,7 @@ struct CudaLayerBackwardOps {
     clock.lap("backward_moe_recompute");
     // The experts' GEMMs, each kind one launch over the experts with tokens (an expert without
     // any keeps its zero gradients): down (weight, input), SwiGLU, gate and up (weights,
-    // inputs). Their dy rows are read by these GEMMs only, so they are split in place.
+    // inputs). Their dy rows are read by these GEMMs only, so they are split (packed) in place.
     const bool split = split_expert_gemms(H, I);
     std::vector<cuda::SplitOuterSumGroup> down_w, down_in, gate_up_w, gate_up_in;
     int64_t max_rows = 0;
@@ -150,26 +156,44 @@ struct CudaLayerBackwardOps {
       all.insert(all.end(), part->begin(), part->end());
     const int n_used = int(used);
     if (split) {
-      // The mma.sync 128 x 128 tile from a device table: the grouped wgmma tile (the same bits)
-      // measured no faster on the experts' launches (notes/gpu-trainer.md, v13).
-      r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
-      const cuda::SplitOuterSumGroup* groups = s.split_groups;
-      cuda::split_hi_lo(s.dy_rows, rows * H, st);
-      cuda::outer_sum_split_grouped_tc(groups, n_used, H, 1, H, I, st);                // d down
-      cuda::outer_sum_split_grouped_tc(groups + used, n_used, max_rows, H, 1, I, st);  // d act
+      // Tiles of the same bits: on the bf16 gradient the grouped wgmma tile, its groups as the
+      // kernel's parameters (256 a launch); on the exact one the mma.sync 128 x 128 tile from a
+      // device table, which the wgmma tile did not beat there (notes/gpu-trainer.md, v13, v15).
+      const bool wgmma = kGradientOperand == cuda::GradientOperand::bf16;
+      if (!wgmma) r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
+      const auto grouped = [&](size_t first, int count, int64_t max_I, int64_t g_row, int64_t g_col, int64_t K) {
+        if (!wgmma)
+          return cuda::outer_sum_split_grouped_tc(s.split_groups + first, count, max_I, g_row, g_col, K, st, nullptr,
+                                                  cuda::SplitTile::automatic, kGradientOperand);
+        for (int p = 0; p < count; p += cuda::kMaxWgmmaGroups)
+          cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, std::min(count - p, cuda::kMaxWgmmaGroups), max_I,
+                                              g_row, g_col, K, st, kGradientOperand);
+      };
+      const auto prepare = [&](float* g, int64_t cols) {
+        if (kGradientOperand == cuda::GradientOperand::bf16)
+          cuda::pack_bf16_rows(g, rows, cols, st);
+        else
+          cuda::split_hi_lo(g, rows * cols, st);
+      };
+      prepare(s.dy_rows, H);
+      grouped(0, n_used, H, 1, H, I);            // d down
+      grouped(used, n_used, max_rows, H, 1, I);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
-      cuda::split_hi_lo(s.dgate, rows * I, st);
-      cuda::split_hi_lo(s.dup, rows * I, st);
-      cuda::outer_sum_split_grouped_tc(groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
-      cuda::outer_sum_split_grouped_tc(groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
+      prepare(s.dgate, I);
+      prepare(s.dup, I);
+      grouped(2 * used, 2 * n_used, I, 1, I, H);         // d gate, d up
+      grouped(4 * used, 2 * n_used, max_rows, I, 1, H);  // d x (two parts)
     } else {
       // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.
+      const bool round = kGradientOperand == cuda::GradientOperand::bf16;
       std::vector<cuda::OuterSumGroup> plain;
       for (const auto& a : all) plain.push_back({reinterpret_cast<const float*>(a.g), a.m, a.out, a.I, a.bounds});
       r.upload_async(s.groups, plain.data(), plain.size() * sizeof(cuda::OuterSumGroup));
+      if (round) cuda::round_to_bf16(s.dy_rows, rows * H, st);
       cuda::outer_sum_grouped_tc(s.groups, n_used, H, 1, H, I, st);                // d down
       cuda::outer_sum_grouped_tc(s.groups + used, n_used, max_rows, H, 1, I, st);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
+      if (round) cuda::round_to_bf16(s.dgate, rows * I, st), cuda::round_to_bf16(s.dup, rows * I, st);
       cuda::outer_sum_grouped_tc(s.groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
       cuda::outer_sum_grouped_tc(s.groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
     }
@@ -209,7 +233,8 @@ struct CudaLayerBackwardOps {
   void o_proj_residual_backward(const Layer& L) {
     // dx goes on down the residual: the GEMMs consume a copy (T x H fp32, a few microseconds).
     LS_CUDA_CHECK(cudaMemcpyAsync(s.part, dx, size_t(T * H) * 4, cudaMemcpyDeviceToDevice, st));
-    cuda::linear_grads_consuming_dy(s.part, w.attn, L.o, g.o, s.dattn, T, H, qd, chunks, s.outer_pending, st);
+    cuda::linear_grads_consuming_dy(s.part, w.attn, L.o, g.o, s.dattn, T, H, qd, chunks, s.outer_pending, st,
+                                    kGradientOperand);
     clock.lap("backward_o_proj");
   }
 
@@ -244,12 +269,13 @@ struct CudaLayerBackwardOps {
 
   void qkv_backward(const Layer& L) {
     // d(norm output) = q part + k part + v part, each canonical over its own N.
-    cuda::linear_grads_consuming_dy(s.dq_proj, w.h, L.qkv, g.qkv, s.dhf, T, qd, H, chunks, s.outer_pending, st);
+    cuda::linear_grads_consuming_dy(s.dq_proj, w.h, L.qkv, g.qkv, s.dhf, T, qd, H, chunks, s.outer_pending, st,
+                                    kGradientOperand);
     cuda::linear_grads_consuming_dy(s.dk_proj, w.h, L.qkv + qd * H, g.qkv + qd * H, s.part, T, kd, H, chunks,
-                                    s.outer_pending, st);
+                                    s.outer_pending, st, kGradientOperand);
     cuda::add_inplace(s.dhf, s.part, T * H, st);
     cuda::linear_grads_consuming_dy(s.dv, w.h, L.qkv + (qd + kd) * H, g.qkv + (qd + kd) * H, s.part, T, kd, H, chunks,
-                                    s.outer_pending, st);
+                                    s.outer_pending, st, kGradientOperand);
     cuda::add_inplace(s.dhf, s.part, T * H, st);
     clock.lap("backward_qkv");
   }

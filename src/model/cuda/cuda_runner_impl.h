@@ -23,6 +23,7 @@
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/top_n.h"
 #include "model/cuda/cuda_runner.h"
+#include "model/cuda/step_arena.h"
 #include "model/layer.h"
 
 namespace lockstep {
@@ -99,7 +100,8 @@ inline cuda::DecodeShape decode_shape_of(const ModelConfig& c) {
 }
 
 class CudaRunner final : public ModelRunner {
-  // The GPU trainer (cuda_trainer.cu, cuda_layer_backward.h, cuda_train_state.cu) runs this runner's layers on its weights.
+  // The GPU trainer (cuda_trainer.cu, cuda_layer_backward.h, cuda_train_state.cu) runs this runner's layers on its
+  // weights.
   friend class CudaTrainer;
   friend struct CudaLayerBackwardOps;
   friend void runner_segment_ptr(CudaRunner& r, const DeviceSegment& s, bf16_t** matrix, float** norm);
@@ -163,6 +165,7 @@ class CudaRunner final : public ModelRunner {
     drop_graphs();
     kv_arena_.clear();
     kv_.clear();
+    step_arena_.release_if_idle();  // the engine's pages come first
     num_pages_ = num_pages;
     page_size_ = page_size;
     const int64_t n = num_pages * page_size * config_.num_key_value_heads * config_.head_dim;
@@ -472,6 +475,7 @@ class CudaRunner final : public ModelRunner {
       LS_CUDA_CHECK(cudaStreamSynchronize(stream_));
       drop_graphs();
       act_arena_.clear();
+      step_arena_.release_if_idle();
       ws_.logit_rows = 0;
       const int64_t H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads, nkv = c.num_key_value_heads;
       const int64_t k = c.num_experts_per_tok, E = std::max<int64_t>(c.num_experts, 1);
@@ -500,6 +504,7 @@ class CudaRunner final : public ModelRunner {
     }
     if (logit_rows > ws_.logit_rows) {
       logit_arena_.clear();
+      step_arena_.release_if_idle();
       ws_.rows = logit_arena_.alloc<int32_t>(logit_rows);
       ws_.targets = logit_arena_.alloc<int32_t>(logit_rows);
       ws_.sampled_tokens = logit_arena_.alloc<int32_t>(logit_rows);
@@ -768,8 +773,8 @@ class CudaRunner final : public ModelRunner {
   // The experts' [gate | up] GEMM of `rows` rows (row r reads a[gather[r]]), grouped by
   // expert as group_rows says, into out [rows, 2I] bf16: the forward's, and the trainer's
   // recomputation of it.
-  GemmArgs expert_gate_up_args(const DeviceLayer& L, const bf16_t* a, const int32_t* gather,
-                               const int32_t* group_rows, int64_t rows, bf16_t* out) const {
+  GemmArgs expert_gate_up_args(const DeviceLayer& L, const bf16_t* a, const int32_t* gather, const int32_t* group_rows,
+                               int64_t rows, bf16_t* out) const {
     const int64_t H = config_.hidden_size, E = config_.num_experts, I = config_.moe_intermediate_size;
     GemmArgs gu;
     gu.A = a;
@@ -864,6 +869,9 @@ class CudaRunner final : public ModelRunner {
   cudaStream_t stream_ = nullptr;
   int64_t max_positions_ = 0;
   DeviceArena const_, weights_, kv_arena_, act_arena_, logit_arena_, meta_arena_;
+  // The trainer's step buffers (CudaTrainer), kept between its steps; released when the
+  // engine's own buffers grow.
+  StepArena step_arena_;
   float *rope_cos_ = nullptr, *rope_sin_ = nullptr;
   bf16_t *embed_ = nullptr, *lm_head_ = nullptr;
   float* final_norm_ = nullptr;

@@ -41,6 +41,7 @@ void CudaTrainer::check_memory(int64_t T, int64_t micro_batches, bool backward, 
   const double grads = backward && !grads_held ? m.gradients : 0.0;
   size_t free_bytes = 0, total_bytes = 0;
   LS_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  free_bytes += r_.step_arena_.held_bytes();  // the last step's block serves this one
   const double need = m.logits + grads + m.activations, gib = 1024.0 * 1024.0 * 1024.0;
   char detail[160];
   std::snprintf(detail, sizeof detail, "%.1f GiB of GPU memory (logits %.1f, gradients %.1f, activations %.1f), %.1f",
@@ -61,7 +62,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
              " token(s); a predicted token needs at least 2");
   PackedSequences packed = pack_sequences(seqs);
   const int64_t T = packed.batch.size();
-  arena_.clear();
+  r_.step_arena_.reset();
   check_memory(T, 1, upstream != nullptr, true);
 
   // The step's K/V: one layer's pages, rewritten by each layer's forward and recomputation.
@@ -133,7 +134,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   r_.upload_async(targets_d, targets.data(), targets.size() * 4);
   float *lse = alloc<float>(T), *logp = alloc<float>(T), *entropy = alloc<float>(T);
   cuda::log_normalizer_rows(logits, lse, T, V, st);
-  cuda::log_softmax_gather(logits, targets_d, logp, T, V, st);
+  cuda::gather_log_probs(logits, lse, targets_d, logp, T, V, st);  // the score path's bits
   if (want_entropy) cuda::softmax_entropy(logits, lse, entropy, T, V, st);
   std::vector<float> logp_h(static_cast<size_t>(T)), ent_h(static_cast<size_t>(T));
   r_.download(logp_h.data(), logp, logp_h.size() * 4);
@@ -145,7 +146,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   }
   if (!upstream) {
     *scored = std::move(lp);
-    arena_.clear();
+    r_.step_arena_.reset();  // the downloads above waited for the stream
     return;
   }
   const std::vector<SequenceGradInput> up = upstream(0, lp, ent);
@@ -180,7 +181,8 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
                                     any_entropy ? entropy : nullptr, logits, T, V, st);
   BackwardScratch s = scratch(T);
   float* dx = alloc<float>(T * H);
-  cuda::linear_grads_consuming_dy(logits, hidden, r_.lm_head_, g_head, s.dh, T, V, H, chunks, s.outer_pending, st);
+  cuda::linear_grads_consuming_dy(logits, hidden, r_.lm_head_, g_head, s.dh, T, V, H, chunks, s.outer_pending, st,
+                                  kGradientOperand);
   cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
   cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, s.norm_partials, T, H, true, chunks,
                          st);
@@ -236,7 +238,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   if (c.tie_word_embeddings) cuda::add_inplace(g_embed, g_head, V * H, st);  // the lookup part, then the head's
 
   LS_CUDA_CHECK(cudaStreamSynchronize(st));
-  arena_.clear();
+  r_.step_arena_.reset();
 }
 
 ModelWeights download_named(const DeviceFloats& d, const ModelConfig& c, cudaStream_t st) {

@@ -29,7 +29,7 @@ class CudaTrainer {
  private:
   template <typename T>
   T* alloc(int64_t n) {
-    return arena_.alloc<T>(n);
+    return r_.step_arena_.alloc<T>(n);
   }
   BackwardScratch scratch(int64_t T);
 
@@ -39,7 +39,6 @@ class CudaTrainer {
   CudaRunner& r_;
   const ModelConfig& c_;
   int64_t recompute_num_layers_;
-  DeviceArena arena_;
 };
 
 // Device tensors in the weights' structure on the host (a tied lm_head shares the embedding's).
