@@ -140,6 +140,35 @@ TEST(CudaTrainer, GradientsAreTheSameBitsWhateverLayersAreRecomputed) {
   }
 }
 
+TEST(CudaTrainer, AnExpertWithoutTokensHasZeroGradientsWhateverItsBufferHeld) {
+  LS_SKIP_WITHOUT_GPU();
+  ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
+  auto runner = make_cuda_runner(weights, Precision::bfloat16);
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
+  // A step over every expert first, so that the next step's buffers likely held gradients.
+  cuda_step_grads(*runner, fixture_sequences(), false, upstream);
+  const std::vector<std::vector<int32_t>> two_tokens = {{5, 9}};  // at most 4 of 8 experts a layer
+  ModelWeights gpu = cuda_step_grads(*runner, two_tokens, false, upstream);
+  Qwen3Moe cpu_model(weights, Precision::bfloat16);
+  ParallelGrad cpu_grad(cpu_model);
+  ModelWeights cpu = cpu_grad.step_grads({two_tokens}, false, upstream);
+  int idle = 0;
+  for (size_t l = 0; l < cpu.layers.size(); ++l)
+    for (size_t e = 0; e < cpu.layers[l].experts.size(); ++e) {
+      const auto& want = cpu.layers[l].experts[e];
+      const auto& got = gpu.layers[l].experts[e];
+      const auto zero = [](const Tensor& t) {
+        for (int64_t i = 0; i < t.numel(); ++i)
+          if (t.data<float>()[i] != 0.0f) return false;
+        return true;
+      };
+      if (!zero(want.gate) || !zero(want.up) || !zero(want.down)) continue;  // the expert had rows
+      ++idle;
+      EXPECT_TRUE(zero(got.gate) && zero(got.up) && zero(got.down)) << "layer " << l << " expert " << e;
+    }
+  EXPECT_GE(idle, 8);
+}
+
 TEST(CudaTrainer, AStepThatCannotFitIsRefusedBeforeAnyAllocation) {
   LS_SKIP_WITHOUT_GPU();
   // One small layer with a large vocabulary: 400k tokens' fp32 logits alone exceed any GPU.

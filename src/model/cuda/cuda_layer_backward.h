@@ -137,7 +137,11 @@ struct CudaLayerBackwardOps {
     const auto as_split = [](const float* p) { return reinterpret_cast<const cuda::bf16_t*>(p); };
     for (int64_t e = 0; e < E; ++e) {
       const int64_t first = offsets[size_t(e)], n = offsets[size_t(e) + 1] - first;
-      if (n == 0) continue;
+      if (n == 0) {  // no GEMM writes its gradients
+        LS_CUDA_CHECK(cudaMemsetAsync(g.gate_up + e * 2 * I * H, 0, size_t(2 * I * H) * 4, st));
+        LS_CUDA_CHECK(cudaMemsetAsync(g.down + e * H * I, 0, size_t(H * I) * 4, st));
+        continue;
+      }
       max_rows = std::max(max_rows, n);
       const cuda::ChunkBounds b = cuda::chunk_bounds(cpu::token_chunks_of(row_token.data() + first, n, T));
       const auto *dy = as_split(s.dy_rows + first * H), *dgate = as_split(s.dgate + first * I),

@@ -169,8 +169,8 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   r_.upload_async(dlogp_d, dlogp.data(), dlogp.size() * 4);
   r_.upload_async(dent_d, dent.data(), dent.size() * 4);
 
-  // ---- Gradients, zeroed (an expert without tokens keeps zeros).
-  grads->zero(st);
+  // ---- Gradients: every kernel overwrites its tensor (the embedding's table zeroed first, the
+  // experts without tokens zeroed by the MoE backward), so the buffer needs no clearing.
   float *g_embed = grads->embed, *g_head = grads->lm_head, *g_final_norm = grads->final_norm;
   std::vector<DeviceLayerFloats>& g_layers = grads->layers;
 

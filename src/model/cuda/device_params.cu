@@ -27,10 +27,6 @@ void DeviceFloats::allocate(const ModelConfig& c) {
   }
 }
 
-void DeviceFloats::zero(cudaStream_t s) {
-  for (auto [p, n] : buffers) LS_CUDA_CHECK(cudaMemsetAsync(p, 0, size_t(n) * 4, s));
-}
-
 void DeviceFloats::add(const DeviceFloats& other, cudaStream_t s) {
   LS_CHECK(other.buffers.size() == buffers.size(), "device gradients: layouts differ");
   for (size_t i = 0; i < buffers.size(); ++i)

@@ -29,7 +29,6 @@ struct DeviceFloats {
   DeviceArena arena;
 
   void allocate(const ModelConfig& c);
-  void zero(cudaStream_t s);
   // this += other, elementwise (the micro-batch tree's add; the same layout).
   void add(const DeviceFloats& other, cudaStream_t s);
 };
