@@ -63,6 +63,8 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   PackedSequences packed = pack_sequences(seqs);
   const int64_t T = packed.batch.size();
   r_.step_arena_.reset();
+  const TrainMemory plan = cuda_train_memory(c_, T, 1, upstream ? recompute_num_layers_ : -1);
+  r_.step_arena_.prepare(plan.logits + plan.activations);
   check_memory(T, 1, upstream != nullptr, true);
 
   // The step's K/V: one layer's pages, rewritten by each layer's forward and recomputation.
