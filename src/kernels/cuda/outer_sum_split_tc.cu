@@ -10,6 +10,9 @@
 //
 // Split layout: each 32 bytes of 8 consecutive fp32 values hold their 8 bf16 hi, then their
 // 8 bf16 lo, so a row keeps its place and length in bytes and the split needs no second buffer.
+// The bf16 operand (GradientOperand::bf16) is g rounded once instead: pack_bf16_rows puts each
+// row's bf16 values at the front of its own bytes, and the kernels load only those, one MMA a
+// k16 step.
 //
 // The procedure per output element is outer_sum_tc.cu's: per chunk, k16 steps from the chunk's
 // first row (rows past its end zero in both operands, no step wholly past it), each step

@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <bool kWeight, int kBK, bool kLo = true>
+template <bool kWeight, int kBK, bool kLo>
 void launch(const Problems& problems, int64_t max_I, int64_t g_pitch, int64_t K, float* workspace, cudaStream_t s) {
   const int64_t tiles_k = ceil_div(K, int64_t(kBK)), tiles_i = ceil_div(max_I, int64_t(kBI));
   const int64_t tiles = tiles_k * tiles_i * problems.count;

@@ -129,7 +129,7 @@ struct CudaLayerBackwardOps {
                                  st);
     clock.lap("backward_moe_recompute");
     // The experts' GEMMs, each kind one launch over the experts with tokens (an expert without
-    // any keeps its zero gradients): down (weight, input), SwiGLU, gate and up (weights,
+    // any gets zeros): down (weight, input), SwiGLU, gate and up (weights,
     // inputs). Their dy rows are read by these GEMMs only, so they are split (packed) in place.
     const bool split = split_expert_gemms(H, I);
     std::vector<cuda::SplitOuterSumGroup> down_w, down_in, gate_up_w, gate_up_in;
@@ -173,18 +173,18 @@ struct CudaLayerBackwardOps {
           cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, std::min(count - p, cuda::kMaxWgmmaGroups), max_I,
                                               g_row, g_col, K, st, kGradientOperand);
       };
-      const auto prepare = [&](float* g, int64_t cols) {
+      const auto to_operand = [&](float* g, int64_t cols) {
         if (kGradientOperand == cuda::GradientOperand::bf16)
           cuda::pack_bf16_rows(g, rows, cols, st);
         else
           cuda::split_hi_lo(g, rows * cols, st);
       };
-      prepare(s.dy_rows, H);
+      to_operand(s.dy_rows, H);
       grouped(0, n_used, H, 1, H, I);            // d down
       grouped(used, n_used, max_rows, H, 1, I);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
-      prepare(s.dgate, I);
-      prepare(s.dup, I);
+      to_operand(s.dgate, I);
+      to_operand(s.dup, I);
       grouped(2 * used, 2 * n_used, I, 1, I, H);         // d gate, d up
       grouped(4 * used, 2 * n_used, max_rows, I, 1, H);  // d x (two parts)
     } else {
