@@ -130,8 +130,7 @@ ArithProblem arith_problem(uint64_t seed, uint64_t index, int level) {
   return p;
 }
 
-void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval, int level,
-                      int64_t rl_every) {
+void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval, int level, int64_t rl_every) {
   LS_CHECK(level == 1 || level == 2, "arithmetic data: expected --level 1 or 2, got ", level);
   LS_CHECK(train > 0 && eval >= 0 && train <= (int64_t(1) << 31) && eval <= (int64_t(1) << 31),
            "arithmetic data: expected --train in [1, 2^31] and --eval in [0, 2^31], got ", train, " and ", eval);
@@ -158,7 +157,8 @@ void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int6
       to_train = it->second;
       to_sft = !it->second;
     }
-    if (to_train) (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
+    if (to_train)
+      (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
     if (to_sft) sft_f << nlohmann::json{{"prompt", p.prompt}, {"response", p.response}}.dump() << "\n";
     ++written;
   }
