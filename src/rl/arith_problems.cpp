@@ -4,6 +4,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "core/error.h"
@@ -129,10 +130,11 @@ ArithProblem arith_problem(uint64_t seed, uint64_t index, int level) {
   return p;
 }
 
-void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval, int level) {
+void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int64_t eval, int level, int64_t rl_every) {
   LS_CHECK(level == 1 || level == 2, "arithmetic data: expected --level 1 or 2, got ", level);
   LS_CHECK(train > 0 && eval >= 0 && train <= (int64_t(1) << 31) && eval <= (int64_t(1) << 31),
            "arithmetic data: expected --train in [1, 2^31] and --eval in [0, 2^31], got ", train, " and ", eval);
+  LS_CHECK(rl_every >= 0, "arithmetic data: expected --rl-every >= 0, got ", rl_every);
   namespace fs = std::filesystem;
   fs::create_directories(dir);
   std::ofstream train_f(fs::path(dir) / "train.jsonl"), eval_f(fs::path(dir) / "eval.jsonl"),
@@ -141,14 +143,23 @@ void write_arith_data(const std::string& dir, uint64_t seed, int64_t train, int6
   // The eval set skips any prompt already drawn (train or eval): level 2 draws repeat (2000
   // training draws hold ~1680 distinct prompts) and level 1 has only 1280 distinct problems.
   std::unordered_set<std::string> drawn;
+  std::unordered_map<std::string, bool> for_rl;  // training prompt -> an RL problem (with --rl-every)
   int64_t written = 0;
   for (int64_t i = 0; written < train + eval; ++i) {
     LS_CHECK(i < train + eval + kEvalScan, "arithmetic data: too few distinct problems left for --eval ", eval,
              " after --train ", train, " (level 1 has 1280 in all)");
     const ArithProblem p = arith_problem(seed, uint64_t(i), level);
     if (!drawn.insert(p.prompt).second && i >= train) continue;
-    (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
-    if (i < train) sft_f << nlohmann::json{{"prompt", p.prompt}, {"response", p.response}}.dump() << "\n";
+    bool to_train = true, to_sft = i < train;
+    if (i < train && rl_every > 0) {
+      const auto [it, first] = for_rl.emplace(p.prompt, false);
+      if (first) it->second = int64_t(for_rl.size()) % rl_every == 0;
+      to_train = it->second;
+      to_sft = !it->second;
+    }
+    if (to_train)
+      (i < train ? train_f : eval_f) << nlohmann::json{{"prompt", p.prompt}, {"label", p.label}}.dump() << "\n";
+    if (to_sft) sft_f << nlohmann::json{{"prompt", p.prompt}, {"response", p.response}}.dump() << "\n";
     ++written;
   }
   LS_CHECK(train_f.flush() && eval_f.flush() && sft_f.flush(), dir, ": write failed");  // the last bytes too

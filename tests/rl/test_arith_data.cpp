@@ -2,11 +2,14 @@
 // verifier accepts, the files `lockstep arith-data` writes, and an SFT warm start on them.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cctype>
 #include <fstream>
 #include <map>
 #include <numeric>
 #include <set>
+#include <string>
+#include <vector>
 
 #include "../cli/run_command.h"
 #include "model/config.h"
@@ -142,6 +145,37 @@ TEST(ArithData, EvalProblemsAreNeverTrainingProblems) {
   }
   const std::string e = testing::error_of([&] { write_arith_data(dir.sub("b"), 1, 100, 1300, 1); });
   EXPECT_NE(e.find("--eval 1300"), std::string::npos) << e;
+}
+
+// --rl-every N splits the training problems between the phases: every Nth distinct one (in draw
+// order) is an RL prompt only, the others SFT demonstrations only; the draws and the eval set are
+// those of the unsplit data.
+TEST(ArithData, RlEverySplitsTheTrainingProblemsBetweenSftAndRl) {
+  TempDir dir("arith_split");
+  write_arith_data(dir.sub("all"), 1, 2000, 60, 1);
+  write_arith_data(dir.sub("split"), 1, 2000, 60, 1, 3);
+  auto prompts = [](const fs::path& f) {
+    std::vector<std::string> out;
+    for (const auto& l : lines_of(f)) out.push_back(nlohmann::json::parse(l)["prompt"].get<std::string>());
+    return out;
+  };
+  const auto all = prompts(fs::path(dir.sub("all")) / "train.jsonl");
+  const auto rl = prompts(fs::path(dir.sub("split")) / "train.jsonl");
+  const auto sft = prompts(fs::path(dir.sub("split")) / "sft.jsonl");
+  std::vector<std::string> distinct;
+  for (const auto& p : all)
+    if (std::find(distinct.begin(), distinct.end(), p) == distinct.end()) distinct.push_back(p);
+  std::set<std::string> want_rl;
+  for (size_t k = 2; k < distinct.size(); k += 3) want_rl.insert(distinct[k]);
+  std::vector<std::string> want_rl_lines, want_sft_lines;
+  for (const auto& p : all) (want_rl.count(p) ? want_rl_lines : want_sft_lines).push_back(p);
+  EXPECT_EQ(rl, want_rl_lines);
+  EXPECT_EQ(sft, want_sft_lines);
+  EXPECT_EQ(want_rl.size(), distinct.size() / 3);
+  EXPECT_GT(want_rl.size(), 200u);  // level 1: 916 distinct problems in 2000 draws
+  EXPECT_EQ(read_bytes(fs::path(dir.sub("all")) / "eval.jsonl"), read_bytes(fs::path(dir.sub("split")) / "eval.jsonl"));
+  const std::string e = testing::error_of([&] { write_arith_data(dir.sub("bad"), 1, 10, 2, 1, -1); });
+  EXPECT_NE(e.find("--rl-every"), std::string::npos) << e;
 }
 
 TEST(ArithData, CommandWritesLevelOneAndRefusesAnUnknownLevel) {
