@@ -64,6 +64,12 @@ struct Shape {
 
 class CudaOuterSumSplitTc : public ::testing::TestWithParam<Shape> {};
 
+// The first n values of a [N or T, K] buffer.
+std::vector<float> head(const DeviceVec<float>& v, int64_t n) {
+  const auto all = v.take();
+  return std::vector<float>(all.begin(), all.begin() + n);
+}
+
 // The weight and input gradients of dy [T, N] against the fp32 path's bits.
 TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   LS_SKIP_WITHOUT_GPU();
@@ -77,11 +83,6 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(T), over_n = cuda::token_chunk_bounds(N);
   ASSERT_TRUE(cuda::outer_sum_split_tc_supported(1, N, K, tokens, N));
   ASSERT_TRUE(cuda::outer_sum_split_tc_supported(N, 1, K, over_n, T));
-  // The first n values of a [N or T, K] buffer.
-  const auto head = [](const DeviceVec<float>& v, int64_t n) {
-    const auto all = v.take();
-    return std::vector<float>(all.begin(), all.begin() + n);
-  };
   DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
   Want.poison();
   cuda::outer_sum_chunked_tc(Dy.get(), 1, N, as_bf16(X), K, tokens, Want.get(), N, nullptr);
@@ -126,10 +127,6 @@ TEST_P(CudaOuterSumSplitTc, TheHiHalfAloneIsTheRoundedGradientsSum) {
   cuda::pack_bf16_rows(Packed.get(), T, N, nullptr);
   cuda::split_hi_lo(SplitRounded.get(), T * N, nullptr);
   const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(T), over_n = cuda::token_chunk_bounds(N);
-  const auto head = [](const DeviceVec<float>& v, int64_t n) {
-    const auto all = v.take();
-    return std::vector<float>(all.begin(), all.begin() + n);
-  };
   DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
   const auto hi = cuda::GradientOperand::bf16;
   for (const auto tile : kEveryTile) {

@@ -144,6 +144,8 @@ void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, floa
 // its bf16 values at the front of its own bytes: element (r, c) at bf16 index 2 cols r + c.
 void round_to_bf16(float* x, int64_t n, cudaStream_t s);
 void pack_bf16_rows(float* x, int64_t rows, int64_t cols, cudaStream_t s);
+// g [rows, cols] made the split kernels' operand in place: split_hi_lo or pack_bf16_rows.
+void to_gradient_operand(float* g, int64_t rows, int64_t cols, GradientOperand operand, cudaStream_t s);
 
 // out[i] (overwritten) = tree over the chunks of (sum over the chunk's rows of a[r, i] * b[r, i])
 // (cpu::column_sum_chunked; b == nullptr sums a alone).

@@ -152,10 +152,7 @@ void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, floa
     linear_input_grad(dy, w, dx, T, N, K, s);
     return;
   }
-  if (operand == GradientOperand::bf16)
-    pack_bf16_rows(dy, T, N, s);
-  else
-    split_hi_lo(dy, T * N, s);
+  to_gradient_operand(dy, T, N, operand, s);
   const bf16_t* g = reinterpret_cast<const bf16_t*>(dy);
   outer_sum_split_tc(g, 1, N, x, K, chunks, dW, N, s, workspace, SplitTile::automatic, operand);
   outer_sum_split_tc(g, N, 1, w, K, over_n, dx, T, s, workspace, SplitTile::automatic, operand);

@@ -338,6 +338,13 @@ void pack_bf16_rows(float* x, int64_t rows, int64_t cols, cudaStream_t s) {
   LS_CUDA_LAUNCHED();
 }
 
+void to_gradient_operand(float* g, int64_t rows, int64_t cols, GradientOperand operand, cudaStream_t s) {
+  if (operand == GradientOperand::bf16)
+    pack_bf16_rows(g, rows, cols, s);
+  else
+    split_hi_lo(g, rows * cols, s);
+}
+
 bool outer_sum_split_tc_supported(int64_t g_row, int64_t g_col, int64_t K, const ChunkBounds& bounds, int64_t I) {
   if (K % 8 != 0) return false;
   if (g_row == 1) return g_col % 8 == 0 && I % 8 == 0;  // pieces along i

@@ -173,18 +173,12 @@ struct CudaLayerBackwardOps {
           cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, std::min(count - p, cuda::kMaxWgmmaGroups), max_I,
                                               g_row, g_col, K, st, kGradientOperand);
       };
-      const auto to_operand = [&](float* g, int64_t cols) {
-        if (kGradientOperand == cuda::GradientOperand::bf16)
-          cuda::pack_bf16_rows(g, rows, cols, st);
-        else
-          cuda::split_hi_lo(g, rows * cols, st);
-      };
-      to_operand(s.dy_rows, H);
+      cuda::to_gradient_operand(s.dy_rows, rows, H, kGradientOperand, st);
       grouped(0, n_used, H, 1, H, I);            // d down
       grouped(used, n_used, max_rows, H, 1, I);  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
-      to_operand(s.dgate, I);
-      to_operand(s.dup, I);
+      cuda::to_gradient_operand(s.dgate, rows, I, kGradientOperand, st);
+      cuda::to_gradient_operand(s.dup, rows, I, kGradientOperand, st);
       grouped(2 * used, 2 * n_used, I, 1, I, H);         // d gate, d up
       grouped(4 * used, 2 * n_used, max_rows, I, 1, H);  // d x (two parts)
     } else {
