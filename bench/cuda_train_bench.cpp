@@ -87,9 +87,10 @@ int main(int argc, char** argv) {
     std::printf(
         "{\"event\":\"lockstep_train_step\",\"layers\":%lld,\"batch\":%lld,\"seq\":%lld,\"seconds\":%.4f,"
         "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f,"
-        "\"recompute_num_layers\":%lld}\n",
+        "\"recompute_num_layers\":%lld,\"recomputed_layers\":%lld}\n",
         static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
-        tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec, static_cast<long long>(recompute));
+        tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec, static_cast<long long>(recompute),
+        static_cast<long long>(state.recomputed_layers()));
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());

@@ -179,7 +179,7 @@ const bool registered = register_command(
                       "cut the input into this many contiguous micro-batches (pairwise gradient tree)");
        sub.add_option("--recompute-num-layers", o->recompute_num_layers,
                       "--device cuda: the first N layers are recomputed in the backward, the rest keep their "
-                      "activations (-1 = all recomputed; the same bits either way)");
+                      "activations (-1 = as few as the free memory allows; the same bits either way)");
        add_topology_flags(sub, o->topology);
        return std::function<int()>([o] { return run_grad(*o); });
      }});

@@ -83,7 +83,7 @@ const std::vector<TrainOption>& train_options() {
       LS_OPT("num-microbatches", num_microbatches, "canonical micro-batches per optimizer step (power of two)"),
       LS_OPT("recompute-num-layers", recompute_num_layers,
              "--device cuda: the first N layers are recomputed in the backward, the rest keep their activations "
-             "(-1 = all recomputed; the same bits either way)"),
+             "(-1 = as few as the free memory allows, chosen per step; the same bits either way)"),
       LS_OPT("loss-type", loss_type, "policy_loss | sft_loss"),
       LS_OPT("advantage-estimator", advantage_estimator, "grpo | dr_grpo | reinforce_plus_plus | gspo"),
       LS_OPT("loss-agg", loss_agg, "token_mean | seq_mean_token_mean | seq_mean_token_sum"),

@@ -70,7 +70,7 @@ struct TrainConfig {
   // Training.
   int64_t global_batch_size = 128;
   int64_t num_microbatches = 4;
-  int64_t recompute_num_layers = -1;  // --device cuda: layers recomputed in the backward (-1: all)
+  int64_t recompute_num_layers = -1;  // --device cuda: layers recomputed in the backward (-1: as memory allows)
   std::string loss_type = "policy_loss";
   std::string advantage_estimator = "grpo";
   std::string loss_agg = "token_mean";

@@ -20,15 +20,34 @@ double trainer_parameter_count(const ModelConfig& c) {
 }
 
 void check_recompute_num_layers(int64_t recompute_num_layers, bool on_cuda) {
-  LS_CHECK(recompute_num_layers >= -1, "--recompute-num-layers: expected -1 (all) or a count >= 0, got ",
+  LS_CHECK(recompute_num_layers >= -1,
+           "--recompute-num-layers: expected -1 (as few as the memory allows) or a count >= 0, got ",
            recompute_num_layers);
-  LS_CHECK(recompute_num_layers == -1 || on_cuda,
+  LS_CHECK(recompute_num_layers == kRecomputeAuto || on_cuda,
            "--recompute-num-layers: the CPU trainer recomputes every layer; the flag is for --device cuda");
 }
 
-int64_t kept_layer_count(const ModelConfig& c, int64_t recompute_num_layers) {
-  if (recompute_num_layers < 0) return 0;
-  return std::max<int64_t>(0, c.num_hidden_layers - recompute_num_layers);
+int64_t kept_layer_count(const ModelConfig& c, int64_t recomputed_layers) {
+  LS_CHECK(recomputed_layers >= 0, "kept_layer_count: a recomputed-layer count >= 0, got ", recomputed_layers);
+  return std::max<int64_t>(0, c.num_hidden_layers - std::min(recomputed_layers, c.num_hidden_layers));
+}
+
+int64_t recomputed_layer_count(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
+                               int64_t recompute_num_layers, bool gradients_held, double available_bytes) {
+  const int64_t layers = c.num_hidden_layers;
+  if (recompute_num_layers != kRecomputeAuto) {
+    LS_CHECK(recompute_num_layers >= 0,
+             "--recompute-num-layers: expected -1 (as few as the memory allows) or a "
+             "count >= 0, got ",
+             recompute_num_layers);
+    return std::min(recompute_num_layers, layers);
+  }
+  // The plan is close to what the step allocates; the headroom covers the allocator's rounding.
+  const double usable = available_bytes - std::max(double(int64_t(1) << 30), 0.03 * available_bytes);
+  const double all = cuda_train_memory(c, tokens, micro_batches, layers).step_bytes(gradients_held);
+  const double per_layer = kept_layer_bytes(c, tokens);
+  if (usable <= all) return layers;
+  return layers - std::min<int64_t>(layers, int64_t((usable - all) / per_layer));
 }
 
 double kept_layer_bytes(const ModelConfig& c, int64_t tokens) {
@@ -40,8 +59,7 @@ double kept_layer_bytes(const ModelConfig& c, int64_t tokens) {
          2 * (2 * t / 64 + 1) * 64 * kd * 2;
 }
 
-TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
-                              int64_t recompute_num_layers) {
+TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches, int64_t recomputed_layers) {
   const double H = double(c.hidden_size), V = double(c.vocab_size), NL = double(c.num_hidden_layers);
   const double qd = double(c.q_dim()), kd = double(c.kv_dim());
   const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
@@ -66,7 +84,7 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
                    (t * E + 2 * t * k) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
   // The large-tile outer sums' workspace: 256 KB an SM, bounded here by 256 SMs.
   m.activations += 256.0 * 256 * 1024;
-  m.activations += double(kept_layer_count(c, recompute_num_layers)) * kept_layer_bytes(c, tokens);
+  m.activations += double(kept_layer_count(c, recomputed_layers)) * kept_layer_bytes(c, tokens);
   return m;
 }
 

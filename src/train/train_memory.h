@@ -16,22 +16,36 @@ struct TrainMemory {
   double activations = 0;  // kept layer inputs, one layer's recomputed intermediates, scratch, and
                            // the intermediates of the layers not recomputed
   double total() const { return weights + optimizer + gradients + logits + activations; }
+  // What a step allocates beside the weights and the optimizer state (the gradients too unless
+  // they are already held).
+  double step_bytes(bool gradients_held) const { return logits + (gradients_held ? 0 : gradients) + activations; }
 };
 
+// --recompute-num-layers' default: as few layers recomputed as the free memory allows.
+constexpr int64_t kRecomputeAuto = -1;
+// A recomputed-layer count meaning every layer.
+constexpr int64_t kRecomputeAll = int64_t(1) << 40;
+
 // `tokens`: one micro-batch's packed tokens; `micro_batches`: per optimizer step (a power of
-// two; the tree keeps log2 of it plus one gradient buffers); `recompute_num_layers`: the first
-// that many layers are recomputed in the backward, the others keep their forward's
-// intermediates (-1: every layer is recomputed).
+// two; the tree keeps log2 of it plus one gradient buffers); `recomputed_layers`: the first
+// that many layers (a count >= 0; kRecomputeAll: every one) are recomputed in the backward,
+// the others keep their forward's intermediates.
 TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
-                              int64_t recompute_num_layers = -1);
+                              int64_t recomputed_layers = kRecomputeAll);
 
 // Refuses (naming --recompute-num-layers) a value below -1, or any but -1 off the GPU: the CPU
 // trainer recomputes every layer.
 void check_recompute_num_layers(int64_t recompute_num_layers, bool on_cuda);
 
-// Layers whose intermediates the forward keeps: those after the first recompute_num_layers
-// (-1: none).
-int64_t kept_layer_count(const ModelConfig& c, int64_t recompute_num_layers);
+// Layers whose intermediates the forward keeps: those after the first recomputed_layers.
+int64_t kept_layer_count(const ModelConfig& c, int64_t recomputed_layers);
+
+// The layers a step recomputes for --recompute-num-layers `recompute_num_layers`: the count
+// given (at most every layer), or with kRecomputeAuto the fewest whose step (step_bytes) fits
+// `available_bytes` less a headroom (1 GiB or 3%, the larger), else every layer. Keeping
+// a layer changes no bit, only the time and the memory.
+int64_t recomputed_layer_count(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
+                               int64_t recompute_num_layers, bool gradients_held, double available_bytes);
 
 // Bytes of one kept layer's intermediates at `tokens` tokens (what its backward reads: the
 // norms' outputs, q/k/v, q after RoPE, the attention output, the router's logits, choices and

@@ -121,7 +121,7 @@ TEST(CudaTrainer, LogprobsAreTheEnginesScoreBitsAndStepsRepeatExactly) {
 
 // A layer not recomputed keeps the forward's intermediates, which the recomputation would
 // have rebuilt with the same functions: the gradients have the same bits with every layer
-// recomputed, none, or the first only.
+// recomputed, none, the first only, or as many as the memory allows (the default).
 TEST(CudaTrainer, GradientsAreTheSameBitsWhateverLayersAreRecomputed) {
   LS_SKIP_WITHOUT_GPU();
   auto seqs = fixture_sequences();
@@ -129,9 +129,10 @@ TEST(CudaTrainer, GradientsAreTheSameBitsWhateverLayersAreRecomputed) {
   ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
   auto runner = make_cuda_runner(weights, Precision::bfloat16);
   const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
-  ModelWeights all = cuda_step_grads(*runner, seqs, false, upstream);
-  ASSERT_GE(weights.config.num_hidden_layers, 2);
-  for (const int64_t recompute : {int64_t(0), int64_t(1)}) {
+  const int64_t layers = weights.config.num_hidden_layers;
+  ASSERT_GE(layers, 2);
+  ModelWeights all = cuda_step_grads(*runner, seqs, false, upstream, layers);
+  for (const int64_t recompute : {int64_t(0), int64_t(1), kRecomputeAuto}) {
     ModelWeights g = cuda_step_grads(*runner, seqs, false, upstream, recompute);
     auto want = all.named(), got = g.named();
     for (auto& [name, t] : want)

@@ -109,7 +109,9 @@ TEST(RlConfig, RecomputeNumLayersIsRefusedOutOfRangeOrOnTheCpu) {
   TrainConfig c = testing::tiny_run(dir, "bad");
   c.recompute_num_layers = -2;
   std::string e = error_of([&] { run_training(c); });
-  EXPECT_NE(e.find("--recompute-num-layers: expected -1 (all) or a count >= 0, got -2"), std::string::npos) << e;
+  EXPECT_NE(e.find("--recompute-num-layers: expected -1 (as few as the memory allows) or a count >= 0, got -2"),
+            std::string::npos)
+      << e;
   c.recompute_num_layers = 1;  // device cpu
   e = error_of([&] { run_training(c); });
   EXPECT_NE(e.find("--recompute-num-layers: the CPU trainer recomputes every layer"), std::string::npos) << e;

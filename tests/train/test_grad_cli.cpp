@@ -1,13 +1,13 @@
 // `lockstep grad` end to end on the fixture: seq0 and seq2 in, loss and gradients out,
 // compared with the Hugging Face float64 reference; bad input fails with a clear message.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
-#include <sys/wait.h>
 
 #include "../model/test_helpers.h"
 #include "core/jsonl.h"
@@ -44,8 +44,8 @@ int run_grad(const std::string& input, const std::string& output, const std::str
 
 TEST(GradCli, MatchesHfGradients) {
   std::string input = temp_path("in.jsonl"), output = temp_path("out.safetensors"), err = temp_path("err.txt");
-  write_file(input, "{\"input_ids\":" + format_ints(golden_ids("seq0.input_ids")) + "}\n{\"input_ids\":" +
-                        format_ints(golden_ids("seq2.input_ids")) + "}\n");
+  write_file(input, "{\"input_ids\":" + format_ints(golden_ids("seq0.input_ids")) +
+                        "}\n{\"input_ids\":" + format_ints(golden_ids("seq2.input_ids")) + "}\n");
   ASSERT_EQ(run_grad(input, output, err), 0) << read_file(err);
   SafetensorsReader out = SafetensorsReader::open(output);
   const Tensor& loss = out.get("loss");
@@ -99,8 +99,8 @@ TEST(GradCli, BadInputFailsClearly) {
   expect_failure("device", "{\"input_ids\":[1,2,3]}\n", "cpu", "--device tpu");
   expect_failure("recompute_cpu", "{\"input_ids\":[1,2,3]}\n", "the flag is for --device cuda",
                  "--recompute-num-layers 1");
-  expect_failure("recompute_range", "{\"input_ids\":[1,2,3]}\n", "expected -1 (all) or a count >= 0, got -3",
-                 "--recompute-num-layers -3");
+  expect_failure("recompute_range", "{\"input_ids\":[1,2,3]}\n",
+                 "expected -1 (as few as the memory allows) or a count >= 0, got -3", "--recompute-num-layers -3");
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // tensors, grow with the step, and put the 8-layer Qwen3-30B-A3B slice on one H200.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <string>
 
 #include "../model/test_helpers.h"
@@ -47,7 +48,7 @@ TEST(TrainMemory, TheEightLayerSliceFitsOneH200AndTheWholeModelDoesNot) {
 TEST(TrainMemory, LayersNotRecomputedKeepTheirIntermediates) {
   ModelConfig c = ModelConfig::load(std::string(LOCKSTEP_SOURCE_DIR) + "/models/qwen3-30b-a3b/config.json");
   c.num_hidden_layers = 8;
-  EXPECT_EQ(kept_layer_count(c, -1), 0);
+  EXPECT_EQ(kept_layer_count(c, kRecomputeAll), 0);
   EXPECT_EQ(kept_layer_count(c, 8), 0);
   EXPECT_EQ(kept_layer_count(c, 11), 0);
   EXPECT_EQ(kept_layer_count(c, 3), 5);
@@ -62,6 +63,42 @@ TEST(TrainMemory, LayersNotRecomputedKeepTheirIntermediates) {
   EXPECT_GT(kept_layer_bytes(c, 8192), 8192.0 * 8 * 2048 * 2);
   EXPECT_LT(kept_layer_bytes(c, 8192), 1e9);
   EXPECT_LT(none.total(), 141e9);  // keeping every layer's still fits an H200 at 8 layers
+}
+
+// --recompute-num-layers -1 keeps as many layers as the memory holds beside the step, and
+// recomputes every layer when even that does not fit (the step's check then refuses it).
+TEST(TrainMemory, TheDefaultRecomputesTheFewestLayersThatFit) {
+  ModelConfig c = ModelConfig::load(std::string(LOCKSTEP_SOURCE_DIR) + "/models/qwen3-30b-a3b/config.json");
+  c.num_hidden_layers = 8;
+  const double layer = kept_layer_bytes(c, 8192);
+  const double all = cuda_train_memory(c, 8192, 1, kRecomputeAll).step_bytes(false);
+  const double all_held = cuda_train_memory(c, 8192, 1, kRecomputeAll).step_bytes(true);
+  EXPECT_EQ(all - all_held, cuda_train_memory(c, 8192, 1).gradients);
+  const auto count = [&](double available, bool held = false) {
+    return recomputed_layer_count(c, 8192, 1, kRecomputeAuto, held, available);
+  };
+  // Available bytes whose usable part (less the 3% headroom, above 1 GiB here) is the step with
+  // every layer recomputed plus `kept` layers' intermediates.
+  ASSERT_GT(0.03 * all, double(int64_t(1) << 30));
+  const auto room_for = [&](double kept) { return (all + kept * layer) / 0.97; };
+  EXPECT_EQ(count(1e15), 0);  // room for everything
+  EXPECT_EQ(count(all), 8);   // no room even for the step: every layer (refused later)
+  EXPECT_EQ(count(room_for(0.5)), 8);
+  EXPECT_EQ(count(room_for(1.01)), 7);
+  EXPECT_EQ(count(room_for(3.5)), 5);
+  EXPECT_EQ(count(room_for(8.5)), 0);
+  // Held gradients leave more room: the same bytes keep more layers.
+  EXPECT_LT(count(room_for(1.01), true), count(room_for(1.01)));
+  // An explicit count is taken as given (clamped to the layers), whatever the memory.
+  EXPECT_EQ(recomputed_layer_count(c, 8192, 1, 3, false, 1e15), 3);
+  EXPECT_EQ(recomputed_layer_count(c, 8192, 1, 0, false, 1.0), 0);
+  EXPECT_EQ(recomputed_layer_count(c, 8192, 1, 11, false, 1e15), 8);
+  // The chosen count's plan fits what was available less the headroom.
+  for (const double available : {120e9, 60e9, 30e9, 25e9}) {
+    const int64_t r = count(available);
+    if (r < 8) EXPECT_LE(cuda_train_memory(c, 8192, 1, r).step_bytes(false), 0.97 * available) << available;
+    if (r > 0) EXPECT_GT(cuda_train_memory(c, 8192, 1, r - 1).step_bytes(false), 0.97 * available) << available;
+  }
 }
 
 }  // namespace

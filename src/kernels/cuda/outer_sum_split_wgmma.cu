@@ -36,7 +36,6 @@ namespace {
 constexpr int kThreads = 256;                  // two warpgroups
 constexpr int kBI = 128;                       // output rows a tile
 constexpr int kRows = 64;                      // summed rows a stage: four k16 steps
-constexpr int kStages = 3;                     // stage ring
 constexpr int kAtom = kRows * 128;             // bytes of 64 MN-major columns over a stage's rows
 constexpr int kATile = kBI * kRows * 2;        // hi or lo: 16 KB
 constexpr int kMaxProblems = kMaxWgmmaGroups;  // the experts' largest launch: gate and up of 128
@@ -54,16 +53,20 @@ struct Problems {
   Problem p[kMaxProblems];
 };
 
-template <int kBK>
+// kLo: the stage holds g's lo tile too. The ring takes as many stages as shared memory holds
+// (the bf16 operand's stages are a third smaller, so its loads run further ahead).
+template <int kBK, bool kLo>
 struct WgTile {
   static constexpr int Acc = kBK / 2, Fragments = Acc / 4;  // a thread's
   static constexpr bool PendingInRegisters = kBK == 128;    // level 0 (registers), 1 (shared); else the workspace
-  static constexpr int BTile = kBK * kRows * 2, StageBytes = 2 * kATile + BTile;
+  static constexpr int BTile = kBK * kRows * 2, StageBytes = (kLo ? 2 : 1) * kATile + BTile;
   static constexpr int PendingSmemBytes = PendingInRegisters ? Fragments * kThreads * 16 : 0;
-  static constexpr int SmemBytes = 1024 + kStages * StageBytes + PendingSmemBytes;  // 1 KB to align
+  static constexpr int Stages = std::min(6, (227 * 1024 - 1024 - PendingSmemBytes) / StageBytes);
+  static constexpr int SmemBytes = 1024 + Stages * StageBytes + PendingSmemBytes;  // 1 KB to align
 };
-static_assert(2 * WgTile<256>::Acc * kThreads == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
-static_assert(WgTile<128>::SmemBytes <= 227 * 1024 && WgTile<256>::SmemBytes <= 227 * 1024, "shared memory");
+static_assert(2 * WgTile<256, true>::Acc * kThreads == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
+static_assert(WgTile<256, true>::Stages == 3 && WgTile<128, true>::Stages == 3, "the exact operand's ring");
+static_assert(WgTile<256, false>::Stages == 4 && WgTile<128, false>::Stages == 5, "the bf16 operand's ring");
 
 // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one block an SM): column block t % tiles_k,
 // row block (t / tiles_k) % tiles_i of problem t / (tiles_k tiles_i). kLo: g split, the lo
@@ -73,7 +76,8 @@ template <bool kWeight, int kBK, bool kLo>
 __global__ void __launch_bounds__(kThreads, 1)
     outer_sum_split_wgmma_kernel(const __grid_constant__ Problems problems, int64_t g_pitch, int64_t K, int64_t tiles_k,
                                  int64_t tiles_i, int64_t tiles, float* workspace) {
-  using Tile = WgTile<kBK>;
+  using Tile = WgTile<kBK, kLo>;
+  constexpr int kStages = Tile::Stages;
   // Stages loaded ahead. Long chunks: one, and one stage's MMAs in flight in the third slot.
   // Short chunks (the 128-wide tile's experts, ~1 stage a chunk) drain the MMAs at every chunk
   // end anyway: there each stage's MMAs finish before the next, and loads run two ahead.
@@ -100,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // One stage (chunk rows [s0, end)) into ring slot `slot`: 2048 pieces of g (hi and lo of
     // 1024 groups of 8, adjacent threads a group's two halves) and BK * 8 of m.
     auto load = [&](int slot, int64_t s0, int64_t end) {
-      const uint32_t a_hi = base + slot * Tile::StageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
+      const uint32_t a_hi = base + slot * Tile::StageBytes, a_lo = a_hi + kATile, b = a_hi + (kLo ? 2 : 1) * kATile;
       if constexpr (!kLo) {
 #pragma unroll
         for (int j = 0; j < kBI * kRows / 8 / kThreads; ++j) {
@@ -165,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_proxy_async();          // ... and are visible to the tensor cores
         __syncthreads();              // everyone's; the slot loaded next is no longer read
         load_next();
-        const uint32_t a_hi = base + slot * Tile::StageBytes, a_lo = a_hi + kATile, b = a_lo + kATile;
+        const uint32_t a_hi = base + slot * Tile::StageBytes, a_lo = a_hi + kATile, b = a_hi + (kLo ? 2 : 1) * kATile;
         slot = (slot + 1) % kStages;
         const int64_t live = end - s0;
         // k16 steps up to the chunk's end: a whole stage, else 1-3 (one branch each).
@@ -229,7 +233,7 @@ void launch(const Problems& problems, int64_t max_I, int64_t g_pitch, int64_t K,
   const int64_t tiles = tiles_k * tiles_i * problems.count;
   const int64_t blocks = std::min<int64_t>(tiles, sm_count());  // one workspace slot a block
   const auto kernel = outer_sum_split_wgmma_kernel<kWeight, kBK, kLo>;
-  constexpr int bytes = WgTile<kBK>::SmemBytes;
+  constexpr int bytes = WgTile<kBK, kLo>::SmemBytes;
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<unsigned(blocks), kThreads, bytes, s>>>(problems, g_pitch, K, tiles_k, tiles_i, tiles, workspace);
   LS_CUDA_LAUNCHED();

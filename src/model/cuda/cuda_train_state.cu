@@ -12,7 +12,8 @@ namespace lockstep {
 struct CudaTrainState::Impl {
   cuda_model::CudaRunner& r;
   OptimizerConfig config;
-  int64_t recompute_num_layers = -1;  // CudaTrainer's
+  int64_t recompute_num_layers = kRecomputeAuto;  // CudaTrainer's
+  int64_t recomputed_layers = 0;                  // the most a micro-batch of the last step recomputed
   int64_t step = 0;
   std::vector<DeviceSegment> segments;  // for_each_param order
   std::vector<std::string> names;
@@ -109,11 +110,13 @@ void CudaTrainState::compute_grads(const std::vector<std::vector<std::vector<int
   for (auto& e : m.stack) m.spare.push_back(std::move(e));
   m.stack.clear();
   cuda_model::CudaTrainer trainer(m.r, m.recompute_num_layers);
+  m.recomputed_layers = 0;
   for (size_t j = 0; j < micro_batches.size(); ++j) {
     auto g = m.take_buffer();
     trainer.step_grads(
         micro_batches[j], want_entropy,
         [&](int64_t, const auto& lp, const auto& ent) { return upstream(int64_t(j), lp, ent); }, g.get());
+    m.recomputed_layers = std::max(m.recomputed_layers, trainer.last_recomputed_layers());
     m.stack.push_back({0, std::move(g)});
     // Two partials of the same level are siblings: left += right (PairwiseGradAccumulator).
     while (m.stack.size() >= 2 && m.stack[m.stack.size() - 1].first == m.stack[m.stack.size() - 2].first) {
@@ -126,6 +129,8 @@ void CudaTrainState::compute_grads(const std::vector<std::vector<std::vector<int
   }
   // A tied lm_head's gradient is in the embedding's (cuda_step_grads adds it).
 }
+
+int64_t CudaTrainState::recomputed_layers() const { return impl_->recomputed_layers; }
 
 void CudaTrainState::poison_first_gradient() {
   Impl& m = *impl_;

@@ -35,19 +35,37 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   return s;
 }
 
-void CudaTrainer::check_memory(int64_t T, int64_t micro_batches, bool backward, bool grads_held) const {
-  // The weights and the optimizer state are already on the device; the step adds the rest.
-  const TrainMemory m = cuda_train_memory(c_, T, micro_batches, backward ? recompute_num_layers_ : -1);
-  const double grads = backward && !grads_held ? m.gradients : 0.0;
+double CudaTrainer::free_step_bytes() const {
   size_t free_bytes = 0, total_bytes = 0;
   LS_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  free_bytes += r_.step_arena_.held_bytes();  // the last step's block serves this one
-  const double need = m.logits + grads + m.activations, gib = 1024.0 * 1024.0 * 1024.0;
-  char detail[160];
-  std::snprintf(detail, sizeof detail, "%.1f GiB of GPU memory (logits %.1f, gradients %.1f, activations %.1f), %.1f",
-                need / gib, m.logits / gib, grads / gib, m.activations / gib, double(free_bytes) / gib);
-  LS_CHECK(need <= double(free_bytes), "cuda trainer: a micro-batch of ", T, " tokens needs ", detail,
-           " GiB free: cut the batch into more micro-batches (--num-microbatches)");
+  return double(free_bytes) + double(r_.step_arena_.held_bytes());
+}
+
+int64_t CudaTrainer::recomputed_layers(int64_t T, int64_t micro_batches, bool backward, bool grads_held) const {
+  if (!backward) return kRecomputeAll;
+  return recomputed_layer_count(c_, T, micro_batches, recompute_num_layers_, grads_held, free_step_bytes());
+}
+
+void CudaTrainer::check_memory(int64_t T, int64_t micro_batches, bool backward, bool grads_held) const {
+  check_fits(T, micro_batches, recomputed_layers(T, micro_batches, backward, grads_held), backward, grads_held);
+}
+
+void CudaTrainer::check_fits(int64_t T, int64_t micro_batches, int64_t recomputed, bool backward,
+                             bool grads_held) const {
+  // The weights and the optimizer state are already on the device; the step adds the rest.
+  const TrainMemory m = cuda_train_memory(c_, T, micro_batches, recomputed);
+  const double free_bytes = free_step_bytes(), gib = 1024.0 * 1024.0 * 1024.0;
+  const double grads = backward && !grads_held ? m.gradients : 0.0, need = m.logits + grads + m.activations;
+  char detail[224];
+  std::snprintf(detail, sizeof detail,
+                "%.1f GiB of GPU memory (logits %.1f, gradients %.1f, activations %.1f with %lld of %lld layers "
+                "recomputed), %.1f",
+                need / gib, m.logits / gib, grads / gib, m.activations / gib,
+                static_cast<long long>(std::min(recomputed, c_.num_hidden_layers)),
+                static_cast<long long>(c_.num_hidden_layers), free_bytes / gib);
+  LS_CHECK(need <= free_bytes, "cuda trainer: a micro-batch of ", T, " tokens needs ", detail,
+           " GiB free: cut the batch into more micro-batches (--num-microbatches) or recompute more layers "
+           "(--recompute-num-layers)");
 }
 
 void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy,
@@ -63,9 +81,10 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   PackedSequences packed = pack_sequences(seqs);
   const int64_t T = packed.batch.size();
   r_.step_arena_.reset();
-  const TrainMemory plan = cuda_train_memory(c_, T, 1, upstream ? recompute_num_layers_ : -1);
+  recomputed_layers_ = recomputed_layers(T, 1, upstream != nullptr, true);
+  check_fits(T, 1, recomputed_layers_, upstream != nullptr, true);
+  const TrainMemory plan = cuda_train_memory(c_, T, 1, recomputed_layers_);
   r_.step_arena_.prepare(plan.logits + plan.activations);
-  check_memory(T, 1, upstream != nullptr, true);
 
   // The step's K/V: one layer's pages, rewritten by each layer's forward and recomputation.
   const int64_t pages = packed.num_pages, D = c.head_dim, nkv = c.num_key_value_heads;

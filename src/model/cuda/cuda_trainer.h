@@ -16,6 +16,7 @@
 #include "model/runner.h"
 #include "parallel/parallel_backward.h"
 #include "train/optimizer.h"
+#include "train/train_memory.h"
 
 namespace lockstep {
 
@@ -24,15 +25,16 @@ namespace lockstep {
 // once (micro-batch 0) with each sequence's log-probs (and entropies when `want_entropy`) and
 // returns d objective / d logp (and d entropy) per predicted token, as for ParallelGrad.
 // recompute_num_layers: the first that many layers are recomputed in the backward, the others
-// keep their forward's intermediates (-1: all recomputed); the same bits either way.
+// keep their forward's intermediates; -1 (kRecomputeAuto): as few as the free memory allows,
+// chosen per step (train/train_memory.h). The same bits either way.
 ModelWeights cuda_step_grads(ModelRunner& runner, const std::vector<std::vector<int32_t>>& sequences, bool want_entropy,
-                             const UpstreamFn& upstream, int64_t recompute_num_layers = -1);
+                             const UpstreamFn& upstream, int64_t recompute_num_layers = kRecomputeAuto);
 
 // Refuses (naming the bytes it needs and the bytes free) a training micro-batch of `tokens`
 // tokens, in steps of `micro_batches`, that would not fit the GPU's free memory beside the
 // weights and optimizer state already there (train/train_memory.h); run before the first step.
 void cuda_check_step_memory(ModelRunner& runner, int64_t tokens, int64_t micro_batches,
-                            int64_t recompute_num_layers = -1);
+                            int64_t recompute_num_layers = kRecomputeAuto);
 
 // Per-token log-probs of whole sequences (at least 2 tokens each) by the trainer's forward, in
 // steps of at most max_batch_tokens tokens: the bits of runner_score_sequences on the same
@@ -51,13 +53,15 @@ class CudaTrainState {
   // Uploads `optimizer`'s state (fresh: the masters are the weights; or a checkpoint's).
   // recompute_num_layers as for cuda_step_grads.
   CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
-                 int64_t recompute_num_layers = -1);
+                 int64_t recompute_num_layers = kRecomputeAuto);
   ~CudaTrainState();
 
   // The gradients of the micro-batches (each one packed forward), summed by the pairwise tree
   // over their index on the device; `upstream` as for cuda_step_grads (micro-batch j).
   void compute_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches, bool want_entropy,
                      const UpstreamFn& upstream);
+  // The layers the last compute_grads recomputed (its largest micro-batch's count).
+  int64_t recomputed_layers() const;
   // Test hook: poisons the first gradient element of the first tensor by name.
   void poison_first_gradient();
   // The norm, the finiteness check (naming the first bad tensor, state untouched) and AdamW of
