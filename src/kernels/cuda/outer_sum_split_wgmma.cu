@@ -78,11 +78,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  int64_t tiles_i, int64_t tiles, float* workspace) {
   using Tile = WgTile<kBK, kLo>;
   constexpr int kStages = Tile::Stages;
-  // Stages loaded ahead. Long chunks: one, and one stage's MMAs in flight in the third slot.
-  // Short chunks (the 128-wide tile's experts, ~1 stage a chunk) drain the MMAs at every chunk
-  // end anyway: there each stage's MMAs finish before the next, and loads run two ahead.
-  constexpr bool kDrain = Tile::PendingInRegisters;
-  constexpr int kAhead = kDrain ? kStages - 1 : kStages - 2;
+  // Stages loaded ahead: all but two slots, one stage's MMAs staying in flight while the next
+  // stage's are issued. The 128-wide tile (the experts' short chunks, ~1 stage each) takes the
+  // chunks in pairs, 2m into x and 2m + 1 into y, so the MMAs drain once a pair, not once a
+  // chunk; x is then the pending level 0 that y's fold reads.
+  constexpr bool kPairs = Tile::PendingInRegisters;
+  constexpr int kAhead = kStages - 2;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
   float4* pending = Tile::PendingInRegisters
@@ -157,10 +158,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int p = 0; p < kAhead; ++p) load_next();
 
-    float4 level0[Tile::PendingInRegisters ? Tile::Fragments : 1];
     int slot = 0;
-    for (int c = 0; c < chunk_count; ++c) {
-      float acc[Tile::Acc];
+    // Chunk c's stages into acc; one stage's MMAs may still be running on return.
+    const auto run_chunk = [&](float(&acc)[Tile::Acc], int c) {
 #pragma unroll
       for (int e = 0; e < Tile::Acc; ++e) acc[e] = 0.0f;
       const int64_t first = chunk_rows[c], end = chunk_rows[c + 1];
@@ -195,19 +195,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           step(0);
         }
         wgmma_commit();
-        if constexpr (kDrain) {
-          wgmma_wait<0>();
-          pin_registers(acc);
-        } else {
-          wgmma_wait<1>();  // the previous stage's MMAs are done: its slot may be loaded
-        }
+        wgmma_wait<1>();  // the previous stage's MMAs are done: its slot may be loaded
       }
-      wgmma_wait<0>();
-      pin_registers(acc);
-      // Accumulators 4 j .. 4 j + 3: row i (columns k, k + 1), then row i + 8 (the same).
+    };
+    // Accumulators 4 j .. 4 j + 3: row i (columns k, k + 1), then row i + 8 (the same).
+    const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;
+    // Chunk c's partial `acc` into the tree; level0(j) is fragment j's pending level 0 (read
+    // only: a fold in pairs never leaves a level 0 behind).
+    const auto fold = [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
       const bool last = c == chunk_count - 1;
       const int level = tree_level(c);
-      const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;
 #pragma unroll
       for (int j = 0; j < Tile::Fragments; ++j) {
         const int64_t k = k0 + 8 * j + 2 * (lane % 4);
@@ -216,11 +213,39 @@ __global__ void __launch_bounds__(kThreads, 1)
         float* row8 = row0 + 8 * K;
         const bool inside0 = k < K && i < I, inside8 = k < K && i + 8 < I;
         float4& mine = pending[j * kThreads + tid];
-        if constexpr (Tile::PendingInRegisters)
-          fold_fragment(fragment, level, last, level0[j], mine, row0, row8, inside0, inside8);
-        else
+        if constexpr (Tile::PendingInRegisters) {
+          float4 pending0 = level0(j);
+          fold_fragment(fragment, level, last, pending0, mine, row0, row8, inside0, inside8);
+        } else
           fold_fragment(fragment, level, last, mine, pending[(Tile::Fragments + j) * kThreads + tid], row0, row8,
                         inside0, inside8);
+      }
+    };
+    if constexpr (kPairs) {
+      float x[Tile::Acc], y[Tile::Acc];
+      for (int c = 0; c < chunk_count; c += 2) {
+        const bool pair = c + 1 < chunk_count;
+        run_chunk(x, c);
+        if (pair) run_chunk(y, c + 1);
+        wgmma_wait<0>();
+        pin_registers(x);
+        if (pair) {
+          pin_registers(y);
+          // Chunk c's fold would only have put x at level 0: y's fold reads it there.
+          fold(y, c + 1, [&](int j) -> float4 {
+            return make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]);
+          });
+        } else {
+          fold(x, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // the last chunk, at level 0
+        }
+      }
+    } else {
+      for (int c = 0; c < chunk_count; ++c) {
+        float acc[Tile::Acc];
+        run_chunk(acc, c);
+        wgmma_wait<0>();
+        pin_registers(acc);
+        fold(acc, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // levels in the workspace
       }
     }
     cp_async_wait<0>();  // no copy outlives the tile
