@@ -86,6 +86,10 @@ struct CudaLayerBackwardOps {
   const DeviceLayerFloats& g;
   BackwardScratch& s;
   PhaseClock& clock;
+  // A kept layer's expert rows, sorted on the host while the GPU ran ahead, and the same in
+  // pinned memory as [row_token | row_pair | order | offsets] (null: read the routing back now).
+  const cpu::ExpertRows* sorted_rows = nullptr;
+  const int32_t* sorted_pinned = nullptr;
 
   const ModelConfig& c = r.config_;
   cudaStream_t st = r.stream_;
@@ -107,18 +111,26 @@ struct CudaLayerBackwardOps {
     const int64_t E = c.num_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size, rows = T * k;
     // The (token, slot) rows by expert, tokens ascending in each (the CPU's assign_tokens):
     // the experts' weight-gradient trees sum in that order.
-    std::vector<int32_t> ids(static_cast<size_t>(rows));
-    LS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), w.ids, ids.size() * 4, cudaMemcpyDeviceToHost, st));
-    LS_CUDA_CHECK(cudaStreamSynchronize(st));
-    const cpu::ExpertRows by_expert = cpu::expert_rows(ids.data(), T, k, E);
+    cpu::ExpertRows read_back;
+    if (sorted_rows) {
+      const int32_t* p = sorted_pinned;
+      r.upload_async(s.row_token, p, size_t(rows) * 4);
+      r.upload_async(s.row_pair, p + rows, size_t(rows) * 4);
+      r.upload_async(s.order, p + 2 * rows, size_t(rows) * 4);
+      r.upload_async(s.group_rows, p + 3 * rows, size_t(E + 1) * 4);
+    } else {
+      std::vector<int32_t> ids(static_cast<size_t>(rows));
+      LS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), w.ids, ids.size() * 4, cudaMemcpyDeviceToHost, st));
+      LS_CUDA_CHECK(cudaStreamSynchronize(st));
+      read_back = cpu::expert_rows(ids.data(), T, k, E);
+      r.upload_async(s.row_token, read_back.row_token.data(), read_back.row_token.size() * 4);
+      r.upload_async(s.row_pair, read_back.row_pair.data(), read_back.row_pair.size() * 4);
+      r.upload_async(s.order, read_back.order.data(), read_back.order.size() * 4);
+      r.upload_async(s.group_rows, read_back.offsets.data(), read_back.offsets.size() * 4);
+    }
+    const cpu::ExpertRows& by_expert = sorted_rows ? *sorted_rows : read_back;
     const std::vector<int32_t>& row_token = by_expert.row_token;
-    const std::vector<int32_t>& row_pair = by_expert.row_pair;
     const std::vector<int32_t>& offsets = by_expert.offsets;
-    const std::vector<int32_t>& order = by_expert.order;
-    r.upload_async(s.row_token, row_token.data(), row_token.size() * 4);
-    r.upload_async(s.row_pair, row_pair.data(), row_pair.size() * 4);
-    r.upload_async(s.order, order.data(), order.size() * 4);
-    r.upload_async(s.group_rows, offsets.data(), offsets.size() * 4);
     clock.lap("backward_moe_sort");
 
     // The experts' internals, recomputed per row with the forward's GEMM and SwiGLU.

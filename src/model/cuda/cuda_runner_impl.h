@@ -66,6 +66,7 @@ class PinnedInts {
   ~PinnedInts() {
     if (p_) cudaFreeHost(p_);
   }
+  size_t capacity() const { return cap_; }
   int32_t* reserve(size_t n) {
     if (n > cap_) {
       if (p_) cudaFreeHost(p_);
@@ -880,6 +881,7 @@ class CudaRunner final : public ModelRunner {
   int64_t num_pages_ = 0, page_size_ = 0;
   Workspace ws_;
   PinnedInts pinned_;
+  PinnedInts train_pinned_;  // the trainer's: kept layers' routing and expert rows (CudaTrainer)
   std::map<int64_t, cudaGraphExec_t> graphs_;
   std::set<int64_t> seen_sizes_;
   bool one_launch_decode_ = false;

@@ -2,6 +2,8 @@
 // the head and loss gradient, each layer recomputed and run backward through the CUDA
 // backward op set (cuda_layer_backward.h), the embedding's rows; fp32 gradients in device
 // buffers of the runner's layout (device_params.h).
+#include <algorithm>
+
 #include "model/cuda/cuda_trainer.h"
 #include "model/cuda/cuda_trainer_impl.h"
 #include "model/qwen3_moe.h"
@@ -139,6 +141,19 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   }
   LS_CUDA_CHECK(cudaMemcpyAsync(final_in, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
   cuda::rmsnorm(ws.x, r_.final_norm_, hidden, T, H, eps, st);
+  // The kept MoE layers' routing goes to the host now (the log-prob download below waits for
+  // it), so their expert rows are sorted while the GPU runs the head's backward and the layers'
+  // backward never waits for a read-back.
+  const int64_t routed_rows = T * k_routed, sorted_ints = 4 * routed_rows + E + 1;
+  std::vector<int64_t> kept_moe;
+  for (int64_t l = 0; upstream && l < NL; ++l)
+    if (!recomputed(l) && c.is_moe_layer(l)) kept_moe.push_back(l);
+  const size_t pinned_ints = kept_moe.size() * size_t(sorted_ints);
+  if (r_.train_pinned_.capacity() < pinned_ints) LS_CUDA_CHECK(cudaStreamSynchronize(st));  // nothing reads the old
+  int32_t* pinned = r_.train_pinned_.reserve(pinned_ints);
+  for (size_t i = 0; i < kept_moe.size(); ++i)
+    LS_CUDA_CHECK(cudaMemcpyAsync(pinned + i * size_t(sorted_ints), kept_ws[size_t(kept_moe[i])].ids,
+                                  size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
   clock.lap("forward");
   // Logits of every token in the score path's slices (the same GEMM calls: the same bits).
   float* logits = alloc<float>(T * V);
@@ -207,6 +222,17 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
   cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, s.norm_partials, T, H, true, chunks,
                          st);
+  // The kept layers' expert rows (the CPU's assign order), each layer's over its routing.
+  std::vector<cpu::ExpertRows> sorted(static_cast<size_t>(NL));
+  for (size_t i = 0; i < kept_moe.size(); ++i) {
+    int32_t* p = pinned + i * size_t(sorted_ints);
+    cpu::ExpertRows& rows = sorted[size_t(kept_moe[i])];
+    rows = cpu::expert_rows(p, T, k_routed, E);
+    std::copy(rows.row_token.begin(), rows.row_token.end(), p);  // the routing is read: its place is free
+    std::copy(rows.row_pair.begin(), rows.row_pair.end(), p + routed_rows);
+    std::copy(rows.order.begin(), rows.order.end(), p + 2 * routed_rows);
+    std::copy(rows.offsets.begin(), rows.offsets.end(), p + 3 * routed_rows);
+  }
   clock.lap("head_backward");
 
   // ---- Layers, last first: recomputed from the kept input into buffers that keep mid and
@@ -237,6 +263,11 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
                               g_layers[size_t(l)],
                               s,
                               clock};
+    const auto kept_at = std::find(kept_moe.begin(), kept_moe.end(), l);
+    if (kept_at != kept_moe.end()) {
+      back.sorted_rows = &sorted[size_t(l)];
+      back.sorted_pinned = pinned + size_t(kept_at - kept_moe.begin()) * size_t(sorted_ints);
+    }
     layer_backward(back, r_.layers_[size_t(l)]);
   }
 
