@@ -49,7 +49,8 @@ int64_t recomputed_layer_count(const ModelConfig& c, int64_t tokens, int64_t mic
 
 // Bytes of one kept layer's intermediates at `tokens` tokens (what its backward reads: the
 // norms' outputs, q/k/v, q after RoPE, the attention output, the router's logits, choices and
-// weights, the experts' output rows, the layer's K/V pages).
+// weights, the experts' [gate | up] rows, SwiGLU and output rows, the rows' order, the layer's
+// K/V pages; an MoE layer's, the larger).
 double kept_layer_bytes(const ModelConfig& c, int64_t tokens);
 
 // Parameters in the trainer's layout (a tied lm_head counted twice: the runner and the state

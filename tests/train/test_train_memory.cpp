@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <set>
 #include <string>
 
 #include "../model/test_helpers.h"
@@ -59,8 +60,8 @@ TEST(TrainMemory, LayersNotRecomputedKeepTheirIntermediates) {
   EXPECT_EQ(five.activations - all.activations, 5 * kept_layer_bytes(c, 8192));
   EXPECT_EQ(none.weights + none.optimizer + none.gradients + none.logits,
             all.weights + all.optimizer + all.gradients + all.logits);
-  // A layer's kept intermediates at 8192 tokens: the experts' output rows (8 a token) dominate.
-  EXPECT_GT(kept_layer_bytes(c, 8192), 8192.0 * 8 * 2048 * 2);
+  // A layer's kept intermediates at 8192 tokens: the experts' rows (8 a token) dominate.
+  EXPECT_GT(kept_layer_bytes(c, 8192), 8192.0 * 8 * (2048 + 3 * 768) * 2);  // output, [gate | up], SwiGLU
   EXPECT_LT(kept_layer_bytes(c, 8192), 1e9);
   EXPECT_LT(none.total(), 141e9);  // keeping every layer's still fits an H200 at 8 layers
 }
@@ -94,11 +95,18 @@ TEST(TrainMemory, TheDefaultRecomputesTheFewestLayersThatFit) {
   EXPECT_EQ(recomputed_layer_count(c, 8192, 1, 0, false, 1.0), 0);
   EXPECT_EQ(recomputed_layer_count(c, 8192, 1, 11, false, 1e15), 8);
   // The chosen count's plan fits what was available less the headroom.
-  for (const double available : {120e9, 60e9, 30e9, 25e9}) {
+  std::set<int64_t> seen;
+  for (const double available : {120e9, 47e9, 45e9, 44e9, 30e9}) {
     const int64_t r = count(available);
-    if (r < 8) EXPECT_LE(cuda_train_memory(c, 8192, 1, r).step_bytes(false), 0.97 * available) << available;
-    if (r > 0) EXPECT_GT(cuda_train_memory(c, 8192, 1, r - 1).step_bytes(false), 0.97 * available) << available;
+    seen.insert(r);
+    if (r < 8) {
+      EXPECT_LE(cuda_train_memory(c, 8192, 1, r).step_bytes(false), 0.97 * available) << available;
+    }
+    if (r > 0) {
+      EXPECT_GT(cuda_train_memory(c, 8192, 1, r - 1).step_bytes(false), 0.97 * available) << available;
+    }
   }
+  EXPECT_GE(seen.size(), 4u);  // none, all, and some in between
 }
 
 }  // namespace

@@ -64,6 +64,7 @@ struct BackwardScratch {
   bf16_t *x_rows, *gu_rows, *act_rows;   // [T * k, H], [T * k, 2I], [T * k, I]
   float *dact, *dgate, *dup;             // [T * k, I]
   int32_t *row_token, *row_pair, *order, *group_rows;  // [T * k], [T * k], [T * k], [E + 1]
+  int32_t* kept_row;                                   // [T * k]: a kept layer's forward row of each row
   cuda::OuterSumGroup* groups;                         // [6 E]: the experts' grouped GEMMs
   cuda::SplitOuterSumGroup* split_groups;              // [6 E]: the same of split dy rows
   float* outer_pending;  // outer_sum_split_workspace_floats(): the large-tile outer sums' pending trees
@@ -87,7 +88,8 @@ struct CudaLayerBackwardOps {
   BackwardScratch& s;
   PhaseClock& clock;
   // A kept layer's expert rows, sorted on the host while the GPU ran ahead, and the same in
-  // pinned memory as [row_token | row_pair | order | offsets] (null: read the routing back now).
+  // pinned memory as [row_token | row_pair | order | kept_row | offsets], kept_row the forward's
+  // row of each (null: read the routing back now).
   const cpu::ExpertRows* sorted_rows = nullptr;
   const int32_t* sorted_pinned = nullptr;
 
@@ -117,7 +119,8 @@ struct CudaLayerBackwardOps {
       r.upload_async(s.row_token, p, size_t(rows) * 4);
       r.upload_async(s.row_pair, p + rows, size_t(rows) * 4);
       r.upload_async(s.order, p + 2 * rows, size_t(rows) * 4);
-      r.upload_async(s.group_rows, p + 3 * rows, size_t(E + 1) * 4);
+      r.upload_async(s.kept_row, p + 3 * rows, size_t(rows) * 4);
+      r.upload_async(s.group_rows, p + 4 * rows, size_t(E + 1) * 4);
     } else {
       std::vector<int32_t> ids(static_cast<size_t>(rows));
       LS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), w.ids, ids.size() * 4, cudaMemcpyDeviceToHost, st));
@@ -133,9 +136,15 @@ struct CudaLayerBackwardOps {
     const std::vector<int32_t>& offsets = by_expert.offsets;
     clock.lap("backward_moe_sort");
 
-    // The experts' internals, recomputed per row with the forward's GEMM and SwiGLU.
-    cuda::gemm(r.expert_gate_up_args(L, w.h_mlp, s.row_token, s.group_rows, rows, s.gu_rows), st);
-    cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
+    // The experts' internals: a kept layer's forward rows in this order, else recomputed per
+    // row with the forward's GEMM and SwiGLU (the same bits).
+    if (sorted_rows && w.keep_gate_up) {
+      cuda::gather_rows(w.gu, s.kept_row, s.gu_rows, rows, 2 * I, st);
+      cuda::gather_rows(w.act, s.kept_row, s.act_rows, rows, I, st);
+    } else {
+      cuda::gemm(r.expert_gate_up_args(L, w.h_mlp, s.row_token, s.group_rows, rows, s.gu_rows), st);
+      cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
+    }
     cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
     cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H,
                                  st);

@@ -420,6 +420,9 @@ class CudaRunner final : public ModelRunner {
     int64_t split_floats = 0;
     int32_t *ids = nullptr, *counts = nullptr, *group_rows = nullptr, *gather = nullptr, *scatter = nullptr;
     float* expert_weights = nullptr;
+    // Training, a kept MoE layer: the experts' [gate | up] rows stay in gu and their SwiGLU in
+    // act (rows in scatter's order), for the backward to read instead of recomputing them.
+    bool keep_gate_up = false;
     int32_t* meta = nullptr;  // tokens | positions | seq_of_token | page tables
     int64_t meta_cap = 0;
     int32_t *rows = nullptr, *targets = nullptr, *sampled_tokens = nullptr;
@@ -808,7 +811,7 @@ class CudaRunner final : public ModelRunner {
     const int64_t rows = T * k, hint = std::max<int64_t>(1, rows / E);
     GemmArgs gu = expert_gate_up_args(L, ws.h_mlp, ws.gather, ws.group_rows, rows, ws.gu);
     // Large steps: SwiGLU in the GEMM's epilogue, the activations straight out (notes v8).
-    const bool fused_swiglu = cuda::gemm_takes_swiglu(gu);
+    const bool fused_swiglu = !ws.keep_gate_up && cuda::gemm_takes_swiglu(gu);
     if (fused_swiglu) {
       gu.out_kind = GemmOut::bf16_swiglu;
       gu.out_bf16 = ws.act;
@@ -838,7 +841,7 @@ class CudaRunner final : public ModelRunner {
     dn.rows_hint = hint;
     // Unless gate_up wrote the activations or the down kernel applies SwiGLU as it loads A,
     // the SwiGLU kernel makes them.
-    const bool swiglu_on_load = !fused_swiglu && cuda::gemm_small_step(dn);
+    const bool swiglu_on_load = !fused_swiglu && !ws.keep_gate_up && cuda::gemm_small_step(dn);
     if (!fused_swiglu && !swiglu_on_load) cuda::swiglu(ws.gu, ws.act, rows, I, stream_);
     if (!swiglu_on_load) {
       dn.A = ws.act;

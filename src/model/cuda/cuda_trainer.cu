@@ -30,6 +30,7 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   s.x_rows = alloc<bf16_t>(rows * H), s.gu_rows = alloc<bf16_t>(rows * 2 * I), s.act_rows = alloc<bf16_t>(rows * I);
   s.dact = alloc<float>(rows * I), s.dgate = alloc<float>(rows * I), s.dup = alloc<float>(rows * I);
   s.row_token = alloc<int32_t>(rows), s.row_pair = alloc<int32_t>(rows), s.order = alloc<int32_t>(rows);
+  s.kept_row = alloc<int32_t>(rows);
   s.group_rows = alloc<int32_t>(E + 1);
   s.groups = alloc<cuda::OuterSumGroup>(6 * E);
   s.split_groups = alloc<cuda::SplitOuterSumGroup>(6 * E);
@@ -129,6 +130,12 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     w.attn = alloc<bf16_t>(T * qd), w.mid = alloc<bf16_t>(T * H), w.h_mlp = alloc<bf16_t>(T * H);
     w.y = alloc<bf16_t>(T * k_routed * H), w.router_logits = alloc<float>(T * E);
     w.ids = alloc<int32_t>(T * k_routed), w.expert_weights = alloc<float>(T * k_routed);
+    if (c.is_moe_layer(l)) {
+      const int64_t I = c.moe_intermediate_size;
+      w.keep_gate_up = true;
+      w.gu = alloc<bf16_t>(T * k_routed * 2 * I), w.act = alloc<bf16_t>(T * k_routed * I);
+      w.scatter = alloc<int32_t>(T * k_routed);
+    }
     kept_kv[size_t(l)].k = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
     kept_kv[size_t(l)].v = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
   }
@@ -144,16 +151,19 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // The kept MoE layers' routing goes to the host now (the log-prob download below waits for
   // it), so their expert rows are sorted while the GPU runs the head's backward and the layers'
   // backward never waits for a read-back.
-  const int64_t routed_rows = T * k_routed, sorted_ints = 4 * routed_rows + E + 1;
+  const int64_t routed_rows = T * k_routed, sorted_ints = 5 * routed_rows + E + 1;
   std::vector<int64_t> kept_moe;
   for (int64_t l = 0; upstream && l < NL; ++l)
     if (!recomputed(l) && c.is_moe_layer(l)) kept_moe.push_back(l);
   const size_t pinned_ints = kept_moe.size() * size_t(sorted_ints);
   if (r_.train_pinned_.capacity() < pinned_ints) LS_CUDA_CHECK(cudaStreamSynchronize(st));  // nothing reads the old
   int32_t* pinned = r_.train_pinned_.reserve(pinned_ints);
-  for (size_t i = 0; i < kept_moe.size(); ++i)
-    LS_CUDA_CHECK(cudaMemcpyAsync(pinned + i * size_t(sorted_ints), kept_ws[size_t(kept_moe[i])].ids,
-                                  size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
+  for (size_t i = 0; i < kept_moe.size(); ++i) {  // ids, then the forward's row order (scatter)
+    const CudaRunner::Workspace& w = kept_ws[size_t(kept_moe[i])];
+    int32_t* p = pinned + i * size_t(sorted_ints);
+    LS_CUDA_CHECK(cudaMemcpyAsync(p, w.ids, size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
+    LS_CUDA_CHECK(cudaMemcpyAsync(p + routed_rows, w.scatter, size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
+  }
   clock.lap("forward");
   // Logits of every token in the score path's slices (the same GEMM calls: the same bits).
   float* logits = alloc<float>(T * V);
@@ -222,16 +232,22 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
   cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, s.norm_partials, T, H, true, chunks,
                          st);
-  // The kept layers' expert rows (the CPU's assign order), each layer's over its routing.
+  // The kept layers' expert rows (the CPU's assign order), each layer's over its routing, and
+  // where the forward put each row (its assignment order is its own).
   std::vector<cpu::ExpertRows> sorted(static_cast<size_t>(NL));
+  std::vector<int32_t> forward_row(static_cast<size_t>(routed_rows)), kept_row(static_cast<size_t>(routed_rows));
   for (size_t i = 0; i < kept_moe.size(); ++i) {
     int32_t* p = pinned + i * size_t(sorted_ints);
     cpu::ExpertRows& rows = sorted[size_t(kept_moe[i])];
     rows = cpu::expert_rows(p, T, k_routed, E);
-    std::copy(rows.row_token.begin(), rows.row_token.end(), p);  // the routing is read: its place is free
+    for (int64_t r = 0; r < routed_rows; ++r) forward_row[size_t(p[routed_rows + r])] = int32_t(r);
+    for (int64_t r = 0; r < routed_rows; ++r) kept_row[size_t(r)] = forward_row[size_t(rows.row_pair[size_t(r)])];
+    // What was read is no longer needed: the arrays take its place.
+    std::copy(rows.row_token.begin(), rows.row_token.end(), p);
     std::copy(rows.row_pair.begin(), rows.row_pair.end(), p + routed_rows);
     std::copy(rows.order.begin(), rows.order.end(), p + 2 * routed_rows);
-    std::copy(rows.offsets.begin(), rows.offsets.end(), p + 3 * routed_rows);
+    std::copy(kept_row.begin(), kept_row.end(), p + 3 * routed_rows);
+    std::copy(rows.offsets.begin(), rows.offsets.end(), p + 4 * routed_rows);
   }
   clock.lap("head_backward");
 
