@@ -145,6 +145,17 @@ void run(const Gemm& gm) {
                                  : "DIFFER");
     std::fflush(stdout);
   }
+  // The experts' 128 x 128 wgmma tile (chunks in pairs, the pending tree on chip) as one group.
+  const cuda::SplitOuterSumGroup one{split.as<const cuda::bf16_t>(), m.as<cuda::bf16_t>(), out.as<float>(), gm.I,
+                                     gm.bounds};
+  const double ms_pairs = median_ms([&] {
+    cuda::outer_sum_split_grouped_wgmma(&one, 1, gm.I, gm.g_row, gm.g_col, gm.K, nullptr, cuda::GradientOperand::bf16);
+  });
+  const bool same = download(out, gm.I * gm.K * 4) == hi_bits;
+  std::printf(
+      "{\"gemm\":\"%s\",\"variant\":\"bf16 g, wgmma 128x128 pairs\",\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"%s\"}\n",
+      gm.name.c_str(), ms_pairs, tflop / 2 / (ms_pairs / 1e3), same ? "same" : "DIFFER");
+  std::fflush(stdout);
 }
 
 // The experts' two largest launches of a layer, grouped over E experts of n = T k / E rows each

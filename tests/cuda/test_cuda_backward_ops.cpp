@@ -13,6 +13,7 @@
 #include "kernels/canonical.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/attention_backward.h"
+#include "kernels/cpu/dot.h"
 #include "kernels/cpu/elementwise_backward.h"
 #include "kernels/cpu/linear_backward.h"
 #include "kernels/cpu/log_softmax.h"
@@ -283,6 +284,60 @@ TEST(CudaBackwardOps, SwigluRopeAndEmbeddingBackward) {
   std::vector<float> want(V * H);
   cpu::embedding_backward(ids.data(), demb.data(), want.data(), N, V, H);
   EXPECT_TRUE(same_bits_f(Table.take(), want)) << "embedding";
+}
+
+// The MoE block's row kernels around the experts' GEMMs, bit for bit against the host: the
+// gather (16-byte pieces when the rows allow, else elements), the combine's backward (its dot
+// the CPU's procedure) and the in-order sum of a token's rows; widths with and without a
+// multiple of 8.
+TEST(CudaBackwardOps, ExpertRowKernelsHaveTheHostsBits) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t T = 37, k = 3;
+  for (const int64_t H : {int64_t(2048), int64_t(1536), int64_t(70), int64_t(12)}) {
+    const int64_t rows = T * k;
+    std::mt19937_64 rng{static_cast<uint64_t>(H)};
+    std::vector<int32_t> row_pair(rows), row_token(rows), index(rows);
+    std::iota(row_pair.begin(), row_pair.end(), 0);
+    std::shuffle(row_pair.begin(), row_pair.end(), rng);
+    for (int64_t r = 0; r < rows; ++r) row_token[r] = row_pair[r] / int32_t(k), index[r] = int32_t(rng() % rows);
+    const bf16_bits src = testing::random_bf16(rows * H, 40 + H, 3.0f), y = testing::random_bf16(rows * H, 41 + H);
+    const auto dout = random_f32(T * H, 42 + H), weights = random_f32(rows, 43 + H);
+    DeviceVec<uint16_t> Src(src), Dst(rows * H), Y(y);
+    DeviceVec<int32_t> Index(index), RowToken(row_token), RowPair(row_pair);
+    DeviceVec<float> Dout(dout), Weights(weights), Dweights(rows), DyRows(rows * H);
+    Dst.poison(), Dweights.poison(), DyRows.poison();
+    cuda::gather_rows(as_bf16(Src), Index.get(), reinterpret_cast<cuda::bf16_t*>(Dst.get()), rows, H, nullptr);
+    cuda::expert_output_backward(Dout.get(), as_bf16(Y), Weights.get(), RowToken.get(), RowPair.get(), Dweights.get(),
+                                 DyRows.get(), rows, H, nullptr);
+    bf16_bits want_dst(rows * H);
+    std::vector<float> want_dw(rows), want_dy(rows * H);
+    const auto yf = widen(y);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(src.begin() + index[r] * H, H, want_dst.begin() + r * H);
+      const int64_t t = row_token[r], pair = row_pair[r];
+      want_dw[pair] = cpu::dot(dout.data() + t * H, yf.data() + pair * H, H);
+      for (int64_t h = 0; h < H; ++h) want_dy[r * H + h] = weights[pair] * dout[t * H + h];
+    }
+    EXPECT_EQ(Dst.take(), want_dst) << "gather_rows, H " << H;
+    EXPECT_TRUE(same_bits_f(Dweights.take(), want_dw)) << "expert_output_backward dweights, H " << H;
+    EXPECT_TRUE(same_bits_f(DyRows.take(), want_dy)) << "expert_output_backward dy rows, H " << H;
+
+    // A token's k rows, each slot's row at order[t k + j], added to dh in j order.
+    std::vector<int32_t> order(rows);
+    for (int64_t r = 0; r < rows; ++r) order[row_pair[r]] = int32_t(r);
+    const auto dh = random_f32(T * H, 44 + H), part = random_f32(rows * H, 45 + H);
+    DeviceVec<float> Dh(dh), Part(part);
+    DeviceVec<int32_t> Order(order);
+    cuda::add_rows_in_order(Dh.get(), Part.get(), Order.get(), T, k, H, nullptr);
+    std::vector<float> want_dh = dh;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        float acc = want_dh[t * H + h];
+        for (int64_t j = 0; j < k; ++j) acc = acc + part[order[t * k + j] * H + h];
+        want_dh[t * H + h] = acc;
+      }
+    EXPECT_TRUE(same_bits_f(Dh.take(), want_dh)) << "add_rows_in_order, H " << H;
+  }
 }
 
 TEST(CudaBackwardOps, RouterAndLogSoftmaxBackward) {
