@@ -47,13 +47,15 @@ TEST(CudaSplitHiLo, RefusesALengthNotAMultipleOfEight) {
 }
 
 constexpr cuda::SplitTile kEveryTile[] = {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256,
-                                          cuda::SplitTile::k256x128, cuda::SplitTile::wgmma128x256};
+                                          cuda::SplitTile::k256x128, cuda::SplitTile::wgmma128x256,
+                                          cuda::SplitTile::wgmma128x128};
 const char* tile_name(cuda::SplitTile tile) {
   switch (tile) {
     case cuda::SplitTile::k128x128: return "128 x 128";
     case cuda::SplitTile::k128x256: return "128 x 256";
     case cuda::SplitTile::k256x128: return "256 x 128";
     case cuda::SplitTile::wgmma128x256: return "wgmma 128 x 256";
+    case cuda::SplitTile::wgmma128x128: return "wgmma 128 x 128";
     default: return "automatic";
   }
 }

@@ -85,7 +85,9 @@ void split_hi_lo(float* x, int64_t n, cudaStream_t s);
 // wgmma128x256 is the 128 x 256 tile on warpgroup MMAs (outer_sum_split_wgmma.cu, one problem a
 // launch). automatic: wgmma 128 x 256 where a workspace is given and the chunks average 256
 // rows or more.
-enum class SplitTile { automatic, k128x128, k128x256, k256x128, wgmma128x256 };
+// wgmma128x128: the experts' grouped wgmma tile on one problem (chunks in pairs, the pending
+// tree on chip, no workspace).
+enum class SplitTile { automatic, k128x128, k128x256, k256x128, wgmma128x256, wgmma128x128 };
 // How the fp32 gradient g enters the MMAs: exact (split by split_hi_lo, each k16 step the MMA
 // of hi then of lo: the products of the fp32 g), or rounded to bf16 (packed by pack_bf16_rows,
 // one MMA a step: half the MMAs and half the operand bytes; the trainer's choice,

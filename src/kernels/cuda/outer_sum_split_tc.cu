@@ -297,7 +297,8 @@ SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& boun
 
 void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
             int64_t g_col, int64_t K, SplitTile tile, float* workspace, cudaStream_t s, GradientOperand operand) {
-  LS_CHECK(tile == SplitTile::k128x128 || workspace, "outer sums of a split g: the large tiles need a workspace");
+  LS_CHECK(tile == SplitTile::k128x128 || tile == SplitTile::wgmma128x128 || workspace,
+           "outer sums of a split g: the large tiles need a workspace");
   const int64_t pitch = g_row == 1 ? g_col : g_row;
   const bool lo = operand == GradientOperand::exact_hi_lo;
   const auto run = [&]<typename Cfg>() {
@@ -306,8 +307,10 @@ void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int
     if (g_row != 1 && lo) launch_tile<false, Cfg, true>(groups, one, count, max_I, pitch, K, workspace, s);
     if (g_row != 1 && !lo) launch_tile<false, Cfg, false>(groups, one, count, max_I, pitch, K, workspace, s);
   };
-  if (tile == SplitTile::wgmma128x256) {
-    LS_CHECK(!groups, "outer sums of a split g: the wgmma tile takes one problem a launch, not groups");
+  if (tile == SplitTile::wgmma128x256 || tile == SplitTile::wgmma128x128) {
+    LS_CHECK(!groups, "outer sums of a split g: the wgmma tiles take one problem a launch here, not groups");
+    if (tile == SplitTile::wgmma128x128)
+      return outer_sum_split_wgmma_grouped(&one, 1, one.I, g_row == 1, pitch, K, s, operand);
     return outer_sum_split_wgmma(one, g_row == 1, pitch, K, workspace, s, operand);
   }
   if (tile == SplitTile::k128x256) run.template operator()<LargeTile>();
