@@ -1,7 +1,8 @@
-// The GPU trainer's backward (cuda_trainer.h): the step's forward through the runner's op set,
-// the head and loss gradient, each layer recomputed and run backward through the CUDA
-// backward op set (cuda_layer_backward.h), the embedding's rows; fp32 gradients in device
-// buffers of the runner's layout (device_params.h).
+// The GPU trainer's backward (cuda_trainer.h): the step's forward through the runner's op set
+// (the layers that fit keeping their intermediates), the head and loss gradient, each layer
+// kept or recomputed and run backward through the CUDA backward op set
+// (cuda_layer_backward.h), the embedding's rows; fp32 gradients in device buffers of the
+// runner's layout (device_params.h).
 #include <algorithm>
 
 #include "model/cuda/cuda_trainer.h"

@@ -3,9 +3,10 @@
 //
 // One micro-batch is one packed forward of whole sequences, as the CPU's ParallelGrad
 // (parallel/parallel_backward.h): the runner's forward (model/layer.h with the runner's op
-// set) keeps each layer's input; the head's log-probs are the score path's bits (the same
-// GEMM and log-softmax kernels); the backward recomputes each layer from its input with that
-// same op set, then runs the layer's backward sequence with the CUDA backward op set
+// set) keeps each layer's input, and all the intermediates of the layers that fit; the head's
+// log-probs are the score path's bits (the same GEMM and log-softmax kernels); the backward
+// recomputes the other layers from their input with that same op set, then runs each layer's
+// backward sequence with the CUDA backward op set
 // (kernels/cuda/backward.h). Weight gradients reduce over the canonical token chunks
 // (docs/numerics.md, rules 8-10); nothing depends on a tile or a launch shape.
 #pragma once
