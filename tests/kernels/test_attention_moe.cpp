@@ -116,6 +116,19 @@ TEST(Moe, ExpertRowsAreTheAssignmentFlattenedAndEachTokensRowsByExpertId) {
     for (int64_t j = 0; j < k; ++j)
       EXPECT_EQ(r.order[size_t(t * k + j)], row_of_pair[size_t(t * k + slots[size_t(j)])]) << "token " << t;
   }
+  // Another placement of the same pairs (grouped by expert, any order inside a group, as the
+  // GPU's assignment by atomics): each row's place there holds the row's pair.
+  std::vector<int32_t> placed(r.row_pair);
+  for (int64_t e = 0; e < E; ++e)
+    std::shuffle(placed.begin() + r.offsets[size_t(e)], placed.begin() + r.offsets[size_t(e) + 1], rng);
+  const std::vector<int32_t> at = cpu::rows_in_placement(r, placed.data());
+  ASSERT_EQ(at.size(), r.row_pair.size());
+  for (size_t row = 0; row < at.size(); ++row) EXPECT_EQ(placed[size_t(at[row])], r.row_pair[row]) << "row " << row;
+  std::vector<int32_t> same_place(at.size());
+  std::iota(same_place.begin(), same_place.end(), 0);
+  EXPECT_NE(at, same_place);  // the shuffle moved rows
+  placed[3] = placed[4];      // a pair twice: refused
+  EXPECT_THROW(cpu::rows_in_placement(r, placed.data()), std::exception);
   ids[7] = int32_t(E);
   EXPECT_THROW(cpu::expert_rows(ids.data(), T, k, E), std::exception);
 }

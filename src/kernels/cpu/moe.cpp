@@ -88,6 +88,19 @@ ExpertRows expert_rows(const int32_t* expert_ids, int64_t T, int64_t k, int64_t 
   return r;
 }
 
+std::vector<int32_t> rows_in_placement(const ExpertRows& rows, const int32_t* placed_pair) {
+  const size_t pairs = rows.row_pair.size();
+  std::vector<int32_t> row_of_pair(pairs, -1), out(pairs);
+  for (size_t p = 0; p < pairs; ++p) {
+    const int32_t pair = placed_pair[p];
+    LS_CHECK(pair >= 0 && size_t(pair) < pairs && row_of_pair[size_t(pair)] < 0, "rows_in_placement: row ", p,
+             " holds pair ", pair, ", not one of the ", pairs, " pairs each once");
+    row_of_pair[size_t(pair)] = int32_t(p);
+  }
+  for (size_t r = 0; r < pairs; ++r) out[r] = row_of_pair[size_t(rows.row_pair[r])];
+  return out;
+}
+
 namespace {
 
 // swiglu_mlp with caller-owned scratch, so a layer's experts share one allocation.

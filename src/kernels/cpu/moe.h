@@ -28,6 +28,11 @@ struct ExpertRows {
 };
 ExpertRows expert_rows(const int32_t* expert_ids, int64_t T, int64_t k, int64_t E);
 
+// Where each of `rows`' rows sits in another placement of the same pairs, `placed_pair[p]`
+// the pair at row p there (the GPU forward's expert assignment, whose order within an expert
+// is its own): the GPU trainer gathers a kept layer's forward rows into the backward's order.
+std::vector<int32_t> rows_in_placement(const ExpertRows& rows, const int32_t* placed_pair);
+
 // One SwiGLU MLP over rows x[T, H]: gate/up [I, H] (column form), down [H, I] (canonical
 // row form over I). Each row's result depends only on that row. With round_bf16, every
 // intermediate is rounded to bf16 (the bfloat16 recipe).

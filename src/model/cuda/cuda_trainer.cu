@@ -236,13 +236,11 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // The kept layers' expert rows (the CPU's assign order), each layer's over its routing, and
   // where the forward put each row (its assignment order is its own).
   std::vector<cpu::ExpertRows> sorted(static_cast<size_t>(NL));
-  std::vector<int32_t> forward_row(static_cast<size_t>(routed_rows)), kept_row(static_cast<size_t>(routed_rows));
   for (size_t i = 0; i < kept_moe.size(); ++i) {
     int32_t* p = pinned + i * size_t(sorted_ints);
     cpu::ExpertRows& rows = sorted[size_t(kept_moe[i])];
     rows = cpu::expert_rows(p, T, k_routed, E);
-    for (int64_t r = 0; r < routed_rows; ++r) forward_row[size_t(p[routed_rows + r])] = int32_t(r);
-    for (int64_t r = 0; r < routed_rows; ++r) kept_row[size_t(r)] = forward_row[size_t(rows.row_pair[size_t(r)])];
+    const std::vector<int32_t> kept_row = cpu::rows_in_placement(rows, p + routed_rows);
     // What was read is no longer needed: the arrays take its place.
     std::copy(rows.row_token.begin(), rows.row_token.end(), p);
     std::copy(rows.row_pair.begin(), rows.row_pair.end(), p + routed_rows);
