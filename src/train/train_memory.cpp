@@ -36,10 +36,7 @@ int64_t recomputed_layer_count(const ModelConfig& c, int64_t tokens, int64_t mic
                                int64_t recompute_num_layers, bool gradients_held, double available_bytes) {
   const int64_t layers = c.num_hidden_layers;
   if (recompute_num_layers != kRecomputeAuto) {
-    LS_CHECK(recompute_num_layers >= 0,
-             "--recompute-num-layers: expected -1 (as few as the memory allows) or a "
-             "count >= 0, got ",
-             recompute_num_layers);
+    check_recompute_num_layers(recompute_num_layers, true);
     return std::min(recompute_num_layers, layers);
   }
   // The plan is close to what the step allocates; the headroom covers the allocator's rounding.

@@ -72,6 +72,21 @@ std::vector<float> head(const DeviceVec<float>& v, int64_t n) {
   return std::vector<float>(all.begin(), all.begin() + n);
 }
 
+// linear_grads_consuming_dy of `consumed` (dy [T, N]) with `operand`: both gradients as the two
+// plain calls give them on `plain`.
+void expect_consuming_helper_matches(const std::vector<float>& consumed, const std::vector<float>& plain,
+                                     const DeviceVec<uint16_t>& X, const DeviceVec<uint16_t>& W, int64_t T, int64_t N,
+                                     int64_t K, const cuda::ChunkBounds& tokens, const DeviceVec<float>& workspace,
+                                     cuda::GradientOperand operand) {
+  DeviceVec<float> Consumed(consumed), Plain(plain), DW(N * K), Dx(T * K), PlainDW(N * K), PlainDx(T * K);
+  cuda::linear_grads_consuming_dy(Consumed.get(), as_bf16(X), as_bf16(W), DW.get(), Dx.get(), T, N, K, tokens,
+                                  workspace.get(), nullptr, operand);
+  cuda::linear_weight_grad(Plain.get(), as_bf16(X), PlainDW.get(), N, K, tokens, nullptr);
+  cuda::linear_input_grad(Plain.get(), as_bf16(W), PlainDx.get(), T, N, K, nullptr);
+  EXPECT_TRUE(same_bits_f(DW.take(), PlainDW.take())) << "consuming helper, weight grad";
+  EXPECT_TRUE(same_bits_f(Dx.take(), PlainDx.take())) << "consuming helper, input grad";
+}
+
 // The weight and input gradients of dy [T, N] against the fp32 path's bits.
 TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   LS_SKIP_WITHOUT_GPU();
@@ -105,13 +120,7 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   }
 
   // The helper that consumes dy: both gradients as the two plain calls give them.
-  DeviceVec<float> Consumed(dy), DW(N * K), Dx(T * K), PlainDW(N * K), PlainDx(T * K);
-  cuda::linear_grads_consuming_dy(Consumed.get(), as_bf16(X), as_bf16(W), DW.get(), Dx.get(), T, N, K, tokens,
-                                  Workspace.get(), nullptr);
-  cuda::linear_weight_grad(Dy.get(), as_bf16(X), PlainDW.get(), N, K, tokens, nullptr);
-  cuda::linear_input_grad(Dy.get(), as_bf16(W), PlainDx.get(), T, N, K, nullptr);
-  EXPECT_TRUE(same_bits_f(DW.take(), PlainDW.take())) << "consuming helper, weight grad";
-  EXPECT_TRUE(same_bits_f(Dx.take(), PlainDx.take())) << "consuming helper, input grad";
+  expect_consuming_helper_matches(dy, dy, X, W, T, N, K, tokens, Workspace, cuda::GradientOperand::exact_hi_lo);
 }
 
 // GradientOperand::bf16 (dy packed): the products of dy rounded to bf16, i.e. the bits both
@@ -146,13 +155,7 @@ TEST_P(CudaOuterSumSplitTc, TheHiHalfAloneIsTheRoundedGradientsSum) {
                              tile, hi);
     EXPECT_TRUE(same_bits_f(head(Got, T * K), head(Want, T * K))) << "input grad, " << name;
   }
-  DeviceVec<float> Consumed(dy), Rounded(rounded), DW(N * K), Dx(T * K), PlainDW(N * K), PlainDx(T * K);
-  cuda::linear_grads_consuming_dy(Consumed.get(), as_bf16(X), as_bf16(W), DW.get(), Dx.get(), T, N, K, tokens,
-                                  Workspace.get(), nullptr, hi);
-  cuda::linear_weight_grad(Rounded.get(), as_bf16(X), PlainDW.get(), N, K, tokens, nullptr);
-  cuda::linear_input_grad(Rounded.get(), as_bf16(W), PlainDx.get(), T, N, K, nullptr);
-  EXPECT_TRUE(same_bits_f(DW.take(), PlainDW.take())) << "consuming helper, weight grad";
-  EXPECT_TRUE(same_bits_f(Dx.take(), PlainDx.take())) << "consuming helper, input grad";
+  expect_consuming_helper_matches(dy, rounded, X, W, T, N, K, tokens, Workspace, hi);
 }
 
 TEST(CudaPackBf16Rows, EachRowBecomesItsBf16AtTheFrontOfItsOwnBytes) {

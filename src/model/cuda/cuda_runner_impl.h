@@ -60,17 +60,22 @@ struct DeviceLayer {
   bf16_t* down = nullptr;     // [E, H, I]
 };
 
-// Host pinned staging for the per-step metadata (one upload per step).
+// Host pinned staging: the engine's per-step metadata (one upload a step), the trainer's
+// kept layers' routing and expert rows.
 class PinnedInts {
  public:
   ~PinnedInts() {
     if (p_) cudaFreeHost(p_);
   }
-  size_t capacity() const { return cap_; }
-  int32_t* reserve(size_t n) {
+  // At least n ints; a larger buffer replaces the old one once `readers` (the stream whose
+  // copies read it) is done with it.
+  int32_t* reserve(size_t n, cudaStream_t readers) {
     if (n > cap_) {
-      if (p_) cudaFreeHost(p_);
-      p_ = nullptr;
+      if (p_) {
+        LS_CUDA_CHECK(cudaStreamSynchronize(readers));
+        cudaFreeHost(p_);
+        p_ = nullptr;
+      }
       LS_CUDA_CHECK(cudaMallocHost(&p_, n * sizeof(int32_t)));
       cap_ = n;
     }
@@ -561,7 +566,7 @@ class CudaRunner final : public ModelRunner {
     // T) | page tables. Every offset a kernel sees depends on T only (graph replay).
     const int64_t tiles_at = 3 * T + 2, tables_at = tiles_at + 2 * T;
     const int64_t total = tables_at + S * stride;
-    int32_t* host = pinned_.reserve(size_t(total));
+    int32_t* host = pinned_.reserve(size_t(total), stream_);
     std::copy(batch.tokens.begin(), batch.tokens.end(), host);
     std::copy(batch.positions.begin(), batch.positions.end(), host + T);
     std::copy(seq_of.begin(), seq_of.end(), host + 2 * T);

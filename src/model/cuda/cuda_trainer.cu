@@ -59,7 +59,8 @@ void CudaTrainer::check_fits(int64_t T, int64_t micro_batches, int64_t recompute
   // The weights and the optimizer state are already on the device; the step adds the rest.
   const TrainMemory m = cuda_train_memory(c_, T, micro_batches, recomputed);
   const double free_bytes = free_step_bytes(), gib = 1024.0 * 1024.0 * 1024.0;
-  const double grads = backward && !grads_held ? m.gradients : 0.0, need = m.logits + grads + m.activations;
+  const bool with_grads = backward && !grads_held;
+  const double grads = with_grads ? m.gradients : 0.0, need = m.step_bytes(!with_grads);
   char detail[224];
   std::snprintf(detail, sizeof detail,
                 "%.1f GiB of GPU memory (logits %.1f, gradients %.1f, activations %.1f with %lld of %lld layers "
@@ -153,15 +154,16 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // it), so their expert rows are sorted while the GPU runs the head's backward and the layers'
   // backward never waits for a read-back.
   const int64_t routed_rows = T * k_routed, sorted_ints = 5 * routed_rows + E + 1;
-  std::vector<int64_t> kept_moe;
-  for (int64_t l = 0; upstream && l < NL; ++l)
-    if (!recomputed(l) && c.is_moe_layer(l)) kept_moe.push_back(l);
-  const size_t pinned_ints = kept_moe.size() * size_t(sorted_ints);
-  if (r_.train_pinned_.capacity() < pinned_ints) LS_CUDA_CHECK(cudaStreamSynchronize(st));  // nothing reads the old
-  int32_t* pinned = r_.train_pinned_.reserve(pinned_ints);
-  for (size_t i = 0; i < kept_moe.size(); ++i) {  // ids, then the forward's row order (scatter)
-    const CudaRunner::Workspace& w = kept_ws[size_t(kept_moe[i])];
-    int32_t* p = pinned + i * size_t(sorted_ints);
+  // pinned_of[l]: a kept MoE layer's region of the trainer's pinned buffer (else null).
+  std::vector<int32_t*> pinned_of(static_cast<size_t>(NL), nullptr);
+  size_t kept_moe = 0;
+  for (int64_t l = 0; upstream && l < NL; ++l) kept_moe += !recomputed(l) && c.is_moe_layer(l);
+  int32_t* pinned = r_.train_pinned_.reserve(kept_moe * size_t(sorted_ints), st);
+  for (int64_t l = 0; upstream && l < NL; ++l) {
+    if (recomputed(l) || !c.is_moe_layer(l)) continue;
+    int32_t* p = pinned_of[size_t(l)] = pinned;  // ids, then the forward's row order (scatter)
+    pinned += sorted_ints;
+    const CudaRunner::Workspace& w = kept_ws[size_t(l)];
     LS_CUDA_CHECK(cudaMemcpyAsync(p, w.ids, size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
     LS_CUDA_CHECK(cudaMemcpyAsync(p + routed_rows, w.scatter, size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
   }
@@ -236,9 +238,10 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // The kept layers' expert rows (the CPU's assign order), each layer's over its routing, and
   // where the forward put each row (its assignment order is its own).
   std::vector<cpu::ExpertRows> sorted(static_cast<size_t>(NL));
-  for (size_t i = 0; i < kept_moe.size(); ++i) {
-    int32_t* p = pinned + i * size_t(sorted_ints);
-    cpu::ExpertRows& rows = sorted[size_t(kept_moe[i])];
+  for (int64_t l = 0; l < NL; ++l) {
+    int32_t* p = pinned_of[size_t(l)];
+    if (!p) continue;
+    cpu::ExpertRows& rows = sorted[size_t(l)];
     rows = cpu::expert_rows(p, T, k_routed, E);
     const std::vector<int32_t> kept_row = cpu::rows_in_placement(rows, p + routed_rows);
     // What was read is no longer needed: the arrays take its place.
@@ -278,10 +281,9 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
                               g_layers[size_t(l)],
                               s,
                               clock};
-    const auto kept_at = std::find(kept_moe.begin(), kept_moe.end(), l);
-    if (kept_at != kept_moe.end()) {
+    if (pinned_of[size_t(l)]) {
       back.sorted_rows = &sorted[size_t(l)];
-      back.sorted_pinned = pinned + size_t(kept_at - kept_moe.begin()) * size_t(sorted_ints);
+      back.sorted_pinned = pinned_of[size_t(l)];
     }
     layer_backward(back, r_.layers_[size_t(l)]);
   }
