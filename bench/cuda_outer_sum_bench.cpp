@@ -21,6 +21,7 @@
 #include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/outer_sum_split_tma.h"
 
 namespace {
 
@@ -128,7 +129,8 @@ void run(const Gemm& gm) {
               6.0 * double(g_elems) / (ms_pack / 1e3) / 1e9);
   CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
   cuda::pack_bf16_rows(split.as<float>(), g_elems / pitch, pitch, nullptr);
-  for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::wgmma128x256}) {
+  for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::wgmma128x256, cuda::SplitTile::tma128x256,
+                          cuda::SplitTile::tma128x128}) {
     const auto* gs = split.as<const cuda::bf16_t>();
     const double ms = median_ms([&] {
       cuda::outer_sum_split_tc(gs, gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds, out.as<float>(), gm.I,
@@ -138,8 +140,12 @@ void run(const Gemm& gm) {
     const bool first = hi_bits.empty();
     if (first) hi_bits = got;
     std::printf("{\"gemm\":\"%s\",\"variant\":\"bf16 g, %s\",\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"%s\"}\n",
-                gm.name.c_str(), tile == cuda::SplitTile::k128x128 ? "128x128" : "wgmma 128x256", ms,
-                tflop / 2 / (ms / 1e3),
+                gm.name.c_str(),
+                tile == cuda::SplitTile::k128x128       ? "128x128"
+                : tile == cuda::SplitTile::wgmma128x256 ? "wgmma 128x256"
+                : tile == cuda::SplitTile::tma128x256   ? "TMA 128x256"
+                                                        : "TMA 128x128",
+                ms, tflop / 2 / (ms / 1e3),
                 first            ? "reference"
                 : got == hi_bits ? "same"
                                  : "DIFFER");
@@ -258,6 +264,24 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
         name, (long long)E, (long long)n, ms_wgmma, tflop / 2 / (ms_wgmma / 1e3),
         download(out, outputs * 4) == bf16_bits ? "same" : "DIFFER");
     std::fflush(stdout);
+    // The TMA tiles, the groups as rows of dy and of act (weight) or of every expert's w (input).
+    cuda::SplitSpans spans;
+    spans.g[0] = packed.as<const cuda::bf16_t>(), spans.g_rows[0] = rows;
+    spans.m[0] = weight ? act.as<cuda::bf16_t>() : down.as<cuda::bf16_t>(), spans.m_rows[0] = weight ? rows : E * H;
+    for (const int columns : {128, 256}) {
+      const double ms_tma = median_ms([&] {
+        for (int64_t p = 0; p < E; p += cuda::kMaxWgmmaGroups)
+          cuda::outer_sum_split_tma_grouped(packed_groups.data() + p,
+                                            int(std::min<int64_t>(E - p, cuda::kMaxWgmmaGroups)), max_I, weight, H, I,
+                                            spans, workspace.as<float>(), nullptr, columns);
+      });
+      std::printf(
+          "{\"gemm\":\"%s\",\"experts\":%lld,\"rows\":%lld,\"variant\":\"bf16 g, TMA 128x%d\",\"ms\":%.3f,"
+          "\"tflops\":%.1f,\"bits\":\"%s\"}\n",
+          name, (long long)E, (long long)n, columns, ms_tma, tflop / 2 / (ms_tma / 1e3),
+          download(out, outputs * 4) == bf16_bits ? "same" : "DIFFER");
+      std::fflush(stdout);
+    }
   }
 }
 

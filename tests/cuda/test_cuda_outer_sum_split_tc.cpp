@@ -9,6 +9,7 @@
 
 #include "cuda_test_util.h"
 #include "kernels/cuda/backward.h"
+#include "kernels/cuda/outer_sum_split_tma.h"
 
 namespace lockstep {
 namespace {
@@ -46,9 +47,10 @@ TEST(CudaSplitHiLo, RefusesALengthNotAMultipleOfEight) {
   EXPECT_THROW(cuda::split_hi_lo(D.get(), 12, nullptr), std::exception);
 }
 
-constexpr cuda::SplitTile kEveryTile[] = {cuda::SplitTile::k128x128, cuda::SplitTile::k128x256,
-                                          cuda::SplitTile::k256x128, cuda::SplitTile::wgmma128x256,
-                                          cuda::SplitTile::wgmma128x128};
+constexpr cuda::SplitTile kEveryTile[] = {cuda::SplitTile::k128x128,     cuda::SplitTile::k128x256,
+                                          cuda::SplitTile::k256x128,     cuda::SplitTile::wgmma128x256,
+                                          cuda::SplitTile::wgmma128x128, cuda::SplitTile::tma128x256,
+                                          cuda::SplitTile::tma128x128};
 const char* tile_name(cuda::SplitTile tile) {
   switch (tile) {
     case cuda::SplitTile::k128x128: return "128 x 128";
@@ -56,6 +58,8 @@ const char* tile_name(cuda::SplitTile tile) {
     case cuda::SplitTile::k256x128: return "256 x 128";
     case cuda::SplitTile::wgmma128x256: return "wgmma 128 x 256";
     case cuda::SplitTile::wgmma128x128: return "wgmma 128 x 128";
+    case cuda::SplitTile::tma128x256: return "TMA 128 x 256";
+    case cuda::SplitTile::tma128x128: return "TMA 128 x 128";
     default: return "automatic";
   }
 }
@@ -202,9 +206,14 @@ TEST(CudaOuterSumSplitTc, UnevenAndEmptyChunksGiveTheFp32PathsBits) {
   const int64_t S = 203, I = 136, K = 80;
   const auto g = testing::random_gradient(S * I, 61);
   const auto m = testing::random_bf16(S * K, 62);
+  std::vector<float> rounded(g.size());
+  for (size_t i = 0; i < g.size(); ++i) rounded[i] = bf16_to_f32(f32_to_bf16(g[i]));
   DeviceVec<float> G(g), Split(g), Want(I * K), Got(I * K), Workspace(cuda::outer_sum_split_workspace_floats());
+  DeviceVec<float> SplitRounded(rounded), Packed(g);
   DeviceVec<uint16_t> M(m);
   cuda::split_hi_lo(Split.get(), S * I, nullptr);
+  cuda::split_hi_lo(SplitRounded.get(), S * I, nullptr);
+  cuda::pack_bf16_rows(Packed.get(), S, I, nullptr);
   cuda::ChunkBounds b;
   const int64_t rows[9] = {0, 0, 1, 18, 18, 51, 120, 120, 203};
   for (int c = 0; c < 9; ++c) b.rows[c] = rows[c];
@@ -224,6 +233,18 @@ TEST(CudaOuterSumSplitTc, UnevenAndEmptyChunksGiveTheFp32PathsBits) {
     const cuda::SplitOuterSumGroup group{as_split(Split), as_bf16(M), Got.get(), I, sub};
     cuda::outer_sum_split_grouped_wgmma(&group, 1, I, 1, I, K, nullptr);
     EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, grouped wgmma";
+
+    // The bf16 operand: chunk ends inside a k16 step are the TMA tiles' masked rows.
+    Want.poison();
+    cuda::outer_sum_split_tc(as_split(SplitRounded), 1, I, as_bf16(M), K, sub, Want.get(), I, nullptr, nullptr,
+                             cuda::SplitTile::k128x128);
+    const auto want_bf16 = Want.take();
+    for (const auto tile : kEveryTile) {
+      Got.poison();
+      cuda::outer_sum_split_tc(as_split(Packed), 1, I, as_bf16(M), K, sub, Got.get(), I, nullptr, Workspace.get(), tile,
+                               cuda::GradientOperand::bf16);
+      EXPECT_TRUE(same_bits_f(Got.take(), want_bf16)) << count << " chunks, bf16, tile " << tile_name(tile);
+    }
   }
 }
 
@@ -286,7 +307,8 @@ TEST(CudaOuterSumSplitTc, EachGroupOfAGroupedLaunchHasItsOwnCallsBits) {
 TEST(CudaOuterSumSplitTc, AGroupedLaunchOnTheHiHalfAloneIsTheRoundedGradientsSum) {
   LS_SKIP_WITHOUT_GPU();
   // The experts' launches with GradientOperand::bf16: both halves' bits for the rounded gradient.
-  const int64_t N = 64, K = 72, T = 260;
+  // (N = 128: the input gradients' chunks over N are whole k16 steps, as the TMA tile needs.)
+  const int64_t N = 128, K = 72, T = 260;
   const int64_t rows[3] = {70, 5, 185};
   auto dy = testing::random_gradient(T * N, 71);
   std::vector<float> rounded(dy.size());
@@ -326,6 +348,51 @@ TEST(CudaOuterSumSplitTc, AGroupedLaunchOnTheHiHalfAloneIsTheRoundedGradientsSum
   cuda::outer_sum_split_grouped_wgmma(host.data(), 3, N, 1, N, K, nullptr, cuda::GradientOperand::bf16);
   cuda::outer_sum_split_grouped_wgmma(host.data() + 3, 3, 185, N, 1, K, nullptr, cuda::GradientOperand::bf16);
   EXPECT_TRUE(same_bits_f(Got.take(), want)) << "wgmma 128 x 128";
+  // The grouped TMA tiles read the groups as rows of dy, x and the three experts' w.
+  DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
+  cuda::SplitSpans weight_spans, input_spans;
+  weight_spans.g[0] = input_spans.g[0] = as_split(Packed);
+  weight_spans.g_rows[0] = input_spans.g_rows[0] = T;
+  weight_spans.m[0] = as_bf16(X), weight_spans.m_rows[0] = T;
+  input_spans.m[0] = as_bf16(W), input_spans.m_rows[0] = 3 * N;
+  for (const int columns : {128, 256}) {
+    Got.poison();
+    cuda::outer_sum_split_tma_grouped(host.data(), 3, N, true, N, K, weight_spans, Workspace.get(), nullptr, columns);
+    cuda::outer_sum_split_tma_grouped(host.data() + 3, 3, 185, false, N, K, input_spans, Workspace.get(), nullptr,
+                                      columns);
+    EXPECT_TRUE(same_bits_f(Got.take(), want)) << "TMA, " << columns << " columns";
+  }
+}
+
+TEST(CudaOuterSumSplitTma, TakesTheBf16OperandAndInputChunksOfWholeSteps) {
+  const auto bf16 = cuda::GradientOperand::bf16;
+  const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(100), over_128 = cuda::token_chunk_bounds(128),
+                          over_192 = cuda::token_chunk_bounds(192);            // chunks of 24 rows
+  EXPECT_TRUE(cuda::outer_sum_split_tma_applies(true, 64, 16, tokens, bf16));  // rows past a chunk are masked
+  EXPECT_FALSE(cuda::outer_sum_split_tma_applies(true, 64, 16, tokens, cuda::GradientOperand::exact_hi_lo));
+  EXPECT_FALSE(cuda::outer_sum_split_tma_applies(true, 60, 16, tokens, bf16));  // g's rows
+  EXPECT_FALSE(cuda::outer_sum_split_tma_applies(true, 64, 12, tokens, bf16));  // K
+  EXPECT_TRUE(cuda::outer_sum_split_tma_applies(false, 128, 16, over_128, bf16));
+  EXPECT_FALSE(cuda::outer_sum_split_tma_applies(false, 192, 16, over_192, bf16));
+}
+
+TEST(CudaOuterSumSplitTma, RefusesGroupsOutsideTheSpansBeforeAnyWork) {
+  // Host checks only: nothing reaches the device.
+  std::vector<uint16_t> g(2 * 64 * 40), m(40 * 64);
+  float out[1];
+  const auto* gp = reinterpret_cast<const cuda::bf16_t*>(g.data());
+  const auto* mp = reinterpret_cast<const cuda::bf16_t*>(m.data());
+  const cuda::SplitOuterSumGroup inside{gp, mp, out, 64, cuda::token_chunk_bounds(40)};
+  cuda::SplitSpans spans;
+  spans.g[0] = gp, spans.g_rows[0] = 40, spans.m[0] = mp + 1, spans.m_rows[0] = 40;  // m starts before its span
+  EXPECT_THROW(cuda::outer_sum_split_tma_grouped(&inside, 1, 64, true, 64, 64, spans, nullptr, nullptr),
+               std::exception);
+  spans.m[0] = mp;
+  const cuda::SplitOuterSumGroup odd_row{gp + 3, mp, out, 64, cuda::token_chunk_bounds(8)};  // not a whole g row
+  EXPECT_THROW(cuda::outer_sum_split_tma_grouped(&odd_row, 1, 64, true, 64, 64, spans, nullptr, nullptr),
+               std::exception);
+  EXPECT_THROW(cuda::outer_sum_split_tma_grouped(&inside, 1, 64, true, 64, 64, spans, nullptr, nullptr, 256),
+               std::exception);  // the 128 x 256 tile without a workspace
 }
 
 TEST(CudaOuterSumSplitTc, SupportsOnlyShapesWhosePiecesAreWholeGroupsOfEight) {

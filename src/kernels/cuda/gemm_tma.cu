@@ -10,31 +10,19 @@
 // then the k16 steps of its K (or of each chunk) in ascending k; k16 steps wholly past a
 // chunk's end are skipped; the row form adds the chunk sums as fold_chunk does. So the bits
 // are the same (the GEMM tests compare every configuration).
-#include "kernels/cuda/gemm_tma.h"
-
-#include <cuda.h>
-#include <cudaTypedefs.h>
-
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm_common.cuh"
+#include "kernels/cuda/gemm_tma.h"
 #include "kernels/cuda/mbarrier.cuh"
+#include "kernels/cuda/tensor_map.h"
 #include "kernels/cuda/wgmma.cuh"
 
 namespace lockstep::cuda {
 namespace {
 
 constexpr int kTmaBM = 128, kTmaBK = 64, kTmaConsumerThreads = 256, kTmaThreads = kTmaConsumerThreads + 128;
-
-// The box of `map` at (k, row) into shared memory at dst; completes bytes on bar.
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, uint32_t bar, int k, int row) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], "
-      "[%2];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(&map)), "r"(bar), "r"(k), "r"(row)
-      : "memory");
-}
 
 template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
 constexpr size_t tma_smem_bytes() {
@@ -97,8 +85,8 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
           if (round > 0) mbar_wait(empty(s), (round - 1) & 1);
           const int k = c * chunk_len + j * BK;
           mbar_arrive_expect_tx(full(s), STAGE_BYTES);
-          tma_load(base + s * STAGE_BYTES, map_a, full(s), k, row0);
-          tma_load(base + s * STAGE_BYTES + A_BYTES, map_w, full(s), k, w_row);
+          tma_load(base + s * STAGE_BYTES, &map_a, full(s), k, row0);
+          tma_load(base + s * STAGE_BYTES + A_BYTES, &map_w, full(s), k, w_row);
         }
     }
     return;
@@ -188,35 +176,6 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   start_offset();  // a CTA without tiles still lets warpgroup 1 go
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    LS_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-    LS_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
-             "gemm: the driver has no cuTensorMapEncodeTiled (TMA needs CUDA 12 or later)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
-// A [rows, cols] bf16 matrix with row stride ld (elements) read in boxes of 64 columns x
-// box_rows rows, 128-byte swizzle; reads outside the matrix give zeros.
-CUtensorMap tensor_map(const bf16* data, int64_t rows, int64_t cols, int64_t ld, int box_rows) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
-  const cuuint32_t box[2] = {cuuint32_t(kTmaBK), cuuint32_t(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r =
-      tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(data), dims, strides, box,
-                           element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  LS_CHECK(r == CUDA_SUCCESS, "gemm: cuTensorMapEncodeTiled failed (", int(r), ") for a ", rows, " x ", cols,
-           " matrix with row stride ", ld);
-  return map;
-}
-
 template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
 void launch_tma(const GemmArgs& p, cudaStream_t stream) {
   constexpr size_t smem = tma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();
@@ -224,8 +183,8 @@ void launch_tma(const GemmArgs& p, cudaStream_t stream) {
   static const bool configured = allow_dynamic_smem(kernel, smem);
   (void)configured;
   const int64_t groups = p.group_rows ? p.groups : 1;
-  const CUtensorMap map_a = tensor_map(p.A, p.M, p.K, p.lda, kTmaBM);
-  const CUtensorMap map_w = tensor_map(p.W, groups * p.N, p.K, p.ldw, BN);
+  const CUtensorMap map_a = bf16_tensor_map(p.A, p.M, p.K, p.lda, kTmaBM, "gemm");
+  const CUtensorMap map_w = bf16_tensor_map(p.W, groups * p.N, p.K, p.ldw, BN, "gemm");
   const int64_t tiles_m = row_tiles_bound(p, kTmaBM), tiles_n = ceil_div(p.N, BN), tiles = tiles_m * tiles_n;
   LS_CHECK(tiles < (int64_t(1) << 31), "gemm: shape too large for one TMA launch: M = ", p.M, ", N = ", p.N);
   const int grid = int(std::min<int64_t>(tiles, sm_count()));

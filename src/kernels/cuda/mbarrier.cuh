@@ -74,4 +74,14 @@ __device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* sr
       : "memory");
 }
 
+// The box of a 2-D tensor map (tensor_map.h) at column k, row `row` into shared memory at
+// dst; completes the box's bytes on bar (zeros for its parts outside the matrix count too).
+__device__ __forceinline__ void tma_load(uint32_t dst, const void* map, uint32_t bar, int k, int row) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(k), "r"(row)
+      : "memory");
+}
+
 }  // namespace lockstep::cuda

@@ -14,14 +14,46 @@ __global__ void gather_rows_kernel(const bf16* src, const int32_t* index, bf16* 
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) dst[r * H + h] = from[h];
 }
 
-__global__ void expert_output_backward_kernel(const float* dout, const bf16* y, const float* weights,
-                                              const int32_t* row_token, const int32_t* row_pair, float* dweights,
-                                              float* dy_rows, int64_t H) {
+// The same in 16-byte pieces (H % 8 == 0, aligned rows): one piece a thread over all rows.
+__global__ void gather_rows16_kernel(const uint4* src, const int32_t* index, uint4* dst, int64_t rows, int64_t pieces) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * pieces) return;
+  const int64_t r = i / pieces, c = i - r * pieces;
+  dst[i] = src[int64_t(index[r]) * pieces + c];
+}
+
+// One block a row. The dot is dot_lanes' procedure spread over 8 threads, thread j the lane of
+// the indices = j (mod 8) in ascending order, the lanes then folded by the same tree: the
+// same additions as one thread running dot_lanes, 8 times shorter a chain.
+constexpr int kExpertOutThreads = 256;
+__global__ void __launch_bounds__(kExpertOutThreads)
+    expert_output_backward_kernel(const float* dout, const bf16* y, const float* weights, const int32_t* row_token,
+                                  const int32_t* row_pair, float* dweights, float* dy_rows, int64_t H) {
   const int64_t r = blockIdx.x, t = row_token[r], pair = row_pair[r];
   const float* g = dout + t * H;
-  if (threadIdx.x == 0) dweights[pair] = dot_lanes(g, y + pair * H, H);
+  if (threadIdx.x < 32) {
+    const int j = int(threadIdx.x) & 7;
+    const bf16* yr = y + pair * H;
+    float lane = 0.0f;
+    if (threadIdx.x < 8) {
+#pragma unroll 8  // loads ahead of the chain of adds
+      for (int64_t i = j; i < H; i += 8) lane = lane + g[i] * widen(yr[i]);
+    }
+    float l[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) l[q] = __shfl_sync(0xffffffffu, lane, q);
+    if (threadIdx.x == 0) dweights[pair] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  }
   const float w = weights[pair];
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) dy_rows[r * H + h] = w * g[h];
+  float* out = dy_rows + r * H;
+  if (H % 4 == 0 && (reinterpret_cast<uintptr_t>(g) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+    for (int64_t h = 4 * int64_t(threadIdx.x); h < H; h += 4 * kExpertOutThreads) {
+      const float4 v = *reinterpret_cast<const float4*>(g + h);
+      *reinterpret_cast<float4*>(out + h) = make_float4(w * v.x, w * v.y, w * v.z, w * v.w);
+    }
+  } else {
+    for (int64_t h = threadIdx.x; h < H; h += kExpertOutThreads) out[h] = w * g[h];
+  }
 }
 
 __global__ void add_rows_in_order_kernel(float* dh, const float* rows, const int32_t* order, int64_t k, int64_t H) {
@@ -37,7 +69,13 @@ __global__ void add_rows_in_order_kernel(float* dh, const float* rows, const int
 
 void gather_rows(const bf16_t* src, const int32_t* index, bf16_t* dst, int64_t rows, int64_t H, cudaStream_t s) {
   if (rows == 0) return;
-  gather_rows_kernel<<<unsigned(rows), 256, 0, s>>>(src, index, dst, H);
+  if (H % 8 == 0 && ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0) {
+    const int64_t pieces = H / 8;
+    gather_rows16_kernel<<<unsigned(ceil_div(rows * pieces, 256)), 256, 0, s>>>(
+        reinterpret_cast<const uint4*>(src), index, reinterpret_cast<uint4*>(dst), rows, pieces);
+  } else {
+    gather_rows_kernel<<<unsigned(rows), 256, 0, s>>>(src, index, dst, H);
+  }
   LS_CUDA_LAUNCHED();
 }
 
@@ -45,8 +83,8 @@ void expert_output_backward(const float* dout, const bf16_t* y, const float* wei
                             const int32_t* row_pair, float* dweights, float* dy_rows, int64_t rows, int64_t H,
                             cudaStream_t s) {
   if (rows == 0) return;
-  expert_output_backward_kernel<<<unsigned(rows), 256, 0, s>>>(dout, y, weights, row_token, row_pair, dweights, dy_rows,
-                                                               H);
+  expert_output_backward_kernel<<<unsigned(rows), kExpertOutThreads, 0, s>>>(dout, y, weights, row_token, row_pair,
+                                                                             dweights, dy_rows, H);
   LS_CUDA_LAUNCHED();
 }
 

@@ -22,6 +22,7 @@
 #include "kernels/cuda/backward_common.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma_sync.cuh"
+#include "kernels/cuda/outer_sum_split_tma.h"
 #include "kernels/cuda/outer_sum_split_wgmma.h"
 
 namespace lockstep::cuda {
@@ -289,15 +290,18 @@ void launch_tile(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one
 
 // The large tile where chunks are long enough that the pending levels' traffic (two tiles of
 // fp32 a chunk) is small beside the operands' (chunk rows x 1.5 KB).
-SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& bounds) {
+SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& bounds, bool weight, int64_t pitch,
+                 int64_t K, GradientOperand operand) {
   if (tile != SplitTile::automatic) return tile;
   const int64_t mean_rows = (bounds.rows[bounds.count] - bounds.rows[0]) / bounds.count;
-  return workspace && mean_rows >= 256 ? SplitTile::wgmma128x256 : SplitTile::k128x128;
+  if (!workspace || mean_rows < 256) return SplitTile::k128x128;
+  return outer_sum_split_tma_applies(weight, pitch, K, bounds, operand) ? SplitTile::tma128x256
+                                                                        : SplitTile::wgmma128x256;
 }
 
 void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
             int64_t g_col, int64_t K, SplitTile tile, float* workspace, cudaStream_t s, GradientOperand operand) {
-  LS_CHECK(tile == SplitTile::k128x128 || tile == SplitTile::wgmma128x128 || workspace,
+  LS_CHECK(tile == SplitTile::k128x128 || tile == SplitTile::wgmma128x128 || tile == SplitTile::tma128x128 || workspace,
            "outer sums of a split g: the large tiles need a workspace");
   const int64_t pitch = g_row == 1 ? g_col : g_row;
   const bool lo = operand == GradientOperand::exact_hi_lo;
@@ -307,6 +311,13 @@ void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int
     if (g_row != 1 && lo) launch_tile<false, Cfg, true>(groups, one, count, max_I, pitch, K, workspace, s);
     if (g_row != 1 && !lo) launch_tile<false, Cfg, false>(groups, one, count, max_I, pitch, K, workspace, s);
   };
+  if (tile == SplitTile::tma128x256 || tile == SplitTile::tma128x128) {
+    LS_CHECK(!groups, "outer sums of a split g: the TMA tiles take one problem a launch here, not groups");
+    const bool wide = tile == SplitTile::tma128x256;
+    if (outer_sum_split_tma_applies(g_row == 1, pitch, K, one.bounds, operand))
+      return outer_sum_split_tma(one, g_row == 1, pitch, K, workspace, s, wide ? 256 : 128);
+    tile = wide ? SplitTile::wgmma128x256 : SplitTile::wgmma128x128;  // the same bits
+  }
   if (tile == SplitTile::wgmma128x256 || tile == SplitTile::wgmma128x128) {
     LS_CHECK(!groups, "outer sums of a split g: the wgmma tiles take one problem a launch here, not groups");
     if (tile == SplitTile::wgmma128x128)
@@ -368,7 +379,8 @@ void outer_sum_split_tc(const bf16_t* g_split, int64_t g_row, int64_t g_col, con
   LS_CHECK(aligned16(g_split) && aligned16(m), "outer_sum_split_tc: operands must be 16-byte aligned");
   if (I == 0 || K == 0) return;
   const SplitOuterSumGroup one{g_split, m, out, I, bounds};
-  launch(nullptr, one, 1, I, g_row, g_col, K, choose(tile, workspace, bounds), workspace, s, operand);
+  const SplitTile chosen = choose(tile, workspace, bounds, g_row == 1, g_row == 1 ? g_col : g_row, K, operand);
+  launch(nullptr, one, 1, I, g_row, g_col, K, chosen, workspace, s, operand);
 }
 
 void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int64_t max_I, int64_t g_row,

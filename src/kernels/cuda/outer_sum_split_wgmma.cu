@@ -26,6 +26,7 @@
 #include "kernels/cuda/backward_common.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma_sync.cuh"
+#include "kernels/cuda/outer_sum_chunks.cuh"
 #include "kernels/cuda/outer_sum_split_wgmma.h"
 #include "kernels/cuda/wgmma.cuh"
 
@@ -185,69 +186,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kLo) wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_lo, d_b);
         };
         wgmma_fence();
-        if (steps == 4) {
-          step(0), step(1), step(2), step(3);
-        } else if (steps == 3) {
-          step(0), step(1), step(2);
-        } else if (steps == 2) {
-          step(0), step(1);
-        } else {
-          step(0);
-        }
+        issue_steps(steps, step);
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's MMAs are done: its slot may be loaded
       }
     };
-    // Accumulators 4 j .. 4 j + 3: row i (columns k, k + 1), then row i + 8 (the same).
-    const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;
-    // Chunk c's partial `acc` into the tree; level0(j) is fragment j's pending level 0 (read
-    // only: a fold in pairs never leaves a level 0 behind).
-    const auto fold = [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
-      const bool last = c == chunk_count - 1;
-      const int level = tree_level(c);
-#pragma unroll
-      for (int j = 0; j < Tile::Fragments; ++j) {
-        const int64_t k = k0 + 8 * j + 2 * (lane % 4);
-        const float(&fragment)[4] = *reinterpret_cast<const float(*)[4]>(acc + 4 * j);
-        float* row0 = out + i * K + k;
-        float* row8 = row0 + 8 * K;
-        const bool inside0 = k < K && i < I, inside8 = k < K && i + 8 < I;
-        float4& mine = pending[j * kThreads + tid];
-        if constexpr (Tile::PendingInRegisters) {
-          float4 pending0 = level0(j);
-          fold_fragment(fragment, level, last, pending0, mine, row0, row8, inside0, inside8);
-        } else
-          fold_fragment(fragment, level, last, mine, pending[(Tile::Fragments + j) * kThreads + tid], row0, row8,
-                        inside0, inside8);
-      }
-    };
-    if constexpr (kPairs) {
-      float x[Tile::Acc], y[Tile::Acc];
-      for (int c = 0; c < chunk_count; c += 2) {
-        const bool pair = c + 1 < chunk_count;
-        run_chunk(x, c);
-        if (pair) run_chunk(y, c + 1);
-        wgmma_wait<0>();
-        pin_registers(x);
-        if (pair) {
-          pin_registers(y);
-          // Chunk c's fold would only have put x at level 0: y's fold reads it there.
-          fold(y, c + 1, [&](int j) -> float4 {
-            return make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]);
-          });
-        } else {
-          fold(x, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // the last chunk, at level 0
-        }
-      }
-    } else {
-      for (int c = 0; c < chunk_count; ++c) {
-        float acc[Tile::Acc];
-        run_chunk(acc, c);
-        wgmma_wait<0>();
-        pin_registers(acc);
-        fold(acc, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // levels in the workspace
-      }
-    }
+    const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;  // the thread's first row
+    run_chunks<Tile::Acc, kPairs>(
+        chunk_count, run_chunk, [] { wgmma_wait<0>(); },
+        [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
+          fold_chunk_partial<Tile::Acc, Tile::PendingInRegisters>(acc, c, chunk_count, out, i, k0, lane, I, K, pending,
+                                                                  kThreads, tid, level0);
+        });
     cp_async_wait<0>();  // no copy outlives the tile
   }
 }

@@ -12,6 +12,7 @@
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/backward.h"
+#include "kernels/cuda/outer_sum_split_tma.h"
 #include "kernels/cuda/row_ops.cuh"
 #include "model/cuda/cuda_runner_impl.h"
 #include "model/cuda/device_params.h"
@@ -181,27 +182,48 @@ struct CudaLayerBackwardOps {
       all.insert(all.end(), part->begin(), part->end());
     const int n_used = int(used);
     if (split) {
-      // Tiles of the same bits: on the bf16 gradient the grouped wgmma tile, its groups as the
-      // kernel's parameters (256 a launch); on the exact one the mma.sync 128 x 128 tile from a
+      // Tiles of the same bits: on the bf16 gradient the grouped TMA tile (the wgmma tile where
+      // it does not apply), its groups as the kernel's parameters (256 a launch), read as rows
+      // of the buffers `spans` names; on the exact one the mma.sync 128 x 128 tile from a
       // device table, which the wgmma tile did not beat there (notes/gpu-trainer.md, v13, v15).
       const bool wgmma = kGradientOperand == cuda::GradientOperand::bf16;
       if (!wgmma) r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
-      const auto grouped = [&](size_t first, int count, int64_t max_I, int64_t g_row, int64_t g_col, int64_t K) {
+      const auto grouped = [&](size_t first, int count, int64_t max_I, int64_t g_row, int64_t g_col, int64_t K,
+                               const cuda::SplitSpans& spans) {
         if (!wgmma)
           return cuda::outer_sum_split_grouped_tc(s.split_groups + first, count, max_I, g_row, g_col, K, st, nullptr,
                                                   cuda::SplitTile::automatic, kGradientOperand);
-        for (int p = 0; p < count; p += cuda::kMaxWgmmaGroups)
-          cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, std::min(count - p, cuda::kMaxWgmmaGroups), max_I,
-                                              g_row, g_col, K, st, kGradientOperand);
+        const bool weight = g_row == 1;
+        const int64_t pitch = weight ? g_col : g_row;
+        bool tma = true;
+        for (int p = 0; p < count; ++p)
+          tma = tma &&
+                cuda::outer_sum_split_tma_applies(weight, pitch, K, all[first + size_t(p)].bounds, kGradientOperand);
+        for (int p = 0; p < count; p += cuda::kMaxWgmmaGroups) {
+          const int n = std::min(count - p, cuda::kMaxWgmmaGroups);
+          if (tma)
+            cuda::outer_sum_split_tma_grouped(all.data() + first + p, n, max_I, weight, pitch, K, spans, nullptr, st);
+          else
+            cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, n, max_I, g_row, g_col, K, st,
+                                                kGradientOperand);
+        }
+      };
+      // g in one buffer (or two: gate's and up's) of `rows` rows, m in one of m_rows.
+      const auto spans = [&](const void* g, const void* g_second, const void* m, int64_t m_rows) {
+        cuda::SplitSpans out;
+        out.g[0] = static_cast<const cuda::bf16_t*>(g), out.g[1] = static_cast<const cuda::bf16_t*>(g_second);
+        out.g_rows[0] = out.g_rows[1] = rows;
+        out.m[0] = static_cast<const cuda::bf16_t*>(m), out.m_rows[0] = m_rows;
+        return out;
       };
       cuda::to_gradient_operand(s.dy_rows, rows, H, kGradientOperand, st);
-      grouped(0, n_used, H, 1, H, I);            // d down
-      grouped(used, n_used, max_rows, H, 1, I);  // d act
+      grouped(0, n_used, H, 1, H, I, spans(s.dy_rows, nullptr, s.act_rows, rows));         // d down
+      grouped(used, n_used, max_rows, H, 1, I, spans(s.dy_rows, nullptr, L.down, E * H));  // d act
       cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
       cuda::to_gradient_operand(s.dgate, rows, I, kGradientOperand, st);
       cuda::to_gradient_operand(s.dup, rows, I, kGradientOperand, st);
-      grouped(2 * used, 2 * n_used, I, 1, I, H);         // d gate, d up
-      grouped(4 * used, 2 * n_used, max_rows, I, 1, H);  // d x (two parts)
+      grouped(2 * used, 2 * n_used, I, 1, I, H, spans(s.dgate, s.dup, s.x_rows, rows));               // d gate, up
+      grouped(4 * used, 2 * n_used, max_rows, I, 1, H, spans(s.dgate, s.dup, L.gate_up, E * 2 * I));  // d x
     } else {
       // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.
       const bool round = kGradientOperand == cuda::GradientOperand::bf16;

@@ -1,0 +1,89 @@
+// The chunk loop and the fold of the warpgroup-MMA outer sums (outer_sum_split_wgmma.cu,
+// outer_sum_split_tma.cu): how a tile's per-chunk partials enter the pairwise chunk tree. Both
+// kernels call these, so their bits cannot drift apart.
+#pragma once
+#include <cstdint>
+
+#include "kernels/cuda/backward_common.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace lockstep::cuda {
+
+// step(0) .. step(steps - 1) of a stage's 1-4 k16 steps, one branch each (constant indices).
+template <typename Step>
+__device__ __forceinline__ void issue_steps(int steps, Step step) {
+  if (steps == 4) {
+    step(0), step(1), step(2), step(3);
+  } else if (steps == 3) {
+    step(0), step(1), step(2);
+  } else if (steps == 2) {
+    step(0), step(1);
+  } else {
+    step(0);
+  }
+}
+
+// Chunk c's partial `acc` (a warpgroup's m64nN accumulators: 4 j .. 4 j + 3 are row i, columns
+// k and k + 1, then row i + 8, the same) into the tree of chunk_count chunks. The pending
+// levels are one float4 a thread and fragment: level 0 from level0(j) (registers, read only: a
+// fold in pairs never leaves a level 0 behind) when kLevel0InRegisters, level 1 at
+// pending[j * threads + tid]; else both at pending (level 1 after the Fragments level-0 rows).
+template <int kAcc, bool kLevel0InRegisters, typename Level0>
+__device__ __forceinline__ void fold_chunk_partial(const float (&acc)[kAcc], int c, int chunk_count, float* out,
+                                                   int64_t i, int64_t k0, int lane, int64_t I, int64_t K,
+                                                   float4* pending, int threads, int tid, Level0 level0) {
+  constexpr int kFragments = kAcc / 4;
+  const bool last = c == chunk_count - 1;
+  const int level = tree_level(c);
+#pragma unroll
+  for (int j = 0; j < kFragments; ++j) {
+    const int64_t k = k0 + 8 * j + 2 * (lane % 4);
+    const float(&fragment)[4] = *reinterpret_cast<const float(*)[4]>(acc + 4 * j);
+    float* row0 = out + i * K + k;
+    float* row8 = row0 + 8 * K;
+    const bool inside0 = k < K && i < I, inside8 = k < K && i + 8 < I;
+    float4& mine = pending[j * threads + tid];
+    if constexpr (kLevel0InRegisters) {
+      float4 pending0 = level0(j);
+      fold_fragment(fragment, level, last, pending0, mine, row0, row8, inside0, inside8);
+    } else {
+      fold_fragment(fragment, level, last, mine, pending[(kFragments + j) * threads + tid], row0, row8, inside0,
+                    inside8);
+    }
+  }
+}
+
+// A tile's chunks: run_chunk(acc, c) issues chunk c's MMAs into acc (zeroed first), drain()
+// waits for every MMA, fold(acc, c, level0) is fold_chunk_partial. kPairs: chunk 2m into x and
+// 2m + 1 into y, one drain a pair (chunk 2m + 1's MMAs start while 2m's finish); x is then the
+// level 0 that y's fold reads. Else one drain and fold a chunk.
+template <int kAcc, bool kPairs, typename Run, typename Drain, typename Fold>
+__device__ __forceinline__ void run_chunks(int chunk_count, Run run_chunk, Drain drain, Fold fold) {
+  if constexpr (kPairs) {
+    float x[kAcc], y[kAcc];
+    for (int c = 0; c < chunk_count; c += 2) {
+      const bool pair = c + 1 < chunk_count;
+      run_chunk(x, c);
+      if (pair) run_chunk(y, c + 1);
+      drain();
+      pin_registers(x);
+      if (pair) {
+        pin_registers(y);
+        // Chunk c's fold would only have put x at level 0: y's fold reads it there.
+        fold(y, c + 1, [&](int j) { return make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]); });
+      } else {
+        fold(x, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // the last chunk, at level 0
+      }
+    }
+  } else {
+    for (int c = 0; c < chunk_count; ++c) {
+      float acc[kAcc];
+      run_chunk(acc, c);
+      drain();
+      pin_registers(acc);
+      fold(acc, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // levels in `pending`
+    }
+  }
+}
+
+}  // namespace lockstep::cuda

@@ -1,0 +1,335 @@
+// outer_sum_split_wgmma's procedure, warp-specialized: one producer thread streams the stages
+// with TMA into an mbarrier ring and two consumer warpgroups run the wgmma on them (the
+// structure of gemm_tma.cu). The same bits as every other tile of the split outer sums.
+//
+// The cp.async tile issues its loads from the threads that issue the MMAs and passes a CTA
+// barrier every stage; lm_head's weight gradient ran there at ~240 TFLOP/s (notes/gpu-trainer.md).
+// Here the loads run a ring ahead with no CTA barrier, and the consumer warpgroups start one
+// stage apart, so one folds a chunk while the other's MMAs run.
+//
+// Shared memory is the cp.async tile's layout, which the TMA 128-byte swizzle writes as well:
+// g's tile [s][i] in two 64-column atoms (weight gradients) or [i][s] rows of 64 s (input
+// gradients), m's [s][k] in 64-column atoms. A chunk's stages start at its first row, so a
+// stage may run past the chunk's end: rows past it inside the last k16 step must be zero in
+// both operands. For weight gradients a masking warp zeroes those rows after the TMA lands
+// (whole 128-byte rows of each atom) and passes the stage on; input gradients come here only
+// with chunks of whole k16 steps (outer_sum_split_tma_applies).
+//
+// Problems travel as a __grid_constant__ parameter with up to two tensor maps per operand (the
+// experts' gate and up gradients are two buffers); a problem is a row offset into its maps.
+#include <algorithm>
+
+#include "kernels/cuda/backward_common.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mbarrier.cuh"
+#include "kernels/cuda/outer_sum_chunks.cuh"
+#include "kernels/cuda/outer_sum_split_tma.h"
+#include "kernels/cuda/outer_sum_split_wgmma.h"
+#include "kernels/cuda/tensor_map.h"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace lockstep::cuda {
+
+namespace {
+
+constexpr int kConsumers = 256;             // two warpgroups of 64 output rows
+constexpr int kThreads = kConsumers + 128;  // and the producer warpgroup
+constexpr int kBI = 128;                    // output rows a tile
+constexpr int kRows = 64;                   // summed rows a stage: four k16 steps
+constexpr int kAtom = kRows * 128;          // bytes of 64 MN-major columns over a stage's rows
+constexpr int kGTile = kBI * kRows * 2;     // 16 KB
+constexpr int kMaxProblems = kMaxWgmmaGroups;
+
+struct Problem {
+  float* out;
+  int32_t I, chunk_count;
+  int32_t rows[kTMax + 1];  // chunk bounds in the problem's summed rows
+  int32_t g_map, g_offset;  // its g map and first row there (weight: the summed s; input: i)
+  int32_t m_map, m_offset;  // its m map and first summed row there
+};
+struct Problems {
+  int32_t count;
+  Problem p[kMaxProblems];
+};
+struct Maps {
+  CUtensorMap g[2], m[2];
+};
+
+// kBK 256: the pending tree levels 0 and 1 in the block's workspace slot; kBK 128: the chunks
+// in pairs, level 0 in registers (x), level 1 in shared memory (the experts' short chunks).
+template <int kBK>
+struct TmaTile {
+  static constexpr int Acc = kBK / 2, Fragments = Acc / 4;  // a consumer thread's
+  static constexpr bool Pairs = kBK == 128;
+  static constexpr int StageBytes = kGTile + kBK * kRows * 2;
+  static constexpr int PendingSmemBytes = Pairs ? Fragments * kConsumers * 16 : 0;
+  static constexpr int BarrierBytes = 256;
+  static constexpr int Stages = std::min(8, (227 * 1024 - 1024 - BarrierBytes - PendingSmemBytes) / StageBytes);
+  static constexpr int SmemBytes = 1024 + Stages * StageBytes + PendingSmemBytes + BarrierBytes;
+};
+static_assert(TmaTile<256>::Stages == 4 && TmaTile<128>::Stages == 5, "the rings");
+static_assert(3 * 8 * TmaTile<128>::Stages <= TmaTile<128>::BarrierBytes, "full, empty and ready barriers");
+static_assert(2 * TmaTile<256>::Acc * kConsumers == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
+
+// Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ...: column block t % tiles_k, row block
+// (t / tiles_k) % tiles_i of problem t / (tiles_k tiles_i); visit(problem, i0, column block)
+// for those with outputs. The producer, the masking warp and the consumers walk the same sequence.
+template <typename Visit>
+__device__ __forceinline__ void for_each_tile(const Problems& problems, int64_t tiles_k, int64_t tiles_i, int64_t tiles,
+                                              Visit visit) {
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const Problem& problem = problems.p[tile / (tiles_k * tiles_i)];
+    const int k_block = int(tile % tiles_k), i0 = int(tile / tiles_k % tiles_i) * kBI;
+    if (i0 < problem.I) visit(problem, i0, k_block);
+  }
+}
+
+// mask: weight gradients with a chunk whose length is not a multiple of 16.
+template <bool kWeight, int kBK>
+__global__ void __launch_bounds__(kThreads, 1)
+    outer_sum_split_tma_kernel(const __grid_constant__ Maps maps, const __grid_constant__ Problems problems, int64_t K,
+                               int64_t tiles_k, int64_t tiles_i, int64_t tiles, int mask, float* workspace) {
+  using Tile = TmaTile<kBK>;
+  constexpr int kStages = Tile::Stages;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  const uint32_t bars = base + kStages * Tile::StageBytes + Tile::PendingSmemBytes;
+  // full: the TMA bytes landed; ready: the masking warp zeroed the rows past the chunk's end;
+  // empty: the eight consumer warps are done with the stage.
+  const auto full = [&](int s) { return bars + 8 * s; };
+  const auto empty = [&](int s) { return bars + 8 * (kStages + s); };
+  const auto ready = [&](int s) { return bars + 8 * (2 * kStages + s); };
+  const int tid = threadIdx.x, lane = tid % 32, warp = __shfl_sync(0xffffffffu, tid / 32, 0);
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), kConsumers / 32);
+      mbar_init(ready(s), 1);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  const bool masked = kWeight && mask != 0;
+
+  if (warp >= kConsumers / 32) {
+    // The producer warpgroup gives its registers to the consumers (a 128 x 256 tile's
+    // accumulators are 128 a thread).
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const int role = warp - kConsumers / 32;
+    if (role == 0 && lane == 0) {  // the loads
+      uint32_t it = 0;
+      for_each_tile(problems, tiles_k, tiles_i, tiles, [&](const Problem& p, int i0, int k_block) {
+        const void* g_map = &maps.g[p.g_map];
+        const void* m_map = &maps.m[p.m_map];
+        for (int c = 0; c < p.chunk_count; ++c)
+          for (int s0 = p.rows[c]; s0 < p.rows[c + 1]; s0 += kRows, ++it) {
+            const int slot = int(it % kStages);
+            if (it >= uint32_t(kStages)) mbar_wait(empty(slot), (it / kStages - 1) & 1);
+            const uint32_t g_at = base + slot * Tile::StageBytes, m_at = g_at + kGTile;
+            mbar_arrive_expect_tx(full(slot), Tile::StageBytes);
+            if constexpr (kWeight) {
+              tma_load(g_at, g_map, full(slot), i0, p.g_offset + s0);
+              tma_load(g_at + kAtom, g_map, full(slot), i0 + 64, p.g_offset + s0);
+            } else {
+              tma_load(g_at, g_map, full(slot), s0, p.g_offset + i0);
+            }
+#pragma unroll
+            for (int a = 0; a < kBK / 64; ++a)
+              tma_load(m_at + a * kAtom, m_map, full(slot), k_block * kBK + 64 * a, p.m_offset + s0);
+          }
+      });
+    } else if (role == 1 && masked) {  // rows past a chunk's end inside its last k16 step
+      uint32_t it = 0;
+      for_each_tile(problems, tiles_k, tiles_i, tiles, [&](const Problem& p, int, int) {
+        for (int c = 0; c < p.chunk_count; ++c)
+          for (int s0 = p.rows[c]; s0 < p.rows[c + 1]; s0 += kRows, ++it) {
+            const int slot = int(it % kStages);
+            mbar_wait(full(slot), (it / kStages) & 1);
+            const int live = min(kRows, p.rows[c + 1] - s0), top = (live + 15) / 16 * 16;
+            constexpr int kAtoms = 2 + kBK / 64;  // g's two, then m's
+            const int pieces = (top - live) * kAtoms * 8;
+            unsigned char* stage = smem + slot * Tile::StageBytes;
+            for (int q = lane; q < pieces; q += 32) {
+              const int row = live + q / (kAtoms * 8), atom = q / 8 % kAtoms, piece = q % 8;
+              *reinterpret_cast<uint4*>(stage + atom * kAtom + row * 128 + piece * 16) = make_uint4(0, 0, 0, 0);
+            }
+            fence_proxy_async();  // the zeros are visible to the tensor cores
+            __syncwarp();
+            if (lane == 0) mbar_arrive(ready(slot));
+          }
+      });
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int wg = warp / 4;
+  uint32_t it = 0;
+  int in_flight = -1;  // the stage whose MMAs may still be running
+  const auto release = [&](int slot) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(slot));
+  };
+  // Warpgroup 1 starts one stage after warpgroup 0 (a named barrier, once), so their chunk
+  // folds fall at different times; the ring absorbs the offset.
+  bool offset_pending = true;
+  const auto start_offset = [&] {
+    if (offset_pending && wg == 0) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
+    offset_pending = false;
+  };
+  if (wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  float4* pending = Tile::Pairs ? reinterpret_cast<float4*>(smem + kStages * Tile::StageBytes)
+                                : reinterpret_cast<float4*>(workspace + int64_t(blockIdx.x) * kSplitPendingFloats);
+
+  for_each_tile(problems, tiles_k, tiles_i, tiles, [&](const Problem& p, int i0, int k_block) {
+    const int k0 = k_block * kBK, I = p.I;
+    float* __restrict__ out = p.out;
+    // Chunk c's stages into acc (zeroed first); one stage's MMAs may still run on return.
+    const auto run_chunk = [&](float(&acc)[Tile::Acc], int c) {
+#pragma unroll
+      for (int e = 0; e < Tile::Acc; ++e) acc[e] = 0.0f;
+      const int end = p.rows[c + 1];
+      for (int s0 = p.rows[c]; s0 < end; s0 += kRows, ++it) {
+        const int slot = int(it % kStages);
+        mbar_wait(masked ? ready(slot) : full(slot), (it / kStages) & 1);
+        const uint32_t g_at = base + slot * Tile::StageBytes, m_at = g_at + kGTile;
+        const int live = end - s0;
+        const int steps = live >= kRows ? kRows / 16 : (live + 15) / 16;
+        const auto step = [&](int kk) {
+          // A k16 step: 16 rows of an MN-major tile are 2048 bytes on; 32 bytes of a K-major row.
+          const uint64_t d_g =
+              kWeight ? smem_desc_mn(g_at + wg * kAtom + kk * 2048, kAtom) : smem_desc(g_at + wg * 64 * 128) + 2 * kk;
+          wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_g, smem_desc_mn(m_at + kk * 2048, kAtom));
+        };
+        wgmma_fence();
+        issue_steps(steps, step);
+        wgmma_commit();
+        start_offset();
+        wgmma_wait<1>();  // the previous stage's MMAs are done: hand its slot back
+        if (in_flight >= 0) release(in_flight);
+        in_flight = slot;
+      }
+    };
+    const auto drain = [&] {
+      wgmma_wait<0>();
+      if (in_flight >= 0) release(in_flight);
+      in_flight = -1;
+    };
+    const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;  // the thread's first row
+    run_chunks<Tile::Acc, Tile::Pairs>(
+        p.chunk_count, run_chunk, drain, [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
+          fold_chunk_partial<Tile::Acc, Tile::Pairs>(acc, c, p.chunk_count, out, i, k0, lane, I, K, pending, kConsumers,
+                                                     tid, level0);
+        });
+  });
+  start_offset();  // a block whose tiles had no stages still lets warpgroup 1 go
+}
+
+template <bool kWeight, int kBK>
+void launch(const Maps& maps, const Problems& problems, int64_t max_I, int64_t K, bool mask, float* workspace,
+            cudaStream_t s) {
+  const int64_t tiles_k = ceil_div(K, int64_t(kBK)), tiles_i = ceil_div(max_I, int64_t(kBI));
+  const int64_t tiles = tiles_k * tiles_i * problems.count;
+  const int64_t blocks = std::min<int64_t>(tiles, sm_count());  // one workspace slot a block
+  const auto kernel = outer_sum_split_tma_kernel<kWeight, kBK>;
+  constexpr int bytes = TmaTile<kBK>::SmemBytes;
+  LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(maps, problems, K, tiles_k, tiles_i, tiles, mask ? 1 : 0, workspace);
+  LS_CUDA_LAUNCHED();
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The span among `spans` holding `p` at a whole row (row_bytes apart) and its row there, or -1.
+int find_span(const bf16_t* const (&spans)[2], const int64_t (&rows)[2], const bf16_t* p, int64_t row_elems,
+              int64_t& row) {
+  for (int m = 0; m < 2; ++m) {
+    if (spans[m] == nullptr || p < spans[m]) continue;
+    const int64_t elems = p - spans[m];
+    if (elems % row_elems == 0 && elems / row_elems < std::max<int64_t>(rows[m], 1)) {
+      row = elems / row_elems;
+      return m;
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const ChunkBounds& bounds,
+                                 GradientOperand operand) {
+  if (operand != GradientOperand::bf16 || K % 8 != 0 || g_pitch % 8 != 0) return false;
+  if (bounds.rows[bounds.count] >= (int64_t(1) << 31)) return false;
+  if (weight) return true;  // rows past a chunk's end are zeroed in shared memory
+  for (int c = 0; c < bounds.count; ++c)
+    if ((bounds.rows[c + 1] - bounds.rows[c]) % 16 != 0 || bounds.rows[c] % 8 != 0) return false;
+  return true;
+}
+
+void outer_sum_split_tma_grouped(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, bool weight,
+                                 int64_t g_pitch, int64_t K, const SplitSpans& spans, float* workspace, cudaStream_t s,
+                                 int tile_columns) {
+  LS_CHECK(count >= 0 && count <= kMaxProblems, "outer sums on the TMA tile: ", count, " groups (at most ",
+           kMaxProblems, ")");
+  LS_CHECK(tile_columns == 128 || tile_columns == 256, "outer sums on the TMA tile: tiles are 128 or 256 columns, not ",
+           tile_columns);
+  LS_CHECK(tile_columns == 128 || workspace, "outer sums on the TMA tile: the 128 x 256 tile needs a workspace");
+  if (count == 0 || max_I == 0 || K == 0) return;
+  Problems problems;
+  problems.count = count;
+  bool mask = false;
+  int64_t summed = 0;                       // the largest summed extent (the input gradients' g columns)
+  const int64_t g_row_elems = 2 * g_pitch;  // a packed row keeps its fp32 row's bytes
+  for (int q = 0; q < count; ++q) {
+    const SplitOuterSumGroup& group = host_groups[q];
+    check_chunk_bounds(group.bounds, "outer_sum_split_tma_grouped");
+    LS_CHECK(group.I <= max_I && outer_sum_split_tma_applies(weight, g_pitch, K, group.bounds, GradientOperand::bf16),
+             "outer_sum_split_tma_grouped: group ", q, " (I ", group.I, ", max_I ", max_I,
+             ") is not taken: see outer_sum_split_tma_applies");
+    Problem& p = problems.p[q];
+    int64_t g_row = 0, m_row = 0;
+    p.g_map = find_span(spans.g, spans.g_rows, group.g, g_row_elems, g_row);
+    p.m_map = find_span(spans.m, spans.m_rows, group.m, K, m_row);
+    LS_CHECK(p.g_map >= 0 && p.m_map >= 0, "outer_sum_split_tma_grouped: group ", q,
+             "'s operands are not whole rows of the spans given");
+    LS_CHECK(g_row < (int64_t(1) << 30) && m_row < (int64_t(1) << 30), "outer_sum_split_tma_grouped: group ", q,
+             " starts past 2^30 rows");
+    p.out = group.out;
+    p.I = int32_t(group.I);
+    p.chunk_count = group.bounds.count;
+    for (int c = 0; c <= group.bounds.count; ++c) p.rows[c] = int32_t(group.bounds.rows[c]);
+    p.g_offset = int32_t(g_row), p.m_offset = int32_t(m_row);
+    summed = std::max(summed, group.bounds.rows[group.bounds.count]);
+    for (int c = 0; c < group.bounds.count; ++c) mask |= (group.bounds.rows[c + 1] - group.bounds.rows[c]) % 16 != 0;
+  }
+  Maps maps{};
+  for (int m = 0; m < 2; ++m) {
+    if (spans.g[m]) {
+      LS_CHECK(aligned16(spans.g[m]), "outer_sum_split_tma_grouped: g span ", m, " is not 16-byte aligned");
+      // Weight gradients: rows s of max_I columns; input gradients: rows i of the summed columns.
+      // (At least one row and column: a map of empty sums is never read.)
+      const int64_t rows = std::max<int64_t>(spans.g_rows[m], 1), cols = std::max<int64_t>(weight ? max_I : summed, 1);
+      maps.g[m] = bf16_tensor_map(spans.g[m], rows, cols, g_row_elems, weight ? 64 : 128, "outer sums (g)");
+    }
+    if (spans.m[m]) {
+      LS_CHECK(aligned16(spans.m[m]), "outer_sum_split_tma_grouped: m span ", m, " is not 16-byte aligned");
+      maps.m[m] = bf16_tensor_map(spans.m[m], std::max<int64_t>(spans.m_rows[m], 1), K, K, 64, "outer sums (m)");
+    }
+  }
+  if (weight && tile_columns == 256) return launch<true, 256>(maps, problems, max_I, K, mask, workspace, s);
+  if (weight) return launch<true, 128>(maps, problems, max_I, K, mask, workspace, s);
+  if (tile_columns == 256) return launch<false, 256>(maps, problems, max_I, K, false, workspace, s);
+  launch<false, 128>(maps, problems, max_I, K, false, workspace, s);
+}
+
+void outer_sum_split_tma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
+                         cudaStream_t s, int tile_columns) {
+  const int64_t summed = one.bounds.rows[one.bounds.count];
+  SplitSpans spans{};
+  spans.g[0] = one.g, spans.g_rows[0] = weight ? summed : one.I;
+  spans.m[0] = one.m, spans.m_rows[0] = summed;
+  outer_sum_split_tma_grouped(&one, 1, one.I, weight, g_pitch, K, spans, workspace, s, tile_columns);
+}
+
+}  // namespace lockstep::cuda

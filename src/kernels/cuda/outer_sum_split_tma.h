@@ -1,0 +1,38 @@
+// The warp-specialized TMA forms of the split outer sums (outer_sum_split_tma.cu) on the bf16
+// gradient operand: a 128 x 256 tile (pending tree levels in a workspace slot a block) for
+// long chunks, and a 128 x 128 tile (chunks in pairs, the levels on chip) for the experts'.
+// Each problem's bits are those of its own outer_sum_split_tc call at any tile.
+#pragma once
+#include <cstdint>
+
+#include "kernels/cuda/backward.h"
+
+namespace lockstep::cuda {
+
+// Whether the TMA tiles take an outer sum (weight: g's element (s, i) at g_pitch * s + i, else
+// at g_pitch * i + s, in fp32 elements): the bf16 operand only, g_pitch and K multiples of 8;
+// input gradients only with chunks of whole k16 steps (16 rows) starting at multiples of 8.
+bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const ChunkBounds& bounds,
+                                 GradientOperand operand);
+
+// The buffers a grouped launch reads (one or two for each operand, unused ones null): every
+// group's g starts at a whole row of one g span (rows of g_pitch fp32 elements), its m at a
+// whole row of one m span (rows of K bf16). Rows: the span's rows a map may read (weight
+// gradients: summed rows; input gradients: g's output rows); reads past them give zeros.
+struct SplitSpans {
+  const bf16_t* g[2] = {nullptr, nullptr};
+  int64_t g_rows[2] = {0, 0};
+  const bf16_t* m[2] = {nullptr, nullptr};
+  int64_t m_rows[2] = {0, 0};
+};
+
+// One problem (tile_columns 256 needs a workspace of outer_sum_split_workspace_floats()).
+void outer_sum_split_tma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
+                         cudaStream_t s, int tile_columns = 256);
+// Up to kMaxWgmmaGroups groups from host memory in one launch (they travel as the kernel's
+// parameters), each taken by outer_sum_split_tma_applies and I <= max_I.
+void outer_sum_split_tma_grouped(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, bool weight,
+                                 int64_t g_pitch, int64_t K, const SplitSpans& spans, float* workspace, cudaStream_t s,
+                                 int tile_columns = 128);
+
+}  // namespace lockstep::cuda
