@@ -88,8 +88,9 @@ void split_hi_lo(float* x, int64_t n, cudaStream_t s);
 // wgmma128x128: the experts' grouped wgmma tile on one problem (chunks in pairs, the pending
 // tree on chip, no workspace). tma128x256, tma128x128: those two tiles warp-specialized, loaded
 // by TMA (outer_sum_split_tma.cu); they take the bf16 operand (outer_sum_split_tma_applies) and
-// hand anything else to the wgmma tile of their size. automatic takes tma128x256 where it
-// would take wgmma128x256 and the TMA tile applies.
+// hand anything else to the wgmma tile of their size. automatic takes the TMA tiles where they
+// apply and it would take a large tile (a workspace, chunks of 256 rows or more): 128 x 256 for
+// input gradients over chunks of 4096 rows or more, else 128 x 128.
 enum class SplitTile { automatic, k128x128, k128x256, k256x128, wgmma128x256, wgmma128x128, tma128x256, tma128x128 };
 // How the fp32 gradient g enters the MMAs: exact (split by split_hi_lo, each k16 step the MMA
 // of hi then of lo: the products of the fp32 g), or rounded to bf16 (packed by pack_bf16_rows,

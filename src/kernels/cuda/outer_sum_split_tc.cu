@@ -288,15 +288,23 @@ void launch_tile(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one
   LS_CUDA_LAUNCHED();
 }
 
-// The large tile where chunks are long enough that the pending levels' traffic (two tiles of
-// fp32 a chunk) is small beside the operands' (chunk rows x 1.5 KB).
+// The tile automatic takes (only the speed depends on it). Without TMA: the large tile where
+// chunks are long enough that the pending levels' traffic (two tiles of fp32 a chunk) is small
+// beside the operands' (chunk rows x 1.5 KB).
 SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& bounds, bool weight, int64_t pitch,
                  int64_t K, GradientOperand operand) {
   if (tile != SplitTile::automatic) return tile;
   const int64_t mean_rows = (bounds.rows[bounds.count] - bounds.rows[0]) / bounds.count;
+  // The TMA tiles (H100, cuda_outer_sum_bench; notes/gpu-trainer.md, v23): 128 x 128 with the
+  // tree on chip for weight gradients (lm_head dW 10.3 ms against 14.6 at 128 x 256, whose folds
+  // go through the workspace) and input gradients over short chunks (q_proj dx 0.31 against
+  // 0.60); 128 x 256 where chunks are long enough that its folds are rare (lm_head dx, chunks of
+  // 18,992 rows: 8.0 ms against 15.1).
+  // Short chunks keep the mma.sync tile (the TMA tiles' times there are not measured).
   if (!workspace || mean_rows < 256) return SplitTile::k128x128;
-  return outer_sum_split_tma_applies(weight, pitch, K, bounds, operand) ? SplitTile::tma128x256
-                                                                        : SplitTile::wgmma128x256;
+  if (outer_sum_split_tma_applies(weight, pitch, K, bounds, operand))
+    return !weight && mean_rows >= 4096 ? SplitTile::tma128x256 : SplitTile::tma128x128;
+  return SplitTile::wgmma128x256;
 }
 
 void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
