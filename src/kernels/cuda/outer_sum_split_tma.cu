@@ -55,8 +55,9 @@ struct Maps {
   CUtensorMap g[2], m[2];
 };
 
-// kBK 256: the pending tree levels 0 and 1 in the block's workspace slot; kBK 128: the chunks
-// in pairs, level 0 in registers (x), level 1 in shared memory (the experts' short chunks).
+// kBK 256: the pending tree levels 0 and 1 in the block's workspace slot (a fold reads and
+// writes 128 KB of it: for long chunks only); kBK 128: the chunks in pairs, level 0 in
+// registers (x), level 1 in shared memory, no memory traffic a fold.
 template <int kBK>
 struct TmaTile {
   static constexpr int Acc = kBK / 2, Fragments = Acc / 4;  // a consumer thread's
