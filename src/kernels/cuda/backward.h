@@ -120,13 +120,27 @@ void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int
                                 int64_t g_col, int64_t K, cudaStream_t s, float* workspace = nullptr,
                                 SplitTile tile = SplitTile::automatic,
                                 GradientOperand operand = GradientOperand::exact_hi_lo);
-// The same on warpgroup MMAs, 128 x 128 outputs a block with the chunk tree's pending levels on
-// chip (the experts' short chunks), the groups (at most 256) read from host memory: they travel
-// as the kernel's parameters. Each group's bits are those of its own outer_sum_split_tc call.
+// The buffers a grouped launch reads (one or two for each operand, unused ones null): every
+// group's g starts at a whole row of one g span (rows of g_pitch fp32 elements), its m at a
+// whole row of one m span (rows of K bf16). Rows: the span's rows a map may read (weight
+// gradients: summed rows; input gradients: g's output rows); reads past them give zeros.
+struct SplitSpans {
+  const bf16_t* g[2] = {nullptr, nullptr};
+  int64_t g_rows[2] = {0, 0};
+  const bf16_t* m[2] = {nullptr, nullptr};
+  int64_t m_rows[2] = {0, 0};
+};
+// outer_sum_split_grouped_tc on warpgroup MMAs, 128 x 128 outputs a block with the chunk tree's
+// pending levels on chip (the experts' short chunks), the groups (at most 256) read from host
+// memory: they travel as the kernel's parameters. Each group's bits are those of its own
+// outer_sum_split_tc call.
+// Given the buffers the groups lie in (spans), the TMA form of that tile runs where every group
+// takes it (outer_sum_split_tma_applies).
 constexpr int kMaxWgmmaGroups = 256;
 void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
                                    int64_t g_col, int64_t K, cudaStream_t s,
-                                   GradientOperand operand = GradientOperand::exact_hi_lo);
+                                   GradientOperand operand = GradientOperand::exact_hi_lo,
+                                   const SplitSpans* spans = nullptr);
 
 // dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
 template <typename TX>

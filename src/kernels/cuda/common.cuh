@@ -41,6 +41,7 @@ __device__ __forceinline__ float exp_sfu(float x) { return exp2_sfu(x * 1.442695
 __device__ __forceinline__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 // The streaming multiprocessors of the device current at the first call (one GPU a process).
 inline int sm_count() {
   static const int count = [] {

@@ -337,8 +337,6 @@ void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int
   if (tile == SplitTile::k128x128) run.template operator()<SmallTile>();
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 void split_hi_lo(float* x, int64_t n, cudaStream_t s) {
@@ -400,9 +398,13 @@ void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int
 }
 
 void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
-                                   int64_t g_col, int64_t K, cudaStream_t s, GradientOperand operand) {
+                                   int64_t g_col, int64_t K, cudaStream_t s, GradientOperand operand,
+                                   const SplitSpans* spans) {
   LS_CHECK(g_row == 1 || g_col == 1, "outer_sum_split_grouped_wgmma: g_row or g_col must be 1, got ", g_row, ", ",
            g_col);
+  const bool weight = g_row == 1;
+  const int64_t pitch = weight ? g_col : g_row;
+  bool tma = spans != nullptr;
   for (int p = 0; p < count; ++p) {
     const SplitOuterSumGroup& group = host_groups[p];
     check_chunk_bounds(group.bounds, "outer_sum_split_grouped_wgmma");
@@ -410,9 +412,11 @@ void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int co
                  aligned16(group.g) && aligned16(group.m),
              "outer_sum_split_grouped_wgmma: group ", p, " (I ", group.I,
              ") is not supported: see outer_sum_split_tc_supported; operands 16-byte aligned, I <= max_I ", max_I);
+    tma = tma && outer_sum_split_tma_applies(weight, pitch, K, group.bounds, operand);
   }
   if (count == 0 || max_I == 0 || K == 0) return;
-  outer_sum_split_wgmma_grouped(host_groups, count, max_I, g_row == 1, g_row == 1 ? g_col : g_row, K, s, operand);
+  if (tma) return outer_sum_split_tma_grouped(host_groups, count, max_I, weight, pitch, K, *spans, nullptr, s);
+  outer_sum_split_wgmma_grouped(host_groups, count, max_I, weight, pitch, K, s, operand);
 }
 
 }  // namespace lockstep::cuda

@@ -240,8 +240,6 @@ void launch(const Maps& maps, const Problems& problems, int64_t max_I, int64_t K
   LS_CUDA_LAUNCHED();
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The span among `spans` holding `p` at a whole row (row_bytes apart) and its row there, or -1.
 int find_span(const bf16_t* const (&spans)[2], const int64_t (&rows)[2], const bf16_t* p, int64_t row_elems,
               int64_t& row) {

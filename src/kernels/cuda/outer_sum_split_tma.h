@@ -15,17 +15,6 @@ namespace lockstep::cuda {
 bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const ChunkBounds& bounds,
                                  GradientOperand operand);
 
-// The buffers a grouped launch reads (one or two for each operand, unused ones null): every
-// group's g starts at a whole row of one g span (rows of g_pitch fp32 elements), its m at a
-// whole row of one m span (rows of K bf16). Rows: the span's rows a map may read (weight
-// gradients: summed rows; input gradients: g's output rows); reads past them give zeros.
-struct SplitSpans {
-  const bf16_t* g[2] = {nullptr, nullptr};
-  int64_t g_rows[2] = {0, 0};
-  const bf16_t* m[2] = {nullptr, nullptr};
-  int64_t m_rows[2] = {0, 0};
-};
-
 // One problem (tile_columns 256 needs a workspace of outer_sum_split_workspace_floats()).
 void outer_sum_split_tma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
                          cudaStream_t s, int tile_columns = 256);

@@ -12,7 +12,6 @@
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/backward.h"
-#include "kernels/cuda/outer_sum_split_tma.h"
 #include "kernels/cuda/row_ops.cuh"
 #include "model/cuda/cuda_runner_impl.h"
 #include "model/cuda/device_params.h"
@@ -193,20 +192,9 @@ struct CudaLayerBackwardOps {
         if (!wgmma)
           return cuda::outer_sum_split_grouped_tc(s.split_groups + first, count, max_I, g_row, g_col, K, st, nullptr,
                                                   cuda::SplitTile::automatic, kGradientOperand);
-        const bool weight = g_row == 1;
-        const int64_t pitch = weight ? g_col : g_row;
-        bool tma = true;
-        for (int p = 0; p < count; ++p)
-          tma = tma &&
-                cuda::outer_sum_split_tma_applies(weight, pitch, K, all[first + size_t(p)].bounds, kGradientOperand);
-        for (int p = 0; p < count; p += cuda::kMaxWgmmaGroups) {
-          const int n = std::min(count - p, cuda::kMaxWgmmaGroups);
-          if (tma)
-            cuda::outer_sum_split_tma_grouped(all.data() + first + p, n, max_I, weight, pitch, K, spans, nullptr, st);
-          else
-            cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, n, max_I, g_row, g_col, K, st,
-                                                kGradientOperand);
-        }
+        for (int p = 0; p < count; p += cuda::kMaxWgmmaGroups)
+          cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, std::min(count - p, cuda::kMaxWgmmaGroups), max_I,
+                                              g_row, g_col, K, st, kGradientOperand, &spans);
       };
       // g in one buffer (or two: gate's and up's) of `rows` rows, m in one of m_rows.
       const auto spans = [&](const void* g, const void* g_second, const void* m, int64_t m_rows) {
