@@ -5,7 +5,8 @@
 // itself (ms, GB/s), and the hi half alone (the lm_head's); then the experts' grouped d down
 // and d act (128 experts, top-8, I 768).
 // Random inputs made on the device. One JSON line per (GEMM, variant).
-//   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q]
+//   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q] [--only TEXT]
+// --only runs the GEMMs whose name holds TEXT ("experts": the grouped ones, for a profiler).
 #ifdef LOCKSTEP_CUDA
 #include <cuda_runtime.h>
 
@@ -290,10 +291,14 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
 int main(int argc, char** argv) {
   try {
     int64_t T = 8192, V = 151936, H = 2048, Q = 4096;
-    for (int i = 1; i + 1 < argc; i += 2) {
+    std::string only;
+    for (int i = 1; i < argc; i += 2) {
       const std::string flag = argv[i];
+      if (i + 1 >= argc) fail("flag ", flag, " needs a value");
       const int64_t v = std::atoll(argv[i + 1]);
-      if (flag == "--tokens")
+      if (flag == "--only")
+        only = argv[i + 1];
+      else if (flag == "--tokens")
         T = v;
       else if (flag == "--vocab")
         V = v;
@@ -302,17 +307,18 @@ int main(int argc, char** argv) {
       else if (flag == "--q-dim")
         Q = v;
       else
-        fail("unknown flag ", flag, " (--tokens, --vocab, --hidden, --q-dim)");
+        fail("unknown flag ", flag, " (--tokens, --vocab, --hidden, --q-dim, --only)");
     }
     const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(T);
     // Weight gradients: g = dy [T, N] (rows the summed tokens); input gradients: g = dy read
     // as [T rows, N summed].
-    run({"lm_head dW", T, V, H, 1, V, tokens});
-    run({"lm_head dx", V, T, H, V, 1, cuda::token_chunk_bounds(V)});
-    run({"q_proj dW", T, Q, H, 1, Q, tokens});
-    run({"q_proj dx", Q, T, H, Q, 1, cuda::token_chunk_bounds(Q)});
-    run({"o_proj dW", T, H, Q, 1, H, tokens});
-    run_experts(T, 8, 128, H, 768);
+    const auto wanted = [&](const std::string& name) { return name.find(only) != std::string::npos; };
+    for (const Gemm& g :
+         {Gemm{"lm_head dW", T, V, H, 1, V, tokens}, Gemm{"lm_head dx", V, T, H, V, 1, cuda::token_chunk_bounds(V)},
+          Gemm{"q_proj dW", T, Q, H, 1, Q, tokens}, Gemm{"q_proj dx", Q, T, H, Q, 1, cuda::token_chunk_bounds(Q)},
+          Gemm{"o_proj dW", T, H, Q, 1, H, tokens}})
+      if (wanted(g.name)) run(g);
+    if (wanted("experts d down, d act")) run_experts(T, 8, 128, H, 768);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_outer_sum_bench: %s\n", e.what());
