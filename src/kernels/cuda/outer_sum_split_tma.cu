@@ -57,7 +57,8 @@ struct Maps {
 
 // kBK 256: the pending tree levels 0 and 1 in the block's workspace slot (a fold reads and
 // writes 128 KB of it: for long chunks only); kBK 128: the chunks in pairs, level 0 in
-// registers (x), level 1 in shared memory, no memory traffic a fold.
+// registers (x), level 1 in shared memory. Both keep level 2 in the output, read back by the
+// tile's last fold (chunk 7).
 template <int kBK>
 struct TmaTile {
   static constexpr int Acc = kBK / 2, Fragments = Acc / 4;  // a consumer thread's

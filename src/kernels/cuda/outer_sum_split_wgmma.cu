@@ -16,7 +16,8 @@
 //
 // Two tiles: 128 x 256 for long chunks (the pending tree levels 0 and 1 in the block's
 // workspace slot, level 2 in the output), and 128 x 128 for the experts' short chunks (level 0
-// in registers beside the accumulators, level 1 in shared memory: no memory traffic a chunk).
+// in registers beside the accumulators, level 1 in shared memory: no memory traffic a chunk
+// but level 2's, which both tiles keep in the output).
 //
 // The problems come as a __grid_constant__ parameter, not a table in device memory: the number
 // of k16 steps of a chunk's last stage then derives from uniform values only. With the chunk
