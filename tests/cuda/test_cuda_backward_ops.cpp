@@ -5,6 +5,7 @@
 // micro-batch. The bf16 linears' tensor-core form: test_cuda_outer_sum_tc.cpp.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <random>
@@ -46,6 +47,22 @@ std::vector<float> widen(const bf16_bits& b) {
   return out;
 }
 const cuda::bf16_t* as_bf16(const DeviceVec<uint16_t>& v) { return reinterpret_cast<const cuda::bf16_t*>(v.get()); }
+
+// Rows written packed (RowsOut::packed_bf16): each row's bf16 at the front of its own bytes are
+// the fp32 rows rounded (what pack_bf16_rows makes of them); the count of rows that differ.
+size_t packed_rows_differing(const std::vector<float>& packed, const std::vector<float>& rows_fp32, int64_t rows,
+                             int64_t cols) {
+  std::vector<uint16_t> halves(packed.size() * 2);
+  std::memcpy(halves.data(), packed.data(), packed.size() * 4);
+  size_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      if (halves[size_t(2 * cols * r + c)] != f32_to_bf16(rows_fp32[size_t(r * cols + c)])) {
+        ++bad;
+        break;
+      }
+  return bad;
+}
 
 // |got - want| within `ulps` fp32 ulps of the largest |want| (sums of many terms cancel, so
 // an element's own magnitude is no scale for its rounding).
@@ -249,8 +266,14 @@ TEST(CudaBackwardOps, SwigluRopeAndEmbeddingBackward) {
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < I; ++i) gate[r * I + i] = guf[r * 2 * I + i], up[r * I + i] = guf[r * 2 * I + I + i];
   cpu::swiglu_backward(gate.data(), up.data(), dout.data(), want_dg.data(), want_du.data(), R * I);
-  expect_close(Dg.take(), want_dg, 8, "dgate");
-  expect_close(Du.take(), want_du, 8, "dup");
+  const auto dg = Dg.take(), du = Du.take();
+  expect_close(dg, want_dg, 8, "dgate");
+  expect_close(du, want_du, 8, "dup");
+  DeviceVec<float> PackedDg(R * I), PackedDu(R * I);
+  cuda::swiglu_backward(as_bf16(Gu), Dout.get(), PackedDg.get(), PackedDu.get(), R, I, nullptr,
+                        cuda::RowsOut::packed_bf16);
+  EXPECT_EQ(packed_rows_differing(PackedDg.take(), dg, R, I), 0u) << "dgate packed";
+  EXPECT_EQ(packed_rows_differing(PackedDu.take(), du, R, I), 0u) << "dup packed";
 
   const int64_t T = 19, heads = 3, D = 64;
   cpu::RopeTable rope = cpu::RopeTable::build(D, 64, 1000000.0);
@@ -321,21 +344,33 @@ TEST(CudaBackwardOps, ExpertRowKernelsHaveTheHostsBits) {
     EXPECT_EQ(Dst.take(), want_dst) << "gather_rows, H " << H;
     EXPECT_TRUE(same_bits_f(Dweights.take(), want_dw)) << "expert_output_backward dweights, H " << H;
     EXPECT_TRUE(same_bits_f(DyRows.take(), want_dy)) << "expert_output_backward dy rows, H " << H;
+    DeviceVec<float> PackedRows(rows * H);
+    cuda::expert_output_backward(Dout.get(), as_bf16(Y), Weights.get(), RowToken.get(), RowPair.get(), Dweights.get(),
+                                 PackedRows.get(), rows, H, nullptr, cuda::RowsOut::packed_bf16);
+    EXPECT_EQ(packed_rows_differing(PackedRows.take(), want_dy, rows, H), 0u) << "dy rows packed, H " << H;
 
     // A token's k rows, each slot's row at order[t k + j], added to dh in j order.
     std::vector<int32_t> order(rows);
     for (int64_t r = 0; r < rows; ++r) order[row_pair[r]] = int32_t(r);
-    const auto dh = random_f32(T * H, 44 + H), part = random_f32(rows * H, 45 + H);
-    DeviceVec<float> Dh(dh), Part(part);
+    // With a second part, each row is the sum of its parts first (add_inplace's additions).
+    const auto dh = random_f32(T * H, 44 + H), part = random_f32(rows * H, 45 + H),
+               second = random_f32(rows * H, 46 + H);
+    DeviceVec<float> Dh(dh), Part(part), Second(second), Dh2(dh);
     DeviceVec<int32_t> Order(order);
-    cuda::add_rows_in_order(Dh.get(), Part.get(), Order.get(), T, k, H, nullptr);
-    std::vector<float> want_dh = dh;
+    cuda::add_rows_in_order(Dh.get(), Part.get(), nullptr, Order.get(), T, k, H, nullptr);
+    cuda::add_rows_in_order(Dh2.get(), Part.get(), Second.get(), Order.get(), T, k, H, nullptr);
+    std::vector<float> want_dh = dh, want_dh2 = dh;
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h) {
-        float acc = want_dh[t * H + h];
-        for (int64_t j = 0; j < k; ++j) acc = acc + part[order[t * k + j] * H + h];
-        want_dh[t * H + h] = acc;
+        float acc = want_dh[t * H + h], acc2 = acc;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t at = order[t * k + j] * H + h;
+          acc = acc + part[at];
+          acc2 = acc2 + (part[at] + second[at]);
+        }
+        want_dh[t * H + h] = acc, want_dh2[t * H + h] = acc2;
       }
+    EXPECT_TRUE(same_bits_f(Dh2.take(), want_dh2)) << "add_rows_in_order of two parts, H " << H;
     EXPECT_TRUE(same_bits_f(Dh.take(), want_dh)) << "add_rows_in_order, H " << H;
   }
 }
@@ -388,6 +423,44 @@ TEST(CudaBackwardOps, RouterAndLogSoftmaxBackward) {
   cpu::log_softmax_gather_backward(z.data(), targets.data(), dlogp.data(), dent.data(), ent.data(), want_dz.data(), R,
                                    Vocab);
   expect_close(Dz.take(), want_dz, 16, "dlogits");
+}
+
+// The packed form of the log-softmax backward (the trainer's head): each row's bf16 d logits
+// at the front of its bytes are those of the fp32 kernel then pack_bf16_rows, with and without
+// the entropy term, over rows longer than a block's segment and rows without a target.
+TEST(CudaBackwardOps, LogSoftmaxBackwardPackedIsTheTwoCallsBitForBit) {
+  LS_SKIP_WITHOUT_GPU();
+  struct Case {
+    int64_t R, V;
+    bool entropy;
+  };
+  for (const Case c : {Case{7, 1000, false}, Case{7, 1000, true}, Case{3, 4104, true}, Case{300, 8, false}}) {
+    const auto z = random_f32(c.R * c.V, 31 + c.V, 8.0f), dlogp = random_f32(c.R, 32), dent = random_f32(c.R, 33);
+    std::vector<int32_t> targets(c.R);
+    for (int64_t r = 0; r < c.R; ++r) targets[r] = r % 3 == 2 ? -1 : int32_t((r * 137 + 5) % c.V);
+    DeviceVec<float> Z(z), Lse(c.R), Ent(c.R), Dlogp(dlogp), Dent(dent), TwoCalls(c.R * c.V), Packed(z);
+    DeviceVec<int32_t> Tg(targets);
+    cuda::log_normalizer_rows(Z.get(), Lse.get(), c.R, c.V, nullptr);
+    cuda::softmax_entropy(Z.get(), Lse.get(), Ent.get(), c.R, c.V, nullptr);
+    const float* de = c.entropy ? Dent.get() : nullptr;
+    const float* ent = c.entropy ? Ent.get() : nullptr;
+    cuda::log_softmax_gather_backward(Z.get(), Lse.get(), Tg.get(), Dlogp.get(), de, ent, TwoCalls.get(), c.R, c.V,
+                                      nullptr);
+    cuda::pack_bf16_rows(TwoCalls.get(), c.R, c.V, nullptr);
+    cuda::log_softmax_gather_backward_packed(Packed.get(), Lse.get(), Tg.get(), Dlogp.get(), de, ent, c.R, c.V,
+                                             nullptr);
+    const auto want = TwoCalls.take(), got = Packed.take();
+    size_t bad = 0;
+    for (int64_t r = 0; r < c.R; ++r)  // the packed halves only: the rest of a row is left as it was
+      if (std::memcmp(&got[size_t(r * c.V)], &want[size_t(r * c.V)], size_t(c.V) * 2) != 0 && bad++ < 5)
+        ADD_FAILURE() << c.R << " x " << c.V << (c.entropy ? " with" : " without") << " entropy: row " << r;
+    EXPECT_EQ(bad, 0u);
+  }
+  DeviceVec<float> Odd(12), Lse(1), Dlogp(1);
+  DeviceVec<int32_t> Tg(std::vector<int32_t>{0});
+  EXPECT_THROW(cuda::log_softmax_gather_backward_packed(Odd.get(), Lse.get(), Tg.get(), Dlogp.get(), nullptr, nullptr,
+                                                        1, 12, nullptr),
+               std::exception);
 }
 
 // Whole sequences in a shuffled page pool; the CPU reference reads a widened copy.

@@ -160,6 +160,15 @@ TEST_P(CudaOuterSumSplitTc, TheHiHalfAloneIsTheRoundedGradientsSum) {
     EXPECT_TRUE(same_bits_f(head(Got, T * K), head(Want, T * K))) << "input grad, " << name;
   }
   expect_consuming_helper_matches(dy, rounded, X, W, T, N, K, tokens, Workspace, hi);
+  // A dy that arrives packed (the head's log-softmax backward packs as it writes): the same bits.
+  if (!cuda::linear_grads_take_split(T, N, K, tokens)) return;
+  DeviceVec<float> Plain(rounded), DW(N * K), Dx(T * K), PlainDW(N * K), PlainDx(T * K);
+  cuda::linear_grads_of_packed_dy(as_split(Packed), as_bf16(X), as_bf16(W), DW.get(), Dx.get(), T, N, K, tokens,
+                                  Workspace.get(), nullptr);
+  cuda::linear_weight_grad(Plain.get(), as_bf16(X), PlainDW.get(), N, K, tokens, nullptr);
+  cuda::linear_input_grad(Plain.get(), as_bf16(W), PlainDx.get(), T, N, K, nullptr);
+  EXPECT_TRUE(same_bits_f(DW.take(), PlainDW.take())) << "packed dy, weight grad";
+  EXPECT_TRUE(same_bits_f(Dx.take(), PlainDx.take())) << "packed dy, input grad";
 }
 
 TEST(CudaPackBf16Rows, EachRowBecomesItsBf16AtTheFrontOfItsOwnBytes) {

@@ -159,6 +159,14 @@ void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64
 void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T, int64_t N,
                                int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s,
                                GradientOperand operand = GradientOperand::exact_hi_lo);
+// Whether linear_grads_consuming_dy runs the split kernels at these shapes: then a dy packed
+// already (GradientOperand::bf16) may go to linear_grads_of_packed_dy instead.
+bool linear_grads_take_split(int64_t T, int64_t N, int64_t K, const ChunkBounds& chunks);
+// linear_grads_consuming_dy with GradientOperand::bf16 of a dy [T, N] that pack_bf16_rows' layout
+// holds already (where linear_grads_take_split).
+void linear_grads_of_packed_dy(const bf16_t* dy_packed, const bf16_t* x, const bf16_t* w, float* dW, float* dx,
+                               int64_t T, int64_t N, int64_t K, const ChunkBounds& chunks, float* workspace,
+                               cudaStream_t s);
 // x[i] = bf16(x[i]) (round to nearest even) in place: fp32 values with bf16's bits.
 // pack_bf16_rows: each row of x [rows, cols] (cols a multiple of 8, x 16-byte aligned) becomes
 // its bf16 values at the front of its own bytes: element (r, c) at bf16 index 2 cols r + c.
@@ -186,10 +194,15 @@ void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const f
                       float* dw_partials, int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks,
                       cudaStream_t s);
 
+// How a kernel writes gradient rows that only the split outer sums read: fp32, or rounded to
+// bf16 and packed (the bits of the fp32 rows then pack_bf16_rows, without the second pass).
+enum class RowsOut { fp32, packed_bf16 };
+
 // cpu::swiglu_backward for gate/up read from gu [R, 2I] (each row's gate, then up, as the
 // forward's gate_up GEMM writes them): dgate, dup [R, I] overwritten.
 template <typename TG>
-void swiglu_backward(const TG* gu, const float* dout, float* dgate, float* dup, int64_t R, int64_t I, cudaStream_t s);
+void swiglu_backward(const TG* gu, const float* dout, float* dgate, float* dup, int64_t R, int64_t I, cudaStream_t s,
+                     RowsOut rows_out = RowsOut::fp32);
 
 // cpu::rope_backward in place on dx [T, heads, head_dim] with the runner's rotary table
 // (cos/sin [max_positions, head_dim / 2]).
@@ -242,11 +255,12 @@ void gather_rows(const bf16_t* src, const int32_t* index, bf16_t* dst, int64_t r
 // the CPU's dot procedure) and dy_rows[r] = weights[pair] * dout[token].
 void expert_output_backward(const float* dout, const bf16_t* y, const float* weights, const int32_t* row_token,
                             const int32_t* row_pair, float* dweights, float* dy_rows, int64_t rows, int64_t H,
-                            cudaStream_t s);
+                            cudaStream_t s, RowsOut rows_out = RowsOut::fp32);
 // dh[t] += rows[order[t * k + j]] for j = 0..k-1 in that order (the token's experts in
-// ascending id).
-void add_rows_in_order(float* dh, const float* rows, const int32_t* order, int64_t T, int64_t k, int64_t H,
-                       cudaStream_t s);
+// ascending id). With second_rows (else null), each row is rows[r] + second_rows[r] first: the
+// experts' input gradient in its two parts (gate's and up's), added as add_inplace adds them.
+void add_rows_in_order(float* dh, const float* rows, const float* second_rows, const int32_t* order, int64_t T,
+                       int64_t k, int64_t H, cudaStream_t s);
 
 // Per row: lse[r] = the canonical log-normaliser of logits[r] (log_softmax_gather's, same bits).
 void log_normalizer_rows(const float* logits, float* lse, int64_t R, int64_t V, cudaStream_t s);
@@ -258,6 +272,12 @@ void gather_log_probs(const float* logits, const float* lse, const int32_t* targ
 void log_softmax_gather_backward(const float* logits, const float* lse, const int32_t* targets, const float* dlogp,
                                  const float* dentropy, const float* entropy, float* dlogits, int64_t R, int64_t V,
                                  cudaStream_t s);
+// log_softmax_gather_backward's d logits rounded to bf16 and packed in place over the logits, in
+// one pass (pack_bf16_rows' layout): the operand linear_grads_of_packed_dy takes. The same bits
+// as the two calls; V a multiple of 8, logits 16-byte aligned.
+void log_softmax_gather_backward_packed(float* logits, const float* lse, const int32_t* targets, const float* dlogp,
+                                        const float* dentropy, const float* entropy, int64_t R, int64_t V,
+                                        cudaStream_t s);
 // cpu::softmax_entropy given the rows' lse.
 void softmax_entropy(const float* logits, const float* lse, float* entropy, int64_t R, int64_t V, cudaStream_t s);
 

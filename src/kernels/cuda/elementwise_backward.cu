@@ -119,16 +119,22 @@ __global__ void rmsnorm_dw_fold_kernel(const float* partials, float* dw, int64_t
 }
 
 template <typename TG>
-__global__ void swiglu_backward_kernel(const TG* gu, const float* dout, float* dgate, float* dup, int64_t R,
-                                       int64_t I) {
+__global__ void swiglu_backward_kernel(const TG* gu, const float* dout, float* dgate, float* dup, int64_t R, int64_t I,
+                                       bool packed) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= R * I) return;
   const int64_t r = idx / I, i = idx % I;
   const float g = widen(gu[r * 2 * I + i]), u = widen(gu[r * 2 * I + I + i]);
   const float s = 1.0f / (1.0f + expf(-g));
   const float silu = g / (1.0f + expf(-g));  // the forward's expression
-  dup[idx] = dout[idx] * silu;
-  dgate[idx] = dout[idx] * u * (s * (1.0f + g * (1.0f - s)));
+  const float d_up = dout[idx] * silu, d_gate = dout[idx] * u * (s * (1.0f + g * (1.0f - s)));
+  if (packed) {  // element (r, i) at bf16 index 2 I r + i: the front of row r's own bytes
+    reinterpret_cast<bf16*>(dup)[2 * I * r + i] = to_bf16(d_up);
+    reinterpret_cast<bf16*>(dgate)[2 * I * r + i] = to_bf16(d_gate);
+  } else {
+    dup[idx] = d_up;
+    dgate[idx] = d_gate;
+  }
 }
 
 __global__ void rope_backward_kernel(float* dx, const int32_t* positions, const float* rope_cos, const float* rope_sin,
@@ -202,13 +208,16 @@ void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const f
 }
 
 template <typename TG>
-void swiglu_backward(const TG* gu, const float* dout, float* dgate, float* dup, int64_t R, int64_t I, cudaStream_t s) {
+void swiglu_backward(const TG* gu, const float* dout, float* dgate, float* dup, int64_t R, int64_t I, cudaStream_t s,
+                     RowsOut rows_out) {
   if (R * I == 0) return;
-  swiglu_backward_kernel<<<blocks_for(R * I, 256), 256, 0, s>>>(gu, dout, dgate, dup, R, I);
+  swiglu_backward_kernel<<<blocks_for(R * I, 256), 256, 0, s>>>(gu, dout, dgate, dup, R, I,
+                                                                rows_out == RowsOut::packed_bf16);
   LS_CUDA_LAUNCHED();
 }
-template void swiglu_backward<float>(const float*, const float*, float*, float*, int64_t, int64_t, cudaStream_t);
-template void swiglu_backward<bf16>(const bf16*, const float*, float*, float*, int64_t, int64_t, cudaStream_t);
+template void swiglu_backward<float>(const float*, const float*, float*, float*, int64_t, int64_t, cudaStream_t,
+                                     RowsOut);
+template void swiglu_backward<bf16>(const bf16*, const float*, float*, float*, int64_t, int64_t, cudaStream_t, RowsOut);
 
 void rope_backward(float* dx, const int32_t* positions, const float* rope_cos, const float* rope_sin, int64_t T,
                    int64_t heads, int64_t head_dim, cudaStream_t s) {

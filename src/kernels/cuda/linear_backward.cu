@@ -142,20 +142,40 @@ void linear_input_grad(const float* dy, const TW* w, float* dx, int64_t T, int64
     outer_sum_chunked(dy, N, 1, w, K, b, dx, T, s);
 }
 
+bool linear_grads_take_split(int64_t T, int64_t N, int64_t K, const ChunkBounds& chunks) {
+  return outer_sum_split_tc_supported(1, N, K, chunks, N) &&
+         outer_sum_split_tc_supported(N, 1, K, token_chunk_bounds(N), T);
+}
+
+namespace {
+// The weight gradient, then the input gradient (over N's canonical chunks), of one operand.
+void split_linear_grads(const bf16_t* g, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T, int64_t N,
+                        int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s,
+                        GradientOperand operand) {
+  outer_sum_split_tc(g, 1, N, x, K, chunks, dW, N, s, workspace, SplitTile::automatic, operand);
+  outer_sum_split_tc(g, N, 1, w, K, token_chunk_bounds(N), dx, T, s, workspace, SplitTile::automatic, operand);
+}
+}  // namespace
+
 void linear_grads_consuming_dy(float* dy, const bf16_t* x, const bf16_t* w, float* dW, float* dx, int64_t T, int64_t N,
                                int64_t K, const ChunkBounds& chunks, float* workspace, cudaStream_t s,
                                GradientOperand operand) {
-  const ChunkBounds over_n = token_chunk_bounds(N);
-  if (!outer_sum_split_tc_supported(1, N, K, chunks, N) || !outer_sum_split_tc_supported(N, 1, K, over_n, T)) {
+  if (!linear_grads_take_split(T, N, K, chunks)) {
     if (operand == GradientOperand::bf16) round_to_bf16(dy, T * N, s);
     linear_weight_grad(dy, x, dW, N, K, chunks, s);
     linear_input_grad(dy, w, dx, T, N, K, s);
     return;
   }
   to_gradient_operand(dy, T, N, operand, s);
-  const bf16_t* g = reinterpret_cast<const bf16_t*>(dy);
-  outer_sum_split_tc(g, 1, N, x, K, chunks, dW, N, s, workspace, SplitTile::automatic, operand);
-  outer_sum_split_tc(g, N, 1, w, K, over_n, dx, T, s, workspace, SplitTile::automatic, operand);
+  split_linear_grads(reinterpret_cast<const bf16_t*>(dy), x, w, dW, dx, T, N, K, chunks, workspace, s, operand);
+}
+
+void linear_grads_of_packed_dy(const bf16_t* dy_packed, const bf16_t* x, const bf16_t* w, float* dW, float* dx,
+                               int64_t T, int64_t N, int64_t K, const ChunkBounds& chunks, float* workspace,
+                               cudaStream_t s) {
+  LS_CHECK(linear_grads_take_split(T, N, K, chunks), "linear_grads_of_packed_dy: the split kernels do not take T ", T,
+           ", N ", N, ", K ", K, " (check linear_grads_take_split first)");
+  split_linear_grads(dy_packed, x, w, dW, dx, T, N, K, chunks, workspace, s, GradientOperand::bf16);
 }
 
 void round_to_bf16(float* x, int64_t n, cudaStream_t s) {

@@ -28,7 +28,7 @@ __global__ void gather_rows16_kernel(const uint4* src, const int32_t* index, uin
 constexpr int kExpertOutThreads = 256;
 __global__ void __launch_bounds__(kExpertOutThreads)
     expert_output_backward_kernel(const float* dout, const bf16* y, const float* weights, const int32_t* row_token,
-                                  const int32_t* row_pair, float* dweights, float* dy_rows, int64_t H) {
+                                  const int32_t* row_pair, float* dweights, float* dy_rows, int64_t H, bool packed) {
   const int64_t r = blockIdx.x, t = row_token[r], pair = row_pair[r];
   const float* g = dout + t * H;
   if (threadIdx.x < 32) {
@@ -46,22 +46,59 @@ __global__ void __launch_bounds__(kExpertOutThreads)
   }
   const float w = weights[pair];
   float* out = dy_rows + r * H;
+  bf16* packed_out = reinterpret_cast<bf16*>(out);  // packed: the row's bf16 at the front of its bytes
   if (H % 4 == 0 && (reinterpret_cast<uintptr_t>(g) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
     for (int64_t h = 4 * int64_t(threadIdx.x); h < H; h += 4 * kExpertOutThreads) {
       const float4 v = *reinterpret_cast<const float4*>(g + h);
-      *reinterpret_cast<float4*>(out + h) = make_float4(w * v.x, w * v.y, w * v.z, w * v.w);
+      const float4 d = make_float4(w * v.x, w * v.y, w * v.z, w * v.w);
+      if (packed)
+        *reinterpret_cast<uint2*>(packed_out + h) =
+            make_uint2(pack_bf16(to_bf16(d.x), to_bf16(d.y)), pack_bf16(to_bf16(d.z), to_bf16(d.w)));
+      else
+        *reinterpret_cast<float4*>(out + h) = d;
     }
   } else {
-    for (int64_t h = threadIdx.x; h < H; h += kExpertOutThreads) out[h] = w * g[h];
+    for (int64_t h = threadIdx.x; h < H; h += kExpertOutThreads) {
+      const float d = w * g[h];
+      if (packed)
+        packed_out[h] = to_bf16(d);
+      else
+        out[h] = d;
+    }
   }
 }
 
-__global__ void add_rows_in_order_kernel(float* dh, const float* rows, const int32_t* order, int64_t k, int64_t H) {
+// kSecond: each row is the sum of its two parts. kVec: 4 columns a thread (H % 4 == 0, 16-byte
+// aligned rows); the same additions per element either way.
+template <bool kSecond, bool kVec>
+__global__ void add_rows_in_order_kernel(float* dh, const float* rows, const float* second_rows, const int32_t* order,
+                                         int64_t k, int64_t H) {
   const int64_t t = blockIdx.x;
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-    float acc = dh[t * H + h];
-    for (int64_t j = 0; j < k; ++j) acc = acc + rows[int64_t(order[t * k + j]) * H + h];
-    dh[t * H + h] = acc;
+  const auto row = [&](int64_t j, int64_t h) {
+    const int64_t at = int64_t(order[t * k + j]) * H + h;
+    if constexpr (kVec) {
+      const float4 a = *reinterpret_cast<const float4*>(rows + at);
+      if constexpr (!kSecond) return a;
+      const float4 b = *reinterpret_cast<const float4*>(second_rows + at);
+      return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+    } else {
+      return kSecond ? rows[at] + second_rows[at] : rows[at];
+    }
+  };
+  constexpr int64_t kWidth = kVec ? 4 : 1;
+  for (int64_t h = kWidth * threadIdx.x; h < H; h += kWidth * blockDim.x) {
+    if constexpr (kVec) {
+      float4 acc = *reinterpret_cast<const float4*>(dh + t * H + h);
+      for (int64_t j = 0; j < k; ++j) {
+        const float4 r = row(j, h);
+        acc = make_float4(acc.x + r.x, acc.y + r.y, acc.z + r.z, acc.w + r.w);
+      }
+      *reinterpret_cast<float4*>(dh + t * H + h) = acc;
+    } else {
+      float acc = dh[t * H + h];
+      for (int64_t j = 0; j < k; ++j) acc = acc + row(j, h);
+      dh[t * H + h] = acc;
+    }
   }
 }
 
@@ -81,17 +118,22 @@ void gather_rows(const bf16_t* src, const int32_t* index, bf16_t* dst, int64_t r
 
 void expert_output_backward(const float* dout, const bf16_t* y, const float* weights, const int32_t* row_token,
                             const int32_t* row_pair, float* dweights, float* dy_rows, int64_t rows, int64_t H,
-                            cudaStream_t s) {
+                            cudaStream_t s, RowsOut rows_out) {
   if (rows == 0) return;
-  expert_output_backward_kernel<<<unsigned(rows), kExpertOutThreads, 0, s>>>(dout, y, weights, row_token, row_pair,
-                                                                             dweights, dy_rows, H);
+  expert_output_backward_kernel<<<unsigned(rows), kExpertOutThreads, 0, s>>>(
+      dout, y, weights, row_token, row_pair, dweights, dy_rows, H, rows_out == RowsOut::packed_bf16);
   LS_CUDA_LAUNCHED();
 }
 
-void add_rows_in_order(float* dh, const float* rows, const int32_t* order, int64_t T, int64_t k, int64_t H,
-                       cudaStream_t s) {
+void add_rows_in_order(float* dh, const float* rows, const float* second_rows, const int32_t* order, int64_t T,
+                       int64_t k, int64_t H, cudaStream_t s) {
   if (T == 0) return;
-  add_rows_in_order_kernel<<<unsigned(T), 256, 0, s>>>(dh, rows, order, k, H);
+  const bool vec = H % 4 == 0 && aligned16(dh) && aligned16(rows) && (!second_rows || aligned16(second_rows));
+  const auto launch = [&](auto kernel) { kernel<<<unsigned(T), 256, 0, s>>>(dh, rows, second_rows, order, k, H); };
+  if (second_rows)
+    vec ? launch(add_rows_in_order_kernel<true, true>) : launch(add_rows_in_order_kernel<true, false>);
+  else
+    vec ? launch(add_rows_in_order_kernel<false, true>) : launch(add_rows_in_order_kernel<false, false>);
   LS_CUDA_LAUNCHED();
 }
 

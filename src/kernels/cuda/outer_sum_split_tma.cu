@@ -56,9 +56,9 @@ struct Maps {
 };
 
 // kBK 256: the pending tree levels 0 and 1 in the block's workspace slot (a fold reads and
-// writes 128 KB of it: for long chunks only); kBK 128: the chunks in pairs, level 0 in
-// registers (x), level 1 in shared memory. Both keep level 2 in the output, read back by the
-// tile's last fold (chunk 7).
+// writes 128 KB of it: for long chunks only), level 2 in the output; kBK 128: the chunks in
+// pairs, levels 0 (x) and 1 in registers, level 2 in shared memory: no memory traffic a fold,
+// and the last fold waits on no global load (the experts' tiles are 8 stages long).
 template <int kBK>
 struct TmaTile {
   static constexpr int Acc = kBK / 2, Fragments = Acc / 4;  // a consumer thread's
@@ -219,11 +219,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       in_flight = -1;
     };
     const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;  // the thread's first row
-    run_chunks<Tile::Acc, Tile::Pairs>(
-        p.chunk_count, run_chunk, drain, [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
-          fold_chunk_partial<Tile::Acc, Tile::Pairs>(acc, c, p.chunk_count, out, i, k0, lane, I, K, pending, kConsumers,
-                                                     tid, level0);
-        });
+    if constexpr (Tile::Pairs) {
+      float4 level1[Tile::Fragments];  // written before it is read (the tree's level-1 subtree)
+      run_chunks<Tile::Acc, true>(p.chunk_count, run_chunk, drain,
+                                  [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
+                                    fold_chunk_partial_on_chip<Tile::Acc>(acc, c, p.chunk_count, out, i, k0, lane, I, K,
+                                                                          level1, pending, kConsumers, tid, level0);
+                                  });
+    } else {
+      run_chunks<Tile::Acc, false>(p.chunk_count, run_chunk, drain,
+                                   [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
+                                     fold_chunk_partial<Tile::Acc, false>(acc, c, p.chunk_count, out, i, k0, lane, I, K,
+                                                                          pending, kConsumers, tid, level0);
+                                   });
+    }
   });
   start_offset();  // a block whose tiles had no stages still lets warpgroup 1 go
 }

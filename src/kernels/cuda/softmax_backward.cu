@@ -3,6 +3,8 @@
 #include "kernels/canonical.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/backward_common.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/row_ops.cuh"
 
 namespace lockstep::cuda {
@@ -48,18 +50,52 @@ __global__ void route_backward_kernel(const float* logits, const int32_t* ids, c
   for (int64_t e = lane; e < E; e += 32) dlogits[t * E + e] = probs[e] * (dp[e] - pdp);
 }
 
+// d logit of one element: -g p (the gathered log-prob), less de p (log p + H) (the entropy),
+// plus g at the target. Both kernels below call it, so the packed form rounds the same fp32.
+__device__ __forceinline__ float log_softmax_grad(float z, float lse, float g, const float* dentropy,
+                                                  const float* entropy, int64_t r, bool is_target) {
+  const float lp = z - lse;
+  const float p = expf(lp);
+  float d = -g * p;
+  if (dentropy) d -= dentropy[r] * p * (lp + entropy[r]);
+  if (is_target) d += g;
+  return d;
+}
+
 __global__ void log_softmax_backward_kernel(const float* logits, const float* lse, const int32_t* targets,
                                             const float* dlogp, const float* dentropy, const float* entropy,
                                             float* dlogits, int64_t V) {
   const int64_t r = blockIdx.y, v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (v >= V) return;
-  const float lp = logits[r * V + v] - lse[r];
-  const float p = expf(lp);
-  const float g = dlogp[r];
-  float d = -g * p;
-  if (dentropy) d -= dentropy[r] * p * (lp + entropy[r]);
-  if (v == targets[r]) d += g;
-  dlogits[r * V + v] = d;
+  dlogits[r * V + v] = log_softmax_grad(logits[r * V + v], lse[r], dlogp[r], dentropy, entropy, r, v == targets[r]);
+}
+
+// One block a row (grid-stride), 8 values a thread, as pack_bf16_rows_kernel: every thread
+// reads its segment's logits before any writes that segment's bf16 d to the front of it.
+__global__ void log_softmax_backward_packed_kernel(float* logits, const float* lse, const int32_t* targets,
+                                                   const float* dlogp, const float* dentropy, const float* entropy,
+                                                   int64_t rows, int64_t V) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float* row = logits + r * V;
+    bf16* packed = reinterpret_cast<bf16*>(row);
+    const float row_lse = lse[r], g = dlogp[r];
+    const int64_t target = targets[r];
+    for (int64_t c0 = 0; c0 < V; c0 += 8 * int64_t(blockDim.x)) {
+      const int64_t c = c0 + 8 * int64_t(threadIdx.x);
+      float4 a = make_float4(0, 0, 0, 0), b = a;
+      if (c < V) a = reinterpret_cast<const float4*>(row + c)[0], b = reinterpret_cast<const float4*>(row + c)[1];
+      __syncthreads();
+      if (c >= V) continue;
+      const float z[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      uint32_t out[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t v = c + 2 * j;
+        out[j] = pack_bf16(to_bf16(log_softmax_grad(z[2 * j], row_lse, g, dentropy, entropy, r, v == target)),
+                           to_bf16(log_softmax_grad(z[2 * j + 1], row_lse, g, dentropy, entropy, r, v + 1 == target)));
+      }
+      *reinterpret_cast<uint4*>(packed + c) = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+  }
 }
 
 // One thread per (row, canonical chunk): the chunk's sum of p log p ascending, then the tree.
@@ -99,6 +135,17 @@ void log_softmax_gather_backward(const float* logits, const float* lse, const in
   LS_CHECK(R <= 65535, "log_softmax_gather_backward: ", R, " rows exceed the grid; pass slices");
   log_softmax_backward_kernel<<<dim3(unsigned(ceil_div(V, 256)), unsigned(R)), 256, 0, s>>>(
       logits, lse, targets, dlogp, dentropy, entropy, dlogits, V);
+  LS_CUDA_LAUNCHED();
+}
+
+void log_softmax_gather_backward_packed(float* logits, const float* lse, const int32_t* targets, const float* dlogp,
+                                        const float* dentropy, const float* entropy, int64_t R, int64_t V,
+                                        cudaStream_t s) {
+  LS_CHECK(V % 8 == 0 && aligned16(logits), "log_softmax_gather_backward_packed: rows of ", V, " logits at ",
+           static_cast<const void*>(logits), " (needs a multiple of 8, 16-byte aligned)");
+  if (R == 0 || V == 0) return;
+  log_softmax_backward_packed_kernel<<<unsigned(std::min<int64_t>(R, 1 << 20)), 256, 0, s>>>(
+      logits, lse, targets, dlogp, dentropy, entropy, R, V);
   LS_CUDA_LAUNCHED();
 }
 

@@ -146,13 +146,16 @@ struct CudaLayerBackwardOps {
       cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
     }
     cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
-    cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H,
-                                 st);
+    const bool split = split_expert_gemms(H, I);
+    // The GEMMs' gradient rows are written packed as they are made where the GEMMs read them so.
+    const bool packed = split && kGradientOperand == cuda::GradientOperand::bf16;
+    const cuda::RowsOut rows_out = packed ? cuda::RowsOut::packed_bf16 : cuda::RowsOut::fp32;
+    cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H, st,
+                                 rows_out);
     clock.lap("backward_moe_recompute");
     // The experts' GEMMs, each kind one launch over the experts with tokens (an expert without
     // any gets zeros): down (weight, input), SwiGLU, gate and up (weights,
     // inputs). Their dy rows are read by these GEMMs only, so they are split (packed) in place.
-    const bool split = split_expert_gemms(H, I);
     std::vector<cuda::SplitOuterSumGroup> down_w, down_in, gate_up_w, gate_up_in;
     int64_t max_rows = 0;
     const auto as_split = [](const float* p) { return reinterpret_cast<const cuda::bf16_t*>(p); };
@@ -204,12 +207,14 @@ struct CudaLayerBackwardOps {
         out.m[0] = static_cast<const cuda::bf16_t*>(m), out.m_rows[0] = m_rows;
         return out;
       };
-      cuda::to_gradient_operand(s.dy_rows, rows, H, kGradientOperand, st);
+      if (!packed) cuda::to_gradient_operand(s.dy_rows, rows, H, kGradientOperand, st);
       grouped(0, n_used, H, 1, H, I, spans(s.dy_rows, nullptr, s.act_rows, rows));         // d down
       grouped(used, n_used, max_rows, H, 1, I, spans(s.dy_rows, nullptr, L.down, E * H));  // d act
-      cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
-      cuda::to_gradient_operand(s.dgate, rows, I, kGradientOperand, st);
-      cuda::to_gradient_operand(s.dup, rows, I, kGradientOperand, st);
+      cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st, rows_out);
+      if (!packed) {
+        cuda::to_gradient_operand(s.dgate, rows, I, kGradientOperand, st);
+        cuda::to_gradient_operand(s.dup, rows, I, kGradientOperand, st);
+      }
       grouped(2 * used, 2 * n_used, I, 1, I, H, spans(s.dgate, s.dup, s.x_rows, rows));               // d gate, up
       grouped(4 * used, 2 * n_used, max_rows, I, 1, H, spans(s.dgate, s.dup, L.gate_up, E * 2 * I));  // d x
     } else {
@@ -226,13 +231,13 @@ struct CudaLayerBackwardOps {
       cuda::outer_sum_grouped_tc(s.groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
       cuda::outer_sum_grouped_tc(s.groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)
     }
-    cuda::add_inplace(s.dx_rows, s.part_rows, rows * H, st);
     clock.lap("backward_moe_experts");
     cuda::route_topk_backward(w.router_logits, w.ids, w.expert_weights, s.dweights, s.dlogits_router, T, E, k,
                               c.norm_topk_prob, st);
     cuda::linear_weight_grad(s.dlogits_router, w.h_mlp, g.router, E, H, chunks, st);
     cuda::linear_input_grad(s.dlogits_router, L.router, s.dh, T, E, H, st);
-    cuda::add_rows_in_order(s.dh, s.dx_rows, s.order, T, k, H, st);
+    // Each row's two parts (gate's, up's) are added as the rows are gathered: one pass.
+    cuda::add_rows_in_order(s.dh, s.dx_rows, s.part_rows, s.order, T, k, H, st);
     clock.lap("backward_moe_router");
   }
 

@@ -168,14 +168,11 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     LS_CUDA_CHECK(cudaMemcpyAsync(p + routed_rows, w.scatter, size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
   }
   clock.lap("forward");
-  // Logits of every token in the score path's slices (the same GEMM calls: the same bits).
+  // Logits of every token in one GEMM launch on the rows in place (the score path gathers its
+  // rows in slices: a row's bits do not depend on the GEMM configuration, rule 2 of
+  // docs/numerics.md).
   float* logits = alloc<float>(T * V);
-  std::vector<int32_t> all_rows(static_cast<size_t>(T));
-  std::iota(all_rows.begin(), all_rows.end(), 0);
-  int32_t* rows_d = alloc<int32_t>(T);
-  r_.upload_async(rows_d, all_rows.data(), all_rows.size() * 4);
-  for (int64_t b = 0; b < T; b += CudaRunner::kLogitRows)
-    r_.compute_logits(hidden, rows_d + b, std::min(CudaRunner::kLogitRows, T - b), logits + b * V);
+  r_.compute_logits(hidden, nullptr, T, logits);
   std::vector<int32_t> targets(static_cast<size_t>(T), -1);
   for (size_t i = 0; i < seqs.size(); ++i)
     for (size_t t = 0; t + 1 < seqs[i].size(); ++t) targets[size_t(seq_first[i]) + t] = seqs[i][t + 1];
@@ -226,12 +223,19 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // ---- Head: d logits (in place; the lm_head's gradients consume them), lm_head, the final norm.
   const cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T);
   clock.lap("head_forward");
-  cuda::log_softmax_gather_backward(logits, lse, targets_d, dlogp_d, any_entropy ? dent_d : nullptr,
-                                    any_entropy ? entropy : nullptr, logits, T, V, st);
   BackwardScratch s = scratch(T);
   float* dx = alloc<float>(T * H);
-  cuda::linear_grads_consuming_dy(logits, hidden, r_.lm_head_, g_head, s.dh, T, V, H, chunks, s.outer_pending, st,
-                                  kGradientOperand);
+  const float *dent_or_null = any_entropy ? dent_d : nullptr, *ent_or_null = any_entropy ? entropy : nullptr;
+  if (kGradientOperand == cuda::GradientOperand::bf16 && cuda::linear_grads_take_split(T, V, H, chunks)) {
+    // d logits made and packed in one pass: the largest tensor of the step is read once.
+    cuda::log_softmax_gather_backward_packed(logits, lse, targets_d, dlogp_d, dent_or_null, ent_or_null, T, V, st);
+    cuda::linear_grads_of_packed_dy(reinterpret_cast<const bf16_t*>(logits), hidden, r_.lm_head_, g_head, s.dh, T, V, H,
+                                    chunks, s.outer_pending, st);
+  } else {
+    cuda::log_softmax_gather_backward(logits, lse, targets_d, dlogp_d, dent_or_null, ent_or_null, logits, T, V, st);
+    cuda::linear_grads_consuming_dy(logits, hidden, r_.lm_head_, g_head, s.dh, T, V, H, chunks, s.outer_pending, st,
+                                    kGradientOperand);
+  }
   cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
   cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, s.norm_partials, T, H, true, chunks,
                          st);
