@@ -253,6 +253,47 @@ TEST(CudaBackwardOps, HeadNormInverseRmsIsTheForwards) {
     }
 }
 
+// The fused q/k-norm + RoPE backward against the passes it replaces (rope_backward, a
+// contiguous copy of the heads, inverse_rms_rows, rmsnorm_backward), bit for bit: dq after
+// RoPE's backward, inv, d proj and the weight gradient read in place from the qkv rows.
+TEST(CudaBackwardOps, QkNormRopeBackwardIsThePassesItFuses) {
+  LS_SKIP_WITHOUT_GPU();
+  struct Case {
+    int64_t tokens, heads, other, D;
+  };
+  for (const Case cs : {Case{301, 4, 2, 128}, Case{37, 2, 3, 64}, Case{9, 1, 1, 256}}) {
+    const int64_t T = cs.tokens, D = cs.D, rows = T * cs.heads;
+    const int64_t pitch = (cs.heads + cs.other) * D, first = cs.other * D / 2;  // the heads after other values
+    const bf16_bits qkv = testing::random_bf16(T * pitch, 31 + D, 3.0f);
+    const auto w = random_f32(D, 32), dq = random_f32(rows * D, 33);
+    const cpu::RopeTable rope = cpu::RopeTable::build(D, 512, 1000000.0);
+    std::vector<int32_t> pos(T);
+    for (int64_t t = 0; t < T; ++t) pos[t] = int32_t((t * 37 + 5) % 512);
+    bf16_bits heads(rows * D);
+    for (int64_t t = 0; t < T; ++t)
+      std::copy_n(qkv.begin() + t * pitch + first, cs.heads * D, heads.begin() + t * cs.heads * D);
+    const cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T, cs.heads);
+    DeviceVec<uint16_t> Qkv(qkv), Heads(heads);
+    DeviceVec<float> Wt(w), Cos(rope.cos), Sin(rope.sin), Partials(8 * D);
+    DeviceVec<int32_t> Pos(pos);
+    DeviceVec<float> WantDq(dq), WantInv(rows), WantDx(rows * D), WantDw(D);
+    cuda::rope_backward(WantDq.get(), Pos.get(), Cos.get(), Sin.get(), T, cs.heads, D, nullptr);
+    cuda::inverse_rms_rows(as_bf16(Heads), WantInv.get(), rows, D, 1e-6f, 32, nullptr);
+    cuda::rmsnorm_backward(as_bf16(Heads), WantInv.get(), Wt.get(), WantDq.get(), WantDx.get(), WantDw.get(),
+                           Partials.get(), rows, D, true, chunks, nullptr);
+    DeviceVec<float> Dq(dq), Inv(rows), Dx(rows * D), Dw(D);
+    cuda::qk_norm_rope_backward(Dq.get(), as_bf16(Qkv) + first, pitch, Pos.get(), Cos.get(), Sin.get(), Wt.get(),
+                                Inv.get(), Dx.get(), T, cs.heads, D, 1e-6f, nullptr);
+    cuda::rmsnorm_weight_grad(as_bf16(Qkv) + first, cs.heads, pitch, Inv.get(), Dq.get(), Dw.get(), Partials.get(), D,
+                              true, chunks, nullptr);
+    const std::string at = std::to_string(rows) + " rows of " + std::to_string(D) + ": ";
+    EXPECT_TRUE(same_bits_f(Dq.take(), WantDq.take())) << at << "dq after RoPE";
+    EXPECT_TRUE(same_bits_f(Inv.take(), WantInv.take())) << at << "inv";
+    EXPECT_TRUE(same_bits_f(Dx.take(), WantDx.take())) << at << "d proj";
+    EXPECT_TRUE(same_bits_f(Dw.take(), WantDw.take())) << at << "dw";
+  }
+}
+
 TEST(CudaBackwardOps, SwigluRopeAndEmbeddingBackward) {
   LS_SKIP_WITHOUT_GPU();
   const int64_t R = 41, I = 96;

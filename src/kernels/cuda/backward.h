@@ -194,6 +194,21 @@ void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const f
                       float* dw_partials, int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks,
                       cudaStream_t s);
 
+// rmsnorm_backward's weight gradient alone, x's row r at (r / x_heads) x_pitch + (r % x_heads) n
+// (heads read in place from the qkv rows); the rows are chunks.rows[chunks.count].
+void rmsnorm_weight_grad(const bf16_t* x, int64_t x_heads, int64_t x_pitch, const float* inv, const float* dout,
+                         float* dw, float* dw_partials, int64_t n, bool round_normed, const ChunkBounds& chunks,
+                         cudaStream_t s);
+
+// The backward of qk_norm_rope_store for the q (or k) heads in one pass: rope_backward on dq
+// [T, heads, head_dim] in place, inverse_rms_rows (threads 32) of the projection (row t of
+// `proj` at t proj_pitch, the heads contiguous) into inv [T * heads], and rmsnorm_backward's
+// dx into d_proj; the bits of those three calls. The weight gradient is rmsnorm_weight_grad's.
+bool qk_norm_rope_backward_supported(int64_t head_dim);
+void qk_norm_rope_backward(float* dq, const bf16_t* proj, int64_t proj_pitch, const int32_t* positions,
+                           const float* rope_cos, const float* rope_sin, const float* w, float* inv, float* d_proj,
+                           int64_t T, int64_t heads, int64_t head_dim, float eps, cudaStream_t s);
+
 // How a kernel writes gradient rows that only the split outer sums read: fp32, or rounded to
 // bf16 and packed (the bits of the fp32 rows then pack_bf16_rows, without the second pass).
 enum class RowsOut { fp32, packed_bf16 };

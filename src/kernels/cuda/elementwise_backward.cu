@@ -63,7 +63,8 @@ __global__ void __launch_bounds__(32 * kDxRowsPerBlock)
   for (int64_t i = lane; i < n; i += 32) dx[r * n + i] = ir * (w[i] * dr[i]) - to_f32(xr[i]) * coef;
 }
 
-// dw[i] = token-chunk tree of dout[r, i] * r(x[r, i] * inv[r]), in two kernels. The partials:
+// dw[i] = token-chunk tree of dout[r, i] * r(x[r, i] * inv[r]), in two kernels (x's row r at
+// (r / x_heads) x_pitch + (r % x_heads) n: the heads of a token inside its qkv row). The partials:
 // block (32 columns, chunk c); warp 0's lane i adds column i's terms of the chunk in ascending
 // rows from a shared tile while 8 loader warps compute the next tile's terms (16 rows each, all
 // loads in flight at once). q_norm's 262k rows x 128 columns were 4 blocks of one thread a
@@ -71,8 +72,8 @@ __global__ void __launch_bounds__(32 * kDxRowsPerBlock)
 constexpr int kDwColumns = 32, kDwLoaderWarps = 8, kDwTileRows = 128;
 constexpr int kDwRowsPerLoader = kDwTileRows / kDwLoaderWarps;
 __global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
-    rmsnorm_dw_partials_kernel(const bf16* x, const float* inv, const float* dout, float* partials, int64_t n,
-                               bool round_normed, ChunkBounds bounds) {
+    rmsnorm_dw_partials_kernel(const bf16* x, int64_t x_heads, int64_t x_pitch, const float* inv, const float* dout,
+                               float* partials, int64_t n, bool round_normed, ChunkBounds bounds) {
   __shared__ float terms[2][kDwTileRows][kDwColumns];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, c = blockIdx.y;
   const int64_t i = int64_t(blockIdx.x) * kDwColumns + lane, first = bounds.rows[c], end = bounds.rows[c + 1];
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
       const int64_t r = r0 + (warp - 1) + u * kDwLoaderWarps;
       const bool inside = r < end && i < n;
       dv[u] = inside ? dout[r * n + i] : 0.0f;
-      xv[u] = inside ? to_f32(x[r * n + i]) : 0.0f;
+      xv[u] = inside ? to_f32(x[(r / x_heads) * x_pitch + (r % x_heads) * n + i]) : 0.0f;
       iv[u] = inside ? inv[r] : 0.0f;
     }
 #pragma unroll
@@ -150,6 +151,60 @@ __global__ void rope_backward_kernel(float* dx, const int32_t* positions, const 
   v[i + half] = d2 * c - d1 * s;
 }
 
+// qk_norm_rope_store's backward for one kind of head, a warp a (token, head) row, lane l
+// holding elements l + 32 j: RoPE's backward on dq in place (rope_backward_kernel's
+// expressions; a pair i, i + D / 2 lies in one lane), 1 / rms of the projection row
+// (inverse_rms_warp_kernel's order), rmsnorm_dx_kernel's dx (lane q's chain of the dot takes
+// elements q, q + 8, ... by shuffles, in that order). The same operations, so the same bits.
+template <int D>
+__global__ void __launch_bounds__(32 * kDxRowsPerBlock)
+    qk_norm_rope_backward_kernel(float* dq, const bf16* proj, int64_t pitch, const int32_t* positions,
+                                 const float* rope_cos, const float* rope_sin, const float* w, float* inv, float* d_proj,
+                                 int64_t rows, int64_t heads, float eps) {
+  constexpr int kPer = D / 32, kPairs = kPer / 2, half = D / 2;
+  const int64_t r = int64_t(blockIdx.x) * kDxRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = r / heads, p = positions[t];
+  float* dr = dq + r * D;
+  const bf16* xr = proj + t * pitch + (r % heads) * D;
+  float d[kPer], x[kPer], wd[kPer];
+#pragma unroll
+  for (int j = 0; j < kPairs; ++j) {
+    const int i = lane + 32 * j;
+    const float c = rope_cos[p * half + i], s = rope_sin[p * half + i];
+    const float d1 = dr[i], d2 = dr[i + half];
+    d[j] = d1 * c + d2 * s;
+    d[j + kPairs] = d2 * c - d1 * s;
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    x[j] = to_f32(xr[lane + 32 * j]);
+    ss += x[j] * x[j];
+  }
+  const float ir = inverse_rms(warp_sum(ss), D, eps);
+  float prod[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    dr[lane + 32 * j] = d[j];
+    wd[j] = w[lane + 32 * j] * d[j];
+    prod[j] = wd[j] * x[j];
+  }
+  const int q = lane % 8;
+  float part = 0.0f;
+#pragma unroll
+  for (int m = 0; m < D / 8; ++m) part = part + __shfl_sync(0xffffffffu, prod[m / 4], q + 8 * (m % 4));
+  float lanes[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) lanes[j] = __shfl_sync(0xffffffffu, part, j);
+  const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  const float coef = ir * ir * ir * sum / float(D);
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) d_proj[r * D + lane + 32 * j] = ir * wd[j] - x[j] * coef;
+  if (lane == 0) inv[r] = ir;
+}
+
 // One block per used id; a token's chunk is its position's canonical chunk among T tokens.
 __global__ void embedding_backward_kernel(const int32_t* used_ids, const int32_t* starts, const int32_t* tokens,
                                           const float* dout, float* dtable, int64_t T, int64_t H) {
@@ -197,14 +252,40 @@ void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const f
     rmsnorm_dx_kernel<<<blocks_for(rows, kDxRowsPerBlock), 32 * kDxRowsPerBlock, 0, s>>>(x, inv, w, dout, dx, rows, n);
     LS_CUDA_LAUNCHED();
   }
-  if (dw && n > 0) {
-    LS_CHECK(dw_partials, "rmsnorm_backward: dw needs its chunk partials' buffer");
-    rmsnorm_dw_partials_kernel<<<dim3(blocks_for(n, kDwColumns), unsigned(chunks.count)), 32 * (1 + kDwLoaderWarps), 0,
-                                 s>>>(x, inv, dout, dw_partials, n, round_normed, chunks);
-    LS_CUDA_LAUNCHED();
-    rmsnorm_dw_fold_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dw_partials, dw, n, chunks.count);
-    LS_CUDA_LAUNCHED();
-  }
+  if (dw) rmsnorm_weight_grad(x, 1, n, inv, dout, dw, dw_partials, n, round_normed, chunks, s);
+}
+
+void rmsnorm_weight_grad(const bf16_t* x, int64_t x_heads, int64_t x_pitch, const float* inv, const float* dout,
+                         float* dw, float* dw_partials, int64_t n, bool round_normed, const ChunkBounds& chunks,
+                         cudaStream_t s) {
+  if (n == 0) return;
+  LS_CHECK(dw_partials, "rmsnorm_weight_grad: dw needs its chunk partials' buffer");
+  LS_CHECK(x_heads >= 1 && x_pitch >= x_heads * n, "rmsnorm_weight_grad: rows of ", x_heads, " heads of ", n,
+           " in a pitch of ", x_pitch);
+  rmsnorm_dw_partials_kernel<<<dim3(blocks_for(n, kDwColumns), unsigned(chunks.count)), 32 * (1 + kDwLoaderWarps), 0,
+                               s>>>(x, x_heads, x_pitch, inv, dout, dw_partials, n, round_normed, chunks);
+  LS_CUDA_LAUNCHED();
+  rmsnorm_dw_fold_kernel<<<blocks_for(n, 256), 256, 0, s>>>(dw_partials, dw, n, chunks.count);
+  LS_CUDA_LAUNCHED();
+}
+
+bool qk_norm_rope_backward_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128 || head_dim == 256; }
+
+void qk_norm_rope_backward(float* dq, const bf16_t* proj, int64_t proj_pitch, const int32_t* positions,
+                           const float* rope_cos, const float* rope_sin, const float* w, float* inv, float* d_proj,
+                           int64_t T, int64_t heads, int64_t head_dim, float eps, cudaStream_t s) {
+  LS_CHECK(qk_norm_rope_backward_supported(head_dim), "qk_norm_rope_backward: head_dim ", head_dim,
+           " is not 64, 128 or 256");
+  LS_CHECK(proj_pitch >= heads * head_dim, "qk_norm_rope_backward: ", heads, " heads of ", head_dim,
+           " in a pitch of ", proj_pitch);
+  const int64_t rows = T * heads;
+  if (rows == 0) return;
+  auto kernel = head_dim == 64    ? qk_norm_rope_backward_kernel<64>
+                : head_dim == 128 ? qk_norm_rope_backward_kernel<128>
+                                  : qk_norm_rope_backward_kernel<256>;
+  kernel<<<blocks_for(rows, kDxRowsPerBlock), 32 * kDxRowsPerBlock, 0, s>>>(dq, proj, proj_pitch, positions, rope_cos,
+                                                                            rope_sin, w, inv, d_proj, rows, heads, eps);
+  LS_CUDA_LAUNCHED();
 }
 
 template <typename TG>

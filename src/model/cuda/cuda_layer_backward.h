@@ -284,13 +284,26 @@ struct CudaLayerBackwardOps {
   }
 
   void qk_norm_rope_backward(const Layer& L) {
+    // The heads' projections before q_norm/k_norm, read in place from the qkv rows [q | k | v].
+    const int64_t pitch = qd + 2 * kd;
+    if (cuda::qk_norm_rope_backward_supported(D)) {
+      cuda::qk_norm_rope_backward(s.dq, w.qkv, pitch, slots.positions, r.rope_cos_, r.rope_sin_, L.q_norm, s.inv,
+                                  s.dq_proj, T, nq, D, eps, st);
+      cuda::rmsnorm_weight_grad(w.qkv, nq, pitch, s.inv, s.dq, g.q_norm, s.norm_partials, D, true,
+                                cuda::token_chunk_bounds(T, nq), st);
+      cuda::qk_norm_rope_backward(s.dk, w.qkv + qd, pitch, slots.positions, r.rope_cos_, r.rope_sin_, L.k_norm, s.inv,
+                                  s.dk_proj, T, nkv, D, eps, st);
+      cuda::rmsnorm_weight_grad(w.qkv + qd, nkv, pitch, s.inv, s.dk, g.k_norm, s.norm_partials, D, true,
+                                cuda::token_chunk_bounds(T, nkv), st);
+      clock.lap("backward_qk_norm_rope");
+      return;
+    }
+    // Other head sizes: the same operations as separate passes over contiguous copies.
     cuda::rope_backward(s.dq, slots.positions, r.rope_cos_, r.rope_sin_, T, nq, D, st);
     cuda::rope_backward(s.dk, slots.positions, r.rope_cos_, r.rope_sin_, T, nkv, D, st);
-    // The projections before q_norm/k_norm, from the qkv rows [q | k | v] of each token.
-    const size_t pitch = size_t(qd + 2 * kd) * 2;
-    LS_CUDA_CHECK(cudaMemcpy2DAsync(s.q_proj, size_t(qd) * 2, w.qkv, pitch, size_t(qd) * 2, size_t(T),
+    LS_CUDA_CHECK(cudaMemcpy2DAsync(s.q_proj, size_t(qd) * 2, w.qkv, size_t(pitch) * 2, size_t(qd) * 2, size_t(T),
                                     cudaMemcpyDeviceToDevice, st));
-    LS_CUDA_CHECK(cudaMemcpy2DAsync(s.k_proj, size_t(kd) * 2, w.qkv + qd, pitch, size_t(kd) * 2, size_t(T),
+    LS_CUDA_CHECK(cudaMemcpy2DAsync(s.k_proj, size_t(kd) * 2, w.qkv + qd, size_t(pitch) * 2, size_t(kd) * 2, size_t(T),
                                     cudaMemcpyDeviceToDevice, st));
     cuda::inverse_rms_rows(s.q_proj, s.inv, T * nq, D, eps, 32, st);
     cuda::rmsnorm_backward(s.q_proj, s.inv, L.q_norm, s.dq, s.dq_proj, g.q_norm, s.norm_partials, T * nq, D, true,
