@@ -131,9 +131,9 @@ struct SplitSpans {
   int64_t m_rows[2] = {0, 0};
 };
 // outer_sum_split_grouped_tc on warpgroup MMAs, 128 x 128 outputs a block with the chunk tree's
-// pending levels on chip (the experts' short chunks), the groups (at most 256) read from host
-// memory: they travel as the kernel's parameters. Each group's bits are those of its own
-// outer_sum_split_tc call.
+// pending levels on chip (the experts' short chunks), the groups read from host memory: they
+// travel as the kernel's parameters, kMaxWgmmaGroups a launch. Each group's bits are those of
+// its own outer_sum_split_tc call.
 // Given the buffers the groups lie in (spans), the TMA form of that tile runs where every group
 // takes it (outer_sum_split_tma_applies).
 constexpr int kMaxWgmmaGroups = 256;

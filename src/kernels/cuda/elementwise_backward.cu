@@ -159,8 +159,8 @@ __global__ void rope_backward_kernel(float* dx, const int32_t* positions, const 
 template <int D>
 __global__ void __launch_bounds__(32 * kDxRowsPerBlock)
     qk_norm_rope_backward_kernel(float* dq, const bf16* proj, int64_t pitch, const int32_t* positions,
-                                 const float* rope_cos, const float* rope_sin, const float* w, float* inv, float* d_proj,
-                                 int64_t rows, int64_t heads, float eps) {
+                                 const float* rope_cos, const float* rope_sin, const float* w, float* inv,
+                                 float* d_proj, int64_t rows, int64_t heads, float eps) {
   constexpr int kPer = D / 32, kPairs = kPer / 2, half = D / 2;
   const int64_t r = int64_t(blockIdx.x) * kDxRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
@@ -276,8 +276,8 @@ void qk_norm_rope_backward(float* dq, const bf16_t* proj, int64_t proj_pitch, co
                            int64_t T, int64_t heads, int64_t head_dim, float eps, cudaStream_t s) {
   LS_CHECK(qk_norm_rope_backward_supported(head_dim), "qk_norm_rope_backward: head_dim ", head_dim,
            " is not 64, 128 or 256");
-  LS_CHECK(proj_pitch >= heads * head_dim, "qk_norm_rope_backward: ", heads, " heads of ", head_dim,
-           " in a pitch of ", proj_pitch);
+  LS_CHECK(proj_pitch >= heads * head_dim, "qk_norm_rope_backward: ", heads, " heads of ", head_dim, " in a pitch of ",
+           proj_pitch);
   const int64_t rows = T * heads;
   if (rows == 0) return;
   auto kernel = head_dim == 64    ? qk_norm_rope_backward_kernel<64>

@@ -404,6 +404,12 @@ void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int co
            g_col);
   const bool weight = g_row == 1;
   const int64_t pitch = weight ? g_col : g_row;
+  if (count > kMaxWgmmaGroups) {  // launches of kMaxWgmmaGroups: a group's bits are its own
+    for (int p = 0; p < count; p += kMaxWgmmaGroups)
+      outer_sum_split_grouped_wgmma(host_groups + p, std::min(count - p, kMaxWgmmaGroups), max_I, g_row, g_col, K, s,
+                                    operand, spans);
+    return;
+  }
   bool tma = spans != nullptr;
   for (int p = 0; p < count; ++p) {
     const SplitOuterSumGroup& group = host_groups[p];

@@ -185,7 +185,7 @@ struct CudaLayerBackwardOps {
     const int n_used = int(used);
     if (split) {
       // Tiles of the same bits: on the bf16 gradient the grouped TMA tile (the wgmma tile where
-      // it does not apply), its groups as the kernel's parameters (256 a launch), read as rows
+      // it does not apply), its groups as the kernel's parameters, read as rows
       // of the buffers `spans` names; on the exact one the mma.sync 128 x 128 tile from a
       // device table, which the wgmma tile did not beat there (notes/gpu-trainer.md, v13, v15).
       const bool wgmma = kGradientOperand == cuda::GradientOperand::bf16;
@@ -195,9 +195,8 @@ struct CudaLayerBackwardOps {
         if (!wgmma)
           return cuda::outer_sum_split_grouped_tc(s.split_groups + first, count, max_I, g_row, g_col, K, st, nullptr,
                                                   cuda::SplitTile::automatic, kGradientOperand);
-        for (int p = 0; p < count; p += cuda::kMaxWgmmaGroups)
-          cuda::outer_sum_split_grouped_wgmma(all.data() + first + p, std::min(count - p, cuda::kMaxWgmmaGroups), max_I,
-                                              g_row, g_col, K, st, kGradientOperand, &spans);
+        cuda::outer_sum_split_grouped_wgmma(all.data() + first, count, max_I, g_row, g_col, K, st, kGradientOperand,
+                                            &spans);
       };
       // g in one buffer (or two: gate's and up's) of `rows` rows, m in one of m_rows.
       const auto spans = [&](const void* g, const void* g_second, const void* m, int64_t m_rows) {
