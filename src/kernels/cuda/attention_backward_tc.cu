@@ -122,12 +122,15 @@ struct DqShared {
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_dq_tc_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
-                           const int32_t* seq_first, const int32_t* seq_tokens, int tiles_per_seq, int64_t heads,
-                           float scale, const float* delta, float* lse, float* dq) {
+                           const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
+                           int64_t heads, float scale, const float* delta, float* lse, float* dq) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DqShared<D>& sh = *reinterpret_cast<DqShared<D>*>(smem_raw);
-  const int seq = blockIdx.x / tiles_per_seq, p0 = (blockIdx.x % tiles_per_seq) * kTile;
-  const int64_t h = blockIdx.y, g = h / (heads / kv.kv_heads);
+  // Blocks longest first (a query tile walks the KV blocks up to its own: the last tiles of
+  // the sequences first), then by sequence and head: no long block starts at the end.
+  const int per_rank = num_seqs * int(heads), rank = int(blockIdx.x) / per_rank, rest = int(blockIdx.x) % per_rank;
+  const int seq = rest / int(heads), p0 = (tiles_per_seq - 1 - rank) * kTile;
+  const int64_t h = rest % heads, g = h / (heads / kv.kv_heads);
   const int32_t* toks = seq_tokens + seq_first[seq];
   const int len = seq_first[seq + 1] - seq_first[seq];
   if (p0 >= len) return;
@@ -279,16 +282,22 @@ struct DkvShared {
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_dkv_tc_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
-                            const int32_t* seq_first, const int32_t* seq_tokens, int tiles_per_seq, int64_t heads,
-                            float scale, const float* lse, const float* delta, float* dk, float* dv) {
+                            const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
+                            int64_t heads, float scale, const float* lse, const float* delta, float* dk, float* dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DkvShared<D>& sh = *reinterpret_cast<DkvShared<D>*>(smem_raw);
-  const int seq = blockIdx.x / tiles_per_seq, k0 = (blockIdx.x % tiles_per_seq) * kTile;
-  const int g = blockIdx.y;
+  // Blocks longest first: a key tile walks the query tiles from its own to its sequence's
+  // end, so rank r takes the tiles with tiles_per_seq - r tiles from them to the end; then by
+  // sequence and KV head. (In launch order the first tiles of the last heads started last and
+  // ran nearly alone.)
   const int64_t nkv = kv.kv_heads, group = heads / nkv;
+  const int per_rank = num_seqs * int(nkv), rank = int(blockIdx.x) / per_rank, rest = int(blockIdx.x) % per_rank;
+  const int seq = rest / int(nkv), g = rest % int(nkv);
   const int32_t* toks = seq_tokens + seq_first[seq];
   const int len = seq_first[seq + 1] - seq_first[seq];
-  if (k0 >= len) return;
+  const int tile = (len + kTile - 1) / kTile - tiles_per_seq + rank;
+  if (tile < 0) return;
+  const int k0 = tile * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = 2 * (lane % 4);
   const int row_a = 16 * warp + lane / 4, kpos_a = k0 + row_a, kpos_b = kpos_a + 8;
   const int64_t seq_token = toks[0];
@@ -413,19 +422,19 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
   round_bf16_kernel<<<unsigned(ceil_div(n, 256)), 256, 0, s>>>(dout, dout_bf16, n);
   LS_CUDA_LAUNCHED();
   const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
-  const dim3 dq_grid(unsigned(num_seqs * tiles_per_seq), unsigned(heads));
+  const unsigned dq_grid = unsigned(num_seqs * tiles_per_seq * heads);
   const size_t dq_smem = sizeof(DqShared<D>);
   LS_CUDA_CHECK(
       cudaFuncSetAttribute(attention_dq_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_smem)));
-  attention_dq_tc_kernel<D><<<dq_grid, kThreads, dq_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens,
-                                                               tiles_per_seq, heads, scale, delta, lse, dq);
+  attention_dq_tc_kernel<D><<<dq_grid, kThreads, dq_smem, s>>>(
+      q, dout_bf16, kv, slots, seq_first, seq_tokens, int(num_seqs), tiles_per_seq, heads, scale, delta, lse, dq);
   LS_CUDA_LAUNCHED();
   const size_t smem = sizeof(DkvShared<D>);
   LS_CUDA_CHECK(
       cudaFuncSetAttribute(attention_dkv_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const dim3 dkv_grid(unsigned(num_seqs * tiles_per_seq), unsigned(kv.kv_heads));
-  attention_dkv_tc_kernel<D><<<dkv_grid, kThreads, smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens,
-                                                              tiles_per_seq, heads, scale, lse, delta, dk, dv);
+  const unsigned dkv_grid = unsigned(num_seqs * tiles_per_seq * kv.kv_heads);
+  attention_dkv_tc_kernel<D><<<dkv_grid, kThreads, smem, s>>>(
+      q, dout_bf16, kv, slots, seq_first, seq_tokens, int(num_seqs), tiles_per_seq, heads, scale, lse, delta, dk, dv);
   LS_CUDA_LAUNCHED();
 }
 
@@ -444,8 +453,8 @@ void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float
            " is not 16, 32, 64 or 128");
   LS_CHECK(kv.kv_heads >= 1 && heads % kv.kv_heads == 0, "attention backward: ", heads, " heads over ", kv.kv_heads,
            " KV heads");
-  LS_CHECK(num_seqs * ceil_div(max_seq_len, kTile) < (int64_t(1) << 31), "attention backward: ", num_seqs,
-           " sequences of up to ", max_seq_len, " tokens exceed the grid");
+  LS_CHECK(num_seqs * ceil_div(max_seq_len, kTile) * heads < (int64_t(1) << 31), "attention backward: ", num_seqs,
+           " sequences of up to ", max_seq_len, " tokens of ", heads, " heads exceed the grid");
   if (T == 0 || num_seqs == 0) return;
   auto run = kv.head_dim == 16   ? launch<16>
              : kv.head_dim == 32 ? launch<32>
