@@ -10,6 +10,9 @@ namespace lockstep::cuda {
 
 // Query rows (tokens x query heads of one kv head) per tile.
 constexpr int kTileRows = 64;
+// Positions per KV block: the contract's absolute blocks, which a tile walks in order up to its
+// last position.
+constexpr int kAttentionKvBlock = 64;
 
 bool tensor_core_attention_supported(int64_t head_dim, int64_t group);
 

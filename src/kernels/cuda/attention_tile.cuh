@@ -12,7 +12,7 @@
 namespace lockstep::cuda {
 namespace attention_detail {
 
-constexpr int kKvBlock = 64;  // the contract's absolute KV block
+constexpr int kKvBlock = kAttentionKvBlock;
 constexpr int kWarps = kTileRows / 16;
 constexpr int kThreads = kWarps * 32;
 

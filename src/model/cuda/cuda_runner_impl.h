@@ -3,6 +3,7 @@
 // Included by CUDA sources only.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -586,6 +587,14 @@ class CudaRunner final : public ModelRunner {
       }
     }
     host[3 * T + 1] = n_tiles;
+    // Longest first: a tile walks the KV blocks up to its last position, and a block's rows do
+    // not depend on which block runs them, so the tiles that walk the most start first and no
+    // long one is left to run alone at the end.
+    auto* tiles = reinterpret_cast<std::array<int32_t, 2>*>(host + tiles_at);
+    const auto blocks = [&](const std::array<int32_t, 2>& tile) {
+      return batch.positions[tile[0] + tile[1] - 1] / cuda::kAttentionKvBlock;
+    };
+    std::stable_sort(tiles, tiles + n_tiles, [&](const auto& a, const auto& b) { return blocks(a) > blocks(b); });
     int32_t* flat = host + tables_at;
     for (int64_t s = 0; s < S; ++s)
       for (int64_t p = 0; p < stride; ++p) {
