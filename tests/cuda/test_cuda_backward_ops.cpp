@@ -630,6 +630,41 @@ TEST(CudaBackwardOps, AttentionBackwardOnTensorCoresIsTheCpusWithinBf16) {
   }
 }
 
+// The backward's delta (dout . out per query row, left in its workspace) is the CPU's dot
+// procedure bit for bit, at every head size (a warp a row from 32 up, a thread a row below).
+TEST(CudaBackwardOps, AttentionBackwardDeltaIsTheDotProcedure) {
+  LS_SKIP_WITHOUT_GPU();
+  for (const int64_t D : {16, 32, 64, 128}) {
+    SCOPED_TRACE(D);
+    AttentionStep a({70, 5, 130}, 40 + D, D);
+    const int64_t T = a.T(), items = T * a.nq;
+    const bf16_bits q = testing::random_bf16(items * D, 41), out = testing::random_bf16(items * D, 42);
+    const auto dout = random_f32(items * D, 43);
+    DeviceVec<uint16_t> K(a.k), V(a.v), Q(q), O(out), DoutBf16(items * D);
+    DeviceVec<float> Dout(dout), Lse(items), Delta(items), Dq(items * D), Dk(T * a.nkv * D), Dv(T * a.nkv * D);
+    DeviceVec<int32_t> Pos(a.pos), Seq(a.seq), Tables(a.tables), Stride(std::vector<int32_t>{int32_t(a.stride)}),
+        First(a.seq_first), Toks(a.seq_tokens);
+    cuda::DeviceKvLayer kv{reinterpret_cast<cuda::bf16_t*>(K.get()), reinterpret_cast<cuda::bf16_t*>(V.get()), a.page,
+                           a.nkv, D};
+    cuda::DeviceSlots slots;
+    slots.positions = Pos.get();
+    slots.seq_of_token = Seq.get();
+    slots.page_tables = Tables.get();
+    slots.table_stride = Stride.get();
+    cuda::paged_attention_backward_tc(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
+                                      3, 130, 1.0f / std::sqrt(float(D)), Lse.get(), Delta.get(),
+                                      reinterpret_cast<cuda::bf16_t*>(DoutBf16.get()), Dq.get(), Dk.get(), Dv.get(),
+                                      nullptr);
+    std::vector<float> want(items);
+    for (int64_t i = 0; i < items; ++i) {
+      float lanes[8] = {};
+      for (int64_t d = 0; d < D; ++d) lanes[d % 8] += dout[i * D + d] * bf16_to_f32(out[i * D + d]);
+      want[i] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    }
+    EXPECT_TRUE(same_bits_f(Delta.take(), want));
+  }
+}
+
 TEST(CudaBackwardOps, AttentionBackwardOfASequenceIgnoresItsNeighbours) {
   LS_SKIP_WITHOUT_GPU();
   // Sequence of 90 tokens alone, then after two other sequences in other pages: its dq, dk,

@@ -114,6 +114,29 @@ __global__ void attention_delta_kernel(const float* dout, const bf16* out, float
   if (i < items) delta[i] = dot_lanes(dout + i * D, out + i * D, D);
 }
 
+// The same, a warp an item (D >= 32): lane l loads elements l + 32 s (whole lines, where a
+// thread an item read 512-byte strided rows); lane q < 8's chain takes elements q, q + 8, ...
+// by shuffles, in that order, then tree8: dot_lanes' additions.
+template <int D>
+__global__ void __launch_bounds__(256)
+    attention_delta_warp_kernel(const float* dout, const bf16* out, float* delta, int64_t items) {
+  constexpr int kPer = D / 32;
+  const int64_t i = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (i >= items) return;
+  const int lane = threadIdx.x % 32, q = lane % 8;
+  float prod[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) prod[j] = dout[i * D + lane + 32 * j] * to_f32(out[i * D + lane + 32 * j]);
+  float part = 0.0f;
+#pragma unroll
+  for (int m = 0; m < D / 8; ++m) part = part + __shfl_sync(0xffffffffu, prod[m / 4], q + 8 * (m % 4));
+  float lanes[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) lanes[j] = __shfl_sync(0xffffffffu, part, j);
+  if (lane == 0)
+    delta[i] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 template <int D>
 struct DqShared {
   Tile<D> k[2], v[2];  // the block being computed and the next
@@ -416,7 +439,10 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
             const int32_t* seq_first, const int32_t* seq_tokens, int64_t T, int64_t heads, int64_t num_seqs,
             int64_t max_seq_len, float scale, float* lse, float* delta, bf16* dout_bf16, float* dq, float* dk,
             float* dv, cudaStream_t s) {
-  attention_delta_kernel<<<unsigned(ceil_div(T * heads, 256)), 256, 0, s>>>(dout, out, delta, T * heads, int(D));
+  if constexpr (D >= 32)
+    attention_delta_warp_kernel<D><<<unsigned(ceil_div(T * heads, 8)), 256, 0, s>>>(dout, out, delta, T * heads);
+  else
+    attention_delta_kernel<<<unsigned(ceil_div(T * heads, 256)), 256, 0, s>>>(dout, out, delta, T * heads, int(D));
   LS_CUDA_LAUNCHED();
   const int64_t n = T * heads * D;
   round_bf16_kernel<<<unsigned(ceil_div(n, 256)), 256, 0, s>>>(dout, dout_bf16, n);
