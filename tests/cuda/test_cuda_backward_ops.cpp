@@ -631,7 +631,8 @@ TEST(CudaBackwardOps, AttentionBackwardOnTensorCoresIsTheCpusWithinBf16) {
 }
 
 // The backward's delta (dout . out per query row, left in its workspace) is the CPU's dot
-// procedure bit for bit, at every head size (a warp a row from 32 up, a thread a row below).
+// procedure bit for bit, at every head size (a warp a row from 32 up, a thread a row below),
+// and its bf16 copy of dout is dout rounded.
 TEST(CudaBackwardOps, AttentionBackwardDeltaIsTheDotProcedure) {
   LS_SKIP_WITHOUT_GPU();
   for (const int64_t D : {16, 32, 64, 128}) {
@@ -662,6 +663,10 @@ TEST(CudaBackwardOps, AttentionBackwardDeltaIsTheDotProcedure) {
       want[i] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     }
     EXPECT_TRUE(same_bits_f(Delta.take(), want));
+    const auto rounded = DoutBf16.take();
+    size_t bad = 0;
+    for (int64_t i = 0; i < items * D; ++i) bad += rounded[size_t(i)] != f32_to_bf16(dout[size_t(i)]);
+    EXPECT_EQ(bad, 0u) << "dout rounded to bf16";
   }
 }
 

@@ -116,17 +116,22 @@ __global__ void attention_delta_kernel(const float* dout, const bf16* out, float
 
 // The same, a warp an item (D >= 32): lane l loads elements l + 32 s (whole lines, where a
 // thread an item read 512-byte strided rows); lane q < 8's chain takes elements q, q + 8, ...
-// by shuffles, in that order, then tree8: dot_lanes' additions.
+// by shuffles, in that order, then tree8: dot_lanes' additions. It also writes dout rounded
+// to bf16 (round_bf16_kernel's values) while it has the row.
 template <int D>
 __global__ void __launch_bounds__(256)
-    attention_delta_warp_kernel(const float* dout, const bf16* out, float* delta, int64_t items) {
+    attention_delta_warp_kernel(const float* dout, const bf16* out, float* delta, bf16* dout_bf16, int64_t items) {
   constexpr int kPer = D / 32;
   const int64_t i = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
   if (i >= items) return;
   const int lane = threadIdx.x % 32, q = lane % 8;
   float prod[kPer];
 #pragma unroll
-  for (int j = 0; j < kPer; ++j) prod[j] = dout[i * D + lane + 32 * j] * to_f32(out[i * D + lane + 32 * j]);
+  for (int j = 0; j < kPer; ++j) {
+    const float d = dout[i * D + lane + 32 * j];
+    dout_bf16[i * D + lane + 32 * j] = to_bf16(d);
+    prod[j] = d * to_f32(out[i * D + lane + 32 * j]);
+  }
   float part = 0.0f;
 #pragma unroll
   for (int m = 0; m < D / 8; ++m) part = part + __shfl_sync(0xffffffffu, prod[m / 4], q + 8 * (m % 4));
@@ -439,14 +444,17 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
             const int32_t* seq_first, const int32_t* seq_tokens, int64_t T, int64_t heads, int64_t num_seqs,
             int64_t max_seq_len, float scale, float* lse, float* delta, bf16* dout_bf16, float* dq, float* dk,
             float* dv, cudaStream_t s) {
-  if constexpr (D >= 32)
-    attention_delta_warp_kernel<D><<<unsigned(ceil_div(T * heads, 8)), 256, 0, s>>>(dout, out, delta, T * heads);
-  else
+  if constexpr (D >= 32) {
+    attention_delta_warp_kernel<D>
+        <<<unsigned(ceil_div(T * heads, 8)), 256, 0, s>>>(dout, out, delta, dout_bf16, T * heads);
+    LS_CUDA_LAUNCHED();
+  } else {
     attention_delta_kernel<<<unsigned(ceil_div(T * heads, 256)), 256, 0, s>>>(dout, out, delta, T * heads, int(D));
-  LS_CUDA_LAUNCHED();
-  const int64_t n = T * heads * D;
-  round_bf16_kernel<<<unsigned(ceil_div(n, 256)), 256, 0, s>>>(dout, dout_bf16, n);
-  LS_CUDA_LAUNCHED();
+    LS_CUDA_LAUNCHED();
+    const int64_t n = T * heads * D;
+    round_bf16_kernel<<<unsigned(ceil_div(n, 256)), 256, 0, s>>>(dout, dout_bf16, n);
+    LS_CUDA_LAUNCHED();
+  }
   const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
   const unsigned dq_grid = unsigned(num_seqs * tiles_per_seq * heads);
   const size_t dq_smem = sizeof(DqShared<D>);
