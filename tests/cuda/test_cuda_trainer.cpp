@@ -6,11 +6,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 
 #include "../error_of.h"
 #include "../model/test_helpers.h"
 #include "core/error.h"
 #include "cuda_test_util.h"
+#include "kernels/canonical.h"
+#include "kernels/cuda/adamw.h"
 #include "model/cuda/cuda_runner.h"
 #include "model/cuda/cuda_trainer.h"
 #include "model/qwen3_moe.h"
@@ -192,6 +195,52 @@ TEST(CudaTrainer, AStepThatCannotFitIsRefusedBeforeAnyAllocation) {
   ModelWeights g = cuda_step_grads(*runner, {{1, 2, 3, 4}}, false,
                                    [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); });
   EXPECT_EQ(g.embed.numel(), c.vocab_size * c.hidden_size);
+}
+
+// The gradient norm's chunk partials (rule 11) are the host's lanes bit for bit: chunks shorter
+// than a tile, chunks of many tiles, a last partial tile, and a tensor whose chunks start off
+// 16-byte boundaries (the 4-byte copies).
+TEST(CudaTrainer, SumSquaresChunksAreTheHostLanes) {
+  LS_SKIP_WITHOUT_GPU();
+  const std::vector<int64_t> sizes = {1, 100, 3 * 4096 + 5, 8 * 6 * 4096 * 4, 8 * 6 * 4096 * 4 + 4 * 13, 300001};
+  std::vector<float> all;
+  std::vector<int64_t> offsets;
+  std::mt19937_64 rng(51);
+  std::uniform_real_distribution<float> d(-2.0f, 2.0f);
+  for (const int64_t n : sizes) {
+    offsets.push_back(int64_t(all.size()) + 1);  // every tensor one float past a 16-byte boundary of its own
+    all.resize(all.size() + size_t(n) + 4);
+    for (int64_t i = 0; i < n; ++i) all[size_t(offsets.back() + i)] = d(rng);
+    all.resize((all.size() + 3) / 4 * 4);
+  }
+  testing::DeviceVec<float> All(all);
+  // The same tensors again from one float earlier: 16-byte aligned starts.
+  std::vector<const float*> ptrs;
+  for (const int64_t at : offsets) ptrs.push_back(All.get() + at);
+  for (const int64_t at : offsets) ptrs.push_back(All.get() + at - 1);
+  std::vector<int64_t> numels(sizes);
+  numels.insert(numels.end(), sizes.begin(), sizes.end());
+  const int64_t count = int64_t(ptrs.size());
+  testing::DeviceVec<int64_t> Numels(numels);
+  testing::DeviceVec<float> Partials(count * 8);
+  std::vector<uint64_t> raw(ptrs.size());
+  std::memcpy(raw.data(), ptrs.data(), raw.size() * 8);
+  testing::DeviceVec<uint64_t> Ptrs(raw);
+  cuda::sum_squares_chunks(reinterpret_cast<const float* const*>(Ptrs.get()), Numels.get(), count, Partials.get(),
+                           nullptr);
+  const std::vector<float> got = Partials.take();
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t n = numels[size_t(t)], chunk = canonical_chunk(n);
+    const float* x = all.data() + offsets[size_t(t) % sizes.size()] - (t >= int64_t(sizes.size()) ? 1 : 0);
+    for (int c = 0; c < kTMax; ++c) {
+      float lanes[kSquaresLanes] = {};
+      const int64_t begin = std::min(n, c * chunk), end = std::min(n, (c + 1) * chunk);
+      for (int64_t i = begin; i < end; ++i) lanes[(i - begin) % kSquaresLanes] += x[i] * x[i];
+      const float want = pairwise_tree(lanes, kSquaresLanes);
+      EXPECT_EQ(std::memcmp(&got[size_t(t * 8 + c)], &want, 4), 0)
+          << "tensor " << t << " (" << n << " values) chunk " << c << ": " << got[size_t(t * 8 + c)] << " vs " << want;
+    }
+  }
 }
 
 TEST(CudaTrainer, DeviceAdamWStepIsTheHostStepBitForBit) {

@@ -2,6 +2,7 @@
 #include "kernels/canonical.h"
 #include "kernels/cuda/adamw.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma_sync.cuh"  // cp.async
 
 namespace lockstep::cuda {
 
@@ -25,37 +26,65 @@ __global__ void adamw_kernel(const AdamWTensor* tensors, AdamWScalars s) {
   }
 }
 
-// One block per (tensor, chunk): the block stages the chunk through shared memory, tile by
-// tile, and kSquaresLanes threads add the squares, lane j the tile's elements j, j + 64, ...
-// (tiles start at multiples of kSquaresLanes into the chunk, so that is the lane's order);
-// thread 0 folds the lanes. The CPU's loop, canonical_sum_squares.
-constexpr int kSquaresThreads = 256, kSquaresTile = 16 * kSquaresThreads;
+// One block per (tensor, chunk): the block streams the chunk through a ring of shared-memory
+// tiles by cp.async, several tiles in flight, and kSquaresLanes threads add the squares, lane j
+// the tile's elements j, j + 64, ... (tiles start at multiples of kSquaresLanes into the chunk,
+// so that is the lane's order); thread 0 folds the lanes. The CPU's loop, canonical_sum_squares.
+// (Two 16 KB tiles kept too few loads in flight for chunks of hundreds of MB, such as the
+// experts' gate_up's.)
+constexpr int kSquaresThreads = 256, kSquaresTile = 16 * kSquaresThreads, kSquaresStages = 6;
+constexpr size_t kSquaresSmem = size_t(kSquaresStages) * kSquaresTile * 4;
 static_assert(kSquaresTile % kSquaresLanes == 0 && kSquaresLanes <= kSquaresThreads, "whole rounds of lanes a tile");
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
 __global__ void __launch_bounds__(kSquaresThreads)
     sum_squares_kernel(const float* const* data, const int64_t* numel, float* partials) {
-  __shared__ float tile[2][kSquaresTile];
+  extern __shared__ __align__(16) float ring[];  // [kSquaresStages][kSquaresTile]
   __shared__ float lanes[kSquaresLanes];
   const int64_t t = blockIdx.x;
   const int c = blockIdx.y;
   const int64_t n = numel[t], chunk = (n + 7) / 8;
   const int64_t begin = min(n, c * chunk), end = min(n, (c + 1) * chunk);
   const float* x = data[t];
-  auto stage = [&](int64_t first, int buf) {
-    for (int i = threadIdx.x; i < kSquaresTile; i += kSquaresThreads)
-      if (first + i < end) tile[buf][i] = x[first + i];
-  };
-  float acc = 0.0f;
-  stage(begin, 0);
-  __syncthreads();
-  int buf = 0;
-  for (int64_t first = begin; first < end; first += kSquaresTile, buf ^= 1) {
-    if (first + kSquaresTile < end) stage(first + kSquaresTile, buf ^ 1);  // the next tile meanwhile
-    if (threadIdx.x < kSquaresLanes) {
-      const int count = int(end - first < kSquaresTile ? end - first : kSquaresTile);
-      for (int i = threadIdx.x; i < count; i += kSquaresLanes) acc += tile[buf][i] * tile[buf][i];
+  const bool whole16 = (reinterpret_cast<uintptr_t>(x + begin) & 15) == 0;
+  // The tile at `first` into ring slot `slot` (nothing past the chunk), then a commit: one
+  // cp.async group a tile, empty ones past the end keep the wait counts aligned.
+  auto stage = [&](int64_t first, int slot) {
+    float* dst = ring + slot * kSquaresTile;
+    if (first < end) {
+      if (whole16) {
+        for (int i = 4 * threadIdx.x; i < kSquaresTile; i += 4 * kSquaresThreads) {
+          const int64_t e = first + i;
+          const int bytes = e < end ? int(end - e < 4 ? end - e : 4) * 4 : 0;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + i)),
+                       "l"(bytes ? x + e : x), "r"(bytes)
+                       : "memory");
+        }
+      } else {
+        for (int i = threadIdx.x; i < kSquaresTile; i += kSquaresThreads)
+          cp_async4(smem_addr(dst + i), first + i < end ? x + first + i : x, first + i < end);
+      }
     }
-    __syncthreads();
+    cp_async_commit();
+  };
+  int64_t next = begin;
+  for (int slot = 0; slot < kSquaresStages - 1; ++slot, next += kSquaresTile) stage(next, slot);
+  float acc = 0.0f;
+  int slot = 0;
+  for (int64_t first = begin; first < end; first += kSquaresTile) {
+    cp_async_wait<kSquaresStages - 2>();  // this thread's pieces of the tile at `first`
+    __syncthreads();                      // everyone's; and the slot refilled next is read by no one
+    stage(next, (slot + kSquaresStages - 1) % kSquaresStages);
+    next += kSquaresTile;
+    if (threadIdx.x < kSquaresLanes) {
+      const float* tile = ring + slot * kSquaresTile;
+      const int count = int(end - first < kSquaresTile ? end - first : kSquaresTile);
+      for (int i = threadIdx.x; i < count; i += kSquaresLanes) acc += tile[i] * tile[i];
+    }
+    slot = (slot + 1) % kSquaresStages;
   }
+  cp_async_wait<0>();
   if (threadIdx.x < kSquaresLanes) lanes[threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.x != 0) return;
@@ -83,7 +112,13 @@ void adamw_step(const AdamWTensor* tensors, int64_t count, int64_t max_numel, co
 void sum_squares_chunks(const float* const* data, const int64_t* numel, int64_t count, float* partials,
                         cudaStream_t stream) {
   if (count == 0) return;
-  sum_squares_kernel<<<dim3(unsigned(count), 8), kSquaresThreads, 0, stream>>>(data, numel, partials);
+  static const bool configured = [] {
+    LS_CUDA_CHECK(
+        cudaFuncSetAttribute(sum_squares_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSquaresSmem)));
+    return true;
+  }();
+  (void)configured;
+  sum_squares_kernel<<<dim3(unsigned(count), 8), kSquaresThreads, kSquaresSmem, stream>>>(data, numel, partials);
   LS_CUDA_LAUNCHED();
 }
 
