@@ -78,15 +78,20 @@ __global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, c = blockIdx.y;
   const int64_t i = int64_t(blockIdx.x) * kDwColumns + lane, first = bounds.rows[c], end = bounds.rows[c + 1];
   // Loader warp w (1-based) computes the tile's rows w - 1, w - 1 + 8, ...; zero past the chunk.
+  // x's (token, head) of those rows: one division a tile, then steps of 8 rows.
+  const int64_t step_token = kDwLoaderWarps / x_heads, step_head = kDwLoaderWarps % x_heads;
   auto fill = [&](int buf, int64_t r0) {
     float dv[kDwRowsPerLoader], xv[kDwRowsPerLoader], iv[kDwRowsPerLoader];
+    int64_t token = (r0 + warp - 1) / x_heads, head = (r0 + warp - 1) % x_heads;
 #pragma unroll
     for (int u = 0; u < kDwRowsPerLoader; ++u) {
       const int64_t r = r0 + (warp - 1) + u * kDwLoaderWarps;
       const bool inside = r < end && i < n;
       dv[u] = inside ? dout[r * n + i] : 0.0f;
-      xv[u] = inside ? to_f32(x[(r / x_heads) * x_pitch + (r % x_heads) * n + i]) : 0.0f;
+      xv[u] = inside ? to_f32(x[token * x_pitch + head * n + i]) : 0.0f;
       iv[u] = inside ? inv[r] : 0.0f;
+      token += step_token, head += step_head;
+      if (head >= x_heads) head -= x_heads, ++token;
     }
 #pragma unroll
     for (int u = 0; u < kDwRowsPerLoader; ++u) {
