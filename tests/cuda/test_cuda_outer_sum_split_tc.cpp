@@ -5,6 +5,7 @@
 // single calls, and the consuming linear helper against the two plain calls; the packed bf16
 // gradient against both halves of the gradient rounded to bf16.
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "cuda_test_util.h"
@@ -415,17 +416,29 @@ TEST(CudaOuterSumSplitTc, SupportsOnlyShapesWhosePiecesAreWholeGroupsOfEight) {
   EXPECT_FALSE(cuda::outer_sum_split_tc_supported(4, 2, 16, over_64, 100));   // neither layout
 }
 
-TEST(CudaOuterSumSplitTc, TheWgmmaTileRefusesADeviceGroupTableAndTheGroupedOneTooManyGroups) {
+// The wgmma tile refuses a device group table; the grouped form takes more groups than one
+// launch holds (kMaxWgmmaGroups) in parts, each group's output the bits of its own call.
+TEST(CudaOuterSumSplitTc, TheWgmmaTileRefusesADeviceGroupTableAndLaunchesManyGroupsInParts) {
   LS_SKIP_WITHOUT_GPU();
   DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
   EXPECT_THROW(cuda::outer_sum_split_grouped_tc(nullptr, 1, 64, 1, 64, 64, nullptr, Workspace.get(),
                                                 cuda::SplitTile::wgmma128x256),
                std::exception);
-  DeviceVec<float> G(64 * 8), Out(64 * 64);
-  DeviceVec<uint16_t> M(8 * 64);
-  const std::vector<cuda::SplitOuterSumGroup> groups(
-      257, cuda::SplitOuterSumGroup{as_split(G), as_bf16(M), Out.get(), 64, cuda::token_chunk_bounds(8)});
-  EXPECT_THROW(cuda::outer_sum_split_grouped_wgmma(groups.data(), 257, 64, 1, 64, 64, nullptr), std::exception);
+  const int count = cuda::kMaxWgmmaGroups + 1;
+  const std::vector<uint16_t> g_bits = testing::random_bf16(64 * 8 * 2, 61), m_bits = testing::random_bf16(8 * 64, 62);
+  std::vector<float> g_words(64 * 8);
+  std::memcpy(g_words.data(), g_bits.data(), g_words.size() * 4);
+  DeviceVec<float> G(g_words), Out(int64_t(count) * 64 * 64), One(64 * 64);
+  DeviceVec<uint16_t> M(m_bits);
+  std::vector<cuda::SplitOuterSumGroup> groups;
+  for (int p = 0; p < count; ++p)
+    groups.push_back({as_split(G), as_bf16(M), Out.get() + int64_t(p) * 64 * 64, 64, cuda::token_chunk_bounds(8)});
+  cuda::outer_sum_split_grouped_wgmma(groups.data(), count, 64, 1, 64, 64, nullptr);
+  const cuda::SplitOuterSumGroup single{as_split(G), as_bf16(M), One.get(), 64, cuda::token_chunk_bounds(8)};
+  cuda::outer_sum_split_grouped_wgmma(&single, 1, 64, 1, 64, 64, nullptr);
+  const auto all = Out.take(), one = One.take();
+  for (int p = 0; p < count; ++p)
+    EXPECT_EQ(std::memcmp(all.data() + size_t(p) * 64 * 64, one.data(), one.size() * 4), 0) << "group " << p;
 }
 
 }  // namespace
