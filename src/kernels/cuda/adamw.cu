@@ -35,9 +35,6 @@ __global__ void adamw_kernel(const AdamWTensor* tensors, AdamWScalars s) {
 constexpr int kSquaresThreads = 256, kSquaresTile = 16 * kSquaresThreads, kSquaresStages = 6;
 constexpr size_t kSquaresSmem = size_t(kSquaresStages) * kSquaresTile * 4;
 static_assert(kSquaresTile % kSquaresLanes == 0 && kSquaresLanes <= kSquaresThreads, "whole rounds of lanes a tile");
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
 __global__ void __launch_bounds__(kSquaresThreads)
     sum_squares_kernel(const float* const* data, const int64_t* numel, float* partials) {
   extern __shared__ __align__(16) float ring[];  // [kSquaresStages][kSquaresTile]
@@ -57,9 +54,7 @@ __global__ void __launch_bounds__(kSquaresThreads)
         for (int i = 4 * threadIdx.x; i < kSquaresTile; i += 4 * kSquaresThreads) {
           const int64_t e = first + i;
           const int bytes = e < end ? int(end - e < 4 ? end - e : 4) * 4 : 0;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + i)),
-                       "l"(bytes ? x + e : x), "r"(bytes)
-                       : "memory");
+          cp_async16_bytes(smem_addr(dst + i), bytes ? x + e : x, bytes);
         }
       } else {
         for (int i = threadIdx.x; i < kSquaresTile; i += kSquaresThreads)

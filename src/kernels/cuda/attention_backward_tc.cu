@@ -115,8 +115,7 @@ __global__ void attention_delta_kernel(const float* dout, const bf16* out, float
 }
 
 // The same, a warp an item (D >= 32): lane l loads elements l + 32 s (whole lines, where a
-// thread an item read 512-byte strided rows); lane q < 8's chain takes elements q, q + 8, ...
-// by shuffles, in that order, then tree8: dot_lanes' additions. It also writes dout rounded
+// thread an item read 512-byte strided rows), summed by dot_lanes_of_warp. It also writes dout rounded
 // to bf16 (round_bf16_kernel's values) while it has the row.
 template <int D>
 __global__ void __launch_bounds__(256)
@@ -124,7 +123,7 @@ __global__ void __launch_bounds__(256)
   constexpr int kPer = D / 32;
   const int64_t i = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
   if (i >= items) return;
-  const int lane = threadIdx.x % 32, q = lane % 8;
+  const int lane = threadIdx.x % 32;
   float prod[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
@@ -132,14 +131,8 @@ __global__ void __launch_bounds__(256)
     dout_bf16[i * D + lane + 32 * j] = to_bf16(d);
     prod[j] = d * to_f32(out[i * D + lane + 32 * j]);
   }
-  float part = 0.0f;
-#pragma unroll
-  for (int m = 0; m < D / 8; ++m) part = part + __shfl_sync(0xffffffffu, prod[m / 4], q + 8 * (m % 4));
-  float lanes[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) lanes[j] = __shfl_sync(0xffffffffu, part, j);
-  if (lane == 0)
-    delta[i] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  const float sum = dot_lanes_of_warp(prod);
+  if (lane == 0) delta[i] = sum;
 }
 
 template <int D>

@@ -143,4 +143,19 @@ __device__ __forceinline__ float dot_lanes(const TA* a, const TB* b, int64_t n) 
   return dot_lanes([&](int64_t i) { return widen(a[i]) * widen(b[i]); }, n);
 }
 
+// dot_lanes of a row held by a warp, lane l holding the products of elements l + 32 j in
+// prod[j] (n = 32 kPer): lane q < 8's chain takes elements q, q + 8, ... by shuffles, in that
+// order, then tree8; every lane returns the sum. The same additions as dot_lanes.
+template <int kPer>
+__device__ __forceinline__ float dot_lanes_of_warp(const float (&prod)[kPer]) {
+  const int q = threadIdx.x % 8;
+  float part = 0.0f;
+#pragma unroll
+  for (int m = 0; m < 4 * kPer; ++m) part = part + __shfl_sync(0xffffffffu, prod[m / 4], q + 8 * (m % 4));
+  float lanes[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) lanes[j] = __shfl_sync(0xffffffffu, part, j);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 }  // namespace lockstep::cuda

@@ -159,8 +159,8 @@ __global__ void rope_backward_kernel(float* dx, const int32_t* positions, const 
 // qk_norm_rope_store's backward for one kind of head, a warp a (token, head) row, lane l
 // holding elements l + 32 j: RoPE's backward on dq in place (rope_backward_kernel's
 // expressions; a pair i, i + D / 2 lies in one lane), 1 / rms of the projection row
-// (inverse_rms_warp_kernel's order), rmsnorm_dx_kernel's dx (lane q's chain of the dot takes
-// elements q, q + 8, ... by shuffles, in that order). The same operations, so the same bits.
+// (inverse_rms_warp_kernel's order), rmsnorm_dx_kernel's dx (its dot by dot_lanes_of_warp).
+// The same operations, so the same bits.
 template <int D>
 __global__ void __launch_bounds__(32 * kDxRowsPerBlock)
     qk_norm_rope_backward_kernel(float* dq, const bf16* proj, int64_t pitch, const int32_t* positions,
@@ -196,14 +196,7 @@ __global__ void __launch_bounds__(32 * kDxRowsPerBlock)
     wd[j] = w[lane + 32 * j] * d[j];
     prod[j] = wd[j] * x[j];
   }
-  const int q = lane % 8;
-  float part = 0.0f;
-#pragma unroll
-  for (int m = 0; m < D / 8; ++m) part = part + __shfl_sync(0xffffffffu, prod[m / 4], q + 8 * (m % 4));
-  float lanes[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) lanes[j] = __shfl_sync(0xffffffffu, part, j);
-  const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  const float sum = dot_lanes_of_warp(prod);
   const float coef = ir * ir * ir * sum / float(D);
 #pragma unroll
   for (int j = 0; j < kPer; ++j) d_proj[r * D + lane + 32 * j] = ir * wd[j] - x[j] * coef;
