@@ -4,6 +4,9 @@
 // card's measured bf16 matmul ceiling, then the device AdamW step over the runner's weights
 // (CudaTrainState: gradients stay on the device). Prints one JSON object per line.
 //   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]
+//                    [--grads-only]
+// --grads-only: the step's gradients without the optimizer state (no AdamW masters or moments:
+// 12 bytes a parameter fewer), so 8 layers of these shapes fit an 80 GB card.
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
 // plus causal attention 6 x 2 x (S + 1) / 2 x q_dim per layer (QK^T and PV, forward and
 // backward): the usual accounting, recomputation not counted.
@@ -40,9 +43,11 @@ int main(int argc, char** argv) {
   try {
     LS_CHECK(
         argc >= 2,
-        "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]");
+        "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N] "
+        "[--grads-only]");
     ModelConfig config = ModelConfig::load(argv[1]);
     int64_t B = 4, S = 2048, reps = 3, recompute = -1;
+    bool grads_only = false;
     for (int i = 2; i < argc; ++i) {
       if (!std::strcmp(argv[i], "--layers") && i + 1 < argc)
         config.num_hidden_layers = std::atoll(argv[++i]);
@@ -54,6 +59,8 @@ int main(int argc, char** argv) {
         reps = std::atoll(argv[++i]);
       else if (!std::strcmp(argv[i], "--recompute-num-layers") && i + 1 < argc)
         recompute = std::atoll(argv[++i]);
+      else if (!std::strcmp(argv[i], "--grads-only"))
+        grads_only = true;
       else
         fail("cuda_train_bench: unknown argument ", argv[i]);
     }
@@ -65,32 +72,45 @@ int main(int argc, char** argv) {
     const auto mean_nll = [](int64_t, const std::vector<std::vector<float>>& lp, const auto&) {
       return mean_nll_upstream(lp);
     };
-    // The optimizer state starts from the runner's weights (a host copy, once).
-    OptimizerConfig oc;
-    const ModelWeights weights = runner->export_weights();
-    CudaTrainState state(*runner, oc, AdamW(oc, weights), recompute);
-    state.compute_grads({seqs}, false, mean_nll);  // warm-up: allocations, kernel loads
-    state.apply(Precision::bfloat16);
     double sec = 0, adamw_sec = 0;
-    for (int64_t r = 0; r < reps; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      state.compute_grads({seqs}, false, mean_nll);
-      cudaDeviceSynchronize();
-      const auto t1 = std::chrono::steady_clock::now();
+    int64_t recomputed = 0;
+    if (grads_only) {
+      CudaTrainState state(*runner, recompute);
+      for (int64_t r = -1; r < reps; ++r) {  // r = -1: warm-up (allocations, kernel loads)
+        const auto t0 = std::chrono::steady_clock::now();
+        state.compute_grads({seqs}, false, mean_nll);
+        cudaDeviceSynchronize();
+        if (r >= 0) sec += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(reps);
+      }
+      recomputed = state.recomputed_layers();
+    } else {
+      // The optimizer state starts from the runner's weights (a host copy, once).
+      OptimizerConfig oc;
+      const ModelWeights weights = runner->export_weights();
+      CudaTrainState state(*runner, oc, AdamW(oc, weights), recompute);
+      state.compute_grads({seqs}, false, mean_nll);  // warm-up: allocations, kernel loads
       state.apply(Precision::bfloat16);
-      cudaDeviceSynchronize();
-      sec += std::chrono::duration<double>(t1 - t0).count() / double(reps);
-      adamw_sec += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count() / double(reps);
+      for (int64_t r = 0; r < reps; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        state.compute_grads({seqs}, false, mean_nll);
+        cudaDeviceSynchronize();
+        const auto t1 = std::chrono::steady_clock::now();
+        state.apply(Precision::bfloat16);
+        cudaDeviceSynchronize();
+        sec += std::chrono::duration<double>(t1 - t0).count() / double(reps);
+        adamw_sec += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count() / double(reps);
+      }
+      recomputed = state.recomputed_layers();
     }
     const double tokens = double(B * S), tok_s = tokens / sec;
     const double mfu = tok_s * flops_per_token(config, S) / kMatmulPeak;
     std::printf(
         "{\"event\":\"lockstep_train_step\",\"layers\":%lld,\"batch\":%lld,\"seq\":%lld,\"seconds\":%.4f,"
         "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f,"
-        "\"recompute_num_layers\":%lld,\"recomputed_layers\":%lld}\n",
+        "\"recompute_num_layers\":%lld,\"recomputed_layers\":%lld,\"grads_only\":%s}\n",
         static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
         tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec, static_cast<long long>(recompute),
-        static_cast<long long>(state.recomputed_layers()));
+        static_cast<long long>(recomputed), grads_only ? "true" : "false");
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());

@@ -539,9 +539,11 @@ struct AttentionGrads {
   std::vector<float> dq, dk, dv;
 };
 
-// The CUDA-core kernels, or (tensor_cores) those of attention_backward_tc.cu.
+// The CUDA-core kernels, or (tensor_cores) those of attention_backward_tc.cu, `kernel` choosing
+// between mma.sync and warpgroup MMA.
 AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q, const bf16_bits& out,
-                                      const std::vector<float>& dout, bool tensor_cores = false) {
+                                      const std::vector<float>& dout, bool tensor_cores = false,
+                                      cuda::AttentionKernel kernel = cuda::AttentionKernel::automatic) {
   const int64_t T = a.T();
   DeviceVec<uint16_t> K(a.k), V(a.v), Q(q), O(out);
   DeviceVec<float> Dout(dout), Lse(T * a.nq), Delta(T * a.nq), Dq(T * a.nq * a.D), Dk(T * a.nkv * a.D),
@@ -561,7 +563,7 @@ AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q
     cuda::paged_attention_backward_tc(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                       int64_t(a.lens.size()), *std::max_element(a.lens.begin(), a.lens.end()), scale,
                                       Lse.get(), Delta.get(), reinterpret_cast<cuda::bf16_t*>(DoutBf16.get()), Dq.get(),
-                                      Dk.get(), Dv.get(), nullptr);
+                                      Dk.get(), Dv.get(), nullptr, kernel);
   else
     cuda::paged_attention_backward(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                    scale, Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(), nullptr);
@@ -628,6 +630,31 @@ TEST(CudaBackwardOps, AttentionBackwardOnTensorCoresIsTheCpusWithinBf16) {
     expect_bf16_close(got.dk, want.dk, "dk");
     expect_bf16_close(got.dv, want.dv, "dv");
   }
+}
+
+// The warpgroup-MMA kernels (head_dim 64 and 128) give the mma.sync kernels' bits: one k16
+// step of either rounds alike. Sequences with partial tiles, one shorter than a tile, GQA groups
+// of 2 and 8 heads.
+TEST(CudaBackwardOps, AttentionBackwardOnWgmmaIsMmaSyncBitForBit) {
+  LS_SKIP_WITHOUT_GPU();
+  for (const int64_t D : {64, 128})
+    for (const int64_t nq : {4, 16}) {
+      SCOPED_TRACE(::testing::Message() << "head_dim " << D << ", " << nq << " query heads");
+      AttentionStep a({70, 5, 130, 64, 257}, 50 + D + nq, D);
+      a.nq = nq;
+      const int64_t T = a.T();
+      const bf16_bits q = testing::random_bf16(T * a.nq * D, 51, 2.0f), out = testing::random_bf16(T * a.nq * D, 52);
+      const auto dout = random_f32(T * a.nq * D, 53);
+      const AttentionGrads sync = gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::mma_sync);
+      const AttentionGrads group = gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::wgmma);
+      EXPECT_TRUE(same_bits_f(group.dq, sync.dq)) << "dq";
+      EXPECT_TRUE(same_bits_f(group.dk, sync.dk)) << "dk";
+      EXPECT_TRUE(same_bits_f(group.dv, sync.dv)) << "dv";
+    }
+  AttentionStep a({10}, 60, 16);
+  const bf16_bits q = testing::random_bf16(10 * a.nq * 16, 61), out = testing::random_bf16(10 * a.nq * 16, 62);
+  EXPECT_THROW(gpu_attention_backward(a, q, out, random_f32(10 * a.nq * 16, 63), true, cuda::AttentionKernel::wgmma),
+               std::exception);
 }
 
 // The backward's delta (dout . out per query row, left in its workspace) is the CPU's dot

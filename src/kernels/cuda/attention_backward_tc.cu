@@ -22,7 +22,8 @@
 // the per-element loads they replaced, so the bits did not change.
 #include <type_traits>
 
-#include "kernels/cuda/backward.h"
+#include "kernels/cuda/attention.h"
+#include "kernels/cuda/attention_backward_tc.cuh"
 #include "kernels/cuda/backward_common.cuh"
 #include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/row_ops.cuh"
@@ -31,8 +32,15 @@ namespace lockstep::cuda {
 
 namespace {
 
-constexpr int kTile = 64;  // queries or keys a block: the contract's KV block
+using namespace attention_backward_detail;
+
 constexpr int kWarps = 4;  // 16 rows each
+
+// Accumulators of n8 tiles [nt][e] as the flat [4 nt + e] of the shared steps (the same memory).
+template <int NT>
+__device__ __forceinline__ float (&flat(float (&x)[NT][4]))[NT * 4] {
+  return *reinterpret_cast<float(*)[NT * 4]>(&x);
+}
 constexpr int kThreads = 32 * kWarps;
 
 // A shared tile of 64 rows of D bf16 (padded rows: conflict-free fragment loads).
@@ -147,20 +155,13 @@ __global__ void __launch_bounds__(kThreads)
                            int64_t heads, float scale, const float* delta, float* lse, float* dq) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DqShared<D>& sh = *reinterpret_cast<DqShared<D>*>(smem_raw);
-  // Blocks longest first (a query tile walks the KV blocks up to its own: the last tiles of
-  // the sequences first), then by sequence and head: no long block starts at the end.
-  const int per_rank = num_seqs * int(heads), rank = int(blockIdx.x) / per_rank, rest = int(blockIdx.x) % per_rank;
-  const int seq = rest / int(heads), p0 = (tiles_per_seq - 1 - rank) * kTile;
-  const int64_t h = rest % heads, g = h / (heads / kv.kv_heads);
-  const int32_t* toks = seq_tokens + seq_first[seq];
-  const int len = seq_first[seq + 1] - seq_first[seq];
-  if (p0 >= len) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = 2 * (lane % 4);
-  // This lane's two query rows (accumulator rows lane / 4 and + 8 of the warp's 16).
-  const int pos_a = p0 + 16 * warp + lane / 4, pos_b = pos_a + 8;
-  const bool in_a = pos_a < len, in_b = pos_b < len;
-  const int64_t item_a = in_a ? int64_t(toks[pos_a]) * heads + h : 0,
-                item_b = in_b ? int64_t(toks[pos_b]) * heads + h : 0;
+  const DqBlock block = dq_block(int(blockIdx.x), num_seqs, tiles_per_seq, heads, kv.kv_heads, seq_first, seq_tokens);
+  if (block.p0 >= block.len) return;
+  const int32_t* toks = block.toks;
+  const int len = block.len, p0 = block.p0, pos_a = block.pos_a, pos_b = block.pos_b;
+  const int64_t g = block.kv_head, item_a = block.item_a, item_b = block.item_b;
+  const bool in_a = block.in_a, in_b = block.in_b;
+  const int lane = threadIdx.x % 32, quad = 2 * (lane % 4);
   const int64_t seq_token = toks[0];  // any token of the sequence reads its page table
   const int last_block = p0 / kTile;  // the diagonal block: no key after it is visible
   // Block b's K (and V) into buffer b % 2, one cp.async group (an empty one past the last).
@@ -175,19 +176,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // q and dout of the rows as A fragments (zeros for rows past the sequence).
   uint32_t qa[D / 16][4], da[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int d = kk * 16 + quad;
-    const bf16 *qra = q + item_a * D, *qrb = q + item_b * D, *dra = dout + item_a * D, *drb = dout + item_b * D;
-    qa[kk][0] = in_a ? load_bf16_pair(qra + d) : 0u;
-    qa[kk][1] = in_b ? load_bf16_pair(qrb + d) : 0u;
-    qa[kk][2] = in_a ? load_bf16_pair(qra + d + 8) : 0u;
-    qa[kk][3] = in_b ? load_bf16_pair(qrb + d + 8) : 0u;
-    da[kk][0] = in_a ? load_bf16_pair(dra + d) : 0u;
-    da[kk][1] = in_b ? load_bf16_pair(drb + d) : 0u;
-    da[kk][2] = in_a ? load_bf16_pair(dra + d + 8) : 0u;
-    da[kk][3] = in_b ? load_bf16_pair(drb + d + 8) : 0u;
-  }
+  load_row_fragments<D>(q, dout, item_a, item_b, in_a, in_b, quad, qa, da);
   const float delta_a = in_a ? delta[item_a] : 0.0f, delta_b = in_b ? delta[item_b] : 0.0f;
 
   // S = q K^T of one block for the warp's 16 rows x 64 keys, scaled and masked (keys after a
@@ -195,53 +184,21 @@ __global__ void __launch_bounds__(kThreads)
   float s[8][4];
   auto scores = [&](int b) {
     rows_times_tile<D>(s, qa, sh.k[b % 2], lane);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = b * kTile + nt * 8 + quad + (e & 1), pos = e < 2 ? pos_a : pos_b;
-        s[nt][e] = key <= pos ? s[nt][e] * scale : -INFINITY;
-      }
+    mask_block_scores(flat(s), b, quad, pos_a, pos_b, scale);
   };
 
   // Pass 1: the log-sum-exp of each row (online over the blocks; per lane ascending keys,
   // then the quad's butterfly).
-  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+  RowLogSumExp lse_rows;
   for (int b = 0; b <= last_block; ++b) {
     load_block(b + 1, false);  // into the buffer block b - 1 used
     cp_async_wait<1>();        // block b's pieces, this thread's
     __syncthreads();           // everyone's
     scores(b);
     __syncthreads();  // block b's buffer is free for block b + 2
-    float mx_a = -INFINITY, mx_b = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
-      mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
-    }
-#pragma unroll
-    for (int x = 1; x <= 2; x *= 2) {
-      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, x));
-      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, x));
-    }
-    const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-    float sum_a = 0.0f, sum_b = 0.0f;
-    if (mn_a != -INFINITY)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) sum_a = (sum_a + expf(s[nt][0] - mn_a)) + expf(s[nt][1] - mn_a);
-    if (mn_b != -INFINITY)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) sum_b = (sum_b + expf(s[nt][2] - mn_b)) + expf(s[nt][3] - mn_b);
-#pragma unroll
-    for (int x = 1; x <= 2; x *= 2) {
-      sum_a += __shfl_xor_sync(0xffffffffu, sum_a, x);
-      sum_b += __shfl_xor_sync(0xffffffffu, sum_b, x);
-    }
-    l_a = (m_a == -INFINITY ? 0.0f : l_a * expf(m_a - mn_a)) + sum_a;
-    l_b = (m_b == -INFINITY ? 0.0f : l_b * expf(m_b - mn_b)) + sum_b;
-    m_a = mn_a, m_b = mn_b;
+    lse_rows.add_block(flat(s));
   }
-  const float lse_a = m_a + logf(l_a), lse_b = m_b + logf(l_b);
+  const float lse_a = lse_rows.lse_a(), lse_b = lse_rows.lse_b();
   if (lane % 4 == 0) {
     if (in_a) lse[item_a] = lse_a;
     if (in_b) lse[item_b] = lse_b;
@@ -263,19 +220,12 @@ __global__ void __launch_bounds__(kThreads)
     scores(b);
     float dp[8][4];
     rows_times_tile<D>(dp, da, sh.v[b % 2], lane);
-    // dS in place of S (a masked key: P = exp(-inf) = 0, so dS = 0).
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = expf(s[nt][e] - (e < 2 ? lse_a : lse_b));
-        s[nt][e] = p * (dp[nt][e] - (e < 2 ? delta_a : delta_b)) * scale;
-      }
-      // dq += dS K: k16 steps of keys, dS's accumulator tiles 2j, 2j + 1 as the A fragment.
+    scores_to_ds(flat(s), flat(dp), lse_a, lse_b, delta_a, delta_b, scale);
+    // dq += dS K: k16 steps of keys, dS's accumulator tiles 2j, 2j + 1 as the A fragment.
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t a[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
-                             pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
+      uint32_t a[4];
+      accumulator_fragment(flat(s), j, a);
 #pragma unroll
       for (int dn = 0; dn < D / 8; dn += 2) {
         uint32_t bk[4];
@@ -286,12 +236,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // block b's buffers are free for block b + 2
   }
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    const int d = dn * 8 + quad;
-    if (in_a) *reinterpret_cast<float2*>(dq + item_a * D + d) = make_float2(acc[dn][0], acc[dn][1]);
-    if (in_b) *reinterpret_cast<float2*>(dq + item_b * D + d) = make_float2(acc[dn][2], acc[dn][3]);
-  }
+  store_row_pairs<D>(dq, item_a, item_b, in_a, in_b, quad, flat(acc));
 }
 
 template <int D>
@@ -307,18 +252,13 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t heads, float scale, const float* lse, const float* delta, float* dk, float* dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DkvShared<D>& sh = *reinterpret_cast<DkvShared<D>*>(smem_raw);
-  // Blocks longest first: a key tile walks the query tiles from its own to its sequence's
-  // end, so rank r takes the tiles with tiles_per_seq - r tiles from them to the end; then by
-  // sequence and KV head. (In launch order the first tiles of the last heads started last and
-  // ran nearly alone.)
+  // (In launch order the first tiles of the last heads started last and ran nearly alone.)
   const int64_t nkv = kv.kv_heads, group = heads / nkv;
-  const int per_rank = num_seqs * int(nkv), rank = int(blockIdx.x) / per_rank, rest = int(blockIdx.x) % per_rank;
-  const int seq = rest / int(nkv), g = rest % int(nkv);
+  const DkvBlock block = dkv_block(int(blockIdx.x), num_seqs, tiles_per_seq, nkv, seq_first);
+  if (block.tile < 0) return;
+  const int seq = block.seq, g = block.kv_head, k0 = block.tile * kTile;
   const int32_t* toks = seq_tokens + seq_first[seq];
   const int len = seq_first[seq + 1] - seq_first[seq];
-  const int tile = (len + kTile - 1) / kTile - tiles_per_seq + rank;
-  if (tile < 0) return;
-  const int k0 = tile * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = 2 * (lane % 4);
   const int row_a = 16 * warp + lane / 4, kpos_a = k0 + row_a, kpos_b = kpos_a + 8;
   const int64_t seq_token = toks[0];
@@ -381,26 +321,13 @@ __global__ void __launch_bounds__(kThreads)
           mma_bf16(dp[nt + 1], va, bd[2], bd[3]);
         }
       }
-      // P^T and dS^T (rows: keys a, b; columns: queries). A query sees keys at or before
-      // its position; a query past the sequence is absent.
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = c0 + nt * 8 + quad + (e & 1), qpos = p0 + col, kpos = e < 2 ? kpos_a : kpos_b;
-          const float p = qpos < len && kpos <= qpos ? expf(s[nt][e] * scale - lse_t[col]) : 0.0f;
-          s[nt][e] = p;
-          dp[nt][e] = p * (dp[nt][e] - delta_t[col]) * scale;
-        }
-        // dv += P^T dout, dk += dS^T q: k16 steps of queries.
+      transposed_p_ds<4>(flat(s), flat(dp), c0, quad, p0, len, kpos_a, kpos_b, lse_t, delta_t, scale);
+      // dv += P^T dout, dk += dS^T q: k16 steps of queries.
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint32_t pa[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
-                                pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
-        const uint32_t dsa[4] = {pack_bf16(dp[2 * j][0], dp[2 * j][1]), pack_bf16(dp[2 * j][2], dp[2 * j][3]),
-                                 pack_bf16(dp[2 * j + 1][0], dp[2 * j + 1][1]),
-                                 pack_bf16(dp[2 * j + 1][2], dp[2 * j + 1][3])};
+        uint32_t pa[4], dsa[4];
+        accumulator_fragment(flat(s), j, pa);
+        accumulator_fragment(flat(dp), j, dsa);
 #pragma unroll
         for (int dn = 0; dn < D / 8; dn += 2) {
           uint32_t bd[4], bq[4];
@@ -418,25 +345,15 @@ __global__ void __launch_bounds__(kThreads)
   const bool in_a = kpos_a < len, in_b = kpos_b < len;
   const int64_t item_a = in_a ? int64_t(toks[kpos_a]) * nkv + g : 0,
                 item_b = in_b ? int64_t(toks[kpos_b]) * nkv + g : 0;
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    const int d = dn * 8 + quad;
-    if (in_a) {
-      *reinterpret_cast<float2*>(dk + item_a * D + d) = make_float2(acc_k[dn][0], acc_k[dn][1]);
-      *reinterpret_cast<float2*>(dv + item_a * D + d) = make_float2(acc_v[dn][0], acc_v[dn][1]);
-    }
-    if (in_b) {
-      *reinterpret_cast<float2*>(dk + item_b * D + d) = make_float2(acc_k[dn][2], acc_k[dn][3]);
-      *reinterpret_cast<float2*>(dv + item_b * D + d) = make_float2(acc_v[dn][2], acc_v[dn][3]);
-    }
-  }
+  store_row_pairs<D>(dk, item_a, item_b, in_a, in_b, quad, flat(acc_k));
+  store_row_pairs<D>(dv, item_a, item_b, in_a, in_b, quad, flat(acc_v));
 }
 
 template <int D>
 void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv, const DeviceSlots& slots,
             const int32_t* seq_first, const int32_t* seq_tokens, int64_t T, int64_t heads, int64_t num_seqs,
             int64_t max_seq_len, float scale, float* lse, float* delta, bf16* dout_bf16, float* dq, float* dk,
-            float* dv, cudaStream_t s) {
+            float* dv, cudaStream_t s, bool wgmma) {
   if constexpr (D >= 32) {
     attention_delta_warp_kernel<D>
         <<<unsigned(ceil_div(T * heads, 8)), 256, 0, s>>>(dout, out, delta, dout_bf16, T * heads);
@@ -449,6 +366,9 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
     LS_CUDA_LAUNCHED();
   }
   const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
+  if (wgmma)
+    return attention_backward_wgmma(q, dout_bf16, kv, slots, seq_first, seq_tokens, int(num_seqs), tiles_per_seq, heads,
+                                    scale, delta, lse, dq, dk, dv, s);
   const unsigned dq_grid = unsigned(num_seqs * tiles_per_seq * heads);
   const size_t dq_smem = sizeof(DqShared<D>);
   LS_CUDA_CHECK(
@@ -475,20 +395,24 @@ void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
                                  float* lse_ws, float* delta_ws, bf16_t* dout_ws, float* dq, float* dk, float* dv,
-                                 cudaStream_t s) {
+                                 cudaStream_t s, AttentionKernel kernel) {
   LS_CHECK(attention_backward_tc_supported(kv.head_dim), "attention backward on tensor cores: head_dim ", kv.head_dim,
            " is not 16, 32, 64 or 128");
   LS_CHECK(kv.kv_heads >= 1 && heads % kv.kv_heads == 0, "attention backward: ", heads, " heads over ", kv.kv_heads,
            " KV heads");
   LS_CHECK(num_seqs * ceil_div(max_seq_len, kTile) * heads < (int64_t(1) << 31), "attention backward: ", num_seqs,
            " sequences of up to ", max_seq_len, " tokens of ", heads, " heads exceed the grid");
+  const bool wgmma =
+      kernel == AttentionKernel::wgmma || (kernel == AttentionKernel::automatic && attention_takes_wgmma(kv.head_dim));
+  LS_CHECK(!wgmma || attention_takes_wgmma(kv.head_dim), "attention backward on wgmma: head_dim ", kv.head_dim,
+           " is not 64 or 128");
   if (T == 0 || num_seqs == 0) return;
   auto run = kv.head_dim == 16   ? launch<16>
              : kv.head_dim == 32 ? launch<32>
              : kv.head_dim == 64 ? launch<64>
                                  : launch<128>;
   run(q, out, dout, kv, slots, seq_first, seq_tokens, T, heads, num_seqs, max_seq_len, scale, lse_ws, delta_ws, dout_ws,
-      dq, dk, dv, s);
+      dq, dk, dv, s, wgmma);
 }
 
 }  // namespace lockstep::cuda

@@ -15,6 +15,7 @@ struct CudaTrainState::Impl {
   int64_t recompute_num_layers = kRecomputeAuto;  // CudaTrainer's
   int64_t recomputed_layers = 0;                  // the most a micro-batch of the last step recomputed
   int64_t step = 0;
+  bool has_optimizer = true;            // false: gradients only (no masters or moments)
   std::vector<DeviceSegment> segments;  // for_each_param order
   std::vector<std::string> names;
   cuda_model::DeviceFloats master, exp_avg, exp_avg_sq;
@@ -100,6 +101,14 @@ CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& confi
   m.partials = m.tables.alloc<float>(int64_t(m.segments.size()) * 8);
 }
 
+CudaTrainState::CudaTrainState(ModelRunner& runner, int64_t recompute_num_layers) {
+  auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
+  LS_CHECK(cuda_runner != nullptr, "cuda train state: the runner is not a CUDA runner");
+  impl_ = std::make_unique<Impl>(*cuda_runner);
+  impl_->recompute_num_layers = recompute_num_layers;
+  impl_->has_optimizer = false;
+}
+
 CudaTrainState::~CudaTrainState() = default;
 
 void CudaTrainState::compute_grads(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
@@ -144,6 +153,7 @@ void CudaTrainState::poison_first_gradient() {
 
 OptimizerStepResult CudaTrainState::apply(Precision precision) {
   Impl& m = *impl_;
+  LS_CHECK(m.has_optimizer, "cuda train state: apply on a gradients-only state (it holds no optimizer)");
   const cuda_model::DeviceFloats& g = m.grads();
   m.write_tables();
   const int64_t count = int64_t(m.segments.size());
@@ -198,6 +208,7 @@ OptimizerStepResult CudaTrainState::apply(Precision precision) {
 
 AdamW CudaTrainState::download(const ModelWeights& like) const {
   const Impl& m = *impl_;
+  LS_CHECK(m.has_optimizer, "cuda train state: download of a gradients-only state (it holds no optimizer)");
   ModelWeights parts[3] = {like.zeros_like(), like.zeros_like(), like.zeros_like()};
   const cuda_model::DeviceFloats* from[3] = {&m.master, &m.exp_avg, &m.exp_avg_sq};
   for (int p = 0; p < 3; ++p) {

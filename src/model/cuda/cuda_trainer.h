@@ -55,6 +55,9 @@ class CudaTrainState {
   // recompute_num_layers as for cuda_step_grads.
   CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
                  int64_t recompute_num_layers = kRecomputeAuto);
+  // Gradients only: compute_grads without the optimizer state (12 bytes a parameter fewer, for
+  // measurements of slices that would not fit beside it); apply and download refuse.
+  CudaTrainState(ModelRunner& runner, int64_t recompute_num_layers);
   ~CudaTrainState();
 
   // The gradients of the micro-batches (each one packed forward), summed by the pairwise tree

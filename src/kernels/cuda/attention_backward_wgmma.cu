@@ -1,0 +1,345 @@
+// The attention backward on warpgroup MMA (head_dim 64 and 128): attention_backward_tc.cu's
+// two kernels, procedure and blocks, each mma.sync k16 step now a wgmma k16 step. One k16
+// step of either rounds alike, in the same order per element (as the forward's two kernels,
+// CudaAttention.WgmmaEqualsMmaSync*), so the gradients keep their bits (tested against the
+// mma.sync kernels with memcmp).
+//
+// Why: the mma.sync kernels' four warps each read whole operand tiles through ldmatrix (a warp
+// of 16 rows loads all 64 keys of K per k16 step), so shared memory bandwidth bounded them (ncu:
+// 32-43% of compute). A warpgroup MMA reads a shared operand once for its 64 rows.
+//
+// Tiles: 64 rows x D bf16 in the 128-byte swizzle (D / 64 atoms of 64 rows x 128 bytes,
+// 1024-byte aligned, as the forward's K/V): one tile serves as the K-major operand (rows are M
+// or N, k runs along the row) and as the MN-major one (rows are k).
+//   dq kernel: q and dout rows as register A fragments (the mma.sync kernel's), S = q K^T and
+//   dP = dout V^T by m64n64k16 (K, V K-major), dq += dS K by m64nDk16 with dS from the
+//   accumulators and K MN-major.
+//   dkv kernel: S^T = K q^T and dP^T = V dout^T by m64n64k16 with both operands in shared
+//   memory, a step's 64 queries at once (the mma.sync kernel took 32 at a time: the same
+//   elements), dv += P^T dout and dk += dS^T q with P^T, dS^T from the accumulators and dout,
+//   q MN-major.
+#include "kernels/cuda/attention_backward_tc.cuh"
+#include "kernels/cuda/mma_sync.cuh"
+#include "kernels/cuda/row_ops.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace lockstep::cuda::attention_backward_detail {
+
+namespace {
+
+constexpr int kThreads = 128;  // one warpgroup, 16 rows a warp
+
+template <int D>
+struct SwizzledTile {
+  static constexpr uint32_t kBytes = kTile * D * 2;
+  static constexpr uint32_t kAtomBytes = kTile * 128;  // 64 rows x 64 columns
+  // Byte offset of the 16-byte piece `piece` (columns 8 piece ..) of row `row`.
+  static __device__ __forceinline__ uint32_t offset(int row, int piece) {
+    return uint32_t(piece / 8) * kAtomBytes + uint32_t(row) * 128 + (uint32_t((piece % 8) ^ (row % 8)) << 4);
+  }
+  // Descriptors of k16 step kk: K-major (columns 16 kk ..; + 32 bytes a step inside an atom)
+  // and MN-major (rows 16 kk ..: 2048 bytes a step, the next 64 columns one atom on).
+  static __device__ __forceinline__ uint64_t k_major(uint32_t tile, int kk) {
+    return smem_desc(tile + (kk / 4) * kAtomBytes) + 2 * (kk % 4);
+  }
+  static __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int kk) {
+    return smem_desc_mn(tile + kk * 2048, kAtomBytes);
+  }
+};
+
+// A thread's share of a 64-row tile: its 16-byte piece of rows row0 + i kRowsPerPass.
+template <int D>
+struct TileRows {
+  static constexpr int kPieces = D / 8, kRowsPerPass = kThreads / kPieces, kPasses = kTile / kRowsPerPass;
+  static __device__ __forceinline__ int piece() { return int(threadIdx.x) % kPieces; }
+  static __device__ __forceinline__ int row(int i) { return int(threadIdx.x) / kPieces + i * kRowsPerPass; }
+};
+
+// The loaders read every row's address first and then issue the copies: a cp.async is ordered
+// with the loads around it (its memory clobber), so an address read between two copies stalls
+// the thread for the read's whole latency (the kernels' first form lost most of its time there).
+
+// Rows p0 .. p0 + 63 of K and (v_tile != 0) V of KV head g from the cache through the
+// sequence's page table into swizzled tiles, zeros past the sequence's len.
+template <int D>
+__device__ __forceinline__ void load_kv_rows(uint32_t k_tile, uint32_t v_tile, const DeviceKvLayer& kv,
+                                             const int32_t* table, int p0, int len, int g) {
+  using Rows = TileRows<D>;
+  const int page = int(kv.page_size), piece = Rows::piece();
+  int slot[Rows::kPasses];
+#pragma unroll
+  for (int i = 0; i < Rows::kPasses; ++i) {
+    const int pos = min(p0 + Rows::row(i), len - 1), pg = pos / page;
+    slot[i] = table[pg] * page + (pos - pg * page);
+  }
+#pragma unroll
+  for (int i = 0; i < Rows::kPasses; ++i) {
+    const int r = Rows::row(i);
+    const bool valid = p0 + r < len;
+    const int64_t at = (int64_t(slot[i]) * kv.kv_heads + g) * D + piece * 8;
+    const uint32_t to = SwizzledTile<D>::offset(r, piece);
+    cp_async16(k_tile + to, kv.k + at, valid);
+    if (v_tile != 0) cp_async16(v_tile + to, kv.v + at, valid);
+  }
+}
+
+// acc (+)= A B for the 64 rows and D columns of one k16 step, A in registers, B MN-major.
+template <int D>
+__device__ __forceinline__ void rows_times_cols(float (&acc)[D / 2], const uint32_t (&a)[4], uint64_t b) {
+  if constexpr (D == 128)
+    wgmma_m64n128k16_rs<1>(acc, a, b);
+  else
+    wgmma_m64n64k16_rs<1>(acc, a, b);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    attention_dq_wgmma_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
+                              const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
+                              int64_t heads, float scale, const float* delta, float* lse, float* dq) {
+  using Tile = SwizzledTile<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // K of block b in buffer b % 2, its V after it.
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  auto k_at = [&](int b) { return base + uint32_t(b % 2) * 2 * Tile::kBytes; };
+  const DqBlock block = dq_block(int(blockIdx.x), num_seqs, tiles_per_seq, heads, kv.kv_heads, seq_first, seq_tokens);
+  if (block.p0 >= block.len) return;
+  const int32_t* toks = block.toks;
+  const int len = block.len, p0 = block.p0, pos_a = block.pos_a, pos_b = block.pos_b;
+  const int64_t g = block.kv_head, item_a = block.item_a, item_b = block.item_b;
+  const bool in_a = block.in_a, in_b = block.in_b;
+  const int lane = threadIdx.x % 32, quad = 2 * (lane % 4);
+  // The sequence's page table (any of its tokens names the sequence).
+  const int32_t* table = slots.page_tables + int64_t(slots.seq_of_token[toks[0]]) * *slots.table_stride;
+  const int last_block = p0 / kTile;  // the diagonal block: no key after it is visible
+  auto load_block = [&](int b, bool with_v) {
+    if (b <= last_block)
+      load_kv_rows<D>(k_at(b), with_v ? k_at(b) + Tile::kBytes : 0u, kv, table, b * kTile, len, int(g));
+    cp_async_commit();
+  };
+  load_block(0, false);
+
+  uint32_t qa[D / 16][4], da[D / 16][4];
+  load_row_fragments<D>(q, dout, item_a, item_b, in_a, in_b, quad, qa, da);
+  const float delta_a = in_a ? delta[item_a] : 0.0f, delta_b = in_b ? delta[item_b] : 0.0f;
+
+  // S (s[4 nt + e]: n8 tile nt, e < 2 row a) of block b, issued (the caller commits).
+  float s[32];
+  auto issue_scores = [&](int b) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_rs<0>(s, qa[kk], Tile::k_major(k_at(b), kk));
+  };
+  // Pass 1: the log-sum-exp of each row (online over the blocks; per lane ascending keys,
+  // then the quad's butterfly).
+  RowLogSumExp lse_rows;
+  for (int b = 0; b <= last_block; ++b) {
+    load_block(b + 1, false);  // into the buffer block b - 1 used
+    cp_async_wait<1>();        // block b's pieces, this thread's
+    fence_proxy_async();       // visible to the tensor cores
+    __syncthreads();           // everyone's
+    issue_scores(b);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(s);
+    __syncthreads();  // block b's buffer is free for block b + 2
+    mask_block_scores(s, b, quad, pos_a, pos_b, scale);
+    lse_rows.add_block(s);
+  }
+  const float lse_a = lse_rows.lse_a(), lse_b = lse_rows.lse_b();
+  if (lane % 4 == 0) {
+    if (in_a) lse[item_a] = lse_a;
+    if (in_b) lse[item_b] = lse_b;
+  }
+
+  // Pass 2: dq over the blocks, keys ascending.
+  float acc[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.0f;
+  cp_async_wait<0>();
+  __syncthreads();  // pass 1 is done with both buffers
+  load_block(0, true);
+  for (int b = 0; b <= last_block; ++b) {
+    load_block(b + 1, true);
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    const uint32_t k_s = k_at(b), v_s = k_s + Tile::kBytes;
+    float dp[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dp[i] = 0.0f;
+    issue_scores(b);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_rs<0>(dp, da[kk], Tile::k_major(v_s, kk));
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(s);
+    pin_registers(dp);
+    mask_block_scores(s, b, quad, pos_a, pos_b, scale);
+    scores_to_ds(s, dp, lse_a, lse_b, delta_a, delta_b, scale);
+    // dq += dS K: k16 steps of keys.
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[4];
+      accumulator_fragment(s, j, a);
+      rows_times_cols<D>(acc, a, Tile::mn_major(k_s, j));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(acc);
+    __syncthreads();  // block b's buffers are free for block b + 2
+  }
+  store_row_pairs<D>(dq, item_a, item_b, in_a, in_b, quad, acc);
+}
+
+// Shared memory of the dkv kernel: K, V, then q and dout of two steps (swizzled tiles), then
+// lse and delta of two steps.
+template <int D>
+constexpr size_t dkv_smem_bytes() {
+  return 1024 + 6 * size_t(SwizzledTile<D>::kBytes) + 4 * kTile * sizeof(float);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    attention_dkv_wgmma_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
+                               const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
+                               int64_t heads, float scale, const float* lse, const float* delta, float* dk, float* dv) {
+  using Tile = SwizzledTile<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t pad = ((smem_addr(smem_raw) + 1023) & ~1023u) - smem_addr(smem_raw);
+  const uint32_t k_s = smem_addr(smem_raw) + pad, v_s = k_s + Tile::kBytes;
+  auto q_at = [&](int buf) { return k_s + uint32_t(2 + buf) * Tile::kBytes; };
+  auto dout_at = [&](int buf) { return k_s + uint32_t(4 + buf) * Tile::kBytes; };
+  float* lse_sh = reinterpret_cast<float*>(smem_raw + pad + 6 * Tile::kBytes);  // [2][kTile]
+  float* delta_sh = lse_sh + 2 * kTile;                                         // [2][kTile]
+
+  const int64_t nkv = kv.kv_heads, group = heads / nkv;
+  const DkvBlock block = dkv_block(int(blockIdx.x), num_seqs, tiles_per_seq, nkv, seq_first);
+  if (block.tile < 0) return;
+  const int seq = block.seq, g = block.kv_head, k0 = block.tile * kTile;
+  const int32_t* toks = seq_tokens + seq_first[seq];
+  const int len = seq_first[seq + 1] - seq_first[seq];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = 2 * (lane % 4);
+  const int kpos_a = k0 + 16 * warp + lane / 4, kpos_b = kpos_a + 8;
+  const int32_t* table = slots.page_tables + int64_t(slots.seq_of_token[toks[0]]) * *slots.table_stride;
+  load_kv_rows<D>(k_s, v_s, kv, table, k0, len, g);
+  // Step n of the walk: query tile p0 = k0 + (n / group) 64, head g group + n % group: its q and
+  // dout rows, and (threads 0 .. 63, a row each) lse and delta, in one cp.async group (an empty
+  // one past the end); the rows' tokens read first.
+  const int steps = (len - k0 + kTile - 1) / kTile * int(group);
+  using Rows = TileRows<D>;
+  static_assert(kTile <= kThreads, "a thread a row of lse and delta");
+  auto load_step = [&](int n) {
+    if (n < steps) {
+      const int p0 = k0 + (n / int(group)) * kTile, buf = n % 2, piece = Rows::piece(), r = int(threadIdx.x);
+      const int64_t h = g * group + n % group;
+      int tok[Rows::kPasses];
+#pragma unroll
+      for (int i = 0; i < Rows::kPasses; ++i) tok[i] = toks[min(p0 + Rows::row(i), len - 1)];
+      const int tok_r = toks[min(p0 + r % kTile, len - 1)];
+#pragma unroll
+      for (int i = 0; i < Rows::kPasses; ++i) {
+        const bool valid = p0 + Rows::row(i) < len;
+        const int64_t at = (int64_t(tok[i]) * heads + h) * D + piece * 8;
+        const uint32_t to = SwizzledTile<D>::offset(Rows::row(i), piece);
+        cp_async16(q_at(buf) + to, q + at, valid);
+        cp_async16(dout_at(buf) + to, dout + at, valid);
+      }
+      if (r < kTile) {
+        const bool in = p0 + r < len;
+        const int64_t item = int64_t(tok_r) * heads + h;
+        cp_async4(smem_addr(lse_sh + buf * kTile + r), lse + item, in);
+        cp_async4(smem_addr(delta_sh + buf * kTile + r), delta + item, in);
+      }
+    }
+    cp_async_commit();
+  };
+  load_step(0);  // with K and V: the first group
+
+  float acc_k[D / 2], acc_v[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc_k[i] = acc_v[i] = 0.0f;
+
+  // Query tiles ascending, the group's heads ascending within each.
+  for (int n = 0; n < steps; ++n) {
+    load_step(n + 1);  // into the buffers step n - 1 used
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    const int p0 = k0 + (n / int(group)) * kTile, buf = n % 2;
+    const uint32_t q_s = q_at(buf), dout_s = dout_at(buf);
+    const float *lse_t = lse_sh + buf * kTile, *delta_t = delta_sh + buf * kTile;
+    // S^T = K q^T and dP^T = V dout^T: rows keys, columns the step's 64 queries.
+    float s[32], dp[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s[i] = dp[i] = 0.0f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16(s, Tile::k_major(k_s, kk), Tile::k_major(q_s, kk), 1);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16(dp, Tile::k_major(v_s, kk), Tile::k_major(dout_s, kk), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(s);
+    pin_registers(dp);
+    transposed_p_ds<8>(s, dp, 0, quad, p0, len, kpos_a, kpos_b, lse_t, delta_t, scale);
+    // dv += P^T dout, dk += dS^T q: k16 steps of queries.
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t pa[4], dsa[4];
+      accumulator_fragment(s, j, pa);
+      accumulator_fragment(dp, j, dsa);
+      rows_times_cols<D>(acc_v, pa, Tile::mn_major(dout_s, j));
+      rows_times_cols<D>(acc_k, dsa, Tile::mn_major(q_s, j));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(acc_v);
+    pin_registers(acc_k);
+    __syncthreads();  // step n's buffers are free for step n + 2
+  }
+  const bool in_a = kpos_a < len, in_b = kpos_b < len;
+  const int64_t item_a = in_a ? int64_t(toks[kpos_a]) * nkv + g : 0,
+                item_b = in_b ? int64_t(toks[kpos_b]) * nkv + g : 0;
+  store_row_pairs<D>(dk, item_a, item_b, in_a, in_b, quad, acc_k);
+  store_row_pairs<D>(dv, item_a, item_b, in_a, in_b, quad, acc_v);
+}
+
+template <int D>
+void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
+            const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq, int64_t heads,
+            float scale, const float* delta, float* lse, float* dq, float* dk, float* dv, cudaStream_t s) {
+  constexpr size_t dq_smem = 1024 + 4 * size_t(SwizzledTile<D>::kBytes), dkv_smem = dkv_smem_bytes<D>();
+  static const bool configured = [] {
+    LS_CUDA_CHECK(
+        cudaFuncSetAttribute(attention_dq_wgmma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_smem)));
+    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_wgmma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(dkv_smem)));
+    return true;
+  }();
+  (void)configured;
+  attention_dq_wgmma_kernel<D><<<unsigned(num_seqs * tiles_per_seq * heads), kThreads, dq_smem, s>>>(
+      q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, delta, lse, dq);
+  LS_CUDA_LAUNCHED();
+  attention_dkv_wgmma_kernel<D><<<unsigned(num_seqs * tiles_per_seq * kv.kv_heads), kThreads, dkv_smem, s>>>(
+      q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, lse, delta, dk, dv);
+  LS_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+void attention_backward_wgmma(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
+                              const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
+                              int64_t heads, float scale, const float* delta, float* lse, float* dq, float* dk,
+                              float* dv, cudaStream_t s) {
+  LS_CHECK(kv.head_dim == 64 || kv.head_dim == 128, "attention backward on wgmma: head_dim ", kv.head_dim,
+           " is not 64 or 128");
+  (kv.head_dim == 64 ? launch<64> : launch<128>)(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs,
+                                                 tiles_per_seq, heads, scale, delta, lse, dq, dk, dv, s);
+}
+
+}  // namespace lockstep::cuda::attention_backward_detail
