@@ -5,7 +5,7 @@
 // itself (ms, GB/s), and the hi half alone (the lm_head's); then the experts' grouped d down
 // and d act (128 experts, top-8, I 768).
 // Random inputs made on the device. One JSON line per (GEMM, variant).
-//   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q] [--only TEXT]
+//   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q] [--kv-dim KV] [--only TEXT]
 // --only runs the GEMMs whose name holds TEXT ("experts": the grouped ones, for a profiler).
 #ifdef LOCKSTEP_CUDA
 #include <cuda_runtime.h>
@@ -290,7 +290,7 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
 
 int main(int argc, char** argv) {
   try {
-    int64_t T = 8192, V = 151936, H = 2048, Q = 4096;
+    int64_t T = 8192, V = 151936, H = 2048, Q = 4096, KV = 512;
     std::string only;
     for (int i = 1; i < argc; i += 2) {
       const std::string flag = argv[i];
@@ -306,8 +306,10 @@ int main(int argc, char** argv) {
         H = v;
       else if (flag == "--q-dim")
         Q = v;
+      else if (flag == "--kv-dim")
+        KV = v;
       else
-        fail("unknown flag ", flag, " (--tokens, --vocab, --hidden, --q-dim, --only)");
+        fail("unknown flag ", flag, " (--tokens, --vocab, --hidden, --q-dim, --kv-dim, --only)");
     }
     const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(T);
     // Weight gradients: g = dy [T, N] (rows the summed tokens); input gradients: g = dy read
@@ -316,7 +318,7 @@ int main(int argc, char** argv) {
     for (const Gemm& g :
          {Gemm{"lm_head dW", T, V, H, 1, V, tokens}, Gemm{"lm_head dx", V, T, H, V, 1, cuda::token_chunk_bounds(V)},
           Gemm{"q_proj dW", T, Q, H, 1, Q, tokens}, Gemm{"q_proj dx", Q, T, H, Q, 1, cuda::token_chunk_bounds(Q)},
-          Gemm{"o_proj dW", T, H, Q, 1, H, tokens}})
+          Gemm{"o_proj dW", T, H, Q, 1, H, tokens}, Gemm{"k_proj dx", KV, T, H, KV, 1, cuda::token_chunk_bounds(KV)}})
       if (wanted(g.name)) run(g);
     if (wanted("experts d down, d act")) run_experts(T, 8, 128, H, 768);
     return 0;

@@ -173,13 +173,14 @@ TEST(CudaBackwardOps, InverseRmsIsTheForwardsAndRmsnormBackwardMatchesTheCpu) {
 // rmsnorm_backward's procedure written out on the host from the GPU's own inv, bit for bit: dx
 // by the CPU's dot procedure (8 lanes, tree8), dw by each chunk's ascending sum of
 // dout * bf16(x * inv) and the chunk tree. q_norm's shape (many short rows, chunks of heads) and
-// the hidden norm's (few long rows, some chunks empty).
+// the hidden norm's (few long rows, some chunks empty), the fixture's head size.
 TEST(CudaBackwardOps, RmsnormBackwardIsItsProcedureBitForBit) {
   LS_SKIP_WITHOUT_GPU();
   struct Case {
     int64_t tokens, heads, n;
   };
-  for (const Case cs : {Case{777, 4, 128}, Case{5, 1, 2048}, Case{300, 1, 96}}) {
+  // (n 16: a block's columns past n; n 20: not whole 16-byte pieces, the unstreamed kernel.)
+  for (const Case cs : {Case{777, 4, 128}, Case{5, 1, 2048}, Case{300, 1, 96}, Case{9, 2, 16}, Case{40, 1, 20}}) {
     const int64_t rows = cs.tokens * cs.heads, n = cs.n;
     const bf16_bits x = testing::random_bf16(rows * n, 21 + n);
     const auto w = random_f32(n, 22), dout = random_f32(rows * n, 23);

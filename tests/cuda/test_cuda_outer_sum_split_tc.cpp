@@ -112,6 +112,15 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   Want.poison();
   cuda::outer_sum_chunked_tc(Dy.get(), N, 1, as_bf16(W), K, over_n, Want.get(), T, nullptr);
   const auto want_dx = head(Want, T * K);
+  // The chunks in parallel blocks (the router's weight gradient): the same bits; a workspace
+  // one float short is refused.
+  Workspace.poison(), Got.poison();
+  cuda::outer_sum_chunk_parallel_tc(Dy.get(), 1, N, as_bf16(X), K, tokens, Got.get(), N, Workspace.get(),
+                                    tokens.count * N * K, nullptr);
+  EXPECT_TRUE(same_bits_f(head(Got, N * K), want_dw)) << "weight grad, chunks in parallel";
+  EXPECT_THROW(cuda::outer_sum_chunk_parallel_tc(Dy.get(), 1, N, as_bf16(X), K, tokens, Got.get(), N, Workspace.get(),
+                                                 tokens.count * N * K - 1, nullptr),
+               std::exception);
   for (const auto tile : kEveryTile) {
     const char* name = tile_name(tile);
     Workspace.poison(), Got.poison();

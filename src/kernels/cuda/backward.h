@@ -56,6 +56,14 @@ enum class TcTile { k64x128, k128x64 };
 void outer_sum_chunked_tc(const float* g, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
                           const ChunkBounds& bounds, float* out, int64_t I, cudaStream_t s,
                           TcTile tile = TcTile::k64x128);
+// The same bits with the chunks summed in parallel blocks, each partial stored in `workspace`
+// (bounds.count * I * K floats) and folded by fold_chunk_partials: for few outputs over many
+// rows (the router's weight gradient: 32 blocks of 1024-row chunks otherwise).
+void outer_sum_chunk_parallel_tc(const float* g, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
+                                 const ChunkBounds& bounds, float* out, int64_t I, float* workspace,
+                                 int64_t workspace_floats, cudaStream_t s);
+// out[j] = the pairwise tree of partials[c * n + j] over c < count (TreeFold's order).
+void fold_chunk_partials(const float* partials, float* out, int64_t n, int count, cudaStream_t s);
 
 // One product of a grouped outer sum (an expert's): out[i, k] for i < I, outer_sum_chunked_tc's
 // sum over `bounds` of g[i * g_row + s * g_col] * m[s * K + k]; g fp32 (G = float) or split by

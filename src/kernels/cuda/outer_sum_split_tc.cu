@@ -300,11 +300,13 @@ SplitTile choose(SplitTile tile, const float* workspace, const ChunkBounds& boun
   // go through the workspace) and input gradients over short chunks (q_proj dx 0.31 against
   // 0.60); 128 x 256 where chunks are long enough that its folds are rare (lm_head dx, chunks of
   // 18,992 rows: 8.0 ms against 15.1).
-  // Short chunks keep the mma.sync tile (the TMA tiles' times there are not measured).
-  if (!workspace || mean_rows < 256) return SplitTile::k128x128;
-  if (outer_sum_split_tma_applies(weight, pitch, K, bounds, operand))
+  // Input gradients over short chunks take the TMA 128 x 128 tile as well (k_proj and v_proj
+  // dx, chunks of 64 rows: notes/gpu-trainer.md, session 19); short chunks of weight gradients
+  // keep the mma.sync tile.
+  if (!workspace) return SplitTile::k128x128;
+  if (outer_sum_split_tma_applies(weight, pitch, K, bounds, operand) && mean_rows >= (weight ? 256 : 16))
     return !weight && mean_rows >= 4096 ? SplitTile::tma128x256 : SplitTile::tma128x128;
-  return SplitTile::wgmma128x256;
+  return mean_rows < 256 ? SplitTile::k128x128 : SplitTile::wgmma128x256;
 }
 
 void launch(const SplitOuterSumGroup* groups, const SplitOuterSumGroup& one, int count, int64_t max_I, int64_t g_row,

@@ -29,10 +29,13 @@ constexpr int kPendingBytes = 2 * 32 * kThreads * 4;  // two levels of 32 accumu
 // next stage's operands are loaded into registers while the tensor cores run the present one,
 // and the chunk tree's pending subtrees wait outside the registers (levels 0 and 1 in shared
 // memory, level 2 in `out`, each value read back only by the thread that wrote it).
-// Grouped (`groups` not null): group blockIdx.z of the device array; else `one`.
+// Grouped (`groups` not null): group blockIdx.z of the device array; else `one`, and with
+// `chunk_partials` only chunk blockIdx.z, its partial stored there ([chunk][I][K]) for
+// fold_chunk_partials: the chunks in parallel, for sums of few outputs over many rows.
 template <int WI, int WK, bool kGRowsContiguous>
 __global__ void __launch_bounds__(kThreads, 2)
-    outer_sum_tc_kernel(const OuterSumGroup* groups, OuterSumGroup one, int64_t g_row, int64_t g_col, int64_t K) {
+    outer_sum_tc_kernel(const OuterSumGroup* groups, OuterSumGroup one, int64_t g_row, int64_t g_col, int64_t K,
+                        float* chunk_partials) {
   static_assert(WI * WK == kWarps, "one warp per 32 x 32 outputs");
   constexpr int BI = kWarpI * WI, BK = kWarpK * WK;
   constexpr int kAPairs = BI * kStage / 2 / kThreads, kBPairs = BK * kStage / 2 / kThreads;
@@ -45,6 +48,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int wi = (warp / WK) * kWarpI, wk = (warp % WK) * kWarpK;
   const int64_t i0 = int64_t(blockIdx.y) * BI, k0 = int64_t(blockIdx.x) * BK;
   const OuterSumGroup group_args = groups ? groups[blockIdx.z] : one;
+  const int chunk_first = chunk_partials ? int(blockIdx.z) : 0;
   if (i0 >= group_args.I) return;  // the grid covers the largest group
   const float* __restrict__ g = group_args.g;
   const bf16* __restrict__ m = group_args.m;
@@ -98,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
 
-  for (int c = 0; c < bounds.count; ++c) {
+  for (int c = chunk_first; c < (chunk_partials ? chunk_first + 1 : bounds.count); ++c) {
     float acc[2][4][4];
 #pragma unroll
     for (int a = 0; a < 2; ++a)
@@ -140,7 +144,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     // TreeFold's merge, its pending subtrees outside the registers: chunk c merges with the
-    // saved left subtrees while c's low bits are ones; the last push completes the root.
+    // saved left subtrees while c's low bits are ones; the last push completes the root. (With
+    // chunk_partials: the chunk's partial alone, stored.)
     const bool last = c == bounds.count - 1;
     const int level = tree_level(c);
 #pragma unroll
@@ -152,6 +157,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           // Accumulator e of fragment (a, b): row group (+8 for e >= 2), columns pair + (e & 1).
           const int64_t i = i0 + wi + a * 16 + group + (e >= 2 ? 8 : 0), k = k0 + wk + b * 8 + pair + (e & 1);
           const bool inside = i < I && k < K;
+          if (chunk_partials) {
+            if (inside) chunk_partials[(c * I + i) * K + k] = acc[a][b][e];
+            continue;
+          }
           float* level0 = &pending[((a * 4 + b) * 4 + e) * kThreads + threadIdx.x];
           float* level1 = level0 + kWarps * 32 * 32;
           fold_partial(acc[a][b][e], level, last, level0, level1, &out[i * K + k], inside);
@@ -160,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 void launch(const OuterSumGroup* groups, const OuterSumGroup& one, int count, int64_t max_I, int64_t g_row,
-            int64_t g_col, int64_t K, cudaStream_t s, TcTile tile) {
+            int64_t g_col, int64_t K, cudaStream_t s, TcTile tile, float* chunk_partials = nullptr) {
   const bool wide = tile == TcTile::k64x128;
   const int BI = wide ? 64 : 128, BK = wide ? 128 : 64;
   const dim3 grid(unsigned(ceil_div(K, BK)), unsigned(ceil_div(max_I, BI)), unsigned(count));
@@ -170,7 +179,7 @@ void launch(const OuterSumGroup* groups, const OuterSumGroup& one, int count, in
   const auto kernel = wide ? (rows_contiguous ? outer_sum_tc_kernel<2, 4, true> : outer_sum_tc_kernel<2, 4, false>)
                            : (rows_contiguous ? outer_sum_tc_kernel<4, 2, true> : outer_sum_tc_kernel<4, 2, false>);
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kPendingBytes));
-  kernel<<<grid, kThreads, kPendingBytes, s>>>(groups, one, g_row, g_col, K);
+  kernel<<<grid, kThreads, kPendingBytes, s>>>(groups, one, g_row, g_col, K, chunk_partials);
   LS_CUDA_LAUNCHED();
 }
 
@@ -181,6 +190,18 @@ void outer_sum_chunked_tc(const float* g, int64_t g_row, int64_t g_col, const bf
   check_chunk_bounds(bounds, "outer_sum_chunked_tc");
   if (I == 0 || K == 0) return;
   launch(nullptr, OuterSumGroup{g, m, out, I, bounds}, 1, I, g_row, g_col, K, s, tile);
+}
+
+void outer_sum_chunk_parallel_tc(const float* g, int64_t g_row, int64_t g_col, const bf16_t* m, int64_t K,
+                                 const ChunkBounds& bounds, float* out, int64_t I, float* workspace,
+                                 int64_t workspace_floats, cudaStream_t s) {
+  check_chunk_bounds(bounds, "outer_sum_chunk_parallel_tc");
+  LS_CHECK(workspace_floats >= bounds.count * I * K, "outer_sum_chunk_parallel_tc: ", bounds.count,
+           " chunk partials of ", I, " x ", K, " need ", bounds.count * I * K, " floats of workspace, got ",
+           workspace_floats);
+  if (I == 0 || K == 0) return;
+  launch(nullptr, OuterSumGroup{g, m, out, I, bounds}, bounds.count, I, g_row, g_col, K, s, TcTile::k64x128, workspace);
+  fold_chunk_partials(workspace, out, I * K, bounds.count, s);
 }
 
 void outer_sum_grouped_tc(const OuterSumGroup* groups, int count, int64_t max_I, int64_t g_row, int64_t g_col,

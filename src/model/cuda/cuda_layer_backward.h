@@ -233,8 +233,22 @@ struct CudaLayerBackwardOps {
     clock.lap("backward_moe_experts");
     cuda::route_topk_backward(w.router_logits, w.ids, w.expert_weights, s.dweights, s.dlogits_router, T, E, k,
                               c.norm_topk_prob, st);
-    cuda::linear_weight_grad(s.dlogits_router, w.h_mlp, g.router, E, H, chunks, st);
-    cuda::linear_input_grad(s.dlogits_router, L.router, s.dh, T, E, H, st);
+    // The router's weight gradient (E x H outputs over T rows): its chunks in parallel blocks
+    // (the same bits) where their partials fit the outer sums' workspace.
+    if (const int64_t ws = cuda::outer_sum_split_workspace_floats(); chunks.count * E * H <= ws)
+      cuda::outer_sum_chunk_parallel_tc(s.dlogits_router, 1, E, w.h_mlp, H, chunks, g.router, E, s.outer_pending, ws,
+                                        st);
+    else
+      cuda::linear_weight_grad(s.dlogits_router, w.h_mlp, g.router, E, H, chunks, st);
+    // Its input gradient on the split tiles: g split into bf16 hi + lo in place (the fp32 g's
+    // bits; the weight gradient above has read it).
+    if (const auto over_e = cuda::token_chunk_bounds(E); cuda::outer_sum_split_tc_supported(E, 1, H, over_e, T)) {
+      cuda::to_gradient_operand(s.dlogits_router, T, E, cuda::GradientOperand::exact_hi_lo, st);
+      cuda::outer_sum_split_tc(reinterpret_cast<const bf16_t*>(s.dlogits_router), E, 1, L.router, H, over_e, s.dh, T,
+                               st, s.outer_pending, cuda::SplitTile::automatic, cuda::GradientOperand::exact_hi_lo);
+    } else {
+      cuda::linear_input_grad(s.dlogits_router, L.router, s.dh, T, E, H, st);
+    }
     // Each row's two parts (gate's, up's) are added as the rows are gathered: one pass.
     cuda::add_rows_in_order(s.dh, s.dx_rows, s.part_rows, s.order, T, k, H, st);
     clock.lap("backward_moe_router");
