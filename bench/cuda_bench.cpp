@@ -75,6 +75,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     int64_t M, N, K;
     int chunks, groups;
     bool gathered;  // A rows gathered from T token rows (as the model's gate_up)
+    bool f32_out = false;  // fp32 output (the trainer's logits)
   };
   const Shape shapes[] = {{"qkv", T, c.q_dim() + 2 * c.kv_dim(), H, 1, 1, false},
                           {"o_proj", T, H, c.q_dim(), 8, 1, false},
@@ -82,7 +83,9 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
                           {"gate_up", per * E, 2 * I, H, 1, int(E), true},
                           {"down", per * E, H, I, 8, int(E), false},
                           // down without the tree (not a model GEMM): what the row form's folds cost
-                          {"down_column", per * E, H, I, 1, int(E), false}};
+                          {"down_column", per * E, H, I, 1, int(E), false},
+                          // the trainer's logits: every token, fp32 out (5 GB at 8192 tokens)
+                          {"lm_head", T, c.vocab_size, H, 1, 1, false, true}};
   for (const auto& sh : shapes) {
     if (!only.empty() && only != sh.name) continue;
     auto bf = [](int64_t n) {
@@ -91,7 +94,10 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
       cuda::fill_random_bf16(p, n, uint64_t(n), 0.05f, 0.0f, nullptr);
       return p;
     };
-    __nv_bfloat16 *A = bf((sh.gathered ? T : sh.M) * sh.K), *W = bf(sh.groups * sh.N * sh.K), *O = bf(sh.M * sh.N);
+    __nv_bfloat16 *A = bf((sh.gathered ? T : sh.M) * sh.K), *W = bf(sh.groups * sh.N * sh.K);
+    __nv_bfloat16* O = sh.f32_out ? nullptr : bf(sh.M * sh.N);
+    float* O32 = nullptr;
+    if (sh.f32_out) LS_CHECK(cudaMalloc(&O32, size_t(sh.M * sh.N) * 4) == cudaSuccess, "cudaMalloc");
     int32_t *rows = nullptr, *gather = nullptr;
     if (sh.gathered) {  // row r reads token r * 7919 mod T: scattered, as routing makes it
       std::vector<int32_t> hg(size_t(sh.M));
@@ -119,6 +125,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
       g.groups = sh.groups;
     }
     g.out_bf16 = O;
+    if (sh.f32_out) g.out_kind = cuda::GemmOut::f32, g.out_f32 = O32;
     g.ldo = sh.N;
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
@@ -146,6 +153,7 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     cudaFree(A);
     cudaFree(W);
     cudaFree(O);
+    cudaFree(O32);
     cudaFree(rows);
     cudaFree(gather);
   }

@@ -24,6 +24,21 @@ namespace {
 
 constexpr int kTmaBM = 128, kTmaBK = 64, kTmaConsumerThreads = 256, kTmaThreads = kTmaConsumerThreads + 128;
 
+// Tile t's row and column tiles: columns fastest, or with rows_fastest (the number of row
+// tiles; ungrouped problems whose W outweighs A, as the logits' 622 MB lm_head against 33 MB of
+// rows) rows fastest, so a wave's CTAs share W tiles and re-read the rows from L2. Columns
+// fastest read the whole lm_head from HBM once per row tile: the logits GEMM ran at 341
+// TFLOP/s in every configuration.
+__device__ __forceinline__ void tile_coordinates(int tile, int tiles_n, int rows_fastest, int& tile_m, int& tile_n) {
+  if (rows_fastest > 0) {
+    tile_n = tile / rows_fastest;
+    tile_m = tile - tile_n * rows_fastest;
+  } else {
+    tile_m = tile / tiles_n;
+    tile_n = tile - tile_m * tiles_n;
+  }
+}
+
 template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS>
 constexpr size_t tma_smem_bytes() {
   return 1008 + size_t(STAGES) * (kTmaBM + BN) * kTmaBK * 2 +
@@ -39,7 +54,7 @@ constexpr size_t tma_smem_bytes() {
 template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
 __global__ void __launch_bounds__(kTmaThreads, 1)
     tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, GemmArgs p,
-                    int tiles_n, int tiles_total) {
+                    int tiles_n, int tiles_total, int rows_fastest) {
   constexpr int BM = kTmaBM, BK = kTmaBK, R = BN / 2;
   constexpr uint32_t A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
   constexpr size_t PARTIAL_BYTES = TREE ? size_t(SMEM_PARTIALS) * R * kTmaConsumerThreads * sizeof(float) : 0;
@@ -74,8 +89,8 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     if (warp != kTmaConsumerThreads / 32) return;  // lane 0 of one warp issues the loads
     uint32_t it = 0;
     for (int tile = int(blockIdx.x); tile < tiles_total; tile += int(gridDim.x)) {
-      const int tile_m = tile / tiles_n, tile_n = tile - tile_m * tiles_n;
-      int group, row0, row_end;
+      int tile_m, tile_n, group, row0, row_end;
+      tile_coordinates(tile, tiles_n, rows_fastest, tile_m, tile_n);
       if (!locate_row_tile<BM>(p, tile_m, group, row0, row_end)) break;
       const int w_row = group * N + tile_n * BN;
       for (int c = 0; c < (TREE ? 8 : 1); ++c)
@@ -139,8 +154,8 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     }
   };
   for (int tile = int(blockIdx.x); tile < tiles_total; tile += int(gridDim.x)) {
-    const int tile_m = tile / tiles_n, tile_n = tile - tile_m * tiles_n;
-    int group, row0, row_end;
+    int tile_m, tile_n, group, row0, row_end;
+    tile_coordinates(tile, tiles_n, rows_fastest, tile_m, tile_n);
     if (!locate_row_tile<BM>(p, tile_m, group, row0, row_end)) break;
     (void)group;
     float x[R], y[TREE ? R : 1];
@@ -188,8 +203,9 @@ void launch_tma(const GemmArgs& p, cudaStream_t stream) {
   const int64_t tiles_m = row_tiles_bound(p, kTmaBM), tiles_n = ceil_div(p.N, BN), tiles = tiles_m * tiles_n;
   LS_CHECK(tiles < (int64_t(1) << 31), "gemm: shape too large for one TMA launch: M = ", p.M, ", N = ", p.N);
   const int grid = int(std::min<int64_t>(tiles, sm_count()));
+  const bool rows_fastest = p.group_rows == nullptr && p.N > p.M;
   launch_after_previous(kernel, dim3(unsigned(grid)), dim3(kTmaThreads), smem, stream, map_a, map_w, p, int(tiles_n),
-                        int(tiles));
+                        int(tiles), rows_fastest ? int(tiles_m) : 0);
 }
 
 }  // namespace
