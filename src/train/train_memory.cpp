@@ -52,9 +52,10 @@ double kept_layer_bytes(const ModelConfig& c, int64_t tokens) {
   const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
   const double t = double(tokens), rows = t * k, I = c.num_experts > 0 ? double(c.moe_intermediate_size) : 0.0;
   // h, qkv, q, attn, mid, h_mlp, y, the experts' [gate | up] rows and their SwiGLU (bf16);
-  // router logits, ids, expert weights, the rows' order; K and V pages.
-  return (3 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * H + rows * 3 * I) * 2 + (t * E + 3 * rows) * 4 +
-         2 * (2 * t / 64 + 1) * 64 * kd * 2;
+  // router logits, ids, expert weights, the rows' order, the attention's log-sum-exp; K and V
+  // pages.
+  return (3 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * H + rows * 3 * I) * 2 +
+         (t * E + 3 * rows + t * double(c.num_attention_heads)) * 4 + 2 * (2 * t / 64 + 1) * 64 * kd * 2;
 }
 
 TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches, int64_t recomputed_layers) {
@@ -79,7 +80,7 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
       (4 * t * H + 3 * t * qd + 3 * t * kd + 3 * t * heads + t * k + t * E + 3 * rows * H + 3 * rows * I) * 4 +
       (2 * t * qd + t * kd + rows * H + rows * 3 * I) * 2 + 4 * rows * 4 + 8 * std::max(H, double(c.head_dim)) * 4;
   m.activations += (2 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * 3 * I + rows * H) * 2 +
-                   (t * E + 2 * t * k) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
+                   (t * E + 2 * t * k + t * heads) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
   // The large-tile outer sums' workspace: 256 KB an SM, bounded here by 256 SMs.
   m.activations += 256.0 * 256 * 1024;
   m.activations += double(kept_layer_count(c, recomputed_layers)) * kept_layer_bytes(c, tokens);

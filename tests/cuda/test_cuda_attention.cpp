@@ -32,10 +32,11 @@ struct Step {
 };
 
 // Runs one attention launch with the sequences' K/V laid out in pages of `page_size`, the
-// pages of all sequences shuffled by `seed`.
+// pages of all sequences shuffled by `seed`; with `lse`, each row's log-sum-exp there too.
 std::vector<uint16_t> run(const Shape& sh, const std::vector<SeqKv>& seqs, const std::vector<int64_t>& lens,
                           const std::vector<uint16_t>& q_all, const Step& step, int64_t page_size, uint64_t seed,
-                          cuda::AttentionKernel kernel = cuda::AttentionKernel::automatic) {
+                          cuda::AttentionKernel kernel = cuda::AttentionKernel::automatic,
+                          std::vector<float>* lse = nullptr) {
   const int64_t T = int64_t(step.seq.size()), S = int64_t(seqs.size());
   int64_t stride = 1, pages = 0;
   for (int64_t len : lens) stride = std::max(stride, (len + page_size - 1) / page_size);
@@ -75,11 +76,15 @@ std::vector<uint16_t> run(const Shape& sh, const std::vector<SeqKv>& seqs, const
   const auto* q = reinterpret_cast<const cuda::bf16_t*>(Q.get());
   auto* o = reinterpret_cast<cuda::bf16_t*>(O.get());
   const float scale = 1.0f / std::sqrt(float(sh.D));
+  DeviceVec<float> Lse(T * sh.nq);
+  Lse.poison();
+  float* lse_out = lse ? Lse.get() : nullptr;
   if (kernel == cuda::AttentionKernel::automatic)
-    cuda::paged_attention(q, o, kv, slots, T, sh.nq, scale, nullptr);
+    cuda::paged_attention(q, o, kv, slots, T, sh.nq, scale, nullptr, lse_out);
   else
-    cuda::flash_attention(q, o, kv, slots, sh.nq, scale, nullptr, kernel);
+    cuda::flash_attention(q, o, kv, slots, sh.nq, scale, nullptr, kernel, lse_out);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  if (lse) *lse = Lse.take();
   return O.take();
 }
 
@@ -138,14 +143,15 @@ void check_shape(const Shape& sh) {
   const int64_t qrow = sh.nq * sh.D;
   Step prefill = whole.step;
   prefill.tiles = make_tiles(prefill.seq, per_tile, 0);
-  const auto want = run(sh, seqs, lens, q_prefill, prefill, 16, 1);
+  std::vector<float> want_lse;
+  const auto want = run(sh, seqs, lens, q_prefill, prefill, 16, 1, cuda::AttentionKernel::automatic, &want_lse);
   auto row_of = [&](const std::vector<uint16_t>& out, int64_t t) {
     return std::vector<uint16_t>(out.begin() + t * qrow, out.begin() + (t + 1) * qrow);
   };
   for (size_t i = 0; i < want.size(); ++i) ASSERT_NE(want[i], 0xffff) << "output " << i << " not written";
 
-  // float64 reference of every row.
-  double err2 = 0, ref2 = 0;
+  // float64 reference of every row; the log-sum-exp within the bf16 rounding of P's sum.
+  double err2 = 0, ref2 = 0, lse_err = 0;
   for (int64_t t = 0; t < int64_t(prefill.seq.size()); ++t) {
     const int64_t s = prefill.seq[size_t(t)], pos = prefill.pos[size_t(t)];
     for (int64_t h = 0; h < sh.nq; ++h) {
@@ -162,6 +168,7 @@ void check_shape(const Shape& sh) {
       }
       double sum = 0;
       for (auto& x : sc) sum += (x = std::exp(x - mx));
+      lse_err = std::max(lse_err, std::fabs(double(want_lse[size_t(t * sh.nq + h)]) - (mx + std::log(sum))));
       for (int64_t d = 0; d < sh.D; ++d) {
         double o = 0;
         for (int64_t j = 0; j <= pos; ++j)
@@ -174,12 +181,18 @@ void check_shape(const Shape& sh) {
     }
   }
   EXPECT_LT(std::sqrt(err2 / ref2), 1e-2) << "relative error against float64";
+  EXPECT_LT(lse_err, 1e-2) << "log-sum-exp against float64";
 
   // Other tile cuts, page sizes and page placements: the same bits.
   for (uint64_t cuts : {1, 2, 3}) {
     Step other = prefill;
     other.tiles = make_tiles(other.seq, 1 + int64_t(cuts * 5) % per_tile, cuts);
-    EXPECT_EQ(run(sh, seqs, lens, q_prefill, other, int64_t(1 + cuts * 7), 100 + cuts), want) << "cuts " << cuts;
+    std::vector<float> lse;
+    EXPECT_EQ(run(sh, seqs, lens, q_prefill, other, int64_t(1 + cuts * 7), 100 + cuts, cuda::AttentionKernel::automatic,
+                  &lse),
+              want)
+        << "cuts " << cuts;
+    EXPECT_TRUE(testing::same_bits_f(lse, want_lse)) << "log-sum-exp, cuts " << cuts;
   }
 
   // Decode-like steps: each token of sequence 0 alone, beside one token of sequence 1, in

@@ -537,18 +537,20 @@ struct AttentionStep {
 };
 
 struct AttentionGrads {
-  std::vector<float> dq, dk, dv;
+  std::vector<float> dq, dk, dv, lse;
 };
 
 // The CUDA-core kernels, or (tensor_cores) those of attention_backward_tc.cu, `kernel` choosing
-// between mma.sync and warpgroup MMA.
+// between mma.sync and warpgroup MMA; with given_lse, the tensor-core kernels take it as the
+// rows' log-sum-exp instead of computing it.
 AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q, const bf16_bits& out,
                                       const std::vector<float>& dout, bool tensor_cores = false,
-                                      cuda::AttentionKernel kernel = cuda::AttentionKernel::automatic) {
+                                      cuda::AttentionKernel kernel = cuda::AttentionKernel::automatic,
+                                      const std::vector<float>* given_lse = nullptr) {
   const int64_t T = a.T();
   DeviceVec<uint16_t> K(a.k), V(a.v), Q(q), O(out);
-  DeviceVec<float> Dout(dout), Lse(T * a.nq), Delta(T * a.nq), Dq(T * a.nq * a.D), Dk(T * a.nkv * a.D),
-      Dv(T * a.nkv * a.D);
+  DeviceVec<float> Dout(dout), Lse(given_lse ? *given_lse : std::vector<float>(size_t(T * a.nq))), Delta(T * a.nq),
+      Dq(T * a.nq * a.D), Dk(T * a.nkv * a.D), Dv(T * a.nkv * a.D);
   DeviceVec<uint16_t> DoutBf16(T * a.nq * a.D);
   DeviceVec<int32_t> Pos(a.pos), Seq(a.seq), Tables(a.tables), Stride(std::vector<int32_t>{int32_t(a.stride)}),
       First(a.seq_first), Toks(a.seq_tokens);
@@ -564,11 +566,11 @@ AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q
     cuda::paged_attention_backward_tc(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                       int64_t(a.lens.size()), *std::max_element(a.lens.begin(), a.lens.end()), scale,
                                       Lse.get(), Delta.get(), reinterpret_cast<cuda::bf16_t*>(DoutBf16.get()), Dq.get(),
-                                      Dk.get(), Dv.get(), nullptr, kernel);
+                                      Dk.get(), Dv.get(), nullptr, kernel, given_lse != nullptr);
   else
     cuda::paged_attention_backward(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                    scale, Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(), nullptr);
-  return {Dq.take(), Dk.take(), Dv.take()};
+  return {Dq.take(), Dk.take(), Dv.take(), Lse.take()};
 }
 
 AttentionGrads cpu_attention_backward(const AttentionStep& a, const bf16_bits& q, const bf16_bits& out,
@@ -579,8 +581,8 @@ AttentionGrads cpu_attention_backward(const AttentionStep& a, const bf16_bits& q
   std::vector<const int32_t*> table_of(T);
   for (int64_t t = 0; t < T; ++t) table_of[t] = a.tables.data() + a.seq[t] * a.stride;
   TokenSlots slots{a.pos.data(), table_of.data()};
-  AttentionGrads want{std::vector<float>(T * a.nq * a.D), std::vector<float>(T * a.nkv * a.D),
-                      std::vector<float>(T * a.nkv * a.D)};
+  AttentionGrads want{
+      std::vector<float>(T * a.nq * a.D), std::vector<float>(T * a.nkv * a.D), std::vector<float>(T * a.nkv * a.D), {}};
   cpu::paged_attention_backward(widen(q).data(), widen(out).data(), dout.data(), kv, slots, T, a.nq,
                                 1.0f / std::sqrt(float(a.D)), want.dq.data(), want.dk.data(), want.dv.data());
   return want;
@@ -651,6 +653,13 @@ TEST(CudaBackwardOps, AttentionBackwardOnWgmmaIsMmaSyncBitForBit) {
       EXPECT_TRUE(same_bits_f(group.dq, sync.dq)) << "dq";
       EXPECT_TRUE(same_bits_f(group.dk, sync.dk)) << "dk";
       EXPECT_TRUE(same_bits_f(group.dv, sync.dv)) << "dv";
+      // The log-sum-exp given (the forward's, in training) instead of computed: with the values
+      // the first pass computed, the same bits, for both kernels.
+      for (const auto kernel : {cuda::AttentionKernel::mma_sync, cuda::AttentionKernel::wgmma}) {
+        const AttentionGrads given = gpu_attention_backward(a, q, out, dout, true, kernel, &sync.lse);
+        EXPECT_TRUE(same_bits_f(given.dq, sync.dq) && same_bits_f(given.dk, sync.dk) && same_bits_f(given.dv, sync.dv))
+            << "lse given, " << (kernel == cuda::AttentionKernel::wgmma ? "wgmma" : "mma.sync");
+      }
     }
   AttentionStep a({10}, 60, 16);
   const bf16_bits q = testing::random_bf16(10 * a.nq * 16, 61), out = testing::random_bf16(10 * a.nq * 16, 62);

@@ -27,18 +27,19 @@ using namespace attention_detail;
 
 template <int D, bool WGMMA>
 __global__ void __launch_bounds__(kThreads, 3)
-    flash_attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, DeviceSlots slots, int nq, int G, float scale) {
+    flash_attention_kernel(const bf16* q, bf16* out, DeviceKvLayer kv, DeviceSlots slots, int nq, int G, float scale,
+                           float* lse) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   start_after_previous();
   const int tile = int(blockIdx.x);
   if (tile >= *slots.num_tiles) return;
   const KvTileGeometry geometry = tile_geometry(slots, tile);
-  attention_tile<D, WGMMA>(q, out, kv, slots, geometry, nq, G, scale, int(blockIdx.y), smem_raw, CtaSync{});
+  attention_tile<D, WGMMA>(q, out, kv, slots, geometry, nq, G, scale, int(blockIdx.y), smem_raw, CtaSync{}, 0, lse);
 }
 
 template <int D, bool WGMMA>
 void launch(const bf16* q, bf16* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t nq, float scale,
-            cudaStream_t s) {
+            cudaStream_t s, float* lse) {
   constexpr size_t smem = attention_smem_bytes<D, WGMMA>();
   static const bool configured = [] {
     LS_CUDA_CHECK(
@@ -48,7 +49,7 @@ void launch(const bf16* q, bf16* out, const DeviceKvLayer& kv, const DeviceSlots
   (void)configured;
   dim3 grid(unsigned(slots.max_tiles), unsigned(kv.kv_heads));
   launch_after_previous(flash_attention_kernel<D, WGMMA>, grid, kThreads, smem, s, q, out, kv, slots, int(nq),
-                        int(nq / kv.kv_heads), scale);
+                        int(nq / kv.kv_heads), scale, lse);
 }
 
 }  // namespace
@@ -63,7 +64,7 @@ int64_t attention_tile_tokens(int64_t group) { return std::max<int64_t>(1, kTile
 bool attention_takes_wgmma(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
 void flash_attention(const bf16* q, bf16* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t nq,
-                     float scale, cudaStream_t s, AttentionKernel kernel) {
+                     float scale, cudaStream_t s, AttentionKernel kernel, float* lse) {
   LS_CHECK(slots.tiles != nullptr && slots.num_tiles != nullptr && slots.max_tiles > 0,
            "cuda attention: the step's query tiles are missing");
   LS_CHECK(slots.max_tiles <= 0x7fffffff && kv.kv_heads <= 65535, "cuda attention: too many tiles");
@@ -72,13 +73,13 @@ void flash_attention(const bf16* q, bf16* out, const DeviceKvLayer& kv, const De
   LS_CHECK(!wgmma || attention_takes_wgmma(kv.head_dim),
            "cuda attention: the wgmma kernel takes head_dim 64 or 128, got ", kv.head_dim);
   if (wgmma)
-    return kv.head_dim == 64 ? launch<64, true>(q, out, kv, slots, nq, scale, s)
-                             : launch<128, true>(q, out, kv, slots, nq, scale, s);
+    return kv.head_dim == 64 ? launch<64, true>(q, out, kv, slots, nq, scale, s, lse)
+                             : launch<128, true>(q, out, kv, slots, nq, scale, s, lse);
   switch (kv.head_dim) {
-    case 16: return launch<16, false>(q, out, kv, slots, nq, scale, s);
-    case 32: return launch<32, false>(q, out, kv, slots, nq, scale, s);
-    case 64: return launch<64, false>(q, out, kv, slots, nq, scale, s);
-    case 128: return launch<128, false>(q, out, kv, slots, nq, scale, s);
+    case 16: return launch<16, false>(q, out, kv, slots, nq, scale, s, lse);
+    case 32: return launch<32, false>(q, out, kv, slots, nq, scale, s, lse);
+    case 64: return launch<64, false>(q, out, kv, slots, nq, scale, s, lse);
+    case 128: return launch<128, false>(q, out, kv, slots, nq, scale, s, lse);
     default: fail("cuda attention: head_dim ", kv.head_dim, " has no tensor-core kernel");
   }
 }

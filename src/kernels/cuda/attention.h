@@ -25,7 +25,10 @@ int64_t attention_tile_tokens(int64_t group);
 enum class AttentionKernel { automatic, mma_sync, wgmma };
 bool attention_takes_wgmma(int64_t head_dim);
 
+// lse (or null): [T, nq] floats, each query row's log-sum-exp of its scaled scores (the
+// online softmax's m scale + ln(l)), which the backward takes as its normaliser.
 void flash_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t nq,
-                     float scale, cudaStream_t s, AttentionKernel kernel = AttentionKernel::automatic);
+                     float scale, cudaStream_t s, AttentionKernel kernel = AttentionKernel::automatic,
+                     float* lse = nullptr);
 
 }  // namespace lockstep::cuda

@@ -152,7 +152,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_dq_tc_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
                            const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
-                           int64_t heads, float scale, const float* delta, float* lse, float* dq) {
+                           int64_t heads, float scale, const float* delta, float* lse, bool lse_given, float* dq) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DqShared<D>& sh = *reinterpret_cast<DqShared<D>*>(smem_raw);
   const DqBlock block = dq_block(int(blockIdx.x), num_seqs, tiles_per_seq, heads, kv.kv_heads, seq_first, seq_tokens);
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     cp_async_commit();
   };
-  load_block(0, false);
+  if (!lse_given) load_block(0, false);  // pass 1's first block
 
   // q and dout of the rows as A fragments (zeros for rows past the sequence).
   uint32_t qa[D / 16][4], da[D / 16][4];
@@ -187,21 +187,21 @@ __global__ void __launch_bounds__(kThreads)
     mask_block_scores(flat(s), b, quad, pos_a, pos_b, scale);
   };
 
-  // Pass 1: the log-sum-exp of each row (online over the blocks; per lane ascending keys,
-  // then the quad's butterfly).
-  RowLogSumExp lse_rows;
-  for (int b = 0; b <= last_block; ++b) {
-    load_block(b + 1, false);  // into the buffer block b - 1 used
-    cp_async_wait<1>();        // block b's pieces, this thread's
-    __syncthreads();           // everyone's
-    scores(b);
-    __syncthreads();  // block b's buffer is free for block b + 2
-    lse_rows.add_block(flat(s));
-  }
-  const float lse_a = lse_rows.lse_a(), lse_b = lse_rows.lse_b();
-  if (lane % 4 == 0) {
-    if (in_a) lse[item_a] = lse_a;
-    if (in_b) lse[item_b] = lse_b;
+  // Pass 1 where the forward's log-sum-exp is not given: each row's, left for the dkv kernel.
+  float lse_a, lse_b;
+  if (lse_given) {
+    forward_lse(lse, block, lse_a, lse_b);
+  } else {
+    RowLogSumExp lse_rows;
+    for (int b = 0; b <= last_block; ++b) {
+      load_block(b + 1, false);  // into the buffer block b - 1 used
+      cp_async_wait<1>();        // block b's pieces, this thread's
+      __syncthreads();           // everyone's
+      scores(b);
+      __syncthreads();  // block b's buffer is free for block b + 2
+      lse_rows.add_block(flat(s));
+    }
+    keep_lse(lse_rows, block, lse, lse_a, lse_b);
   }
 
   // Pass 2: dq over the blocks, keys ascending.
@@ -352,8 +352,8 @@ __global__ void __launch_bounds__(kThreads)
 template <int D>
 void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv, const DeviceSlots& slots,
             const int32_t* seq_first, const int32_t* seq_tokens, int64_t T, int64_t heads, int64_t num_seqs,
-            int64_t max_seq_len, float scale, float* lse, float* delta, bf16* dout_bf16, float* dq, float* dk,
-            float* dv, cudaStream_t s, bool wgmma) {
+            int64_t max_seq_len, float scale, float* lse, bool lse_given, float* delta, bf16* dout_bf16, float* dq,
+            float* dk, float* dv, cudaStream_t s, bool wgmma) {
   if constexpr (D >= 32) {
     attention_delta_warp_kernel<D>
         <<<unsigned(ceil_div(T * heads, 8)), 256, 0, s>>>(dout, out, delta, dout_bf16, T * heads);
@@ -368,13 +368,14 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
   const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
   if (wgmma)
     return attention_backward_wgmma(q, dout_bf16, kv, slots, seq_first, seq_tokens, int(num_seqs), tiles_per_seq, heads,
-                                    scale, delta, lse, dq, dk, dv, s);
+                                    scale, delta, lse, lse_given, dq, dk, dv, s);
   const unsigned dq_grid = unsigned(num_seqs * tiles_per_seq * heads);
   const size_t dq_smem = sizeof(DqShared<D>);
   LS_CUDA_CHECK(
       cudaFuncSetAttribute(attention_dq_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_smem)));
-  attention_dq_tc_kernel<D><<<dq_grid, kThreads, dq_smem, s>>>(
-      q, dout_bf16, kv, slots, seq_first, seq_tokens, int(num_seqs), tiles_per_seq, heads, scale, delta, lse, dq);
+  attention_dq_tc_kernel<D><<<dq_grid, kThreads, dq_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens,
+                                                               int(num_seqs), tiles_per_seq, heads, scale, delta, lse,
+                                                               lse_given, dq);
   LS_CUDA_LAUNCHED();
   const size_t smem = sizeof(DkvShared<D>);
   LS_CUDA_CHECK(
@@ -395,7 +396,7 @@ void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
                                  float* lse_ws, float* delta_ws, bf16_t* dout_ws, float* dq, float* dk, float* dv,
-                                 cudaStream_t s, AttentionKernel kernel) {
+                                 cudaStream_t s, AttentionKernel kernel, bool lse_given) {
   LS_CHECK(attention_backward_tc_supported(kv.head_dim), "attention backward on tensor cores: head_dim ", kv.head_dim,
            " is not 16, 32, 64 or 128");
   LS_CHECK(kv.kv_heads >= 1 && heads % kv.kv_heads == 0, "attention backward: ", heads, " heads over ", kv.kv_heads,
@@ -411,8 +412,8 @@ void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float
              : kv.head_dim == 32 ? launch<32>
              : kv.head_dim == 64 ? launch<64>
                                  : launch<128>;
-  run(q, out, dout, kv, slots, seq_first, seq_tokens, T, heads, num_seqs, max_seq_len, scale, lse_ws, delta_ws, dout_ws,
-      dq, dk, dv, s, wgmma);
+  run(q, out, dout, kv, slots, seq_first, seq_tokens, T, heads, num_seqs, max_seq_len, scale, lse_ws, lse_given,
+      delta_ws, dout_ws, dq, dk, dv, s, wgmma);
 }
 
 }  // namespace lockstep::cuda

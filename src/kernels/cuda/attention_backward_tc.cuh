@@ -122,6 +122,23 @@ struct RowLogSumExp {
   __device__ __forceinline__ float lse_b() const { return m_b + logf(l_b); }
 };
 
+// Pass 1's log-sum-exp of a lane's two rows, kept in lse for the dkv kernel (by each quad's
+// first lane).
+__device__ __forceinline__ void keep_lse(const RowLogSumExp& rows, const DqBlock& b, float* lse, float& lse_a,
+                                         float& lse_b) {
+  lse_a = rows.lse_a(), lse_b = rows.lse_b();
+  if (threadIdx.x % 4 == 0) {
+    if (b.in_a) lse[b.item_a] = lse_a;
+    if (b.in_b) lse[b.item_b] = lse_b;
+  }
+}
+
+// The log-sum-exp of a lane's two rows as the forward left it (0 for an absent row).
+__device__ __forceinline__ void forward_lse(const float* lse, const DqBlock& b, float& lse_a, float& lse_b) {
+  lse_a = b.in_a ? lse[b.item_a] : 0.0f;
+  lse_b = b.in_b ? lse[b.item_b] : 0.0f;
+}
+
 // dS in place of a block's masked scores: P = exp(s - lse), dS = P (dP - delta) scale (a masked
 // key: P = exp(-inf) = 0, so dS = 0).
 __device__ __forceinline__ void scores_to_ds(float (&s)[32], const float (&dp)[32], float lse_a, float lse_b,
@@ -174,10 +191,11 @@ __device__ __forceinline__ void store_row_pairs(float* out, int64_t row_a, int64
 }
 
 // dq (and each query's lse) then dk and dv by the warpgroup-MMA kernels, head_dim 64 or 128,
-// for paged_attention_backward_tc (its arguments; dout_bf16 and delta already made).
+// for paged_attention_backward_tc (its arguments; dout_bf16 and delta already made; lse_given:
+// lse holds the forward's, else the dq kernel writes it there).
 void attention_backward_wgmma(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
                               const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
-                              int64_t heads, float scale, const float* delta, float* lse, float* dq, float* dk,
-                              float* dv, cudaStream_t s);
+                              int64_t heads, float scale, const float* delta, float* lse, bool lse_given, float* dq,
+                              float* dk, float* dv, cudaStream_t s);
 
 }  // namespace lockstep::cuda::attention_backward_detail

@@ -96,7 +96,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_dq_wgmma_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
                               const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
-                              int64_t heads, float scale, const float* delta, float* lse, float* dq) {
+                              int64_t heads, float scale, const float* delta, float* lse, bool lse_given, float* dq) {
   using Tile = SwizzledTile<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // K of block b in buffer b % 2, its V after it.
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
       load_kv_rows<D>(k_at(b), with_v ? k_at(b) + Tile::kBytes : 0u, kv, table, b * kTile, len, int(g));
     cp_async_commit();
   };
-  load_block(0, false);
+  if (!lse_given) load_block(0, false);  // pass 1's first block
 
   uint32_t qa[D / 16][4], da[D / 16][4];
   load_row_fragments<D>(q, dout, item_a, item_b, in_a, in_b, quad, qa, da);
@@ -132,26 +132,26 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_rs<0>(s, qa[kk], Tile::k_major(k_at(b), kk));
   };
-  // Pass 1: the log-sum-exp of each row (online over the blocks; per lane ascending keys,
-  // then the quad's butterfly).
-  RowLogSumExp lse_rows;
-  for (int b = 0; b <= last_block; ++b) {
-    load_block(b + 1, false);  // into the buffer block b - 1 used
-    cp_async_wait<1>();        // block b's pieces, this thread's
-    fence_proxy_async();       // visible to the tensor cores
-    __syncthreads();           // everyone's
-    issue_scores(b);
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin_registers(s);
-    __syncthreads();  // block b's buffer is free for block b + 2
-    mask_block_scores(s, b, quad, pos_a, pos_b, scale);
-    lse_rows.add_block(s);
-  }
-  const float lse_a = lse_rows.lse_a(), lse_b = lse_rows.lse_b();
-  if (lane % 4 == 0) {
-    if (in_a) lse[item_a] = lse_a;
-    if (in_b) lse[item_b] = lse_b;
+  // Pass 1 where the forward's log-sum-exp is not given: each row's, left for the dkv kernel.
+  float lse_a, lse_b;
+  if (lse_given) {
+    forward_lse(lse, block, lse_a, lse_b);
+  } else {
+    RowLogSumExp lse_rows;
+    for (int b = 0; b <= last_block; ++b) {
+      load_block(b + 1, false);  // into the buffer block b - 1 used
+      cp_async_wait<1>();        // block b's pieces, this thread's
+      fence_proxy_async();       // visible to the tensor cores
+      __syncthreads();           // everyone's
+      issue_scores(b);
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin_registers(s);
+      __syncthreads();  // block b's buffer is free for block b + 2
+      mask_block_scores(s, b, quad, pos_a, pos_b, scale);
+      lse_rows.add_block(s);
+    }
+    keep_lse(lse_rows, block, lse, lse_a, lse_b);
   }
 
   // Pass 2: dq over the blocks, keys ascending.
@@ -312,7 +312,8 @@ __global__ void __launch_bounds__(kThreads)
 template <int D>
 void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
             const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq, int64_t heads,
-            float scale, const float* delta, float* lse, float* dq, float* dk, float* dv, cudaStream_t s) {
+            float scale, const float* delta, float* lse, bool lse_given, float* dq, float* dk, float* dv,
+            cudaStream_t s) {
   constexpr size_t dq_smem = 1024 + 4 * size_t(SwizzledTile<D>::kBytes), dkv_smem = dkv_smem_bytes<D>();
   static const bool configured = [] {
     LS_CUDA_CHECK(
@@ -323,7 +324,7 @@ void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const
   }();
   (void)configured;
   attention_dq_wgmma_kernel<D><<<unsigned(num_seqs * tiles_per_seq * heads), kThreads, dq_smem, s>>>(
-      q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, delta, lse, dq);
+      q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, delta, lse, lse_given, dq);
   LS_CUDA_LAUNCHED();
   attention_dkv_wgmma_kernel<D><<<unsigned(num_seqs * tiles_per_seq * kv.kv_heads), kThreads, dkv_smem, s>>>(
       q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, lse, delta, dk, dv);
@@ -334,12 +335,12 @@ void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const
 
 void attention_backward_wgmma(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
                               const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
-                              int64_t heads, float scale, const float* delta, float* lse, float* dq, float* dk,
-                              float* dv, cudaStream_t s) {
+                              int64_t heads, float scale, const float* delta, float* lse, bool lse_given, float* dq,
+                              float* dk, float* dv, cudaStream_t s) {
   LS_CHECK(kv.head_dim == 64 || kv.head_dim == 128, "attention backward on wgmma: head_dim ", kv.head_dim,
            " is not 64 or 128");
   (kv.head_dim == 64 ? launch<64> : launch<128>)(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs,
-                                                 tiles_per_seq, heads, scale, delta, lse, dq, dk, dv, s);
+                                                 tiles_per_seq, heads, scale, delta, lse, lse_given, dq, dk, dv, s);
 }
 
 }  // namespace lockstep::cuda::attention_backward_detail

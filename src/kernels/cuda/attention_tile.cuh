@@ -246,11 +246,13 @@ __device__ __forceinline__ void attention_prefetch(const DeviceKvLayer& kv, cons
 // same scores and softmax, and a quarter of the output columns (an output element's steps are
 // unchanged); a quarter of the accumulators per thread, for kernels short of registers.
 // `geometry`: the tile's (tile_geometry); `prefetched`: blocks attention_prefetch issued already.
+// `lse` (or null): each row's log-sum-exp of its scaled scores, m scale + ln(l) of the online
+// softmax (l the sum of its bf16-rounded P), at [token, head] (the backward's normaliser).
 template <int D, bool WGMMA, typename Sync, bool SPLIT_D = false>
 __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const DeviceKvLayer& kv,
                                                const DeviceSlots& slots, const KvTileGeometry& geometry, int nq, int G,
                                                float scale, int kvh, unsigned char* smem_raw, Sync sync,
-                                               int prefetched = 0) {
+                                               int prefetched = 0, float* lse = nullptr) {
   using Loader = KvBlockLoader<D, WGMMA>;
   constexpr int LD = Loader::LD;
   constexpr int KSTEPS = D / 16, NT_S = kKvBlock / 8;
@@ -378,6 +380,10 @@ __device__ __forceinline__ void attention_tile(const bf16* q, bf16* out, const D
   cp_async_wait<0>();
 
   if (!active) return;
+  if (lse != nullptr && d0 == 0 && (lane & 3) == 0) {
+    if (pos_a >= 0) lse[int64_t(t0 + ra / G) * nq + kvh * G + ra % G] = m_a * scale + logf(l_a);
+    if (pos_b >= 0) lse[int64_t(t0 + rb / G) * nq + kvh * G + rb % G] = m_b * scale + logf(l_b);
+  }
   store_rows<NT_O>(o, pos_a >= 0 ? out + (int64_t(t0 + ra / G) * nq + kvh * G + ra % G) * D + d0 : nullptr,
                    pos_b >= 0 ? out + (int64_t(t0 + rb / G) * nq + kvh * G + rb % G) * D + d0 : nullptr, l_a, l_b,
                    lane);

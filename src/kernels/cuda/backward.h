@@ -258,13 +258,16 @@ void paged_attention_backward(const bf16_t* q, const bf16_t* out, const float* d
 // num_seqs and max_seq_len (host) size the grid: sequences of seq_first, the longest's tokens.
 // dout_ws: T * heads * head_dim bf16 (dout rounded once for the MMAs). `kernel`: mma.sync, or
 // warpgroup MMA (attention_backward_wgmma.cu; head_dim 64 and 128, what automatic takes
-// there): the same bits, the choice is for tests and measurements.
+// there): the same bits, the choice is for tests and measurements. lse_given: lse_ws holds the
+// forward's log-sum-exp of each query row (flash_attention's lse) and is only read; else the
+// first kernel computes it there in a pass of its own over the KV blocks.
 bool attention_backward_tc_supported(int64_t head_dim);
 void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
                                  float* lse_ws, float* delta_ws, bf16_t* dout_ws, float* dq, float* dk, float* dv,
-                                 cudaStream_t s, AttentionKernel kernel = AttentionKernel::automatic);
+                                 cudaStream_t s, AttentionKernel kernel = AttentionKernel::automatic,
+                                 bool lse_given = false);
 
 // cpu::route_topk_backward with the probabilities recomputed as the GPU router computes them.
 void route_topk_backward(const float* router_logits, const int32_t* expert_ids, const float* weights,

@@ -696,11 +696,11 @@ void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_n
 }
 
 void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t T,
-                     int64_t nq, float scale, cudaStream_t s) {
+                     int64_t nq, float scale, cudaStream_t s, float* lse) {
   if (T == 0) return;
   const int64_t D = kv.head_dim, G = nq / kv.kv_heads;
   if (G * kv.kv_heads == nq && tensor_core_attention_supported(D, G))
-    return flash_attention(q, out, kv, slots, nq, scale, s);
+    return flash_attention(q, out, kv, slots, nq, scale, s, AttentionKernel::automatic, lse);
   LS_CHECK(D % 8 == 0 && D <= kMaxHeadDim, "cuda attention: head_dim must be a multiple of 8 and <= ",
            kMaxHeadDim, ", got ", D);
   LS_CHECK(G >= 1 && G <= 32 && G * kv.kv_heads == nq, "cuda attention: bad GQA grouping ", nq, "/", kv.kv_heads);

@@ -52,8 +52,10 @@ void qk_norm_rope_store(const bf16_t* qkv, const float* q_norm, const float* k_n
 // out[t, h] = bf16(softmax(q . K[0..pos] * scale) V) over blocks of 64 absolute positions in
 // ascending order with an fp32 online softmax; the same walk for prefill and decode. Tensor
 // cores (attention.h) where the head_dim has a kernel, else CUDA cores; chosen by shape only.
+// lse (or null): on tensor cores (tensor_core_attention_supported), flash_attention's per-row
+// log-sum-exp, [T, nq]; the CUDA-core kernel leaves it untouched.
 void paged_attention(const bf16_t* q, bf16_t* out, const DeviceKvLayer& kv, const DeviceSlots& slots, int64_t T,
-                     int64_t nq, float scale, cudaStream_t s);
+                     int64_t nq, float scale, cudaStream_t s, float* lse = nullptr);
 
 // MoE routing: fp32 softmax of the router logits, top k by value (ties to the lower id),
 // renormalised when asked. ids/weights are [T, k] in selection order.

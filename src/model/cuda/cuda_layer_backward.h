@@ -287,9 +287,12 @@ struct CudaLayerBackwardOps {
 
   void attention_backward() {
     const float scale = 1.0f / std::sqrt(float(D));
+    // The forward's log-sum-exp where its tensor-core attention wrote one (else computed here).
+    const bool forward_lse = w.lse != nullptr && cuda::tensor_core_attention_supported(D, nq / nkv);
     if (cuda::attention_backward_tc_supported(D))
       cuda::paged_attention_backward_tc(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, num_seqs,
-                                        max_seq_len, scale, s.lse, s.delta, s.dattn_bf16, s.dq, s.dk, s.dv, st);
+                                        max_seq_len, scale, forward_lse ? w.lse : s.lse, s.delta, s.dattn_bf16, s.dq,
+                                        s.dk, s.dv, st, cuda::AttentionKernel::automatic, forward_lse);
     else
       cuda::paged_attention_backward(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, scale, s.lse,
                                      s.delta, s.dq, s.dk, s.dv, st);

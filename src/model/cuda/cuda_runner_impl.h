@@ -422,6 +422,9 @@ class CudaRunner final : public ModelRunner {
     // matters (inference), their own buffers when the backward reads them (training).
     bf16_t *mid = nullptr, *h_mlp = nullptr;
     float* router_logits = nullptr;
+    // Training: each query row's log-sum-exp from the forward's attention (the backward's
+    // normaliser, so it need not walk the KV blocks once more for it); null: not kept.
+    float* lse = nullptr;
     float* split = nullptr;  // per-chunk partials of small row-form GEMMs (gemm.h)
     int64_t split_floats = 0;
     int32_t *ids = nullptr, *counts = nullptr, *group_rows = nullptr, *gather = nullptr, *scatter = nullptr;
@@ -740,7 +743,9 @@ class CudaRunner final : public ModelRunner {
       cuda::qk_norm_rope_store(w.qkv, L.q_norm, L.k_norm, r.rope_cos_, r.rope_sin_, w.q, kv, slots, T, nq, nkv, D, eps,
                                r.stream_);
     }
-    void attention() { cuda::paged_attention(w.q, w.attn, kv, slots, T, nq, 1.0f / std::sqrt(float(D)), r.stream_); }
+    void attention() {
+      cuda::paged_attention(w.q, w.attn, kv, slots, T, nq, 1.0f / std::sqrt(float(D)), r.stream_, w.lse);
+    }
     // mid = x + o_proj(attn); the MLP's residual then accumulates in x (a copy of mid when
     // mid has its own buffer).
     void o_proj_residual(const Layer& L) {

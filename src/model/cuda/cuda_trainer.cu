@@ -130,6 +130,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     CudaRunner::Workspace& w = kept_ws[size_t(l)];
     w.h = alloc<bf16_t>(T * H), w.qkv = alloc<bf16_t>(T * (qd + 2 * kd)), w.q = alloc<bf16_t>(T * qd);
     w.attn = alloc<bf16_t>(T * qd), w.mid = alloc<bf16_t>(T * H), w.h_mlp = alloc<bf16_t>(T * H);
+    w.lse = alloc<float>(T * c.num_attention_heads);
     w.y = alloc<bf16_t>(T * k_routed * H), w.router_logits = alloc<float>(T * E);
     w.ids = alloc<int32_t>(T * k_routed), w.expert_weights = alloc<float>(T * k_routed);
     if (c.is_moe_layer(l)) {
@@ -262,6 +263,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   CudaRunner::Workspace train_ws = ws;
   train_ws.mid = alloc<bf16_t>(T * H);
   train_ws.h_mlp = alloc<bf16_t>(T * H);
+  train_ws.lse = alloc<float>(T * c.num_attention_heads);
   for (int64_t l = NL - 1; l >= 0; --l) {
     const bf16_t* layer_in = x_in + l * T * H;
     const bool keep = !recomputed(l);
