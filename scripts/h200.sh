@@ -14,7 +14,7 @@
 # layers (bench/rl_step_bench.sh).
 #
 # LOCKSTEP_PREBUILT=DIR uses binaries built elsewhere (lockstep_tests_cuda, cuda_bench,
-# lockstep, bench_tokenizer, cuda_train_bench, cuda_outer_sum_bench in DIR), for GPU machines that lack the project's build
+# lockstep, bench_tokenizer, cuda_train_bench, cuda_outer_sum_bench, cuda_attention_backward_bench in DIR), for GPU machines that lack the project's build
 # dependencies; LOCKSTEP_BUILT_SOURCE is then the source path they were built from.
 # Logs go to $OUT when set (else ./h200-out).
 set -uo pipefail
@@ -46,18 +46,18 @@ if [ -n "${LOCKSTEP_PREBUILT:-}" ]; then
   # The tests find their fixtures by the source path they were compiled with.
   if [ -n "$built" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -s "$ROOT" "$built"; fi
   TESTS="$BIN/lockstep_tests_cuda"; BENCH="$BIN/cuda_bench"; CLI="$BIN/lockstep"; TOKB="$BIN/bench_tokenizer"
-  TRAINB="$BIN/cuda_train_bench"; OUTERB="$BIN/cuda_outer_sum_bench"
+  TRAINB="$BIN/cuda_train_bench"; OUTERB="$BIN/cuda_outer_sum_bench"; ATTNB="$BIN/cuda_attention_backward_bench"
 else
   BUILD="$ROOT/build-h200"
   cmake -S "$ROOT" -B "$BUILD" -G Ninja -DLOCKSTEP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
     -DCMAKE_CUDA20_STANDARD_COMPILE_OPTION=-std=c++20 -DCMAKE_CUDA20_EXTENSION_COMPILE_OPTION=-std=c++20 \
     >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
   cmake --build "$BUILD" -j"$(nproc)" --target lockstep_tests_cuda cuda_bench lockstep bench_tokenizer cuda_train_bench \
-    cuda_outer_sum_bench \
+    cuda_outer_sum_bench cuda_attention_backward_bench \
     >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   TESTS="$BUILD/tests/lockstep_tests_cuda"; BENCH="$BUILD/bench/cuda_bench"; CLI="$BUILD/lockstep"
   TOKB="$BUILD/bench/bench_tokenizer"; TRAINB="$BUILD/bench/cuda_train_bench"
-  OUTERB="$BUILD/bench/cuda_outer_sum_bench"
+  OUTERB="$BUILD/bench/cuda_outer_sum_bench"; ATTNB="$BUILD/bench/cuda_attention_backward_bench"
 fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -106,6 +106,8 @@ if [ "$TRAIN" = 1 ]; then
   echo "== the gradient GEMMs alone, every tile"
   [ -x "$OUTERB" ] && timeout 120 "$OUTERB" 2>&1 | tee "$OUT/outer_sum_bench.jsonl" | grep -v split_hi_lo |
     sed 's/[{}"]//g'
+  echo "== the attention backward, each kernel form"
+  [ -x "$ATTNB" ] && timeout 60 "$ATTNB" 2>&1 | tee "$OUT/attention_backward_bench.jsonl"
   echo "== one RL step, 2 layers"
   LOCKSTEP="$CLI" RESPONSE_LEN=64 MICRO_BATCHES=8 timeout 600 "$ROOT/bench/rl_step_bench.sh" \
     "$ROOT/models/qwen3-30b-a3b/config.json" 2 3 2>&1 | tail -2 | tee "$OUT/rl_step.log"
