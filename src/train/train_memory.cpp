@@ -77,7 +77,7 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
   m.activations = NL * t * H * 2 + 4 * t * H * 2 + 2 * (2 * t / 64 + 1) * 64 * kd * 2 + t * H * 4;
   // The backward's scratch (CudaTrainer::scratch) and the runner's workspace for t tokens.
   m.activations +=
-      (4 * t * H + 3 * t * qd + 3 * t * kd + 3 * t * heads + t * k + t * E + 3 * rows * H + 3 * rows * I) * 4 +
+      (3 * t * H + 3 * t * qd + 3 * t * kd + 3 * t * heads + t * k + t * E + 3 * rows * H + 3 * rows * I) * 4 +
       (2 * t * qd + t * kd + rows * H + rows * 3 * I) * 2 + 4 * rows * 4 + 8 * std::max(H, double(c.head_dim)) * 4;
   m.activations += (2 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * 3 * I + rows * H) * 2 +
                    (t * E + 2 * t * k + t * heads) * 4 + 8 * std::min(rows, 1024.0) * H * 4;

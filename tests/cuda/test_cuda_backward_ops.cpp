@@ -213,6 +213,14 @@ TEST(CudaBackwardOps, RmsnormBackwardIsItsProcedureBitForBit) {
     }
     EXPECT_TRUE(same_bits_f(Dx.take(), want_dx)) << rows << " rows of " << n << ": dx";
     EXPECT_TRUE(same_bits_f(Dw.take(), want_dw)) << rows << " rows of " << n << ": dw";
+    // add_to_dx: the gradient added to what dx held (a residual stream's), one fp32 addition.
+    const auto held = random_f32(rows * n, 24);
+    DeviceVec<float> Sum(held);
+    cuda::rmsnorm_backward(as_bf16(X), Inv.get(), Wt.get(), Dout.get(), Sum.get(), Dw.get(), Partials.get(), rows, n,
+                           true, chunks, nullptr, true);
+    std::vector<float> want_sum(held.size());
+    for (size_t i = 0; i < held.size(); ++i) want_sum[i] = held[i] + want_dx[i];
+    EXPECT_TRUE(same_bits_f(Sum.take(), want_sum)) << rows << " rows of " << n << ": dx added";
   }
 }
 

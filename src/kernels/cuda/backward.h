@@ -198,10 +198,11 @@ void inverse_rms_rows(const bf16_t* x, float* inv, int64_t rows, int64_t n, floa
 // cpu::rmsnorm_backward given the forward's inv per row: dx overwritten; dw (when not null)
 // the token-chunk tree of dout * r(x * inv) with `chunks` in rows, its chunk partials in
 // dw_partials (chunks.count * n floats). The backward's own sum dot(w * dout, x) is the CPU's
-// dot procedure.
+// dot procedure. add_to_dx: dx += the gradient (add_inplace's addition, without its pass over
+// a scratch copy), for a residual stream's gradient.
 void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const float* dout, float* dx, float* dw,
                       float* dw_partials, int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks,
-                      cudaStream_t s);
+                      cudaStream_t s, bool add_to_dx = false);
 
 // rmsnorm_backward's weight gradient alone, x's row r at (r / x_heads) x_pitch + (r % x_heads) n
 // (heads read in place from the qkv rows); the rows are chunks.rows[chunks.count].

@@ -45,7 +45,7 @@ __global__ void inverse_rms_warp_kernel(const bf16* x, float* inv, int64_t rows,
 constexpr int kDxRowsPerBlock = 8;
 __global__ void __launch_bounds__(32 * kDxRowsPerBlock)
     rmsnorm_dx_kernel(const bf16* x, const float* inv, const float* w, const float* dout, float* dx, int64_t rows,
-                      int64_t n) {
+                      int64_t n, bool add_to_dx) {
   const int64_t r = int64_t(blockIdx.x) * kDxRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
@@ -60,7 +60,10 @@ __global__ void __launch_bounds__(32 * kDxRowsPerBlock)
   const float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
   const float ir = inv[r];
   const float coef = ir * ir * ir * sum / float(n);
-  for (int64_t i = lane; i < n; i += 32) dx[r * n + i] = ir * (w[i] * dr[i]) - to_f32(xr[i]) * coef;
+  for (int64_t i = lane; i < n; i += 32) {
+    const float g = ir * (w[i] * dr[i]) - to_f32(xr[i]) * coef;
+    dx[r * n + i] = add_to_dx ? dx[r * n + i] + g : g;
+  }
 }
 
 // dw[i] = token-chunk tree of dout[r, i] * r(x[r, i] * inv[r]), in two kernels (x's row r at
@@ -323,9 +326,10 @@ void inverse_rms_rows(const bf16_t* x, float* inv, int64_t rows, int64_t n, floa
 
 void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const float* dout, float* dx, float* dw,
                       float* dw_partials, int64_t rows, int64_t n, bool round_normed, const ChunkBounds& chunks,
-                      cudaStream_t s) {
+                      cudaStream_t s, bool add_to_dx) {
   if (rows > 0) {
-    rmsnorm_dx_kernel<<<blocks_for(rows, kDxRowsPerBlock), 32 * kDxRowsPerBlock, 0, s>>>(x, inv, w, dout, dx, rows, n);
+    rmsnorm_dx_kernel<<<blocks_for(rows, kDxRowsPerBlock), 32 * kDxRowsPerBlock, 0, s>>>(x, inv, w, dout, dx, rows, n,
+                                                                                         add_to_dx);
     LS_CUDA_LAUNCHED();
   }
   if (dw) rmsnorm_weight_grad(x, 1, n, inv, dout, dw, dw_partials, n, round_normed, chunks, s);

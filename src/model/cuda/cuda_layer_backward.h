@@ -52,7 +52,7 @@ constexpr cuda::GradientOperand kGradientOperand = cuda::GradientOperand::bf16;
 
 // The backward's fp32 scratch of one step of T tokens (sized for the largest layer).
 struct BackwardScratch {
-  float *dh, *dnorm, *dhf, *part;        // [T, H]
+  float *dh, *dhf, *part;                // [T, H]
   float *dattn, *dq, *dq_proj;           // [T, q_dim]
   float *dk, *dv, *dk_proj;              // [T, kv_dim]
   float *inv, *lse, *delta;              // [T * heads]
@@ -271,9 +271,8 @@ struct CudaLayerBackwardOps {
 
   void post_attention_norm_backward(const Layer& L) {
     cuda::inverse_rms_rows(w.mid, s.inv, T, H, eps, cuda::kNormThreads, st);
-    cuda::rmsnorm_backward(w.mid, s.inv, L.post_norm, s.dh, s.dnorm, g.post_norm, s.norm_partials, T, H, true, chunks,
-                           st);
-    cuda::add_inplace(dx, s.dnorm, T * H, st);
+    cuda::rmsnorm_backward(w.mid, s.inv, L.post_norm, s.dh, dx, g.post_norm, s.norm_partials, T, H, true, chunks, st,
+                           true);
     clock.lap("backward_norms");
   }
 
@@ -345,9 +344,8 @@ struct CudaLayerBackwardOps {
 
   void input_norm_backward(const Layer& L) {
     cuda::inverse_rms_rows(x_in, s.inv, T, H, eps, cuda::kNormThreads, st);
-    cuda::rmsnorm_backward(x_in, s.inv, L.input_norm, s.dhf, s.dnorm, g.input_norm, s.norm_partials, T, H, true, chunks,
-                           st);
-    cuda::add_inplace(dx, s.dnorm, T * H, st);
+    cuda::rmsnorm_backward(x_in, s.inv, L.input_norm, s.dhf, dx, g.input_norm, s.norm_partials, T, H, true, chunks, st,
+                           true);
     clock.lap("backward_norms");
   }
 };

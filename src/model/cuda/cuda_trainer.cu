@@ -20,7 +20,7 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   const int64_t rows = std::max(T * k, T), I = std::max(c.moe_intermediate_size, c.intermediate_size);
   const int64_t heads = std::max(c.num_attention_heads, c.num_key_value_heads);
   BackwardScratch s;
-  s.dh = alloc<float>(T * H), s.dnorm = alloc<float>(T * H), s.dhf = alloc<float>(T * H), s.part = alloc<float>(T * H);
+  s.dh = alloc<float>(T * H), s.dhf = alloc<float>(T * H), s.part = alloc<float>(T * H);
   s.dattn = alloc<float>(T * qd), s.dq = alloc<float>(T * qd), s.dq_proj = alloc<float>(T * qd);
   s.dk = alloc<float>(T * kd), s.dv = alloc<float>(T * kd), s.dk_proj = alloc<float>(T * kd);
   s.inv = alloc<float>(T * heads), s.lse = alloc<float>(T * heads), s.delta = alloc<float>(T * heads);
