@@ -3,8 +3,9 @@
 // operands and fp32 accumulators.
 //
 //   dq kernel, per (64-query tile of a sequence, head): the log-sum-exp of each query over the
-//   KV blocks (the contract's absolute 64-position blocks, ascending), then per block S = q K^T,
-//   P = exp(scale S - lse), dP = dout V^T, dS = P (dP - delta) scale, dq += dS K.
+//   KV blocks (the contract's absolute 64-position blocks, ascending) unless the forward's is
+//   given (training: flash_attention's), then per block S = q K^T, P = exp(scale S - lse),
+//   dP = dout V^T, dS = P (dP - delta) scale, dq += dS K.
 //   dkv kernel, per (64-key tile of a sequence, kv head): over the query tiles at or after it
 //   (ascending), the group's heads (ascending), 32 queries at a time: S^T = K q^T, dP^T =
 //   V dout^T, dv += P^T dout, dk += dS^T q.

@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
 // (32 columns, chunk c); the loader warps copy the chunk's raw rows (dout, x through the head
 // map, inv) by cp.async into a ring kDwStages tiles deep, turn a landed tile into terms in
 // shared memory, and warp 0 adds a tile's terms in ascending rows one tile behind, sixteen rows
-// of loads ahead of its additions. (The loader warps above waited on their own loads every
-// tile and warp 0 on each shared load: q_norm's weight gradient took 0.82 ms a layer.)
+// of loads ahead of its additions. (The loader warps above wait on their own loads every tile:
+// q_norm's weight gradient takes 0.82 ms a layer there, 0.38 here; notes/gpu-trainer.md.)
 constexpr int kDwStages = 4;
 struct DwRawTile {
   float dout[kDwTileRows][kDwColumns];
