@@ -14,11 +14,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <random>
 
 #include "core/error.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/backward.h"
+#include "kernels/cuda/ops.h"  // fill_random_bf16, fill_random_f32
 
 namespace {
 
@@ -42,19 +42,6 @@ T* device_zeros(int64_t n) {
   cuda_ok(cudaMemset(d, 0, size_t(n) * sizeof(T)));
   return d;
 }
-std::vector<uint16_t> random_bf16(int64_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<uint16_t> v(static_cast<size_t>(n));
-  for (auto& x : v) {
-    const float f = dist(rng);
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    x = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-  }
-  return v;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -94,16 +81,18 @@ int main(int argc, char** argv) {
     for (int64_t b = 0; b <= B; ++b) seq_first[b] = int32_t(b * S);
     const int32_t stride = int32_t(pages_per_seq);
     const int64_t slots = B * pages_per_seq * page, items = T * heads;
-    auto* k = device_copy(random_bf16(slots * kv_heads * D, 1));
-    auto* v = device_copy(random_bf16(slots * kv_heads * D, 2));
-    auto* q = device_copy(random_bf16(items * D, 3));
-    auto* out = device_copy(random_bf16(items * D, 4));
-    std::vector<float> dout_host(size_t(items * D));
-    std::mt19937_64 rng(5);
-    std::normal_distribution<float> dist(0.0f, 1.0f);
-    for (auto& x : dout_host) x = dist(rng);
-    float* dout = device_copy(dout_host);
-    cuda::DeviceKvLayer kv{reinterpret_cast<cuda::bf16_t*>(k), reinterpret_cast<cuda::bf16_t*>(v), page, kv_heads, D};
+    // Uniform random operands drawn on the device.
+    auto* k = device_zeros<cuda::bf16_t>(slots * kv_heads * D);
+    auto* v = device_zeros<cuda::bf16_t>(slots * kv_heads * D);
+    auto* q = device_zeros<cuda::bf16_t>(items * D);
+    auto* out = device_zeros<cuda::bf16_t>(items * D);
+    float* dout = device_zeros<float>(items * D);
+    cuda::fill_random_bf16(k, slots * kv_heads * D, 1, 1.0f, 0.0f, nullptr);
+    cuda::fill_random_bf16(v, slots * kv_heads * D, 2, 1.0f, 0.0f, nullptr);
+    cuda::fill_random_bf16(q, items * D, 3, 1.0f, 0.0f, nullptr);
+    cuda::fill_random_bf16(out, items * D, 4, 1.0f, 0.0f, nullptr);
+    cuda::fill_random_f32(dout, items * D, 5, 1.0f, 0.0f, nullptr);
+    cuda::DeviceKvLayer kv{k, v, page, kv_heads, D};
     cuda::DeviceSlots dslots;
     dslots.positions = device_copy(positions);
     dslots.seq_of_token = device_copy(seq_of_token);
@@ -124,9 +113,8 @@ int main(int argc, char** argv) {
       const char* name = kernel == cuda::AttentionKernel::mma_sync ? "mma_sync" : "wgmma";
       if (kernel == cuda::AttentionKernel::wgmma && !cuda::attention_takes_wgmma(D)) continue;
       auto run = [&] {
-        cuda::paged_attention_backward_tc(reinterpret_cast<cuda::bf16_t*>(q), reinterpret_cast<cuda::bf16_t*>(out),
-                                          dout, kv, dslots, first, toks, T, heads, B, S, scale, lse, delta, dout_ws, dq,
-                                          dk, dv, nullptr, kernel);
+        cuda::paged_attention_backward_tc(q, out, dout, kv, dslots, first, toks, T, heads, B, S, scale, lse, delta,
+                                          dout_ws, dq, dk, dv, nullptr, kernel);
       };
       run();  // warm-up
       cuda_ok(cudaDeviceSynchronize());

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 
 #include "core/error.h"
 #include "model/cuda/cuda_runner.h"
@@ -72,36 +73,25 @@ int main(int argc, char** argv) {
     const auto mean_nll = [](int64_t, const std::vector<std::vector<float>>& lp, const auto&) {
       return mean_nll_upstream(lp);
     };
+    // The optimizer state starts from the runner's weights (a host copy, once); --grads-only
+    // keeps none.
+    OptimizerConfig oc;
+    const auto state =
+        grads_only ? std::make_unique<CudaTrainState>(*runner, recompute)
+                   : std::make_unique<CudaTrainState>(*runner, oc, AdamW(oc, runner->export_weights()), recompute);
     double sec = 0, adamw_sec = 0;
-    int64_t recomputed = 0;
-    if (grads_only) {
-      CudaTrainState state(*runner, recompute);
-      for (int64_t r = -1; r < reps; ++r) {  // r = -1: warm-up (allocations, kernel loads)
-        const auto t0 = std::chrono::steady_clock::now();
-        state.compute_grads({seqs}, false, mean_nll);
-        cudaDeviceSynchronize();
-        if (r >= 0) sec += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(reps);
-      }
-      recomputed = state.recomputed_layers();
-    } else {
-      // The optimizer state starts from the runner's weights (a host copy, once).
-      OptimizerConfig oc;
-      const ModelWeights weights = runner->export_weights();
-      CudaTrainState state(*runner, oc, AdamW(oc, weights), recompute);
-      state.compute_grads({seqs}, false, mean_nll);  // warm-up: allocations, kernel loads
-      state.apply(Precision::bfloat16);
-      for (int64_t r = 0; r < reps; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        state.compute_grads({seqs}, false, mean_nll);
-        cudaDeviceSynchronize();
-        const auto t1 = std::chrono::steady_clock::now();
-        state.apply(Precision::bfloat16);
-        cudaDeviceSynchronize();
-        sec += std::chrono::duration<double>(t1 - t0).count() / double(reps);
-        adamw_sec += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count() / double(reps);
-      }
-      recomputed = state.recomputed_layers();
+    for (int64_t r = -1; r < reps; ++r) {  // r = -1: warm-up (allocations, kernel loads)
+      const auto t0 = std::chrono::steady_clock::now();
+      state->compute_grads({seqs}, false, mean_nll);
+      cudaDeviceSynchronize();
+      const auto t1 = std::chrono::steady_clock::now();
+      if (!grads_only) state->apply(Precision::bfloat16);
+      cudaDeviceSynchronize();
+      if (r < 0) continue;
+      sec += std::chrono::duration<double>(t1 - t0).count() / double(reps);
+      adamw_sec += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count() / double(reps);
     }
+    const int64_t recomputed = state->recomputed_layers();
     const double tokens = double(B * S), tok_s = tokens / sec;
     const double mfu = tok_s * flops_per_token(config, S) / kMatmulPeak;
     std::printf(
