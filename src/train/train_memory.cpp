@@ -7,15 +7,27 @@
 
 namespace lockstep {
 
+namespace {
+
+double layer_parameter_count(const ModelConfig& c, int64_t l) {
+  const double H = double(c.hidden_size), qd = double(c.q_dim()), kd = double(c.kv_dim());
+  const bool moe = c.is_moe_layer(l);
+  const double E = moe ? double(c.num_experts) : 1.0;
+  const double I = moe ? double(c.moe_intermediate_size) : double(c.intermediate_size);
+  return (qd + 2 * kd) * H + H * qd + 2 * H + 2 * double(c.head_dim) + (moe ? E * H : 0.0) + E * 3 * I * H;
+}
+
+}  // namespace
+
 double trainer_parameter_count(const ModelConfig& c) {
-  const double H = double(c.hidden_size), V = double(c.vocab_size), qd = double(c.q_dim()), kd = double(c.kv_dim());
-  double n = 2 * V * H + H;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const bool moe = c.is_moe_layer(l);
-    const double E = moe ? double(c.num_experts) : 1.0;
-    const double I = moe ? double(c.moe_intermediate_size) : double(c.intermediate_size);
-    n += (qd + 2 * kd) * H + H * qd + 2 * H + 2 * double(c.head_dim) + (moe ? E * H : 0.0) + E * 3 * I * H;
-  }
+  double n = 2 * double(c.vocab_size) * double(c.hidden_size) + double(c.hidden_size);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) n += layer_parameter_count(c, l);
+  return n;
+}
+
+double largest_gradient_unit(const ModelConfig& c) {
+  double n = double(c.vocab_size) * double(c.hidden_size) + double(c.hidden_size);  // the head's
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) n = std::max(n, layer_parameter_count(c, l));
   return n;
 }
 
@@ -32,6 +44,22 @@ int64_t kept_layer_count(const ModelConfig& c, int64_t recomputed_layers) {
   return std::max<int64_t>(0, c.num_hidden_layers - std::min(recomputed_layers, c.num_hidden_layers));
 }
 
+namespace {
+
+// The plan is close to what the step allocates; the headroom covers the allocator's rounding.
+double usable_bytes(double available_bytes) {
+  return available_bytes - std::max(double(int64_t(1) << 30), 0.03 * available_bytes);
+}
+
+}  // namespace
+
+MicroBatchOrder micro_batch_order(const ModelConfig& c, int64_t tokens, int64_t micro_batches, bool gradients_held,
+                                  double available_bytes) {
+  if (micro_batches <= 1 || c.tie_word_embeddings) return MicroBatchOrder::batch_major;
+  const double all = cuda_train_memory(c, tokens, micro_batches, kRecomputeAll).step_bytes(gradients_held);
+  return all <= usable_bytes(available_bytes) ? MicroBatchOrder::batch_major : MicroBatchOrder::layer_major;
+}
+
 int64_t recomputed_layer_count(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
                                int64_t recompute_num_layers, bool gradients_held, double available_bytes) {
   const int64_t layers = c.num_hidden_layers;
@@ -39,8 +67,7 @@ int64_t recomputed_layer_count(const ModelConfig& c, int64_t tokens, int64_t mic
     check_recompute_num_layers(recompute_num_layers, true);
     return std::min(recompute_num_layers, layers);
   }
-  // The plan is close to what the step allocates; the headroom covers the allocator's rounding.
-  const double usable = available_bytes - std::max(double(int64_t(1) << 30), 0.03 * available_bytes);
+  const double usable = usable_bytes(available_bytes);
   const double all = cuda_train_memory(c, tokens, micro_batches, layers).step_bytes(gradients_held);
   const double per_layer = kept_layer_bytes(c, tokens);
   if (usable <= all) return layers;
@@ -58,7 +85,8 @@ double kept_layer_bytes(const ModelConfig& c, int64_t tokens) {
          (t * E + 3 * rows + t * double(c.num_attention_heads)) * 4 + 2 * (2 * t / 64 + 1) * 64 * kd * 2;
 }
 
-TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches, int64_t recomputed_layers) {
+TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches, int64_t recomputed_layers,
+                              MicroBatchOrder order) {
   const double H = double(c.hidden_size), V = double(c.vocab_size), NL = double(c.num_hidden_layers);
   const double qd = double(c.q_dim()), kd = double(c.kv_dim());
   const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
@@ -70,7 +98,10 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
   TrainMemory m;
   m.weights = (params - norms) * 2 + norms * 4;
   m.optimizer = 3 * params * 4;
-  m.gradients = (std::log2(double(std::max<int64_t>(micro_batches, 1))) + 1) * params * 4;
+  const double levels = std::log2(double(std::max<int64_t>(micro_batches, 1)));
+  const bool layer_major = order == MicroBatchOrder::layer_major;
+  m.gradients = (layer_major ? 1 : levels + 1) * params * 4;
+  m.tree_levels = layer_major ? levels * largest_gradient_unit(c) * 4 : 0.0;
   m.logits = t * V * 4 + 8 * t * 4;
   // Kept layer inputs, the head's rows, the step's KV pages (a page of 64 positions a block,
   // rounded up per sequence: at most one more per 64 tokens), the residual gradient.
@@ -83,7 +114,12 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
                    (t * E + 2 * t * k + t * heads) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
   // The large-tile outer sums' workspace: 256 KB an SM, bounded here by 256 SMs.
   m.activations += 256.0 * 256 * 1024;
-  m.activations += double(kept_layer_count(c, recomputed_layers)) * kept_layer_bytes(c, tokens);
+  if (layer_major) {
+    // The other micro-batches' layer inputs, final-norm input and output, residual gradient.
+    m.activations += double(std::max<int64_t>(micro_batches, 1) - 1) * ((NL + 2) * t * H * 2 + t * H * 4);
+  } else {
+    m.activations += double(kept_layer_count(c, recomputed_layers)) * kept_layer_bytes(c, tokens);
+  }
   return m;
 }
 

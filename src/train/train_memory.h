@@ -11,14 +11,17 @@ namespace lockstep {
 struct TrainMemory {
   double weights = 0;      // the runner's bf16 matrices and fp32 norms
   double optimizer = 0;    // AdamW's fp32 masters and two moments
-  double gradients = 0;    // fp32, one buffer per level of the micro-batch tree
+  double gradients = 0;    // fp32: the micro-batch tree's buffers of the model's gradients
+  double tree_levels = 0;  // fp32: the layer-major tree's scratch levels (MicroBatchOrder)
   double logits = 0;       // the step's fp32 logits (their gradient in place)
   double activations = 0;  // kept layer inputs, one layer's recomputed intermediates, scratch, and
                            // the intermediates of the layers not recomputed
-  double total() const { return weights + optimizer + gradients + logits + activations; }
+  double total() const { return weights + optimizer + gradients + tree_levels + logits + activations; }
   // What a step allocates beside the weights and the optimizer state (the gradients too unless
   // they are already held).
-  double step_bytes(bool gradients_held) const { return logits + (gradients_held ? 0 : gradients) + activations; }
+  double step_bytes(bool gradients_held) const {
+    return logits + (gradients_held ? 0 : gradients) + tree_levels + activations;
+  }
 };
 
 // --recompute-num-layers' default: as few layers recomputed as the free memory allows.
@@ -26,12 +29,37 @@ constexpr int64_t kRecomputeAuto = -1;
 // A recomputed-layer count meaning every layer.
 constexpr int64_t kRecomputeAll = int64_t(1) << 40;
 
-// `tokens`: one micro-batch's packed tokens; `micro_batches`: per optimizer step (a power of
-// two; the tree keeps log2 of it plus one gradient buffers); `recomputed_layers`: the first
-// that many layers (a count >= 0; kRecomputeAll: every one) are recomputed in the backward,
-// the others keep their forward's intermediates.
+// How the GPU trainer runs a step of several micro-batches; the gradients have the same bits
+// either way (the same tree over micro-batches, rule 8 of docs/numerics.md).
+enum class MicroBatchOrder {
+  // Each micro-batch's forward and backward in turn, its gradients a leaf of the tree held
+  // whole: log2(M) + 1 buffers of the model's gradients.
+  batch_major,
+  // Every micro-batch's forward and head first, then each layer's backward over the
+  // micro-batches, its tree folded as the leaves come: one buffer of the model's gradients and
+  // log2(M) of a layer's (or the head's); each micro-batch keeps its layer inputs and residual
+  // gradient, and every layer is recomputed.
+  layer_major,
+};
+
+// `tokens`: one micro-batch's packed tokens (the largest); `micro_batches`: per optimizer step
+// (a power of two); `recomputed_layers`: the first that many layers (a count >= 0;
+// kRecomputeAll: every one) are recomputed in the backward, the others keep their forward's
+// intermediates (batch_major only: layer_major recomputes every layer).
 TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micro_batches,
-                              int64_t recomputed_layers = kRecomputeAll);
+                              int64_t recomputed_layers = kRecomputeAll,
+                              MicroBatchOrder order = MicroBatchOrder::batch_major);
+
+// The order a step of `micro_batches` micro-batches (of at most `tokens` tokens) takes:
+// batch_major for one micro-batch, a tied lm_head (its gradient joins the embedding's per
+// micro-batch), or where the batch-major step with every layer recomputed fits
+// `available_bytes` less the headroom (recomputed_layer_count's); else layer_major.
+MicroBatchOrder micro_batch_order(const ModelConfig& c, int64_t tokens, int64_t micro_batches, bool gradients_held,
+                                  double available_bytes);
+
+// Floats of the largest unit the layer-major tree folds at once: a layer's gradients, the
+// head's (lm_head and the final norm) or the embedding's.
+double largest_gradient_unit(const ModelConfig& c);
 
 // Refuses (naming --recompute-num-layers) a value below -1, or any but -1 off the GPU: the CPU
 // trainer recomputes every layer.

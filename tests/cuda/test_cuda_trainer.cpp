@@ -144,6 +144,40 @@ TEST(CudaTrainer, GradientsAreTheSameBitsWhateverLayersAreRecomputed) {
   }
 }
 
+// A step of several micro-batches runs micro-batch by micro-batch, or layer by layer with one
+// gradient buffer and each part's tree folded in place (train_memory.h's MicroBatchOrder): both
+// are the pairwise tree over the micro-batches' own gradients, bit for bit. Eight micro-batches
+// use every scratch level (leaves 1, 2 and 4 start nodes of levels 0, 1 and 2).
+TEST(CudaTrainer, MicroBatchOrdersAreTheTreeOfTheMicroBatchesGradients) {
+  LS_SKIP_WITHOUT_GPU();
+  const auto fixture = fixture_sequences();
+  std::vector<std::vector<std::vector<int32_t>>> micro_batches = {
+      {fixture[0]}, {fixture[1]}, {{5, 9, 200, 17, 17, 3, 511, 0, 44}}, {fixture[1], {7, 7, 8}},
+      {{1, 2, 3}},  {fixture[0]}, {{300, 301, 302, 303, 304, 305}},     {{9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12}}};
+  ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
+  auto runner = make_cuda_runner(weights, Precision::bfloat16);
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
+  for (const size_t count : {size_t(2), size_t(8)}) {
+    const std::vector<std::vector<std::vector<int32_t>>> mbs(micro_batches.begin(), micro_batches.begin() + count);
+    PairwiseGradAccumulator sum{int64_t(count)};
+    for (const auto& mb : mbs) sum.push(named_tensors(cuda_step_grads(*runner, mb, false, upstream)));
+    ModelWeights want = weights.zeros_like();
+    copy_from_named(want, sum.finish());
+    CudaTrainState state(*runner, kRecomputeAuto);
+    for (const MicroBatchOrder order : {MicroBatchOrder::batch_major, MicroBatchOrder::layer_major}) {
+      state.force_micro_batch_order(order);
+      state.compute_grads(mbs, false, upstream);
+      EXPECT_EQ(state.micro_batch_order(), order);
+      ModelWeights got = state.gradients();
+      auto got_named = got.named();
+      for (auto& [name, t] : want.named())
+        EXPECT_EQ(std::memcmp(t->data<float>(), got_named.at(name)->data<float>(), t->nbytes()), 0)
+            << name << ", " << count << " micro-batches, "
+            << (order == MicroBatchOrder::layer_major ? "layer-major" : "batch-major");
+    }
+  }
+}
+
 TEST(CudaTrainer, AnExpertWithoutTokensHasZeroGradientsWhateverItsBufferHeld) {
   LS_SKIP_WITHOUT_GPU();
   ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);

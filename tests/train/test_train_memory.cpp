@@ -109,5 +109,40 @@ TEST(TrainMemory, TheDefaultRecomputesTheFewestLayersThatFit) {
   EXPECT_GE(seen.size(), 4u);  // none, all, and some in between
 }
 
+// A step of many micro-batches taken layer by layer keeps one buffer of the model's gradients
+// and log2(M) scratch levels of its largest part (a layer here), each micro-batch its layer
+// inputs and residual gradient; the trainer takes that order only where the batch-major step
+// does not fit (or never, with a tied lm_head).
+TEST(TrainMemory, LayerMajorStepsKeepOneGradientBuffer) {
+  ModelConfig c = ModelConfig::load(std::string(LOCKSTEP_SOURCE_DIR) + "/models/qwen3-30b-a3b/config.json");
+  c.num_hidden_layers = 8;
+  const double params = trainer_parameter_count(c), H = double(c.hidden_size), t = 8192;
+  const auto layer_major = [&](int64_t m) {
+    return cuda_train_memory(c, 8192, m, kRecomputeAll, MicroBatchOrder::layer_major);
+  };
+  const TrainMemory batch = cuda_train_memory(c, 8192, 8), layer = layer_major(8);
+  EXPECT_EQ(batch.gradients, 4 * params * 4);
+  EXPECT_EQ(batch.tree_levels, 0.0);
+  EXPECT_EQ(layer.gradients, params * 4);
+  EXPECT_EQ(layer.tree_levels, 3 * largest_gradient_unit(c) * 4);
+  EXPECT_EQ(layer_major(1).tree_levels, 0.0);
+  EXPECT_EQ(layer.activations - layer_major(1).activations, 7 * ((8 + 2) * t * H * 2 + t * H * 4));
+  // The largest part is a layer (its 128 experts), larger than the head's lm_head.
+  EXPECT_GT(largest_gradient_unit(c), double(c.vocab_size) * H + H);
+  EXPECT_LT(largest_gradient_unit(c) * 8, params);
+  // Issue 18's RL step at 8 layers (8 micro-batches of 8192 tokens) fits one H200 only so.
+  EXPECT_GT(batch.total(), 141e9);
+  EXPECT_LT(layer.total(), 141e9);
+  // The order: batch-major where it fits or for one micro-batch, else layer-major.
+  const double batch_step = cuda_train_memory(c, 8192, 8, kRecomputeAll).step_bytes(false);
+  EXPECT_EQ(micro_batch_order(c, 8192, 1, false, 1.0), MicroBatchOrder::batch_major);
+  EXPECT_EQ(micro_batch_order(c, 8192, 8, false, 1e15), MicroBatchOrder::batch_major);
+  EXPECT_EQ(micro_batch_order(c, 8192, 8, false, batch_step / 0.96), MicroBatchOrder::batch_major);
+  EXPECT_EQ(micro_batch_order(c, 8192, 8, false, batch_step), MicroBatchOrder::layer_major);
+  EXPECT_EQ(micro_batch_order(c, 8192, 8, true, batch_step), MicroBatchOrder::batch_major);  // held
+  c.tie_word_embeddings = true;
+  EXPECT_EQ(micro_batch_order(c, 8192, 8, false, 1.0), MicroBatchOrder::batch_major);
+}
+
 }  // namespace
 }  // namespace lockstep

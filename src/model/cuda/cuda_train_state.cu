@@ -1,8 +1,10 @@
 // The GPU trainer's state (CudaTrainState, cuda_trainer.h): the micro-batch tree of device
 // gradients, the canonical norm and AdamW on the device, writing the runner's weights.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <numeric>
+#include <optional>
 
 #include "kernels/cuda/adamw.h"
 #include "model/cuda/cuda_trainer_impl.h"
@@ -14,6 +16,8 @@ struct CudaTrainState::Impl {
   OptimizerConfig config;
   int64_t recompute_num_layers = kRecomputeAuto;  // CudaTrainer's
   int64_t recomputed_layers = 0;                  // the most a micro-batch of the last step recomputed
+  MicroBatchOrder order = MicroBatchOrder::batch_major;  // the last step's
+  std::optional<MicroBatchOrder> forced_order;           // the test hook's
   int64_t step = 0;
   bool has_optimizer = true;            // false: gradients only (no masters or moments)
   std::vector<DeviceSegment> segments;  // for_each_param order
@@ -120,6 +124,16 @@ void CudaTrainState::compute_grads(const std::vector<std::vector<std::vector<int
   m.stack.clear();
   cuda_model::CudaTrainer trainer(m.r, m.recompute_num_layers);
   m.recomputed_layers = 0;
+  const double held = double(m.spare.size()) * trainer_parameter_count(m.r.config()) * 4;
+  m.order = m.forced_order ? *m.forced_order : trainer.micro_batch_order_for(micro_batches, held);
+  if (m.order == MicroBatchOrder::layer_major) {
+    auto g = m.take_buffer();
+    m.spare.clear();  // one buffer of the model's gradients: the others go back to the device
+    trainer.step_grads_layer_major(micro_batches, want_entropy, upstream, g.get());
+    m.recomputed_layers = trainer.last_recomputed_layers();
+    m.stack.push_back({std::countr_zero(micro_batches.size()), std::move(g)});
+    return;
+  }
   for (size_t j = 0; j < micro_batches.size(); ++j) {
     auto g = m.take_buffer();
     trainer.step_grads(
@@ -140,6 +154,14 @@ void CudaTrainState::compute_grads(const std::vector<std::vector<std::vector<int
 }
 
 int64_t CudaTrainState::recomputed_layers() const { return impl_->recomputed_layers; }
+
+MicroBatchOrder CudaTrainState::micro_batch_order() const { return impl_->order; }
+
+void CudaTrainState::force_micro_batch_order(std::optional<MicroBatchOrder> order) { impl_->forced_order = order; }
+
+ModelWeights CudaTrainState::gradients() const {
+  return cuda_model::download_named(impl_->grads(), impl_->r.config(), impl_->st());
+}
 
 void CudaTrainState::poison_first_gradient() {
   Impl& m = *impl_;

@@ -4,6 +4,9 @@
 // (cuda_layer_backward.h), the embedding's rows; fp32 gradients in device buffers of the
 // runner's layout (device_params.h).
 #include <algorithm>
+#include <functional>
+#include <map>
+#include <numeric>
 
 #include "model/cuda/cuda_trainer.h"
 #include "model/cuda/cuda_trainer_impl.h"
@@ -51,40 +54,241 @@ int64_t CudaTrainer::recomputed_layers(int64_t T, int64_t micro_batches, bool ba
 }
 
 void CudaTrainer::check_memory(int64_t T, int64_t micro_batches, bool backward, bool grads_held) const {
-  check_fits(T, micro_batches, recomputed_layers(T, micro_batches, backward, grads_held), backward, grads_held);
+  const MicroBatchOrder order =
+      backward ? micro_batch_order(c_, T, micro_batches, grads_held, free_step_bytes()) : MicroBatchOrder::batch_major;
+  const int64_t recomputed =
+      order == MicroBatchOrder::layer_major ? kRecomputeAll : recomputed_layers(T, micro_batches, backward, grads_held);
+  check_fits(T, micro_batches, recomputed, backward, grads_held, order);
 }
 
-void CudaTrainer::check_fits(int64_t T, int64_t micro_batches, int64_t recomputed, bool backward,
-                             bool grads_held) const {
+MicroBatchOrder CudaTrainer::micro_batch_order_for(const std::vector<std::vector<std::vector<int32_t>>>& micro_batches,
+                                                   double held_bytes) const {
+  int64_t T = 0;
+  for (const auto& mb : micro_batches) {
+    int64_t tokens = 0;
+    for (const auto& q : mb) tokens += int64_t(q.size());
+    T = std::max(T, tokens);
+  }
+  return micro_batch_order(c_, T, int64_t(micro_batches.size()), false, free_step_bytes() + held_bytes);
+}
+
+void CudaTrainer::check_fits(int64_t T, int64_t micro_batches, int64_t recomputed, bool backward, bool grads_held,
+                             MicroBatchOrder order) const {
   // The weights and the optimizer state are already on the device; the step adds the rest.
-  const TrainMemory m = cuda_train_memory(c_, T, micro_batches, recomputed);
+  const TrainMemory m = cuda_train_memory(c_, T, micro_batches, recomputed, order);
   const double free_bytes = free_step_bytes(), gib = 1024.0 * 1024.0 * 1024.0;
   const bool with_grads = backward && !grads_held;
-  const double grads = with_grads ? m.gradients : 0.0, need = m.step_bytes(!with_grads);
-  char detail[224];
+  const double grads = (with_grads ? m.gradients : 0.0) + m.tree_levels, need = m.step_bytes(!with_grads);
+  char detail[256];
   std::snprintf(detail, sizeof detail,
                 "%.1f GiB of GPU memory (logits %.1f, gradients %.1f, activations %.1f with %lld of %lld layers "
-                "recomputed), %.1f",
+                "recomputed%s), %.1f",
                 need / gib, m.logits / gib, grads / gib, m.activations / gib,
                 static_cast<long long>(std::min(recomputed, c_.num_hidden_layers)),
-                static_cast<long long>(c_.num_hidden_layers), free_bytes / gib);
+                static_cast<long long>(c_.num_hidden_layers),
+                order == MicroBatchOrder::layer_major ? ", micro-batches layer by layer" : "", free_bytes / gib);
   LS_CHECK(need <= free_bytes, "cuda trainer: a micro-batch of ", T, " tokens needs ", detail,
            " GiB free: cut the batch into more micro-batches (--num-microbatches) or recompute more layers "
            "(--recompute-num-layers)");
+}
+
+CudaTrainer::Batch CudaTrainer::prepare_batch(const std::vector<std::vector<int32_t>>& seqs) {
+  LS_CHECK(!seqs.empty(), "cuda step_grads: no sequences");
+  for (size_t i = 0; i < seqs.size(); ++i)
+    LS_CHECK(seqs[i].size() >= 2, "cuda step_grads: sequence ", i, " has ", seqs[i].size(),
+             " token(s); a predicted token needs at least 2");
+  Batch b;
+  b.seqs = &seqs;
+  b.packed = pack_sequences(seqs);
+  b.T = b.packed.batch.size();
+  b.chunks = cuda::token_chunk_bounds(b.T);
+  return b;
+}
+
+void CudaTrainer::allocate_batch(Batch& b) {
+  const int64_t T = b.T, H = c_.hidden_size;
+  // Sequence s's tokens by position (the packer lays them out in order).
+  std::vector<int32_t> seq_tokens(static_cast<size_t>(T));
+  std::iota(seq_tokens.begin(), seq_tokens.end(), 0);
+  b.seq_first = {0};
+  for (const auto& q : *b.seqs) {
+    b.seq_first.push_back(b.seq_first.back() + int32_t(q.size()));
+    b.max_seq_len = std::max<int64_t>(b.max_seq_len, int64_t(q.size()));
+  }
+  b.seq_first_d = alloc<int32_t>(int64_t(b.seq_first.size()));
+  b.seq_tokens_d = alloc<int32_t>(T);
+  r_.upload_async(b.seq_first_d, b.seq_first.data(), b.seq_first.size() * 4);
+  r_.upload_async(b.seq_tokens_d, seq_tokens.data(), seq_tokens.size() * 4);
+  b.x_in = alloc<bf16_t>(c_.num_hidden_layers * T * H);
+  b.final_in = alloc<bf16_t>(T * H);
+  b.hidden = alloc<bf16_t>(T * H);
+  b.dx = alloc<float>(T * H);
+}
+
+cuda::DeviceSlots CudaTrainer::upload(const Batch& b) {
+  return r_.upload_batch(b.packed.batch, b.packed.num_pages, kAttnBlock);
+}
+
+cuda::DeviceKvLayer CudaTrainer::step_kv(int64_t pages) {
+  cuda::DeviceKvLayer kv;
+  const int64_t D = c_.head_dim, nkv = c_.num_key_value_heads;
+  kv.k = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
+  kv.v = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
+  kv.page_size = kAttnBlock;
+  kv.kv_heads = nkv;
+  kv.head_dim = D;
+  return kv;
+}
+
+void CudaTrainer::forward(Batch& b, const cuda::DeviceSlots& slots, const cuda::DeviceKvLayer& kv,
+                          std::vector<CudaRunner::Workspace>* kept_ws, std::vector<cuda::DeviceKvLayer>* kept_kv) {
+  const int64_t T = b.T, H = c_.hidden_size;
+  cudaStream_t st = r_.stream_;
+  CudaRunner::Workspace& ws = r_.ws_;
+  cuda::embedding(ws.meta, r_.embed_, ws.x, T, H, st);
+  for (int64_t l = 0; l < c_.num_hidden_layers; ++l) {
+    LS_CUDA_CHECK(cudaMemcpyAsync(b.x_in + l * T * H, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
+    const bool keep = kept_ws && !recomputed(l);
+    CudaRunner::LayerOps ops{r_, keep ? (*kept_ws)[size_t(l)] : ws, keep ? (*kept_kv)[size_t(l)] : kv, slots, T};
+    layer_forward(ops, r_.layers_[size_t(l)]);
+  }
+  LS_CUDA_CHECK(cudaMemcpyAsync(b.final_in, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
+  cuda::rmsnorm(ws.x, r_.final_norm_, b.hidden, T, H, float(c_.rms_norm_eps), st);
+}
+
+bool CudaTrainer::head(Batch& b, int64_t index, bool want_entropy, const UpstreamFn& upstream, float* logits,
+                       std::vector<std::vector<float>>* scored, float* g_head, float* g_final_norm,
+                       const BackwardScratch* s, PhaseClock& clock, const std::function<void()>& before_backward) {
+  const int64_t T = b.T, H = c_.hidden_size, V = c_.vocab_size;
+  cudaStream_t st = r_.stream_;
+  const auto& seqs = *b.seqs;
+  const auto& seq_first = b.seq_first;
+  // Logits of every token in one GEMM launch on the rows in place (the score path gathers its
+  // rows in slices: a row's bits do not depend on the GEMM configuration, rule 2 of
+  // docs/numerics.md).
+  r_.compute_logits(b.hidden, nullptr, T, logits);
+  std::vector<int32_t> targets(static_cast<size_t>(T), -1);
+  for (size_t i = 0; i < seqs.size(); ++i)
+    for (size_t t = 0; t + 1 < seqs[i].size(); ++t) targets[size_t(seq_first[i]) + t] = seqs[i][t + 1];
+  int32_t* targets_d = alloc<int32_t>(T);
+  r_.upload_async(targets_d, targets.data(), targets.size() * 4);
+  float *lse = alloc<float>(T), *logp = alloc<float>(T), *entropy = alloc<float>(T);
+  cuda::log_normalizer_rows(logits, lse, T, V, st);
+  cuda::gather_log_probs(logits, lse, targets_d, logp, T, V, st);  // the score path's bits
+  if (want_entropy) cuda::softmax_entropy(logits, lse, entropy, T, V, st);
+  std::vector<float> logp_h(static_cast<size_t>(T)), ent_h(static_cast<size_t>(T));
+  r_.download(logp_h.data(), logp, logp_h.size() * 4);
+  if (want_entropy) r_.download(ent_h.data(), entropy, ent_h.size() * 4);
+  std::vector<std::vector<float>> lp(seqs.size()), ent(want_entropy ? seqs.size() : 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    lp[i].assign(logp_h.begin() + seq_first[i], logp_h.begin() + seq_first[i + 1] - 1);
+    if (want_entropy) ent[i].assign(ent_h.begin() + seq_first[i], ent_h.begin() + seq_first[i + 1] - 1);
+  }
+  if (!upstream) {
+    *scored = std::move(lp);
+    return false;
+  }
+  const std::vector<SequenceGradInput> up = upstream(index, lp, ent);
+  LS_CHECK(up.size() == seqs.size(), "cuda step_grads: ", up.size(), " upstream gradients for ", seqs.size(),
+           " sequences");
+  std::vector<float> dlogp(static_cast<size_t>(T), 0.0f), dent(static_cast<size_t>(T), 0.0f);
+  bool any_entropy = false;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const size_t n = seqs[i].size() - 1;
+    LS_CHECK(up[i].dlogp.size() == n && (up[i].dentropy.empty() || up[i].dentropy.size() == n),
+             "cuda step_grads: sequence ", i, " has ", n, " predicted tokens but its upstream has ", up[i].dlogp.size(),
+             " dlogp and ", up[i].dentropy.size(), " dentropy values");
+    for (size_t t = 0; t < n; ++t) {
+      dlogp[size_t(seq_first[i]) + t] = up[i].dlogp[t];
+      if (!up[i].dentropy.empty()) dent[size_t(seq_first[i]) + t] = up[i].dentropy[t], any_entropy = true;
+    }
+  }
+  if (any_entropy && !want_entropy) cuda::softmax_entropy(logits, lse, entropy, T, V, st);
+  float *dlogp_d = alloc<float>(T), *dent_d = alloc<float>(T);
+  r_.upload_async(dlogp_d, dlogp.data(), dlogp.size() * 4);
+  r_.upload_async(dent_d, dent.data(), dent.size() * 4);
+  clock.lap("head_forward");
+  if (before_backward) before_backward();
+
+  // ---- d logits (in place; the lm_head's gradients consume them), lm_head, the final norm.
+  const float eps = float(c_.rms_norm_eps);
+  const float *dent_or_null = any_entropy ? dent_d : nullptr, *ent_or_null = any_entropy ? entropy : nullptr;
+  if (kGradientOperand == cuda::GradientOperand::bf16 && cuda::linear_grads_take_split(T, V, H, b.chunks)) {
+    // d logits made and packed in one pass: the largest tensor of the step is read once.
+    cuda::log_softmax_gather_backward_packed(logits, lse, targets_d, dlogp_d, dent_or_null, ent_or_null, T, V, st);
+    cuda::linear_grads_of_packed_dy(reinterpret_cast<const bf16_t*>(logits), b.hidden, r_.lm_head_, g_head, s->dh, T, V,
+                                    H, b.chunks, s->outer_pending, st);
+  } else {
+    cuda::log_softmax_gather_backward(logits, lse, targets_d, dlogp_d, dent_or_null, ent_or_null, logits, T, V, st);
+    cuda::linear_grads_consuming_dy(logits, b.hidden, r_.lm_head_, g_head, s->dh, T, V, H, b.chunks, s->outer_pending,
+                                    st, kGradientOperand);
+  }
+  cuda::inverse_rms_rows(b.final_in, s->inv, T, H, eps, cuda::kNormThreads, st);
+  cuda::rmsnorm_backward(b.final_in, s->inv, r_.final_norm_, s->dh, b.dx, g_final_norm, s->norm_partials, T, H, true,
+                         b.chunks, st);
+  return true;
+}
+
+void CudaTrainer::backward_layer(Batch& b, int64_t l, const cuda::DeviceSlots& slots, CudaRunner::Workspace& train_ws,
+                                 const cuda::DeviceKvLayer& kv, const DeviceLayerFloats& g, BackwardScratch& s,
+                                 PhaseClock& clock, const KeptLayer& kept) {
+  const int64_t T = b.T, H = c_.hidden_size;
+  cudaStream_t st = r_.stream_;
+  const bf16_t* layer_in = b.x_in + l * T * H;
+  if (!kept.ws) {
+    LS_CUDA_CHECK(cudaMemcpyAsync(train_ws.x, layer_in, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
+    CudaRunner::LayerOps ops{r_, train_ws, kv, slots, T};
+    layer_forward(ops, r_.layers_[size_t(l)]);
+    clock.lap("recompute");
+  }
+  CudaLayerBackwardOps back{r_,
+                            kept.ws ? *kept.ws : train_ws,
+                            layer_in,
+                            kept.ws ? *kept.kv : kv,
+                            slots,
+                            b.seq_first_d,
+                            b.seq_tokens_d,
+                            int64_t(b.seqs->size()),
+                            b.max_seq_len,
+                            T,
+                            b.dx,
+                            g,
+                            s,
+                            clock};
+  back.sorted_rows = kept.sorted_rows;
+  back.sorted_pinned = kept.sorted_pinned;
+  layer_backward(back, r_.layers_[size_t(l)]);
+}
+
+void CudaTrainer::embedding_backward(const Batch& b, float* g_embed, const float* g_head, PhaseClock& clock) {
+  const int64_t T = b.T, H = c_.hidden_size, V = c_.vocab_size;
+  cudaStream_t st = r_.stream_;
+  // Each used id's tokens, ascending (the host sorts the step's tokens).
+  std::map<int32_t, std::vector<int32_t>> by_id;
+  for (int64_t t = 0; t < T; ++t) by_id[b.packed.batch.tokens[size_t(t)]].push_back(int32_t(t));
+  std::vector<int32_t> used, starts{0}, tokens_by_id;
+  for (const auto& [id, list] : by_id) {
+    used.push_back(id);
+    tokens_by_id.insert(tokens_by_id.end(), list.begin(), list.end());
+    starts.push_back(int32_t(tokens_by_id.size()));
+  }
+  int32_t *used_d = alloc<int32_t>(int64_t(used.size())), *starts_d = alloc<int32_t>(int64_t(starts.size())),
+          *tokens_d = alloc<int32_t>(T);
+  r_.upload_async(used_d, used.data(), used.size() * 4);
+  r_.upload_async(starts_d, starts.data(), starts.size() * 4);
+  r_.upload_async(tokens_d, tokens_by_id.data(), tokens_by_id.size() * 4);
+  cuda::embedding_backward(used_d, starts_d, tokens_d, int64_t(used.size()), b.dx, g_embed, T, V, H, st);
+  clock.lap("embedding_backward");
+  if (c_.tie_word_embeddings) cuda::add_inplace(g_embed, g_head, V * H, st);  // the lookup part, then the head's
 }
 
 void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool want_entropy,
                              const UpstreamFn& upstream, DeviceFloats* grads, std::vector<std::vector<float>>* scored) {
   const auto& c = c_;
   const int64_t H = c.hidden_size, V = c.vocab_size, NL = c.num_hidden_layers, qd = c.q_dim(), kd = c.kv_dim();
-  const float eps = float(c.rms_norm_eps);
   cudaStream_t st = r_.stream_;
-  LS_CHECK(!seqs.empty(), "cuda step_grads: no sequences");
-  for (size_t i = 0; i < seqs.size(); ++i)
-    LS_CHECK(seqs[i].size() >= 2, "cuda step_grads: sequence ", i, " has ", seqs[i].size(),
-             " token(s); a predicted token needs at least 2");
-  PackedSequences packed = pack_sequences(seqs);
-  const int64_t T = packed.batch.size();
+  Batch b = prepare_batch(seqs);
+  const int64_t T = b.T;
   r_.step_arena_.reset();
   recomputed_layers_ = recomputed_layers(T, 1, upstream != nullptr, true);
   check_fits(T, 1, recomputed_layers_, upstream != nullptr, true);
@@ -92,36 +296,17 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   r_.step_arena_.prepare(plan.logits + plan.activations);
 
   // The step's K/V: one layer's pages, rewritten by each layer's forward and recomputation.
-  const int64_t pages = packed.num_pages, D = c.head_dim, nkv = c.num_key_value_heads;
-  cuda::DeviceKvLayer kv;
-  kv.k = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
-  kv.v = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
-  kv.page_size = kAttnBlock;
-  kv.kv_heads = nkv;
-  kv.head_dim = D;
+  const int64_t pages = b.packed.num_pages, D = c.head_dim, nkv = c.num_key_value_heads;
+  const cuda::DeviceKvLayer kv = step_kv(pages);
   r_.reserve(T, 1);
-  const cuda::DeviceSlots slots = r_.upload_batch(packed.batch, pages, kAttnBlock);
-  // Sequence s's tokens by position (the packer lays them out in order).
-  std::vector<int32_t> seq_first{0}, seq_tokens(static_cast<size_t>(T));
-  std::iota(seq_tokens.begin(), seq_tokens.end(), 0);
-  int64_t max_seq_len = 0;
-  for (const auto& q : seqs) {
-    seq_first.push_back(seq_first.back() + int32_t(q.size()));
-    max_seq_len = std::max<int64_t>(max_seq_len, int64_t(q.size()));
-  }
-  int32_t* seq_first_d = alloc<int32_t>(int64_t(seq_first.size()));
-  int32_t* seq_tokens_d = alloc<int32_t>(T);
-  r_.upload_async(seq_first_d, seq_first.data(), seq_first.size() * 4);
-  r_.upload_async(seq_tokens_d, seq_tokens.data(), seq_tokens.size() * 4);
+  const cuda::DeviceSlots slots = upload(b);
+  allocate_batch(b);
 
   // ---- Forward: each layer's input kept, then the head. A layer not recomputed in the backward
   // runs on buffers of its own for what its backward reads (and its own K/V pages), the rest
   // of the runner's workspace shared: its backward then reads the forward's own values.
   CudaRunner::Workspace& ws = r_.ws_;
   PhaseClock clock(st);
-  bf16_t* x_in = alloc<bf16_t>(NL * T * H);
-  bf16_t* final_in = alloc<bf16_t>(T * H);
-  bf16_t* hidden = alloc<bf16_t>(T * H);
   const int64_t E = std::max<int64_t>(c.num_experts, 1), k_routed = std::max<int64_t>(c.num_experts_per_tok, 1);
   std::vector<CudaRunner::Workspace> kept_ws(static_cast<size_t>(upstream ? NL : 0), ws);
   std::vector<cuda::DeviceKvLayer> kept_kv(static_cast<size_t>(upstream ? NL : 0), kv);
@@ -142,15 +327,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     kept_kv[size_t(l)].k = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
     kept_kv[size_t(l)].v = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
   }
-  cuda::embedding(ws.meta, r_.embed_, ws.x, T, H, st);
-  for (int64_t l = 0; l < NL; ++l) {
-    LS_CUDA_CHECK(cudaMemcpyAsync(x_in + l * T * H, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
-    const bool keep = upstream && !recomputed(l);
-    CudaRunner::LayerOps ops{r_, keep ? kept_ws[size_t(l)] : ws, keep ? kept_kv[size_t(l)] : kv, slots, T};
-    layer_forward(ops, r_.layers_[size_t(l)]);
-  }
-  LS_CUDA_CHECK(cudaMemcpyAsync(final_in, ws.x, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
-  cuda::rmsnorm(ws.x, r_.final_norm_, hidden, T, H, eps, st);
+  forward(b, slots, kv, upstream ? &kept_ws : nullptr, upstream ? &kept_kv : nullptr);
   // The kept MoE layers' routing goes to the host now (the log-prob download below waits for
   // it), so their expert rows are sorted while the GPU runs the head's backward and the layers'
   // backward never waits for a read-back.
@@ -169,77 +346,17 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     LS_CUDA_CHECK(cudaMemcpyAsync(p + routed_rows, w.scatter, size_t(routed_rows) * 4, cudaMemcpyDeviceToHost, st));
   }
   clock.lap("forward");
-  // Logits of every token in one GEMM launch on the rows in place (the score path gathers its
-  // rows in slices: a row's bits do not depend on the GEMM configuration, rule 2 of
-  // docs/numerics.md).
-  float* logits = alloc<float>(T * V);
-  r_.compute_logits(hidden, nullptr, T, logits);
-  std::vector<int32_t> targets(static_cast<size_t>(T), -1);
-  for (size_t i = 0; i < seqs.size(); ++i)
-    for (size_t t = 0; t + 1 < seqs[i].size(); ++t) targets[size_t(seq_first[i]) + t] = seqs[i][t + 1];
-  int32_t* targets_d = alloc<int32_t>(T);
-  r_.upload_async(targets_d, targets.data(), targets.size() * 4);
-  float *lse = alloc<float>(T), *logp = alloc<float>(T), *entropy = alloc<float>(T);
-  cuda::log_normalizer_rows(logits, lse, T, V, st);
-  cuda::gather_log_probs(logits, lse, targets_d, logp, T, V, st);  // the score path's bits
-  if (want_entropy) cuda::softmax_entropy(logits, lse, entropy, T, V, st);
-  std::vector<float> logp_h(static_cast<size_t>(T)), ent_h(static_cast<size_t>(T));
-  r_.download(logp_h.data(), logp, logp_h.size() * 4);
-  if (want_entropy) r_.download(ent_h.data(), entropy, ent_h.size() * 4);
-  std::vector<std::vector<float>> lp(seqs.size()), ent(want_entropy ? seqs.size() : 0);
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    lp[i].assign(logp_h.begin() + seq_first[i], logp_h.begin() + seq_first[i + 1] - 1);
-    if (want_entropy) ent[i].assign(ent_h.begin() + seq_first[i], ent_h.begin() + seq_first[i + 1] - 1);
-  }
-  if (!upstream) {
-    *scored = std::move(lp);
-    r_.step_arena_.reset();  // the downloads above waited for the stream
-    return;
-  }
-  const std::vector<SequenceGradInput> up = upstream(0, lp, ent);
-  LS_CHECK(up.size() == seqs.size(), "cuda step_grads: ", up.size(), " upstream gradients for ", seqs.size(),
-           " sequences");
-  std::vector<float> dlogp(static_cast<size_t>(T), 0.0f), dent(static_cast<size_t>(T), 0.0f);
-  bool any_entropy = false;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const size_t n = seqs[i].size() - 1;
-    LS_CHECK(up[i].dlogp.size() == n && (up[i].dentropy.empty() || up[i].dentropy.size() == n),
-             "cuda step_grads: sequence ", i, " has ", n, " predicted tokens but its upstream has ", up[i].dlogp.size(),
-             " dlogp and ", up[i].dentropy.size(), " dentropy values");
-    for (size_t t = 0; t < n; ++t) {
-      dlogp[size_t(seq_first[i]) + t] = up[i].dlogp[t];
-      if (!up[i].dentropy.empty()) dent[size_t(seq_first[i]) + t] = up[i].dentropy[t], any_entropy = true;
-    }
-  }
-  if (any_entropy && !want_entropy) cuda::softmax_entropy(logits, lse, entropy, T, V, st);
-  float *dlogp_d = alloc<float>(T), *dent_d = alloc<float>(T);
-  r_.upload_async(dlogp_d, dlogp.data(), dlogp.size() * 4);
-  r_.upload_async(dent_d, dent.data(), dent.size() * 4);
 
   // ---- Gradients: every kernel overwrites its tensor (the embedding's table zeroed first, the
   // experts without tokens zeroed by the MoE backward), so the buffer needs no clearing.
-  float *g_embed = grads->embed, *g_head = grads->lm_head, *g_final_norm = grads->final_norm;
-  std::vector<DeviceLayerFloats>& g_layers = grads->layers;
-
-  // ---- Head: d logits (in place; the lm_head's gradients consume them), lm_head, the final norm.
-  const cuda::ChunkBounds chunks = cuda::token_chunk_bounds(T);
-  clock.lap("head_forward");
-  BackwardScratch s = scratch(T);
-  float* dx = alloc<float>(T * H);
-  const float *dent_or_null = any_entropy ? dent_d : nullptr, *ent_or_null = any_entropy ? entropy : nullptr;
-  if (kGradientOperand == cuda::GradientOperand::bf16 && cuda::linear_grads_take_split(T, V, H, chunks)) {
-    // d logits made and packed in one pass: the largest tensor of the step is read once.
-    cuda::log_softmax_gather_backward_packed(logits, lse, targets_d, dlogp_d, dent_or_null, ent_or_null, T, V, st);
-    cuda::linear_grads_of_packed_dy(reinterpret_cast<const bf16_t*>(logits), hidden, r_.lm_head_, g_head, s.dh, T, V, H,
-                                    chunks, s.outer_pending, st);
-  } else {
-    cuda::log_softmax_gather_backward(logits, lse, targets_d, dlogp_d, dent_or_null, ent_or_null, logits, T, V, st);
-    cuda::linear_grads_consuming_dy(logits, hidden, r_.lm_head_, g_head, s.dh, T, V, H, chunks, s.outer_pending, st,
-                                    kGradientOperand);
+  float* logits = alloc<float>(T * V);
+  BackwardScratch s;
+  const bool trains = head(b, 0, want_entropy, upstream, logits, scored, grads ? grads->lm_head : nullptr,
+                           grads ? grads->final_norm : nullptr, &s, clock, [&] { s = scratch(T); });
+  if (!trains) {
+    r_.step_arena_.reset();  // the log-prob download waited for the stream
+    return;
   }
-  cuda::inverse_rms_rows(final_in, s.inv, T, H, eps, cuda::kNormThreads, st);
-  cuda::rmsnorm_backward(final_in, s.inv, r_.final_norm_, s.dh, dx, g_final_norm, s.norm_partials, T, H, true, chunks,
-                         st);
   // The kept layers' expert rows (the CPU's assign order), each layer's over its routing, and
   // where the forward put each row (its assignment order is its own).
   std::vector<cpu::ExpertRows> sorted(static_cast<size_t>(NL));
@@ -260,60 +377,24 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
 
   // ---- Layers, last first: recomputed from the kept input into buffers that keep mid and
   // the MLP input, then the layer's backward.
-  CudaRunner::Workspace train_ws = ws;
-  train_ws.mid = alloc<bf16_t>(T * H);
-  train_ws.h_mlp = alloc<bf16_t>(T * H);
-  train_ws.lse = alloc<float>(T * c.num_attention_heads);
+  CudaRunner::Workspace train_ws = train_workspace(T);
   for (int64_t l = NL - 1; l >= 0; --l) {
-    const bf16_t* layer_in = x_in + l * T * H;
-    const bool keep = !recomputed(l);
-    if (!keep) {
-      LS_CUDA_CHECK(cudaMemcpyAsync(train_ws.x, layer_in, size_t(T * H) * 2, cudaMemcpyDeviceToDevice, st));
-      CudaRunner::LayerOps ops{r_, train_ws, kv, slots, T};
-      layer_forward(ops, r_.layers_[size_t(l)]);
-      clock.lap("recompute");
-    }
-    CudaLayerBackwardOps back{r_,
-                              keep ? kept_ws[size_t(l)] : train_ws,
-                              layer_in,
-                              keep ? kept_kv[size_t(l)] : kv,
-                              slots,
-                              seq_first_d,
-                              seq_tokens_d,
-                              int64_t(seqs.size()),
-                              max_seq_len,
-                              T,
-                              dx,
-                              g_layers[size_t(l)],
-                              s,
-                              clock};
-    if (pinned_of[size_t(l)]) {
-      back.sorted_rows = &sorted[size_t(l)];
-      back.sorted_pinned = pinned_of[size_t(l)];
-    }
-    layer_backward(back, r_.layers_[size_t(l)]);
+    KeptLayer kept;
+    if (!recomputed(l)) kept = {&kept_ws[size_t(l)], &kept_kv[size_t(l)]};
+    if (pinned_of[size_t(l)]) kept.sorted_rows = &sorted[size_t(l)], kept.sorted_pinned = pinned_of[size_t(l)];
+    backward_layer(b, l, slots, train_ws, kv, grads->layers[size_t(l)], s, clock, kept);
   }
-
-  // ---- Embedding: each used id's tokens, ascending (the host sorts the step's tokens).
-  std::map<int32_t, std::vector<int32_t>> by_id;
-  for (int64_t t = 0; t < T; ++t) by_id[packed.batch.tokens[size_t(t)]].push_back(int32_t(t));
-  std::vector<int32_t> used, starts{0}, tokens_by_id;
-  for (const auto& [id, list] : by_id) {
-    used.push_back(id);
-    tokens_by_id.insert(tokens_by_id.end(), list.begin(), list.end());
-    starts.push_back(int32_t(tokens_by_id.size()));
-  }
-  int32_t *used_d = alloc<int32_t>(int64_t(used.size())), *starts_d = alloc<int32_t>(int64_t(starts.size())),
-          *tokens_d = alloc<int32_t>(T);
-  r_.upload_async(used_d, used.data(), used.size() * 4);
-  r_.upload_async(starts_d, starts.data(), starts.size() * 4);
-  r_.upload_async(tokens_d, tokens_by_id.data(), tokens_by_id.size() * 4);
-  cuda::embedding_backward(used_d, starts_d, tokens_d, int64_t(used.size()), dx, g_embed, T, V, H, st);
-  clock.lap("embedding_backward");
-  if (c.tie_word_embeddings) cuda::add_inplace(g_embed, g_head, V * H, st);  // the lookup part, then the head's
-
+  embedding_backward(b, grads->embed, grads->lm_head, clock);
   LS_CUDA_CHECK(cudaStreamSynchronize(st));
   r_.step_arena_.reset();
+}
+
+CudaRunner::Workspace CudaTrainer::train_workspace(int64_t T) {
+  CudaRunner::Workspace w = r_.ws_;
+  w.mid = alloc<bf16_t>(T * c_.hidden_size);
+  w.h_mlp = alloc<bf16_t>(T * c_.hidden_size);
+  w.lse = alloc<float>(T * c_.num_attention_heads);
+  return w;
 }
 
 ModelWeights download_named(const DeviceFloats& d, const ModelConfig& c, cudaStream_t st) {

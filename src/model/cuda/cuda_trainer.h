@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "model/runner.h"
@@ -66,6 +67,13 @@ class CudaTrainState {
                      const UpstreamFn& upstream);
   // The layers the last compute_grads recomputed (its largest micro-batch's count).
   int64_t recomputed_layers() const;
+  // The order the last compute_grads ran its micro-batches in (train_memory.h): batch by
+  // batch where that fits, else layer by layer (one gradient buffer). The same bits.
+  MicroBatchOrder micro_batch_order() const;
+  // Test hook: the order every compute_grads takes (nullopt: chosen by the memory).
+  void force_micro_batch_order(std::optional<MicroBatchOrder> order);
+  // The last compute_grads' gradients on the host, in the weights' structure.
+  ModelWeights gradients() const;
   // Test hook: poisons the first gradient element of the first tensor by name.
   void poison_first_gradient();
   // The norm, the finiteness check (naming the first bad tensor, state untouched) and AdamW of
