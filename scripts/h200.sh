@@ -10,8 +10,8 @@
 # kernel's time (Nsight Compute, clocks left alone) over a 2-layer quick run into $OUT/ncu.csv;
 # --no-peer skips the HF transformers peer, --no-tests the GPU tests. --train also times the
 # trainer: forward + backward at 4 x 2048 tokens on LAYERS layers (default 8; the peer's --train
-# beside it), the gradient GEMMs alone at every tile (cuda_outer_sum_bench) and one RL step at 2
-# layers (bench/rl_step_bench.sh).
+# beside it), the gradient GEMMs alone at every tile (cuda_outer_sum_bench) and one RL step at as
+# many layers (bench/rl_step_bench.sh).
 #
 # LOCKSTEP_PREBUILT=DIR uses binaries built elsewhere (lockstep_tests_cuda, cuda_bench,
 # lockstep, bench_tokenizer, cuda_train_bench, cuda_outer_sum_bench, cuda_attention_backward_bench in DIR), for GPU machines that lack the project's build
@@ -108,9 +108,10 @@ if [ "$TRAIN" = 1 ]; then
     sed 's/[{}"]//g'
   echo "== the attention backward, each kernel form"
   [ -x "$ATTNB" ] && timeout 60 "$ATTNB" 2>&1 | tee "$OUT/attention_backward_bench.jsonl"
-  echo "== one RL step, 2 layers"
+  # At 8 layers the step's 8 micro-batches run layer by layer (one gradient buffer: docs/train.md).
+  echo "== one RL step, $TRAIN_LAYERS layers"
   LOCKSTEP="$CLI" RESPONSE_LEN=64 MICRO_BATCHES=8 timeout 600 "$ROOT/bench/rl_step_bench.sh" \
-    "$ROOT/models/qwen3-30b-a3b/config.json" 2 3 2>&1 | tail -2 | tee "$OUT/rl_step.log"
+    "$ROOT/models/qwen3-30b-a3b/config.json" "$TRAIN_LAYERS" 3 2>&1 | tail -2 | tee "$OUT/rl_step.log"
 fi
 
 if [ "$PEER" = 1 ] && [ -x "$TOKB" ] && [ -f "$ROOT/bench/hf_tokenizer_peer.py" ]; then
