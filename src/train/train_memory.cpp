@@ -17,6 +17,11 @@ double layer_parameter_count(const ModelConfig& c, int64_t l) {
   return (qd + 2 * kd) * H + H * qd + 2 * H + 2 * double(c.head_dim) + (moe ? E * H : 0.0) + E * 3 * I * H;
 }
 
+// The plan is close to what the step allocates; the headroom covers the allocator's rounding.
+double usable_bytes(double available_bytes) {
+  return available_bytes - std::max(double(int64_t(1) << 30), 0.03 * available_bytes);
+}
+
 }  // namespace
 
 double trainer_parameter_count(const ModelConfig& c) {
@@ -43,15 +48,6 @@ int64_t kept_layer_count(const ModelConfig& c, int64_t recomputed_layers) {
   LS_CHECK(recomputed_layers >= 0, "kept_layer_count: a recomputed-layer count >= 0, got ", recomputed_layers);
   return std::max<int64_t>(0, c.num_hidden_layers - std::min(recomputed_layers, c.num_hidden_layers));
 }
-
-namespace {
-
-// The plan is close to what the step allocates; the headroom covers the allocator's rounding.
-double usable_bytes(double available_bytes) {
-  return available_bytes - std::max(double(int64_t(1) << 30), 0.03 * available_bytes);
-}
-
-}  // namespace
 
 MicroBatchOrder micro_batch_order(const ModelConfig& c, int64_t tokens, int64_t micro_batches, bool gradients_held,
                                   double available_bytes) {

@@ -22,8 +22,7 @@ namespace {
 
 using Spans = std::vector<std::pair<float*, int64_t>>;
 
-// A part's buffers (pointer, floats) in a fixed order, and the same part carved from a scratch
-// level of `floats` floats.
+// Layer l's gradient buffers (pointer, floats) in a fixed order.
 Spans layer_spans(const ModelConfig& c, const DeviceLayerFloats& g, int64_t l) {
   using B = DeviceBuffer;
   Spans out;
@@ -38,6 +37,7 @@ Spans layer_spans(const ModelConfig& c, const DeviceLayerFloats& g, int64_t l) {
   return out;
 }
 
+// Layer l's gradients laid out in a scratch level of `floats` floats.
 DeviceLayerFloats carve_layer(const ModelConfig& c, float* level, int64_t floats, int64_t l) {
   using B = DeviceBuffer;
   int64_t used = 0;
