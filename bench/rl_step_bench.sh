@@ -39,7 +39,8 @@ out = {"event": "rl_step", "layers": int(sys.argv[2]), "steps": len(rl)}
 for k in keys:
     if k in later[0]:
         out[k.split("/")[1]] = round(statistics.median(r[k] for r in later), 3)
-for k in ["rollout/response_len/mean", "train/train_rollout_logprob_abs_diff", "perf/tokens_per_gpu_per_sec"]:
+for k in ["rollout/response_len/mean", "train/train_rollout_logprob_abs_diff", "perf/tokens_per_gpu_per_sec",
+          "perf/recomputed_layers", "perf/layer_major_microbatches"]:
     if k in later[-1]:
         out[k.split("/", 1)[1].replace("/", "_")] = later[-1][k]
 print(json.dumps(out))

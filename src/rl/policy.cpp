@@ -60,6 +60,17 @@ std::vector<std::vector<float>> Policy::score_all(const std::vector<std::vector<
   return lp;
 }
 
+Policy::DeviceStepInfo Policy::device_step_info() const {
+  DeviceStepInfo info;
+#ifdef LOCKSTEP_CUDA
+  if (device_state_) {
+    info.recomputed_layers = device_state_->recomputed_layers();
+    info.layer_major = device_state_->micro_batch_order() == MicroBatchOrder::layer_major;
+  }
+#endif
+  return info;
+}
+
 std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::vector<int32_t>>& seqs,
                                                        int64_t num_microbatches, const SampleLoss& loss,
                                                        const std::function<size_t(int64_t)>& record_size,

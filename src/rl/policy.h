@@ -42,6 +42,13 @@ class Policy {
   // recompute_num_layers: the trainer's activation recomputation (cuda_step_grads).
   void use_device_runner(ModelRunner* runner, int64_t recompute_num_layers = -1);
   bool on_device() const { return device_runner_ != nullptr; }
+  // On the GPU, how the last compute_grads ran: the layers it recomputed and whether its
+  // micro-batches went layer by layer (one gradient buffer; train/train_memory.h).
+  struct DeviceStepInfo {
+    int64_t recomputed_layers = 0;
+    bool layer_major = false;
+  };
+  DeviceStepInfo device_step_info() const;
   const Topology& topology() const { return layout_.topo; }
 
   // Per-token log-probs (n - 1 each) of every sequence by the parallel forward, on every rank.

@@ -704,6 +704,11 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
               {"perf/update_weights_time", update_time},
               {"perf/step_time", step_time},
               {"perf/tokens_per_gpu_per_sec", double(total_tokens) / std::max(step_time, 1e-9)}};
+    if (policy.on_device()) {  // what the GPU trainer's memory plan chose for the step
+      const Policy::DeviceStepInfo info = policy.device_step_info();
+      m["perf/recomputed_layers"] = info.recomputed_layers;
+      m["perf/layer_major_microbatches"] = info.layer_major ? 1 : 0;
+    }
     source->add_metrics(m);
     std::vector<bool> cut;
     for (const auto& s : samples) cut.push_back(s.truncated);

@@ -48,6 +48,9 @@ TEST(CudaTrain, TrulyOnPolicyOnEveryStepAndRepeatable) {
     EXPECT_EQ(m["train/train_rollout_logprob_abs_diff"].get<double>(), 0.0) << m;
     EXPECT_GT(m["train/grad_norm"].get<double>(), 0.0) << m;
     EXPECT_TRUE(std::isfinite(m["train/loss"].get<double>())) << m;
+    // The fixture fits batch by batch with every layer's activations kept.
+    EXPECT_EQ(m["perf/layer_major_microbatches"].get<int>(), 0) << m;
+    EXPECT_EQ(m["perf/recomputed_layers"].get<int>(), 0) << m;
   }
   EXPECT_EQ(rl_steps, 3);
   run_training(b);
