@@ -4,7 +4,6 @@
 // (cuda_layer_backward.h), the embedding's rows; fp32 gradients in device buffers of the
 // runner's layout (device_params.h).
 #include <algorithm>
-#include <functional>
 #include <map>
 #include <numeric>
 
@@ -158,7 +157,7 @@ void CudaTrainer::forward(Batch& b, const cuda::DeviceSlots& slots, const cuda::
 
 bool CudaTrainer::head(Batch& b, int64_t index, bool want_entropy, const UpstreamFn& upstream, float* logits,
                        std::vector<std::vector<float>>* scored, float* g_head, float* g_final_norm,
-                       const BackwardScratch* s, PhaseClock& clock, const std::function<void()>& before_backward) {
+                       const BackwardScratch* s, PhaseClock& clock) {
   const int64_t T = b.T, H = c_.hidden_size, V = c_.vocab_size;
   cudaStream_t st = r_.stream_;
   const auto& seqs = *b.seqs;
@@ -208,7 +207,6 @@ bool CudaTrainer::head(Batch& b, int64_t index, bool want_entropy, const Upstrea
   r_.upload_async(dlogp_d, dlogp.data(), dlogp.size() * 4);
   r_.upload_async(dent_d, dent.data(), dent.size() * 4);
   clock.lap("head_forward");
-  if (before_backward) before_backward();
 
   // ---- d logits (in place; the lm_head's gradients consume them), lm_head, the final norm.
   const float eps = float(c_.rms_norm_eps);
@@ -351,8 +349,9 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // experts without tokens zeroed by the MoE backward), so the buffer needs no clearing.
   float* logits = alloc<float>(T * V);
   BackwardScratch s;
+  if (upstream) s = scratch(T);
   const bool trains = head(b, 0, want_entropy, upstream, logits, scored, grads ? grads->lm_head : nullptr,
-                           grads ? grads->final_norm : nullptr, &s, clock, [&] { s = scratch(T); });
+                           grads ? grads->final_norm : nullptr, upstream ? &s : nullptr, clock);
   if (!trains) {
     r_.step_arena_.reset();  // the log-prob download waited for the stream
     return;

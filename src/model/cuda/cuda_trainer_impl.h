@@ -2,7 +2,6 @@
 // trainer's sources (cuda_trainer.cu, cuda_train_state.cu). CUDA sources only.
 #pragma once
 #include <algorithm>
-#include <functional>
 #include <vector>
 
 #include "model/cuda/cuda_layer_backward.h"
@@ -80,11 +79,11 @@ class CudaTrainer {
   void forward(Batch& b, const cuda::DeviceSlots& slots, const cuda::DeviceKvLayer& kv,
                std::vector<CudaRunner::Workspace>* kept_ws, std::vector<cuda::DeviceKvLayer>* kept_kv);
   // The head: logits into `logits` ([T, V]), log-probs, and with an upstream its gradients
-  // into g_head and g_final_norm and the residual gradient into b.dx (before_backward runs
-  // first, once the upstream has answered). False (nothing written but `scored`) when scoring.
+  // into g_head and g_final_norm and the residual gradient into b.dx, through the scratch `s`.
+  // False (nothing written but `scored`; `s` may be null) when scoring.
   bool head(Batch& b, int64_t index, bool want_entropy, const UpstreamFn& upstream, float* logits,
             std::vector<std::vector<float>>* scored, float* g_head, float* g_final_norm, const BackwardScratch* s,
-            PhaseClock& clock, const std::function<void()>& before_backward);
+            PhaseClock& clock);
   // Layer l's backward (recomputed from its kept input unless `kept`), b.dx carried down.
   void backward_layer(Batch& b, int64_t l, const cuda::DeviceSlots& slots, CudaRunner::Workspace& train_ws,
                       const cuda::DeviceKvLayer& kv, const DeviceLayerFloats& g, BackwardScratch& s, PhaseClock& clock,

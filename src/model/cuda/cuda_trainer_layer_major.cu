@@ -22,38 +22,23 @@ namespace {
 
 using Spans = std::vector<std::pair<float*, int64_t>>;
 
-// Layer l's gradient buffers (pointer, floats) in a fixed order.
+// Layer l's gradient buffers (pointer, floats) in kLayerBuffers' order.
 Spans layer_spans(const ModelConfig& c, const DeviceLayerFloats& g, int64_t l) {
-  using B = DeviceBuffer;
   Spans out;
-  const std::pair<float*, B> parts[] = {
-      {g.qkv, B::qkv},       {g.o, B::o},           {g.input_norm, B::input_norm}, {g.post_norm, B::post_norm},
-      {g.q_norm, B::q_norm}, {g.k_norm, B::k_norm}, {g.router, B::router},         {g.gate_up, B::gate_up},
-      {g.down, B::down}};
-  for (auto [p, buffer] : parts) {
-    const int64_t n = device_buffer_floats(c, buffer, l);
-    if (n > 0) out.emplace_back(p, n);
-  }
+  for (auto [buffer, field] : kLayerBuffers)
+    if (const int64_t n = device_buffer_floats(c, buffer, l); n > 0) out.emplace_back(g.*field, n);
   return out;
 }
 
 // Layer l's gradients laid out in a scratch level of `floats` floats.
 DeviceLayerFloats carve_layer(const ModelConfig& c, float* level, int64_t floats, int64_t l) {
-  using B = DeviceBuffer;
   int64_t used = 0;
-  const auto take = [&](B buffer) -> float* {
-    const int64_t n = device_buffer_floats(c, buffer, l);
-    if (n == 0) return nullptr;
+  return layer_floats(c, l, [&](DeviceBuffer buffer) {
     float* p = level + used;
-    used += n;
+    used += device_buffer_floats(c, buffer, l);
     LS_CHECK(used <= floats, "layer-major tree: layer ", l, " needs more than a level's ", floats, " floats");
     return p;
-  };
-  DeviceLayerFloats g;
-  g.qkv = take(B::qkv), g.o = take(B::o), g.input_norm = take(B::input_norm), g.post_norm = take(B::post_norm);
-  g.q_norm = take(B::q_norm), g.k_norm = take(B::k_norm), g.router = take(B::router);
-  g.gate_up = take(B::gate_up), g.down = take(B::down);
-  return g;
+  });
 }
 
 // One part's pairwise tree over the micro-batches. slot -1 is the gradient buffer; slot k >= 0
@@ -128,8 +113,7 @@ void CudaTrainer::step_grads_layer_major(const std::vector<std::vector<std::vect
     if (slot < 0) return {{grads->lm_head, V * H}, {grads->final_norm, H}};
     return {{level[size_t(slot)], V * H}, {level[size_t(slot)] + V * H, H}};
   };
-  BackwardScratch s;
-  bool scratch_made = false;
+  BackwardScratch s = scratch(T_max);
   PartTree head_tree;
   for (int64_t j = 0; j < M; ++j) {
     Batch& b = batches[size_t(j)];
@@ -137,9 +121,7 @@ void CudaTrainer::step_grads_layer_major(const std::vector<std::vector<std::vect
     forward(b, slots, kv, nullptr, nullptr);
     clock.lap("forward");
     const Spans to = head_spans(PartTree::slot_of(j));
-    head(b, j, want_entropy, upstream, logits, nullptr, to[0].first, to[1].first, &s, clock, [&] {
-      if (!scratch_made) s = scratch(T_max), scratch_made = true;
-    });
+    head(b, j, want_entropy, upstream, logits, nullptr, to[0].first, to[1].first, &s, clock);
     head_tree.push(j, [&](int left, int right) { add_spans(head_spans(left), head_spans(right)); });
     clock.lap("head_backward");
   }

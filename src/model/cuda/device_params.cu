@@ -17,14 +17,8 @@ void DeviceFloats::allocate(const ModelConfig& c) {
   };
   embed = take(B::embed, -1), lm_head = take(B::lm_head, -1), final_norm = take(B::final_norm, -1);
   layers.assign(size_t(c.num_hidden_layers), {});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    auto& L = layers[size_t(l)];
-    L.qkv = take(B::qkv, l), L.o = take(B::o, l);
-    L.input_norm = take(B::input_norm, l), L.post_norm = take(B::post_norm, l);
-    L.q_norm = take(B::q_norm, l), L.k_norm = take(B::k_norm, l);
-    L.router = take(B::router, l);
-    L.gate_up = take(B::gate_up, l), L.down = take(B::down, l);
-  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    layers[size_t(l)] = layer_floats(c, l, [&](B buffer) { return take(buffer, l); });
 }
 
 void DeviceFloats::add(const DeviceFloats& other, cudaStream_t s) {
@@ -38,21 +32,15 @@ namespace {
 template <typename Floats>
 auto* buffer_of(Floats& d, const DeviceSegment& s) {
   using B = DeviceBuffer;
-  auto& L = d.layers[size_t(std::max<int64_t>(s.slot.layer, 0))];
   switch (s.buffer) {
     case B::embed: return d.embed;
     case B::lm_head: return d.lm_head;
     case B::final_norm: return d.final_norm;
-    case B::qkv: return L.qkv;
-    case B::o: return L.o;
-    case B::input_norm: return L.input_norm;
-    case B::post_norm: return L.post_norm;
-    case B::q_norm: return L.q_norm;
-    case B::k_norm: return L.k_norm;
-    case B::router: return L.router;
-    case B::gate_up: return L.gate_up;
-    case B::down: return L.down;
+    default: break;
   }
+  const DeviceLayerFloats& L = d.layers[size_t(std::max<int64_t>(s.slot.layer, 0))];
+  for (auto [buffer, field] : kLayerBuffers)
+    if (buffer == s.buffer) return L.*field;
   return d.embed;
 }
 

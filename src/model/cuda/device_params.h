@@ -3,6 +3,7 @@
 // pointers of a parameter in them and in the runner. Included by CUDA sources only.
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "model/cuda/cuda_runner_impl.h"
@@ -19,6 +20,28 @@ struct DeviceLayerFloats {
   float* gate_up = nullptr;  // [E, 2I, H] (dense: [2I, H])
   float* down = nullptr;     // [E, H, I] (dense: [H, I])
 };
+
+// A layer's buffers, each with its field: the one list that allocation, segment lookup and
+// the layer-major tree's scratch levels walk.
+inline constexpr std::pair<DeviceBuffer, float * DeviceLayerFloats::*> kLayerBuffers[] = {
+    {DeviceBuffer::qkv, &DeviceLayerFloats::qkv},
+    {DeviceBuffer::o, &DeviceLayerFloats::o},
+    {DeviceBuffer::input_norm, &DeviceLayerFloats::input_norm},
+    {DeviceBuffer::post_norm, &DeviceLayerFloats::post_norm},
+    {DeviceBuffer::q_norm, &DeviceLayerFloats::q_norm},
+    {DeviceBuffer::k_norm, &DeviceLayerFloats::k_norm},
+    {DeviceBuffer::router, &DeviceLayerFloats::router},
+    {DeviceBuffer::gate_up, &DeviceLayerFloats::gate_up},
+    {DeviceBuffer::down, &DeviceLayerFloats::down}};
+
+// Layer l's buffers in kLayerBuffers' order, each take(buffer) (null where the layer has none:
+// device_buffer_floats is 0).
+template <typename Take>
+DeviceLayerFloats layer_floats(const ModelConfig& c, int64_t l, Take take) {
+  DeviceLayerFloats g;
+  for (auto [buffer, field] : kLayerBuffers) g.*field = device_buffer_floats(c, buffer, l) > 0 ? take(buffer) : nullptr;
+  return g;
+}
 
 // The model's fp32 tensors. lm_head has its own buffer even when tied (the gradient's head
 // part before it is added to the embedding's).
