@@ -1,5 +1,6 @@
 // The fused small-step routing + expert assignment equals the separate kernels bit for bit, and
-// both group the pairs as the selected ids say (one block, or many at large steps);
+// both group the pairs as the selected ids say (one block, or many at large steps, there in
+// pair order);
 // the large-step SwiGLU and expert combine (8 columns per thread) equal the small-step kernels;
 // the per-head RMSNorm and rotary embedding and the row RMSNorm follow their thread-order
 // procedures bit for bit.
@@ -34,6 +35,7 @@ void check_route_assign(int64_t T, int64_t E, int64_t k) {
     std::vector<int32_t> ids, rows;
     std::vector<float> weights;
     std::vector<std::vector<std::pair<int32_t, int32_t>>> groups;  // sorted (gather, scatter) per group
+    bool placed_in_pair_order = true;  // every group's rows in ascending pair order as placed
   };
   auto run = [&](bool fused) {
     DeviceVec<int32_t> ids(T * k), counts(cuda::assign_workspace_ints(T * k, E)), rows(E + 1), gather(T * k),
@@ -55,6 +57,7 @@ void check_route_assign(int64_t T, int64_t E, int64_t k) {
       std::vector<std::pair<int32_t, int32_t>> members;
       for (int32_t r = o.rows[size_t(e)]; r < o.rows[size_t(e + 1)]; ++r)
         members.push_back({g[size_t(r)], sc[size_t(r)]});
+      o.placed_in_pair_order = o.placed_in_pair_order && std::is_sorted(members.begin(), members.end());
       std::sort(members.begin(), members.end());
       o.groups.push_back(members);
     }
@@ -77,6 +80,12 @@ void check_route_assign(int64_t T, int64_t E, int64_t k) {
   EXPECT_EQ(a.rows, b.rows);
   EXPECT_EQ(a.groups, b.groups);
   EXPECT_EQ(b.rows.back(), int32_t(T * k));
+  // Large steps place each group's rows in pair order (tokens ascending): the trainer's
+  // backward reads a kept layer's rows in place then.
+  if (T * k >= 8192) {
+    EXPECT_TRUE(a.placed_in_pair_order) << T << " tokens, " << E << " experts";
+    EXPECT_TRUE(b.placed_in_pair_order) << T << " tokens, " << E << " experts";
+  }
 }
 
 TEST(CudaOps, RouteAndAssignEqualsSeparate) {

@@ -144,6 +144,27 @@ TEST(CudaTrainer, GradientsAreTheSameBitsWhateverLayersAreRecomputed) {
   }
 }
 
+// At 8192 (token, expert) pairs and more the forward places each expert's rows in token
+// order, and the backward reads a kept layer's rows where they are instead of gathering them:
+// the same bits as recomputing those rows in the backward's order.
+TEST(CudaTrainer, KeptExpertRowsReadInPlaceAreTheRecomputedRowsBits) {
+  LS_SKIP_WITHOUT_GPU();
+  ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
+  const ModelConfig& c = weights.config;
+  std::mt19937_64 rng(21);
+  std::vector<std::vector<int32_t>> seqs(10);
+  for (auto& seq : seqs)
+    for (int t = 0; t < 450; ++t) seq.push_back(int32_t(rng() % uint64_t(c.vocab_size)));
+  ASSERT_GE(10 * 450 * c.num_experts_per_tok, 8192);
+  auto runner = make_cuda_runner(weights, Precision::bfloat16);
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
+  ModelWeights recomputed = cuda_step_grads(*runner, seqs, false, upstream, c.num_hidden_layers);
+  ModelWeights kept = cuda_step_grads(*runner, seqs, false, upstream, 0);
+  auto want = recomputed.named(), got = kept.named();
+  for (auto& [name, t] : want)
+    EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), size_t(t->numel()) * 4), 0) << name;
+}
+
 // A step of several micro-batches runs micro-batch by micro-batch, or layer by layer with one
 // gradient buffer and each part's tree folded in place (train_memory.h's MicroBatchOrder): both
 // are the pairwise tree over the micro-batches' own gradients, bit for bit. Eight micro-batches

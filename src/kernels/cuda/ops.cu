@@ -292,7 +292,9 @@ __global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const in
 // counters took ~0.22 ms per layer at 16384 tokens). Block b takes the pairs
 // [b * kAssignBlockPairs, (b + 1) * kAssignBlockPairs): it counts them per expert, one block
 // turns the counts into each block's first row in each group, then every block places its
-// pairs from there. Only the order of rows inside a group differs from assign_block.
+// pairs from there, in pair order: a group's rows are its tokens ascending (the order the
+// trainer's backward sums an expert's rows in, so it can read a kept layer's rows in place).
+// Only the order of rows inside a group differs from assign_block.
 constexpr int kAssignBlockPairs = 2048, kAssignBlockThreads = 256;
 constexpr int64_t kParallelAssignPairs = 8192;
 
@@ -335,13 +337,29 @@ __global__ void __launch_bounds__(kAssignBlockThreads) expert_place_kernel(const
                                                                            int32_t* gather, int32_t* scatter) {
   start_after_previous();
   extern __shared__ int32_t s_cursor[];  // [E]: this block's next row in each group
-  for (int64_t e = threadIdx.x; e < E; e += kAssignBlockThreads) s_cursor[e] = first_row[blockIdx.x * E + e];
-  __syncthreads();
+  __shared__ int32_t s_ids[kAssignBlockPairs];
   const int64_t begin = int64_t(blockIdx.x) * kAssignBlockPairs, end = min(n, begin + kAssignBlockPairs);
-  for (int64_t i = begin + threadIdx.x; i < end; i += kAssignBlockThreads) {
-    const int32_t r = atomicAdd(&s_cursor[ids[i]], 1);
-    gather[r] = int32_t(i / k);
-    scatter[r] = int32_t(i);
+  for (int64_t e = threadIdx.x; e < E; e += kAssignBlockThreads) s_cursor[e] = first_row[blockIdx.x * E + e];
+  for (int64_t i = begin + threadIdx.x; i < end; i += kAssignBlockThreads) s_ids[i - begin] = ids[i];
+  __syncthreads();
+  if (threadIdx.x >= 32) return;
+  // One warp, 32 pairs at a time in pair order: a pair's row is its group's cursor plus the
+  // number of lower lanes in the same group; the group's lowest lane then moves the cursor.
+  const int lane = int(threadIdx.x);
+  for (int64_t i0 = begin; i0 < end; i0 += 32) {
+    const int64_t i = i0 + lane;
+    const bool live = i < end;
+    const int32_t e = live ? s_ids[i - begin] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int32_t before = __popc(peers & ((1u << lane) - 1u));
+    const int32_t r = live ? s_cursor[e] + before : 0;
+    __syncwarp();
+    if (live && before == 0) s_cursor[e] = r + __popc(peers);
+    __syncwarp();
+    if (live) {
+      gather[r] = int32_t(i / k);
+      scatter[r] = int32_t(i);
+    }
   }
 }
 

@@ -92,6 +92,7 @@ struct CudaLayerBackwardOps {
   // row of each (null: read the routing back now).
   const cpu::ExpertRows* sorted_rows = nullptr;
   const int32_t* sorted_pinned = nullptr;
+  bool kept_rows_in_order = false;  // the forward's expert rows are already in sorted_rows' order
 
   const ModelConfig& c = r.config_;
   cudaStream_t st = r.stream_;
@@ -119,7 +120,7 @@ struct CudaLayerBackwardOps {
       r.upload_async(s.row_token, p, size_t(rows) * 4);
       r.upload_async(s.row_pair, p + rows, size_t(rows) * 4);
       r.upload_async(s.order, p + 2 * rows, size_t(rows) * 4);
-      r.upload_async(s.kept_row, p + 3 * rows, size_t(rows) * 4);
+      if (!kept_rows_in_order) r.upload_async(s.kept_row, p + 3 * rows, size_t(rows) * 4);
       r.upload_async(s.group_rows, p + 4 * rows, size_t(E + 1) * 4);
     } else {
       std::vector<int32_t> ids(static_cast<size_t>(rows));
@@ -136,9 +137,13 @@ struct CudaLayerBackwardOps {
     const std::vector<int32_t>& offsets = by_expert.offsets;
     clock.lap("backward_moe_sort");
 
-    // The experts' internals: a kept layer's forward rows in this order, else recomputed per
-    // row with the forward's GEMM and SwiGLU (the same bits).
-    if (sorted_rows && w.keep_gate_up) {
+    // The experts' internals: a kept layer's forward rows in this order (read in place where
+    // the forward placed them so), else recomputed per row with the forward's GEMM and SwiGLU
+    // (the same bits).
+    const bf16_t *gu_rows = s.gu_rows, *act_rows = s.act_rows;
+    if (sorted_rows && w.keep_gate_up && kept_rows_in_order) {
+      gu_rows = w.gu, act_rows = w.act;
+    } else if (sorted_rows && w.keep_gate_up) {
       cuda::gather_rows(w.gu, s.kept_row, s.gu_rows, rows, 2 * I, st);
       cuda::gather_rows(w.act, s.kept_row, s.act_rows, rows, I, st);
     } else {
@@ -171,7 +176,7 @@ struct CudaLayerBackwardOps {
       const auto *dy = as_split(s.dy_rows + first * H), *dgate = as_split(s.dgate + first * I),
                  *dup = as_split(s.dup + first * I);
       const bf16_t* gate_w = L.gate_up + e * 2 * I * H;
-      down_w.push_back({dy, s.act_rows + first * I, g.down + e * H * I, H, b});
+      down_w.push_back({dy, act_rows + first * I, g.down + e * H * I, H, b});
       down_in.push_back({dy, L.down + e * H * I, s.dact + first * I, n, cuda::token_chunk_bounds(H)});
       gate_up_w.push_back({dgate, s.x_rows + first * H, g.gate_up + e * 2 * I * H, I, b});
       gate_up_w.push_back({dup, s.x_rows + first * H, g.gate_up + e * 2 * I * H + I * H, I, b});
@@ -207,9 +212,9 @@ struct CudaLayerBackwardOps {
         return out;
       };
       if (!packed) cuda::to_gradient_operand(s.dy_rows, rows, H, kGradientOperand, st);
-      grouped(0, n_used, H, 1, H, I, spans(s.dy_rows, nullptr, s.act_rows, rows));         // d down
+      grouped(0, n_used, H, 1, H, I, spans(s.dy_rows, nullptr, act_rows, rows));           // d down
       grouped(used, n_used, max_rows, H, 1, I, spans(s.dy_rows, nullptr, L.down, E * H));  // d act
-      cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st, rows_out);
+      cuda::swiglu_backward(gu_rows, s.dact, s.dgate, s.dup, rows, I, st, rows_out);
       if (!packed) {
         cuda::to_gradient_operand(s.dgate, rows, I, kGradientOperand, st);
         cuda::to_gradient_operand(s.dup, rows, I, kGradientOperand, st);
@@ -225,7 +230,7 @@ struct CudaLayerBackwardOps {
       if (round) cuda::round_to_bf16(s.dy_rows, rows * H, st);
       cuda::outer_sum_grouped_tc(s.groups, n_used, H, 1, H, I, st);                // d down
       cuda::outer_sum_grouped_tc(s.groups + used, n_used, max_rows, H, 1, I, st);  // d act
-      cuda::swiglu_backward(s.gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
+      cuda::swiglu_backward(gu_rows, s.dact, s.dgate, s.dup, rows, I, st);
       if (round) cuda::round_to_bf16(s.dgate, rows * I, st), cuda::round_to_bf16(s.dup, rows * I, st);
       cuda::outer_sum_grouped_tc(s.groups + 2 * used, 2 * n_used, I, 1, I, H, st);         // d gate, d up
       cuda::outer_sum_grouped_tc(s.groups + 4 * used, 2 * n_used, max_rows, I, 1, H, st);  // d x (two parts)

@@ -255,6 +255,7 @@ void CudaTrainer::backward_layer(Batch& b, int64_t l, const cuda::DeviceSlots& s
                             clock};
   back.sorted_rows = kept.sorted_rows;
   back.sorted_pinned = kept.sorted_pinned;
+  back.kept_rows_in_order = kept.rows_in_order;
   layer_backward(back, r_.layers_[size_t(l)]);
 }
 
@@ -359,12 +360,16 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   // The kept layers' expert rows (the CPU's assign order), each layer's over its routing, and
   // where the forward put each row (its assignment order is its own).
   std::vector<cpu::ExpertRows> sorted(static_cast<size_t>(NL));
+  std::vector<char> rows_in_order(static_cast<size_t>(NL), 0);  // the forward placed them in this order
   for (int64_t l = 0; l < NL; ++l) {
     int32_t* p = pinned_of[size_t(l)];
     if (!p) continue;
     cpu::ExpertRows& rows = sorted[size_t(l)];
     rows = cpu::expert_rows(p, T, k_routed, E);
     const std::vector<int32_t> kept_row = cpu::rows_in_placement(rows, p + routed_rows);
+    bool identity = true;
+    for (size_t r = 0; r < kept_row.size() && identity; ++r) identity = kept_row[r] == int32_t(r);
+    rows_in_order[size_t(l)] = identity;
     // What was read is no longer needed: the arrays take its place.
     std::copy(rows.row_token.begin(), rows.row_token.end(), p);
     std::copy(rows.row_pair.begin(), rows.row_pair.end(), p + routed_rows);
@@ -380,7 +385,10 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
   for (int64_t l = NL - 1; l >= 0; --l) {
     KeptLayer kept;
     if (!recomputed(l)) kept = {&kept_ws[size_t(l)], &kept_kv[size_t(l)]};
-    if (pinned_of[size_t(l)]) kept.sorted_rows = &sorted[size_t(l)], kept.sorted_pinned = pinned_of[size_t(l)];
+    if (pinned_of[size_t(l)]) {
+      kept.sorted_rows = &sorted[size_t(l)], kept.sorted_pinned = pinned_of[size_t(l)];
+      kept.rows_in_order = rows_in_order[size_t(l)] != 0;
+    }
     backward_layer(b, l, slots, train_ws, kv, grads->layers[size_t(l)], s, clock, kept);
   }
   embedding_backward(b, grads->embed, grads->lm_head, clock);

@@ -65,6 +65,7 @@ class CudaTrainer {
     const cuda::DeviceKvLayer* kv = nullptr;
     const cpu::ExpertRows* sorted_rows = nullptr;
     const int32_t* sorted_pinned = nullptr;
+    bool rows_in_order = false;  // the forward placed the expert rows in sorted_rows' order
   };
   // The phases of a step, in order. prepare_batch checks and packs (host only);
   // allocate_batch takes the batch's buffers from the step arena.
