@@ -3,7 +3,8 @@
 // (outer_sum_split_tc), milliseconds (median of 5 after a warm-up) and TFLOP/s of MMAs (hi and
 // lo: 4 S I K), each split result checked bit for bit against the fp32 path's, and the split
 // itself (ms, GB/s), and the hi half alone (the lm_head's); then the experts' grouped d down
-// and d act (128 experts, top-8, I 768).
+// and d act, d gate and the gate's part of d x (128 experts, top-8, I 768; d up and the up's
+// part are the gate's shapes again).
 // Random inputs made on the device. One JSON line per (GEMM, variant).
 //   cuda_outer_sum_bench [--tokens T] [--vocab V] [--hidden H] [--q-dim Q] [--kv-dim KV] [--only TEXT]
 // --only runs the GEMMs whose name holds TEXT ("experts": the grouped ones, for a profiler).
@@ -165,10 +166,12 @@ void run(const Gemm& gm) {
   std::fflush(stdout);
 }
 
-// The experts' two largest launches of a layer, grouped over E experts of n = T k / E rows each
+// The experts' gradient launches of a layer, grouped over E experts of n = T k / E rows each
 // (evenly spread tokens: the chunk bounds of a real routing): d down (weight gradient,
-// [H, I] an expert) and d act (input gradient, [n, I] an expert, summed over H).
-void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
+// [H, I] an expert) and d act (input gradient, [n, I] an expert, summed over H); with H and I
+// swapped, d gate (or d up: [I, H] an expert) and the gate's part of d x (summed over I).
+void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, const char* weight_name,
+                 const char* input_name) {
   const int64_t n = T * k / E, rows = n * E;
   Buffer dy(rows * H * 4), split(rows * H * 4), act(rows * I * 2), down(E * H * I * 2);
   Buffer out(std::max(E * H * I, rows * I) * 4), ref(std::max(E * H * I, rows * I) * 4);
@@ -208,7 +211,7 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I) {
     const int64_t max_I = weight ? H : n, g_row = weight ? 1 : H, g_col = weight ? H : 1;
     const int64_t outputs = weight ? E * H * I : rows * I;
     const double tflop = 4.0 * double(rows) * double(H) * double(I) / 1e12;
-    const char* name = weight ? "experts d down" : "experts d act";
+    const char* name = weight ? weight_name : input_name;
     const auto report = [&](const char* variant, double ms, const char* bits) {
       std::printf(
           "{\"gemm\":\"%s\",\"experts\":%lld,\"rows\":%lld,\"variant\":\"%s\",\"ms\":%.3f,"
@@ -320,7 +323,8 @@ int main(int argc, char** argv) {
           Gemm{"q_proj dW", T, Q, H, 1, Q, tokens}, Gemm{"q_proj dx", Q, T, H, Q, 1, cuda::token_chunk_bounds(Q)},
           Gemm{"o_proj dW", T, H, Q, 1, H, tokens}, Gemm{"k_proj dx", KV, T, H, KV, 1, cuda::token_chunk_bounds(KV)}})
       if (wanted(g.name)) run(g);
-    if (wanted("experts d down, d act")) run_experts(T, 8, 128, H, 768);
+    if (wanted("experts d down, d act")) run_experts(T, 8, 128, H, 768, "experts d down", "experts d act");
+    if (wanted("experts d gate, d x")) run_experts(T, 8, 128, 768, H, "experts d gate", "experts d x (gate part)");
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_outer_sum_bench: %s\n", e.what());
