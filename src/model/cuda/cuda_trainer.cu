@@ -358,7 +358,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     return;
   }
   // The kept layers' expert rows (the CPU's assign order), each layer's over its routing, and
-  // where the forward put each row (its assignment order is its own).
+  // where the forward put each row (its own order; the same one at 8192 pairs and more).
   std::vector<cpu::ExpertRows> sorted(static_cast<size_t>(NL));
   std::vector<char> rows_in_order(static_cast<size_t>(NL), 0);  // the forward placed them in this order
   for (int64_t l = 0; l < NL; ++l) {
