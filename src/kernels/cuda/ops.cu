@@ -297,6 +297,12 @@ __global__ void __launch_bounds__(kAssignThreads) assign_experts_kernel(const in
 // Only the order of rows inside a group differs from assign_block.
 constexpr int kAssignBlockPairs = 2048, kAssignBlockThreads = 256;
 constexpr int64_t kParallelAssignPairs = 8192;
+// The placement keeps a row of E counters per warp in shared memory (48 KB at most); more
+// experts take the one-block assignment at every size.
+constexpr int64_t kParallelAssignMaxExperts = 48 * 1024 / (kAssignBlockThreads / 32 * 4);
+bool parallel_assign(int64_t pairs, int64_t E) {
+  return pairs >= kParallelAssignPairs && E <= kParallelAssignMaxExperts;
+}
 
 __global__ void __launch_bounds__(kAssignBlockThreads) expert_histogram_kernel(const int32_t* ids, int64_t n,
                                                                                int64_t E, int32_t* hist) {
@@ -336,31 +342,49 @@ __global__ void __launch_bounds__(kAssignBlockThreads) expert_place_kernel(const
                                                                            int64_t E, const int32_t* first_row,
                                                                            int32_t* gather, int32_t* scatter) {
   start_after_previous();
-  extern __shared__ int32_t s_cursor[];  // [E]: this block's next row in each group
-  __shared__ int32_t s_ids[kAssignBlockPairs];
-  const int64_t begin = int64_t(blockIdx.x) * kAssignBlockPairs, end = min(n, begin + kAssignBlockPairs);
-  for (int64_t e = threadIdx.x; e < E; e += kAssignBlockThreads) s_cursor[e] = first_row[blockIdx.x * E + e];
-  for (int64_t i = begin + threadIdx.x; i < end; i += kAssignBlockThreads) s_ids[i - begin] = ids[i];
+  // [warp][E]: each warp's count of its pairs in each group, then its next row there.
+  extern __shared__ int32_t s_next[];
+  constexpr int kWarps = kAssignBlockThreads / 32, kWarpPairs = kAssignBlockPairs / kWarps;
+  const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
+  const int64_t begin = int64_t(blockIdx.x) * kAssignBlockPairs + int64_t(warp) * kWarpPairs;
+  const int64_t end = min(n, begin + kWarpPairs);
+  int32_t* mine = s_next + int64_t(warp) * E;
+  for (int64_t e = lane; e < E; e += 32) mine[e] = 0;
+  __syncwarp();
+  // Each warp takes its run of pairs 32 at a time in pair order: a pair's place among its
+  // group's pairs in the run is the number of lower lanes in the same group (match_any) plus
+  // what earlier rounds counted; the group's lowest lane moves the count.
+  auto walk = [&](bool place) {
+    for (int64_t i0 = begin; i0 < end; i0 += 32) {
+      const int64_t i = i0 + lane;
+      const bool live = i < end;
+      const int32_t e = live ? ids[i] : -1;
+      const unsigned peers = __match_any_sync(0xffffffffu, e);
+      const int32_t before = __popc(peers & ((1u << lane) - 1u));
+      const int32_t r = live ? mine[e] + before : 0;
+      __syncwarp();
+      if (live && before == 0) mine[e] = r + __popc(peers);
+      __syncwarp();
+      if (place && live) {
+        gather[r] = int32_t(i / k);
+        scatter[r] = int32_t(i);
+      }
+    }
+  };
+  walk(false);
   __syncthreads();
-  if (threadIdx.x >= 32) return;
-  // One warp, 32 pairs at a time in pair order: a pair's row is its group's cursor plus the
-  // number of lower lanes in the same group; the group's lowest lane then moves the cursor.
-  const int lane = int(threadIdx.x);
-  for (int64_t i0 = begin; i0 < end; i0 += 32) {
-    const int64_t i = i0 + lane;
-    const bool live = i < end;
-    const int32_t e = live ? s_ids[i - begin] : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, e);
-    const int32_t before = __popc(peers & ((1u << lane) - 1u));
-    const int32_t r = live ? s_cursor[e] + before : 0;
-    __syncwarp();
-    if (live && before == 0) s_cursor[e] = r + __popc(peers);
-    __syncwarp();
-    if (live) {
-      gather[r] = int32_t(i / k);
-      scatter[r] = int32_t(i);
+  // The counts become each warp's first row in each group: the block's first row, then the
+  // warps before it in order.
+  for (int64_t e = threadIdx.x; e < E; e += kAssignBlockThreads) {
+    int32_t row = first_row[blockIdx.x * E + e];
+    for (int w = 0; w < kWarps; ++w) {
+      const int32_t count = s_next[int64_t(w) * E + e];
+      s_next[int64_t(w) * E + e] = row;
+      row += count;
     }
   }
+  __syncthreads();
+  walk(true);
 }
 
 // Small steps: the routing of every token (warp t routes token t, as route_topk_kernel) and
@@ -755,14 +779,14 @@ void route_and_assign(const float* logits, int32_t* ids, float* weights, int64_t
 }
 
 int64_t assign_workspace_ints(int64_t pairs, int64_t E) {
-  return pairs < kParallelAssignPairs ? E : ceil_div(pairs, kAssignBlockPairs) * E;
+  return parallel_assign(pairs, E) ? ceil_div(pairs, kAssignBlockPairs) * E : E;
 }
 
 void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* group_rows,
                     int32_t* gather, int32_t* scatter, cudaStream_t s) {
   LS_CHECK(E <= 12288, "cuda assign_experts: at most 12288 experts (48 KB of shared counters), got ", E);
   const int64_t n = T * k, smem = E * int64_t(sizeof(int32_t));
-  if (n < kParallelAssignPairs)  // one launch: decode steps are latency-bound
+  if (!parallel_assign(n, E))  // one launch: decode steps are latency-bound
     return launch_after_previous(assign_experts_kernel, 1, kAssignThreads, size_t(smem), s, ids, n, k, E, group_rows,
                                  gather, scatter);
   const int64_t blocks = ceil_div(n, kAssignBlockPairs);
@@ -770,8 +794,9 @@ void assign_experts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t
   launch_after_previous(expert_histogram_kernel, unsigned(blocks), kAssignBlockThreads, size_t(smem), s, ids, n, E,
                         counts);
   launch_after_previous(expert_offsets_kernel, 1, kAssignThreads, size_t(smem), s, counts, blocks, E, group_rows);
-  launch_after_previous(expert_place_kernel, unsigned(blocks), kAssignBlockThreads, size_t(smem), s, ids, n, k, E,
-                        static_cast<const int32_t*>(counts), gather, scatter);
+  launch_after_previous(expert_place_kernel, unsigned(blocks), kAssignBlockThreads,
+                        size_t(smem) * (kAssignBlockThreads / 32), s, ids, n, k, E, static_cast<const int32_t*>(counts),
+                        gather, scatter);
 }
 
 void swiglu(const bf16_t* gu, bf16_t* act, int64_t R, int64_t I, cudaStream_t s) {
