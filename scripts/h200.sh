@@ -99,7 +99,7 @@ fi
 
 if [ "$TRAIN" = 1 ]; then
   echo "== trainer: forward + backward, $TRAIN_LAYERS layers"
-  LOCKSTEP_PROFILE_TRAIN=1 "$TRAINB" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$TRAIN_LAYERS" --reps 2 2>&1 |
+  LOCKSTEP_PROFILE_TRAIN=events "$TRAINB" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$TRAIN_LAYERS" --reps 2 2>&1 |
     tee "$OUT/train_bench.log" | tail -2
   [ "$PEER" = 1 ] && timeout 420 python3 "$ROOT/bench/hf_peer.py" "$ROOT/models/qwen3-30b-a3b/config.json" --train \
     --layers "$TRAIN_LAYERS" 2>&1 | grep hf_train | tee -a "$OUT/train_bench.log"

@@ -1,12 +1,14 @@
 // The CUDA op set of the layer's backward (model/layer.h) on one GPU, the backward's scratch
 // and the per-phase clock of the GPU trainer. Included by the trainer's CUDA sources only.
 #pragma once
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <numeric>
 #include <string>
+#include <vector>
 
 #include "kernels/canonical.h"
 #include "kernels/cpu/moe.h"
@@ -18,19 +20,32 @@
 
 namespace lockstep::cuda_model {
 
-// Time per phase of a step, when LOCKSTEP_PROFILE_TRAIN is set (each lap synchronises the
-// stream, so it slows the step; printed as one JSON line per step to stderr).
+// Time per phase of a step, when LOCKSTEP_PROFILE_TRAIN is set, printed as one JSON line per
+// step to stderr. With "events", each lap records a CUDA event and nothing synchronises, so the
+// step runs as unprofiled: a phase's seconds are the GPU's, and `<phase>_lead` is the least, over
+// that phase's laps, of the GPU's time since the step's start minus the host's at the lap's end:
+// near 0 where the GPU had caught up with the host (it waited for work). Any other value: each
+// lap synchronises the stream and times the phase on the host.
 class PhaseClock {
  public:
-  explicit PhaseClock(cudaStream_t s) : s_(s), on_(std::getenv("LOCKSTEP_PROFILE_TRAIN") != nullptr) {}
+  explicit PhaseClock(cudaStream_t s) : s_(s) {
+    const char* mode = std::getenv("LOCKSTEP_PROFILE_TRAIN");
+    on_ = mode != nullptr;
+    events_ = on_ && std::string(mode) == "events";
+    if (events_) record("start");
+  }
   ~PhaseClock() {
     if (!on_) return;
-    std::string line = "{\"event\":\"cuda_train_profile\"";
+    if (events_) fold_events();
+    std::string line =
+        std::string("{\"event\":\"cuda_train_profile\",\"clock\":\"") + (events_ ? "events" : "sync") + "\"";
     for (const auto& [name, sec] : seconds_) line += ",\"" + name + "\":" + std::to_string(sec);
+    for (const auto& [name, sec] : lead_) line += ",\"" + name + "_lead\":" + std::to_string(sec);
     std::fprintf(stderr, "%s}\n", line.c_str());
   }
   void lap(const char* name) {
     if (!on_) return;
+    if (events_) return record(name);
     LS_CUDA_CHECK(cudaStreamSynchronize(s_));
     const auto now = std::chrono::steady_clock::now();
     seconds_[name] += std::chrono::duration<double>(now - last_).count();
@@ -38,10 +53,38 @@ class PhaseClock {
   }
 
  private:
+  struct Mark {
+    const char* name;
+    cudaEvent_t event;
+    std::chrono::steady_clock::time_point host;
+  };
+  void record(const char* name) {
+    cudaEvent_t event;
+    LS_CUDA_CHECK(cudaEventCreate(&event));
+    LS_CUDA_CHECK(cudaEventRecord(event, s_));
+    marks_.push_back({name, event, std::chrono::steady_clock::now()});
+  }
+  // At the step's end (its stream synchronised): no exceptions here, a destructor's work.
+  void fold_events() {
+    cudaEventSynchronize(marks_.back().event);
+    for (size_t i = 1; i < marks_.size(); ++i) {
+      float phase_ms = 0, since_start_ms = 0;
+      cudaEventElapsedTime(&phase_ms, marks_[i - 1].event, marks_[i].event);
+      cudaEventElapsedTime(&since_start_ms, marks_[0].event, marks_[i].event);
+      const double host = std::chrono::duration<double>(marks_[i].host - marks_[0].host).count();
+      const double lead = since_start_ms / 1e3 - host;
+      seconds_[marks_[i].name] += phase_ms / 1e3;
+      const auto [it, first] = lead_.emplace(marks_[i].name, lead);
+      if (!first) it->second = std::min(it->second, lead);
+    }
+    for (const Mark& m : marks_) cudaEventDestroy(m.event);
+  }
+
   cudaStream_t s_;
-  bool on_;
+  bool on_ = false, events_ = false;
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
-  std::map<std::string, double> seconds_;
+  std::map<std::string, double> seconds_, lead_;
+  std::vector<Mark> marks_;
 };
 
 // How the bf16 linears' gradient GEMMs take the fp32 gradient (lm_head, q/k/v, o_proj, the
