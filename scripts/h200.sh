@@ -10,11 +10,13 @@
 # kernel's time (Nsight Compute, clocks left alone) over a 2-layer quick run into $OUT/ncu.csv;
 # --no-peer skips the HF transformers peer, --no-tests the GPU tests. --train also times the
 # trainer: forward + backward at 4 x 2048 tokens on LAYERS layers (default 8; the peer's --train
-# beside it), the gradient GEMMs alone at every tile (cuda_outer_sum_bench) and one RL step at as
-# many layers (bench/rl_step_bench.sh).
+# beside it), the gradient GEMMs alone at every tile (cuda_outer_sum_bench), the attention
+# backward's kernel forms, the two-CTA multicast GEMM (tma_multicast_gemm) and one RL step at
+# as many layers (bench/rl_step_bench.sh).
 #
 # LOCKSTEP_PREBUILT=DIR uses binaries built elsewhere (lockstep_tests_cuda, cuda_bench,
-# lockstep, bench_tokenizer, cuda_train_bench, cuda_outer_sum_bench, cuda_attention_backward_bench in DIR), for GPU machines that lack the project's build
+# lockstep, bench_tokenizer, cuda_train_bench, cuda_outer_sum_bench, cuda_attention_backward_bench,
+# tma_multicast_gemm in DIR), for GPU machines that lack the project's build
 # dependencies; LOCKSTEP_BUILT_SOURCE is then the source path they were built from.
 # Logs go to $OUT when set (else ./h200-out).
 set -uo pipefail
@@ -47,17 +49,19 @@ if [ -n "${LOCKSTEP_PREBUILT:-}" ]; then
   if [ -n "$built" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -s "$ROOT" "$built"; fi
   TESTS="$BIN/lockstep_tests_cuda"; BENCH="$BIN/cuda_bench"; CLI="$BIN/lockstep"; TOKB="$BIN/bench_tokenizer"
   TRAINB="$BIN/cuda_train_bench"; OUTERB="$BIN/cuda_outer_sum_bench"; ATTNB="$BIN/cuda_attention_backward_bench"
+  MULTICASTB="$BIN/tma_multicast_gemm"
 else
   BUILD="$ROOT/build-h200"
   cmake -S "$ROOT" -B "$BUILD" -G Ninja -DLOCKSTEP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
     -DCMAKE_CUDA20_STANDARD_COMPILE_OPTION=-std=c++20 -DCMAKE_CUDA20_EXTENSION_COMPILE_OPTION=-std=c++20 \
     >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
   cmake --build "$BUILD" -j"$(nproc)" --target lockstep_tests_cuda cuda_bench lockstep bench_tokenizer cuda_train_bench \
-    cuda_outer_sum_bench cuda_attention_backward_bench \
+    cuda_outer_sum_bench cuda_attention_backward_bench tma_multicast_gemm \
     >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   TESTS="$BUILD/tests/lockstep_tests_cuda"; BENCH="$BUILD/bench/cuda_bench"; CLI="$BUILD/lockstep"
   TOKB="$BUILD/bench/bench_tokenizer"; TRAINB="$BUILD/bench/cuda_train_bench"
   OUTERB="$BUILD/bench/cuda_outer_sum_bench"; ATTNB="$BUILD/bench/cuda_attention_backward_bench"
+  MULTICASTB="$BUILD/bench/tma_multicast_gemm"
 fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -108,6 +112,8 @@ if [ "$TRAIN" = 1 ]; then
     sed 's/[{}"]//g'
   echo "== the attention backward, each kernel form"
   [ -x "$ATTNB" ] && timeout 60 "$ATTNB" 2>&1 | tee "$OUT/attention_backward_bench.jsonl"
+  echo "== the TMA GEMM with a two-CTA multicast cluster (development kernel)"
+  [ -x "$MULTICASTB" ] && timeout 120 "$MULTICASTB" 2>&1 | tee "$OUT/tma_multicast_gemm.jsonl"
   # At 8 layers the step's 8 micro-batches run layer by layer (one gradient buffer: docs/train.md).
   echo "== one RL step, $TRAIN_LAYERS layers"
   LOCKSTEP="$CLI" RESPONSE_LEN=64 MICRO_BATCHES=8 timeout 600 "$ROOT/bench/rl_step_bench.sh" \
