@@ -132,7 +132,7 @@ struct CudaLayerBackwardOps {
   PhaseClock& clock;
   // A kept layer's expert rows, sorted on the host while the GPU ran ahead, and the same in
   // pinned memory as [row_token | row_pair | order | kept_row | offsets], kept_row the forward's
-  // row of each (null: read the routing back now).
+  // row of each, written only where kept_rows_in_order is false (null: read the routing back now).
   const cpu::ExpertRows* sorted_rows = nullptr;
   const int32_t* sorted_pinned = nullptr;
   bool kept_rows_in_order = false;  // the forward's expert rows are already in sorted_rows' order

@@ -366,15 +366,18 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
     if (!p) continue;
     cpu::ExpertRows& rows = sorted[size_t(l)];
     rows = cpu::expert_rows(p, T, k_routed, E);
-    const std::vector<int32_t> kept_row = cpu::rows_in_placement(rows, p + routed_rows);
-    bool identity = true;
-    for (size_t r = 0; r < kept_row.size() && identity; ++r) identity = kept_row[r] == int32_t(r);
-    rows_in_order[size_t(l)] = identity;
+    // The forward's rows are already in this order where it placed the same pair at each row;
+    // else each row's place there (kept_row) goes to the backward's gathers.
+    const bool in_order = std::equal(rows.row_pair.begin(), rows.row_pair.end(), p + routed_rows);
+    rows_in_order[size_t(l)] = in_order;
+    if (!in_order) {
+      const std::vector<int32_t> kept_row = cpu::rows_in_placement(rows, p + routed_rows);
+      std::copy(kept_row.begin(), kept_row.end(), p + 3 * routed_rows);
+    }
     // What was read is no longer needed: the arrays take its place.
     std::copy(rows.row_token.begin(), rows.row_token.end(), p);
     std::copy(rows.row_pair.begin(), rows.row_pair.end(), p + routed_rows);
     std::copy(rows.order.begin(), rows.order.end(), p + 2 * routed_rows);
-    std::copy(kept_row.begin(), kept_row.end(), p + 3 * routed_rows);
     std::copy(rows.offsets.begin(), rows.offsets.end(), p + 4 * routed_rows);
   }
   clock.lap("head_backward");
