@@ -20,6 +20,7 @@
 
 #include "core/device_memory.h"
 #include "core/error.h"
+#include "cuda_timing.h"
 #include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/ops.h"
@@ -42,25 +43,7 @@ struct Buffer {
   }
 };
 
-double median_ms(const std::function<void()>& launch) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  launch();  // warm-up
-  std::vector<double> ms;
-  for (int r = 0; r < 5; ++r) {
-    CHECK_CUDA(cudaEventRecord(a));
-    launch();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(a), cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[2];
-}
+using bench::cuda_median_ms;
 
 std::vector<char> download(const Buffer& b, int64_t bytes) {
   std::vector<char> out(size_t(bytes), 0);
@@ -92,13 +75,13 @@ void run(const Gemm& gm) {
         gm.name.c_str(), (long long)gm.S, (long long)gm.I, (long long)gm.K, variant, ms, tflop / (ms / 1e3), bits);
     std::fflush(stdout);
   };
-  const double ms_ref = median_ms([&] {
+  const double ms_ref = cuda_median_ms([&] {
     cuda::outer_sum_chunked_tc(g.as<float>(), gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds,
                                ref.as<float>(), gm.I, nullptr);
   });
   report("fp32 g (outer_sum_tc)", ms_ref, "reference");
   const auto want = download(ref, gm.I * gm.K * 4);
-  const double ms_split = median_ms([&] {
+  const double ms_split = cuda_median_ms([&] {
     CHECK_CUDA(cudaMemcpyAsync(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
     cuda::split_hi_lo(split.as<float>(), g_elems, nullptr);
   });
@@ -114,7 +97,7 @@ void run(const Gemm& gm) {
                {"split wgmma 128x256", cuda::SplitTile::wgmma128x256}};
   for (const auto& t : tiles) {
     const auto* gs = split.as<const cuda::bf16_t>();
-    const double ms = median_ms([&] {
+    const double ms = cuda_median_ms([&] {
       cuda::outer_sum_split_tc(gs, gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds, out.as<float>(), gm.I,
                                nullptr, workspace.as<float>(), t.tile);
     });
@@ -126,7 +109,8 @@ void run(const Gemm& gm) {
   std::vector<char> hi_bits;
   const int64_t pitch = gm.g_row == 1 ? gm.g_col : gm.g_row;
   CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
-  const double ms_pack = median_ms([&] { cuda::pack_bf16_rows(split.as<float>(), g_elems / pitch, pitch, nullptr); });
+  const double ms_pack =
+      cuda_median_ms([&] { cuda::pack_bf16_rows(split.as<float>(), g_elems / pitch, pitch, nullptr); });
   std::printf("{\"gemm\":\"%s\",\"variant\":\"pack_bf16_rows\",\"ms\":%.3f,\"gb_s\":%.0f}\n", gm.name.c_str(), ms_pack,
               6.0 * double(g_elems) / (ms_pack / 1e3) / 1e9);
   CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
@@ -134,7 +118,7 @@ void run(const Gemm& gm) {
   for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::wgmma128x256, cuda::SplitTile::tma128x256,
                           cuda::SplitTile::tma128x128}) {
     const auto* gs = split.as<const cuda::bf16_t>();
-    const double ms = median_ms([&] {
+    const double ms = cuda_median_ms([&] {
       cuda::outer_sum_split_tc(gs, gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds, out.as<float>(), gm.I,
                                nullptr, workspace.as<float>(), tile, cuda::GradientOperand::bf16);
     });
@@ -156,7 +140,7 @@ void run(const Gemm& gm) {
   // The experts' 128 x 128 wgmma tile (chunks in pairs, the pending tree on chip) as one group.
   const cuda::SplitOuterSumGroup one{split.as<const cuda::bf16_t>(), m.as<cuda::bf16_t>(), out.as<float>(), gm.I,
                                      gm.bounds};
-  const double ms_pairs = median_ms([&] {
+  const double ms_pairs = cuda_median_ms([&] {
     cuda::outer_sum_split_grouped_wgmma(&one, 1, gm.I, gm.g_row, gm.g_col, gm.K, nullptr, cuda::GradientOperand::bf16);
   });
   const bool same = download(out, gm.I * gm.K * 4) == hi_bits;
@@ -219,7 +203,7 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, const ch
           name, (long long)E, (long long)n, variant, ms, tflop / (ms / 1e3), bits);
       std::fflush(stdout);
     };
-    report("fp32 g (outer_sum_tc)", median_ms([&] {
+    report("fp32 g (outer_sum_tc)", cuda_median_ms([&] {
              cuda::outer_sum_grouped_tc(plain_d.as<cuda::OuterSumGroup>(), int(E), max_I, g_row, g_col, I, nullptr);
            }),
            "reference");
@@ -229,19 +213,19 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, const ch
       cuda::SplitTile tile;
     } tiles[] = {{"split 128x128", cuda::SplitTile::k128x128}, {"split 128x256", cuda::SplitTile::k128x256}};
     for (const auto& t : tiles) {
-      const double ms = median_ms([&] {
+      const double ms = cuda_median_ms([&] {
         cuda::outer_sum_split_grouped_tc(halves_d.as<cuda::SplitOuterSumGroup>(), int(E), max_I, g_row, g_col, I,
                                          nullptr, workspace.as<float>(), t.tile);
       });
       report(t.name, ms, download(out, outputs * 4) == want ? "same" : "DIFFER");
     }
-    const double ms =
-        median_ms([&] { cuda::outer_sum_split_grouped_wgmma(halves.data(), int(E), max_I, g_row, g_col, I, nullptr); });
+    const double ms = cuda_median_ms(
+        [&] { cuda::outer_sum_split_grouped_wgmma(halves.data(), int(E), max_I, g_row, g_col, I, nullptr); });
     report("split wgmma 128x128", ms, download(out, outputs * 4) == want ? "same" : "DIFFER");
     // dy rounded to bf16 (packed rows, the trainer's): half the MMAs; the tiles against each other.
     std::vector<char> bf16_bits;
     for (const auto& t : tiles) {
-      const double ms_bf16 = median_ms([&] {
+      const double ms_bf16 = cuda_median_ms([&] {
         cuda::outer_sum_split_grouped_tc(packed_d.as<cuda::SplitOuterSumGroup>(), int(E), max_I, g_row, g_col, I,
                                          nullptr, workspace.as<float>(), t.tile, cuda::GradientOperand::bf16);
       });
@@ -258,7 +242,7 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, const ch
                              : "DIFFER");
       std::fflush(stdout);
     }
-    const double ms_wgmma = median_ms([&] {
+    const double ms_wgmma = cuda_median_ms([&] {
       cuda::outer_sum_split_grouped_wgmma(packed_groups.data(), int(E), max_I, g_row, g_col, I, nullptr,
                                           cuda::GradientOperand::bf16);
     });
@@ -273,7 +257,7 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, const ch
     spans.g[0] = packed.as<const cuda::bf16_t>(), spans.g_rows[0] = rows;
     spans.m[0] = weight ? act.as<cuda::bf16_t>() : down.as<cuda::bf16_t>(), spans.m_rows[0] = weight ? rows : E * H;
     for (const int columns : {128, 256}) {
-      const double ms_tma = median_ms([&] {
+      const double ms_tma = cuda_median_ms([&] {
         for (int64_t p = 0; p < E; p += cuda::kMaxWgmmaGroups)
           cuda::outer_sum_split_tma_grouped(packed_groups.data() + p,
                                             int(std::min<int64_t>(E - p, cuda::kMaxWgmmaGroups)), max_I, weight, H, I,

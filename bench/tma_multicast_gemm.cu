@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cuda_timing.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/gemm_common.cuh"
@@ -156,29 +157,6 @@ void launch_dev(const GemmArgs& p, cudaStream_t stream) {
   LS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, map_a, map_w, p, int(tiles_n), int(units)));
 }
 
-template <typename Run>
-double median_ms(Run run) {
-  run();
-  LS_CUDA_CHECK(cudaDeviceSynchronize());
-  cudaEvent_t start, stop;
-  LS_CUDA_CHECK(cudaEventCreate(&start));
-  LS_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> ms;
-  for (int rep = 0; rep < 5; ++rep) {
-    LS_CUDA_CHECK(cudaEventRecord(start));
-    run();
-    LS_CUDA_CHECK(cudaEventRecord(stop));
-    LS_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    LS_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  LS_CUDA_CHECK(cudaEventDestroy(start));
-  LS_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
-
 struct Shape {
   const char* name;
   int64_t M, N, K, groups;  // groups > 1: M rows in equal groups, one W of [N, K] each
@@ -216,7 +194,7 @@ void run(const Shape& shape) {
   const double flop = 2.0 * double(M) * double(N) * double(K);
   GemmArgs ref = p;
   ref.out_f32 = want;
-  const double ms_ref = median_ms([&] { gemm(ref, nullptr); });
+  const double ms_ref = lockstep::bench::cuda_median_ms([&] { gemm(ref, nullptr); });
   std::printf("{\"gemm\":\"%s\",\"variant\":\"library gemm\",\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"reference\"}\n",
               shape.name, ms_ref, flop / (ms_ref / 1e3) / 1e12);
   std::vector<char> want_h(size_t(M * N) * 4), got_h(want_h.size());
@@ -225,7 +203,7 @@ void run(const Shape& shape) {
   dev.out_f32 = got;
   const auto report = [&](const char* variant, auto launch) {
     LS_CUDA_CHECK(cudaMemset(got, 0xff, size_t(M * N) * 4));
-    const double ms = median_ms([&] { launch(dev, nullptr); });
+    const double ms = lockstep::bench::cuda_median_ms([&] { launch(dev, nullptr); });
     LS_CUDA_CHECK(cudaMemcpy(got_h.data(), got, got_h.size(), cudaMemcpyDeviceToHost));
     const bool same = std::memcmp(got_h.data(), want_h.data(), want_h.size()) == 0;
     std::printf("{\"gemm\":\"%s\",\"variant\":\"%s\",\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"%s\"}\n", shape.name,
