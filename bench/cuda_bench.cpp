@@ -22,6 +22,7 @@
 #include "core/error.h"
 #include "kernels/cuda/decode_layers.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemm_tma.h"
 #include "kernels/cuda/ops.h"
 #include "model/cuda/cuda_runner.h"
 
@@ -130,8 +131,12 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
-    for (int config = T >= 4096 ? 2 : 0; config < cuda::kGemmConfigs; ++config) {  // 16-row tiles: small T
+    // The TMA configurations (wgmma 4-6) also in clusters of two CTAs (an operand multicast).
+    for (int run = T >= 4096 ? 2 : 0; run < cuda::kGemmConfigs + 3; ++run) {  // 16-row tiles: small T
+      const int config = run < cuda::kGemmConfigs ? run : cuda::kGemmMmaConfigs + 4 + (run - cuda::kGemmConfigs);
+      const int cluster = run < cuda::kGemmConfigs ? 1 : 2;
       if (only_config >= 0 && config != only_config) continue;
+      cuda::set_gemm_tma_cluster(cluster);
       const cuda::GemmArgs& gv = g;
       std::vector<float> ms;
       cuda::gemm_with_config(gv, config, nullptr);
@@ -144,10 +149,13 @@ void gemm_configs(const ModelConfig& c, const std::string& only, int only_config
         cudaEventElapsedTime(&t, e0, e1);
         ms.push_back(t);
       }
+      cuda::set_gemm_tma_cluster(1);
       std::sort(ms.begin(), ms.end());
       const double flops = 2.0 * double(sh.M) * double(sh.N) * double(sh.K);
-      std::printf("{\"event\":\"gemm\",\"shape\":\"%s\",\"tokens\":%lld,\"config\":%d,\"ms\":%.4f,\"tflops\":%.1f}\n",
-                  sh.name, (long long)T, config, ms[2], flops / (ms[2] * 1e-3) / 1e12);
+      std::printf(
+          "{\"event\":\"gemm\",\"shape\":\"%s\",\"tokens\":%lld,\"config\":%d,\"cluster\":%d,\"ms\":%.4f,"
+          "\"tflops\":%.1f}\n",
+          sh.name, (long long)T, config, cluster, ms[2], flops / (ms[2] * 1e-3) / 1e12);
     }
     LS_CHECK(cudaDeviceSynchronize() == cudaSuccess, "gemm bench failed");
     cudaFree(A);

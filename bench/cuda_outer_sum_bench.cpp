@@ -115,13 +115,18 @@ void run(const Gemm& gm) {
               6.0 * double(g_elems) / (ms_pack / 1e3) / 1e9);
   CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
   cuda::pack_bf16_rows(split.as<float>(), g_elems / pitch, pitch, nullptr);
+  const auto tma_cluster = cuda::SplitTile::automatic;  // in this list: TMA 128x256 in clusters of 2
   for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::wgmma128x256, cuda::SplitTile::tma128x256,
-                          cuda::SplitTile::tma128x128}) {
+                          cuda::SplitTile::tma128x128, tma_cluster}) {
     const auto* gs = split.as<const cuda::bf16_t>();
+    const bool clustered = tile == tma_cluster;
+    cuda::set_outer_sum_tma_cluster(clustered ? 2 : 1);
     const double ms = cuda_median_ms([&] {
       cuda::outer_sum_split_tc(gs, gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds, out.as<float>(), gm.I,
-                               nullptr, workspace.as<float>(), tile, cuda::GradientOperand::bf16);
+                               nullptr, workspace.as<float>(), clustered ? cuda::SplitTile::tma128x256 : tile,
+                               cuda::GradientOperand::bf16);
     });
+    cuda::set_outer_sum_tma_cluster(1);
     const auto got = download(out, gm.I * gm.K * 4);
     const bool first = hi_bits.empty();
     if (first) hi_bits = got;
@@ -130,6 +135,7 @@ void run(const Gemm& gm) {
                 tile == cuda::SplitTile::k128x128       ? "128x128"
                 : tile == cuda::SplitTile::wgmma128x256 ? "wgmma 128x256"
                 : tile == cuda::SplitTile::tma128x256   ? "TMA 128x256"
+                : clustered                             ? "TMA 128x256, clusters of 2"
                                                         : "TMA 128x128",
                 ms, tflop / 2 / (ms / 1e3),
                 first            ? "reference"
@@ -256,17 +262,19 @@ void run_experts(int64_t T, int64_t k, int64_t E, int64_t H, int64_t I, const ch
     cuda::SplitSpans spans;
     spans.g[0] = packed.as<const cuda::bf16_t>(), spans.g_rows[0] = rows;
     spans.m[0] = weight ? act.as<cuda::bf16_t>() : down.as<cuda::bf16_t>(), spans.m_rows[0] = weight ? rows : E * H;
-    for (const int columns : {128, 256}) {
+    for (const auto [columns, cluster] : {std::pair{128, 1}, std::pair{256, 1}, std::pair{128, 2}, std::pair{256, 2}}) {
+      cuda::set_outer_sum_tma_cluster(cluster);
       const double ms_tma = cuda_median_ms([&] {
         for (int64_t p = 0; p < E; p += cuda::kMaxWgmmaGroups)
           cuda::outer_sum_split_tma_grouped(packed_groups.data() + p,
                                             int(std::min<int64_t>(E - p, cuda::kMaxWgmmaGroups)), max_I, weight, H, I,
                                             spans, workspace.as<float>(), nullptr, columns);
       });
+      cuda::set_outer_sum_tma_cluster(1);
       std::printf(
-          "{\"gemm\":\"%s\",\"experts\":%lld,\"rows\":%lld,\"variant\":\"bf16 g, TMA 128x%d\",\"ms\":%.3f,"
-          "\"tflops\":%.1f,\"bits\":\"%s\"}\n",
-          name, (long long)E, (long long)n, columns, ms_tma, tflop / 2 / (ms_tma / 1e3),
+          "{\"gemm\":\"%s\",\"experts\":%lld,\"rows\":%lld,\"variant\":\"bf16 g, TMA 128x%d, clusters of %d\","
+          "\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"%s\"}\n",
+          name, (long long)E, (long long)n, columns, cluster, ms_tma, tflop / 2 / (ms_tma / 1e3),
           download(out, outputs * 4) == bf16_bits ? "same" : "DIFFER");
       std::fflush(stdout);
     }

@@ -77,12 +77,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < k_tiles; ++j, ++it) {
         const uint32_t s = it % STAGES, round = it / STAGES;
         if (lane != 0) continue;
-        if (round > 0) {
-          if constexpr (MULTICAST)
-            mbar_wait<true>(empty(s), (round - 1) & 1);
-          else
-            mbar_wait(empty(s), (round - 1) & 1);
-        }
+        if (round > 0) mbar_wait(empty(s), (round - 1) & 1);
         mbar_arrive_expect_tx(full(s), STAGE_BYTES);  // A, and the whole W tile (both halves)
         tma_load(base + s * STAGE_BYTES, &map_a, full(s), j * kBK, a_row);
         if constexpr (MULTICAST)
@@ -115,13 +110,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();
         __syncwarp();
-        if (lane == 0) {
-          if constexpr (MULTICAST) {
-            mbar_arrive_in(empty(s), 0);
-            mbar_arrive_in(empty(s), 1);
-          } else {
-            mbar_arrive(empty(s));
-          }
+        if constexpr (MULTICAST) {
+          if (lane < 2) mbar_arrive_in(empty(s), uint32_t(lane));
+        } else if (lane == 0) {
+          mbar_arrive(empty(s));
         }
       }
       store_wgmma_tile<BN>(p, acc, row0 + int(rank) * kBM, row_end, (unit % tiles_n) * BN, wg);
@@ -141,7 +133,13 @@ void launch_dev(const GemmArgs& p, cudaStream_t stream) {
   const CUtensorMap map_a = bf16_tensor_map(p.A, p.M, p.K, p.lda, kBM, "dev gemm");
   const CUtensorMap map_w = bf16_tensor_map(p.W, groups * p.N, p.K, p.ldw, BN / CTAS, "dev gemm");
   const int64_t tiles_n = ceil_div(p.N, BN), units = tiles_n * row_tiles_bound(p, kBM * CTAS);
-  const int64_t clusters = std::min<int64_t>(units, sm_count() / CTAS);
+  static const int resident = MULTICAST ? max_active_clusters(kernel, kThreads, smem, CTAS) : sm_count();
+  static const bool reported = [] {
+    std::printf("{\"variant\":\"%s\",\"resident_clusters\":%d}\n", MULTICAST ? "multicast" : "unicast", resident);
+    return true;
+  }();
+  (void)reported;
+  const int64_t clusters = std::min<int64_t>(units, resident);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(clusters * CTAS));
   cfg.blockDim = dim3(kThreads);

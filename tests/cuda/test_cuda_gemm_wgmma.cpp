@@ -8,12 +8,27 @@
 #include "cuda_test_util.h"
 #include "gemm_test_util.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemm_tma.h"
 
 namespace lockstep {
 namespace {
 
 using testing::DeviceVec;
 using testing::random_bf16;
+
+// run(config, cluster) for every configuration, the TMA ones (wgmma configurations 4-6) also in
+// clusters of two CTAs (set_gemm_tma_cluster); the cluster setting is restored after.
+template <typename Run>
+void for_every_config(Run run) {
+  const int before = cuda::gemm_tma_cluster();
+  for (int config = 0; config < cuda::kGemmConfigs; ++config)
+    for (const int cluster : {1, 2}) {
+      if (cluster == 2 && config < cuda::kGemmMmaConfigs + 4) continue;
+      cuda::set_gemm_tma_cluster(cluster);
+      run(config, cluster);
+    }
+  cuda::set_gemm_tma_cluster(before);
+}
 
 // 600 tokens in 8 experts of 130, 0, 1, 257, 64, 3, 128 and 17 rows, gathered from a shuffled
 // token order and scattered back to the token's row.
@@ -39,7 +54,7 @@ void check_grouped(int64_t N, int64_t K, int chunks) {
     cuda::gemm_with_config(a, 4, nullptr);
     plain.push_back(out.take());
   }
-  for (int config = 0; config < cuda::kGemmConfigs; ++config) {
+  for_every_config([&](int config, int cluster) {
     DeviceVec<float> out(T * N);
     out.poison();
     auto a = testing::gemm_args(X.get(), K, W.get(), K, T, N, K, chunks, out.get());
@@ -56,8 +71,8 @@ void check_grouped(int64_t N, int64_t K, int chunks) {
         const int64_t t = perm[r];
         bad_rows += std::memcmp(&grouped[t * N], &plain[g][t * N], N * 4) != 0;
       }
-    EXPECT_EQ(bad_rows, 0) << "config " << config << " chunks " << chunks;
-  }
+    EXPECT_EQ(bad_rows, 0) << "config " << config << " chunks " << chunks << " clusters of " << cluster;
+  });
 }
 
 TEST(CudaGemmLarge, GroupedColumnFormEqualsPlain) { check_grouped(1536, 2048, 1); }
@@ -73,7 +88,7 @@ TEST(CudaGemmLarge, OutputKindsAgreeAcrossConfigurations) {
   for (int chunks : {1, 8})
     for (auto kind : {cuda::GemmOut::bf16, cuda::GemmOut::bf16_residual}) {
       std::vector<uint16_t> first;
-      for (int config = 0; config < cuda::kGemmConfigs; ++config) {
+      for_every_config([&](int config, int cluster) {
         DeviceVec<uint16_t> out(r);  // the residual, overwritten in place
         auto g = testing::gemm_args(A.get(), K, W.get(), K, M, N, K, chunks, nullptr);
         g.out_kind = kind;
@@ -81,12 +96,42 @@ TEST(CudaGemmLarge, OutputKindsAgreeAcrossConfigurations) {
         g.resid = reinterpret_cast<const __nv_bfloat16*>(out.get());
         cuda::gemm_with_config(g, config, nullptr);
         const auto got = out.take();
-        if (config == 0) first = got;
+        if (config == 0)
+          first = got;
         else
           EXPECT_EQ(std::memcmp(got.data(), first.data(), got.size() * 2), 0)
-              << "config " << config << " chunks " << chunks << " kind " << int(kind);
-      }
+              << "config " << config << " chunks " << chunks << " kind " << int(kind) << " clusters of " << cluster;
+      });
     }
+}
+
+// A shape whose row tiles (5) and column tiles (3 at 128, 2 at 256) are odd: the pair's second
+// tile past the matrix takes part in the loads and stores nothing; every configuration and
+// cluster setting gives the mma.sync tile's bits, grouped (A shared) and not (W shared).
+TEST(CudaGemmLarge, ClustersOfTwoGiveTheBitsOfOne) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t M = 520, N = 328, K = 768;
+  auto a = random_bf16(M * K, 41), w = random_bf16(2 * N * K, 42);
+  DeviceVec<uint16_t> A(a), W(w);
+  DeviceVec<int32_t> Rows(std::vector<int32_t>{0, 300, int32_t(M)});
+  for (const bool grouped : {false, true})
+    for (int chunks : {1, 8}) {
+      std::vector<float> first;
+      for_every_config([&](int config, int cluster) {
+        DeviceVec<float> out(M * N);
+        out.poison();
+        auto g = testing::gemm_args(A.get(), K, W.get(), K, M, N, K, chunks, out.get());
+        if (grouped) g.group_rows = Rows.get(), g.groups = 2, g.w_group_stride = N * K;
+        cuda::gemm_with_config(g, config, nullptr);
+        const auto got = out.take();
+        if (first.empty())
+          first = got;
+        else
+          EXPECT_EQ(std::memcmp(got.data(), first.data(), got.size() * 4), 0)
+              << "config " << config << " chunks " << chunks << " grouped " << grouped << " clusters of " << cluster;
+      });
+    }
+  EXPECT_THROW(cuda::set_gemm_tma_cluster(3), std::exception);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 
 #include "cuda_test_util.h"
 #include "kernels/cuda/backward.h"
@@ -65,6 +66,22 @@ const char* tile_name(cuda::SplitTile tile) {
   }
 }
 
+// run(tile, name) at every tile, the TMA tiles also in clusters of two CTAs (the m tile shared
+// by multicast; set_outer_sum_tma_cluster); the cluster setting is restored after.
+template <typename Run>
+void for_every_tile(Run run) {
+  const int before = cuda::outer_sum_tma_cluster();
+  for (const auto tile : kEveryTile) {
+    const bool tma = tile == cuda::SplitTile::tma128x256 || tile == cuda::SplitTile::tma128x128;
+    for (const int cluster : {1, 2}) {
+      if (cluster == 2 && !tma) continue;
+      cuda::set_outer_sum_tma_cluster(cluster);
+      run(tile, std::string(tile_name(tile)) + (cluster == 2 ? ", cluster of 2" : ""));
+    }
+  }
+  cuda::set_outer_sum_tma_cluster(before);
+}
+
 struct Shape {
   int64_t T, N, K;
 };
@@ -121,8 +138,7 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
   EXPECT_THROW(cuda::outer_sum_chunk_parallel_tc(Dy.get(), 1, N, as_bf16(X), K, tokens, Got.get(), N, Workspace.get(),
                                                  tokens.count * N * K - 1, nullptr),
                std::exception);
-  for (const auto tile : kEveryTile) {
-    const char* name = tile_name(tile);
+  for_every_tile([&](cuda::SplitTile tile, const std::string& name) {
     Workspace.poison(), Got.poison();
     cuda::outer_sum_split_tc(as_split(Split), 1, N, as_bf16(X), K, tokens, Got.get(), N, nullptr, Workspace.get(),
                              tile);
@@ -131,7 +147,7 @@ TEST_P(CudaOuterSumSplitTc, TheFp32PathsBitsForWeightAndInputGradients) {
     cuda::outer_sum_split_tc(as_split(Split), N, 1, as_bf16(W), K, over_n, Got.get(), T, nullptr, Workspace.get(),
                              tile);
     EXPECT_TRUE(same_bits_f(head(Got, T * K), want_dx)) << "input grad, " << name;
-  }
+  });
 
   // The helper that consumes dy: both gradients as the two plain calls give them.
   expect_consuming_helper_matches(dy, dy, X, W, T, N, K, tokens, Workspace, cuda::GradientOperand::exact_hi_lo);
@@ -154,8 +170,7 @@ TEST_P(CudaOuterSumSplitTc, TheHiHalfAloneIsTheRoundedGradientsSum) {
   const cuda::ChunkBounds tokens = cuda::token_chunk_bounds(T), over_n = cuda::token_chunk_bounds(N);
   DeviceVec<float> Workspace(cuda::outer_sum_split_workspace_floats());
   const auto hi = cuda::GradientOperand::bf16;
-  for (const auto tile : kEveryTile) {
-    const char* name = tile_name(tile);
+  for_every_tile([&](cuda::SplitTile tile, const std::string& name) {
     Want.poison(), Got.poison();
     cuda::outer_sum_split_tc(as_split(SplitRounded), 1, N, as_bf16(X), K, tokens, Want.get(), N, nullptr,
                              Workspace.get(), tile);
@@ -168,7 +183,7 @@ TEST_P(CudaOuterSumSplitTc, TheHiHalfAloneIsTheRoundedGradientsSum) {
     cuda::outer_sum_split_tc(as_split(Packed), N, 1, as_bf16(W), K, over_n, Got.get(), T, nullptr, Workspace.get(),
                              tile, hi);
     EXPECT_TRUE(same_bits_f(head(Got, T * K), head(Want, T * K))) << "input grad, " << name;
-  }
+  });
   expect_consuming_helper_matches(dy, rounded, X, W, T, N, K, tokens, Workspace, hi);
   // A dy that arrives packed (the head's log-softmax backward packs as it writes): the same bits.
   if (!cuda::linear_grads_take_split(T, N, K, tokens)) return;
@@ -243,11 +258,11 @@ TEST(CudaOuterSumSplitTc, UnevenAndEmptyChunksGiveTheFp32PathsBits) {
     Want.poison();
     cuda::outer_sum_chunked_tc(G.get(), 1, I, as_bf16(M), K, sub, Want.get(), I, nullptr);
     const auto want = Want.take();
-    for (const auto tile : kEveryTile) {
+    for_every_tile([&](cuda::SplitTile tile, const std::string& name) {
       Got.poison();
       cuda::outer_sum_split_tc(as_split(Split), 1, I, as_bf16(M), K, sub, Got.get(), I, nullptr, Workspace.get(), tile);
-      EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, tile " << tile_name(tile);
-    }
+      EXPECT_TRUE(same_bits_f(Got.take(), want)) << count << " chunks, tile " << name;
+    });
     Got.poison();
     const cuda::SplitOuterSumGroup group{as_split(Split), as_bf16(M), Got.get(), I, sub};
     cuda::outer_sum_split_grouped_wgmma(&group, 1, I, 1, I, K, nullptr);
@@ -258,12 +273,12 @@ TEST(CudaOuterSumSplitTc, UnevenAndEmptyChunksGiveTheFp32PathsBits) {
     cuda::outer_sum_split_tc(as_split(SplitRounded), 1, I, as_bf16(M), K, sub, Want.get(), I, nullptr, nullptr,
                              cuda::SplitTile::k128x128);
     const auto want_bf16 = Want.take();
-    for (const auto tile : kEveryTile) {
+    for_every_tile([&](cuda::SplitTile tile, const std::string& name) {
       Got.poison();
       cuda::outer_sum_split_tc(as_split(Packed), 1, I, as_bf16(M), K, sub, Got.get(), I, nullptr, Workspace.get(), tile,
                                cuda::GradientOperand::bf16);
-      EXPECT_TRUE(same_bits_f(Got.take(), want_bf16)) << count << " chunks, bf16, tile " << tile_name(tile);
-    }
+      EXPECT_TRUE(same_bits_f(Got.take(), want_bf16)) << count << " chunks, bf16, tile " << name;
+    });
   }
 }
 
@@ -374,13 +389,17 @@ TEST(CudaOuterSumSplitTc, AGroupedLaunchOnTheHiHalfAloneIsTheRoundedGradientsSum
   weight_spans.g_rows[0] = input_spans.g_rows[0] = T;
   weight_spans.m[0] = as_bf16(X), weight_spans.m_rows[0] = T;
   input_spans.m[0] = as_bf16(W), input_spans.m_rows[0] = 3 * N;
-  for (const int columns : {128, 256}) {
-    Got.poison();
-    cuda::outer_sum_split_tma_grouped(host.data(), 3, N, true, N, K, weight_spans, Workspace.get(), nullptr, columns);
-    cuda::outer_sum_split_tma_grouped(host.data() + 3, 3, 185, false, N, K, input_spans, Workspace.get(), nullptr,
-                                      columns);
-    EXPECT_TRUE(same_bits_f(Got.take(), want)) << "TMA, " << columns << " columns";
-  }
+  const int before = cuda::outer_sum_tma_cluster();
+  for (const int cluster : {1, 2})
+    for (const int columns : {128, 256}) {
+      cuda::set_outer_sum_tma_cluster(cluster);
+      Got.poison();
+      cuda::outer_sum_split_tma_grouped(host.data(), 3, N, true, N, K, weight_spans, Workspace.get(), nullptr, columns);
+      cuda::outer_sum_split_tma_grouped(host.data() + 3, 3, 185, false, N, K, input_spans, Workspace.get(), nullptr,
+                                        columns);
+      EXPECT_TRUE(same_bits_f(Got.take(), want)) << "TMA, " << columns << " columns, clusters of " << cluster;
+    }
+  cuda::set_outer_sum_tma_cluster(before);
 }
 
 TEST(CudaOuterSumSplitTma, TakesTheBf16OperandAndInputChunksOfWholeSteps) {
@@ -412,6 +431,8 @@ TEST(CudaOuterSumSplitTma, RefusesGroupsOutsideTheSpansBeforeAnyWork) {
                std::exception);
   EXPECT_THROW(cuda::outer_sum_split_tma_grouped(&inside, 1, 64, true, 64, 64, spans, nullptr, nullptr, 256),
                std::exception);  // the 128 x 256 tile without a workspace
+  EXPECT_THROW(cuda::set_outer_sum_tma_cluster(4), std::exception);
+  EXPECT_THROW(cuda::set_outer_sum_tma_cluster(0), std::exception);
 }
 
 TEST(CudaOuterSumSplitTc, SupportsOnlyShapesWhosePiecesAreWholeGroupsOfEight) {

@@ -67,20 +67,53 @@ __device__ __forceinline__ void start_after_previous() {
   allow_next_kernel_launch();
 }
 
+// launch_after_previous with clusters of `cluster` CTAs along x (1: no cluster attribute).
 template <typename... KernelArgs, typename... Args>
-void launch_after_previous(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                           Args&&... args) {
+void launch_after_previous_in_clusters(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                                       cudaStream_t stream, unsigned cluster, Args&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = cluster;
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = cluster > 1 ? 2 : 1;
   LS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+template <typename... KernelArgs, typename... Args>
+void launch_after_previous(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           Args&&... args) {
+  launch_after_previous_in_clusters(kernel, grid, block, smem, stream, 1, std::forward<Args>(args)...);
+}
+
+// How many clusters of `cluster` CTAs of `kernel` (block threads, smem bytes of dynamic shared
+// memory) the GPU holds at once: a persistent grid's size (a GPC with an odd number of SMs left
+// over holds one CTA fewer than its SMs).
+template <typename... KernelArgs>
+int max_active_clusters(void (*kernel)(KernelArgs...), int block, size_t smem, unsigned cluster) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(sm_count()));
+  cfg.blockDim = dim3(unsigned(block));
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  LS_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  LS_CHECK(clusters > 0, "no cluster of ", cluster, " CTAs of this kernel fits the GPU");
+  return clusters;
 }
 
 }  // namespace lockstep::cuda

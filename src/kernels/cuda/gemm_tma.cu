@@ -10,6 +10,13 @@
 // then the k16 steps of its K (or of each chunk) in ascending k; k16 steps wholly past a
 // chunk's end are skipped; the row form adds the chunk sums as fold_chunk does. So the bits
 // are the same (the GEMM tests compare every configuration).
+//
+// In clusters of two CTAs (set_gemm_tma_cluster(2)) the pair shares one operand tile by TMA
+// multicast, each CTA loading half of it into both: 128-row tiles over short sums feed the
+// tensor cores 64 FLOP a byte of L2, so L2 bounds them (notes/gpu-trainer.md, session 21).
+// Ungrouped problems pair two row tiles under one W tile (SHARE 1); grouped ones pair two
+// column tiles of one row tile (SHARE 2), whose rows are always in one group. Each consumer
+// warp hands a stage back to both CTAs, so neither overwrites a stage the other still reads.
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
@@ -51,12 +58,15 @@ constexpr size_t tma_smem_bytes() {
 // SMEM_PARTIALS of s2, s1 (in that order) live in shared memory (each thread its own words).
 // DRAIN: each K tile's wgmma finish before the stage is handed back; otherwise one tile's
 // wgmma stay in flight while the next tile's are issued.
-template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
+// SHARE: 0, one CTA a tile; 1, the W tile shared by the row tiles 2u and 2u + 1 of a cluster
+// (ungrouped only); 2, the A tile shared by the column tiles 2u and 2u + 1. Units are tiles,
+// or with SHARE those pairs (units_n of them a row, or with rows_fastest that many rows a column).
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN, int SHARE>
 __global__ void __launch_bounds__(kTmaThreads, 1)
     tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, GemmArgs p,
-                    int tiles_n, int tiles_total, int rows_fastest) {
-  constexpr int BM = kTmaBM, BK = kTmaBK, R = BN / 2;
-  constexpr uint32_t A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+                    int units_n, int units_total, int rows_fastest) {
+  constexpr int BM = kTmaBM, BK = kTmaBK, R = BN / 2, CLUSTER = SHARE == 0 ? 1 : 2;
+  constexpr uint32_t A_BYTES = BM * BK * 2, W_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + W_BYTES;
   constexpr size_t PARTIAL_BYTES = TREE ? size_t(SMEM_PARTIALS) * R * kTmaConsumerThreads * sizeof(float) : 0;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023) & ~1023u;
@@ -70,40 +80,67 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   if (tid == 0) {
     for (uint32_t s = 0; s < STAGES; ++s) {
       mbar_init(full(s), 1);
-      mbar_init(empty(s), kTmaConsumerThreads / 32);
+      mbar_init(empty(s), CLUSTER * kTmaConsumerThreads / 32);  // every consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (CLUSTER == 1)
+    __syncthreads();
+  else
+    cluster_sync();        // both CTAs' barriers exist before either loads into the other
   start_after_previous();  // rows and A come from the previous kernels
+  const int rank = CLUSTER == 1 ? 0 : int(cluster_rank());
+  // Unit u's tile for this CTA: tile_m, tile_n; false past the last row tile (the pair's first,
+  // so both CTAs of a cluster stop together). A pair's second row tile may lie past M: its
+  // loads are zeros and its stores masked.
+  auto unit_tile = [&](int unit, int& group, int& row0, int& row_end, int& tile_n) {
+    int tile_m;
+    tile_coordinates(unit, units_n, rows_fastest, tile_m, tile_n);
+    if constexpr (SHARE == 1) tile_m *= 2;
+    if constexpr (SHARE == 2) tile_n = 2 * tile_n + rank;
+    if (!locate_row_tile<BM>(p, tile_m, group, row0, row_end)) return false;
+    if constexpr (SHARE == 1) row0 += rank * BM;
+    return true;
+  };
 
   const int K = int(p.K), N = int(p.N);
-  const int chunk_len = TREE ? (K + 7) / 8 : K;
-  const int tiles_per_chunk = (chunk_len + BK - 1) / BK;
+  // The loads run over spans of K: the column form's whole K, or the row form's chunk pairs. A
+  // pair spans 2 chunk_len of K, so where a chunk is not a whole number of K tiles (down's chunk
+  // of 96 at K = 768) no K tile is loaded for a half-empty chunk end: 3 tiles a pair, not 4.
+  const int chunk_len = TREE ? (K + 7) / 8 : K, spans = TREE ? 4 : 1, span_len = TREE ? 2 * chunk_len : K;
+  const int tiles_per_span = (span_len + BK - 1) / BK;
 
   // Three 128-column register sets need more than the 168 registers a thread of a 384-thread
   // CTA gets: then the producer warpgroup gives most of its share to the consumers.
   constexpr bool MOVE_REGISTERS = TREE && BN == 128 && SMEM_PARTIALS < 2;
   if (warp >= kTmaConsumerThreads / 32) {
     if constexpr (MOVE_REGISTERS) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-    if (warp != kTmaConsumerThreads / 32) return;  // lane 0 of one warp issues the loads
-    uint32_t it = 0;
-    for (int tile = int(blockIdx.x); tile < tiles_total; tile += int(gridDim.x)) {
-      int tile_m, tile_n, group, row0, row_end;
-      tile_coordinates(tile, tiles_n, rows_fastest, tile_m, tile_n);
-      if (!locate_row_tile<BM>(p, tile_m, group, row0, row_end)) break;
-      const int w_row = group * N + tile_n * BN;
-      for (int c = 0; c < (TREE ? 8 : 1); ++c)
-        for (int j = 0; j < tiles_per_chunk; ++j, ++it) {
-          const uint32_t s = it % STAGES, round = it / STAGES;
-          if (lane != 0) continue;
-          if (round > 0) mbar_wait(empty(s), (round - 1) & 1);
-          const int k = c * chunk_len + j * BK;
-          mbar_arrive_expect_tx(full(s), STAGE_BYTES);
-          tma_load(base + s * STAGE_BYTES, &map_a, full(s), k, row0);
-          tma_load(base + s * STAGE_BYTES + A_BYTES, &map_w, full(s), k, w_row);
-        }
+    if (warp == kTmaConsumerThreads / 32) {  // lane 0 of one warp issues the loads
+      uint32_t it = 0;
+      for (int unit = int(blockIdx.x) / CLUSTER; unit < units_total; unit += int(gridDim.x) / CLUSTER) {
+        int tile_n, group, row0, row_end;
+        if (!unit_tile(unit, group, row0, row_end, tile_n)) break;
+        const int w_row = group * N + tile_n * BN;
+        for (int span = 0; span < spans; ++span)
+          for (int j = 0; j < tiles_per_span; ++j, ++it) {
+            const uint32_t s = it % STAGES, round = it / STAGES;
+            if (lane != 0) continue;
+            if (round > 0) mbar_wait(empty(s), (round - 1) & 1);
+            const int k = span * span_len + j * BK;
+            const uint32_t a_at = base + s * STAGE_BYTES, w_at = a_at + A_BYTES;
+            mbar_arrive_expect_tx(full(s), STAGE_BYTES);  // with SHARE, half of one tile comes from the other CTA
+            if constexpr (SHARE == 2)
+              tma_load_multicast(a_at + rank * (A_BYTES / 2), &map_a, full(s), k, row0 + rank * (BM / 2), 0x3);
+            else
+              tma_load(a_at, &map_a, full(s), k, row0);
+            if constexpr (SHARE == 1)
+              tma_load_multicast(w_at + rank * (W_BYTES / 2), &map_w, full(s), k, w_row + rank * (BN / 2), 0x3);
+            else
+              tma_load(w_at, &map_w, full(s), k, w_row);
+          }
+      }
     }
+    if constexpr (CLUSTER > 1) cluster_sync();  // the other CTA's last arrivals and loads are done
     return;
   }
 
@@ -114,7 +151,11 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   constexpr bool S2_SMEM = SMEM_PARTIALS >= 1, S1_SMEM = SMEM_PARTIALS == 2;
   auto release = [&](uint32_t s) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty(s));
+    if constexpr (CLUSTER == 1) {
+      if (lane == 0) mbar_arrive(empty(s));
+    } else if (lane < 2) {
+      mbar_arrive_in(empty(s), uint32_t(lane));  // lanes 0 and 1: each CTA's barrier
+    }
   };
   uint32_t it = 0;
   int pending = -1;  // the stage whose wgmma may still be running
@@ -127,21 +168,27 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     offset_pending = false;
   };
   if (TREE && wg == 1) asm volatile("bar.sync 1, 256;\n" ::: "memory");
-  // The K tiles of the next chunk into acc; with `drain`, every wgmma has finished at the end.
-  auto run_chunk = [&](float(&acc)[R], bool drain) {
-    for (int j = 0; j < tiles_per_chunk; ++j, ++it) {
+  // The K tiles of the next span: its k16 steps below `split` into acc0, the rest up to the
+  // span's end into acc1 (a pair's two chunks; chunk_len % 16 == 0, so no k16 step straddles
+  // them). With `drain`, every wgmma has finished at the end.
+  auto run_span = [&](float(&acc0)[R], float(&acc1)[R], int split, bool drain) {
+    for (int j = 0; j < tiles_per_span; ++j, ++it) {
       const uint32_t s = it % STAGES;
       mbar_wait(full(s), (it / STAGES) & 1);
       const uint64_t da = smem_desc(base + s * STAGE_BYTES + wg * 64 * BK * 2);
       const uint64_t db = smem_desc(base + s * STAGE_BYTES + A_BYTES);
-      const int k_live = min(BK, chunk_len - j * BK);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)
-        if (kk * 16 < k_live) wgmma_step<BN>(acc, da + 2 * kk, db + 2 * kk);  // + 32 bytes per k16 step
+      for (int kk = 0; kk < BK / 16; ++kk) {  // + 32 bytes per k16 step
+        const int k = j * BK + kk * 16;
+        if (k < split)
+          wgmma_step<BN>(acc0, da + 2 * kk, db + 2 * kk);
+        else if (TREE && k < span_len)
+          wgmma_step<BN>(acc1, da + 2 * kk, db + 2 * kk);
+      }
       wgmma_commit();
       start_offset();
-      if (DRAIN || (drain && j == tiles_per_chunk - 1)) {
+      if (DRAIN || (drain && j == tiles_per_span - 1)) {
         wgmma_wait<0>();
         if (pending >= 0) release(uint32_t(pending));
         release(s);
@@ -153,26 +200,24 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       }
     }
   };
-  for (int tile = int(blockIdx.x); tile < tiles_total; tile += int(gridDim.x)) {
-    int tile_m, tile_n, group, row0, row_end;
-    tile_coordinates(tile, tiles_n, rows_fastest, tile_m, tile_n);
-    if (!locate_row_tile<BM>(p, tile_m, group, row0, row_end)) break;
+  for (int unit = int(blockIdx.x) / CLUSTER; unit < units_total; unit += int(gridDim.x) / CLUSTER) {
+    int tile_n, group, row0, row_end;
+    if (!unit_tile(unit, group, row0, row_end, tile_n)) break;
     (void)group;
-    float x[R], y[TREE ? R : 1];
+    float x[R], y[R];  // y: the row form's odd chunks (unused by the column form)
     float s1[TREE && !S1_SMEM ? R : 1], s2[TREE && !S2_SMEM ? R : 1];
     auto S1 = [&](int i) -> float& { return S1_SMEM ? sP[(R + i) * kTmaConsumerThreads] : s1[S1_SMEM ? 0 : i]; };
     auto S2 = [&](int i) -> float& { return S2_SMEM ? sP[i * kTmaConsumerThreads] : s2[S2_SMEM ? 0 : i]; };
 #pragma unroll
     for (int i = 0; i < R; ++i) x[i] = 0.0f;
     if constexpr (!TREE) {
-      run_chunk(x, true);
+      run_span(x, x, K, true);
       store_wgmma_tile<BN>(p, x, row0, row_end, tile_n * BN, wg);
     } else {
 #pragma unroll
       for (int i = 0; i < R; ++i) y[i] = 0.0f;
       for (int m = 0; m < 4; ++m) {
-        run_chunk(x, false);  // chunk 2m
-        run_chunk(y, true);   // chunk 2m + 1
+        run_span(x, y, chunk_len, true);  // chunks 2m (into x) and 2m + 1 (into y)
         pin_registers(x);
         pin_registers(y);
         // Chunk 2m is the tree's s0, chunk 2m + 1 the sum being folded: fold_chunk's odd case
@@ -189,23 +234,40 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     }
   }
   start_offset();  // a CTA without tiles still lets warpgroup 1 go
+  if constexpr (CLUSTER > 1) cluster_sync();
 }
 
-template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN, int SHARE>
 void launch_tma(const GemmArgs& p, cudaStream_t stream) {
   constexpr size_t smem = tma_smem_bytes<BN, STAGES, TREE, SMEM_PARTIALS>();
-  auto kernel = tma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN>;
+  constexpr int CLUSTER = SHARE == 0 ? 1 : 2;
+  auto kernel = tma_gemm_kernel<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN, SHARE>;
   static const bool configured = allow_dynamic_smem(kernel, smem);
   (void)configured;
   const int64_t groups = p.group_rows ? p.groups : 1;
-  const CUtensorMap map_a = bf16_tensor_map(p.A, p.M, p.K, p.lda, kTmaBM, "gemm");
-  const CUtensorMap map_w = bf16_tensor_map(p.W, groups * p.N, p.K, p.ldw, BN, "gemm");
-  const int64_t tiles_m = row_tiles_bound(p, kTmaBM), tiles_n = ceil_div(p.N, BN), tiles = tiles_m * tiles_n;
-  LS_CHECK(tiles < (int64_t(1) << 31), "gemm: shape too large for one TMA launch: M = ", p.M, ", N = ", p.N);
-  const int grid = int(std::min<int64_t>(tiles, sm_count()));
+  const CUtensorMap map_a = bf16_tensor_map(p.A, p.M, p.K, p.lda, SHARE == 2 ? kTmaBM / 2 : kTmaBM, "gemm");
+  const CUtensorMap map_w = bf16_tensor_map(p.W, groups * p.N, p.K, p.ldw, SHARE == 1 ? BN / 2 : BN, "gemm");
+  int64_t units_m = row_tiles_bound(p, kTmaBM), units_n = ceil_div(p.N, BN);
+  if (SHARE == 1) units_m = ceil_div(units_m, 2);
+  if (SHARE == 2) units_n = ceil_div(units_n, 2);
+  const int64_t units = units_m * units_n;
+  LS_CHECK(units < (int64_t(1) << 31), "gemm: shape too large for one TMA launch: M = ", p.M, ", N = ", p.N);
   const bool rows_fastest = p.group_rows == nullptr && p.N > p.M;
-  launch_after_previous(kernel, dim3(unsigned(grid)), dim3(kTmaThreads), smem, stream, map_a, map_w, p, int(tiles_n),
-                        int(tiles), rows_fastest ? int(tiles_m) : 0);
+  // Persistent CTAs: one an SM, or as many clusters as the GPU holds at once.
+  static const int resident = CLUSTER == 1 ? sm_count() : max_active_clusters(kernel, kTmaThreads, smem, CLUSTER);
+  const int grid = CLUSTER * int(std::min<int64_t>(units, resident));
+  launch_after_previous_in_clusters(kernel, dim3(unsigned(grid)), dim3(kTmaThreads), smem, stream, CLUSTER, map_a,
+                                    map_w, p, int(units_n), int(units), rows_fastest ? int(units_m) : 0);
+}
+
+int g_cluster_ctas = 1;
+
+// The configuration's kernel at the cluster setting: ungrouped problems share W, grouped A.
+template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>
+void launch_tma_clustered(const GemmArgs& p, cudaStream_t stream) {
+  if (g_cluster_ctas == 1) return launch_tma<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN, 0>(p, stream);
+  if (p.group_rows == nullptr) return launch_tma<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN, 1>(p, stream);
+  launch_tma<BN, STAGES, TREE, SMEM_PARTIALS, DRAIN, 2>(p, stream);
 }
 
 }  // namespace
@@ -235,13 +297,20 @@ void gemm_tma_with_config(const GemmArgs& p, int config, cudaStream_t stream) {
   LS_CHECK(gemm_tma_applies(p), "gemm: the TMA kernels do not take these arguments");
   if (p.M == 0) return;
   if (p.chunks == 8) {
-    if (config == 0) return launch_tma<128, 3, true, 2, false>(p, stream);
-    if (config == 1) return launch_tma<128, 5, true, 1, false>(p, stream);
-    return launch_tma<64, 8, true, 0, false>(p, stream);
+    if (config == 0) return launch_tma_clustered<128, 3, true, 2, false>(p, stream);
+    if (config == 1) return launch_tma_clustered<128, 5, true, 1, false>(p, stream);
+    return launch_tma_clustered<64, 8, true, 0, false>(p, stream);
   }
-  if (config == 0) return launch_tma<256, 4, false, 0, false>(p, stream);
-  if (config == 1) return launch_tma<128, 6, false, 0, false>(p, stream);
-  return launch_tma<256, 4, false, 0, true>(p, stream);
+  if (config == 0) return launch_tma_clustered<256, 4, false, 0, false>(p, stream);
+  if (config == 1) return launch_tma_clustered<128, 6, false, 0, false>(p, stream);
+  return launch_tma_clustered<256, 4, false, 0, true>(p, stream);
 }
+
+void set_gemm_tma_cluster(int ctas) {
+  LS_CHECK(ctas == 1 || ctas == 2, "gemm: TMA clusters of 1 or 2 CTAs, not ", ctas);
+  g_cluster_ctas = ctas;
+}
+
+int gemm_tma_cluster() { return g_cluster_ctas; }
 
 }  // namespace lockstep::cuda

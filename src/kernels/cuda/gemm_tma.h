@@ -14,6 +14,11 @@ constexpr int kGemmTmaConfigs = 3;
 // steps (a TMA tile cannot zero the part of a k16 step past a chunk's end).
 bool gemm_tma_applies(const GemmArgs& args);
 
+// CTAs a cluster for every later launch of the TMA kernels: 1, or 2 (a pair shares one operand
+// tile by TMA multicast: W for ungrouped problems, A for grouped). The same bits either way.
+void set_gemm_tma_cluster(int ctas);
+int gemm_tma_cluster();
+
 // Configuration i (0 <= i < kGemmTmaConfigs) of the TMA kernels; gemm_tma_applies(args) must hold.
 void gemm_tma_with_config(const GemmArgs& args, int config, cudaStream_t stream);
 

@@ -15,26 +15,17 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Waits until the phase of the given parity has completed; kCluster: a phase that arrivals
-// from other CTAs of the cluster complete (acquired at cluster scope).
-template <bool kCluster = false>
+// Waits until the phase of the given parity has completed. (A phase that other CTAs' arrivals
+// complete is waited on the same way: what it guards is shared memory read by the tensor cores
+// and written by TMA, as in CUTLASS's cluster pipelines.)
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  if constexpr (kCluster)
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "retry:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra retry;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-  else
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "retry:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra retry;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "retry:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra retry;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
 }
 // Whether the phase of the given parity has completed (waits a bounded time first).
 __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
@@ -107,10 +98,12 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 // One arrival on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
+// The default (CTA-scope) release: a cluster-scope release fences every arrival, and the
+// first multicast kernels ran at half speed with it (notes/gpu-trainer.md, session 22).
 __device__ __forceinline__ void mbar_arrive_in(uint32_t bar, uint32_t rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 // tma_load into the same offset of every CTA of the cluster in `mask`, completing on each
 // one's barrier at the offset of bar.

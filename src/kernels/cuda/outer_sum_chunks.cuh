@@ -108,28 +108,41 @@ __device__ __forceinline__ void fold_chunk_partial_on_chip(const float (&acc)[kA
   }
 }
 
+// A tile's chunks in pairs: run_pair(x, y, c) issues chunk c's MMAs into x and chunk c + 1's
+// (if any) into y, both zeroed first; drain() waits for every MMA; fold(acc, c, level0) is
+// fold_chunk_partial. One drain a pair (chunk c + 1's MMAs start while c's finish); x is then
+// the level 0 that y's fold reads.
+template <int kAcc, typename RunPair, typename Drain, typename Fold>
+__device__ __forceinline__ void run_chunk_pairs(int chunk_count, RunPair run_pair, Drain drain, Fold fold) {
+  float x[kAcc], y[kAcc];
+  for (int c = 0; c < chunk_count; c += 2) {
+    const bool pair = c + 1 < chunk_count;
+    run_pair(x, y, c);
+    drain();
+    pin_registers(x);
+    if (pair) {
+      pin_registers(y);
+      // Chunk c's fold would only have put x at level 0: y's fold reads it there.
+      fold(y, c + 1, [&](int j) { return make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]); });
+    } else {
+      fold(x, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // the last chunk, at level 0
+    }
+  }
+}
+
 // A tile's chunks: run_chunk(acc, c) issues chunk c's MMAs into acc (zeroed first), drain()
-// waits for every MMA, fold(acc, c, level0) is fold_chunk_partial. kPairs: chunk 2m into x and
-// 2m + 1 into y, one drain a pair (chunk 2m + 1's MMAs start while 2m's finish); x is then the
-// level 0 that y's fold reads. Else one drain and fold a chunk.
+// waits for every MMA, fold(acc, c, level0) is fold_chunk_partial. kPairs: run_chunk_pairs
+// with the two chunks issued one after the other. Else one drain and fold a chunk.
 template <int kAcc, bool kPairs, typename Run, typename Drain, typename Fold>
 __device__ __forceinline__ void run_chunks(int chunk_count, Run run_chunk, Drain drain, Fold fold) {
   if constexpr (kPairs) {
-    float x[kAcc], y[kAcc];
-    for (int c = 0; c < chunk_count; c += 2) {
-      const bool pair = c + 1 < chunk_count;
-      run_chunk(x, c);
-      if (pair) run_chunk(y, c + 1);
-      drain();
-      pin_registers(x);
-      if (pair) {
-        pin_registers(y);
-        // Chunk c's fold would only have put x at level 0: y's fold reads it there.
-        fold(y, c + 1, [&](int j) { return make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]); });
-      } else {
-        fold(x, c, [](int) { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); });  // the last chunk, at level 0
-      }
-    }
+    run_chunk_pairs<kAcc>(
+        chunk_count,
+        [&](float(&x)[kAcc], float(&y)[kAcc], int c) {
+          run_chunk(x, c);
+          if (c + 1 < chunk_count) run_chunk(y, c + 1);
+        },
+        drain, fold);
   } else {
     for (int c = 0; c < chunk_count; ++c) {
       float acc[kAcc];

@@ -17,6 +17,14 @@
 //
 // Problems travel as a __grid_constant__ parameter with up to two tensor maps per operand (the
 // experts' gate and up gradients are two buffers); a problem is a row offset into its maps.
+//
+// Clusters of two CTAs (kCluster 2): the tiles of short sums feed the tensor cores 64 FLOP a
+// byte of L2 at 128 x 128, so L2 bounds them (notes/gpu-trainer.md, session 21). The two CTAs
+// of a cluster take the two output row blocks of one (row pair, column block) unit and share
+// its m tile: each loads half of m's atoms into both CTAs' shared memory (TMA multicast), and
+// each consumer warp hands a stage back to both CTAs, so neither overwrites a stage the other
+// still reads. A CTA whose row block is past I runs the stages all the same (its loads are
+// zeros, its stores masked) so its half of m reaches the other.
 #include <algorithm>
 
 #include "kernels/cuda/backward_common.cuh"
@@ -73,24 +81,26 @@ static_assert(TmaTile<256>::Stages == 4 && TmaTile<128>::Stages == 5, "the rings
 static_assert(3 * 8 * TmaTile<128>::Stages <= TmaTile<128>::BarrierBytes, "full, empty and ready barriers");
 static_assert(2 * TmaTile<256>::Acc * kConsumers == kSplitPendingFloats, "the workspace slot holds levels 0 and 1");
 
-// Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ...: column block t % tiles_k, row block
-// (t / tiles_k) % tiles_i of problem t / (tiles_k tiles_i); visit(problem, i0, column block)
-// for those with outputs. The producer, the masking warp and the consumers walk the same sequence.
-template <typename Visit>
-__device__ __forceinline__ void for_each_tile(const Problems& problems, int64_t tiles_k, int64_t tiles_i, int64_t tiles,
+// Units u = cluster, cluster + clusters, ... (a CTA's cluster: blockIdx.x / kCluster): column
+// block u % tiles_k, row blocks kCluster (u / tiles_k) % units_i + rank, the CTA's rank of
+// them, of problem u / (tiles_k units_i); visit(problem, i0, column block) for units with
+// outputs. The producer, the masking warp and the consumers walk the same sequence.
+template <int kCluster, typename Visit>
+__device__ __forceinline__ void for_each_tile(const Problems& problems, int64_t tiles_k, int64_t units_i, int64_t units,
                                               Visit visit) {
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const Problem& problem = problems.p[tile / (tiles_k * tiles_i)];
-    const int k_block = int(tile % tiles_k), i0 = int(tile / tiles_k % tiles_i) * kBI;
-    if (i0 < problem.I) visit(problem, i0, k_block);
+  const int rank = kCluster == 1 ? 0 : int(cluster_rank());
+  for (int64_t unit = blockIdx.x / kCluster; unit < units; unit += gridDim.x / kCluster) {
+    const Problem& problem = problems.p[unit / (tiles_k * units_i)];
+    const int k_block = int(unit % tiles_k), unit_i0 = int(unit / tiles_k % units_i) * kCluster * kBI;
+    if (unit_i0 < problem.I) visit(problem, unit_i0 + rank * kBI, k_block);
   }
 }
 
 // mask: weight gradients with a chunk whose length is not a multiple of 16.
-template <bool kWeight, int kBK>
+template <bool kWeight, int kBK, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     outer_sum_split_tma_kernel(const __grid_constant__ Maps maps, const __grid_constant__ Problems problems, int64_t K,
-                               int64_t tiles_k, int64_t tiles_i, int64_t tiles, int mask, float* workspace) {
+                               int64_t tiles_k, int64_t units_i, int64_t units, int mask, float* workspace) {
   using Tile = TmaTile<kBK>;
   constexpr int kStages = Tile::Stages;
   extern __shared__ unsigned char smem_raw[];
@@ -106,13 +116,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full(s), 1);
-      mbar_init(empty(s), kConsumers / 32);
+      mbar_init(empty(s), kCluster * kConsumers / 32);  // every consumer warp of the cluster
       mbar_init(ready(s), 1);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (kCluster == 1)
+    __syncthreads();
+  else
+    cluster_sync();  // both CTAs' barriers exist before either loads into the other
   const bool masked = kWeight && mask != 0;
+  // Input gradients' chunks are whole k16 steps: a pair's stages run on across its middle (its
+  // k16 steps go to x, then y), so a chunk of 96 rows does not take a stage of its own for its
+  // last 32 (the experts' d x: 12 stages a tile, not 16).
+  constexpr bool kPairStages = !kWeight && Tile::Pairs;
+  const uint32_t rank = kCluster == 1 ? 0 : cluster_rank();
 
   if (warp >= kConsumers / 32) {
     // The producer warpgroup gives its registers to the consumers (a 128 x 256 tile's
@@ -121,11 +139,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int role = warp - kConsumers / 32;
     if (role == 0 && lane == 0) {  // the loads
       uint32_t it = 0;
-      for_each_tile(problems, tiles_k, tiles_i, tiles, [&](const Problem& p, int i0, int k_block) {
+      for_each_tile<kCluster>(problems, tiles_k, units_i, units, [&](const Problem& p, int i0, int k_block) {
         const void* g_map = &maps.g[p.g_map];
         const void* m_map = &maps.m[p.m_map];
-        for (int c = 0; c < p.chunk_count; ++c)
-          for (int s0 = p.rows[c]; s0 < p.rows[c + 1]; s0 += kRows, ++it) {
+        constexpr int kChunksAStretch = kPairStages ? 2 : 1;
+        for (int c = 0; c < p.chunk_count; c += kChunksAStretch)
+          for (int s0 = p.rows[c], end = p.rows[min(c + kChunksAStretch, p.chunk_count)]; s0 < end; s0 += kRows, ++it) {
             const int slot = int(it % kStages);
             if (it >= uint32_t(kStages)) mbar_wait(empty(slot), (it / kStages - 1) & 1);
             const uint32_t g_at = base + slot * Tile::StageBytes, m_at = g_at + kGTile;
@@ -136,14 +155,22 @@ __global__ void __launch_bounds__(kThreads, 1)
             } else {
               tma_load(g_at, g_map, full(slot), s0, p.g_offset + i0);
             }
+            // m's atoms: all of them, or this CTA's half into both CTAs.
+            constexpr int kAtoms = kBK / 64 / kCluster;
 #pragma unroll
-            for (int a = 0; a < kBK / 64; ++a)
-              tma_load(m_at + a * kAtom, m_map, full(slot), k_block * kBK + 64 * a, p.m_offset + s0);
+            for (int q = 0; q < kAtoms; ++q) {
+              const int a = int(rank) * kAtoms + q;
+              if constexpr (kCluster == 1)
+                tma_load(m_at + a * kAtom, m_map, full(slot), k_block * kBK + 64 * a, p.m_offset + s0);
+              else
+                tma_load_multicast(m_at + a * kAtom, m_map, full(slot), k_block * kBK + 64 * a, p.m_offset + s0,
+                                   uint16_t(0x3));
+            }
           }
       });
     } else if (role == 1 && masked) {  // rows past a chunk's end inside its last k16 step
       uint32_t it = 0;
-      for_each_tile(problems, tiles_k, tiles_i, tiles, [&](const Problem& p, int, int) {
+      for_each_tile<kCluster>(problems, tiles_k, units_i, units, [&](const Problem& p, int, int) {
         for (int c = 0; c < p.chunk_count; ++c)
           for (int s0 = p.rows[c]; s0 < p.rows[c + 1]; s0 += kRows, ++it) {
             const int slot = int(it % kStages);
@@ -162,6 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
       });
     }
+    if constexpr (kCluster > 1) cluster_sync();  // the other CTA's last arrivals and loads are done
     return;
   }
 
@@ -171,7 +199,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   int in_flight = -1;  // the stage whose MMAs may still be running
   const auto release = [&](int slot) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty(slot));
+    if constexpr (kCluster == 1) {
+      if (lane == 0) mbar_arrive(empty(slot));
+    } else if (lane < 2) {
+      mbar_arrive_in(empty(slot), uint32_t(lane));  // lanes 0 and 1: each CTA's barrier
+    }
   };
   // Warpgroup 1 starts one stage after warpgroup 0 (a named barrier, once), so their chunk
   // folds fall at different times; the ring absorbs the offset.
@@ -184,15 +216,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   float4* pending = Tile::Pairs ? reinterpret_cast<float4*>(smem + kStages * Tile::StageBytes)
                                 : reinterpret_cast<float4*>(workspace + int64_t(blockIdx.x) * kSplitPendingFloats);
 
-  for_each_tile(problems, tiles_k, tiles_i, tiles, [&](const Problem& p, int i0, int k_block) {
+  for_each_tile<kCluster>(problems, tiles_k, units_i, units, [&](const Problem& p, int i0, int k_block) {
     const int k0 = k_block * kBK, I = p.I;
     float* __restrict__ out = p.out;
-    // Chunk c's stages into acc (zeroed first); one stage's MMAs may still run on return.
-    const auto run_chunk = [&](float(&acc)[Tile::Acc], int c) {
-#pragma unroll
-      for (int e = 0; e < Tile::Acc; ++e) acc[e] = 0.0f;
-      const int end = p.rows[c + 1];
-      for (int s0 = p.rows[c]; s0 < end; s0 += kRows, ++it) {
+    // The stages of rows first .. end: k16 steps of rows below mid into acc0, the rest into acc1
+    // (with kPairStages; else mid == end, acc0 is acc1). One stage's MMAs may still run on return.
+    const auto run_span = [&](float(&acc0)[Tile::Acc], float(&acc1)[Tile::Acc], int first, int mid, int end) {
+      for (int s0 = first; s0 < end; s0 += kRows, ++it) {
         const int slot = int(it % kStages);
         mbar_wait(masked ? ready(slot) : full(slot), (it / kStages) & 1);
         const uint32_t g_at = base + slot * Tile::StageBytes, m_at = g_at + kGTile;
@@ -202,7 +232,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           // A k16 step: 16 rows of an MN-major tile are 2048 bytes on; 32 bytes of a K-major row.
           const uint64_t d_g =
               kWeight ? smem_desc_mn(g_at + wg * kAtom + kk * 2048, kAtom) : smem_desc(g_at + wg * 64 * 128) + 2 * kk;
-          wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc, d_g, smem_desc_mn(m_at + kk * 2048, kAtom));
+          const uint64_t d_m = smem_desc_mn(m_at + kk * 2048, kAtom);
+          if (!kPairStages || s0 + 16 * kk < mid)
+            wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc0, d_g, d_m);
+          else
+            wgmma_step<kBK, kWeight ? 1 : 0, 1>(acc1, d_g, d_m);
         };
         wgmma_fence();
         issue_steps(steps, step);
@@ -213,6 +247,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         in_flight = slot;
       }
     };
+    const auto zero = [](float(&acc)[Tile::Acc]) {
+#pragma unroll
+      for (int e = 0; e < Tile::Acc; ++e) acc[e] = 0.0f;
+    };
+    // Chunk c's stages into acc (zeroed first).
+    const auto run_chunk = [&](float(&acc)[Tile::Acc], int c) {
+      zero(acc);
+      run_span(acc, acc, p.rows[c], p.rows[c + 1], p.rows[c + 1]);
+    };
     const auto drain = [&] {
       wgmma_wait<0>();
       if (in_flight >= 0) release(in_flight);
@@ -221,11 +264,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t i = i0 + wg * 64 + (warp % 4) * 16 + lane / 4;  // the thread's first row
     if constexpr (Tile::Pairs) {
       float4 level1[Tile::Fragments];  // written before it is read (the tree's level-1 subtree)
-      run_chunks<Tile::Acc, true>(p.chunk_count, run_chunk, drain,
-                                  [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
-                                    fold_chunk_partial_on_chip<Tile::Acc>(acc, c, p.chunk_count, out, i, k0, lane, I, K,
-                                                                          level1, pending, kConsumers, tid, level0);
-                                  });
+      const auto fold = [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
+        fold_chunk_partial_on_chip<Tile::Acc>(acc, c, p.chunk_count, out, i, k0, lane, I, K, level1, pending,
+                                              kConsumers, tid, level0);
+      };
+      if constexpr (kPairStages) {
+        const auto run_pair = [&](float(&x)[Tile::Acc], float(&y)[Tile::Acc], int c) {
+          zero(x), zero(y);
+          const int mid = p.rows[c + 1], end = p.rows[min(c + 2, p.chunk_count)];
+          run_span(x, y, p.rows[c], mid, end);
+        };
+        run_chunk_pairs<Tile::Acc>(p.chunk_count, run_pair, drain, fold);
+      } else {
+        run_chunks<Tile::Acc, true>(p.chunk_count, run_chunk, drain, fold);
+      }
     } else {
       run_chunks<Tile::Acc, false>(p.chunk_count, run_chunk, drain,
                                    [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
@@ -235,19 +287,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   });
   start_offset();  // a block whose tiles had no stages still lets warpgroup 1 go
+  if constexpr (kCluster > 1) cluster_sync();
 }
 
-template <bool kWeight, int kBK>
+template <bool kWeight, int kBK, int kCluster>
 void launch(const Maps& maps, const Problems& problems, int64_t max_I, int64_t K, bool mask, float* workspace,
             cudaStream_t s) {
-  const int64_t tiles_k = ceil_div(K, int64_t(kBK)), tiles_i = ceil_div(max_I, int64_t(kBI));
-  const int64_t tiles = tiles_k * tiles_i * problems.count;
-  const int64_t blocks = std::min<int64_t>(tiles, sm_count());  // one workspace slot a block
-  const auto kernel = outer_sum_split_tma_kernel<kWeight, kBK>;
+  const int64_t tiles_k = ceil_div(K, int64_t(kBK)), units_i = ceil_div(ceil_div(max_I, int64_t(kBI)), kCluster);
+  const int64_t units = tiles_k * units_i * problems.count;
+  const auto kernel = outer_sum_split_tma_kernel<kWeight, kBK, kCluster>;
   constexpr int bytes = TmaTile<kBK>::SmemBytes;
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(maps, problems, K, tiles_k, tiles_i, tiles, mask ? 1 : 0, workspace);
-  LS_CUDA_LAUNCHED();
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute cluster{};
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = bytes;
+  config.stream = s;
+  int64_t clusters = sm_count();  // one workspace slot a block: never more blocks than SMs
+  if constexpr (kCluster > 1) {
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = kCluster;
+    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    static const int resident = max_active_clusters(kernel, kThreads, bytes, kCluster);
+    clusters = resident;
+  }
+  config.gridDim = dim3(unsigned(kCluster * std::min<int64_t>(units, clusters)));
+  LS_CUDA_CHECK(
+      cudaLaunchKernelEx(&config, kernel, maps, problems, K, tiles_k, units_i, units, mask ? 1 : 0, workspace));
 }
 
 // The span among `spans` holding `p` at a whole row (row_bytes apart) and its row there, or -1.
@@ -264,7 +332,16 @@ int find_span(const bf16_t* const (&spans)[2], const int64_t (&rows)[2], const b
   return -1;
 }
 
+int g_cluster_ctas = 1;
+
 }  // namespace
+
+void set_outer_sum_tma_cluster(int ctas) {
+  LS_CHECK(ctas == 1 || ctas == 2, "outer sums on the TMA tile: clusters of 1 or 2 CTAs, not ", ctas);
+  g_cluster_ctas = ctas;
+}
+
+int outer_sum_tma_cluster() { return g_cluster_ctas; }
 
 bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const ChunkBounds& bounds,
                                  GradientOperand operand) {
@@ -326,10 +403,14 @@ void outer_sum_split_tma_grouped(const SplitOuterSumGroup* host_groups, int coun
       maps.m[m] = bf16_tensor_map(spans.m[m], std::max<int64_t>(spans.m_rows[m], 1), K, K, 64, "outer sums (m)");
     }
   }
-  if (weight && tile_columns == 256) return launch<true, 256>(maps, problems, max_I, K, mask, workspace, s);
-  if (weight) return launch<true, 128>(maps, problems, max_I, K, mask, workspace, s);
-  if (tile_columns == 256) return launch<false, 256>(maps, problems, max_I, K, false, workspace, s);
-  launch<false, 128>(maps, problems, max_I, K, false, workspace, s);
+  const auto run = [&]<int kCluster>() {
+    if (weight && tile_columns == 256) return launch<true, 256, kCluster>(maps, problems, max_I, K, mask, workspace, s);
+    if (weight) return launch<true, 128, kCluster>(maps, problems, max_I, K, mask, workspace, s);
+    if (tile_columns == 256) return launch<false, 256, kCluster>(maps, problems, max_I, K, false, workspace, s);
+    launch<false, 128, kCluster>(maps, problems, max_I, K, false, workspace, s);
+  };
+  if (g_cluster_ctas == 2) return run.template operator()<2>();
+  run.template operator()<1>();
 }
 
 void outer_sum_split_tma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,

@@ -15,6 +15,11 @@ namespace lockstep::cuda {
 bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const ChunkBounds& bounds,
                                  GradientOperand operand);
 
+// CTAs a cluster for every later launch of these tiles: 1, or 2 (two row blocks share each m
+// tile by TMA multicast). The same bits either way; benchmarks and tests set it.
+void set_outer_sum_tma_cluster(int ctas);
+int outer_sum_tma_cluster();
+
 // One problem (tile_columns 256 needs a workspace of outer_sum_split_workspace_floats()).
 void outer_sum_split_tma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
                          cudaStream_t s, int tile_columns = 256);
