@@ -179,8 +179,11 @@ TEST(CudaBackwardOps, RmsnormBackwardIsItsProcedureBitForBit) {
   struct Case {
     int64_t tokens, heads, n;
   };
-  // (n 16: a block's columns past n; n 20: not whole 16-byte pieces, the unstreamed kernel.)
-  for (const Case cs : {Case{777, 4, 128}, Case{5, 1, 2048}, Case{300, 1, 96}, Case{9, 2, 16}, Case{40, 1, 20}}) {
+  // (n 16: a block's columns past n; n 20: not whole 16-byte pieces, the unstreamed kernel;
+  // 2100 x 4 heads: chunks of several whole tiles of the 8-column blocks; 2000 x 1024: the
+  // 32-column blocks, chunks of several tiles.)
+  for (const Case cs : {Case{777, 4, 128}, Case{2100, 4, 128}, Case{5, 1, 2048}, Case{2000, 1, 1024}, Case{300, 1, 96},
+                        Case{9, 2, 16}, Case{40, 1, 20}}) {
     const int64_t rows = cs.tokens * cs.heads, n = cs.n;
     const bf16_bits x = testing::random_bf16(rows * n, 21 + n);
     const auto w = random_f32(n, 22), dout = random_f32(rows * n, 23);

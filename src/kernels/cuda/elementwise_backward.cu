@@ -119,50 +119,56 @@ __global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
 }
 
 // The same partials, streamed (rows of 16-byte pieces: n and x's pitch multiples of 8): block
-// (32 columns, chunk c); the loader warps copy the chunk's raw rows (dout, x through the head
+// (kCols columns, chunk c); the loader warps copy the chunk's raw rows (dout, x through the head
 // map, inv) by cp.async into a ring kDwStages tiles deep, turn a landed tile into terms in
 // shared memory, and warp 0 adds a tile's terms in ascending rows one tile behind, sixteen rows
 // of loads ahead of its additions. (The loader warps above wait on their own loads every tile:
 // q_norm's weight gradient takes 0.82 ms a layer there, 0.38 here; notes/gpu-trainer.md.)
+// kCols 8 with 4x the rows a tile: where 32 columns leave most SMs idle (q_norm: 4 column blocks
+// x 8 chunks), the bytes a chain needs are what one SM can have in flight: 4x the blocks, each
+// streaming a quarter of the bytes.
 constexpr int kDwStages = 4;
-struct DwRawTile {
-  float dout[kDwTileRows][kDwColumns];
-  bf16 x[kDwTileRows][kDwColumns];
-  float inv[kDwTileRows];
-};
+template <int kCols, int kTileRows>
 struct DwShared {
-  DwRawTile raw[kDwStages];
-  float terms[2][kDwTileRows][kDwColumns];
+  struct Raw {
+    float dout[kTileRows][kCols];
+    bf16 x[kTileRows][kCols];
+    float inv[kTileRows];
+  } raw[kDwStages];
+  float terms[2][kTileRows][kCols];
 };
 constexpr int kDwStreamLoaderWarps = 16, kDwLoaderThreads = 32 * kDwStreamLoaderWarps;
+template <int kCols, int kTileRows>
 __global__ void __launch_bounds__(32 * (1 + kDwStreamLoaderWarps))
     rmsnorm_dw_partials_streamed_kernel(const bf16* x, int64_t x_heads, int64_t x_pitch, const float* inv,
                                         const float* dout, float* partials, int64_t n, bool round_normed,
                                         ChunkBounds bounds) {
+  using Shared = DwShared<kCols, kTileRows>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  DwShared& sh = *reinterpret_cast<DwShared*>(smem_raw);
+  Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, c = blockIdx.y;
-  const int64_t i0 = int64_t(blockIdx.x) * kDwColumns, first = bounds.rows[c], end = bounds.rows[c + 1];
-  const int tiles = int((end - first + kDwTileRows - 1) / kDwTileRows);
+  const int64_t i0 = int64_t(blockIdx.x) * kCols, first = bounds.rows[c], end = bounds.rows[c + 1];
+  const int tiles = int((end - first + kTileRows - 1) / kTileRows);
   const int loader = int(threadIdx.x) - 32;  // 0 .. kDwLoaderThreads - 1 in the loader warps
   // Tile t's raw rows into its ring slot (zeros past the chunk and past column n), one group.
   auto issue = [&](int t) {
     if (t < tiles) {
-      DwRawTile& raw = sh.raw[t % kDwStages];
-      const int64_t r0 = first + int64_t(t) * kDwTileRows;
-      for (int q = loader; q < kDwTileRows * 8; q += kDwLoaderThreads) {  // dout: 8 pieces a row
-        const int row = q / 8, piece = q % 8;
+      typename Shared::Raw& raw = sh.raw[t % kDwStages];
+      const int64_t r0 = first + int64_t(t) * kTileRows;
+      constexpr int kDoutPieces = kCols / 4, kXPieces = kCols / 8;  // 16 bytes each
+      for (int q = loader; q < kTileRows * kDoutPieces; q += kDwLoaderThreads) {
+        const int row = q / kDoutPieces, piece = q % kDoutPieces;
         const int64_t r = min(r0 + row, end - 1), col = i0 + piece * 4;
         cp_async16(smem_addr(&raw.dout[row][piece * 4]), dout + r * n + min(col, n - 4), r0 + row < end && col < n);
       }
-      for (int q = loader; q < kDwTileRows * 4; q += kDwLoaderThreads) {  // x: 4 pieces a row
-        const int row = q / 4, piece = q % 4;
+      for (int q = loader; q < kTileRows * kXPieces; q += kDwLoaderThreads) {
+        const int row = q / kXPieces, piece = q % kXPieces;
         const int r = int(min(r0 + row, end - 1)), heads = int(x_heads);  // rows < 2^31: 32-bit divisions
         const int64_t col = i0 + piece * 8;
         const bf16* src = x + int64_t(r / heads) * x_pitch + int64_t(r % heads) * n + min(col, n - 8);
         cp_async16(smem_addr(&raw.x[row][piece * 8]), src, r0 + row < end && col < n);
       }
-      for (int row = loader; row < kDwTileRows; row += kDwLoaderThreads)
+      for (int row = loader; row < kTileRows; row += kDwLoaderThreads)
         cp_async4(smem_addr(&raw.inv[row]), inv + min(r0 + row, end - 1), r0 + row < end);
     }
     cp_async_commit();
@@ -175,25 +181,41 @@ __global__ void __launch_bounds__(32 * (1 + kDwStreamLoaderWarps))
       issue(t + kDwStages - 1);
       cp_async_wait<kDwStages - 1>();                                        // tile t's pieces, this thread's
       asm volatile("bar.sync 1, %0;\n" ::"n"(kDwLoaderThreads) : "memory");  // every loader's
-      const DwRawTile& raw = sh.raw[t % kDwStages];
-      for (int q = loader; q < kDwTileRows * kDwColumns; q += kDwLoaderThreads) {
-        const int row = q / kDwColumns, col = q % kDwColumns;
+      const typename Shared::Raw& raw = sh.raw[t % kDwStages];
+      for (int q = loader; q < kTileRows * kCols; q += kDwLoaderThreads) {
+        const int row = q / kCols, col = q % kCols;
         const float normed = to_f32(raw.x[row][col]) * raw.inv[row];
         sh.terms[t % 2][row][col] = raw.dout[row][col] * (round_normed ? round_bf16(normed) : normed);
       }
-    } else if (warp == 0 && t > 0) {
-      const float(&terms)[kDwTileRows][kDwColumns] = sh.terms[(t - 1) % 2];
-      const int64_t r0 = first + int64_t(t - 1) * kDwTileRows;
-      if (end - r0 >= kDwTileRows) {
+    } else if (warp == 0 && t > 0 && lane < kCols) {
+      const float(&terms)[kTileRows][kCols] = sh.terms[(t - 1) % 2];
+      const int64_t r0 = first + int64_t(t - 1) * kTileRows;
+      if (end - r0 >= kTileRows) {
 #pragma unroll 16
-        for (int u = 0; u < kDwTileRows; ++u) acc = acc + terms[u][lane];
+        for (int u = 0; u < kTileRows; ++u) acc = acc + terms[u][lane];
       } else {
         for (int u = 0; u < int(end - r0); ++u) acc = acc + terms[u][lane];
       }
     }
     __syncthreads();  // tile t's terms are written; tile t - 1's are read
   }
-  if (warp == 0 && i0 + lane < n) partials[c * n + i0 + lane] = acc;
+  if (warp == 0 && lane < kCols && i0 + lane < n) partials[c * n + i0 + lane] = acc;
+}
+
+template <int kCols, int kTileRows>
+void launch_dw_partials_streamed(const bf16* x, int64_t x_heads, int64_t x_pitch, const float* inv, const float* dout,
+                                 float* partials, int64_t n, bool round_normed, const ChunkBounds& chunks,
+                                 cudaStream_t s) {
+  const auto kernel = rmsnorm_dw_partials_streamed_kernel<kCols, kTileRows>;
+  constexpr int bytes = int(sizeof(DwShared<kCols, kTileRows>));
+  static const bool configured = [&] {
+    LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(unsigned(ceil_div(n, kCols)), unsigned(chunks.count));
+  kernel<<<grid, 32 * (1 + kDwStreamLoaderWarps), bytes, s>>>(x, x_heads, x_pitch, inv, dout, partials, n, round_normed,
+                                                              chunks);
 }
 
 __global__ void fold_chunk_partials_kernel(const float* partials, float* out, int64_t n, int count) {
@@ -342,18 +364,15 @@ void rmsnorm_weight_grad(const bf16_t* x, int64_t x_heads, int64_t x_pitch, cons
   LS_CHECK(dw_partials, "rmsnorm_weight_grad: dw needs its chunk partials' buffer");
   LS_CHECK(x_heads >= 1 && x_pitch >= x_heads * n, "rmsnorm_weight_grad: rows of ", x_heads, " heads of ", n,
            " in a pitch of ", x_pitch);
-  const dim3 grid(blocks_for(n, kDwColumns), unsigned(chunks.count));
   if (n % 8 == 0 && x_pitch % 8 == 0 && aligned16(x) && aligned16(dout) &&
       chunks.rows[chunks.count] < (int64_t(1) << 31)) {
-    static const bool configured = [] {
-      LS_CUDA_CHECK(cudaFuncSetAttribute(rmsnorm_dw_partials_streamed_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(DwShared))));
-      return true;
-    }();
-    (void)configured;
-    rmsnorm_dw_partials_streamed_kernel<<<grid, 32 * (1 + kDwStreamLoaderWarps), sizeof(DwShared), s>>>(
-        x, x_heads, x_pitch, inv, dout, dw_partials, n, round_normed, chunks);
+    // Only speed depends on the block shape: each (chunk, column) sum is one chain either way.
+    if (ceil_div(n, 32) * chunks.count < sm_count())
+      launch_dw_partials_streamed<8, 512>(x, x_heads, x_pitch, inv, dout, dw_partials, n, round_normed, chunks, s);
+    else
+      launch_dw_partials_streamed<32, 128>(x, x_heads, x_pitch, inv, dout, dw_partials, n, round_normed, chunks, s);
   } else {
+    const dim3 grid(blocks_for(n, kDwColumns), unsigned(chunks.count));
     rmsnorm_dw_partials_kernel<<<grid, 32 * (1 + kDwLoaderWarps), 0, s>>>(x, x_heads, x_pitch, inv, dout, dw_partials,
                                                                           n, round_normed, chunks);
   }
