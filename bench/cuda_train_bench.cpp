@@ -4,7 +4,9 @@
 // card's measured bf16 matmul ceiling, then the device AdamW step over the runner's weights
 // (CudaTrainState: gradients stay on the device). Prints one JSON object per line.
 //   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]
-//                    [--grads-only]
+//                    [--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2]
+// --tma-cluster, --gemm-cluster: CTAs a cluster of the TMA outer sums and of the TMA GEMMs (2: a
+// pair shares one operand tile by multicast; the same bits).
 // --grads-only: the step's gradients without the optimizer state (no AdamW masters or moments:
 // 12 bytes a parameter fewer), so 8 layers of these shapes fit an 80 GB card.
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
@@ -19,6 +21,8 @@
 #include <memory>
 
 #include "core/error.h"
+#include "kernels/cuda/gemm_tma.h"
+#include "kernels/cuda/outer_sum_split_tma.h"
 #include "model/cuda/cuda_runner.h"
 #include "model/cuda/cuda_trainer.h"
 #include "train/optimizer.h"
@@ -45,7 +49,7 @@ int main(int argc, char** argv) {
     LS_CHECK(
         argc >= 2,
         "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N] "
-        "[--grads-only]");
+        "[--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2]");
     ModelConfig config = ModelConfig::load(argv[1]);
     int64_t B = 4, S = 2048, reps = 3, recompute = -1;
     bool grads_only = false;
@@ -62,6 +66,10 @@ int main(int argc, char** argv) {
         recompute = std::atoll(argv[++i]);
       else if (!std::strcmp(argv[i], "--grads-only"))
         grads_only = true;
+      else if (!std::strcmp(argv[i], "--tma-cluster") && i + 1 < argc)
+        cuda::set_outer_sum_tma_cluster(std::atoi(argv[++i]));
+      else if (!std::strcmp(argv[i], "--gemm-cluster") && i + 1 < argc)
+        cuda::set_gemm_tma_cluster(std::atoi(argv[++i]));
       else
         fail("cuda_train_bench: unknown argument ", argv[i]);
     }
@@ -73,12 +81,11 @@ int main(int argc, char** argv) {
     const auto mean_nll = [](int64_t, const std::vector<std::vector<float>>& lp, const auto&) {
       return mean_nll_upstream(lp);
     };
-    // The optimizer state starts from the runner's weights (a host copy, once); --grads-only
-    // keeps none.
+    // A fresh optimizer state made on the device from the runner's weights; --grads-only keeps
+    // none.
     OptimizerConfig oc;
-    const auto state =
-        grads_only ? std::make_unique<CudaTrainState>(*runner, recompute)
-                   : std::make_unique<CudaTrainState>(*runner, oc, AdamW(oc, runner->export_weights()), recompute);
+    const auto state = grads_only ? std::make_unique<CudaTrainState>(*runner, recompute)
+                                  : std::make_unique<CudaTrainState>(*runner, oc, recompute);
     double sec = 0, adamw_sec = 0;
     for (int64_t r = -1; r < reps; ++r) {  // r = -1: warm-up (allocations, kernel loads)
       const auto t0 = std::chrono::steady_clock::now();

@@ -14,15 +14,21 @@
 namespace lockstep::rl {
 
 Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full, Precision precision,
-               const OptimizerConfig& oc)
+               const OptimizerConfig& oc, bool device)
     : world_(world),
       layout_(ShardLayout::make(full.config, topo.topo, topo.layer_split, world.rank())),
       precision_(precision),
       oc_(oc),
       full_(full.clone()) {
+  LS_CHECK(!device || world.size() == 1, "train --device cuda: one rank");
+  if (device) return;  // the device holds the model and the optimizer state
   model_ = std::make_unique<Qwen3Moe>(world_, layout_, slice_local_weights(full_, layout_), precision_);
   grad_ = std::make_unique<ParallelGrad>(*model_);
   optimizer_ = AdamW(oc_, model_->weights(), layout_.scope());
+}
+
+void Policy::require_host_model(const char* what) const {
+  LS_CHECK(model_ != nullptr, "policy: ", what, " needs the host model, which a device-mode policy does not keep");
 }
 
 Policy::~Policy() = default;
@@ -33,7 +39,15 @@ void Policy::use_device_runner(ModelRunner* runner, int64_t recompute_num_layers
   device_runner_ = runner;
   recompute_num_layers_ = recompute_num_layers;
 #ifdef LOCKSTEP_CUDA
-  device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, optimizer_, recompute_num_layers_);
+  if (model_) {
+    device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, optimizer_, recompute_num_layers_);
+  } else if (resumed_) {
+    device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, *resumed_, recompute_num_layers_);
+    resumed_.reset();
+  } else {
+    LS_CHECK(precision_ == Precision::bfloat16, "train --device cuda: the bfloat16 recipe");
+    device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, recompute_num_layers_);
+  }
 #else
   fail("train --device cuda: this build has no CUDA backend");
 #endif
@@ -43,6 +57,7 @@ std::vector<std::vector<float>> Policy::score_all(const std::vector<std::vector<
 #ifdef LOCKSTEP_CUDA
   if (on_device()) return cuda_score_sequences(*device_runner_, seqs);
 #endif
+  require_host_model("scoring");
   std::vector<std::vector<float>> lp = model_->score(seqs);
   size_t n = 0;
   for (const auto& s : seqs) n += s.size() - 1;
@@ -102,7 +117,10 @@ std::vector<std::vector<double>> Policy::compute_grads(const std::vector<std::ve
     device_state_->compute_grads(mine, want_entropy, upstream);
   else
 #endif
+  {
+    require_host_model("the backward");
     grads_ = grad_->step_grads(mine, want_entropy, upstream);
+  }
   // Each replica's records come from its (tp 0, last stage) rank, to every rank.
   for (int r = 0; r < t.dp; ++r) {
     const int holder = t.rank_of(0, r, t.pp - 1);
@@ -126,6 +144,7 @@ OptimizerStepResult Policy::apply(bool inject_nan) {
     return device_state_->apply(precision_);
   }
 #endif
+  require_host_model("the optimizer step");
   if (inject_nan) {  // the test hook poisons the first of the rank's tensors by name
     auto named = named_tensors(grads_, layout_.scope());
     if (!named.empty()) named.begin()->second.data<float>()[0] = std::nanf("");
@@ -149,6 +168,7 @@ const ModelWeights& Policy::sync_full() {
     pull_device_weights();
     return full_;
   }
+  require_host_model("sync_full");
   std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, model_->weights());
   for (auto& [name, t] : full_.named()) {
     if (root()) *t = gathered.at(name).clone();
@@ -160,6 +180,7 @@ const ModelWeights& Policy::sync_full() {
 WeightSyncStats Policy::stream_weights(const ShardLayout& engine_layout,
                                        const std::function<void(std::vector<WeightPiece>&&)>& load_bucket,
                                        const WeightSyncOptions& options) {
+  require_host_model("the weight sync");
   return lockstep::stream_weights(world_, full_.config, layout_, local_named(model_->weights(), layout_), engine_layout,
                                   load_bucket, options);
 }
@@ -169,6 +190,7 @@ const ModelWeights& Policy::gather_to_root() {
     pull_device_weights();
     return full_;
   }
+  require_host_model("gather_to_root");
   std::map<std::string, Tensor> gathered = gather_full(world_, full_.config, layout_, model_->weights());
   if (root())  // in place: a tied lm_head keeps sharing the embedding's storage
     for (auto& [name, t] : full_.named()) std::memcpy(t->data<float>(), gathered.at(name).data<float>(), t->nbytes());
@@ -179,6 +201,7 @@ AdamW Policy::gather_optimizer() {
 #ifdef LOCKSTEP_CUDA
   if (on_device()) return device_state_->download(full_);
 #endif
+  require_host_model("gather_optimizer");
   const ModelConfig& cfg = full_.config;
   auto master = gather_full(world_, cfg, layout_, optimizer_.master());
   auto exp_avg = gather_full(world_, cfg, layout_, optimizer_.exp_avg());
@@ -198,14 +221,19 @@ void Policy::load_state(const ModelWeights& full_weights, const AdamW& full_opti
   LS_CHECK(full_weights.config.to_json() == full_.config.to_json(),
            "parallel train: the checkpoint's model config differs from the run's");
   full_ = full_weights.clone();
-  model_->weights() = slice_local_weights(full_, layout_);
-  optimizer_.load_state(full_optimizer.steps_taken(), slice_local_weights(full_optimizer.master(), layout_),
-                        slice_local_weights(full_optimizer.exp_avg(), layout_),
-                        slice_local_weights(full_optimizer.exp_avg_sq(), layout_));
+  if (model_) {
+    model_->weights() = slice_local_weights(full_, layout_);
+    optimizer_.load_state(full_optimizer.steps_taken(), slice_local_weights(full_optimizer.master(), layout_),
+                          slice_local_weights(full_optimizer.exp_avg(), layout_),
+                          slice_local_weights(full_optimizer.exp_avg_sq(), layout_));
+  } else if (!on_device()) {
+    resumed_ = full_optimizer;  // one rank: the full state is this rank's; uploaded by use_device_runner
+  }
   if (on_device()) {  // the runner and the device state take the checkpoint's
     device_runner_->load_weights(full_);
 #ifdef LOCKSTEP_CUDA
-    device_state_ = std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_, recompute_num_layers_);
+    device_state_ = std::make_shared<CudaTrainState>(*device_runner_, oc_, model_ ? optimizer_ : full_optimizer,
+                                                     recompute_num_layers_);
 #endif
   }
 }

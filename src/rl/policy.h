@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,16 +29,19 @@ namespace lockstep::rl {
 
 class Policy {
  public:
-  // Collective over world. `full` is the initial model (identical on every rank).
+  // Collective over world. `full` is the initial model (identical on every rank). device: the
+  // policy will run on a CUDA runner (use_device_runner), so no host model or host optimizer
+  // state is made (at 8 layers of Qwen3-30B-A3B those are ~110 GB of host memory).
   Policy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full, Precision precision,
-         const OptimizerConfig& oc);
+         const OptimizerConfig& oc, bool device = false);
   ~Policy();
 
   bool root() const { return world_.rank() == 0; }
 
   // From now on the policy runs on `runner`, a CUDA runner that is also the rollout engine's
   // (model/cuda/cuda_trainer.h): one rank, one GPU, the engine's weights. Gradients and the
-  // optimizer state live on the device (uploaded from this policy's optimizer now); each step
+  // optimizer state live on the device (uploaded from this policy's optimizer or a resumed
+  // checkpoint's, else a fresh state made on the device); each step
   // writes the runner's weights in place, so the engine's weight sync is a version bump.
   // recompute_num_layers: the trainer's activation recomputation (cuda_step_grads).
   void use_device_runner(ModelRunner* runner, int64_t recompute_num_layers = -1);
@@ -92,6 +96,8 @@ class Policy {
  private:
   // Device mode: full_ takes the runner's current weights (the host model is not used there).
   void pull_device_weights();
+  // The host model's paths: refused in device mode, which keeps no host model.
+  void require_host_model(const char* what) const;
 
   dist::Communicator& world_;
   ShardLayout layout_;
@@ -100,6 +106,7 @@ class Policy {
   std::unique_ptr<Qwen3Moe> model_;
   std::unique_ptr<ParallelGrad> grad_;
   AdamW optimizer_;
+  std::optional<AdamW> resumed_;  // device mode: a checkpoint's state until use_device_runner uploads it
   ModelWeights full_;
   ModelWeights grads_;  // of the last compute_grads, in the structure of the rank's weights
   ModelRunner* device_runner_ = nullptr;

@@ -384,7 +384,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
   oc.eps = cfg.adam_eps;
   oc.weight_decay = cfg.weight_decay;
   oc.clip_grad = cfg.clip_grad;
-  Policy policy(*world, topology, weights, precision, oc);
+  Policy policy(*world, topology, weights, precision, oc, on_gpu);
   if (!resume_from.empty()) {
     state = load_trainer_state(resume_from);
     LS_CHECK(state.seed == uint64_t(cfg.seed), resume_from, ": the checkpoint's seed ", state.seed,

@@ -339,5 +339,26 @@ TEST(CudaTrainer, DeviceAdamWStepIsTheHostStepBitForBit) {
   }
 }
 
+// The fresh state made on the device is a fresh host AdamW's, uploaded: the masters the
+// weights, the moments zero, no step taken (so the host-step test above covers its steps).
+TEST(CudaTrainer, AFreshDeviceStateIsAFreshHostOptimizersState) {
+  LS_SKIP_WITHOUT_GPU();
+  const ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
+  auto runner = make_cuda_runner(weights, Precision::bfloat16);
+  OptimizerConfig oc;
+  const AdamW host(oc, weights);
+  const AdamW back = CudaTrainState(*runner, oc).download(weights);
+  EXPECT_EQ(back.steps_taken(), 0);
+  const std::pair<const ModelWeights*, const ModelWeights*> parts[] = {
+      {&back.master(), &host.master()}, {&back.exp_avg(), &host.exp_avg()}, {&back.exp_avg_sq(), &host.exp_avg_sq()}};
+  for (const auto& [got, want] : parts) {
+    auto got_named = named_tensors(*got);
+    for (auto& [name, t] : named_tensors(*want)) {
+      ASSERT_TRUE(got_named.count(name)) << name;
+      EXPECT_EQ(std::memcmp(t.data<float>(), got_named.at(name).data<float>(), t.nbytes()), 0) << name;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lockstep

@@ -1,4 +1,6 @@
 // AdamW on the GPU (adamw.h): the CPU's per-element arithmetic, tensor by tensor.
+#include <algorithm>
+
 #include "kernels/canonical.h"
 #include "kernels/cuda/adamw.h"
 #include "kernels/cuda/common.cuh"
@@ -24,6 +26,11 @@ __global__ void adamw_kernel(const AdamWTensor* tensors, AdamWScalars s) {
     if (t.weight_bf16) t.weight_bf16[i] = __float2bfloat16_rn(p);
     if (t.weight_f32) t.weight_f32[i] = s.round_bf16 ? round_bf16(p) : p;
   }
+}
+
+__global__ void widen_bf16_kernel(const __nv_bfloat16* x, float* out, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __bfloat162float(x[i]);
 }
 
 // One block per (tensor, chunk): the block streams the chunk through a ring of shared-memory
@@ -114,6 +121,12 @@ void sum_squares_chunks(const float* const* data, const int64_t* numel, int64_t 
   }();
   (void)configured;
   sum_squares_kernel<<<dim3(unsigned(count), 8), kSquaresThreads, kSquaresSmem, stream>>>(data, numel, partials);
+  LS_CUDA_LAUNCHED();
+}
+
+void widen_bf16(const __nv_bfloat16* x, float* out, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  widen_bf16_kernel<<<unsigned(std::min<int64_t>(ceil_div(n, 256), 65536)), 256, 0, stream>>>(x, out, n);
   LS_CUDA_LAUNCHED();
 }
 

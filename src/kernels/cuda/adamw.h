@@ -40,6 +40,9 @@ void adamw_step(const AdamWTensor* tensors, int64_t count, int64_t max_numel, co
 void sum_squares_chunks(const float* const* data, const int64_t* numel, int64_t count, float* partials,
                         cudaStream_t stream);
 
+// out[i] = x[i] widened to fp32 (a fresh state's masters from the runner's bf16 weights).
+void widen_bf16(const __nv_bfloat16* x, float* out, int64_t n, cudaStream_t stream);
+
 // The first index of x[0, n) holding NaN or Inf, or -1.
 int64_t first_nonfinite(const float* x, int64_t n, cudaStream_t stream);
 

@@ -33,6 +33,7 @@ struct CudaTrainState::Impl {
   int64_t max_numel = 0;
 
   explicit Impl(cuda_model::CudaRunner& runner) : r(runner) {}
+  void allocate_state(const OptimizerConfig& optimizer_config, int64_t recompute);
   cudaStream_t st() const { return r.stream(); }
   std::unique_ptr<cuda_model::DeviceFloats> take_buffer() {
     if (!spare.empty()) {
@@ -71,22 +72,40 @@ struct CudaTrainState::Impl {
   }
 };
 
-CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
-                               int64_t recompute_num_layers) {
+namespace {
+
+// The runner as a CUDA runner (else refused).
+cuda_model::CudaRunner& cuda_runner_of(ModelRunner& runner) {
   auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
   LS_CHECK(cuda_runner != nullptr, "cuda train state: the runner is not a CUDA runner");
-  impl_ = std::make_unique<Impl>(*cuda_runner);
-  Impl& m = *impl_;
-  const ModelConfig& c = runner.config();
-  m.config = config;
-  m.recompute_num_layers = recompute_num_layers;
-  m.step = optimizer.steps_taken();
-  m.segments = device_segments(c);
-  for (const auto& seg : m.segments) {
-    m.names.push_back(param_name(c, seg.slot));
-    m.max_numel = std::max(m.max_numel, seg.numel);
+  return *cuda_runner;
+}
+
+}  // namespace
+
+// The segments and their names, the masters' and moments' buffers and the device tables.
+void CudaTrainState::Impl::allocate_state(const OptimizerConfig& optimizer_config, int64_t recompute) {
+  const ModelConfig& c = r.config();
+  config = optimizer_config;
+  recompute_num_layers = recompute;
+  segments = device_segments(c);
+  for (const auto& seg : segments) {
+    names.push_back(param_name(c, seg.slot));
+    max_numel = std::max(max_numel, seg.numel);
   }
-  for (auto* d : {&m.master, &m.exp_avg, &m.exp_avg_sq}) d->allocate(c);
+  for (auto* d : {&master, &exp_avg, &exp_avg_sq}) d->allocate(c);
+  adamw = tables.alloc<cuda::AdamWTensor>(int64_t(segments.size()));
+  grad_ptrs = const_cast<const float**>(tables.alloc<float*>(int64_t(segments.size())));
+  numels = tables.alloc<int64_t>(int64_t(segments.size()));
+  partials = tables.alloc<float>(int64_t(segments.size()) * 8);
+}
+
+CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
+                               int64_t recompute_num_layers)
+    : impl_(std::make_unique<Impl>(cuda_runner_of(runner))) {
+  Impl& m = *impl_;
+  m.allocate_state(config, recompute_num_layers);
+  m.step = optimizer.steps_taken();
   // The host state, tensor by tensor, in the names table's order (the segments' order).
   const std::pair<const ModelWeights*, cuda_model::DeviceFloats*> parts[] = {
       {&optimizer.master(), &m.master}, {&optimizer.exp_avg(), &m.exp_avg}, {&optimizer.exp_avg_sq(), &m.exp_avg_sq}};
@@ -99,16 +118,29 @@ CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& confi
       m.r.upload(cuda_model::segment_ptr(*dev, seg), t.data<float>(), size_t(seg.numel) * 4);
     });
   }
-  m.adamw = m.tables.alloc<cuda::AdamWTensor>(int64_t(m.segments.size()));
-  m.grad_ptrs = const_cast<const float**>(m.tables.alloc<float*>(int64_t(m.segments.size())));
-  m.numels = m.tables.alloc<int64_t>(int64_t(m.segments.size()));
-  m.partials = m.tables.alloc<float>(int64_t(m.segments.size()) * 8);
 }
 
-CudaTrainState::CudaTrainState(ModelRunner& runner, int64_t recompute_num_layers) {
-  auto* cuda_runner = dynamic_cast<cuda_model::CudaRunner*>(&runner);
-  LS_CHECK(cuda_runner != nullptr, "cuda train state: the runner is not a CUDA runner");
-  impl_ = std::make_unique<Impl>(*cuda_runner);
+CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, int64_t recompute_num_layers)
+    : impl_(std::make_unique<Impl>(cuda_runner_of(runner))) {
+  Impl& m = *impl_;
+  m.allocate_state(config, recompute_num_layers);
+  for (const auto& seg : m.segments) {
+    cuda::bf16_t* matrix = nullptr;
+    float* norm = nullptr;
+    cuda_model::runner_segment_ptr(m.r, seg, &matrix, &norm);
+    float* master = cuda_model::segment_ptr(m.master, seg);
+    if (matrix)
+      cuda::widen_bf16(matrix, master, seg.numel, m.st());
+    else
+      LS_CUDA_CHECK(cudaMemcpyAsync(master, norm, size_t(seg.numel) * 4, cudaMemcpyDeviceToDevice, m.st()));
+  }
+  for (auto* d : {&m.exp_avg, &m.exp_avg_sq})
+    for (const auto& [p, n] : d->buffers) LS_CUDA_CHECK(cudaMemsetAsync(p, 0, size_t(n) * 4, m.st()));
+  LS_CUDA_CHECK(cudaStreamSynchronize(m.st()));
+}
+
+CudaTrainState::CudaTrainState(ModelRunner& runner, int64_t recompute_num_layers)
+    : impl_(std::make_unique<Impl>(cuda_runner_of(runner))) {
   impl_->recompute_num_layers = recompute_num_layers;
   impl_->has_optimizer = false;
 }

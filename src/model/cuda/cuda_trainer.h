@@ -56,6 +56,10 @@ class CudaTrainState {
   // recompute_num_layers as for cuda_step_grads.
   CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
                  int64_t recompute_num_layers = kRecomputeAuto);
+  // A fresh state made on the device (the bfloat16 recipe): the masters are the runner's
+  // weights widened, the moments zero, no step taken: what uploading AdamW(config, the
+  // runner's weights) gives, with no host copy of the model or its 12 bytes a parameter.
+  CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, int64_t recompute_num_layers = kRecomputeAuto);
   // Gradients only: compute_grads without the optimizer state (12 bytes a parameter fewer, for
   // measurements of slices that would not fit beside it); apply and download refuse.
   CudaTrainState(ModelRunner& runner, int64_t recompute_num_layers);
