@@ -115,29 +115,28 @@ void run(const Gemm& gm) {
               6.0 * double(g_elems) / (ms_pack / 1e3) / 1e9);
   CHECK_CUDA(cudaMemcpy(split.mem.get(), g.mem.get(), size_t(g_elems) * 4, cudaMemcpyDeviceToDevice));
   cuda::pack_bf16_rows(split.as<float>(), g_elems / pitch, pitch, nullptr);
-  const auto tma_cluster = cuda::SplitTile::automatic;  // in this list: TMA 128x256 in clusters of 2
-  for (const auto tile : {cuda::SplitTile::k128x128, cuda::SplitTile::wgmma128x256, cuda::SplitTile::tma128x256,
-                          cuda::SplitTile::tma128x128, tma_cluster}) {
+  struct Variant {
+    cuda::SplitTile tile;
+    int cluster;  // CTAs a cluster of the TMA tiles (set_outer_sum_tma_cluster)
+    const char* name;
+  };
+  for (const Variant v :
+       {Variant{cuda::SplitTile::k128x128, 1, "128x128"}, Variant{cuda::SplitTile::wgmma128x256, 1, "wgmma 128x256"},
+        Variant{cuda::SplitTile::tma128x256, 1, "TMA 128x256"}, Variant{cuda::SplitTile::tma128x128, 1, "TMA 128x128"},
+        Variant{cuda::SplitTile::tma128x256, 2, "TMA 128x256, clusters of 2"},
+        Variant{cuda::SplitTile::tma128x128, 2, "TMA 128x128, clusters of 2"}}) {
     const auto* gs = split.as<const cuda::bf16_t>();
-    const bool clustered = tile == tma_cluster;
-    cuda::set_outer_sum_tma_cluster(clustered ? 2 : 1);
+    cuda::set_outer_sum_tma_cluster(v.cluster);
     const double ms = cuda_median_ms([&] {
       cuda::outer_sum_split_tc(gs, gm.g_row, gm.g_col, m.as<cuda::bf16_t>(), gm.K, gm.bounds, out.as<float>(), gm.I,
-                               nullptr, workspace.as<float>(), clustered ? cuda::SplitTile::tma128x256 : tile,
-                               cuda::GradientOperand::bf16);
+                               nullptr, workspace.as<float>(), v.tile, cuda::GradientOperand::bf16);
     });
     cuda::set_outer_sum_tma_cluster(1);
     const auto got = download(out, gm.I * gm.K * 4);
     const bool first = hi_bits.empty();
     if (first) hi_bits = got;
     std::printf("{\"gemm\":\"%s\",\"variant\":\"bf16 g, %s\",\"ms\":%.3f,\"tflops\":%.1f,\"bits\":\"%s\"}\n",
-                gm.name.c_str(),
-                tile == cuda::SplitTile::k128x128       ? "128x128"
-                : tile == cuda::SplitTile::wgmma128x256 ? "wgmma 128x256"
-                : tile == cuda::SplitTile::tma128x256   ? "TMA 128x256"
-                : clustered                             ? "TMA 128x256, clusters of 2"
-                                                        : "TMA 128x128",
-                ms, tflop / 2 / (ms / 1e3),
+                gm.name.c_str(), v.name, ms, tflop / 2 / (ms / 1e3),
                 first            ? "reference"
                 : got == hi_bits ? "same"
                                  : "DIFFER");

@@ -146,9 +146,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for_each_tile<kCluster>(problems, tiles_k, units_i, units, [&](const Problem& p, int i0, int k_block) {
         const void* g_map = &maps.g[p.g_map];
         const void* m_map = &maps.m[p.m_map];
-        constexpr int kChunksAStretch = kPairStages ? 2 : 1;
-        for (int c = 0; c < p.chunk_count; c += kChunksAStretch)
-          for (int s0 = p.rows[c], end = p.rows[min(c + kChunksAStretch, p.chunk_count)]; s0 < end; s0 += kRows, ++it) {
+        constexpr int kChunksPerRun = kPairStages ? 2 : 1;
+        for (int c = 0; c < p.chunk_count; c += kChunksPerRun)
+          for (int s0 = p.rows[c], end = p.rows[min(c + kChunksPerRun, p.chunk_count)]; s0 < end; s0 += kRows, ++it) {
             const int slot = int(it % kStages);
             if (it >= uint32_t(kStages)) mbar_wait(empty(slot), (it / kStages - 1) & 1);
             const uint32_t g_at = base + slot * Tile::StageBytes, m_at = g_at + kGTile;
