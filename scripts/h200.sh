@@ -105,6 +105,11 @@ if [ "$TRAIN" = 1 ]; then
   echo "== trainer: forward + backward, $TRAIN_LAYERS layers"
   LOCKSTEP_PROFILE_TRAIN=events "$TRAINB" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$TRAIN_LAYERS" --reps 2 2>&1 |
     tee "$OUT/train_bench.log" | tail -2
+  # The TMA kernels in clusters of two CTAs (an operand multicast; the same bits), gradients only.
+  "$TRAINB" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$TRAIN_LAYERS" --reps 3 --grads-only 2>&1 | tail -1 |
+    sed 's/^/one CTA: /' | tee -a "$OUT/train_bench.log"
+  "$TRAINB" "$ROOT/models/qwen3-30b-a3b/config.json" --layers "$TRAIN_LAYERS" --reps 3 --grads-only --tma-cluster 2 \
+    --gemm-cluster 2 2>&1 | tail -1 | sed 's/^/clusters of two: /' | tee -a "$OUT/train_bench.log"
   [ "$PEER" = 1 ] && timeout 420 python3 "$ROOT/bench/hf_peer.py" "$ROOT/models/qwen3-30b-a3b/config.json" --train \
     --layers "$TRAIN_LAYERS" 2>&1 | grep hf_train | tee -a "$OUT/train_bench.log"
   echo "== the gradient GEMMs alone, every tile"
