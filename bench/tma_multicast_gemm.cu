@@ -140,19 +140,8 @@ void launch_dev(const GemmArgs& p, cudaStream_t stream) {
   }();
   (void)reported;
   const int64_t clusters = std::min<int64_t>(units, resident);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(clusters * CTAS));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(CTAS);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  LS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, map_a, map_w, p, int(tiles_n), int(units)));
+  launch_kernel(kernel, dim3(unsigned(clusters * CTAS)), dim3(kThreads), smem, stream, LaunchOptions{false, CTAS},
+                map_a, map_w, p, int(tiles_n), int(units));
 }
 
 struct Shape {

@@ -67,31 +67,48 @@ __device__ __forceinline__ void start_after_previous() {
   allow_next_kernel_launch();
 }
 
-// launch_after_previous with clusters of `cluster` CTAs along x (1: no cluster attribute).
+// The launch attribute of clusters of `cluster` CTAs along x.
+inline cudaLaunchAttribute cluster_attribute(unsigned cluster) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  return attr;
+}
+
+// How a kernel is launched: after_previous, a programmatic dependent launch (the kernel waits
+// with wait_for_previous_kernel before touching memory); cluster, CTAs a cluster along x (1: no
+// cluster attribute).
+struct LaunchOptions {
+  bool after_previous = false;
+  unsigned cluster = 1;
+};
+
 template <typename... KernelArgs, typename... Args>
-void launch_after_previous_in_clusters(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
-                                       cudaStream_t stream, unsigned cluster, Args&&... args) {
+void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   LaunchOptions options, Args&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  attr[1].id = cudaLaunchAttributeClusterDimension;
-  attr[1].val.clusterDim.x = cluster;
-  attr[1].val.clusterDim.y = 1;
-  attr[1].val.clusterDim.z = 1;
+  unsigned count = 0;
+  if (options.after_previous) {
+    attr[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (options.cluster > 1) attr[count++] = cluster_attribute(options.cluster);
   cfg.attrs = attr;
-  cfg.numAttrs = cluster > 1 ? 2 : 1;
+  cfg.numAttrs = count;
   LS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
 template <typename... KernelArgs, typename... Args>
 void launch_after_previous(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                            Args&&... args) {
-  launch_after_previous_in_clusters(kernel, grid, block, smem, stream, 1, std::forward<Args>(args)...);
+  launch_kernel(kernel, grid, block, smem, stream, LaunchOptions{true, 1}, std::forward<Args>(args)...);
 }
 
 // How many clusters of `cluster` CTAs of `kernel` (block threads, smem bytes of dynamic shared
@@ -103,11 +120,7 @@ int max_active_clusters(void (*kernel)(KernelArgs...), int block, size_t smem, u
   cfg.gridDim = dim3(unsigned(sm_count()));
   cfg.blockDim = dim3(unsigned(block));
   cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cluster;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
+  cudaLaunchAttribute attr = cluster_attribute(cluster);
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   int clusters = 0;

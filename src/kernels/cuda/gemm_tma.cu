@@ -256,8 +256,8 @@ void launch_tma(const GemmArgs& p, cudaStream_t stream) {
   // Persistent CTAs: one an SM, or as many clusters as the GPU holds at once.
   static const int resident = CLUSTER == 1 ? sm_count() : max_active_clusters(kernel, kTmaThreads, smem, CLUSTER);
   const int grid = CLUSTER * int(std::min<int64_t>(units, resident));
-  launch_after_previous_in_clusters(kernel, dim3(unsigned(grid)), dim3(kTmaThreads), smem, stream, CLUSTER, map_a,
-                                    map_w, p, int(units_n), int(units), rows_fastest ? int(units_m) : 0);
+  launch_kernel(kernel, dim3(unsigned(grid)), dim3(kTmaThreads), smem, stream, LaunchOptions{true, unsigned(CLUSTER)},
+                map_a, map_w, p, int(units_n), int(units), rows_fastest ? int(units_m) : 0);
 }
 
 int g_cluster_ctas = 1;

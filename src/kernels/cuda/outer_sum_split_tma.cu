@@ -302,24 +302,11 @@ void launch(const Maps& maps, const Problems& problems, int64_t max_I, int64_t K
   const auto kernel = outer_sum_split_tma_kernel<kWeight, kBK, kCluster>;
   constexpr int bytes = TmaTile<kBK>::SmemBytes;
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  cudaLaunchConfig_t config{};
-  cudaLaunchAttribute cluster{};
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = bytes;
-  config.stream = s;
-  int64_t clusters = sm_count();  // one workspace slot a block: never more blocks than SMs
-  if constexpr (kCluster > 1) {
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = kCluster;
-    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    static const int resident = max_active_clusters(kernel, kThreads, bytes, kCluster);
-    clusters = resident;
-  }
-  config.gridDim = dim3(unsigned(kCluster * std::min<int64_t>(units, clusters)));
-  LS_CUDA_CHECK(
-      cudaLaunchKernelEx(&config, kernel, maps, problems, K, tiles_k, units_i, units, mask ? 1 : 0, workspace));
+  // One workspace slot a block: never more blocks than SMs (nor clusters than the GPU holds).
+  static const int resident = kCluster == 1 ? sm_count() : max_active_clusters(kernel, kThreads, bytes, kCluster);
+  const int64_t grid = kCluster * std::min<int64_t>(units, resident);
+  launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), bytes, s, LaunchOptions{false, unsigned(kCluster)}, maps,
+                problems, K, tiles_k, units_i, units, mask ? 1 : 0, workspace);
 }
 
 // The span among `spans` holding `p` at a whole row (row_bytes apart) and its row there, or -1.
