@@ -74,10 +74,10 @@ double kept_layer_bytes(const ModelConfig& c, int64_t tokens) {
   const double H = double(c.hidden_size), qd = double(c.q_dim()), kd = double(c.kv_dim());
   const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
   const double t = double(tokens), rows = t * k, I = c.num_experts > 0 ? double(c.moe_intermediate_size) : 0.0;
-  // h, qkv, q, attn, mid, h_mlp, y, the experts' [gate | up] rows and their SwiGLU (bf16);
-  // router logits, ids, expert weights, the rows' order, the attention's log-sum-exp; K and V
-  // pages.
-  return (3 * t * H + t * (qd + 2 * kd) + 2 * t * qd + rows * H + rows * 3 * I) * 2 +
+  // h, qkv, q, attn, mid, h_mlp, y, the experts' input rows (kKeepExpertInputRows), their
+  // [gate | up] rows and SwiGLU (bf16); router logits, ids, expert weights, the rows' order, the attention's
+  // log-sum-exp; K and V pages.
+  return (3 * t * H + t * (qd + 2 * kd) + 2 * t * qd + (kKeepExpertInputRows ? 2 : 1) * rows * H + rows * 3 * I) * 2 +
          (t * E + 3 * rows + t * double(c.num_attention_heads)) * 4 + 2 * (2 * t / 64 + 1) * 64 * kd * 2;
 }
 

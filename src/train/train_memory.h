@@ -24,6 +24,13 @@ struct TrainMemory {
   }
 };
 
+// A kept MoE layer keeps its experts' input rows, gathered once in the forward: the [gate | up]
+// GEMM then reads them contiguously (by TMA) and the backward reads them in place instead of
+// gathering them again (a recomputed layer's backward gathers them before its GEMM). The same
+// bits either way; built in session 23 without a GPU, so off until the GPU suite has passed
+// with it on (notes/gpu-trainer.md).
+inline constexpr bool kKeepExpertInputRows = false;
+
 // --recompute-num-layers' default: as few layers recomputed as the free memory allows.
 constexpr int64_t kRecomputeAuto = -1;
 // A recomputed-layer count meaning every layer.

@@ -31,7 +31,8 @@ void for_every_config(Run run) {
 }
 
 // 600 tokens in 8 experts of 130, 0, 1, 257, 64, 3, 128 and 17 rows, gathered from a shuffled
-// token order and scattered back to the token's row.
+// token order (as the GEMM loads them, or beforehand: then TMA applies) and scattered back to
+// the token's row.
 void check_grouped(int64_t N, int64_t K, int chunks) {
   LS_SKIP_WITHOUT_GPU();
   const int64_t T = 600, G = 8;
@@ -43,7 +44,9 @@ void check_grouped(int64_t N, int64_t K, int chunks) {
   std::iota(perm.begin(), perm.end(), 0);
   std::shuffle(perm.begin(), perm.end(), std::mt19937(5));
   auto x = random_bf16(T * K, 21 + K), w = random_bf16(G * N * K, 22 + N);
-  DeviceVec<uint16_t> X(x), W(w);
+  std::vector<uint16_t> x_rows(x.size());
+  for (int64_t r = 0; r < T; ++r) std::copy_n(&x[size_t(perm[r] * K)], K, &x_rows[size_t(r * K)]);
+  DeviceVec<uint16_t> X(x), X_rows(x_rows), W(w);
   DeviceVec<int32_t> Rows(rows_of), Perm(perm);
   // The plain product of every token with every expert's weights (the mma.sync 128x128 tiles).
   std::vector<std::vector<float>> plain;
@@ -54,25 +57,27 @@ void check_grouped(int64_t N, int64_t K, int chunks) {
     cuda::gemm_with_config(a, 4, nullptr);
     plain.push_back(out.take());
   }
-  for_every_config([&](int config, int cluster) {
-    DeviceVec<float> out(T * N);
-    out.poison();
-    auto a = testing::gemm_args(X.get(), K, W.get(), K, T, N, K, chunks, out.get());
-    a.a_gather = Perm.get();
-    a.w_group_stride = N * K;
-    a.group_rows = Rows.get();
-    a.groups = int(G);
-    a.out_scatter = Perm.get();
-    cuda::gemm_with_config(a, config, nullptr);
-    const auto grouped = out.take();
-    int bad_rows = 0;
-    for (int64_t g = 0; g < G; ++g)
-      for (int32_t r = rows_of[g]; r < rows_of[g + 1]; ++r) {
-        const int64_t t = perm[r];
-        bad_rows += std::memcmp(&grouped[t * N], &plain[g][t * N], N * 4) != 0;
-      }
-    EXPECT_EQ(bad_rows, 0) << "config " << config << " chunks " << chunks << " clusters of " << cluster;
-  });
+  for (const bool gathered_first : {false, true})
+    for_every_config([&](int config, int cluster) {
+      DeviceVec<float> out(T * N);
+      out.poison();
+      auto a = testing::gemm_args(gathered_first ? X_rows.get() : X.get(), K, W.get(), K, T, N, K, chunks, out.get());
+      a.a_gather = gathered_first ? nullptr : Perm.get();
+      a.w_group_stride = N * K;
+      a.group_rows = Rows.get();
+      a.groups = int(G);
+      a.out_scatter = Perm.get();
+      cuda::gemm_with_config(a, config, nullptr);
+      const auto grouped = out.take();
+      int bad_rows = 0;
+      for (int64_t g = 0; g < G; ++g)
+        for (int32_t r = rows_of[g]; r < rows_of[g + 1]; ++r) {
+          const int64_t t = perm[r];
+          bad_rows += std::memcmp(&grouped[t * N], &plain[g][t * N], N * 4) != 0;
+        }
+      EXPECT_EQ(bad_rows, 0) << "config " << config << " chunks " << chunks << " clusters of " << cluster
+                             << (gathered_first ? ", rows gathered first" : "");
+    });
 }
 
 TEST(CudaGemmLarge, GroupedColumnFormEqualsPlain) { check_grouped(1536, 2048, 1); }

@@ -17,6 +17,7 @@
 #include "kernels/cuda/row_ops.cuh"
 #include "model/cuda/cuda_runner_impl.h"
 #include "model/cuda/device_params.h"
+#include "train/train_memory.h"  // kKeepExpertInputRows
 
 namespace lockstep::cuda_model {
 
@@ -183,17 +184,24 @@ struct CudaLayerBackwardOps {
     // The experts' internals: a kept layer's forward rows in this order (read in place where
     // the forward placed them so), else recomputed per row with the forward's GEMM and SwiGLU
     // (the same bits).
-    const bf16_t *gu_rows = s.gu_rows, *act_rows = s.act_rows;
-    if (sorted_rows && w.keep_gate_up && kept_rows_in_order) {
+    const bf16_t *gu_rows = s.gu_rows, *act_rows = s.act_rows, *x_rows = s.x_rows;
+    const bool in_place = sorted_rows && w.keep_gate_up && kept_rows_in_order;
+    if (in_place && w.x_rows != nullptr)
+      x_rows = w.x_rows;
+    else
+      cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
+    if (in_place) {
       gu_rows = w.gu, act_rows = w.act;
     } else if (sorted_rows && w.keep_gate_up) {
       cuda::gather_rows(w.gu, s.kept_row, s.gu_rows, rows, 2 * I, st);
       cuda::gather_rows(w.act, s.kept_row, s.act_rows, rows, I, st);
+    } else if (kKeepExpertInputRows) {  // from the gathered rows: read contiguously (by TMA)
+      cuda::gemm(r.expert_gate_up_args(L, s.x_rows, nullptr, s.group_rows, rows, s.gu_rows), st);
+      cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
     } else {
       cuda::gemm(r.expert_gate_up_args(L, w.h_mlp, s.row_token, s.group_rows, rows, s.gu_rows), st);
       cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
     }
-    cuda::gather_rows(w.h_mlp, s.row_token, s.x_rows, rows, H, st);
     const bool split = split_expert_gemms(H, I);
     // The GEMMs' gradient rows are written packed as they are made where the GEMMs read them so.
     const bool packed = split && kGradientOperand == cuda::GradientOperand::bf16;
@@ -221,8 +229,8 @@ struct CudaLayerBackwardOps {
       const bf16_t* gate_w = L.gate_up + e * 2 * I * H;
       down_w.push_back({dy, act_rows + first * I, g.down + e * H * I, H, b});
       down_in.push_back({dy, L.down + e * H * I, s.dact + first * I, n, cuda::token_chunk_bounds(H)});
-      gate_up_w.push_back({dgate, s.x_rows + first * H, g.gate_up + e * 2 * I * H, I, b});
-      gate_up_w.push_back({dup, s.x_rows + first * H, g.gate_up + e * 2 * I * H + I * H, I, b});
+      gate_up_w.push_back({dgate, x_rows + first * H, g.gate_up + e * 2 * I * H, I, b});
+      gate_up_w.push_back({dup, x_rows + first * H, g.gate_up + e * 2 * I * H + I * H, I, b});
       gate_up_in.push_back({dgate, gate_w, s.dx_rows + first * H, n, cuda::token_chunk_bounds(I)});
       gate_up_in.push_back({dup, gate_w + I * H, s.part_rows + first * H, n, cuda::token_chunk_bounds(I)});
     }
@@ -262,7 +270,7 @@ struct CudaLayerBackwardOps {
         cuda::to_gradient_operand(s.dgate, rows, I, kGradientOperand, st);
         cuda::to_gradient_operand(s.dup, rows, I, kGradientOperand, st);
       }
-      grouped(2 * used, 2 * n_used, I, 1, I, H, spans(s.dgate, s.dup, s.x_rows, rows));               // d gate, up
+      grouped(2 * used, 2 * n_used, I, 1, I, H, spans(s.dgate, s.dup, x_rows, rows));                 // d gate, up
       grouped(4 * used, 2 * n_used, max_rows, I, 1, H, spans(s.dgate, s.dup, L.gate_up, E * 2 * I));  // d x
     } else {
       // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.

@@ -18,6 +18,7 @@
 #include "kernels/cpu/rope.h"
 #include "kernels/cpu/sampling.h"
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/backward.h"  // gather_rows
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode_layers.h"
 #include "kernels/cuda/gemm.h"
@@ -432,6 +433,9 @@ class CudaRunner final : public ModelRunner {
     // Training, a kept MoE layer: the experts' [gate | up] rows stay in gu and their SwiGLU in
     // act (rows in scatter's order), for the backward to read instead of recomputing them.
     bool keep_gate_up = false;
+    // Training, a kept MoE layer: the experts' input rows gathered once (scatter's order), so
+    // the [gate | up] GEMM reads them contiguously by TMA and the backward reads them in place.
+    bf16_t* x_rows = nullptr;
     int32_t* meta = nullptr;  // tokens | positions | seq_of_token | page tables
     int64_t meta_cap = 0;
     int32_t *rows = nullptr, *targets = nullptr, *sampled_tokens = nullptr;
@@ -835,6 +839,13 @@ class CudaRunner final : public ModelRunner {
       gu.out_kind = GemmOut::bf16_swiglu;
       gu.out_bf16 = ws.act;
       gu.ldo = I;
+    }
+    // The gathered cp.async kernel runs at ~400 TFLOP/s, the TMA kernel on contiguous rows ~570
+    // (notes/gpu-trainer.md, session 23); the same bits.
+    if (ws.x_rows != nullptr && !fused_swiglu) {
+      cuda::gather_rows(ws.h_mlp, ws.gather, ws.x_rows, rows, H, stream_);
+      gu.A = ws.x_rows;
+      gu.a_gather = nullptr;
     }
     cuda::gemm(gu, stream_);
     GemmArgs dn;   // down projection, canonical row form over I, scattered to token * k + slot
