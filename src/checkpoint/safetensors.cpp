@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "checkpoint/index_path.h"
 #include "core/atomic_file.h"
@@ -207,23 +208,39 @@ const std::string& SafetensorsReader::file_of(const std::string& name) const { r
 
 void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
                        const std::map<std::string, std::string>& metadata) {
+  std::vector<SafetensorsEntry> entries;
+  std::vector<const Tensor*> data;
+  for (const auto& [name, t] : tensors) {
+    LS_CHECK(t.device() == Device::cpu, path, ": tensor '", name, "' must be on the cpu to be written");
+    entries.push_back({name, t.dtype(), t.shape()});
+    data.push_back(&t);
+  }
+  write_safetensors(
+      path, entries, [&](size_t i, std::vector<std::byte>&) -> const void* { return data[i]->raw(); }, metadata);
+}
+
+void write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& entries,
+                       const SafetensorsSource& source, const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  // Data in order of element size (largest first), then name: with the header padded to 8
-  // bytes every tensor starts at a multiple of its element size (as Hugging Face writes).
-  std::vector<const std::pair<const std::string, Tensor>*> order;
-  for (const auto& entry : tensors) order.push_back(&entry);
-  std::stable_sort(order.begin(), order.end(), [](const auto* a, const auto* b) {
-    return dtype_size(a->second.dtype()) > dtype_size(b->second.dtype());
-  });
+  // Names ascending, then data in order of element size (largest first): with the header
+  // padded to 8 bytes every tensor starts at a multiple of its element size (as Hugging Face
+  // writes).
+  std::vector<size_t> order(entries.size());
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return entries[a].name < entries[b].name; });
+  for (size_t k = 1; k < order.size(); ++k)
+    LS_CHECK(entries[order[k - 1]].name != entries[order[k]].name, path, ": tensor '", entries[order[k]].name,
+             "' is named twice");
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return dtype_size(entries[a].dtype) > dtype_size(entries[b].dtype); });
+  const auto nbytes = [&](size_t i) { return size_t(shape_numel(entries[i].shape)) * dtype_size(entries[i].dtype); };
   uint64_t offset = 0;
-  for (const auto* entry : order) {
-    const auto& [name, t] = *entry;
-    LS_CHECK(t.device() == Device::cpu, path, ": tensor '", name, "' must be on the cpu to be written");
-    header[name] = {{"dtype", dtype_name(t.dtype())},
-                    {"shape", t.shape()},
-                    {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
+  for (const size_t i : order) {
+    header[entries[i].name] = {{"dtype", dtype_name(entries[i].dtype)},
+                               {"shape", entries[i].shape},
+                               {"data_offsets", {offset, offset + nbytes(i)}}};
+    offset += nbytes(i);
   }
   std::string h = header.dump();
   while ((8 + h.size()) % 8 != 0) h.push_back(' ');
@@ -232,7 +249,13 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
   const uint64_t len = h.size();
   out.write(&len, 8);
   out.write(h);
-  for (const auto* entry : order) out.write(entry->second.raw(), entry->second.nbytes());
+  std::vector<std::byte> scratch;
+  for (const size_t i : order) {
+    const void* bytes = source(i, scratch);
+    LS_CHECK(bytes != scratch.data() || scratch.size() == nbytes(i), path, ": tensor '", entries[i].name, "' came as ",
+             scratch.size(), " bytes, expected ", nbytes(i));
+    out.write(bytes, nbytes(i));
+  }
   out.commit();
 }
 

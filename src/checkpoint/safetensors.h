@@ -1,6 +1,8 @@
 // safetensors files: a memory-mapped reader (single file or sharded with
 // model.safetensors.index.json) and a writer.
 #pragma once
+#include <cstddef>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -38,5 +40,19 @@ class SafetensorsReader {
 // Writes tensors (any dtype, cpu) to one safetensors file, names in sorted order.
 void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// One tensor of a streamed write: its bytes come from the writer's source when their turn comes.
+struct SafetensorsEntry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+};
+// Entry i's bytes (numel * dtype size): a pointer to them, or `scratch` resized and filled.
+using SafetensorsSource = std::function<const void*(size_t i, std::vector<std::byte>& scratch)>;
+// The same file as write_safetensors of tensors with these names, dtypes and shapes, one
+// tensor at a time: state held elsewhere (on the GPU) needs one tensor's bytes on the host, not
+// the file's. Names must be unique.
+void write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& entries,
+                       const SafetensorsSource& source, const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace lockstep

@@ -41,9 +41,9 @@ void Policy::use_device_runner(ModelRunner* runner, int64_t recompute_num_layers
 #ifdef LOCKSTEP_CUDA
   if (model_) {
     device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, optimizer_, recompute_num_layers_);
-  } else if (resumed_) {
-    device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, *resumed_, recompute_num_layers_);
-    resumed_.reset();
+  } else if (!resumed_optimizer_.empty()) {
+    device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, resumed_optimizer_, full_, recompute_num_layers_);
+    resumed_optimizer_.clear();
   } else {
     LS_CHECK(precision_ == Precision::bfloat16, "train --device cuda: the bfloat16 recipe");
     device_state_ = std::make_shared<CudaTrainState>(*runner, oc_, recompute_num_layers_);
@@ -217,23 +217,34 @@ AdamW Policy::gather_optimizer() {
   return full;
 }
 
-void Policy::load_state(const ModelWeights& full_weights, const AdamW& full_optimizer) {
+std::function<void(const std::string& path)> Policy::optimizer_writer() {
+#ifdef LOCKSTEP_CUDA
+  if (on_device()) return [this](const std::string& path) { device_state_->save_optimizer(path, full_); };
+#endif
+  auto gathered = std::make_shared<AdamW>(gather_optimizer());
+  return [gathered](const std::string& path) { gathered->save(path); };
+}
+
+void Policy::load_state(const ModelWeights& full_weights, const std::string& optimizer_file) {
   LS_CHECK(full_weights.config.to_json() == full_.config.to_json(),
            "parallel train: the checkpoint's model config differs from the run's");
   full_ = full_weights.clone();
   if (model_) {
+    AdamW full_optimizer(oc_, full_);
+    full_optimizer.load(optimizer_file);
     model_->weights() = slice_local_weights(full_, layout_);
     optimizer_.load_state(full_optimizer.steps_taken(), slice_local_weights(full_optimizer.master(), layout_),
                           slice_local_weights(full_optimizer.exp_avg(), layout_),
                           slice_local_weights(full_optimizer.exp_avg_sq(), layout_));
   } else if (!on_device()) {
-    resumed_ = full_optimizer;  // one rank: the full state is this rank's; uploaded by use_device_runner
+    resumed_optimizer_ = optimizer_file;  // device mode, one rank: read by use_device_runner
   }
   if (on_device()) {  // the runner and the device state take the checkpoint's
     device_runner_->load_weights(full_);
 #ifdef LOCKSTEP_CUDA
-    device_state_ = std::make_shared<CudaTrainState>(*device_runner_, oc_, model_ ? optimizer_ : full_optimizer,
-                                                     recompute_num_layers_);
+    device_state_ =
+        model_ ? std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_, recompute_num_layers_)
+               : std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_file, full_, recompute_num_layers_);
 #endif
   }
 }

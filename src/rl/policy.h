@@ -90,8 +90,13 @@ class Policy {
   // The optimizer state gathered by global name: complete on world rank 0 (a full AdamW over
   // full()), the initial state elsewhere. Collective.
   AdamW gather_optimizer();
-  // Continues from a checkpoint's full state (read on every rank): keeps this rank's slices.
-  void load_state(const ModelWeights& full_weights, const AdamW& full_optimizer);
+  // What writes the optimizer state to a checkpoint's optimizer.safetensors on world rank 0:
+  // the gathered state's save, or on the device the device state's own (tensor by tensor,
+  // no host copy). Collective (the gather); the writer is called on rank 0 only.
+  std::function<void(const std::string& path)> optimizer_writer();
+  // Continues from a checkpoint's full weights and optimizer.safetensors (read on every rank):
+  // keeps this rank's slices; on the device the state is read into the device tensor by tensor.
+  void load_state(const ModelWeights& full_weights, const std::string& optimizer_file);
 
  private:
   // Device mode: full_ takes the runner's current weights (the host model is not used there).
@@ -106,7 +111,7 @@ class Policy {
   std::unique_ptr<Qwen3Moe> model_;
   std::unique_ptr<ParallelGrad> grad_;
   AdamW optimizer_;
-  std::optional<AdamW> resumed_;  // device mode: a checkpoint's state until use_device_runner uploads it
+  std::string resumed_optimizer_;  // device mode: a checkpoint's state file until use_device_runner reads it
   ModelWeights full_;
   ModelWeights grads_;  // of the last compute_grads, in the structure of the rank's weights
   ModelRunner* device_runner_ = nullptr;

@@ -40,15 +40,15 @@ std::map<std::string, Tensor> weight_tensors(const ModelWeights& w, Precision pr
 }  // namespace
 
 void save_train_checkpoint(const std::string& save_dir, const TrainerState& state, const ModelWeights& model,
-                           Precision precision, const AdamW& optimizer, const ModelWeights* ref,
-                           const std::string& config_toml) {
+                           Precision precision, const std::function<void(const std::string& path)>& write_optimizer,
+                           const ModelWeights* ref, const std::string& config_toml) {
   const fs::path final_dir = checkpoint_dir(save_dir, state.step);
   const fs::path tmp = final_dir.string() + ".tmp";
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   write_safetensors((tmp / "model.safetensors").string(), weight_tensors(model, precision), {{"format", "pt"}});
   write_text(tmp / "config.json", model.config.to_json().dump(2) + "\n");
-  optimizer.save((tmp / "optimizer.safetensors").string());
+  write_optimizer((tmp / "optimizer.safetensors").string());
   if (ref) write_safetensors((tmp / "ref_model.safetensors").string(), weight_tensors(*ref, precision), {{"format", "pt"}});
   nlohmann::json s = {{"step", state.step},
                       {"sft_steps_done", state.sft_steps_done},

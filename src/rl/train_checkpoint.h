@@ -8,6 +8,7 @@
 // temporary directory and renamed into place, so a failed step never leaves a partial one.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "model/weights.h"
@@ -25,9 +26,10 @@ struct TrainerState {
 
 std::string checkpoint_dir(const std::string& save_dir, int64_t step);
 
+// write_optimizer(path) writes optimizer.safetensors (AdamW::save's file).
 void save_train_checkpoint(const std::string& save_dir, const TrainerState& state, const ModelWeights& model,
-                           Precision precision, const AdamW& optimizer, const ModelWeights* ref,
-                           const std::string& config_toml);
+                           Precision precision, const std::function<void(const std::string& path)>& write_optimizer,
+                           const ModelWeights* ref, const std::string& config_toml);
 
 // The newest checkpoint directory in save_dir ("" when there is none).
 std::string latest_train_checkpoint(const std::string& save_dir);

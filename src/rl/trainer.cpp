@@ -389,15 +389,13 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     state = load_trainer_state(resume_from);
     LS_CHECK(state.seed == uint64_t(cfg.seed), resume_from, ": the checkpoint's seed ", state.seed,
              " differs from --seed ", cfg.seed);
-    AdamW optimizer(oc, weights);
-    optimizer.load((fs::path(resume_from) / "optimizer.safetensors").string());
     load_checkpoint_weights((fs::path(resume_from) / "model.safetensors").string(), weights, precision);
     if (ref_in_checkpoint && state.sft_steps_done >= cfg.sft_warmup_steps) {
       ModelWeights r = weights.clone();
       load_checkpoint_weights((fs::path(resume_from) / "ref_model.safetensors").string(), r, precision);
       ref = std::make_unique<Qwen3Moe>(std::move(r), precision);
     }
-    policy.load_state(weights, optimizer);
+    policy.load_state(weights, (fs::path(resume_from) / "optimizer.safetensors").string());
   }
   weights = {};
   const bool root = policy.root();  // writes metrics, plot and checkpoints
@@ -666,9 +664,9 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
                               (cfg.debug_stop_after >= 0 && steps_this_run == cfg.debug_stop_after))) {
       // Checkpoints speak global names: any topology can resume them.
       const ModelWeights& full_weights = policy.gather_to_root();
-      const AdamW full_optimizer = policy.gather_optimizer();
+      const auto write_optimizer = policy.optimizer_writer();
       if (root)
-        save_train_checkpoint(cfg.save, state, full_weights, precision, full_optimizer,
+        save_train_checkpoint(cfg.save, state, full_weights, precision, write_optimizer,
                               ref_in_checkpoint ? &ref->weights() : nullptr, config_toml);
     }
 

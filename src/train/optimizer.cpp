@@ -1,6 +1,7 @@
 #include "train/optimizer.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "checkpoint/safetensors.h"
 #include "core/error.h"
@@ -186,31 +187,80 @@ void AdamW::copy_to_model(ModelWeights& weights, Precision precision) const {
 }
 
 void AdamW::save(const std::string& path) const {
-  std::map<std::string, Tensor> out;
-  const Slots m = slots_of(master_, scope_), a = slots_of(exp_avg_, scope_), v = slots_of(exp_avg_sq_, scope_);
-  for (size_t i = 0; i < m.names.size(); ++i) {
-    out["master." + m.names[i]] = *m.tensors[i];
-    out["exp_avg." + m.names[i]] = *a.tensors[i];
-    out["exp_avg_sq." + m.names[i]] = *v.tensors[i];
-  }
-  write_safetensors(path, out, {{"step", std::to_string(step_)}, {"format", "lockstep-adamw-v1"}});
+  const ModelWeights* parts[] = {&master_, &exp_avg_, &exp_avg_sq_};
+  std::vector<const Tensor*> of[3];
+  for (int p = 0; p < 3; ++p) of[p] = slots_of(*parts[p], scope_).tensors;
+  write_adamw_state(path, step_, adamw_state_layout(master_, scope_), [&](int part, size_t i, float* dst) {
+    std::memcpy(dst, of[part][i]->data<float>(), of[part][i]->nbytes());
+  });
 }
 
 void AdamW::load(const std::string& path) {
+  ModelWeights* parts[] = {&master_, &exp_avg_, &exp_avg_sq_};
+  std::vector<Tensor*> of[3];
+  for (int p = 0; p < 3; ++p) of[p] = mutable_slots(*parts[p], scope_);
+  step_ = read_adamw_state(path, adamw_state_layout(master_, scope_),
+                           [&](int part, size_t i, Tensor&& values) { *of[part][i] = std::move(values); });
+  retie();
+}
+
+namespace {
+constexpr const char* kAdamWParts[3] = {"master.", "exp_avg.", "exp_avg_sq."};
+}  // namespace
+
+AdamWStateLayout adamw_state_layout(const ModelWeights& like, const ParamScope& scope) {
+  AdamWStateLayout layout;
+  const Slots s = slots_of(like, scope);
+  layout.names = s.names;
+  for (const Tensor* t : s.tensors) layout.shapes.push_back(t->shape());
+  return layout;
+}
+
+void write_adamw_state(const std::string& path, int64_t step, const AdamWStateLayout& layout,
+                       const std::function<void(int part, size_t i, float* dst)>& fill) {
+  const size_t n = layout.names.size();
+  std::vector<SafetensorsEntry> entries;
+  for (int part = 0; part < 3; ++part)
+    for (size_t i = 0; i < n; ++i)
+      entries.push_back({kAdamWParts[part] + layout.names[i], DType::f32, layout.shapes[i]});
+  write_safetensors(path, entries,
+                    [&](size_t k, std::vector<std::byte>& scratch) -> const void* {
+                      const size_t i = k % n;
+                      scratch.resize(size_t(shape_numel(layout.shapes[i])) * 4);
+                      fill(int(k / n), i, reinterpret_cast<float*>(scratch.data()));
+                      return scratch.data();
+                    },
+                    {{"step", std::to_string(step)}, {"format", "lockstep-adamw-v1"}});
+}
+
+int64_t read_adamw_state(const std::string& path, const AdamWStateLayout& layout,
+                         const std::function<void(int part, size_t i, Tensor&& values)>& take) {
   SafetensorsReader r = SafetensorsReader::open(path);
   auto it = r.metadata().find("step");
   LS_CHECK(it != r.metadata().end(), path, ": optimizer state has no 'step' metadata");
-  const Slots names = slots_of(master_, scope_);
-  const size_t expected = 3 * names.names.size();
-  LS_CHECK(r.names().size() == expected, path, ": expected ", expected, " optimizer tensors, found ", r.names().size());
-  const std::pair<const char*, ModelWeights*> parts[] = {
-      {"master.", &master_}, {"exp_avg.", &exp_avg_}, {"exp_avg_sq.", &exp_avg_sq_}};
-  for (auto [prefix, state] : parts) {
-    std::vector<Tensor*> slots = mutable_slots(*state, scope_);
-    for (size_t i = 0; i < slots.size(); ++i) *slots[i] = r.get_f32(prefix + names.names[i], slots[i]->shape()).clone();
+  int64_t step = -1;
+  try {
+    size_t used = 0;
+    step = std::stoll(it->second, &used);
+    LS_CHECK(used == it->second.size(), "trailing characters");
+  } catch (const std::exception&) {
+    fail(path, ": optimizer state's 'step' metadata is '", it->second, "', expected a step count");
   }
-  retie();
-  step_ = std::stoll(it->second);
+  LS_CHECK(step >= 0, path, ": optimizer state's 'step' metadata is ", step, ", expected a count >= 0");
+  const size_t expected = 3 * layout.names.size();
+  LS_CHECK(r.names().size() == expected, path, ": expected ", expected, " optimizer tensors, found ", r.names().size());
+  for (int part = 0; part < 3; ++part)
+    for (size_t i = 0; i < layout.names.size(); ++i) {
+      const std::string name = kAdamWParts[part] + layout.names[i];
+      LS_CHECK(r.contains(name), path, ": optimizer state has no tensor '", name, "'");
+      const Tensor& t = r.get(name);
+      LS_CHECK(t.dtype() == DType::f32 && t.shape() == layout.shapes[i], path, ": tensor '", name, "' is ",
+               dtype_name(t.dtype()), " ", shape_str(t.shape()), ", expected F32 ", shape_str(layout.shapes[i]));
+    }
+  for (int part = 0; part < 3; ++part)
+    for (size_t i = 0; i < layout.names.size(); ++i)
+      take(part, i, r.get_f32(kAdamWParts[part] + layout.names[i], layout.shapes[i]));
+  return step;
 }
 
 void AdamW::load_state(int64_t step, const ModelWeights& master, const ModelWeights& exp_avg,

@@ -2,8 +2,10 @@
 // global gradient norm (docs/numerics.md, rule 11).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 #include "model/weights.h"
@@ -43,6 +45,23 @@ struct OptimizerStepResult {
   double lr = 0;
   bool clipped = false;
 };
+
+// optimizer.safetensors: "master.<name>", "exp_avg.<name>" and "exp_avg_sq.<name>" (parts 0, 1
+// and 2) of each parameter by global name, the step in the metadata. Written and read tensor
+// by tensor, so a state held on the GPU needs one tensor on the host, not 12 bytes a parameter.
+struct AdamWStateLayout {
+  std::vector<std::string> names;  // the parameters' global names, in the names table's order
+  std::vector<Shape> shapes;
+};
+AdamWStateLayout adamw_state_layout(const ModelWeights& like, const ParamScope& scope = {});
+// fill(part, i, dst): parameter i's values of `part` into dst (numel of shapes[i] floats).
+void write_adamw_state(const std::string& path, int64_t step, const AdamWStateLayout& layout,
+                       const std::function<void(int part, size_t i, float* dst)>& fill);
+// Checks every name, shape and dtype of the file against `layout` first, then hands each
+// tensor over as fp32 (finite, checked as it is read) to take(part, i, values); returns the
+// step. Errors name the file and the tensor.
+int64_t read_adamw_state(const std::string& path, const AdamWStateLayout& layout,
+                         const std::function<void(int part, size_t i, Tensor&& values)>& take);
 
 // AdamW over parameters, gradients and states of one structure: the weights' (ModelWeights),
 // the whole model or a rank's shards (`scope`). AdamW is elementwise, so a shard's update is

@@ -114,6 +114,60 @@ TEST(Safetensors, WriteReadRoundTripAllDtypes) {
   fs::remove_all(dir);
 }
 
+// A streamed write (one tensor's bytes at a time, from a pointer or the scratch buffer) is the
+// file write_safetensors makes of the same tensors; a source that fills the scratch with the
+// wrong size, and a name given twice, are refused naming the tensor.
+TEST(Safetensors, StreamedWriteIsTheSameFile) {
+  auto dir = temp_dir("streamed");
+  std::map<std::string, Tensor> tensors;
+  Tensor f = Tensor::zeros({3, 5}, DType::f32);
+  for (int i = 0; i < 15; ++i) f.data<float>()[i] = float(i) * 0.25f - 2.0f;
+  tensors["z.f32"] = f;
+  tensors["m.bf16"] = f.to_dtype(DType::bf16);
+  tensors["a.i64"] = Tensor::zeros({7}, DType::i64);
+  tensors["a.i64"].data<int64_t>()[6] = -9;
+  tensors["k.f32"] = Tensor::zeros({1}, DType::f32);
+  write_safetensors((dir / "whole.safetensors").string(), tensors, {{"step", "3"}});
+  // Entries in another order than the names'; odd ones come through the scratch buffer.
+  std::vector<SafetensorsEntry> entries;
+  std::vector<const Tensor*> data;
+  for (auto it = tensors.rbegin(); it != tensors.rend(); ++it) {
+    entries.push_back({it->first, it->second.dtype(), it->second.shape()});
+    data.push_back(&it->second);
+  }
+  std::vector<size_t> asked;
+  write_safetensors((dir / "streamed.safetensors").string(), entries,
+                    [&](size_t i, std::vector<std::byte>& scratch) -> const void* {
+                      asked.push_back(i);
+                      if (i % 2 == 0) return data[i]->raw();
+                      scratch.resize(data[i]->nbytes());
+                      std::memcpy(scratch.data(), data[i]->raw(), scratch.size());
+                      return scratch.data();
+                    },
+                    {{"step", "3"}});
+  EXPECT_EQ(read_all(dir / "whole.safetensors"), read_all(dir / "streamed.safetensors"));
+  EXPECT_EQ(asked.size(), entries.size());  // each tensor once
+  const auto error_of = [&](const std::vector<SafetensorsEntry>& e, const SafetensorsSource& source) {
+    try {
+      write_safetensors((dir / "bad.safetensors").string(), e, source);
+    } catch (const Error& err) {
+      return std::string(err.what());
+    }
+    return std::string("no error");
+  };
+  const std::string short_fill = error_of(entries, [&](size_t i, std::vector<std::byte>& scratch) -> const void* {
+    scratch.resize(data[i]->nbytes() - 1);
+    return scratch.data();
+  });
+  EXPECT_NE(short_fill.find("came as"), std::string::npos) << short_fill;
+  EXPECT_NE(short_fill.find("bad.safetensors"), std::string::npos) << short_fill;
+  EXPECT_FALSE(fs::exists(dir / "bad.safetensors"));  // nothing left under the name
+  std::vector<SafetensorsEntry> twice = {entries[0], entries[1], entries[0]};
+  const std::string dup = error_of(twice, [&](size_t, std::vector<std::byte>&) -> const void* { return nullptr; });
+  EXPECT_NE(dup.find("'" + entries[0].name + "' is named twice"), std::string::npos) << dup;
+  fs::remove_all(dir);
+}
+
 TEST(Safetensors, ShardedIndexIsFollowed) {
   auto dir = temp_dir("sharded");
   Tensor a = Tensor::zeros({3}, DType::f32), b = Tensor::zeros({2}, DType::f32);

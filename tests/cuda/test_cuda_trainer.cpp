@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "../error_of.h"
@@ -358,6 +360,48 @@ TEST(CudaTrainer, AFreshDeviceStateIsAFreshHostOptimizersState) {
       EXPECT_EQ(std::memcmp(t.data<float>(), got_named.at(name).data<float>(), t.nbytes()), 0) << name;
     }
   }
+}
+
+// A checkpoint's optimizer state without a host copy: the device state writes the file that
+// its host download would write (bytes), and a state read from that file tensor by tensor is
+// the state that wrote it (its own file again, and the next step's weights, bits).
+TEST(CudaTrainer, DeviceStateFileIsTheHostStatesFile) {
+  LS_SKIP_WITHOUT_GPU();
+  namespace fs = std::filesystem;
+  const auto seqs = fixture_sequences();
+  const ModelWeights weights = ModelWeights::load(fixture_model_dir(), Precision::bfloat16);
+  OptimizerConfig oc;
+  oc.lr = 1e-2;
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
+  const std::string dir = (fs::temp_directory_path() / ("ls_cuda_state_" + std::to_string(::getpid()))).string();
+  fs::create_directories(dir);
+  const auto bytes = [](const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  auto runner = make_cuda_runner(weights, Precision::bfloat16);
+  CudaTrainState device(*runner, oc);
+  device.compute_grads({{seqs[0]}, {seqs[1]}}, false, upstream);
+  device.apply(Precision::bfloat16);
+  const ModelWeights after_one = runner->export_weights();
+  device.save_optimizer(dir + "/device.safetensors", weights);
+  device.download(weights).save(dir + "/host.safetensors");
+  EXPECT_EQ(bytes(dir + "/device.safetensors"), bytes(dir + "/host.safetensors"));
+  device.compute_grads({{seqs[0]}, {seqs[1]}}, false, upstream);
+  device.apply(Precision::bfloat16);
+  const ModelWeights want = runner->export_weights();
+
+  auto resumed_runner = make_cuda_runner(after_one, Precision::bfloat16);
+  CudaTrainState resumed(*resumed_runner, oc, dir + "/device.safetensors", weights);
+  resumed.save_optimizer(dir + "/again.safetensors", weights);
+  EXPECT_EQ(bytes(dir + "/device.safetensors"), bytes(dir + "/again.safetensors"));
+  resumed.compute_grads({{seqs[0]}, {seqs[1]}}, false, upstream);
+  resumed.apply(Precision::bfloat16);
+  const ModelWeights got = resumed_runner->export_weights();
+  auto got_named = got.named();
+  for (auto& [name, t] : want.named())
+    EXPECT_EQ(std::memcmp(t->data<float>(), got_named.at(name)->data<float>(), t->nbytes()), 0) << name;
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -5,7 +5,11 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
 
+#include "checkpoint/safetensors.h"
 #include "core/error.h"
 #include "core/philox.h"
 #include "train/optimizer.h"
@@ -223,6 +227,96 @@ TEST(OptimAdamW, SavedStateResumesBitForBit) {
         << name;
   }
   fs::remove(path);
+}
+
+// The state file read and written tensor by tensor (as a GPU-held state does it): what
+// AdamW::save writes is what write_adamw_state writes of the same values, and read_adamw_state
+// hands back every tensor's bits in the names table's order.
+TEST(OptimAdamW, StateFileTensorByTensorIsAdamWsFile) {
+  namespace fs = std::filesystem;
+  ModelWeights w = ModelWeights::random(tiny_config(), 8, Precision::bfloat16);
+  AdamW opt(OptimizerConfig{}, w);
+  ModelWeights wf = w.clone();
+  for (int s = 0; s < 3; ++s) opt.step(random_grads(w, 20 + s, 1.0f), wf, Precision::bfloat16);
+  const std::string dir = (fs::temp_directory_path() / ("ls_adamw_state_" + std::to_string(::getpid()))).string();
+  fs::create_directories(dir);
+  opt.save(dir + "/saved.safetensors");
+  const AdamWStateLayout layout = adamw_state_layout(w);
+  ASSERT_EQ(layout.names.size(), w.named().size());
+  const ModelWeights* parts[] = {&opt.master(), &opt.exp_avg(), &opt.exp_avg_sq()};
+  int filled = 0;
+  write_adamw_state(dir + "/streamed.safetensors", opt.steps_taken(), layout, [&](int part, size_t i, float* dst) {
+    const Tensor& t = *parts[part]->named().at(layout.names[i]);
+    std::memcpy(dst, t.raw(), t.nbytes());
+    ++filled;
+  });
+  EXPECT_EQ(filled, 3 * int(layout.names.size()));
+  const auto bytes = [](const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  EXPECT_EQ(bytes(dir + "/saved.safetensors"), bytes(dir + "/streamed.safetensors"));
+  int taken = 0;
+  const int64_t step =
+      read_adamw_state(dir + "/streamed.safetensors", layout, [&](int part, size_t i, Tensor&& values) {
+        const Tensor& want = *parts[part]->named().at(layout.names[i]);
+        EXPECT_EQ(std::memcmp(values.raw(), want.raw(), want.nbytes()), 0) << part << " " << layout.names[i];
+        ++taken;
+      });
+  EXPECT_EQ(step, 3);
+  EXPECT_EQ(taken, 3 * int(layout.names.size()));
+  fs::remove_all(dir);
+}
+
+// A state file that does not match the model is refused before any tensor is handed over,
+// naming the file and the tensor: another shape, a tensor stored in bf16, a missing tensor, a
+// step that is not a count.
+TEST(OptimAdamW, StateFileMismatchesAreRefusedBeforeAnyTensor) {
+  namespace fs = std::filesystem;
+  ModelWeights w = ModelWeights::random(tiny_config(), 9, Precision::bfloat16);
+  const AdamWStateLayout layout = adamw_state_layout(w);
+  const std::string dir = (fs::temp_directory_path() / ("ls_adamw_bad_" + std::to_string(::getpid()))).string();
+  fs::create_directories(dir);
+  const std::string path = dir + "/optimizer.safetensors";
+  const auto write_state = [&](const std::function<void(std::map<std::string, Tensor>&)>& damage,
+                               const std::string& step = "1") {
+    std::map<std::string, Tensor> tensors;
+    for (const char* part : {"master.", "exp_avg.", "exp_avg_sq."})
+      for (size_t i = 0; i < layout.names.size(); ++i)
+        tensors[part + layout.names[i]] = Tensor::zeros(layout.shapes[i], DType::f32);
+    damage(tensors);
+    write_safetensors(path, tensors, {{"step", step}, {"format", "lockstep-adamw-v1"}});
+  };
+  const auto error_of = [&]() {
+    int taken = 0;
+    try {
+      read_adamw_state(path, layout, [&](int, size_t, Tensor&&) { ++taken; });
+    } catch (const Error& e) {
+      EXPECT_EQ(taken, 0) << e.what();
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string last = "exp_avg_sq." + layout.names.back();
+  write_state([&](auto& t) { t[last] = Tensor::zeros({int64_t(3)}, DType::f32); });
+  std::string e = error_of();
+  EXPECT_NE(e.find(path), std::string::npos) << e;
+  EXPECT_NE(e.find("'" + last + "' is F32 [3], expected F32"), std::string::npos) << e;
+  write_state([&](auto& t) { t[last] = t[last].to_dtype(DType::bf16); });
+  e = error_of();
+  EXPECT_NE(e.find("'" + last + "' is BF16"), std::string::npos) << e;
+  write_state([&](auto& t) {
+    t.erase(last);
+    t["exp_avg_sq.other"] = Tensor::zeros({int64_t(1)}, DType::f32);
+  });
+  e = error_of();
+  EXPECT_NE(e.find("has no tensor '" + last + "'"), std::string::npos) << e;
+  write_state([&](auto&) {}, "2x");
+  e = error_of();
+  EXPECT_NE(e.find("'step' metadata is '2x', expected a step count"), std::string::npos) << e;
+  write_state([&](auto&) {});
+  EXPECT_EQ(error_of(), "no error");
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -120,6 +120,44 @@ CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& confi
   }
 }
 
+namespace {
+
+// The state file's layout over `like`, checked against the device segments (the same order).
+AdamWStateLayout device_state_layout(const ModelWeights& like, const std::vector<std::string>& names,
+                                     const std::vector<DeviceSegment>& segments) {
+  AdamWStateLayout layout = adamw_state_layout(like);
+  LS_CHECK(layout.names == names, "cuda train state: the model's parameters (", layout.names.size(),
+           ") are not the device state's (", names.size(), ")");
+  for (size_t i = 0; i < segments.size(); ++i)
+    LS_CHECK(shape_numel(layout.shapes[i]) == segments[i].numel, "cuda train state: ", names[i], " has ",
+             shape_numel(layout.shapes[i]), " values, expected ", segments[i].numel);
+  return layout;
+}
+
+}  // namespace
+
+CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const std::string& optimizer_file,
+                               const ModelWeights& like, int64_t recompute_num_layers)
+    : impl_(std::make_unique<Impl>(cuda_runner_of(runner))) {
+  Impl& m = *impl_;
+  m.allocate_state(config, recompute_num_layers);
+  cuda_model::DeviceFloats* parts[] = {&m.master, &m.exp_avg, &m.exp_avg_sq};
+  m.step = read_adamw_state(optimizer_file, device_state_layout(like, m.names, m.segments),
+                            [&](int part, size_t i, Tensor&& values) {
+                              m.r.upload(cuda_model::segment_ptr(*parts[part], m.segments[i]), values.data<float>(),
+                                         size_t(values.numel()) * 4);
+                            });
+}
+
+void CudaTrainState::save_optimizer(const std::string& path, const ModelWeights& like) const {
+  const Impl& m = *impl_;
+  LS_CHECK(m.has_optimizer, "cuda train state: save of a gradients-only state (it holds no optimizer)");
+  const cuda_model::DeviceFloats* parts[] = {&m.master, &m.exp_avg, &m.exp_avg_sq};
+  write_adamw_state(path, m.step, device_state_layout(like, m.names, m.segments), [&](int part, size_t i, float* dst) {
+    m.r.download(dst, cuda_model::segment_ptr(*parts[part], m.segments[i]), size_t(m.segments[i].numel) * 4);
+  });
+}
+
 CudaTrainState::CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, int64_t recompute_num_layers)
     : impl_(std::make_unique<Impl>(cuda_runner_of(runner))) {
   Impl& m = *impl_;

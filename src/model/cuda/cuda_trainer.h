@@ -56,6 +56,10 @@ class CudaTrainState {
   // recompute_num_layers as for cuda_step_grads.
   CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const AdamW& optimizer,
                  int64_t recompute_num_layers = kRecomputeAuto);
+  // A checkpoint's state (optimizer.safetensors over a model of `like`'s structure), read and
+  // uploaded tensor by tensor: one tensor on the host at a time, not 12 bytes a parameter.
+  CudaTrainState(ModelRunner& runner, const OptimizerConfig& config, const std::string& optimizer_file,
+                 const ModelWeights& like, int64_t recompute_num_layers = kRecomputeAuto);
   // A fresh state made on the device (the bfloat16 recipe): the masters are the runner's
   // weights widened, the moments zero, no step taken: what uploading AdamW(config, the
   // runner's weights) gives, with no host copy of the model or its 12 bytes a parameter.
@@ -83,8 +87,11 @@ class CudaTrainState {
   // The norm, the finiteness check (naming the first bad tensor, state untouched) and AdamW of
   // the last compute_grads; the runner's weights are the new ones on return.
   OptimizerStepResult apply(Precision precision);
-  // The optimizer state on the host (checkpoints), over a model of `like`'s structure.
+  // The optimizer state on the host, over a model of `like`'s structure.
   AdamW download(const ModelWeights& like) const;
+  // The optimizer state written to `path` as AdamW::save writes it (the same bytes), tensor by
+  // tensor: checkpoints without a host copy of the state.
+  void save_optimizer(const std::string& path, const ModelWeights& like) const;
 
  private:
   struct Impl;
