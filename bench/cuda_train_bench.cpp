@@ -4,9 +4,13 @@
 // card's measured bf16 matmul ceiling, then the device AdamW step over the runner's weights
 // (CudaTrainState: gradients stay on the device). Prints one JSON object per line.
 //   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]
-//                    [--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2]
+//                    [--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1]
+//                    [--narrow-dw-blocks 0|1] [--keep-expert-rows 0|1]
 // --tma-cluster, --gemm-cluster: CTAs a cluster of the TMA outer sums and of the TMA GEMMs (2: a
 // pair shares one operand tile by multicast; the same bits).
+// --pair-stages, --narrow-dw-blocks, --keep-expert-rows: the speed settings that are off by
+// default until measured (set_outer_sum_input_pair_stages, set_rmsnorm_narrow_dw_blocks,
+// set_keep_expert_input_rows; the same bits either way).
 // --grads-only: the step's gradients without the optimizer state (no AdamW masters or moments:
 // 12 bytes a parameter fewer), so 8 layers of these shapes fit an 80 GB card.
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
@@ -21,6 +25,7 @@
 #include <memory>
 
 #include "core/error.h"
+#include "kernels/cuda/backward.h"
 #include "kernels/cuda/gemm_tma.h"
 #include "kernels/cuda/outer_sum_split_tma.h"
 #include "model/cuda/cuda_runner.h"
@@ -42,6 +47,12 @@ double flops_per_token(const ModelConfig& c, int64_t S) {
   return 6.0 * active + attention;
 }
 
+// A 0|1 flag's value (else refused, naming the flag).
+bool switch_value(const char* flag, const char* value) {
+  LS_CHECK(!std::strcmp(value, "0") || !std::strcmp(value, "1"), flag, " expects 0 or 1, got '", value, "'");
+  return value[0] == '1';
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -49,7 +60,8 @@ int main(int argc, char** argv) {
     LS_CHECK(
         argc >= 2,
         "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N] "
-        "[--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2]");
+        "[--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1] [--narrow-dw-blocks 0|1] "
+        "[--keep-expert-rows 0|1]");
     ModelConfig config = ModelConfig::load(argv[1]);
     int64_t B = 4, S = 2048, reps = 3, recompute = -1;
     bool grads_only = false;
@@ -70,6 +82,12 @@ int main(int argc, char** argv) {
         cuda::set_outer_sum_tma_cluster(std::atoi(argv[++i]));
       else if (!std::strcmp(argv[i], "--gemm-cluster") && i + 1 < argc)
         cuda::set_gemm_tma_cluster(std::atoi(argv[++i]));
+      else if (!std::strcmp(argv[i], "--pair-stages") && i + 1 < argc)
+        cuda::set_outer_sum_input_pair_stages(switch_value("--pair-stages", argv[++i]));
+      else if (!std::strcmp(argv[i], "--narrow-dw-blocks") && i + 1 < argc)
+        cuda::set_rmsnorm_narrow_dw_blocks(switch_value("--narrow-dw-blocks", argv[++i]));
+      else if (!std::strcmp(argv[i], "--keep-expert-rows") && i + 1 < argc)
+        set_keep_expert_input_rows(switch_value("--keep-expert-rows", argv[++i]));
       else
         fail("cuda_train_bench: unknown argument ", argv[i]);
     }
@@ -104,10 +122,13 @@ int main(int argc, char** argv) {
     std::printf(
         "{\"event\":\"lockstep_train_step\",\"layers\":%lld,\"batch\":%lld,\"seq\":%lld,\"seconds\":%.4f,"
         "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f,"
-        "\"recompute_num_layers\":%lld,\"recomputed_layers\":%lld,\"grads_only\":%s}\n",
+        "\"recompute_num_layers\":%lld,\"recomputed_layers\":%lld,\"grads_only\":%s,\"tma_cluster\":%d,"
+        "\"gemm_cluster\":%d,\"pair_stages\":%d,\"narrow_dw_blocks\":%d,\"keep_expert_rows\":%d}\n",
         static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
         tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec, static_cast<long long>(recompute),
-        static_cast<long long>(recomputed), grads_only ? "true" : "false");
+        static_cast<long long>(recomputed), grads_only ? "true" : "false", cuda::outer_sum_tma_cluster(),
+        cuda::gemm_tma_cluster(), int(cuda::outer_sum_input_pair_stages()), int(cuda::rmsnorm_narrow_dw_blocks()),
+        int(keep_expert_input_rows()));
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());

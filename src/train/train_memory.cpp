@@ -22,7 +22,13 @@ double usable_bytes(double available_bytes) {
   return available_bytes - std::max(double(int64_t(1) << 30), 0.03 * available_bytes);
 }
 
+bool g_keep_expert_input_rows = false;
+
 }  // namespace
+
+void set_keep_expert_input_rows(bool on) { g_keep_expert_input_rows = on; }
+
+bool keep_expert_input_rows() { return g_keep_expert_input_rows; }
 
 double trainer_parameter_count(const ModelConfig& c) {
   double n = 2 * double(c.vocab_size) * double(c.hidden_size) + double(c.hidden_size);
@@ -74,10 +80,11 @@ double kept_layer_bytes(const ModelConfig& c, int64_t tokens) {
   const double H = double(c.hidden_size), qd = double(c.q_dim()), kd = double(c.kv_dim());
   const double k = double(std::max<int64_t>(c.num_experts_per_tok, 1)), E = double(std::max<int64_t>(c.num_experts, 1));
   const double t = double(tokens), rows = t * k, I = c.num_experts > 0 ? double(c.moe_intermediate_size) : 0.0;
-  // h, qkv, q, attn, mid, h_mlp, y, the experts' input rows (kKeepExpertInputRows), their
+  // h, qkv, q, attn, mid, h_mlp, y, the experts' input rows (keep_expert_input_rows), their
   // [gate | up] rows and SwiGLU (bf16); router logits, ids, expert weights, the rows' order, the attention's
   // log-sum-exp; K and V pages.
-  return (3 * t * H + t * (qd + 2 * kd) + 2 * t * qd + (kKeepExpertInputRows ? 2 : 1) * rows * H + rows * 3 * I) * 2 +
+  return (3 * t * H + t * (qd + 2 * kd) + 2 * t * qd + (keep_expert_input_rows() ? 2 : 1) * rows * H + rows * 3 * I) *
+             2 +
          (t * E + 3 * rows + t * double(c.num_attention_heads)) * 4 + 2 * (2 * t / 64 + 1) * 64 * kd * 2;
 }
 

@@ -24,12 +24,14 @@ struct TrainMemory {
   }
 };
 
-// A kept MoE layer keeps its experts' input rows, gathered once in the forward: the [gate | up]
-// GEMM then reads them contiguously (by TMA) and the backward reads them in place instead of
-// gathering them again (a recomputed layer's backward gathers them before its GEMM). The same
-// bits either way; built in session 23 without a GPU, so off until the GPU suite has passed
-// with it on (notes/gpu-trainer.md).
-inline constexpr bool kKeepExpertInputRows = false;
+// Whether a kept MoE layer keeps its experts' input rows, gathered once in the forward: the
+// [gate | up] GEMM then reads them contiguously (by TMA) and the backward reads them in place
+// instead of gathering them again (a recomputed layer's backward gathers them before its GEMM).
+// The same bits either way; 268 MB more a kept layer at 8192 tokens (kept_layer_bytes counts
+// them when on). Off by default: built in session 23, not yet run on a GPU
+// (notes/gpu-trainer.md).
+void set_keep_expert_input_rows(bool on);
+bool keep_expert_input_rows();
 
 // --recompute-num-layers' default: as few layers recomputed as the free memory allows.
 constexpr int64_t kRecomputeAuto = -1;

@@ -224,6 +224,14 @@ TEST(CudaBackwardOps, RmsnormBackwardIsItsProcedureBitForBit) {
     std::vector<float> want_sum(held.size());
     for (size_t i = 0; i < held.size(); ++i) want_sum[i] = held[i] + want_dx[i];
     EXPECT_TRUE(same_bits_f(Sum.take(), want_sum)) << rows << " rows of " << n << ": dx added";
+    // The weight gradient in 8-column blocks (where the 32-column ones leave SMs idle): its bits.
+    const bool before = cuda::rmsnorm_narrow_dw_blocks();
+    cuda::set_rmsnorm_narrow_dw_blocks(!before);
+    DeviceVec<float> Dw2(n);
+    cuda::rmsnorm_weight_grad(as_bf16(X), 1, n, Inv.get(), Dout.get(), Dw2.get(), Partials.get(), n, true, chunks,
+                              nullptr);
+    cuda::set_rmsnorm_narrow_dw_blocks(before);
+    EXPECT_TRUE(same_bits_f(Dw2.take(), want_dw)) << rows << " rows of " << n << ": dw, narrow blocks " << !before;
   }
 }
 

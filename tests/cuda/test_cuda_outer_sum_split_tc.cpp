@@ -67,19 +67,25 @@ const char* tile_name(cuda::SplitTile tile) {
 }
 
 // run(tile, name) at every tile, the TMA tiles also in clusters of two CTAs (the m tile shared
-// by multicast; set_outer_sum_tma_cluster); the cluster setting is restored after.
+// by multicast; set_outer_sum_tma_cluster) and with the input gradients' chunk pairs as one run
+// of stages (set_outer_sum_input_pair_stages); the settings are restored after.
 template <typename Run>
 void for_every_tile(Run run) {
   const int before = cuda::outer_sum_tma_cluster();
+  const bool pairs_before = cuda::outer_sum_input_pair_stages();
   for (const auto tile : kEveryTile) {
     const bool tma = tile == cuda::SplitTile::tma128x256 || tile == cuda::SplitTile::tma128x128;
-    for (const int cluster : {1, 2}) {
-      if (cluster == 2 && !tma) continue;
-      cuda::set_outer_sum_tma_cluster(cluster);
-      run(tile, std::string(tile_name(tile)) + (cluster == 2 ? ", cluster of 2" : ""));
-    }
+    for (const int cluster : {1, 2})
+      for (const bool pair_stages : {false, true}) {
+        if ((cluster == 2 || pair_stages) && !tma) continue;
+        cuda::set_outer_sum_tma_cluster(cluster);
+        cuda::set_outer_sum_input_pair_stages(pair_stages);
+        run(tile, std::string(tile_name(tile)) + (cluster == 2 ? ", cluster of 2" : "") +
+                      (pair_stages ? ", pair stages" : ""));
+      }
   }
   cuda::set_outer_sum_tma_cluster(before);
+  cuda::set_outer_sum_input_pair_stages(pairs_before);
 }
 
 struct Shape {
@@ -390,16 +396,22 @@ TEST(CudaOuterSumSplitTc, AGroupedLaunchOnTheHiHalfAloneIsTheRoundedGradientsSum
   weight_spans.m[0] = as_bf16(X), weight_spans.m_rows[0] = T;
   input_spans.m[0] = as_bf16(W), input_spans.m_rows[0] = 3 * N;
   const int before = cuda::outer_sum_tma_cluster();
+  const bool pairs_before = cuda::outer_sum_input_pair_stages();
   for (const int cluster : {1, 2})
-    for (const int columns : {128, 256}) {
-      cuda::set_outer_sum_tma_cluster(cluster);
-      Got.poison();
-      cuda::outer_sum_split_tma_grouped(host.data(), 3, N, true, N, K, weight_spans, Workspace.get(), nullptr, columns);
-      cuda::outer_sum_split_tma_grouped(host.data() + 3, 3, 185, false, N, K, input_spans, Workspace.get(), nullptr,
-                                        columns);
-      EXPECT_TRUE(same_bits_f(Got.take(), want)) << "TMA, " << columns << " columns, clusters of " << cluster;
-    }
+    for (const bool pair_stages : {false, true})
+      for (const int columns : {128, 256}) {
+        cuda::set_outer_sum_tma_cluster(cluster);
+        cuda::set_outer_sum_input_pair_stages(pair_stages);
+        Got.poison();
+        cuda::outer_sum_split_tma_grouped(host.data(), 3, N, true, N, K, weight_spans, Workspace.get(), nullptr,
+                                          columns);
+        cuda::outer_sum_split_tma_grouped(host.data() + 3, 3, 185, false, N, K, input_spans, Workspace.get(), nullptr,
+                                          columns);
+        EXPECT_TRUE(same_bits_f(Got.take(), want))
+            << "TMA, " << columns << " columns, clusters of " << cluster << ", pair stages " << pair_stages;
+      }
   cuda::set_outer_sum_tma_cluster(before);
+  cuda::set_outer_sum_input_pair_stages(pairs_before);
 }
 
 TEST(CudaOuterSumSplitTma, TakesTheBf16OperandAndInputChunksOfWholeSteps) {

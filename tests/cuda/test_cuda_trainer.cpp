@@ -137,13 +137,17 @@ TEST(CudaTrainer, GradientsAreTheSameBitsWhateverLayersAreRecomputed) {
   const int64_t layers = weights.config.num_hidden_layers;
   ASSERT_GE(layers, 2);
   ModelWeights all = cuda_step_grads(*runner, seqs, false, upstream, layers);
-  for (const int64_t recompute : {int64_t(0), int64_t(1), kRecomputeAuto}) {
-    ModelWeights g = cuda_step_grads(*runner, seqs, false, upstream, recompute);
-    auto want = all.named(), got = g.named();
-    for (auto& [name, t] : want)
-      EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), size_t(t->numel()) * 4), 0)
-          << name << ", recompute_num_layers " << recompute;
+  for (const bool keep_rows : {false, true}) {
+    set_keep_expert_input_rows(keep_rows);
+    for (const int64_t recompute : {int64_t(0), int64_t(1), kRecomputeAuto, layers}) {
+      ModelWeights g = cuda_step_grads(*runner, seqs, false, upstream, recompute);
+      auto want = all.named(), got = g.named();
+      for (auto& [name, t] : want)
+        EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), size_t(t->numel()) * 4), 0)
+            << name << ", recompute_num_layers " << recompute << ", expert input rows kept " << keep_rows;
+    }
   }
+  set_keep_expert_input_rows(false);
 }
 
 // At 8192 (token, expert) pairs and more the forward places each expert's rows in token
@@ -161,10 +165,15 @@ TEST(CudaTrainer, KeptExpertRowsReadInPlaceAreTheRecomputedRowsBits) {
   auto runner = make_cuda_runner(weights, Precision::bfloat16);
   const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
   ModelWeights recomputed = cuda_step_grads(*runner, seqs, false, upstream, c.num_hidden_layers);
-  ModelWeights kept = cuda_step_grads(*runner, seqs, false, upstream, 0);
-  auto want = recomputed.named(), got = kept.named();
-  for (auto& [name, t] : want)
-    EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), size_t(t->numel()) * 4), 0) << name;
+  for (const bool keep_rows : {false, true}) {  // the input rows gathered once and read in place too
+    set_keep_expert_input_rows(keep_rows);
+    ModelWeights kept = cuda_step_grads(*runner, seqs, false, upstream, 0);
+    auto want = recomputed.named(), got = kept.named();
+    for (auto& [name, t] : want)
+      EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), size_t(t->numel()) * 4), 0)
+          << name << ", expert input rows kept " << keep_rows;
+  }
+  set_keep_expert_input_rows(false);
 }
 
 // A step of several micro-batches runs micro-batch by micro-batch, or layer by layer with one

@@ -60,12 +60,16 @@ TEST(TrainMemory, LayersNotRecomputedKeepTheirIntermediates) {
   EXPECT_EQ(five.activations - all.activations, 5 * kept_layer_bytes(c, 8192));
   EXPECT_EQ(none.weights + none.optimizer + none.gradients + none.logits,
             all.weights + all.optimizer + all.gradients + all.logits);
-  // A layer's kept intermediates at 8192 tokens: the experts' rows (8 a token) dominate.
-  // (input,) output, [gate | up], SwiGLU
-  const double input_rows = kKeepExpertInputRows ? 2048 : 0;
-  EXPECT_GT(kept_layer_bytes(c, 8192), 8192.0 * 8 * (input_rows + 2048 + 3 * 768) * 2);
-  EXPECT_LT(kept_layer_bytes(c, 8192), kKeepExpertInputRows ? 1.3e9 : 1e9);
+  // A layer's kept intermediates at 8192 tokens: the experts' rows (8 a token) dominate: output,
+  // [gate | up], SwiGLU, and with keep_expert_input_rows their input rows (bf16).
+  EXPECT_GT(kept_layer_bytes(c, 8192), 8192.0 * 8 * (2048 + 3 * 768) * 2);
+  EXPECT_LT(kept_layer_bytes(c, 8192), 1e9);
   EXPECT_LT(none.total(), 141e9);  // keeping every layer's still fits an H200 at 8 layers
+  const double without_rows = kept_layer_bytes(c, 8192);
+  set_keep_expert_input_rows(true);
+  EXPECT_EQ(kept_layer_bytes(c, 8192) - without_rows, 8192.0 * 8 * 2048 * 2);
+  EXPECT_LT(cuda_train_memory(c, 8192, 1, 0).total(), 141e9);
+  set_keep_expert_input_rows(false);
 }
 
 // --recompute-num-layers -1 keeps as many layers as the memory holds beside the step, and

@@ -209,6 +209,11 @@ void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const f
 void rmsnorm_weight_grad(const bf16_t* x, int64_t x_heads, int64_t x_pitch, const float* inv, const float* dout,
                          float* dw, float* dw_partials, int64_t n, bool round_normed, const ChunkBounds& chunks,
                          cudaStream_t s);
+// The weight gradient in blocks of 8 columns (4x the rows a tile) where 32-column blocks would
+// leave SMs idle (q_norm: 4 column blocks x 8 chunks). The same bits. Off by default: built in
+// session 22, not yet run on a GPU (notes/gpu-trainer.md).
+void set_rmsnorm_narrow_dw_blocks(bool on);
+bool rmsnorm_narrow_dw_blocks();
 
 // The backward of qk_norm_rope_store for the q (or k) heads in one pass: rope_backward on dq
 // [T, heads, head_dim] in place, inverse_rms_rows (threads 32) of the projection (row t of

@@ -128,9 +128,7 @@ __global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
 // x 8 chunks), the bytes a chain needs are what one SM can have in flight: 4x the blocks, each
 // streaming a quarter of the bytes.
 constexpr int kDwStages = 4;
-// The 8-column blocks: built, not yet run on a GPU, so off until the GPU suite has passed with
-// them on (notes/gpu-trainer.md, session 22).
-constexpr bool kNarrowDwBlocks = false;
+bool g_narrow_dw_blocks = false;  // set_rmsnorm_narrow_dw_blocks
 template <int kCols, int kTileRows>
 struct DwShared {
   struct Raw {
@@ -360,6 +358,10 @@ void rmsnorm_backward(const bf16_t* x, const float* inv, const float* w, const f
   if (dw) rmsnorm_weight_grad(x, 1, n, inv, dout, dw, dw_partials, n, round_normed, chunks, s);
 }
 
+void set_rmsnorm_narrow_dw_blocks(bool on) { g_narrow_dw_blocks = on; }
+
+bool rmsnorm_narrow_dw_blocks() { return g_narrow_dw_blocks; }
+
 void rmsnorm_weight_grad(const bf16_t* x, int64_t x_heads, int64_t x_pitch, const float* inv, const float* dout,
                          float* dw, float* dw_partials, int64_t n, bool round_normed, const ChunkBounds& chunks,
                          cudaStream_t s) {
@@ -370,7 +372,7 @@ void rmsnorm_weight_grad(const bf16_t* x, int64_t x_heads, int64_t x_pitch, cons
   if (n % 8 == 0 && x_pitch % 8 == 0 && aligned16(x) && aligned16(dout) &&
       chunks.rows[chunks.count] < (int64_t(1) << 31)) {
     // Only speed depends on the block shape: each (chunk, column) sum is one chain either way.
-    if (kNarrowDwBlocks && ceil_div(n, 32) * chunks.count < sm_count())
+    if (g_narrow_dw_blocks && ceil_div(n, 32) * chunks.count < sm_count())
       launch_dw_partials_streamed<8, 512>(x, x_heads, x_pitch, inv, dout, dw_partials, n, round_normed, chunks, s);
     else
       launch_dw_partials_streamed<32, 128>(x, x_heads, x_pitch, inv, dout, dw_partials, n, round_normed, chunks, s);

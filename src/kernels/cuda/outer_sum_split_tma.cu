@@ -96,12 +96,9 @@ __device__ __forceinline__ void for_each_tile(const Problems& problems, int64_t 
   }
 }
 
-// Input gradients' chunk pairs as one run of stages (kPairStages below): built, not yet run on a
-// GPU, so off until the GPU suite has passed with it on (notes/gpu-trainer.md, session 22).
-constexpr bool kInputPairStages = false;
-
-// mask: weight gradients with a chunk whose length is not a multiple of 16.
-template <bool kWeight, int kBK, int kCluster>
+// mask: weight gradients with a chunk whose length is not a multiple of 16. kInputPairStages:
+// set_outer_sum_input_pair_stages (input gradients only).
+template <bool kWeight, bool kInputPairStages, int kBK, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     outer_sum_split_tma_kernel(const __grid_constant__ Maps maps, const __grid_constant__ Problems problems, int64_t K,
                                int64_t tiles_k, int64_t units_i, int64_t units, int mask, float* workspace) {
@@ -294,12 +291,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kCluster > 1) cluster_sync();
 }
 
-template <bool kWeight, int kBK, int kCluster>
+template <bool kWeight, int kBK, int kCluster, bool kInputPairStages = false>
 void launch(const Maps& maps, const Problems& problems, int64_t max_I, int64_t K, bool mask, float* workspace,
             cudaStream_t s) {
   const int64_t tiles_k = ceil_div(K, int64_t(kBK)), units_i = ceil_div(ceil_div(max_I, int64_t(kBI)), kCluster);
   const int64_t units = tiles_k * units_i * problems.count;
-  const auto kernel = outer_sum_split_tma_kernel<kWeight, kBK, kCluster>;
+  const auto kernel = outer_sum_split_tma_kernel<kWeight, kInputPairStages, kBK, kCluster>;
   constexpr int bytes = TmaTile<kBK>::SmemBytes;
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   // One workspace slot a block: never more blocks than SMs (nor clusters than the GPU holds).
@@ -324,8 +321,13 @@ int find_span(const bf16_t* const (&spans)[2], const int64_t (&rows)[2], const b
 }
 
 int g_cluster_ctas = 1;
+bool g_input_pair_stages = false;
 
 }  // namespace
+
+void set_outer_sum_input_pair_stages(bool on) { g_input_pair_stages = on; }
+
+bool outer_sum_input_pair_stages() { return g_input_pair_stages; }
 
 void set_outer_sum_tma_cluster(int ctas) {
   LS_CHECK(ctas == 1 || ctas == 2, "outer sums on the TMA tile: clusters of 1 or 2 CTAs, not ", ctas);
@@ -397,6 +399,9 @@ void outer_sum_split_tma_grouped(const SplitOuterSumGroup* host_groups, int coun
   const auto run = [&]<int kCluster>() {
     if (weight && tile_columns == 256) return launch<true, 256, kCluster>(maps, problems, max_I, K, mask, workspace, s);
     if (weight) return launch<true, 128, kCluster>(maps, problems, max_I, K, mask, workspace, s);
+    if (g_input_pair_stages && tile_columns == 256)
+      return launch<false, 256, kCluster, true>(maps, problems, max_I, K, false, workspace, s);
+    if (g_input_pair_stages) return launch<false, 128, kCluster, true>(maps, problems, max_I, K, false, workspace, s);
     if (tile_columns == 256) return launch<false, 256, kCluster>(maps, problems, max_I, K, false, workspace, s);
     launch<false, 128, kCluster>(maps, problems, max_I, K, false, workspace, s);
   };

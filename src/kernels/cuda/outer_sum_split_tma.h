@@ -19,6 +19,12 @@ bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const 
 // tile by TMA multicast). The same bits either way; benchmarks and tests set it.
 void set_outer_sum_tma_cluster(int ctas);
 int outer_sum_tma_cluster();
+// Input gradients' chunk pairs as one run of stages: a pair's k16 steps go to its first chunk's
+// sum, then its second's, so a chunk of 96 rows takes no stage of its own for its last 32 (the
+// experts' d x: 12 stages a tile, not 16). The same bits. Off by default: built in session 22,
+// not yet run on a GPU (notes/gpu-trainer.md).
+void set_outer_sum_input_pair_stages(bool on);
+bool outer_sum_input_pair_stages();
 
 // One problem (tile_columns 256 needs a workspace of outer_sum_split_workspace_floats()).
 void outer_sum_split_tma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,

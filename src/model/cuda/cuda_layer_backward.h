@@ -17,7 +17,7 @@
 #include "kernels/cuda/row_ops.cuh"
 #include "model/cuda/cuda_runner_impl.h"
 #include "model/cuda/device_params.h"
-#include "train/train_memory.h"  // kKeepExpertInputRows
+#include "train/train_memory.h"  // keep_expert_input_rows
 
 namespace lockstep::cuda_model {
 
@@ -195,7 +195,7 @@ struct CudaLayerBackwardOps {
     } else if (sorted_rows && w.keep_gate_up) {
       cuda::gather_rows(w.gu, s.kept_row, s.gu_rows, rows, 2 * I, st);
       cuda::gather_rows(w.act, s.kept_row, s.act_rows, rows, I, st);
-    } else if (kKeepExpertInputRows) {  // from the gathered rows: read contiguously (by TMA)
+    } else if (keep_expert_input_rows()) {  // from the gathered rows: read contiguously (by TMA)
       cuda::gemm(r.expert_gate_up_args(L, s.x_rows, nullptr, s.group_rows, rows, s.gu_rows), st);
       cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
     } else {

@@ -321,7 +321,7 @@ void CudaTrainer::step_grads(const std::vector<std::vector<int32_t>>& seqs, bool
       const int64_t I = c.moe_intermediate_size;
       w.keep_gate_up = true;
       w.gu = alloc<bf16_t>(T * k_routed * 2 * I), w.act = alloc<bf16_t>(T * k_routed * I);
-      if (kKeepExpertInputRows) w.x_rows = alloc<bf16_t>(T * k_routed * H);
+      if (keep_expert_input_rows()) w.x_rows = alloc<bf16_t>(T * k_routed * H);
       w.scatter = alloc<int32_t>(T * k_routed);
     }
     kept_kv[size_t(l)].k = alloc<bf16_t>(pages * kAttnBlock * nkv * D);
