@@ -1,7 +1,9 @@
 // The attention backward's tensor-core kernels (paged_attention_backward_tc) at a training
 // step's shape: B sequences of S tokens, Qwen3-30B-A3B's heads (32 query, 4 KV, head_dim 128)
 // unless told otherwise, random bf16 q, output and cache, fp32 dout. Times each kernel choice
-// (mma.sync, warpgroup MMA) in the same run, checks that they give the same bits, and reports
+// (mma.sync, warpgroup MMA; the latter also with the forward's log-sum-exp given, as in
+// training, and with the dS tiles kept for dq: AttentionDsScratch) in the same run, checks that
+// they give the same bits, and reports
 // the model FLOP/s (2.5 x the causal forward's QK^T and PV: 10 D flops a (query, key) pair a
 // head) against the card's measured bf16 matmul ceiling. Prints one JSON object per line.
 //   cuda_attention_backward_bench [--batch B] [--seq S] [--heads H] [--kv-heads G] [--head-dim D] [--reps R]
@@ -108,13 +110,27 @@ int main(int argc, char** argv) {
     const double pairs = double(B) * double(S) * double(S + 1) / 2.0;
     const double model_flops = 10.0 * double(D) * pairs * double(heads);
 
+    // The dS scratch: a tile for each (query tile, key tile at or before it) of each head.
+    const int64_t ds_elems = cuda::attention_ds_elems(B, S, heads);
+    const cuda::AttentionDsScratch ds{device_zeros<cuda::bf16_t>(ds_elems), ds_elems};
+    struct Variant {
+      const char* name;
+      cuda::AttentionKernel kernel;
+      bool lse_given, keep_ds;
+    };
+    // The variants after the first read the log-sum-exp the first one computed (lse).
+    const Variant variants[] = {{"mma_sync", cuda::AttentionKernel::mma_sync, false, false},
+                                {"wgmma", cuda::AttentionKernel::wgmma, false, false},
+                                {"wgmma_lse_given", cuda::AttentionKernel::wgmma, true, false},
+                                {"wgmma_ds_kept", cuda::AttentionKernel::wgmma, true, true}};
     std::vector<float> first_bits;
-    for (const auto kernel : {cuda::AttentionKernel::mma_sync, cuda::AttentionKernel::wgmma}) {
-      const char* name = kernel == cuda::AttentionKernel::mma_sync ? "mma_sync" : "wgmma";
-      if (kernel == cuda::AttentionKernel::wgmma && !cuda::attention_takes_wgmma(D)) continue;
+    for (const Variant& variant : variants) {
+      const char* name = variant.name;
+      if (variant.kernel == cuda::AttentionKernel::wgmma && !cuda::attention_takes_wgmma(D)) continue;
       auto run = [&] {
         cuda::paged_attention_backward_tc(q, out, dout, kv, dslots, first, toks, T, heads, B, S, scale, lse, delta,
-                                          dout_ws, dq, dk, dv, nullptr, kernel);
+                                          dout_ws, dq, dk, dv, nullptr, variant.kernel, variant.lse_given,
+                                          variant.keep_ds ? ds : cuda::AttentionDsScratch{});
       };
       run();  // warm-up
       cuda_ok(cudaDeviceSynchronize());

@@ -5,12 +5,13 @@
 // (CudaTrainState: gradients stay on the device). Prints one JSON object per line.
 //   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]
 //                    [--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1]
-//                    [--narrow-dw-blocks 0|1] [--keep-expert-rows 0|1]
+//                    [--narrow-dw-blocks 0|1] [--keep-expert-rows 0|1] [--keep-attention-ds 0|1]
 // --tma-cluster, --gemm-cluster: CTAs a cluster of the TMA outer sums and of the TMA GEMMs (2: a
 // pair shares one operand tile by multicast; the same bits).
-// --pair-stages, --narrow-dw-blocks, --keep-expert-rows: the speed settings that are off by
-// default until measured (set_outer_sum_input_pair_stages, set_rmsnorm_narrow_dw_blocks,
-// set_keep_expert_input_rows; the same bits either way).
+// --pair-stages, --narrow-dw-blocks, --keep-expert-rows, --keep-attention-ds: the speed settings
+// that are off by default until measured (set_outer_sum_input_pair_stages,
+// set_rmsnorm_narrow_dw_blocks, set_keep_expert_input_rows, set_keep_attention_ds; the same bits
+// either way).
 // --grads-only: the step's gradients without the optimizer state (no AdamW masters or moments:
 // 12 bytes a parameter fewer), so 8 layers of these shapes fit an 80 GB card.
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
@@ -61,7 +62,7 @@ int main(int argc, char** argv) {
         argc >= 2,
         "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N] "
         "[--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1] [--narrow-dw-blocks 0|1] "
-        "[--keep-expert-rows 0|1]");
+        "[--keep-expert-rows 0|1] [--keep-attention-ds 0|1]");
     ModelConfig config = ModelConfig::load(argv[1]);
     int64_t B = 4, S = 2048, reps = 3, recompute = -1;
     bool grads_only = false;
@@ -88,6 +89,8 @@ int main(int argc, char** argv) {
         cuda::set_rmsnorm_narrow_dw_blocks(switch_value("--narrow-dw-blocks", argv[++i]));
       else if (!std::strcmp(argv[i], "--keep-expert-rows") && i + 1 < argc)
         set_keep_expert_input_rows(switch_value("--keep-expert-rows", argv[++i]));
+      else if (!std::strcmp(argv[i], "--keep-attention-ds") && i + 1 < argc)
+        set_keep_attention_ds(switch_value("--keep-attention-ds", argv[++i]));
       else
         fail("cuda_train_bench: unknown argument ", argv[i]);
     }
@@ -123,12 +126,13 @@ int main(int argc, char** argv) {
         "{\"event\":\"lockstep_train_step\",\"layers\":%lld,\"batch\":%lld,\"seq\":%lld,\"seconds\":%.4f,"
         "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f,"
         "\"recompute_num_layers\":%lld,\"recomputed_layers\":%lld,\"grads_only\":%s,\"tma_cluster\":%d,"
-        "\"gemm_cluster\":%d,\"pair_stages\":%d,\"narrow_dw_blocks\":%d,\"keep_expert_rows\":%d}\n",
+        "\"gemm_cluster\":%d,\"pair_stages\":%d,\"narrow_dw_blocks\":%d,\"keep_expert_rows\":%d,"
+        "\"keep_attention_ds\":%d}\n",
         static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
         tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec, static_cast<long long>(recompute),
         static_cast<long long>(recomputed), grads_only ? "true" : "false", cuda::outer_sum_tma_cluster(),
         cuda::gemm_tma_cluster(), int(cuda::outer_sum_input_pair_stages()), int(cuda::rmsnorm_narrow_dw_blocks()),
-        int(keep_expert_input_rows()));
+        int(keep_expert_input_rows()), int(keep_attention_ds()));
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());

@@ -23,12 +23,23 @@ double usable_bytes(double available_bytes) {
 }
 
 bool g_keep_expert_input_rows = false;
+bool g_keep_attention_ds = false;
 
 }  // namespace
 
 void set_keep_expert_input_rows(bool on) { g_keep_expert_input_rows = on; }
 
 bool keep_expert_input_rows() { return g_keep_expert_input_rows; }
+
+void set_keep_attention_ds(bool on) { g_keep_attention_ds = on; }
+
+bool keep_attention_ds() { return g_keep_attention_ds; }
+
+double attention_ds_scratch_bytes(const ModelConfig& c, int64_t tokens) {
+  const double tiles = double((tokens + 63) / 64);
+  const double bytes = double(c.num_attention_heads) * (tiles * (tiles + 1) / 2) * 64 * 64 * 2;
+  return std::min(bytes, double(int64_t(1) << 30));
+}
 
 double trainer_parameter_count(const ModelConfig& c) {
   double n = 2 * double(c.vocab_size) * double(c.hidden_size) + double(c.hidden_size);
@@ -117,6 +128,7 @@ TrainMemory cuda_train_memory(const ModelConfig& c, int64_t tokens, int64_t micr
                    (t * E + 2 * t * k + t * heads) * 4 + 8 * std::min(rows, 1024.0) * H * 4;
   // The large-tile outer sums' workspace: 256 KB an SM, bounded here by 256 SMs.
   m.activations += 256.0 * 256 * 1024;
+  if (keep_attention_ds()) m.activations += attention_ds_scratch_bytes(c, tokens);
   if (layer_major) {
     // The other micro-batches' layer inputs, final-norm input and output, residual gradient.
     m.activations += double(std::max<int64_t>(micro_batches, 1) - 1) * ((NL + 2) * t * H * 2 + t * H * 4);

@@ -32,6 +32,16 @@ struct TrainMemory {
 // (notes/gpu-trainer.md).
 void set_keep_expert_input_rows(bool on);
 bool keep_expert_input_rows();
+// Whether the attention backward keeps its dS tiles (bf16) for dq instead of recomputing S and
+// dP there (cuda::AttentionDsScratch): the same bits; the step's scratch grows by
+// attention_ds_scratch_bytes. Off by default: built in session 23, not yet run on a GPU
+// (notes/gpu-trainer.md).
+void set_keep_attention_ds(bool on);
+bool keep_attention_ds();
+// The dS scratch of a micro-batch of `tokens` tokens: one sequence's tiles (a 64 x 64 bf16
+// tile for each query tile and key tile at or before it, for every head), at most 1 GiB
+// (longer micro-batches recompute dS in the dq kernel).
+double attention_ds_scratch_bytes(const ModelConfig& c, int64_t tokens);
 
 // --recompute-num-layers' default: as few layers recomputed as the free memory allows.
 constexpr int64_t kRecomputeAuto = -1;

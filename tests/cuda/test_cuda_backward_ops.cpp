@@ -561,11 +561,11 @@ struct AttentionGrads {
 
 // The CUDA-core kernels, or (tensor_cores) those of attention_backward_tc.cu, `kernel` choosing
 // between mma.sync and warpgroup MMA; with given_lse, the tensor-core kernels take it as the
-// rows' log-sum-exp instead of computing it.
+// rows' log-sum-exp instead of computing it; ds_elems > 0: a dS scratch of that many elements.
 AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q, const bf16_bits& out,
                                       const std::vector<float>& dout, bool tensor_cores = false,
                                       cuda::AttentionKernel kernel = cuda::AttentionKernel::automatic,
-                                      const std::vector<float>* given_lse = nullptr) {
+                                      const std::vector<float>* given_lse = nullptr, int64_t ds_elems = 0) {
   const int64_t T = a.T();
   DeviceVec<uint16_t> K(a.k), V(a.v), Q(q), O(out);
   DeviceVec<float> Dout(dout), Lse(given_lse ? *given_lse : std::vector<float>(size_t(T * a.nq))), Delta(T * a.nq),
@@ -581,11 +581,14 @@ AttentionGrads gpu_attention_backward(const AttentionStep& a, const bf16_bits& q
   slots.page_tables = Tables.get();
   slots.table_stride = Stride.get();
   const float scale = 1.0f / std::sqrt(float(a.D));
+  DeviceVec<uint16_t> Ds(std::max<int64_t>(ds_elems, 1));
+  Ds.poison();  // every tile the dq kernel reads is written first
+  const cuda::AttentionDsScratch ds{ds_elems > 0 ? reinterpret_cast<cuda::bf16_t*>(Ds.get()) : nullptr, ds_elems};
   if (tensor_cores)
     cuda::paged_attention_backward_tc(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                       int64_t(a.lens.size()), *std::max_element(a.lens.begin(), a.lens.end()), scale,
                                       Lse.get(), Delta.get(), reinterpret_cast<cuda::bf16_t*>(DoutBf16.get()), Dq.get(),
-                                      Dk.get(), Dv.get(), nullptr, kernel, given_lse != nullptr);
+                                      Dk.get(), Dv.get(), nullptr, kernel, given_lse != nullptr, ds);
   else
     cuda::paged_attention_backward(as_bf16(Q), as_bf16(O), Dout.get(), kv, slots, First.get(), Toks.get(), T, a.nq,
                                    scale, Lse.get(), Delta.get(), Dq.get(), Dk.get(), Dv.get(), nullptr);
@@ -678,6 +681,17 @@ TEST(CudaBackwardOps, AttentionBackwardOnWgmmaIsMmaSyncBitForBit) {
         const AttentionGrads given = gpu_attention_backward(a, q, out, dout, true, kernel, &sync.lse);
         EXPECT_TRUE(same_bits_f(given.dq, sync.dq) && same_bits_f(given.dk, sync.dk) && same_bits_f(given.dv, sync.dv))
             << "lse given, " << (kernel == cuda::AttentionKernel::wgmma ? "wgmma" : "mma.sync");
+      }
+      // With a dS scratch: dk and dv first, dq from the dS tiles they kept; a scratch one
+      // element short is not used. The same bits either way.
+      const int64_t lens_max = *std::max_element(a.lens.begin(), a.lens.end());
+      const int64_t need = cuda::attention_ds_elems(int64_t(a.lens.size()), lens_max, a.nq);
+      for (const int64_t elems : {need, need - 1}) {
+        const AttentionGrads kept =
+            gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::wgmma, &sync.lse, elems);
+        EXPECT_TRUE(same_bits_f(kept.dq, sync.dq)) << "dq, dS scratch of " << elems << " of " << need;
+        EXPECT_TRUE(same_bits_f(kept.dk, sync.dk) && same_bits_f(kept.dv, sync.dv))
+            << "dk, dv, dS scratch of " << elems << " of " << need;
       }
     }
   AttentionStep a({10}, 60, 16);

@@ -16,6 +16,8 @@
 #include "cuda_test_util.h"
 #include "kernels/canonical.h"
 #include "kernels/cuda/adamw.h"
+#include "kernels/cuda/backward.h"
+#include "kernels/cuda/outer_sum_split_tma.h"
 #include "model/cuda/cuda_runner.h"
 #include "model/cuda/cuda_trainer.h"
 #include "model/qwen3_moe.h"
@@ -411,6 +413,55 @@ TEST(CudaTrainer, DeviceStateFileIsTheHostStatesFile) {
   for (auto& [name, t] : want.named())
     EXPECT_EQ(std::memcmp(t->data<float>(), got_named.at(name)->data<float>(), t->nbytes()), 0) << name;
   fs::remove_all(dir);
+}
+
+// The speed settings that are off by default give the same gradients, bit for bit, one at a
+// time and all together, with every layer kept and every layer recomputed: on a model with
+// Qwen3-30B-A3B's head size and expert width (head_dim 128: the warpgroup-MMA attention
+// backward; I 768: the experts' chunks of 96 on the TMA outer sums) and sequences with partial
+// tiles.
+TEST(CudaTrainer, SpeedSettingsGiveTheSameGradients) {
+  LS_SKIP_WITHOUT_GPU();
+  ModelConfig c = ModelConfig::load(fixture_model_dir() + "/config.json");
+  c.hidden_size = 256, c.head_dim = 128, c.num_attention_heads = 4, c.num_key_value_heads = 2;
+  c.moe_intermediate_size = 768, c.max_position_embeddings = 1024;
+  auto runner = make_cuda_runner_random(c, 23);
+  std::mt19937_64 rng(24);
+  std::vector<std::vector<int32_t>> seqs;
+  for (const int len : {300, 77, 513, 200}) {
+    seqs.emplace_back();
+    for (int t = 0; t < len; ++t) seqs.back().push_back(int32_t(rng() % uint64_t(c.vocab_size)));
+  }
+  const auto upstream = [](int64_t, const auto& lp, const auto&) { return mean_nll_upstream(lp); };
+  struct Setting {
+    const char* name;
+    void (*set)(bool);
+  };
+  const Setting settings[] = {{"pair stages", cuda::set_outer_sum_input_pair_stages},
+                              {"narrow dw blocks", cuda::set_rmsnorm_narrow_dw_blocks},
+                              {"expert input rows kept", set_keep_expert_input_rows},
+                              {"attention dS kept", set_keep_attention_ds}};
+  const auto set_all = [&](bool on) {
+    for (const Setting& setting : settings) setting.set(on);
+  };
+  for (const int64_t recompute : {int64_t(0), c.num_hidden_layers}) {
+    set_all(false);
+    const auto want = cuda_step_grads(*runner, seqs, false, upstream, recompute).named();
+    const auto check = [&](const std::string& what) {
+      const auto got = cuda_step_grads(*runner, seqs, false, upstream, recompute).named();
+      for (auto& [name, t] : want)
+        EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), t->nbytes()), 0)
+            << name << ", " << what << ", recompute_num_layers " << recompute;
+    };
+    for (const Setting& setting : settings) {
+      setting.set(true);
+      check(setting.name);
+      setting.set(false);
+    }
+    set_all(true);
+    check("all on");
+  }
+  set_all(false);
 }
 
 }  // namespace

@@ -72,6 +72,21 @@ TEST(TrainMemory, LayersNotRecomputedKeepTheirIntermediates) {
   set_keep_expert_input_rows(false);
 }
 
+// The attention backward's dS tiles, when kept: one sequence's lower triangle of 64 x 64 bf16
+// tiles for each of the 32 heads, at most 1 GiB, in the step's activations.
+TEST(TrainMemory, TheAttentionDsScratchIsOneSequencesTilesAtMostAGibibyte) {
+  ModelConfig c = ModelConfig::load(std::string(LOCKSTEP_SOURCE_DIR) + "/models/qwen3-30b-a3b/config.json");
+  c.num_hidden_layers = 8;
+  EXPECT_EQ(attention_ds_scratch_bytes(c, 512), 32.0 * (8 * 9 / 2) * 64 * 64 * 2);
+  EXPECT_EQ(attention_ds_scratch_bytes(c, 2048 + 1), 32.0 * (33 * 34 / 2) * 64 * 64 * 2);
+  EXPECT_EQ(attention_ds_scratch_bytes(c, 8192), double(int64_t(1) << 30));  // 2.16 GB uncapped
+  const double off = cuda_train_memory(c, 8192, 1).activations;
+  set_keep_attention_ds(true);
+  EXPECT_EQ(cuda_train_memory(c, 8192, 1).activations - off, double(int64_t(1) << 30));
+  set_keep_attention_ds(false);
+  EXPECT_EQ(cuda_train_memory(c, 8192, 1).activations, off);
+}
+
 // --recompute-num-layers -1 keeps as many layers as the memory holds beside the step, and
 // recomputes every layer when even that does not fit (the step's check then refuses it).
 TEST(TrainMemory, TheDefaultRecomputesTheFewestLayersThatFit) {

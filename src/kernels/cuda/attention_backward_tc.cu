@@ -354,7 +354,7 @@ template <int D>
 void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv, const DeviceSlots& slots,
             const int32_t* seq_first, const int32_t* seq_tokens, int64_t T, int64_t heads, int64_t num_seqs,
             int64_t max_seq_len, float scale, float* lse, bool lse_given, float* delta, bf16* dout_bf16, float* dq,
-            float* dk, float* dv, cudaStream_t s, bool wgmma) {
+            float* dk, float* dv, AttentionDsScratch ds, cudaStream_t s, bool wgmma) {
   if constexpr (D >= 32) {
     attention_delta_warp_kernel<D>
         <<<unsigned(ceil_div(T * heads, 8)), 256, 0, s>>>(dout, out, delta, dout_bf16, T * heads);
@@ -369,7 +369,7 @@ void launch(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceK
   const int tiles_per_seq = int(ceil_div(max_seq_len, kTile));
   if (wgmma)
     return attention_backward_wgmma(q, dout_bf16, kv, slots, seq_first, seq_tokens, int(num_seqs), tiles_per_seq, heads,
-                                    scale, delta, lse, lse_given, dq, dk, dv, s);
+                                    scale, delta, lse, lse_given, dq, dk, dv, ds, s);
   const unsigned dq_grid = unsigned(num_seqs * tiles_per_seq * heads);
   const size_t dq_smem = sizeof(DqShared<D>);
   LS_CUDA_CHECK(
@@ -397,7 +397,7 @@ void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
                                  float* lse_ws, float* delta_ws, bf16_t* dout_ws, float* dq, float* dk, float* dv,
-                                 cudaStream_t s, AttentionKernel kernel, bool lse_given) {
+                                 cudaStream_t s, AttentionKernel kernel, bool lse_given, AttentionDsScratch ds) {
   LS_CHECK(attention_backward_tc_supported(kv.head_dim), "attention backward on tensor cores: head_dim ", kv.head_dim,
            " is not 16, 32, 64 or 128");
   LS_CHECK(kv.kv_heads >= 1 && heads % kv.kv_heads == 0, "attention backward: ", heads, " heads over ", kv.kv_heads,
@@ -414,7 +414,12 @@ void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float
              : kv.head_dim == 64 ? launch<64>
                                  : launch<128>;
   run(q, out, dout, kv, slots, seq_first, seq_tokens, T, heads, num_seqs, max_seq_len, scale, lse_ws, lse_given,
-      delta_ws, dout_ws, dq, dk, dv, s, wgmma);
+      delta_ws, dout_ws, dq, dk, dv, ds, s, wgmma);
+}
+
+int64_t attention_ds_elems(int64_t num_seqs, int64_t max_seq_len, int64_t heads) {
+  const int64_t tiles = ceil_div(max_seq_len, int64_t(kTile));
+  return num_seqs * heads * (tiles * (tiles + 1) / 2) * kTile * kTile;
 }
 
 }  // namespace lockstep::cuda

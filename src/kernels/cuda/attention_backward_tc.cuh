@@ -17,7 +17,7 @@ constexpr int kTile = 64;  // queries or keys a block: the contract's KV block
 // lane / 4 and + 8 of its warp's 16). p0 >= len: the tile lies past a short sequence's end.
 struct DqBlock {
   const int32_t* toks;  // the sequence's tokens by position
-  int len, p0, pos_a, pos_b;
+  int seq, len, p0, pos_a, pos_b;
   int64_t head, kv_head, item_a, item_b;  // items: (token, head) rows of q, dout, dq
   bool in_a, in_b;
 };
@@ -26,6 +26,7 @@ __device__ __forceinline__ DqBlock dq_block(int block, int num_seqs, int tiles_p
   const int per_rank = num_seqs * int(heads), rank = block / per_rank, rest = block % per_rank, seq = rest / int(heads);
   DqBlock b;
   b.toks = seq_tokens + seq_first[seq];
+  b.seq = seq;
   b.len = seq_first[seq + 1] - seq_first[seq];
   b.p0 = (tiles_per_seq - 1 - rank) * kTile;
   b.head = rest % heads;
@@ -192,10 +193,11 @@ __device__ __forceinline__ void store_row_pairs(float* out, int64_t row_a, int64
 
 // dq (and each query's lse) then dk and dv by the warpgroup-MMA kernels, head_dim 64 or 128,
 // for paged_attention_backward_tc (its arguments; dout_bf16 and delta already made; lse_given:
-// lse holds the forward's, else the dq kernel writes it there).
+// lse holds the forward's, else the dq kernel writes it there). With the forward's lse and a
+// dS scratch of attention_ds_elems: dk and dv first, keeping dS, then dq from it.
 void attention_backward_wgmma(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
                               const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
                               int64_t heads, float scale, const float* delta, float* lse, bool lse_given, float* dq,
-                              float* dk, float* dv, cudaStream_t s);
+                              float* dk, float* dv, AttentionDsScratch ds, cudaStream_t s);
 
 }  // namespace lockstep::cuda::attention_backward_detail

@@ -18,6 +18,10 @@
 //   memory, a step's 64 queries at once (the mma.sync kernel took 32 at a time: the same
 //   elements), dv += P^T dout and dk += dS^T q with P^T, dS^T from the accumulators and dout,
 //   q MN-major.
+//   With a dS scratch (the forward's lse given): the dkv kernel runs first and stores each
+//   step's bf16 dS^T tile as the dq kernel's A operand would be rounded; the dq kernel then
+//   makes dq += dS K from those tiles (dS MN-major, K MN-major), keys ascending as before:
+//   one MMA a block instead of recomputing S and dP (two more), the same bits.
 #include "kernels/cuda/attention_backward_tc.cuh"
 #include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/row_ops.cuh"
@@ -90,6 +94,19 @@ __device__ __forceinline__ void rows_times_cols(float (&acc)[D / 2], const uint3
     wgmma_m64n128k16_rs<1>(acc, a, b);
   else
     wgmma_m64n64k16_rs<1>(acc, a, b);
+}
+
+// The dS tiles (AttentionDsScratch): the tile of (sequence, head, query tile qt, key tile kt <=
+// qt) at index ((seq heads + head) tiles_per_seq (tiles_per_seq + 1) / 2 + qt (qt + 1) / 2 + kt),
+// kDsTileElems each, so a query tile's key tiles lie one after another. Each holds dS^T (rows
+// the 64 keys, columns the 64 queries) in SwizzledTile<kTile>'s layout: the dq kernel copies it
+// as it lies and reads it as an MN-major A operand.
+constexpr int64_t kDsTileElems = int64_t(kTile) * kTile;
+using DsTile = SwizzledTile<kTile>;
+__device__ __forceinline__ int64_t ds_tile_index(int seq, int64_t head, int64_t heads, int tiles_per_seq, int qt,
+                                                 int kt) {
+  return (int64_t(seq) * heads + head) * (int64_t(tiles_per_seq) * (tiles_per_seq + 1) / 2) +
+         int64_t(qt) * (qt + 1) / 2 + kt;
 }
 
 template <int D>
@@ -195,6 +212,64 @@ __global__ void __launch_bounds__(kThreads)
   store_row_pairs<D>(dq, item_a, item_b, in_a, in_b, quad, acc);
 }
 
+// dq += dS K for k16 steps of keys, dS (from the dkv kernel's tiles) and K MN-major.
+template <int D>
+__device__ __forceinline__ void ds_times_keys(float (&acc)[D / 2], uint64_t ds, uint64_t k) {
+  if constexpr (D == 128)
+    wgmma_m64n128k16<1, 1>(acc, ds, k, 1);
+  else
+    wgmma_m64n64k16<1, 1>(acc, ds, k, 1);
+}
+
+// dq from the dS tiles the dkv kernel kept: the dq kernel's blocks, its pass 2 with dS read
+// instead of made (K and the block's dS tile double-buffered).
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    attention_dq_from_ds_kernel(DeviceKvLayer kv, DeviceSlots slots, const int32_t* seq_first,
+                                const int32_t* seq_tokens, int num_seqs, int tiles_per_seq, int64_t heads,
+                                const bf16* ds, float* dq) {
+  using Tile = SwizzledTile<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // K of block b in buffer b % 2, its dS tile after it.
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  auto k_at = [&](int b) { return base + uint32_t(b % 2) * (Tile::kBytes + DsTile::kBytes); };
+  const DqBlock block = dq_block(int(blockIdx.x), num_seqs, tiles_per_seq, heads, kv.kv_heads, seq_first, seq_tokens);
+  if (block.p0 >= block.len) return;
+  const int quad = 2 * (threadIdx.x % 32 % 4), last_block = block.p0 / kTile;
+  const int32_t* table = slots.page_tables + int64_t(slots.seq_of_token[block.toks[0]]) * *slots.table_stride;
+  const bf16* tiles = ds + ds_tile_index(block.seq, block.head, heads, tiles_per_seq, last_block, 0) * kDsTileElems;
+  auto load_block = [&](int b) {
+    if (b <= last_block) {
+      load_kv_rows<D>(k_at(b), 0u, kv, table, b * kTile, block.len, int(block.kv_head));
+      const bf16* from = tiles + int64_t(b) * kDsTileElems;
+      const uint32_t to = k_at(b) + Tile::kBytes;
+#pragma unroll
+      for (uint32_t i = threadIdx.x; i < DsTile::kBytes / 16; i += kThreads)
+        cp_async16(to + 16 * i, from + 8 * i, true);
+    }
+    cp_async_commit();
+  };
+  float acc[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.0f;
+  load_block(0);
+  for (int b = 0; b <= last_block; ++b) {
+    load_block(b + 1);  // into the buffer block b - 1 used
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    const uint32_t k_s = k_at(b), ds_s = k_s + Tile::kBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) ds_times_keys<D>(acc, DsTile::mn_major(ds_s, j), Tile::mn_major(k_s, j));
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(acc);
+    __syncthreads();  // block b's buffers are free for block b + 2
+  }
+  store_row_pairs<D>(dq, block.item_a, block.item_b, block.in_a, block.in_b, quad, acc);
+}
+
 // Shared memory of the dkv kernel: K, V, then q and dout of two steps (swizzled tiles), then
 // lse and delta of two steps.
 template <int D>
@@ -202,11 +277,12 @@ constexpr size_t dkv_smem_bytes() {
   return 1024 + 6 * size_t(SwizzledTile<D>::kBytes) + 4 * kTile * sizeof(float);
 }
 
-template <int D>
+template <int D, bool kKeepDs>
 __global__ void __launch_bounds__(kThreads)
     attention_dkv_wgmma_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
                                const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
-                               int64_t heads, float scale, const float* lse, const float* delta, float* dk, float* dv) {
+                               int64_t heads, float scale, const float* lse, const float* delta, float* dk, float* dv,
+                               bf16* ds) {
   using Tile = SwizzledTile<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t pad = ((smem_addr(smem_raw) + 1023) & ~1023u) - smem_addr(smem_raw);
@@ -286,6 +362,11 @@ __global__ void __launch_bounds__(kThreads)
     pin_registers(s);
     pin_registers(dp);
     transposed_p_ds<8>(s, dp, 0, quad, p0, len, kpos_a, kpos_b, lse_t, delta_t, scale);
+    // The step's dS^T tile for the dq kernel (kKeepDs), stored as its fragments are made.
+    char* ds_tile = nullptr;
+    if constexpr (kKeepDs)
+      ds_tile = reinterpret_cast<char*>(
+          ds + ds_tile_index(seq, g * group + n % group, heads, tiles_per_seq, p0 / kTile, block.tile) * kDsTileElems);
     // dv += P^T dout, dk += dS^T q: k16 steps of queries.
     wgmma_fence();
 #pragma unroll
@@ -295,6 +376,14 @@ __global__ void __launch_bounds__(kThreads)
       accumulator_fragment(dp, j, dsa);
       rows_times_cols<D>(acc_v, pa, Tile::mn_major(dout_s, j));
       rows_times_cols<D>(acc_k, dsa, Tile::mn_major(q_s, j));
+      if constexpr (kKeepDs) {
+        // Rows a and b (keys kpos_a, kpos_b), columns of n8 tiles 2j (pairs 0, 1), 2j + 1 (2, 3).
+        const int ra = kpos_a - k0, rb = ra + 8;
+        *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(ra, 2 * j) + 2 * quad) = dsa[0];
+        *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(rb, 2 * j) + 2 * quad) = dsa[1];
+        *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(ra, 2 * j + 1) + 2 * quad) = dsa[2];
+        *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(rb, 2 * j + 1) + 2 * quad) = dsa[3];
+      }
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -313,21 +402,42 @@ template <int D>
 void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
             const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq, int64_t heads,
             float scale, const float* delta, float* lse, bool lse_given, float* dq, float* dk, float* dv,
-            cudaStream_t s) {
+            AttentionDsScratch ds, cudaStream_t s) {
   constexpr size_t dq_smem = 1024 + 4 * size_t(SwizzledTile<D>::kBytes), dkv_smem = dkv_smem_bytes<D>();
+  constexpr size_t from_ds_smem = 1024 + 2 * (size_t(SwizzledTile<D>::kBytes) + DsTile::kBytes);
   static const bool configured = [] {
     LS_CUDA_CHECK(
         cudaFuncSetAttribute(attention_dq_wgmma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_smem)));
-    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_wgmma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_wgmma_kernel<D, false>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkv_smem)));
+    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_wgmma_kernel<D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(dkv_smem)));
+    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dq_from_ds_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(from_ds_smem)));
     return true;
   }();
   (void)configured;
-  attention_dq_wgmma_kernel<D><<<unsigned(num_seqs * tiles_per_seq * heads), kThreads, dq_smem, s>>>(
+  const unsigned dq_grid = unsigned(num_seqs * tiles_per_seq * heads),
+                 dkv_grid = unsigned(num_seqs * tiles_per_seq * kv.kv_heads);
+  const int64_t tiles = int64_t(tiles_per_seq);
+  const bool keep_ds =
+      lse_given && ds.tiles != nullptr && ds.elems >= num_seqs * heads * (tiles * (tiles + 1) / 2) * kDsTileElems;
+  if (keep_ds) {
+    attention_dkv_wgmma_kernel<D, true>
+        <<<dkv_grid, kThreads, dkv_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq,
+                                              heads, scale, lse, delta, dk, dv, reinterpret_cast<bf16*>(ds.tiles));
+    LS_CUDA_LAUNCHED();
+    attention_dq_from_ds_kernel<D><<<dq_grid, kThreads, from_ds_smem, s>>>(
+        kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, reinterpret_cast<const bf16*>(ds.tiles), dq);
+    LS_CUDA_LAUNCHED();
+    return;
+  }
+  attention_dq_wgmma_kernel<D><<<dq_grid, kThreads, dq_smem, s>>>(
       q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, delta, lse, lse_given, dq);
   LS_CUDA_LAUNCHED();
-  attention_dkv_wgmma_kernel<D><<<unsigned(num_seqs * tiles_per_seq * kv.kv_heads), kThreads, dkv_smem, s>>>(
-      q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, lse, delta, dk, dv);
+  attention_dkv_wgmma_kernel<D, false><<<dkv_grid, kThreads, dkv_smem, s>>>(q, dout_bf16, kv, slots, seq_first,
+                                                                            seq_tokens, num_seqs, tiles_per_seq, heads,
+                                                                            scale, lse, delta, dk, dv, nullptr);
   LS_CUDA_LAUNCHED();
 }
 
@@ -336,11 +446,11 @@ void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const
 void attention_backward_wgmma(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
                               const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
                               int64_t heads, float scale, const float* delta, float* lse, bool lse_given, float* dq,
-                              float* dk, float* dv, cudaStream_t s) {
+                              float* dk, float* dv, AttentionDsScratch ds, cudaStream_t s) {
   LS_CHECK(kv.head_dim == 64 || kv.head_dim == 128, "attention backward on wgmma: head_dim ", kv.head_dim,
            " is not 64 or 128");
   (kv.head_dim == 64 ? launch<64> : launch<128>)(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs,
-                                                 tiles_per_seq, heads, scale, delta, lse, lse_given, dq, dk, dv, s);
+                                                 tiles_per_seq, heads, scale, delta, lse, lse_given, dq, dk, dv, ds, s);
 }
 
 }  // namespace lockstep::cuda::attention_backward_detail

@@ -268,12 +268,22 @@ void paged_attention_backward(const bf16_t* q, const bf16_t* out, const float* d
 // forward's log-sum-exp of each query row (flash_attention's lse) and is only read; else the
 // first kernel computes it there in a pass of its own over the KV blocks.
 bool attention_backward_tc_supported(int64_t head_dim);
+// Room for the dS tiles of a backward (bf16): given one of at least attention_ds_elems, the
+// warpgroup-MMA kernels with the forward's lse compute dk and dv first, keep dS there, and
+// make dq from it (one MMA a block instead of three, the same bits); else dq recomputes them.
+struct AttentionDsScratch {
+  bf16_t* tiles = nullptr;
+  int64_t elems = 0;
+};
+// The elements the dS tiles of num_seqs sequences of at most max_seq_len tokens take: a
+// 64 x 64 tile for each query tile and key tile at or before it, of each sequence and head.
+int64_t attention_ds_elems(int64_t num_seqs, int64_t max_seq_len, int64_t heads);
 void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
                                  float* lse_ws, float* delta_ws, bf16_t* dout_ws, float* dq, float* dk, float* dv,
                                  cudaStream_t s, AttentionKernel kernel = AttentionKernel::automatic,
-                                 bool lse_given = false);
+                                 bool lse_given = false, AttentionDsScratch ds = {});
 
 // cpu::route_topk_backward with the probabilities recomputed as the GPU router computes them.
 void route_topk_backward(const float* router_logits, const int32_t* expert_ids, const float* weights,

@@ -34,8 +34,10 @@ __device__ __forceinline__ void pin_registers(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d (+)= A[64 x 16] * B[64 x 16]^T (both K-major in shared memory, 128-byte swizzle); scale_d 0
-// ignores d (the step starts from zero), 1 accumulates.
+// d (+)= A[64 x 16] * B[64 x 16]^T (both K-major in shared memory, 128-byte swizzle, unless
+// TRANS_A / TRANS_B: that operand MN-major, see smem_desc_mn); scale_d 0 ignores d (the step
+// starts from zero), 1 accumulates.
+template <int TRANS_A = 0, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\n"
@@ -43,12 +45,12 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a,
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
       "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
       "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
         "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
         "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
         "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 }
 
 // d (+)= A[64 x 16] * B[128 x 16]^T (both K-major in shared memory, 128-byte swizzle, unless
@@ -163,16 +165,15 @@ __device__ __forceinline__ uint64_t smem_desc_mn(uint32_t addr, uint32_t n_atom_
 }
 
 // d += A * B^T for one k16 step of a 64 x BN warpgroup tile (TRANS_A / TRANS_B: that operand
-// MN-major, for BN 128 and 256).
+// MN-major).
 template <int BN, int TRANS_A = 0, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_step(float (&acc)[BN / 2], uint64_t da, uint64_t db) {
-  static_assert(BN != 64 || (TRANS_A == 0 && TRANS_B == 0), "the 64-column step is K-major only");
   if constexpr (BN == 256)
     wgmma_m64n256k16<TRANS_A, TRANS_B>(acc, da, db, 1);
   else if constexpr (BN == 128)
     wgmma_m64n128k16<TRANS_A, TRANS_B>(acc, da, db, 1);
   else
-    wgmma_m64n64k16(acc, da, db, 1);
+    wgmma_m64n64k16<TRANS_A, TRANS_B>(acc, da, db, 1);
 }
 
 }  // namespace lockstep::cuda

@@ -17,7 +17,7 @@
 #include "kernels/cuda/row_ops.cuh"
 #include "model/cuda/cuda_runner_impl.h"
 #include "model/cuda/device_params.h"
-#include "train/train_memory.h"  // keep_expert_input_rows
+#include "train/train_memory.h"  // keep_expert_input_rows, keep_attention_ds
 
 namespace lockstep::cuda_model {
 
@@ -106,6 +106,7 @@ struct BackwardScratch {
   float *dweights, *dlogits_router;      // [T * k], [T, E]
   float *dy_rows, *dx_rows, *part_rows;  // [T * k, H] (dense: [T, H])
   bf16_t *x_rows, *gu_rows, *act_rows;   // [T * k, H], [T * k, 2I], [T * k, I]
+  cuda::AttentionDsScratch attention_ds;  // keep_attention_ds: the attention backward's dS tiles
   float *dact, *dgate, *dup;             // [T * k, I]
   int32_t *row_token, *row_pair, *order, *group_rows;  // [T * k], [T * k], [T * k], [E + 1]
   int32_t* kept_row;                                   // [T * k]: a kept layer's forward row of each row
@@ -347,7 +348,7 @@ struct CudaLayerBackwardOps {
     if (cuda::attention_backward_tc_supported(D))
       cuda::paged_attention_backward_tc(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, num_seqs,
                                         max_seq_len, scale, forward_lse ? w.lse : s.lse, s.delta, s.dattn_bf16, s.dq,
-                                        s.dk, s.dv, st, cuda::AttentionKernel::automatic, forward_lse);
+                                        s.dk, s.dv, st, cuda::AttentionKernel::automatic, forward_lse, s.attention_ds);
     else
       cuda::paged_attention_backward(w.q, w.attn, s.dattn, kv, slots, seq_first, seq_tokens, T, nq, scale, s.lse,
                                      s.delta, s.dq, s.dk, s.dv, st);

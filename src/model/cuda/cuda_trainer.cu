@@ -38,6 +38,10 @@ BackwardScratch CudaTrainer::scratch(int64_t T) {
   s.groups = alloc<cuda::OuterSumGroup>(6 * E);
   s.split_groups = alloc<cuda::SplitOuterSumGroup>(6 * E);
   s.outer_pending = alloc<float>(cuda::outer_sum_split_workspace_floats());
+  if (keep_attention_ds()) {
+    s.attention_ds.elems = int64_t(attention_ds_scratch_bytes(c, T)) / 2;
+    s.attention_ds.tiles = alloc<bf16_t>(s.attention_ds.elems);
+  }
   return s;
 }
 
