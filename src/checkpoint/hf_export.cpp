@@ -21,7 +21,8 @@ void write_text(const fs::path& path, const std::string& text) { write_text_file
 }  // namespace
 
 void write_hf_model(const std::string& dir, const std::map<std::string, Tensor>& tensors,
-                    const std::string& config_json, const std::string& tokenizer_dir, int64_t max_shard_bytes) {
+                    const std::string& config_json, const std::string& tokenizer_dir, int64_t max_shard_bytes,
+                    std::optional<DType> store_as) {
   LS_CHECK(max_shard_bytes > 0, "write_hf_model: max_shard_bytes must be > 0");
   const fs::path final_dir = dir, tmp = dir + ".tmp";
   fs::remove_all(tmp);
@@ -30,21 +31,27 @@ void write_hf_model(const std::string& dir, const std::map<std::string, Tensor>&
   std::vector<std::map<std::string, Tensor>> shards(1);
   int64_t shard_bytes = 0, total_bytes = 0;
   for (const auto& [name, t] : tensors) {
-    const int64_t bytes = int64_t(t.nbytes());
+    const int64_t bytes = t.numel() * int64_t(dtype_size(store_as.value_or(t.dtype())));
     if (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes) shards.emplace_back(), shard_bytes = 0;
     shards.back()[name] = t;
     shard_bytes += bytes;
     total_bytes += bytes;
   }
   const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  const auto write_shard = [&](const fs::path& path, const std::map<std::string, Tensor>& shard) {
+    if (store_as)
+      write_safetensors_as(path.string(), shard, *store_as, metadata);
+    else
+      write_safetensors(path.string(), shard, metadata);
+  };
   if (shards.size() == 1) {
-    write_safetensors((tmp / "model.safetensors").string(), shards[0], metadata);
+    write_shard(tmp / "model.safetensors", shards[0]);
   } else {
     nlohmann::json weight_map = nlohmann::json::object();
     for (size_t i = 0; i < shards.size(); ++i) {
       char name[64];
       std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
-      write_safetensors((tmp / name).string(), shards[i], metadata);
+      write_shard(tmp / name, shards[i]);
       for (const auto& [tensor, t] : shards[i]) weight_map[tensor] = name;
     }
     const nlohmann::json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "core/tensor.h"
@@ -22,8 +23,10 @@ const char* const kHfTokenizerFiles[] = {
     "tokenizer.json",    "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "generation_config.json"};
 
+// store_as: each tensor stored in that dtype, converted as it is written (one converted tensor
+// on the host at a time); unset: as given.
 void write_hf_model(const std::string& dir, const std::map<std::string, Tensor>& tensors,
                     const std::string& config_json, const std::string& tokenizer_dir = "",
-                    int64_t max_shard_bytes = kHfShardBytes);
+                    int64_t max_shard_bytes = kHfShardBytes, std::optional<DType> store_as = std::nullopt);
 
 }  // namespace lockstep

@@ -219,6 +219,26 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
       path, entries, [&](size_t i, std::vector<std::byte>&) -> const void* { return data[i]->raw(); }, metadata);
 }
 
+void write_safetensors_as(const std::string& path, const std::map<std::string, Tensor>& tensors, DType dtype,
+                          const std::map<std::string, std::string>& metadata) {
+  std::vector<SafetensorsEntry> entries;
+  std::vector<const Tensor*> data;
+  for (const auto& [name, t] : tensors) {
+    LS_CHECK(t.device() == Device::cpu, path, ": tensor '", name, "' must be on the cpu to be written");
+    entries.push_back({name, dtype, t.shape()});
+    data.push_back(&t);
+  }
+  Tensor converted;  // the tensor being written, kept until the next one's turn
+  write_safetensors(
+      path, entries,
+      [&](size_t i, std::vector<std::byte>&) -> const void* {
+        if (data[i]->dtype() == dtype) return data[i]->raw();
+        converted = data[i]->to_dtype(dtype);
+        return converted.raw();
+      },
+      metadata);
+}
+
 void write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& entries,
                        const SafetensorsSource& source, const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();

@@ -41,6 +41,12 @@ class SafetensorsReader {
 void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
+// write_safetensors of `tensors` stored as `dtype` (f32 -> bf16 rounds to nearest even), each
+// converted as its turn comes: one converted tensor on the host at a time, not a converted
+// copy of the model.
+void write_safetensors_as(const std::string& path, const std::map<std::string, Tensor>& tensors, DType dtype,
+                          const std::map<std::string, std::string>& metadata = {});
+
 // One tensor of a streamed write: its bytes come from the writer's source when their turn comes.
 struct SafetensorsEntry {
   std::string name;

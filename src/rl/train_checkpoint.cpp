@@ -30,11 +30,13 @@ namespace {
 
 void write_text(const fs::path& path, const std::string& text) { write_text_file(path.string(), text); }
 
-std::map<std::string, Tensor> weight_tensors(const ModelWeights& w, Precision precision) {
-  std::map<std::string, Tensor> out;
-  // The bfloat16 recipe's values are bf16 numbers: store them as BF16 (exact).
-  for (const auto& [name, t] : w.named()) out[name] = precision == Precision::bfloat16 ? t->to_dtype(DType::bf16) : *t;
-  return out;
+// The model's tensors by global name, converted one at a time as they are written. The
+// bfloat16 recipe's values are bf16 numbers: stored as BF16 (exact).
+void write_weights(const fs::path& path, const ModelWeights& w, Precision precision) {
+  std::map<std::string, Tensor> tensors;
+  for (const auto& [name, t] : w.named()) tensors[name] = *t;  // views of the model's storage
+  write_safetensors_as(path.string(), tensors, precision == Precision::bfloat16 ? DType::bf16 : DType::f32,
+                       {{"format", "pt"}});
 }
 
 }  // namespace
@@ -46,10 +48,10 @@ void save_train_checkpoint(const std::string& save_dir, const TrainerState& stat
   const fs::path tmp = final_dir.string() + ".tmp";
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  write_safetensors((tmp / "model.safetensors").string(), weight_tensors(model, precision), {{"format", "pt"}});
+  write_weights(tmp / "model.safetensors", model, precision);
   write_text(tmp / "config.json", model.config.to_json().dump(2) + "\n");
   write_optimizer((tmp / "optimizer.safetensors").string());
-  if (ref) write_safetensors((tmp / "ref_model.safetensors").string(), weight_tensors(*ref, precision), {{"format", "pt"}});
+  if (ref) write_weights(tmp / "ref_model.safetensors", *ref, precision);
   nlohmann::json s = {{"step", state.step},
                       {"sft_steps_done", state.sft_steps_done},
                       {"data_position", state.data_position},

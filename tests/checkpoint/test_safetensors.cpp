@@ -168,6 +168,25 @@ TEST(Safetensors, StreamedWriteIsTheSameFile) {
   fs::remove_all(dir);
 }
 
+// Tensors stored in another dtype, converted as they are written: the file write_safetensors
+// makes of the converted tensors (f32 -> bf16 rounded; a tensor already in the dtype as is).
+TEST(Safetensors, WriteAsConvertsEachTensorAsWritten) {
+  auto dir = temp_dir("write_as");
+  std::map<std::string, Tensor> tensors, converted;
+  for (int k = 0; k < 3; ++k) {
+    Tensor f = Tensor::zeros({4, int64_t(3 + k)}, DType::f32);
+    for (int64_t i = 0; i < f.numel(); ++i) f.data<float>()[i] = 1.0f / float(i + 3 + k) - 0.3f;
+    tensors["t" + std::to_string(k)] = f;
+    converted["t" + std::to_string(k)] = f.to_dtype(DType::bf16);
+  }
+  tensors["already"] = converted["already"] = converted["t0"].clone();
+  write_safetensors_as((dir / "as.safetensors").string(), tensors, DType::bf16, {{"format", "pt"}});
+  write_safetensors((dir / "converted.safetensors").string(), converted, {{"format", "pt"}});
+  EXPECT_EQ(read_all(dir / "as.safetensors"), read_all(dir / "converted.safetensors"));
+  EXPECT_EQ(SafetensorsReader::open((dir / "as.safetensors").string()).get("t1").dtype(), DType::bf16);
+  fs::remove_all(dir);
+}
+
 TEST(Safetensors, ShardedIndexIsFollowed) {
   auto dir = temp_dir("sharded");
   Tensor a = Tensor::zeros({3}, DType::f32), b = Tensor::zeros({2}, DType::f32);
