@@ -198,9 +198,6 @@ const ModelWeights& Policy::gather_to_root() {
 }
 
 AdamW Policy::gather_optimizer() {
-#ifdef LOCKSTEP_CUDA
-  if (on_device()) return device_state_->download(full_);
-#endif
   require_host_model("gather_optimizer");
   const ModelConfig& cfg = full_.config;
   auto master = gather_full(world_, cfg, layout_, optimizer_.master());

@@ -87,9 +87,6 @@ class Policy {
   // weights of the last sync_full or the initial ones. Collective.
   const ModelWeights& gather_to_root();
   const ModelWeights& full() const { return full_; }
-  // The optimizer state gathered by global name: complete on world rank 0 (a full AdamW over
-  // full()), the initial state elsewhere. Collective.
-  AdamW gather_optimizer();
   // What writes the optimizer state to a checkpoint's optimizer.safetensors on world rank 0:
   // the gathered state's save, or on the device the device state's own (tensor by tensor,
   // no host copy). Collective (the gather); the writer is called on rank 0 only.
@@ -101,6 +98,9 @@ class Policy {
  private:
   // Device mode: full_ takes the runner's current weights (the host model is not used there).
   void pull_device_weights();
+  // The host optimizer state gathered by global name: complete on world rank 0 (a full AdamW
+  // over full()), the initial state elsewhere. Collective; host mode only.
+  AdamW gather_optimizer();
   // The host model's paths: refused in device mode, which keeps no host model.
   void require_host_model(const char* what) const;
 
