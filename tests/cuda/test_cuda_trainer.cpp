@@ -428,7 +428,9 @@ TEST(CudaTrainer, SpeedSettingsGiveTheSameGradients) {
   auto runner = make_cuda_runner_random(c, 23);
   std::mt19937_64 rng(24);
   std::vector<std::vector<int32_t>> seqs;
-  for (const int len : {300, 77, 513, 200}) {
+  // Lengths whose dS tiles (4 sequences of up to 5 tiles: 60 a head) fit the scratch of their
+  // 867 tokens (105 a head), so the kept-dS path runs.
+  for (const int len : {300, 77, 290, 200}) {
     seqs.emplace_back();
     for (int t = 0; t < len; ++t) seqs.back().push_back(int32_t(rng() % uint64_t(c.vocab_size)));
   }
@@ -446,11 +448,12 @@ TEST(CudaTrainer, SpeedSettingsGiveTheSameGradients) {
   };
   for (const int64_t recompute : {int64_t(0), c.num_hidden_layers}) {
     set_all(false);
-    const auto want = cuda_step_grads(*runner, seqs, false, upstream, recompute).named();
+    const ModelWeights want = cuda_step_grads(*runner, seqs, false, upstream, recompute);
     const auto check = [&](const std::string& what) {
-      const auto got = cuda_step_grads(*runner, seqs, false, upstream, recompute).named();
-      for (auto& [name, t] : want)
-        EXPECT_EQ(std::memcmp(t->data<float>(), got.at(name)->data<float>(), t->nbytes()), 0)
+      const ModelWeights got = cuda_step_grads(*runner, seqs, false, upstream, recompute);
+      const auto got_named = got.named();
+      for (auto& [name, t] : want.named())
+        EXPECT_EQ(std::memcmp(t->data<float>(), got_named.at(name)->data<float>(), t->nbytes()), 0)
             << name << ", " << what << ", recompute_num_layers " << recompute;
     };
     for (const Setting& setting : settings) {
