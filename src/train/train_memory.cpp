@@ -23,7 +23,7 @@ double usable_bytes(double available_bytes) {
 }
 
 bool g_keep_expert_input_rows = false;
-bool g_keep_attention_ds = false;
+bool g_keep_attention_ds = true;
 
 }  // namespace
 

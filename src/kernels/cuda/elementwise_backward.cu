@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(32 * (1 + kDwLoaderWarps))
 // x 8 chunks), the bytes a chain needs are what one SM can have in flight: 4x the blocks, each
 // streaming a quarter of the bytes.
 constexpr int kDwStages = 4;
-bool g_narrow_dw_blocks = false;  // set_rmsnorm_narrow_dw_blocks
+bool g_narrow_dw_blocks = true;  // set_rmsnorm_narrow_dw_blocks
 template <int kCols, int kTileRows>
 struct DwShared {
   struct Raw {

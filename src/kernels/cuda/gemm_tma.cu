@@ -260,7 +260,7 @@ void launch_tma(const GemmArgs& p, cudaStream_t stream) {
                 map_a, map_w, p, int(units_n), int(units), rows_fastest ? int(units_m) : 0);
 }
 
-int g_cluster_ctas = 1;
+int g_cluster_ctas = 2;  // set_gemm_tma_cluster
 
 // The configuration's kernel at the cluster setting: ungrouped problems share W, grouped A.
 template <int BN, int STAGES, bool TREE, int SMEM_PARTIALS, bool DRAIN>

@@ -15,7 +15,8 @@ constexpr int kGemmTmaConfigs = 3;
 bool gemm_tma_applies(const GemmArgs& args);
 
 // CTAs a cluster for every later launch of the TMA kernels: 1, or 2 (a pair shares one operand
-// tile by TMA multicast: W for ungrouped problems, A for grouped). The same bits either way.
+// tile by TMA multicast: W for ungrouped problems, A for grouped; the default since session 23's
+// H100 run, notes/gpu-trainer.md). The same bits either way.
 void set_gemm_tma_cluster(int ctas);
 int gemm_tma_cluster();
 

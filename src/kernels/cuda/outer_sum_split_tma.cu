@@ -320,7 +320,7 @@ int find_span(const bf16_t* const (&spans)[2], const int64_t (&rows)[2], const b
   return -1;
 }
 
-int g_cluster_ctas = 1;
+int g_cluster_ctas = 2;  // set_outer_sum_tma_cluster
 bool g_input_pair_stages = false;
 
 }  // namespace

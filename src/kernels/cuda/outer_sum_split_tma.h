@@ -16,13 +16,14 @@ bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const 
                                  GradientOperand operand);
 
 // CTAs a cluster for every later launch of these tiles: 1, or 2 (two row blocks share each m
-// tile by TMA multicast). The same bits either way; benchmarks and tests set it.
+// tile by TMA multicast; the default since session 23's H100 run, notes/gpu-trainer.md). The
+// same bits either way; benchmarks and tests set it.
 void set_outer_sum_tma_cluster(int ctas);
 int outer_sum_tma_cluster();
 // Input gradients' chunk pairs as one run of stages: a pair's k16 steps go to its first chunk's
 // sum, then its second's, so a chunk of 96 rows takes no stage of its own for its last 32 (the
-// experts' d x: 12 stages a tile, not 16). The same bits. Off by default: built in session 22,
-// not yet run on a GPU (notes/gpu-trainer.md).
+// experts' d x: 12 stages a tile, not 16). The same bits. Off: the 8-layer step measured 4.5 ms
+// slower with it on the H100 (notes/gpu-trainer.md, session 23).
 void set_outer_sum_input_pair_stages(bool on);
 bool outer_sum_input_pair_stages();
 
