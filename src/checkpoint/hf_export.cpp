@@ -38,20 +38,14 @@ void write_hf_model(const std::string& dir, const std::map<std::string, Tensor>&
     total_bytes += bytes;
   }
   const std::map<std::string, std::string> metadata = {{"format", "pt"}};
-  const auto write_shard = [&](const fs::path& path, const std::map<std::string, Tensor>& shard) {
-    if (store_as)
-      write_safetensors_as(path.string(), shard, *store_as, metadata);
-    else
-      write_safetensors(path.string(), shard, metadata);
-  };
   if (shards.size() == 1) {
-    write_shard(tmp / "model.safetensors", shards[0]);
+    write_safetensors((tmp / "model.safetensors").string(), shards[0], metadata, store_as);
   } else {
     nlohmann::json weight_map = nlohmann::json::object();
     for (size_t i = 0; i < shards.size(); ++i) {
       char name[64];
       std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
-      write_shard(tmp / name, shards[i]);
+      write_safetensors((tmp / name).string(), shards[i], metadata, store_as);
       for (const auto& [tensor, t] : shards[i]) weight_map[tensor] = name;
     }
     const nlohmann::json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};

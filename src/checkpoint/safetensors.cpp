@@ -207,33 +207,20 @@ std::vector<std::string> SafetensorsReader::names() const {
 const std::string& SafetensorsReader::file_of(const std::string& name) const { return files_.at(name); }
 
 void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+                       const std::map<std::string, std::string>& metadata, std::optional<DType> store_as) {
   std::vector<SafetensorsEntry> entries;
   std::vector<const Tensor*> data;
   for (const auto& [name, t] : tensors) {
     LS_CHECK(t.device() == Device::cpu, path, ": tensor '", name, "' must be on the cpu to be written");
-    entries.push_back({name, t.dtype(), t.shape()});
-    data.push_back(&t);
-  }
-  write_safetensors(
-      path, entries, [&](size_t i, std::vector<std::byte>&) -> const void* { return data[i]->raw(); }, metadata);
-}
-
-void write_safetensors_as(const std::string& path, const std::map<std::string, Tensor>& tensors, DType dtype,
-                          const std::map<std::string, std::string>& metadata) {
-  std::vector<SafetensorsEntry> entries;
-  std::vector<const Tensor*> data;
-  for (const auto& [name, t] : tensors) {
-    LS_CHECK(t.device() == Device::cpu, path, ": tensor '", name, "' must be on the cpu to be written");
-    entries.push_back({name, dtype, t.shape()});
+    entries.push_back({name, store_as.value_or(t.dtype()), t.shape()});
     data.push_back(&t);
   }
   Tensor converted;  // the tensor being written, kept until the next one's turn
   write_safetensors(
       path, entries,
       [&](size_t i, std::vector<std::byte>&) -> const void* {
-        if (data[i]->dtype() == dtype) return data[i]->raw();
-        converted = data[i]->to_dtype(dtype);
+        if (data[i]->dtype() == entries[i].dtype) return data[i]->raw();
+        converted = data[i]->to_dtype(entries[i].dtype);
         return converted.raw();
       },
       metadata);

@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,15 +38,12 @@ class SafetensorsReader {
   std::map<std::string, std::string> metadata_;
 };
 
-// Writes tensors (any dtype, cpu) to one safetensors file, names in sorted order.
+// Writes tensors (any dtype, cpu) to one safetensors file, names in sorted order. store_as:
+// each tensor stored in that dtype (f32 -> bf16 rounds to nearest even), converted as its turn
+// comes: one converted tensor on the host at a time, not a converted copy of the model.
 void write_safetensors(const std::string& path, const std::map<std::string, Tensor>& tensors,
-                       const std::map<std::string, std::string>& metadata = {});
-
-// write_safetensors of `tensors` stored as `dtype` (f32 -> bf16 rounds to nearest even), each
-// converted as its turn comes: one converted tensor on the host at a time, not a converted
-// copy of the model.
-void write_safetensors_as(const std::string& path, const std::map<std::string, Tensor>& tensors, DType dtype,
-                          const std::map<std::string, std::string>& metadata = {});
+                       const std::map<std::string, std::string>& metadata = {},
+                       std::optional<DType> store_as = std::nullopt);
 
 // One tensor of a streamed write: its bytes come from the writer's source when their turn comes.
 struct SafetensorsEntry {

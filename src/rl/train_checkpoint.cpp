@@ -35,8 +35,8 @@ void write_text(const fs::path& path, const std::string& text) { write_text_file
 void write_weights(const fs::path& path, const ModelWeights& w, Precision precision) {
   std::map<std::string, Tensor> tensors;
   for (const auto& [name, t] : w.named()) tensors[name] = *t;  // views of the model's storage
-  write_safetensors_as(path.string(), tensors, precision == Precision::bfloat16 ? DType::bf16 : DType::f32,
-                       {{"format", "pt"}});
+  write_safetensors(path.string(), tensors, {{"format", "pt"}},
+                    precision == Precision::bfloat16 ? DType::bf16 : DType::f32);
 }
 
 }  // namespace

@@ -168,7 +168,7 @@ TEST(Safetensors, StreamedWriteIsTheSameFile) {
   fs::remove_all(dir);
 }
 
-// Tensors stored in another dtype, converted as they are written: the file write_safetensors
+// Tensors stored in another dtype (store_as), converted as they are written: the file write_safetensors
 // makes of the converted tensors (f32 -> bf16 rounded; a tensor already in the dtype as is).
 TEST(Safetensors, WriteAsConvertsEachTensorAsWritten) {
   auto dir = temp_dir("write_as");
@@ -180,7 +180,7 @@ TEST(Safetensors, WriteAsConvertsEachTensorAsWritten) {
     converted["t" + std::to_string(k)] = f.to_dtype(DType::bf16);
   }
   tensors["already"] = converted["already"] = converted["t0"].clone();
-  write_safetensors_as((dir / "as.safetensors").string(), tensors, DType::bf16, {{"format", "pt"}});
+  write_safetensors((dir / "as.safetensors").string(), tensors, {{"format", "pt"}}, DType::bf16);
   write_safetensors((dir / "converted.safetensors").string(), converted, {{"format", "pt"}});
   EXPECT_EQ(read_all(dir / "as.safetensors"), read_all(dir / "converted.safetensors"));
   EXPECT_EQ(SafetensorsReader::open((dir / "as.safetensors").string()).get("t1").dtype(), DType::bf16);

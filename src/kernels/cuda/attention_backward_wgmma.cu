@@ -419,9 +419,8 @@ void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const
   (void)configured;
   const unsigned dq_grid = unsigned(num_seqs * tiles_per_seq * heads),
                  dkv_grid = unsigned(num_seqs * tiles_per_seq * kv.kv_heads);
-  const int64_t tiles = int64_t(tiles_per_seq);
-  const bool keep_ds =
-      lse_given && ds.tiles != nullptr && ds.elems >= num_seqs * heads * (tiles * (tiles + 1) / 2) * kDsTileElems;
+  const bool keep_ds = lse_given && ds.tiles != nullptr &&
+                       ds.elems >= attention_ds_elems(num_seqs, int64_t(tiles_per_seq) * kTile, heads);
   if (keep_ds) {
     attention_dkv_wgmma_kernel<D, true>
         <<<dkv_grid, kThreads, dkv_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq,

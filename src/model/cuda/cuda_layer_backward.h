@@ -196,11 +196,11 @@ struct CudaLayerBackwardOps {
     } else if (sorted_rows && w.keep_gate_up) {
       cuda::gather_rows(w.gu, s.kept_row, s.gu_rows, rows, 2 * I, st);
       cuda::gather_rows(w.act, s.kept_row, s.act_rows, rows, I, st);
-    } else if (keep_expert_input_rows()) {  // from the gathered rows: read contiguously (by TMA)
-      cuda::gemm(r.expert_gate_up_args(L, s.x_rows, nullptr, s.group_rows, rows, s.gu_rows), st);
-      cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
-    } else {
-      cuda::gemm(r.expert_gate_up_args(L, w.h_mlp, s.row_token, s.group_rows, rows, s.gu_rows), st);
+    } else {  // with keep_expert_input_rows from the gathered rows, read contiguously (by TMA)
+      const bool gathered = keep_expert_input_rows();
+      cuda::gemm(r.expert_gate_up_args(L, gathered ? s.x_rows : w.h_mlp, gathered ? nullptr : s.row_token, s.group_rows,
+                                       rows, s.gu_rows),
+                 st);
       cuda::swiglu(s.gu_rows, s.act_rows, rows, I, st);
     }
     const bool split = split_expert_gemms(H, I);
