@@ -2,10 +2,11 @@
 // step's shape: B sequences of S tokens, Qwen3-30B-A3B's heads (32 query, 4 KV, head_dim 128)
 // unless told otherwise, random bf16 q, output and cache, fp32 dout. Times each kernel choice
 // (mma.sync, warpgroup MMA; the latter also with the forward's log-sum-exp given, as in
-// training, and with the dS tiles kept for dq: AttentionDsScratch) in the same run, checks that
-// they give the same bits, and reports
-// the model FLOP/s (2.5 x the causal forward's QK^T and PV: 10 D flops a (query, key) pair a
-// head) against the card's measured bf16 matmul ceiling. Prints one JSON object per line.
+// training, with the dS tiles kept for dq: AttentionDsScratch, and with the dk/dv kernel's
+// softmax overlapping its MMAs: set_attention_dkv_overlap) in the same run, checks that they
+// give the same bits, and reports the model FLOP/s (2.5 x the causal forward's QK^T and PV:
+// 10 D flops a (query, key) pair a head) against the card's measured bf16 matmul ceiling.
+// Prints one JSON object per line.
 //   cuda_attention_backward_bench [--batch B] [--seq S] [--heads H] [--kv-heads G] [--head-dim D] [--reps R]
 #include <cmath>
 #include <cstdio>
@@ -116,17 +117,20 @@ int main(int argc, char** argv) {
     struct Variant {
       const char* name;
       cuda::AttentionKernel kernel;
-      bool lse_given, keep_ds;
+      bool lse_given, keep_ds, dkv_overlap;
     };
     // The variants after the first read the log-sum-exp the first one computed (lse).
-    const Variant variants[] = {{"mma_sync", cuda::AttentionKernel::mma_sync, false, false},
-                                {"wgmma", cuda::AttentionKernel::wgmma, false, false},
-                                {"wgmma_lse_given", cuda::AttentionKernel::wgmma, true, false},
-                                {"wgmma_ds_kept", cuda::AttentionKernel::wgmma, true, true}};
+    const Variant variants[] = {{"mma_sync", cuda::AttentionKernel::mma_sync, false, false, false},
+                                {"wgmma", cuda::AttentionKernel::wgmma, false, false, false},
+                                {"wgmma_lse_given", cuda::AttentionKernel::wgmma, true, false, false},
+                                {"wgmma_ds_kept", cuda::AttentionKernel::wgmma, true, true, false},
+                                {"wgmma_lse_given_dkv_overlap", cuda::AttentionKernel::wgmma, true, false, true},
+                                {"wgmma_ds_kept_dkv_overlap", cuda::AttentionKernel::wgmma, true, true, true}};
     std::vector<float> first_bits;
     for (const Variant& variant : variants) {
       const char* name = variant.name;
       if (variant.kernel == cuda::AttentionKernel::wgmma && !cuda::attention_takes_wgmma(D)) continue;
+      cuda::set_attention_dkv_overlap(variant.dkv_overlap);
       auto run = [&] {
         cuda::paged_attention_backward_tc(q, out, dout, kv, dslots, first, toks, T, heads, B, S, scale, lse, delta,
                                           dout_ws, dq, dk, dv, nullptr, variant.kernel, variant.lse_given,

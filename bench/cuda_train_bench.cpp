@@ -6,12 +6,13 @@
 //   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]
 //                    [--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1]
 //                    [--narrow-dw-blocks 0|1] [--keep-expert-rows 0|1] [--keep-attention-ds 0|1]
+//                    [--dkv-overlap 0|1]
 // --tma-cluster, --gemm-cluster: CTAs a cluster of the TMA outer sums and of the TMA GEMMs (2: a
 // pair shares one operand tile by multicast; the same bits).
-// --pair-stages, --narrow-dw-blocks, --keep-expert-rows, --keep-attention-ds: the speed settings
-// that are off by default until measured (set_outer_sum_input_pair_stages,
-// set_rmsnorm_narrow_dw_blocks, set_keep_expert_input_rows, set_keep_attention_ds; the same bits
-// either way).
+// --pair-stages, --narrow-dw-blocks, --keep-expert-rows, --keep-attention-ds, --dkv-overlap: the
+// speed settings, each the same bits either way (set_outer_sum_input_pair_stages,
+// set_rmsnorm_narrow_dw_blocks, set_keep_expert_input_rows, set_keep_attention_ds,
+// set_attention_dkv_overlap; docs/cuda.md gives the defaults).
 // --grads-only: the step's gradients without the optimizer state (no AdamW masters or moments:
 // 12 bytes a parameter fewer), so 8 layers of these shapes fit an 80 GB card.
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
@@ -62,7 +63,7 @@ int main(int argc, char** argv) {
         argc >= 2,
         "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N] "
         "[--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1] [--narrow-dw-blocks 0|1] "
-        "[--keep-expert-rows 0|1] [--keep-attention-ds 0|1]");
+        "[--keep-expert-rows 0|1] [--keep-attention-ds 0|1] [--dkv-overlap 0|1]");
     ModelConfig config = ModelConfig::load(argv[1]);
     int64_t B = 4, S = 2048, reps = 3, recompute = -1;
     bool grads_only = false;
@@ -91,6 +92,8 @@ int main(int argc, char** argv) {
         set_keep_expert_input_rows(switch_value("--keep-expert-rows", argv[++i]));
       else if (!std::strcmp(argv[i], "--keep-attention-ds") && i + 1 < argc)
         set_keep_attention_ds(switch_value("--keep-attention-ds", argv[++i]));
+      else if (!std::strcmp(argv[i], "--dkv-overlap") && i + 1 < argc)
+        cuda::set_attention_dkv_overlap(switch_value("--dkv-overlap", argv[++i]));
       else
         fail("cuda_train_bench: unknown argument ", argv[i]);
     }
@@ -127,12 +130,12 @@ int main(int argc, char** argv) {
         "\"tok_s\":%.1f,\"model_tflops\":%.1f,\"mfu_vs_measured_peak\":%.4f,\"adamw_seconds\":%.4f,"
         "\"recompute_num_layers\":%lld,\"recomputed_layers\":%lld,\"grads_only\":%s,\"tma_cluster\":%d,"
         "\"gemm_cluster\":%d,\"pair_stages\":%d,\"narrow_dw_blocks\":%d,\"keep_expert_rows\":%d,"
-        "\"keep_attention_ds\":%d}\n",
+        "\"keep_attention_ds\":%d,\"dkv_overlap\":%d}\n",
         static_cast<long long>(config.num_hidden_layers), static_cast<long long>(B), static_cast<long long>(S), sec,
         tok_s, tok_s * flops_per_token(config, S) / 1e12, mfu, adamw_sec, static_cast<long long>(recompute),
         static_cast<long long>(recomputed), grads_only ? "true" : "false", cuda::outer_sum_tma_cluster(),
         cuda::gemm_tma_cluster(), int(cuda::outer_sum_input_pair_stages()), int(cuda::rmsnorm_narrow_dw_blocks()),
-        int(keep_expert_input_rows()), int(keep_attention_ds()));
+        int(keep_expert_input_rows()), int(keep_attention_ds()), int(cuda::attention_dkv_overlap()));
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cuda_train_bench: %s\n", e.what());

@@ -671,28 +671,36 @@ TEST(CudaBackwardOps, AttentionBackwardOnWgmmaIsMmaSyncBitForBit) {
       const bf16_bits q = testing::random_bf16(T * a.nq * D, 51, 2.0f), out = testing::random_bf16(T * a.nq * D, 52);
       const auto dout = random_f32(T * a.nq * D, 53);
       const AttentionGrads sync = gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::mma_sync);
-      const AttentionGrads group = gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::wgmma);
-      EXPECT_TRUE(same_bits_f(group.dq, sync.dq)) << "dq";
-      EXPECT_TRUE(same_bits_f(group.dk, sync.dk)) << "dk";
-      EXPECT_TRUE(same_bits_f(group.dv, sync.dv)) << "dv";
-      // The log-sum-exp given (the forward's, in training) instead of computed: with the values
-      // the first pass computed, the same bits, for both kernels.
-      for (const auto kernel : {cuda::AttentionKernel::mma_sync, cuda::AttentionKernel::wgmma}) {
-        const AttentionGrads given = gpu_attention_backward(a, q, out, dout, true, kernel, &sync.lse);
-        EXPECT_TRUE(same_bits_f(given.dq, sync.dq) && same_bits_f(given.dk, sync.dk) && same_bits_f(given.dv, sync.dv))
-            << "lse given, " << (kernel == cuda::AttentionKernel::wgmma ? "wgmma" : "mma.sync");
+      const bool overlap_before = cuda::attention_dkv_overlap();
+      // The dk/dv kernel with and without its softmax overlapping its MMAs: the same bits.
+      for (const bool overlap : {false, true}) {
+        cuda::set_attention_dkv_overlap(overlap);
+        SCOPED_TRACE(overlap ? "dkv overlap" : "dkv in turn");
+        const AttentionGrads group = gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::wgmma);
+        EXPECT_TRUE(same_bits_f(group.dq, sync.dq)) << "dq";
+        EXPECT_TRUE(same_bits_f(group.dk, sync.dk)) << "dk";
+        EXPECT_TRUE(same_bits_f(group.dv, sync.dv)) << "dv";
+        // The log-sum-exp given (the forward's, in training) instead of computed: with the
+        // values the first pass computed, the same bits, for both kernels.
+        for (const auto kernel : {cuda::AttentionKernel::mma_sync, cuda::AttentionKernel::wgmma}) {
+          const AttentionGrads given = gpu_attention_backward(a, q, out, dout, true, kernel, &sync.lse);
+          EXPECT_TRUE(same_bits_f(given.dq, sync.dq) && same_bits_f(given.dk, sync.dk) &&
+                      same_bits_f(given.dv, sync.dv))
+              << "lse given, " << (kernel == cuda::AttentionKernel::wgmma ? "wgmma" : "mma.sync");
+        }
+        // With a dS scratch: dk and dv first, dq from the dS tiles they kept; a scratch one
+        // element short is not used. The same bits either way.
+        const int64_t lens_max = *std::max_element(a.lens.begin(), a.lens.end());
+        const int64_t need = cuda::attention_ds_elems(int64_t(a.lens.size()), lens_max, a.nq);
+        for (const int64_t elems : {need, need - 1}) {
+          const AttentionGrads kept =
+              gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::wgmma, &sync.lse, elems);
+          EXPECT_TRUE(same_bits_f(kept.dq, sync.dq)) << "dq, dS scratch of " << elems << " of " << need;
+          EXPECT_TRUE(same_bits_f(kept.dk, sync.dk) && same_bits_f(kept.dv, sync.dv))
+              << "dk, dv, dS scratch of " << elems << " of " << need;
+        }
       }
-      // With a dS scratch: dk and dv first, dq from the dS tiles they kept; a scratch one
-      // element short is not used. The same bits either way.
-      const int64_t lens_max = *std::max_element(a.lens.begin(), a.lens.end());
-      const int64_t need = cuda::attention_ds_elems(int64_t(a.lens.size()), lens_max, a.nq);
-      for (const int64_t elems : {need, need - 1}) {
-        const AttentionGrads kept =
-            gpu_attention_backward(a, q, out, dout, true, cuda::AttentionKernel::wgmma, &sync.lse, elems);
-        EXPECT_TRUE(same_bits_f(kept.dq, sync.dq)) << "dq, dS scratch of " << elems << " of " << need;
-        EXPECT_TRUE(same_bits_f(kept.dk, sync.dk) && same_bits_f(kept.dv, sync.dv))
-            << "dk, dv, dS scratch of " << elems << " of " << need;
-      }
+      cuda::set_attention_dkv_overlap(overlap_before);
     }
   AttentionStep a({10}, 60, 16);
   const bf16_bits q = testing::random_bf16(10 * a.nq * 16, 61), out = testing::random_bf16(10 * a.nq * 16, 62);

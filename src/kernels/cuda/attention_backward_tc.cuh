@@ -170,6 +170,31 @@ __device__ __forceinline__ void transposed_p_ds(float (&s)[4 * NT], float (&dp)[
     }
 }
 
+// transposed_p_ds in two halves (the same arithmetic, so the same bits): P into s first, so
+// that dv's MMAs can start while dP is still in flight, then dS into dp from P.
+template <int NT>
+__device__ __forceinline__ void transposed_p(float (&s)[4 * NT], int c0, int quad, int p0, int len, int kpos_a,
+                                             int kpos_b, const float* lse_t, float scale) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = 4 * nt + e, col = c0 + nt * 8 + quad + (e & 1), qpos = p0 + col, kpos = e < 2 ? kpos_a : kpos_b;
+      s[i] = qpos < len && kpos <= qpos ? expf(s[i] * scale - lse_t[col]) : 0.0f;
+    }
+}
+template <int NT>
+__device__ __forceinline__ void transposed_ds(const float (&p)[4 * NT], float (&dp)[4 * NT], int c0, int quad,
+                                              const float* delta_t, float scale) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = 4 * nt + e, col = c0 + nt * 8 + quad + (e & 1);
+      dp[i] = p[i] * (dp[i] - delta_t[col]) * scale;
+    }
+}
+
 // The A fragment of k16 step j from accumulators (n8 tiles 2j and 2j + 1), rounded to bf16.
 template <int N>
 __device__ __forceinline__ void accumulator_fragment(const float (&x)[N], int j, uint32_t (&a)[4]) {

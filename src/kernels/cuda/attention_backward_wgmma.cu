@@ -96,6 +96,18 @@ __device__ __forceinline__ void rows_times_cols(float (&acc)[D / 2], const uint3
     wgmma_m64n64k16_rs<1>(acc, a, b);
 }
 
+// acc (+)= X B over the 64 columns of x (four k16 steps, ascending), x an accumulator tile
+// rounded to bf16 A fragments, B MN-major.
+template <int D>
+__device__ __forceinline__ void accumulators_times_cols(float (&acc)[D / 2], const float (&x)[32], uint32_t b_tile) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t a[4];
+    accumulator_fragment(x, j, a);
+    rows_times_cols<D>(acc, a, SwizzledTile<D>::mn_major(b_tile, j));
+  }
+}
+
 // The dS tiles (AttentionDsScratch): the tile of (sequence, head, query tile qt, key tile kt <=
 // qt) at index ((seq heads + head) tiles_per_seq (tiles_per_seq + 1) / 2 + qt (qt + 1) / 2 + kt),
 // kDsTileElems each, so a query tile's key tiles lie one after another. Each holds dS^T (rows
@@ -198,12 +210,7 @@ __global__ void __launch_bounds__(kThreads)
     scores_to_ds(s, dp, lse_a, lse_b, delta_a, delta_b, scale);
     // dq += dS K: k16 steps of keys.
     wgmma_fence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t a[4];
-      accumulator_fragment(s, j, a);
-      rows_times_cols<D>(acc, a, Tile::mn_major(k_s, j));
-    }
+    accumulators_times_cols<D>(acc, s, k_s);
     wgmma_commit();
     wgmma_wait<0>();
     pin_registers(acc);
@@ -277,7 +284,7 @@ constexpr size_t dkv_smem_bytes() {
   return 1024 + 6 * size_t(SwizzledTile<D>::kBytes) + 4 * kTile * sizeof(float);
 }
 
-template <int D, bool kKeepDs>
+template <int D, bool kKeepDs, bool kOverlap>
 __global__ void __launch_bounds__(kThreads)
     attention_dkv_wgmma_kernel(const bf16* q, const bf16* dout, DeviceKvLayer kv, DeviceSlots slots,
                                const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq,
@@ -355,37 +362,64 @@ __global__ void __launch_bounds__(kThreads)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16(s, Tile::k_major(k_s, kk), Tile::k_major(q_s, kk), 1);
+    if constexpr (kOverlap) wgmma_commit();  // S in a group of its own
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16(dp, Tile::k_major(v_s, kk), Tile::k_major(dout_s, kk), 1);
     wgmma_commit();
-    wgmma_wait<0>();
-    pin_registers(s);
-    pin_registers(dp);
-    transposed_p_ds<8>(s, dp, 0, quad, p0, len, kpos_a, kpos_b, lse_t, delta_t, scale);
-    // The step's dS^T tile for the dq kernel (kKeepDs), stored as its fragments are made.
+    // The step's dS^T tile for the dq kernel (kKeepDs), stored as its fragments are made: rows
+    // a and b (keys kpos_a, kpos_b), columns of n8 tiles 2j (pairs 0, 1) and 2j + 1 (2, 3).
     char* ds_tile = nullptr;
     if constexpr (kKeepDs)
       ds_tile = reinterpret_cast<char*>(
           ds + ds_tile_index(seq, g * group + n % group, heads, tiles_per_seq, p0 / kTile, block.tile) * kDsTileElems);
-    // dv += P^T dout, dk += dS^T q: k16 steps of queries.
-    wgmma_fence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t pa[4], dsa[4];
-      accumulator_fragment(s, j, pa);
-      accumulator_fragment(dp, j, dsa);
-      rows_times_cols<D>(acc_v, pa, Tile::mn_major(dout_s, j));
-      rows_times_cols<D>(acc_k, dsa, Tile::mn_major(q_s, j));
+    const auto keep_ds = [&](int j, const uint32_t(&dsa)[4]) {
       if constexpr (kKeepDs) {
-        // Rows a and b (keys kpos_a, kpos_b), columns of n8 tiles 2j (pairs 0, 1), 2j + 1 (2, 3).
         const int ra = kpos_a - k0, rb = ra + 8;
         *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(ra, 2 * j) + 2 * quad) = dsa[0];
         *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(rb, 2 * j) + 2 * quad) = dsa[1];
         *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(ra, 2 * j + 1) + 2 * quad) = dsa[2];
         *reinterpret_cast<uint32_t*>(ds_tile + DsTile::offset(rb, 2 * j + 1) + 2 * quad) = dsa[3];
       }
+    };
+    if constexpr (kOverlap) {
+      // P while dP's MMAs run, dv += P^T dout while dS is made, then dk += dS^T q: each
+      // accumulator takes its k16 steps in the same order as below.
+      wgmma_wait<1>();
+      pin_registers(s);
+      transposed_p<8>(s, 0, quad, p0, len, kpos_a, kpos_b, lse_t, scale);
+      wgmma_fence();
+      accumulators_times_cols<D>(acc_v, s, dout_s);
+      wgmma_commit();
+      wgmma_wait<1>();
+      pin_registers(dp);
+      transposed_ds<8>(s, dp, 0, quad, delta_t, scale);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t dsa[4];
+        accumulator_fragment(dp, j, dsa);
+        rows_times_cols<D>(acc_k, dsa, Tile::mn_major(q_s, j));
+        keep_ds(j, dsa);
+      }
+      wgmma_commit();
+    } else {
+      wgmma_wait<0>();
+      pin_registers(s);
+      pin_registers(dp);
+      transposed_p_ds<8>(s, dp, 0, quad, p0, len, kpos_a, kpos_b, lse_t, delta_t, scale);
+      // dv += P^T dout, dk += dS^T q: k16 steps of queries.
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t pa[4], dsa[4];
+        accumulator_fragment(s, j, pa);
+        accumulator_fragment(dp, j, dsa);
+        rows_times_cols<D>(acc_v, pa, Tile::mn_major(dout_s, j));
+        rows_times_cols<D>(acc_k, dsa, Tile::mn_major(q_s, j));
+        keep_ds(j, dsa);
+      }
+      wgmma_commit();
     }
-    wgmma_commit();
     wgmma_wait<0>();
     pin_registers(acc_v);
     pin_registers(acc_k);
@@ -398,6 +432,27 @@ __global__ void __launch_bounds__(kThreads)
   store_row_pairs<D>(dv, item_a, item_b, in_a, in_b, quad, acc_v);
 }
 
+using DkvKernel = void (*)(const bf16*, const bf16*, DeviceKvLayer, DeviceSlots, const int32_t*, const int32_t*, int,
+                           int, int64_t, float, const float*, const float*, float*, float*, bf16*);
+
+bool g_dkv_overlap = false;  // set_attention_dkv_overlap
+
+// The dkv kernel of a setting, its shared memory configured on first use.
+template <int D, bool kKeepDs, bool kOverlap>
+DkvKernel dkv_kernel() {
+  static const bool configured = [] {
+    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_wgmma_kernel<D, kKeepDs, kOverlap>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkv_smem_bytes<D>())));
+    return true;
+  }();
+  (void)configured;
+  return attention_dkv_wgmma_kernel<D, kKeepDs, kOverlap>;
+}
+template <int D, bool kKeepDs>
+DkvKernel dkv_kernel() {
+  return g_dkv_overlap ? dkv_kernel<D, kKeepDs, true>() : dkv_kernel<D, kKeepDs, false>();
+}
+
 template <int D>
 void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const DeviceSlots& slots,
             const int32_t* seq_first, const int32_t* seq_tokens, int num_seqs, int tiles_per_seq, int64_t heads,
@@ -408,10 +463,6 @@ void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const
   static const bool configured = [] {
     LS_CUDA_CHECK(
         cudaFuncSetAttribute(attention_dq_wgmma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dq_smem)));
-    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_wgmma_kernel<D, false>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(dkv_smem)));
-    LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_wgmma_kernel<D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(dkv_smem)));
     LS_CUDA_CHECK(cudaFuncSetAttribute(attention_dq_from_ds_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(from_ds_smem)));
     return true;
@@ -422,9 +473,9 @@ void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const
   const bool keep_ds = lse_given && ds.tiles != nullptr &&
                        ds.elems >= attention_ds_elems(num_seqs, int64_t(tiles_per_seq) * kTile, heads);
   if (keep_ds) {
-    attention_dkv_wgmma_kernel<D, true>
-        <<<dkv_grid, kThreads, dkv_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq,
-                                              heads, scale, lse, delta, dk, dv, reinterpret_cast<bf16*>(ds.tiles));
+    const DkvKernel dkv = dkv_kernel<D, true>();
+    dkv<<<dkv_grid, kThreads, dkv_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq,
+                                             heads, scale, lse, delta, dk, dv, reinterpret_cast<bf16*>(ds.tiles));
     LS_CUDA_LAUNCHED();
     attention_dq_from_ds_kernel<D><<<dq_grid, kThreads, from_ds_smem, s>>>(
         kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, reinterpret_cast<const bf16*>(ds.tiles), dq);
@@ -434,9 +485,9 @@ void launch(const bf16* q, const bf16* dout_bf16, const DeviceKvLayer& kv, const
   attention_dq_wgmma_kernel<D><<<dq_grid, kThreads, dq_smem, s>>>(
       q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq, heads, scale, delta, lse, lse_given, dq);
   LS_CUDA_LAUNCHED();
-  attention_dkv_wgmma_kernel<D, false><<<dkv_grid, kThreads, dkv_smem, s>>>(q, dout_bf16, kv, slots, seq_first,
-                                                                            seq_tokens, num_seqs, tiles_per_seq, heads,
-                                                                            scale, lse, delta, dk, dv, nullptr);
+  const DkvKernel dkv = dkv_kernel<D, false>();
+  dkv<<<dkv_grid, kThreads, dkv_smem, s>>>(q, dout_bf16, kv, slots, seq_first, seq_tokens, num_seqs, tiles_per_seq,
+                                           heads, scale, lse, delta, dk, dv, nullptr);
   LS_CUDA_LAUNCHED();
 }
 
@@ -453,3 +504,10 @@ void attention_backward_wgmma(const bf16* q, const bf16* dout_bf16, const Device
 }
 
 }  // namespace lockstep::cuda::attention_backward_detail
+
+namespace lockstep::cuda {
+
+void set_attention_dkv_overlap(bool on) { attention_backward_detail::g_dkv_overlap = on; }
+bool attention_dkv_overlap() { return attention_backward_detail::g_dkv_overlap; }
+
+}  // namespace lockstep::cuda

@@ -278,6 +278,10 @@ struct AttentionDsScratch {
 // The elements the dS tiles of num_seqs sequences of at most max_seq_len tokens take: a
 // 64 x 64 tile for each query tile and key tile at or before it, of each sequence and head.
 int64_t attention_ds_elems(int64_t num_seqs, int64_t max_seq_len, int64_t heads);
+// The warpgroup-MMA dk/dv kernel with its softmax overlapping its MMAs (P made while dP's
+// MMAs run, dS while dv's run; each accumulator's k16 steps in the same order): the same bits.
+void set_attention_dkv_overlap(bool on);
+bool attention_dkv_overlap();
 void paged_attention_backward_tc(const bf16_t* q, const bf16_t* out, const float* dout, const DeviceKvLayer& kv,
                                  const DeviceSlots& slots, const int32_t* seq_first, const int32_t* seq_tokens,
                                  int64_t T, int64_t heads, int64_t num_seqs, int64_t max_seq_len, float scale,
