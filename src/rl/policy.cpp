@@ -13,13 +13,13 @@
 
 namespace lockstep::rl {
 
-Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full, Precision precision,
+Policy::Policy(dist::Communicator& world, const ResolvedTopology& topo, ModelWeights full, Precision precision,
                const OptimizerConfig& oc, bool device)
     : world_(world),
       layout_(ShardLayout::make(full.config, topo.topo, topo.layer_split, world.rank())),
       precision_(precision),
       oc_(oc),
-      full_(full.clone()) {
+      full_(std::move(full)) {
   LS_CHECK(!device || world.size() == 1, "train --device cuda: one rank");
   if (device) return;  // the device holds the model and the optimizer state
   model_ = std::make_unique<Qwen3Moe>(world_, layout_, slice_local_weights(full_, layout_), precision_);
@@ -222,22 +222,17 @@ std::function<void(const std::string& path)> Policy::optimizer_writer() {
   return [gathered](const std::string& path) { gathered->save(path); };
 }
 
-void Policy::load_state(const ModelWeights& full_weights, const std::string& optimizer_file) {
-  LS_CHECK(full_weights.config.to_json() == full_.config.to_json(),
-           "parallel train: the checkpoint's model config differs from the run's");
-  full_ = full_weights.clone();
+void Policy::load_optimizer(const std::string& optimizer_file) {
   if (model_) {
     AdamW full_optimizer(oc_, full_);
     full_optimizer.load(optimizer_file);
-    model_->weights() = slice_local_weights(full_, layout_);
     optimizer_.load_state(full_optimizer.steps_taken(), slice_local_weights(full_optimizer.master(), layout_),
                           slice_local_weights(full_optimizer.exp_avg(), layout_),
                           slice_local_weights(full_optimizer.exp_avg_sq(), layout_));
   } else if (!on_device()) {
     resumed_optimizer_ = optimizer_file;  // device mode, one rank: read by use_device_runner
   }
-  if (on_device()) {  // the runner and the device state take the checkpoint's
-    device_runner_->load_weights(full_);
+  if (on_device()) {  // a device state made before the checkpoint's was read
 #ifdef LOCKSTEP_CUDA
     device_state_ =
         model_ ? std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_, recompute_num_layers_)

@@ -29,10 +29,11 @@ namespace lockstep::rl {
 
 class Policy {
  public:
-  // Collective over world. `full` is the initial model (identical on every rank). device: the
-  // policy will run on a CUDA runner (use_device_runner), so no host model or host optimizer
-  // state is made (at 8 layers of Qwen3-30B-A3B those are ~110 GB of host memory).
-  Policy(dist::Communicator& world, const ResolvedTopology& topo, const ModelWeights& full, Precision precision,
+  // Collective over world. `full` is the initial model (identical on every rank), kept as the
+  // policy's full weights without a copy. device: the policy will run on a CUDA runner
+  // (use_device_runner), so no host model or host optimizer state is made (at 8 layers of
+  // Qwen3-30B-A3B those are ~110 GB of host memory).
+  Policy(dist::Communicator& world, const ResolvedTopology& topo, ModelWeights full, Precision precision,
          const OptimizerConfig& oc, bool device = false);
   ~Policy();
 
@@ -91,9 +92,10 @@ class Policy {
   // the gathered state's save, or on the device the device state's own (tensor by tensor,
   // no host copy). Collective (the gather); the writer is called on rank 0 only.
   std::function<void(const std::string& path)> optimizer_writer();
-  // Continues from a checkpoint's full weights and optimizer.safetensors (read on every rank):
-  // keeps this rank's slices; on the device the state is read into the device tensor by tensor.
-  void load_state(const ModelWeights& full_weights, const std::string& optimizer_file);
+  // Continues from a checkpoint's optimizer.safetensors (read on every rank), the policy made
+  // from that checkpoint's weights: keeps this rank's slices; on the device the state is read
+  // into the device tensor by tensor.
+  void load_optimizer(const std::string& optimizer_file);
 
  private:
   // Device mode: full_ takes the runner's current weights (the host model is not used there).
