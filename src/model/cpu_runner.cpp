@@ -115,6 +115,9 @@ std::unique_ptr<ModelRunner> make_runner(Device device, ModelWeights weights, Pr
   LS_CHECK(device == Device::cpu, "--device cuda: this build has no CUDA backend (configure with -DLOCKSTEP_CUDA=ON)");
   return make_cpu_runner(std::move(weights), precision);
 }
+std::unique_ptr<ModelRunner> make_runner_from(Device device, const ModelWeights& weights, Precision precision) {
+  return make_runner(device, weights.clone(), precision);
+}
 #endif
 
 }  // namespace lockstep

@@ -437,7 +437,7 @@ TrainSummary run_training(const TrainConfig& cfg, dist::Communicator* world) {
     gather_replicas = [p = pr.get()](const std::string& blob) { return p->gather_from_replicas(blob); };
     runner = std::move(pr);
   } else {
-    runner = make_runner(on_gpu ? Device::cuda : Device::cpu, policy.full().clone(), precision);
+    runner = make_runner_from(on_gpu ? Device::cuda : Device::cpu, policy.full(), precision);
     engine_layout = whole_model_layout(mc, world->size(), world->rank());
   }
   rollout::Engine engine(std::move(runner), eo);

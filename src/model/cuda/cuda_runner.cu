@@ -35,4 +35,9 @@ std::unique_ptr<ModelRunner> make_runner(Device device, ModelWeights weights, Pr
   return make_cuda_runner(weights, precision);
 }
 
+std::unique_ptr<ModelRunner> make_runner_from(Device device, const ModelWeights& weights, Precision precision) {
+  if (device == Device::cpu) return make_cpu_runner(weights.clone(), precision);
+  return make_cuda_runner(weights, precision);
+}
+
 }  // namespace lockstep
