@@ -764,16 +764,7 @@ class CudaRunner final : public ModelRunner {
 
   // The GEMM in[M, K] . W[N, K]^T with dense row-major operands; the caller sets the output.
   static GemmArgs dense_gemm(const bf16_t* in, const bf16_t* w, int64_t M, int64_t N, int64_t K) {
-    GemmArgs g;
-    g.A = in;
-    g.lda = K;
-    g.W = w;
-    g.ldw = K;
-    g.M = M;
-    g.N = N;
-    g.K = K;
-    g.ldo = N;
-    return g;
+    return {.A = in, .lda = K, .W = w, .ldw = K, .M = M, .N = N, .K = K, .ldo = N};
   }
 
   // out[T, N] = bf16(in . W^T), column form.
@@ -803,23 +794,21 @@ class CudaRunner final : public ModelRunner {
   GemmArgs expert_gate_up_args(const DeviceLayer& L, const bf16_t* a, const int32_t* gather, const int32_t* group_rows,
                                int64_t rows, bf16_t* out) const {
     const int64_t H = config_.hidden_size, E = config_.num_experts, I = config_.moe_intermediate_size;
-    GemmArgs gu;
-    gu.A = a;
-    gu.lda = H;
-    gu.a_gather = gather;
-    gu.W = L.gate_up;
-    gu.ldw = H;
-    gu.w_group_stride = 2 * I * H;
-    gu.M = rows;
-    gu.N = 2 * I;
-    gu.K = H;
-    gu.group_rows = group_rows;
-    gu.groups = int(E);
-    gu.out_kind = GemmOut::bf16;
-    gu.out_bf16 = out;
-    gu.ldo = 2 * I;
-    gu.rows_hint = std::max<int64_t>(1, rows / E);
-    return gu;
+    return {.A = a,
+            .lda = H,
+            .a_gather = gather,
+            .W = L.gate_up,
+            .ldw = H,
+            .w_group_stride = 2 * I * H,
+            .M = rows,
+            .N = 2 * I,
+            .K = H,
+            .group_rows = group_rows,
+            .groups = int(E),
+            .out_kind = GemmOut::bf16,
+            .out_bf16 = out,
+            .ldo = 2 * I,
+            .rows_hint = std::max<int64_t>(1, rows / E)};
   }
 
   void moe(Workspace& ws, const DeviceLayer& L, int64_t T) {
@@ -848,27 +837,28 @@ class CudaRunner final : public ModelRunner {
       gu.a_gather = nullptr;
     }
     cuda::gemm(gu, stream_);
-    GemmArgs dn;   // down projection, canonical row form over I, scattered to token * k + slot
-    dn.A = ws.gu;  // small steps: SwiGLU of the [gate | up] rows as the kernel loads them
-    dn.lda = 2 * I;
-    dn.a_swiglu_up = I;
-    dn.W = L.down;
-    dn.ldw = I;
-    dn.w_group_stride = H * I;
-    dn.M = rows;
-    dn.N = H;
-    dn.K = I;
-    dn.chunks = 8;
-    dn.split_workspace = ws.split;
-    dn.split_workspace_floats = ws.split_floats;
-    dn.group_rows = ws.group_rows;
-    dn.group_rows_settled = true;  // written by route_and_assign, which gate_up waited for
-    dn.groups = int(E);
-    dn.out_kind = GemmOut::bf16;
-    dn.out_bf16 = ws.y;
-    dn.ldo = H;
-    dn.out_scatter = ws.scatter;
-    dn.rows_hint = hint;
+    // The down projection, canonical row form over I, scattered to token * k + slot; at small
+    // steps SwiGLU of the [gate | up] rows as the kernel loads them.
+    GemmArgs dn{.A = ws.gu,
+                .lda = 2 * I,
+                .a_swiglu_up = I,
+                .W = L.down,
+                .ldw = I,
+                .w_group_stride = H * I,
+                .M = rows,
+                .N = H,
+                .K = I,
+                .chunks = 8,
+                .group_rows = ws.group_rows,
+                .groups = int(E),
+                .group_rows_settled = true,  // written by route_and_assign, which gate_up waited for
+                .out_kind = GemmOut::bf16,
+                .out_bf16 = ws.y,
+                .ldo = H,
+                .out_scatter = ws.scatter,
+                .rows_hint = hint,
+                .split_workspace = ws.split,
+                .split_workspace_floats = ws.split_floats};
     // Unless gate_up wrote the activations or the down kernel applies SwiGLU as it loads A,
     // the SwiGLU kernel makes them.
     const bool swiglu_on_load = !fused_swiglu && !ws.keep_gate_up && cuda::gemm_small_step(dn);
