@@ -393,14 +393,17 @@ __global__ void __launch_bounds__(kThreads)
       wgmma_wait<1>();
       pin_registers(dp);
       transposed_ds<8>(s, dp, 0, quad, delta_t, scale);
-      wgmma_fence();
+      // The dS tile stored while dv's MMAs run, before dk's read its fragments (a store from
+      // registers an MMA in flight reads made ptxas wait for the MMAs).
+      uint32_t dsa[4][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        uint32_t dsa[4];
-        accumulator_fragment(dp, j, dsa);
-        rows_times_cols<D>(acc_k, dsa, Tile::mn_major(q_s, j));
-        keep_ds(j, dsa);
+        accumulator_fragment(dp, j, dsa[j]);
+        keep_ds(j, dsa[j]);
       }
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) rows_times_cols<D>(acc_k, dsa[j], Tile::mn_major(q_s, j));
       wgmma_commit();
     } else {
       wgmma_wait<0>();
