@@ -223,21 +223,15 @@ std::function<void(const std::string& path)> Policy::optimizer_writer() {
 }
 
 void Policy::load_optimizer(const std::string& optimizer_file) {
+  LS_CHECK(!on_device(), "policy: load the optimizer state before use_device_runner, which makes the device's from it");
   if (model_) {
     AdamW full_optimizer(oc_, full_);
     full_optimizer.load(optimizer_file);
     optimizer_.load_state(full_optimizer.steps_taken(), slice_local_weights(full_optimizer.master(), layout_),
                           slice_local_weights(full_optimizer.exp_avg(), layout_),
                           slice_local_weights(full_optimizer.exp_avg_sq(), layout_));
-  } else if (!on_device()) {
+  } else {
     resumed_optimizer_ = optimizer_file;  // device mode, one rank: read by use_device_runner
-  }
-  if (on_device()) {  // a device state made before the checkpoint's was read
-#ifdef LOCKSTEP_CUDA
-    device_state_ =
-        model_ ? std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_, recompute_num_layers_)
-               : std::make_shared<CudaTrainState>(*device_runner_, oc_, optimizer_file, full_, recompute_num_layers_);
-#endif
   }
 }
 

@@ -93,8 +93,8 @@ class Policy {
   // no host copy). Collective (the gather); the writer is called on rank 0 only.
   std::function<void(const std::string& path)> optimizer_writer();
   // Continues from a checkpoint's optimizer.safetensors (read on every rank), the policy made
-  // from that checkpoint's weights: keeps this rank's slices; on the device the state is read
-  // into the device tensor by tensor.
+  // from that checkpoint's weights: keeps this rank's slices; on the device (called before
+  // use_device_runner) the state is read into the device tensor by tensor.
   void load_optimizer(const std::string& optimizer_file);
 
  private:

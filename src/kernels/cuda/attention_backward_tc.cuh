@@ -154,24 +154,9 @@ __device__ __forceinline__ void scores_to_ds(float (&s)[32], const float (&dp)[3
 
 // The dkv kernels' P^T and dS^T in place of S^T and dP^T (rows: the lane's keys at kpos_a,
 // kpos_b; columns: queries c0 + 8 nt + quad (+ 1) of the step's tile at p0). A query sees keys at
-// or before its position; a query past the sequence is absent.
-template <int NT>
-__device__ __forceinline__ void transposed_p_ds(float (&s)[4 * NT], float (&dp)[4 * NT], int c0, int quad, int p0,
-                                                int len, int kpos_a, int kpos_b, const float* lse_t,
-                                                const float* delta_t, float scale) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = 4 * nt + e, col = c0 + nt * 8 + quad + (e & 1), qpos = p0 + col, kpos = e < 2 ? kpos_a : kpos_b;
-      const float p = qpos < len && kpos <= qpos ? expf(s[i] * scale - lse_t[col]) : 0.0f;
-      s[i] = p;
-      dp[i] = p * (dp[i] - delta_t[col]) * scale;
-    }
-}
-
-// transposed_p_ds in two halves (the same arithmetic, so the same bits): P into s first, so
-// that dv's MMAs can start while dP is still in flight, then dS into dp from P.
+// or before its position; a query past the sequence is absent. In two halves, so that dv's MMAs
+// can start on P while dP is still in flight (set_attention_dkv_overlap): P into s, then dS into
+// dp from P; transposed_p_ds runs both.
 template <int NT>
 __device__ __forceinline__ void transposed_p(float (&s)[4 * NT], int c0, int quad, int p0, int len, int kpos_a,
                                              int kpos_b, const float* lse_t, float scale) {
@@ -193,6 +178,13 @@ __device__ __forceinline__ void transposed_ds(const float (&p)[4 * NT], float (&
       const int i = 4 * nt + e, col = c0 + nt * 8 + quad + (e & 1);
       dp[i] = p[i] * (dp[i] - delta_t[col]) * scale;
     }
+}
+template <int NT>
+__device__ __forceinline__ void transposed_p_ds(float (&s)[4 * NT], float (&dp)[4 * NT], int c0, int quad, int p0,
+                                                int len, int kpos_a, int kpos_b, const float* lse_t,
+                                                const float* delta_t, float scale) {
+  transposed_p<NT>(s, c0, quad, p0, len, kpos_a, kpos_b, lse_t, scale);
+  transposed_ds<NT>(s, dp, c0, quad, delta_t, scale);
 }
 
 // The A fragment of k16 step j from accumulators (n8 tiles 2j and 2j + 1), rounded to bf16.
