@@ -4,6 +4,7 @@
 // stages, k16 steps and chunks (empty ones included) at both tiles, grouped launches against
 // single calls, and the consuming linear helper against the two plain calls; the packed bf16
 // gradient against both halves of the gradient rounded to bf16.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -412,6 +413,121 @@ TEST(CudaOuterSumSplitTc, AGroupedLaunchOnTheHiHalfAloneIsTheRoundedGradientsSum
       }
   cuda::set_outer_sum_tma_cluster(before);
   cuda::set_outer_sum_input_pair_stages(pairs_before);
+}
+
+// The experts' input gradient in two parts (gate's and up's g, each over its own N, each its
+// expert's w) summed in one output (parts 2): the bits of the two outputs added afterwards
+// (add_rows_in_order's rows[r] + second_rows[r]), at both cluster sizes and pair-stage settings,
+// with experts of one row tile, of two (one cut), and of a few rows; and with more groups than
+// one launch holds (kMaxWgmmaGroups), which goes in slices of both runs.
+TEST(CudaOuterSumSplitTma, InputGradientPartsSumInOneOutputAsTwoOutputsAdded) {
+  LS_SKIP_WITHOUT_GPU();
+  const int64_t N = 128, K = 72;
+  for (const int experts : {3, 130}) {
+    std::vector<int64_t> rows;
+    for (int e = 0; e < experts; ++e)
+      rows.push_back(experts == 3 ? std::vector<int64_t>{70, 5, 185}[size_t(e)] : e % 3 + 1);
+    int64_t T = 0, max_rows = 0;
+    for (const int64_t n : rows) T += n, max_rows = std::max(max_rows, n);
+    const auto gate = testing::random_gradient(T * N, 81), up = testing::random_gradient(T * N, 82);
+    const auto w = testing::random_bf16(int64_t(experts) * 2 * N * K, 83);
+    DeviceVec<float> Gate(gate), Up(up), Parts(2 * T * K), Summed(T * K);
+    DeviceVec<uint16_t> W(w);
+    cuda::pack_bf16_rows(Gate.get(), T, N, nullptr);
+    cuda::pack_bf16_rows(Up.get(), T, N, nullptr);
+    // Each expert's gate groups, then its up groups: into Parts (gate's rows, then up's), or
+    // both into Summed.
+    const auto groups = [&](float* gate_out, float* up_out) {
+      std::vector<cuda::SplitOuterSumGroup> gate_groups, up_groups;
+      int64_t first = 0;
+      for (int e = 0; e < experts; ++e) {
+        const auto* w_gate = as_bf16(W) + int64_t(e) * 2 * N * K;
+        gate_groups.push_back({as_split(Gate) + 2 * first * N, w_gate, gate_out + first * K, rows[size_t(e)],
+                               cuda::token_chunk_bounds(N)});
+        up_groups.push_back({as_split(Up) + 2 * first * N, w_gate + N * K, up_out + first * K, rows[size_t(e)],
+                             cuda::token_chunk_bounds(N)});
+        first += rows[size_t(e)];
+      }
+      gate_groups.insert(gate_groups.end(), up_groups.begin(), up_groups.end());
+      return gate_groups;
+    };
+    cuda::SplitSpans spans;
+    spans.g[0] = as_split(Gate), spans.g[1] = as_split(Up), spans.g_rows[0] = spans.g_rows[1] = T;
+    spans.m[0] = as_bf16(W), spans.m_rows[0] = int64_t(experts) * 2 * N;
+    const int count = 2 * experts;
+    const auto separate = groups(Parts.get(), Parts.get() + T * K);
+    Parts.poison();
+    cuda::outer_sum_split_grouped_wgmma(separate.data(), count, max_rows, N, 1, K, nullptr, cuda::GradientOperand::bf16,
+                                        &spans);
+    const auto parts = Parts.take();
+    std::vector<float> want(size_t(T * K));
+    for (size_t i = 0; i < want.size(); ++i) want[i] = parts[i] + parts[i + want.size()];
+    const auto summed = groups(Summed.get(), Summed.get());
+    const int cluster_before = cuda::outer_sum_tma_cluster();
+    const bool pairs_before = cuda::outer_sum_input_pair_stages();
+    for (const int cluster : {1, 2})
+      for (const bool pair_stages : {false, true}) {
+        cuda::set_outer_sum_tma_cluster(cluster);
+        cuda::set_outer_sum_input_pair_stages(pair_stages);
+        Summed.poison();
+        cuda::outer_sum_split_grouped_wgmma(summed.data(), count, max_rows, N, 1, K, nullptr,
+                                            cuda::GradientOperand::bf16, &spans, 2);
+        EXPECT_TRUE(same_bits_f(Summed.take(), want))
+            << experts << " experts, clusters of " << cluster << ", pair stages " << pair_stages;
+      }
+    cuda::set_outer_sum_tma_cluster(cluster_before);
+    cuda::set_outer_sum_input_pair_stages(pairs_before);
+  }
+}
+
+// Outputs summed over parts: refused before any work where a part's group writes another output
+// or has another I, where the groups are not whole runs, or on the 128 x 256 tile (its tree
+// keeps level 2 in the output).
+TEST(CudaOuterSumSplitTma, RefusesPartsThatDoNotShareTheirOutputsBeforeAnyWork) {
+  std::vector<uint16_t> g(2 * 128 * 8), m(128 * 64);
+  float out[2];
+  const auto* gp = reinterpret_cast<const cuda::bf16_t*>(g.data());
+  const auto* mp = reinterpret_cast<const cuda::bf16_t*>(m.data());
+  const auto over_n = cuda::token_chunk_bounds(128);
+  cuda::SplitSpans spans;
+  spans.g[0] = gp, spans.g_rows[0] = 8, spans.m[0] = mp, spans.m_rows[0] = 128;
+  const cuda::SplitOuterSumGroup first{gp, mp, out, 8, over_n};
+  const cuda::SplitOuterSumGroup other_out[2] = {first, {gp, mp, out + 1, 8, over_n}};
+  const cuda::SplitOuterSumGroup other_rows[2] = {first, {gp, mp, out, 4, over_n}};
+  const cuda::SplitOuterSumGroup three[3] = {first, first, first};
+  const cuda::SplitOuterSumGroup same[2] = {first, first};
+  // Each refusal for its own reason: the message names it.
+  const auto refused_with = [](const auto& call, const std::string& reason) {
+    try {
+      call();
+    } catch (const std::exception& e) {
+      return std::string(e.what()).find(reason) != std::string::npos
+                 ? std::string()
+                 : "refused for another reason: " + std::string(e.what());
+    }
+    return std::string("not refused");
+  };
+  const auto tma = [&](const cuda::SplitOuterSumGroup* groups, int count, int columns) {
+    // (A workspace, so the 128 x 256 tile is refused for its parts, not for the workspace.)
+    return [=, &spans, &out] {
+      cuda::outer_sum_split_tma_grouped(groups, count, 8, false, 128, 64, spans, out, nullptr, columns, 2);
+    };
+  };
+  EXPECT_EQ(refused_with(tma(other_out, 2, 128), "must write the output of group 0"), "");
+  EXPECT_EQ(refused_with(tma(other_rows, 2, 128), "with its I 8 (I 4)"), "");
+  EXPECT_EQ(refused_with(tma(three, 3, 128), "2 parts, 3 groups"), "");
+  EXPECT_EQ(refused_with(tma(same, 2, 256), "256 columns"), "");
+  EXPECT_EQ(
+      refused_with([&] { cuda::outer_sum_split_tma_grouped(same, 2, 8, true, 128, 64, spans, out, nullptr, 128, 2); },
+                   "weight gradients"),
+      "");
+  EXPECT_EQ(refused_with(
+                [&] {
+                  cuda::outer_sum_split_grouped_wgmma(same, 2, 8, 128, 1, 64, nullptr, cuda::GradientOperand::bf16,
+                                                      nullptr, 2);
+                },
+                "need the TMA tile"),
+            "");
 }
 
 TEST(CudaOuterSumSplitTma, TakesTheBf16OperandAndInputChunksOfWholeSteps) {

@@ -443,7 +443,8 @@ TEST(CudaTrainer, SpeedSettingsGiveTheSameGradients) {
                               {"narrow dw blocks", cuda::set_rmsnorm_narrow_dw_blocks},
                               {"expert input rows kept", set_keep_expert_input_rows},
                               {"attention dS kept", set_keep_attention_ds},
-                              {"attention dkv overlap", cuda::set_attention_dkv_overlap}};
+                              {"attention dkv overlap", cuda::set_attention_dkv_overlap},
+                              {"expert input parts summed", cuda::set_outer_sum_input_parts_summed}};
   const auto set_all = [&](bool on) {
     for (const Setting& setting : settings) setting.set(on);
   };

@@ -144,12 +144,13 @@ struct SplitSpans {
 // travel as the kernel's parameters, kMaxWgmmaGroups a launch. Each group's bits are those of
 // its own outer_sum_split_tc call.
 // Given the buffers the groups lie in (spans), the TMA form of that tile runs where every group
-// takes it (outer_sum_split_tma_applies).
+// takes it (outer_sum_split_tma_applies). parts > 1: outputs summed over runs of the groups as
+// in outer_sum_split_tma_grouped, which every group must then take.
 constexpr int kMaxWgmmaGroups = 256;
 void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
                                    int64_t g_col, int64_t K, cudaStream_t s,
                                    GradientOperand operand = GradientOperand::exact_hi_lo,
-                                   const SplitSpans* spans = nullptr);
+                                   const SplitSpans* spans = nullptr, int parts = 1);
 
 // dW [N, K] (overwritten) = token-chunk tree of dy[r, n] * x[r, k] (cpu::linear_weight_grad).
 template <typename TX>

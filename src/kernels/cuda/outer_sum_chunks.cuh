@@ -53,13 +53,14 @@ __device__ __forceinline__ void fold_chunk_partial(const float (&acc)[kAcc], int
   }
 }
 
-// fold_chunk_partial_on_chip at tree level kLevel (kLast: the tree's root, into the output).
+// fold_chunk_partial_on_chip at tree level kLevel (kLast: the tree's root, into the output, or
+// with accumulate added to what the output holds, the output's value first).
 // Straight-line adds: a fold whose level were a run-time value would issue every level's adds
 // under predicates, and at 64 rows a chunk those instructions, not the MMAs, bound the tile.
 template <int kLevel, bool kLast, int kAcc, typename Level0>
 __device__ __forceinline__ void fold_on_chip_at(const float (&acc)[kAcc], float* out, int64_t i, int64_t k0, int lane,
                                                 int64_t I, int64_t K, float4 (&level1)[kAcc / 4], float4* pending,
-                                                int threads, int tid, Level0 level0) {
+                                                int threads, int tid, Level0 level0, bool accumulate) {
   constexpr int kFragments = kAcc / 4;
   const auto add = [](float4 p, float4 v) { return make_float4(p.x + v.x, p.y + v.y, p.z + v.z, p.w + v.w); };
 #pragma unroll
@@ -71,9 +72,14 @@ __device__ __forceinline__ void fold_on_chip_at(const float (&acc)[kAcc], float*
     if constexpr (kLevel >= 3) v = add(level2, v);
     if constexpr (kLast) {
       const int64_t k = k0 + 8 * j + 2 * (lane % 4);
-      float* row0 = out + i * K + k;
-      if (k < K && i < I) *reinterpret_cast<float2*>(row0) = make_float2(v.x, v.y);
-      if (k < K && i + 8 < I) *reinterpret_cast<float2*>(row0 + 8 * K) = make_float2(v.z, v.w);
+      float2* row0 = reinterpret_cast<float2*>(out + i * K + k);
+      float2* row8 = reinterpret_cast<float2*>(out + (i + 8) * K + k);
+      if (accumulate) {  // this thread wrote these words in the previous part's fold
+        if (k < K && i < I) v.x = row0->x + v.x, v.y = row0->y + v.y;
+        if (k < K && i + 8 < I) v.z = row8->x + v.z, v.w = row8->y + v.w;
+      }
+      if (k < K && i < I) *row0 = make_float2(v.x, v.y);
+      if (k < K && i + 8 < I) *row8 = make_float2(v.z, v.w);
     } else if constexpr (kLevel == 1) {
       level1[j] = v;
     } else if constexpr (kLevel == 2) {
@@ -86,18 +92,18 @@ __device__ __forceinline__ void fold_on_chip_at(const float (&acc)[kAcc], float*
 // fragment) and level 2 at pending[j * threads + tid] instead of in the output: the same
 // additions in the same order (fold_fragment's), and no pending subtree goes through global
 // memory. Level 0 comes from level0(j) (x of the pair). The level is the same for the whole
-// block, so one branch picks the path.
+// block, so one branch picks the path. accumulate: the root is added to the output's value.
 template <int kAcc, typename Level0>
 __device__ __forceinline__ void fold_chunk_partial_on_chip(const float (&acc)[kAcc], int c, int chunk_count, float* out,
                                                            int64_t i, int64_t k0, int lane, int64_t I, int64_t K,
                                                            float4 (&level1)[kAcc / 4], float4* pending, int threads,
-                                                           int tid, Level0 level0) {
+                                                           int tid, Level0 level0, bool accumulate = false) {
   const bool last = c == chunk_count - 1;
   const auto at = [&]<int kLevel>() {
     if (last) {
-      fold_on_chip_at<kLevel, true>(acc, out, i, k0, lane, I, K, level1, pending, threads, tid, level0);
+      fold_on_chip_at<kLevel, true>(acc, out, i, k0, lane, I, K, level1, pending, threads, tid, level0, accumulate);
     } else if constexpr (kLevel == 1 || kLevel == 2) {
-      fold_on_chip_at<kLevel, false>(acc, out, i, k0, lane, I, K, level1, pending, threads, tid, level0);
+      fold_on_chip_at<kLevel, false>(acc, out, i, k0, lane, I, K, level1, pending, threads, tid, level0, false);
     }  // else: level 0 stays in x (only a tree of one chunk writes it); chunk 7 ends a tree of 8
   };
   switch (tree_level(c)) {

@@ -18,6 +18,9 @@
 // first row (rows past its end zero in both operands, no step wholly past it), each step
 // mma(hi) then mma(lo) into the same accumulator, the partials folded by the pairwise tree. The
 // fragments hold the same values in the same registers, so every product and sum is the same.
+#include <algorithm>
+#include <vector>
+
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/backward_common.cuh"
 #include "kernels/cuda/common.cuh"
@@ -401,15 +404,23 @@ void outer_sum_split_grouped_tc(const SplitOuterSumGroup* groups, int count, int
 
 void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, int64_t g_row,
                                    int64_t g_col, int64_t K, cudaStream_t s, GradientOperand operand,
-                                   const SplitSpans* spans) {
+                                   const SplitSpans* spans, int parts) {
   LS_CHECK(g_row == 1 || g_col == 1, "outer_sum_split_grouped_wgmma: g_row or g_col must be 1, got ", g_row, ", ",
            g_col);
+  LS_CHECK(parts >= 1 && count % parts == 0, "outer_sum_split_grouped_wgmma: ", count,
+           " groups are not whole runs of parts ", parts);
   const bool weight = g_row == 1;
   const int64_t pitch = weight ? g_col : g_row;
   if (count > kMaxWgmmaGroups) {  // launches of kMaxWgmmaGroups: a group's bits are its own
-    for (int p = 0; p < count; p += kMaxWgmmaGroups)
-      outer_sum_split_grouped_wgmma(host_groups + p, std::min(count - p, kMaxWgmmaGroups), max_I, g_row, g_col, K, s,
-                                    operand, spans);
+    const int per_part = count / parts, per_launch = kMaxWgmmaGroups / parts;
+    std::vector<SplitOuterSumGroup> slice;
+    for (int p = 0; p < per_part; p += per_launch) {  // the same slice of every run, runs kept in order
+      const int n = std::min(per_part - p, per_launch);
+      slice.clear();
+      for (int part = 0; part < parts; ++part)
+        slice.insert(slice.end(), host_groups + part * per_part + p, host_groups + part * per_part + p + n);
+      outer_sum_split_grouped_wgmma(slice.data(), int(slice.size()), max_I, g_row, g_col, K, s, operand, spans, parts);
+    }
     return;
   }
   bool tma = spans != nullptr;
@@ -422,8 +433,11 @@ void outer_sum_split_grouped_wgmma(const SplitOuterSumGroup* host_groups, int co
              ") is not supported: see outer_sum_split_tc_supported; operands 16-byte aligned, I <= max_I ", max_I);
     tma = tma && outer_sum_split_tma_applies(weight, pitch, K, group.bounds, operand);
   }
+  LS_CHECK(parts == 1 || tma, "outer_sum_split_grouped_wgmma: outputs summed over ", parts,
+           " parts need the TMA tile (spans given, every group taken by outer_sum_split_tma_applies)");
   if (count == 0 || max_I == 0 || K == 0) return;
-  if (tma) return outer_sum_split_tma_grouped(host_groups, count, max_I, weight, pitch, K, *spans, nullptr, s);
+  if (tma)
+    return outer_sum_split_tma_grouped(host_groups, count, max_I, weight, pitch, K, *spans, nullptr, s, 128, parts);
   outer_sum_split_wgmma_grouped(host_groups, count, max_I, weight, pitch, K, s, operand);
 }
 

@@ -83,22 +83,28 @@ static_assert(2 * TmaTile<256>::Acc * kConsumers == kSplitPendingFloats, "the wo
 
 // Units u = cluster, cluster + clusters, ... (a CTA's cluster: blockIdx.x / kCluster): column
 // block u % tiles_k, row blocks kCluster (u / tiles_k) % units_i + rank, the CTA's rank of
-// them, of problem u / (tiles_k units_i); visit(problem, i0, column block) for units with
-// outputs. The producer, the masking warp and the consumers walk the same sequence.
-template <int kCluster, typename Visit>
+// them, of problem q = u / (tiles_k units_i) and of q + count / kParts ... for each later part;
+// visit(problem, i0, column block, accumulate) for units with outputs, accumulate for every part
+// after the first. The producer, the masking warp and the consumers walk the same sequence.
+// (kParts is a template parameter: a run-time loop over parts cost the one-part kernels spills.)
+template <int kCluster, int kParts, typename Visit>
 __device__ __forceinline__ void for_each_tile(const Problems& problems, int64_t tiles_k, int64_t units_i, int64_t units,
                                               Visit visit) {
   const int rank = kCluster == 1 ? 0 : int(cluster_rank());
+  const int per_part = problems.count / kParts;
   for (int64_t unit = blockIdx.x / kCluster; unit < units; unit += gridDim.x / kCluster) {
-    const Problem& problem = problems.p[unit / (tiles_k * units_i)];
+    const int first = int(unit / (tiles_k * units_i));
     const int k_block = int(unit % tiles_k), unit_i0 = int(unit / tiles_k % units_i) * kCluster * kBI;
-    if (unit_i0 < problem.I) visit(problem, unit_i0 + rank * kBI, k_block);
+    if (unit_i0 >= problems.p[first].I) continue;  // every part has the first's I
+#pragma unroll
+    for (int part = 0; part < kParts; ++part)
+      visit(problems.p[first + part * per_part], unit_i0 + rank * kBI, k_block, part > 0);
   }
 }
 
 // mask: weight gradients with a chunk whose length is not a multiple of 16. kInputPairStages:
 // set_outer_sum_input_pair_stages (input gradients only).
-template <bool kWeight, bool kInputPairStages, int kBK, int kCluster>
+template <bool kWeight, bool kInputPairStages, int kBK, int kCluster, int kParts>
 __global__ void __launch_bounds__(kThreads, 1)
     outer_sum_split_tma_kernel(const __grid_constant__ Maps maps, const __grid_constant__ Problems problems, int64_t K,
                                int64_t tiles_k, int64_t units_i, int64_t units, int mask, float* workspace) {
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int role = warp - kConsumers / 32;
     if (role == 0 && lane == 0) {  // the loads
       uint32_t it = 0;
-      for_each_tile<kCluster>(problems, tiles_k, units_i, units, [&](const Problem& p, int i0, int k_block) {
+      const auto load = [&](const Problem& p, int i0, int k_block, bool) {
         const void* g_map = &maps.g[p.g_map];
         const void* m_map = &maps.m[p.m_map];
         constexpr int kChunksPerRun = kPairStages ? 2 : 1;
@@ -168,10 +174,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    uint16_t(0x3));
             }
           }
-      });
+      };
+      for_each_tile<kCluster, kParts>(problems, tiles_k, units_i, units, load);
     } else if (role == 1 && masked) {  // rows past a chunk's end inside its last k16 step
       uint32_t it = 0;
-      for_each_tile<kCluster>(problems, tiles_k, units_i, units, [&](const Problem& p, int, int) {
+      for_each_tile<kCluster, kParts>(problems, tiles_k, units_i, units, [&](const Problem& p, int, int, bool) {
         for (int c = 0; c < p.chunk_count; ++c)
           for (int s0 = p.rows[c]; s0 < p.rows[c + 1]; s0 += kRows, ++it) {
             const int slot = int(it % kStages);
@@ -217,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float4* pending = Tile::Pairs ? reinterpret_cast<float4*>(smem + kStages * Tile::StageBytes)
                                 : reinterpret_cast<float4*>(workspace + int64_t(blockIdx.x) * kSplitPendingFloats);
 
-  for_each_tile<kCluster>(problems, tiles_k, units_i, units, [&](const Problem& p, int i0, int k_block) {
+  const auto tile = [&](const Problem& p, int i0, int k_block, bool accumulate) {
     const int k0 = k_block * kBK, I = p.I;
     float* __restrict__ out = p.out;
     // The stages of rows first .. end: k16 steps of rows below mid into acc0, the rest into acc1
@@ -267,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float4 level1[Tile::Fragments];  // written before it is read (the tree's level-1 subtree)
       const auto fold = [&](const float(&acc)[Tile::Acc], int c, auto&& level0) {
         fold_chunk_partial_on_chip<Tile::Acc>(acc, c, p.chunk_count, out, i, k0, lane, I, K, level1, pending,
-                                              kConsumers, tid, level0);
+                                              kConsumers, tid, level0, accumulate);
       };
       if constexpr (kPairStages) {
         const auto run_pair = [&](float(&x)[Tile::Acc], float(&y)[Tile::Acc], int c) {
@@ -286,17 +293,18 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                                           pending, kConsumers, tid, level0);
                                    });
     }
-  });
+  };
+  for_each_tile<kCluster, kParts>(problems, tiles_k, units_i, units, tile);
   start_offset();  // a block whose tiles had no stages still lets warpgroup 1 go
   if constexpr (kCluster > 1) cluster_sync();
 }
 
-template <bool kWeight, int kBK, int kCluster, bool kInputPairStages = false>
+template <bool kWeight, int kBK, int kCluster, bool kInputPairStages = false, int kParts = 1>
 void launch(const Maps& maps, const Problems& problems, int64_t max_I, int64_t K, bool mask, float* workspace,
             cudaStream_t s) {
   const int64_t tiles_k = ceil_div(K, int64_t(kBK)), units_i = ceil_div(ceil_div(max_I, int64_t(kBI)), kCluster);
-  const int64_t units = tiles_k * units_i * problems.count;
-  const auto kernel = outer_sum_split_tma_kernel<kWeight, kInputPairStages, kBK, kCluster>;
+  const int64_t units = tiles_k * units_i * (problems.count / kParts);
+  const auto kernel = outer_sum_split_tma_kernel<kWeight, kInputPairStages, kBK, kCluster, kParts>;
   constexpr int bytes = TmaTile<kBK>::SmemBytes;
   LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   // One workspace slot a block: never more blocks than SMs (nor clusters than the GPU holds).
@@ -322,12 +330,17 @@ int find_span(const bf16_t* const (&spans)[2], const int64_t (&rows)[2], const b
 
 int g_cluster_ctas = 2;  // set_outer_sum_tma_cluster
 bool g_input_pair_stages = false;
+bool g_input_parts_summed = false;
 
 }  // namespace
 
 void set_outer_sum_input_pair_stages(bool on) { g_input_pair_stages = on; }
 
 bool outer_sum_input_pair_stages() { return g_input_pair_stages; }
+
+void set_outer_sum_input_parts_summed(bool on) { g_input_parts_summed = on; }
+
+bool outer_sum_input_parts_summed() { return g_input_parts_summed; }
 
 void set_outer_sum_tma_cluster(int ctas) {
   LS_CHECK(ctas == 1 || ctas == 2, "outer sums on the TMA tile: clusters of 1 or 2 CTAs, not ", ctas);
@@ -348,12 +361,24 @@ bool outer_sum_split_tma_applies(bool weight, int64_t g_pitch, int64_t K, const 
 
 void outer_sum_split_tma_grouped(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, bool weight,
                                  int64_t g_pitch, int64_t K, const SplitSpans& spans, float* workspace, cudaStream_t s,
-                                 int tile_columns) {
+                                 int tile_columns, int parts) {
   LS_CHECK(count >= 0 && count <= kMaxProblems, "outer sums on the TMA tile: ", count, " groups (at most ",
            kMaxProblems, ")");
   LS_CHECK(tile_columns == 128 || tile_columns == 256, "outer sums on the TMA tile: tiles are 128 or 256 columns, not ",
            tile_columns);
   LS_CHECK(tile_columns == 128 || workspace, "outer sums on the TMA tile: the 128 x 256 tile needs a workspace");
+  // The 128 x 256 tile keeps its tree's level 2 in the output, which a later part would overwrite.
+  LS_CHECK(parts == 1 || (parts == 2 && !weight && tile_columns == 128 && count % parts == 0),
+           "outer sums on the TMA tile: outputs summed over parts are input gradients in 2 parts on the 128-column "
+           "tile, in whole runs (got ",
+           parts, " parts, ", count, " groups, ", weight ? "weight" : "input", " gradients, ", tile_columns,
+           " columns)");
+  for (int q = 0; q < count; ++q) {
+    const SplitOuterSumGroup& first = host_groups[q % (count / parts)];
+    LS_CHECK(host_groups[q].out == first.out && host_groups[q].I == first.I, "outer sums on the TMA tile: group ", q,
+             " (part ", q / (count / parts), ") must write the output of group ", q % (count / parts), " with its I ",
+             first.I, " (I ", host_groups[q].I, ")");
+  }
   if (count == 0 || max_I == 0 || K == 0) return;
   Problems problems;
   problems.count = count;
@@ -399,6 +424,11 @@ void outer_sum_split_tma_grouped(const SplitOuterSumGroup* host_groups, int coun
   const auto run = [&]<int kCluster>() {
     if (weight && tile_columns == 256) return launch<true, 256, kCluster>(maps, problems, max_I, K, mask, workspace, s);
     if (weight) return launch<true, 128, kCluster>(maps, problems, max_I, K, mask, workspace, s);
+    if (parts == 2) {  // the experts' d x in gate's and up's parts (weight gradients never come here)
+      if (g_input_pair_stages)
+        return launch<false, 128, kCluster, true, 2>(maps, problems, max_I, K, false, workspace, s);
+      return launch<false, 128, kCluster, false, 2>(maps, problems, max_I, K, false, workspace, s);
+    }
     if (g_input_pair_stages && tile_columns == 256)
       return launch<false, 256, kCluster, true>(maps, problems, max_I, K, false, workspace, s);
     if (g_input_pair_stages) return launch<false, 128, kCluster, true>(maps, problems, max_I, K, false, workspace, s);

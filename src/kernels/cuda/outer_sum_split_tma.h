@@ -26,14 +26,23 @@ int outer_sum_tma_cluster();
 // slower with it on the H100 (notes/gpu-trainer.md, session 23).
 void set_outer_sum_input_pair_stages(bool on);
 bool outer_sum_input_pair_stages();
+// The experts' input gradient as one output: the d x of gate's rows and of up's summed in one
+// tile (parts 2 of outer_sum_split_tma_grouped), where it was two [T k, H] fp32 outputs that
+// add_rows_in_order read and added (1.07 GB of memory traffic a layer at 4 x 2048 tokens). The
+// same bits. Off until it has run on the GPU (notes/gpu-trainer.md, session 25).
+void set_outer_sum_input_parts_summed(bool on);
+bool outer_sum_input_parts_summed();
 
 // One problem (tile_columns 256 needs a workspace of outer_sum_split_workspace_floats()).
 void outer_sum_split_tma(const SplitOuterSumGroup& one, bool weight, int64_t g_pitch, int64_t K, float* workspace,
                          cudaStream_t s, int tile_columns = 256);
 // Up to kMaxWgmmaGroups groups from host memory in one launch (they travel as the kernel's
 // parameters), each taken by outer_sum_split_tma_applies and I <= max_I.
+// parts 2 (input gradients on the 128-column tile): the groups are two runs of count / 2, and
+// the q-th group of both writes one output, of the same I: the first run's sum, then the second
+// run's added to it by the CTA that wrote it: the bits of two outputs added afterwards.
 void outer_sum_split_tma_grouped(const SplitOuterSumGroup* host_groups, int count, int64_t max_I, bool weight,
                                  int64_t g_pitch, int64_t K, const SplitSpans& spans, float* workspace, cudaStream_t s,
-                                 int tile_columns = 128);
+                                 int tile_columns = 128, int parts = 1);
 
 }  // namespace lockstep::cuda

@@ -14,6 +14,7 @@
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/reduce_backward.h"
 #include "kernels/cuda/backward.h"
+#include "kernels/cuda/outer_sum_split_tma.h"  // outer_sum_input_parts_summed
 #include "kernels/cuda/row_ops.cuh"
 #include "model/cuda/cuda_runner_impl.h"
 #include "model/cuda/device_params.h"
@@ -213,7 +214,11 @@ struct CudaLayerBackwardOps {
     // The experts' GEMMs, each kind one launch over the experts with tokens (an expert without
     // any gets zeros): down (weight, input), SwiGLU, gate and up (weights,
     // inputs). Their dy rows are read by these GEMMs only, so they are split (packed) in place.
-    std::vector<cuda::SplitOuterSumGroup> down_w, down_in, gate_up_w, gate_up_in;
+    // With the input parts summed, d x's gate and up parts go to one output in one launch.
+    const bool sum_parts =
+        packed && cuda::outer_sum_input_parts_summed() &&
+        cuda::outer_sum_split_tma_applies(false, I, H, cuda::token_chunk_bounds(I), kGradientOperand);
+    std::vector<cuda::SplitOuterSumGroup> down_w, down_in, gate_up_w, gate_in, up_in;
     int64_t max_rows = 0;
     const auto as_split = [](const float* p) { return reinterpret_cast<const cuda::bf16_t*>(p); };
     for (int64_t e = 0; e < E; ++e) {
@@ -232,13 +237,20 @@ struct CudaLayerBackwardOps {
       down_in.push_back({dy, L.down + e * H * I, s.dact + first * I, n, cuda::token_chunk_bounds(H)});
       gate_up_w.push_back({dgate, x_rows + first * H, g.gate_up + e * 2 * I * H, I, b});
       gate_up_w.push_back({dup, x_rows + first * H, g.gate_up + e * 2 * I * H + I * H, I, b});
-      gate_up_in.push_back({dgate, gate_w, s.dx_rows + first * H, n, cuda::token_chunk_bounds(I)});
-      gate_up_in.push_back({dup, gate_w + I * H, s.part_rows + first * H, n, cuda::token_chunk_bounds(I)});
+      gate_in.push_back({dgate, gate_w, s.dx_rows + first * H, n, cuda::token_chunk_bounds(I)});
+      up_in.push_back(
+          {dup, gate_w + I * H, (sum_parts ? s.dx_rows : s.part_rows) + first * H, n, cuda::token_chunk_bounds(I)});
     }
     const size_t used = down_w.size();
     std::vector<cuda::SplitOuterSumGroup> all;
-    for (const auto* part : {&down_w, &down_in, &gate_up_w, &gate_up_in})
-      all.insert(all.end(), part->begin(), part->end());
+    for (const auto* part : {&down_w, &down_in, &gate_up_w}) all.insert(all.end(), part->begin(), part->end());
+    // d x: gate's groups, then up's (the two runs of a sum in parts); else each expert's pair.
+    if (sum_parts) {
+      all.insert(all.end(), gate_in.begin(), gate_in.end());
+      all.insert(all.end(), up_in.begin(), up_in.end());
+    } else {
+      for (size_t e = 0; e < used; ++e) all.push_back(gate_in[e]), all.push_back(up_in[e]);
+    }
     const int n_used = int(used);
     if (split) {
       // Tiles of the same bits: on the bf16 gradient the grouped TMA tile (the wgmma tile where
@@ -248,12 +260,12 @@ struct CudaLayerBackwardOps {
       const bool wgmma = kGradientOperand == cuda::GradientOperand::bf16;
       if (!wgmma) r.upload_async(s.split_groups, all.data(), all.size() * sizeof(cuda::SplitOuterSumGroup));
       const auto grouped = [&](size_t first, int count, int64_t max_I, int64_t g_row, int64_t g_col, int64_t K,
-                               const cuda::SplitSpans& spans) {
+                               const cuda::SplitSpans& spans, int parts = 1) {
         if (!wgmma)
           return cuda::outer_sum_split_grouped_tc(s.split_groups + first, count, max_I, g_row, g_col, K, st, nullptr,
                                                   cuda::SplitTile::automatic, kGradientOperand);
         cuda::outer_sum_split_grouped_wgmma(all.data() + first, count, max_I, g_row, g_col, K, st, kGradientOperand,
-                                            &spans);
+                                            &spans, parts);
       };
       // g in one buffer (or two: gate's and up's) of `rows` rows, m in one of m_rows.
       const auto spans = [&](const void* g, const void* g_second, const void* m, int64_t m_rows) {
@@ -272,7 +284,8 @@ struct CudaLayerBackwardOps {
         cuda::to_gradient_operand(s.dup, rows, I, kGradientOperand, st);
       }
       grouped(2 * used, 2 * n_used, I, 1, I, H, spans(s.dgate, s.dup, x_rows, rows));                 // d gate, up
-      grouped(4 * used, 2 * n_used, max_rows, I, 1, H, spans(s.dgate, s.dup, L.gate_up, E * 2 * I));  // d x
+      grouped(4 * used, 2 * n_used, max_rows, I, 1, H, spans(s.dgate, s.dup, L.gate_up, E * 2 * I),
+              sum_parts ? 2 : 1);  // d x
     } else {
       // The same sums from fp32 dy (shapes the split kernel does not take): the same bits.
       const bool round = kGradientOperand == cuda::GradientOperand::bf16;
@@ -306,8 +319,9 @@ struct CudaLayerBackwardOps {
     } else {
       cuda::linear_input_grad(s.dlogits_router, L.router, s.dh, T, E, H, st);
     }
-    // Each row's two parts (gate's, up's) are added as the rows are gathered: one pass.
-    cuda::add_rows_in_order(s.dh, s.dx_rows, s.part_rows, s.order, T, k, H, st);
+    // Each row's two parts (gate's, up's) are added as the rows are gathered: one pass (or were
+    // summed by d x's GEMM).
+    cuda::add_rows_in_order(s.dh, s.dx_rows, sum_parts ? nullptr : s.part_rows, s.order, T, k, H, st);
     clock.lap("backward_moe_router");
   }
 
