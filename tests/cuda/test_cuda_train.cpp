@@ -1,8 +1,10 @@
 // `lockstep train --device cuda`: the rollout engine and the trainer on one GPU sharing the
 // runner's weights. The trainer's log-probs equal the rollout's on every step (abs_diff
-// exactly 0), the trainer learns (the SFT loss falls: each step writes the runner's weights),
-// and a run repeated gives the same metrics and checkpoint.
+// exactly 0), the trainer learns (the SFT loss falls: each step writes the runner's weights;
+// the default job reaches the CPU run's reward), and a run repeated gives the same metrics and
+// checkpoint.
 #include <cmath>
+#include <vector>
 
 #include "../rl/rl_test_util.h"
 #include "cuda_test_util.h"
@@ -82,6 +84,31 @@ TEST(CudaTrain, StopAndResumeIsBitIdenticalAndANanGradientStopsTheStep) {
   const std::string e = testing::error_of([&] { run_training(nan); });
   EXPECT_NE(e.find("step 2"), std::string::npos) << e;
   EXPECT_NE(e.find("non-finite gradient in tensor "), std::string::npos) << e;
+}
+
+// The default job (`lockstep train --device cuda --dtype bfloat16`) reaches the reward the CPU's
+// bfloat16 run of the same job reaches. The two backends' bits differ (docs/numerics.md), so
+// their trajectories do; over the last 50 of the 200 RL steps the means are compared, each
+// run on-policy bit for bit on every step.
+TEST(CudaTrain, TheDefaultJobReachesTheRewardOfTheCpuRun) {
+  LS_SKIP_WITHOUT_GPU();
+  TempDir dir("cuda_default_job");
+  double last[2] = {0, 0};
+  for (const bool gpu : {false, true}) {
+    TrainConfig c;  // the embedded default
+    c.dtype = "bfloat16";
+    c.device = gpu ? "cuda" : "cpu";
+    c.output_dir = dir.sub(c.device);
+    c.progress = false;
+    const TrainSummary summary = run_training(c);
+    EXPECT_EQ(summary.steps_run, 200) << c.device;
+    EXPECT_EQ(summary.max_abs_diff, 0.0) << c.device;
+    const std::vector<double> reward = testing::step_rewards(read_metrics(c));
+    ASSERT_EQ(reward.size(), 200u) << c.device;
+    last[gpu] = testing::mean_of(reward, 150, 200);
+  }
+  EXPECT_GE(last[0], 0.9) << "the CPU run, mean reward of RL steps 151-200";
+  EXPECT_GE(last[1], last[0] - 0.05) << "the GPU run against the CPU run's " << last[0];
 }
 
 }  // namespace

@@ -58,6 +58,21 @@ inline std::vector<nlohmann::json> read_metrics(const TrainConfig& c) {
   return out;
 }
 
+// The mean rollout reward of each RL step, in step order.
+inline std::vector<double> step_rewards(const std::vector<nlohmann::json>& records) {
+  std::vector<double> out;
+  for (const auto& r : records)
+    if (r.contains("step")) out.push_back(r["rollout/raw_reward"].get<double>());
+  return out;
+}
+
+// The mean of values[first, last).
+inline double mean_of(const std::vector<double>& values, size_t first, size_t last) {
+  double sum = 0;
+  for (size_t i = first; i < last; ++i) sum += values[i];
+  return sum / double(last - first);
+}
+
 // The metrics without perf/* timings (which are wall-clock and differ run to run).
 inline std::vector<nlohmann::json> without_perf(std::vector<nlohmann::json> records) {
   for (auto& r : records)

@@ -66,7 +66,7 @@ TEST(RunClobber, AResumeThatChangesTheRunIsRefusedByName) {
   for (auto edit : std::vector<std::pair<std::string, std::function<void(TrainConfig&)>>>{
            {"lr", [](TrainConfig& t) { t.lr *= 2; }},
            {"dtype", [](TrainConfig& t) { t.dtype = "bfloat16"; }},
-           {"lr-decay-style", [](TrainConfig& t) { t.lr_decay_style = "cosine"; }},
+           {"lr-decay-style", [](TrainConfig& t) { t.lr_decay_style = "linear"; }},
            {"seed", [](TrainConfig& t) { t.seed += 1; }}}) {
     TrainConfig changed = c;
     edit.second(changed);
