@@ -6,14 +6,14 @@
 //   cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N]
 //                    [--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1]
 //                    [--narrow-dw-blocks 0|1] [--keep-expert-rows 0|1] [--keep-attention-ds 0|1]
-//                    [--dkv-overlap 0|1] [--sum-input-parts 0|1]
+//                    [--dkv-overlap 0|1] [--sum-input-parts 0|1] [--expert-output-by-token 0|1]
 // --tma-cluster, --gemm-cluster: CTAs a cluster of the TMA outer sums and of the TMA GEMMs (2: a
 // pair shares one operand tile by multicast; the same bits).
 // --pair-stages, --narrow-dw-blocks, --keep-expert-rows, --keep-attention-ds, --dkv-overlap,
-// --sum-input-parts: the speed settings, each the same bits either way
-// (set_outer_sum_input_pair_stages, set_rmsnorm_narrow_dw_blocks, set_keep_expert_input_rows,
-// set_keep_attention_ds, set_attention_dkv_overlap, set_outer_sum_input_parts_summed;
-// docs/cuda.md gives the defaults).
+// --sum-input-parts, --expert-output-by-token: the speed settings, each the same bits either
+// way (set_outer_sum_input_pair_stages, set_rmsnorm_narrow_dw_blocks, set_keep_expert_input_rows,
+// set_keep_attention_ds, set_attention_dkv_overlap, set_outer_sum_input_parts_summed,
+// set_expert_output_by_token; docs/cuda.md gives the defaults).
 // --grads-only: the step's gradients without the optimizer state (no AdamW masters or moments:
 // 12 bytes a parameter fewer), so 8 layers of these shapes fit an 80 GB card.
 // Model FLOPs per token: 6 x active parameters (attention, the k experts, the router, lm_head)
@@ -64,7 +64,8 @@ int main(int argc, char** argv) {
         argc >= 2,
         "usage: cuda_train_bench CONFIG.json [--layers N] [--batch B] [--seq S] [--reps R] [--recompute-num-layers N] "
         "[--grads-only] [--tma-cluster 1|2] [--gemm-cluster 1|2] [--pair-stages 0|1] [--narrow-dw-blocks 0|1] "
-        "[--keep-expert-rows 0|1] [--keep-attention-ds 0|1] [--dkv-overlap 0|1] [--sum-input-parts 0|1]");
+        "[--keep-expert-rows 0|1] [--keep-attention-ds 0|1] [--dkv-overlap 0|1] [--sum-input-parts 0|1] "
+        "[--expert-output-by-token 0|1]");
     ModelConfig config = ModelConfig::load(argv[1]);
     int64_t B = 4, S = 2048, reps = 3, recompute = -1;
     bool grads_only = false;
@@ -97,6 +98,8 @@ int main(int argc, char** argv) {
         cuda::set_attention_dkv_overlap(switch_value("--dkv-overlap", argv[++i]));
       else if (!std::strcmp(argv[i], "--sum-input-parts") && i + 1 < argc)
         cuda::set_outer_sum_input_parts_summed(switch_value("--sum-input-parts", argv[++i]));
+      else if (!std::strcmp(argv[i], "--expert-output-by-token") && i + 1 < argc)
+        cuda::set_expert_output_by_token(switch_value("--expert-output-by-token", argv[++i]));
       else
         fail("cuda_train_bench: unknown argument ", argv[i]);
     }

@@ -413,6 +413,21 @@ TEST(CudaBackwardOps, ExpertRowKernelsHaveTheHostsBits) {
     // A token's k rows, each slot's row at order[t k + j], added to dh in j order.
     std::vector<int32_t> order(rows);
     for (int64_t r = 0; r < rows; ++r) order[row_pair[r]] = int32_t(r);
+    // The combine's backward token by token (its rows through `order`): the same bits.
+    DeviceVec<int32_t> ByToken(order);
+    Dweights.poison(), DyRows.poison(), PackedRows.poison();
+    cuda::expert_output_backward(Dout.get(), as_bf16(Y), Weights.get(), RowToken.get(), RowPair.get(), Dweights.get(),
+                                 DyRows.get(), rows, H, nullptr, cuda::RowsOut::fp32, ByToken.get(), k);
+    EXPECT_TRUE(same_bits_f(Dweights.take(), want_dw)) << "by token: dweights, H " << H;
+    EXPECT_TRUE(same_bits_f(DyRows.take(), want_dy)) << "by token: dy rows, H " << H;
+    cuda::expert_output_backward(Dout.get(), as_bf16(Y), Weights.get(), RowToken.get(), RowPair.get(), Dweights.get(),
+                                 PackedRows.get(), rows, H, nullptr, cuda::RowsOut::packed_bf16, ByToken.get(), k);
+    EXPECT_EQ(packed_rows_differing(PackedRows.take(), want_dy, rows, H), 0u) << "by token: dy rows packed, H " << H;
+    EXPECT_THROW(cuda::expert_output_backward(Dout.get(), as_bf16(Y), Weights.get(), RowToken.get(), RowPair.get(),
+                                              Dweights.get(), DyRows.get(), rows, H, nullptr, cuda::RowsOut::fp32,
+                                              ByToken.get(), 2),
+                 std::exception)
+        << "k 2 does not divide " << rows << " rows";
     // With a second part, each row is the sum of its parts first (add_inplace's additions).
     const auto dh = random_f32(T * H, 44 + H), part = random_f32(rows * H, 45 + H),
                second = random_f32(rows * H, 46 + H);

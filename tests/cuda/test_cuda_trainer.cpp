@@ -444,7 +444,8 @@ TEST(CudaTrainer, SpeedSettingsGiveTheSameGradients) {
                               {"expert input rows kept", set_keep_expert_input_rows},
                               {"attention dS kept", set_keep_attention_ds},
                               {"attention dkv overlap", cuda::set_attention_dkv_overlap},
-                              {"expert input parts summed", cuda::set_outer_sum_input_parts_summed}};
+                              {"expert input parts summed", cuda::set_outer_sum_input_parts_summed},
+                              {"expert output by token", cuda::set_expert_output_by_token}};
   const auto set_all = [&](bool on) {
     for (const Setting& setting : settings) setting.set(on);
   };

@@ -302,10 +302,17 @@ void route_topk_backward(const float* router_logits, const int32_t* expert_ids, 
 // dst[r] = src[index[r]] for rows of H bf16.
 void gather_rows(const bf16_t* src, const int32_t* index, bf16_t* dst, int64_t rows, int64_t H, cudaStream_t s);
 // Per row: dweights[pair] = dot(dout[token], y[pair]) (the expert output's weight gradient,
-// the CPU's dot procedure) and dy_rows[r] = weights[pair] * dout[token].
+// the CPU's dot procedure) and dy_rows[r] = weights[pair] * dout[token]. With order
+// (add_rows_in_order's, k rows a token) the rows run token by token, each token's dout read
+// once: the same bits.
 void expert_output_backward(const float* dout, const bf16_t* y, const float* weights, const int32_t* row_token,
                             const int32_t* row_pair, float* dweights, float* dy_rows, int64_t rows, int64_t H,
-                            cudaStream_t s, RowsOut rows_out = RowsOut::fp32);
+                            cudaStream_t s, RowsOut rows_out = RowsOut::fp32, const int32_t* order = nullptr,
+                            int64_t k = 0);
+// Whether the trainer runs expert_output_backward token by token (off until it has run on a
+// GPU: notes/gpu-trainer.md, session 25). The same bits either way.
+void set_expert_output_by_token(bool on);
+bool expert_output_by_token();
 // dh[t] += rows[order[t * k + j]] for j = 0..k-1 in that order (the token's experts in
 // ascending id). With second_rows (else null), each row is rows[r] + second_rows[r] first: the
 // experts' input gradient in its two parts (gate's and up's), added as add_inplace adds them.

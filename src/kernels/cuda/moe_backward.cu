@@ -22,18 +22,17 @@ __global__ void gather_rows16_kernel(const uint4* src, const int32_t* index, uin
   dst[i] = src[int64_t(index[r]) * pieces + c];
 }
 
-// One block a row. Its threads read the row once (coalesced): each element's product
-// dout * y into shared memory for the dot, and its scaled gradient; then the dot is dot_lanes'
-// procedure spread over 8 threads, thread j the lane of the indices = j (mod 8) in ascending
-// order from shared memory, the lanes folded by the same tree: the same additions as one thread
-// running dot_lanes. (Those 8 threads used to read the row from global memory themselves, eight
-// loads in flight against a 256-long chain: 0.65 ms a layer.)
+// Row r's part of the combine's backward, by one block. Its threads read the row once
+// (coalesced): each element's product dout * y into shared memory for the dot, and its scaled
+// gradient; then the dot is dot_lanes' procedure spread over 8 threads, thread j the lane of the
+// indices = j (mod 8) in ascending order from shared memory, the lanes folded by the same tree:
+// the same additions as one thread running dot_lanes. (Those 8 threads used to read the row from
+// global memory themselves, eight loads in flight against a 256-long chain: 0.65 ms a layer.)
 constexpr int kExpertOutThreads = 256;
-__global__ void __launch_bounds__(kExpertOutThreads)
-    expert_output_backward_kernel(const float* dout, const bf16* y, const float* weights, const int32_t* row_token,
-                                  const int32_t* row_pair, float* dweights, float* dy_rows, int64_t H, bool packed) {
-  extern __shared__ float products[];  // [H]
-  const int64_t r = blockIdx.x, t = row_token[r], pair = row_pair[r];
+__device__ __forceinline__ void expert_output_row(int64_t r, const float* dout, const bf16* y, const float* weights,
+                                                  const int32_t* row_token, const int32_t* row_pair, float* dweights,
+                                                  float* dy_rows, int64_t H, bool packed, float* products) {
+  const int64_t t = row_token[r], pair = row_pair[r];
   const float* g = dout + t * H;
   const bf16* yr = y + pair * H;
   const float w = weights[pair];
@@ -80,6 +79,31 @@ __global__ void __launch_bounds__(kExpertOutThreads)
   }
 }
 
+// One block a row.
+__global__ void __launch_bounds__(kExpertOutThreads)
+    expert_output_backward_kernel(const float* dout, const bf16* y, const float* weights, const int32_t* row_token,
+                                  const int32_t* row_pair, float* dweights, float* dy_rows, int64_t H, bool packed) {
+  extern __shared__ float products[];  // [H]
+  expert_output_row(blockIdx.x, dout, y, weights, row_token, row_pair, dweights, dy_rows, H, packed, products);
+}
+
+// One block a token: its k rows (order[t k + j]) one after the other, so the token's dout row
+// comes from L1 after the first, where the rows in expert order read it once each from L2 or
+// memory (a [T, H] fp32 tensor larger than L2 at 8192 tokens). Each row's arithmetic is the
+// one-block-a-row kernel's. (At least 6 blocks an SM, as that kernel gets: its blocks wait on
+// loads and on an 8-thread dot chain a row, so they need company.)
+__global__ void __launch_bounds__(kExpertOutThreads, 6)
+    expert_output_backward_by_token_kernel(const float* dout, const bf16* y, const float* weights,
+                                           const int32_t* row_token, const int32_t* row_pair, const int32_t* order,
+                                           int64_t k, float* dweights, float* dy_rows, int64_t H, bool packed) {
+  extern __shared__ float products[];  // [H]
+  for (int64_t j = 0; j < k; ++j) {
+    if (j > 0) __syncthreads();  // the previous row's dot has read `products`
+    expert_output_row(order[int64_t(blockIdx.x) * k + j], dout, y, weights, row_token, row_pair, dweights, dy_rows, H,
+                      packed, products);
+  }
+}
+
 // kSecond: each row is the sum of its two parts. kVec: 4 columns a thread (H % 4 == 0, 16-byte
 // aligned rows); the same additions per element either way.
 template <bool kSecond, bool kVec>
@@ -114,7 +138,13 @@ __global__ void add_rows_in_order_kernel(float* dh, const float* rows, const flo
   }
 }
 
+bool g_expert_output_by_token = false;  // set_expert_output_by_token
+
 }  // namespace
+
+void set_expert_output_by_token(bool on) { g_expert_output_by_token = on; }
+
+bool expert_output_by_token() { return g_expert_output_by_token; }
 
 void gather_rows(const bf16_t* src, const int32_t* index, bf16_t* dst, int64_t rows, int64_t H, cudaStream_t s) {
   if (rows == 0) return;
@@ -130,15 +160,23 @@ void gather_rows(const bf16_t* src, const int32_t* index, bf16_t* dst, int64_t r
 
 void expert_output_backward(const float* dout, const bf16_t* y, const float* weights, const int32_t* row_token,
                             const int32_t* row_pair, float* dweights, float* dy_rows, int64_t rows, int64_t H,
-                            cudaStream_t s, RowsOut rows_out) {
+                            cudaStream_t s, RowsOut rows_out, const int32_t* order, int64_t k) {
+  LS_CHECK(!order || (k > 0 && rows % k == 0), "expert_output_backward: rows by token need k > 0 dividing the ", rows,
+           " rows, got k ", k);
   if (rows == 0) return;
   const size_t smem = size_t(H) * sizeof(float);  // the row's products
   LS_CHECK(smem <= 227 * 1024, "expert_output_backward: rows of ", H, " exceed shared memory");
-  if (smem > 48 * 1024)
-    LS_CUDA_CHECK(
-        cudaFuncSetAttribute(expert_output_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  expert_output_backward_kernel<<<unsigned(rows), kExpertOutThreads, smem, s>>>(
-      dout, y, weights, row_token, row_pair, dweights, dy_rows, H, rows_out == RowsOut::packed_bf16);
+  const bool packed = rows_out == RowsOut::packed_bf16;
+  const auto launch = [&](auto kernel, int64_t blocks, auto... args) {
+    if (smem > 48 * 1024)
+      LS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<unsigned(blocks), kExpertOutThreads, smem, s>>>(args...);
+  };
+  if (order)
+    launch(expert_output_backward_by_token_kernel, rows / k, dout, y, weights, row_token, row_pair, order, k, dweights,
+           dy_rows, H, packed);
+  else
+    launch(expert_output_backward_kernel, rows, dout, y, weights, row_token, row_pair, dweights, dy_rows, H, packed);
   LS_CUDA_LAUNCHED();
 }
 

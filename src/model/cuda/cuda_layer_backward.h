@@ -209,7 +209,7 @@ struct CudaLayerBackwardOps {
     const bool packed = split && kGradientOperand == cuda::GradientOperand::bf16;
     const cuda::RowsOut rows_out = packed ? cuda::RowsOut::packed_bf16 : cuda::RowsOut::fp32;
     cuda::expert_output_backward(dx, w.y, w.expert_weights, s.row_token, s.row_pair, s.dweights, s.dy_rows, rows, H, st,
-                                 rows_out);
+                                 rows_out, cuda::expert_output_by_token() ? s.order : nullptr, k);
     clock.lap("backward_moe_recompute");
     // The experts' GEMMs, each kind one launch over the experts with tokens (an expert without
     // any gets zeros): down (weight, input), SwiGLU, gate and up (weights,
