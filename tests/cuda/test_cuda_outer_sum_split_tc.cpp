@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 
+#include "../error_of.h"
 #include "cuda_test_util.h"
 #include "kernels/cuda/backward.h"
 #include "kernels/cuda/outer_sum_split_tma.h"
@@ -497,15 +499,9 @@ TEST(CudaOuterSumSplitTma, RefusesPartsThatDoNotShareTheirOutputsBeforeAnyWork) 
   const cuda::SplitOuterSumGroup three[3] = {first, first, first};
   const cuda::SplitOuterSumGroup same[2] = {first, first};
   // Each refusal for its own reason: the message names it.
-  const auto refused_with = [](const auto& call, const std::string& reason) {
-    try {
-      call();
-    } catch (const std::exception& e) {
-      return std::string(e.what()).find(reason) != std::string::npos
-                 ? std::string()
-                 : "refused for another reason: " + std::string(e.what());
-    }
-    return std::string("not refused");
+  const auto refused_for = [](const std::function<void()>& call, const std::string& reason) {
+    const std::string e = testing::error_of(call);
+    return e.find(reason) != std::string::npos ? std::string() : "refused for another reason or not at all: " + e;
   };
   const auto tma = [&](const cuda::SplitOuterSumGroup* groups, int count, int columns) {
     // (A workspace, so the 128 x 256 tile is refused for its parts, not for the workspace.)
@@ -513,15 +509,15 @@ TEST(CudaOuterSumSplitTma, RefusesPartsThatDoNotShareTheirOutputsBeforeAnyWork) 
       cuda::outer_sum_split_tma_grouped(groups, count, 8, false, 128, 64, spans, out, nullptr, columns, 2);
     };
   };
-  EXPECT_EQ(refused_with(tma(other_out, 2, 128), "must write the output of group 0"), "");
-  EXPECT_EQ(refused_with(tma(other_rows, 2, 128), "with its I 8 (I 4)"), "");
-  EXPECT_EQ(refused_with(tma(three, 3, 128), "2 parts, 3 groups"), "");
-  EXPECT_EQ(refused_with(tma(same, 2, 256), "256 columns"), "");
+  EXPECT_EQ(refused_for(tma(other_out, 2, 128), "must write the output of group 0"), "");
+  EXPECT_EQ(refused_for(tma(other_rows, 2, 128), "with its I 8 (I 4)"), "");
+  EXPECT_EQ(refused_for(tma(three, 3, 128), "2 parts, 3 groups"), "");
+  EXPECT_EQ(refused_for(tma(same, 2, 256), "256 columns"), "");
   EXPECT_EQ(
-      refused_with([&] { cuda::outer_sum_split_tma_grouped(same, 2, 8, true, 128, 64, spans, out, nullptr, 128, 2); },
-                   "weight gradients"),
+      refused_for([&] { cuda::outer_sum_split_tma_grouped(same, 2, 8, true, 128, 64, spans, out, nullptr, 128, 2); },
+                  "weight gradients"),
       "");
-  EXPECT_EQ(refused_with(
+  EXPECT_EQ(refused_for(
                 [&] {
                   cuda::outer_sum_split_grouped_wgmma(same, 2, 8, 128, 1, 64, nullptr, cuda::GradientOperand::bf16,
                                                       nullptr, 2);
